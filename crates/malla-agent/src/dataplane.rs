@@ -1,0 +1,316 @@
+//! Applies a [`NodeDataplane`] to the kernel by diffing against what is there: remote routes
+//! (Malla's route protocol, on the underlay or VXLAN device), the VXLAN device with its static
+//! neighbours and FDB, the host side of local pods, and the nftables table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{anyhow, Context};
+use malla_api::RoutingMode;
+use malla_calc::NodeDataplane;
+use malla_dataplane::netlink::{FdbEntry, Link, Neighbour, Netlink, Route, VxlanSpec};
+use malla_dataplane::{nft, sysctl, MALLA_ROUTE_PROTOCOL};
+
+/// Name of the node's VXLAN device.
+pub const VXLAN_DEVICE: &str = "malla.vxlan";
+
+/// The underlay as the node sees it.
+#[derive(Debug, Clone)]
+pub struct Underlay {
+    pub link: Link,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub mtu: u32,
+}
+
+/// What one apply changed.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ApplyStats {
+    pub routes_added: usize,
+    pub routes_removed: usize,
+    pub neighbours_changed: usize,
+    pub fdb_changed: usize,
+    pub pods_repaired: usize,
+    pub nft_applied: bool,
+}
+
+impl ApplyStats {
+    pub fn changed(&self) -> bool {
+        self.routes_added
+            + self.routes_removed
+            + self.neighbours_changed
+            + self.fdb_changed
+            + self.pods_repaired
+            > 0
+            || self.nft_applied
+    }
+}
+
+pub struct Dataplane {
+    nl: Netlink,
+    underlay_name: String,
+    vtep_mac: [u8; 6],
+    applied_nft: Option<String>,
+}
+
+impl Dataplane {
+    pub async fn connect(node: &str, underlay_interface: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            nl: Netlink::connect()?,
+            underlay_name: underlay_interface.to_string(),
+            vtep_mac: malla_api::mac_from_name(node),
+            applied_nft: None,
+        })
+    }
+
+    /// A node routes for its pods.
+    pub fn enable_forwarding(&self) -> anyhow::Result<()> {
+        sysctl::set("net.ipv4.ip_forward", "1")?;
+        sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(())
+    }
+
+    pub async fn underlay(&self) -> anyhow::Result<Underlay> {
+        let link = self
+            .nl
+            .link_by_name(&self.underlay_name)
+            .await?
+            .ok_or_else(|| anyhow!("underlay interface {} not found", self.underlay_name))?;
+        let addrs = self.nl.addresses(link.index).await?;
+        let ipv4 = addrs.iter().find_map(|a| match a.addr() {
+            IpAddr::V4(v4) => Some(v4),
+            _ => None,
+        });
+        let ipv6 = addrs.iter().find_map(|a| match a.addr() {
+            IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) != 0xfe80 => Some(v6),
+            _ => None,
+        });
+        Ok(Underlay {
+            mtu: link.mtu,
+            link,
+            ipv4,
+            ipv6,
+        })
+    }
+
+    pub async fn apply(&mut self, want: &NodeDataplane) -> anyhow::Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let underlay = self.underlay().await?;
+        let vxlan = match want.mode {
+            RoutingMode::Vxlan => Some(self.ensure_vxlan(&underlay, want).await?),
+            RoutingMode::Direct => {
+                if let Some(dev) = self.nl.link_by_name(VXLAN_DEVICE).await? {
+                    self.nl.delete_link(dev.index).await?;
+                }
+                None
+            }
+        };
+        if let Some(dev) = &vxlan {
+            self.sync_vxlan_peers(dev, want, &mut stats).await?;
+        }
+        self.sync_remote_routes(&underlay, vxlan.as_ref(), want, &mut stats)
+            .await?;
+        self.sync_local_pods(want, &mut stats).await?;
+        if self.applied_nft.as_deref() != Some(want.nft_ruleset.as_str()) {
+            nft::apply(None, &want.nft_ruleset).context("applying nftables table")?;
+            self.applied_nft = Some(want.nft_ruleset.clone());
+            stats.nft_applied = true;
+        }
+        Ok(stats)
+    }
+
+    async fn ensure_vxlan(
+        &self,
+        underlay: &Underlay,
+        want: &NodeDataplane,
+    ) -> anyhow::Result<Link> {
+        let local = underlay
+            .ipv4
+            .ok_or_else(|| anyhow!("vxlan needs an IPv4 address on {}", underlay.link.name))?;
+        let spec = VxlanSpec {
+            name: VXLAN_DEVICE.to_string(),
+            vni: want.vxlan_vni,
+            port: want.vxlan_port,
+            local,
+            underlay_ifindex: underlay.link.index,
+            mtu: underlay.mtu.saturating_sub(malla_api::VXLAN_OVERHEAD),
+            mac: self.vtep_mac,
+        };
+        if let Some(dev) = self.nl.link_by_name(VXLAN_DEVICE).await? {
+            if dev.mac == Some(spec.mac) && dev.mtu == spec.mtu && dev.up {
+                return Ok(dev);
+            }
+            self.nl.delete_link(dev.index).await?;
+        }
+        self.nl.create_vxlan(&spec).await?;
+        self.nl
+            .link_by_name(VXLAN_DEVICE)
+            .await?
+            .ok_or_else(|| anyhow!("{VXLAN_DEVICE} vanished after creation"))
+    }
+
+    async fn sync_vxlan_peers(
+        &self,
+        dev: &Link,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
+        let mut neigh_want: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
+        let mut fdb_want: BTreeMap<[u8; 6], IpAddr> = BTreeMap::new();
+        for p in &want.vxlan_peers {
+            neigh_want.insert(IpAddr::V4(p.underlay_ipv4), p.mac);
+            neigh_want.insert(IpAddr::V6(malla_api::link_local_from_mac(&p.mac)), p.mac);
+            fdb_want.insert(p.mac, IpAddr::V4(p.underlay_ipv4));
+        }
+        let have = self.nl.permanent_neighbours(dev.index).await?;
+        for n in &have {
+            if neigh_want.get(&n.ip) != Some(&n.mac) {
+                self.nl.delete_neighbour(n).await?;
+                stats.neighbours_changed += 1;
+            }
+        }
+        for (ip, mac) in &neigh_want {
+            if !have.iter().any(|n| n.ip == *ip && n.mac == *mac) {
+                self.nl
+                    .replace_neighbour(&Neighbour {
+                        ifindex: dev.index,
+                        ip: *ip,
+                        mac: *mac,
+                    })
+                    .await?;
+                stats.neighbours_changed += 1;
+            }
+        }
+        let fdb = self.nl.fdb_entries(dev.index).await?;
+        for e in &fdb {
+            if fdb_want.get(&e.mac) != Some(&e.dst) {
+                self.nl.delete_fdb(e).await?;
+                stats.fdb_changed += 1;
+            }
+        }
+        for (mac, dst) in &fdb_want {
+            if !fdb.iter().any(|e| e.mac == *mac && e.dst == *dst) {
+                self.nl
+                    .replace_fdb(&FdbEntry {
+                        ifindex: dev.index,
+                        mac: *mac,
+                        dst: *dst,
+                    })
+                    .await?;
+                stats.fdb_changed += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync_remote_routes(
+        &self,
+        underlay: &Underlay,
+        vxlan: Option<&Link>,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
+        let (oif, onlink) = match vxlan {
+            Some(dev) => (dev.index, true),
+            None => (underlay.link.index, false),
+        };
+        let desired: BTreeMap<ipnet::IpNet, Route> = want
+            .remote_routes
+            .iter()
+            .map(|r| {
+                (
+                    r.dst,
+                    // IPv6 next hops over VXLAN are link-local and need no on-link flag.
+                    Route {
+                        dst: r.dst,
+                        gateway: Some(r.via),
+                        oif,
+                        onlink: onlink && r.dst.addr().is_ipv4(),
+                        scope_link: false,
+                    },
+                )
+            })
+            .collect();
+        let remote_oifs: BTreeSet<u32> = [Some(underlay.link.index), vxlan.map(|v| v.index)]
+            .into_iter()
+            .flatten()
+            .collect();
+        let have: Vec<Route> = self
+            .nl
+            .routes_with_protocol(MALLA_ROUTE_PROTOCOL)
+            .await?
+            .into_iter()
+            .filter(|r| remote_oifs.contains(&r.oif) || r.gateway.is_some())
+            .collect();
+        // One bad route must not keep the others out: try all, report every failure.
+        let mut failures = Vec::new();
+        for r in &have {
+            let keep = desired
+                .get(&r.dst)
+                .is_some_and(|d| d.gateway == r.gateway && d.oif == r.oif);
+            if !keep {
+                match self.nl.delete_route(r).await {
+                    Ok(()) => stats.routes_removed += 1,
+                    Err(e) => failures.push(format!("delete {}: {e}", r.dst)),
+                }
+            }
+        }
+        for (dst, d) in &desired {
+            let present = have
+                .iter()
+                .any(|r| r.dst == *dst && r.gateway == d.gateway && r.oif == d.oif);
+            if !present {
+                match self.nl.replace_route(d).await {
+                    Ok(()) => stats.routes_added += 1,
+                    Err(e) => failures.push(format!("{dst} via {:?}: {e}", d.gateway)),
+                }
+            }
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!("routes: {}", failures.join("; ")))
+        }
+    }
+
+    async fn sync_local_pods(
+        &self,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
+        if want.local_endpoints.is_empty() {
+            return Ok(());
+        }
+        let routes: BTreeSet<(ipnet::IpNet, u32)> = self
+            .nl
+            .routes_with_protocol(MALLA_ROUTE_PROTOCOL)
+            .await?
+            .into_iter()
+            .map(|r| (r.dst, r.oif))
+            .collect();
+        let links: BTreeMap<String, Link> = self
+            .nl
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect();
+        for ep in &want.local_endpoints {
+            // A pod whose veth is gone is being deleted (or leaked, for GC); nothing to repair.
+            let Some(veth) = links.get(&ep.host_ifname) else {
+                continue;
+            };
+            let missing = ep.ips.iter().any(|ip| !routes.contains(&(*ip, veth.index)));
+            if missing {
+                let Some(mac) = malla_api::parse_mac(&ep.mac) else {
+                    continue;
+                };
+                let addrs: Vec<IpAddr> = ep.addrs().collect();
+                malla_dataplane::workload::program_host_side(&self.nl, veth.index, &addrs, mac)
+                    .await?;
+                stats.pods_repaired += 1;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! The node agent: registers its node, then keeps the kernel equal to the calculation's desired
+//! state — routes to other nodes' blocks (direct or VXLAN), the host side of local pods, and the
+//! masquerade table — re-reading the datastore on every change and resyncing periodically.
+//!
+//! A restart adopts what the kernel has: it diffs against the routes stamped with Malla's
+//! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
+//! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
+
+pub mod dataplane;
+pub mod registration;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use malla_api::{keys, ClusterConfig, IpPool, Node, WorkloadEndpoint};
+use malla_calc::ClusterView;
+use malla_store::{LocalStore, Store};
+
+/// How the agent is started.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub store_path: PathBuf,
+    /// The interface facing the other nodes.
+    pub underlay_interface: String,
+    /// Full resync period, repairing drift even without datastore changes.
+    pub resync: Duration,
+    /// Written after each sync with the datastore revision applied (readiness for the CNI
+    /// plugin's STATUS, and convergence for tests).
+    pub ready_file: Option<PathBuf>,
+}
+
+/// Reads everything the calculation needs.
+pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
+    let config = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)?
+        .map(|(c, _)| c)
+        .unwrap_or_default();
+    let (nodes, _) = malla_store::list_json::<Node>(store, keys::NODES)?;
+    let (pools, _) = malla_store::list_json::<IpPool>(store, keys::POOLS)?;
+    let (endpoints, _) = malla_store::list_json::<WorkloadEndpoint>(store, keys::ENDPOINTS)?;
+    let blocks = malla_ipam::Ipam::new(store)
+        .blocks()?
+        .into_iter()
+        .map(|b| (b.cidr, b.affinity))
+        .collect();
+    Ok(ClusterView {
+        config,
+        nodes: nodes.into_iter().map(|(_, n, _)| n).collect(),
+        pools: pools.into_iter().map(|(_, p, _)| p).collect(),
+        blocks,
+        endpoints: endpoints.into_iter().map(|(_, e, _)| e).collect(),
+    })
+}
+
+/// Runs the agent until the process is killed.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let store = LocalStore::open(&cfg.store_path)
+        .with_context(|| format!("opening datastore {}", cfg.store_path.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(async {
+        let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
+        plane.enable_forwarding()?;
+        registration::register(&store, &cfg.node, &plane).await?;
+        let mut applied_rev = -1;
+        let mut last_full = Instant::now() - cfg.resync;
+        let mut ready = false;
+        loop {
+            let rev = store.revision()?;
+            if rev != applied_rev || last_full.elapsed() >= cfg.resync {
+                let view = read_view(&store)?;
+                let desired = malla_calc::compute(&view, &cfg.node);
+                for p in &desired.problems {
+                    tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
+                }
+                match plane.apply(&desired).await {
+                    Ok(stats) => {
+                        if stats.changed() {
+                            tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");
+                        }
+                        if rev != applied_rev {
+                            if let Some(f) = &cfg.ready_file {
+                                // The ready file holds the revision the kernel now reflects.
+                                let tmp = f.with_extension("tmp");
+                                std::fs::write(&tmp, format!("{rev}\n"))
+                                    .and_then(|_| std::fs::rename(&tmp, f))
+                                    .with_context(|| format!("writing {}", f.display()))?;
+                            }
+                        }
+                        applied_rev = rev;
+                        last_full = Instant::now();
+                        if !ready {
+                            ready = true;
+                            tracing::info!(node = %cfg.node, revision = rev, "in sync");
+                        }
+                    }
+                    Err(e) => tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "apply failed; retrying"),
+                }
+            }
+            // Blocking here is fine: netlink replies are only awaited inside `apply`.
+            if let Err(e) = store.wait_for_change(rev, Duration::from_millis(500)) {
+                tracing::warn!(error = %e, "watching the datastore");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    })
+}

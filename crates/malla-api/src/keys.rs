@@ -1,0 +1,36 @@
+//! Where each object lives in the key-value datastore. One place, so every backend agrees.
+
+use ipnet::IpNet;
+
+pub const CLUSTER_CONFIG: &str = "/malla/config/cluster";
+pub const POOLS: &str = "/malla/pools/";
+pub const NODES: &str = "/malla/nodes/";
+pub const ENDPOINTS: &str = "/malla/endpoints/";
+pub const BLOCKS: &str = "/malla/ipam/blocks/";
+pub const HANDLES: &str = "/malla/ipam/handles/";
+
+pub fn pool(name: &str) -> String {
+    format!("{POOLS}{name}")
+}
+
+pub fn node(name: &str) -> String {
+    format!("{NODES}{name}")
+}
+
+/// Endpoints are keyed by node first, so an agent lists only its own.
+pub fn endpoints_of_node(node: &str) -> String {
+    format!("{ENDPOINTS}{node}/")
+}
+
+pub fn endpoint(node: &str, container_id: &str, ifname: &str) -> String {
+    format!("{ENDPOINTS}{node}/{container_id}/{ifname}")
+}
+
+/// A block's key: its CIDR with `/` written as `-` (`198.18.0.64-26`).
+pub fn block(cidr: &IpNet) -> String {
+    format!("{BLOCKS}{}-{}", cidr.addr(), cidr.prefix_len())
+}
+
+pub fn handle(id: &str) -> String {
+    format!("{HANDLES}{id}")
+}

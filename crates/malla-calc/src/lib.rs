@@ -1,0 +1,10 @@
+//! The calculation: turns the cluster's objects into one node's desired dataplane state.
+//!
+//! It knows nothing of Linux: it is fed plain values (a [`ClusterView`]) and returns plain values
+//! (a [`NodeDataplane`]), so tests drive it without a kernel. The agent's managers diff the
+//! result against the kernel.
+
+pub mod masquerade;
+pub mod routes;
+
+pub use routes::{compute, ClusterView, NodeDataplane, RemoteRoute, VxlanPeer};

@@ -1,0 +1,291 @@
+//! Routes to other nodes' pods: one per remote block (its affine node), one /32 or /128 per
+//! address a node borrowed from a block it does not own, and the VXLAN peers in overlay mode.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ipnet::IpNet;
+use malla_api::{ClusterConfig, IpPool, Node, RoutingMode, WorkloadEndpoint};
+
+/// Everything the calculation reads, as of one datastore revision.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub config: ClusterConfig,
+    pub nodes: Vec<Node>,
+    pub pools: Vec<IpPool>,
+    /// Every claimed block with the node it is affine to.
+    pub blocks: Vec<(IpNet, Option<String>)>,
+    pub endpoints: Vec<WorkloadEndpoint>,
+}
+
+/// A route to pods on another node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RemoteRoute {
+    pub dst: IpNet,
+    /// The remote node's underlay address of the same family.
+    pub via: IpAddr,
+    pub node: String,
+}
+
+/// A remote VXLAN tunnel endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VxlanPeer {
+    pub node: String,
+    pub mac: [u8; 6],
+    pub underlay_ipv4: Ipv4Addr,
+    pub underlay_ipv6: Option<Ipv6Addr>,
+}
+
+/// One node's desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeDataplane {
+    pub mode: RoutingMode,
+    pub vxlan_vni: u32,
+    pub vxlan_port: u16,
+    pub remote_routes: Vec<RemoteRoute>,
+    pub vxlan_peers: Vec<VxlanPeer>,
+    /// This node's pods, whose host-side routes and neighbours the agent keeps in place.
+    pub local_endpoints: Vec<WorkloadEndpoint>,
+    /// The nftables ruleset of this node (one atomic transaction).
+    pub nft_ruleset: String,
+    /// Remote objects that could not be routed, with the reason (e.g. a node without an
+    /// IPv6 underlay address owning an IPv6 block).
+    pub problems: Vec<String>,
+}
+
+/// The next hop towards `node`: its underlay address in direct mode; over VXLAN the IPv4
+/// underlay address (on-link) or, for IPv6, the link-local address of its VTEP MAC, so IPv6 pods
+/// cross an IPv4-only underlay.
+fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
+    match (family_v6, vxlan) {
+        (false, _) => node.underlay_ipv4.map(IpAddr::V4),
+        (true, false) => node.underlay_ipv6.map(IpAddr::V6),
+        (true, true) => malla_api::parse_mac(&node.vtep_mac)
+            .map(|m| IpAddr::V6(malla_api::link_local_from_mac(&m))),
+    }
+}
+
+/// Computes `me`'s desired state from the whole cluster view.
+pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
+    let nodes: BTreeMap<&str, &Node> = view.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut routes = BTreeSet::new();
+    let mut problems = Vec::new();
+
+    let vxlan = view.config.routing == RoutingMode::Vxlan;
+    let mut route_to = |dst: IpNet, owner: &str, problems: &mut Vec<String>| {
+        let Some(node) = nodes.get(owner) else {
+            problems.push(format!("{dst}: owner node {owner} is not registered"));
+            return;
+        };
+        match next_hop(node, dst.addr().is_ipv6(), vxlan) {
+            Some(via) => {
+                routes.insert(RemoteRoute {
+                    dst,
+                    via,
+                    node: owner.to_string(),
+                });
+            }
+            None => problems.push(format!(
+                "{dst}: node {owner} has no underlay address of that family"
+            )),
+        }
+    };
+
+    for (cidr, affinity) in &view.blocks {
+        if let Some(owner) = affinity.as_deref().filter(|o| *o != me) {
+            route_to(*cidr, owner, &mut problems);
+        }
+    }
+
+    // Addresses used on a node other than their block's owner need a host route of their own.
+    let affine: Vec<(&IpNet, &str)> = view
+        .blocks
+        .iter()
+        .filter_map(|(c, a)| a.as_deref().map(|a| (c, a)))
+        .collect();
+    for ep in view.endpoints.iter().filter(|e| e.node != me) {
+        for ip in ep.addrs() {
+            let in_own_block = affine
+                .iter()
+                .any(|(cidr, owner)| *owner == ep.node && cidr.contains(&ip));
+            if !in_own_block {
+                route_to(IpNet::from(ip), &ep.node, &mut problems);
+            }
+        }
+    }
+
+    let vxlan_peers = if view.config.routing == RoutingMode::Vxlan {
+        view.nodes
+            .iter()
+            .filter(|n| n.name != me)
+            .filter_map(|n| {
+                let mac = malla_api::parse_mac(&n.vtep_mac)?;
+                Some(VxlanPeer {
+                    node: n.name.clone(),
+                    mac,
+                    underlay_ipv4: n.underlay_ipv4?,
+                    underlay_ipv6: n.underlay_ipv6,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+
+    let mut local_endpoints: Vec<WorkloadEndpoint> = view
+        .endpoints
+        .iter()
+        .filter(|e| e.node == me)
+        .cloned()
+        .collect();
+    local_endpoints.sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
+
+    NodeDataplane {
+        mode: view.config.routing,
+        vxlan_vni: view.config.vxlan_vni,
+        vxlan_port: view.config.vxlan_port,
+        remote_routes: routes.into_iter().collect(),
+        vxlan_peers,
+        local_endpoints,
+        nft_ruleset: crate::masquerade::render(&view.pools),
+        problems,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, v4: &str, v6: Option<&str>) -> Node {
+        Node {
+            name: name.into(),
+            underlay_ipv4: Some(v4.parse().unwrap()),
+            underlay_ipv6: v6.map(|s| s.parse().unwrap()),
+            underlay_mtu: 1500,
+            vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(name)),
+        }
+    }
+
+    fn ep(node: &str, ip: &str) -> WorkloadEndpoint {
+        WorkloadEndpoint {
+            namespace: "default".into(),
+            pod: format!("p-{ip}"),
+            node: node.into(),
+            container_id: ip.into(),
+            ifname: "eth0".into(),
+            host_ifname: format!("mla{ip}"),
+            ips: vec![IpNet::from(ip.parse::<IpAddr>().unwrap())],
+            mac: "02:00:00:00:00:01".into(),
+            ipam_handle: ip.into(),
+        }
+    }
+
+    fn view() -> ClusterView {
+        ClusterView {
+            config: ClusterConfig::default(),
+            nodes: vec![
+                node("a", "198.19.0.11", Some("fd00:198:19::11")),
+                node("b", "198.19.0.12", Some("fd00:198:19::12")),
+                node("c", "198.19.0.13", None),
+            ],
+            pools: vec![],
+            blocks: vec![
+                ("198.18.0.0/26".parse().unwrap(), Some("a".into())),
+                ("198.18.0.64/26".parse().unwrap(), Some("b".into())),
+                ("198.18.0.128/26".parse().unwrap(), Some("c".into())),
+                ("fd00:198:18::/122".parse().unwrap(), Some("b".into())),
+                ("fd00:198:18::40/122".parse().unwrap(), Some("c".into())),
+                ("198.18.0.192/26".parse().unwrap(), None),
+            ],
+            endpoints: vec![
+                ep("a", "198.18.0.1"),
+                ep("b", "198.18.0.65"),
+                ep("c", "198.18.0.2"),
+            ],
+        }
+    }
+
+    #[test]
+    fn one_route_per_remote_block_via_owner_underlay() {
+        let d = compute(&view(), "a");
+        let dsts: Vec<String> = d
+            .remote_routes
+            .iter()
+            .map(|r| format!("{}>{}", r.dst, r.via))
+            .collect();
+        assert!(dsts.contains(&"198.18.0.64/26>198.19.0.12".to_string()));
+        assert!(dsts.contains(&"198.18.0.128/26>198.19.0.13".to_string()));
+        assert!(dsts.contains(&"fd00:198:18::/122>fd00:198:19::12".to_string()));
+        assert!(
+            !dsts.iter().any(|d| d.starts_with("198.18.0.0/26")),
+            "own block is local"
+        );
+        assert!(
+            !dsts.iter().any(|d| d.starts_with("198.18.0.192/26")),
+            "unclaimed block"
+        );
+    }
+
+    #[test]
+    fn borrowed_address_gets_a_host_route_to_its_node() {
+        // c uses 198.18.0.2 from a's block: b must route that /32 to c, a must too.
+        let b = compute(&view(), "b");
+        assert!(b
+            .remote_routes
+            .iter()
+            .any(|r| r.dst.to_string() == "198.18.0.2/32" && r.node == "c"));
+        let a = compute(&view(), "a");
+        assert!(a
+            .remote_routes
+            .iter()
+            .any(|r| r.dst.to_string() == "198.18.0.2/32"));
+        let c = compute(&view(), "c");
+        assert!(!c
+            .remote_routes
+            .iter()
+            .any(|r| r.dst.to_string() == "198.18.0.2/32"));
+    }
+
+    #[test]
+    fn missing_v6_underlay_is_reported_not_routed() {
+        let d = compute(&view(), "a");
+        assert!(!d
+            .remote_routes
+            .iter()
+            .any(|r| r.dst.to_string() == "fd00:198:18::40/122"));
+        assert!(d.problems.iter().any(|p| p.contains("fd00:198:18::40/122")));
+    }
+
+    #[test]
+    fn vxlan_routes_ipv6_via_the_peers_link_local() {
+        let mut v = view();
+        v.config.routing = RoutingMode::Vxlan;
+        let d = compute(&v, "a");
+        let r = d
+            .remote_routes
+            .iter()
+            .find(|r| r.dst.to_string() == "fd00:198:18::40/122")
+            .expect("routed over vxlan even without a v6 underlay");
+        let mac = malla_api::mac_from_name("c");
+        assert_eq!(r.via, IpAddr::V6(malla_api::link_local_from_mac(&mac)));
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+    }
+
+    #[test]
+    fn vxlan_peers_only_in_vxlan_mode() {
+        let mut v = view();
+        assert!(compute(&v, "a").vxlan_peers.is_empty());
+        v.config.routing = RoutingMode::Vxlan;
+        let d = compute(&v, "a");
+        let names: Vec<&str> = d.vxlan_peers.iter().map(|p| p.node.as_str()).collect();
+        assert_eq!(names, vec!["b", "c"]);
+        assert_eq!(d.vxlan_peers[0].mac, malla_api::mac_from_name("b"));
+    }
+
+    #[test]
+    fn local_endpoints_are_this_nodes() {
+        let d = compute(&view(), "b");
+        assert_eq!(d.local_endpoints.len(), 1);
+        assert_eq!(d.local_endpoints[0].node, "b");
+    }
+}

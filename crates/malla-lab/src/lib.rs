@@ -1,0 +1,17 @@
+//! The lab: a multi-node Malla cluster built from network namespaces on one machine.
+//!
+//! A fabric namespace holds the underlay bridge (and routes to the `external` namespace that
+//! stands for the world outside the cluster); each node is a namespace with its own agent
+//! process; the lab itself plays the container runtime, creating a namespace per pod and calling
+//! the installed CNI plugin exactly as containerd or CRI-O would. Every name starts with
+//! `malla-<lab>-`, and teardown deletes by exact name.
+
+pub mod cni_exec;
+pub mod manifest;
+pub mod probe;
+pub mod process;
+pub mod runtime;
+pub mod state;
+pub mod topology;
+
+pub use state::{LabPaths, LabState};

@@ -1,0 +1,348 @@
+//! Reachability probes. The server runs in a pod (or `external`), listens on the declared ports
+//! for TCP and UDP, and answers `<name> <source address it saw>`; the client runs each probe
+//! from inside the source namespace and records what it used and what the server saw, which is
+//! how the lab proves "no NAT" (they are equal) and masquerade (they are not).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use malla_dataplane::netns::NetNs;
+use serde::Serialize;
+
+use crate::state::{LabState, PortSpec};
+
+/// Parses `80/tcp,53/udp`.
+pub fn parse_listen(s: &str) -> anyhow::Result<Vec<PortSpec>> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (port, proto) = p.split_once('/').unwrap_or((p, "tcp"));
+            let port: u16 = port.parse().with_context(|| format!("port {port:?}"))?;
+            anyhow::ensure!(
+                proto == "tcp" || proto == "udp",
+                "protocol {proto:?} is not tcp or udp"
+            );
+            Ok(PortSpec {
+                port,
+                protocol: proto.to_string(),
+            })
+        })
+        .collect()
+}
+
+fn answer(name: &str, peer: SocketAddr) -> String {
+    format!("{name} {}\n", peer.ip().to_canonical())
+}
+
+/// Runs the probe server until killed. Writes `ready_file` once every socket is bound.
+pub fn serve(name: &str, listen: &[PortSpec], ready_file: Option<&Path>) -> anyhow::Result<()> {
+    let any: IpAddr = "::".parse()?;
+    let mut handles = Vec::new();
+    for spec in listen {
+        let addr = SocketAddr::new(any, spec.port);
+        let name = name.to_string();
+        if spec.protocol == "tcp" {
+            let l = TcpListener::bind(addr).with_context(|| format!("binding tcp {addr}"))?;
+            handles.push(std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    let Ok(mut s) = conn else { continue };
+                    if let Ok(peer) = s.peer_addr() {
+                        let _ = s.write_all(answer(&name, peer).as_bytes());
+                    }
+                }
+            }));
+        } else {
+            let u = UdpSocket::bind(addr).with_context(|| format!("binding udp {addr}"))?;
+            handles.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 512];
+                loop {
+                    if let Ok((_, peer)) = u.recv_from(&mut buf) {
+                        let _ = u.send_to(answer(&name, peer).as_bytes(), peer);
+                    }
+                }
+            }));
+        }
+    }
+    if let Some(f) = ready_file {
+        std::fs::write(f, "ready\n")?;
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}
+
+/// One probe to run.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub from: String,
+    pub from_netns: String,
+    pub to: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+}
+
+/// What a probe found.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProbeResult {
+    pub from: String,
+    pub to: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: String,
+    pub connected: bool,
+    pub answered_by: Option<String>,
+    pub client_ip: Option<IpAddr>,
+    pub seen_source_ip: Option<IpAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ProbeResult {
+    /// The server saw the client's own address: no NAT on the path.
+    pub fn no_nat(&self) -> bool {
+        self.connected && self.client_ip.is_some() && self.client_ip == self.seen_source_ip
+    }
+}
+
+fn probe_once(p: &Probe, timeout: Duration) -> ProbeResult {
+    let mut r = ProbeResult {
+        from: p.from.clone(),
+        to: p.to.clone(),
+        ip: p.ip,
+        port: p.port,
+        protocol: p.protocol.clone(),
+        connected: false,
+        answered_by: None,
+        client_ip: None,
+        seen_source_ip: None,
+        error: None,
+    };
+    let target = SocketAddr::new(p.ip, p.port);
+    let outcome: anyhow::Result<(IpAddr, String)> = (|| {
+        if p.protocol == "tcp" {
+            let mut s = TcpStream::connect_timeout(&target, timeout)?;
+            let local = s.local_addr()?.ip();
+            s.set_read_timeout(Some(timeout))?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf)?;
+            Ok((local, buf))
+        } else {
+            let bind: SocketAddr = if p.ip.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()?;
+            let u = UdpSocket::bind(bind)?;
+            u.connect(target)?;
+            let local = u.local_addr()?.ip();
+            u.set_read_timeout(Some(timeout))?;
+            u.send(b"probe\n")?;
+            let mut buf = [0u8; 512];
+            let n = u.recv(&mut buf)?;
+            Ok((local, String::from_utf8_lossy(&buf[..n]).into_owned()))
+        }
+    })();
+    match outcome {
+        Ok((local, reply)) => {
+            r.client_ip = Some(local);
+            let mut parts = reply.split_whitespace();
+            r.answered_by = parts.next().map(str::to_string);
+            r.seen_source_ip = parts.next().and_then(|s| s.parse().ok());
+            r.connected = r.answered_by.is_some();
+            if !r.connected {
+                r.error = Some("empty answer".into());
+            }
+        }
+        Err(e) => r.error = Some(e.to_string()),
+    }
+    r
+}
+
+/// Runs probes, each source namespace on its own thread, in the order given.
+pub fn run(probes: Vec<Probe>, timeout: Duration) -> anyhow::Result<Vec<ProbeResult>> {
+    let mut by_source: BTreeMap<String, Vec<(usize, Probe)>> = BTreeMap::new();
+    for (i, p) in probes.into_iter().enumerate() {
+        by_source
+            .entry(p.from_netns.clone())
+            .or_default()
+            .push((i, p));
+    }
+    let mut threads = Vec::new();
+    for (netns, list) in by_source {
+        let ns = NetNs::open_named(&netns)?;
+        threads.push(std::thread::spawn(move || {
+            ns.enter_this_thread()?;
+            anyhow::Ok(
+                list.into_iter()
+                    .map(|(i, p)| (i, probe_once(&p, timeout)))
+                    .collect::<Vec<_>>(),
+            )
+        }));
+    }
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("probe thread panicked"))??,
+        );
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Which probes to run.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub port: Option<u16>,
+    pub protocol: Option<String>,
+}
+
+impl Filter {
+    fn keep(&self, p: &Probe) -> bool {
+        self.from.as_ref().is_none_or(|f| *f == p.from)
+            && self.to.as_ref().is_none_or(|t| *t == p.to)
+            && self.port.is_none_or(|port| port == p.port)
+            && self
+                .protocol
+                .as_ref()
+                .is_none_or(|pr| pr.eq_ignore_ascii_case(&p.protocol))
+    }
+}
+
+/// At most this many probes per run.
+pub const MAX_PROBES: usize = 20_000;
+
+/// Every pod→pod pair on every declared port, protocol and shared address family; node→pod for
+/// the node's own pods; pod→external.
+pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
+    let mut out = Vec::new();
+    let pods: Vec<_> = state.pods.values().collect();
+    let families = |ips: &[IpAddr], target: &[IpAddr]| -> Vec<IpAddr> {
+        target
+            .iter()
+            .filter(|t| ips.iter().any(|s| s.is_ipv4() == t.is_ipv4()))
+            .copied()
+            .collect()
+    };
+    for src in &pods {
+        for dst in &pods {
+            if src.key() == dst.key() {
+                continue;
+            }
+            for ip in families(&src.ips, &dst.ips) {
+                for port in &dst.ports {
+                    out.push(Probe {
+                        from: src.key(),
+                        from_netns: src.netns.clone(),
+                        to: dst.key(),
+                        ip,
+                        port: port.port,
+                        protocol: port.protocol.clone(),
+                    });
+                }
+            }
+        }
+    }
+    for node in &state.nodes {
+        for dst in pods.iter().filter(|p| p.node == node.name) {
+            for ip in &dst.ips {
+                for port in &dst.ports {
+                    out.push(Probe {
+                        from: format!("node/{}", node.name),
+                        from_netns: node.netns.clone(),
+                        to: dst.key(),
+                        ip: *ip,
+                        port: port.port,
+                        protocol: port.protocol.clone(),
+                    });
+                }
+            }
+        }
+    }
+    let ext = &state.external;
+    let ext_ips: Vec<IpAddr> = std::iter::once(IpAddr::V4(ext.ipv4))
+        .chain(ext.ipv6.map(IpAddr::V6))
+        .collect();
+    for src in &pods {
+        for ip in families(&src.ips, &ext_ips) {
+            for proto in ["tcp", "udp"] {
+                out.push(Probe {
+                    from: src.key(),
+                    from_netns: src.netns.clone(),
+                    to: "external".into(),
+                    ip,
+                    port: ext.port,
+                    protocol: proto.into(),
+                });
+            }
+        }
+    }
+    out.retain(|p| filter.keep(p));
+    anyhow::ensure!(
+        out.len() <= MAX_PROBES,
+        "{} probes asked for, more than the limit of {MAX_PROBES}; narrow with --from/--to/--port/--protocol",
+        out.len()
+    );
+    Ok(out)
+}
+
+/// A readable matrix: one row per source, one column per destination; a cell is `ok` when every
+/// probe of the pair connected (`nat` when the server saw another address), else `FAIL`.
+pub fn matrix(results: &[ProbeResult]) -> String {
+    let mut names: Vec<String> = Vec::new();
+    let mut cols: Vec<String> = Vec::new();
+    let mut cells: BTreeMap<(String, String), (usize, usize, usize)> = BTreeMap::new();
+    for r in results {
+        if !names.contains(&r.from) {
+            names.push(r.from.clone());
+        }
+        if !cols.contains(&r.to) {
+            cols.push(r.to.clone());
+        }
+        let c = cells.entry((r.from.clone(), r.to.clone())).or_default();
+        c.0 += 1;
+        if r.connected {
+            c.1 += 1;
+        }
+        if r.no_nat() {
+            c.2 += 1;
+        }
+    }
+    let w = names
+        .iter()
+        .chain(cols.iter())
+        .map(String::len)
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!("{:w$}", "from \\ to");
+    for c in &cols {
+        out.push_str(&format!(" {c:>w$}"));
+    }
+    out.push('\n');
+    for n in &names {
+        out.push_str(&format!("{n:w$}"));
+        for c in &cols {
+            let cell = match cells.get(&(n.clone(), c.clone())) {
+                None => "-".to_string(),
+                Some((total, ok, _)) if ok < total => format!("FAIL {}/{}", total - ok, total),
+                Some((total, _, direct)) if direct == total => "ok".to_string(),
+                Some(_) => "ok (nat)".to_string(),
+            };
+            out.push_str(&format!(" {cell:>w$}"));
+        }
+        out.push('\n');
+    }
+    let ok = results.iter().filter(|r| r.connected).count();
+    out.push_str(&format!("{ok}/{} probes connected\n", results.len()));
+    out
+}

@@ -1,0 +1,81 @@
+//! Starting long-lived lab processes (agents, probe servers) inside a namespace, detached from
+//! the CLI that started them, and stopping them by pid.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use malla_dataplane::netns::NetNs;
+
+/// Spawns `cmd` inside the named namespace in its own session, output appended to `log`.
+pub fn spawn_detached(mut cmd: Command, netns: &str, log: &Path) -> anyhow::Result<u32> {
+    let ns = NetNs::open_named(netns)?;
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening log {}", log.display()))?;
+    let err = out.try_clone()?;
+    let fd = ns.file().as_raw_fd();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: between fork and exec we only call setns(2) and setsid(2), both async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
+    let pid = child.id();
+    // Reap it in the background if it dies while we are still running; otherwise init adopts it.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
+/// Whether `pid` is alive and is a malla process (not a recycled pid).
+pub fn is_ours(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            let first = c.split(|b| *b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(first).contains("malla")
+        })
+        .unwrap_or(false)
+        && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
+/// Stops a process we started: SIGTERM, then SIGKILL after a short grace period.
+pub fn stop(pid: u32) {
+    if !is_ours(pid) {
+        return;
+    }
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..50 {
+        if !is_ours(pid) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+}

@@ -1,0 +1,323 @@
+//! The lab as container runtime: `apply` creates each pod's namespace, calls the node's CNI
+//! conflist, and starts the pod's probe server; `delete` reverses it through CNI DEL.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use malla_dataplane::netns;
+
+use crate::cni_exec::{self, Attachment, Runtime};
+use crate::manifest::{Object, PodSpec};
+use crate::process;
+use crate::state::{LabLock, LabPaths, LabState, PodState};
+
+/// What `apply` did to each object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Created(String),
+    Unchanged(String),
+    Deleted(String),
+    NotFound(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Created(s) => write!(f, "{s} created"),
+            Outcome::Unchanged(s) => write!(f, "{s} unchanged"),
+            Outcome::Deleted(s) => write!(f, "{s} deleted"),
+            Outcome::NotFound(s) => write!(f, "{s} not found"),
+        }
+    }
+}
+
+fn container_id(lab: &str, pod: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in format!("{lab}/{pod}/{nanos}/{}", std::process::id()).bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let h2 = h.rotate_left(29).wrapping_mul(0x9e3779b97f4a7c15);
+    format!("{h:016x}{h2:016x}")
+}
+
+/// The runtime for one node: its conflist, the lab's CNI bin dir, its namespace.
+pub fn node_runtime(paths: &LabPaths, state: &LabState, node: &str) -> anyhow::Result<Runtime> {
+    let n = state
+        .node(node)
+        .with_context(|| format!("no node {node}"))?;
+    Runtime::load(
+        &paths.conflist(node),
+        &paths.cni_bin_dir(),
+        Some(n.netns.clone()),
+    )
+}
+
+/// Applies parsed objects: all checks first, then the changes; a failure rolls back this call's
+/// pods so nothing is left half-applied.
+pub fn apply(
+    paths: &LabPaths,
+    malla_bin: &Path,
+    objects: &[Object],
+) -> anyhow::Result<Vec<Outcome>> {
+    let _lock = LabLock::acquire(paths)?;
+    let mut state = LabState::require(paths)?;
+    let mut namespaces: BTreeSet<String> = state.namespaces.iter().cloned().collect();
+    for o in objects {
+        if let Object::Namespace { name } = o {
+            namespaces.insert(name.clone());
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for o in objects {
+        let Object::Pod(p) = o else { continue };
+        if !seen.insert(p.key()) {
+            bail!("pod {} appears twice in the manifest", p.key());
+        }
+        if !namespaces.contains(&p.namespace) {
+            bail!(
+                "pod {}: metadata.namespace: namespace {:?} does not exist",
+                p.key(),
+                p.namespace
+            );
+        }
+        if let Some(n) = &p.node_name {
+            if state.node(n).is_none() {
+                let names: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+                bail!(
+                    "pod {}: spec.nodeName: no node {n:?} (nodes: {})",
+                    p.key(),
+                    names.join(", ")
+                );
+            }
+        }
+        if let Some(existing) = state.pods.get(&p.key()) {
+            let same = existing.ports == p.ports
+                && existing.labels == p.labels
+                && p.node_name.as_ref().is_none_or(|n| *n == existing.node);
+            if !same {
+                bail!(
+                    "pod {}: exists with a different spec; pods are immutable, delete it first",
+                    p.key()
+                );
+            }
+        }
+    }
+
+    let mut outcomes = Vec::new();
+    for o in objects {
+        if let Object::Namespace { name } = o {
+            if state.namespaces.contains(name) {
+                outcomes.push(Outcome::Unchanged(format!("namespace/{name}")));
+            } else {
+                state.namespaces.push(name.clone());
+                outcomes.push(Outcome::Created(format!("namespace/{name}")));
+            }
+        }
+    }
+    let mut created: Vec<String> = Vec::new();
+    for o in objects {
+        let Object::Pod(spec) = o else { continue };
+        if state.pods.contains_key(&spec.key()) {
+            outcomes.push(Outcome::Unchanged(format!("pod/{}", spec.key())));
+            continue;
+        }
+        match create_pod(paths, malla_bin, &state, spec) {
+            Ok(pod) => {
+                created.push(pod.key());
+                state.pods.insert(pod.key(), pod);
+                outcomes.push(Outcome::Created(format!("pod/{}", spec.key())));
+            }
+            Err(e) => {
+                for key in created.iter().rev() {
+                    if let Some(pod) = state.pods.remove(key) {
+                        let _ = remove_pod(paths, &state, &pod);
+                    }
+                }
+                return Err(e.context(format!(
+                    "creating pod {} (nothing from this apply was kept)",
+                    spec.key()
+                )));
+            }
+        }
+    }
+    state.save(paths)?;
+    crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
+    Ok(outcomes)
+}
+
+fn pick_node(state: &LabState, spec: &PodSpec) -> String {
+    if let Some(n) = &spec.node_name {
+        return n.clone();
+    }
+    state
+        .nodes
+        .iter()
+        .min_by_key(|n| state.pods.values().filter(|p| p.node == n.name).count())
+        .map(|n| n.name.clone())
+        .unwrap_or_default()
+}
+
+/// The namespace name of a pod.
+pub fn pod_netns(paths: &LabPaths, namespace: &str, name: &str) -> String {
+    paths.netns(&format!("pod-{namespace}-{name}"))
+}
+
+fn create_pod(
+    paths: &LabPaths,
+    malla_bin: &Path,
+    state: &LabState,
+    spec: &PodSpec,
+) -> anyhow::Result<PodState> {
+    let node = pick_node(state, spec);
+    let netns_name = pod_netns(paths, &spec.namespace, &spec.name);
+    netns::create(&netns_name)?;
+    let mut pod = PodState {
+        namespace: spec.namespace.clone(),
+        name: spec.name.clone(),
+        node: node.clone(),
+        netns: netns_name.clone(),
+        container_id: container_id(&paths.name, &spec.key()),
+        ips: Vec::new(),
+        ports: spec.ports.clone(),
+        labels: spec.labels.clone(),
+        probe_pid: None,
+    };
+    let result = (|| {
+        let rt = node_runtime(paths, state, &node)?;
+        let result = rt.add(&attachment(&pod))?;
+        pod.ips = cni_exec::result_ips(&result);
+        std::fs::write(result_cache(paths, &pod), result.to_string())?;
+        if !pod.ports.is_empty() {
+            let ready = paths.dir.join(format!("probe-{}.ready", pod.container_id));
+            let listen: Vec<String> = pod
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect();
+            let mut cmd = Command::new(malla_bin);
+            cmd.args([
+                "lab",
+                "probe-server",
+                "--name",
+                &pod.key(),
+                "--listen",
+                &listen.join(","),
+            ])
+            .arg("--ready-file")
+            .arg(&ready);
+            pod.probe_pid = Some(process::spawn_detached(
+                cmd,
+                &netns_name,
+                &paths.log(&format!("probe-{}-{}", pod.namespace, pod.name)),
+            )?);
+            wait_for_file(&ready, Duration::from_secs(10)).context("probe server did not start")?;
+            let _ = std::fs::remove_file(&ready);
+        }
+        anyhow::Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = remove_pod(paths, state, &pod);
+        return Err(e);
+    }
+    Ok(pod)
+}
+
+pub fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn result_cache(paths: &LabPaths, pod: &PodState) -> std::path::PathBuf {
+    paths
+        .node_dir(&pod.node)
+        .join(format!("result-{}.json", pod.container_id))
+}
+
+pub fn attachment(pod: &PodState) -> Attachment {
+    Attachment {
+        container_id: pod.container_id.clone(),
+        netns_path: format!("{}/{}", netns::NETNS_DIR, pod.netns),
+        ifname: "eth0".into(),
+        pod_namespace: pod.namespace.clone(),
+        pod_name: pod.name.clone(),
+    }
+}
+
+/// Stops the probe server, calls CNI DEL, deletes the namespace.
+fn remove_pod(paths: &LabPaths, state: &LabState, pod: &PodState) -> anyhow::Result<()> {
+    if let Some(pid) = pod.probe_pid {
+        process::stop(pid);
+    }
+    let cache = result_cache(paths, pod);
+    let cached = std::fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let del = node_runtime(paths, state, &pod.node)
+        .and_then(|rt| rt.del(&attachment(pod), cached.as_ref()));
+    netns::delete(&pod.netns)?;
+    let _ = std::fs::remove_file(cache);
+    del
+}
+
+/// Deletes the pods (and namespaces, with their pods) named in `objects`.
+pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcome>> {
+    let _lock = LabLock::acquire(paths)?;
+    let mut state = LabState::require(paths)?;
+    let mut outcomes = Vec::new();
+    let mut doomed: Vec<String> = Vec::new();
+    for o in objects {
+        match o {
+            Object::Pod(p) => doomed.push(p.key()),
+            Object::Namespace { name } => {
+                doomed.extend(
+                    state
+                        .pods
+                        .values()
+                        .filter(|p| &p.namespace == name)
+                        .map(PodState::key),
+                );
+            }
+        }
+    }
+    let mut errors = Vec::new();
+    for key in doomed {
+        match state.pods.get(&key).cloned() {
+            Some(pod) => {
+                if let Err(e) = remove_pod(paths, &state, &pod) {
+                    errors.push(format!("pod {key}: {e:#}"));
+                }
+                state.pods.remove(&key);
+                outcomes.push(Outcome::Deleted(format!("pod/{key}")));
+            }
+            None => outcomes.push(Outcome::NotFound(format!("pod/{key}"))),
+        }
+    }
+    for o in objects {
+        if let Object::Namespace { name } = o {
+            if name != "default" && state.namespaces.contains(name) {
+                state.namespaces.retain(|n| n != name);
+                outcomes.push(Outcome::Deleted(format!("namespace/{name}")));
+            }
+        }
+    }
+    state.save(paths)?;
+    crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
+    if !errors.is_empty() {
+        bail!("some pods were not cleanly deleted: {}", errors.join("; "));
+    }
+    Ok(outcomes)
+}

@@ -1,0 +1,174 @@
+//! The lab's record of itself (`lab.json` in its state directory), read and written under a
+//! file lock so concurrent `malla lab` commands never lose each other's changes.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use malla_api::RoutingMode;
+use serde::{Deserialize, Serialize};
+
+/// Root of every lab's state directory.
+pub const DEFAULT_STATE_ROOT: &str = "/run/malla-lab";
+
+/// Where one lab keeps its files.
+#[derive(Debug, Clone)]
+pub struct LabPaths {
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl LabPaths {
+    pub fn new(name: &str, root: Option<&Path>) -> anyhow::Result<Self> {
+        if name.is_empty()
+            || name.len() > 24
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            anyhow::bail!("lab name {name:?}: use 1-24 characters of [A-Za-z0-9-]");
+        }
+        let root = root
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_ROOT));
+        Ok(Self {
+            name: name.to_string(),
+            dir: root.join(name),
+        })
+    }
+    /// Every namespace of this lab starts with this.
+    pub fn prefix(&self) -> String {
+        format!("malla-{}-", self.name)
+    }
+    pub fn netns(&self, what: &str) -> String {
+        format!("{}{what}", self.prefix())
+    }
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("lab.json")
+    }
+    pub fn lock_file(&self) -> PathBuf {
+        self.dir.join("lab.lock")
+    }
+    pub fn store(&self) -> PathBuf {
+        self.dir.join("store.db")
+    }
+    pub fn cni_bin_dir(&self) -> PathBuf {
+        self.dir.join("cni/bin")
+    }
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.join("nodes").join(node)
+    }
+    pub fn conflist(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("net.d/10-malla.conflist")
+    }
+    pub fn ready_file(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent.ready")
+    }
+    pub fn log(&self, what: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{what}.log"))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ipv4: std::net::Ipv4Addr,
+    pub underlay_ipv6: Option<std::net::Ipv6Addr>,
+    pub agent_pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpec {
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub node: String,
+    pub netns: String,
+    pub container_id: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub ports: Vec<PortSpec>,
+    pub labels: BTreeMap<String, String>,
+    pub probe_pid: Option<u32>,
+}
+
+impl PodState {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExternalState {
+    pub netns: String,
+    pub ipv4: std::net::Ipv4Addr,
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    pub port: u16,
+    pub probe_pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LabState {
+    pub name: String,
+    pub routing: RoutingMode,
+    pub ipv6: bool,
+    pub fabric_netns: String,
+    pub nodes: Vec<NodeState>,
+    pub external: ExternalState,
+    pub namespaces: Vec<String>,
+    /// Pods by `namespace/name`.
+    pub pods: BTreeMap<String, PodState>,
+}
+
+impl LabState {
+    pub fn load(paths: &LabPaths) -> anyhow::Result<Option<Self>> {
+        let f = paths.state_file();
+        match std::fs::read(&f) {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).with_context(|| format!("parsing {}", f.display()))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", f.display())),
+        }
+    }
+
+    /// The lab's state, or an error telling the user to bring it up.
+    pub fn require(paths: &LabPaths) -> anyhow::Result<Self> {
+        Self::load(paths)?
+            .ok_or_else(|| anyhow::anyhow!("lab {:?} is not up (run `malla lab up`)", paths.name))
+    }
+
+    /// Writes atomically (temp file + rename).
+    pub fn save(&self, paths: &LabPaths) -> anyhow::Result<()> {
+        let tmp = paths.dir.join("lab.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        std::fs::rename(&tmp, paths.state_file())?;
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+/// An exclusive lock on a lab's state, held until dropped.
+pub struct LabLock(#[allow(dead_code)] File);
+
+impl LabLock {
+    pub fn acquire(paths: &LabPaths) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&paths.dir)
+            .with_context(|| format!("creating {}", paths.dir.display()))?;
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(paths.lock_file())?;
+        f.lock().context("locking lab state")?;
+        Ok(Self(f))
+    }
+}

@@ -1,0 +1,406 @@
+//! `malla lab up` and `malla lab down`: the underlay, the nodes with their agents, the outside.
+//!
+//! Addresses (all inside 198.18.0.0/15 and fd00::/8):
+//! - pods: pool 198.18.0.0/16 (/26 blocks), with `--ipv6` also fd00:198:18::/64 (/122 blocks);
+//! - underlay: 198.19.0.0/24 and fd00:198:19::/64 on the fabric bridge (`.1` is the fabric's);
+//! - outside: 198.19.1.0/24 and fd00:198:19:1::/64, routed by the fabric, `.2` is `external`.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use malla_api::{keys, ClusterConfig, IpPool, RoutingMode};
+use malla_dataplane::netns::{self, run_ip};
+
+use crate::process;
+use crate::state::{ExternalState, LabLock, LabPaths, LabState, NodeState};
+
+/// Port the external probe server answers on (TCP and UDP).
+pub const EXTERNAL_PORT: u16 = 8080;
+
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub nodes: usize,
+    pub routing: RoutingMode,
+    pub ipv6: bool,
+    /// The `malla` binary (agents and probe servers are its subcommands).
+    pub malla_bin: std::path::PathBuf,
+    /// The `malla-cni` binary to install as the CNI plugin `malla`.
+    pub cni_bin: std::path::PathBuf,
+}
+
+pub fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn node_ipv4(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, 0, 10 + i as u8)
+}
+
+fn node_ipv6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, 0x10 + i as u16)
+}
+
+fn ip(ns: &str, args: &str) -> anyhow::Result<()> {
+    let mut v = vec!["-n", ns];
+    v.extend(args.split_whitespace());
+    run_ip(&v).map_err(Into::into)
+}
+
+fn link_exists(ns: &str, name: &str) -> bool {
+    Command::new("ip")
+        .args(["-n", ns, "link", "show", "dev", name])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn sysctl_in(ns: &str, kv: &[&str]) -> anyhow::Result<()> {
+    for item in kv {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "sysctl", "-q", "-w", item])
+            .output()
+            .context("running sysctl")?;
+        if !out.status.success() {
+            bail!(
+                "sysctl {item} in {ns}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A veth from the fabric bridge to `ns` (named `ul0` there), idempotent.
+fn attach_to_fabric(fabric: &str, ns: &str, fabric_end: &str) -> anyhow::Result<()> {
+    if !link_exists(fabric, fabric_end) {
+        run_ip(&[
+            "link", "add", fabric_end, "netns", fabric, "type", "veth", "peer", "name", "ul0",
+            "netns", ns,
+        ])?;
+    }
+    Ok(())
+}
+
+/// Brings the lab up; running it again repairs whatever is missing.
+pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
+    if opts.nodes == 0 || opts.nodes > 200 {
+        bail!("--nodes: {} is outside 1..=200", opts.nodes);
+    }
+    let _lock = LabLock::acquire(paths)?;
+    if let Some(existing) = LabState::load(paths)? {
+        if existing.nodes.len() != opts.nodes
+            || existing.routing != opts.routing
+            || existing.ipv6 != opts.ipv6
+        {
+            bail!(
+                "lab {:?} is already up with {} nodes, routing {}, ipv6 {}; run `malla lab down` first to change its shape",
+                paths.name,
+                existing.nodes.len(),
+                existing.routing,
+                existing.ipv6
+            );
+        }
+    }
+    for d in ["logs", "cni/bin"] {
+        std::fs::create_dir_all(paths.dir.join(d))?;
+    }
+    install_cni(paths, &opts.cni_bin)?;
+    init_datastore(paths, opts)?;
+
+    let fabric = paths.netns("fabric");
+    netns::create(&fabric)?;
+    // Our addresses are unique by construction: duplicate address detection would only hold
+    // IPv6 back for its first seconds.
+    const NO_DAD: [&str; 2] = [
+        "net.ipv6.conf.all.accept_dad=0",
+        "net.ipv6.conf.default.accept_dad=0",
+    ];
+    sysctl_in(&fabric, &NO_DAD)?;
+    sysctl_in(
+        &fabric,
+        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+    )?;
+    if !link_exists(&fabric, "br0") {
+        ip(&fabric, "link add br0 type bridge")?;
+    }
+    ip(&fabric, "addr replace 198.19.0.1/24 dev br0")?;
+    if opts.ipv6 {
+        ip(&fabric, "addr replace fd00:198:19::1/64 dev br0 nodad")?;
+    }
+    ip(&fabric, "link set br0 up")?;
+
+    let ext_ns = paths.netns("external");
+    netns::create(&ext_ns)?;
+    sysctl_in(&ext_ns, &NO_DAD)?;
+    attach_to_fabric(&fabric, &ext_ns, "ext")?;
+    ip(&fabric, "addr replace 198.19.1.1/24 dev ext")?;
+    ip(&fabric, "link set ext up")?;
+    ip(&ext_ns, "addr replace 198.19.1.2/24 dev ul0")?;
+    ip(&ext_ns, "link set ul0 up")?;
+    // The outside world knows the node network (as the internet knows a cluster's public
+    // addresses) but not the pod pools.
+    ip(&ext_ns, "route replace 198.19.0.0/24 via 198.19.1.1")?;
+    if opts.ipv6 {
+        ip(&fabric, "addr replace fd00:198:19:1::1/64 dev ext nodad")?;
+        ip(&ext_ns, "addr replace fd00:198:19:1::2/64 dev ul0 nodad")?;
+        ip(
+            &ext_ns,
+            "route replace fd00:198:19::/64 via fd00:198:19:1::1",
+        )?;
+    }
+
+    let mut nodes = Vec::new();
+    for i in 1..=opts.nodes {
+        let name = node_name(i);
+        let ns = paths.netns(&name);
+        netns::create(&ns)?;
+        sysctl_in(&ns, &NO_DAD)?;
+        let fabric_end = format!("n{i}");
+        attach_to_fabric(&fabric, &ns, &fabric_end)?;
+        ip(&fabric, &format!("link set {fabric_end} master br0 up"))?;
+        ip(&ns, &format!("addr replace {}/24 dev ul0", node_ipv4(i)))?;
+        ip(&ns, "link set ul0 up")?;
+        ip(&ns, "route replace default via 198.19.0.1")?;
+        if opts.ipv6 {
+            ip(
+                &ns,
+                &format!("addr replace {}/64 dev ul0 nodad", node_ipv6(i)),
+            )?;
+            ip(&ns, "route replace default via fd00:198:19::1")?;
+        }
+        std::fs::create_dir_all(paths.node_dir(&name).join("net.d"))?;
+        write_conflist(paths, &name)?;
+        nodes.push(NodeState {
+            name,
+            netns: ns,
+            underlay_ipv4: node_ipv4(i),
+            underlay_ipv6: opts.ipv6.then(|| node_ipv6(i)),
+            agent_pid: None,
+        });
+    }
+
+    let previous = LabState::load(paths)?;
+    let mut state = LabState {
+        name: paths.name.clone(),
+        routing: opts.routing,
+        ipv6: opts.ipv6,
+        fabric_netns: fabric,
+        nodes,
+        external: ExternalState {
+            netns: ext_ns.clone(),
+            ipv4: Ipv4Addr::new(198, 19, 1, 2),
+            ipv6: opts
+                .ipv6
+                .then(|| Ipv6Addr::new(0xfd00, 0x198, 0x19, 1, 0, 0, 0, 2)),
+            port: EXTERNAL_PORT,
+            probe_pid: None,
+        },
+        namespaces: vec!["default".to_string()],
+        pods: Default::default(),
+    };
+    if let Some(prev) = previous {
+        state.namespaces = prev.namespaces;
+        state.pods = prev.pods;
+        state.external.probe_pid = prev.external.probe_pid;
+        for (n, p) in state.nodes.iter_mut().zip(prev.nodes) {
+            n.agent_pid = p.agent_pid;
+        }
+    }
+
+    for node in &mut state.nodes {
+        if node.agent_pid.is_some_and(process::is_ours) {
+            continue;
+        }
+        node.agent_pid = Some(start_agent(paths, &opts.malla_bin, node)?);
+    }
+    if !state.external.probe_pid.is_some_and(process::is_ours) {
+        let ready = paths.dir.join("external.ready");
+        let _ = std::fs::remove_file(&ready);
+        let mut cmd = Command::new(&opts.malla_bin);
+        cmd.args(["lab", "probe-server", "--name", "external", "--listen"])
+            .arg(format!("{EXTERNAL_PORT}/tcp,{EXTERNAL_PORT}/udp"))
+            .arg("--ready-file")
+            .arg(&ready);
+        state.external.probe_pid = Some(process::spawn_detached(
+            cmd,
+            &ext_ns,
+            &paths.log("external"),
+        )?);
+        state.save(paths)?;
+        crate::runtime::wait_for_file(&ready, Duration::from_secs(10))
+            .context("external probe server did not start")?;
+    }
+    state.save(paths)?;
+    wait_converged(paths, &state, Duration::from_secs(30))?;
+    Ok(state)
+}
+
+/// Starts (or restarts) a node's agent; returns its pid.
+pub fn start_agent(paths: &LabPaths, malla_bin: &Path, node: &NodeState) -> anyhow::Result<u32> {
+    let _ = std::fs::remove_file(paths.ready_file(&node.name));
+    let mut cmd = Command::new(malla_bin);
+    cmd.args([
+        "agent",
+        "--node",
+        &node.name,
+        "--underlay-interface",
+        "ul0",
+        "--datastore",
+    ])
+    .arg(paths.store())
+    .arg("--ready-file")
+    .arg(paths.ready_file(&node.name));
+    process::spawn_detached(
+        cmd,
+        &node.netns,
+        &paths.log(&format!("agent-{}", node.name)),
+    )
+}
+
+/// The datastore revision a node's agent has applied, if it is running and has synced.
+pub fn applied_revision(paths: &LabPaths, node: &str) -> Option<i64> {
+    std::fs::read_to_string(paths.ready_file(node))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Waits until every agent has applied the datastore's current revision (or a later one).
+pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+    use malla_store::Store;
+    let target = malla_store::LocalStore::open(&paths.store())?.revision()?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let behind: Vec<&str> = state
+            .nodes
+            .iter()
+            .filter(|n| applied_revision(paths, &n.name).is_none_or(|r| r < target))
+            .map(|n| n.name.as_str())
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "agents have not applied revision {target} after {:?}: {} (see {})",
+                timeout,
+                behind.join(", "),
+                paths.dir.join("logs").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn install_cni(paths: &LabPaths, cni_bin: &Path) -> anyhow::Result<()> {
+    let dst = paths.cni_bin_dir().join("malla");
+    let tmp = paths.cni_bin_dir().join(".malla.tmp");
+    std::fs::copy(cni_bin, &tmp).with_context(|| format!("copying {}", cni_bin.display()))?;
+    std::fs::rename(&tmp, &dst)?;
+    Ok(())
+}
+
+/// The conflist a runtime on this node reads, as `/etc/cni/net.d/10-malla.conflist` would be.
+pub fn write_conflist(paths: &LabPaths, node: &str) -> anyhow::Result<()> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "malla",
+        "plugins": [{
+            "type": "malla",
+            "nodeName": node,
+            "datastore": {"type": "local", "path": paths.store()},
+        }]
+    });
+    std::fs::write(paths.conflist(node), serde_json::to_vec_pretty(&conf)?)?;
+    Ok(())
+}
+
+fn init_datastore(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<()> {
+    let store = malla_store::LocalStore::open(&paths.store())?;
+    let config = ClusterConfig {
+        routing: opts.routing,
+        ..ClusterConfig::default()
+    };
+    let current = malla_store::get_json::<ClusterConfig>(&store, keys::CLUSTER_CONFIG)?;
+    if current.map(|(c, _)| c) != Some(config.clone()) {
+        malla_store::put_json(&store, keys::CLUSTER_CONFIG, &config)?;
+    }
+    let ipam = malla_ipam::Ipam::new(&store);
+    let mut pools = vec![IpPool {
+        name: "default-ipv4".into(),
+        cidr: "198.18.0.0/16".parse()?,
+        block_size: 26,
+        nat_outgoing: true,
+        disabled: false,
+    }];
+    if opts.ipv6 {
+        pools.push(IpPool {
+            name: "default-ipv6".into(),
+            cidr: "fd00:198:18::/64".parse()?,
+            block_size: 122,
+            nat_outgoing: true,
+            disabled: false,
+        });
+    }
+    let existing = ipam.pools()?;
+    for p in pools {
+        if !existing.contains(&p) {
+            ipam.ensure_pool(&p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Tears the lab down: processes by pid, namespaces by exact name (also leftovers of a crash,
+/// found by the lab's prefix), then the state directory.
+pub fn down(paths: &LabPaths) -> anyhow::Result<Vec<String>> {
+    let state = LabState::load(paths).ok().flatten();
+    if let Some(s) = &state {
+        for p in s.pods.values() {
+            if let Some(pid) = p.probe_pid {
+                process::stop(pid);
+            }
+        }
+        if let Some(pid) = s.external.probe_pid {
+            process::stop(pid);
+        }
+        for n in &s.nodes {
+            if let Some(pid) = n.agent_pid {
+                process::stop(pid);
+            }
+        }
+    }
+    let prefix = paths.prefix();
+    let mut removed = Vec::new();
+    for name in netns::list_named() {
+        if name.starts_with(&prefix) {
+            kill_processes_in(&name);
+            netns::delete(&name)?;
+            removed.push(name);
+        }
+    }
+    if paths.dir.exists() {
+        std::fs::remove_dir_all(&paths.dir)
+            .with_context(|| format!("removing {}", paths.dir.display()))?;
+    }
+    Ok(removed)
+}
+
+/// Stops malla processes still running inside a lab namespace (e.g. after the CLI crashed
+/// before recording their pids).
+fn kill_processes_in(netns_name: &str) {
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", netns_name])
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<u32>() {
+                process::stop(pid);
+            }
+        }
+    }
+}

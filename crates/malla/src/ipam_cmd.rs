@@ -1,0 +1,86 @@
+//! `malla ipam show`: pools, and blocks with their node and use.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use malla_store::LocalStore;
+
+#[derive(Subcommand)]
+pub enum IpamCommand {
+    /// Print pools and blocks with their node affinity and use.
+    ///
+    /// Example: malla ipam show --lab demo
+    Show {
+        /// Datastore file (default: the lab's).
+        #[arg(long)]
+        datastore: Option<PathBuf>,
+        /// Read the datastore of this lab.
+        #[arg(long, env = "MALLA_LAB", default_value = "demo")]
+        lab: String,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+}
+
+pub fn run(cmd: IpamCommand) -> anyhow::Result<()> {
+    match cmd {
+        IpamCommand::Show {
+            datastore,
+            lab,
+            output,
+        } => {
+            let path = match datastore {
+                Some(p) => p,
+                None => {
+                    malla_lab::LabPaths::new(&lab, crate::lab_cmd::state_root().as_deref())?.store()
+                }
+            };
+            anyhow::ensure!(path.exists(), "no datastore at {}", path.display());
+            let store = LocalStore::open(&path)?;
+            let ipam = malla_ipam::Ipam::new(&store);
+            let pools = ipam.pools()?;
+            let blocks = ipam.blocks()?;
+            if output == "json" {
+                let v = serde_json::json!({
+                    "pools": pools,
+                    "blocks": blocks.iter().map(|b| serde_json::json!({
+                        "cidr": b.cidr.to_string(),
+                        "pool": b.pool,
+                        "node": b.affinity,
+                        "used": b.used(),
+                        "capacity": b.capacity(),
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<16} {:<24} {:>6} {:>6}", "POOL", "CIDR", "BLOCK", "NAT");
+            for p in &pools {
+                println!(
+                    "{:<16} {:<24} {:>6} {:>6}{}",
+                    p.name,
+                    p.cidr.to_string(),
+                    format!("/{}", p.block_size),
+                    if p.nat_outgoing { "yes" } else { "no" },
+                    if p.disabled { "  (disabled)" } else { "" }
+                );
+            }
+            println!();
+            println!(
+                "{:<28} {:<16} {:<12} {:>10}",
+                "BLOCK", "POOL", "NODE", "USED"
+            );
+            for b in &blocks {
+                println!(
+                    "{:<28} {:<16} {:<12} {:>10}",
+                    b.cidr.to_string(),
+                    b.pool,
+                    b.affinity.as_deref().unwrap_or("-"),
+                    format!("{}/{}", b.used(), b.capacity())
+                );
+            }
+            Ok(())
+        }
+    }
+}

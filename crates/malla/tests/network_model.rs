@@ -1,0 +1,112 @@
+//! The network-model conformance test: a 3-node lab, 2 pods per node, in direct and VXLAN mode,
+//! IPv4 and dual-stack. Every pod reaches every pod on TCP and UDP without NAT, every node
+//! reaches its own pods, and pod→external is masqueraded to the node's address.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use common::{two_pods_per_node, Lab};
+use serde_json::Value;
+
+fn conformance(routing: &str, ipv6: bool) {
+    let lab = Lab::new(&format!("{}{}", &routing[..1], if ipv6 { "6" } else { "4" }));
+    let mut up = vec!["lab", "up", "--nodes", "3", "--routing", routing];
+    if ipv6 {
+        up.push("--ipv6");
+    }
+    lab.run(&up);
+    lab.apply(&two_pods_per_node(3));
+    let state = lab.state();
+    let node_ips: BTreeMap<String, Vec<IpAddr>> = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let mut ips = vec![n["underlay_ipv4"].as_str().unwrap().parse().unwrap()];
+            if let Some(v6) = n["underlay_ipv6"].as_str() {
+                ips.push(v6.parse().unwrap());
+            }
+            (n["name"].as_str().unwrap().to_string(), ips)
+        })
+        .collect();
+    let pod_node: BTreeMap<String, String> = state["pods"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, p)| (k.clone(), p["node"].as_str().unwrap().to_string()))
+        .collect();
+    for p in state["pods"].as_object().unwrap().values() {
+        let ips = p["ips"].as_array().unwrap();
+        assert_eq!(ips.len(), if ipv6 { 2 } else { 1 }, "pod addresses: {p}");
+    }
+
+    let results = lab.probe(&[]);
+    let field = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
+    assert!(failures.is_empty(), "{} of {} probes failed: {failures:#?}", failures.len(), results.len());
+
+    // 6 pods: 30 ordered pairs × (tcp + udp) × families; nodes → own pods; pods → external.
+    let families = if ipv6 { 2 } else { 1 };
+    let pod_pairs: Vec<&Value> = results
+        .iter()
+        .filter(|r| !field(r, "from").starts_with("node/") && field(r, "to") != "external")
+        .collect();
+    assert_eq!(pod_pairs.len(), 30 * 2 * families);
+    for r in &pod_pairs {
+        assert_eq!(r["client_ip"], r["seen_source_ip"], "NAT between pods: {r}");
+        assert_eq!(field(r, "answered_by"), field(r, "to"), "wrong responder: {r}");
+        let ip: IpAddr = field(r, "client_ip").parse().unwrap();
+        let pod_ips: Vec<IpAddr> = state["pods"][field(r, "from")]["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i.as_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(pod_ips.contains(&ip), "the client used its own pod address: {r}");
+    }
+    for proto in ["tcp", "udp"] {
+        assert!(pod_pairs.iter().any(|r| field(r, "protocol") == proto));
+    }
+    let cross_node = pod_pairs
+        .iter()
+        .filter(|r| pod_node[&field(r, "from")] != pod_node[&field(r, "to")])
+        .count();
+    assert_eq!(cross_node, 24 * 2 * families, "pairs across nodes");
+
+    let node_probes: Vec<&Value> = results.iter().filter(|r| field(r, "from").starts_with("node/")).collect();
+    assert_eq!(node_probes.len(), 6 * 2 * families, "every node probes its own pods");
+    for r in &node_probes {
+        assert_eq!(format!("node/{}", pod_node[&field(r, "to")]), field(r, "from"));
+    }
+
+    let external: Vec<&Value> = results.iter().filter(|r| field(r, "to") == "external").collect();
+    assert_eq!(external.len(), 6 * 2 * families);
+    for r in &external {
+        let node = &pod_node[&field(r, "from")];
+        let seen: IpAddr = field(r, "seen_source_ip").parse().unwrap();
+        assert!(node_ips[node].contains(&seen), "external saw {seen}, not node {node}'s address: {r}");
+        assert_ne!(r["client_ip"], r["seen_source_ip"], "masqueraded: {r}");
+    }
+}
+
+#[test]
+fn direct_ipv4() {
+    conformance("direct", false);
+}
+
+#[test]
+fn vxlan_ipv4() {
+    conformance("vxlan", false);
+}
+
+#[test]
+fn direct_dual_stack() {
+    conformance("direct", true);
+}
+
+#[test]
+fn vxlan_dual_stack() {
+    conformance("vxlan", true);
+}
