@@ -43,13 +43,17 @@ impl Lab {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!("t{}-{tag}{n}", std::process::id() % 100000);
-        let state_root = tempfile::Builder::new().prefix("malla-lab-test").tempdir().expect("tempdir");
+        let state_root = tempfile::Builder::new()
+            .prefix("malla-lab-test")
+            .tempdir()
+            .expect("tempdir");
         Self { name, state_root }
     }
 
     pub fn cmd(&self) -> Command {
         let mut c = Command::new(malla_bin());
-        c.env("MALLA_LAB_STATE_DIR", self.state_root.path()).env("MALLA_LAB", &self.name);
+        c.env("MALLA_LAB_STATE_DIR", self.state_root.path())
+            .env("MALLA_LAB", &self.name);
         c
     }
 
@@ -71,7 +75,10 @@ impl Lab {
     }
 
     pub fn apply(&self, yaml: &str) -> String {
-        let f = self.state_root.path().join(format!("m{}.yaml", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        let f = self
+            .state_root
+            .path()
+            .join(format!("m{}.yaml", COUNTER.fetch_add(1, Ordering::SeqCst)));
         std::fs::write(&f, yaml).expect("write manifest");
         self.run(&["lab", "apply", "-f", f.to_str().expect("utf8")])
     }
@@ -81,7 +88,12 @@ impl Lab {
         args.extend_from_slice(extra);
         let out = self.try_run(&args);
         serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap_or_else(|e| panic!("probe output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "probe output is not JSON ({e}): {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
             .as_array()
             .cloned()
             .expect("array")

@@ -11,7 +11,11 @@ use common::{two_pods_per_node, Lab};
 use serde_json::Value;
 
 fn conformance(routing: &str, ipv6: bool) {
-    let lab = Lab::new(&format!("{}{}", &routing[..1], if ipv6 { "6" } else { "4" }));
+    let lab = Lab::new(&format!(
+        "{}{}",
+        &routing[..1],
+        if ipv6 { "6" } else { "4" }
+    ));
     let mut up = vec!["lab", "up", "--nodes", "3", "--routing", routing];
     if ipv6 {
         up.push("--ipv6");
@@ -45,7 +49,12 @@ fn conformance(routing: &str, ipv6: bool) {
     let results = lab.probe(&[]);
     let field = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
-    assert!(failures.is_empty(), "{} of {} probes failed: {failures:#?}", failures.len(), results.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {} probes failed: {failures:#?}",
+        failures.len(),
+        results.len()
+    );
 
     // 6 pods: 30 ordered pairs × (tcp + udp) × families; nodes → own pods; pods → external.
     let families = if ipv6 { 2 } else { 1 };
@@ -56,7 +65,11 @@ fn conformance(routing: &str, ipv6: bool) {
     assert_eq!(pod_pairs.len(), 30 * 2 * families);
     for r in &pod_pairs {
         assert_eq!(r["client_ip"], r["seen_source_ip"], "NAT between pods: {r}");
-        assert_eq!(field(r, "answered_by"), field(r, "to"), "wrong responder: {r}");
+        assert_eq!(
+            field(r, "answered_by"),
+            field(r, "to"),
+            "wrong responder: {r}"
+        );
         let ip: IpAddr = field(r, "client_ip").parse().unwrap();
         let pod_ips: Vec<IpAddr> = state["pods"][field(r, "from")]["ips"]
             .as_array()
@@ -64,7 +77,10 @@ fn conformance(routing: &str, ipv6: bool) {
             .iter()
             .map(|i| i.as_str().unwrap().parse().unwrap())
             .collect();
-        assert!(pod_ips.contains(&ip), "the client used its own pod address: {r}");
+        assert!(
+            pod_ips.contains(&ip),
+            "the client used its own pod address: {r}"
+        );
     }
     for proto in ["tcp", "udp"] {
         assert!(pod_pairs.iter().any(|r| field(r, "protocol") == proto));
@@ -75,18 +91,34 @@ fn conformance(routing: &str, ipv6: bool) {
         .count();
     assert_eq!(cross_node, 24 * 2 * families, "pairs across nodes");
 
-    let node_probes: Vec<&Value> = results.iter().filter(|r| field(r, "from").starts_with("node/")).collect();
-    assert_eq!(node_probes.len(), 6 * 2 * families, "every node probes its own pods");
+    let node_probes: Vec<&Value> = results
+        .iter()
+        .filter(|r| field(r, "from").starts_with("node/"))
+        .collect();
+    assert_eq!(
+        node_probes.len(),
+        6 * 2 * families,
+        "every node probes its own pods"
+    );
     for r in &node_probes {
-        assert_eq!(format!("node/{}", pod_node[&field(r, "to")]), field(r, "from"));
+        assert_eq!(
+            format!("node/{}", pod_node[&field(r, "to")]),
+            field(r, "from")
+        );
     }
 
-    let external: Vec<&Value> = results.iter().filter(|r| field(r, "to") == "external").collect();
+    let external: Vec<&Value> = results
+        .iter()
+        .filter(|r| field(r, "to") == "external")
+        .collect();
     assert_eq!(external.len(), 6 * 2 * families);
     for r in &external {
         let node = &pod_node[&field(r, "from")];
         let seen: IpAddr = field(r, "seen_source_ip").parse().unwrap();
-        assert!(node_ips[node].contains(&seen), "external saw {seen}, not node {node}'s address: {r}");
+        assert!(
+            node_ips[node].contains(&seen),
+            "external saw {seen}, not node {node}'s address: {r}"
+        );
         assert_ne!(r["client_ip"], r["seen_source_ip"], "masqueraded: {r}");
     }
 }
