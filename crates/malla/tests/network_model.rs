@@ -46,6 +46,24 @@ fn conformance(routing: &str, ipv6: bool) {
         assert_eq!(ips.len(), if ipv6 { 2 } else { 1 }, "pod addresses: {p}");
     }
 
+    // The pod MTU is the underlay's, less the VXLAN header in overlay mode.
+    let want_mtu = if routing == "vxlan" {
+        "mtu 1450"
+    } else {
+        "mtu 1500"
+    };
+    for key in pod_node.keys() {
+        let (ns, name) = key.split_once('/').unwrap();
+        let link = common::ip(&[
+            "-n",
+            &lab.netns(&format!("pod-{ns}-{name}")),
+            "link",
+            "show",
+            "eth0",
+        ]);
+        assert!(link.contains(want_mtu), "{key}: {link}");
+    }
+
     let results = lab.probe(&[]);
     let field = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
     let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
