@@ -118,6 +118,10 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
                     req.ifname.clone(),
                 )
             })?;
+        // The veth peer is created with the kernel's default MTU; the pod end needs ours too.
+        if eth.mtu != req.mtu {
+            pod.set_mtu(eth.index, req.mtu).await.map_err(nl_err)?;
+        }
         pod.set_up(eth.index).await.map_err(nl_err)?;
         for addr in &req.addrs {
             pod.add_address(eth.index, IpNet::from(*addr), true)
