@@ -57,6 +57,12 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let store = LocalStore::open(&cfg.store_path)
         .with_context(|| format!("opening datastore {}", cfg.store_path.display()))?;
+    // Held for the agent's lifetime: the CNI plugin's STATUS knows the agent runs while it is
+    // locked, and a second agent for the same node refuses to start.
+    let _lock = match &cfg.ready_file {
+        Some(ready) => Some(hold_agent_lock(ready)?),
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -107,4 +113,21 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Takes the agent's exclusive lock beside its ready file.
+fn hold_agent_lock(ready: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    let mut path = ready.as_os_str().to_owned();
+    path.push(".lock");
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!(
+                "another agent holds {}",
+                std::path::Path::new(&path).display()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the agent lock file"),
+    }
 }

@@ -47,9 +47,70 @@ pub struct NetConf {
     pub prev_result: Option<serde_json::Value>,
     #[serde(default)]
     pub runtime_config: Option<serde_json::Value>,
+    /// GC: the attachments the runtime still knows (`cni.dev/valid-attachments`).
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+    /// A file the node agent rewrites after each sync; STATUS reads it (and its lock).
+    #[serde(default)]
+    pub agent_ready_file: Option<String>,
+}
+
+/// One entry of `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl NetConf {
+    /// The `ips` capability (`runtimeConfig.ips`): addresses with optional prefix.
+    pub fn requested_ips(&self) -> Result<Vec<std::net::IpAddr>, CniError> {
+        let Some(ips) = self.runtime_config.as_ref().and_then(|r| r.get("ips")) else {
+            return Ok(Vec::new());
+        };
+        let list = ips.as_array().ok_or_else(|| {
+            CniError::new(
+                error::INVALID_CONFIG,
+                "runtimeConfig.ips: must be a list of addresses",
+                ips.to_string(),
+            )
+        })?;
+        list.iter()
+            .map(|v| {
+                let s = v.as_str().unwrap_or_default();
+                s.parse::<ipnet::IpNet>()
+                    .map(|n| n.addr())
+                    .or_else(|_| s.parse::<std::net::IpAddr>())
+                    .map_err(|_| {
+                        CniError::new(
+                            error::INVALID_CONFIG,
+                            "runtimeConfig.ips: not an IP address",
+                            v.to_string(),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// The `mac` capability (`runtimeConfig.mac`).
+    pub fn requested_mac(&self) -> Result<Option<[u8; 6]>, CniError> {
+        let Some(mac) = self.runtime_config.as_ref().and_then(|r| r.get("mac")) else {
+            return Ok(None);
+        };
+        let s = mac.as_str().unwrap_or_default();
+        let parsed = malla_api::parse_mac(s)
+            .filter(|m| m[0] & 1 == 0)
+            .ok_or_else(|| {
+                CniError::new(
+                    error::INVALID_CONFIG,
+                    "runtimeConfig.mac: not a unicast MAC address",
+                    mac.to_string(),
+                )
+            })?;
+        Ok(Some(parsed))
+    }
+
     pub fn parse(stdin: &[u8]) -> Result<Self, CniError> {
         let raw: serde_json::Value = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(

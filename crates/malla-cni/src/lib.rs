@@ -5,6 +5,7 @@
 //! Like Calico's plugin it talks to the datastore directly, so DEL works when the node agent is
 //! down and ADD costs no daemon round trip; the agent converges routes from the endpoint records.
 
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod pod;
@@ -27,21 +28,31 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &[u8]) -> Result<Option<String
     if command == "VERSION" {
         return Ok(Some(result::version_json()));
     }
-    let conf = NetConf::parse(stdin)?;
-    let env = CniEnv::from_env(env, command)?;
-    match command {
-        "ADD" => add(&conf, &env).map(Some),
-        "DEL" => del(&conf, &env).map(|_| None),
-        other => Err(CniError::new(
+    if !["ADD", "DEL", "CHECK", "GC", "STATUS"].contains(&command) {
+        return Err(CniError::new(
             error::INVALID_ENV,
-            format!("CNI_COMMAND {other:?} is not supported"),
-            "supported: ADD, DEL, VERSION",
-        )),
+            format!("CNI_COMMAND {command:?} is not supported"),
+            "supported: ADD, DEL, CHECK, GC, STATUS, VERSION",
+        ));
     }
-    .map_err(|e| e.with_version(&conf.cni_version))
+    let conf = NetConf::parse(stdin)?;
+    let version = conf.cni_version.clone();
+    let outcome = match command {
+        "GC" => commands::gc(&conf).map(|_| None),
+        "STATUS" => commands::status(&conf).map(|_| None),
+        _ => {
+            let env = CniEnv::from_env(env, command)?;
+            match command {
+                "ADD" => add(&conf, &env).map(Some),
+                "DEL" => del(&conf, &env).map(|_| None),
+                _ => commands::check(&conf, &env).map(|_| None),
+            }
+        }
+    };
+    outcome.map_err(|e| e.with_version(&version))
 }
 
-fn open_store(conf: &NetConf) -> Result<LocalStore, CniError> {
+pub(crate) fn open_store(conf: &NetConf) -> Result<LocalStore, CniError> {
     LocalStore::open(Path::new(&conf.datastore.path)).map_err(|e| {
         CniError::new(
             error::TRY_AGAIN_LATER,
@@ -51,7 +62,7 @@ fn open_store(conf: &NetConf) -> Result<LocalStore, CniError> {
     })
 }
 
-fn store_err(what: &str) -> impl FnOnce(malla_store::StoreError) -> CniError + '_ {
+pub(crate) fn store_err(what: &str) -> impl FnOnce(malla_store::StoreError) -> CniError + '_ {
     move |e| {
         CniError::new(
             error::TRY_AGAIN_LATER,
@@ -112,15 +123,40 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
     if let Some(p) = &env.pod_name {
         attrs.insert("pod".to_string(), p.clone());
     }
-    let assigned = ipam
-        .auto_assign(&malla_ipam::AutoAssign {
+    let requested = conf.requested_ips()?;
+    let assigned = if requested.is_empty() {
+        ipam.auto_assign(&malla_ipam::AutoAssign {
             handle: handle.clone(),
             node: node_name.to_string(),
             ipv4: want_v4,
             ipv6: want_v6,
             attrs,
         })
-        .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM: no address", e.to_string()))?;
+        .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM: no address", e.to_string()))?
+    } else {
+        // The `ips` capability: exactly the addresses the runtime asked for, all or none.
+        let mut got = Vec::new();
+        for ip in &requested {
+            match ipam.assign_ip(*ip, &handle, node_name, &attrs) {
+                Ok(a) => got.push(a),
+                Err(e) => {
+                    let _ = ipam.release_by_handle(&handle);
+                    let code = match e {
+                        malla_ipam::IpamError::AddressInUse(_)
+                        | malla_ipam::IpamError::NotInPool(_)
+                        | malla_ipam::IpamError::PoolDisabled(_) => error::INVALID_CONFIG,
+                        _ => error::TRY_AGAIN_LATER,
+                    };
+                    return Err(CniError::new(
+                        code,
+                        format!("runtimeConfig.ips: cannot assign {ip}"),
+                        e.to_string(),
+                    ));
+                }
+            }
+        }
+        got
+    };
     let addrs: Vec<std::net::IpAddr> = assigned.iter().map(|a| a.addr).collect();
 
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
@@ -130,6 +166,7 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         host_ifname: host_ifname.clone(),
         addrs: addrs.clone(),
         mtu,
+        mac: conf.requested_mac()?,
     });
     let wired = match wired {
         Ok(w) => w,

@@ -44,6 +44,8 @@ pub struct WireRequest {
     pub host_ifname: String,
     pub addrs: Vec<IpAddr>,
     pub mtu: u32,
+    /// The `mac` capability: the pod interface's MAC, if the runtime chose one.
+    pub mac: Option<[u8; 6]>,
 }
 
 /// What was built, for the result.
@@ -122,6 +124,9 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
         if eth.mtu != req.mtu {
             pod.set_mtu(eth.index, req.mtu).await.map_err(nl_err)?;
         }
+        if let Some(mac) = req.mac {
+            pod.set_mac(eth.index, mac).await.map_err(nl_err)?;
+        }
         pod.set_up(eth.index).await.map_err(nl_err)?;
         for addr in &req.addrs {
             pod.add_address(eth.index, IpNet::from(*addr), true)
@@ -149,7 +154,7 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
             .await
             .map_err(nl_err)?;
         }
-        let pod_mac = eth.mac.unwrap_or_default();
+        let pod_mac = req.mac.or(eth.mac).unwrap_or_default();
 
         let veth = host
             .link_by_name(&req.host_ifname)

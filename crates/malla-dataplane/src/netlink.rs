@@ -229,6 +229,18 @@ impl Netlink {
             .map_err(req(format!("set link {index} mtu {mtu}")))
     }
 
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(req(format!("set link {index} mac")))
+    }
+
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {
         self.handle
             .link()

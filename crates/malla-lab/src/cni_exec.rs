@@ -143,14 +143,16 @@ impl Runtime {
         cmd.env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", &att.container_id)
-            .env("CNI_NETNS", &att.netns_path)
-            .env("CNI_IFNAME", &att.ifname)
-            .env("CNI_ARGS", att.cni_args())
             .env("CNI_PATH", &self.cni_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if !att.container_id.is_empty() {
+            cmd.env("CNI_CONTAINERID", &att.container_id)
+                .env("CNI_NETNS", &att.netns_path)
+                .env("CNI_IFNAME", &att.ifname)
+                .env("CNI_ARGS", att.cni_args());
+        }
         let ns = match &self.host_netns {
             Some(name) => Some(NetNs::open_named(name)?),
             None => None,

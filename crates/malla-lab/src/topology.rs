@@ -313,6 +313,7 @@ pub fn write_conflist(paths: &LabPaths, node: &str) -> anyhow::Result<()> {
             "type": "malla",
             "nodeName": node,
             "datastore": {"type": "local", "path": paths.store()},
+            "agentReadyFile": paths.ready_file(node),
         }]
     });
     std::fs::write(paths.conflist(node), serde_json::to_vec_pretty(&conf)?)?;
