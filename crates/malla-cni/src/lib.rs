@@ -157,6 +157,7 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         }
         got
     };
+    fault_point("after-ipam");
     let addrs: Vec<std::net::IpAddr> = assigned.iter().map(|a| a.addr).collect();
 
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
@@ -178,6 +179,7 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         }
     };
 
+    fault_point("after-wire");
     let endpoint = WorkloadEndpoint {
         namespace: env.pod_namespace.clone().unwrap_or_default(),
         pod: env.pod_name.clone().unwrap_or_default(),
@@ -222,4 +224,13 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         )
         .map_err(store_err("delete endpoint"))?;
     Ok(())
+}
+
+/// Crash-safety tests set `MALLA_CNI_FAULT=<point>` to kill the plugin at that point, as a
+/// runtime timeout or an OOM kill would.
+fn fault_point(name: &str) {
+    if std::env::var("MALLA_CNI_FAULT").is_ok_and(|v| v == name) {
+        eprintln!("malla-cni: fault injected at {name}");
+        std::process::abort();
+    }
 }
