@@ -8,6 +8,7 @@
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod install;
 pub mod pod;
 pub mod result;
 

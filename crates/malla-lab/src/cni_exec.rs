@@ -63,6 +63,9 @@ pub struct Runtime {
     pub cni_path: PathBuf,
     /// The namespace the plugins run in (the node's host namespace); `None` = ours.
     pub host_netns: Option<String>,
+    /// Capability arguments (`portMappings`, `bandwidth`, `ips`, `mac`, …): each plugin gets,
+    /// as `runtimeConfig`, those its `capabilities` enable — as libcni does.
+    pub capability_args: serde_json::Map<String, Value>,
 }
 
 impl Runtime {
@@ -82,6 +85,7 @@ impl Runtime {
             conflist,
             cni_path: cni_path.to_path_buf(),
             host_netns,
+            capability_args: serde_json::Map::new(),
         })
     }
 
@@ -98,6 +102,18 @@ impl Runtime {
         conf["cniVersion"] = self.conflist["cniVersion"].clone();
         if let Some(p) = prev {
             conf["prevResult"] = p.clone();
+        }
+        let enabled: serde_json::Map<String, Value> = self
+            .capability_args
+            .iter()
+            .filter(|(k, _)| plugin["capabilities"][k.as_str()] == Value::Bool(true))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !enabled.is_empty() {
+            conf["runtimeConfig"] = Value::Object(enabled);
+        }
+        if let Some(o) = conf.as_object_mut() {
+            o.remove("capabilities");
         }
         conf
     }

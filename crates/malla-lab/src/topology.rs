@@ -107,7 +107,6 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
     for d in ["logs", "cni/bin"] {
         std::fs::create_dir_all(paths.dir.join(d))?;
     }
-    install_cni(paths, &opts.cni_bin)?;
     init_datastore(paths, opts)?;
 
     let fabric = paths.netns("fabric");
@@ -171,8 +170,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             )?;
             ip(&ns, "route replace default via fd00:198:19::1")?;
         }
-        std::fs::create_dir_all(paths.node_dir(&name).join("net.d"))?;
-        write_conflist(paths, &name)?;
+        install_cni(paths, &opts.cni_bin, &name)?;
         nodes.push(NodeState {
             name,
             netns: ns,
@@ -296,27 +294,16 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
     }
 }
 
-fn install_cni(paths: &LabPaths, cni_bin: &Path) -> anyhow::Result<()> {
-    let dst = paths.cni_bin_dir().join("malla");
-    let tmp = paths.cni_bin_dir().join(".malla.tmp");
-    std::fs::copy(cni_bin, &tmp).with_context(|| format!("copying {}", cni_bin.display()))?;
-    std::fs::rename(&tmp, &dst)?;
-    Ok(())
-}
-
-/// The conflist a runtime on this node reads, as `/etc/cni/net.d/10-malla.conflist` would be.
-pub fn write_conflist(paths: &LabPaths, node: &str) -> anyhow::Result<()> {
-    let conf = serde_json::json!({
-        "cniVersion": "1.1.0",
-        "name": "malla",
-        "plugins": [{
-            "type": "malla",
-            "nodeName": node,
-            "datastore": {"type": "local", "path": paths.store()},
-            "agentReadyFile": paths.ready_file(node),
-        }]
-    });
-    std::fs::write(paths.conflist(node), serde_json::to_vec_pretty(&conf)?)?;
+/// Installs the plugin and writes every node's conflist, as `malla install-cni` does on a node.
+fn install_cni(paths: &LabPaths, cni_bin: &Path, node: &str) -> anyhow::Result<()> {
+    let conflist =
+        malla_cni::install::conflist(node, &paths.store(), Some(&paths.ready_file(node)), "1.1.0");
+    let conf_dir = paths
+        .conflist(node)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    malla_cni::install::install(cni_bin, &paths.cni_bin_dir(), &conf_dir, &conflist, false)?;
     Ok(())
 }
 

@@ -49,6 +49,35 @@ enum Command {
     },
     /// Build and exercise a lab cluster made of network namespaces.
     Lab(lab_cmd::LabArgs),
+    /// Install the CNI plugin and Malla's conflist on this node (atomically).
+    ///
+    /// Example: malla install-cni --node-name node-1 --datastore /var/lib/malla/store.db
+    InstallCni {
+        /// Where runtimes look for CNI plugin binaries.
+        #[arg(long, default_value = "/opt/cni/bin")]
+        bin_dir: PathBuf,
+        /// Where runtimes look for network configurations.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        conf_dir: PathBuf,
+        /// This node's name, as the agent registers it.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The local datastore file.
+        #[arg(long, default_value = "/var/lib/malla/store.db")]
+        datastore: PathBuf,
+        /// The agent's ready file (enables CNI STATUS to see the agent).
+        #[arg(long)]
+        agent_ready_file: Option<PathBuf>,
+        /// cniVersion of the conflist.
+        #[arg(long, default_value = "1.1.0")]
+        cni_version: String,
+        /// The plugin binary to install (default: malla-cni next to this program).
+        #[arg(long)]
+        plugin_binary: Option<PathBuf>,
+        /// Overwrite a conflist of ours that is not Malla's.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() {
@@ -77,9 +106,63 @@ fn main() {
         }
         Command::Ipam { command } => ipam_cmd::run(command),
         Command::Lab(args) => lab_cmd::run(args),
+        Command::InstallCni {
+            bin_dir,
+            conf_dir,
+            node_name,
+            datastore,
+            agent_ready_file,
+            cni_version,
+            plugin_binary,
+            force,
+        } => install_cni(
+            plugin_binary,
+            &bin_dir,
+            &conf_dir,
+            &malla_cni::install::conflist(
+                &node_name,
+                &datastore,
+                agent_ready_file.as_deref(),
+                &cni_version,
+            ),
+            force,
+        ),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn install_cni(
+    plugin_binary: Option<PathBuf>,
+    bin_dir: &std::path::Path,
+    conf_dir: &std::path::Path,
+    conflist: &serde_json::Value,
+    force: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        malla_cni::SUPPORTED_VERSIONS.contains(&conflist["cniVersion"].as_str().unwrap_or("")),
+        "--cni-version: {} is not one of {}",
+        conflist["cniVersion"],
+        malla_cni::SUPPORTED_VERSIONS.join(", ")
+    );
+    let binary = match plugin_binary {
+        Some(p) => p,
+        None => std::env::current_exe()?.with_file_name("malla-cni"),
+    };
+    let done = malla_cni::install::install(&binary, bin_dir, conf_dir, conflist, force)?;
+    println!(
+        "installed {} and {}",
+        done.binary.display(),
+        done.conflist.display()
+    );
+    for other in &done.shadowed_by {
+        eprintln!(
+            "warning: {} sorts before {} and runtimes will use it instead",
+            other.display(),
+            done.conflist.display()
+        );
+    }
+    Ok(())
 }
