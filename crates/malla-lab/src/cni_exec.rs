@@ -24,6 +24,17 @@ pub struct Attachment {
 }
 
 impl Attachment {
+    /// No attachment: the network-wide commands (GC, STATUS) set no `CNI_CONTAINERID` etc.
+    pub fn none() -> Self {
+        Self {
+            container_id: String::new(),
+            netns_path: String::new(),
+            ifname: String::new(),
+            pod_namespace: String::new(),
+            pod_name: String::new(),
+        }
+    }
+
     fn cni_args(&self) -> String {
         format!(
             "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={}",
@@ -139,6 +150,41 @@ impl Runtime {
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// CHECK through the chain, each plugin given the cached result as prevResult.
+    pub fn check(&self, att: &Attachment, cached: &Value) -> anyhow::Result<()> {
+        for plugin in self.plugins() {
+            let conf = self.plugin_config(&plugin, Some(cached));
+            self.exec("CHECK", &plugin, &conf, att)?;
+        }
+        Ok(())
+    }
+
+    /// GC through the chain with the attachments that are still valid.
+    pub fn gc(&self, valid: &[(String, String)]) -> anyhow::Result<()> {
+        let list: Vec<Value> = valid
+            .iter()
+            .map(|(cid, ifname)| serde_json::json!({"containerID": cid, "ifname": ifname}))
+            .collect();
+        let mut first_err = None;
+        for plugin in self.plugins() {
+            let mut conf = self.plugin_config(&plugin, None);
+            conf["cni.dev/valid-attachments"] = Value::Array(list.clone());
+            if let Err(e) = self.exec("GC", &plugin, &conf, &Attachment::none()) {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// STATUS of every plugin of the chain.
+    pub fn status(&self) -> anyhow::Result<()> {
+        for plugin in self.plugins() {
+            let conf = self.plugin_config(&plugin, None);
+            self.exec("STATUS", &plugin, &conf, &Attachment::none())?;
+        }
+        Ok(())
     }
 
     fn exec(
