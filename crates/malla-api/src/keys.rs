@@ -8,6 +8,8 @@ pub const NODES: &str = "/malla/nodes/";
 pub const ENDPOINTS: &str = "/malla/endpoints/";
 pub const BLOCKS: &str = "/malla/ipam/blocks/";
 pub const HANDLES: &str = "/malla/ipam/handles/";
+pub const SERVICES: &str = "/malla/services/";
+pub const ENDPOINT_SLICES: &str = "/malla/endpointslices/";
 
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")
@@ -33,4 +35,12 @@ pub fn block(cidr: &IpNet) -> String {
 
 pub fn handle(id: &str) -> String {
     format!("{HANDLES}{id}")
+}
+
+pub fn service(namespace: &str, name: &str) -> String {
+    format!("{SERVICES}{namespace}/{name}")
+}
+
+pub fn endpoint_slice(namespace: &str, name: &str) -> String {
+    format!("{ENDPOINT_SLICES}{namespace}/{name}")
 }

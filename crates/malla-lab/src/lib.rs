@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod probe;
 pub mod process;
 pub mod runtime;
+pub mod services;
 pub mod state;
 pub mod topology;
 

@@ -14,6 +14,8 @@ use crate::state::PortSpec;
 pub enum Object {
     Namespace { name: String },
     Pod(PodSpec),
+    Service(crate::services::ServiceSpec),
+    EndpointSlice(malla_api::service::EndpointSlice),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,10 +129,15 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
             .ok_or_else(|| doc.err("kind", "is required"))?;
         let name = doc.str_at(&["metadata", "name"])?.unwrap_or_default();
         doc.what = format!("{k} {name:?}");
-        if api != "v1" {
+        let want_api = if k == "EndpointSlice" {
+            "discovery.k8s.io/v1"
+        } else {
+            "v1"
+        };
+        if api != want_api {
             return Err(doc.err(
                 "apiVersion",
-                format!("{api:?} is not supported (expected \"v1\")"),
+                format!("{api:?} is not supported for {k} (expected {want_api:?})"),
             ));
         }
         if !is_dns_label(&name, 253) {
@@ -150,10 +157,16 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
                 out.push(Object::Namespace { name });
             }
             "Pod" => out.push(Object::Pod(parse_pod(&doc, name)?)),
+            "Service" => out.push(Object::Service(
+                crate::services::parse_service(&value).map_err(|(field, reason)| doc.err(&field, reason))?,
+            )),
+            "EndpointSlice" => out.push(Object::EndpointSlice(
+                crate::services::parse_endpoint_slice(&value).map_err(|(field, reason)| doc.err(&field, reason))?,
+            )),
             other => {
                 return Err(doc.err(
                     "kind",
-                    format!("{other:?} is not supported by the lab (supported: Namespace, Pod)"),
+                    format!("{other:?} is not supported by the lab (supported: Namespace, Pod, Service, EndpointSlice)"),
                 ))
             }
         }
@@ -273,9 +286,24 @@ fn parse_pod(doc: &Doc<'_>, name: String) -> Result<PodSpec, ManifestError> {
                     ))
                 }
             };
+            let name = match p.get("name") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(n)) if is_dns_label(n, 15) && !n.contains('.') => {
+                    Some(n.clone())
+                }
+                Some(other) => {
+                    return Err(doc.err(
+                        &format!("{pf}.name"),
+                        format!(
+                        "{other:?} is not a valid port name (a DNS label of at most 15 characters)"
+                    ),
+                    ))
+                }
+            };
             let spec = PortSpec {
                 port: port as u16,
                 protocol: protocol.into(),
+                name,
             };
             if !ports.contains(&spec) {
                 ports.push(spec);
@@ -332,8 +360,11 @@ spec:
 
     #[test]
     fn errors_name_document_and_field() {
-        let e = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n").unwrap_err();
-        assert!(e.0.starts_with("document 2 (Service \"s\"): kind:"), "{e}");
+        let e = parse("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n").unwrap_err();
+        assert!(
+            e.0.starts_with("document 2 (ConfigMap \"s\"): kind:"),
+            "{e}"
+        );
         let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    ports:\n    - containerPort: 70000\n").unwrap_err();
         assert!(
             e.0.contains("spec.containers[0].ports[0].containerPort"),

@@ -27,6 +27,7 @@ pub fn parse_listen(s: &str) -> anyhow::Result<Vec<PortSpec>> {
                 "protocol {proto:?} is not tcp or udp"
             );
             Ok(PortSpec {
+                name: None,
                 port,
                 protocol: proto.to_string(),
             })
@@ -204,6 +205,8 @@ pub struct Filter {
     pub to: Option<String>,
     pub port: Option<u16>,
     pub protocol: Option<String>,
+    /// Separate connections per source and target (to see load spread and affinity); 0 = 1.
+    pub count: usize,
 }
 
 impl Filter {
@@ -286,7 +289,72 @@ pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
             }
         }
     }
+    // Services: every ClusterIP port from every pod and node; every node port from outside.
+    for svc in state.services.values() {
+        for sp in &svc.ports {
+            let proto = sp.protocol.nft();
+            if proto == "sctp" {
+                continue; // no SCTP sockets on this kernel; programmed, not probed
+            }
+            let to = format!("svc/{}/{}", svc.namespace, svc.name);
+            for ip in &svc.cluster_ips {
+                for src in &pods {
+                    if src.ips.iter().any(|s| s.is_ipv4() == ip.is_ipv4()) {
+                        out.push(Probe {
+                            from: src.key(),
+                            from_netns: src.netns.clone(),
+                            to: to.clone(),
+                            ip: *ip,
+                            port: sp.port,
+                            protocol: proto.into(),
+                        });
+                    }
+                }
+                for node in &state.nodes {
+                    if ip.is_ipv4() || node.underlay_ipv6.is_some() {
+                        out.push(Probe {
+                            from: format!("node/{}", node.name),
+                            from_netns: node.netns.clone(),
+                            to: to.clone(),
+                            ip: *ip,
+                            port: sp.port,
+                            protocol: proto.into(),
+                        });
+                    }
+                }
+            }
+            if let Some(node_port) = sp.node_port {
+                let families = svc
+                    .cluster_ips
+                    .iter()
+                    .map(IpAddr::is_ipv6)
+                    .collect::<Vec<_>>();
+                for node in &state.nodes {
+                    let mut targets = vec![IpAddr::V4(node.underlay_ipv4)];
+                    if let Some(v6) = node.underlay_ipv6.filter(|_| families.contains(&true)) {
+                        targets.push(IpAddr::V6(v6));
+                    }
+                    for ip in targets {
+                        out.push(Probe {
+                            from: "external".into(),
+                            from_netns: state.external.netns.clone(),
+                            to: format!("nodeport/{}", node.name),
+                            ip,
+                            port: node_port,
+                            protocol: proto.into(),
+                        });
+                    }
+                }
+            }
+        }
+    }
     out.retain(|p| filter.keep(p));
+    if filter.count > 1 {
+        out = out
+            .into_iter()
+            .flat_map(|p| std::iter::repeat_n(p, filter.count))
+            .collect();
+    }
     anyhow::ensure!(
         out.len() <= MAX_PROBES,
         "{} probes asked for, more than the limit of {MAX_PROBES}; narrow with --from/--to/--port/--protocol",

@@ -12,6 +12,7 @@ use malla_dataplane::netns;
 use crate::cni_exec::{self, Attachment, Runtime};
 use crate::manifest::{Object, PodSpec};
 use crate::process;
+use crate::services;
 use crate::state::{LabLock, LabPaths, LabState, PodState};
 
 /// What `apply` did to each object.
@@ -111,6 +112,72 @@ pub fn apply(
         }
     }
 
+    // Services: allocate (or keep) addresses and node ports now, so a clash fails the whole file.
+    let mut services: Vec<malla_api::service::Service> = Vec::new();
+    {
+        let mut taken_ips: BTreeSet<std::net::IpAddr> = state
+            .services
+            .values()
+            .flat_map(|s| s.cluster_ips.iter().copied())
+            .collect();
+        let mut taken_ports: BTreeSet<u16> = state
+            .services
+            .values()
+            .flat_map(|s| s.ports.iter().filter_map(|p| p.node_port))
+            .collect();
+        for o in objects {
+            let Object::Service(spec) = o else { continue };
+            let key = spec.key();
+            if !namespaces.contains(&spec.service.namespace) {
+                bail!(
+                    "service {key}: metadata.namespace: namespace {:?} does not exist",
+                    spec.service.namespace
+                );
+            }
+            let mut spec = spec.clone();
+            if let Some(old) = state.services.get(&key) {
+                // Keep what was allocated, as the API server does on update.
+                for ip in &old.cluster_ips {
+                    taken_ips.remove(ip);
+                }
+                if spec.service.cluster_ips.is_empty() && !spec.headless {
+                    spec.service.cluster_ips = old.cluster_ips.clone();
+                }
+                for (p, o) in spec.service.ports.iter_mut().zip(&old.ports) {
+                    if let Some(n) = o.node_port {
+                        taken_ports.remove(&n);
+                        if p.node_port.is_none() && p.name == o.name {
+                            p.node_port = Some(n);
+                        }
+                    }
+                }
+            }
+            let svc = services::allocate(&spec, state.ipv6, &taken_ips, &taken_ports)
+                .with_context(|| format!("service {key}"))?;
+            for ip in &svc.cluster_ips {
+                anyhow::ensure!(
+                    taken_ips.insert(*ip),
+                    "service {key}: spec.clusterIP {ip} is already allocated"
+                );
+            }
+            taken_ports.extend(svc.ports.iter().filter_map(|p| p.node_port));
+            services.push(svc);
+        }
+        for o in objects {
+            let Object::EndpointSlice(slice) = o else {
+                continue;
+            };
+            if !namespaces.contains(&slice.namespace) {
+                bail!(
+                    "endpointslice {}/{}: metadata.namespace: namespace {:?} does not exist",
+                    slice.namespace,
+                    slice.name,
+                    slice.namespace
+                );
+            }
+        }
+    }
+
     let mut outcomes = Vec::new();
     for o in objects {
         if let Object::Namespace { name } = o {
@@ -148,9 +215,80 @@ pub fn apply(
             }
         }
     }
+    for svc in services {
+        let key = svc.key();
+        let outcome = if state.services.get(&key) == Some(&svc) {
+            Outcome::Unchanged(format!("service/{key}"))
+        } else {
+            Outcome::Created(format!("service/{key}"))
+        };
+        state.services.insert(key, svc);
+        outcomes.push(outcome);
+    }
+    for o in objects {
+        let Object::EndpointSlice(slice) = o else {
+            continue;
+        };
+        let key = format!("{}/{}", slice.namespace, slice.name);
+        let outcome = if state.manual_slices.get(&key) == Some(slice) {
+            Outcome::Unchanged(format!("endpointslice/{key}"))
+        } else {
+            Outcome::Created(format!("endpointslice/{key}"))
+        };
+        state.manual_slices.insert(key, slice.clone());
+        outcomes.push(outcome);
+    }
+    sync_services(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     Ok(outcomes)
+}
+
+/// Writes every service and EndpointSlice (given, or derived from selectors over the current
+/// pods) to the datastore, and removes those that no longer exist — the lab's API server and
+/// endpoint-slice controller in one.
+pub fn sync_services(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
+    use malla_api::keys;
+    use malla_store::Store;
+    let store = malla_store::LocalStore::open(&paths.store())?;
+    let pods: Vec<&PodState> = state.pods.values().collect();
+    let mut want: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    for svc in state.services.values() {
+        want.insert(
+            keys::service(&svc.namespace, &svc.name),
+            serde_json::to_string(svc)?,
+        );
+        for slice in services::derive_slices(svc, &pods) {
+            want.insert(
+                keys::endpoint_slice(&slice.namespace, &slice.name),
+                serde_json::to_string(&slice)?,
+            );
+        }
+    }
+    for slice in state.manual_slices.values() {
+        want.insert(
+            keys::endpoint_slice(&slice.namespace, &slice.name),
+            serde_json::to_string(slice)?,
+        );
+    }
+    for prefix in [keys::SERVICES, keys::ENDPOINT_SLICES] {
+        let (have, _) = store.list(prefix)?;
+        for kv in have {
+            match want.get(&kv.key) {
+                Some(v) if *v == kv.value => {
+                    want.remove(&kv.key);
+                }
+                Some(_) => {}
+                None => {
+                    store.delete(&kv.key, Some(kv.mod_revision))?;
+                }
+            }
+        }
+    }
+    for (k, v) in want {
+        store.put(&k, &v)?;
+    }
+    Ok(())
 }
 
 fn pick_node(state: &LabState, spec: &PodSpec) -> String {
@@ -282,6 +420,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
     for o in objects {
         match o {
             Object::Pod(p) => doomed.push(p.key()),
+            Object::Service(_) | Object::EndpointSlice(_) => {}
             Object::Namespace { name } => {
                 doomed.extend(
                     state
@@ -291,6 +430,29 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
                         .map(PodState::key),
                 );
             }
+        }
+    }
+    for o in objects {
+        match o {
+            Object::Service(spec) => {
+                let key = spec.key();
+                outcomes.push(match state.services.remove(&key) {
+                    Some(_) => Outcome::Deleted(format!("service/{key}")),
+                    None => Outcome::NotFound(format!("service/{key}")),
+                });
+            }
+            Object::EndpointSlice(slice) => {
+                let key = format!("{}/{}", slice.namespace, slice.name);
+                outcomes.push(match state.manual_slices.remove(&key) {
+                    Some(_) => Outcome::Deleted(format!("endpointslice/{key}")),
+                    None => Outcome::NotFound(format!("endpointslice/{key}")),
+                });
+            }
+            Object::Namespace { name } => {
+                state.services.retain(|_, s| &s.namespace != name);
+                state.manual_slices.retain(|_, s| &s.namespace != name);
+            }
+            Object::Pod(_) => {}
         }
     }
     let mut errors = Vec::new();
@@ -314,6 +476,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
             }
         }
     }
+    sync_services(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     if !errors.is_empty() {

@@ -82,6 +82,9 @@ pub struct PortSpec {
     pub port: u16,
     /// `tcp` or `udp`.
     pub protocol: String,
+    /// The container port's name, which a Service's `targetPort` may refer to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +126,12 @@ pub struct LabState {
     pub namespaces: Vec<String>,
     /// Pods by `namespace/name`.
     pub pods: BTreeMap<String, PodState>,
+    /// Services with their allocated cluster IPs and node ports, by `namespace/name`.
+    #[serde(default)]
+    pub services: BTreeMap<String, malla_api::service::Service>,
+    /// EndpointSlices given in manifests (not derived from a selector), by `namespace/name`.
+    #[serde(default)]
+    pub manual_slices: BTreeMap<String, malla_api::service::EndpointSlice>,
 }
 
 impl LabState {

@@ -198,10 +198,14 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         },
         namespaces: vec!["default".to_string()],
         pods: Default::default(),
+        services: Default::default(),
+        manual_slices: Default::default(),
     };
     if let Some(prev) = previous {
         state.namespaces = prev.namespaces;
         state.pods = prev.pods;
+        state.services = prev.services;
+        state.manual_slices = prev.manual_slices;
         state.external.probe_pid = prev.external.probe_pid;
         for (n, p) in state.nodes.iter_mut().zip(prev.nodes) {
             n.agent_pid = p.agent_pid;

@@ -110,6 +110,9 @@ struct ProbeArgs {
     /// tcp or udp.
     #[arg(long)]
     protocol: Option<String>,
+    /// Separate connections per source and target (see load spread and affinity).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
 }
 
 /// The state root, overridable for tests.
@@ -180,6 +183,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
                 to: a.to,
                 port: a.port,
                 protocol: a.protocol,
+                count: a.count,
             };
             let results = probe::run(
                 probe::plan(&state, &filter)?,

@@ -63,7 +63,7 @@ fn lifecycle() {
     let unknown = lab.dir().join("unknown.yaml");
     std::fs::write(
         &unknown,
-        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}\n",
     )
     .unwrap();
     let err = String::from_utf8_lossy(

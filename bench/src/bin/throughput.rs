@@ -1,0 +1,277 @@
+//! `throughput`: iperf3 TCP throughput between pods of a Malla lab — same node, across nodes
+//! with `direct` routing, across nodes with `vxlan` — against a raw veth pair between two
+//! namespaces, measured in the same run.
+//!
+//! The server runs `iperf3 -s -1` in one namespace and the client `iperf3 -c <ip> -J` in the
+//! other (both through `ip netns exec`); the figure is `end.sum_received.bits_per_second`, the
+//! median over `--repeat` runs.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use malla_api::RoutingMode;
+use malla_bench::{
+    check, default_bin, ensure_prefix_unused, install_signal_handlers, output_with_timeout, ratio,
+    require_file, ChildGuard, Lab, Namespaces,
+};
+use malla_lab::topology::UpOptions;
+use malla_lab::{manifest, runtime};
+
+#[derive(Parser, Debug)]
+#[command(about = "pod-to-pod TCP throughput (iperf3) against a raw veth pair")]
+struct Args {
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Runs per case; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Parallel streams (`iperf3 -P`).
+    #[arg(long, default_value_t = 1)]
+    streams: u32,
+    /// The `malla` binary (agent); default: next to this executable.
+    #[arg(long)]
+    malla_bin: Option<PathBuf>,
+    /// The `malla-cni` binary; default: next to this executable.
+    #[arg(long)]
+    cni_bin: Option<PathBuf>,
+    /// Give up (and clean up) after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    max_seconds: u64,
+}
+
+struct Case {
+    name: &'static str,
+    target: Option<f64>,
+    bps: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(1..=60).contains(&args.seconds) || !(1..=10).contains(&args.repeat) {
+        bail!("--seconds must be in 1..=60 and --repeat in 1..=10");
+    }
+    if !(1..=16).contains(&args.streams) {
+        bail!("--streams must be in 1..=16");
+    }
+    install_signal_handlers();
+    ensure_prefix_unused()?;
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let malla_bin = args
+        .malla_bin
+        .clone()
+        .unwrap_or_else(|| default_bin("malla"));
+    let cni_bin = args
+        .cni_bin
+        .clone()
+        .unwrap_or_else(|| default_bin("malla-cni"));
+    require_file(&malla_bin, "build it: cargo build --release -p malla")?;
+    require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
+    let opts = |routing| UpOptions {
+        nodes: 2,
+        routing,
+        ipv6: false,
+        malla_bin: malla_bin.clone(),
+        cni_bin: cni_bin.clone(),
+    };
+
+    let mut cases = Vec::new();
+    cases.push(Case {
+        name: "raw veth (baseline)",
+        target: None,
+        bps: raw_veth(&args, deadline)?,
+    });
+    {
+        let lab = pod_lab("direct", &opts(RoutingMode::Direct))?;
+        cases.push(Case {
+            name: "pod-pod same node",
+            target: Some(0.95),
+            bps: between(&args, &lab, "a", "b", deadline)?,
+        });
+        cases.push(Case {
+            name: "pod-pod cross node direct",
+            target: Some(0.90),
+            bps: between(&args, &lab, "a", "c", deadline)?,
+        });
+    }
+    {
+        let lab = pod_lab("vxlan", &opts(RoutingMode::Vxlan))?;
+        cases.push(Case {
+            name: "pod-pod cross node vxlan",
+            target: Some(0.80),
+            bps: between(&args, &lab, "a", "c", deadline)?,
+        });
+    }
+
+    let base = cases[0].bps;
+    println!();
+    println!(
+        "iperf3 TCP, {} s x {} stream(s), median of {} run(s)",
+        args.seconds, args.streams, args.repeat
+    );
+    println!(
+        "{:<27} {:>8} {:>9} {:>8} {:>4}",
+        "case", "Gbit/s", "ratio", "target", "met"
+    );
+    for c in &cases {
+        let r = ratio(c.bps, base);
+        let (target, met) = match c.target {
+            Some(t) => (format!(">= {t:.2}"), if r >= t { "yes" } else { "NO" }),
+            None => ("-".to_string(), ""),
+        };
+        println!(
+            "{:<27} {:>8.2} {:>9.3} {:>8} {:>4}",
+            c.name,
+            c.bps / 1e9,
+            r,
+            target,
+            met
+        );
+    }
+    Ok(())
+}
+
+/// Two namespaces joined by a veth pair, 198.19.254.1/30 and .2/30.
+fn raw_veth(args: &Args, deadline: Instant) -> anyhow::Result<f64> {
+    eprintln!("raw veth: two namespaces and a veth pair");
+    let mut nss = Namespaces::default();
+    let a = nss.create("veth-a")?;
+    let b = nss.create("veth-b")?;
+    let ip = |ns: &str, cmd: &str| -> anyhow::Result<()> {
+        let mut v = vec!["-n", ns];
+        v.extend(cmd.split_whitespace());
+        malla_dataplane::netns::run_ip(&v).map_err(Into::into)
+    };
+    ip(
+        &a,
+        &format!("link add veth0 type veth peer name veth1 netns {b}"),
+    )?;
+    ip(&a, "addr add 198.19.254.1/30 dev veth0")?;
+    ip(&b, "addr add 198.19.254.2/30 dev veth1")?;
+    ip(&a, "link set veth0 up")?;
+    ip(&b, "link set veth1 up")?;
+    let bps = measure(args, &a, &b, "198.19.254.2".parse()?, deadline)?;
+    drop(nss);
+    Ok(bps)
+}
+
+/// A two-node lab with pods `a` and `b` on node-1 and `c` on node-2.
+fn pod_lab(what: &str, opts: &UpOptions) -> anyhow::Result<Lab> {
+    eprintln!("{what}: bringing up a 2-node lab");
+    let mut lab = Lab::up(what, opts)?;
+    let mut text = String::new();
+    for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
+             spec:\n  nodeName: {node}\n  containers:\n  - name: iperf\n"
+        ));
+    }
+    let objects = manifest::parse(&text).map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
+    runtime::apply(&lab.paths, &opts.malla_bin, &objects).context("creating the pods")?;
+    lab.reload()?;
+    Ok(lab)
+}
+
+/// Throughput from pod `client` to pod `server` of `lab`.
+fn between(
+    args: &Args,
+    lab: &Lab,
+    client: &str,
+    server: &str,
+    deadline: Instant,
+) -> anyhow::Result<f64> {
+    let pod = |name: &str| {
+        lab.state
+            .pods
+            .get(&format!("default/{name}"))
+            .with_context(|| format!("pod {name} missing from the lab state"))
+    };
+    let (c, s) = (pod(client)?, pod(server)?);
+    let addr = s
+        .ips
+        .iter()
+        .find(|a| a.is_ipv4())
+        .copied()
+        .with_context(|| format!("pod {server} has no IPv4 address"))?;
+    eprintln!(
+        "{}: {client} ({}) -> {server} ({}, {addr})",
+        lab.paths.name, c.node, s.node
+    );
+    measure(args, &c.netns, &s.netns, addr, deadline)
+}
+
+/// The median of `--repeat` iperf3 runs from `client_ns` to a one-off server in `server_ns`.
+fn measure(
+    args: &Args,
+    client_ns: &str,
+    server_ns: &str,
+    addr: IpAddr,
+    deadline: Instant,
+) -> anyhow::Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat {
+        check(deadline)?;
+        runs.push(one_run(args, client_ns, server_ns, addr, deadline)?);
+    }
+    runs.sort_by(f64::total_cmp);
+    eprintln!(
+        "  runs (Gbit/s): {}",
+        runs.iter()
+            .map(|b| format!("{:.2}", b / 1e9))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    Ok(runs[runs.len() / 2])
+}
+
+fn one_run(
+    args: &Args,
+    client_ns: &str,
+    server_ns: &str,
+    addr: IpAddr,
+    deadline: Instant,
+) -> anyhow::Result<f64> {
+    let mut server = Command::new("ip");
+    server
+        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _server = ChildGuard(server.spawn().context("spawning the iperf3 server")?);
+    // The server needs a moment to listen: retry a refused connection, a bounded number of times.
+    for attempt in 0..50 {
+        check(deadline)?;
+        let mut client = Command::new("ip");
+        client.args(["netns", "exec", client_ns, "iperf3", "-c"]);
+        client.arg(addr.to_string()).args([
+            "-t",
+            &args.seconds.to_string(),
+            "-P",
+            &args.streams.to_string(),
+            "-J",
+        ]);
+        let out = output_with_timeout(client, Duration::from_secs(args.seconds + 20))?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "iperf3 printed non-JSON: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+            if out.status.success() {
+                return Ok(bps);
+            }
+        }
+        let err = v["error"].as_str().unwrap_or("no result").to_string();
+        if !err.contains("refused") || attempt == 49 {
+            bail!("iperf3 {client_ns} -> {addr}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("iperf3 server in {server_ns} never accepted a connection")
+}
