@@ -96,19 +96,16 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
             // A leftover of an earlier ADD of this very attachment that was cut short.
             host.delete_link(stale.index).await.map_err(nl_err)?;
         }
-        let tmp = format!("tmp{}", &req.host_ifname[HOST_IFNAME_PREFIX.len()..]);
-        host.create_veth(&req.host_ifname, &tmp, req.mtu, Some(HOST_VETH_MAC))
-            .await
-            .map_err(nl_err)?;
-        let peer = host
-            .link_by_name(&tmp)
-            .await
-            .map_err(nl_err)?
-            .ok_or_else(|| CniError::new(error::IO_FAILURE, "veth peer vanished", tmp.clone()))?;
-        host.move_to_netns(peer.index, &ns, &req.ifname)
-            .await
-            .map_err(nl_err)?;
-
+        host.create_veth_into(
+            &req.host_ifname,
+            Some(HOST_VETH_MAC),
+            &req.ifname,
+            &ns,
+            req.mac,
+            req.mtu,
+        )
+        .await
+        .map_err(nl_err)?;
         let eth = pod
             .link_by_name(&req.ifname)
             .await
@@ -116,17 +113,10 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
             .ok_or_else(|| {
                 CniError::new(
                     error::IO_FAILURE,
-                    "pod interface missing after move",
+                    "pod interface missing after creation",
                     req.ifname.clone(),
                 )
             })?;
-        // The veth peer is created with the kernel's default MTU; the pod end needs ours too.
-        if eth.mtu != req.mtu {
-            pod.set_mtu(eth.index, req.mtu).await.map_err(nl_err)?;
-        }
-        if let Some(mac) = req.mac {
-            pod.set_mac(eth.index, mac).await.map_err(nl_err)?;
-        }
         pod.set_up(eth.index).await.map_err(nl_err)?;
         for addr in &req.addrs {
             pod.add_address(eth.index, IpNet::from(*addr), true)

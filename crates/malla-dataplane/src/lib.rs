@@ -2,6 +2,7 @@
 //! neighbours, VXLAN FDB), sysctls and nftables. Nothing here decides *what* to program; the
 //! calculation does that, and these modules only apply it to the kernel.
 
+pub mod conntrack;
 pub mod netlink;
 pub mod netns;
 pub mod nft;

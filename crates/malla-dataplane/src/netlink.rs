@@ -190,6 +190,43 @@ impl Netlink {
             .map_err(req(format!("create veth {name}/{peer}")))
     }
 
+    /// Creates a veth pair whose peer is born inside `peer_ns` (one netlink request: no
+    /// create-then-move, which costs the kernel a second device registration).
+    pub async fn create_veth_into(
+        &self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        peer: &str,
+        peer_ns: &NetNs,
+        peer_mac: Option<[u8; 6]>,
+        mtu: u32,
+    ) -> Result<(), NetlinkError> {
+        use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
+        use rtnetlink::LinkMessageBuilder;
+        let mut peer_msg = LinkUnspec::new_with_name(peer)
+            .mtu(mtu)
+            .setns_by_fd(peer_ns.file().as_raw_fd());
+        if let Some(m) = peer_mac {
+            peer_msg = peer_msg.address(m.to_vec());
+        }
+        let mut b = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(name.to_string())
+            .mtu(mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())));
+        if let Some(m) = mac {
+            b = b.address(m.to_vec());
+        }
+        self.handle
+            .link()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(req(format!(
+                "create veth {name} with {peer} in {}",
+                peer_ns.path().display()
+            )))
+    }
+
     /// Moves a link into another namespace, renaming it on the way.
     pub async fn move_to_netns(
         &self,

@@ -83,6 +83,16 @@ impl Lab {
         self.run(&["lab", "apply", "-f", f.to_str().expect("utf8")])
     }
 
+    /// `malla lab delete -f` of this manifest text.
+    pub fn apply_delete(&self, yaml: &str) -> String {
+        let f = self
+            .state_root
+            .path()
+            .join(format!("d{}.yaml", COUNTER.fetch_add(1, Ordering::SeqCst)));
+        std::fs::write(&f, yaml).expect("write manifest");
+        self.run(&["lab", "delete", "-f", f.to_str().expect("utf8")])
+    }
+
     pub fn probe(&self, extra: &[&str]) -> Vec<Value> {
         let mut args = vec!["lab", "probe", "-o", "json"];
         args.extend_from_slice(extra);

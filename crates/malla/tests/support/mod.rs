@@ -353,10 +353,13 @@ pub fn ip(args: &[&str]) -> String {
     run(Command::new("ip").args(args), Duration::from_secs(30)).stdout
 }
 
-/// Whether `addr` appears as a whole word (not as a prefix of a longer address) in `text`.
+/// Whether `addr` appears in `text` as itself or as `addr/32`: not as a prefix of a longer
+/// address, nor as the base of a wider prefix (the pool `198.18.0.0/16` is not the pod
+/// `198.18.0.0`).
 pub fn mentions(text: &str, addr: &str) -> bool {
-    text.split(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .any(|w| w == addr)
+    let host = format!("{addr}/32");
+    text.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '/'))
+        .any(|w| w == addr || w == host)
 }
 
 /// While pods run: each address has its host route on a `mla*` veth in the node's namespace,
