@@ -8,6 +8,9 @@ pub const NODES: &str = "/malla/nodes/";
 pub const ENDPOINTS: &str = "/malla/endpoints/";
 pub const BLOCKS: &str = "/malla/ipam/blocks/";
 pub const HANDLES: &str = "/malla/ipam/handles/";
+pub const PODS: &str = "/malla/pods/";
+pub const NAMESPACES: &str = "/malla/namespaces/";
+pub const NETWORK_POLICIES: &str = "/malla/networkpolicies/";
 pub const SERVICES: &str = "/malla/services/";
 pub const ENDPOINT_SLICES: &str = "/malla/endpointslices/";
 
@@ -43,4 +46,16 @@ pub fn service(namespace: &str, name: &str) -> String {
 
 pub fn endpoint_slice(namespace: &str, name: &str) -> String {
     format!("{ENDPOINT_SLICES}{namespace}/{name}")
+}
+
+pub fn pod(namespace: &str, name: &str) -> String {
+    format!("{PODS}{namespace}/{name}")
+}
+
+pub fn namespace(name: &str) -> String {
+    format!("{NAMESPACES}{name}")
+}
+
+pub fn network_policy(namespace: &str, name: &str) -> String {
+    format!("{NETWORK_POLICIES}{namespace}/{name}")
 }

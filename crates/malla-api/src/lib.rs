@@ -180,6 +180,41 @@ impl WorkloadEndpoint {
     }
 }
 
+/// A container port a pod declares (`containers[].ports[]`): named ports are what a Service's
+/// `targetPort` and a NetworkPolicy's `port` may refer to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerPort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub protocol: service::Protocol,
+    pub port: u16,
+}
+
+/// A pod as the API server knows it: identity, labels, node and declared ports. Its addresses
+/// come from its [`WorkloadEndpoint`] (written by the CNI plugin), joined by namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+/// A namespace and its labels (namespace selectors match these).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
 /// A deterministic, locally administered MAC address derived from a name.
 pub fn mac_from_name(name: &str) -> [u8; 6] {
     // FNV-1a: stable across releases, unlike std's hasher.
