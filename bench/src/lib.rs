@@ -159,6 +159,7 @@ fn placeholder_state() -> LabState {
             probe_pid: None,
         },
         namespaces: Vec::new(),
+        namespace_labels: Default::default(),
         pods: Default::default(),
         services: Default::default(),
         manual_slices: Default::default(),

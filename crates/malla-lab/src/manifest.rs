@@ -12,7 +12,10 @@ use crate::state::PortSpec;
 /// One object of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Object {
-    Namespace { name: String },
+    Namespace {
+        name: String,
+        labels: BTreeMap<String, String>,
+    },
     Pod(PodSpec),
     Service(crate::services::ServiceSpec),
     EndpointSlice(malla_api::service::EndpointSlice),
@@ -154,7 +157,8 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
                         "a namespace name is a DNS label (no dots, at most 63)",
                     ));
                 }
-                out.push(Object::Namespace { name });
+                let labels = labels_of(&doc)?;
+                out.push(Object::Namespace { name, labels });
             }
             "Pod" => out.push(Object::Pod(parse_pod(&doc, name)?)),
             "Service" => out.push(Object::Service(
@@ -177,16 +181,8 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
     Ok(out)
 }
 
-fn parse_pod(doc: &Doc<'_>, name: String) -> Result<PodSpec, ManifestError> {
-    let namespace = doc
-        .str_at(&["metadata", "namespace"])?
-        .unwrap_or_else(|| "default".into());
-    if !is_dns_label(&namespace, 63) {
-        return Err(doc.err(
-            "metadata.namespace",
-            format!("{namespace:?} is not a valid namespace"),
-        ));
-    }
+/// `metadata.labels`, checked to be a mapping of strings.
+fn labels_of(doc: &Doc<'_>) -> Result<BTreeMap<String, String>, ManifestError> {
     let mut labels = BTreeMap::new();
     if let Some(l) = doc.value.get("metadata").and_then(|m| m.get("labels")) {
         let map = l
@@ -208,6 +204,20 @@ fn parse_pod(doc: &Doc<'_>, name: String) -> Result<PodSpec, ManifestError> {
             labels.insert(key.to_string(), val);
         }
     }
+    Ok(labels)
+}
+
+fn parse_pod(doc: &Doc<'_>, name: String) -> Result<PodSpec, ManifestError> {
+    let namespace = doc
+        .str_at(&["metadata", "namespace"])?
+        .unwrap_or_else(|| "default".into());
+    if !is_dns_label(&namespace, 63) {
+        return Err(doc.err(
+            "metadata.namespace",
+            format!("{namespace:?} is not a valid namespace"),
+        ));
+    }
+    let labels = labels_of(doc)?;
     let spec = doc
         .value
         .get("spec")

@@ -19,6 +19,7 @@ use crate::state::{LabLock, LabPaths, LabState, PodState};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Created(String),
+    Configured(String),
     Unchanged(String),
     Deleted(String),
     NotFound(String),
@@ -28,6 +29,7 @@ impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Outcome::Created(s) => write!(f, "{s} created"),
+            Outcome::Configured(s) => write!(f, "{s} configured"),
             Outcome::Unchanged(s) => write!(f, "{s} unchanged"),
             Outcome::Deleted(s) => write!(f, "{s} deleted"),
             Outcome::NotFound(s) => write!(f, "{s} not found"),
@@ -72,7 +74,7 @@ pub fn apply(
     let mut state = LabState::require(paths)?;
     let mut namespaces: BTreeSet<String> = state.namespaces.iter().cloned().collect();
     for o in objects {
-        if let Object::Namespace { name } = o {
+        if let Object::Namespace { name, .. } = o {
             namespaces.insert(name.clone());
         }
     }
@@ -100,12 +102,12 @@ pub fn apply(
             }
         }
         if let Some(existing) = state.pods.get(&p.key()) {
+            // Labels may change in place (as with kubectl label); the rest of a pod is immutable.
             let same = existing.ports == p.ports
-                && existing.labels == p.labels
                 && p.node_name.as_ref().is_none_or(|n| *n == existing.node);
             if !same {
                 bail!(
-                    "pod {}: exists with a different spec; pods are immutable, delete it first",
+                    "pod {}: exists with a different spec; pods are immutable except their labels, delete it first",
                     p.key()
                 );
             }
@@ -180,20 +182,32 @@ pub fn apply(
 
     let mut outcomes = Vec::new();
     for o in objects {
-        if let Object::Namespace { name } = o {
-            if state.namespaces.contains(name) {
-                outcomes.push(Outcome::Unchanged(format!("namespace/{name}")));
-            } else {
+        if let Object::Namespace { name, labels } = o {
+            let mut labels = labels.clone();
+            labels.insert("kubernetes.io/metadata.name".into(), name.clone());
+            let known = state.namespaces.contains(name);
+            let unchanged = known && state.namespace_labels.get(name) == Some(&labels);
+            if !known {
                 state.namespaces.push(name.clone());
-                outcomes.push(Outcome::Created(format!("namespace/{name}")));
             }
+            state.namespace_labels.insert(name.clone(), labels);
+            outcomes.push(match (known, unchanged) {
+                (false, _) => Outcome::Created(format!("namespace/{name}")),
+                (true, true) => Outcome::Unchanged(format!("namespace/{name}")),
+                (true, false) => Outcome::Configured(format!("namespace/{name}")),
+            });
         }
     }
     let mut created: Vec<String> = Vec::new();
     for o in objects {
         let Object::Pod(spec) = o else { continue };
-        if state.pods.contains_key(&spec.key()) {
-            outcomes.push(Outcome::Unchanged(format!("pod/{}", spec.key())));
+        if let Some(existing) = state.pods.get_mut(&spec.key()) {
+            if existing.labels == spec.labels {
+                outcomes.push(Outcome::Unchanged(format!("pod/{}", spec.key())));
+            } else {
+                existing.labels = spec.labels.clone();
+                outcomes.push(Outcome::Configured(format!("pod/{}", spec.key())));
+            }
             continue;
         }
         match create_pod(paths, malla_bin, &state, spec) {
@@ -238,21 +252,36 @@ pub fn apply(
         state.manual_slices.insert(key, slice.clone());
         outcomes.push(outcome);
     }
-    sync_services(paths, &state)?;
+    sync_objects(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     Ok(outcomes)
 }
 
-/// Writes every service and EndpointSlice (given, or derived from selectors over the current
-/// pods) to the datastore, and removes those that no longer exist — the lab's API server and
-/// endpoint-slice controller in one.
-pub fn sync_services(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
+/// Writes the API objects — namespaces, pods, services and EndpointSlices (given, or derived
+/// from selectors over the current pods) — to the datastore, and removes those that no longer
+/// exist: the lab's API server and endpoint-slice controller in one.
+pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
     use malla_api::keys;
     use malla_store::Store;
     let store = malla_store::LocalStore::open(&paths.store())?;
     let pods: Vec<&PodState> = state.pods.values().collect();
     let mut want: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    for ns in &state.namespaces {
+        let mut labels = state.namespace_labels.get(ns).cloned().unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.clone());
+        let obj = malla_api::Namespace {
+            name: ns.clone(),
+            labels,
+        };
+        want.insert(keys::namespace(ns), serde_json::to_string(&obj)?);
+    }
+    for pod in state.pods.values() {
+        want.insert(
+            keys::pod(&pod.namespace, &pod.name),
+            serde_json::to_string(&pod.api_object())?,
+        );
+    }
     for svc in state.services.values() {
         want.insert(
             keys::service(&svc.namespace, &svc.name),
@@ -271,7 +300,12 @@ pub fn sync_services(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             serde_json::to_string(slice)?,
         );
     }
-    for prefix in [keys::SERVICES, keys::ENDPOINT_SLICES] {
+    for prefix in [
+        keys::NAMESPACES,
+        keys::PODS,
+        keys::SERVICES,
+        keys::ENDPOINT_SLICES,
+    ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {
             match want.get(&kv.key) {
@@ -421,7 +455,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
         match o {
             Object::Pod(p) => doomed.push(p.key()),
             Object::Service(_) | Object::EndpointSlice(_) => {}
-            Object::Namespace { name } => {
+            Object::Namespace { name, .. } => {
                 doomed.extend(
                     state
                         .pods
@@ -448,7 +482,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
                     None => Outcome::NotFound(format!("endpointslice/{key}")),
                 });
             }
-            Object::Namespace { name } => {
+            Object::Namespace { name, .. } => {
                 state.services.retain(|_, s| &s.namespace != name);
                 state.manual_slices.retain(|_, s| &s.namespace != name);
             }
@@ -469,14 +503,15 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
         }
     }
     for o in objects {
-        if let Object::Namespace { name } = o {
+        if let Object::Namespace { name, .. } = o {
             if name != "default" && state.namespaces.contains(name) {
                 state.namespaces.retain(|n| n != name);
+                state.namespace_labels.remove(name);
                 outcomes.push(Outcome::Deleted(format!("namespace/{name}")));
             }
         }
     }
-    sync_services(paths, &state)?;
+    sync_objects(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     if !errors.is_empty() {

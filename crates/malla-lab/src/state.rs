@@ -104,6 +104,29 @@ impl PodState {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// The pod as the API server would hold it.
+    pub fn api_object(&self) -> malla_api::Pod {
+        malla_api::Pod {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            node: self.node.clone(),
+            ports: self
+                .ports
+                .iter()
+                .map(|p| malla_api::ContainerPort {
+                    name: p.name.clone(),
+                    protocol: if p.protocol == "udp" {
+                        malla_api::service::Protocol::Udp
+                    } else {
+                        malla_api::service::Protocol::Tcp
+                    },
+                    port: p.port,
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -124,6 +147,9 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     pub external: ExternalState,
     pub namespaces: Vec<String>,
+    /// Labels of each namespace (with `kubernetes.io/metadata.name`, as the API server adds).
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
     /// Pods by `namespace/name`.
     pub pods: BTreeMap<String, PodState>,
     /// Services with their allocated cluster IPs and node ports, by `namespace/name`.

@@ -197,12 +197,14 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             probe_pid: None,
         },
         namespaces: vec!["default".to_string()],
+        namespace_labels: Default::default(),
         pods: Default::default(),
         services: Default::default(),
         manual_slices: Default::default(),
     };
     if let Some(prev) = previous {
         state.namespaces = prev.namespaces;
+        state.namespace_labels = prev.namespace_labels;
         state.pods = prev.pods;
         state.services = prev.services;
         state.manual_slices = prev.manual_slices;
