@@ -50,8 +50,14 @@ pub struct Dataplane {
     nl: Netlink,
     underlay_name: String,
     vtep_mac: [u8; 6],
-    applied_nft: Option<String>,
+    /// The table as last applied, the base of the next incremental transaction.
+    applied_table: Option<malla_calc::nft::Table>,
+    applied_services: malla_calc::services::ServiceMap,
+    last_full_nft: std::time::Instant,
 }
+
+/// How often the nft table is replaced whole (repairing drift) instead of diffed.
+const FULL_NFT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Dataplane {
     pub async fn connect(node: &str, underlay_interface: &str) -> anyhow::Result<Self> {
@@ -59,7 +65,9 @@ impl Dataplane {
             nl: Netlink::connect()?,
             underlay_name: underlay_interface.to_string(),
             vtep_mac: malla_api::mac_from_name(node),
-            applied_nft: None,
+            applied_table: None,
+            applied_services: Default::default(),
+            last_full_nft: std::time::Instant::now(),
         })
     }
 
@@ -111,12 +119,69 @@ impl Dataplane {
         self.sync_remote_routes(&underlay, vxlan.as_ref(), want, &mut stats)
             .await?;
         self.sync_local_pods(want, &mut stats).await?;
-        if self.applied_nft.as_deref() != Some(want.nft_ruleset.as_str()) {
-            nft::apply(None, &want.nft_ruleset).context("applying nftables table")?;
-            self.applied_nft = Some(want.nft_ruleset.clone());
-            stats.nft_applied = true;
-        }
+        self.sync_nft(want, &mut stats)?;
         Ok(stats)
+    }
+
+    /// Applies the nft table: the first time and every few minutes as one full replacing
+    /// transaction, otherwise as a small diff of what changed; a failed diff falls back to full.
+    fn sync_nft(&mut self, want: &NodeDataplane, stats: &mut ApplyStats) -> anyhow::Result<()> {
+        let full_due = self.last_full_nft.elapsed() >= FULL_NFT_RESYNC;
+        let diff = match &self.applied_table {
+            Some(old) if !full_due => match malla_calc::nft::render_diff(old, &want.nft_table) {
+                None => return Ok(()),
+                Some(d) => Some(d),
+            },
+            _ => None,
+        };
+        let applied = match diff {
+            Some(d) => nft::apply(None, &d).map(|_| "diff").or_else(|e| {
+                tracing::warn!(error = %e, "incremental nft update failed; replacing the table");
+                nft::apply(None, &want.nft_ruleset).map(|_| "full")
+            }),
+            None => nft::apply(None, &want.nft_ruleset).map(|_| "full"),
+        }
+        .context("applying nftables table")?;
+        if applied == "full" {
+            self.last_full_nft = std::time::Instant::now();
+        }
+        self.clear_stale_udp_flows(&want.service_map);
+        self.applied_table = Some(want.nft_table.clone());
+        self.applied_services = want.service_map.clone();
+        stats.nft_applied = true;
+        Ok(())
+    }
+
+    /// UDP has no connection to break: conntrack would keep sending a flow to an endpoint that
+    /// is gone. Deletes the entries of every UDP endpoint that left a service.
+    fn clear_stale_udp_flows(&self, now: &malla_calc::services::ServiceMap) {
+        use malla_api::service::Protocol;
+        for old in self
+            .applied_services
+            .entries
+            .iter()
+            .filter(|e| e.protocol == Protocol::Udp)
+        {
+            let current = now.entries.iter().find(|e| {
+                e.service == old.service && e.port_name == old.port_name && e.family == old.family
+            });
+            for ep in &old.cluster_endpoints {
+                let still = current.is_some_and(|c| {
+                    c.cluster_endpoints
+                        .iter()
+                        .any(|x| x.ip == ep.ip && x.port == ep.port)
+                });
+                if still {
+                    continue;
+                }
+                for f in &old.frontends {
+                    let _ = malla_dataplane::conntrack::delete_udp_flows(Some(f.ip), f.port, ep.ip);
+                }
+                if let Some(np) = old.node_port {
+                    let _ = malla_dataplane::conntrack::delete_udp_flows(None, np, ep.ip);
+                }
+            }
+        }
     }
 
     async fn ensure_vxlan(

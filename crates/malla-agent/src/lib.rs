@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use malla_api::service::{EndpointSlice, Service};
 use malla_api::{keys, ClusterConfig, IpPool, Node, WorkloadEndpoint};
 use malla_calc::ClusterView;
 use malla_store::{LocalStore, Store};
@@ -39,6 +40,8 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
     let (nodes, _) = malla_store::list_json::<Node>(store, keys::NODES)?;
     let (pools, _) = malla_store::list_json::<IpPool>(store, keys::POOLS)?;
     let (endpoints, _) = malla_store::list_json::<WorkloadEndpoint>(store, keys::ENDPOINTS)?;
+    let (services, _) = malla_store::list_json::<Service>(store, keys::SERVICES)?;
+    let (slices, _) = malla_store::list_json::<EndpointSlice>(store, keys::ENDPOINT_SLICES)?;
     let blocks = malla_ipam::Ipam::new(store)
         .blocks()?
         .into_iter()
@@ -50,6 +53,8 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
         pools: pools.into_iter().map(|(_, p, _)| p).collect(),
         blocks,
         endpoints: endpoints.into_iter().map(|(_, e, _)| e).collect(),
+        services: services.into_iter().map(|(_, s, _)| s).collect(),
+        endpoint_slices: slices.into_iter().map(|(_, s, _)| s).collect(),
     })
 }
 

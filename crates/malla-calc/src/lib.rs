@@ -5,6 +5,12 @@
 //! result against the kernel.
 
 pub mod masquerade;
+pub mod nft;
 pub mod routes;
+pub mod services;
+
+#[cfg(test)]
+mod testutil;
 
 pub use routes::{compute, ClusterView, NodeDataplane, RemoteRoute, VxlanPeer};
+pub use services::ServiceMap;

@@ -1,79 +1,79 @@
-//! Renders the node's nftables table: masquerade for pod traffic leaving the cluster pools
-//! (natOutgoing, per pool). The text is applied as one `nft -f` transaction that replaces the
-//! whole `inet malla` table, so established flows keep their conntrack NAT state.
-
-use std::fmt::Write;
+//! The node's whole nftables table (`inet malla`): masquerade for pod traffic leaving the cluster
+//! pools (natOutgoing, per pool) in chain `nat-postrouting`, plus the service proxy from
+//! [`crate::services`]. The agent applies [`nft::render_full`] once and [`nft::render_diff`]
+//! afterwards, so established flows keep their conntrack NAT state and affinity sets survive.
 
 use malla_api::IpPool;
 
+use crate::nft::{self, BaseChain, Chain, Set};
+use crate::services::{self, ServiceMap, NAT_POSTROUTING};
+
 /// Name of Malla's nftables table (family `inet`).
 pub const TABLE: &str = "malla";
+/// Family of Malla's nftables table.
+pub const FAMILY: &str = "inet";
 
-fn elements<'a>(pools: impl Iterator<Item = &'a IpPool>) -> String {
-    pools
-        .map(|p| p.cidr.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+fn set(t: &mut nft::Table, name: &str, ty: &str, pools: impl Iterator<Item = IpPool>) {
+    t.sets.insert(
+        name.to_string(),
+        Set {
+            type_: ty.into(),
+            flags: vec!["interval".into()],
+            timeout: None,
+            elements: pools.map(|p| p.cidr.to_string()).collect(),
+        },
+    );
 }
 
-fn set(out: &mut String, name: &str, ty: &str, elems: &str) {
-    let _ = writeln!(out, "  set {name} {{");
-    let _ = writeln!(out, "    type {ty}; flags interval;");
-    if !elems.is_empty() {
-        let _ = writeln!(out, "    elements = {{ {elems} }}");
-    }
-    let _ = writeln!(out, "  }}");
-}
-
-/// The complete transaction text: (re)creates `table inet malla` from scratch.
-pub fn render(pools: &[IpPool]) -> String {
+/// The complete desired table of a node.
+pub fn node_table(pools: &[IpPool], services: &ServiceMap) -> nft::Table {
+    let mut t = nft::Table::new(FAMILY, TABLE);
     let v4 = |p: &&IpPool| p.cidr.addr().is_ipv4();
     let v6 = |p: &&IpPool| p.cidr.addr().is_ipv6();
     let masq = |p: &&IpPool| p.nat_outgoing;
-    let mut out = String::new();
-    let _ = writeln!(out, "table inet {TABLE}");
-    let _ = writeln!(out, "delete table inet {TABLE}");
-    let _ = writeln!(out, "table inet {TABLE} {{");
     set(
-        &mut out,
+        &mut t,
         "pools-v4",
         "ipv4_addr",
-        &elements(pools.iter().filter(v4)),
+        pools.iter().filter(v4).cloned(),
     );
     set(
-        &mut out,
+        &mut t,
         "pools-v6",
         "ipv6_addr",
-        &elements(pools.iter().filter(v6)),
+        pools.iter().filter(v6).cloned(),
     );
     set(
-        &mut out,
+        &mut t,
         "masq-v4",
         "ipv4_addr",
-        &elements(pools.iter().filter(v4).filter(masq)),
+        pools.iter().filter(v4).filter(masq).cloned(),
     );
     set(
-        &mut out,
+        &mut t,
         "masq-v6",
         "ipv6_addr",
-        &elements(pools.iter().filter(v6).filter(masq)),
+        pools.iter().filter(v6).filter(masq).cloned(),
     );
-    let _ = writeln!(out, "  chain postrouting {{");
-    let _ = writeln!(
-        out,
-        "    type nat hook postrouting priority srcnat; policy accept;"
+    t.chains.insert(
+        NAT_POSTROUTING.to_string(),
+        Chain {
+            base: Some(BaseChain::new("nat", "postrouting", "srcnat")),
+            rules: vec![
+                "ip saddr @masq-v4 ip daddr != @pools-v4 counter masquerade comment \"natOutgoing\""
+                    .into(),
+                "ip6 saddr @masq-v6 ip6 daddr != @pools-v6 counter masquerade comment \"natOutgoing\""
+                    .into(),
+            ],
+        },
     );
-    let _ = writeln!(
-        out,
-        "    ip saddr @masq-v4 ip daddr != @pools-v4 counter masquerade comment \"natOutgoing\""
-    );
-    let _ = writeln!(
-        out,
-        "    ip6 saddr @masq-v6 ip6 daddr != @pools-v6 counter masquerade comment \"natOutgoing\""
-    );
-    let _ = writeln!(out, "  }}");
-    let _ = writeln!(out, "}}");
-    out
+    services::render_services(services, &mut t);
+    t
+}
+
+/// The complete transaction text of a node without services: `render_full(node_table(pools, ∅))`.
+pub fn render(pools: &[IpPool]) -> String {
+    nft::render_full(&node_table(pools, &ServiceMap::default()))
 }
 
 #[cfg(test)]
@@ -98,31 +98,7 @@ mod tests {
                 disabled: false,
             },
         ];
-        let want = r#"table inet malla
-delete table inet malla
-table inet malla {
-  set pools-v4 {
-    type ipv4_addr; flags interval;
-    elements = { 198.18.0.0/16 }
-  }
-  set pools-v6 {
-    type ipv6_addr; flags interval;
-    elements = { fd00:198:18::/64 }
-  }
-  set masq-v4 {
-    type ipv4_addr; flags interval;
-    elements = { 198.18.0.0/16 }
-  }
-  set masq-v6 {
-    type ipv6_addr; flags interval;
-  }
-  chain postrouting {
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr @masq-v4 ip daddr != @pools-v4 counter masquerade comment "natOutgoing"
-    ip6 saddr @masq-v6 ip6 daddr != @pools-v6 counter masquerade comment "natOutgoing"
-  }
-}
-"#;
-        assert_eq!(render(&pools), want);
+        let want = include_str!("../testdata/masquerade.nft");
+        crate::testutil::golden("masquerade.nft", &render(&pools), want);
     }
 }

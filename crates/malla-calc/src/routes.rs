@@ -16,6 +16,8 @@ pub struct ClusterView {
     /// Every claimed block with the node it is affine to.
     pub blocks: Vec<(IpNet, Option<String>)>,
     pub endpoints: Vec<WorkloadEndpoint>,
+    pub services: Vec<malla_api::service::Service>,
+    pub endpoint_slices: Vec<malla_api::service::EndpointSlice>,
 }
 
 /// A route to pods on another node.
@@ -46,8 +48,12 @@ pub struct NodeDataplane {
     pub vxlan_peers: Vec<VxlanPeer>,
     /// This node's pods, whose host-side routes and neighbours the agent keeps in place.
     pub local_endpoints: Vec<WorkloadEndpoint>,
-    /// The nftables ruleset of this node (one atomic transaction).
+    /// The nftables ruleset of this node (one atomic transaction): `render_full(&nft_table)`.
     pub nft_ruleset: String,
+    /// The node's whole `inet malla` table; apply changes with [`crate::nft::render_diff`].
+    pub nft_table: crate::nft::Table,
+    /// The services as this node proxies them.
+    pub service_map: crate::services::ServiceMap,
     /// Remote objects that could not be routed, with the reason (e.g. a node without an
     /// IPv6 underlay address owning an IPv6 block).
     pub problems: Vec<String>,
@@ -140,6 +146,25 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
         .collect();
     local_endpoints.sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
 
+    let node_ips: Vec<IpAddr> = nodes
+        .get(me)
+        .map(|n| {
+            n.underlay_ipv4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(n.underlay_ipv6.map(IpAddr::V6))
+                .collect()
+        })
+        .unwrap_or_default();
+    let service_map = crate::services::build(
+        &view.services,
+        &view.endpoint_slices,
+        me,
+        &node_ips,
+        &view.pools,
+    );
+    let nft_table = crate::masquerade::node_table(&view.pools, &service_map);
+
     NodeDataplane {
         mode: view.config.routing,
         vxlan_vni: view.config.vxlan_vni,
@@ -147,7 +172,9 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
         remote_routes: routes.into_iter().collect(),
         vxlan_peers,
         local_endpoints,
-        nft_ruleset: crate::masquerade::render(&view.pools),
+        nft_ruleset: crate::nft::render_full(&nft_table),
+        nft_table,
+        service_map,
         problems,
     }
 }
@@ -202,6 +229,8 @@ mod tests {
                 ep("b", "198.18.0.65"),
                 ep("c", "198.18.0.2"),
             ],
+            services: vec![],
+            endpoint_slices: vec![],
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod ipam_cmd;
 mod lab_cmd;
+mod services_cmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +50,10 @@ enum Command {
     },
     /// Build and exercise a lab cluster made of network namespaces.
     Lab(lab_cmd::LabArgs),
+    /// Show this node's programmed services, their endpoints and connection counters.
+    ///
+    /// Example: malla services --lab demo --node node-1
+    Services(services_cmd::ServicesArgs),
     /// Install the CNI plugin and Malla's conflist on this node (atomically).
     ///
     /// Example: malla install-cni --node-name node-1 --datastore /var/lib/malla/store.db
@@ -81,6 +86,11 @@ enum Command {
 }
 
 fn main() {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent {
@@ -106,6 +116,7 @@ fn main() {
         }
         Command::Ipam { command } => ipam_cmd::run(command),
         Command::Lab(args) => lab_cmd::run(args),
+        Command::Services(args) => services_cmd::run(args),
         Command::InstallCni {
             bin_dir,
             conf_dir,

@@ -1,0 +1,1459 @@
+//! The service map (what kube-proxy computes from Services and EndpointSlices) and its
+//! rendering into the node's nftables table, in the style of kube-proxy's nftables mode: verdict
+//! maps keyed by `address . protocol . port`, so a packet's cost does not grow with the number of
+//! services.
+//!
+//! Packet paths (`<h>` is [`chain_hash`] of the service port and family, `<sfx>` is
+//! `ns/name/proto/port`):
+//! - `nat-prerouting` / `nat-output` (nat, priority `dstnat` / `-100`, the same value)
+//!   `jump services`, which looks up
+//!   `service-ips-v4|v6` (cluster IPs, external IPs, load-balancer IPs) and, for destinations of
+//!   type local (not loopback), `service-nodeports-v4|v6`.
+//! - A cluster IP goes to `svc-<h>-<sfx>` (all endpoints), or with `internalTrafficPolicy: Local`
+//!   to `local-<h>-<sfx>` (this node's endpoints; `drop` when there is none).
+//! - External traffic (node port, external IP, LB IP) goes to `ext-<h>-<sfx>`. With
+//!   `externalTrafficPolicy: Cluster` it is marked for masquerade ([`MASQ_MARK`]) and sent to
+//!   `svc-…`. With `Local`, traffic from a pod of the cluster (`@pools-v4|v6`) or from the node
+//!   itself (`fib saddr type local`) is marked and sent to `svc-…` (all endpoints, masqueraded so
+//!   the reply comes back through this node); everything else goes to `local-…` unmarked, so the
+//!   client address is preserved, and is dropped when the node has no local endpoint.
+//! - `svc-…` / `local-…`: with session affinity first `ip saddr @aff-<h>-<ip>/<port> goto ep-…`
+//!   per endpoint, then `numgen random mod N vmap { … }` (or a single `goto`).
+//! - `ep-<h>-<ip>/<port>`: marks hairpin traffic (a pod reaching itself through its service),
+//!   refreshes the affinity set, then `dnat`.
+//! - `nat-postrouting` (priority `srcnat`): packets carrying [`MASQ_MARK`] have the bit cleared
+//!   (so e.g. a VXLAN outer packet does not inherit it) and are masqueraded.
+//! - Service ports with no usable endpoint are not DNATed; `filter-input|forward|output` (filter,
+//!   priority `-10`) `ct state new jump endpoints-check`, which looks up
+//!   `no-endpoint-services-v4|v6` and (for local destinations) `no-endpoint-nodeports-v4|v6` and
+//!   `goto reject-chain`: TCP reset, else ICMP port unreachable.
+//!
+//! One `inet` table carries both families, so the node-port maps are per family too
+//! (`service-nodeports-v4|v6`): a dual-stack service has one node port for two entries.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use malla_api::service::{
+    AddressType, EndpointConditions, EndpointSlice, Protocol, Service, ServiceType, TrafficPolicy,
+};
+use malla_api::IpPool;
+use serde::Serialize;
+
+use crate::nft::{self, BaseChain, Chain, Map, Set};
+
+/// The packet mark bit that asks `nat-postrouting` to masquerade.
+pub const MASQ_MARK: u32 = 0x4000;
+
+/// Address family of a service map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum IpFamily {
+    IPv4,
+    IPv6,
+}
+
+impl IpFamily {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() {
+            Self::IPv4
+        } else {
+            Self::IPv6
+        }
+    }
+
+    fn of_slice(t: AddressType) -> Self {
+        match t {
+            AddressType::IPv4 => Self::IPv4,
+            AddressType::IPv6 => Self::IPv6,
+        }
+    }
+
+    /// `v4` / `v6`, the suffix of per-family sets and maps.
+    pub fn suffix(&self) -> &'static str {
+        match self {
+            Self::IPv4 => "v4",
+            Self::IPv6 => "v6",
+        }
+    }
+
+    /// `ip` / `ip6`, the nft payload keyword.
+    fn kw(&self) -> &'static str {
+        match self {
+            Self::IPv4 => "ip",
+            Self::IPv6 => "ip6",
+        }
+    }
+
+    fn addr_type(&self) -> &'static str {
+        match self {
+            Self::IPv4 => "ipv4_addr",
+            Self::IPv6 => "ipv6_addr",
+        }
+    }
+
+    fn loopback(&self) -> &'static str {
+        match self {
+            Self::IPv4 => "127.0.0.0/8",
+            Self::IPv6 => "::1",
+        }
+    }
+}
+
+/// Which kind of address a frontend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum FrontendKind {
+    ClusterIp,
+    ExternalIp,
+    LoadBalancer,
+}
+
+/// An address and port a service answers on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Frontend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub kind: FrontendKind,
+}
+
+/// A resolved backend of a service port.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ServiceEndpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// The node the endpoint runs on.
+    pub node: Option<String>,
+    /// The pod, `namespace/name`.
+    pub target: Option<String>,
+}
+
+/// One service port in one address family.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceEntry {
+    /// `namespace/name`.
+    pub service: String,
+    pub port_name: String,
+    pub protocol: Protocol,
+    /// The service port (every frontend's port).
+    pub port: u16,
+    pub family: IpFamily,
+    /// Cluster IPs of the family, then external IPs, then load-balancer IPs.
+    pub frontends: Vec<Frontend>,
+    /// Only for `NodePort` and `LoadBalancer` services.
+    pub node_port: Option<u16>,
+    /// `sessionAffinity: ClientIP` timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    /// Ready endpoints, or if there is none, serving-and-terminating ones. Sorted, deduplicated.
+    pub cluster_endpoints: Vec<ServiceEndpoint>,
+    /// Same rule applied to this node's endpoints alone (a node whose local endpoints are all
+    /// terminating keeps using them for `Local` policies, as KEP-1669 asks).
+    pub local_endpoints: Vec<ServiceEndpoint>,
+}
+
+impl ServiceEntry {
+    /// Whether any traffic takes the external path.
+    pub fn has_external(&self) -> bool {
+        self.node_port.is_some()
+            || self
+                .frontends
+                .iter()
+                .any(|f| f.kind != FrontendKind::ClusterIp)
+    }
+}
+
+/// Everything the proxy needs on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct ServiceMap {
+    /// Sorted by service, protocol, port, family.
+    pub entries: Vec<ServiceEntry>,
+    /// This node's own addresses (where its node ports answer; informational: the rules match
+    /// any local destination address except loopback).
+    pub node_ips: Vec<IpAddr>,
+    /// The cluster's pod pools: traffic from these is "from a pod".
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+struct Candidate<'a> {
+    ip: IpAddr,
+    port: u16,
+    node: Option<&'a str>,
+    target: Option<&'a str>,
+    conditions: EndpointConditions,
+}
+
+/// Ready endpoints; failing that, serving and terminating ones; never not-serving ones.
+fn select<'a>(cands: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<ServiceEndpoint> {
+    let pick = |keep: &dyn Fn(&EndpointConditions) -> bool| {
+        let mut out: BTreeMap<(IpAddr, u16), ServiceEndpoint> = BTreeMap::new();
+        for c in cands.clone().filter(|c| keep(&c.conditions)) {
+            out.entry((c.ip, c.port))
+                .or_insert_with(|| ServiceEndpoint {
+                    ip: c.ip,
+                    port: c.port,
+                    node: c.node.map(str::to_string),
+                    target: c.target.map(str::to_string),
+                });
+        }
+        out.into_values().collect::<Vec<_>>()
+    };
+    let ready = pick(&|c| c.ready && c.serving());
+    if !ready.is_empty() {
+        return ready;
+    }
+    pick(&|c| c.serving() && c.terminating)
+}
+
+/// Computes the service map of node `node`.
+///
+/// A slice belongs to a service by namespace and `service` name; a service port takes the slice
+/// port of the same name and protocol; an endpoint's first address is its address (as in
+/// Kubernetes), and addresses of the wrong family are ignored. Headless services (no cluster IP)
+/// get no entry. A service port without endpoints keeps its entry with empty lists.
+pub fn build(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &str,
+    node_ips: &[IpAddr],
+    pools: &[IpPool],
+) -> ServiceMap {
+    let mut entries = Vec::new();
+    for svc in services {
+        let families: BTreeSet<IpFamily> = svc.cluster_ips.iter().map(IpFamily::of).collect();
+        for sp in &svc.ports {
+            for &fam in &families {
+                let mut seen = BTreeSet::new();
+                let mut frontends = Vec::new();
+                let kinds = [
+                    (&svc.cluster_ips, FrontendKind::ClusterIp),
+                    (&svc.external_ips, FrontendKind::ExternalIp),
+                    (&svc.load_balancer_ips, FrontendKind::LoadBalancer),
+                ];
+                for (ips, kind) in kinds {
+                    for ip in ips.iter().filter(|ip| IpFamily::of(ip) == fam) {
+                        if seen.insert(*ip) {
+                            frontends.push(Frontend {
+                                ip: *ip,
+                                port: sp.port,
+                                kind,
+                            });
+                        }
+                    }
+                }
+                let mut cands = Vec::new();
+                let own = slices.iter().filter(|s| {
+                    s.namespace == svc.namespace
+                        && s.service == svc.name
+                        && IpFamily::of_slice(s.address_type) == fam
+                });
+                for slice in own {
+                    let Some(port) = slice
+                        .ports
+                        .iter()
+                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                    else {
+                        continue;
+                    };
+                    for ep in &slice.endpoints {
+                        let Some(ip) = ep.addresses.first().filter(|ip| IpFamily::of(ip) == fam)
+                        else {
+                            continue;
+                        };
+                        cands.push(Candidate {
+                            ip: *ip,
+                            port: port.port,
+                            node: ep.node_name.as_deref(),
+                            target: ep.target.as_deref(),
+                            conditions: ep.conditions,
+                        });
+                    }
+                }
+                let cluster_endpoints = select(cands.iter());
+                let local_endpoints = select(cands.iter().filter(|c| c.node == Some(node)));
+                entries.push(ServiceEntry {
+                    service: svc.key(),
+                    port_name: sp.name.clone(),
+                    protocol: sp.protocol,
+                    port: sp.port,
+                    family: fam,
+                    frontends,
+                    node_port: match svc.kind {
+                        ServiceType::ClusterIP => None,
+                        ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
+                    },
+                    affinity_timeout: svc.session_affinity_timeout,
+                    external_traffic_policy: svc.external_traffic_policy,
+                    internal_traffic_policy: svc.internal_traffic_policy,
+                    cluster_endpoints,
+                    local_endpoints,
+                });
+            }
+        }
+    }
+    entries.sort_by(|a, b| {
+        (&a.service, a.protocol, a.port, a.family).cmp(&(&b.service, b.protocol, b.port, b.family))
+    });
+    let node_ips: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
+    let pod_cidrs: BTreeSet<IpNet> = pools.iter().map(|p| p.cidr).collect();
+    ServiceMap {
+        entries,
+        node_ips: node_ips.into_iter().collect(),
+        pod_cidrs: pod_cidrs.into_iter().collect(),
+    }
+}
+
+/// 32-bit FNV-1a: stable across releases and platforms.
+fn fnv1a32(s: &str) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in s.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The 8 hex digits naming an entry's chains: FNV-1a of `ns/name/proto/port/family`.
+pub fn chain_hash(e: &ServiceEntry) -> String {
+    format!(
+        "{:08x}",
+        fnv1a32(&format!(
+            "{}/{}/{}/{}",
+            e.service,
+            e.protocol.nft(),
+            e.port,
+            e.family.suffix()
+        ))
+    )
+}
+
+fn suffix(e: &ServiceEntry) -> String {
+    format!("{}/{}/{}", e.service, e.protocol.nft(), e.port)
+}
+
+/// `svc-<hash>-ns/name/proto/port`: dispatch over all cluster endpoints.
+pub fn svc_chain(e: &ServiceEntry) -> String {
+    format!("svc-{}-{}", chain_hash(e), suffix(e))
+}
+
+/// `local-<hash>-ns/name/proto/port`: dispatch over this node's endpoints.
+pub fn local_chain(e: &ServiceEntry) -> String {
+    format!("local-{}-{}", chain_hash(e), suffix(e))
+}
+
+/// `ext-<hash>-ns/name/proto/port`: external traffic (node port, external and LB IPs).
+pub fn ext_chain(e: &ServiceEntry) -> String {
+    format!("ext-{}-{}", chain_hash(e), suffix(e))
+}
+
+/// An address as an nft identifier fragment: IPv6 colons become dots (`fd00..1`); an IPv6
+/// address whose text has dots (IPv4-mapped) is written as its eight hex groups.
+fn ip_ident(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => {
+            let s = a.to_string();
+            if s.contains('.') {
+                a.segments()
+                    .iter()
+                    .map(|g| format!("{g:x}"))
+                    .collect::<Vec<_>>()
+                    .join(".")
+            } else {
+                s.replace(':', ".")
+            }
+        }
+    }
+}
+
+/// `ep-<hash>-<ip>/<port>`.
+pub fn ep_chain(e: &ServiceEntry, ep: &ServiceEndpoint) -> String {
+    format!("ep-{}-{}/{}", chain_hash(e), ip_ident(&ep.ip), ep.port)
+}
+
+/// `aff-<hash>-<ip>/<port>`: the clients stuck to an endpoint.
+pub fn aff_set(e: &ServiceEntry, ep: &ServiceEndpoint) -> String {
+    format!("aff-{}-{}/{}", chain_hash(e), ip_ident(&ep.ip), ep.port)
+}
+
+/// `ip 10.0.0.1` -> `10.0.0.1`, `[fd00::1]` for IPv6 in `dnat … to`.
+fn dnat_addr(ip: &IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
+    }
+}
+
+fn mark_rule() -> String {
+    format!("meta mark set meta mark | {MASQ_MARK:#x}")
+}
+
+/// The rule in `nat-postrouting` that masquerades marked packets.
+pub fn masquerade_mark_rule() -> String {
+    format!(
+        "meta mark & {m:#x} == {m:#x} meta mark set meta mark ^ {m:#x} masquerade comment \"services\"",
+        m = MASQ_MARK
+    )
+}
+
+/// The name of the nat postrouting chain shared with [`crate::masquerade`].
+pub const NAT_POSTROUTING: &str = "nat-postrouting";
+/// Filter chains' priority: before the default filter priority (0).
+pub const FILTER_PRIORITY: &str = "-10";
+const REJECT_CHAIN: &str = "reject-chain";
+const FAMILIES: [IpFamily; 2] = [IpFamily::IPv4, IpFamily::IPv6];
+
+fn verdict_map(table: &mut nft::Table, name: String, key: &str) {
+    table.maps.entry(name).or_insert_with(|| Map {
+        type_: key.into(),
+        value: "verdict".into(),
+        flags: Vec::new(),
+        elements: BTreeMap::new(),
+    });
+}
+
+fn chain(table: &mut nft::Table, name: &str, base: Option<BaseChain>, rules: Vec<String>) {
+    table.chains.insert(name.to_string(), Chain { base, rules });
+}
+
+/// The chains, maps and sets every node has, services or not.
+fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
+    for fam in FAMILIES {
+        let s = fam.suffix();
+        table
+            .sets
+            .entry(format!("pools-{s}"))
+            .or_insert_with(|| Set {
+                type_: fam.addr_type().into(),
+                flags: vec!["interval".into()],
+                timeout: None,
+                elements: map
+                    .pod_cidrs
+                    .iter()
+                    .filter(|c| IpFamily::of(&c.addr()) == fam)
+                    .map(|c| c.to_string())
+                    .collect(),
+            });
+        let key = format!("{} . inet_proto . inet_service", fam.addr_type());
+        verdict_map(table, format!("service-ips-{s}"), &key);
+        verdict_map(table, format!("no-endpoint-services-{s}"), &key);
+        verdict_map(
+            table,
+            format!("service-nodeports-{s}"),
+            "inet_proto . inet_service",
+        );
+        verdict_map(
+            table,
+            format!("no-endpoint-nodeports-{s}"),
+            "inet_proto . inet_service",
+        );
+    }
+    let jump = vec!["jump services".to_string()];
+    chain(
+        table,
+        "nat-prerouting",
+        Some(BaseChain::new("nat", "prerouting", "dstnat")),
+        jump.clone(),
+    );
+    chain(
+        table,
+        "nat-output",
+        // `dstnat` is only a valid name in prerouting for nft < 1.0.7; it is -100.
+        Some(BaseChain::new("nat", "output", "-100")),
+        jump,
+    );
+    let post = table
+        .chains
+        .entry(NAT_POSTROUTING.to_string())
+        .or_insert_with(|| Chain {
+            base: Some(BaseChain::new("nat", "postrouting", "srcnat")),
+            rules: Vec::new(),
+        });
+    let masq = masquerade_mark_rule();
+    if !post.rules.contains(&masq) {
+        post.rules.insert(0, masq);
+    }
+    for hook in ["input", "forward", "output"] {
+        chain(
+            table,
+            &format!("filter-{hook}"),
+            Some(BaseChain::new("filter", hook, FILTER_PRIORITY)),
+            vec!["ct state new jump endpoints-check".into()],
+        );
+    }
+    let mut services = Vec::new();
+    let mut check = Vec::new();
+    for fam in FAMILIES {
+        let (kw, s) = (fam.kw(), fam.suffix());
+        services.push(format!(
+            "{kw} daddr . meta l4proto . th dport vmap @service-ips-{s}"
+        ));
+        check.push(format!(
+            "{kw} daddr . meta l4proto . th dport vmap @no-endpoint-services-{s}"
+        ));
+    }
+    for fam in FAMILIES {
+        let (kw, s, lo) = (fam.kw(), fam.suffix(), fam.loopback());
+        services.push(format!(
+            "{kw} daddr != {lo} fib daddr type local meta l4proto . th dport vmap @service-nodeports-{s}"
+        ));
+        check.push(format!(
+            "{kw} daddr != {lo} fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports-{s}"
+        ));
+    }
+    chain(table, "services", None, services);
+    chain(table, "endpoints-check", None, check);
+    chain(
+        table,
+        REJECT_CHAIN,
+        None,
+        vec![
+            "meta l4proto tcp reject with tcp reset".into(),
+            "reject".into(),
+        ],
+    );
+}
+
+/// The rules of a dispatch chain over `eps`: affinity first, then a random pick.
+fn dispatch(e: &ServiceEntry, eps: &[ServiceEndpoint]) -> Vec<String> {
+    let mut rules = Vec::new();
+    if eps.is_empty() {
+        rules.push("drop".to_string());
+        return rules;
+    }
+    if e.affinity_timeout.is_some() {
+        for ep in eps {
+            rules.push(format!(
+                "{} saddr @{} goto {}",
+                e.family.kw(),
+                aff_set(e, ep),
+                ep_chain(e, ep)
+            ));
+        }
+    }
+    if let [only] = eps {
+        rules.push(format!("goto {}", ep_chain(e, only)));
+    } else {
+        let arms: Vec<String> = eps
+            .iter()
+            .enumerate()
+            .map(|(i, ep)| format!("{i} : goto {}", ep_chain(e, ep)))
+            .collect();
+        rules.push(format!(
+            "numgen random mod {} vmap {{ {} }}",
+            eps.len(),
+            arms.join(", ")
+        ));
+    }
+    rules
+}
+
+fn render_entry(e: &ServiceEntry, table: &mut nft::Table) {
+    let s = e.family.suffix();
+    let kw = e.family.kw();
+    let proto = e.protocol.nft();
+    let key_of = |f: &Frontend| format!("{} . {proto} . {}", f.ip, f.port);
+    let put = |table: &mut nft::Table, map: String, key: String, verdict: String| {
+        if let Some(m) = table.maps.get_mut(&map) {
+            // The first service (in map order) to claim an address and port keeps it.
+            m.elements.entry(key).or_insert(verdict);
+        }
+    };
+
+    if e.cluster_endpoints.is_empty() {
+        for f in &e.frontends {
+            put(
+                table,
+                format!("no-endpoint-services-{s}"),
+                key_of(f),
+                format!("goto {REJECT_CHAIN}"),
+            );
+        }
+        if let Some(np) = e.node_port {
+            put(
+                table,
+                format!("no-endpoint-nodeports-{s}"),
+                format!("{proto} . {np}"),
+                format!("goto {REJECT_CHAIN}"),
+            );
+        }
+        return;
+    }
+
+    // Endpoint chains (local endpoints may include a terminating one the cluster list lacks).
+    let all: BTreeSet<&ServiceEndpoint> = e
+        .cluster_endpoints
+        .iter()
+        .chain(e.local_endpoints.iter())
+        .collect();
+    for ep in all {
+        let mut rules = vec![format!("{kw} saddr {} {}", ep.ip, mark_rule())];
+        if let Some(t) = e.affinity_timeout {
+            let aff = aff_set(e, ep);
+            rules.push(format!("update @{aff} {{ {kw} saddr }}"));
+            table.sets.insert(
+                aff,
+                Set {
+                    type_: e.family.addr_type().into(),
+                    flags: vec!["dynamic".into(), "timeout".into()],
+                    timeout: Some(t),
+                    elements: BTreeSet::new(),
+                },
+            );
+        }
+        rules.push(format!(
+            "meta l4proto {proto} counter dnat {kw} to {}:{}",
+            dnat_addr(&ep.ip),
+            ep.port
+        ));
+        chain(table, &ep_chain(e, ep), None, rules);
+    }
+
+    let svc = svc_chain(e);
+    if e.internal_traffic_policy == TrafficPolicy::Cluster || e.has_external() {
+        chain(table, &svc, None, dispatch(e, &e.cluster_endpoints));
+    }
+    let local_needed = e.internal_traffic_policy == TrafficPolicy::Local
+        || (e.external_traffic_policy == TrafficPolicy::Local && e.has_external());
+    let local = local_chain(e);
+    if local_needed {
+        chain(table, &local, None, dispatch(e, &e.local_endpoints));
+    }
+    let internal = if e.internal_traffic_policy == TrafficPolicy::Local {
+        &local
+    } else {
+        &svc
+    };
+    for f in e
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
+    {
+        put(
+            table,
+            format!("service-ips-{s}"),
+            key_of(f),
+            format!("goto {internal}"),
+        );
+    }
+    if !e.has_external() {
+        return;
+    }
+    let ext = ext_chain(e);
+    let rules = match e.external_traffic_policy {
+        TrafficPolicy::Cluster => vec![mark_rule(), format!("goto {svc}")],
+        TrafficPolicy::Local => vec![
+            format!("{kw} saddr @pools-{s} {} goto {svc}", mark_rule()),
+            format!("fib saddr type local {} goto {svc}", mark_rule()),
+            format!("goto {local}"),
+        ],
+    };
+    chain(table, &ext, None, rules);
+    for f in e
+        .frontends
+        .iter()
+        .filter(|f| f.kind != FrontendKind::ClusterIp)
+    {
+        put(
+            table,
+            format!("service-ips-{s}"),
+            key_of(f),
+            format!("goto {ext}"),
+        );
+    }
+    if let Some(np) = e.node_port {
+        put(
+            table,
+            format!("service-nodeports-{s}"),
+            format!("{proto} . {np}"),
+            format!("goto {ext}"),
+        );
+    }
+}
+
+/// Adds the service proxy to `table`: the fixed chains and maps (see the module doc), and per
+/// entry its chains, sets and map elements. Sets `pools-v4|v6` are created from the map's pod
+/// CIDRs unless the table has them already.
+pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
+    skeleton(map, table);
+    for e in &map.entries {
+        render_entry(e, table);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fixtures {
+    //! A fixed cluster of services for golden tests.
+    use super::*;
+    use malla_api::service::{Endpoint, EndpointPort, ServicePort};
+
+    pub const ME: &str = "node-a";
+
+    pub fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    pub fn svc(name: &str, kind: ServiceType, ips: &[&str], ports: Vec<ServicePort>) -> Service {
+        Service {
+            namespace: "default".into(),
+            name: name.into(),
+            kind,
+            cluster_ips: ips.iter().map(|s| ip(s)).collect(),
+            ports,
+            selector: None,
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+        }
+    }
+
+    pub fn port(name: &str, proto: Protocol, port: u16, node_port: Option<u16>) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol: proto,
+            port,
+            target_port: None,
+            node_port,
+        }
+    }
+
+    pub fn ep(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            addresses: vec![ip(addr)],
+            conditions: EndpointConditions {
+                ready,
+                serving: Some(serving),
+                terminating,
+            },
+            node_name: Some(node.into()),
+            target: Some(format!("default/pod-{addr}")),
+        }
+    }
+
+    pub fn ready(addr: &str, node: &str) -> Endpoint {
+        ep(addr, node, true, true, false)
+    }
+
+    pub fn slice(
+        svc: &str,
+        name: &str,
+        t: AddressType,
+        endpoints: Vec<Endpoint>,
+        ports: &[(&str, Protocol, u16)],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            namespace: "default".into(),
+            name: name.into(),
+            service: svc.into(),
+            address_type: t,
+            endpoints,
+            ports: ports
+                .iter()
+                .map(|(n, p, port)| EndpointPort {
+                    name: n.to_string(),
+                    protocol: *p,
+                    port: *port,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn pools() -> Vec<IpPool> {
+        vec![
+            IpPool {
+                name: "v4".into(),
+                cidr: "198.18.0.0/16".parse().unwrap(),
+                block_size: 26,
+                nat_outgoing: true,
+                disabled: false,
+            },
+            IpPool {
+                name: "v6".into(),
+                cidr: "fd00:198:18::/64".parse().unwrap(),
+                block_size: 122,
+                nat_outgoing: false,
+                disabled: false,
+            },
+        ]
+    }
+
+    /// ClusterIP with 3 endpoints, multi-port with names, NodePort eTP Local, LoadBalancer eTP
+    /// Cluster with external and LB IPs, affinity, no endpoints, dual-stack, terminating
+    /// fallback, iTP Local without local endpoints.
+    pub fn cluster() -> (Vec<Service>, Vec<EndpointSlice>) {
+        use AddressType::{IPv4, IPv6};
+        use Protocol::{Tcp, Udp};
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+
+        services.push(svc(
+            "web",
+            ServiceType::ClusterIP,
+            &["10.96.0.10"],
+            vec![port("", Tcp, 80, None)],
+        ));
+        slices.push(slice(
+            "web",
+            "web-1",
+            IPv4,
+            vec![
+                ready("198.18.0.1", "node-a"),
+                ready("198.18.0.65", "node-b"),
+                ready("198.18.0.129", "node-c"),
+            ],
+            &[("", Tcp, 8080)],
+        ));
+
+        services.push(svc(
+            "multi",
+            ServiceType::ClusterIP,
+            &["10.96.0.11"],
+            vec![
+                port("http", Tcp, 80, None),
+                port("metrics", Tcp, 9090, None),
+            ],
+        ));
+        slices.push(slice(
+            "multi",
+            "multi-1",
+            IPv4,
+            vec![
+                ready("198.18.0.2", "node-a"),
+                ready("198.18.0.66", "node-b"),
+            ],
+            &[("http", Tcp, 8080), ("metrics", Tcp, 9100)],
+        ));
+
+        let mut s = svc(
+            "np-local",
+            ServiceType::NodePort,
+            &["10.96.0.12"],
+            vec![port("", Tcp, 80, Some(30080))],
+        );
+        s.external_traffic_policy = TrafficPolicy::Local;
+        services.push(s);
+        slices.push(slice(
+            "np-local",
+            "np-local-1",
+            IPv4,
+            vec![
+                ready("198.18.0.3", "node-a"),
+                ready("198.18.0.67", "node-b"),
+            ],
+            &[("", Tcp, 8080)],
+        ));
+
+        let mut s = svc(
+            "lb",
+            ServiceType::LoadBalancer,
+            &["10.96.0.13"],
+            vec![port("https", Tcp, 443, Some(30443))],
+        );
+        s.external_ips = vec![ip("203.0.113.10")];
+        s.load_balancer_ips = vec![ip("203.0.113.20")];
+        services.push(s);
+        slices.push(slice(
+            "lb",
+            "lb-1",
+            IPv4,
+            vec![ready("198.18.0.68", "node-b")],
+            &[("https", Tcp, 8443)],
+        ));
+
+        let mut s = svc(
+            "sticky",
+            ServiceType::ClusterIP,
+            &["10.96.0.14"],
+            vec![port("", Tcp, 80, None)],
+        );
+        s.session_affinity_timeout = Some(10800);
+        services.push(s);
+        slices.push(slice(
+            "sticky",
+            "sticky-1",
+            IPv4,
+            vec![
+                ready("198.18.0.4", "node-a"),
+                ready("198.18.0.69", "node-b"),
+            ],
+            &[("", Tcp, 8080)],
+        ));
+
+        services.push(svc(
+            "empty",
+            ServiceType::NodePort,
+            &["10.96.0.15"],
+            vec![port("", Tcp, 80, Some(30081))],
+        ));
+
+        services.push(svc(
+            "dual",
+            ServiceType::ClusterIP,
+            &["10.96.0.16", "fd00:96::16"],
+            vec![port("dns", Udp, 53, None)],
+        ));
+        slices.push(slice(
+            "dual",
+            "dual-v4",
+            IPv4,
+            vec![ready("198.18.0.5", "node-a")],
+            &[("dns", Udp, 5353)],
+        ));
+        slices.push(slice(
+            "dual",
+            "dual-v6",
+            IPv6,
+            vec![
+                ready("fd00:198:18::5", "node-a"),
+                ready("fd00:198:18::45", "node-b"),
+            ],
+            &[("dns", Udp, 5353)],
+        ));
+
+        services.push(svc(
+            "drain",
+            ServiceType::ClusterIP,
+            &["10.96.0.17"],
+            vec![port("", Tcp, 80, None)],
+        ));
+        slices.push(slice(
+            "drain",
+            "drain-1",
+            IPv4,
+            vec![
+                ep("198.18.0.6", "node-a", false, true, true),
+                ep("198.18.0.7", "node-a", false, false, true),
+                ep("198.18.0.70", "node-b", false, false, false),
+            ],
+            &[("", Tcp, 8080)],
+        ));
+
+        let mut s = svc(
+            "itp-local",
+            ServiceType::ClusterIP,
+            &["10.96.0.18"],
+            vec![port("", Tcp, 80, None)],
+        );
+        s.internal_traffic_policy = TrafficPolicy::Local;
+        services.push(s);
+        slices.push(slice(
+            "itp-local",
+            "itp-local-1",
+            IPv4,
+            vec![ready("198.18.0.71", "node-b")],
+            &[("", Tcp, 8080)],
+        ));
+
+        (services, slices)
+    }
+
+    pub fn map() -> ServiceMap {
+        let (services, slices) = cluster();
+        build(
+            &services,
+            &slices,
+            ME,
+            &[ip("198.19.0.11"), ip("fd00:198:19::11")],
+            &pools(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod golden_tests {
+    use super::fixtures::*;
+    use crate::masquerade::node_table;
+    use crate::nft::render_full;
+    use crate::testutil::{golden, nft_check};
+
+    #[test]
+    fn golden_node_table_with_services() {
+        let text = render_full(&node_table(&pools(), &map()));
+        golden(
+            "services.nft",
+            &text,
+            include_str!("../testdata/services.nft"),
+        );
+    }
+
+    #[test]
+    fn golden_service_map_json() {
+        let json = serde_json::to_string_pretty(&map()).unwrap() + "\n";
+        golden(
+            "services.json",
+            &json,
+            include_str!("../testdata/services.json"),
+        );
+    }
+
+    /// The fixture after a round of changes: `web` loses an endpoint, `sticky` goes away,
+    /// `empty` gets an endpoint, a new service arrives, `lb` switches to eTP Local.
+    fn changed() -> super::ServiceMap {
+        use malla_api::service::{AddressType, Protocol, ServiceType, TrafficPolicy};
+        let (mut services, mut slices) = cluster();
+        services.retain(|s| s.name != "sticky");
+        slices.retain(|s| s.service != "sticky");
+        slices
+            .iter_mut()
+            .filter(|s| s.service == "web")
+            .for_each(|s| {
+                s.endpoints.pop();
+            });
+        slices.push(slice(
+            "empty",
+            "empty-1",
+            AddressType::IPv4,
+            vec![ready("198.18.0.72", "node-b")],
+            &[("", Protocol::Tcp, 8080)],
+        ));
+        for s in services.iter_mut().filter(|s| s.name == "lb") {
+            s.external_traffic_policy = TrafficPolicy::Local;
+        }
+        services.push(svc(
+            "new",
+            ServiceType::ClusterIP,
+            &["10.96.0.19"],
+            vec![port("", Protocol::Tcp, 80, None)],
+        ));
+        slices.push(slice(
+            "new",
+            "new-1",
+            AddressType::IPv4,
+            vec![ready("198.18.0.8", ME)],
+            &[("", Protocol::Tcp, 8080)],
+        ));
+        super::build(&services, &slices, ME, &[], &pools())
+    }
+
+    #[test]
+    fn golden_service_diff() {
+        let old = node_table(&pools(), &map());
+        let new = node_table(&pools(), &changed());
+        let diff = crate::nft::render_diff(&old, &new).unwrap();
+        golden(
+            "services-diff.nft",
+            &diff,
+            include_str!("../testdata/services-diff.nft"),
+        );
+        // Full table plus the diff, checked as one transaction.
+        let both = render_full(&old) + &diff;
+        if let Some(r) = nft_check(&both) {
+            r.unwrap_or_else(|e| panic!("nft -c rejected the diff:\n{e}"));
+        }
+    }
+
+    /// Applies the full table then the diff for real, in a private network namespace
+    /// (`unshare -n`, nothing on the host changes). Skipped without root or `unshare`.
+    #[test]
+    fn real_nft_applies_full_then_diff_in_a_private_netns() {
+        let old = node_table(&pools(), &map());
+        let new = node_table(&pools(), &changed());
+        let dir = std::env::temp_dir().join(format!("malla-calc-netns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (full, diff, back) = (
+            dir.join("full.nft"),
+            dir.join("diff.nft"),
+            dir.join("back.nft"),
+        );
+        std::fs::write(&full, render_full(&old)).unwrap();
+        std::fs::write(&diff, crate::nft::render_diff(&old, &new).unwrap()).unwrap();
+        std::fs::write(&back, crate::nft::render_diff(&new, &old).unwrap()).unwrap();
+        let script = format!(
+            "nft -f {} && nft -f {} && nft -f {} && nft -f {}",
+            full.display(),
+            diff.display(),
+            back.display(),
+            diff.display()
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["-n", "sh", "-c", &script])
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = match out {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("skipping: unshare: {e}");
+                return;
+            }
+        };
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && err.contains("unshare failed") {
+            eprintln!("skipping: {err}");
+            return;
+        }
+        assert!(out.status.success(), "nft failed:\n{err}");
+    }
+
+    #[test]
+    fn real_nft_accepts_the_golden_rulesets() {
+        for text in [
+            include_str!("../testdata/services.nft"),
+            include_str!("../testdata/masquerade.nft"),
+        ] {
+            match nft_check(text) {
+                None => return,
+                Some(r) => r.unwrap_or_else(|e| panic!("nft -c rejected:\n{e}")),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use malla_api::service::AddressType::IPv4;
+    use malla_api::service::Protocol::{Tcp, Udp};
+
+    fn entry<'a>(m: &'a ServiceMap, svc: &str, port: u16, fam: IpFamily) -> &'a ServiceEntry {
+        m.entries
+            .iter()
+            .find(|e| e.service == format!("default/{svc}") && e.port == port && e.family == fam)
+            .unwrap_or_else(|| panic!("no entry {svc}/{port}/{fam:?}"))
+    }
+
+    fn ips(eps: &[ServiceEndpoint]) -> Vec<String> {
+        eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
+    }
+
+    fn one(s: Service, slices: Vec<EndpointSlice>) -> ServiceMap {
+        build(&[s], &slices, ME, &[], &pools())
+    }
+
+    fn web() -> Service {
+        svc(
+            "web",
+            ServiceType::ClusterIP,
+            &["10.96.0.10"],
+            vec![port("", Tcp, 80, None)],
+        )
+    }
+
+    #[test]
+    fn slices_belong_by_service_name_and_namespace() {
+        let mut other_ns = slice(
+            "web",
+            "x",
+            IPv4,
+            vec![ready("198.18.0.9", "b")],
+            &[("", Tcp, 8080)],
+        );
+        other_ns.namespace = "other".into();
+        let other_svc = slice(
+            "web2",
+            "y",
+            IPv4,
+            vec![ready("198.18.0.8", "b")],
+            &[("", Tcp, 8080)],
+        );
+        let own = slice(
+            "web",
+            "z",
+            IPv4,
+            vec![ready("198.18.0.7", "b")],
+            &[("", Tcp, 8080)],
+        );
+        let m = one(web(), vec![other_ns, other_svc, own]);
+        assert_eq!(
+            ips(&m.entries[0].cluster_endpoints),
+            vec!["198.18.0.7:8080"]
+        );
+    }
+
+    #[test]
+    fn ports_match_by_name_and_protocol() {
+        let s = svc(
+            "dns",
+            ServiceType::ClusterIP,
+            &["10.96.0.10"],
+            vec![port("dns", Udp, 53, None), port("dns-tcp", Tcp, 53, None)],
+        );
+        let sl = slice(
+            "dns",
+            "a",
+            IPv4,
+            vec![ready("198.18.0.7", "b")],
+            &[
+                ("dns", Tcp, 1111),
+                ("dns", Udp, 5353),
+                ("dns-tcp", Tcp, 5354),
+            ],
+        );
+        let m = one(s, vec![sl]);
+        let udp = m.entries.iter().find(|e| e.protocol == Udp).unwrap();
+        let tcp = m.entries.iter().find(|e| e.protocol == Tcp).unwrap();
+        assert_eq!(ips(&udp.cluster_endpoints), vec!["198.18.0.7:5353"]);
+        assert_eq!(ips(&tcp.cluster_endpoints), vec!["198.18.0.7:5354"]);
+    }
+
+    #[test]
+    fn family_comes_from_the_slice_address_type() {
+        let m = map();
+        assert_eq!(
+            ips(&entry(&m, "dual", 53, IpFamily::IPv4).cluster_endpoints),
+            vec!["198.18.0.5:5353"]
+        );
+        let v6 = entry(&m, "dual", 53, IpFamily::IPv6);
+        assert_eq!(
+            ips(&v6.cluster_endpoints),
+            vec!["fd00:198:18::5:5353", "fd00:198:18::45:5353"]
+        );
+        assert_eq!(v6.frontends.len(), 1);
+        assert_eq!(v6.frontends[0].ip, ip("fd00:96::16"));
+        // A v6 address in an IPv4 slice is ignored.
+        let sl = slice(
+            "web",
+            "a",
+            IPv4,
+            vec![ready("fd00::1", "b")],
+            &[("", Tcp, 80)],
+        );
+        assert!(one(web(), vec![sl]).entries[0].cluster_endpoints.is_empty());
+    }
+
+    #[test]
+    fn ready_endpoints_win_over_terminating_ones() {
+        let sl = slice(
+            "web",
+            "a",
+            IPv4,
+            vec![
+                ready("198.18.0.1", "b"),
+                ep("198.18.0.2", "b", false, true, true),
+            ],
+            &[("", Tcp, 80)],
+        );
+        assert_eq!(
+            ips(&one(web(), vec![sl]).entries[0].cluster_endpoints),
+            vec!["198.18.0.1:80"]
+        );
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_the_fallback_never_not_serving_ones() {
+        let m = map();
+        let e = entry(&m, "drain", 80, IpFamily::IPv4);
+        assert_eq!(ips(&e.cluster_endpoints), vec!["198.18.0.6:8080"]);
+        let sl = slice(
+            "web",
+            "a",
+            IPv4,
+            vec![
+                ep("198.18.0.2", "b", false, false, true),
+                ep("198.18.0.3", "b", false, false, false),
+            ],
+            &[("", Tcp, 80)],
+        );
+        assert!(one(web(), vec![sl]).entries[0].cluster_endpoints.is_empty());
+    }
+
+    #[test]
+    fn addresses_are_deduplicated_across_slices() {
+        let a = slice(
+            "web",
+            "a",
+            IPv4,
+            vec![ready("198.18.0.1", "b")],
+            &[("", Tcp, 80)],
+        );
+        let b = slice(
+            "web",
+            "b",
+            IPv4,
+            vec![ready("198.18.0.1", "b"), ready("198.18.0.2", "b")],
+            &[("", Tcp, 80)],
+        );
+        assert_eq!(
+            ips(&one(web(), vec![a, b]).entries[0].cluster_endpoints),
+            vec!["198.18.0.1:80", "198.18.0.2:80"]
+        );
+    }
+
+    #[test]
+    fn no_endpoints_keeps_the_entry_empty() {
+        let m = map();
+        let e = entry(&m, "empty", 80, IpFamily::IPv4);
+        assert!(e.cluster_endpoints.is_empty() && e.local_endpoints.is_empty());
+        assert_eq!(e.node_port, Some(30081));
+    }
+
+    #[test]
+    fn local_endpoints_are_this_nodes_with_their_own_fallback() {
+        let m = map();
+        let e = entry(&m, "np-local", 80, IpFamily::IPv4);
+        assert_eq!(ips(&e.local_endpoints), vec!["198.18.0.3:8080"]);
+        assert_eq!(e.cluster_endpoints.len(), 2);
+        // This node's only endpoint is terminating while others are ready elsewhere.
+        let sl = slice(
+            "web",
+            "a",
+            IPv4,
+            vec![
+                ready("198.18.0.65", "node-b"),
+                ep("198.18.0.2", ME, false, true, true),
+            ],
+            &[("", Tcp, 80)],
+        );
+        let m = one(web(), vec![sl]);
+        assert_eq!(ips(&m.entries[0].cluster_endpoints), vec!["198.18.0.65:80"]);
+        assert_eq!(ips(&m.entries[0].local_endpoints), vec!["198.18.0.2:80"]);
+    }
+
+    #[test]
+    fn frontends_node_ports_and_headless() {
+        let m = map();
+        let lb = entry(&m, "lb", 443, IpFamily::IPv4);
+        let kinds: Vec<(String, FrontendKind)> = lb
+            .frontends
+            .iter()
+            .map(|f| (f.ip.to_string(), f.kind))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("10.96.0.13".into(), FrontendKind::ClusterIp),
+                ("203.0.113.10".into(), FrontendKind::ExternalIp),
+                ("203.0.113.20".into(), FrontendKind::LoadBalancer),
+            ]
+        );
+        assert!(lb.frontends.iter().all(|f| f.port == 443));
+        assert_eq!(lb.node_port, Some(30443));
+        // ClusterIP services have no node port even if one is written.
+        let mut s = web();
+        s.ports[0].node_port = Some(30000);
+        assert_eq!(one(s, vec![]).entries[0].node_port, None);
+        // Headless: nothing to proxy.
+        let mut s = web();
+        s.cluster_ips.clear();
+        assert!(one(s, vec![]).entries.is_empty());
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_valid_nft_identifiers() {
+        let m = map();
+        let e = entry(&m, "web", 80, IpFamily::IPv4);
+        let h = chain_hash(e);
+        assert_eq!(h.len(), 8);
+        assert_eq!(svc_chain(e), format!("svc-{h}-default/web/tcp/80"));
+        let v4 = entry(&m, "dual", 53, IpFamily::IPv4);
+        let v6 = entry(&m, "dual", 53, IpFamily::IPv6);
+        assert_ne!(
+            svc_chain(v4),
+            svc_chain(v6),
+            "families get their own chains"
+        );
+        assert_eq!(
+            ep_chain(v6, &v6.cluster_endpoints[0]),
+            format!("ep-{}-fd00.198.18..5/5353", chain_hash(v6))
+        );
+        let mapped = ServiceEndpoint {
+            ip: ip("::ffff:1.2.3.4"),
+            port: 1,
+            node: None,
+            target: None,
+        };
+        assert!(!ep_chain(v6, &mapped).contains(':'));
+    }
+
+    #[test]
+    fn external_policy_local_preserves_the_client_and_drops_without_local_endpoints() {
+        let t = crate::masquerade::node_table(&pools(), &map());
+        let e = entry(&map(), "np-local", 80, IpFamily::IPv4).clone();
+        let ext = &t.chains[&ext_chain(&e)].rules;
+        assert_eq!(ext.last().unwrap(), &format!("goto {}", local_chain(&e)));
+        assert!(!ext.last().unwrap().contains("mark"));
+        let e = entry(&map(), "itp-local", 80, IpFamily::IPv4).clone();
+        assert_eq!(t.chains[&local_chain(&e)].rules, vec!["drop".to_string()]);
+        assert_eq!(
+            t.maps["service-ips-v4"].elements["10.96.0.18 . tcp . 80"],
+            format!("goto {}", local_chain(&e))
+        );
+        // No endpoints: rejected in the filter chains, not DNATed.
+        assert_eq!(
+            t.maps["no-endpoint-services-v4"].elements["10.96.0.15 . tcp . 80"],
+            "goto reject-chain"
+        );
+        assert!(!t.maps["service-ips-v4"]
+            .elements
+            .contains_key("10.96.0.15 . tcp . 80"));
+    }
+}
+
+#[cfg(test)]
+mod endpoint_props {
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        /// The map never holds a not-serving endpoint, and holds a terminating (not ready) one
+        /// only when its list has no ready one.
+        #[test]
+        fn never_not_serving_terminating_only_as_fallback(
+            eps in proptest::collection::vec(
+                (0..6u8, any::<bool>(), proptest::option::of(any::<bool>()), any::<bool>(), any::<bool>()),
+                0..10,
+            )
+        ) {
+            let endpoints: Vec<_> = eps
+                .iter()
+                .map(|(host, ready, serving, terminating, local)| {
+                    let mut e = super::fixtures::ep(
+                        &format!("198.18.0.{host}"),
+                        if *local { ME } else { "node-b" },
+                        *ready,
+                        false,
+                        *terminating,
+                    );
+                    e.conditions.serving = *serving;
+                    e
+                })
+                .collect();
+            let (half_a, half_b) = endpoints.split_at(endpoints.len() / 2);
+            let slices = vec![
+                slice("web", "a", AddressType::IPv4, half_a.to_vec(), &[("", Protocol::Tcp, 80)]),
+                slice("web", "b", AddressType::IPv4, half_b.to_vec(), &[("", Protocol::Tcp, 80)]),
+            ];
+            let s = svc("web", ServiceType::ClusterIP, &["10.96.0.10"], vec![port("", Protocol::Tcp, 80, None)]);
+            let m = build(&[s], &slices, ME, &[], &pools());
+            let e = &m.entries[0];
+            let conds = |ip: IpAddr, local_only: bool| -> Vec<EndpointConditions> {
+                endpoints
+                    .iter()
+                    .filter(|x| x.addresses[0] == ip)
+                    .filter(|x| !local_only || x.node_name.as_deref() == Some(ME))
+                    .map(|x| x.conditions)
+                    .collect()
+            };
+            for (list, local_only) in [(&e.cluster_endpoints, false), (&e.local_endpoints, true)] {
+                let any_ready = endpoints
+                    .iter()
+                    .filter(|x| !local_only || x.node_name.as_deref() == Some(ME))
+                    .any(|x| x.conditions.ready && x.conditions.serving());
+                for se in list.iter() {
+                    let c = conds(se.ip, local_only);
+                    prop_assert!(c.iter().any(|c| c.serving()), "not serving: {se:?}");
+                    let is_ready = c.iter().any(|c| c.ready && c.serving());
+                    if !is_ready {
+                        prop_assert!(!any_ready, "terminating {se:?} while a ready one exists");
+                        prop_assert!(c.iter().any(|c| c.terminating && c.serving()));
+                    } else {
+                        prop_assert!(any_ready);
+                    }
+                }
+                // Something usable is never left out.
+                let usable = endpoints
+                    .iter()
+                    .filter(|x| !local_only || x.node_name.as_deref() == Some(ME))
+                    .any(|x| x.conditions.serving() && (x.conditions.ready || x.conditions.terminating));
+                prop_assert_eq!(usable, !list.is_empty());
+                // Deduplicated.
+                let mut seen = BTreeSet::new();
+                prop_assert!(list.iter().all(|x| seen.insert((x.ip, x.port))));
+            }
+        }
+    }
+}
