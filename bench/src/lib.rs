@@ -145,25 +145,7 @@ impl Lab {
 }
 
 fn placeholder_state() -> LabState {
-    LabState {
-        name: String::new(),
-        routing: Default::default(),
-        ipv6: false,
-        fabric_netns: String::new(),
-        nodes: Vec::new(),
-        external: malla_lab::state::ExternalState {
-            netns: String::new(),
-            ipv4: std::net::Ipv4Addr::UNSPECIFIED,
-            ipv6: None,
-            port: 0,
-            probe_pid: None,
-        },
-        namespaces: Vec::new(),
-        namespace_labels: Default::default(),
-        pods: Default::default(),
-        services: Default::default(),
-        manual_slices: Default::default(),
-    }
+    LabState::default()
 }
 
 impl Drop for Lab {

@@ -42,6 +42,10 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
     let (endpoints, _) = malla_store::list_json::<WorkloadEndpoint>(store, keys::ENDPOINTS)?;
     let (services, _) = malla_store::list_json::<Service>(store, keys::SERVICES)?;
     let (slices, _) = malla_store::list_json::<EndpointSlice>(store, keys::ENDPOINT_SLICES)?;
+    let (pods, _) = malla_store::list_json::<malla_api::Pod>(store, keys::PODS)?;
+    let (namespaces, _) = malla_store::list_json::<malla_api::Namespace>(store, keys::NAMESPACES)?;
+    let (policies, _) =
+        malla_store::list_json::<malla_api::policy::NetworkPolicy>(store, keys::NETWORK_POLICIES)?;
     let blocks = malla_ipam::Ipam::new(store)
         .blocks()?
         .into_iter()
@@ -55,6 +59,9 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
         endpoints: endpoints.into_iter().map(|(_, e, _)| e).collect(),
         services: services.into_iter().map(|(_, s, _)| s).collect(),
         endpoint_slices: slices.into_iter().map(|(_, s, _)| s).collect(),
+        pods: pods.into_iter().map(|(_, p, _)| p).collect(),
+        namespaces: namespaces.into_iter().map(|(_, n, _)| n).collect(),
+        policies: policies.into_iter().map(|(_, p, _)| p).collect(),
     })
 }
 

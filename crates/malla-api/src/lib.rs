@@ -4,6 +4,7 @@
 //! (where each object lives in a key-value store) is in [`keys`].
 
 pub mod keys;
+pub mod policy;
 pub mod service;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};

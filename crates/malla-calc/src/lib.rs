@@ -6,6 +6,7 @@
 
 pub mod masquerade;
 pub mod nft;
+pub mod policy;
 pub mod routes;
 pub mod services;
 

@@ -18,6 +18,9 @@ pub struct ClusterView {
     pub endpoints: Vec<WorkloadEndpoint>,
     pub services: Vec<malla_api::service::Service>,
     pub endpoint_slices: Vec<malla_api::service::EndpointSlice>,
+    pub pods: Vec<malla_api::Pod>,
+    pub namespaces: Vec<malla_api::Namespace>,
+    pub policies: Vec<malla_api::policy::NetworkPolicy>,
 }
 
 /// A route to pods on another node.
@@ -69,6 +72,31 @@ fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
         (true, true) => malla_api::parse_mac(&node.vtep_mac)
             .map(|m| IpAddr::V6(malla_api::link_local_from_mac(&m))),
     }
+}
+
+/// Pods as policy sees them: the API object (labels, ports) joined with its endpoint record
+/// (addresses, host interface). A pod without an endpoint has no address yet: nothing to match.
+pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod> {
+    let pods: BTreeMap<(&str, &str), &malla_api::Pod> = view
+        .pods
+        .iter()
+        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
+        .collect();
+    view.endpoints
+        .iter()
+        .map(|ep| {
+            let pod = pods.get(&(ep.namespace.as_str(), ep.pod.as_str()));
+            crate::policy::PolicyPod {
+                namespace: ep.namespace.clone(),
+                name: ep.pod.clone(),
+                labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                ips: ep.addrs().collect(),
+                node: ep.node.clone(),
+                ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
+                host_ifname: ep.host_ifname.clone(),
+            }
+        })
+        .collect()
 }
 
 /// Computes `me`'s desired state from the whole cluster view.
@@ -163,7 +191,9 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
         &node_ips,
         &view.pools,
     );
-    let nft_table = crate::masquerade::node_table(&view.pools, &service_map);
+    let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
+    let program = crate::policy::compile(&view.policies, &view.namespaces, &policy_pods(view), me);
+    crate::policy::render_policy(&program, &mut nft_table);
 
     NodeDataplane {
         mode: view.config.routing,

@@ -19,6 +19,7 @@ pub enum Object {
     Pod(PodSpec),
     Service(crate::services::ServiceSpec),
     EndpointSlice(malla_api::service::EndpointSlice),
+    NetworkPolicy(malla_api::policy::NetworkPolicy),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,10 +133,10 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
             .ok_or_else(|| doc.err("kind", "is required"))?;
         let name = doc.str_at(&["metadata", "name"])?.unwrap_or_default();
         doc.what = format!("{k} {name:?}");
-        let want_api = if k == "EndpointSlice" {
-            "discovery.k8s.io/v1"
-        } else {
-            "v1"
+        let want_api = match k.as_str() {
+            "EndpointSlice" => "discovery.k8s.io/v1",
+            "NetworkPolicy" => "networking.k8s.io/v1",
+            _ => "v1",
         };
         if api != want_api {
             return Err(doc.err(
@@ -164,13 +165,16 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
             "Service" => out.push(Object::Service(
                 crate::services::parse_service(&value).map_err(|(field, reason)| doc.err(&field, reason))?,
             )),
+            "NetworkPolicy" => out.push(Object::NetworkPolicy(
+                crate::services::parse_network_policy(&value).map_err(|(field, reason)| doc.err(&field, reason))?,
+            )),
             "EndpointSlice" => out.push(Object::EndpointSlice(
                 crate::services::parse_endpoint_slice(&value).map_err(|(field, reason)| doc.err(&field, reason))?,
             )),
             other => {
                 return Err(doc.err(
                     "kind",
-                    format!("{other:?} is not supported by the lab (supported: Namespace, Pod, Service, EndpointSlice)"),
+                    format!("{other:?} is not supported by the lab (supported: Namespace, Pod, Service, EndpointSlice, NetworkPolicy)"),
                 ))
             }
         }

@@ -166,7 +166,11 @@ fn probe_once(p: &Probe, timeout: Duration) -> ProbeResult {
     r
 }
 
-/// Runs probes, each source namespace on its own thread, in the order given.
+/// Threads probing from one source namespace at once (a denied probe waits for its timeout).
+pub const THREADS_PER_SOURCE: usize = 8;
+
+/// Runs probes from inside their source namespaces, several threads per source, and returns
+/// the results in the order given.
 pub fn run(probes: Vec<Probe>, timeout: Duration) -> anyhow::Result<Vec<ProbeResult>> {
     let mut by_source: BTreeMap<String, Vec<(usize, Probe)>> = BTreeMap::new();
     for (i, p) in probes.into_iter().enumerate() {
@@ -177,15 +181,29 @@ pub fn run(probes: Vec<Probe>, timeout: Duration) -> anyhow::Result<Vec<ProbeRes
     }
     let mut threads = Vec::new();
     for (netns, list) in by_source {
-        let ns = NetNs::open_named(&netns)?;
-        threads.push(std::thread::spawn(move || {
-            ns.enter_this_thread()?;
-            anyhow::Ok(
-                list.into_iter()
-                    .map(|(i, p)| (i, probe_once(&p, timeout)))
-                    .collect::<Vec<_>>(),
-            )
-        }));
+        let lanes = THREADS_PER_SOURCE.min(list.len()).max(1);
+        let mut chunks: Vec<Vec<(usize, Probe)>> = (0..lanes).map(|_| Vec::new()).collect();
+        // Repeats of one target (`--count`) stay in one lane, in order: session affinity and
+        // spread are about successive connections.
+        let mut lane_of: BTreeMap<(String, IpAddr, u16, String), usize> = BTreeMap::new();
+        for (i, p) in list {
+            let key = (p.to.clone(), p.ip, p.port, p.protocol.clone());
+            let next = lane_of.len() % lanes;
+            let lane = *lane_of.entry(key).or_insert(next);
+            chunks[lane].push((i, p));
+        }
+        for chunk in chunks {
+            let ns = NetNs::open_named(&netns)?;
+            threads.push(std::thread::spawn(move || {
+                ns.enter_this_thread()?;
+                anyhow::Ok(
+                    chunk
+                        .into_iter()
+                        .map(|(i, p)| (i, probe_once(&p, timeout)))
+                        .collect::<Vec<_>>(),
+                )
+            }));
+        }
     }
     let mut all = Vec::new();
     for t in threads {

@@ -252,6 +252,19 @@ pub fn apply(
         state.manual_slices.insert(key, slice.clone());
         outcomes.push(outcome);
     }
+    for o in objects {
+        let Object::NetworkPolicy(p) = o else {
+            continue;
+        };
+        let key = p.key();
+        let outcome = match state.policies.get(&key) {
+            None => Outcome::Created(format!("networkpolicy/{key}")),
+            Some(old) if old == p => Outcome::Unchanged(format!("networkpolicy/{key}")),
+            Some(_) => Outcome::Configured(format!("networkpolicy/{key}")),
+        };
+        state.policies.insert(key, p.clone());
+        outcomes.push(outcome);
+    }
     sync_objects(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
@@ -294,6 +307,12 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             );
         }
     }
+    for p in state.policies.values() {
+        want.insert(
+            keys::network_policy(&p.namespace, &p.name),
+            serde_json::to_string(p)?,
+        );
+    }
     for slice in state.manual_slices.values() {
         want.insert(
             keys::endpoint_slice(&slice.namespace, &slice.name),
@@ -305,6 +324,7 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
         keys::PODS,
         keys::SERVICES,
         keys::ENDPOINT_SLICES,
+        keys::NETWORK_POLICIES,
     ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {
@@ -454,7 +474,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
     for o in objects {
         match o {
             Object::Pod(p) => doomed.push(p.key()),
-            Object::Service(_) | Object::EndpointSlice(_) => {}
+            Object::Service(_) | Object::EndpointSlice(_) | Object::NetworkPolicy(_) => {}
             Object::Namespace { name, .. } => {
                 doomed.extend(
                     state
@@ -482,7 +502,15 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
                     None => Outcome::NotFound(format!("endpointslice/{key}")),
                 });
             }
+            Object::NetworkPolicy(p) => {
+                let key = p.key();
+                outcomes.push(match state.policies.remove(&key) {
+                    Some(_) => Outcome::Deleted(format!("networkpolicy/{key}")),
+                    None => Outcome::NotFound(format!("networkpolicy/{key}")),
+                });
+            }
             Object::Namespace { name, .. } => {
+                state.policies.retain(|_, p| &p.namespace != name);
                 state.services.retain(|_, s| &s.namespace != name);
                 state.manual_slices.retain(|_, s| &s.namespace != name);
             }

@@ -1,4 +1,4 @@
-//! Services in the lab: parsing `v1/Service` and `discovery.k8s.io/v1/EndpointSlice` manifests
+//! Services (and NetworkPolicies) in the lab: parsing `v1/Service` and `discovery.k8s.io/v1/EndpointSlice` manifests
 //! (errors name the field), allocating cluster IPs and node ports, and deriving EndpointSlices
 //! from a Service's selector over the lab's pods, as the Kubernetes endpoint-slice controller does.
 
@@ -826,4 +826,23 @@ mod tests {
             "nodePort clash"
         );
     }
+}
+
+#[derive(Deserialize)]
+struct K8sNetworkPolicy {
+    metadata: Meta,
+    #[serde(default)]
+    spec: malla_api::policy::NetworkPolicySpec,
+}
+
+/// Parses a `networking.k8s.io/v1/NetworkPolicy` and validates it as the API server would.
+pub fn parse_network_policy(v: &Value) -> Result<malla_api::policy::NetworkPolicy, FieldError> {
+    let k: K8sNetworkPolicy = typed(v)?;
+    let policy = malla_api::policy::NetworkPolicy {
+        namespace: k.metadata.namespace.unwrap_or_else(|| "default".into()),
+        name: k.metadata.name,
+        spec: k.spec,
+    };
+    policy.validate()?;
+    Ok(policy)
 }

@@ -138,7 +138,7 @@ pub struct ExternalState {
     pub probe_pid: Option<u32>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct LabState {
     pub name: String,
     pub routing: RoutingMode,
@@ -155,9 +155,24 @@ pub struct LabState {
     /// Services with their allocated cluster IPs and node ports, by `namespace/name`.
     #[serde(default)]
     pub services: BTreeMap<String, malla_api::service::Service>,
+    /// NetworkPolicies by `namespace/name`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, malla_api::policy::NetworkPolicy>,
     /// EndpointSlices given in manifests (not derived from a selector), by `namespace/name`.
     #[serde(default)]
     pub manual_slices: BTreeMap<String, malla_api::service::EndpointSlice>,
+}
+
+impl Default for ExternalState {
+    fn default() -> Self {
+        Self {
+            netns: String::new(),
+            ipv4: std::net::Ipv4Addr::UNSPECIFIED,
+            ipv6: None,
+            port: 0,
+            probe_pid: None,
+        }
+    }
 }
 
 impl LabState {

@@ -201,6 +201,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         pods: Default::default(),
         services: Default::default(),
         manual_slices: Default::default(),
+        policies: Default::default(),
     };
     if let Some(prev) = previous {
         state.namespaces = prev.namespaces;
@@ -208,6 +209,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         state.pods = prev.pods;
         state.services = prev.services;
         state.manual_slices = prev.manual_slices;
+        state.policies = prev.policies;
         state.external.probe_pid = prev.external.probe_pid;
         for (n, p) in state.nodes.iter_mut().zip(prev.nodes) {
             n.agent_pid = p.agent_pid;

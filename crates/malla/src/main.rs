@@ -3,6 +3,7 @@
 
 mod ipam_cmd;
 mod lab_cmd;
+mod policy_cmd;
 mod services_cmd;
 
 use std::path::PathBuf;
@@ -50,6 +51,11 @@ enum Command {
     },
     /// Build and exercise a lab cluster made of network namespaces.
     Lab(lab_cmd::LabArgs),
+    /// Explain NetworkPolicy verdicts.
+    Policy {
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
+    },
     /// Show this node's programmed services, their endpoints and connection counters.
     ///
     /// Example: malla services --lab demo --node node-1
@@ -117,6 +123,7 @@ fn main() {
         Command::Ipam { command } => ipam_cmd::run(command),
         Command::Lab(args) => lab_cmd::run(args),
         Command::Services(args) => services_cmd::run(args),
+        Command::Policy { command } => policy_cmd::run(command),
         Command::InstallCni {
             bin_dir,
             conf_dir,

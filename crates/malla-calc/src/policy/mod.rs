@@ -1,0 +1,148 @@
+//! NetworkPolicy: the semantics, the compiler and the nftables rendering.
+//!
+//! - [`reference`]: a direct reading of the `networking.k8s.io/v1` semantics, the oracle.
+//! - [`explain`]: the same reading, reporting which policies select each end and which rule
+//!   allowed the connection (for a trace command).
+//! - [`compile`](compile::compile): one node's [`PolicyProgram`] — per local pod, its ingress
+//!   and egress rules over shared address sets — with a small interpreter
+//!   ([`PolicyProgram::allows`]).
+//! - [`render`]: the program as sets, verdict maps and chains of the `inet malla` table.
+//!
+//! Policies that fail [`NetworkPolicy::validate`] are ignored everywhere: the API server would
+//! have rejected them, so they do not exist.
+
+pub mod addrs;
+pub mod compile;
+pub mod explain;
+pub mod reference;
+pub mod render;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use malla_api::policy::NetworkPolicy;
+use malla_api::service::Protocol;
+use malla_api::{ContainerPort, Namespace};
+use serde::Serialize;
+
+pub use compile::{compile, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
+pub use explain::{explain, DirectionTrace, Explanation, Verdict};
+pub use render::render_policy;
+
+/// A pod as policy sees it: identity, labels, addresses, node, declared ports, and the name of
+/// its host-side interface (the endpoint chains are named after it).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct PolicyPod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ips: Vec<IpAddr>,
+    pub node: String,
+    pub ports: Vec<ContainerPort>,
+    /// Host-side veth name; only needed for local pods.
+    pub host_ifname: String,
+}
+
+impl PolicyPod {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The numbers a named port resolves to on this pod for `proto` (normally zero or one).
+    pub fn named_port(&self, name: &str, proto: Protocol) -> Vec<u16> {
+        let mut v: Vec<u16> = self
+            .ports
+            .iter()
+            .filter(|p| p.protocol == proto && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// One end of a connection: an address, and the pod it belongs to if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint<'a> {
+    pub pod: Option<&'a PolicyPod>,
+    pub ip: IpAddr,
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint for `ip`: the pod owning it, or a bare address.
+    pub fn resolve(pods: &'a [PolicyPod], ip: IpAddr) -> Self {
+        Self {
+            pod: pods.iter().find(|p| p.ips.contains(&ip)),
+            ip,
+        }
+    }
+}
+
+/// A new connection `src → dst` on `port/proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Connection<'a> {
+    pub src: Endpoint<'a>,
+    pub dst: Endpoint<'a>,
+    pub port: u16,
+    pub proto: Protocol,
+}
+
+impl Connection<'_> {
+    /// The endpoint whose policies decide direction `dir` (the source for egress, the
+    /// destination for ingress), and the other end.
+    pub fn subject_and_peer(&self, dir: Direction) -> (&Endpoint<'_>, &Endpoint<'_>) {
+        match dir {
+            Direction::Egress => (&self.src, &self.dst),
+            Direction::Ingress => (&self.dst, &self.src),
+        }
+    }
+}
+
+/// Ingress (to a pod) or egress (from a pod).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+/// The labels of namespace `name` (none if it is unknown).
+pub(crate) fn namespace_labels<'a>(
+    namespaces: &'a [Namespace],
+    name: &str,
+) -> &'a BTreeMap<String, String> {
+    namespaces
+        .iter()
+        .find(|n| n.name == name)
+        .map_or(&NO_LABELS, |n| &n.labels)
+}
+
+/// The policies that exist (pass validation).
+pub(crate) fn valid(policies: &[NetworkPolicy]) -> impl Iterator<Item = &NetworkPolicy> {
+    policies.iter().filter(|p| p.validate().is_ok())
+}
+
+/// FNV-1a 64: stable across releases and platforms, unlike std's hasher.
+pub(crate) fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}

@@ -1,0 +1,680 @@
+//! Tests: a golden ruleset for a fixed world (checked with `nft -c` when possible), concrete
+//! semantics, and the property that the compiled program decides like the reference evaluator.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use malla_api::policy::{
+    EgressRule, IngressRule, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
+    NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, Operator, PolicyType,
+};
+use malla_api::service::{Protocol, TargetPort};
+use malla_api::{ContainerPort, Namespace};
+use proptest::prelude::*;
+
+use super::*;
+use crate::nft;
+
+fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ns(name: &str, kv: &[(&str, &str)]) -> Namespace {
+    Namespace {
+        name: name.into(),
+        labels: labels(kv),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pod(
+    namespace: &str,
+    name: &str,
+    kv: &[(&str, &str)],
+    ips: &[&str],
+    node: &str,
+    ports: &[(&str, Protocol, u16)],
+    ifname: &str,
+) -> PolicyPod {
+    PolicyPod {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: labels(kv),
+        ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+        node: node.into(),
+        ports: ports
+            .iter()
+            .map(|(n, protocol, port)| ContainerPort {
+                name: (!n.is_empty()).then(|| n.to_string()),
+                protocol: *protocol,
+                port: *port,
+            })
+            .collect(),
+        host_ifname: ifname.into(),
+    }
+}
+
+fn policy(namespace: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy {
+    let p = NetworkPolicy {
+        namespace: namespace.into(),
+        name: name.into(),
+        spec: serde_json::from_value(spec).unwrap(),
+    };
+    assert_eq!(p.validate(), Ok(()), "{name}");
+    p
+}
+
+struct World {
+    policies: Vec<NetworkPolicy>,
+    namespaces: Vec<Namespace>,
+    pods: Vec<PolicyPod>,
+}
+
+fn fixed_world() -> World {
+    use Protocol::*;
+    let namespaces = vec![
+        ns("shop", &[("team", "shop")]),
+        ns("ops", &[("team", "ops")]),
+    ];
+    let pods = vec![
+        pod(
+            "shop",
+            "web",
+            &[("app", "web")],
+            &["198.18.0.10", "fd00:198:18::10"],
+            "n1",
+            &[("http", Tcp, 8080)],
+            "mla0a1b2c3d4e",
+        ),
+        pod(
+            "shop",
+            "db",
+            &[("app", "db")],
+            &["198.18.0.11"],
+            "n1",
+            &[("pg", Tcp, 5432)],
+            "mla11",
+        ),
+        pod(
+            "shop",
+            "client",
+            &[("app", "client")],
+            &["198.18.1.5", "fd00:198:18::105"],
+            "n2",
+            &[],
+            "mla15",
+        ),
+        pod(
+            "ops",
+            "prom",
+            &[("app", "prom")],
+            &["198.18.1.6"],
+            "n2",
+            &[("metrics", Tcp, 9090)],
+            "mla16",
+        ),
+        pod(
+            "ops",
+            "cache",
+            &[("app", "cache")],
+            &["198.18.1.7"],
+            "n2",
+            &[("redis", Tcp, 6379)],
+            "mla17",
+        ),
+        pod(
+            "ops",
+            "free",
+            &[("app", "free")],
+            &["198.18.0.12"],
+            "n1",
+            &[],
+            "mla12",
+        ),
+    ];
+    let policies = vec![
+        policy(
+            "shop",
+            "default-deny-ingress",
+            serde_json::json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        ),
+        policy(
+            "shop",
+            "web",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [
+                        {"podSelector": {"matchLabels": {"app": "client"}}},
+                        {"namespaceSelector": {"matchLabels": {"team": "ops"}},
+                         "podSelector": {"matchLabels": {"app": "prom"}}}
+                    ],
+                    "ports": [{"port": "http"}, {"port": 8000, "endPort": 8100}]
+                }]
+            }),
+        ),
+        policy(
+            "shop",
+            "db",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "db"}},
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": "web"}}}],
+                    "ports": [{"port": 5432}]
+                }],
+                "egress": [
+                    {"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}],
+                     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+                    {"to": [{"namespaceSelector": {"matchLabels": {"team": "ops"}},
+                             "podSelector": {"matchLabels": {"app": "cache"}}}],
+                     "ports": [{"port": "redis"}]}
+                ]
+            }),
+        ),
+        // The same peer as shop/web's first: shares its set.
+        policy(
+            "shop",
+            "db-from-client",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "db"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}]}]
+            }),
+        ),
+    ];
+    World {
+        policies,
+        namespaces,
+        pods,
+    }
+}
+
+fn rendered(prog: &PolicyProgram) -> nft::Table {
+    let mut t = nft::Table::new("inet", "malla");
+    render_policy(prog, &mut t);
+    t
+}
+
+fn conn<'a>(w: &'a World, src: &str, dst: &str, port: u16, proto: Protocol) -> Connection<'a> {
+    Connection {
+        src: Endpoint::resolve(&w.pods, src.parse().unwrap()),
+        dst: Endpoint::resolve(&w.pods, dst.parse().unwrap()),
+        port,
+        proto,
+    }
+}
+
+#[test]
+fn policy_golden_ruleset() {
+    let w = fixed_world();
+    let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+    let text = nft::render_full(&rendered(&prog));
+    crate::testutil::golden(
+        "policy.nft",
+        &text,
+        include_str!("../../testdata/policy.nft"),
+    );
+    match crate::testutil::nft_check(&text) {
+        None => eprintln!("nft -c not run"),
+        Some(r) => assert_eq!(r, Ok(()), "{text}"),
+    }
+}
+
+#[test]
+fn policy_fixed_world_verdicts() {
+    use Protocol::*;
+    let w = fixed_world();
+    let progs: Vec<PolicyProgram> = ["n1", "n2"]
+        .iter()
+        .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
+        .collect();
+    let cases = [
+        ("198.18.1.5", "198.18.0.10", 8080, Tcp, true), // client -> web http
+        ("198.18.1.5", "198.18.0.10", 8050, Tcp, true), // range
+        ("198.18.1.5", "198.18.0.10", 8101, Tcp, false), // outside range
+        ("198.18.1.5", "198.18.0.10", 8080, Udp, false), // wrong protocol
+        ("fd00:198:18::105", "fd00:198:18::10", 8080, Tcp, true),
+        ("198.18.1.6", "198.18.0.10", 8080, Tcp, true), // prom from ops
+        ("198.18.1.7", "198.18.0.10", 8080, Tcp, false), // cache is not prom
+        ("198.18.0.10", "198.18.0.11", 5432, Tcp, true), // web -> db
+        ("198.18.1.5", "198.18.0.11", 22, Tcp, true),   // db-from-client: all ports
+        ("198.18.1.6", "198.18.0.11", 5432, Tcp, false),
+        ("198.18.0.11", "10.2.3.4", 53, Udp, true), // db egress ipBlock
+        ("198.18.0.11", "10.1.3.4", 53, Udp, false), // except
+        ("198.18.0.11", "198.18.1.7", 6379, Tcp, true), // named egress port
+        ("198.18.0.11", "198.18.1.7", 6380, Tcp, false),
+        ("198.18.0.11", "198.18.1.6", 6379, Tcp, false), // prom has no redis port
+        ("198.18.0.11", "198.18.0.12", 80, Tcp, false),  // db egress isolated
+        ("198.18.0.12", "198.18.1.7", 1, Udp, true),     // nothing isolates these
+        ("192.0.2.1", "198.18.0.10", 8080, Tcp, false),  // outside client
+    ];
+    for (src, dst, port, proto, want) in cases {
+        let c = conn(&w, src, dst, port, proto);
+        let reference = reference::allowed(&w.policies, &w.namespaces, &c);
+        let compiled = progs
+            .iter()
+            .all(|p| p.allows(src.parse().unwrap(), dst.parse().unwrap(), port, proto));
+        let why = explain(&w.policies, &w.namespaces, &c);
+        assert_eq!(reference, want, "reference {src} -> {dst} {port}: {why}");
+        assert_eq!(compiled, want, "compiled {src} -> {dst} {port}: {why}");
+        assert_eq!(why.allowed, want, "{why}");
+    }
+}
+
+#[test]
+fn policy_explain_names_rules() {
+    let w = fixed_world();
+    let c = conn(&w, "198.18.1.5", "198.18.0.11", 5432, Protocol::Tcp);
+    let e = explain(&w.policies, &w.namespaces, &c);
+    assert_eq!(e.egress.verdict, Verdict::NotIsolated);
+    assert_eq!(
+        e.ingress.selected_by,
+        vec![
+            "shop/default-deny-ingress",
+            "shop/db",
+            "shop/db-from-client"
+        ]
+    );
+    assert_eq!(
+        e.ingress.verdict,
+        Verdict::Allowed {
+            by: vec![("shop/db-from-client".into(), 0)]
+        }
+    );
+    let c = conn(&w, "198.18.0.11", "10.1.0.1", 53, Protocol::Udp);
+    let e = explain(&w.policies, &w.namespaces, &c);
+    assert_eq!(e.egress.verdict, Verdict::Denied);
+    assert_eq!(e.ingress.verdict, Verdict::NotAPod);
+    assert!(!e.allowed);
+    let text = e.to_string();
+    assert!(
+        text.contains("egress: shop/db selected by shop/db; no rule allows it"),
+        "{text}"
+    );
+}
+
+#[test]
+fn policy_sets_are_shared_and_label_changes_only_touch_elements() {
+    let mut w = fixed_world();
+    let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+    let client_sets: Vec<&PeerSet> = prog
+        .sets
+        .values()
+        .filter(|s| s.key.contains("app=client"))
+        .collect();
+    assert_eq!(client_sets.len(), 1, "{:#?}", prog.sets);
+    let before = rendered(&prog);
+    // A second client appears and prom loses its label.
+    let mut extra = w.pods[2].clone();
+    extra.name = "client-2".into();
+    extra.ips = vec!["198.18.1.99".parse().unwrap()];
+    w.pods.push(extra);
+    w.pods[3].labels.insert("app".into(), "other".into());
+    let after = rendered(&compile(&w.policies, &w.namespaces, &w.pods, "n1"));
+    assert_eq!(before.chains, after.chains);
+    assert_eq!(before.maps, after.maps);
+    let diff = nft::render_diff(&before, &after).unwrap();
+    for line in diff.lines() {
+        assert!(
+            line.starts_with("add element") || line.starts_with("delete element"),
+            "{diff}"
+        );
+    }
+    assert!(diff.contains("198.18.1.99"), "{diff}");
+    assert!(diff.contains("delete element inet malla pol-") && diff.contains("198.18.1.6"));
+}
+
+#[test]
+fn policy_invalid_policies_are_ignored() {
+    let w = fixed_world();
+    let mut bad = w.policies[0].clone();
+    bad.spec.ingress = vec![IngressRule {
+        from: vec![NetworkPolicyPeer::default()],
+        ports: vec![],
+    }];
+    let only_bad = [bad];
+    let prog = compile(&only_bad, &w.namespaces, &w.pods, "n1");
+    assert!(prog.endpoints.iter().all(|e| e.ingress.is_none()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: compiled == reference on random small worlds.
+
+const KEYS: [&str; 3] = ["a", "b", "c"];
+const VALUES: [&str; 2] = ["x", "y"];
+const PORT_NAMES: [&str; 3] = ["http", "dns", "web"];
+const NUMBERS: [u16; 5] = [53, 80, 81, 90, 8080];
+const BARE_IPS: [&str; 5] = [
+    "10.0.0.200",
+    "10.0.1.9",
+    "192.168.3.4",
+    "fd00::99",
+    "2001:db8::1",
+];
+const BLOCKS: [(&str, &[&str]); 8] = [
+    ("10.0.0.0/24", &[]),
+    ("10.0.0.0/24", &["10.0.0.0/30"]),
+    ("10.0.0.0/8", &["10.0.0.4/31", "10.0.1.0/24"]),
+    ("0.0.0.0/0", &[]),
+    ("0.0.0.0/0", &["10.0.0.0/29"]),
+    ("fd00::/64", &["fd00::/126"]),
+    ("::/0", &[]),
+    ("192.168.0.0/16", &[]),
+];
+
+fn s(v: &str) -> String {
+    v.to_string()
+}
+
+fn arb_labels() -> impl Strategy<Value = BTreeMap<String, String>> {
+    prop::collection::btree_map(
+        prop::sample::select(&KEYS[..]).prop_map(s),
+        prop::sample::select(&VALUES[..]).prop_map(s),
+        0..3,
+    )
+}
+
+fn arb_requirement() -> impl Strategy<Value = LabelSelectorRequirement> {
+    (
+        prop::sample::select(&KEYS[..]),
+        0..4usize,
+        prop::collection::btree_set(prop::sample::select(&VALUES[..]), 1..3),
+    )
+        .prop_map(|(key, op, values)| {
+            let (operator, values) = match op {
+                0 => (Operator::In, values.into_iter().map(s).collect()),
+                1 => (Operator::NotIn, values.into_iter().map(s).collect()),
+                2 => (Operator::Exists, vec![]),
+                _ => (Operator::DoesNotExist, vec![]),
+            };
+            LabelSelectorRequirement {
+                key: s(key),
+                operator,
+                values,
+            }
+        })
+}
+
+fn arb_selector() -> impl Strategy<Value = LabelSelector> {
+    (
+        prop::collection::btree_map(
+            prop::sample::select(&KEYS[..]).prop_map(s),
+            prop::sample::select(&VALUES[..]).prop_map(s),
+            0..2,
+        ),
+        prop::collection::vec(arb_requirement(), 0..2),
+    )
+        .prop_map(|(match_labels, match_expressions)| LabelSelector {
+            match_labels,
+            match_expressions,
+        })
+}
+
+fn arb_peer() -> impl Strategy<Value = NetworkPolicyPeer> {
+    prop_oneof![
+        arb_selector().prop_map(|p| NetworkPolicyPeer {
+            pod_selector: Some(p),
+            ..Default::default()
+        }),
+        arb_selector().prop_map(|n| NetworkPolicyPeer {
+            namespace_selector: Some(n),
+            ..Default::default()
+        }),
+        (arb_selector(), arb_selector()).prop_map(|(p, n)| NetworkPolicyPeer {
+            pod_selector: Some(p),
+            namespace_selector: Some(n),
+            ..Default::default()
+        }),
+        prop::sample::select(&BLOCKS[..]).prop_map(|(cidr, except)| NetworkPolicyPeer {
+            ip_block: Some(IpBlock {
+                cidr: s(cidr),
+                except: except.iter().map(|e| s(e)).collect(),
+            }),
+            ..Default::default()
+        }),
+    ]
+}
+
+fn arb_proto() -> impl Strategy<Value = Protocol> {
+    prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]
+}
+
+fn arb_port() -> impl Strategy<Value = NetworkPolicyPort> {
+    (
+        arb_proto(),
+        0..4usize,
+        prop::sample::select(&NUMBERS[..]),
+        prop::sample::select(&[0u16, 1, 10, 8000][..]),
+        prop::sample::select(&PORT_NAMES[..]),
+    )
+        .prop_map(|(protocol, kind, n, width, name)| {
+            let (port, end_port) = match kind {
+                0 => (None, None),
+                1 => (Some(TargetPort::Number(n)), None),
+                2 => (Some(TargetPort::Number(n)), Some(n.saturating_add(width))),
+                _ => (Some(TargetPort::Name(s(name))), None),
+            };
+            NetworkPolicyPort {
+                protocol,
+                port,
+                end_port,
+            }
+        })
+}
+
+fn arb_rule() -> impl Strategy<Value = (Vec<NetworkPolicyPeer>, Vec<NetworkPolicyPort>)> {
+    (
+        prop::collection::vec(arb_peer(), 0..3),
+        prop::collection::vec(arb_port(), 0..3),
+    )
+}
+
+fn arb_policy(n_ns: usize) -> impl Strategy<Value = (usize, NetworkPolicySpec)> {
+    (
+        0..n_ns,
+        arb_selector(),
+        0..5usize,
+        prop::collection::vec(arb_rule(), 0..3),
+        prop::collection::vec(arb_rule(), 0..3),
+    )
+        .prop_map(|(ns, pod_selector, types, ingress, egress)| {
+            let policy_types = match types {
+                0 => None,
+                1 => Some(vec![]),
+                2 => Some(vec![PolicyType::Ingress]),
+                3 => Some(vec![PolicyType::Egress]),
+                _ => Some(vec![PolicyType::Ingress, PolicyType::Egress]),
+            };
+            (
+                ns,
+                NetworkPolicySpec {
+                    pod_selector,
+                    policy_types,
+                    ingress: ingress
+                        .into_iter()
+                        .map(|(from, ports)| IngressRule { from, ports })
+                        .collect(),
+                    egress: egress
+                        .into_iter()
+                        .map(|(to, ports)| EgressRule { to, ports })
+                        .collect(),
+                },
+            )
+        })
+}
+
+type PodSpec = (
+    usize,
+    BTreeMap<String, String>,
+    Vec<Option<u16>>,
+    bool,
+    bool,
+    bool,
+);
+
+fn arb_pod(n_ns: usize) -> impl Strategy<Value = PodSpec> {
+    (
+        0..n_ns,
+        arb_labels(),
+        prop::collection::vec(prop::option::of(prop::sample::select(&NUMBERS[..])), 3),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+}
+
+fn arb_world() -> impl Strategy<Value = World> {
+    (2..=3usize).prop_flat_map(|n_ns| {
+        (
+            prop::collection::vec(arb_labels(), n_ns),
+            prop::collection::vec(arb_pod(n_ns), 3..=6),
+            prop::collection::vec(arb_policy(n_ns), 0..=4),
+        )
+            .prop_map(move |(ns_labels, pods, policies)| {
+                let namespaces: Vec<Namespace> = ns_labels
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, labels)| Namespace {
+                        name: format!("ns{i}"),
+                        labels,
+                    })
+                    .collect();
+                let pods = pods
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (ns, labels, ports, dual, unnamed, remote))| {
+                        let protos = [Protocol::Tcp, Protocol::Udp, Protocol::Tcp];
+                        let mut cports: Vec<ContainerPort> = ports
+                            .into_iter()
+                            .enumerate()
+                            .filter_map(|(j, n)| {
+                                n.map(|port| ContainerPort {
+                                    name: Some(s(PORT_NAMES[j])),
+                                    protocol: protos[j],
+                                    port,
+                                })
+                            })
+                            .collect();
+                        if unnamed {
+                            cports.push(ContainerPort {
+                                name: None,
+                                protocol: Protocol::Tcp,
+                                port: 90,
+                            });
+                        }
+                        let mut ips: Vec<IpAddr> =
+                            vec![format!("10.0.0.{}", i + 1).parse().unwrap()];
+                        if dual {
+                            ips.push(format!("fd00::{}", i + 1).parse().unwrap());
+                        }
+                        PolicyPod {
+                            namespace: format!("ns{ns}"),
+                            name: format!("pod{i}"),
+                            labels,
+                            ips,
+                            node: if remote { s("n2") } else { s("n1") },
+                            ports: cports,
+                            host_ifname: format!("mla{i}"),
+                        }
+                    })
+                    .collect();
+                let policies = policies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (ns, spec))| NetworkPolicy {
+                        namespace: format!("ns{ns}"),
+                        name: format!("p{i}"),
+                        spec,
+                    })
+                    .collect();
+                World {
+                    policies,
+                    namespaces,
+                    pods,
+                }
+            })
+    })
+}
+
+impl std::fmt::Debug for World {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "namespaces: {:?}", self.namespaces)?;
+        for p in &self.pods {
+            writeln!(
+                f,
+                "pod {} labels={:?} ips={:?} node={} ports={:?}",
+                p.key(),
+                p.labels,
+                p.ips,
+                p.node,
+                p.ports
+            )?;
+        }
+        for p in &self.policies {
+            writeln!(
+                f,
+                "policy {}: {}",
+                p.key(),
+                serde_json::to_string(&p.spec).unwrap_or_default()
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn addresses(w: &World) -> Vec<IpAddr> {
+    let mut v: Vec<IpAddr> = w.pods.iter().flat_map(|p| p.ips.clone()).collect();
+    v.extend(BARE_IPS.iter().map(|s| s.parse::<IpAddr>().unwrap()));
+    v
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn policy_compiled_matches_reference(w in arb_world()) {
+        let progs: Vec<PolicyProgram> = ["n1", "n2"]
+            .iter()
+            .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
+            .collect();
+        let addrs = addresses(&w);
+        for &src in &addrs {
+            for &dst in &addrs {
+                if src.is_ipv4() != dst.is_ipv4() {
+                    continue;
+                }
+                for port in [53u16, 80, 81, 85, 90, 8080] {
+                    for proto in [Protocol::Tcp, Protocol::Udp] {
+                        let c = Connection {
+                            src: Endpoint::resolve(&w.pods, src),
+                            dst: Endpoint::resolve(&w.pods, dst),
+                            port,
+                            proto,
+                        };
+                        let want = reference::allowed(&w.policies, &w.namespaces, &c);
+                        let got = progs.iter().all(|p| p.allows(src, dst, port, proto));
+                        let why = explain(&w.policies, &w.namespaces, &c);
+                        prop_assert_eq!(
+                            got, want,
+                            "{} -> {} {}/{}\n{}\nprograms: {}",
+                            src, dst, port, proto.nft(), why,
+                            serde_json::to_string_pretty(&progs).unwrap_or_default()
+                        );
+                        prop_assert_eq!(why.allowed, want, "{}", why);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn policy_random_rulesets_pass_nft_check(w in arb_world()) {
+        let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+        let text = nft::render_full(&rendered(&prog));
+        if let Some(r) = crate::testutil::nft_check(&text) {
+            prop_assert_eq!(r, Ok(()), "{}", text);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! `malla policy trace`: why a connection is allowed or denied — for each direction, which
+//! NetworkPolicies select the endpoint and which rule allowed the traffic, or that none did.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use malla_api::service::Protocol;
+use malla_calc::policy::{explain, Connection, Endpoint, PolicyPod};
+use serde_json::json;
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Explain the verdict for FROM → TO (pods as namespace/name, or an IP address).
+    ///
+    /// Example: malla policy trace x/b x/a --port 80 --protocol TCP
+    Trace(TraceArgs),
+}
+
+#[derive(Args)]
+pub struct TraceArgs {
+    /// Source: namespace/name of a pod, or an IP address.
+    from: Option<String>,
+    /// Destination: namespace/name of a pod, or an IP address.
+    to: Option<String>,
+    #[arg(long)]
+    port: Option<u16>,
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP")]
+    protocol: String,
+    /// Every pod to every other pod on each of the destination's declared ports.
+    #[arg(long, conflicts_with_all = ["from", "to", "port"])]
+    all: bool,
+    /// Datastore file (default: the lab's).
+    #[arg(long)]
+    datastore: Option<PathBuf>,
+    #[arg(long, env = "MALLA_LAB", default_value = "demo")]
+    lab: String,
+    /// text or json.
+    #[arg(short = 'o', long, default_value = "text")]
+    output: String,
+}
+
+fn protocol(s: &str) -> anyhow::Result<Protocol> {
+    match s.to_ascii_uppercase().as_str() {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        other => bail!("--protocol: {other:?} is not TCP, UDP or SCTP"),
+    }
+}
+
+/// Addresses of a pod (`ns/name`) or the address itself.
+fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
+    if let Ok(ip) = who.parse::<IpAddr>() {
+        return Ok(vec![ip]);
+    }
+    let (ns, name) = who
+        .split_once('/')
+        .with_context(|| format!("{who:?} is neither namespace/name nor an IP"))?;
+    let pod = pods
+        .iter()
+        .find(|p| p.namespace == ns && p.name == name)
+        .with_context(|| format!("no pod {who} with an address"))?;
+    Ok(pod.ips.clone())
+}
+
+pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+    let PolicyCommand::Trace(a) = cmd;
+    let path = match a.datastore {
+        Some(p) => p,
+        None => malla_lab::LabPaths::new(&a.lab, crate::lab_cmd::state_root().as_deref())?.store(),
+    };
+    anyhow::ensure!(path.exists(), "no datastore at {}", path.display());
+    let store = malla_store::LocalStore::open(&path)?;
+    let view = malla_agent::read_view(&store)?;
+    let pods = malla_calc::routes::policy_pods(&view);
+    let mut out = Vec::new();
+    if a.all {
+        for src in &pods {
+            for dst in pods.iter().filter(|d| {
+                (d.namespace.as_str(), d.name.as_str())
+                    != (src.namespace.as_str(), src.name.as_str())
+            }) {
+                let (Some(s), Some(d)) = (
+                    src.ips.first(),
+                    dst.ips.iter().find(|d| d.is_ipv4() == src.ips[0].is_ipv4()),
+                ) else {
+                    continue;
+                };
+                for port in &dst.ports {
+                    let c = Connection {
+                        src: Endpoint::resolve(&pods, *s),
+                        dst: Endpoint::resolve(&pods, *d),
+                        port: port.port,
+                        proto: port.protocol,
+                    };
+                    let e = explain(&view.policies, &view.namespaces, &c);
+                    out.push((
+                        format!("{}/{}", src.namespace, src.name),
+                        format!("{}/{}", dst.namespace, dst.name),
+                        port.port,
+                        port.protocol,
+                        e,
+                    ));
+                }
+            }
+        }
+    } else {
+        let (Some(from), Some(to), Some(port)) = (a.from.as_deref(), a.to.as_deref(), a.port)
+        else {
+            bail!("give FROM, TO and --port (or --all)");
+        };
+        let proto = protocol(&a.protocol)?;
+        let srcs = addresses(&pods, from)?;
+        let dsts = addresses(&pods, to)?;
+        let (s, d) = srcs
+            .iter()
+            .find_map(|s| {
+                dsts.iter()
+                    .find(|d| d.is_ipv4() == s.is_ipv4())
+                    .map(|d| (*s, *d))
+            })
+            .with_context(|| format!("{from} and {to} share no address family"))?;
+        let c = Connection {
+            src: Endpoint::resolve(&pods, s),
+            dst: Endpoint::resolve(&pods, d),
+            port,
+            proto,
+        };
+        out.push((
+            from.to_string(),
+            to.to_string(),
+            port,
+            proto,
+            explain(&view.policies, &view.namespaces, &c),
+        ));
+    }
+    if a.output == "json" {
+        let v: Vec<_> = out
+            .iter()
+            .map(|(f, t, p, pr, e)| json!({"from": f, "to": t, "port": p, "protocol": pr.nft(), "allowed": e.allowed, "egress": e.egress, "ingress": e.ingress}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for (f, t, p, pr, e) in &out {
+            println!(
+                "{f} -> {t} {}/{p}: {}",
+                pr.nft(),
+                if e.allowed { "ALLOWED" } else { "DENIED" }
+            );
+            for line in e.to_string().lines() {
+                println!("  {line}");
+            }
+        }
+    }
+    Ok(())
+}
