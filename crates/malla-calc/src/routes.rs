@@ -261,6 +261,7 @@ mod tests {
             ],
             services: vec![],
             endpoint_slices: vec![],
+            ..Default::default()
         }
     }
 

@@ -1,13 +1,18 @@
 //! Malla's datastore: the [`Store`] trait every component reads and writes cluster state
-//! through, typed JSON helpers over it, and [`LocalStore`], the embedded backend.
+//! through, typed JSON helpers over it, [`LocalStore`], the embedded backend, and
+//! [`EtcdStore`], the same model over an etcd v3 cluster.
 //!
 //! The model is a small etcd: string keys, string (JSON) values, a single global revision
 //! counter bumped by every write, per-key create/mod revisions for compare-and-swap, and an
 //! event log that watchers replay with [`Store::events_since`].
 
+mod etcd;
 mod local;
 
+pub use etcd::{EtcdStore, DEFAULT_SETTLE};
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
+
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -76,6 +81,9 @@ pub enum StoreError {
     /// A stored value was not the JSON expected (or a value could not be encoded).
     #[error("cannot decode {key}: {reason}")]
     Decode { key: String, reason: String },
+    /// The key cannot be stored by this backend (etcd: keys must start with `/`).
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
     /// The backend failed (sqlite, I/O), with context.
     #[error("store backend: {0}")]
     Backend(String),
@@ -106,8 +114,13 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<Revision>, StoreError>;
     /// Every change to keys under prefix with revision > after, in revision order.
     fn events_since(&self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError>;
-    /// The store's current revision (0 for an empty store).
+    /// The store's current revision (0 for an empty LocalStore; etcd's revision, which starts
+    /// at 1 and is shared by every prefix, for EtcdStore).
     fn revision(&self) -> Result<Revision, StoreError>;
+    /// Blocks until the store has changed after revision `after` or `timeout` passes; returns
+    /// the current revision (> after when something changed). Blocking: call it from a plain
+    /// thread, or accept that it holds the calling thread.
+    fn wait_for_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError>;
 }
 
 fn decode<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, StoreError> {

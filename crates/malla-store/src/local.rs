@@ -212,26 +212,6 @@ impl LocalStore {
         tx.commit().map_err(backend("commit"))?;
         Ok(Some(rev))
     }
-
-    /// Blocks until the store revision is > after or timeout passes; returns the current revision.
-    pub fn wait_for_change(
-        &self,
-        after: Revision,
-        timeout: Duration,
-    ) -> Result<Revision, StoreError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let rev = self.revision()?;
-            if rev > after {
-                return Ok(rev);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Ok(rev);
-            }
-            std::thread::sleep(POLL_INTERVAL.min(deadline - now));
-        }
-    }
 }
 
 /// What a write transaction does to its key.
@@ -387,6 +367,22 @@ impl Store for LocalStore {
     fn revision(&self) -> Result<Revision, StoreError> {
         let conn = self.lock();
         Ok(read_meta(&conn)?.0)
+    }
+
+    /// Blocks until the store revision is > after or timeout passes; returns the current revision.
+    fn wait_for_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rev = self.revision()?;
+            if rev > after {
+                return Ok(rev);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(rev);
+            }
+            std::thread::sleep(POLL_INTERVAL.min(deadline - now));
+        }
     }
 }
 
