@@ -120,7 +120,12 @@ impl Set {
 
 impl Map {
     fn spec(&self) -> String {
-        let mut s = format!("type {} : {};", self.type_, self.value);
+        // `typeof EXPR` declares the key by an expression (e.g. numgen's integer).
+        let mut s = if self.type_.starts_with("typeof ") {
+            format!("{} : {};", self.type_, self.value)
+        } else {
+            format!("type {} : {};", self.type_, self.value)
+        };
         if !self.flags.is_empty() {
             let _ = write!(s, " flags {};", self.flags.join(","));
         }
