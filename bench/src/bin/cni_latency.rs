@@ -111,6 +111,7 @@ fn malla(
             ipv6: false,
             malla_bin: malla_bin.to_path_buf(),
             cni_bin: cni_bin.to_path_buf(),
+            datastore: Default::default(),
         },
     )?;
     let node = lab.state.nodes[0].name.clone();

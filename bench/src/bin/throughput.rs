@@ -77,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         ipv6: false,
         malla_bin: malla_bin.clone(),
         cni_bin: cni_bin.clone(),
+        datastore: Default::default(),
     };
 
     let mut cases = Vec::new();

@@ -16,13 +16,13 @@ use anyhow::Context;
 use malla_api::service::{EndpointSlice, Service};
 use malla_api::{keys, ClusterConfig, IpPool, Node, WorkloadEndpoint};
 use malla_calc::ClusterView;
-use malla_store::{LocalStore, Store};
+use malla_store::Store;
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub node: String,
-    pub store_path: PathBuf,
+    pub datastore: malla_store::DatastoreSpec,
     /// The interface facing the other nodes.
     pub underlay_interface: String,
     /// Full resync period, repairing drift even without datastore changes.
@@ -67,8 +67,11 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
 
 /// Runs the agent until the process is killed.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let store = LocalStore::open(&cfg.store_path)
-        .with_context(|| format!("opening datastore {}", cfg.store_path.display()))?;
+    let store = cfg
+        .datastore
+        .open()
+        .with_context(|| format!("opening datastore {}", cfg.datastore))?;
+    let store: &dyn Store = &*store;
     // Held for the agent's lifetime: the CNI plugin's STATUS knows the agent runs while it is
     // locked, and a second agent for the same node refuses to start.
     let _lock = match &cfg.ready_file {
@@ -82,14 +85,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
         plane.enable_forwarding()?;
-        registration::register(&store, &cfg.node, &plane).await?;
+        registration::register(store, &cfg.node, &plane).await?;
         let mut applied_rev = -1;
         let mut last_full = Instant::now() - cfg.resync;
         let mut ready = false;
         loop {
             let rev = store.revision()?;
             if rev != applied_rev || last_full.elapsed() >= cfg.resync {
-                let view = read_view(&store)?;
+                let view = read_view(store)?;
                 let desired = malla_calc::compute(&view, &cfg.node);
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");

@@ -59,8 +59,9 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     }
 
     let store = open_store(conf)?;
+    let store: &dyn Store = &*store;
     let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
-    match malla_store::get_json::<WorkloadEndpoint>(&store, &key)
+    match malla_store::get_json::<WorkloadEndpoint>(store, &key)
         .map_err(store_err("read endpoint"))?
     {
         None => problems.push(format!("no endpoint record {key}")),
@@ -75,7 +76,7 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         }
     }
     let handle = env.ipam_handle(&conf.name);
-    let held: BTreeSet<IpAddr> = malla_ipam::Ipam::new(&store)
+    let held: BTreeSet<IpAddr> = malla_ipam::Ipam::new(store)
         .handles()
         .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM", e.to_string()))?
         .into_iter()
@@ -187,8 +188,9 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     let mut errors = Vec::new();
 
     let store = open_store(conf)?;
+    let store: &dyn Store = &*store;
     let (endpoints, _) = malla_store::list_json::<WorkloadEndpoint>(
-        &store,
+        store,
         &keys::endpoints_of_node(&conf.node_name),
     )
     .map_err(store_err("list endpoints"))?;
@@ -204,7 +206,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
         }
     }
 
-    let ipam = malla_ipam::Ipam::new(&store);
+    let ipam = malla_ipam::Ipam::new(store);
     let node = conf.node_name.clone();
     let released = ipam.release_unless(&|h: &malla_ipam::Handle| {
         let on_this_node = h
@@ -218,7 +220,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     }
 
     // Host veths left by an ADD that died before recording its endpoint.
-    if let Err(e) = remove_stray_veths(&valid_veths, &store, &conf.node_name) {
+    if let Err(e) = remove_stray_veths(&valid_veths, store, &conf.node_name) {
         errors.push(e);
     }
     if errors.is_empty() {
@@ -306,7 +308,7 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
             "",
         ));
     }
-    let ipam = malla_ipam::Ipam::new(&store);
+    let ipam = malla_ipam::Ipam::new(&*store);
     let err =
         |e: malla_ipam::IpamError| CniError::new(NOT_AVAILABLE, "IPAM unavailable", e.to_string());
     let pools = ipam.pools().map_err(err)?;

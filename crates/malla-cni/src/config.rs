@@ -6,20 +6,6 @@ use serde::Deserialize;
 
 use crate::error::{self, CniError};
 
-/// Where the datastore is.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct DatastoreConf {
-    /// Only `local` exists today.
-    #[serde(rename = "type", default = "local")]
-    pub kind: String,
-    pub path: String,
-}
-
-fn local() -> String {
-    "local".into()
-}
-
 /// Which families to assign; unset means "every family that has an enabled pool".
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -38,7 +24,8 @@ pub struct NetConf {
     #[serde(rename = "type")]
     pub kind: String,
     pub node_name: String,
-    pub datastore: DatastoreConf,
+    /// `{"type": "local", "path": …}` or `{"type": "etcd", "endpoints": […], "prefix": …}`.
+    pub datastore: malla_store::DatastoreSpec,
     #[serde(default)]
     pub mtu: Option<u32>,
     #[serde(default)]
@@ -139,13 +126,6 @@ impl NetConf {
             )
             .with_version(&version)
         })?;
-        if conf.datastore.kind != "local" {
-            return Err(CniError::new(
-                error::INVALID_CONFIG,
-                "datastore.type: only \"local\" is supported",
-                format!("got {:?}", conf.datastore.kind),
-            ));
-        }
         if conf.node_name.is_empty() {
             return Err(CniError::new(
                 error::INVALID_CONFIG,
@@ -291,9 +271,18 @@ mod tests {
         assert_eq!(e.code, error::INVALID_CONFIG);
         assert!(e.details.contains("nodeName"), "{e:?}");
         let ok = NetConf::parse(
-            br#"{"cniVersion":"1.0.0","name":"n","type":"malla","nodeName":"a","datastore":{"path":"/x"}}"#,
+            br#"{"cniVersion":"1.0.0","name":"n","type":"malla","nodeName":"a","datastore":{"type":"local","path":"/x"}}"#,
         )
         .unwrap();
-        assert_eq!(ok.datastore.kind, "local");
+        assert_eq!(
+            ok.datastore,
+            malla_store::DatastoreSpec::Local { path: "/x".into() }
+        );
+        let e = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"malla","nodeName":"a","datastore":{"type":"zk","path":"/x"}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, error::INVALID_CONFIG);
+        assert!(e.details.contains("zk"), "{e:?}");
     }
 }

@@ -100,14 +100,14 @@ pub fn install(
 /// Malla's conflist for a node.
 pub fn conflist(
     node: &str,
-    datastore: &Path,
+    datastore: &malla_store::DatastoreSpec,
     agent_ready_file: Option<&Path>,
     cni_version: &str,
 ) -> Value {
     let mut plugin = serde_json::json!({
         "type": PLUGIN_NAME,
         "nodeName": node,
-        "datastore": {"type": "local", "path": datastore},
+        "datastore": datastore,
         "capabilities": {"ips": true, "mac": true},
     });
     if let Some(f) = agent_ready_file {
@@ -126,7 +126,14 @@ mod tests {
         let bin = dir.path().join("plugin");
         std::fs::write(&bin, b"#!/bin/true\n").unwrap();
         let (bins, confs) = (dir.path().join("bin"), dir.path().join("net.d"));
-        let conf = conflist("n1", Path::new("/var/lib/malla/store.db"), None, "1.1.0");
+        let conf = conflist(
+            "n1",
+            &malla_store::DatastoreSpec::Local {
+                path: "/var/lib/malla/store.db".into(),
+            },
+            None,
+            "1.1.0",
+        );
         let got = install(&bin, &bins, &confs, &conf, false).unwrap();
         assert_eq!(std::fs::read(&got.binary).unwrap(), b"#!/bin/true\n");
         assert!(std::fs::metadata(&got.binary).unwrap().permissions().mode() & 0o111 != 0);

@@ -13,12 +13,11 @@ pub mod pod;
 pub mod result;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use config::{CniEnv, NetConf};
 pub use error::CniError;
 use malla_api::{keys, ClusterConfig, Node, WorkloadEndpoint};
-use malla_store::{LocalStore, Store};
+use malla_store::Store;
 
 /// CNI versions this plugin reads configurations of and writes results for.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -53,12 +52,12 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &[u8]) -> Result<Option<String
     outcome.map_err(|e| e.with_version(&version))
 }
 
-pub(crate) fn open_store(conf: &NetConf) -> Result<LocalStore, CniError> {
-    LocalStore::open(Path::new(&conf.datastore.path)).map_err(|e| {
+pub(crate) fn open_store(conf: &NetConf) -> Result<Box<dyn Store>, CniError> {
+    conf.datastore.open().map_err(|e| {
         CniError::new(
             error::TRY_AGAIN_LATER,
             "cannot open the Malla datastore",
-            format!("{}: {e}", conf.datastore.path),
+            format!("{}: {e}", conf.datastore),
         )
     })
 }
@@ -75,8 +74,9 @@ pub(crate) fn store_err(what: &str) -> impl FnOnce(malla_store::StoreError) -> C
 
 fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
     let store = open_store(conf)?;
+    let store: &dyn Store = &*store;
     let node_name = conf.node_name.as_str();
-    let (node, _) = malla_store::get_json::<Node>(&store, &keys::node(node_name))
+    let (node, _) = malla_store::get_json::<Node>(store, &keys::node(node_name))
         .map_err(store_err("read node"))?
         .ok_or_else(|| {
             CniError::new(
@@ -85,13 +85,13 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
                 "the Malla agent registers the node when it starts; is it running?",
             )
         })?;
-    let cluster = malla_store::get_json::<ClusterConfig>(&store, keys::CLUSTER_CONFIG)
+    let cluster = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)
         .map_err(store_err("read cluster config"))?
         .map(|(c, _)| c)
         .unwrap_or_default();
     let mtu = conf.mtu.unwrap_or_else(|| pod::pod_mtu(&node, &cluster));
 
-    let ipam = malla_ipam::Ipam::new(&store);
+    let ipam = malla_ipam::Ipam::new(store);
     let pools = ipam.pools().map_err(|e| {
         CniError::new(
             error::TRY_AGAIN_LATER,
@@ -193,7 +193,7 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         ipam_handle: handle.clone(),
     };
     if let Err(e) = malla_store::put_json(
-        &store,
+        store,
         &keys::endpoint(node_name, &env.container_id, &env.ifname),
         &endpoint,
     ) {
@@ -215,7 +215,8 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     // The veth goes first: it needs neither the datastore nor the pod's namespace.
     pod::unwire(&host_ifname)?;
     let store = open_store(conf)?;
-    malla_ipam::Ipam::new(&store)
+    let store: &dyn Store = &*store;
+    malla_ipam::Ipam::new(store)
         .release_by_handle(&env.ipam_handle(&conf.name))
         .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM release", e.to_string()))?;
     store

@@ -11,8 +11,10 @@ pub mod manifest;
 pub mod probe;
 pub mod process;
 pub mod runtime;
+pub mod runtimes;
 pub mod services;
 pub mod state;
+pub mod store;
 pub mod topology;
 
 pub use state::{LabPaths, LabState};

@@ -41,13 +41,11 @@ pub fn spawn_detached(mut cmd: Command, netns: &str, log: &Path) -> anyhow::Resu
     Ok(pid)
 }
 
-/// Whether `pid` is alive and is a malla process (not a recycled pid).
+/// Whether `pid` is alive and is one of the lab's processes (not a recycled pid).
 pub fn is_ours(pid: u32) -> bool {
+    // Anywhere in the command line: the lab's etcd is `etcd --data-dir /run/malla-lab/…`.
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            let first = c.split(|b| *b == 0).next().unwrap_or_default();
-            String::from_utf8_lossy(first).contains("malla")
-        })
+        .map(|c| String::from_utf8_lossy(&c).contains("malla"))
         .unwrap_or(false)
         && !is_zombie(pid)
 }

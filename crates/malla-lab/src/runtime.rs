@@ -276,8 +276,7 @@ pub fn apply(
 /// exist: the lab's API server and endpoint-slice controller in one.
 pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
     use malla_api::keys;
-    use malla_store::Store;
-    let store = malla_store::LocalStore::open(&paths.store())?;
+    let store = crate::store::open(paths, state)?;
     let pods: Vec<&PodState> = state.pods.values().collect();
     let mut want: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     for ns in &state.namespaces {

@@ -143,6 +143,11 @@ pub struct LabState {
     pub name: String,
     pub routing: RoutingMode,
     pub ipv6: bool,
+    /// The datastore backend (the embedded file, or etcd in the fabric namespace).
+    #[serde(default)]
+    pub datastore: crate::store::Backend,
+    #[serde(default)]
+    pub etcd_pid: Option<u32>,
     pub fabric_netns: String,
     pub nodes: Vec<NodeState>,
     pub external: ExternalState,

@@ -29,6 +29,8 @@ pub struct UpOptions {
     pub malla_bin: std::path::PathBuf,
     /// The `malla-cni` binary to install as the CNI plugin `malla`.
     pub cni_bin: std::path::PathBuf,
+    /// The datastore the lab runs on.
+    pub datastore: crate::store::Backend,
 }
 
 pub fn node_name(i: usize) -> String {
@@ -94,6 +96,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         if existing.nodes.len() != opts.nodes
             || existing.routing != opts.routing
             || existing.ipv6 != opts.ipv6
+            || existing.datastore != opts.datastore
         {
             bail!(
                 "lab {:?} is already up with {} nodes, routing {}, ipv6 {}; run `malla lab down` first to change its shape",
@@ -107,7 +110,6 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
     for d in ["logs", "cni/bin"] {
         std::fs::create_dir_all(paths.dir.join(d))?;
     }
-    init_datastore(paths, opts)?;
 
     let fabric = paths.netns("fabric");
     netns::create(&fabric)?;
@@ -130,6 +132,16 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         ip(&fabric, "addr replace fd00:198:19::1/64 dev br0 nodad")?;
     }
     ip(&fabric, "link set br0 up")?;
+    let previous = LabState::load(paths)?;
+    let etcd_pid = match opts.datastore {
+        crate::store::Backend::Etcd => Some(crate::store::start_etcd(
+            paths,
+            &fabric,
+            previous.as_ref().and_then(|p| p.etcd_pid),
+        )?),
+        crate::store::Backend::Local => None,
+    };
+    init_datastore(paths, opts, &fabric)?;
 
     let ext_ns = paths.netns("external");
     netns::create(&ext_ns)?;
@@ -170,7 +182,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             )?;
             ip(&ns, "route replace default via fd00:198:19::1")?;
         }
-        install_cni(paths, &opts.cni_bin, &name)?;
+        install_cni(paths, &opts.cni_bin, &name, opts.datastore)?;
         nodes.push(NodeState {
             name,
             netns: ns,
@@ -180,11 +192,12 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         });
     }
 
-    let previous = LabState::load(paths)?;
     let mut state = LabState {
         name: paths.name.clone(),
         routing: opts.routing,
         ipv6: opts.ipv6,
+        datastore: opts.datastore,
+        etcd_pid,
         fabric_netns: fabric,
         nodes,
         external: ExternalState {
@@ -220,7 +233,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         if node.agent_pid.is_some_and(process::is_ours) {
             continue;
         }
-        node.agent_pid = Some(start_agent(paths, &opts.malla_bin, node)?);
+        node.agent_pid = Some(start_agent(paths, &opts.malla_bin, node, opts.datastore)?);
     }
     if !state.external.probe_pid.is_some_and(process::is_ours) {
         let ready = paths.dir.join("external.ready");
@@ -245,7 +258,12 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
 }
 
 /// Starts (or restarts) a node's agent; returns its pid.
-pub fn start_agent(paths: &LabPaths, malla_bin: &Path, node: &NodeState) -> anyhow::Result<u32> {
+pub fn start_agent(
+    paths: &LabPaths,
+    malla_bin: &Path,
+    node: &NodeState,
+    datastore: crate::store::Backend,
+) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(paths.ready_file(&node.name));
     let mut cmd = Command::new(malla_bin);
     cmd.args([
@@ -256,7 +274,7 @@ pub fn start_agent(paths: &LabPaths, malla_bin: &Path, node: &NodeState) -> anyh
         "ul0",
         "--datastore",
     ])
-    .arg(paths.store())
+    .arg(crate::store::spec(paths, datastore).to_string())
     .arg("--ready-file")
     .arg(paths.ready_file(&node.name));
     process::spawn_detached(
@@ -277,8 +295,7 @@ pub fn applied_revision(paths: &LabPaths, node: &str) -> Option<i64> {
 
 /// Waits until every agent has applied the datastore's current revision (or a later one).
 pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> anyhow::Result<()> {
-    use malla_store::Store;
-    let target = malla_store::LocalStore::open(&paths.store())?.revision()?;
+    let target = crate::store::open(paths, state)?.revision()?;
     let deadline = Instant::now() + timeout;
     loop {
         let behind: Vec<&str> = state
@@ -303,9 +320,18 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
 }
 
 /// Installs the plugin and writes every node's conflist, as `malla install-cni` does on a node.
-fn install_cni(paths: &LabPaths, cni_bin: &Path, node: &str) -> anyhow::Result<()> {
-    let conflist =
-        malla_cni::install::conflist(node, &paths.store(), Some(&paths.ready_file(node)), "1.1.0");
+fn install_cni(
+    paths: &LabPaths,
+    cni_bin: &Path,
+    node: &str,
+    datastore: crate::store::Backend,
+) -> anyhow::Result<()> {
+    let conflist = malla_cni::install::conflist(
+        node,
+        &crate::store::spec(paths, datastore),
+        Some(&paths.ready_file(node)),
+        "1.1.0",
+    );
     let conf_dir = paths
         .conflist(node)
         .parent()
@@ -315,17 +341,18 @@ fn install_cni(paths: &LabPaths, cni_bin: &Path, node: &str) -> anyhow::Result<(
     Ok(())
 }
 
-fn init_datastore(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<()> {
-    let store = malla_store::LocalStore::open(&paths.store())?;
+fn init_datastore(paths: &LabPaths, opts: &UpOptions, fabric: &str) -> anyhow::Result<()> {
+    let store = crate::store::open_backend(paths, opts.datastore, fabric)?;
+    let store: &dyn malla_store::Store = &*store;
     let config = ClusterConfig {
         routing: opts.routing,
         ..ClusterConfig::default()
     };
-    let current = malla_store::get_json::<ClusterConfig>(&store, keys::CLUSTER_CONFIG)?;
+    let current = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)?;
     if current.map(|(c, _)| c) != Some(config.clone()) {
-        malla_store::put_json(&store, keys::CLUSTER_CONFIG, &config)?;
+        malla_store::put_json(store, keys::CLUSTER_CONFIG, &config)?;
     }
-    let ipam = malla_ipam::Ipam::new(&store);
+    let ipam = malla_ipam::Ipam::new(store);
     let mut pools = vec![IpPool {
         name: "default-ipv4".into(),
         cidr: "198.18.0.0/16".parse()?,
@@ -362,6 +389,9 @@ pub fn down(paths: &LabPaths) -> anyhow::Result<Vec<String>> {
             }
         }
         if let Some(pid) = s.external.probe_pid {
+            process::stop(pid);
+        }
+        if let Some(pid) = s.etcd_pid {
             process::stop(pid);
         }
         for n in &s.nodes {

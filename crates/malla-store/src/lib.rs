@@ -8,9 +8,11 @@
 
 mod etcd;
 mod local;
+mod spec;
 
 pub use etcd::{EtcdStore, DEFAULT_SETTLE};
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
+pub use spec::{DatastoreSpec, DEFAULT_ETCD_PREFIX};
 
 use std::time::Duration;
 

@@ -1,9 +1,6 @@
 //! `malla ipam show`: pools, and blocks with their node and use.
 
-use std::path::PathBuf;
-
 use clap::Subcommand;
-use malla_store::LocalStore;
 
 #[derive(Subcommand)]
 pub enum IpamCommand {
@@ -13,7 +10,7 @@ pub enum IpamCommand {
     Show {
         /// Datastore file (default: the lab's).
         #[arg(long)]
-        datastore: Option<PathBuf>,
+        datastore: Option<malla_store::DatastoreSpec>,
         /// Read the datastore of this lab.
         #[arg(long, env = "MALLA_LAB", default_value = "demo")]
         lab: String,
@@ -30,15 +27,8 @@ pub fn run(cmd: IpamCommand) -> anyhow::Result<()> {
             lab,
             output,
         } => {
-            let path = match datastore {
-                Some(p) => p,
-                None => {
-                    malla_lab::LabPaths::new(&lab, crate::lab_cmd::state_root().as_deref())?.store()
-                }
-            };
-            anyhow::ensure!(path.exists(), "no datastore at {}", path.display());
-            let store = LocalStore::open(&path)?;
-            let ipam = malla_ipam::Ipam::new(&store);
+            let store = crate::lab_cmd::open_store(datastore.as_ref(), &lab)?;
+            let ipam = malla_ipam::Ipam::new(&*store);
             let pools = ipam.pools()?;
             let blocks = ipam.blocks()?;
             if output == "json" {

@@ -81,6 +81,9 @@ struct UpArgs {
     /// Dual-stack: an IPv6 pool and underlay too.
     #[arg(long)]
     ipv6: bool,
+    /// The datastore: local (an embedded file) or etcd (a real etcd the lab runs on its fabric).
+    #[arg(long, default_value = "local")]
+    datastore: malla_lab::store::Backend,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +118,21 @@ struct ProbeArgs {
     count: usize,
 }
 
+/// The datastore a command reads: the one given, or the lab's.
+pub fn open_store(
+    datastore: Option<&malla_store::DatastoreSpec>,
+    lab: &str,
+) -> anyhow::Result<Box<dyn malla_store::Store>> {
+    match datastore {
+        Some(spec) => Ok(spec.open()?),
+        None => {
+            let paths = LabPaths::new(lab, state_root().as_deref())?;
+            let state = LabState::require(&paths)?;
+            malla_lab::store::open(&paths, &state)
+        }
+    }
+}
+
 /// The state root, overridable for tests.
 pub fn state_root() -> Option<PathBuf> {
     std::env::var_os("MALLA_LAB_STATE_DIR").map(PathBuf::from)
@@ -137,6 +155,7 @@ fn up_options(a: &UpArgs) -> anyhow::Result<UpOptions> {
         ipv6: a.ipv6,
         malla_bin: std::env::current_exe()?,
         cni_bin: sibling_binary("malla-cni")?,
+        datastore: a.datastore,
     })
 }
 

@@ -31,9 +31,9 @@ enum Command {
         /// This node's name.
         #[arg(long)]
         node: String,
-        /// Path of the local datastore file.
+        /// The datastore: a local file path, or etcd://HOST:PORT[,HOST:PORT]/PREFIX.
         #[arg(long)]
-        datastore: PathBuf,
+        datastore: malla_store::DatastoreSpec,
         /// Interface facing the other nodes.
         #[arg(long)]
         underlay_interface: String,
@@ -73,9 +73,9 @@ enum Command {
         /// This node's name, as the agent registers it.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// The local datastore file.
+        /// The datastore: a local file path, or etcd://HOST:PORT[,HOST:PORT]/PREFIX.
         #[arg(long, default_value = "/var/lib/malla/store.db")]
-        datastore: PathBuf,
+        datastore: malla_store::DatastoreSpec,
         /// The agent's ready file (enables CNI STATUS to see the agent).
         #[arg(long)]
         agent_ready_file: Option<PathBuf>,
@@ -114,7 +114,7 @@ fn main() {
                 .init();
             malla_agent::run(malla_agent::AgentConfig {
                 node,
-                store_path: datastore,
+                datastore,
                 underlay_interface,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 ready_file,

@@ -2,7 +2,6 @@
 //! NetworkPolicies select the endpoint and which rule allowed the traffic, or that none did.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -34,7 +33,7 @@ pub struct TraceArgs {
     all: bool,
     /// Datastore file (default: the lab's).
     #[arg(long)]
-    datastore: Option<PathBuf>,
+    datastore: Option<malla_store::DatastoreSpec>,
     #[arg(long, env = "MALLA_LAB", default_value = "demo")]
     lab: String,
     /// text or json.
@@ -68,13 +67,8 @@ fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     let PolicyCommand::Trace(a) = cmd;
-    let path = match a.datastore {
-        Some(p) => p,
-        None => malla_lab::LabPaths::new(&a.lab, crate::lab_cmd::state_root().as_deref())?.store(),
-    };
-    anyhow::ensure!(path.exists(), "no datastore at {}", path.display());
-    let store = malla_store::LocalStore::open(&path)?;
-    let view = malla_agent::read_view(&store)?;
+    let store = crate::lab_cmd::open_store(a.datastore.as_ref(), &a.lab)?;
+    let view = malla_agent::read_view(&*store)?;
     let pods = malla_calc::routes::policy_pods(&view);
     let mut out = Vec::new();
     if a.all {

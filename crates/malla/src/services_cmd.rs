@@ -2,7 +2,6 @@
 //! dispatches to, and per-endpoint counters of new connections read from the kernel.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
@@ -15,7 +14,7 @@ pub struct ServicesArgs {
     node: String,
     /// Datastore file (default: the lab's).
     #[arg(long)]
-    datastore: Option<PathBuf>,
+    datastore: Option<malla_store::DatastoreSpec>,
     /// Read the lab of this name (and its node's namespace for counters).
     #[arg(long, env = "MALLA_LAB", default_value = "demo")]
     lab: String,
@@ -49,21 +48,19 @@ fn counters(netns: Option<&NetNs>) -> BTreeMap<String, u64> {
 }
 
 pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
-    let root = crate::lab_cmd::state_root();
-    let (path, netns) = match a.datastore {
-        Some(p) => (p, None),
+    let netns = match &a.datastore {
+        Some(_) => None,
         None => {
-            let paths = malla_lab::LabPaths::new(&a.lab, root.as_deref())?;
+            let paths = malla_lab::LabPaths::new(&a.lab, crate::lab_cmd::state_root().as_deref())?;
             let state = malla_lab::LabState::require(&paths)?;
             let node = state
                 .node(&a.node)
                 .with_context(|| format!("--node: no node {:?} in lab {}", a.node, a.lab))?;
-            (paths.store(), Some(NetNs::open_named(&node.netns)?))
+            Some(NetNs::open_named(&node.netns)?)
         }
     };
-    let store = malla_store::LocalStore::open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let view = malla_agent::read_view(&store)?;
+    let store = crate::lab_cmd::open_store(a.datastore.as_ref(), &a.lab)?;
+    let view = malla_agent::read_view(&*store)?;
     let map = malla_calc::compute(&view, &a.node).service_map;
     let counts = counters(netns.as_ref());
     if a.output == "json" {

@@ -11,12 +11,26 @@ use common::{two_pods_per_node, Lab};
 use serde_json::Value;
 
 fn conformance(routing: &str, ipv6: bool) {
+    conformance_on(routing, ipv6, "local");
+}
+
+fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
     let lab = Lab::new(&format!(
-        "{}{}",
+        "{}{}{}",
         &routing[..1],
-        if ipv6 { "6" } else { "4" }
+        if ipv6 { "6" } else { "4" },
+        &datastore[..1]
     ));
-    let mut up = vec!["lab", "up", "--nodes", "3", "--routing", routing];
+    let mut up = vec![
+        "lab",
+        "up",
+        "--nodes",
+        "3",
+        "--routing",
+        routing,
+        "--datastore",
+        datastore,
+    ];
     if ipv6 {
         up.push("--ipv6");
     }
@@ -159,4 +173,16 @@ fn direct_dual_stack() {
 #[test]
 fn vxlan_dual_stack() {
     conformance("vxlan", true);
+}
+
+/// The same network model with every agent and CNI plugin on a real etcd (run by the lab in its
+/// fabric namespace, reached over the underlay).
+#[test]
+fn direct_ipv4_on_etcd() {
+    conformance_on("direct", false, "etcd");
+}
+
+#[test]
+fn vxlan_dual_stack_on_etcd() {
+    conformance_on("vxlan", true, "etcd");
 }

@@ -1,0 +1,1324 @@
+//! `policy-bench`: NetworkPolicy at scale.
+//!
+//! 1. Programming from cold: a synthetic cluster (10k pods over 50 namespaces, most of them on
+//!    other nodes, 1k policies mixing pod selectors, namespace selectors, ipBlocks, named ports,
+//!    egress and default-deny) through `policy_pods` + `compile` (*calc*), the node table +
+//!    `render_policy` + `render_full` (*render*) and `nft -f -` inside a namespace of ours
+//!    (*apply*). The floor is an `nft -f -` of an empty table in the same run.
+//! 2. One pod label change: a remote pod's labels change so it enters a peer selector; the
+//!    program is recomputed, `render_diff`-ed and applied to the same namespace.
+//! 3. Connection setup with 1 vs N policies on the path: a 1-node lab, pods `client` and
+//!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks/ports, the one
+//!    allowing the client sorts last); TCP connect + first byte from the client's namespace.
+//! 4. Agent RSS: a 1-node lab whose datastore gets the synthetic cluster of part 1 (pods,
+//!    endpoint records on remote nodes, their nodes and blocks, namespaces, policies).
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::Parser;
+use malla_api::policy::{
+    EgressRule, IngressRule, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
+    NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, Operator, PolicyType,
+};
+use malla_api::service::{Protocol, TargetPort};
+use malla_api::{keys, ContainerPort, IpPool, Namespace, Node, Pod, RoutingMode, WorkloadEndpoint};
+use malla_bench::{
+    check, default_bin, ensure_prefix_unused, install_signal_handlers, ms, percentile, ratio,
+    require_file, Lab, Namespaces,
+};
+use malla_calc::nft as model;
+use malla_calc::policy::{compile, render_policy, PolicyProgram};
+use malla_calc::{masquerade, ClusterView, ServiceMap};
+use malla_dataplane::netns::NetNs;
+use malla_dataplane::nft;
+use malla_lab::topology::{self, UpOptions};
+use malla_lab::{manifest, runtime, store as lab_store};
+use malla_store::Store;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "NetworkPolicy: programming time, one label change, connection setup with 1 vs N policies, agent RSS"
+)]
+struct Args {
+    /// Synthetic pods (parts 1, 2 and 4).
+    #[arg(long, default_value_t = 10000)]
+    pods: usize,
+    /// Of those, pods on the measured node (`node-1`); the rest are on remote nodes.
+    #[arg(long, default_value_t = 100)]
+    local_pods: usize,
+    /// Synthetic NetworkPolicies.
+    #[arg(long, default_value_t = 1000)]
+    policies: usize,
+    /// Namespaces the pods and policies are spread over.
+    #[arg(long, default_value_t = 50)]
+    namespaces: usize,
+    /// Remote nodes the remote pods are spread over (by /26 block).
+    #[arg(long, default_value_t = 50)]
+    remote_nodes: usize,
+    /// Single label changes (part 2; the median is reported).
+    #[arg(long, default_value_t = 5)]
+    changes: usize,
+    /// Policies selecting the server in the large case of part 3.
+    #[arg(long, default_value_t = 1000)]
+    path_policies: usize,
+    /// TCP connections per case in part 3 (split over the rounds).
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+    /// Rounds of part 3; each measures every case once, interleaved, to cancel drift.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Skip parts 1 and 2 (programming, label change).
+    #[arg(long)]
+    skip_programming: bool,
+    /// Skip part 3 (connection latency).
+    #[arg(long)]
+    skip_latency: bool,
+    /// Skip part 4 (agent RSS).
+    #[arg(long)]
+    skip_rss: bool,
+    /// The `malla` binary (agent); default: next to this executable.
+    #[arg(long)]
+    malla_bin: Option<PathBuf>,
+    /// The `malla-cni` binary; default: next to this executable.
+    #[arg(long)]
+    cni_bin: Option<PathBuf>,
+    /// Give up (and clean up) after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    max_seconds: u64,
+}
+
+/// The measured node.
+const NODE: &str = "node-1";
+/// Local synthetic pods: 198.18.60.0 + k (k < 512).
+const LOCAL_BASE: u32 = u32::from_be_bytes([198, 18, 60, 0]);
+/// Remote synthetic pods: 198.18.64.0/18, cut into /26 blocks affine to the remote nodes.
+const REMOTE_BASE: u32 = u32::from_be_bytes([198, 18, 64, 0]);
+const REMOTE_SPAN: usize = 16384;
+/// Port of the server pod's probe server (part 3).
+const SERVER_PORT: u16 = 8080;
+/// Apps per namespace; tiers by app.
+const APPS: usize = 20;
+const TIERS: [&str; 4] = ["web", "api", "db", "cache"];
+const ENVS: [&str; 3] = ["prod", "staging", "dev"];
+
+// ---------------------------------------------------------------------------------------------
+// The synthetic cluster
+
+fn ns_name(n: usize) -> String {
+    format!("ns-{n:02}")
+}
+
+fn app(a: usize) -> String {
+    format!("app-{}", a % APPS)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector {
+        match_labels: labels(pairs),
+        match_expressions: vec![],
+    }
+}
+
+fn expr(key: &str, operator: Operator, values: &[&str]) -> LabelSelectorRequirement {
+    LabelSelectorRequirement {
+        key: key.into(),
+        operator,
+        values: values.iter().map(|v| v.to_string()).collect(),
+    }
+}
+
+fn port(protocol: Protocol, port: u16, end_port: Option<u16>) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        protocol,
+        port: Some(TargetPort::Number(port)),
+        end_port,
+    }
+}
+
+fn named(name: &str) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        protocol: Protocol::Tcp,
+        port: Some(TargetPort::Name(name.into())),
+        end_port: None,
+    }
+}
+
+fn pods_peer(s: LabelSelector) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        pod_selector: Some(s),
+        ..Default::default()
+    }
+}
+
+fn ns_peer(ns: LabelSelector, pods: Option<LabelSelector>) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(ns),
+        pod_selector: pods,
+        ip_block: None,
+    }
+}
+
+fn block_peer(cidr: String, except: Vec<String>) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        ip_block: Some(IpBlock { cidr, except }),
+        ..Default::default()
+    }
+}
+
+fn ingress(from: Vec<NetworkPolicyPeer>, ports: Vec<NetworkPolicyPort>) -> IngressRule {
+    IngressRule { from, ports }
+}
+
+fn egress(to: Vec<NetworkPolicyPeer>, ports: Vec<NetworkPolicyPort>) -> EgressRule {
+    EgressRule { to, ports }
+}
+
+/// Synthetic policy `p`: 20 kinds, round-robin over the namespaces.
+fn synthetic_policy(p: usize, namespaces: usize) -> NetworkPolicy {
+    let n = p % namespaces;
+    let q = (p / namespaces) % 20;
+    let mut spec = NetworkPolicySpec::default();
+    let kind = match q {
+        0 => {
+            // Default deny ingress for the namespace.
+            spec.policy_types = Some(vec![PolicyType::Ingress]);
+            "default-deny"
+        }
+        1..=10 => {
+            let a = (q - 1) * 2;
+            spec.pod_selector = sel(&[("app", &app(a))]);
+            spec.ingress = vec![
+                ingress(
+                    vec![pods_peer(sel(&[("app", &app(a + 1))]))],
+                    vec![port(Protocol::Tcp, 8080, None)],
+                ),
+                ingress(
+                    vec![ns_peer(
+                        sel(&[("team", &format!("team-{}", n % 10))]),
+                        Some(sel(&[("tier", "web")])),
+                    )],
+                    vec![named("http")],
+                ),
+            ];
+            "allow-app"
+        }
+        11..=13 => {
+            spec.pod_selector = LabelSelector {
+                match_labels: BTreeMap::new(),
+                match_expressions: vec![expr("tier", Operator::In, &["web", "api"])],
+            };
+            spec.ingress = vec![ingress(
+                vec![ns_peer(sel(&[("env", "prod")]), None)],
+                vec![
+                    port(Protocol::Tcp, 443, None),
+                    port(Protocol::Tcp, 8443, Some(8450)),
+                ],
+            )];
+            "allow-prod"
+        }
+        14 | 15 => {
+            spec.pod_selector = sel(&[("tier", TIERS[q - 14])]);
+            let c = 128 + p % 32;
+            let wide = 192 + 16 * (p % 4);
+            spec.ingress = vec![ingress(
+                vec![
+                    block_peer(
+                        format!("198.19.{c}.0/24"),
+                        vec![format!("198.19.{c}.128/26")],
+                    ),
+                    block_peer(
+                        format!("198.19.{wide}.0/20"),
+                        vec![format!("198.19.{}.0/24", wide + p % 16)],
+                    ),
+                ],
+                vec![port(Protocol::Tcp, 443, None)],
+            )];
+            "allow-cidr"
+        }
+        16 | 17 => {
+            spec.pod_selector = sel(&[("app", &app(q))]);
+            spec.policy_types = Some(vec![PolicyType::Egress]);
+            spec.egress = vec![
+                egress(vec![pods_peer(sel(&[("tier", "db")]))], vec![named("db")]),
+                egress(
+                    vec![ns_peer(
+                        sel(&[("kubernetes.io/metadata.name", &ns_name(0))]),
+                        Some(sel(&[("app", &app(0))])),
+                    )],
+                    vec![port(Protocol::Udp, 53, None), port(Protocol::Tcp, 53, None)],
+                ),
+                egress(
+                    vec![block_peer(format!("198.19.{}.0/24", 160 + p % 32), vec![])],
+                    vec![port(Protocol::Tcp, 443, None)],
+                ),
+            ];
+            "egress"
+        }
+        18 => {
+            spec.pod_selector = LabelSelector {
+                match_labels: BTreeMap::new(),
+                match_expressions: vec![
+                    expr("app", Operator::NotIn, &[&app(0), &app(1)]),
+                    expr("version", Operator::Exists, &[]),
+                ],
+            };
+            spec.ingress = vec![ingress(
+                vec![pods_peer(LabelSelector {
+                    match_labels: BTreeMap::new(),
+                    match_expressions: vec![expr("version", Operator::In, &["v1", "v2"])],
+                })],
+                vec![],
+            )];
+            "allow-versions"
+        }
+        _ => {
+            spec.ingress = vec![ingress(
+                vec![ns_peer(
+                    sel(&[("team", "team-0")]),
+                    Some(sel(&[("app", &app(APPS - 1))])),
+                )],
+                vec![named("metrics")],
+            )];
+            "allow-monitoring"
+        }
+    };
+    NetworkPolicy {
+        namespace: ns_name(n),
+        name: format!("np-{p:04}-{kind}"),
+        spec,
+    }
+}
+
+/// The synthetic cluster: pod `i` is in namespace `i % NS`; pods `0..local` are on `node-1`,
+/// the others in /26 blocks spread over `node-2..`.
+struct Synthetic {
+    view: ClusterView,
+    /// Remote blocks with their node, for the datastore.
+    remote_blocks: Vec<(String, String)>,
+    local: usize,
+}
+
+fn pool() -> anyhow::Result<IpPool> {
+    Ok(IpPool {
+        name: "default-ipv4".into(),
+        cidr: "198.18.0.0/16".parse()?,
+        block_size: 26,
+        nat_outgoing: true,
+        disabled: false,
+    })
+}
+
+fn remote_node(k: usize) -> String {
+    format!("node-{}", 2 + k)
+}
+
+fn synthetic(args: &Args) -> anyhow::Result<Synthetic> {
+    let ns_count = args.namespaces;
+    let namespaces: Vec<Namespace> = (0..ns_count)
+        .map(|n| Namespace {
+            name: ns_name(n),
+            labels: labels(&[
+                ("kubernetes.io/metadata.name", &ns_name(n)),
+                ("team", &format!("team-{}", n % 10)),
+                ("env", ENVS[n % 3]),
+            ]),
+        })
+        .collect();
+    let mut nodes = vec![Node {
+        name: NODE.into(),
+        underlay_ipv4: Some(Ipv4Addr::new(198, 19, 0, 11)),
+        underlay_ipv6: None,
+        underlay_mtu: 1500,
+        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(NODE)),
+    }];
+    for k in 0..args.remote_nodes {
+        let name = remote_node(k);
+        nodes.push(Node {
+            underlay_ipv4: Some(Ipv4Addr::new(198, 19, 0, 100 + k as u8)),
+            underlay_ipv6: None,
+            underlay_mtu: 1500,
+            vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(&name)),
+            name,
+        });
+    }
+    let mut pods = Vec::with_capacity(args.pods);
+    let mut endpoints = Vec::with_capacity(args.pods);
+    let mut remote_blocks = Vec::new();
+    for i in 0..args.pods {
+        let n = i % ns_count;
+        let w = i / ns_count;
+        let a = (w + n) % APPS;
+        let tier = TIERS[a % TIERS.len()];
+        let version = format!("v{}", w % 3);
+        let mut ports = vec![
+            ContainerPort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            },
+            ContainerPort {
+                name: Some("metrics".into()),
+                protocol: Protocol::Tcp,
+                port: 9090,
+            },
+        ];
+        if tier == "db" {
+            ports.push(ContainerPort {
+                name: Some("db".into()),
+                protocol: Protocol::Tcp,
+                port: if a < APPS / 2 { 5432 } else { 3306 },
+            });
+        }
+        let (node, ip) = if i < args.local_pods {
+            (NODE.to_string(), Ipv4Addr::from(LOCAL_BASE + i as u32))
+        } else {
+            let j = i - args.local_pods;
+            let block = j / 64;
+            let node = remote_node(block % args.remote_nodes);
+            if j.is_multiple_of(64) {
+                let b = Ipv4Addr::from(REMOTE_BASE + (block * 64) as u32);
+                remote_blocks.push((format!("{b}/26"), node.clone()));
+            }
+            (node, Ipv4Addr::from(REMOTE_BASE + j as u32))
+        };
+        let name = format!("pod-{i:05}");
+        pods.push(Pod {
+            namespace: ns_name(n),
+            name: name.clone(),
+            labels: labels(&[("app", &app(a)), ("tier", tier), ("version", &version)]),
+            node: node.clone(),
+            ports,
+        });
+        let container_id = format!("bench{i:08}");
+        endpoints.push(WorkloadEndpoint {
+            namespace: ns_name(n),
+            pod: name,
+            node,
+            ipam_handle: format!("malla.{container_id}.eth0"),
+            container_id,
+            ifname: "eth0".into(),
+            host_ifname: format!("mla{i:011x}"),
+            ips: vec![format!("{ip}/32").parse()?],
+            mac: malla_api::format_mac(&malla_api::mac_from_name(&format!("pod-{i}"))),
+        });
+    }
+    let policies: Vec<NetworkPolicy> = (0..args.policies)
+        .map(|p| synthetic_policy(p, ns_count))
+        .collect();
+    if let Some(bad) = policies.iter().find(|p| p.validate().is_err()) {
+        bail!(
+            "synthetic policy {} is invalid: {:?}",
+            bad.key(),
+            bad.validate()
+        );
+    }
+    let blocks = remote_blocks
+        .iter()
+        .map(|(c, n)| Ok((c.parse()?, Some(n.clone()))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Synthetic {
+        view: ClusterView {
+            config: malla_api::ClusterConfig::default(),
+            nodes,
+            pools: vec![pool()?],
+            blocks,
+            endpoints,
+            services: vec![],
+            endpoint_slices: vec![],
+            pods,
+            namespaces,
+            policies,
+        },
+        remote_blocks,
+        local: args.local_pods,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(1..=100).contains(&args.namespaces) || !(1..=100).contains(&args.remote_nodes) {
+        bail!("--namespaces and --remote-nodes must be in 1..=100");
+    }
+    if !(1..=512).contains(&args.local_pods)
+        || args.pods <= args.local_pods
+        || args.pods - args.local_pods > REMOTE_SPAN
+    {
+        bail!("--local-pods in 1..=512, and --pods minus --local-pods in 1..={REMOTE_SPAN}");
+    }
+    if !(1..=20000).contains(&args.policies) || !(2..=1024).contains(&args.path_policies) {
+        bail!("--policies in 1..=20000, --path-policies in 2..=1024");
+    }
+    if !(1..=50).contains(&args.changes) || !(1..=10).contains(&args.rounds) {
+        bail!("--changes in 1..=50, --rounds in 1..=10");
+    }
+    if !(10..=20000).contains(&args.connections) || args.connections < args.rounds * 10 {
+        bail!("--connections in 10..=20000 (at least 10 per round)");
+    }
+    install_signal_handlers();
+    ensure_prefix_unused()?;
+    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
+    let malla_bin = args
+        .malla_bin
+        .clone()
+        .unwrap_or_else(|| default_bin("malla"));
+    let cni_bin = args
+        .cni_bin
+        .clone()
+        .unwrap_or_else(|| default_bin("malla-cni"));
+    if !(args.skip_latency && args.skip_rss) {
+        require_file(&malla_bin, "build it: cargo build --release -p malla")?;
+        require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
+    }
+
+    let programming = if args.skip_programming {
+        None
+    } else {
+        Some(programming(&args, deadline)?)
+    };
+    let latency = if args.skip_latency {
+        None
+    } else {
+        Some(latency(&args, &malla_bin, &cni_bin, deadline)?)
+    };
+    let rss = if args.skip_rss {
+        None
+    } else {
+        Some(agent_rss(&args, &malla_bin, &cni_bin, deadline)?)
+    };
+
+    println!();
+    if let Some(p) = &programming {
+        report_programming(&args, p);
+    }
+    if let Some(l) = &latency {
+        report_latency(&args, l);
+    }
+    if let Some(r) = &rss {
+        report_rss(&args, r);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Programming from cold, 2. one label change
+
+struct ProgramStats {
+    endpoints: usize,
+    ingress_isolated: usize,
+    egress_isolated: usize,
+    sets: usize,
+    set_elements: usize,
+    chain_rules: usize,
+    bytes: usize,
+}
+
+/// One label change: rebuild (calc + render into the model), diff, apply, diff lines, whether
+/// the diff only adds/deletes elements.
+struct Change {
+    rebuild: Duration,
+    diff: Duration,
+    apply: Duration,
+    lines: usize,
+    elements_only: bool,
+}
+
+struct Programming {
+    floor: Duration,
+    calc: Duration,
+    render: Duration,
+    apply: Duration,
+    /// `malla_calc::compute` (routes, services, policy, render_full): the agent's whole calc.
+    compute: Duration,
+    stats: ProgramStats,
+    changes: Vec<Change>,
+}
+
+/// `policy_pods` + `compile`.
+fn calc(view: &ClusterView) -> PolicyProgram {
+    let pods = malla_calc::routes::policy_pods(view);
+    compile(&view.policies, &view.namespaces, &pods, NODE)
+}
+
+/// The node table (no services) with the program rendered into it.
+fn table(view: &ClusterView, prog: &PolicyProgram) -> model::Table {
+    let mut t = masquerade::node_table(&view.pools, &ServiceMap::default());
+    render_policy(prog, &mut t);
+    t
+}
+
+fn stats(prog: &PolicyProgram, t: &model::Table, text: &str) -> ProgramStats {
+    ProgramStats {
+        endpoints: prog.endpoints.len(),
+        ingress_isolated: prog
+            .endpoints
+            .iter()
+            .filter(|e| e.ingress.is_some())
+            .count(),
+        egress_isolated: prog.endpoints.iter().filter(|e| e.egress.is_some()).count(),
+        sets: t.sets.len(),
+        set_elements: t.sets.values().map(|s| s.elements.len()).sum(),
+        chain_rules: t.chains.values().map(|c| c.rules.len()).sum(),
+        bytes: text.len(),
+    }
+}
+
+/// Label changes that put a remote pod into a peer selector of a policy that isolates a local
+/// pod: (pod index, label, value). Each pod is changed at most once.
+fn pick_changes(s: &Synthetic, n: usize) -> Vec<(usize, String, String)> {
+    let v = &s.view;
+    let local: Vec<&Pod> = v.pods[..s.local].iter().collect();
+    let mut out: Vec<(usize, String, String)> = Vec::new();
+    for p in &v.policies {
+        if out.len() >= n {
+            break;
+        }
+        let isolates_local = local
+            .iter()
+            .any(|l| l.namespace == p.namespace && p.spec.pod_selector.matches(&l.labels));
+        if !isolates_local {
+            continue;
+        }
+        for r in &p.spec.ingress {
+            let Some(peer) = r.from.iter().find(|f| {
+                f.namespace_selector.is_none()
+                    && f.ip_block.is_none()
+                    && f.pod_selector.as_ref().is_some_and(|s| {
+                        s.match_expressions.is_empty() && s.match_labels.len() == 1
+                    })
+            }) else {
+                continue;
+            };
+            let Some((k, val)) = peer
+                .pod_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.iter().next())
+            else {
+                continue;
+            };
+            let candidate = (s.local..v.pods.len()).find(|&i| {
+                let q = &v.pods[i];
+                q.namespace == p.namespace
+                    && q.labels.get(k) != Some(val)
+                    && !out.iter().any(|(j, _, _)| *j == i)
+            });
+            if let Some(i) = candidate {
+                out.push((i, k.clone(), val.clone()));
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
+    let mut nss = Namespaces::default();
+    let floor_ns = nss.create("pol-floor")?;
+    let h = NetNs::open_named(&floor_ns)?;
+    let mut floors = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        nft::apply(
+            Some(&h),
+            "table ip malla_bench_floor\ndelete table ip malla_bench_floor\ntable ip malla_bench_floor {\n}\n",
+        )?;
+        floors.push(t.elapsed());
+    }
+    drop(h);
+    nss.delete(&floor_ns)?;
+    let floor = percentile(&floors, 50.0);
+
+    eprintln!(
+        "programming: {} pods ({} on {NODE}), {} policies, {} namespaces",
+        args.pods, args.local_pods, args.policies, args.namespaces
+    );
+    let mut syn = synthetic(args)?;
+    let changes_wanted = pick_changes(&syn, args.changes);
+    if changes_wanted.len() < args.changes {
+        bail!(
+            "found only {} label changes that enter a selector",
+            changes_wanted.len()
+        );
+    }
+    check(deadline)?;
+    let t = Instant::now();
+    let prog = calc(&syn.view);
+    let calc_t = t.elapsed();
+    let t = Instant::now();
+    let mut current = table(&syn.view, &prog);
+    let text = model::render_full(&current);
+    let render_t = t.elapsed();
+    let ns = nss.create("pol-prog")?;
+    let h = NetNs::open_named(&ns)?;
+    let t = Instant::now();
+    nft::apply(Some(&h), &text).context("applying the full table")?;
+    let apply_t = t.elapsed();
+    let stats = stats(&prog, &current, &text);
+    eprintln!(
+        "  calc {} ms, render {} ms, apply {} ms ({} sets, {} elements, {} rules, {:.1} MB)",
+        ms(calc_t),
+        ms(render_t),
+        ms(apply_t),
+        stats.sets,
+        stats.set_elements,
+        stats.chain_rules,
+        text.len() as f64 / 1e6
+    );
+    check(deadline)?;
+    let t = Instant::now();
+    let whole = malla_calc::compute(&syn.view, NODE);
+    let compute_t = t.elapsed();
+    if whole.nft_table != current {
+        bail!("malla_calc::compute disagrees with compile + render_policy");
+    }
+    drop(whole);
+
+    let mut changes = Vec::new();
+    for (i, k, val) in changes_wanted {
+        check(deadline)?;
+        syn.view.pods[i].labels.insert(k.clone(), val.clone());
+        let t = Instant::now();
+        let prog = calc(&syn.view);
+        let new = table(&syn.view, &prog);
+        let rebuild = t.elapsed();
+        let t = Instant::now();
+        let diff = model::render_diff(&current, &new)
+            .with_context(|| format!("setting {k}={val} on pod {i} changed nothing"))?;
+        let diff_t = t.elapsed();
+        let t = Instant::now();
+        nft::apply(Some(&h), &diff).context("applying the diff")?;
+        let apply = t.elapsed();
+        let elements_only = diff
+            .lines()
+            .all(|l| l.starts_with("add element ") || l.starts_with("delete element "));
+        eprintln!(
+            "  {}/{}: {k}={val}: rebuild {} ms, diff {} ms, apply {} ms, {} lines{}",
+            syn.view.pods[i].namespace,
+            syn.view.pods[i].name,
+            ms(rebuild),
+            ms(diff_t),
+            ms(apply),
+            diff.lines().count(),
+            if elements_only {
+                ""
+            } else {
+                " (not element-only)"
+            }
+        );
+        changes.push(Change {
+            rebuild,
+            diff: diff_t,
+            apply,
+            lines: diff.lines().count(),
+            elements_only,
+        });
+        current = new;
+    }
+    drop(h);
+    nss.delete(&ns)?;
+    Ok(Programming {
+        floor,
+        calc: calc_t,
+        render: render_t,
+        apply: apply_t,
+        compute: compute_t,
+        stats,
+        changes,
+    })
+}
+
+fn yes(ok: bool) -> &'static str {
+    if ok {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+fn report_programming(args: &Args, p: &Programming) {
+    let s = &p.stats;
+    println!(
+        "1. Programming from cold: {} pods ({} on {NODE}), {} policies, {} namespaces; one `nft -f -` (floor: empty table {} ms)",
+        args.pods,
+        args.local_pods,
+        args.policies,
+        args.namespaces,
+        ms(p.floor)
+    );
+    println!(
+        "   program: {} local endpoints ({} isolated for ingress, {} for egress), {} sets / {} elements, {} chain rules, {:.2} MB of nft text",
+        s.endpoints,
+        s.ingress_isolated,
+        s.egress_isolated,
+        s.sets,
+        s.set_elements,
+        s.chain_rules,
+        s.bytes as f64 / 1e6
+    );
+    let total = p.calc + p.render + p.apply;
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>8} {:>4}",
+        "calc ms", "render ms", "apply ms", "total ms", "target", "met"
+    );
+    println!(
+        "{:>10} {:>10} {:>10} {:>10} {:>8} {:>4}",
+        ms(p.calc),
+        ms(p.render),
+        ms(p.apply),
+        ms(total),
+        "< 3000",
+        yes(total < Duration::from_secs(3))
+    );
+    println!(
+        "   calc = policy_pods + compile; render = node table + render_policy + render_full. The agent's whole calculation (malla_calc::compute: routes, services, policy, render_full) takes {} ms; apply / floor = {:.1}x",
+        ms(p.compute),
+        ratio(p.apply.as_secs_f64(), p.floor.as_secs_f64())
+    );
+    println!();
+    let totals: Vec<Duration> = p
+        .changes
+        .iter()
+        .map(|c| c.rebuild + c.diff + c.apply)
+        .collect();
+    let med = |f: &dyn Fn(&Change) -> Duration| {
+        percentile(&p.changes.iter().map(f).collect::<Vec<_>>(), 50.0)
+    };
+    let total = percentile(&totals, 50.0);
+    let mut lines: Vec<usize> = p.changes.iter().map(|c| c.lines).collect();
+    lines.sort();
+    println!(
+        "2. One pod label change (a remote pod enters a peer selector), median of {}: rebuild = calc + render into the model",
+        p.changes.len()
+    );
+    println!(
+        "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>14} {:>7} {:>4}",
+        "rebuild ms",
+        "diff ms",
+        "apply ms",
+        "total ms",
+        "max total ms",
+        "lines",
+        "elements only",
+        "target",
+        "met"
+    );
+    println!(
+        "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>14} {:>7} {:>4}",
+        ms(med(&|c| c.rebuild)),
+        ms(med(&|c| c.diff)),
+        ms(med(&|c| c.apply)),
+        ms(total),
+        ms(percentile(&totals, 100.0)),
+        lines.get(lines.len() / 2).copied().unwrap_or(0),
+        if p.changes.iter().all(|c| c.elements_only) {
+            "yes"
+        } else {
+            "NO"
+        },
+        "< 50",
+        yes(total < Duration::from_millis(50))
+    );
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Connection setup with 1 vs N policies on the path
+
+struct Case {
+    policies: usize,
+    samples: Vec<Duration>,
+    elapsed: Duration,
+    agent_cpu: Duration,
+    chain_rules: Option<usize>,
+}
+
+struct Latency {
+    cases: Vec<Case>,
+}
+
+/// One connection: connect, read the first byte(s) of the probe server's answer.
+fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(Duration, usize)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let n = s
+        .read(buf)
+        .with_context(|| format!("reading from {addr}"))?;
+    let d = t.elapsed();
+    if n == 0 {
+        bail!("{addr} closed without answering");
+    }
+    Ok((d, n))
+}
+
+/// `count` sequential connections from inside `netns` to `addr`, after 50 warm-up ones; the
+/// answer must come from `expect` (the probe server's name).
+fn measure(
+    netns: &str,
+    addr: SocketAddr,
+    expect: &str,
+    count: usize,
+    deadline: Instant,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let ns = NetNs::open_named(netns)?;
+    let expect = expect.to_string();
+    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Duration)> {
+        ns.enter_this_thread()?;
+        let mut buf = [0u8; 256];
+        for w in 0..50 {
+            let (_, n) = one_connection(addr, &mut buf)?;
+            if w == 0 {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                if !answer.starts_with(&expect) {
+                    bail!("{addr} answered {answer:?}, expected {expect}");
+                }
+            }
+        }
+        let mut v = Vec::with_capacity(count);
+        let start = Instant::now();
+        for i in 0..count {
+            if i % 100 == 0 {
+                check(deadline)?;
+            }
+            v.push(one_connection(addr, &mut buf)?.0);
+        }
+        Ok((v, start.elapsed()))
+    });
+    worker
+        .join()
+        .map_err(|_| anyhow!("measuring thread panicked"))?
+}
+
+fn cpu_time(pid: u32) -> Duration {
+    // Fields 14 and 15 (utime, stime) in clock ticks, after the parenthesised command.
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// The policy that lets the client in; its name sorts after every filler's, so its rule is
+/// the last of the server's chain.
+fn allow_client(client: Ipv4Addr) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: "default".into(),
+        name: "zz-allow-client".into(),
+        spec: NetworkPolicySpec {
+            pod_selector: sel(&[("app", "server")]),
+            ingress: vec![ingress(
+                vec![block_peer(format!("{client}/32"), vec![])],
+                vec![port(Protocol::Tcp, SERVER_PORT, None)],
+            )],
+            ..Default::default()
+        },
+    }
+}
+
+/// Filler `i`: selects the server, allows another /32 (198.19.128.0/17) on another port.
+fn filler(i: usize) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: "default".into(),
+        name: format!("np-{i:04}"),
+        spec: NetworkPolicySpec {
+            pod_selector: sel(&[("app", "server")]),
+            ingress: vec![ingress(
+                vec![block_peer(
+                    format!("198.19.{}.{}/32", 128 + i / 256, i % 256),
+                    vec![],
+                )],
+                vec![port(Protocol::Tcp, 10000 + i as u16, None)],
+            )],
+            ..Default::default()
+        },
+    }
+}
+
+/// Brings the store to `n` policies selecting the server (0: none; else the allowing one and
+/// `n - 1` fillers); `have` is the current count.
+fn set_path_policies(
+    store: &dyn Store,
+    client: Ipv4Addr,
+    have: usize,
+    n: usize,
+) -> anyhow::Result<()> {
+    let allow = allow_client(client);
+    let fillers = |c: usize| c.saturating_sub(1);
+    if n > 0 && have == 0 {
+        malla_store::put_json(store, &keys::network_policy("default", &allow.name), &allow)?;
+    }
+    for i in fillers(have)..fillers(n) {
+        let p = filler(i);
+        malla_store::put_json(store, &keys::network_policy(&p.namespace, &p.name), &p)?;
+    }
+    for i in fillers(n)..fillers(have) {
+        store.delete(&keys::network_policy("default", &filler(i).name), None)?;
+    }
+    if n == 0 && have > 0 {
+        store.delete(&keys::network_policy("default", &allow.name), None)?;
+    }
+    Ok(())
+}
+
+/// Rules of the server's ingress chain in the node's table (None: no chain).
+fn server_chain_rules(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
+    let chain = malla_calc::policy::render::ingress_chain(host_ifname);
+    nft::run(
+        Some(node_ns),
+        &["list", "chain", "inet", masquerade::TABLE, &chain],
+        "",
+    )
+    .ok()
+    .map(|text| text.lines().filter(|l| l.contains(" accept")).count())
+}
+
+fn latency(
+    args: &Args,
+    malla_bin: &Path,
+    cni_bin: &Path,
+    deadline: Instant,
+) -> anyhow::Result<Latency> {
+    eprintln!("latency: bringing up a 1-node lab");
+    let mut lab = Lab::up(
+        "pol",
+        &UpOptions {
+            nodes: 1,
+            routing: RoutingMode::Direct,
+            ipv6: false,
+            malla_bin: malla_bin.to_path_buf(),
+            cni_bin: cni_bin.to_path_buf(),
+            datastore: lab_store::Backend::Local,
+        },
+    )?;
+    let text = format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n\
+         spec:\n  nodeName: {NODE}\n  containers:\n  - name: c\n\
+         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: server\n  namespace: default\n  labels:\n    app: server\n\
+         spec:\n  nodeName: {NODE}\n  containers:\n  - name: s\n    ports:\n    - containerPort: {SERVER_PORT}\n"
+    );
+    let objects = manifest::parse(&text).map_err(|e| anyhow!("manifest: {e}"))?;
+    runtime::apply(&lab.paths, malla_bin, &objects).context("creating the pods")?;
+    lab.reload()?;
+    let v4 = |name: &str| -> anyhow::Result<(String, Ipv4Addr)> {
+        let p = lab
+            .state
+            .pods
+            .get(&format!("default/{name}"))
+            .with_context(|| format!("pod {name} missing from the lab state"))?;
+        let ip = p
+            .ips
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                _ => None,
+            })
+            .with_context(|| format!("pod {name} has no IPv4 address"))?;
+        Ok((p.netns.clone(), ip))
+    };
+    let (client_ns, client_ip) = v4("client")?;
+    let (_, server_ip) = v4("server")?;
+    let node = &lab.state.nodes[0];
+    let node_ns = NetNs::open_named(&node.netns)?;
+    let agent_pid = node.agent_pid;
+    let store = lab_store::open(&lab.paths, &lab.state)?;
+    let store: &dyn Store = &*store;
+    let (eps, _) = malla_store::list_json::<WorkloadEndpoint>(store, keys::ENDPOINTS)?;
+    let server_if = eps
+        .into_iter()
+        .map(|(_, e, _)| e)
+        .find(|e| e.namespace == "default" && e.pod == "server")
+        .context("no endpoint record for the server")?
+        .host_ifname;
+    let addr = SocketAddr::new(IpAddr::V4(server_ip), SERVER_PORT);
+
+    let sizes = [0, 1, args.path_policies];
+    let mut cases: Vec<Case> = sizes
+        .iter()
+        .map(|&n| Case {
+            policies: n,
+            samples: Vec::new(),
+            elapsed: Duration::ZERO,
+            agent_cpu: Duration::ZERO,
+            chain_rules: None,
+        })
+        .collect();
+    let per_round = args.connections / args.rounds;
+    let mut have = 0;
+    for round in 0..args.rounds {
+        for case in cases.iter_mut() {
+            check(deadline)?;
+            let n = case.policies;
+            set_path_policies(store, client_ip, have, n)?;
+            have = n;
+            let t = Instant::now();
+            topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(300))
+                .context("waiting for the agent")?;
+            let converged = t.elapsed();
+            let rules = server_chain_rules(&node_ns, &server_if);
+            let want = (n > 0).then_some(n);
+            if rules != want {
+                bail!("the server's chain has {rules:?} allow rules, expected {want:?}");
+            }
+            case.chain_rules = rules;
+            let cpu0 = agent_pid.map(cpu_time).unwrap_or_default();
+            let (v, elapsed) = measure(&client_ns, addr, "default/server", per_round, deadline)?;
+            let cpu1 = agent_pid.map(cpu_time).unwrap_or_default();
+            eprintln!(
+                "  round {}, {n} policies (agent converged in {} ms): p50 {} ms, p99 {} ms",
+                round + 1,
+                converged.as_millis(),
+                ms(percentile(&v, 50.0)),
+                ms(percentile(&v, 99.0))
+            );
+            case.samples.extend(v);
+            case.elapsed += elapsed;
+            case.agent_cpu += cpu1.saturating_sub(cpu0);
+        }
+    }
+    drop(node_ns);
+    drop(lab);
+    Ok(Latency { cases })
+}
+
+fn report_latency(args: &Args, l: &Latency) {
+    println!(
+        "3. Connection setup: TCP connect + first byte, client pod -> server pod (1-node lab), {} connections per case over {} interleaved rounds",
+        l.cases.first().map_or(0, |c| c.samples.len()),
+        args.rounds
+    );
+    println!(
+        "{:<34} {:>11} {:>8} {:>8} {:>8} {:>13}",
+        "policies selecting the server",
+        "chain rules",
+        "p50 ms",
+        "p99 ms",
+        "conn/s",
+        "agent CPU ms"
+    );
+    for c in &l.cases {
+        println!(
+            "{:<34} {:>11} {:>8} {:>8} {:>8.0} {:>13}",
+            c.policies,
+            c.chain_rules.map_or("-".to_string(), |r| r.to_string()),
+            ms(percentile(&c.samples, 50.0)),
+            ms(percentile(&c.samples, 99.0)),
+            ratio(c.samples.len() as f64, c.elapsed.as_secs_f64()),
+            c.agent_cpu.as_millis()
+        );
+    }
+    let find = |n: usize| l.cases.iter().find(|c| c.policies == n);
+    let pr = |a: &Case, b: &Case, p: f64| {
+        ratio(
+            percentile(&a.samples, p).as_secs_f64(),
+            percentile(&b.samples, p).as_secs_f64(),
+        )
+    };
+    if let (Some(none), Some(one), Some(many)) = (find(0), find(1), l.cases.last()) {
+        println!();
+        println!(
+            "{:<34} {:>10} {:>10} {:>8} {:>4}",
+            "ratio", "p50", "p99", "target", "met"
+        );
+        let r50 = pr(many, one, 50.0);
+        println!(
+            "{:<34} {:>10.3} {:>10.3} {:>8} {:>4}",
+            format!("{} policies / 1 policy", many.policies),
+            r50,
+            pr(many, one, 99.0),
+            "<= 1.05",
+            yes(r50 <= 1.05)
+        );
+        println!(
+            "{:<34} {:>10.3} {:>10.3} {:>8} {:>4}",
+            "1 policy / none (not isolated)",
+            pr(one, none, 50.0),
+            pr(one, none, 99.0),
+            "-",
+            ""
+        );
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Agent RSS
+
+struct Rss {
+    base_rss_kib: u64,
+    rss_kib: u64,
+    hwm_kib: u64,
+    write: Duration,
+    converge: Duration,
+    /// Endpoint chains in the node's table (`pol-in-*`, `pol-out-*`) and the expected number.
+    chains: (usize, usize),
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(field)
+                .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .with_context(|| format!("{field} missing from /proc/{pid}/status"))
+}
+
+fn agent_rss(
+    args: &Args,
+    malla_bin: &Path,
+    cni_bin: &Path,
+    deadline: Instant,
+) -> anyhow::Result<Rss> {
+    let syn = synthetic(args)?;
+    let expected = {
+        let prog = calc(&syn.view);
+        prog.endpoints
+            .iter()
+            .map(|e| usize::from(e.ingress.is_some()) + usize::from(e.egress.is_some()))
+            .sum()
+    };
+    eprintln!("agent RSS: bringing up a 1-node lab");
+    let lab = Lab::up(
+        "polrss",
+        &UpOptions {
+            nodes: 1,
+            routing: RoutingMode::Direct,
+            ipv6: false,
+            malla_bin: malla_bin.to_path_buf(),
+            cni_bin: cni_bin.to_path_buf(),
+            datastore: lab_store::Backend::Local,
+        },
+    )?;
+    let node = &lab.state.nodes[0];
+    let pid = node.agent_pid.context("the lab's agent has no pid")?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "malla" {
+        bail!("pid {pid} is {comm:?}, not the agent");
+    }
+    let base_rss_kib = status_kib(pid, "VmRSS")?;
+    eprintln!(
+        "  bare agent {base_rss_kib} KiB; writing {} pods, {} policies",
+        args.pods, args.policies
+    );
+    let store = lab_store::open(&lab.paths, &lab.state)?;
+    let store: &dyn Store = &*store;
+    let v = &syn.view;
+    let t = Instant::now();
+    for n in &v.namespaces {
+        malla_store::put_json(store, &keys::namespace(&n.name), n)?;
+    }
+    for n in v.nodes.iter().filter(|n| n.name != NODE) {
+        malla_store::put_json(store, &keys::node(&n.name), n)?;
+    }
+    for (cidr, node) in &syn.remote_blocks {
+        let cidr = cidr.parse()?;
+        let b = malla_ipam::Block::new(cidr, "default-ipv4", Some(node));
+        malla_store::put_json(store, &keys::block(&cidr), &b)?;
+    }
+    for (i, (p, e)) in v.pods.iter().zip(&v.endpoints).enumerate() {
+        if i % 1000 == 0 {
+            check(deadline)?;
+        }
+        malla_store::put_json(store, &keys::pod(&p.namespace, &p.name), p)?;
+        malla_store::put_json(
+            store,
+            &keys::endpoint(&e.node, &e.container_id, &e.ifname),
+            e,
+        )?;
+    }
+    for p in &v.policies {
+        malla_store::put_json(store, &keys::network_policy(&p.namespace, &p.name), p)?;
+    }
+    let write = t.elapsed();
+    let t = Instant::now();
+    topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(600))
+        .context("waiting for the agent")?;
+    let converge = t.elapsed();
+    let rss_kib = status_kib(pid, "VmRSS")?;
+    let hwm_kib = status_kib(pid, "VmHWM")?;
+    let node_ns = NetNs::open_named(&node.netns)?;
+    let listed = nft::list_table(Some(&node_ns), masquerade::FAMILY, masquerade::TABLE)
+        .context("listing the node's table")?;
+    let have = listed
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("chain pol-in-") || l.starts_with("chain pol-out-")
+        })
+        .count();
+    drop(node_ns);
+    eprintln!(
+        "  written in {:.1} s, converged {:.1} s later: VmRSS {rss_kib} KiB, VmHWM {hwm_kib} KiB, {have}/{expected} endpoint chains",
+        write.as_secs_f64(),
+        converge.as_secs_f64()
+    );
+    if have != expected {
+        bail!("the agent programmed {have} endpoint chains, the calculation has {expected}");
+    }
+    drop(lab);
+    Ok(Rss {
+        base_rss_kib,
+        rss_kib,
+        hwm_kib,
+        write,
+        converge,
+        chains: (have, expected),
+    })
+}
+
+fn report_rss(args: &Args, r: &Rss) {
+    let mib = |k: u64| k as f64 / 1024.0;
+    println!(
+        "4. Agent RSS with {} pods ({} on {NODE}) and {} policies in its datastore (1-node lab; baseline: the same agent before the writes)",
+        args.pods, args.local_pods, args.policies
+    );
+    println!(
+        "{:<26} {:>10} {:>10} {:>9} {:>12} {:>8} {:>4}",
+        "case", "VmRSS MiB", "VmHWM MiB", "write s", "converge s", "target", "met"
+    );
+    println!(
+        "{:<26} {:>10.1} {:>10} {:>9} {:>12} {:>8} {:>4}",
+        "agent, empty lab",
+        mib(r.base_rss_kib),
+        "-",
+        "-",
+        "-",
+        "-",
+        ""
+    );
+    println!(
+        "{:<26} {:>10.1} {:>10.1} {:>9.1} {:>12.1} {:>8} {:>4}",
+        format!("agent, {} pods", args.pods),
+        mib(r.rss_kib),
+        mib(r.hwm_kib),
+        r.write.as_secs_f64(),
+        r.converge.as_secs_f64(),
+        "< 64",
+        yes(mib(r.rss_kib) < 64.0)
+    );
+    println!(
+        "   ratio to the bare agent: {:.1}x; endpoint chains programmed {} (expected {})",
+        ratio(r.rss_kib as f64, r.base_rss_kib as f64),
+        r.chains.0,
+        r.chains.1
+    );
+    println!();
+}
