@@ -8,7 +8,7 @@
 //! to on each destination pod: one derived set per number, holding the peer's pod addresses that
 //! declare that port (a named port never matches a destination that is not a pod).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
@@ -19,8 +19,8 @@ use malla_api::Namespace;
 use serde::Serialize;
 
 use super::addrs::{host, normalize};
-use super::reference::{isolating, peer_matches, rules};
-use super::{fnv, Direction, Endpoint, PolicyPod};
+use super::reference::{has_type, rules};
+use super::{fnv, namespace_labels, valid, Direction, PolicyPod};
 
 /// An address set shared by every rule with the same peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -193,45 +193,160 @@ pub fn set_name(key: &str) -> String {
     format!("pol-{:016x}", fnv(key))
 }
 
-struct Compiler<'a> {
-    namespaces: &'a [Namespace],
-    pods: &'a [PolicyPod],
-    sets: BTreeMap<String, PeerSet>,
+/// A valid policy with what the compiler needs of it computed once.
+struct Pol<'a> {
+    p: &'a NetworkPolicy,
+    /// `namespace/name`.
+    key: String,
+    ingress: bool,
+    egress: bool,
 }
 
-impl Compiler<'_> {
-    fn add_set(&mut self, key: String, make: impl FnOnce() -> PeerSet) -> String {
+/// The pods of one namespace, with that namespace's labels.
+struct NsGroup<'a> {
+    name: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    pods: Vec<&'a PolicyPod>,
+}
+
+/// Which peer of which rule: (policy index, direction, rule index, peer index).
+type PeerRef = (usize, Direction, usize, usize);
+
+struct Compiler<'a> {
+    pods: &'a [PolicyPod],
+    /// Pods grouped by namespace (namespaces in order of first appearance).
+    groups: Vec<NsGroup<'a>>,
+    /// The valid policies, sorted by (namespace, name) (stable).
+    pols: Vec<Pol<'a>>,
+    /// Namespace → indices into `pols`, in order.
+    pols_by_ns: HashMap<&'a str, Vec<usize>>,
+    sets: BTreeMap<String, PeerSet>,
+    /// Peer → its key (computed once per peer of a policy).
+    peer_keys: HashMap<PeerRef, String>,
+    /// Peer → name of its set.
+    peer_sets: HashMap<PeerRef, String>,
+    /// (peer key or `any`, protocol, port name) → (number, derived set name) per number.
+    named_sets: HashMap<(String, Protocol, String), Vec<(u16, String)>>,
+}
+
+impl<'a> Compiler<'a> {
+    fn new(
+        policies: &'a [NetworkPolicy],
+        namespaces: &'a [Namespace],
+        pods: &'a [PolicyPod],
+    ) -> Self {
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        let mut groups: Vec<NsGroup<'a>> = Vec::new();
+        for q in pods {
+            let i = *group_of.entry(q.namespace.as_str()).or_insert_with(|| {
+                groups.push(NsGroup {
+                    name: q.namespace.as_str(),
+                    labels: namespace_labels(namespaces, &q.namespace),
+                    pods: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[i].pods.push(q);
+        }
+        let mut valid: Vec<&NetworkPolicy> = valid(policies).collect();
+        valid.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        let pols: Vec<Pol<'a>> = valid
+            .into_iter()
+            .map(|p| Pol {
+                p,
+                key: p.key(),
+                ingress: has_type(p, Direction::Ingress),
+                egress: has_type(p, Direction::Egress),
+            })
+            .collect();
+        let mut pols_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in pols.iter().enumerate() {
+            pols_by_ns
+                .entry(p.p.namespace.as_str())
+                .or_default()
+                .push(i);
+        }
+        Self {
+            pods,
+            groups,
+            pols,
+            pols_by_ns,
+            sets: BTreeMap::new(),
+            peer_keys: HashMap::new(),
+            peer_sets: HashMap::new(),
+            named_sets: HashMap::new(),
+        }
+    }
+
+    fn add_set(&mut self, key: String, make: impl FnOnce(String) -> PeerSet) -> String {
         let name = set_name(&key);
-        self.sets.entry(name.clone()).or_insert_with(make);
+        if !self.sets.contains_key(&name) {
+            let set = make(key);
+            self.sets.insert(name.clone(), set);
+        }
         name
     }
 
-    /// The pod addresses `peer` matches (`None`: every pod address).
+    /// The pod addresses `peer` matches (`None`: every pod address), as `peer_matches` decides.
     fn peer_pod_ips(
         &self,
         policy_ns: &str,
         peer: Option<&NetworkPolicyPeer>,
-    ) -> Vec<(IpAddr, &PolicyPod)> {
+    ) -> Vec<(IpAddr, &'a PolicyPod)> {
         let mut out = Vec::new();
-        for q in self.pods {
-            for ip in &q.ips {
-                let e = Endpoint {
-                    pod: Some(q),
-                    ip: *ip,
-                };
-                if peer.is_none_or(|p| peer_matches(policy_ns, p, self.namespaces, &e)) {
-                    out.push((*ip, q));
+        let Some(peer) = peer else {
+            for q in self.pods {
+                out.extend(q.ips.iter().map(|ip| (*ip, q)));
+            }
+            return out;
+        };
+        if let Some(b) = &peer.ip_block {
+            let Some((cidr, ex)) = b.parsed() else {
+                return out;
+            };
+            for q in self.pods {
+                for ip in &q.ips {
+                    if cidr.contains(ip) && !ex.iter().any(|e| e.contains(ip)) {
+                        out.push((*ip, q));
+                    }
+                }
+            }
+            return out;
+        }
+        for g in &self.groups {
+            let ns_ok = match &peer.namespace_selector {
+                None => g.name == policy_ns,
+                Some(s) => s.matches(g.labels),
+            };
+            if !ns_ok {
+                continue;
+            }
+            for q in &g.pods {
+                if peer
+                    .pod_selector
+                    .as_ref()
+                    .is_none_or(|s| s.matches(&q.labels))
+                {
+                    out.extend(q.ips.iter().map(|ip| (*ip, *q)));
                 }
             }
         }
         out
     }
 
-    fn peer_set(&mut self, policy_ns: &str, peer: &NetworkPolicyPeer) -> String {
-        let key = peer_key(policy_ns, peer);
-        if let Some(b) = &peer.ip_block {
-            let parsed = b.parsed();
-            return self.add_set(key.clone(), || match parsed {
+    fn peer_key(&mut self, at: PeerRef, policy_ns: &str, peer: &NetworkPolicyPeer) -> &str {
+        self.peer_keys
+            .entry(at)
+            .or_insert_with(|| peer_key(policy_ns, peer))
+    }
+
+    fn peer_set(&mut self, at: PeerRef, policy_ns: &str, peer: &NetworkPolicyPeer) -> String {
+        if let Some(name) = self.peer_sets.get(&at) {
+            return name.clone();
+        }
+        let key = self.peer_key(at, policy_ns, peer).to_string();
+        let name = if let Some(b) = &peer.ip_block {
+            self.add_set(key, |key| match b.parsed() {
                 Some((cidr, ex)) => PeerSet {
                     key,
                     v4: cidr.addr().is_ipv4(),
@@ -244,45 +359,88 @@ impl Compiler<'_> {
                     v6: false,
                     addrs: Vec::new(),
                 },
-            });
-        }
-        let addrs = normalize(
-            self.peer_pod_ips(policy_ns, Some(peer))
-                .into_iter()
-                .map(|(ip, _)| host(ip)),
-            [],
-        );
-        self.add_set(key.clone(), || PeerSet {
-            key,
-            v4: true,
-            v6: true,
-            addrs,
-        })
+            })
+        } else {
+            let name = set_name(&key);
+            if !self.sets.contains_key(&name) {
+                let addrs = normalize(
+                    self.peer_pod_ips(policy_ns, Some(peer))
+                        .into_iter()
+                        .map(|(ip, _)| host(ip)),
+                    [],
+                );
+                self.sets.insert(
+                    name.clone(),
+                    PeerSet {
+                        key,
+                        v4: true,
+                        v6: true,
+                        addrs,
+                    },
+                );
+            }
+            name
+        };
+        self.peer_sets.insert(at, name.clone());
+        name
     }
 
-    /// Rules for one policy rule in direction `dir` of the local pod `local`.
+    /// The derived sets of a peer for an egress named port: (number, set name) per number the
+    /// name resolves to on the peer's pods.
+    fn named_sets(
+        &mut self,
+        at: Option<PeerRef>,
+        policy_ns: &str,
+        peer: Option<&NetworkPolicyPeer>,
+        proto: Protocol,
+        name: &str,
+    ) -> Vec<(u16, String)> {
+        let base = match (at, peer) {
+            (Some(at), Some(p)) => self.peer_key(at, policy_ns, p).to_string(),
+            _ => "any".to_string(),
+        };
+        let cache_key = (base, proto, name.to_string());
+        if let Some(v) = self.named_sets.get(&cache_key) {
+            return v.clone();
+        }
+        let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
+        for (ip, q) in self.peer_pod_ips(policy_ns, peer) {
+            for k in q.named_port(name, proto) {
+                by_port.entry(k).or_default().push(ip);
+            }
+        }
+        let base = &cache_key.0;
+        let mut out = Vec::with_capacity(by_port.len());
+        for (k, ips) in by_port {
+            let key = format!("{base} port {}/{name}={k}", proto.nft());
+            let set = self.add_set(key, |key| PeerSet {
+                key,
+                v4: true,
+                v6: true,
+                addrs: normalize(ips.into_iter().map(host), []),
+            });
+            out.push((k, set));
+        }
+        self.named_sets.insert(cache_key, out.clone());
+        out
+    }
+
+    /// Rules for rule `index` (in direction `dir`) of policy `pi`, for the local pod `local`.
     fn rule(
         &mut self,
-        policy: &NetworkPolicy,
+        pi: usize,
         index: usize,
         (peers, ports): (&[NetworkPolicyPeer], &[NetworkPolicyPort]),
         dir: Direction,
         local: &PolicyPod,
         out: &mut Vec<CompiledRule>,
     ) {
+        let policy = self.pols[pi].p;
         let ns = policy.namespace.as_str();
-        let peer_list: Vec<Option<&NetworkPolicyPeer>> = if peers.is_empty() {
+        let peer_list: Vec<Option<(usize, &NetworkPolicyPeer)>> = if peers.is_empty() {
             vec![None]
         } else {
-            peers.iter().map(Some).collect()
-        };
-        let mut push = |peer: Option<String>, ports: PortMatch| {
-            out.push(CompiledRule {
-                policy: policy.key(),
-                rule: index,
-                peer,
-                ports,
-            })
+            peers.iter().enumerate().map(Some).collect()
         };
         let range = |pp: &NetworkPolicyPort| match &pp.port {
             None => Some((0, u16::MAX)),
@@ -308,8 +466,13 @@ impl Compiler<'_> {
         };
         if let Some(pm) = fixed {
             for peer in &peer_list {
-                let set = peer.map(|p| self.peer_set(ns, p));
-                push(set, pm.clone());
+                let set = peer.map(|(j, p)| self.peer_set((pi, dir, index, j), ns, p));
+                out.push(CompiledRule {
+                    policy: self.pols[pi].key.clone(),
+                    rule: index,
+                    peer: set,
+                    ports: pm.clone(),
+                });
             }
         }
         if dir == Direction::Ingress {
@@ -325,47 +488,61 @@ impl Compiler<'_> {
             .collect();
         for (proto, name) in named {
             for peer in &peer_list {
-                let base = peer.map_or_else(|| "any".to_string(), |p| peer_key(ns, p));
-                let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
-                for (ip, q) in self.peer_pod_ips(ns, *peer) {
-                    for k in q.named_port(name, proto) {
-                        by_port.entry(k).or_default().push(ip);
-                    }
-                }
-                for (k, ips) in by_port {
-                    let key = format!("{base} port {}/{name}={k}", proto.nft());
-                    let set = self.add_set(key.clone(), || PeerSet {
-                        key,
-                        v4: true,
-                        v6: true,
-                        addrs: normalize(ips.into_iter().map(host), []),
-                    });
+                let at = peer.map(|(j, _)| (pi, dir, index, j));
+                for (k, set) in self.named_sets(at, ns, peer.map(|(_, p)| p), proto, name) {
                     let mut m = BTreeMap::new();
                     m.insert(proto, vec![(k, k)]);
-                    push(Some(set), PortMatch::Ports(m));
+                    out.push(CompiledRule {
+                        policy: self.pols[pi].key.clone(),
+                        rule: index,
+                        peer: Some(set),
+                        ports: PortMatch::Ports(m),
+                    });
                 }
             }
         }
     }
 
+    /// The local pod's programs in direction `dir`, given the policies selecting it (indices
+    /// into `pols`, in order).
     fn direction(
         &mut self,
-        policies: &[NetworkPolicy],
+        selecting: &[usize],
         pod: &PolicyPod,
         dir: Direction,
     ) -> Option<Vec<CompiledRule>> {
-        let mut pols = isolating(policies, pod, dir);
+        let pols: Vec<usize> = selecting
+            .iter()
+            .copied()
+            .filter(|&i| match dir {
+                Direction::Ingress => self.pols[i].ingress,
+                Direction::Egress => self.pols[i].egress,
+            })
+            .collect();
         if pols.is_empty() {
             return None;
         }
-        pols.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut out = Vec::new();
-        for p in pols {
+        for pi in pols {
+            let p = self.pols[pi].p;
             for (i, r) in rules(p, dir).into_iter().enumerate() {
-                self.rule(p, i, r, dir, pod, &mut out);
+                self.rule(pi, i, r, dir, pod, &mut out);
             }
         }
         Some(out)
+    }
+
+    /// The valid policies selecting `pod`, in (namespace, name) order.
+    fn selecting(&self, pod: &PolicyPod) -> Vec<usize> {
+        self.pols_by_ns
+            .get(pod.namespace.as_str())
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|&i| self.pols[i].p.spec.pod_selector.matches(&pod.labels))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -376,22 +553,21 @@ pub fn compile(
     pods: &[PolicyPod],
     local_node: &str,
 ) -> PolicyProgram {
-    let mut c = Compiler {
-        namespaces,
-        pods,
-        sets: BTreeMap::new(),
-    };
+    let mut c = Compiler::new(policies, namespaces, pods);
     let mut local: Vec<&PolicyPod> = pods.iter().filter(|p| p.node == local_node).collect();
     local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     let endpoints = local
         .into_iter()
-        .map(|pod| EndpointProgram {
-            namespace: pod.namespace.clone(),
-            name: pod.name.clone(),
-            host_ifname: pod.host_ifname.clone(),
-            ips: pod.ips.clone(),
-            ingress: c.direction(policies, pod, Direction::Ingress),
-            egress: c.direction(policies, pod, Direction::Egress),
+        .map(|pod| {
+            let selecting = c.selecting(pod);
+            EndpointProgram {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                host_ifname: pod.host_ifname.clone(),
+                ips: pod.ips.clone(),
+                ingress: c.direction(&selecting, pod, Direction::Ingress),
+                egress: c.direction(&selecting, pod, Direction::Egress),
+            }
         })
         .collect();
     PolicyProgram {
