@@ -1,20 +1,26 @@
 //! Shared pieces of Malla's benchmarks: guards that delete every namespace and lab they made
-//! (also on error, panic or Ctrl-C), percentiles, child processes with a deadline, and the
-//! default locations of the `malla` and `malla-cni` binaries.
+//! (also on error, panic or Ctrl-C), percentiles and report cells, child processes with a
+//! deadline, the `malla` and `malla-cni` binaries (arguments, defaults, lab options), the
+//! reference CNI chain, TCP connection latency from a namespace, and the agent's `/proc` figures.
 //!
 //! Every namespace a benchmark creates is named `malla-bench-<pid>-...` and is deleted by that
 //! exact name; labs are named `bench-<pid>-...`, so their namespaces share the prefix.
 
 use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use malla_dataplane::netns;
+use anyhow::{anyhow, bail, Context};
+use malla_api::{IpPool, RoutingMode};
+use malla_dataplane::netns::{self, NetNs};
+use malla_dataplane::nft;
+use malla_lab::state::PodState;
 use malla_lab::topology::{self, UpOptions};
-use malla_lab::{LabPaths, LabState};
+use malla_lab::{manifest, runtime, LabPaths, LabState};
+use serde_json::{json, Value};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -42,6 +48,19 @@ pub fn check(deadline: Instant) -> anyhow::Result<()> {
         bail!("time budget exhausted (raise --max-seconds)");
     }
     Ok(())
+}
+
+/// The common start of a run: signal handlers, the namespace prefix check, and the deadline
+/// `max_seconds` from now.
+pub fn begin(max_seconds: u64) -> anyhow::Result<Instant> {
+    install_signal_handlers();
+    ensure_prefix_unused()?;
+    Ok(Instant::now() + Duration::from_secs(max_seconds))
+}
+
+/// Runs part `run` of a benchmark unless `skip`.
+pub fn unless<T>(skip: bool, run: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<Option<T>> {
+    (!skip).then(run).transpose()
 }
 
 /// The prefix of every namespace this process creates.
@@ -121,10 +140,7 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(what: &str, opts: &UpOptions) -> anyhow::Result<Self> {
-        let root = tempfile::Builder::new()
-            .prefix("malla-bench-")
-            .tempdir()
-            .context("creating the lab's state root")?;
+        let root = temp_dir("creating the lab's state root")?;
         let paths = LabPaths::new(&lab_name(what), Some(root.path()))?;
         // A guard without state yet, so a failing `up` is torn down too.
         let mut lab = Self {
@@ -142,6 +158,29 @@ impl Lab {
         self.state = LabState::require(&self.paths)?;
         Ok(())
     }
+
+    /// Creates the pods of manifest `text` through `malla_bin`, then re-reads the state.
+    pub fn apply_pods(&mut self, malla_bin: &Path, text: &str) -> anyhow::Result<()> {
+        let objects = manifest::parse(text).map_err(|e| anyhow!("manifest: {e}"))?;
+        runtime::apply(&self.paths, malla_bin, &objects).context("creating the pods")?;
+        self.reload()
+    }
+
+    /// Pod `default/<name>` of the lab's state.
+    pub fn pod(&self, name: &str) -> anyhow::Result<&PodState> {
+        self.state
+            .pods
+            .get(&format!("default/{name}"))
+            .with_context(|| format!("pod {name} missing from the lab state"))
+    }
+}
+
+/// The first IPv4 address of `ips`.
+pub fn first_ipv4(ips: &[IpAddr]) -> Option<Ipv4Addr> {
+    ips.iter().find_map(|a| match a {
+        IpAddr::V4(v4) => Some(*v4),
+        _ => None,
+    })
 }
 
 fn placeholder_state() -> LabState {
@@ -172,6 +211,176 @@ pub fn require_file(path: &Path, hint: &str) -> anyhow::Result<()> {
         bail!("{} not found ({hint})", path.display());
     }
     Ok(())
+}
+
+/// `--malla-bin` and `--cni-bin`, flattened into every benchmark's arguments.
+#[derive(clap::Args, Debug)]
+pub struct BinArgs {
+    /// The `malla` binary (agent); default: next to this executable.
+    #[arg(long)]
+    pub malla_bin: Option<PathBuf>,
+    /// The `malla-cni` binary; default: next to this executable.
+    #[arg(long)]
+    pub cni_bin: Option<PathBuf>,
+}
+
+impl BinArgs {
+    /// [`Self::resolve`], failing when a binary is missing.
+    pub fn required(&self) -> anyhow::Result<Bins> {
+        let bins = self.resolve();
+        bins.require()?;
+        Ok(bins)
+    }
+
+    /// The binaries given, or the ones next to this executable.
+    pub fn resolve(&self) -> Bins {
+        Bins {
+            malla: self
+                .malla_bin
+                .clone()
+                .unwrap_or_else(|| default_bin("malla")),
+            cni: self
+                .cni_bin
+                .clone()
+                .unwrap_or_else(|| default_bin("malla-cni")),
+        }
+    }
+}
+
+/// The `malla` and `malla-cni` binaries a run uses.
+pub struct Bins {
+    pub malla: PathBuf,
+    pub cni: PathBuf,
+}
+
+impl Bins {
+    /// Fails with a build hint when either binary is missing.
+    pub fn require(&self) -> anyhow::Result<()> {
+        require_file(&self.malla, "build it: cargo build --release -p malla")?;
+        require_file(&self.cni, "build it: cargo build --release -p malla-cni")
+    }
+
+    /// An IPv4 lab of `nodes` nodes on the default datastore, running these binaries.
+    pub fn up_options(&self, nodes: usize, routing: RoutingMode) -> UpOptions {
+        UpOptions {
+            nodes,
+            routing,
+            ipv6: false,
+            malla_bin: self.malla.clone(),
+            cni_bin: self.cni.clone(),
+            datastore: Default::default(),
+        }
+    }
+
+    /// A one-node `direct` lab named after `what`, announced as `who: bringing up a 1-node lab`.
+    pub fn one_node_lab(&self, who: &str, what: &str) -> anyhow::Result<Lab> {
+        eprintln!("{who}: bringing up a 1-node lab");
+        Lab::up(what, &self.up_options(1, RoutingMode::Direct))
+    }
+}
+
+/// A temp dir of ours (`malla-bench-*`); `what` is the error's context.
+pub fn temp_dir(what: &'static str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("malla-bench-")
+        .tempdir()
+        .context(what)
+}
+
+/// The arguments of the benchmarks that compare Malla with the reference chain (after their
+/// own): the binaries, `--ref-cni-path`, `--no-portmap` and `--max-seconds`.
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub bins: BinArgs,
+    /// Where the reference plugins live.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub ref_cni_path: PathBuf,
+    /// Skip the bridge+host-local+portmap variant.
+    #[arg(long)]
+    pub no_portmap: bool,
+    /// Give up (and clean up) after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub max_seconds: u64,
+}
+
+impl CompareArgs {
+    /// Checks both binaries and the reference plugins, then measures Malla (`malla`) and each
+    /// reference variant (`reference(portmap)`: without portmap, then with it unless
+    /// `--no-portmap`), in that order.
+    pub fn compare<S>(
+        &self,
+        malla: impl FnOnce(&Bins) -> anyhow::Result<S>,
+        mut reference: impl FnMut(bool) -> anyhow::Result<S>,
+    ) -> anyhow::Result<Vec<S>> {
+        let bins = self.bins.required()?;
+        for p in ["bridge", "host-local", "portmap"] {
+            require_file(
+                &self.ref_cni_path.join(p),
+                "install containernetworking-plugins",
+            )?;
+        }
+        let mut results = vec![malla(&bins)?];
+        results.push(reference(false)?);
+        if !self.no_portmap {
+            results.push(reference(true)?);
+        }
+        Ok(results)
+    }
+}
+
+/// One variant of the reference chain, `bridge` + `host-local` (+ `portmap`): its tag and
+/// name, a "host" namespace of ours for the plugins, and a temp dir for host-local's state.
+/// The namespace is deleted before the temp dir.
+pub struct Reference {
+    pub tag: &'static str,
+    pub name: &'static str,
+    pub host: String,
+    pub nss: Namespaces,
+    pub dir: tempfile::TempDir,
+    portmap: bool,
+}
+
+impl Reference {
+    pub fn new(portmap: bool) -> anyhow::Result<Self> {
+        let tag = if portmap { "refpm" } else { "ref" };
+        let name = if portmap {
+            "bridge+host-local+portmap"
+        } else {
+            "bridge+host-local"
+        };
+        let dir = temp_dir("creating a temp dir")?;
+        let mut nss = Namespaces::default();
+        let host = nss.create(&format!("{tag}-host"))?;
+        Ok(Self {
+            tag,
+            name,
+            host,
+            nss,
+            dir,
+            portmap,
+        })
+    }
+
+    /// The chain as conflist `network`: a gateway bridge `cni0` with masquerade, host-local
+    /// on 198.18.128.0/17 (state in the temp dir), then portmap for that variant.
+    pub fn conflist(&self, network: &str) -> Value {
+        let mut plugins = vec![json!({
+            "type": "bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipMasq": true,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "198.18.128.0/17"}]],
+                "dataDir": self.dir.path().join("ipam"),
+            }
+        })];
+        if self.portmap {
+            plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+        }
+        json!({"cniVersion": "1.0.0", "name": network, "plugins": plugins})
+    }
 }
 
 /// A child process we started; killed (by its pid, through `Child::kill`) and reaped on drop.
@@ -246,6 +455,198 @@ pub fn ratio(a: f64, b: f64) -> f64 {
     } else {
         a / b
     }
+}
+
+/// [`ratio`] of two durations.
+pub fn ratio_d(a: Duration, b: Duration) -> f64 {
+    ratio(a.as_secs_f64(), b.as_secs_f64())
+}
+
+/// A "met" cell: `yes` or `NO`.
+pub fn yes(ok: bool) -> &'static str {
+    if ok {
+        "yes"
+    } else {
+        "NO"
+    }
+}
+
+/// One change of a programming benchmark: rebuild, diff, apply, lines of the diff.
+pub type ChangeTimes = (Duration, Duration, Duration, usize);
+
+/// Changes summarised for a report: the medians of their rebuild, diff and apply times and of
+/// their totals, the slowest total, and the median number of diff lines.
+pub struct ChangeStats {
+    pub rebuild: Duration,
+    pub diff: Duration,
+    pub apply: Duration,
+    pub total: Duration,
+    pub max_total: Duration,
+    pub lines: usize,
+}
+
+impl ChangeStats {
+    pub fn of(changes: impl IntoIterator<Item = ChangeTimes>) -> Self {
+        let changes: Vec<ChangeTimes> = changes.into_iter().collect();
+        let med = |f: fn(&ChangeTimes) -> Duration| {
+            percentile(&changes.iter().map(f).collect::<Vec<_>>(), 50.0)
+        };
+        let totals: Vec<Duration> = changes.iter().map(|c| c.0 + c.1 + c.2).collect();
+        let mut lines: Vec<usize> = changes.iter().map(|c| c.3).collect();
+        lines.sort();
+        Self {
+            rebuild: med(|c| c.0),
+            diff: med(|c| c.1),
+            apply: med(|c| c.2),
+            total: percentile(&totals, 50.0),
+            max_total: percentile(&totals, 100.0),
+            lines: lines.get(lines.len() / 2).copied().unwrap_or(0),
+        }
+    }
+
+    /// The heads of the columns [`Self::cells`] fills.
+    pub fn heads() -> String {
+        format!(
+            "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6}",
+            "rebuild ms", "diff ms", "apply ms", "total ms", "max total ms", "lines"
+        )
+    }
+
+    pub fn cells(&self) -> String {
+        format!(
+            "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6}",
+            ms(self.rebuild),
+            ms(self.diff),
+            ms(self.apply),
+            ms(self.total),
+            ms(self.max_total),
+            self.lines
+        )
+    }
+}
+
+/// The pool of the synthetic clusters: the lab's 198.18.0.0/16 in /26 blocks.
+pub fn default_pool() -> anyhow::Result<IpPool> {
+    Ok(IpPool {
+        name: "default-ipv4".into(),
+        cidr: "198.18.0.0/16".parse()?,
+        block_size: 26,
+        nat_outgoing: true,
+        disabled: false,
+    })
+}
+
+/// KiB as MiB.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// The floor of nft programming: one `nft -f -` of an empty table in a fresh namespace of ours
+/// (`suffix`, deleted after), median of 5.
+pub fn nft_floor(nss: &mut Namespaces, suffix: &str) -> anyhow::Result<Duration> {
+    let floor_ns = nss.create(suffix)?;
+    let h = NetNs::open_named(&floor_ns)?;
+    let mut floors = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        nft::apply(
+            Some(&h),
+            "table ip malla_bench_floor\ndelete table ip malla_bench_floor\ntable ip malla_bench_floor {\n}\n",
+        )?;
+        floors.push(t.elapsed());
+    }
+    drop(h);
+    nss.delete(&floor_ns)?;
+    Ok(percentile(&floors, 50.0))
+}
+
+/// One connection: connect, read the first byte(s) of the probe server's answer.
+fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(Duration, usize)> {
+    let t = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let n = s
+        .read(buf)
+        .with_context(|| format!("reading from {addr}"))?;
+    let d = t.elapsed();
+    if n == 0 {
+        bail!("{addr} closed without answering");
+    }
+    Ok((d, n))
+}
+
+/// `count` sequential connections from inside `netns` to `addr`, after 50 warm-up ones; the
+/// answer must come from `expect` (the probe server's name). Returns the latencies and the
+/// time they took together.
+pub fn measure_connections(
+    netns: &str,
+    addr: SocketAddr,
+    expect: &str,
+    count: usize,
+    deadline: Instant,
+) -> anyhow::Result<(Vec<Duration>, Duration)> {
+    let ns = NetNs::open_named(netns)?;
+    let expect = expect.to_string();
+    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Duration)> {
+        ns.enter_this_thread()?;
+        let mut buf = [0u8; 256];
+        for w in 0..50 {
+            let (_, n) = one_connection(addr, &mut buf)?;
+            if w == 0 {
+                let answer = String::from_utf8_lossy(&buf[..n]);
+                if !answer.starts_with(&expect) {
+                    bail!("{addr} answered {answer:?}, expected {expect}");
+                }
+            }
+        }
+        let mut v = Vec::with_capacity(count);
+        let start = Instant::now();
+        for i in 0..count {
+            if i % 100 == 0 {
+                check(deadline)?;
+            }
+            v.push(one_connection(addr, &mut buf)?.0);
+        }
+        Ok((v, start.elapsed()))
+    });
+    worker
+        .join()
+        .map_err(|_| anyhow!("measuring thread panicked"))?
+}
+
+/// CPU time (user + system) process `pid` has used; zero when unreadable.
+pub fn cpu_time(pid: u32) -> Duration {
+    // Fields 14 and 15 (utime, stime) in clock ticks, after the parenthesised command.
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// Field `field` of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`); None when it is missing.
+pub fn status_kib(pid: u32, field: &str) -> anyhow::Result<Option<u64>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(text.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }))
+}
+
+/// Fails unless process `pid` is a `malla` (the agent).
+pub fn require_agent(pid: u32) -> anyhow::Result<()> {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() != "malla" {
+        bail!("pid {pid} is {comm:?}, not the agent");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

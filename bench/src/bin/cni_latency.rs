@@ -6,22 +6,18 @@
 //! benchmark creates, never in the machine's own namespace. Only the CNI call is timed: the pod
 //! namespace is created before ADD and deleted after DEL.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use malla_api::RoutingMode;
 use malla_bench::{
-    check, default_bin, ensure_prefix_unused, install_signal_handlers, ms, percentile, ratio,
-    require_file, Lab, Namespaces,
+    begin, check, ms, percentile, ratio_d, yes, Bins, CompareArgs, Namespaces, Reference,
 };
 use malla_dataplane::netns::NETNS_DIR;
 use malla_lab::cni_exec::{Attachment, Runtime};
 use malla_lab::runtime::node_runtime;
-use malla_lab::topology::UpOptions;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 #[derive(Parser, Debug)]
 #[command(about = "CNI ADD/DEL latency: Malla vs the reference bridge+host-local plugins")]
@@ -29,21 +25,8 @@ struct Args {
     /// Pods per variant (all are added, then all are deleted).
     #[arg(long, short = 'n', default_value_t = 200)]
     pods: usize,
-    /// The `malla` binary (agent); default: next to this executable.
-    #[arg(long)]
-    malla_bin: Option<PathBuf>,
-    /// The `malla-cni` binary; default: next to this executable.
-    #[arg(long)]
-    cni_bin: Option<PathBuf>,
-    /// Where the reference plugins live.
-    #[arg(long, default_value = "/usr/lib/cni")]
-    ref_cni_path: PathBuf,
-    /// Skip the bridge+host-local+portmap variant.
-    #[arg(long)]
-    no_portmap: bool,
-    /// Give up (and clean up) after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    max_seconds: u64,
+    #[command(flatten)]
+    common: CompareArgs,
 }
 
 /// Latencies of one variant.
@@ -66,54 +49,17 @@ fn main() -> anyhow::Result<()> {
     if args.pods == 0 || args.pods > 2000 {
         bail!("--pods: {} is outside 1..=2000", args.pods);
     }
-    install_signal_handlers();
-    ensure_prefix_unused()?;
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let malla_bin = args
-        .malla_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla"));
-    let cni_bin = args
-        .cni_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla-cni"));
-    require_file(&malla_bin, "build it: cargo build --release -p malla")?;
-    require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
-    for p in ["bridge", "host-local", "portmap"] {
-        require_file(
-            &args.ref_cni_path.join(p),
-            "install containernetworking-plugins",
-        )?;
-    }
-
-    let mut results = Vec::new();
-    results.push(malla(&args, &malla_bin, &cni_bin, deadline)?);
-    results.push(reference(&args, false, deadline)?);
-    if !args.no_portmap {
-        results.push(reference(&args, true, deadline)?);
-    }
+    let deadline = begin(args.common.max_seconds)?;
+    let results = args.common.compare(
+        |bins| malla(&args, bins, deadline),
+        |portmap| reference(&args, portmap, deadline),
+    )?;
     report(&results, args.pods);
     Ok(())
 }
 
-fn malla(
-    args: &Args,
-    malla_bin: &std::path::Path,
-    cni_bin: &std::path::Path,
-    deadline: Instant,
-) -> anyhow::Result<Samples> {
-    eprintln!("malla: bringing up a 1-node lab");
-    let lab = Lab::up(
-        "lat",
-        &UpOptions {
-            nodes: 1,
-            routing: RoutingMode::Direct,
-            ipv6: false,
-            malla_bin: malla_bin.to_path_buf(),
-            cni_bin: cni_bin.to_path_buf(),
-            datastore: Default::default(),
-        },
-    )?;
+fn malla(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Samples> {
+    let lab = bins.one_node_lab("malla", "lat")?;
     let node = lab.state.nodes[0].name.clone();
     let rt = node_runtime(&lab.paths, &lab.state, &node)?;
     let mut s = run_pods(&rt, "malla", args.pods, deadline)?;
@@ -123,41 +69,15 @@ fn malla(
 }
 
 fn reference(args: &Args, portmap: bool, deadline: Instant) -> anyhow::Result<Samples> {
-    let tag = if portmap { "refpm" } else { "ref" };
-    let dir = tempfile::Builder::new()
-        .prefix("malla-bench-")
-        .tempdir()
-        .context("creating a temp dir")?;
-    let mut nss = Namespaces::default();
-    let host = nss.create(&format!("{tag}-host"))?;
-    let mut plugins = vec![json!({
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": true,
-        "ipMasq": true,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{"subnet": "198.18.128.0/17"}]],
-            "dataDir": dir.path().join("ipam"),
-        }
-    })];
-    if portmap {
-        plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
-    }
-    let conflist = json!({"cniVersion": "1.0.0", "name": "ref", "plugins": plugins});
-    let path = dir.path().join("10-ref.conflist");
-    std::fs::write(&path, serde_json::to_vec_pretty(&conflist)?)?;
-    let rt = Runtime::load(&path, &args.ref_cni_path, Some(host))?;
-    let name = if portmap {
-        "bridge+host-local+portmap"
-    } else {
-        "bridge+host-local"
-    };
-    eprintln!("{name}: plugins run in their own host namespace");
-    let mut s = run_pods(&rt, tag, args.pods, deadline)?;
-    s.name = name.into();
+    let r = Reference::new(portmap)?;
+    let path = r.dir.path().join("10-ref.conflist");
+    std::fs::write(&path, serde_json::to_vec_pretty(&r.conflist("ref"))?)?;
+    let rt = Runtime::load(&path, &args.common.ref_cni_path, Some(r.host.clone()))?;
+    eprintln!("{}: plugins run in their own host namespace", r.name);
+    let mut s = run_pods(&rt, r.tag, args.pods, deadline)?;
+    s.name = r.name.into();
     s.exec_floor = exec_floor(&rt)?;
-    drop(nss);
+    drop(r);
     Ok(s)
 }
 
@@ -260,7 +180,7 @@ fn report(results: &[Samples], n: usize) {
     );
     for r in &results[1..] {
         let cell = |add: bool, p: f64| {
-            let x = ratio(malla.p(add, p).as_secs_f64(), r.p(add, p).as_secs_f64());
+            let x = ratio_d(malla.p(add, p), r.p(add, p));
             format!("{x:.2}{}", if x <= 0.5 { "" } else { "!" })
         };
         println!(
@@ -275,9 +195,9 @@ fn report(results: &[Samples], n: usize) {
     let p99_ok = |add: bool| malla.p(add, 99.0) < Duration::from_millis(10);
     println!(
         "Malla p99 < 10 ms: ADD {} ({} ms), DEL {} ({} ms)   ('!' marks a ratio above 0.50)",
-        if p99_ok(true) { "yes" } else { "NO" },
+        yes(p99_ok(true)),
         ms(malla.p(true, 99.0)),
-        if p99_ok(false) { "yes" } else { "NO" },
+        yes(p99_ok(false)),
         ms(malla.p(false, 99.0)),
     );
 }

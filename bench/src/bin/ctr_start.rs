@@ -14,21 +14,17 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use malla_api::RoutingMode;
 use malla_bench::{
-    check, default_bin, ensure_prefix_unused, install_signal_handlers, ms, percentile, ratio,
-    require_file, Lab, Namespaces,
+    begin, check, ms, percentile, ratio_d, require_file, Bins, CompareArgs, Reference,
 };
 use malla_lab::runtimes::{self, Containerd};
-use malla_lab::topology::UpOptions;
-use serde_json::{json, Value};
 
 #[derive(Parser, Debug)]
 #[command(about = "ctr run --cni start latency: Malla vs the reference bridge+host-local plugins")]
@@ -42,21 +38,8 @@ struct Args {
     /// How long each container sleeps after printing its address (it is killed before).
     #[arg(long, default_value_t = 600)]
     sleep: u64,
-    /// The `malla` binary (agent); default: next to this executable.
-    #[arg(long)]
-    malla_bin: Option<PathBuf>,
-    /// The `malla-cni` binary; default: next to this executable.
-    #[arg(long)]
-    cni_bin: Option<PathBuf>,
-    /// Where the reference plugins live.
-    #[arg(long, default_value = "/usr/lib/cni")]
-    ref_cni_path: PathBuf,
-    /// Skip the bridge+host-local+portmap variant.
-    #[arg(long)]
-    no_portmap: bool,
-    /// Give up (and clean up) after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    max_seconds: u64,
+    #[command(flatten)]
+    common: CompareArgs,
 }
 
 /// Latencies of one variant.
@@ -90,9 +73,8 @@ fn main() -> anyhow::Result<()> {
     if args.warmup > 10 {
         bail!("--warmup: {} is above 10", args.warmup);
     }
-    install_signal_handlers();
     runtimes::require_root();
-    ensure_prefix_unused()?;
+    let deadline = begin(args.common.max_seconds)?;
     for tool in ["containerd", "ctr", "runc", "unshare", "tar", "sha256sum"] {
         if !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
             .any(|d| d.join(tool).is_file())
@@ -101,52 +83,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
     require_file(Path::new("/bin/busybox"), "install busybox-static")?;
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let malla_bin = args
-        .malla_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla"));
-    let cni_bin = args
-        .cni_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla-cni"));
-    require_file(&malla_bin, "build it: cargo build --release -p malla")?;
-    require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
-    for p in ["bridge", "host-local", "portmap"] {
-        require_file(
-            &args.ref_cni_path.join(p),
-            "install containernetworking-plugins",
-        )?;
-    }
-
-    let mut results = Vec::new();
-    results.push(malla(&args, &malla_bin, &cni_bin, deadline)?);
-    results.push(reference(&args, false, deadline)?);
-    if !args.no_portmap {
-        results.push(reference(&args, true, deadline)?);
-    }
+    let results = args.common.compare(
+        |bins| malla(&args, bins, deadline),
+        |portmap| reference(&args, portmap, deadline),
+    )?;
     report(&results, args.containers);
     Ok(())
 }
 
-fn malla(
-    args: &Args,
-    malla_bin: &Path,
-    cni_bin: &Path,
-    deadline: Instant,
-) -> anyhow::Result<Samples> {
-    eprintln!("malla: bringing up a 1-node lab");
-    let lab = Lab::up(
-        "ctr",
-        &UpOptions {
-            nodes: 1,
-            routing: RoutingMode::Direct,
-            ipv6: false,
-            malla_bin: malla_bin.to_path_buf(),
-            cni_bin: cni_bin.to_path_buf(),
-            datastore: Default::default(),
-        },
-    )?;
+fn malla(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Samples> {
+    let lab = bins.one_node_lab("malla", "ctr")?;
     let node = &lab.state.nodes[0];
     // The node's conflist as the runtime tests use it: cniVersion 1.0.0 (Debian 12's
     // containerd stops there), network name `malla`.
@@ -163,40 +109,21 @@ fn malla(
 }
 
 fn reference(args: &Args, portmap: bool, deadline: Instant) -> anyhow::Result<Samples> {
-    let tag = if portmap { "refpm" } else { "ref" };
-    let name = if portmap {
-        "bridge+host-local+portmap"
-    } else {
-        "bridge+host-local"
-    };
-    let dir = tempfile::Builder::new()
-        .prefix("malla-bench-")
-        .tempdir()
-        .context("creating a temp dir")?;
-    let mut nss = Namespaces::default();
-    let host = nss.create(&format!("{tag}-host"))?;
-    let mut plugins = vec![json!({
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": true,
-        "ipMasq": true,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{"subnet": "198.18.128.0/17"}]],
-            "dataDir": dir.path().join("ipam"),
-        }
-    })];
-    if portmap {
-        plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
-    }
-    let conf: Value = json!({"cniVersion": "1.0.0", "name": tag, "plugins": plugins});
-    eprintln!("{name}: containerd in {host}");
-    let mut ctd = Containerd::start(&host, &conf, &args.ref_cni_path, &format!("bench-{tag}"));
+    let r = Reference::new(portmap)?;
+    let (tag, name) = (r.tag, r.name);
+    eprintln!("{name}: containerd in {}", r.host);
+    let conf = r.conflist(tag);
+    let mut ctd = Containerd::start(
+        &r.host,
+        &conf,
+        &args.common.ref_cni_path,
+        &format!("bench-{tag}"),
+    );
     let s = measure(&mut ctd, tag, name, args, deadline, |a| {
         a.octets()[..2] == [198, 18] && a.octets()[2] >= 128
     });
     drop(ctd);
-    drop(nss);
+    drop(r);
     s
 }
 
@@ -384,7 +311,7 @@ fn report(results: &[Samples], n: usize) {
         "{:<27} {:>10} {:>10} {:>9} {:>9} {:>10}",
         "reference", "start p50", "start p99", "stop p50", "stop p99", "CNI share"
     );
-    let r2 = |a: Duration, b: Duration| format!("{:.2}", ratio(a.as_secs_f64(), b.as_secs_f64()));
+    let r2 = |a: Duration, b: Duration| format!("{:.2}", ratio_d(a, b));
     for r in &results[1..] {
         println!(
             "{:<27} {:>10} {:>10} {:>9} {:>9} {:>10}",

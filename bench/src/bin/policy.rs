@@ -14,30 +14,28 @@
 //!    endpoint records on remote nodes, their nodes and blocks, namespaces, policies).
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::policy::{
     EgressRule, IngressRule, IpBlock, LabelSelector, LabelSelectorRequirement, NetworkPolicy,
     NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec, Operator, PolicyType,
 };
 use malla_api::service::{Protocol, TargetPort};
-use malla_api::{keys, ContainerPort, IpPool, Namespace, Node, Pod, RoutingMode, WorkloadEndpoint};
+use malla_api::{keys, ContainerPort, Namespace, Node, Pod, WorkloadEndpoint};
 use malla_bench::{
-    check, default_bin, ensure_prefix_unused, install_signal_handlers, ms, percentile, ratio,
-    require_file, Lab, Namespaces,
+    begin, check, cpu_time, default_pool, first_ipv4, measure_connections, mib, ms, nft_floor,
+    percentile, ratio, ratio_d, require_agent, unless, yes, BinArgs, Bins, ChangeStats, Namespaces,
 };
 use malla_calc::nft as model;
 use malla_calc::policy::{compile, render_policy, PolicyProgram};
 use malla_calc::{masquerade, ClusterView, ServiceMap};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft;
-use malla_lab::topology::{self, UpOptions};
-use malla_lab::{manifest, runtime, store as lab_store};
+use malla_lab::store as lab_store;
+use malla_lab::topology;
 use malla_store::Store;
 
 #[derive(Parser, Debug)]
@@ -81,12 +79,8 @@ struct Args {
     /// Skip part 4 (agent RSS).
     #[arg(long)]
     skip_rss: bool,
-    /// The `malla` binary (agent); default: next to this executable.
-    #[arg(long)]
-    malla_bin: Option<PathBuf>,
-    /// The `malla-cni` binary; default: next to this executable.
-    #[arg(long)]
-    cni_bin: Option<PathBuf>,
+    #[command(flatten)]
+    bins: BinArgs,
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     max_seconds: u64,
@@ -310,16 +304,6 @@ struct Synthetic {
     local: usize,
 }
 
-fn pool() -> anyhow::Result<IpPool> {
-    Ok(IpPool {
-        name: "default-ipv4".into(),
-        cidr: "198.18.0.0/16".parse()?,
-        block_size: 26,
-        nat_outgoing: true,
-        disabled: false,
-    })
-}
-
 fn remote_node(k: usize) -> String {
     format!("node-{}", 2 + k)
 }
@@ -432,7 +416,7 @@ fn synthetic(args: &Args) -> anyhow::Result<Synthetic> {
         view: ClusterView {
             config: malla_api::ClusterConfig::default(),
             nodes,
-            pools: vec![pool()?],
+            pools: vec![default_pool()?],
             blocks,
             endpoints,
             services: vec![],
@@ -466,37 +450,15 @@ fn main() -> anyhow::Result<()> {
     if !(10..=20000).contains(&args.connections) || args.connections < args.rounds * 10 {
         bail!("--connections in 10..=20000 (at least 10 per round)");
     }
-    install_signal_handlers();
-    ensure_prefix_unused()?;
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let malla_bin = args
-        .malla_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla"));
-    let cni_bin = args
-        .cni_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla-cni"));
+    let deadline = begin(args.max_seconds)?;
+    let bins = args.bins.resolve();
     if !(args.skip_latency && args.skip_rss) {
-        require_file(&malla_bin, "build it: cargo build --release -p malla")?;
-        require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
+        bins.require()?;
     }
 
-    let programming = if args.skip_programming {
-        None
-    } else {
-        Some(programming(&args, deadline)?)
-    };
-    let latency = if args.skip_latency {
-        None
-    } else {
-        Some(latency(&args, &malla_bin, &cni_bin, deadline)?)
-    };
-    let rss = if args.skip_rss {
-        None
-    } else {
-        Some(agent_rss(&args, &malla_bin, &cni_bin, deadline)?)
-    };
+    let programming = unless(args.skip_programming, || programming(&args, deadline))?;
+    let latency = unless(args.skip_latency, || latency(&args, &bins, deadline))?;
+    let rss = unless(args.skip_rss, || agent_rss(&args, &bins, deadline))?;
 
     println!();
     if let Some(p) = &programming {
@@ -624,20 +586,7 @@ fn pick_changes(s: &Synthetic, n: usize) -> Vec<(usize, String, String)> {
 
 fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
     let mut nss = Namespaces::default();
-    let floor_ns = nss.create("pol-floor")?;
-    let h = NetNs::open_named(&floor_ns)?;
-    let mut floors = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        nft::apply(
-            Some(&h),
-            "table ip malla_bench_floor\ndelete table ip malla_bench_floor\ntable ip malla_bench_floor {\n}\n",
-        )?;
-        floors.push(t.elapsed());
-    }
-    drop(h);
-    nss.delete(&floor_ns)?;
-    let floor = percentile(&floors, 50.0);
+    let floor = nft_floor(&mut nss, "pol-floor")?;
 
     eprintln!(
         "programming: {} pods ({} on {NODE}), {} policies, {} namespaces",
@@ -738,14 +687,6 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
     })
 }
 
-fn yes(ok: bool) -> &'static str {
-    if ok {
-        "yes"
-    } else {
-        "NO"
-    }
-}
-
 fn report_programming(args: &Args, p: &Programming) {
     let s = &p.stats;
     println!(
@@ -783,51 +724,31 @@ fn report_programming(args: &Args, p: &Programming) {
     println!(
         "   calc = policy_pods + compile; render = node table + render_policy + render_full. The agent's whole calculation (malla_calc::compute: routes, services, policy, render_full) takes {} ms; apply / floor = {:.1}x",
         ms(p.compute),
-        ratio(p.apply.as_secs_f64(), p.floor.as_secs_f64())
+        ratio_d(p.apply, p.floor)
     );
     println!();
-    let totals: Vec<Duration> = p
-        .changes
-        .iter()
-        .map(|c| c.rebuild + c.diff + c.apply)
-        .collect();
-    let med = |f: &dyn Fn(&Change) -> Duration| {
-        percentile(&p.changes.iter().map(f).collect::<Vec<_>>(), 50.0)
-    };
-    let total = percentile(&totals, 50.0);
-    let mut lines: Vec<usize> = p.changes.iter().map(|c| c.lines).collect();
-    lines.sort();
+    let c = ChangeStats::of(
+        p.changes
+            .iter()
+            .map(|c| (c.rebuild, c.diff, c.apply, c.lines)),
+    );
     println!(
         "2. One pod label change (a remote pod enters a peer selector), median of {}: rebuild = calc + render into the model",
         p.changes.len()
     );
     println!(
-        "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>14} {:>7} {:>4}",
-        "rebuild ms",
-        "diff ms",
-        "apply ms",
-        "total ms",
-        "max total ms",
-        "lines",
+        "{} {:>14} {:>7} {:>4}",
+        ChangeStats::heads(),
         "elements only",
         "target",
         "met"
     );
     println!(
-        "{:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>14} {:>7} {:>4}",
-        ms(med(&|c| c.rebuild)),
-        ms(med(&|c| c.diff)),
-        ms(med(&|c| c.apply)),
-        ms(total),
-        ms(percentile(&totals, 100.0)),
-        lines.get(lines.len() / 2).copied().unwrap_or(0),
-        if p.changes.iter().all(|c| c.elements_only) {
-            "yes"
-        } else {
-            "NO"
-        },
+        "{} {:>14} {:>7} {:>4}",
+        c.cells(),
+        yes(p.changes.iter().all(|c| c.elements_only)),
         "< 50",
-        yes(total < Duration::from_millis(50))
+        yes(c.total < Duration::from_millis(50))
     );
     println!();
 }
@@ -845,74 +766,6 @@ struct Case {
 
 struct Latency {
     cases: Vec<Case>,
-}
-
-/// One connection: connect, read the first byte(s) of the probe server's answer.
-fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(Duration, usize)> {
-    let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let n = s
-        .read(buf)
-        .with_context(|| format!("reading from {addr}"))?;
-    let d = t.elapsed();
-    if n == 0 {
-        bail!("{addr} closed without answering");
-    }
-    Ok((d, n))
-}
-
-/// `count` sequential connections from inside `netns` to `addr`, after 50 warm-up ones; the
-/// answer must come from `expect` (the probe server's name).
-fn measure(
-    netns: &str,
-    addr: SocketAddr,
-    expect: &str,
-    count: usize,
-    deadline: Instant,
-) -> anyhow::Result<(Vec<Duration>, Duration)> {
-    let ns = NetNs::open_named(netns)?;
-    let expect = expect.to_string();
-    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Duration)> {
-        ns.enter_this_thread()?;
-        let mut buf = [0u8; 256];
-        for w in 0..50 {
-            let (_, n) = one_connection(addr, &mut buf)?;
-            if w == 0 {
-                let answer = String::from_utf8_lossy(&buf[..n]);
-                if !answer.starts_with(&expect) {
-                    bail!("{addr} answered {answer:?}, expected {expect}");
-                }
-            }
-        }
-        let mut v = Vec::with_capacity(count);
-        let start = Instant::now();
-        for i in 0..count {
-            if i % 100 == 0 {
-                check(deadline)?;
-            }
-            v.push(one_connection(addr, &mut buf)?.0);
-        }
-        Ok((v, start.elapsed()))
-    });
-    worker
-        .join()
-        .map_err(|_| anyhow!("measuring thread panicked"))?
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    // Fields 14 and 15 (utime, stime) in clock ticks, after the parenthesised command.
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 1000 / hz)
 }
 
 /// The policy that lets the client in; its name sorts after every filler's, so its rule is
@@ -989,47 +842,18 @@ fn server_chain_rules(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
     .map(|text| text.lines().filter(|l| l.contains(" accept")).count())
 }
 
-fn latency(
-    args: &Args,
-    malla_bin: &Path,
-    cni_bin: &Path,
-    deadline: Instant,
-) -> anyhow::Result<Latency> {
-    eprintln!("latency: bringing up a 1-node lab");
-    let mut lab = Lab::up(
-        "pol",
-        &UpOptions {
-            nodes: 1,
-            routing: RoutingMode::Direct,
-            ipv6: false,
-            malla_bin: malla_bin.to_path_buf(),
-            cni_bin: cni_bin.to_path_buf(),
-            datastore: lab_store::Backend::Local,
-        },
-    )?;
+fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
+    let mut lab = bins.one_node_lab("latency", "pol")?;
     let text = format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n\
          spec:\n  nodeName: {NODE}\n  containers:\n  - name: c\n\
          ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: server\n  namespace: default\n  labels:\n    app: server\n\
          spec:\n  nodeName: {NODE}\n  containers:\n  - name: s\n    ports:\n    - containerPort: {SERVER_PORT}\n"
     );
-    let objects = manifest::parse(&text).map_err(|e| anyhow!("manifest: {e}"))?;
-    runtime::apply(&lab.paths, malla_bin, &objects).context("creating the pods")?;
-    lab.reload()?;
+    lab.apply_pods(&bins.malla, &text)?;
     let v4 = |name: &str| -> anyhow::Result<(String, Ipv4Addr)> {
-        let p = lab
-            .state
-            .pods
-            .get(&format!("default/{name}"))
-            .with_context(|| format!("pod {name} missing from the lab state"))?;
-        let ip = p
-            .ips
-            .iter()
-            .find_map(|a| match a {
-                IpAddr::V4(v4) => Some(*v4),
-                _ => None,
-            })
-            .with_context(|| format!("pod {name} has no IPv4 address"))?;
+        let p = lab.pod(name)?;
+        let ip = first_ipv4(&p.ips).with_context(|| format!("pod {name} has no IPv4 address"))?;
         Ok((p.netns.clone(), ip))
     };
     let (client_ns, client_ip) = v4("client")?;
@@ -1078,7 +902,8 @@ fn latency(
             }
             case.chain_rules = rules;
             let cpu0 = agent_pid.map(cpu_time).unwrap_or_default();
-            let (v, elapsed) = measure(&client_ns, addr, "default/server", per_round, deadline)?;
+            let (v, elapsed) =
+                measure_connections(&client_ns, addr, "default/server", per_round, deadline)?;
             let cpu1 = agent_pid.map(cpu_time).unwrap_or_default();
             eprintln!(
                 "  round {}, {n} policies (agent converged in {} ms): p50 {} ms, p99 {} ms",
@@ -1124,12 +949,8 @@ fn report_latency(args: &Args, l: &Latency) {
         );
     }
     let find = |n: usize| l.cases.iter().find(|c| c.policies == n);
-    let pr = |a: &Case, b: &Case, p: f64| {
-        ratio(
-            percentile(&a.samples, p).as_secs_f64(),
-            percentile(&b.samples, p).as_secs_f64(),
-        )
-    };
+    let pr =
+        |a: &Case, b: &Case, p: f64| ratio_d(percentile(&a.samples, p), percentile(&b.samples, p));
     if let (Some(none), Some(one), Some(many)) = (find(0), find(1), l.cases.last()) {
         println!();
         println!(
@@ -1171,22 +992,11 @@ struct Rss {
 }
 
 fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(field)
-                .and_then(|r| r.trim_start_matches(':').split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
+    malla_bench::status_kib(pid, field)?
         .with_context(|| format!("{field} missing from /proc/{pid}/status"))
 }
 
-fn agent_rss(
-    args: &Args,
-    malla_bin: &Path,
-    cni_bin: &Path,
-    deadline: Instant,
-) -> anyhow::Result<Rss> {
+fn agent_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Rss> {
     let syn = synthetic(args)?;
     let expected = {
         let prog = calc(&syn.view);
@@ -1195,24 +1005,10 @@ fn agent_rss(
             .map(|e| usize::from(e.ingress.is_some()) + usize::from(e.egress.is_some()))
             .sum()
     };
-    eprintln!("agent RSS: bringing up a 1-node lab");
-    let lab = Lab::up(
-        "polrss",
-        &UpOptions {
-            nodes: 1,
-            routing: RoutingMode::Direct,
-            ipv6: false,
-            malla_bin: malla_bin.to_path_buf(),
-            cni_bin: cni_bin.to_path_buf(),
-            datastore: lab_store::Backend::Local,
-        },
-    )?;
+    let lab = bins.one_node_lab("agent RSS", "polrss")?;
     let node = &lab.state.nodes[0];
     let pid = node.agent_pid.context("the lab's agent has no pid")?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "malla" {
-        bail!("pid {pid} is {comm:?}, not the agent");
-    }
+    require_agent(pid)?;
     let base_rss_kib = status_kib(pid, "VmRSS")?;
     eprintln!(
         "  bare agent {base_rss_kib} KiB; writing {} pods, {} policies",
@@ -1285,7 +1081,6 @@ fn agent_rss(
 }
 
 fn report_rss(args: &Args, r: &Rss) {
-    let mib = |k: u64| k as f64 / 1024.0;
     println!(
         "4. Agent RSS with {} pods ({} on {NODE}) and {} policies in its datastore (1-node lab; baseline: the same agent before the writes)",
         args.pods, args.local_pods, args.policies

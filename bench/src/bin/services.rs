@@ -11,28 +11,27 @@
 //!    the real ClusterIP. Baseline in the same lab: an iptables-style linear nat chain (one rule
 //!    per service, the hit last) in a second table of the node's namespace.
 
-use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::service::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
     ServicePort, ServiceType, TrafficPolicy,
 };
-use malla_api::{keys, IpPool, RoutingMode};
+use malla_api::{keys, IpPool};
 use malla_bench::{
-    check, default_bin, ensure_prefix_unused, install_signal_handlers, ms, percentile, ratio,
-    require_file, ChildGuard, Lab, Namespaces,
+    begin, check, cpu_time, default_pool, first_ipv4, measure_connections, mib, ms, nft_floor,
+    percentile, ratio, ratio_d, require_agent, temp_dir, unless, yes, BinArgs, Bins, ChangeStats,
+    ChangeTimes, ChildGuard, Namespaces,
 };
 use malla_calc::{masquerade, nft as model, services};
 use malla_dataplane::netns::{run_ip, NetNs};
 use malla_dataplane::nft;
-use malla_lab::topology::{self, UpOptions};
-use malla_lab::{manifest, runtime};
+use malla_lab::topology;
 use malla_store::{LocalStore, Store};
 
 #[derive(Parser, Debug)]
@@ -59,12 +58,8 @@ struct Args {
     /// Skip part 3 (ClusterIP latency).
     #[arg(long)]
     skip_latency: bool,
-    /// The `malla` binary (agent); default: next to this executable.
-    #[arg(long)]
-    malla_bin: Option<PathBuf>,
-    /// The `malla-cni` binary; default: next to this executable.
-    #[arg(long)]
-    cni_bin: Option<PathBuf>,
+    #[command(flatten)]
+    bins: BinArgs,
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     max_seconds: u64,
@@ -161,16 +156,6 @@ fn synthetic(i: usize, eps: usize) -> (Service, EndpointSlice) {
     (svc, s)
 }
 
-fn pool() -> anyhow::Result<IpPool> {
-    Ok(IpPool {
-        name: "default-ipv4".into(),
-        cidr: "198.18.0.0/16".parse()?,
-        block_size: 26,
-        nat_outgoing: true,
-        disabled: false,
-    })
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if args.sizes.is_empty()
@@ -185,35 +170,12 @@ fn main() -> anyhow::Result<()> {
     if !(10..=20000).contains(&args.connections) {
         bail!("--connections must be in 10..=20000");
     }
-    install_signal_handlers();
-    ensure_prefix_unused()?;
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let malla_bin = args
-        .malla_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla"));
-    let cni_bin = args
-        .cni_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla-cni"));
-    require_file(&malla_bin, "build it: cargo build --release -p malla")?;
-    require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
+    let deadline = begin(args.max_seconds)?;
+    let bins = args.bins.required()?;
 
-    let programming = if args.skip_programming {
-        None
-    } else {
-        Some(programming(&args, deadline)?)
-    };
-    let rss = if args.skip_rss {
-        None
-    } else {
-        Some(agent_rss(&args, &malla_bin, deadline)?)
-    };
-    let latency = if args.skip_latency {
-        None
-    } else {
-        Some(latency(&args, &malla_bin, &cni_bin, deadline)?)
-    };
+    let programming = unless(args.skip_programming, || programming(&args, deadline))?;
+    let rss = unless(args.skip_rss, || agent_rss(&args, &bins.malla, deadline))?;
+    let latency = unless(args.skip_latency, || latency(&args, &bins, deadline))?;
 
     println!();
     if let Some(p) = &programming {
@@ -237,7 +199,7 @@ struct Programming {
 }
 
 /// One endpoint change: rebuild (calc), render_diff, apply, lines of the diff.
-type Change = (Duration, Duration, Duration, usize);
+type Change = ChangeTimes;
 
 struct ProgRow {
     services: usize,
@@ -256,22 +218,9 @@ fn calc(svcs: &[Service], slices: &[EndpointSlice], pools: &[IpPool]) -> model::
 
 fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
     let mut nss = Namespaces::default();
-    let pools = vec![pool()?];
+    let pools = vec![default_pool()?];
     // The floor: one `nft -f -` of an empty table, median of 5.
-    let floor_ns = nss.create("prog-floor")?;
-    let h = NetNs::open_named(&floor_ns)?;
-    let mut floors = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        nft::apply(
-            Some(&h),
-            "table ip malla_bench_floor\ndelete table ip malla_bench_floor\ntable ip malla_bench_floor {\n}\n",
-        )?;
-        floors.push(t.elapsed());
-    }
-    drop(h);
-    nss.delete(&floor_ns)?;
-    let floor = percentile(&floors, 50.0);
+    let floor = nft_floor(&mut nss, "prog-floor")?;
 
     let mut rows = Vec::new();
     for &n in &args.sizes {
@@ -351,14 +300,7 @@ fn report_programming(args: &Args, p: &Programming) {
     for r in &p.rows {
         let total = r.calc + r.render + r.apply;
         let (target, met) = if r.services >= 30000 {
-            (
-                "< 2000",
-                if total < Duration::from_secs(2) {
-                    "yes"
-                } else {
-                    "NO"
-                },
-            )
+            ("< 2000", yes(total < Duration::from_secs(2)))
         } else {
             ("-", "")
         };
@@ -381,41 +323,20 @@ fn report_programming(args: &Args, p: &Programming) {
         args.changes
     );
     println!(
-        "{:>8} {:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>7} {:>4}",
+        "{:>8} {} {:>7} {:>4}",
         "services",
-        "rebuild ms",
-        "diff ms",
-        "apply ms",
-        "total ms",
-        "max total ms",
-        "lines",
+        ChangeStats::heads(),
         "target",
         "met"
     );
     for r in &p.rows {
-        let totals: Vec<Duration> = r.changes.iter().map(|c| c.0 + c.1 + c.2).collect();
-        let med = |f: &dyn Fn(&Change) -> Duration| {
-            percentile(&r.changes.iter().map(f).collect::<Vec<_>>(), 50.0)
-        };
-        let total = percentile(&totals, 50.0);
-        let mut lines: Vec<usize> = r.changes.iter().map(|c| c.3).collect();
-        lines.sort();
-        let met = if total < Duration::from_millis(20) {
-            "yes"
-        } else {
-            "NO"
-        };
+        let c = ChangeStats::of(r.changes.iter().copied());
         println!(
-            "{:>8} {:>11} {:>8} {:>9} {:>9} {:>12} {:>6} {:>7} {:>4}",
+            "{:>8} {} {:>7} {:>4}",
             r.services,
-            ms(med(&|c| c.0)),
-            ms(med(&|c| c.1)),
-            ms(med(&|c| c.2)),
-            ms(total),
-            ms(percentile(&totals, 100.0)),
-            lines.get(lines.len() / 2).copied().unwrap_or(0),
+            c.cells(),
             "< 20",
-            met
+            yes(c.total < Duration::from_millis(20))
         );
     }
     println!();
@@ -444,24 +365,26 @@ fn write_objects(
             check(deadline)?;
         }
         let (svc, s) = synthetic(i, eps);
-        store.put(
-            &keys::service(&svc.namespace, &svc.name),
-            &serde_json::to_string(&svc)?,
-        )?;
-        store.put(
-            &keys::endpoint_slice(&s.namespace, &s.name),
-            &serde_json::to_string(&s)?,
-        )?;
+        put_service(store, &svc, &s)?;
     }
     Ok(())
 }
 
+/// Writes `svc` and its `slice` to the datastore.
+fn put_service(store: &LocalStore, svc: &Service, slice: &EndpointSlice) -> anyhow::Result<()> {
+    store.put(
+        &keys::service(&svc.namespace, &svc.name),
+        &serde_json::to_string(svc)?,
+    )?;
+    store.put(
+        &keys::endpoint_slice(&slice.namespace, &slice.name),
+        &serde_json::to_string(slice)?,
+    )?;
+    Ok(())
+}
+
 fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    malla_bench::status_kib(pid, field)?
         .with_context(|| format!("no {field} in /proc/{pid}/status"))
 }
 
@@ -516,10 +439,7 @@ fn run_agent(
         std::thread::sleep(Duration::from_millis(10));
     }
     let ready_after = start.elapsed();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "malla" {
-        bail!("pid {pid} is {comm:?}, not the agent");
-    }
+    require_agent(pid)?;
     let rss = status_kib(pid, "VmRSS")?;
     let hwm = status_kib(pid, "VmHWM")?;
     drop(child);
@@ -529,12 +449,9 @@ fn run_agent(
 
 fn agent_rss(args: &Args, malla_bin: &Path, deadline: Instant) -> anyhow::Result<Rss> {
     let n = *args.sizes.last().unwrap_or(&1);
-    let dir = tempfile::Builder::new()
-        .prefix("malla-bench-")
-        .tempdir()
-        .context("temp dir")?;
+    let dir = temp_dir("temp dir")?;
     let store = LocalStore::open(&dir.path().join("store.db"))?;
-    malla_ipam::Ipam::new(&store).ensure_pool(&pool()?)?;
+    malla_ipam::Ipam::new(&store).ensure_pool(&default_pool()?)?;
     let mut nss = Namespaces::default();
     eprintln!("agent RSS: bare agent");
     let (base_rss_kib, _, _) = run_agent(&mut nss, "empty", malla_bin, dir.path(), deadline)?;
@@ -561,7 +478,6 @@ fn agent_rss(args: &Args, malla_bin: &Path, deadline: Instant) -> anyhow::Result
 }
 
 fn report_rss(args: &Args, r: &Rss) {
-    let mib = |k: u64| k as f64 / 1024.0;
     println!(
         "2. Agent RSS, {} Services / {} endpoints in the datastore (baseline: the same agent with none)",
         r.services,
@@ -587,7 +503,7 @@ fn report_rss(args: &Args, r: &Rss) {
         mib(r.hwm_kib),
         r.ready_after.as_secs_f64(),
         "< 64",
-        if mib(r.rss_kib) < 64.0 { "yes" } else { "NO" }
+        yes(mib(r.rss_kib) < 64.0)
     );
     println!(
         "   ratio to the bare agent: {:.1}x",
@@ -613,74 +529,6 @@ struct Latency {
     linear: Vec<Lat>,
 }
 
-/// One connection: connect, read the first byte(s) of the probe server's answer.
-fn one_connection(addr: SocketAddr, buf: &mut [u8]) -> anyhow::Result<(Duration, usize)> {
-    let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let n = s
-        .read(buf)
-        .with_context(|| format!("reading from {addr}"))?;
-    let d = t.elapsed();
-    if n == 0 {
-        bail!("{addr} closed without answering");
-    }
-    Ok((d, n))
-}
-
-/// `count` sequential connections from inside `netns` to `addr`, after 50 warm-up ones; the
-/// answer must come from `expect` (the probe server's name).
-fn measure(
-    netns: &str,
-    addr: SocketAddr,
-    expect: &str,
-    count: usize,
-    deadline: Instant,
-) -> anyhow::Result<(Vec<Duration>, Duration)> {
-    let ns = NetNs::open_named(netns)?;
-    let expect = expect.to_string();
-    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Duration)> {
-        ns.enter_this_thread()?;
-        let mut buf = [0u8; 256];
-        for w in 0..50 {
-            let (_, n) = one_connection(addr, &mut buf)?;
-            if w == 0 {
-                let answer = String::from_utf8_lossy(&buf[..n]);
-                if !answer.starts_with(&expect) {
-                    bail!("{addr} answered {answer:?}, expected {expect}");
-                }
-            }
-        }
-        let mut v = Vec::with_capacity(count);
-        let start = Instant::now();
-        for i in 0..count {
-            if i % 100 == 0 {
-                check(deadline)?;
-            }
-            v.push(one_connection(addr, &mut buf)?.0);
-        }
-        Ok((v, start.elapsed()))
-    });
-    worker
-        .join()
-        .map_err(|_| anyhow!("measuring thread panicked"))?
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    // Fields 14 and 15 (utime, stime) in clock ticks, after the parenthesised command.
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<u64> = after
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0))
-        .collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
 fn lat(
     n: usize,
     netns: &str,
@@ -691,7 +539,7 @@ fn lat(
     deadline: Instant,
 ) -> anyhow::Result<Lat> {
     let cpu0 = agent.map(cpu_time).unwrap_or_default();
-    let (v, elapsed) = measure(netns, addr, expect, args.connections, deadline)?;
+    let (v, elapsed) = measure_connections(netns, addr, expect, args.connections, deadline)?;
     let cpu1 = agent.map(cpu_time).unwrap_or_default();
     let l = Lat {
         n,
@@ -726,52 +574,22 @@ fn linear_table(n: usize, server: Ipv4Addr) -> String {
     t
 }
 
-fn latency(
-    args: &Args,
-    malla_bin: &Path,
-    cni_bin: &Path,
-    deadline: Instant,
-) -> anyhow::Result<Latency> {
+fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
     let max_n = *args.sizes.last().unwrap_or(&1);
     if max_n > VIP_SPAN {
         bail!("at most {VIP_SPAN} services for the linear baseline");
     }
-    eprintln!("latency: bringing up a 1-node lab");
-    let mut lab = Lab::up(
-        "svc",
-        &UpOptions {
-            nodes: 1,
-            routing: RoutingMode::Direct,
-            ipv6: false,
-            malla_bin: malla_bin.to_path_buf(),
-            cni_bin: cni_bin.to_path_buf(),
-            datastore: Default::default(),
-        },
-    )?;
+    let mut lab = bins.one_node_lab("latency", "svc")?;
     let text = format!(
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n\
          spec:\n  nodeName: node-1\n  containers:\n  - name: c\n\
          ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: server\n  namespace: default\n\
          spec:\n  nodeName: node-1\n  containers:\n  - name: s\n    ports:\n    - containerPort: {SERVER_PORT}\n"
     );
-    let objects = manifest::parse(&text).map_err(|e| anyhow!("manifest: {e}"))?;
-    runtime::apply(&lab.paths, malla_bin, &objects).context("creating the pods")?;
-    lab.reload()?;
-    let pod = |name: &str| {
-        lab.state
-            .pods
-            .get(&format!("default/{name}"))
-            .with_context(|| format!("pod {name} missing from the lab state"))
-    };
-    let client_ns = pod("client")?.netns.clone();
-    let server_ip = pod("server")?
-        .ips
-        .iter()
-        .find_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            _ => None,
-        })
-        .context("server pod has no IPv4 address")?;
+    lab.apply_pods(&bins.malla, &text)?;
+    let client_ns = lab.pod("client")?.netns.clone();
+    let server_ip =
+        first_ipv4(&lab.pod("server")?.ips).context("server pod has no IPv4 address")?;
     let node = &lab.state.nodes[0];
     let node_ns = NetNs::open_named(&node.netns)?;
     let agent_pid = node.agent_pid;
@@ -784,14 +602,7 @@ fn latency(
         vec![(IpAddr::V4(server_ip), "node-1".to_string())],
         SERVER_PORT,
     );
-    store.put(
-        &keys::service(&real.namespace, &real.name),
-        &serde_json::to_string(&real)?,
-    )?;
-    store.put(
-        &keys::endpoint_slice(&real_slice.namespace, &real_slice.name),
-        &serde_json::to_string(&real_slice)?,
-    )?;
+    put_service(&store, &real, &real_slice)?;
     let addr = SocketAddr::V4(cluster_ip(0));
     let mut written = 1;
     let mut malla = Vec::new();
@@ -877,8 +688,8 @@ fn report_latency(args: &Args, l: &Latency) {
         Some((
             a.n,
             b.n,
-            ratio(b.p50.as_secs_f64(), a.p50.as_secs_f64()),
-            ratio(b.p99.as_secs_f64(), a.p99.as_secs_f64()),
+            ratio_d(b.p50, a.p50),
+            ratio_d(b.p99, a.p99),
             ratio(b.per_sec, a.per_sec),
         ))
     };
@@ -896,7 +707,7 @@ fn report_latency(args: &Args, l: &Latency) {
             p99,
             cps,
             "<= 1.05",
-            if p50 <= 1.05 { "yes" } else { "NO" }
+            yes(p50 <= 1.05)
         );
     }
     if let Some((a, b, p50, p99, cps)) = growth(&l.linear) {
@@ -916,8 +727,8 @@ fn report_latency(args: &Args, l: &Latency) {
             println!(
                 "Malla / linear chain at N={}: p50 {:.3}, p99 {:.3} (below 1: Malla is faster)",
                 m.n,
-                ratio(m.p50.as_secs_f64(), b.p50.as_secs_f64()),
-                ratio(m.p99.as_secs_f64(), b.p99.as_secs_f64())
+                ratio_d(m.p50, b.p50),
+                ratio_d(m.p99, b.p99)
             );
         }
     }

@@ -7,7 +7,6 @@
 //! median over `--repeat` runs.
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,11 +14,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
-    check, default_bin, ensure_prefix_unused, install_signal_handlers, output_with_timeout, ratio,
-    require_file, ChildGuard, Lab, Namespaces,
+    begin, check, first_ipv4, output_with_timeout, ratio, yes, BinArgs, ChildGuard, Lab, Namespaces,
 };
 use malla_lab::topology::UpOptions;
-use malla_lab::{manifest, runtime};
 
 #[derive(Parser, Debug)]
 #[command(about = "pod-to-pod TCP throughput (iperf3) against a raw veth pair")]
@@ -33,12 +30,8 @@ struct Args {
     /// Parallel streams (`iperf3 -P`).
     #[arg(long, default_value_t = 1)]
     streams: u32,
-    /// The `malla` binary (agent); default: next to this executable.
-    #[arg(long)]
-    malla_bin: Option<PathBuf>,
-    /// The `malla-cni` binary; default: next to this executable.
-    #[arg(long)]
-    cni_bin: Option<PathBuf>,
+    #[command(flatten)]
+    bins: BinArgs,
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 600)]
     max_seconds: u64,
@@ -58,27 +51,9 @@ fn main() -> anyhow::Result<()> {
     if !(1..=16).contains(&args.streams) {
         bail!("--streams must be in 1..=16");
     }
-    install_signal_handlers();
-    ensure_prefix_unused()?;
-    let deadline = Instant::now() + Duration::from_secs(args.max_seconds);
-    let malla_bin = args
-        .malla_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla"));
-    let cni_bin = args
-        .cni_bin
-        .clone()
-        .unwrap_or_else(|| default_bin("malla-cni"));
-    require_file(&malla_bin, "build it: cargo build --release -p malla")?;
-    require_file(&cni_bin, "build it: cargo build --release -p malla-cni")?;
-    let opts = |routing| UpOptions {
-        nodes: 2,
-        routing,
-        ipv6: false,
-        malla_bin: malla_bin.clone(),
-        cni_bin: cni_bin.clone(),
-        datastore: Default::default(),
-    };
+    let deadline = begin(args.max_seconds)?;
+    let bins = args.bins.required()?;
+    let opts = |routing| bins.up_options(2, routing);
 
     let mut cases = Vec::new();
     cases.push(Case {
@@ -121,7 +96,7 @@ fn main() -> anyhow::Result<()> {
     for c in &cases {
         let r = ratio(c.bps, base);
         let (target, met) = match c.target {
-            Some(t) => (format!(">= {t:.2}"), if r >= t { "yes" } else { "NO" }),
+            Some(t) => (format!(">= {t:.2}"), yes(r >= t)),
             None => ("-".to_string(), ""),
         };
         println!(
@@ -155,7 +130,14 @@ fn raw_veth(args: &Args, deadline: Instant) -> anyhow::Result<f64> {
     ip(&b, "addr add 198.19.254.2/30 dev veth1")?;
     ip(&a, "link set veth0 up")?;
     ip(&b, "link set veth1 up")?;
-    let bps = measure(args, &a, &b, "198.19.254.2".parse()?, deadline)?;
+    let bps = Iperf {
+        args,
+        client_ns: &a,
+        server_ns: &b,
+        addr: "198.19.254.2".parse()?,
+        deadline,
+    }
+    .median()?;
     drop(nss);
     Ok(bps)
 }
@@ -171,9 +153,7 @@ fn pod_lab(what: &str, opts: &UpOptions) -> anyhow::Result<Lab> {
              spec:\n  nodeName: {node}\n  containers:\n  - name: iperf\n"
         ));
     }
-    let objects = manifest::parse(&text).map_err(|e| anyhow::anyhow!("manifest: {e}"))?;
-    runtime::apply(&lab.paths, &opts.malla_bin, &objects).context("creating the pods")?;
-    lab.reload()?;
+    lab.apply_pods(&opts.malla_bin, &text)?;
     Ok(lab)
 }
 
@@ -185,94 +165,99 @@ fn between(
     server: &str,
     deadline: Instant,
 ) -> anyhow::Result<f64> {
-    let pod = |name: &str| {
-        lab.state
-            .pods
-            .get(&format!("default/{name}"))
-            .with_context(|| format!("pod {name} missing from the lab state"))
-    };
-    let (c, s) = (pod(client)?, pod(server)?);
-    let addr = s
-        .ips
-        .iter()
-        .find(|a| a.is_ipv4())
-        .copied()
+    let (c, s) = (lab.pod(client)?, lab.pod(server)?);
+    let addr = first_ipv4(&s.ips)
+        .map(IpAddr::V4)
         .with_context(|| format!("pod {server} has no IPv4 address"))?;
     eprintln!(
         "{}: {client} ({}) -> {server} ({}, {addr})",
         lab.paths.name, c.node, s.node
     );
-    measure(args, &c.netns, &s.netns, addr, deadline)
-}
-
-/// The median of `--repeat` iperf3 runs from `client_ns` to a one-off server in `server_ns`.
-fn measure(
-    args: &Args,
-    client_ns: &str,
-    server_ns: &str,
-    addr: IpAddr,
-    deadline: Instant,
-) -> anyhow::Result<f64> {
-    let mut runs = Vec::new();
-    for _ in 0..args.repeat {
-        check(deadline)?;
-        runs.push(one_run(args, client_ns, server_ns, addr, deadline)?);
+    Iperf {
+        args,
+        client_ns: &c.netns,
+        server_ns: &s.netns,
+        addr,
+        deadline,
     }
-    runs.sort_by(f64::total_cmp);
-    eprintln!(
-        "  runs (Gbit/s): {}",
-        runs.iter()
-            .map(|b| format!("{:.2}", b / 1e9))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    Ok(runs[runs.len() / 2])
+    .median()
 }
 
-fn one_run(
-    args: &Args,
-    client_ns: &str,
-    server_ns: &str,
+/// iperf3 from `client_ns` to a one-off server in `server_ns` listening on `addr`.
+#[derive(Clone, Copy)]
+struct Iperf<'a> {
+    args: &'a Args,
+    client_ns: &'a str,
+    server_ns: &'a str,
     addr: IpAddr,
     deadline: Instant,
-) -> anyhow::Result<f64> {
-    let mut server = Command::new("ip");
-    server
-        .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _server = ChildGuard(server.spawn().context("spawning the iperf3 server")?);
-    // The server needs a moment to listen: retry a refused connection, a bounded number of times.
-    for attempt in 0..50 {
-        check(deadline)?;
-        let mut client = Command::new("ip");
-        client.args(["netns", "exec", client_ns, "iperf3", "-c"]);
-        client.arg(addr.to_string()).args([
-            "-t",
-            &args.seconds.to_string(),
-            "-P",
-            &args.streams.to_string(),
-            "-J",
-        ]);
-        let out = output_with_timeout(client, Duration::from_secs(args.seconds + 20))?;
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "iperf3 printed non-JSON: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })?;
-        if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-            if out.status.success() {
-                return Ok(bps);
+}
+
+impl Iperf<'_> {
+    /// The median of `--repeat` runs.
+    fn median(self) -> anyhow::Result<f64> {
+        let mut runs = Vec::new();
+        for _ in 0..self.args.repeat {
+            check(self.deadline)?;
+            runs.push(self.one_run()?);
+        }
+        runs.sort_by(f64::total_cmp);
+        eprintln!(
+            "  runs (Gbit/s): {}",
+            runs.iter()
+                .map(|b| format!("{:.2}", b / 1e9))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(runs[runs.len() / 2])
+    }
+
+    fn one_run(self) -> anyhow::Result<f64> {
+        let Self {
+            args,
+            client_ns,
+            server_ns,
+            addr,
+            deadline,
+        } = self;
+        let mut server = Command::new("ip");
+        server
+            .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let _server = ChildGuard(server.spawn().context("spawning the iperf3 server")?);
+        // The server needs a moment to listen: retry a refused connection, a bounded number of times.
+        for attempt in 0..50 {
+            check(deadline)?;
+            let mut client = Command::new("ip");
+            client.args(["netns", "exec", client_ns, "iperf3", "-c"]);
+            client.arg(addr.to_string()).args([
+                "-t",
+                &args.seconds.to_string(),
+                "-P",
+                &args.streams.to_string(),
+                "-J",
+            ]);
+            let out = output_with_timeout(client, Duration::from_secs(args.seconds + 20))?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "iperf3 printed non-JSON: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                if out.status.success() {
+                    return Ok(bps);
+                }
             }
+            let err = v["error"].as_str().unwrap_or("no result").to_string();
+            if !err.contains("refused") || attempt == 49 {
+                bail!("iperf3 {client_ns} -> {addr}: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let err = v["error"].as_str().unwrap_or("no result").to_string();
-        if !err.contains("refused") || attempt == 49 {
-            bail!("iperf3 {client_ns} -> {addr}: {err}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
+        bail!("iperf3 server in {server_ns} never accepted a connection")
     }
-    bail!("iperf3 server in {server_ns} never accepted a connection")
 }

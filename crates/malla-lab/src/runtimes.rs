@@ -301,22 +301,17 @@ pub fn busybox_oci_archive(dir: &Path) -> PathBuf {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink");
     }
     let layer = dir.join("layer.tar");
-    let tar = |args: &[&str]| {
-        let out = run(Command::new("tar").args(args), Duration::from_secs(60));
+    // `tar OPTS -C FROM -cf TO FILES`, owned by root.
+    let tar = |opts: &[&str], from: &Path, to: &Path, files: &[&str]| {
+        let mut args = vec!["--numeric-owner", "--owner=0", "--group=0"];
+        args.extend_from_slice(opts);
+        args.extend(["-C", from.to_str().expect("utf8")]);
+        args.extend(["-cf", to.to_str().expect("utf8")]);
+        args.extend_from_slice(files);
+        let out = run(Command::new("tar").args(&args), Duration::from_secs(60));
         assert!(out.ok, "tar {args:?}: {}", out.text());
     };
-    tar(&[
-        "--numeric-owner",
-        "--owner=0",
-        "--group=0",
-        "--sort=name",
-        "--mtime=@0",
-        "-C",
-        rootfs.to_str().expect("utf8"),
-        "-cf",
-        layer.to_str().expect("utf8"),
-        ".",
-    ]);
+    tar(&["--sort=name", "--mtime=@0"], &rootfs, &layer, &["."]);
     let oci = dir.join("oci");
     std::fs::create_dir_all(oci.join("blobs/sha256")).expect("oci dir");
     let (layer_digest, layer_size) = add_blob(&oci, &layer);
@@ -350,18 +345,7 @@ pub fn busybox_oci_archive(dir: &Path) -> PathBuf {
     std::fs::write(oci.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
     std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
     let archive = dir.join("image.tar");
-    tar(&[
-        "--numeric-owner",
-        "--owner=0",
-        "--group=0",
-        "-C",
-        oci.to_str().expect("utf8"),
-        "-cf",
-        archive.to_str().expect("utf8"),
-        "oci-layout",
-        "index.json",
-        "blobs",
-    ]);
+    tar(&[], &oci, &archive, &["oci-layout", "index.json", "blobs"]);
     archive
 }
 
@@ -547,7 +531,119 @@ pub fn remove_temp_dir(dir: tempfile::TempDir) {
     }
 }
 
+// ---------------------------------------------------------------- sandboxes
+
+/// What the containerd and podman drivers share: a temp dir `malla-rt-<tag>*` of their own, a
+/// daemon (containerd, or podman's sandbox shell) started from a script there by
+/// `unshare --mount --propagation private`, and a cgroup `malla-rt-<pid>-<tag>`. On drop,
+/// every process of the daemon's mount namespace, the daemon, the cgroups and the temp dir go.
+struct Sandbox {
+    tmp: Option<tempfile::TempDir>,
+    daemon: Child,
+    daemon_mnt: Option<String>,
+    log: PathBuf,
+    cgroup: String,
+}
+
+impl Sandbox {
+    /// The temp dir for `tag`, with `subs` made in it.
+    fn temp_dir(tag: &str, subs: &[&str]) -> tempfile::TempDir {
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("malla-rt-{tag}"))
+            .tempdir()
+            .expect("tempdir");
+        for sub in subs {
+            std::fs::create_dir_all(tmp.path().join(sub)).expect("dir");
+        }
+        tmp
+    }
+
+    /// Runs `sh script` in a private mount namespace, its output in `log` (in `tmp`).
+    fn spawn(tmp: tempfile::TempDir, tag: &str, script: &Path, log: &str) -> Self {
+        let log = tmp.path().join(log);
+        let daemon = spawn_logged(
+            Command::new("unshare").args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                s(script),
+            ]),
+            &log,
+        );
+        Self {
+            tmp: Some(tmp),
+            daemon,
+            daemon_mnt: None,
+            log,
+            cgroup: format!("malla-rt-{}-{tag}", std::process::id()),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.as_ref().expect("tmp").path()
+    }
+
+    /// Polls `ready` for `timeout`; panics as `<name> exited` when the daemon exits first and
+    /// with `late` when it is not ready in time (both with the daemon's log).
+    fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        name: &str,
+        late: &str,
+        ready: impl Fn(&Self) -> bool,
+    ) {
+        let up = wait_for(timeout, || {
+            if let Ok(Some(st)) = self.daemon.try_wait() {
+                panic!("{name} exited ({st}): {}", log_of(&self.log));
+            }
+            ready(self).then_some(())
+        });
+        assert!(up.is_some(), "{late}: {}", log_of(&self.log));
+    }
+
+    /// Records the daemon's mount namespace (for the cleanup) and checks that it runs in
+    /// network namespace `netns` (`what` says so).
+    fn settle(&mut self, netns: &str, what: &str) {
+        self.daemon_mnt = mnt_ns(self.daemon.id());
+        let ns = run(
+            Command::new("ip").args(["netns", "identify", &self.daemon.id().to_string()]),
+            T,
+        );
+        assert_eq!(ns.stdout.trim(), netns, "{what}");
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(ns) = &self.daemon_mnt {
+            kill_mount_namespace(ns);
+        }
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+        remove_cgroups(&self.cgroup);
+        if let Some(t) = self.tmp.take() {
+            remove_temp_dir(t);
+        }
+    }
+}
+
 // ---------------------------------------------------------------- containerd
+
+/// `ctr -a SOCK ARGS` as a client (it calls no CNI plugin).
+fn ctr_at(sock: &Path, args: &[&str]) -> Out {
+    run(Command::new("ctr").arg("-a").arg(sock).args(args), T)
+}
+
+/// The STATUS column of `ctr tasks ls` for `id`, through `sock`.
+fn task_status_at(sock: &Path, id: &str) -> Option<String> {
+    let out = ctr_at(sock, &["tasks", "ls"]);
+    out.stdout.lines().find_map(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        (w.first() == Some(&id)).then(|| w.get(2).unwrap_or(&"").to_string())
+    })
+}
 
 /// A containerd of its own (config, root, state, socket in a temp dir; `/run` a private
 /// tmpfs) running in network namespace `netns`; containers started by `ctr run --cni` in the
@@ -555,12 +651,9 @@ pub fn remove_temp_dir(dir: tempfile::TempDir) {
 /// configuration ctr reads (`/etc/cni/net.d`, `/opt/cni/bin`, the only places it looks) is a
 /// bind mount, visible only to that ctr, of this containerd's `net.d` and of `cni_bin`.
 pub struct Containerd {
-    tmp: Option<tempfile::TempDir>,
-    daemon: Child,
-    daemon_mnt: Option<String>,
+    sandbox: Sandbox,
     netns: String,
     cni_bin: PathBuf,
-    cgroup: String,
     /// `ctr run` processes, by container id.
     running: Vec<(String, Child)>,
     ids: Vec<String>,
@@ -578,14 +671,8 @@ impl Containerd {
     /// `cni_bin` as its plugin directory. `tag` names the cgroup (`malla-rt-<pid>-<tag>`),
     /// unique per containerd of a process.
     pub fn start(netns: &str, conflist: &Value, cni_bin: &Path, tag: &str) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix(&format!("malla-rt-{tag}"))
-            .tempdir()
-            .expect("tempdir");
+        let tmp = Sandbox::temp_dir(tag, &["root", "state", "opt", "fifo", "cg", "net.d"]);
         let d = tmp.path().to_path_buf();
-        for sub in ["root", "state", "opt", "fifo", "cg", "net.d"] {
-            std::fs::create_dir_all(d.join(sub)).expect("dir");
-        }
         write_conflist(conflist, &d.join("net.d"), "10-net.conflist");
         let config = d.join("config.toml");
         std::fs::write(
@@ -628,58 +715,28 @@ impl Containerd {
              mount --bind \"$bin\" /opt/cni/bin; fi\n\
              exec ip netns exec \"$ns\" ctr \"$@\"",
         );
-        let daemon = spawn_logged(
-            Command::new("unshare").args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                s(&start),
-            ]),
-            &d.join("containerd.log"),
-        );
         let mut me = Self {
-            tmp: Some(tmp),
-            daemon,
-            daemon_mnt: None,
+            sandbox: Sandbox::spawn(tmp, tag, &start, "containerd.log"),
             netns: netns.to_string(),
             cni_bin: cni_bin.to_path_buf(),
-            cgroup: format!("malla-rt-{}-{tag}", std::process::id()),
             running: Vec::new(),
             ids: Vec::new(),
             execs: AtomicUsize::new(0),
         };
-        let up = wait_for(Duration::from_secs(30), || {
-            if let Ok(Some(st)) = me.daemon.try_wait() {
-                panic!(
-                    "containerd exited ({st}): {}",
-                    log_of(&me.dir().join("containerd.log"))
-                );
-            }
-            me.ctr(&["version"]).ok.then_some(())
-        });
-        assert!(
-            up.is_some(),
-            "containerd did not answer within 30s: {}",
-            log_of(&me.dir().join("containerd.log"))
+        me.sandbox.wait_ready(
+            Duration::from_secs(30),
+            "containerd",
+            "containerd did not answer within 30s",
+            |sb| ctr_at(&sb.dir().join("containerd.sock"), &["version"]).ok,
         );
-        me.daemon_mnt = mnt_ns(me.daemon.id());
-        let ns = run(
-            Command::new("ip").args(["netns", "identify", &me.daemon.id().to_string()]),
-            T,
-        );
-        assert_eq!(
-            ns.stdout.trim(),
-            netns,
-            "containerd runs in the namespace it was given"
-        );
+        me.sandbox
+            .settle(netns, "containerd runs in the namespace it was given");
         me
     }
 
     /// This containerd's temp dir (config, state, socket, logs).
     pub fn dir(&self) -> &Path {
-        self.tmp.as_ref().expect("tmp").path()
+        self.sandbox.dir()
     }
 
     pub fn sock(&self) -> PathBuf {
@@ -688,7 +745,7 @@ impl Containerd {
 
     /// `ctr ARGS` as a client (it calls no CNI plugin).
     pub fn ctr(&self, args: &[&str]) -> Out {
-        run(Command::new("ctr").arg("-a").arg(self.sock()).args(args), T)
+        ctr_at(&self.sock(), args)
     }
 
     /// Builds the busybox image ([`IMAGE`]) and imports it.
@@ -700,11 +757,7 @@ impl Containerd {
 
     /// The STATUS column of `ctr tasks ls` for `id`.
     pub fn task_status(&self, id: &str) -> Option<String> {
-        let out = self.ctr(&["tasks", "ls"]);
-        out.stdout.lines().find_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            (w.first() == Some(&id)).then(|| w.get(2).unwrap_or(&"").to_string())
-        })
+        task_status_at(&self.sock(), id)
     }
 
     /// `ctr run [--cni] --rm --cgroup /<cgroup>/<id> IMAGE ID ARGV...` in a private mount
@@ -724,7 +777,7 @@ impl Containerd {
             cmd.arg("--cni");
         }
         cmd.args(["--rm", "--cgroup"])
-            .arg(format!("/{}/{id}", self.cgroup))
+            .arg(format!("/{}/{id}", self.sandbox.cgroup))
             .args(extra)
             .args([IMAGE, id])
             .args(argv);
@@ -776,20 +829,7 @@ impl Containerd {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("ctr run {id} exited ({st}): {}", log_of(&log));
             }
-            let out = run(
-                Command::new("ctr")
-                    .arg("-a")
-                    .arg(&sock)
-                    .args(["tasks", "ls"]),
-                T,
-            );
-            out.stdout
-                .lines()
-                .any(|l| {
-                    let w: Vec<&str> = l.split_whitespace().collect();
-                    w.first() == Some(&id) && w.get(2) == Some(&"RUNNING")
-                })
-                .then_some(())
+            (task_status_at(&sock, id).as_deref() == Some("RUNNING")).then_some(())
         });
         assert!(
             started.is_some(),
@@ -864,15 +904,7 @@ impl Drop for Containerd {
             let _ = self.ctr(&["tasks", "delete", "-f", &id]);
             let _ = self.ctr(&["containers", "delete", &id]);
         }
-        if let Some(ns) = &self.daemon_mnt {
-            kill_mount_namespace(ns);
-        }
-        let _ = self.daemon.kill();
-        let _ = self.daemon.wait();
-        remove_cgroups(&self.cgroup);
-        if let Some(t) = self.tmp.take() {
-            remove_temp_dir(t);
-        }
+        // Then `sandbox` drops: the daemon, its mount namespace, cgroups and temp dir.
     }
 }
 
@@ -884,32 +916,26 @@ impl Drop for Containerd {
 /// /run and /dev/shm are tmpfs and /var/lib is an overlay (podman 4.3 writes its blob cache
 /// to /var/lib/containers), so the netns files, locks and caches podman makes stay private.
 pub struct Podman {
-    tmp: Option<tempfile::TempDir>,
-    sandbox: Child,
-    sandbox_mnt: Option<String>,
-    cgroup: String,
+    sandbox: Sandbox,
     names: Vec<String>,
 }
 
 impl Podman {
     /// Starts the sandbox in `node_ns` with the `malla` network made of `node`'s conflist.
     pub fn start(lab: &Lab, node: &str, node_ns: &str) -> Self {
-        let tmp = tempfile::Builder::new()
-            .prefix("malla-rt-podman")
-            .tempdir()
-            .expect("tempdir");
+        let tmp = Sandbox::temp_dir(
+            "podman",
+            &[
+                "root",
+                "runroot",
+                "tmp",
+                "imgtmp",
+                "cg",
+                "varlib/up",
+                "varlib/work",
+            ],
+        );
         let d = tmp.path().to_path_buf();
-        for sub in [
-            "root",
-            "runroot",
-            "tmp",
-            "imgtmp",
-            "cg",
-            "varlib/up",
-            "varlib/work",
-        ] {
-            std::fs::create_dir_all(d.join(sub)).expect("dir");
-        }
         write_conflist(
             &runtime_conflist(&lab.conflist(node), "malla"),
             &d.join("net.d"),
@@ -944,53 +970,23 @@ impl Podman {
                 ready = s(&ready),
             ),
         );
-        let child = spawn_logged(
-            Command::new("unshare").args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                s(&sandbox),
-            ]),
-            &d.join("sandbox.log"),
-        );
         let mut me = Self {
-            tmp: Some(tmp),
-            sandbox: child,
-            sandbox_mnt: None,
-            cgroup: format!("malla-rt-{}-podman", std::process::id()),
+            sandbox: Sandbox::spawn(tmp, "podman", &sandbox, "sandbox.log"),
             names: Vec::new(),
         };
-        let up = wait_for(Duration::from_secs(20), || {
-            if let Ok(Some(st)) = me.sandbox.try_wait() {
-                panic!(
-                    "podman sandbox exited ({st}): {}",
-                    log_of(&d.join("sandbox.log"))
-                );
-            }
-            ready.exists().then_some(())
-        });
-        assert!(
-            up.is_some(),
-            "podman sandbox not ready: {}",
-            log_of(&d.join("sandbox.log"))
+        me.sandbox.wait_ready(
+            Duration::from_secs(20),
+            "podman sandbox",
+            "podman sandbox not ready",
+            |_| ready.exists(),
         );
-        me.sandbox_mnt = mnt_ns(me.sandbox.id());
-        let netns = run(
-            Command::new("ip").args(["netns", "identify", &me.sandbox.id().to_string()]),
-            T,
-        );
-        assert_eq!(
-            netns.stdout.trim(),
-            node_ns,
-            "podman runs in the node's namespace"
-        );
+        me.sandbox
+            .settle(node_ns, "podman runs in the node's namespace");
         me
     }
 
     pub fn dir(&self) -> &Path {
-        self.tmp.as_ref().expect("tmp").path()
+        self.sandbox.dir()
     }
 
     /// `podman ARGS` in the sandbox.
@@ -1000,7 +996,7 @@ impl Podman {
             Command::new("nsenter")
                 .args([
                     "-t",
-                    &self.sandbox.id().to_string(),
+                    &self.sandbox.daemon.id().to_string(),
                     "--mount",
                     "--net",
                     "--",
@@ -1033,7 +1029,7 @@ impl Podman {
     /// default, which needs CAP_SYS_RESOURCE, and this machine's root lacks it.
     pub fn run_container(&mut self, name: &str, argv: &[&str]) {
         self.names.push(name.to_string());
-        let parent = format!("/{}", self.cgroup);
+        let parent = format!("/{}", self.sandbox.cgroup);
         let mut args = vec![
             "run",
             "-d",
@@ -1061,14 +1057,6 @@ impl Drop for Podman {
         for n in std::mem::take(&mut self.names) {
             let _ = self.podman(&["rm", "-f", "-t", "0", &n]);
         }
-        if let Some(ns) = &self.sandbox_mnt {
-            kill_mount_namespace(ns);
-        }
-        let _ = self.sandbox.kill();
-        let _ = self.sandbox.wait();
-        remove_cgroups(&self.cgroup);
-        if let Some(t) = self.tmp.take() {
-            remove_temp_dir(t);
-        }
+        // Then `sandbox` drops: the sandbox, its mount namespace, cgroups and temp dir.
     }
 }
