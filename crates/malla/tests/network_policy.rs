@@ -87,6 +87,15 @@ impl Model {
     }
 
     fn check(&self, name: &str, expect: &impl Fn(&str, &str, u16, &str) -> bool) {
+        // Each case is about new connections. Established flows outlive a policy change (as in
+        // Calico), and a UDP probe whose random source port repeats an earlier allowed flow's
+        // would ride that flow's conntrack entry: start every case from an empty table.
+        for n in 1..=3 {
+            let ns = self.lab.netns(&format!("node-{n}"));
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns, "conntrack", "-F"])
+                .output();
+        }
         let observed = self.observe();
         assert_eq!(
             observed.len(),
