@@ -42,6 +42,9 @@ pub struct Map {
     /// The value type, e.g. `verdict`.
     pub value: String,
     pub flags: Vec<String>,
+    /// Every element carries a counter (`counter;` in the declaration), which the kernel bumps
+    /// whenever a lookup finds the element (e.g. a `dnat … map` picking an endpoint).
+    pub counter: bool,
     /// Key -> value, e.g. `10.96.0.10 . tcp . 80` -> `goto svc-…`.
     pub elements: BTreeMap<String, String>,
 }
@@ -129,11 +132,17 @@ impl Map {
         if !self.flags.is_empty() {
             let _ = write!(s, " flags {};", self.flags.join(","));
         }
+        if self.counter {
+            s.push_str(" counter;");
+        }
         s
     }
 
     fn same_definition(&self, other: &Map) -> bool {
-        self.type_ == other.type_ && self.value == other.value && self.flags == other.flags
+        self.type_ == other.type_
+            && self.value == other.value
+            && self.flags == other.flags
+            && self.counter == other.counter
     }
 }
 
@@ -472,6 +481,7 @@ mod tests {
                 type_: "ipv4_addr . inet_proto . inet_service".into(),
                 value: "verdict".into(),
                 flags: vec![],
+                counter: false,
                 elements: [
                     (
                         "10.96.0.10 . tcp . 80".to_string(),
@@ -718,6 +728,8 @@ mod diff_props {
                             map.flags = set.flags.clone();
                         } else if let Some(to) = part.strip_prefix("timeout ") {
                             set.timeout = Some(to.trim_end_matches('s').parse().unwrap());
+                        } else if part == "counter" {
+                            map.counter = true;
                         } else if !part.is_empty() {
                             return Err(format!("bad spec {part}"));
                         }
@@ -868,6 +880,7 @@ mod diff_props {
                     type_: SET_TYPES[ty].into(),
                     value: "verdict".into(),
                     flags: vec![],
+                    counter: i % 2 == 1,
                     elements: elems
                         .into_iter()
                         .map(|(k, v)| {

@@ -2,9 +2,12 @@
 //! dispatches to, and per-endpoint counters of new connections read from the kernel.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::Args;
+use malla_calc::nft;
+use malla_calc::services::{self, ServiceEndpoint, ServiceEntry};
 use malla_dataplane::netns::NetNs;
 
 #[derive(Args)]
@@ -23,24 +26,74 @@ pub struct ServicesArgs {
     output: String,
 }
 
-/// Packet counters of the `ep-*` chains' DNAT rules: new connections per endpoint chain.
-fn counters(netns: Option<&NetNs>) -> BTreeMap<String, u64> {
+/// New connections per endpoint, read from the kernel's counters.
+#[derive(Default)]
+struct Counters {
+    /// Packet counters of the `ep-*` chains' DNAT rules (services with session affinity), by
+    /// chain.
+    chains: BTreeMap<String, u64>,
+    /// Per-element counters of the `endpoints-*` DNAT maps: by map and index, the endpoint
+    /// address, port and packets.
+    maps: BTreeMap<(String, u64), (IpAddr, u64, u64)>,
+}
+
+impl Counters {
+    /// New connections of entry `e` to endpoint `ep`, over every path that can DNAT to it:
+    /// its dispatch chains' slots in the endpoint maps (found in the table `t` of the same
+    /// view), or its affinity chain.
+    fn get(&self, t: &nft::Table, e: &ServiceEntry, ep: &ServiceEndpoint) -> u64 {
+        let chain = self
+            .chains
+            .get(&services::ep_chain(e, ep))
+            .copied()
+            .unwrap_or(0);
+        let mut maps = 0;
+        for c in [services::svc_chain(e), services::local_chain(e)] {
+            let Some((map, off, n)) = services::dispatch_slots(t, &c) else {
+                continue;
+            };
+            for i in u64::from(off)..u64::from(off) + u64::from(n) {
+                if let Some((ip, port, p)) = self.maps.get(&(map.clone(), i)) {
+                    if *ip == ep.ip && *port == u64::from(ep.port) {
+                        maps += p;
+                    }
+                }
+            }
+        }
+        chain + maps
+    }
+}
+
+fn counters(netns: Option<&NetNs>) -> Counters {
+    let mut out = Counters::default();
     let Ok(text) = malla_dataplane::nft::run(netns, &["-j", "list", "table", "inet", "malla"], "")
     else {
-        return BTreeMap::new();
+        return out;
     };
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return BTreeMap::new();
+        return out;
     };
-    let mut out = BTreeMap::new();
     for item in v["nftables"].as_array().into_iter().flatten() {
+        let map = &item["map"];
+        if let Some(name) = map["name"].as_str().filter(|n| n.starts_with("endpoints-")) {
+            for el in map["elem"].as_array().into_iter().flatten() {
+                let index = el[0]["elem"]["val"].as_u64();
+                let packets = el[0]["elem"]["counter"]["packets"].as_u64();
+                let ip = el[1]["concat"][0].as_str().and_then(|s| s.parse().ok());
+                let port = el[1]["concat"][1].as_u64();
+                if let (Some(i), Some(p), Some(ip), Some(port)) = (index, packets, ip, port) {
+                    out.maps.insert((name.to_string(), i), (ip, port, p));
+                }
+            }
+            continue;
+        }
         let rule = &item["rule"];
         let Some(chain) = rule["chain"].as_str().filter(|c| c.starts_with("ep-")) else {
             continue;
         };
         for e in rule["expr"].as_array().into_iter().flatten() {
             if let Some(p) = e["counter"]["packets"].as_u64() {
-                *out.entry(chain.to_string()).or_default() += p;
+                *out.chains.entry(chain.to_string()).or_default() += p;
             }
         }
     }
@@ -61,7 +114,8 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
     };
     let store = crate::lab_cmd::open_store(a.datastore.as_ref(), &a.lab)?;
     let view = malla_agent::read_view(&*store)?;
-    let map = malla_calc::compute(&view, &a.node).service_map;
+    let dp = malla_calc::compute(&view, &a.node);
+    let (map, table) = (dp.service_map, dp.nft_table);
     let counts = counters(netns.as_ref());
     if a.output == "json" {
         let entries: Vec<serde_json::Value> = map
@@ -72,13 +126,7 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
                 v["connections"] = serde_json::json!(e
                     .cluster_endpoints
                     .iter()
-                    .map(|ep| (
-                        format!("{}:{}", ep.ip, ep.port),
-                        counts
-                            .get(&malla_calc::services::ep_chain(e, ep))
-                            .copied()
-                            .unwrap_or(0)
-                    ))
+                    .map(|ep| (format!("{}:{}", ep.ip, ep.port), counts.get(&table, e, ep)))
                     .collect::<BTreeMap<_, _>>());
                 v
             })
@@ -100,10 +148,7 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
             .cluster_endpoints
             .iter()
             .map(|ep| {
-                let n = counts
-                    .get(&malla_calc::services::ep_chain(e, ep))
-                    .copied()
-                    .unwrap_or(0);
+                let n = counts.get(&table, e, ep);
                 let local = if e.local_endpoints.contains(ep) {
                     "*"
                 } else {
