@@ -170,26 +170,6 @@ impl Netlink {
         }
     }
 
-    /// Creates a veth pair in this namespace, both ends with `mtu`; the first end gets `mac`.
-    pub async fn create_veth(
-        &self,
-        name: &str,
-        peer: &str,
-        mtu: u32,
-        mac: Option<[u8; 6]>,
-    ) -> Result<(), NetlinkError> {
-        let mut b = LinkVeth::new(name, peer).mtu(mtu);
-        if let Some(mac) = mac {
-            b = b.address(mac.to_vec());
-        }
-        self.handle
-            .link()
-            .add(b.build())
-            .execute()
-            .await
-            .map_err(req(format!("create veth {name}/{peer}")))
-    }
-
     /// Creates a veth pair whose peer is born inside `peer_ns` (one netlink request: no
     /// create-then-move, which costs the kernel a second device registration).
     pub async fn create_veth_into(
@@ -227,25 +207,6 @@ impl Netlink {
             )))
     }
 
-    /// Moves a link into another namespace, renaming it on the way.
-    pub async fn move_to_netns(
-        &self,
-        index: u32,
-        ns: &NetNs,
-        new_name: &str,
-    ) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(index)
-            .setns_by_fd(ns.file().as_raw_fd())
-            .name(new_name.to_string())
-            .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(req(format!("move link {index} to netns as {new_name}")))
-    }
-
     pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).up().build();
         self.handle
@@ -254,28 +215,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(req(format!("set link {index} up")))
-    }
-
-    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(index).mtu(mtu).build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(req(format!("set link {index} mtu {mtu}")))
-    }
-
-    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(index)
-            .address(mac.to_vec())
-            .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(req(format!("set link {index} mac")))
     }
 
     pub async fn delete_link(&self, index: u32) -> Result<(), NetlinkError> {

@@ -161,15 +161,7 @@ fn malla_then_portmap_bandwidth_tuning() {
         !ip(&["-n", &node_ns, "-o", "link", "show"]).contains(&host_veth),
         "veth gone"
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&lab.run(&["ipam", "show", "-o", "json"])).unwrap();
-    let used: u64 = v["blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["used"].as_u64().unwrap())
-        .sum();
-    assert_eq!(used, 0, "address released");
+    assert_eq!(lab.used_addresses(), 0, "address released");
     let nat = String::from_utf8_lossy(
         &std::process::Command::new("ip")
             .args(["netns", "exec", &node_ns, "iptables-save", "-t", "nat"])

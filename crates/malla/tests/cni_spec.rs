@@ -133,16 +133,6 @@ fn golden(name: &str, actual: &Value) {
     assert_eq!(text, want, "golden {name} differs");
 }
 
-fn used(lab: &Lab) -> u64 {
-    let v: Value = serde_json::from_str(&lab.run(&["ipam", "show", "-o", "json"])).unwrap();
-    v["blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["used"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn version_lists_every_supported_version() {
     let lab = Lab::new("sv");
@@ -213,7 +203,7 @@ fn add_check_del_in_every_version() {
             "DEL succeeds when the netns is gone"
         );
     }
-    assert_eq!(used(&lab), 0);
+    assert_eq!(lab.used_addresses(), 0);
 }
 
 #[test]
@@ -301,7 +291,7 @@ fn error_codes() {
         "0.4.0"
     );
     // Nothing was reserved by any of these.
-    assert_eq!(used(&lab), 0);
+    assert_eq!(lab.used_addresses(), 0);
 }
 
 #[test]
@@ -364,7 +354,11 @@ fn gc_releases_everything_not_valid() {
         )
     };
     assert!(!crashed.ok, "the fault was injected");
-    assert_eq!(used(&lab), 4, "the crashed ADD left its address behind");
+    assert_eq!(
+        lab.used_addresses(),
+        4,
+        "the crashed ADD left its address behind"
+    );
     let node_links = || ip(&["-n", &p.node_ns, "-o", "link", "show"]);
     assert_eq!(node_links().matches(": mla").count(), 4);
 
@@ -375,7 +369,11 @@ fn gc_releases_everything_not_valid() {
         gc.to_string().as_bytes(),
     );
     assert!(out.ok, "GC: {}", out.out);
-    assert_eq!(used(&lab), 1, "only the valid attachment keeps its address");
+    assert_eq!(
+        lab.used_addresses(),
+        1,
+        "only the valid attachment keeps its address"
+    );
     assert_eq!(
         node_links().matches(": mla").count(),
         1,
@@ -388,5 +386,5 @@ fn gc_releases_everything_not_valid() {
         "the valid one is intact"
     );
     assert!(p.call("DEL", "gc-keep", &results[0].1, &conf).ok);
-    assert_eq!(used(&lab), 0);
+    assert_eq!(lab.used_addresses(), 0);
 }

@@ -109,6 +109,18 @@ impl Lab {
             .expect("array")
     }
 
+    /// Addresses in use over every IPAM block (`malla ipam show -o json`).
+    pub fn used_addresses(&self) -> u64 {
+        let v: Value =
+            serde_json::from_str(&self.run(&["ipam", "show", "-o", "json"])).expect("json");
+        v["blocks"]
+            .as_array()
+            .expect("blocks")
+            .iter()
+            .map(|b| b["used"].as_u64().expect("used"))
+            .sum()
+    }
+
     pub fn state(&self) -> Value {
         let p = self.state_root.path().join(&self.name).join("lab.json");
         serde_json::from_slice(&std::fs::read(p).expect("lab.json")).expect("json")

@@ -22,17 +22,6 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn used_addresses(lab: &Lab) -> u64 {
-    let out = lab.run(&["ipam", "show", "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["blocks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["used"].as_u64().unwrap())
-        .sum()
-}
-
 #[test]
 fn lifecycle() {
     let lab = Lab::new("life");
@@ -87,7 +76,7 @@ fn lifecycle() {
         "{out}"
     );
     assert!(lab.apply(PODS).contains("pod/web/front unchanged"));
-    assert_eq!(used_addresses(&lab), 2);
+    assert_eq!(lab.used_addresses(), 2);
     let pods: serde_json::Value =
         serde_json::from_str(&lab.run(&["lab", "get", "pods", "-o", "json"])).unwrap();
     assert_eq!(pods.as_array().unwrap().len(), 2);
@@ -119,7 +108,7 @@ fn lifecycle() {
     std::fs::write(&f, PODS).unwrap();
     let out = lab.run(&["lab", "delete", "-f", f.to_str().unwrap()]);
     assert!(out.contains("pod/web/front deleted"), "{out}");
-    assert_eq!(used_addresses(&lab), 0);
+    assert_eq!(lab.used_addresses(), 0);
     assert!(namespaces_with(&lab.netns("pod-")).is_empty());
 
     // A crash that lost the state file: `down` still finds every namespace by the lab's prefix.
