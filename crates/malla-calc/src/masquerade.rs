@@ -82,22 +82,7 @@ mod tests {
 
     #[test]
     fn golden_dual_stack() {
-        let pools = vec![
-            IpPool {
-                name: "v4".into(),
-                cidr: "198.18.0.0/16".parse().unwrap(),
-                block_size: 26,
-                nat_outgoing: true,
-                disabled: false,
-            },
-            IpPool {
-                name: "v6".into(),
-                cidr: "fd00:198:18::/64".parse().unwrap(),
-                block_size: 122,
-                nat_outgoing: false,
-                disabled: false,
-            },
-        ];
+        let pools = crate::services::fixtures::pools();
         let want = include_str!("../testdata/masquerade.nft");
         crate::testutil::golden("masquerade.nft", &render(&pools), want);
     }

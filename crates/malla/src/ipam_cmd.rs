@@ -8,12 +8,8 @@ pub enum IpamCommand {
     ///
     /// Example: malla ipam show --lab demo
     Show {
-        /// Datastore file (default: the lab's).
-        #[arg(long)]
-        datastore: Option<malla_store::DatastoreSpec>,
-        /// Read the datastore of this lab.
-        #[arg(long, env = "MALLA_LAB", default_value = "demo")]
-        lab: String,
+        #[command(flatten)]
+        store: crate::lab_cmd::StoreArgs,
         /// Output format: table or json.
         #[arg(short = 'o', long, default_value = "table")]
         output: String,
@@ -22,12 +18,8 @@ pub enum IpamCommand {
 
 pub fn run(cmd: IpamCommand) -> anyhow::Result<()> {
     match cmd {
-        IpamCommand::Show {
-            datastore,
-            lab,
-            output,
-        } => {
-            let store = crate::lab_cmd::open_store(datastore.as_ref(), &lab)?;
+        IpamCommand::Show { store, output } => {
+            let store = store.open()?;
             let ipam = malla_ipam::Ipam::new(&*store);
             let pools = ipam.pools()?;
             let blocks = ipam.blocks()?;

@@ -118,17 +118,27 @@ struct ProbeArgs {
     count: usize,
 }
 
-/// The datastore a command reads: the one given, or the lab's.
-pub fn open_store(
-    datastore: Option<&malla_store::DatastoreSpec>,
-    lab: &str,
-) -> anyhow::Result<Box<dyn malla_store::Store>> {
-    match datastore {
-        Some(spec) => Ok(spec.open()?),
-        None => {
-            let paths = LabPaths::new(lab, state_root().as_deref())?;
-            let state = LabState::require(&paths)?;
-            malla_lab::store::open(&paths, &state)
+/// Where a read-only command finds the datastore: `--datastore`, or the lab's.
+#[derive(Args)]
+pub struct StoreArgs {
+    /// The datastore: a file path or etcd://HOST:PORT/PREFIX (default: the lab's).
+    #[arg(long)]
+    pub datastore: Option<malla_store::DatastoreSpec>,
+    /// The lab whose datastore (and namespaces) to read.
+    #[arg(long, env = "MALLA_LAB", default_value = "demo")]
+    pub lab: String,
+}
+
+impl StoreArgs {
+    /// Opens the datastore given, or the lab's.
+    pub fn open(&self) -> anyhow::Result<Box<dyn malla_store::Store>> {
+        match &self.datastore {
+            Some(spec) => Ok(spec.open()?),
+            None => {
+                let paths = LabPaths::new(&self.lab, state_root().as_deref())?;
+                let state = LabState::require(&paths)?;
+                malla_lab::store::open(&paths, &state)
+            }
         }
     }
 }

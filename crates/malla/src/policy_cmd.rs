@@ -31,11 +31,8 @@ pub struct TraceArgs {
     /// Every pod to every other pod on each of the destination's declared ports.
     #[arg(long, conflicts_with_all = ["from", "to", "port"])]
     all: bool,
-    /// Datastore file (default: the lab's).
-    #[arg(long)]
-    datastore: Option<malla_store::DatastoreSpec>,
-    #[arg(long, env = "MALLA_LAB", default_value = "demo")]
-    lab: String,
+    #[command(flatten)]
+    store: crate::lab_cmd::StoreArgs,
     /// text or json.
     #[arg(short = 'o', long, default_value = "text")]
     output: String,
@@ -67,7 +64,7 @@ fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
 
 pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     let PolicyCommand::Trace(a) = cmd;
-    let store = crate::lab_cmd::open_store(a.datastore.as_ref(), &a.lab)?;
+    let store = a.store.open()?;
     let view = malla_agent::read_view(&*store)?;
     let pods = malla_calc::routes::policy_pods(&view);
     let mut out = Vec::new();

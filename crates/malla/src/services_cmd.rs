@@ -15,12 +15,8 @@ pub struct ServicesArgs {
     /// The node whose view to show.
     #[arg(long)]
     node: String,
-    /// Datastore file (default: the lab's).
-    #[arg(long)]
-    datastore: Option<malla_store::DatastoreSpec>,
-    /// Read the lab of this name (and its node's namespace for counters).
-    #[arg(long, env = "MALLA_LAB", default_value = "demo")]
-    lab: String,
+    #[command(flatten)]
+    store: crate::lab_cmd::StoreArgs,
     /// table or json.
     #[arg(short = 'o', long, default_value = "table")]
     output: String,
@@ -101,18 +97,19 @@ fn counters(netns: Option<&NetNs>) -> Counters {
 }
 
 pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
-    let netns = match &a.datastore {
+    let netns = match &a.store.datastore {
         Some(_) => None,
         None => {
-            let paths = malla_lab::LabPaths::new(&a.lab, crate::lab_cmd::state_root().as_deref())?;
+            let paths =
+                malla_lab::LabPaths::new(&a.store.lab, crate::lab_cmd::state_root().as_deref())?;
             let state = malla_lab::LabState::require(&paths)?;
             let node = state
                 .node(&a.node)
-                .with_context(|| format!("--node: no node {:?} in lab {}", a.node, a.lab))?;
+                .with_context(|| format!("--node: no node {:?} in lab {}", a.node, a.store.lab))?;
             Some(NetNs::open_named(&node.netns)?)
         }
     };
-    let store = crate::lab_cmd::open_store(a.datastore.as_ref(), &a.lab)?;
+    let store = a.store.open()?;
     let view = malla_agent::read_view(&*store)?;
     let dp = malla_calc::compute(&view, &a.node);
     let (map, table) = (dp.service_map, dp.nft_table);
