@@ -384,6 +384,7 @@ fn synthetic(args: &Args) -> anyhow::Result<Synthetic> {
             labels: labels(&[("app", &app(a)), ("tier", tier), ("version", &version)]),
             node: node.clone(),
             ports,
+            ips: vec![],
         });
         let container_id = format!("bench{i:08}");
         endpoints.push(WorkloadEndpoint {

@@ -205,6 +205,11 @@ pub struct Pod {
     pub node: String,
     #[serde(default)]
     pub ports: Vec<ContainerPort>,
+    /// The pod's addresses as its runtime reports them (`status.podIPs`); empty until it runs.
+    /// Routing and policy use the [`WorkloadEndpoint`]; this is what the API server's own
+    /// controllers (endpoints, endpoint slices) read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 /// A namespace and its labels (namespace selectors match these).

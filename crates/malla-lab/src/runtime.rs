@@ -273,9 +273,11 @@ pub fn apply(
 
 /// Writes the API objects — namespaces, pods, services and EndpointSlices (given, or derived
 /// from selectors over the current pods) — to the datastore, and removes those that no longer
-/// exist: the lab's API server and endpoint-slice controller in one.
+/// exist: the lab's API server and endpoint-slice controller in one. On a Kubernetes datastore
+/// the real endpoint-slice controller derives the slices; this waits until it has.
 pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
     use malla_api::keys;
+    let kubernetes = state.datastore == crate::store::Backend::Kubernetes;
     let store = crate::store::open(paths, state)?;
     let pods: Vec<&PodState> = state.pods.values().collect();
     let mut want: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
@@ -299,6 +301,9 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             keys::service(&svc.namespace, &svc.name),
             serde_json::to_string(svc)?,
         );
+        if kubernetes {
+            continue;
+        }
         for slice in services::derive_slices(svc, &pods) {
             want.insert(
                 keys::endpoint_slice(&slice.namespace, &slice.name),
@@ -327,6 +332,12 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
     ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {
+            if kubernetes
+                && (system_object(prefix, &kv.key)
+                    || prefix == keys::ENDPOINT_SLICES && controller_made(state, &kv.value))
+            {
+                continue;
+            }
             match want.get(&kv.key) {
                 Some(v) if *v == kv.value => {
                     want.remove(&kv.key);
@@ -338,10 +349,90 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             }
         }
     }
-    for (k, v) in want {
+    // Namespaces before what lives in them.
+    let (first, rest): (Vec<_>, Vec<_>) = want
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(keys::NAMESPACES));
+    for (k, v) in first.into_iter().chain(rest) {
         store.put(&k, &v)?;
     }
+    if kubernetes {
+        wait_for_controller_slices(&*store, state, &pods)?;
+    }
     Ok(())
+}
+
+/// Whether a key names what a Kubernetes API server keeps for itself (its namespaces, what
+/// lives in `kube-*` namespaces, the `default/kubernetes` Service): never the lab's to delete.
+fn system_object(prefix: &str, key: &str) -> bool {
+    let tail = &key[prefix.len()..];
+    let namespace = tail.split('/').next().unwrap_or_default();
+    namespace.starts_with("kube-")
+        || (prefix == malla_api::keys::NAMESPACES && tail == "default")
+        || tail == "default/kubernetes"
+        || (prefix == malla_api::keys::ENDPOINT_SLICES && tail.starts_with("default/kubernetes"))
+}
+
+/// Whether a slice belongs to a Service with a selector: the endpoint-slice controller's to
+/// write and delete (through its owner reference), not the lab's.
+fn controller_made(state: &LabState, slice_json: &str) -> bool {
+    let Ok(slice) = serde_json::from_str::<malla_api::service::EndpointSlice>(slice_json) else {
+        return false;
+    };
+    state
+        .services
+        .get(&format!("{}/{}", slice.namespace, slice.service))
+        .is_some_and(|svc| svc.selector.is_some())
+}
+
+/// Waits (up to 30 s) until the endpoint-slice controller's slices hold, for every Service
+/// with a selector, the addresses the lab's own derivation gives.
+fn wait_for_controller_slices(
+    store: &dyn malla_store::Store,
+    state: &LabState,
+    pods: &[&PodState],
+) -> anyhow::Result<()> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let addresses = |slices: &mut dyn Iterator<Item = malla_api::service::EndpointSlice>| {
+        let mut by_service: BTreeMap<String, BTreeSet<std::net::IpAddr>> = BTreeMap::new();
+        for s in slices {
+            let set = by_service
+                .entry(format!("{}/{}", s.namespace, s.service))
+                .or_default();
+            for e in s.endpoints.iter().filter(|e| e.conditions.ready) {
+                set.extend(e.addresses.iter().copied());
+            }
+        }
+        by_service.retain(|_, v| !v.is_empty());
+        by_service
+    };
+    let expected = addresses(
+        &mut state
+            .services
+            .values()
+            .filter(|s| s.selector.is_some())
+            .flat_map(|s| services::derive_slices(s, pods)),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (have, _) = malla_store::list_json::<malla_api::service::EndpointSlice>(
+            store,
+            malla_api::keys::ENDPOINT_SLICES,
+        )?;
+        let mut have = addresses(&mut have.into_iter().map(|(_, s, _)| s));
+        have.retain(|k, _| {
+            expected.contains_key(k) || state.services.get(k).is_some_and(|s| s.selector.is_some())
+        });
+        if have == expected {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "the endpoint-slice controller has not caught up after 30 s: want {expected:?}, have {have:?}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn pick_node(state: &LabState, spec: &PodSpec) -> String {

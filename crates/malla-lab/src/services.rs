@@ -596,15 +596,16 @@ pub fn allocate(
 }
 
 fn free_ip(v6: bool, taken: &BTreeSet<IpAddr>, mine: &[IpAddr]) -> Option<IpAddr> {
-    // Offset 0 is the network; start at 1 as Kubernetes does (.1 is conventionally `kubernetes`).
+    // Offset 0 is the network and offset 1 the API server's own `kubernetes` Service (on a
+    // lab whose datastore is a real API server it is taken).
     let candidates: Box<dyn Iterator<Item = IpAddr>> = if v6 {
         let base = u128::from(SERVICE_CIDR_V6.0);
         Box::new(
-            (1..SERVICE_CIDR_V6.1).map(move |i| IpAddr::V6(Ipv6Addr::from(base + u128::from(i)))),
+            (2..SERVICE_CIDR_V6.1).map(move |i| IpAddr::V6(Ipv6Addr::from(base + u128::from(i)))),
         )
     } else {
         let base = u32::from(SERVICE_CIDR_V4.0);
-        Box::new((1..SERVICE_CIDR_V4.1 - 1).map(move |i| IpAddr::V4(Ipv4Addr::from(base + i))))
+        Box::new((2..SERVICE_CIDR_V4.1 - 1).map(move |i| IpAddr::V4(Ipv4Addr::from(base + i))))
     };
     candidates
         .into_iter()
@@ -811,13 +812,14 @@ mod tests {
     #[test]
     fn allocation_picks_free_ips_and_node_ports() {
         let spec = parse_service(&yaml("metadata: {name: s}\nspec: {type: NodePort, ipFamilyPolicy: PreferDualStack, ports: [{name: a, port: 80}, {name: b, port: 81, nodePort: 30000}]}")).unwrap();
-        let taken: BTreeSet<IpAddr> = ["198.19.64.1".parse().unwrap()].into();
+        let taken: BTreeSet<IpAddr> = ["198.19.64.2".parse().unwrap()].into();
         let svc = allocate(&spec, true, &taken, &BTreeSet::new()).unwrap();
+        // .1 is the `kubernetes` Service's, .2 taken.
         assert_eq!(
             svc.cluster_ips,
             vec![
-                "198.19.64.2".parse::<IpAddr>().unwrap(),
-                "fd00:198:19:ff::1".parse().unwrap()
+                "198.19.64.3".parse::<IpAddr>().unwrap(),
+                "fd00:198:19:ff::2".parse().unwrap()
             ]
         );
         assert_eq!(svc.ports[0].node_port, Some(30001));

@@ -125,6 +125,7 @@ impl PodState {
                     port: p.port,
                 })
                 .collect(),
+            ips: self.ips.clone(),
         }
     }
 }
@@ -148,6 +149,9 @@ pub struct LabState {
     pub datastore: crate::store::Backend,
     #[serde(default)]
     pub etcd_pid: Option<u32>,
+    /// The Kubernetes control plane's processes (`--datastore kubernetes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_plane: Option<crate::control_plane::ControlPlanePids>,
     pub fabric_netns: String,
     pub nodes: Vec<NodeState>,
     pub external: ExternalState,

@@ -1,6 +1,8 @@
-//! The lab's datastore: the embedded file by default, or a real etcd that the lab runs in its
-//! fabric namespace (`198.19.0.1:2379`), reached by the agents and CNI plugins over the
-//! underlay exactly as on real nodes, and by the lab's own commands from inside that namespace.
+//! The lab's datastore: the embedded file by default, a real etcd that the lab runs in its
+//! fabric namespace (`198.19.0.1:2379`), or a real Kubernetes control plane there (etcd,
+//! kube-apiserver on `198.19.0.1:6443` and kube-controller-manager, whose endpoint-slice
+//! controller then makes the Services' EndpointSlices). Agents and CNI plugins reach it over
+//! the underlay exactly as on real nodes, the lab's own commands from inside that namespace.
 
 use std::net::Ipv4Addr;
 use std::process::Command;
@@ -10,8 +12,8 @@ use anyhow::{bail, Context};
 use malla_dataplane::netns::NetNs;
 use malla_store::{DatastoreSpec, Store};
 
-use crate::process;
 use crate::state::{LabPaths, LabState};
+use crate::{control_plane, process};
 
 /// Where the lab's etcd listens for clients (the fabric bridge's address).
 pub const ETCD_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 19, 0, 1), 2379);
@@ -23,6 +25,7 @@ pub enum Backend {
     #[default]
     Local,
     Etcd,
+    Kubernetes,
 }
 
 impl std::str::FromStr for Backend {
@@ -31,10 +34,10 @@ impl std::str::FromStr for Backend {
         match s {
             "local" => Ok(Backend::Local),
             "etcd" => Ok(Backend::Etcd),
-            "kubernetes" => {
-                Err("--datastore kubernetes is not available yet (local or etcd)".into())
-            }
-            other => Err(format!("--datastore {other:?}: expected local or etcd")),
+            "kubernetes" => Ok(Backend::Kubernetes),
+            other => Err(format!(
+                "--datastore {other:?}: expected local, etcd or kubernetes"
+            )),
         }
     }
 }
@@ -49,7 +52,58 @@ pub fn spec(paths: &LabPaths, backend: Backend) -> DatastoreSpec {
             endpoints: vec![format!("http://{}:{}", ETCD_CLIENT.0, ETCD_CLIENT.1)],
             prefix: format!("/malla-{}", paths.name),
         },
+        Backend::Kubernetes => DatastoreSpec::Kubernetes {
+            kubeconfig: Some(control_plane_dir(paths).join("kubeconfig")),
+        },
     }
+}
+
+/// The lab's control plane state (certificates, kubeconfig, etcd data, logs).
+pub fn control_plane_dir(paths: &LabPaths) -> std::path::PathBuf {
+    paths.dir.join("kubernetes")
+}
+
+/// How the lab runs its control plane: in the fabric namespace on the fabric's address.
+pub fn control_plane_options(paths: &LabPaths, fabric_netns: &str) -> control_plane::Options {
+    control_plane::Options::in_netns(control_plane_dir(paths), fabric_netns, ETCD_CLIENT.0)
+}
+
+/// Starts (or keeps) the lab's Kubernetes control plane, installs Malla's CRDs and registers
+/// the lab's nodes as `Node` objects (the kubelet's part; the endpoint-slice controller reads
+/// them).
+pub fn start_control_plane(
+    paths: &LabPaths,
+    fabric_netns: &str,
+    running: &control_plane::ControlPlanePids,
+    nodes: &[String],
+) -> anyhow::Result<control_plane::ControlPlanePids> {
+    let opts = control_plane_options(paths, fabric_netns);
+    let (pids, access) = control_plane::start_detached(&opts, running)
+        .context("starting the lab's Kubernetes control plane")?;
+    let ns = NetNs::open_named(fabric_netns)?;
+    let spec = spec(paths, Backend::Kubernetes);
+    ns.run(move || -> anyhow::Result<()> {
+        let kubeconfig = match &spec {
+            DatastoreSpec::Kubernetes { kubeconfig } => kubeconfig.clone(),
+            _ => None,
+        };
+        let store =
+            malla_store::KubeStore::connect(kubeconfig.as_deref(), Duration::from_secs(10))?;
+        store.install_crds()?;
+        Ok(())
+    })??;
+    let mut manifest = String::new();
+    for n in nodes {
+        manifest.push_str(&format!(
+            "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels:\n    kubernetes.io/hostname: {n}\n"
+        ));
+    }
+    if !manifest.is_empty() {
+        access
+            .kubectl_run(&["apply", "-f", "-"], Some(&manifest))
+            .context("registering the lab's nodes")?;
+    }
+    Ok(pids)
 }
 
 /// Opens the lab's datastore from this process (etcd: from inside the fabric namespace).
@@ -65,7 +119,7 @@ pub fn open_backend(
     let spec = spec(paths, backend);
     match backend {
         Backend::Local => spec.open().with_context(|| format!("opening {spec}")),
-        Backend::Etcd => {
+        Backend::Etcd | Backend::Kubernetes => {
             // The client's sockets and runtime thread are created inside the fabric namespace.
             let ns = NetNs::open_named(fabric_netns)?;
             let shown = spec.to_string();

@@ -139,7 +139,19 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             &fabric,
             previous.as_ref().and_then(|p| p.etcd_pid),
         )?),
-        crate::store::Backend::Local => None,
+        crate::store::Backend::Local | crate::store::Backend::Kubernetes => None,
+    };
+    let control_plane = match opts.datastore {
+        crate::store::Backend::Kubernetes => Some(crate::store::start_control_plane(
+            paths,
+            &fabric,
+            &previous
+                .as_ref()
+                .and_then(|p| p.control_plane)
+                .unwrap_or_default(),
+            &(1..=opts.nodes).map(node_name).collect::<Vec<_>>(),
+        )?),
+        _ => None,
     };
     init_datastore(paths, opts, &fabric)?;
 
@@ -198,6 +210,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         ipv6: opts.ipv6,
         datastore: opts.datastore,
         etcd_pid,
+        control_plane,
         fabric_netns: fabric,
         nodes,
         external: ExternalState {
@@ -393,6 +406,9 @@ pub fn down(paths: &LabPaths) -> anyhow::Result<Vec<String>> {
         }
         if let Some(pid) = s.etcd_pid {
             process::stop(pid);
+        }
+        if let Some(pids) = &s.control_plane {
+            crate::control_plane::stop_detached(&crate::store::control_plane_dir(paths), pids);
         }
         for n in &s.nodes {
             if let Some(pid) = n.agent_pid {

@@ -28,8 +28,8 @@ use etcd_client::{
     Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp,
     TxnOpResponse, TxnResponse, WatchOptions,
 };
-use tokio::runtime::Handle;
 
+use crate::runtime::{run_on, RuntimeThread};
 use crate::{Event, KeyValue, Revision, Store, StoreError};
 
 /// How long `events_since` waits for the watch to go quiet when etcd's newest revisions are
@@ -51,47 +51,6 @@ pub struct EtcdStore {
     timeout: Duration,
     settle: Duration,
     runtime: RuntimeThread,
-}
-
-/// The dedicated runtime thread; stops (dropping in-flight requests) when dropped.
-struct RuntimeThread {
-    handle: Handle,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl RuntimeThread {
-    fn start() -> Result<RuntimeThread, StoreError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| StoreError::Backend(format!("etcd client runtime: {e}")))?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::Builder::new()
-            .name("malla-etcd".into())
-            .spawn(move || {
-                // Err just means the store was dropped without sending: stop as well.
-                let _ = rt.block_on(stopped);
-            })
-            .map_err(|e| StoreError::Backend(format!("etcd client thread: {e}")))?;
-        Ok(RuntimeThread {
-            handle,
-            stop: Some(stop),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for RuntimeThread {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 fn etcd_err(context: &str) -> impl FnOnce(etcd_client::Error) -> StoreError + '_ {
@@ -158,7 +117,7 @@ impl EtcdStore {
         if endpoints.is_empty() {
             return Err(StoreError::Backend("etcd: no endpoints given".into()));
         }
-        let runtime = RuntimeThread::start()?;
+        let runtime = RuntimeThread::start("etcd")?;
         let eps = endpoints.to_vec();
         let options = ConnectOptions::new()
             .with_connect_timeout(timeout)
@@ -168,7 +127,7 @@ impl EtcdStore {
                 .await
                 .map_err(etcd_err("connect"))
         };
-        let client = run_on(&runtime.handle, timeout, "connect", connect)?;
+        let client = run_on(&runtime.handle, timeout, "etcd", "connect", connect)?;
         let store = EtcdStore {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
@@ -213,7 +172,7 @@ impl EtcdStore {
         what: &'static str,
         fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        run_on(&self.runtime.handle, self.timeout, what, fut)
+        run_on(&self.runtime.handle, self.timeout, "etcd", what, fut)
     }
 
     /// Runs an unbounded future (it must bound itself) on the runtime thread.
@@ -310,28 +269,6 @@ impl EtcdStore {
             kv.txn(txn).await.map_err(etcd_err(what))
         })
     }
-}
-
-/// Spawns `fut` on the runtime behind `handle` and blocks the calling thread (never a runtime)
-/// until it finishes or `timeout` passes.
-fn run_on<T: Send + 'static>(
-    handle: &Handle,
-    timeout: Duration,
-    what: &'static str,
-    fut: impl Future<Output = Result<T, StoreError>> + Send + 'static,
-) -> Result<T, StoreError> {
-    let (tx, rx) = mpsc::sync_channel(1);
-    handle.spawn(async move {
-        let r = match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Backend(format!(
-                "etcd {what}: no answer within {timeout:?}"
-            ))),
-        };
-        let _ = tx.send(r);
-    });
-    rx.recv()
-        .map_err(|_| StoreError::Backend("etcd client runtime stopped".into()))?
 }
 
 /// The current revision, read with a count-only range over `range`.

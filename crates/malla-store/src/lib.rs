@@ -1,16 +1,20 @@
 //! Malla's datastore: the [`Store`] trait every component reads and writes cluster state
 //! through, typed JSON helpers over it, [`LocalStore`], the embedded backend, and
-//! [`EtcdStore`], the same model over an etcd v3 cluster.
+//! [`EtcdStore`], the same model over an etcd v3 cluster, and [`KubeStore`], over a
+//! Kubernetes API server (custom resources and the cluster's native objects).
 //!
 //! The model is a small etcd: string keys, string (JSON) values, a single global revision
 //! counter bumped by every write, per-key create/mod revisions for compare-and-swap, and an
 //! event log that watchers replay with [`Store::events_since`].
 
 mod etcd;
+pub mod kubernetes;
 mod local;
+mod runtime;
 mod spec;
 
 pub use etcd::{EtcdStore, DEFAULT_SETTLE};
+pub use kubernetes::KubeStore;
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
 pub use spec::{DatastoreSpec, DEFAULT_ETCD_PREFIX};
 

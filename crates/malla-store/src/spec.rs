@@ -1,14 +1,15 @@
-//! Which datastore to use, as configuration: a local file, or etcd endpoints with a key prefix.
-//! One string form for command lines (`/var/lib/malla/store.db`,
-//! `etcd://10.0.0.1:2379,10.0.0.2:2379/malla`) and one JSON form for CNI configurations
-//! (`{"type": "local", "path": …}`, `{"type": "etcd", "endpoints": […], "prefix": …}`).
+//! Which datastore to use, as configuration: a local file, etcd endpoints with a key prefix, or
+//! a Kubernetes API server. One string form for command lines (`/var/lib/malla/store.db`,
+//! `etcd://10.0.0.1:2379,10.0.0.2:2379/malla`, `kubernetes` or `kubernetes:/path/kubeconfig`)
+//! and one JSON form for CNI configurations (`{"type": "local", "path": …}`,
+//! `{"type": "etcd", "endpoints": […], "prefix": …}`, `{"type": "kubernetes", "kubeconfig": …}`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EtcdStore, LocalStore, Store, StoreError};
+use crate::{EtcdStore, KubeStore, LocalStore, Store, StoreError};
 
 /// Default key prefix of an etcd datastore.
 pub const DEFAULT_ETCD_PREFIX: &str = "/malla";
@@ -24,6 +25,12 @@ pub enum DatastoreSpec {
         #[serde(default = "default_prefix")]
         prefix: String,
     },
+    /// The API server named by this kubeconfig, or when None the usual way (`KUBECONFIG`,
+    /// `~/.kube/config`, in-cluster service account).
+    Kubernetes {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 fn default_prefix() -> String {
@@ -33,6 +40,17 @@ fn default_prefix() -> String {
 impl DatastoreSpec {
     /// Parses the command-line form: a path, or `etcd://host:port[,host:port…][/prefix]`.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "kubernetes" {
+            return Ok(DatastoreSpec::Kubernetes { kubeconfig: None });
+        }
+        if let Some(path) = s.strip_prefix("kubernetes:") {
+            if path.is_empty() {
+                return Err(format!("{s:?}: expected kubernetes:/path/to/kubeconfig"));
+            }
+            return Ok(DatastoreSpec::Kubernetes {
+                kubeconfig: Some(PathBuf::from(path)),
+            });
+        }
         let Some(rest) = s.strip_prefix("etcd://") else {
             if s.is_empty() {
                 return Err("the datastore must not be empty".into());
@@ -65,6 +83,10 @@ impl DatastoreSpec {
                 prefix,
                 Duration::from_secs(5),
             )?)),
+            DatastoreSpec::Kubernetes { kubeconfig } => Ok(Box::new(KubeStore::connect(
+                kubeconfig.as_deref(),
+                Duration::from_secs(10),
+            )?)),
         }
     }
 }
@@ -83,6 +105,10 @@ impl std::fmt::Display for DatastoreSpec {
                     .collect();
                 write!(f, "etcd://{}{prefix}", hosts.join(","))
             }
+            DatastoreSpec::Kubernetes { kubeconfig: None } => write!(f, "kubernetes"),
+            DatastoreSpec::Kubernetes {
+                kubeconfig: Some(p),
+            } => write!(f, "kubernetes:{}", p.display()),
         }
     }
 }
@@ -135,5 +161,12 @@ mod tests {
         let local: DatastoreSpec = serde_json::from_str(r#"{"type":"local","path":"/x"}"#).unwrap();
         assert_eq!(local, DatastoreSpec::Local { path: "/x".into() });
         assert!(serde_json::from_str::<DatastoreSpec>(r#"{"type":"zookeeper"}"#).is_err());
+        for k in ["kubernetes", "kubernetes:/etc/malla/kubeconfig"] {
+            let spec = DatastoreSpec::parse(k).unwrap();
+            assert_eq!(spec.to_string(), k);
+            let json = serde_json::to_string(&spec).unwrap();
+            assert_eq!(serde_json::from_str::<DatastoreSpec>(&json).unwrap(), spec);
+        }
+        assert!(DatastoreSpec::parse("kubernetes:").is_err());
     }
 }

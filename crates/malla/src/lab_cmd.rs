@@ -81,7 +81,9 @@ struct UpArgs {
     /// Dual-stack: an IPv6 pool and underlay too.
     #[arg(long)]
     ipv6: bool,
-    /// The datastore: local (an embedded file) or etcd (a real etcd the lab runs on its fabric).
+    /// The datastore: local (an embedded file), etcd (a real etcd the lab runs on its fabric) or
+    /// kubernetes (a real kube-apiserver + kube-controller-manager v1.20 there, from
+    /// scripts/k8s-control-plane).
     #[arg(long, default_value = "local")]
     datastore: malla_lab::store::Backend,
 }

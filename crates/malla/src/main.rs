@@ -31,7 +31,8 @@ enum Command {
         /// This node's name.
         #[arg(long)]
         node: String,
-        /// The datastore: a local file path, or etcd://HOST:PORT[,HOST:PORT]/PREFIX.
+        /// The datastore: a local file path, etcd://HOST:PORT[,HOST:PORT]/PREFIX, or kubernetes[:KUBECONFIG]
+        /// (the API server from KUBECONFIG, ~/.kube/config or the in-cluster service account).
         #[arg(long)]
         datastore: malla_store::DatastoreSpec,
         /// Interface facing the other nodes.
@@ -60,6 +61,10 @@ enum Command {
     ///
     /// Example: malla services --lab demo --node node-1
     Services(services_cmd::ServicesArgs),
+    /// Print the CustomResourceDefinitions of the Kubernetes datastore (deploy/crds.yaml).
+    ///
+    /// Example: malla crds | kubectl apply -f -
+    Crds,
     /// Install the CNI plugin and Malla's conflist on this node (atomically).
     ///
     /// Example: malla install-cni --node-name node-1 --datastore /var/lib/malla/store.db
@@ -73,7 +78,8 @@ enum Command {
         /// This node's name, as the agent registers it.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// The datastore: a local file path, or etcd://HOST:PORT[,HOST:PORT]/PREFIX.
+        /// The datastore: a local file path, etcd://HOST:PORT[,HOST:PORT]/PREFIX, or kubernetes[:KUBECONFIG]
+        /// (the API server from KUBECONFIG, ~/.kube/config or the in-cluster service account).
         #[arg(long, default_value = "/var/lib/malla/store.db")]
         datastore: malla_store::DatastoreSpec,
         /// The agent's ready file (enables CNI STATUS to see the agent).
@@ -99,6 +105,10 @@ fn main() {
     }
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Crds => {
+            print!("{}", malla_store::kubernetes::kinds::crds_yaml());
+            Ok(())
+        }
         Command::Agent {
             node,
             datastore,

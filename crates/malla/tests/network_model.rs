@@ -153,6 +153,45 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
         );
         assert_ne!(r["client_ip"], r["seen_source_ip"], "masqueraded: {r}");
     }
+    if datastore == "kubernetes" {
+        service_through_the_controllers(&lab);
+    }
+}
+
+/// On a real control plane the Service's EndpointSlices come from kube-controller-manager:
+/// a ClusterIP spreads over every pod it selects, and a deleted pod stops answering.
+fn service_through_the_controllers(lab: &common::Lab) {
+    lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: test}\nspec:\n  selector: {app: test}\n  ports:\n  - {port: 80, targetPort: 8080}\n");
+    let answered = |count: &str| -> BTreeMap<String, usize> {
+        let r = lab.probe(&[
+            "--from",
+            "default/pod-1a",
+            "--to",
+            "svc/default/test",
+            "--port",
+            "80",
+            "--count",
+            count,
+        ]);
+        let mut by = BTreeMap::new();
+        for x in &r {
+            assert_eq!(x["connected"], true, "{x}");
+            *by.entry(x["answered_by"].as_str().unwrap().to_string())
+                .or_insert(0) += 1;
+        }
+        by
+    };
+    let by = answered("90");
+    assert_eq!(by.len(), 6, "every selected pod answers: {by:?}");
+    lab.apply_delete(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: pod-3b}\nspec: {nodeName: node-3, containers: [{name: c}]}\n",
+    );
+    let by = answered("30");
+    assert!(
+        !by.contains_key("default/pod-3b"),
+        "a deleted pod answered: {by:?}"
+    );
+    assert_eq!(by.values().sum::<usize>(), 30);
 }
 
 #[test]
@@ -185,4 +224,17 @@ fn direct_ipv4_on_etcd() {
 #[test]
 fn vxlan_dual_stack_on_etcd() {
     conformance_on("vxlan", true, "etcd");
+}
+
+/// On a real Kubernetes control plane (kube-apiserver and kube-controller-manager v1.20, run by
+/// the lab in its fabric namespace): Malla's records as custom resources, pods, namespaces and
+/// Services as native objects, EndpointSlices from the controller.
+#[test]
+fn direct_ipv4_on_kubernetes() {
+    conformance_on("direct", false, "kubernetes");
+}
+
+#[test]
+fn vxlan_ipv4_on_kubernetes() {
+    conformance_on("vxlan", false, "kubernetes");
 }
