@@ -16,6 +16,7 @@ use anyhow::Context;
 use malla_api::service::{EndpointSlice, Service};
 use malla_api::{keys, ClusterConfig, IpPool, Node, WorkloadEndpoint};
 use malla_calc::ClusterView;
+use malla_ipam::node_cache::NodeCache;
 use malla_store::Store;
 
 /// How the agent is started.
@@ -34,6 +35,13 @@ pub struct AgentConfig {
 
 /// Reads everything the calculation needs.
 pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
+    Ok(read_view_and_blocks(store)?.0)
+}
+
+/// [`read_view`], also returning the IPAM blocks in full (the node cache keeps the node's own).
+pub fn read_view_and_blocks(
+    store: &dyn Store,
+) -> anyhow::Result<(ClusterView, Vec<malla_ipam::Block>)> {
     let config = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)?
         .map(|(c, _)| c)
         .unwrap_or_default();
@@ -46,12 +54,12 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
     let (namespaces, _) = malla_store::list_json::<malla_api::Namespace>(store, keys::NAMESPACES)?;
     let (policies, _) =
         malla_store::list_json::<malla_api::policy::NetworkPolicy>(store, keys::NETWORK_POLICIES)?;
-    let blocks = malla_ipam::Ipam::new(store)
-        .blocks()?
-        .into_iter()
-        .map(|b| (b.cidr, b.affinity))
+    let full_blocks = malla_ipam::Ipam::new(store).blocks()?;
+    let blocks = full_blocks
+        .iter()
+        .map(|b| (b.cidr, b.affinity.clone()))
         .collect();
-    Ok(ClusterView {
+    let view = ClusterView {
         config,
         nodes: nodes.into_iter().map(|(_, n, _)| n).collect(),
         pools: pools.into_iter().map(|(_, p, _)| p).collect(),
@@ -62,7 +70,8 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
         pods: pods.into_iter().map(|(_, p, _)| p).collect(),
         namespaces: namespaces.into_iter().map(|(_, n, _)| n).collect(),
         policies: policies.into_iter().map(|(_, p, _)| p).collect(),
-    })
+    };
+    Ok((view, full_blocks))
 }
 
 /// Runs the agent until the process is killed.
@@ -85,14 +94,65 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
         plane.enable_forwarding()?;
-        registration::register(store, &cfg.node, &plane).await?;
+        while let Err(e) = registration::register(store, &cfg.node, &plane).await {
+            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "registering the node failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let node_cache = match &cfg.ready_file {
+            Some(f) => {
+                let path = NodeCache::path_beside(f);
+                Some(NodeCache::open(&path).with_context(|| format!("opening {}", path.display()))?)
+            }
+            None => None,
+        };
         let mut applied_rev = -1;
         let mut last_full = Instant::now() - cfg.resync;
         let mut ready = false;
         loop {
-            let rev = store.revision()?;
+            // The datastore may be away (restarting, partitioned): keep what the kernel has,
+            // which keeps established traffic flowing, and retry until it answers again.
+            let rev = match store.revision() {
+                Ok(rev) => rev,
+                Err(e) => {
+                    tracing::warn!(node = %cfg.node, error = %e, "datastore unreachable; keeping the dataplane as it is");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if let Some(cache) = &node_cache {
+                // What pods got while the datastore was away goes in before anything else.
+                if cache.has_pending().unwrap_or(false) {
+                    match cache.settle(store) {
+                        Ok(done) => {
+                            tracing::info!(node = %cfg.node, added = done.added, released = done.released, "settled offline IPAM changes");
+                            for (ip, handle) in &done.conflicts {
+                                tracing::error!(node = %cfg.node, %ip, %handle, "an address given out offline was taken meanwhile");
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %cfg.node, error = %e, "settling offline IPAM changes; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                    continue;
+                }
+            }
             if rev != applied_rev || last_full.elapsed() >= cfg.resync {
-                let view = read_view(store)?;
+                let (view, blocks) = match read_view_and_blocks(store) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "reading the datastore failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if let (Some(cache), Some(me)) =
+                    (&node_cache, view.nodes.iter().find(|n| n.name == cfg.node))
+                {
+                    if let Err(e) = cache.snapshot(me, &view.config, blocks) {
+                        tracing::warn!(node = %cfg.node, error = %e, "writing the node cache");
+                    }
+                }
                 let desired = malla_calc::compute(&view, &cfg.node);
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");

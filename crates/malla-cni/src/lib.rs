@@ -17,7 +17,8 @@ use std::collections::BTreeMap;
 use config::{CniEnv, NetConf};
 pub use error::CniError;
 use malla_api::{keys, ClusterConfig, Node, WorkloadEndpoint};
-use malla_store::Store;
+use malla_ipam::node_cache::NodeCache;
+use malla_store::{Store, StoreError};
 
 /// CNI versions this plugin reads configurations of and writes results for.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
@@ -72,51 +73,42 @@ pub(crate) fn store_err(what: &str) -> impl FnOnce(malla_store::StoreError) -> C
     }
 }
 
+/// The node's IPAM cache, if the conflist names the agent's ready file (beside which it lives).
+fn node_cache_path(conf: &NetConf) -> Option<std::path::PathBuf> {
+    conf.agent_ready_file
+        .as_ref()
+        .map(|f| NodeCache::path_beside(std::path::Path::new(f)))
+}
+
+/// Whether a datastore error means "cannot reach it" (rather than a refusal).
+fn unreachable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Backend(_))
+}
+
+/// Why the online ADD stopped before reserving anything.
+enum Online {
+    Done(String),
+    /// The datastore did not answer: the node cache may serve the ADD.
+    Unreachable(CniError),
+}
+
 fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
-    let store = open_store(conf)?;
-    let store: &dyn Store = &*store;
-    let node_name = conf.node_name.as_str();
-    let (node, _) = malla_store::get_json::<Node>(store, &keys::node(node_name))
-        .map_err(store_err("read node"))?
-        .ok_or_else(|| {
-            CniError::new(
-                error::TRY_AGAIN_LATER,
-                format!("node {node_name} is not registered yet"),
-                "the Malla agent registers the node when it starts; is it running?",
-            )
-        })?;
-    let cluster = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)
-        .map_err(store_err("read cluster config"))?
-        .map(|(c, _)| c)
-        .unwrap_or_default();
-    let mtu = conf.mtu.unwrap_or_else(|| pod::pod_mtu(&node, &cluster));
-
-    let ipam = malla_ipam::Ipam::new(store);
-    let pools = ipam.pools().map_err(|e| {
-        CniError::new(
-            error::TRY_AGAIN_LATER,
-            "IPAM: cannot read pools",
-            e.to_string(),
-        )
-    })?;
-    let has = |v6: bool| {
-        pools
-            .iter()
-            .any(|p| !p.disabled && p.cidr.addr().is_ipv6() == v6)
+    let online = match open_store(conf) {
+        Ok(store) => add_online(conf, env, &*store)?,
+        Err(e) => Online::Unreachable(e),
     };
-    let want_v4 = conf.ipam.ipv4.unwrap_or_else(|| has(false));
-    let want_v6 = conf.ipam.ipv6.unwrap_or_else(|| has(true));
-    if !want_v4 && !want_v6 {
-        return Err(CniError::new(
-            error::INVALID_CONFIG,
-            "no address family to assign",
-            "no enabled IP pool exists and ipam.ipv4/ipam.ipv6 do not ask for one",
-        ));
+    match online {
+        Online::Done(result) => Ok(result),
+        Online::Unreachable(e) => match node_cache_path(conf) {
+            Some(cache) if conf.requested_ips()?.is_empty() => add_offline(conf, env, &cache, e),
+            _ => Err(e),
+        },
     }
+}
 
-    let handle = env.ipam_handle(&conf.name);
+fn attrs_of(conf: &NetConf, env: &CniEnv) -> BTreeMap<String, String> {
     let mut attrs = BTreeMap::new();
-    attrs.insert("node".to_string(), node_name.to_string());
+    attrs.insert("node".to_string(), conf.node_name.clone());
     attrs.insert("containerID".to_string(), env.container_id.clone());
     if let Some(ns) = &env.pod_namespace {
         attrs.insert("namespace".to_string(), ns.clone());
@@ -124,16 +116,77 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
     if let Some(p) = &env.pod_name {
         attrs.insert("pod".to_string(), p.clone());
     }
+    attrs
+}
+
+fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online, CniError> {
+    let node_name = conf.node_name.as_str();
+    let offline = |what: &'static str| move |e: StoreError| Online::Unreachable(store_err(what)(e));
+    let node = match malla_store::get_json::<Node>(store, &keys::node(node_name)) {
+        Ok(n) => n,
+        Err(e) if unreachable(&e) => return Ok(offline("read node")(e)),
+        Err(e) => return Err(store_err("read node")(e)),
+    };
+    let (node, _) = node.ok_or_else(|| {
+        CniError::new(
+            error::TRY_AGAIN_LATER,
+            format!("node {node_name} is not registered yet"),
+            "the Malla agent registers the node when it starts; is it running?",
+        )
+    })?;
+    let cluster = match malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG) {
+        Ok(c) => c.map(|(c, _)| c).unwrap_or_default(),
+        Err(e) if unreachable(&e) => return Ok(offline("read cluster config")(e)),
+        Err(e) => return Err(store_err("read cluster config")(e)),
+    };
+    let mtu = conf.mtu.unwrap_or_else(|| pod::pod_mtu(&node, &cluster));
+
+    let ipam = malla_ipam::Ipam::new(store);
+    let pools = match ipam.pools() {
+        Ok(p) => p,
+        Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
+            return Ok(offline("IPAM: read pools")(e))
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                error::TRY_AGAIN_LATER,
+                "IPAM: cannot read pools",
+                e.to_string(),
+            ))
+        }
+    };
+    let has = |v6: bool| {
+        pools
+            .iter()
+            .any(|p| !p.disabled && p.cidr.addr().is_ipv6() == v6)
+    };
+    let (want_v4, want_v6) = families(conf, has(false), has(true))?;
+
+    let handle = env.ipam_handle(&conf.name);
+    let attrs = attrs_of(conf, env);
     let requested = conf.requested_ips()?;
     let assigned = if requested.is_empty() {
-        ipam.auto_assign(&malla_ipam::AutoAssign {
+        match ipam.auto_assign(&malla_ipam::AutoAssign {
             handle: handle.clone(),
             node: node_name.to_string(),
             ipv4: want_v4,
             ipv6: want_v6,
             attrs,
-        })
-        .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM: no address", e.to_string()))?
+        }) {
+            Ok(a) => a,
+            Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
+                // Nothing half-written stays behind a lost connection for long: GC (or the
+                // next ADD of this handle) cleans a reservation that did land.
+                return Ok(offline("IPAM: assign")(e));
+            }
+            Err(e) => {
+                return Err(CniError::new(
+                    error::TRY_AGAIN_LATER,
+                    "IPAM: no address",
+                    e.to_string(),
+                ))
+            }
+        }
     } else {
         // The `ips` capability: exactly the addresses the runtime asked for, all or none.
         let mut got = Vec::new();
@@ -160,13 +213,65 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
     };
     fault_point("after-ipam");
     let addrs: Vec<std::net::IpAddr> = assigned.iter().map(|a| a.addr).collect();
+    if let Some(cache) = node_cache_path(conf) {
+        // So that an ADD during a later outage cannot pick these before the agent's next
+        // snapshot shows them. Best effort: the cache only ever narrows offline choices.
+        if let Ok(c) = NodeCache::open(&cache) {
+            let _ = c.note_held(&addrs, &handle);
+        }
+    }
+    let undo = || {
+        let _ = ipam.release_by_handle(&handle);
+    };
+    let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
+    if let Err(e) = malla_store::put_json(
+        store,
+        &keys::endpoint(node_name, &env.container_id, &env.ifname),
+        &endpoint,
+    ) {
+        let _ = pod::unwire(&endpoint.host_ifname);
+        undo();
+        return Err(store_err("write endpoint")(e));
+    }
+    Ok(Online::Done(result::add_result(
+        &conf.cni_version,
+        env,
+        &endpoint,
+        &wired,
+        mtu,
+    )))
+}
 
+/// Which families to assign: the configuration's, else those that have an enabled pool.
+fn families(conf: &NetConf, has_v4: bool, has_v6: bool) -> Result<(bool, bool), CniError> {
+    let want_v4 = conf.ipam.ipv4.unwrap_or(has_v4);
+    let want_v6 = conf.ipam.ipv6.unwrap_or(has_v6);
+    if !want_v4 && !want_v6 {
+        return Err(CniError::new(
+            error::INVALID_CONFIG,
+            "no address family to assign",
+            "no enabled IP pool exists and ipam.ipv4/ipam.ipv6 do not ask for one",
+        ));
+    }
+    Ok((want_v4, want_v6))
+}
+
+/// Wires the pod's interface with `addrs` and builds its endpoint record; on failure removes
+/// the veth and calls `undo` (which frees the reservation).
+fn wire_pod(
+    conf: &NetConf,
+    env: &CniEnv,
+    addrs: &[std::net::IpAddr],
+    mtu: u32,
+    handle: &str,
+    undo: &dyn Fn(),
+) -> Result<(WorkloadEndpoint, pod::Wired), CniError> {
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
     let wired = pod::wire(&pod::WireRequest {
         netns: env.netns.clone(),
         ifname: env.ifname.clone(),
         host_ifname: host_ifname.clone(),
-        addrs: addrs.clone(),
+        addrs: addrs.to_vec(),
         mtu,
         mac: conf.requested_mac()?,
     });
@@ -175,32 +280,69 @@ fn add(conf: &NetConf, env: &CniEnv) -> Result<String, CniError> {
         Err(e) => {
             // Nothing half-done survives a failed ADD: the veth and the reservation go.
             let _ = pod::unwire(&host_ifname);
-            let _ = ipam.release_by_handle(&handle);
+            undo();
             return Err(e);
         }
     };
-
     fault_point("after-wire");
     let endpoint = WorkloadEndpoint {
         namespace: env.pod_namespace.clone().unwrap_or_default(),
         pod: env.pod_name.clone().unwrap_or_default(),
-        node: node_name.to_string(),
+        node: conf.node_name.clone(),
         container_id: env.container_id.clone(),
         ifname: env.ifname.clone(),
-        host_ifname: host_ifname.clone(),
+        host_ifname,
         ips: addrs.iter().map(|a| ipnet::IpNet::from(*a)).collect(),
         mac: malla_api::format_mac(&wired.pod_mac),
-        ipam_handle: handle.clone(),
+        ipam_handle: handle.to_string(),
     };
-    if let Err(e) = malla_store::put_json(
-        store,
-        &keys::endpoint(node_name, &env.container_id, &env.ifname),
-        &endpoint,
-    ) {
-        let _ = pod::unwire(&host_ifname);
-        let _ = ipam.release_by_handle(&handle);
-        return Err(store_err("write endpoint")(e));
-    }
+    Ok((endpoint, wired))
+}
+
+/// ADD while the datastore is unreachable: an address from the node's own blocks through the
+/// node cache, recorded there for the agent to write to the datastore when it returns.
+fn add_offline(
+    conf: &NetConf,
+    env: &CniEnv,
+    cache_path: &std::path::Path,
+    cause: CniError,
+) -> Result<String, CniError> {
+    let cache_err = |e: &dyn std::fmt::Display| {
+        CniError::new(
+            error::TRY_AGAIN_LATER,
+            "the datastore is unreachable and the node cache cannot serve",
+            format!("{e}; the datastore: {}", cause.msg),
+        )
+    };
+    let cache = NodeCache::open(cache_path).map_err(|e| cache_err(&e))?;
+    let state = cache.state().map_err(|e| cache_err(&e))?;
+    let node = state
+        .node
+        .clone()
+        .ok_or_else(|| cache_err(&"the agent has not written the node cache yet"))?;
+    let mtu = conf
+        .mtu
+        .unwrap_or_else(|| pod::pod_mtu(&node, &state.cluster.clone().unwrap_or_default()));
+    let has = |v6: bool| state.blocks.iter().any(|b| b.cidr.addr().is_ipv6() == v6);
+    let (want_v4, want_v6) = families(conf, has(false), has(true))?;
+    let handle = env.ipam_handle(&conf.name);
+    let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
+    let addrs = cache
+        .assign_offline(
+            &handle,
+            &conf.node_name,
+            want_v4,
+            want_v6,
+            &attrs_of(conf, env),
+        )
+        .map_err(|e| cache_err(&e))?;
+    let undo = || {
+        let _ = cache.release_offline(&handle, &key);
+    };
+    let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
+    cache
+        .set_pending_endpoint(&handle, &key, &endpoint)
+        .map_err(|e| cache_err(&e))?;
     Ok(result::add_result(
         &conf.cni_version,
         env,
@@ -214,16 +356,42 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
     // The veth goes first: it needs neither the datastore nor the pod's namespace.
     pod::unwire(&host_ifname)?;
-    let store = open_store(conf)?;
+    let handle = env.ipam_handle(&conf.name);
+    let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
+    let offline = |cause: CniError| -> Result<(), CniError> {
+        // DEL must not fail for an unreachable datastore: the node cache remembers the
+        // release and the agent makes it when the datastore returns.
+        match node_cache_path(conf).map(|p| NodeCache::open(&p)) {
+            Some(Ok(cache)) => cache
+                .release_offline(&handle, &key)
+                .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM release", e.to_string())),
+            _ => Err(cause),
+        }
+    };
+    let store = match open_store(conf) {
+        Ok(s) => s,
+        Err(e) => return offline(e),
+    };
     let store: &dyn Store = &*store;
-    malla_ipam::Ipam::new(store)
-        .release_by_handle(&env.ipam_handle(&conf.name))
-        .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM release", e.to_string()))?;
+    match malla_ipam::Ipam::new(store).release_by_handle(&handle) {
+        Ok(_) => {}
+        Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
+            return offline(store_err("IPAM release")(e))
+        }
+        Err(e) => {
+            return Err(CniError::new(
+                error::TRY_AGAIN_LATER,
+                "IPAM release",
+                e.to_string(),
+            ))
+        }
+    }
+    if let Some(Ok(cache)) = node_cache_path(conf).map(|p| NodeCache::open(&p)) {
+        // An ADD made offline and deleted before the agent settled it.
+        let _ = cache.release_offline(&handle, &key);
+    }
     store
-        .delete(
-            &keys::endpoint(&conf.node_name, &env.container_id, &env.ifname),
-            None,
-        )
+        .delete(&key, None)
         .map_err(store_err("delete endpoint"))?;
     Ok(())
 }

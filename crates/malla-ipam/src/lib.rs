@@ -12,6 +12,7 @@
 //!   [`Ipam::release_by_handle`] or [`Ipam::release_unless`] cannot find.
 
 mod block;
+pub mod node_cache;
 
 use block::BlockSummary;
 pub use block::{Allocation, Block};

@@ -3,13 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::IpAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::Lab;
-use malla_dataplane::netns::NetNs;
 
 const STREAM_PORT: u16 = 9100;
 
@@ -33,46 +32,15 @@ fn restart_keeps_stream(routing: &str) {
         .map(|n| n["agent_pid"].as_u64().unwrap())
         .collect();
 
-    // The sink counts every byte until EOF.
-    let sink_ns = NetNs::open_named(&lab.netns("pod-default-sink")).unwrap();
-    let listener_ready = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let ready = listener_ready.clone();
-    let sink = std::thread::spawn(move || -> std::io::Result<u64> {
-        sink_ns.enter_this_thread().expect("enter sink netns");
-        let l = TcpListener::bind(("0.0.0.0", STREAM_PORT))?;
-        ready.wait();
-        let (mut s, _) = l.accept()?;
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        loop {
-            let n = s.read(&mut buf)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            total += n as u64;
-        }
-    });
-    listener_ready.wait();
-
-    // The sender writes paced chunks for a few seconds on one connection.
-    let sender_ns = NetNs::open_named(&lab.netns("pod-default-sender")).unwrap();
-    let sender = std::thread::spawn(move || -> std::io::Result<u64> {
-        sender_ns.enter_this_thread().expect("enter sender netns");
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::new(sink_ip, STREAM_PORT),
-            Duration::from_secs(2),
-        )?;
-        let chunk = vec![0x5au8; 16384];
-        let start = Instant::now();
-        let mut sent = 0u64;
-        while start.elapsed() < Duration::from_secs(6) {
-            s.write_all(&chunk)?;
-            sent += chunk.len() as u64;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        s.shutdown(std::net::Shutdown::Write)?;
-        Ok(sent)
-    });
+    // The sink counts every byte until EOF; the sender writes paced chunks for a few seconds
+    // on one connection.
+    let stream = common::PacedStream::start(
+        &lab.netns("pod-default-sender"),
+        &lab.netns("pod-default-sink"),
+        sink_ip,
+        STREAM_PORT,
+        (16384, Duration::from_millis(5), Duration::from_secs(6)),
+    );
     std::thread::sleep(Duration::from_millis(800));
 
     // Watch both nodes' routes, addresses and neighbours while the agents die and come back.
@@ -117,11 +85,7 @@ fn restart_keeps_stream(routing: &str) {
         let _ = m.wait();
         changes.push_str(&out);
     }
-    let sent = sender
-        .join()
-        .unwrap()
-        .expect("the stream survived the restart");
-    let received = sink.join().unwrap().expect("sink read to EOF");
+    let (sent, received) = stream.finish();
     assert_eq!(sent, received, "every byte arrived");
     assert!(sent > 1_000_000, "the stream ran: {sent} bytes");
     let deleted: Vec<&str> = changes

@@ -159,3 +159,76 @@ pub fn two_pods_per_node(nodes: usize) -> String {
     }
     y
 }
+
+/// One TCP connection between two pods carrying paced chunks for a while: the sink (in
+/// `sink_ns`, listening on `port`) counts bytes until EOF, the sender (in `sender_ns`) writes a
+/// `chunk`-byte block every `pause` for `duration`. [`PacedStream::finish`] returns (sent,
+/// received).
+#[allow(dead_code)] // each test binary uses a subset of common
+pub struct PacedStream {
+    sender: std::thread::JoinHandle<std::io::Result<u64>>,
+    sink: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+#[allow(dead_code)]
+impl PacedStream {
+    pub fn start(
+        sender_ns: &str,
+        sink_ns: &str,
+        sink_ip: std::net::IpAddr,
+        port: u16,
+        (chunk, pause, duration): (usize, std::time::Duration, std::time::Duration),
+    ) -> PacedStream {
+        use std::io::{Read, Write};
+        let sink_ns = malla_dataplane::netns::NetNs::open_named(sink_ns).unwrap();
+        let sender_ns = malla_dataplane::netns::NetNs::open_named(sender_ns).unwrap();
+        let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let sink_ready = ready.clone();
+        let sink = std::thread::spawn(move || -> std::io::Result<u64> {
+            sink_ns.enter_this_thread().expect("enter sink netns");
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            sink_ready.wait();
+            let (mut s, _) = l.accept()?;
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        });
+        ready.wait();
+        let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+            sender_ns.enter_this_thread().expect("enter sender netns");
+            let mut s = std::net::TcpStream::connect_timeout(
+                &(sink_ip, port).into(),
+                std::time::Duration::from_secs(2),
+            )?;
+            s.set_write_timeout(Some(std::time::Duration::from_secs(10)))?;
+            let block = vec![0x5au8; chunk];
+            let start = std::time::Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < duration {
+                s.write_all(&block)?;
+                sent += block.len() as u64;
+                std::thread::sleep(pause);
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
+        });
+        PacedStream { sender, sink }
+    }
+
+    /// Waits for the end: (bytes sent, bytes received), panicking if either side failed.
+    pub fn finish(self) -> (u64, u64) {
+        let sent = self
+            .sender
+            .join()
+            .unwrap()
+            .expect("the stream kept flowing");
+        let received = self.sink.join().unwrap().expect("sink read to EOF");
+        (sent, received)
+    }
+}
