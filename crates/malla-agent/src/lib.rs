@@ -6,6 +6,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
+pub mod config_dir;
 pub mod dataplane;
 pub mod registration;
 
@@ -28,6 +29,9 @@ pub struct AgentConfig {
     pub underlay_interface: String,
     /// Full resync period, repairing drift even without datastore changes.
     pub resync: Duration,
+    /// A directory of cluster settings (a mounted ConfigMap: `routing`, `pools.yaml`, …) whose
+    /// missing parts the agent writes to the datastore at start ([`config_dir`]).
+    pub config_dir: Option<PathBuf>,
     /// Written after each sync with the datastore revision applied (readiness for the CNI
     /// plugin's STATUS, and convergence for tests).
     pub ready_file: Option<PathBuf>,
@@ -94,6 +98,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     rt.block_on(async {
         let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
         plane.enable_forwarding()?;
+        if let Some(dir) = &cfg.config_dir {
+            while let Err(e) = config_dir::apply(store, dir) {
+                tracing::warn!(error = %format!("{e:#}"), "applying cluster settings from {}; retrying", dir.display());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
         while let Err(e) = registration::register(store, &cfg.node, &plane).await {
             tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "registering the node failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;

@@ -97,6 +97,53 @@ pub fn install(
     })
 }
 
+/// Where a pod finds its service account's token and CA.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Inside a pod (the DaemonSet's init container), the kubeconfig the plugin on the host uses to
+/// reach the API server: the pod's service-account token and CA copied into `conf_dir`
+/// (`malla-kubeconfig`, `malla-ca.crt`, mode 0600) and the API server's in-cluster address from
+/// `KUBERNETES_SERVICE_HOST`/`_PORT`. None outside a cluster. Returns the kubeconfig's path.
+pub fn write_in_cluster_kubeconfig(
+    conf_dir: &Path,
+    service_account_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<PathBuf>, InstallError> {
+    let (Some(host), Some(port)) = (
+        env("KUBERNETES_SERVICE_HOST"),
+        env("KUBERNETES_SERVICE_PORT"),
+    ) else {
+        return Ok(None);
+    };
+    let token_path = service_account_dir.join("token");
+    let ca_path = service_account_dir.join("ca.crt");
+    let token = std::fs::read_to_string(&token_path).map_err(io(&token_path))?;
+    let ca = std::fs::read(&ca_path).map_err(io(&ca_path))?;
+    std::fs::create_dir_all(conf_dir).map_err(io(conf_dir))?;
+    let ca_target = conf_dir.join("malla-ca.crt");
+    write_atomically(&ca_target, &ca, 0o600)?;
+    let server = if host.contains(':') {
+        format!("https://[{host}]:{port}")
+    } else {
+        format!("https://{host}:{port}")
+    };
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": {"server": server, "certificate-authority": ca_target}}],
+        "users": [{"name": "malla", "user": {"token": token.trim()}}],
+        "contexts": [{"name": "malla", "context": {"cluster": "cluster", "user": "malla"}}],
+        "current-context": "malla",
+    });
+    let target = conf_dir.join("malla-kubeconfig");
+    write_atomically(
+        &target,
+        &serde_json::to_vec_pretty(&kubeconfig).unwrap_or_default(),
+        0o600,
+    )?;
+    Ok(Some(target))
+}
+
 /// Malla's conflist for a node.
 pub fn conflist(
     node: &str,
@@ -119,6 +166,41 @@ pub fn conflist(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_cluster_kubeconfig_carries_the_service_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let sa = dir.path().join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::write(sa.join("token"), "tok\n").unwrap();
+        std::fs::write(sa.join("ca.crt"), "CA").unwrap();
+        let confs = dir.path().join("net.d");
+        assert_eq!(
+            write_in_cluster_kubeconfig(&confs, &sa, &|_| None).unwrap(),
+            None,
+            "outside a cluster"
+        );
+        let env = |k: &str| match k {
+            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
+            _ => None,
+        };
+        let path = write_in_cluster_kubeconfig(&confs, &sa, &env)
+            .unwrap()
+            .unwrap();
+        let kc: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(
+            kc["clusters"][0]["cluster"]["server"],
+            "https://[fd00::1]:443"
+        );
+        assert_eq!(kc["users"][0]["user"]["token"], "tok");
+        assert_eq!(std::fs::read(confs.join("malla-ca.crt")).unwrap(), b"CA");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
 
     #[test]
     fn installs_atomically_and_refuses_foreign_conflists() {

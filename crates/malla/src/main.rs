@@ -41,6 +41,10 @@ enum Command {
         /// File written once the first sync is applied.
         #[arg(long)]
         ready_file: Option<PathBuf>,
+        /// Cluster settings to seed the datastore with (a mounted ConfigMap: routing, vxlanVni,
+        /// vxlanPort, pools.yaml); what the datastore already has is kept.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
         /// Seconds between full resyncs that repair drift.
         #[arg(long, default_value_t = 10)]
         resync_secs: u64,
@@ -115,6 +119,7 @@ fn main() {
             underlay_interface,
             ready_file,
             resync_secs,
+            config_dir,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -128,6 +133,7 @@ fn main() {
                 underlay_interface,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 ready_file,
+                config_dir,
             })
         }
         Command::Ipam { command } => ipam_cmd::run(command),
@@ -143,23 +149,47 @@ fn main() {
             cni_version,
             plugin_binary,
             force,
-        } => install_cni(
-            plugin_binary,
-            &bin_dir,
-            &conf_dir,
-            &malla_cni::install::conflist(
-                &node_name,
-                &datastore,
-                agent_ready_file.as_deref(),
-                &cni_version,
-            ),
-            force,
-        ),
+        } => in_cluster_datastore(datastore, &conf_dir).and_then(|datastore| {
+            install_cni(
+                plugin_binary,
+                &bin_dir,
+                &conf_dir,
+                &malla_cni::install::conflist(
+                    &node_name,
+                    &datastore,
+                    agent_ready_file.as_deref(),
+                    &cni_version,
+                ),
+                force,
+            )
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// `--datastore kubernetes` without a kubeconfig, run in a pod: the plugin runs on the host,
+/// outside the pod, so it gets a kubeconfig of its own with the pod's service account.
+fn in_cluster_datastore(
+    datastore: malla_store::DatastoreSpec,
+    conf_dir: &std::path::Path,
+) -> anyhow::Result<malla_store::DatastoreSpec> {
+    if datastore != (malla_store::DatastoreSpec::Kubernetes { kubeconfig: None }) {
+        return Ok(datastore);
+    }
+    let written = malla_cni::install::write_in_cluster_kubeconfig(
+        conf_dir,
+        std::path::Path::new(malla_cni::install::SERVICE_ACCOUNT_DIR),
+        &|k| std::env::var(k).ok(),
+    )?;
+    Ok(match written {
+        Some(path) => malla_store::DatastoreSpec::Kubernetes {
+            kubeconfig: Some(path),
+        },
+        None => datastore,
+    })
 }
 
 fn install_cni(
