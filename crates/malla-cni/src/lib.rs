@@ -53,8 +53,13 @@ pub fn run(env: &BTreeMap<String, String>, stdin: &[u8]) -> Result<Option<String
     outcome.map_err(|e| e.with_version(&version))
 }
 
+/// How long each datastore request may take when the node cache can serve instead: a hung
+/// server sends ADD to the node's own blocks after this, not after the backend's default.
+const DATASTORE_TIMEOUT_WITH_CACHE: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) fn open_store(conf: &NetConf) -> Result<Box<dyn Store>, CniError> {
-    conf.datastore.open().map_err(|e| {
+    let timeout = node_cache_path(conf).map(|_| DATASTORE_TIMEOUT_WITH_CACHE);
+    conf.datastore.open_with_timeout(timeout).map_err(|e| {
         CniError::new(
             error::TRY_AGAIN_LATER,
             "cannot open the Malla datastore",

@@ -74,18 +74,28 @@ impl DatastoreSpec {
         Ok(DatastoreSpec::Etcd { endpoints, prefix })
     }
 
-    /// Opens the store this spec names.
+    /// Opens the store this spec names (requests bounded by 5 s, 10 s for Kubernetes).
     pub fn open(&self) -> Result<Box<dyn Store>, StoreError> {
+        self.open_with_timeout(None)
+    }
+
+    /// Opens the store with every request (and the connection) bounded by `timeout` instead
+    /// of the backend's default: a caller with a fallback (the CNI plugin's node cache) does
+    /// not wait long on a server that hangs.
+    pub fn open_with_timeout(
+        &self,
+        timeout: Option<Duration>,
+    ) -> Result<Box<dyn Store>, StoreError> {
         match self {
             DatastoreSpec::Local { path } => Ok(Box::new(LocalStore::open(path)?)),
             DatastoreSpec::Etcd { endpoints, prefix } => Ok(Box::new(EtcdStore::connect(
                 endpoints,
                 prefix,
-                Duration::from_secs(5),
+                timeout.unwrap_or(Duration::from_secs(5)),
             )?)),
             DatastoreSpec::Kubernetes { kubeconfig } => Ok(Box::new(KubeStore::connect(
                 kubeconfig.as_deref(),
-                Duration::from_secs(10),
+                timeout.unwrap_or(Duration::from_secs(10)),
             )?)),
         }
     }

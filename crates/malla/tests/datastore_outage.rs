@@ -1,5 +1,5 @@
-//! The datastore goes away for 30 s while pods run (a 2-node lab on a real etcd, which the
-//! test kills and the lab restarts): an established TCP stream between nodes loses no byte,
+//! The datastore goes away for 30 s while pods run (a 2-node lab on a real etcd, or on a real
+//! Kubernetes API server; the test kills the server and the lab restarts it): an established TCP stream between nodes loses no byte,
 //! a new pod on a node with room in its own block still gets an address (from the node's
 //! IPAM cache) and a working interface, a pod deleted meanwhile is released, and when etcd
 //! returns the agents reconnect, write what happened offline into the datastore and converge.
@@ -51,11 +51,21 @@ fn same_block(a: IpAddr, b: IpAddr) -> bool {
 
 #[test]
 fn pods_keep_working_and_get_addresses_while_etcd_is_away() {
+    outage("etcd");
+}
+
+/// The same with the Kubernetes datastore, its API server stopped.
+#[test]
+fn pods_keep_working_and_get_addresses_while_the_api_server_is_away() {
+    outage("kubernetes");
+}
+
+fn outage(datastore: &str) {
     if !common::require_root() {
         return;
     }
-    let lab = Lab::new("out");
-    lab.run(&["lab", "up", "--nodes", "2", "--datastore", "etcd"]);
+    let lab = Lab::new(&format!("out{}", &datastore[..1]));
+    lab.run(&["lab", "up", "--nodes", "2", "--datastore", datastore]);
     lab.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: sender}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {name: sink}\nspec: {nodeName: node-2, containers: [{name: c}]}\n",
@@ -97,13 +107,17 @@ fn pods_keep_working_and_get_addresses_while_etcd_is_away() {
     );
     std::thread::sleep(Duration::from_secs(1));
 
-    // etcd goes away.
-    let etcd = state["etcd_pid"].as_u64().expect("the lab runs etcd") as i32;
+    // The datastore goes away: etcd, or the API server in front of it.
+    let server = match datastore {
+        "etcd" => state["etcd_pid"].as_u64(),
+        _ => state["control_plane"]["apiserver"].as_u64(),
+    }
+    .expect("the lab runs the datastore's server") as i32;
     let outage_start = Instant::now();
-    // SAFETY: signalling the lab's own etcd, by the pid the lab recorded.
-    assert_eq!(unsafe { libc::kill(etcd, libc::SIGKILL) }, 0);
-    while std::path::Path::new(&format!("/proc/{etcd}/cmdline")).exists()
-        && std::fs::read_to_string(format!("/proc/{etcd}/stat"))
+    // SAFETY: signalling the lab's own server, by the pid the lab recorded.
+    assert_eq!(unsafe { libc::kill(server, libc::SIGKILL) }, 0);
+    while std::path::Path::new(&format!("/proc/{server}/cmdline")).exists()
+        && std::fs::read_to_string(format!("/proc/{server}/stat"))
             .map(|s| {
                 !s.rsplit(')')
                     .next()
@@ -118,7 +132,7 @@ fn pods_keep_working_and_get_addresses_while_etcd_is_away() {
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         lab.try_run(&["ipam", "show"]).status.code() != Some(0),
-        "etcd is down"
+        "the datastore is down"
     );
 
     // A new pod on node-1 gets an address from node-1's own block, and a working interface:
@@ -150,8 +164,8 @@ fn pods_keep_working_and_get_addresses_while_etcd_is_away() {
     // etcd returns (the lab restarts it) after the outage.
     let left = OUTAGE.saturating_sub(outage_start.elapsed());
     std::thread::sleep(left);
-    lab.run(&["lab", "up", "--nodes", "2", "--datastore", "etcd"]);
-    eprintln!("etcd was away for {:?}", outage_start.elapsed());
+    lab.run(&["lab", "up", "--nodes", "2", "--datastore", datastore]);
+    eprintln!("{datastore} was away for {:?}", outage_start.elapsed());
 
     // The agents settle: the offline pod's address and endpoint are in the datastore, the
     // deleted pod's are gone.
