@@ -638,9 +638,14 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         check(deadline)?;
         syn.view.pods[i].labels.insert(k.clone(), val.clone());
         let t = Instant::now();
-        let prog = calc(&syn.view);
+        let pods = malla_calc::routes::policy_pods(&syn.view);
+        let pods_t = t.elapsed();
+        let prog = compile(&syn.view.policies, &syn.view.namespaces, &pods, NODE);
+        drop(pods);
+        let compile_t = t.elapsed() - pods_t;
         let new = table(&syn.view, &prog);
         let rebuild = t.elapsed();
+        let render_t = rebuild - pods_t - compile_t;
         let t = Instant::now();
         let diff = model::render_diff(&current, &new)
             .with_context(|| format!("setting {k}={val} on pod {i} changed nothing"))?;
@@ -652,10 +657,13 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             .lines()
             .all(|l| l.starts_with("add element ") || l.starts_with("delete element "));
         eprintln!(
-            "  {}/{}: {k}={val}: rebuild {} ms, diff {} ms, apply {} ms, {} lines{}",
+            "  {}/{}: {k}={val}: rebuild {} ms (pods {}, compile {}, render {}), diff {} ms, apply {} ms, {} lines{}",
             syn.view.pods[i].namespace,
             syn.view.pods[i].name,
             ms(rebuild),
+            ms(pods_t),
+            ms(compile_t),
+            ms(render_t),
             ms(diff_t),
             ms(apply),
             diff.lines().count(),
