@@ -18,6 +18,8 @@ pub mod reference;
 pub mod render;
 
 #[cfg(test)]
+mod nfteval;
+#[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;

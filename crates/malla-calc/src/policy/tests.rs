@@ -197,6 +197,51 @@ fn rendered(prog: &PolicyProgram) -> nft::Table {
     t
 }
 
+/// Each node's rendered policy table, read by the interpreter.
+fn node_evals(w: &World, nodes: &[&'static str]) -> Vec<(&'static str, nfteval::Eval)> {
+    nodes
+        .iter()
+        .map(|n| {
+            let t = rendered(&compile(&w.policies, &w.namespaces, &w.pods, n));
+            let e = nfteval::Eval::new(&t, render::POLICY_FORWARD)
+                .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
+            (*n, e)
+        })
+        .collect()
+}
+
+/// What the rendered tables decide for a new connection: on every node, the forward hook
+/// (the interfaces are the pods' host interfaces where they are local, else the uplink).
+fn rendered_allows(
+    w: &World,
+    evals: &[(&str, nfteval::Eval)],
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> Result<bool, String> {
+    let ifname = |node: &str, ip: IpAddr| {
+        w.pods
+            .iter()
+            .find(|p| p.node == node && p.ips.contains(&ip))
+            .map_or("ul0", |p| p.host_ifname.as_str())
+    };
+    for (node, e) in evals {
+        let packet = nfteval::Packet {
+            iifname: ifname(node, src),
+            oifname: ifname(node, dst),
+            src,
+            dst,
+            proto,
+            dport: port,
+        };
+        if !e.accepts(&packet)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
 fn conn<'a>(w: &'a World, src: &str, dst: &str, port: u16, proto: Protocol) -> Connection<'a> {
     Connection {
         src: Endpoint::resolve(&w.pods, src.parse().unwrap()),
@@ -230,6 +275,7 @@ fn policy_fixed_world_verdicts() {
         .iter()
         .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
         .collect();
+    let evals = node_evals(&w, &["n1", "n2"]);
     let cases = [
         ("198.18.1.5", "198.18.0.10", 8080, Tcp, true), // client -> web http
         ("198.18.1.5", "198.18.0.10", 8050, Tcp, true), // range
@@ -257,8 +303,17 @@ fn policy_fixed_world_verdicts() {
             .iter()
             .all(|p| p.allows(src.parse().unwrap(), dst.parse().unwrap(), port, proto));
         let why = explain(&w.policies, &w.namespaces, &c);
+        let nft = rendered_allows(
+            &w,
+            &evals,
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            port,
+            proto,
+        );
         assert_eq!(reference, want, "reference {src} -> {dst} {port}: {why}");
         assert_eq!(compiled, want, "compiled {src} -> {dst} {port}: {why}");
+        assert_eq!(nft, Ok(want), "rendered {src} -> {dst} {port}: {why}");
         assert_eq!(why.allowed, want, "{why}");
     }
 }
@@ -624,6 +679,12 @@ impl std::fmt::Debug for World {
     }
 }
 
+/// Ports the property test probes: every number the generator uses, and the edges of its
+/// ranges (`n + width`, one past).
+const PROBED_PORTS: [u16; 15] = [
+    53, 54, 55, 64, 80, 81, 82, 83, 85, 90, 91, 92, 8080, 8081, 8091,
+];
+
 fn addresses(w: &World) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = w.pods.iter().flat_map(|p| p.ips.clone()).collect();
     v.extend(BARE_IPS.iter().map(|s| s.parse::<IpAddr>().unwrap()));
@@ -639,13 +700,14 @@ proptest! {
             .iter()
             .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
             .collect();
+        let evals = node_evals(&w, &["n1", "n2"]);
         let addrs = addresses(&w);
         for &src in &addrs {
             for &dst in &addrs {
                 if src.is_ipv4() != dst.is_ipv4() {
                     continue;
                 }
-                for port in [53u16, 80, 81, 85, 90, 8080] {
+                for port in PROBED_PORTS {
                     for proto in [Protocol::Tcp, Protocol::Udp] {
                         let c = Connection {
                             src: Endpoint::resolve(&w.pods, src),
@@ -655,7 +717,15 @@ proptest! {
                         };
                         let want = reference::allowed(&w.policies, &w.namespaces, &c);
                         let got = progs.iter().all(|p| p.allows(src, dst, port, proto));
+                        let nft = rendered_allows(&w, &evals, src, dst, port, proto);
                         let why = explain(&w.policies, &w.namespaces, &c);
+                        prop_assert_eq!(
+                            nft.clone(), Ok(want),
+                            "rendered: {} -> {} {}/{}\n{}\nn1:\n{}\nn2:\n{}",
+                            src, dst, port, proto.nft(), why,
+                            nft::render_full(&rendered(&progs[0])),
+                            nft::render_full(&rendered(&progs[1]))
+                        );
                         prop_assert_eq!(
                             got, want,
                             "{} -> {} {}/{}\n{}\nprograms: {}",
