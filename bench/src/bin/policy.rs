@@ -769,7 +769,8 @@ struct Case {
     samples: Vec<Duration>,
     elapsed: Duration,
     agent_cpu: Duration,
-    chain_rules: Option<usize>,
+    /// Port segments in the server's ingress port map (None: no map).
+    segments: Option<usize>,
 }
 
 struct Latency {
@@ -838,16 +839,18 @@ fn set_path_policies(
     Ok(())
 }
 
-/// Rules of the server's ingress chain in the node's table (None: no chain).
-fn server_chain_rules(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
-    let chain = malla_calc::policy::render::ingress_chain(host_ifname);
+/// Segments of the server's ingress port map in the node's table (None: no map). Every
+/// segment of the benchmark's policies allows one peer set (`goto pol-peers-…`).
+fn server_port_segments(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
+    use malla_calc::policy::render::{ingress_chain, ports_map};
+    let map = ports_map(&ingress_chain(host_ifname));
     nft::run(
         Some(node_ns),
-        &["list", "chain", "inet", masquerade::TABLE, &chain],
+        &["list", "map", "inet", masquerade::TABLE, &map],
         "",
     )
     .ok()
-    .map(|text| text.lines().filter(|l| l.contains(" accept")).count())
+    .map(|text| text.matches("goto pol-peers-").count())
 }
 
 fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
@@ -888,7 +891,7 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
             samples: Vec::new(),
             elapsed: Duration::ZERO,
             agent_cpu: Duration::ZERO,
-            chain_rules: None,
+            segments: None,
         })
         .collect();
     let per_round = args.connections / args.rounds;
@@ -903,12 +906,12 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
             topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(300))
                 .context("waiting for the agent")?;
             let converged = t.elapsed();
-            let rules = server_chain_rules(&node_ns, &server_if);
+            let segments = server_port_segments(&node_ns, &server_if);
             let want = (n > 0).then_some(n);
-            if rules != want {
-                bail!("the server's chain has {rules:?} allow rules, expected {want:?}");
+            if segments != want {
+                bail!("the server's port map has {segments:?} segments, expected {want:?}");
             }
-            case.chain_rules = rules;
+            case.segments = segments;
             let cpu0 = agent_pid.map(cpu_time).unwrap_or_default();
             let (v, elapsed) =
                 measure_connections(&client_ns, addr, "default/server", per_round, deadline)?;
@@ -937,9 +940,9 @@ fn report_latency(args: &Args, l: &Latency) {
         args.rounds
     );
     println!(
-        "{:<34} {:>11} {:>8} {:>8} {:>8} {:>13}",
+        "{:<34} {:>13} {:>8} {:>8} {:>8} {:>13}",
         "policies selecting the server",
-        "chain rules",
+        "port segments",
         "p50 ms",
         "p99 ms",
         "conn/s",
@@ -947,9 +950,9 @@ fn report_latency(args: &Args, l: &Latency) {
     );
     for c in &l.cases {
         println!(
-            "{:<34} {:>11} {:>8} {:>8} {:>8.0} {:>13}",
+            "{:<34} {:>13} {:>8} {:>8} {:>8.0} {:>13}",
             c.policies,
-            c.chain_rules.map_or("-".to_string(), |r| r.to_string()),
+            c.segments.map_or("-".to_string(), |r| r.to_string()),
             ms(percentile(&c.samples, 50.0)),
             ms(percentile(&c.samples, 99.0)),
             ratio(c.samples.len() as f64, c.elapsed.as_secs_f64()),

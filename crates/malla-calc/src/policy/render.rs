@@ -6,18 +6,40 @@
 //!   `iifname vmap @pol-egress-dispatch` and `oifname vmap @pol-ingress-dispatch`, maps from a
 //!   local pod's host interface to `jump pol-out-<ifname>` / `jump pol-in-<ifname>`. Only
 //!   isolated directions get an entry.
-//! - `pol-out-<ifname>`: one rule per (rule × peer set × family × protocol) matching `daddr`,
-//!   verdict `return` so that the destination's ingress chain still runs; then `drop`.
-//! - `pol-in-<ifname>`: the same on `saddr` with `accept`; then `drop`.
+//! - The endpoint chain `pol-in-<ifname>` (peers matched on `saddr`, allowing verdict
+//!   `accept`) / `pol-out-<ifname>` (`daddr`, `return`, so that the destination's ingress chain
+//!   still runs), port first, so that a new connection costs a few lookups however many
+//!   policies select the pod:
+//!   1. one rule per distinct peer set (× family) allowed on every port, whichever rules allow
+//!      it (`ip saddr @pol-…-v4 accept`);
+//!   2. `meta l4proto . th dport vmap @<chain>-ports`: an interval map from disjoint port
+//!      segments (the rules' ranges cut at every edge, so overlapping ranges and `endPort`s
+//!      never overlap in the map) to the allowing verdict when anyone may use the segment, else
+//!      `goto pol-peers-<hash>`;
+//!   3. `drop`.
+//! - `pol-peers-<hash>`: the peer sets allowed on one segment (and none of them on every port),
+//!   one rule each per family with the direction's verdict, then `drop`. Named by a hash of its
+//!   rules, so every segment and endpoint with the same peers shares one chain.
+//!
+//! Why `goto` and the trailing `drop`: the endpoint chain is jumped to from the base chain, so
+//! its return point is the base chain's next rule. A `goto` keeps that return point: egress's
+//! `return` in a peers chain goes back to the base chain (on to the ingress dispatch), exactly
+//! like a `return` in the endpoint chain itself. Falling off the end of a peers chain would
+//! return there too, i.e. let the packet through, hence the explicit `drop`.
 //!
 //! Traffic from a pod's own node is not handled here (the caller accepts it on the output
 //! hook). Interface names must be kernel names (`[A-Za-z0-9_.-]`, at most 15 bytes); an endpoint
 //! with another name is left out, as it could not be written into the ruleset.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use malla_api::service::Protocol;
+
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
 use super::addrs::nft_element;
 use super::compile::{CompiledRule, PeerSet, PolicyProgram, PortMatch};
+use super::fnv;
 
 /// The policy base chain.
 pub const POLICY_FORWARD: &str = "policy-forward";
@@ -34,6 +56,11 @@ pub fn ingress_chain(ifname: &str) -> String {
 /// The egress chain of an endpoint.
 pub fn egress_chain(ifname: &str) -> String {
     format!("pol-out-{ifname}")
+}
+
+/// The port map of an endpoint chain: (protocol . port range) → the verdict for that segment.
+pub fn ports_map(chain: &str) -> String {
+    format!("{chain}-ports")
 }
 
 fn ifname_ok(s: &str) -> bool {
@@ -54,81 +81,229 @@ fn families(set: &PeerSet) -> Vec<(&'static str, &'static str)> {
     v
 }
 
-fn port_matches(pm: &PortMatch) -> Vec<String> {
-    match pm {
-        PortMatch::Any => vec![String::new()],
-        PortMatch::Ports(m) => m
-            .iter()
-            .map(|(proto, ranges)| {
-                let one = |(a, b): &(u16, u16)| {
-                    if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    }
-                };
-                let mut s = format!("meta l4proto {}", proto.nft());
-                match ranges.as_slice() {
-                    [(0, u16::MAX)] => {}
-                    [r] => s.push_str(&format!(" th dport {}", one(r))),
-                    rs => {
-                        let v: Vec<String> = rs.iter().map(one).collect();
-                        s.push_str(&format!(" th dport {{ {} }}", v.join(", ")));
-                    }
-                }
-                s
-            })
-            .collect(),
-    }
+/// The rules allowing one peer (`None`: anyone): indices into the direction's rules.
+type Peers<'a> = BTreeMap<Option<&'a str>, BTreeSet<usize>>;
+
+/// One direction of an endpoint, grouped for rendering: the peers allowed on every port, and
+/// disjoint port segments, each with the peers allowed there (none of which is allowed on every
+/// port already).
+struct Dispatch<'a> {
+    any_port: Peers<'a>,
+    /// (protocol, first port, last port, peers), sorted, disjoint, never with empty peers.
+    segments: Vec<(Protocol, u16, u16, Peers<'a>)>,
 }
 
-fn comment(r: &CompiledRule, dir: &str) -> String {
-    let text: String = format!("{} {dir}[{}]", r.policy, r.rule)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_./[] ".contains(*c))
-        .take(120)
-        .collect();
-    format!("comment \"{text}\"")
-}
-
-fn chain_rules(
-    prog: &PolicyProgram,
-    rules: &[CompiledRule],
-    addr: &str,
-    dir: &str,
-    verdict: &str,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in rules {
-        let peers: Vec<String> = match &r.peer {
-            None => vec![String::new()],
-            Some(name) => match prog.sets.get(name) {
-                Some(set) => families(set)
-                    .into_iter()
-                    .map(|(kw, fam)| format!("{kw} {addr} @{name}-{fam}"))
-                    .collect(),
-                None => Vec::new(),
-            },
-        };
-        for p in &peers {
-            for ports in port_matches(&r.ports) {
-                let m: Vec<&str> = [p.as_str(), ports.as_str()]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                let mut line = m.join(" ");
-                if !line.is_empty() {
-                    line.push(' ');
+/// Splits the port ranges of `rules` into disjoint segments: the ranges' edges cut each
+/// protocol's ports into pieces on which the same rules apply; neighbours allowing the same
+/// peers by the same rules are joined again.
+fn dispatch(rules: &[CompiledRule]) -> Dispatch<'_> {
+    let mut any_port: Peers = BTreeMap::new();
+    let mut by_proto: BTreeMap<Protocol, Vec<(u32, u32, Option<&str>, usize)>> = BTreeMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        let peer = r.peer.as_deref();
+        match &r.ports {
+            PortMatch::Any => {
+                any_port.entry(peer).or_default().insert(i);
+            }
+            PortMatch::Ports(m) => {
+                for (proto, ranges) in m {
+                    let v = by_proto.entry(*proto).or_default();
+                    v.extend(
+                        ranges
+                            .iter()
+                            .map(|&(a, b)| (u32::from(a), u32::from(b), peer, i)),
+                    );
                 }
-                line.push_str(verdict);
-                line.push(' ');
-                line.push_str(&comment(r, dir));
-                out.push(line);
             }
         }
     }
-    out.push("drop".into());
+    let mut segments: Vec<(Protocol, u16, u16, Peers)> = Vec::new();
+    if any_port.contains_key(&None) {
+        return Dispatch { any_port, segments };
+    }
+    for (proto, mut items) in by_proto {
+        items.sort_unstable();
+        let edges: BTreeSet<u32> = items.iter().flat_map(|&(a, b, _, _)| [a, b + 1]).collect();
+        let edges: Vec<u32> = edges.into_iter().collect();
+        let mut next = 0;
+        let mut active: Vec<(u32, u32, Option<&str>, usize)> = Vec::new();
+        for w in edges.windows(2) {
+            let (lo, hi) = (w[0], w[1] - 1);
+            while next < items.len() && items[next].0 <= lo {
+                active.push(items[next]);
+                next += 1;
+            }
+            active.retain(|it| it.1 >= lo);
+            let mut peers: Peers = BTreeMap::new();
+            for &(_, _, peer, i) in &active {
+                if !any_port.contains_key(&peer) {
+                    peers.entry(peer).or_default().insert(i);
+                }
+            }
+            if peers.is_empty() {
+                continue;
+            }
+            let (Ok(lo), Ok(hi)) = (u16::try_from(lo), u16::try_from(hi)) else {
+                continue;
+            };
+            match segments.last_mut() {
+                Some((p, _, last, q))
+                    if *p == proto && u32::from(*last) + 1 == u32::from(lo) && *q == peers =>
+                {
+                    *last = hi;
+                }
+                _ => segments.push((proto, lo, hi, peers)),
+            }
+        }
+    }
+    Dispatch { any_port, segments }
+}
+
+/// `comment "…"` naming the policy rules behind a peer (deduplicated, in policy order).
+fn comment(rules: &[CompiledRule], which: &BTreeSet<usize>, dir: &str) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for &i in which {
+        let r = &rules[i];
+        let n = format!("{} {dir}[{}]", r.policy, r.rule);
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let mut text: String = names
+        .join(", ")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_./[], ".contains(*c))
+        .collect();
+    if text.len() > 120 {
+        text.truncate(117);
+        text.push_str("...");
+    }
+    format!("comment \"{text}\"")
+}
+
+/// How a direction is rendered: the address it matches peers on and its allowing verdict.
+struct Dir {
+    /// `ingress` / `egress` (comments).
+    name: &'static str,
+    /// `saddr` / `daddr`.
+    addr: &'static str,
+    /// `accept` (ingress: the last word) / `return` (egress: back to the base chain, where the
+    /// destination's ingress chain still runs).
+    verdict: &'static str,
+}
+
+const INGRESS: Dir = Dir {
+    name: "ingress",
+    addr: "saddr",
+    verdict: "accept",
+};
+const EGRESS: Dir = Dir {
+    name: "egress",
+    addr: "daddr",
+    verdict: "return",
+};
+
+/// One rule per (peer × family) of `peers`, with the direction's verdict. A peer `None`
+/// (anyone) is one bare verdict.
+fn peer_rules(prog: &PolicyProgram, rules: &[CompiledRule], peers: &Peers, d: &Dir) -> Vec<String> {
+    let mut out = Vec::new();
+    for (peer, which) in peers {
+        let c = comment(rules, which, d.name);
+        match peer {
+            None => out.push(format!("{} {c}", d.verdict)),
+            Some(name) => {
+                let Some(set) = prog.sets.get(*name) else {
+                    continue;
+                };
+                for (kw, fam) in families(set) {
+                    out.push(format!("{kw} {} @{name}-{fam} {} {c}", d.addr, d.verdict));
+                }
+            }
+        }
+    }
     out
+}
+
+/// The name of a shared peers chain: a hash of its rules.
+fn peers_chain_name(rules: &[String], salt: u32) -> String {
+    let mut text = rules.join("\n");
+    if salt > 0 {
+        text.push_str(&format!("\n{salt}"));
+    }
+    format!("pol-peers-{:016x}", fnv(&text))
+}
+
+/// Renders one isolated direction of an endpoint: its chain `chain`, its port map and the
+/// peers chains its segments go to (shared with every endpoint whose segment has the same
+/// rules).
+fn render_direction(
+    prog: &PolicyProgram,
+    rules: &[CompiledRule],
+    chain: &str,
+    d: &Dir,
+    table: &mut nft::Table,
+) {
+    let disp = dispatch(rules);
+    let mut out = peer_rules(prog, rules, &disp.any_port, d);
+    if disp.any_port.contains_key(&None) {
+        table.chains.insert(
+            chain.to_string(),
+            Chain {
+                base: None,
+                rules: out,
+            },
+        );
+        return;
+    }
+    if !disp.segments.is_empty() {
+        let map_name = ports_map(chain);
+        let mut map = Map {
+            type_: "inet_proto . inet_service".into(),
+            value: "verdict".into(),
+            flags: vec!["interval".into()],
+            ..Map::default()
+        };
+        for (proto, lo, hi, peers) in &disp.segments {
+            let key = if lo == hi {
+                format!("{} . {lo}", proto.nft())
+            } else {
+                format!("{} . {lo}-{hi}", proto.nft())
+            };
+            let value = if peers.contains_key(&None) {
+                d.verdict.to_string()
+            } else {
+                let mut body = peer_rules(prog, rules, peers, d);
+                body.push("drop".into());
+                let mut salt = 0;
+                let name = loop {
+                    let name = peers_chain_name(&body, salt);
+                    match table.chains.get(&name) {
+                        Some(c) if c.rules != body => salt += 1,
+                        _ => break name,
+                    }
+                };
+                table.chains.insert(
+                    name.clone(),
+                    Chain {
+                        base: None,
+                        rules: body,
+                    },
+                );
+                format!("goto {name}")
+            };
+            map.elements.insert(key, value);
+        }
+        out.push(format!("meta l4proto . th dport vmap @{map_name}"));
+        table.maps.insert(map_name, map);
+    }
+    out.push("drop".into());
+    table.chains.insert(
+        chain.to_string(),
+        Chain {
+            base: None,
+            rules: out,
+        },
+    );
 }
 
 /// Adds the program's sets, maps and chains to `table` (the `inet malla` table).
@@ -173,24 +348,12 @@ pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
             ingress
                 .elements
                 .insert(key.clone(), format!("jump {chain}"));
-            table.chains.insert(
-                chain,
-                Chain {
-                    base: None,
-                    rules: chain_rules(prog, rules, "saddr", "ingress", "accept"),
-                },
-            );
+            render_direction(prog, rules, &chain, &INGRESS, table);
         }
         if let Some(rules) = &ep.egress {
             let chain = egress_chain(&ep.host_ifname);
             egress.elements.insert(key, format!("jump {chain}"));
-            table.chains.insert(
-                chain,
-                Chain {
-                    base: None,
-                    rules: chain_rules(prog, rules, "daddr", "egress", "return"),
-                },
-            );
+            render_direction(prog, rules, &chain, &EGRESS, table);
         }
     }
     table.maps.insert(INGRESS_DISPATCH.into(), ingress);

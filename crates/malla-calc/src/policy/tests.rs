@@ -174,6 +174,18 @@ fn fixed_world() -> World {
                 ]
             }),
         ),
+        // Overlaps shop/web's range: the port map cuts 8000-8100 at 8080 and 8091.
+        policy(
+            "shop",
+            "web-from-ops",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [{"namespaceSelector": {"matchLabels": {"team": "ops"}}}],
+                    "ports": [{"port": 8080, "endPort": 8090}, {"protocol": "UDP", "port": 53}]
+                }]
+            }),
+        ),
         // The same peer as shop/web's first: shares its set.
         policy(
             "shop",
@@ -283,9 +295,15 @@ fn policy_fixed_world_verdicts() {
         ("198.18.1.5", "198.18.0.10", 8080, Udp, false), // wrong protocol
         ("fd00:198:18::105", "fd00:198:18::10", 8080, Tcp, true),
         ("198.18.1.6", "198.18.0.10", 8080, Tcp, true), // prom from ops
-        ("198.18.1.7", "198.18.0.10", 8080, Tcp, false), // cache is not prom
+        ("198.18.1.7", "198.18.0.10", 8000, Tcp, false), // cache is not prom
+        ("198.18.1.7", "198.18.0.10", 8080, Tcp, true), // but in ops: web-from-ops
+        ("198.18.1.7", "198.18.0.10", 8090, Tcp, true),
+        ("198.18.1.7", "198.18.0.10", 8091, Tcp, false),
+        ("198.18.1.7", "198.18.0.10", 53, Udp, true),
+        ("198.18.1.5", "198.18.0.10", 8091, Tcp, true), // client: shop/web's range
+        ("198.18.1.5", "198.18.0.10", 53, Udp, false),
         ("198.18.0.10", "198.18.0.11", 5432, Tcp, true), // web -> db
-        ("198.18.1.5", "198.18.0.11", 22, Tcp, true),   // db-from-client: all ports
+        ("198.18.1.5", "198.18.0.11", 22, Tcp, true),    // db-from-client: all ports
         ("198.18.1.6", "198.18.0.11", 5432, Tcp, false),
         ("198.18.0.11", "10.2.3.4", 53, Udp, true), // db egress ipBlock
         ("198.18.0.11", "10.1.3.4", 53, Udp, false), // except
