@@ -1,5 +1,6 @@
 //! Address arithmetic for interval sets: unions and differences of CIDRs, returned as sorted,
-//! disjoint, maximal CIDRs (nftables refuses overlapping intervals in one set).
+//! disjoint, maximal CIDRs (nftables refuses overlapping intervals in one set); and plain
+//! address lists for hash sets.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -124,9 +125,13 @@ pub fn normalize(
     out
 }
 
-/// The host network (`/32`, `/128`) of an address.
-pub fn host(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
+/// Single addresses as sorted, deduplicated host networks (`/32`, `/128`; IPv4 first), the
+/// elements of a hash set.
+pub fn hosts(ips: impl IntoIterator<Item = IpAddr>) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = ips.into_iter().map(IpNet::from).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
 /// An element for an nft interval set: a bare address for a host, else the CIDR.

@@ -18,7 +18,7 @@ use malla_api::service::{Protocol, TargetPort};
 use malla_api::Namespace;
 use serde::Serialize;
 
-use super::addrs::{host, normalize};
+use super::addrs::{hosts, normalize};
 use super::reference::{has_type, rules};
 use super::{fnv, namespace_labels, valid, Direction, PolicyPod};
 
@@ -30,6 +30,11 @@ pub struct PeerSet {
     /// Which families the set is rendered in (an `ipBlock` has one, a selector both).
     pub v4: bool,
     pub v6: bool,
+    /// Whether `addrs` may hold networks (an `ipBlock` that is not one address): rendered as
+    /// an interval set. Otherwise every element is one address (pod addresses), rendered as a
+    /// hash set, which the kernel looks up in O(1) and `nft` updates without reading the
+    /// elements of other sets.
+    pub interval: bool,
     /// Sorted, disjoint.
     pub addrs: Vec<IpNet>,
 }
@@ -347,27 +352,31 @@ impl<'a> Compiler<'a> {
         let key = self.peer_key(at, policy_ns, peer).to_string();
         let name = if let Some(b) = &peer.ip_block {
             self.add_set(key, |key| match b.parsed() {
-                Some((cidr, ex)) => PeerSet {
-                    key,
-                    v4: cidr.addr().is_ipv4(),
-                    v6: cidr.addr().is_ipv6(),
-                    addrs: normalize([cidr], ex),
-                },
+                Some((cidr, ex)) => {
+                    let addrs = normalize([cidr], ex);
+                    PeerSet {
+                        key,
+                        v4: cidr.addr().is_ipv4(),
+                        v6: cidr.addr().is_ipv6(),
+                        interval: addrs.iter().any(|n| n.prefix_len() < n.max_prefix_len()),
+                        addrs,
+                    }
+                }
                 None => PeerSet {
                     key,
                     v4: false,
                     v6: false,
+                    interval: false,
                     addrs: Vec::new(),
                 },
             })
         } else {
             let name = set_name(&key);
             if !self.sets.contains_key(&name) {
-                let addrs = normalize(
+                let addrs = hosts(
                     self.peer_pod_ips(policy_ns, Some(peer))
                         .into_iter()
-                        .map(|(ip, _)| host(ip)),
-                    [],
+                        .map(|(ip, _)| ip),
                 );
                 self.sets.insert(
                     name.clone(),
@@ -375,6 +384,7 @@ impl<'a> Compiler<'a> {
                         key,
                         v4: true,
                         v6: true,
+                        interval: false,
                         addrs,
                     },
                 );
@@ -417,7 +427,8 @@ impl<'a> Compiler<'a> {
                 key,
                 v4: true,
                 v6: true,
-                addrs: normalize(ips.into_iter().map(host), []),
+                interval: false,
+                addrs: hosts(ips),
             });
             out.push((k, set));
         }

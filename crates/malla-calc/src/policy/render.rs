@@ -1,6 +1,7 @@
 //! Rendering a [`PolicyProgram`] into the `inet malla` table.
 //!
-//! - Sets `pol-<hash>-v4` / `-v6` (`flags interval`) per [`PeerSet`] and family.
+//! - Sets `pol-<hash>-v4` / `-v6` per [`PeerSet`] and family: pod addresses in hash sets,
+//!   `ipBlock`s with networks in interval sets ([`PeerSet::interval`]).
 //! - Base chain [`POLICY_FORWARD`] (filter, hook forward, priority filter):
 //!   `ct state established,related accept`, `ct state invalid drop`, then
 //!   `iifname vmap @pol-egress-dispatch` and `oifname vmap @pol-ingress-dispatch`, maps from a
@@ -321,11 +322,16 @@ pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
                 .filter(|n| n.addr().is_ipv4() == (fam == "v4"))
                 .map(nft_element)
                 .collect();
+            let flags = if set.interval {
+                vec!["interval".into()]
+            } else {
+                Vec::new()
+            };
             table.sets.insert(
                 format!("{name}-{fam}"),
                 Set {
                     type_: ty.into(),
-                    flags: vec!["interval".into()],
+                    flags,
                     timeout: None,
                     elements,
                 },
