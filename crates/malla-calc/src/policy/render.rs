@@ -85,6 +85,9 @@ fn families(set: &PeerSet) -> Vec<(&'static str, &'static str)> {
 /// The rules allowing one peer (`None`: anyone): indices into the direction's rules.
 type Peers<'a> = BTreeMap<Option<&'a str>, BTreeSet<usize>>;
 
+/// A port range of a rule: (first, last, peer, rule index).
+type Range<'a> = (u32, u32, Option<&'a str>, usize);
+
 /// One direction of an endpoint, grouped for rendering: the peers allowed on every port, and
 /// disjoint port segments, each with the peers allowed there (none of which is allowed on every
 /// port already).
@@ -99,7 +102,7 @@ struct Dispatch<'a> {
 /// peers by the same rules are joined again.
 fn dispatch(rules: &[CompiledRule]) -> Dispatch<'_> {
     let mut any_port: Peers = BTreeMap::new();
-    let mut by_proto: BTreeMap<Protocol, Vec<(u32, u32, Option<&str>, usize)>> = BTreeMap::new();
+    let mut by_proto: BTreeMap<Protocol, Vec<Range>> = BTreeMap::new();
     for (i, r) in rules.iter().enumerate() {
         let peer = r.peer.as_deref();
         match &r.ports {
@@ -127,7 +130,7 @@ fn dispatch(rules: &[CompiledRule]) -> Dispatch<'_> {
         let edges: BTreeSet<u32> = items.iter().flat_map(|&(a, b, _, _)| [a, b + 1]).collect();
         let edges: Vec<u32> = edges.into_iter().collect();
         let mut next = 0;
-        let mut active: Vec<(u32, u32, Option<&str>, usize)> = Vec::new();
+        let mut active: Vec<Range> = Vec::new();
         for w in edges.windows(2) {
             let (lo, hi) = (w[0], w[1] - 1);
             while next < items.len() && items[next].0 <= lo {

@@ -1,6 +1,7 @@
 //! Tests: a golden ruleset for a fixed world (checked with `nft -c` when possible), concrete
 //! semantics, and the property that the compiled program decides like the reference evaluator.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -37,13 +38,13 @@ fn pod(
     node: &str,
     ports: &[(&str, Protocol, u16)],
     ifname: &str,
-) -> PolicyPod {
+) -> PolicyPod<'static> {
     PolicyPod {
-        namespace: namespace.into(),
-        name: name.into(),
-        labels: labels(kv),
+        namespace: namespace.to_string().into(),
+        name: name.to_string().into(),
+        labels: Cow::Owned(labels(kv)),
         ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
-        node: node.into(),
+        node: node.to_string().into(),
         ports: ports
             .iter()
             .map(|(n, protocol, port)| ContainerPort {
@@ -51,8 +52,9 @@ fn pod(
                 protocol: *protocol,
                 port: *port,
             })
-            .collect(),
-        host_ifname: ifname.into(),
+            .collect::<Vec<_>>()
+            .into(),
+        host_ifname: ifname.to_string().into(),
     }
 }
 
@@ -69,7 +71,7 @@ fn policy(namespace: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy
 struct World {
     policies: Vec<NetworkPolicy>,
     namespaces: Vec<Namespace>,
-    pods: Vec<PolicyPod>,
+    pods: Vec<PolicyPod<'static>>,
 }
 
 fn fixed_world() -> World {
@@ -236,7 +238,7 @@ fn rendered_allows(
         w.pods
             .iter()
             .find(|p| p.node == node && p.ips.contains(&ip))
-            .map_or("ul0", |p| p.host_ifname.as_str())
+            .map_or("ul0", |p| &*p.host_ifname)
     };
     for (node, e) in evals {
         let packet = nfteval::Packet {
@@ -384,7 +386,10 @@ fn policy_sets_are_shared_and_label_changes_only_touch_elements() {
     extra.name = "client-2".into();
     extra.ips = vec!["198.18.1.99".parse().unwrap()];
     w.pods.push(extra);
-    w.pods[3].labels.insert("app".into(), "other".into());
+    w.pods[3]
+        .labels
+        .to_mut()
+        .insert("app".into(), "other".into());
     let after = rendered(&compile(&w.policies, &w.namespaces, &w.pods, "n1"));
     assert_eq!(before.chains, after.chains);
     assert_eq!(before.maps, after.maps);
@@ -643,13 +648,13 @@ fn arb_world() -> impl Strategy<Value = World> {
                             ips.push(format!("fd00::{}", i + 1).parse().unwrap());
                         }
                         PolicyPod {
-                            namespace: format!("ns{ns}"),
-                            name: format!("pod{i}"),
-                            labels,
+                            namespace: format!("ns{ns}").into(),
+                            name: format!("pod{i}").into(),
+                            labels: Cow::Owned(labels),
                             ips,
-                            node: if remote { s("n2") } else { s("n1") },
-                            ports: cports,
-                            host_ifname: format!("mla{i}"),
+                            node: if remote { "n2" } else { "n1" }.into(),
+                            ports: cports.into(),
+                            host_ifname: format!("mla{i}").into(),
                         }
                     })
                     .collect();
@@ -754,6 +759,45 @@ proptest! {
                     }
                 }
             }
+        }
+    }
+
+    /// Selectors over namespaces of more than 64 pods (the label index's bit sets span words).
+    #[test]
+    fn policy_selector_sets_in_large_namespaces(
+        labels in prop::collection::vec(arb_labels(), 130..200),
+        sel in arb_selector(),
+    ) {
+        let pods: Vec<PolicyPod> = labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| PolicyPod {
+                namespace: "big".into(),
+                name: format!("p{i}").into(),
+                labels: Cow::Owned(l),
+                ips: vec![IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8])],
+                node: if i == 0 { "n1" } else { "n2" }.into(),
+                host_ifname: format!("mla{i}").into(),
+                ..Default::default()
+            })
+            .collect();
+        let policies = vec![policy(
+            "big",
+            "from-selected",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {}},
+                "ingress": [{"from": [{"podSelector": sel.clone()}]}]
+            }),
+        )];
+        let namespaces = vec![ns("big", &[])];
+        let prog = compile(&policies, &namespaces, &pods, "n1");
+        let to = pods[0].ips[0];
+        for p in &pods[1..] {
+            prop_assert_eq!(
+                prog.allows(p.ips[0], to, 80, Protocol::Tcp),
+                sel.matches(&p.labels),
+                "{} {:?}", p.name, p.labels
+            );
         }
     }
 
