@@ -80,11 +80,12 @@ fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
 pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod<'_>> {
     use std::borrow::Cow;
     use std::collections::HashMap;
-    let pods: HashMap<(&str, &str), &malla_api::Pod> = view
-        .pods
-        .iter()
-        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
-        .collect();
+    let mut pods: HashMap<(&str, &str), &malla_api::Pod> = HashMap::with_capacity(view.pods.len());
+    pods.extend(
+        view.pods
+            .iter()
+            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p)),
+    );
     view.endpoints
         .iter()
         .map(|ep| {

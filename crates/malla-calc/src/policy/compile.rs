@@ -226,8 +226,9 @@ fn or(acc: &mut Bits, b: &Bits) {
 }
 
 /// The pods' labels of one namespace group: key → (the pods with that key, value → the pods
-/// with that value).
-type LabelIndex<'a> = HashMap<&'a str, (Bits, HashMap<&'a str, Bits>)>;
+/// with that value). Ordered maps: label keys and values are short, so a few comparisons beat
+/// hashing them (and no label can make a lookup slow).
+type LabelIndex<'a> = BTreeMap<&'a str, (Bits, BTreeMap<&'a str, Bits>)>;
 
 /// The pods of one namespace, with that namespace's labels and (built on first use) an index
 /// of the pods' labels, so that a selector costs a few bit operations, not a match per pod.
@@ -244,14 +245,14 @@ impl<'a> NsGroup<'a> {
 
     fn index(&self) -> &LabelIndex<'a> {
         self.index.get_or_init(|| {
-            let mut index: LabelIndex<'a> = HashMap::new();
+            let mut index: LabelIndex<'a> = BTreeMap::new();
             for (i, &q) in self.pods.iter().enumerate() {
                 let (word, bit) = (i / 64, 1u64 << (i % 64));
                 let labels: &'a BTreeMap<String, String> = &q.labels;
                 for (k, v) in labels {
                     let (has, values) = index
                         .entry(k.as_str())
-                        .or_insert_with(|| (self.none(), HashMap::new()));
+                        .or_insert_with(|| (self.none(), BTreeMap::new()));
                     has[word] |= bit;
                     values.entry(v.as_str()).or_insert_with(|| self.none())[word] |= bit;
                 }
@@ -331,7 +332,7 @@ struct Compiler<'a> {
     /// Pods grouped by namespace (namespaces in order of first appearance).
     groups: Vec<NsGroup<'a>>,
     /// Namespace → index into `groups`.
-    group_of: HashMap<&'a str, usize>,
+    group_of: BTreeMap<&'a str, usize>,
     /// The valid policies, sorted by (namespace, name) (stable).
     pols: Vec<Pol<'a>>,
     /// Namespace → indices into `pols`, in order.
@@ -351,7 +352,7 @@ impl<'a> Compiler<'a> {
         namespaces: &'a [Namespace],
         pods: &'a [PolicyPod<'a>],
     ) -> Self {
-        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
         let mut groups: Vec<NsGroup<'a>> = Vec::new();
         for q in pods {
             let i = *group_of.entry(&q.namespace).or_insert_with(|| {
