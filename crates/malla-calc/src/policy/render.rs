@@ -38,8 +38,8 @@ use malla_api::service::Protocol;
 
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
-use super::addrs::nft_element;
-use super::compile::{CompiledRule, PeerSet, PolicyProgram, PortMatch};
+use super::addrs::{hosts, nft_element, normalize};
+use super::compile::{set_name, CompiledRule, PeerSet, PolicyProgram, PortMatch};
 use super::fnv;
 
 /// The policy base chain.
@@ -71,7 +71,10 @@ fn ifname_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
-fn families(set: &PeerSet) -> Vec<(&'static str, &'static str)> {
+/// The families a set is rendered in: (`ip` / `ip6`, `v4` / `v6`).
+type Families = Vec<(&'static str, &'static str)>;
+
+fn families(set: &PeerSet) -> Families {
     let mut v = Vec::new();
     if set.v4 {
         v.push(("ip", "v4"));
@@ -207,27 +210,6 @@ const EGRESS: Dir = Dir {
     verdict: "return",
 };
 
-/// One rule per (peer × family) of `peers`, with the direction's verdict. A peer `None`
-/// (anyone) is one bare verdict.
-fn peer_rules(prog: &PolicyProgram, rules: &[CompiledRule], peers: &Peers, d: &Dir) -> Vec<String> {
-    let mut out = Vec::new();
-    for (peer, which) in peers {
-        let c = comment(rules, which, d.name);
-        match peer {
-            None => out.push(format!("{} {c}", d.verdict)),
-            Some(name) => {
-                let Some(set) = prog.sets.get(*name) else {
-                    continue;
-                };
-                for (kw, fam) in families(set) {
-                    out.push(format!("{kw} {} @{name}-{fam} {} {c}", d.addr, d.verdict));
-                }
-            }
-        }
-    }
-    out
-}
-
 /// The name of a shared peers chain: a hash of its rules.
 fn peers_chain_name(rules: &[String], salt: u32) -> String {
     let mut text = rules.join("\n");
@@ -237,19 +219,169 @@ fn peers_chain_name(rules: &[String], salt: u32) -> String {
     format!("pol-peers-{:016x}", fnv(&text))
 }
 
-/// Renders one isolated direction of an endpoint: its chain `chain`, its port map and the
-/// peers chains its segments go to (shared with every endpoint whose segment has the same
-/// rules).
-fn render_direction(
-    prog: &PolicyProgram,
-    rules: &[CompiledRule],
-    chain: &str,
-    d: &Dir,
-    table: &mut nft::Table,
-) {
-    let disp = dispatch(rules);
-    let mut out = peer_rules(prog, rules, &disp.any_port, d);
-    if disp.any_port.contains_key(&None) {
+/// Above this many distinct peer sets in one place (the any-port part of an endpoint chain, or
+/// a peers chain), the sets are matched through union sets instead, so that a packet costs at
+/// most this many lookups per family whatever the policies.
+pub const UNION_ABOVE: usize = 4;
+
+/// Rendering state: the sets rules refer to (the program's, and unions made on the way).
+struct Render<'p> {
+    prog: &'p PolicyProgram,
+    union_above: usize,
+    /// Program sets some rule refers to.
+    used: BTreeSet<&'p str>,
+    /// Union sets, by name.
+    unions: BTreeMap<String, PeerSet>,
+}
+
+impl<'p> Render<'p> {
+    /// The union of `members` (all hash sets or all interval sets), named by its members.
+    fn union(&mut self, members: &[(&'p str, &'p PeerSet)]) -> String {
+        let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
+        let key = format!("union of {}", names.join(","));
+        let name = set_name(&key);
+        if !self.unions.contains_key(&name) {
+            let interval = members.iter().any(|(_, s)| s.interval);
+            let all = members.iter().flat_map(|(_, s)| s.addrs.iter().copied());
+            let set = PeerSet {
+                v4: members.iter().any(|(_, s)| s.v4),
+                v6: members.iter().any(|(_, s)| s.v6),
+                interval,
+                addrs: if interval {
+                    normalize(all, [])
+                } else {
+                    hosts(all.map(|n| n.addr()))
+                },
+                key,
+            };
+            self.unions.insert(name.clone(), set);
+        }
+        name
+    }
+
+    /// The rules allowing `peers`, with the direction's verdict: a peer `None` (anyone) is one
+    /// bare verdict; a set one rule per family. Above [`UNION_ABOVE`] sets, the pod-address
+    /// sets are matched through one union set and the `ipBlock` networks through another.
+    fn peer_rules(&mut self, rules: &[CompiledRule], peers: &Peers<'p>, d: &Dir) -> Vec<String> {
+        let prog = self.prog;
+        let mut out = Vec::new();
+        let mut sets: Vec<(&'p str, &'p PeerSet, &BTreeSet<usize>)> = Vec::new();
+        for (peer, which) in peers {
+            match peer {
+                None => out.push(format!("{} {}", d.verdict, comment(rules, which, d.name))),
+                Some(name) => {
+                    if let Some((name, set)) = prog.sets.get_key_value(*name) {
+                        sets.push((name.as_str(), set, which));
+                    }
+                }
+            }
+        }
+        // (set name, its families, the rules behind it)
+        let mut groups: Vec<(String, Families, BTreeSet<usize>)> = Vec::new();
+        if sets.len() > self.union_above {
+            for interval in [false, true] {
+                let part: Vec<&(&str, &PeerSet, &BTreeSet<usize>)> = sets
+                    .iter()
+                    .filter(|(_, s, _)| s.interval == interval)
+                    .collect();
+                let which: BTreeSet<usize> = part
+                    .iter()
+                    .flat_map(|(_, _, w)| w.iter().copied())
+                    .collect();
+                match part.as_slice() {
+                    [] => {}
+                    [(name, set, _)] => {
+                        self.used.insert(name);
+                        groups.push((name.to_string(), families(set), which));
+                    }
+                    _ => {
+                        let members: Vec<(&'p str, &'p PeerSet)> =
+                            part.iter().map(|(n, s, _)| (*n, *s)).collect();
+                        let name = self.union(&members);
+                        let fams = families(&self.unions[&name]);
+                        groups.push((name, fams, which));
+                    }
+                }
+            }
+        } else {
+            for (name, set, which) in &sets {
+                self.used.insert(name);
+                groups.push((name.to_string(), families(set), (*which).clone()));
+            }
+        }
+        for (name, fams, which) in groups {
+            let c = comment(rules, &which, d.name);
+            for (kw, fam) in fams {
+                out.push(format!("{kw} {} @{name}-{fam} {} {c}", d.addr, d.verdict));
+            }
+        }
+        out
+    }
+
+    /// Renders one isolated direction of an endpoint: its chain `chain`, its port map and the
+    /// peers chains its segments go to (shared with every endpoint whose segment has the same
+    /// rules).
+    fn direction(
+        &mut self,
+        rules: &'p [CompiledRule],
+        chain: &str,
+        d: &Dir,
+        table: &mut nft::Table,
+    ) {
+        let disp = dispatch(rules);
+        let mut out = self.peer_rules(rules, &disp.any_port, d);
+        if disp.any_port.contains_key(&None) {
+            table.chains.insert(
+                chain.to_string(),
+                Chain {
+                    base: None,
+                    rules: out,
+                },
+            );
+            return;
+        }
+        if !disp.segments.is_empty() {
+            let map_name = ports_map(chain);
+            let mut map = Map {
+                type_: "inet_proto . inet_service".into(),
+                value: "verdict".into(),
+                flags: vec!["interval".into()],
+                ..Map::default()
+            };
+            for (proto, lo, hi, peers) in &disp.segments {
+                let key = if lo == hi {
+                    format!("{} . {lo}", proto.nft())
+                } else {
+                    format!("{} . {lo}-{hi}", proto.nft())
+                };
+                let value = if peers.contains_key(&None) {
+                    d.verdict.to_string()
+                } else {
+                    let mut body = self.peer_rules(rules, peers, d);
+                    body.push("drop".into());
+                    let mut salt = 0;
+                    let name = loop {
+                        let name = peers_chain_name(&body, salt);
+                        match table.chains.get(&name) {
+                            Some(c) if c.rules != body => salt += 1,
+                            _ => break name,
+                        }
+                    };
+                    table.chains.insert(
+                        name.clone(),
+                        Chain {
+                            base: None,
+                            rules: body,
+                        },
+                    );
+                    format!("goto {name}")
+                };
+                map.elements.insert(key, value);
+            }
+            out.push(format!("meta l4proto . th dport vmap @{map_name}"));
+            table.maps.insert(map_name, map);
+        }
+        out.push("drop".into());
         table.chains.insert(
             chain.to_string(),
             Chain {
@@ -257,62 +389,53 @@ fn render_direction(
                 rules: out,
             },
         );
-        return;
     }
-    if !disp.segments.is_empty() {
-        let map_name = ports_map(chain);
-        let mut map = Map {
-            type_: "inet_proto . inet_service".into(),
-            value: "verdict".into(),
-            flags: vec!["interval".into()],
-            ..Map::default()
-        };
-        for (proto, lo, hi, peers) in &disp.segments {
-            let key = if lo == hi {
-                format!("{} . {lo}", proto.nft())
-            } else {
-                format!("{} . {lo}-{hi}", proto.nft())
-            };
-            let value = if peers.contains_key(&None) {
-                d.verdict.to_string()
-            } else {
-                let mut body = peer_rules(prog, rules, peers, d);
-                body.push("drop".into());
-                let mut salt = 0;
-                let name = loop {
-                    let name = peers_chain_name(&body, salt);
-                    match table.chains.get(&name) {
-                        Some(c) if c.rules != body => salt += 1,
-                        _ => break name,
-                    }
-                };
-                table.chains.insert(
-                    name.clone(),
-                    Chain {
-                        base: None,
-                        rules: body,
-                    },
-                );
-                format!("goto {name}")
-            };
-            map.elements.insert(key, value);
-        }
-        out.push(format!("meta l4proto . th dport vmap @{map_name}"));
-        table.maps.insert(map_name, map);
-    }
-    out.push("drop".into());
-    table.chains.insert(
-        chain.to_string(),
-        Chain {
-            base: None,
-            rules: out,
-        },
-    );
 }
 
-/// Adds the program's sets, maps and chains to `table` (the `inet malla` table).
+/// Adds the program's sets, maps and chains to `table` (the `inet malla` table). Only sets
+/// some rule refers to are written.
 pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
-    for (name, set) in &prog.sets {
+    render_policy_with(prog, table, UNION_ABOVE);
+}
+
+/// [`render_policy`] with another threshold for union sets (tests).
+pub(crate) fn render_policy_with(prog: &PolicyProgram, table: &mut nft::Table, union_above: usize) {
+    let mut r = Render {
+        prog,
+        union_above,
+        used: BTreeSet::new(),
+        unions: BTreeMap::new(),
+    };
+    let mut ingress = Map {
+        type_: "ifname".into(),
+        value: "verdict".into(),
+        ..Map::default()
+    };
+    let mut egress = ingress.clone();
+    for ep in &prog.endpoints {
+        if !ifname_ok(&ep.host_ifname) {
+            continue;
+        }
+        let key = format!("\"{}\"", ep.host_ifname);
+        if let Some(rules) = &ep.ingress {
+            let chain = ingress_chain(&ep.host_ifname);
+            ingress
+                .elements
+                .insert(key.clone(), format!("jump {chain}"));
+            r.direction(rules, &chain, &INGRESS, table);
+        }
+        if let Some(rules) = &ep.egress {
+            let chain = egress_chain(&ep.host_ifname);
+            egress.elements.insert(key, format!("jump {chain}"));
+            r.direction(rules, &chain, &EGRESS, table);
+        }
+    }
+    let used = r
+        .used
+        .iter()
+        .filter_map(|n| prog.sets.get_key_value(*n))
+        .chain(r.unions.iter());
+    for (name, set) in used {
         for (_, fam) in families(set) {
             let ty = if fam == "v4" {
                 "ipv4_addr"
@@ -339,30 +462,6 @@ pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
                     elements,
                 },
             );
-        }
-    }
-    let mut ingress = Map {
-        type_: "ifname".into(),
-        value: "verdict".into(),
-        ..Map::default()
-    };
-    let mut egress = ingress.clone();
-    for ep in &prog.endpoints {
-        if !ifname_ok(&ep.host_ifname) {
-            continue;
-        }
-        let key = format!("\"{}\"", ep.host_ifname);
-        if let Some(rules) = &ep.ingress {
-            let chain = ingress_chain(&ep.host_ifname);
-            ingress
-                .elements
-                .insert(key.clone(), format!("jump {chain}"));
-            render_direction(prog, rules, &chain, &INGRESS, table);
-        }
-        if let Some(rules) = &ep.egress {
-            let chain = egress_chain(&ep.host_ifname);
-            egress.elements.insert(key, format!("jump {chain}"));
-            render_direction(prog, rules, &chain, &EGRESS, table);
         }
     }
     table.maps.insert(INGRESS_DISPATCH.into(), ingress);

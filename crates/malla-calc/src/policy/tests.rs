@@ -211,12 +211,19 @@ fn rendered(prog: &PolicyProgram) -> nft::Table {
     t
 }
 
-/// Each node's rendered policy table, read by the interpreter.
-fn node_evals(w: &World, nodes: &[&'static str]) -> Vec<(&'static str, nfteval::Eval)> {
+/// Each node's rendered policy table (union sets above `union_above` peer sets), read by the
+/// interpreter.
+fn node_evals(
+    w: &World,
+    nodes: &[&'static str],
+    union_above: usize,
+) -> Vec<(&'static str, nfteval::Eval)> {
     nodes
         .iter()
         .map(|n| {
-            let t = rendered(&compile(&w.policies, &w.namespaces, &w.pods, n));
+            let mut t = nft::Table::new("inet", "malla");
+            let prog = compile(&w.policies, &w.namespaces, &w.pods, n);
+            render::render_policy_with(&prog, &mut t, union_above);
             let e = nfteval::Eval::new(&t, render::POLICY_FORWARD)
                 .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
             (*n, e)
@@ -289,7 +296,7 @@ fn policy_fixed_world_verdicts() {
         .iter()
         .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
         .collect();
-    let evals = node_evals(&w, &["n1", "n2"]);
+    let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
     let cases = [
         ("198.18.1.5", "198.18.0.10", 8080, Tcp, true), // client -> web http
         ("198.18.1.5", "198.18.0.10", 8050, Tcp, true), // range
@@ -402,6 +409,88 @@ fn policy_sets_are_shared_and_label_changes_only_touch_elements() {
     }
     assert!(diff.contains("198.18.1.99"), "{diff}");
     assert!(diff.contains("delete element inet malla pol-") && diff.contains("198.18.1.6"));
+}
+
+/// Many policies allowing different peers on one port: the peers chain of that port matches
+/// them through one union set per family, the verdicts stay the reference's, and a label change
+/// still only touches set elements.
+#[test]
+fn policy_many_peers_on_one_port_are_one_lookup() {
+    use Protocol::*;
+    let mut w = fixed_world();
+    for i in 0..8 {
+        w.policies.push(policy(
+            "shop",
+            &format!("web-from-c{i}"),
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": format!("c{i}")}}}],
+                    "ports": [{"port": 9000}]
+                }]
+            }),
+        ));
+    }
+    w.policies.push(policy(
+        "shop",
+        "web-from-net",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"port": 9000}]}]
+        }),
+    ));
+    w.pods[2].labels.to_mut().insert("app".into(), "c3".into());
+    let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+    let t = rendered(&prog);
+    let map = &t.maps["pol-in-mla0a1b2c3d4e-ports"];
+    let chain = map.elements["tcp . 9000"]
+        .strip_prefix("goto ")
+        .expect("a peers chain");
+    let rules = &t.chains[chain].rules;
+    // Pod addresses (v4, v6) through one union, the ipBlock on its own, then drop.
+    assert_eq!(rules.len(), 4, "{}", nft::render_full(&t));
+    let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
+    for (src, want) in [
+        ("198.18.1.5", true),
+        ("fd00:198:18::105", true),
+        ("198.18.1.6", false),
+        ("192.0.2.7", true),
+        ("192.0.3.7", false),
+    ] {
+        let dst = if src.contains(':') {
+            "fd00:198:18::10"
+        } else {
+            "198.18.0.10"
+        };
+        let (src, dst) = (src.parse().unwrap(), dst.parse().unwrap());
+        let c = Connection {
+            src: Endpoint::resolve(&w.pods, src),
+            dst: Endpoint::resolve(&w.pods, dst),
+            port: 9000,
+            proto: Tcp,
+        };
+        assert_eq!(reference::allowed(&w.policies, &w.namespaces, &c), want);
+        assert_eq!(
+            rendered_allows(&w, &evals, src, dst, 9000, Tcp),
+            Ok(want),
+            "{src}"
+        );
+    }
+    // A new pod labelled c6 appears: one address added to the union, nothing else.
+    let mut extra = w.pods[2].clone();
+    extra.name = "c6".into();
+    extra.ips = vec!["198.18.1.66".parse().unwrap()];
+    extra.labels.to_mut().insert("app".into(), "c6".into());
+    w.pods.push(extra);
+    let after = rendered(&compile(&w.policies, &w.namespaces, &w.pods, "n1"));
+    assert_eq!(t.chains, after.chains);
+    assert_eq!(t.maps, after.maps);
+    let diff = nft::render_diff(&t, &after).unwrap();
+    assert_eq!(diff.lines().count(), 1, "{diff}");
+    assert!(
+        diff.starts_with("add element") && diff.contains("198.18.1.66"),
+        "{diff}"
+    );
 }
 
 #[test]
@@ -723,7 +812,9 @@ proptest! {
             .iter()
             .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
             .collect();
-        let evals = node_evals(&w, &["n1", "n2"]);
+        let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
+        // Every place with two peer sets or more matched through unions.
+        let union_evals = node_evals(&w, &["n1", "n2"], 1);
         let addrs = addresses(&w);
         for &src in &addrs {
             for &dst in &addrs {
@@ -742,6 +833,10 @@ proptest! {
                         let got = progs.iter().all(|p| p.allows(src, dst, port, proto));
                         let nft = rendered_allows(&w, &evals, src, dst, port, proto);
                         let why = explain(&w.policies, &w.namespaces, &c);
+                        prop_assert_eq!(
+                            rendered_allows(&w, &union_evals, src, dst, port, proto), Ok(want),
+                            "rendered with unions: {} -> {} {}/{}\n{}", src, dst, port, proto.nft(), why
+                        );
                         prop_assert_eq!(
                             nft.clone(), Ok(want),
                             "rendered: {} -> {} {}/{}\n{}\nn1:\n{}\nn2:\n{}",
