@@ -64,6 +64,10 @@ struct Args {
     /// Policies selecting the server in the large case of part 3.
     #[arg(long, default_value_t = 1000)]
     path_policies: usize,
+    /// Part 3: the fillers allow their /32 on the server's port too (every filler's peer set is
+    /// then on the path of the client's connections: the worst case for the port dispatch).
+    #[arg(long)]
+    shared_port: bool,
     /// TCP connections per case in part 3 (split over the rounds).
     #[arg(long, default_value_t = 2000)]
     connections: usize,
@@ -794,8 +798,9 @@ fn allow_client(client: Ipv4Addr) -> NetworkPolicy {
     }
 }
 
-/// Filler `i`: selects the server, allows another /32 (198.19.128.0/17) on another port.
-fn filler(i: usize) -> NetworkPolicy {
+/// Filler `i`: selects the server, allows another /32 (198.19.128.0/17) on another port (on
+/// the server's port if `shared`).
+fn filler(i: usize, shared: bool) -> NetworkPolicy {
     NetworkPolicy {
         namespace: "default".into(),
         name: format!("np-{i:04}"),
@@ -806,7 +811,15 @@ fn filler(i: usize) -> NetworkPolicy {
                     format!("198.19.{}.{}/32", 128 + i / 256, i % 256),
                     vec![],
                 )],
-                vec![port(Protocol::Tcp, 10000 + i as u16, None)],
+                vec![port(
+                    Protocol::Tcp,
+                    if shared {
+                        SERVER_PORT
+                    } else {
+                        10000 + i as u16
+                    },
+                    None,
+                )],
             )],
             ..Default::default()
         },
@@ -814,12 +827,13 @@ fn filler(i: usize) -> NetworkPolicy {
 }
 
 /// Brings the store to `n` policies selecting the server (0: none; else the allowing one and
-/// `n - 1` fillers); `have` is the current count.
+/// `n - 1` fillers, on the server's port if `shared`); `have` is the current count.
 fn set_path_policies(
     store: &dyn Store,
     client: Ipv4Addr,
     have: usize,
     n: usize,
+    shared: bool,
 ) -> anyhow::Result<()> {
     let allow = allow_client(client);
     let fillers = |c: usize| c.saturating_sub(1);
@@ -827,11 +841,14 @@ fn set_path_policies(
         malla_store::put_json(store, &keys::network_policy("default", &allow.name), &allow)?;
     }
     for i in fillers(have)..fillers(n) {
-        let p = filler(i);
+        let p = filler(i, shared);
         malla_store::put_json(store, &keys::network_policy(&p.namespace, &p.name), &p)?;
     }
     for i in fillers(n)..fillers(have) {
-        store.delete(&keys::network_policy("default", &filler(i).name), None)?;
+        store.delete(
+            &keys::network_policy("default", &filler(i, shared).name),
+            None,
+        )?;
     }
     if n == 0 && have > 0 {
         store.delete(&keys::network_policy("default", &allow.name), None)?;
@@ -900,14 +917,15 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
         for case in cases.iter_mut() {
             check(deadline)?;
             let n = case.policies;
-            set_path_policies(store, client_ip, have, n)?;
+            set_path_policies(store, client_ip, have, n, args.shared_port)?;
             have = n;
             let t = Instant::now();
             topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(300))
                 .context("waiting for the agent")?;
             let converged = t.elapsed();
             let segments = server_port_segments(&node_ns, &server_if);
-            let want = (n > 0).then_some(n);
+            // One segment per filler port and the client's, or all on the server's port.
+            let want = (n > 0).then_some(if args.shared_port { 1 } else { n });
             if segments != want {
                 bail!("the server's port map has {segments:?} segments, expected {want:?}");
             }
@@ -935,9 +953,14 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
 
 fn report_latency(args: &Args, l: &Latency) {
     println!(
-        "3. Connection setup: TCP connect + first byte, client pod -> server pod (1-node lab), {} connections per case over {} interleaved rounds",
+        "3. Connection setup: TCP connect + first byte, client pod -> server pod (1-node lab), {} connections per case over {} interleaved rounds{}",
         l.cases.first().map_or(0, |c| c.samples.len()),
-        args.rounds
+        args.rounds,
+        if args.shared_port {
+            "; every filler allows its peer on the server's port"
+        } else {
+            ""
+        }
     );
     println!(
         "{:<34} {:>13} {:>8} {:>8} {:>8} {:>13}",
