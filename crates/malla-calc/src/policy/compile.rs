@@ -8,7 +8,7 @@
 //! to on each destination pod: one derived set per number, holding the peer's pod addresses that
 //! declare that port (a named port never matches a destination that is not a pod).
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
@@ -236,7 +236,13 @@ struct NsGroup<'a> {
     labels: &'a BTreeMap<String, String>,
     pods: Vec<&'a PolicyPod<'a>>,
     index: OnceCell<LabelIndex<'a>>,
+    /// Selectors matched pod by pod so far (before the index is built).
+    direct: Cell<u32>,
 }
+
+/// Selectors a namespace group matches pod by pod before it builds its label index: indexing
+/// costs a few matches' worth per pod, so a group few selectors reach never pays it.
+const DIRECT_SELECTS: u32 = 4;
 
 impl<'a> NsGroup<'a> {
     fn none(&self) -> Bits {
@@ -272,6 +278,17 @@ impl<'a> NsGroup<'a> {
         }
         if s.is_empty() {
             return acc;
+        }
+        // The first few selectors match pod by pod; the index pays for itself when more come.
+        if self.index.get().is_none() && self.direct.get() < DIRECT_SELECTS {
+            self.direct.set(self.direct.get() + 1);
+            let mut bits = self.none();
+            for (i, q) in self.pods.iter().enumerate() {
+                if s.matches(&q.labels) {
+                    bits[i / 64] |= 1u64 << (i % 64);
+                }
+            }
+            return bits;
         }
         let index = self.index();
         for (k, v) in &s.match_labels {
@@ -360,6 +377,7 @@ impl<'a> Compiler<'a> {
                     labels: namespace_labels(namespaces, &q.namespace),
                     pods: Vec::new(),
                     index: OnceCell::new(),
+                    direct: Cell::new(0),
                 });
                 groups.len() - 1
             });

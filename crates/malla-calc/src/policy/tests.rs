@@ -857,11 +857,12 @@ proptest! {
         }
     }
 
-    /// Selectors over namespaces of more than 64 pods (the label index's bit sets span words).
+    /// Selectors over namespaces of more than 64 pods (the label index's bit sets span words);
+    /// more selectors than a group matches pod by pod, so the later ones use the index.
     #[test]
     fn policy_selector_sets_in_large_namespaces(
         labels in prop::collection::vec(arb_labels(), 130..200),
-        sel in arb_selector(),
+        sels in prop::collection::vec(arb_selector(), 6),
     ) {
         let pods: Vec<PolicyPod> = labels
             .into_iter()
@@ -876,23 +877,27 @@ proptest! {
                 ..Default::default()
             })
             .collect();
+        let ingress: Vec<serde_json::Value> = sels
+            .iter()
+            .enumerate()
+            .map(|(j, sel)| serde_json::json!({"from": [{"podSelector": sel}], "ports": [{"port": 80 + j}]}))
+            .collect();
         let policies = vec![policy(
             "big",
             "from-selected",
-            serde_json::json!({
-                "podSelector": {"matchLabels": {}},
-                "ingress": [{"from": [{"podSelector": sel.clone()}]}]
-            }),
+            serde_json::json!({"podSelector": {"matchLabels": {}}, "ingress": ingress}),
         )];
         let namespaces = vec![ns("big", &[])];
         let prog = compile(&policies, &namespaces, &pods, "n1");
         let to = pods[0].ips[0];
         for p in &pods[1..] {
-            prop_assert_eq!(
-                prog.allows(p.ips[0], to, 80, Protocol::Tcp),
-                sel.matches(&p.labels),
-                "{} {:?}", p.name, p.labels
-            );
+            for (j, sel) in sels.iter().enumerate() {
+                prop_assert_eq!(
+                    prog.allows(p.ips[0], to, 80 + j as u16, Protocol::Tcp),
+                    sel.matches(&p.labels),
+                    "{} {:?} selector {}", p.name, p.labels, j
+                );
+            }
         }
     }
 
