@@ -8,8 +8,9 @@
 //! 2. One pod label change: a remote pod's labels change so it enters a peer selector; the
 //!    program is recomputed, `render_diff`-ed and applied to the same namespace.
 //! 3. Connection setup with 1 vs N policies on the path: a 1-node lab, pods `client` and
-//!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks/ports, the one
-//!    allowing the client sorts last); TCP connect + first byte from the client's namespace.
+//!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks on other ports,
+//!    or with `--shared-port` on the server's port); TCP connect + first byte from the client's
+//!    namespace.
 //! 4. Agent RSS: a 1-node lab whose datastore gets the synthetic cluster of part 1 (pods,
 //!    endpoint records on remote nodes, their nodes and blocks, namespaces, policies).
 
