@@ -857,11 +857,11 @@ fn set_path_policies(
     Ok(())
 }
 
-/// Segments of the server's ingress port map in the node's table (None: no map). Every
+/// Segments of the server's ingress TCP port map in the node's table (None: no map). Every
 /// segment of the benchmark's policies allows one peer set (`goto pol-peers-…`).
 fn server_port_segments(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
     use malla_calc::policy::render::{ingress_chain, ports_map};
-    let map = ports_map(&ingress_chain(host_ifname));
+    let map = ports_map(&ingress_chain(host_ifname), Protocol::Tcp);
     nft::run(
         Some(node_ns),
         &["list", "map", "inet", masquerade::TABLE, &map],

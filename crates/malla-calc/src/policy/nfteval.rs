@@ -56,7 +56,7 @@ enum Action {
         out: bool,
         map: String,
     },
-    /// `meta l4proto . th dport vmap @m`.
+    /// `th dport vmap @m` (after `meta l4proto P`).
     PortVmap(String),
     /// A rule without a verdict (only conditions): nothing happens.
     None,
@@ -78,7 +78,7 @@ struct Chain {
 pub struct Eval {
     sets: BTreeMap<String, (bool, Vec<IpNet>)>,
     if_maps: BTreeMap<String, BTreeMap<String, Verdict>>,
-    port_maps: BTreeMap<String, Vec<(String, u16, u16, Verdict)>>,
+    port_maps: BTreeMap<String, Vec<(u16, u16, Verdict)>>,
     chains: BTreeMap<String, Chain>,
     base: String,
 }
@@ -141,20 +141,23 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 });
                 i += 3;
             }
-            "meta" if w.get(i + 1) == Some(&"l4proto") => {
-                if w.get(i + 2..i + 6) == Some(&[".", "th", "dport", "vmap"][..]) {
-                    let map = w
-                        .get(i + 6)
-                        .and_then(|s| s.strip_prefix('@'))
-                        .ok_or_else(|| bad(i + 6))?;
-                    if i + 7 != w.len() {
-                        return Err(bad(i + 7));
-                    }
-                    return Ok(Rule {
-                        conds,
-                        action: Action::PortVmap(map.to_string()),
-                    });
+            "th" if w.get(i + 1..i + 3) == Some(&["dport", "vmap"][..]) => {
+                if !conds.iter().any(|c| matches!(c, Cond::Proto(_))) {
+                    return Err(format!("th dport without meta l4proto in {text:?}"));
                 }
+                let map = w
+                    .get(i + 3)
+                    .and_then(|s| s.strip_prefix('@'))
+                    .ok_or_else(|| bad(i + 3))?;
+                if i + 4 != w.len() {
+                    return Err(bad(i + 4));
+                }
+                return Ok(Rule {
+                    conds,
+                    action: Action::PortVmap(map.to_string()),
+                });
+            }
+            "meta" if w.get(i + 1) == Some(&"l4proto") => {
                 let p = w.get(i + 2).ok_or_else(|| bad(i + 2))?;
                 conds.push(Cond::Proto(p.to_string()));
                 i += 3;
@@ -210,7 +213,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
 
 impl Eval {
     /// Parses the policy part of `t`: its sets, the two interface dispatch maps, the port maps
-    /// (`inet_proto . inet_service : verdict`) and every chain. `base` names the base chain to
+    /// (`inet_service : verdict`, interval) and every chain. `base` names the base chain to
     /// run.
     pub fn new(t: &nft::Table, base: &str) -> Result<Self, String> {
         let mut sets = BTreeMap::new();
@@ -257,27 +260,21 @@ impl Eval {
                     }
                     if_maps.insert(name.clone(), els);
                 }
-                "inet_proto . inet_service" => {
+                "inet_service" => {
                     if !m.flags.iter().any(|f| f == "interval") {
                         return Err(format!("{name}: port map without flags interval"));
                     }
-                    let mut els: Vec<(String, u16, u16, Verdict)> = Vec::new();
+                    let mut els: Vec<(u16, u16, Verdict)> = Vec::new();
                     for (k, v) in &m.elements {
-                        let (p, r) = k
-                            .split_once(" . ")
-                            .ok_or(format!("bad key {k} in {name}"))?;
-                        let (lo, hi) = parse_port_range(r)?;
+                        let (lo, hi) = parse_port_range(k)?;
                         if lo > hi {
                             return Err(format!("empty range {k} in {name}"));
                         }
-                        if els
-                            .iter()
-                            .any(|(q, a, b, _)| q == p && lo <= *b && *a <= hi)
-                        {
+                        if els.iter().any(|(a, b, _)| lo <= *b && *a <= hi) {
                             return Err(format!("overlapping element {k} in {name}"));
                         }
                         let v: Vec<&str> = v.split_whitespace().collect();
-                        els.push((p.to_string(), lo, hi, parse_verdict(&v)?));
+                        els.push((lo, hi, parse_verdict(&v)?));
                     }
                     port_maps.insert(name.clone(), els);
                 }
@@ -378,11 +375,9 @@ impl Eval {
                 }
                 Action::PortVmap(map) => {
                     let m = self.port_maps.get(map).ok_or(format!("no map {map}"))?;
-                    let hit = m
-                        .iter()
-                        .find(|(q, a, b, _)| q == p.proto.nft() && *a <= p.dport && p.dport <= *b);
+                    let hit = m.iter().find(|(a, b, _)| *a <= p.dport && p.dport <= *b);
                     match hit {
-                        Some((_, _, _, v)) => v.clone(),
+                        Some((_, _, v)) => v.clone(),
                         None => continue,
                     }
                 }

@@ -13,14 +13,20 @@
 //!   policies select the pod:
 //!   1. one rule per distinct peer set (× family) allowed on every port, whichever rules allow
 //!      it (`ip saddr @pol-…-v4 accept`);
-//!   2. `meta l4proto . th dport vmap @<chain>-ports`: an interval map from disjoint port
-//!      segments (the rules' ranges cut at every edge, so overlapping ranges and `endPort`s
-//!      never overlap in the map) to the allowing verdict when anyone may use the segment, else
-//!      `goto pol-peers-<hash>`;
+//!   2. per protocol, `meta l4proto tcp th dport vmap @<chain>-tcp`: an interval map from
+//!      disjoint port segments (the rules' ranges cut at every edge, so overlapping ranges and
+//!      `endPort`s never overlap in the map) to the allowing verdict when anyone may use the
+//!      segment, else `goto pol-peers-<hash>`. One map per protocol rather than one keyed by
+//!      `meta l4proto . th dport`: a concatenated interval map is a pipapo set, whose lookup
+//!      grows with its elements (~4.5 µs at 1000 on the development VM), while a plain
+//!      interval map is an rbtree, flat at that size;
 //!   3. `drop`.
 //! - `pol-peers-<hash>`: the peer sets allowed on one segment (and none of them on every port),
 //!   one rule each per family with the direction's verdict, then `drop`. Named by a hash of its
-//!   rules, so every segment and endpoint with the same peers shares one chain.
+//!   rules, so every segment and endpoint with the same peers shares one chain. Above
+//!   [`UNION_ABOVE`] sets (here or in step 1), the sets are matched through union sets: one
+//!   hash set of their pod addresses, one interval set of their `ipBlock` networks.
+//! - Only the sets some rule refers to are written.
 //!
 //! Why `goto` and the trailing `drop`: the endpoint chain is jumped to from the base chain, so
 //! its return point is the base chain's next rule. A `goto` keeps that return point: egress's
@@ -59,9 +65,10 @@ pub fn egress_chain(ifname: &str) -> String {
     format!("pol-out-{ifname}")
 }
 
-/// The port map of an endpoint chain: (protocol . port range) → the verdict for that segment.
-pub fn ports_map(chain: &str) -> String {
-    format!("{chain}-ports")
+/// The port map of an endpoint chain for one protocol: port range → the verdict for that
+/// segment.
+pub fn ports_map(chain: &str, proto: Protocol) -> String {
+    format!("{chain}-{}", proto.nft())
 }
 
 fn ifname_ok(s: &str) -> bool {
@@ -340,46 +347,52 @@ impl<'p> Render<'p> {
             );
             return;
         }
-        if !disp.segments.is_empty() {
-            let map_name = ports_map(chain);
-            let mut map = Map {
-                type_: "inet_proto . inet_service".into(),
-                value: "verdict".into(),
-                flags: vec!["interval".into()],
-                ..Map::default()
+        let mut maps: BTreeMap<Protocol, Map> = BTreeMap::new();
+        for (proto, lo, hi, peers) in &disp.segments {
+            let key = if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
             };
-            for (proto, lo, hi, peers) in &disp.segments {
-                let key = if lo == hi {
-                    format!("{} . {lo}", proto.nft())
-                } else {
-                    format!("{} . {lo}-{hi}", proto.nft())
+            let value = if peers.contains_key(&None) {
+                d.verdict.to_string()
+            } else {
+                let mut body = self.peer_rules(rules, peers, d);
+                body.push("drop".into());
+                let mut salt = 0;
+                let name = loop {
+                    let name = peers_chain_name(&body, salt);
+                    match table.chains.get(&name) {
+                        Some(c) if c.rules != body => salt += 1,
+                        _ => break name,
+                    }
                 };
-                let value = if peers.contains_key(&None) {
-                    d.verdict.to_string()
-                } else {
-                    let mut body = self.peer_rules(rules, peers, d);
-                    body.push("drop".into());
-                    let mut salt = 0;
-                    let name = loop {
-                        let name = peers_chain_name(&body, salt);
-                        match table.chains.get(&name) {
-                            Some(c) if c.rules != body => salt += 1,
-                            _ => break name,
-                        }
-                    };
-                    table.chains.insert(
-                        name.clone(),
-                        Chain {
-                            base: None,
-                            rules: body,
-                        },
-                    );
-                    format!("goto {name}")
-                };
-                map.elements.insert(key, value);
-            }
-            out.push(format!("meta l4proto . th dport vmap @{map_name}"));
-            table.maps.insert(map_name, map);
+                table.chains.insert(
+                    name.clone(),
+                    Chain {
+                        base: None,
+                        rules: body,
+                    },
+                );
+                format!("goto {name}")
+            };
+            maps.entry(*proto)
+                .or_insert_with(|| Map {
+                    type_: "inet_service".into(),
+                    value: "verdict".into(),
+                    flags: vec!["interval".into()],
+                    ..Map::default()
+                })
+                .elements
+                .insert(key, value);
+        }
+        for (proto, map) in maps {
+            let name = ports_map(chain, proto);
+            out.push(format!(
+                "meta l4proto {} th dport vmap @{name}",
+                proto.nft()
+            ));
+            table.maps.insert(name, map);
         }
         out.push("drop".into());
         table.chains.insert(

@@ -442,8 +442,8 @@ fn policy_many_peers_on_one_port_are_one_lookup() {
     w.pods[2].labels.to_mut().insert("app".into(), "c3".into());
     let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
     let t = rendered(&prog);
-    let map = &t.maps["pol-in-mla0a1b2c3d4e-ports"];
-    let chain = map.elements["tcp . 9000"]
+    let map = &t.maps["pol-in-mla0a1b2c3d4e-tcp"];
+    let chain = map.elements["9000"]
         .strip_prefix("goto ")
         .expect("a peers chain");
     let rules = &t.chains[chain].rules;
