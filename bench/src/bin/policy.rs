@@ -8,8 +8,9 @@
 //! 2. One pod label change: a remote pod's labels change so it enters a peer selector; the
 //!    program is recomputed, `render_diff`-ed and applied to the same namespace.
 //! 3. Connection setup with 1 vs N policies on the path: a 1-node lab, pods `client` and
-//!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks/ports, the one
-//!    allowing the client sorts last); TCP connect + first byte from the client's namespace.
+//!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks on other ports,
+//!    or with `--shared-port` on the server's port); TCP connect + first byte from the client's
+//!    namespace.
 //! 4. Agent RSS: a 1-node lab whose datastore gets the synthetic cluster of part 1 (pods,
 //!    endpoint records on remote nodes, their nodes and blocks, namespaces, policies).
 
@@ -64,6 +65,10 @@ struct Args {
     /// Policies selecting the server in the large case of part 3.
     #[arg(long, default_value_t = 1000)]
     path_policies: usize,
+    /// Part 3: the fillers allow their /32 on the server's port too (every filler's peer set is
+    /// then on the path of the client's connections: the worst case for the port dispatch).
+    #[arg(long)]
+    shared_port: bool,
     /// TCP connections per case in part 3 (split over the rounds).
     #[arg(long, default_value_t = 2000)]
     connections: usize,
@@ -639,9 +644,14 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         check(deadline)?;
         syn.view.pods[i].labels.insert(k.clone(), val.clone());
         let t = Instant::now();
-        let prog = calc(&syn.view);
+        let pods = malla_calc::routes::policy_pods(&syn.view);
+        let pods_t = t.elapsed();
+        let prog = compile(&syn.view.policies, &syn.view.namespaces, &pods, NODE);
+        drop(pods);
+        let compile_t = t.elapsed() - pods_t;
         let new = table(&syn.view, &prog);
         let rebuild = t.elapsed();
+        let render_t = rebuild - pods_t - compile_t;
         let t = Instant::now();
         let diff = model::render_diff(&current, &new)
             .with_context(|| format!("setting {k}={val} on pod {i} changed nothing"))?;
@@ -653,10 +663,13 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             .lines()
             .all(|l| l.starts_with("add element ") || l.starts_with("delete element "));
         eprintln!(
-            "  {}/{}: {k}={val}: rebuild {} ms, diff {} ms, apply {} ms, {} lines{}",
+            "  {}/{}: {k}={val}: rebuild {} ms (pods {}, compile {}, render {}), diff {} ms, apply {} ms, {} lines{}",
             syn.view.pods[i].namespace,
             syn.view.pods[i].name,
             ms(rebuild),
+            ms(pods_t),
+            ms(compile_t),
+            ms(render_t),
             ms(diff_t),
             ms(apply),
             diff.lines().count(),
@@ -762,7 +775,8 @@ struct Case {
     samples: Vec<Duration>,
     elapsed: Duration,
     agent_cpu: Duration,
-    chain_rules: Option<usize>,
+    /// Port segments in the server's ingress port map (None: no map).
+    segments: Option<usize>,
 }
 
 struct Latency {
@@ -786,8 +800,9 @@ fn allow_client(client: Ipv4Addr) -> NetworkPolicy {
     }
 }
 
-/// Filler `i`: selects the server, allows another /32 (198.19.128.0/17) on another port.
-fn filler(i: usize) -> NetworkPolicy {
+/// Filler `i`: selects the server, allows another /32 (198.19.128.0/17) on another port (on
+/// the server's port if `shared`).
+fn filler(i: usize, shared: bool) -> NetworkPolicy {
     NetworkPolicy {
         namespace: "default".into(),
         name: format!("np-{i:04}"),
@@ -798,7 +813,15 @@ fn filler(i: usize) -> NetworkPolicy {
                     format!("198.19.{}.{}/32", 128 + i / 256, i % 256),
                     vec![],
                 )],
-                vec![port(Protocol::Tcp, 10000 + i as u16, None)],
+                vec![port(
+                    Protocol::Tcp,
+                    if shared {
+                        SERVER_PORT
+                    } else {
+                        10000 + i as u16
+                    },
+                    None,
+                )],
             )],
             ..Default::default()
         },
@@ -806,12 +829,13 @@ fn filler(i: usize) -> NetworkPolicy {
 }
 
 /// Brings the store to `n` policies selecting the server (0: none; else the allowing one and
-/// `n - 1` fillers); `have` is the current count.
+/// `n - 1` fillers, on the server's port if `shared`); `have` is the current count.
 fn set_path_policies(
     store: &dyn Store,
     client: Ipv4Addr,
     have: usize,
     n: usize,
+    shared: bool,
 ) -> anyhow::Result<()> {
     let allow = allow_client(client);
     let fillers = |c: usize| c.saturating_sub(1);
@@ -819,11 +843,14 @@ fn set_path_policies(
         malla_store::put_json(store, &keys::network_policy("default", &allow.name), &allow)?;
     }
     for i in fillers(have)..fillers(n) {
-        let p = filler(i);
+        let p = filler(i, shared);
         malla_store::put_json(store, &keys::network_policy(&p.namespace, &p.name), &p)?;
     }
     for i in fillers(n)..fillers(have) {
-        store.delete(&keys::network_policy("default", &filler(i).name), None)?;
+        store.delete(
+            &keys::network_policy("default", &filler(i, shared).name),
+            None,
+        )?;
     }
     if n == 0 && have > 0 {
         store.delete(&keys::network_policy("default", &allow.name), None)?;
@@ -831,16 +858,18 @@ fn set_path_policies(
     Ok(())
 }
 
-/// Rules of the server's ingress chain in the node's table (None: no chain).
-fn server_chain_rules(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
-    let chain = malla_calc::policy::render::ingress_chain(host_ifname);
+/// Segments of the server's ingress TCP port map in the node's table (None: no map). Every
+/// segment of the benchmark's policies allows one peer set (`goto pol-peers-…`).
+fn server_port_segments(node_ns: &NetNs, host_ifname: &str) -> Option<usize> {
+    use malla_calc::policy::render::{ingress_chain, ports_map};
+    let map = ports_map(&ingress_chain(host_ifname), Protocol::Tcp);
     nft::run(
         Some(node_ns),
-        &["list", "chain", "inet", masquerade::TABLE, &chain],
+        &["list", "map", "inet", masquerade::TABLE, &map],
         "",
     )
     .ok()
-    .map(|text| text.lines().filter(|l| l.contains(" accept")).count())
+    .map(|text| text.matches("goto pol-peers-").count())
 }
 
 fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
@@ -881,7 +910,7 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
             samples: Vec::new(),
             elapsed: Duration::ZERO,
             agent_cpu: Duration::ZERO,
-            chain_rules: None,
+            segments: None,
         })
         .collect();
     let per_round = args.connections / args.rounds;
@@ -890,18 +919,19 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
         for case in cases.iter_mut() {
             check(deadline)?;
             let n = case.policies;
-            set_path_policies(store, client_ip, have, n)?;
+            set_path_policies(store, client_ip, have, n, args.shared_port)?;
             have = n;
             let t = Instant::now();
             topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(300))
                 .context("waiting for the agent")?;
             let converged = t.elapsed();
-            let rules = server_chain_rules(&node_ns, &server_if);
-            let want = (n > 0).then_some(n);
-            if rules != want {
-                bail!("the server's chain has {rules:?} allow rules, expected {want:?}");
+            let segments = server_port_segments(&node_ns, &server_if);
+            // One segment per filler port and the client's, or all on the server's port.
+            let want = (n > 0).then_some(if args.shared_port { 1 } else { n });
+            if segments != want {
+                bail!("the server's port map has {segments:?} segments, expected {want:?}");
             }
-            case.chain_rules = rules;
+            case.segments = segments;
             let cpu0 = agent_pid.map(cpu_time).unwrap_or_default();
             let (v, elapsed) =
                 measure_connections(&client_ns, addr, "default/server", per_round, deadline)?;
@@ -925,14 +955,19 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
 
 fn report_latency(args: &Args, l: &Latency) {
     println!(
-        "3. Connection setup: TCP connect + first byte, client pod -> server pod (1-node lab), {} connections per case over {} interleaved rounds",
+        "3. Connection setup: TCP connect + first byte, client pod -> server pod (1-node lab), {} connections per case over {} interleaved rounds{}",
         l.cases.first().map_or(0, |c| c.samples.len()),
-        args.rounds
+        args.rounds,
+        if args.shared_port {
+            "; every filler allows its peer on the server's port"
+        } else {
+            ""
+        }
     );
     println!(
-        "{:<34} {:>11} {:>8} {:>8} {:>8} {:>13}",
+        "{:<34} {:>13} {:>8} {:>8} {:>8} {:>13}",
         "policies selecting the server",
-        "chain rules",
+        "port segments",
         "p50 ms",
         "p99 ms",
         "conn/s",
@@ -940,9 +975,9 @@ fn report_latency(args: &Args, l: &Latency) {
     );
     for c in &l.cases {
         println!(
-            "{:<34} {:>11} {:>8} {:>8} {:>8.0} {:>13}",
+            "{:<34} {:>13} {:>8} {:>8} {:>8.0} {:>13}",
             c.policies,
-            c.chain_rules.map_or("-".to_string(), |r| r.to_string()),
+            c.segments.map_or("-".to_string(), |r| r.to_string()),
             ms(percentile(&c.samples, 50.0)),
             ms(percentile(&c.samples, 99.0)),
             ratio(c.samples.len() as f64, c.elapsed.as_secs_f64()),

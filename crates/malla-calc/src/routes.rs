@@ -75,25 +75,29 @@ fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
 }
 
 /// Pods as policy sees them: the API object (labels, ports) joined with its endpoint record
-/// (addresses, host interface). A pod without an endpoint has no address yet: nothing to match.
-pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod> {
-    let pods: BTreeMap<(&str, &str), &malla_api::Pod> = view
-        .pods
-        .iter()
-        .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
-        .collect();
+/// (addresses, host interface), borrowed from `view`. A pod without an endpoint has no address
+/// yet: nothing to match.
+pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod<'_>> {
+    use std::borrow::Cow;
+    use std::collections::HashMap;
+    let mut pods: HashMap<(&str, &str), &malla_api::Pod> = HashMap::with_capacity(view.pods.len());
+    pods.extend(
+        view.pods
+            .iter()
+            .map(|p| ((p.namespace.as_str(), p.name.as_str()), p)),
+    );
     view.endpoints
         .iter()
         .map(|ep| {
             let pod = pods.get(&(ep.namespace.as_str(), ep.pod.as_str()));
             crate::policy::PolicyPod {
-                namespace: ep.namespace.clone(),
-                name: ep.pod.clone(),
-                labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+                namespace: Cow::Borrowed(&ep.namespace),
+                name: Cow::Borrowed(&ep.pod),
+                labels: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.labels)),
                 ips: ep.addrs().collect(),
-                node: ep.node.clone(),
-                ports: pod.map(|p| p.ports.clone()).unwrap_or_default(),
-                host_ifname: ep.host_ifname.clone(),
+                node: Cow::Borrowed(&ep.node),
+                ports: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.ports[..])),
+                host_ifname: Cow::Borrowed(&ep.host_ifname),
             }
         })
         .collect()

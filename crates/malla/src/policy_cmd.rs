@@ -70,17 +70,17 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
     let mut out = Vec::new();
     if a.all {
         for src in &pods {
-            for dst in pods.iter().filter(|d| {
-                (d.namespace.as_str(), d.name.as_str())
-                    != (src.namespace.as_str(), src.name.as_str())
-            }) {
+            for dst in pods
+                .iter()
+                .filter(|d| (&d.namespace, &d.name) != (&src.namespace, &src.name))
+            {
                 let (Some(s), Some(d)) = (
                     src.ips.first(),
                     dst.ips.iter().find(|d| d.is_ipv4() == src.ips[0].is_ipv4()),
                 ) else {
                     continue;
                 };
-                for port in &dst.ports {
+                for port in dst.ports.iter() {
                     let c = Connection {
                         src: Endpoint::resolve(&pods, *s),
                         dst: Endpoint::resolve(&pods, *d),

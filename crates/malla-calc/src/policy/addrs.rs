@@ -1,5 +1,6 @@
 //! Address arithmetic for interval sets: unions and differences of CIDRs, returned as sorted,
-//! disjoint, maximal CIDRs (nftables refuses overlapping intervals in one set).
+//! disjoint, maximal CIDRs (nftables refuses overlapping intervals in one set); and plain
+//! address lists for hash sets.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -124,18 +125,41 @@ pub fn normalize(
     out
 }
 
-/// The host network (`/32`, `/128`) of an address.
-pub fn host(ip: IpAddr) -> IpNet {
-    IpNet::from(ip)
+/// Single addresses as sorted, deduplicated host networks (`/32`, `/128`; IPv4 first), the
+/// elements of a hash set.
+pub fn hosts(ips: impl IntoIterator<Item = IpAddr>) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = ips.into_iter().map(IpNet::from).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
 }
 
-/// An element for an nft interval set: a bare address for a host, else the CIDR.
+/// An element for an nft set: a bare address for a host, else the CIDR.
 pub fn nft_element(n: &IpNet) -> String {
-    if n.prefix_len() == n.max_prefix_len() {
-        n.addr().to_string()
-    } else {
-        n.to_string()
+    match n {
+        IpNet::V4(v4) if v4.prefix_len() == 32 => v4_text(v4.addr()),
+        _ if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
+        _ => n.to_string(),
     }
+}
+
+/// Dotted-quad text of an IPv4 address, without the formatting machinery (a node's table
+/// holds one element per pod address, rendered on every change).
+fn v4_text(a: Ipv4Addr) -> String {
+    let mut s = String::with_capacity(15);
+    for (i, o) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            s.push('.');
+        }
+        if o >= 100 {
+            s.push(char::from(b'0' + o / 100));
+        }
+        if o >= 10 {
+            s.push(char::from(b'0' + o / 10 % 10));
+        }
+        s.push(char::from(b'0' + o % 10));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -144,6 +168,26 @@ mod tests {
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn policy_addrs_elements() {
+        for a in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "255.255.255.255",
+            "198.18.0.1",
+            "10.0.200.7",
+        ] {
+            assert_eq!(nft_element(&nets(&[&format!("{a}/32")])[0]), a);
+        }
+        for o in 0..=255u8 {
+            let a = Ipv4Addr::new(o, o / 2, 255 - o, o.wrapping_mul(7));
+            assert_eq!(nft_element(&IpNet::from(IpAddr::V4(a))), a.to_string());
+        }
+        assert_eq!(nft_element(&nets(&["10.0.0.0/8"])[0]), "10.0.0.0/8");
+        assert_eq!(nft_element(&nets(&["fd00::1/128"])[0]), "fd00::1");
+        assert_eq!(nft_element(&nets(&["fd00::/64"])[0]), "fd00::/64");
     }
 
     #[test]

@@ -8,17 +8,20 @@
 //! to on each destination pod: one derived set per number, holding the peer's pod addresses that
 //! declare that port (a named port never matches a destination that is not a pod).
 
+use std::cell::{Cell, OnceCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use malla_api::policy::{LabelSelector, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort};
+use malla_api::policy::{
+    LabelSelector, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Operator,
+};
 use malla_api::service::{Protocol, TargetPort};
 use malla_api::Namespace;
 use serde::Serialize;
 
-use super::addrs::{host, normalize};
+use super::addrs::{hosts, normalize};
 use super::reference::{has_type, rules};
 use super::{fnv, namespace_labels, valid, Direction, PolicyPod};
 
@@ -30,6 +33,11 @@ pub struct PeerSet {
     /// Which families the set is rendered in (an `ipBlock` has one, a selector both).
     pub v4: bool,
     pub v6: bool,
+    /// Whether `addrs` may hold networks (an `ipBlock` that is not one address): rendered as
+    /// an interval set. Otherwise every element is one address (pod addresses), rendered as a
+    /// hash set, which the kernel looks up in O(1) and `nft` updates without reading the
+    /// elements of other sets.
+    pub interval: bool,
     /// Sorted, disjoint.
     pub addrs: Vec<IpNet>,
 }
@@ -202,20 +210,146 @@ struct Pol<'a> {
     egress: bool,
 }
 
-/// The pods of one namespace, with that namespace's labels.
+/// Pods of one namespace group, by their index in it.
+type Bits = Vec<u64>;
+
+fn and(acc: &mut Bits, b: &Bits) {
+    acc.iter_mut().zip(b).for_each(|(a, b)| *a &= b);
+}
+
+fn and_not(acc: &mut Bits, b: &Bits) {
+    acc.iter_mut().zip(b).for_each(|(a, b)| *a &= !b);
+}
+
+fn or(acc: &mut Bits, b: &Bits) {
+    acc.iter_mut().zip(b).for_each(|(a, b)| *a |= b);
+}
+
+/// The pods' labels of one namespace group: key → (the pods with that key, value → the pods
+/// with that value). Ordered maps: label keys and values are short, so a few comparisons beat
+/// hashing them (and no label can make a lookup slow).
+type LabelIndex<'a> = BTreeMap<&'a str, (Bits, BTreeMap<&'a str, Bits>)>;
+
+/// The pods of one namespace, with that namespace's labels and (built on first use) an index
+/// of the pods' labels, so that a selector costs a few bit operations, not a match per pod.
 struct NsGroup<'a> {
-    name: &'a str,
     labels: &'a BTreeMap<String, String>,
-    pods: Vec<&'a PolicyPod>,
+    pods: Vec<&'a PolicyPod<'a>>,
+    index: OnceCell<LabelIndex<'a>>,
+    /// Selectors matched pod by pod so far (before the index is built).
+    direct: Cell<u32>,
+}
+
+/// Selectors a namespace group matches pod by pod before it builds its label index: indexing
+/// costs a few matches' worth per pod, so a group few selectors reach never pays it.
+const DIRECT_SELECTS: u32 = 4;
+
+impl<'a> NsGroup<'a> {
+    fn none(&self) -> Bits {
+        vec![0; self.pods.len().div_ceil(64)]
+    }
+
+    fn index(&self) -> &LabelIndex<'a> {
+        self.index.get_or_init(|| {
+            let mut index: LabelIndex<'a> = BTreeMap::new();
+            for (i, &q) in self.pods.iter().enumerate() {
+                let (word, bit) = (i / 64, 1u64 << (i % 64));
+                let labels: &'a BTreeMap<String, String> = &q.labels;
+                for (k, v) in labels {
+                    let (has, values) = index
+                        .entry(k.as_str())
+                        .or_insert_with(|| (self.none(), BTreeMap::new()));
+                    has[word] |= bit;
+                    values.entry(v.as_str()).or_insert_with(|| self.none())[word] |= bit;
+                }
+            }
+            index
+        })
+    }
+
+    /// The pods `s` selects, as [`LabelSelector::matches`] decides.
+    fn select(&self, s: &LabelSelector) -> Bits {
+        let n = self.pods.len();
+        let mut acc: Bits = vec![u64::MAX; n.div_ceil(64)];
+        if !n.is_multiple_of(64) {
+            if let Some(last) = acc.last_mut() {
+                *last = (1u64 << (n % 64)) - 1;
+            }
+        }
+        if s.is_empty() {
+            return acc;
+        }
+        // The first few selectors match pod by pod; the index pays for itself when more come.
+        if self.index.get().is_none() && self.direct.get() < DIRECT_SELECTS {
+            self.direct.set(self.direct.get() + 1);
+            let mut bits = self.none();
+            for (i, q) in self.pods.iter().enumerate() {
+                if s.matches(&q.labels) {
+                    bits[i / 64] |= 1u64 << (i % 64);
+                }
+            }
+            return bits;
+        }
+        let index = self.index();
+        for (k, v) in &s.match_labels {
+            match index
+                .get(k.as_str())
+                .and_then(|(_, vals)| vals.get(v.as_str()))
+            {
+                Some(b) => and(&mut acc, b),
+                None => return self.none(),
+            }
+        }
+        for e in &s.match_expressions {
+            let entry = index.get(e.key.as_str());
+            let any_of = |values: &[String]| {
+                let mut u = self.none();
+                if let Some((_, vals)) = entry {
+                    for v in values {
+                        if let Some(b) = vals.get(v.as_str()) {
+                            or(&mut u, b);
+                        }
+                    }
+                }
+                u
+            };
+            match e.operator {
+                Operator::In => and(&mut acc, &any_of(&e.values)),
+                Operator::NotIn => and_not(&mut acc, &any_of(&e.values)),
+                Operator::Exists => match entry {
+                    Some((has, _)) => and(&mut acc, has),
+                    None => return self.none(),
+                },
+                Operator::DoesNotExist => {
+                    if let Some((has, _)) = entry {
+                        and_not(&mut acc, has);
+                    }
+                }
+                Operator::Other(_) => return self.none(),
+            }
+        }
+        acc
+    }
+
+    /// The pods of `bits`.
+    fn pods_of<'b>(&'b self, bits: &'b Bits) -> impl Iterator<Item = &'a PolicyPod<'a>> + 'b {
+        bits.iter().enumerate().flat_map(move |(w, &word)| {
+            (0..64)
+                .filter(move |b| word & (1u64 << b) != 0)
+                .map(move |b| self.pods[w * 64 + b])
+        })
+    }
 }
 
 /// Which peer of which rule: (policy index, direction, rule index, peer index).
 type PeerRef = (usize, Direction, usize, usize);
 
 struct Compiler<'a> {
-    pods: &'a [PolicyPod],
+    pods: &'a [PolicyPod<'a>],
     /// Pods grouped by namespace (namespaces in order of first appearance).
     groups: Vec<NsGroup<'a>>,
+    /// Namespace → index into `groups`.
+    group_of: BTreeMap<&'a str, usize>,
     /// The valid policies, sorted by (namespace, name) (stable).
     pols: Vec<Pol<'a>>,
     /// Namespace → indices into `pols`, in order.
@@ -233,16 +367,17 @@ impl<'a> Compiler<'a> {
     fn new(
         policies: &'a [NetworkPolicy],
         namespaces: &'a [Namespace],
-        pods: &'a [PolicyPod],
+        pods: &'a [PolicyPod<'a>],
     ) -> Self {
-        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
         let mut groups: Vec<NsGroup<'a>> = Vec::new();
         for q in pods {
-            let i = *group_of.entry(q.namespace.as_str()).or_insert_with(|| {
+            let i = *group_of.entry(&q.namespace).or_insert_with(|| {
                 groups.push(NsGroup {
-                    name: q.namespace.as_str(),
                     labels: namespace_labels(namespaces, &q.namespace),
                     pods: Vec::new(),
+                    index: OnceCell::new(),
+                    direct: Cell::new(0),
                 });
                 groups.len() - 1
             });
@@ -269,6 +404,7 @@ impl<'a> Compiler<'a> {
         Self {
             pods,
             groups,
+            group_of,
             pols,
             pols_by_ns,
             sets: BTreeMap::new(),
@@ -292,7 +428,7 @@ impl<'a> Compiler<'a> {
         &self,
         policy_ns: &str,
         peer: Option<&NetworkPolicyPeer>,
-    ) -> Vec<(IpAddr, &'a PolicyPod)> {
+    ) -> Vec<(IpAddr, &'a PolicyPod<'a>)> {
         let mut out = Vec::new();
         let Some(peer) = peer else {
             for q in self.pods {
@@ -313,21 +449,27 @@ impl<'a> Compiler<'a> {
             }
             return out;
         }
-        for g in &self.groups {
-            let ns_ok = match &peer.namespace_selector {
-                None => g.name == policy_ns,
-                Some(s) => s.matches(g.labels),
-            };
-            if !ns_ok {
-                continue;
-            }
-            for q in &g.pods {
-                if peer
-                    .pod_selector
-                    .as_ref()
-                    .is_none_or(|s| s.matches(&q.labels))
-                {
-                    out.extend(q.ips.iter().map(|ip| (*ip, *q)));
+        let groups: Vec<&NsGroup<'a>> = match &peer.namespace_selector {
+            None => self
+                .group_of
+                .get(policy_ns)
+                .map(|&i| &self.groups[i])
+                .into_iter()
+                .collect(),
+            Some(s) => self.groups.iter().filter(|g| s.matches(g.labels)).collect(),
+        };
+        for g in groups {
+            match &peer.pod_selector {
+                None => {
+                    for &q in &g.pods {
+                        out.extend(q.ips.iter().map(|ip| (*ip, q)));
+                    }
+                }
+                Some(s) => {
+                    let bits = g.select(s);
+                    for q in g.pods_of(&bits) {
+                        out.extend(q.ips.iter().map(|ip| (*ip, q)));
+                    }
                 }
             }
         }
@@ -347,27 +489,31 @@ impl<'a> Compiler<'a> {
         let key = self.peer_key(at, policy_ns, peer).to_string();
         let name = if let Some(b) = &peer.ip_block {
             self.add_set(key, |key| match b.parsed() {
-                Some((cidr, ex)) => PeerSet {
-                    key,
-                    v4: cidr.addr().is_ipv4(),
-                    v6: cidr.addr().is_ipv6(),
-                    addrs: normalize([cidr], ex),
-                },
+                Some((cidr, ex)) => {
+                    let addrs = normalize([cidr], ex);
+                    PeerSet {
+                        key,
+                        v4: cidr.addr().is_ipv4(),
+                        v6: cidr.addr().is_ipv6(),
+                        interval: addrs.iter().any(|n| n.prefix_len() < n.max_prefix_len()),
+                        addrs,
+                    }
+                }
                 None => PeerSet {
                     key,
                     v4: false,
                     v6: false,
+                    interval: false,
                     addrs: Vec::new(),
                 },
             })
         } else {
             let name = set_name(&key);
             if !self.sets.contains_key(&name) {
-                let addrs = normalize(
+                let addrs = hosts(
                     self.peer_pod_ips(policy_ns, Some(peer))
                         .into_iter()
-                        .map(|(ip, _)| host(ip)),
-                    [],
+                        .map(|(ip, _)| ip),
                 );
                 self.sets.insert(
                     name.clone(),
@@ -375,6 +521,7 @@ impl<'a> Compiler<'a> {
                         key,
                         v4: true,
                         v6: true,
+                        interval: false,
                         addrs,
                     },
                 );
@@ -417,7 +564,8 @@ impl<'a> Compiler<'a> {
                 key,
                 v4: true,
                 v6: true,
-                addrs: normalize(ips.into_iter().map(host), []),
+                interval: false,
+                addrs: hosts(ips),
             });
             out.push((k, set));
         }
@@ -535,7 +683,7 @@ impl<'a> Compiler<'a> {
     /// The valid policies selecting `pod`, in (namespace, name) order.
     fn selecting(&self, pod: &PolicyPod) -> Vec<usize> {
         self.pols_by_ns
-            .get(pod.namespace.as_str())
+            .get(&*pod.namespace)
             .map(|v| {
                 v.iter()
                     .copied()
@@ -561,9 +709,9 @@ pub fn compile(
         .map(|pod| {
             let selecting = c.selecting(pod);
             EndpointProgram {
-                namespace: pod.namespace.clone(),
-                name: pod.name.clone(),
-                host_ifname: pod.host_ifname.clone(),
+                namespace: pod.namespace.to_string(),
+                name: pod.name.to_string(),
+                host_ifname: pod.host_ifname.to_string(),
                 ips: pod.ips.clone(),
                 ingress: c.direction(&selecting, pod, Direction::Ingress),
                 egress: c.direction(&selecting, pod, Direction::Egress),

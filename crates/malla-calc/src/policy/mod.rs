@@ -18,8 +18,11 @@ pub mod reference;
 pub mod render;
 
 #[cfg(test)]
+mod nfteval;
+#[cfg(test)]
 mod tests;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -33,20 +36,22 @@ pub use explain::{explain, DirectionTrace, Explanation, Verdict};
 pub use render::render_policy;
 
 /// A pod as policy sees it: identity, labels, addresses, node, declared ports, and the name of
-/// its host-side interface (the endpoint chains are named after it).
+/// its host-side interface (the endpoint chains are named after it). Borrowed from the cluster
+/// view where it can be ([`crate::routes::policy_pods`]), so that building the pods of a large
+/// cluster on every change copies no labels.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct PolicyPod {
-    pub namespace: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
+pub struct PolicyPod<'a> {
+    pub namespace: Cow<'a, str>,
+    pub name: Cow<'a, str>,
+    pub labels: Cow<'a, BTreeMap<String, String>>,
     pub ips: Vec<IpAddr>,
-    pub node: String,
-    pub ports: Vec<ContainerPort>,
+    pub node: Cow<'a, str>,
+    pub ports: Cow<'a, [ContainerPort]>,
     /// Host-side veth name; only needed for local pods.
-    pub host_ifname: String,
+    pub host_ifname: Cow<'a, str>,
 }
 
-impl PolicyPod {
+impl PolicyPod<'_> {
     /// `namespace/name`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
@@ -69,13 +74,13 @@ impl PolicyPod {
 /// One end of a connection: an address, and the pod it belongs to if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint<'a> {
-    pub pod: Option<&'a PolicyPod>,
+    pub pod: Option<&'a PolicyPod<'a>>,
     pub ip: IpAddr,
 }
 
 impl<'a> Endpoint<'a> {
     /// The endpoint for `ip`: the pod owning it, or a bare address.
-    pub fn resolve(pods: &'a [PolicyPod], ip: IpAddr) -> Self {
+    pub fn resolve(pods: &'a [PolicyPod<'a>], ip: IpAddr) -> Self {
         Self {
             pod: pods.iter().find(|p| p.ips.contains(&ip)),
             ip,

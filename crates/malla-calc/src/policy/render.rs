@@ -1,23 +1,52 @@
 //! Rendering a [`PolicyProgram`] into the `inet malla` table.
 //!
-//! - Sets `pol-<hash>-v4` / `-v6` (`flags interval`) per [`PeerSet`] and family.
+//! - Sets `pol-<hash>-v4` / `-v6` per [`PeerSet`] and family: pod addresses in hash sets,
+//!   `ipBlock`s with networks in interval sets ([`PeerSet::interval`]).
 //! - Base chain [`POLICY_FORWARD`] (filter, hook forward, priority filter):
 //!   `ct state established,related accept`, `ct state invalid drop`, then
 //!   `iifname vmap @pol-egress-dispatch` and `oifname vmap @pol-ingress-dispatch`, maps from a
 //!   local pod's host interface to `jump pol-out-<ifname>` / `jump pol-in-<ifname>`. Only
 //!   isolated directions get an entry.
-//! - `pol-out-<ifname>`: one rule per (rule × peer set × family × protocol) matching `daddr`,
-//!   verdict `return` so that the destination's ingress chain still runs; then `drop`.
-//! - `pol-in-<ifname>`: the same on `saddr` with `accept`; then `drop`.
+//! - The endpoint chain `pol-in-<ifname>` (peers matched on `saddr`, allowing verdict
+//!   `accept`) / `pol-out-<ifname>` (`daddr`, `return`, so that the destination's ingress chain
+//!   still runs), port first, so that a new connection costs a few lookups however many
+//!   policies select the pod:
+//!   1. one rule per distinct peer set (× family) allowed on every port, whichever rules allow
+//!      it (`ip saddr @pol-…-v4 accept`);
+//!   2. per protocol, `meta l4proto tcp th dport vmap @<chain>-tcp`: an interval map from
+//!      disjoint port segments (the rules' ranges cut at every edge, so overlapping ranges and
+//!      `endPort`s never overlap in the map) to the allowing verdict when anyone may use the
+//!      segment, else `goto pol-peers-<hash>`. One map per protocol rather than one keyed by
+//!      `meta l4proto . th dport`: a concatenated interval map is a pipapo set, whose lookup
+//!      grows with its elements (~4.5 µs at 1000 on the development VM), while a plain
+//!      interval map is an rbtree, flat at that size;
+//!   3. `drop`.
+//! - `pol-peers-<hash>`: the peer sets allowed on one segment (and none of them on every port),
+//!   one rule each per family with the direction's verdict, then `drop`. Named by a hash of its
+//!   rules, so every segment and endpoint with the same peers shares one chain. Above
+//!   [`UNION_ABOVE`] sets (here or in step 1), the sets are matched through union sets: one
+//!   hash set of their pod addresses, one interval set of their `ipBlock` networks.
+//! - Only the sets some rule refers to are written.
+//!
+//! Why `goto` and the trailing `drop`: the endpoint chain is jumped to from the base chain, so
+//! its return point is the base chain's next rule. A `goto` keeps that return point: egress's
+//! `return` in a peers chain goes back to the base chain (on to the ingress dispatch), exactly
+//! like a `return` in the endpoint chain itself. Falling off the end of a peers chain would
+//! return there too, i.e. let the packet through, hence the explicit `drop`.
 //!
 //! Traffic from a pod's own node is not handled here (the caller accepts it on the output
 //! hook). Interface names must be kernel names (`[A-Za-z0-9_.-]`, at most 15 bytes); an endpoint
 //! with another name is left out, as it could not be written into the ruleset.
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use malla_api::service::Protocol;
+
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
-use super::addrs::nft_element;
-use super::compile::{CompiledRule, PeerSet, PolicyProgram, PortMatch};
+use super::addrs::{hosts, nft_element, normalize};
+use super::compile::{set_name, CompiledRule, PeerSet, PolicyProgram, PortMatch};
+use super::fnv;
 
 /// The policy base chain.
 pub const POLICY_FORWARD: &str = "policy-forward";
@@ -36,6 +65,12 @@ pub fn egress_chain(ifname: &str) -> String {
     format!("pol-out-{ifname}")
 }
 
+/// The port map of an endpoint chain for one protocol: port range → the verdict for that
+/// segment.
+pub fn ports_map(chain: &str, proto: Protocol) -> String {
+    format!("{chain}-{}", proto.nft())
+}
+
 fn ifname_ok(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
@@ -43,7 +78,10 @@ fn ifname_ok(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-')
 }
 
-fn families(set: &PeerSet) -> Vec<(&'static str, &'static str)> {
+/// The families a set is rendered in: (`ip` / `ip6`, `v4` / `v6`).
+type Families = Vec<(&'static str, &'static str)>;
+
+fn families(set: &PeerSet) -> Families {
     let mut v = Vec::new();
     if set.v4 {
         v.push(("ip", "v4"));
@@ -54,109 +92,333 @@ fn families(set: &PeerSet) -> Vec<(&'static str, &'static str)> {
     v
 }
 
-fn port_matches(pm: &PortMatch) -> Vec<String> {
-    match pm {
-        PortMatch::Any => vec![String::new()],
-        PortMatch::Ports(m) => m
-            .iter()
-            .map(|(proto, ranges)| {
-                let one = |(a, b): &(u16, u16)| {
-                    if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    }
-                };
-                let mut s = format!("meta l4proto {}", proto.nft());
-                match ranges.as_slice() {
-                    [(0, u16::MAX)] => {}
-                    [r] => s.push_str(&format!(" th dport {}", one(r))),
-                    rs => {
-                        let v: Vec<String> = rs.iter().map(one).collect();
-                        s.push_str(&format!(" th dport {{ {} }}", v.join(", ")));
-                    }
-                }
-                s
-            })
-            .collect(),
-    }
+/// The rules allowing one peer (`None`: anyone): indices into the direction's rules.
+type Peers<'a> = BTreeMap<Option<&'a str>, BTreeSet<usize>>;
+
+/// A port range of a rule: (first, last, peer, rule index).
+type Range<'a> = (u32, u32, Option<&'a str>, usize);
+
+/// One direction of an endpoint, grouped for rendering: the peers allowed on every port, and
+/// disjoint port segments, each with the peers allowed there (none of which is allowed on every
+/// port already).
+struct Dispatch<'a> {
+    any_port: Peers<'a>,
+    /// (protocol, first port, last port, peers), sorted, disjoint, never with empty peers.
+    segments: Vec<(Protocol, u16, u16, Peers<'a>)>,
 }
 
-fn comment(r: &CompiledRule, dir: &str) -> String {
-    let text: String = format!("{} {dir}[{}]", r.policy, r.rule)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || "-_./[] ".contains(*c))
-        .take(120)
-        .collect();
-    format!("comment \"{text}\"")
-}
-
-fn chain_rules(
-    prog: &PolicyProgram,
-    rules: &[CompiledRule],
-    addr: &str,
-    dir: &str,
-    verdict: &str,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for r in rules {
-        let peers: Vec<String> = match &r.peer {
-            None => vec![String::new()],
-            Some(name) => match prog.sets.get(name) {
-                Some(set) => families(set)
-                    .into_iter()
-                    .map(|(kw, fam)| format!("{kw} {addr} @{name}-{fam}"))
-                    .collect(),
-                None => Vec::new(),
-            },
-        };
-        for p in &peers {
-            for ports in port_matches(&r.ports) {
-                let m: Vec<&str> = [p.as_str(), ports.as_str()]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                let mut line = m.join(" ");
-                if !line.is_empty() {
-                    line.push(' ');
+/// Splits the port ranges of `rules` into disjoint segments: the ranges' edges cut each
+/// protocol's ports into pieces on which the same rules apply; neighbours allowing the same
+/// peers by the same rules are joined again.
+fn dispatch(rules: &[CompiledRule]) -> Dispatch<'_> {
+    let mut any_port: Peers = BTreeMap::new();
+    let mut by_proto: BTreeMap<Protocol, Vec<Range>> = BTreeMap::new();
+    for (i, r) in rules.iter().enumerate() {
+        let peer = r.peer.as_deref();
+        match &r.ports {
+            PortMatch::Any => {
+                any_port.entry(peer).or_default().insert(i);
+            }
+            PortMatch::Ports(m) => {
+                for (proto, ranges) in m {
+                    let v = by_proto.entry(*proto).or_default();
+                    v.extend(
+                        ranges
+                            .iter()
+                            .map(|&(a, b)| (u32::from(a), u32::from(b), peer, i)),
+                    );
                 }
-                line.push_str(verdict);
-                line.push(' ');
-                line.push_str(&comment(r, dir));
-                out.push(line);
             }
         }
     }
-    out.push("drop".into());
-    out
-}
-
-/// Adds the program's sets, maps and chains to `table` (the `inet malla` table).
-pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
-    for (name, set) in &prog.sets {
-        for (_, fam) in families(set) {
-            let ty = if fam == "v4" {
-                "ipv4_addr"
-            } else {
-                "ipv6_addr"
+    let mut segments: Vec<(Protocol, u16, u16, Peers)> = Vec::new();
+    if any_port.contains_key(&None) {
+        return Dispatch { any_port, segments };
+    }
+    for (proto, mut items) in by_proto {
+        items.sort_unstable();
+        let edges: BTreeSet<u32> = items.iter().flat_map(|&(a, b, _, _)| [a, b + 1]).collect();
+        let edges: Vec<u32> = edges.into_iter().collect();
+        let mut next = 0;
+        let mut active: Vec<Range> = Vec::new();
+        for w in edges.windows(2) {
+            let (lo, hi) = (w[0], w[1] - 1);
+            while next < items.len() && items[next].0 <= lo {
+                active.push(items[next]);
+                next += 1;
+            }
+            active.retain(|it| it.1 >= lo);
+            let mut peers: Peers = BTreeMap::new();
+            for &(_, _, peer, i) in &active {
+                if !any_port.contains_key(&peer) {
+                    peers.entry(peer).or_default().insert(i);
+                }
+            }
+            if peers.is_empty() {
+                continue;
+            }
+            let (Ok(lo), Ok(hi)) = (u16::try_from(lo), u16::try_from(hi)) else {
+                continue;
             };
-            let elements = set
-                .addrs
-                .iter()
-                .filter(|n| n.addr().is_ipv4() == (fam == "v4"))
-                .map(nft_element)
-                .collect();
-            table.sets.insert(
-                format!("{name}-{fam}"),
-                Set {
-                    type_: ty.into(),
-                    flags: vec!["interval".into()],
-                    timeout: None,
-                    elements,
-                },
-            );
+            match segments.last_mut() {
+                Some((p, _, last, q))
+                    if *p == proto && u32::from(*last) + 1 == u32::from(lo) && *q == peers =>
+                {
+                    *last = hi;
+                }
+                _ => segments.push((proto, lo, hi, peers)),
+            }
         }
     }
+    Dispatch { any_port, segments }
+}
+
+/// `comment "…"` naming the policy rules behind a peer (deduplicated, in policy order).
+fn comment(rules: &[CompiledRule], which: &BTreeSet<usize>, dir: &str) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for &i in which {
+        let r = &rules[i];
+        let n = format!("{} {dir}[{}]", r.policy, r.rule);
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
+    let mut text: String = names
+        .join(", ")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_./[], ".contains(*c))
+        .collect();
+    if text.len() > 120 {
+        text.truncate(117);
+        text.push_str("...");
+    }
+    format!("comment \"{text}\"")
+}
+
+/// How a direction is rendered: the address it matches peers on and its allowing verdict.
+struct Dir {
+    /// `ingress` / `egress` (comments).
+    name: &'static str,
+    /// `saddr` / `daddr`.
+    addr: &'static str,
+    /// `accept` (ingress: the last word) / `return` (egress: back to the base chain, where the
+    /// destination's ingress chain still runs).
+    verdict: &'static str,
+}
+
+const INGRESS: Dir = Dir {
+    name: "ingress",
+    addr: "saddr",
+    verdict: "accept",
+};
+const EGRESS: Dir = Dir {
+    name: "egress",
+    addr: "daddr",
+    verdict: "return",
+};
+
+/// The name of a shared peers chain: a hash of its rules.
+fn peers_chain_name(rules: &[String], salt: u32) -> String {
+    let mut text = rules.join("\n");
+    if salt > 0 {
+        text.push_str(&format!("\n{salt}"));
+    }
+    format!("pol-peers-{:016x}", fnv(&text))
+}
+
+/// Above this many distinct peer sets in one place (the any-port part of an endpoint chain, or
+/// a peers chain), the sets are matched through union sets instead, so that a packet costs at
+/// most this many lookups per family whatever the policies.
+pub const UNION_ABOVE: usize = 4;
+
+/// Rendering state: the sets rules refer to (the program's, and unions made on the way).
+struct Render<'p> {
+    prog: &'p PolicyProgram,
+    union_above: usize,
+    /// Program sets some rule refers to.
+    used: BTreeSet<&'p str>,
+    /// Union sets, by name.
+    unions: BTreeMap<String, PeerSet>,
+}
+
+impl<'p> Render<'p> {
+    /// The union of `members` (all hash sets or all interval sets), named by its members.
+    fn union(&mut self, members: &[(&'p str, &'p PeerSet)]) -> String {
+        let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
+        let key = format!("union of {}", names.join(","));
+        let name = set_name(&key);
+        if !self.unions.contains_key(&name) {
+            let interval = members.iter().any(|(_, s)| s.interval);
+            let all = members.iter().flat_map(|(_, s)| s.addrs.iter().copied());
+            let set = PeerSet {
+                v4: members.iter().any(|(_, s)| s.v4),
+                v6: members.iter().any(|(_, s)| s.v6),
+                interval,
+                addrs: if interval {
+                    normalize(all, [])
+                } else {
+                    hosts(all.map(|n| n.addr()))
+                },
+                key,
+            };
+            self.unions.insert(name.clone(), set);
+        }
+        name
+    }
+
+    /// The rules allowing `peers`, with the direction's verdict: a peer `None` (anyone) is one
+    /// bare verdict; a set one rule per family. Above [`UNION_ABOVE`] sets, the pod-address
+    /// sets are matched through one union set and the `ipBlock` networks through another.
+    fn peer_rules(&mut self, rules: &[CompiledRule], peers: &Peers<'p>, d: &Dir) -> Vec<String> {
+        let prog = self.prog;
+        let mut out = Vec::new();
+        let mut sets: Vec<(&'p str, &'p PeerSet, &BTreeSet<usize>)> = Vec::new();
+        for (peer, which) in peers {
+            match peer {
+                None => out.push(format!("{} {}", d.verdict, comment(rules, which, d.name))),
+                Some(name) => {
+                    if let Some((name, set)) = prog.sets.get_key_value(*name) {
+                        sets.push((name.as_str(), set, which));
+                    }
+                }
+            }
+        }
+        // (set name, its families, the rules behind it)
+        let mut groups: Vec<(String, Families, BTreeSet<usize>)> = Vec::new();
+        if sets.len() > self.union_above {
+            for interval in [false, true] {
+                let part: Vec<&(&str, &PeerSet, &BTreeSet<usize>)> = sets
+                    .iter()
+                    .filter(|(_, s, _)| s.interval == interval)
+                    .collect();
+                let which: BTreeSet<usize> = part
+                    .iter()
+                    .flat_map(|(_, _, w)| w.iter().copied())
+                    .collect();
+                match part.as_slice() {
+                    [] => {}
+                    [(name, set, _)] => {
+                        self.used.insert(name);
+                        groups.push((name.to_string(), families(set), which));
+                    }
+                    _ => {
+                        let members: Vec<(&'p str, &'p PeerSet)> =
+                            part.iter().map(|(n, s, _)| (*n, *s)).collect();
+                        let name = self.union(&members);
+                        let fams = families(&self.unions[&name]);
+                        groups.push((name, fams, which));
+                    }
+                }
+            }
+        } else {
+            for (name, set, which) in &sets {
+                self.used.insert(name);
+                groups.push((name.to_string(), families(set), (*which).clone()));
+            }
+        }
+        for (name, fams, which) in groups {
+            let c = comment(rules, &which, d.name);
+            for (kw, fam) in fams {
+                out.push(format!("{kw} {} @{name}-{fam} {} {c}", d.addr, d.verdict));
+            }
+        }
+        out
+    }
+
+    /// Renders one isolated direction of an endpoint: its chain `chain`, its port map and the
+    /// peers chains its segments go to (shared with every endpoint whose segment has the same
+    /// rules).
+    fn direction(
+        &mut self,
+        rules: &'p [CompiledRule],
+        chain: &str,
+        d: &Dir,
+        table: &mut nft::Table,
+    ) {
+        let disp = dispatch(rules);
+        let mut out = self.peer_rules(rules, &disp.any_port, d);
+        if disp.any_port.contains_key(&None) {
+            table.chains.insert(
+                chain.to_string(),
+                Chain {
+                    base: None,
+                    rules: out,
+                },
+            );
+            return;
+        }
+        let mut maps: BTreeMap<Protocol, Map> = BTreeMap::new();
+        for (proto, lo, hi, peers) in &disp.segments {
+            let key = if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            };
+            let value = if peers.contains_key(&None) {
+                d.verdict.to_string()
+            } else {
+                let mut body = self.peer_rules(rules, peers, d);
+                body.push("drop".into());
+                let mut salt = 0;
+                let name = loop {
+                    let name = peers_chain_name(&body, salt);
+                    match table.chains.get(&name) {
+                        Some(c) if c.rules != body => salt += 1,
+                        _ => break name,
+                    }
+                };
+                table.chains.insert(
+                    name.clone(),
+                    Chain {
+                        base: None,
+                        rules: body,
+                    },
+                );
+                format!("goto {name}")
+            };
+            maps.entry(*proto)
+                .or_insert_with(|| Map {
+                    type_: "inet_service".into(),
+                    value: "verdict".into(),
+                    flags: vec!["interval".into()],
+                    ..Map::default()
+                })
+                .elements
+                .insert(key, value);
+        }
+        for (proto, map) in maps {
+            let name = ports_map(chain, proto);
+            out.push(format!(
+                "meta l4proto {} th dport vmap @{name}",
+                proto.nft()
+            ));
+            table.maps.insert(name, map);
+        }
+        out.push("drop".into());
+        table.chains.insert(
+            chain.to_string(),
+            Chain {
+                base: None,
+                rules: out,
+            },
+        );
+    }
+}
+
+/// Adds the program's sets, maps and chains to `table` (the `inet malla` table). Only sets
+/// some rule refers to are written.
+pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
+    render_policy_with(prog, table, UNION_ABOVE);
+}
+
+/// [`render_policy`] with another threshold for union sets (tests).
+pub(crate) fn render_policy_with(prog: &PolicyProgram, table: &mut nft::Table, union_above: usize) {
+    let mut r = Render {
+        prog,
+        union_above,
+        used: BTreeSet::new(),
+        unions: BTreeMap::new(),
+    };
     let mut ingress = Map {
         type_: "ifname".into(),
         value: "verdict".into(),
@@ -173,22 +435,44 @@ pub fn render_policy(prog: &PolicyProgram, table: &mut nft::Table) {
             ingress
                 .elements
                 .insert(key.clone(), format!("jump {chain}"));
-            table.chains.insert(
-                chain,
-                Chain {
-                    base: None,
-                    rules: chain_rules(prog, rules, "saddr", "ingress", "accept"),
-                },
-            );
+            r.direction(rules, &chain, &INGRESS, table);
         }
         if let Some(rules) = &ep.egress {
             let chain = egress_chain(&ep.host_ifname);
             egress.elements.insert(key, format!("jump {chain}"));
-            table.chains.insert(
-                chain,
-                Chain {
-                    base: None,
-                    rules: chain_rules(prog, rules, "daddr", "egress", "return"),
+            r.direction(rules, &chain, &EGRESS, table);
+        }
+    }
+    let used = r
+        .used
+        .iter()
+        .filter_map(|n| prog.sets.get_key_value(*n))
+        .chain(r.unions.iter());
+    for (name, set) in used {
+        for (_, fam) in families(set) {
+            let ty = if fam == "v4" {
+                "ipv4_addr"
+            } else {
+                "ipv6_addr"
+            };
+            let elements = set
+                .addrs
+                .iter()
+                .filter(|n| n.addr().is_ipv4() == (fam == "v4"))
+                .map(nft_element)
+                .collect();
+            let flags = if set.interval {
+                vec!["interval".into()]
+            } else {
+                Vec::new()
+            };
+            table.sets.insert(
+                format!("{name}-{fam}"),
+                Set {
+                    type_: ty.into(),
+                    flags,
+                    timeout: None,
+                    elements,
                 },
             );
         }

@@ -1,6 +1,7 @@
 //! Tests: a golden ruleset for a fixed world (checked with `nft -c` when possible), concrete
 //! semantics, and the property that the compiled program decides like the reference evaluator.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
@@ -37,13 +38,13 @@ fn pod(
     node: &str,
     ports: &[(&str, Protocol, u16)],
     ifname: &str,
-) -> PolicyPod {
+) -> PolicyPod<'static> {
     PolicyPod {
-        namespace: namespace.into(),
-        name: name.into(),
-        labels: labels(kv),
+        namespace: namespace.to_string().into(),
+        name: name.to_string().into(),
+        labels: Cow::Owned(labels(kv)),
         ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
-        node: node.into(),
+        node: node.to_string().into(),
         ports: ports
             .iter()
             .map(|(n, protocol, port)| ContainerPort {
@@ -51,8 +52,9 @@ fn pod(
                 protocol: *protocol,
                 port: *port,
             })
-            .collect(),
-        host_ifname: ifname.into(),
+            .collect::<Vec<_>>()
+            .into(),
+        host_ifname: ifname.to_string().into(),
     }
 }
 
@@ -69,7 +71,7 @@ fn policy(namespace: &str, name: &str, spec: serde_json::Value) -> NetworkPolicy
 struct World {
     policies: Vec<NetworkPolicy>,
     namespaces: Vec<Namespace>,
-    pods: Vec<PolicyPod>,
+    pods: Vec<PolicyPod<'static>>,
 }
 
 fn fixed_world() -> World {
@@ -174,6 +176,18 @@ fn fixed_world() -> World {
                 ]
             }),
         ),
+        // Overlaps shop/web's range: the port map cuts 8000-8100 at 8080 and 8091.
+        policy(
+            "shop",
+            "web-from-ops",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [{"namespaceSelector": {"matchLabels": {"team": "ops"}}}],
+                    "ports": [{"port": 8080, "endPort": 8090}, {"protocol": "UDP", "port": 53}]
+                }]
+            }),
+        ),
         // The same peer as shop/web's first: shares its set.
         policy(
             "shop",
@@ -195,6 +209,58 @@ fn rendered(prog: &PolicyProgram) -> nft::Table {
     let mut t = nft::Table::new("inet", "malla");
     render_policy(prog, &mut t);
     t
+}
+
+/// Each node's rendered policy table (union sets above `union_above` peer sets), read by the
+/// interpreter.
+fn node_evals(
+    w: &World,
+    nodes: &[&'static str],
+    union_above: usize,
+) -> Vec<(&'static str, nfteval::Eval)> {
+    nodes
+        .iter()
+        .map(|n| {
+            let mut t = nft::Table::new("inet", "malla");
+            let prog = compile(&w.policies, &w.namespaces, &w.pods, n);
+            render::render_policy_with(&prog, &mut t, union_above);
+            let e = nfteval::Eval::new(&t, render::POLICY_FORWARD)
+                .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
+            (*n, e)
+        })
+        .collect()
+}
+
+/// What the rendered tables decide for a new connection: on every node, the forward hook
+/// (the interfaces are the pods' host interfaces where they are local, else the uplink).
+fn rendered_allows(
+    w: &World,
+    evals: &[(&str, nfteval::Eval)],
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> Result<bool, String> {
+    let ifname = |node: &str, ip: IpAddr| {
+        w.pods
+            .iter()
+            .find(|p| p.node == node && p.ips.contains(&ip))
+            .map_or("ul0", |p| &*p.host_ifname)
+    };
+    for (node, e) in evals {
+        let packet = nfteval::Packet {
+            iifname: ifname(node, src),
+            oifname: ifname(node, dst),
+            src,
+            dst,
+            proto,
+            dport: port,
+        };
+        if !e.accepts(&packet)? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn conn<'a>(w: &'a World, src: &str, dst: &str, port: u16, proto: Protocol) -> Connection<'a> {
@@ -230,6 +296,7 @@ fn policy_fixed_world_verdicts() {
         .iter()
         .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
         .collect();
+    let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
     let cases = [
         ("198.18.1.5", "198.18.0.10", 8080, Tcp, true), // client -> web http
         ("198.18.1.5", "198.18.0.10", 8050, Tcp, true), // range
@@ -237,9 +304,15 @@ fn policy_fixed_world_verdicts() {
         ("198.18.1.5", "198.18.0.10", 8080, Udp, false), // wrong protocol
         ("fd00:198:18::105", "fd00:198:18::10", 8080, Tcp, true),
         ("198.18.1.6", "198.18.0.10", 8080, Tcp, true), // prom from ops
-        ("198.18.1.7", "198.18.0.10", 8080, Tcp, false), // cache is not prom
+        ("198.18.1.7", "198.18.0.10", 8000, Tcp, false), // cache is not prom
+        ("198.18.1.7", "198.18.0.10", 8080, Tcp, true), // but in ops: web-from-ops
+        ("198.18.1.7", "198.18.0.10", 8090, Tcp, true),
+        ("198.18.1.7", "198.18.0.10", 8091, Tcp, false),
+        ("198.18.1.7", "198.18.0.10", 53, Udp, true),
+        ("198.18.1.5", "198.18.0.10", 8091, Tcp, true), // client: shop/web's range
+        ("198.18.1.5", "198.18.0.10", 53, Udp, false),
         ("198.18.0.10", "198.18.0.11", 5432, Tcp, true), // web -> db
-        ("198.18.1.5", "198.18.0.11", 22, Tcp, true),   // db-from-client: all ports
+        ("198.18.1.5", "198.18.0.11", 22, Tcp, true),    // db-from-client: all ports
         ("198.18.1.6", "198.18.0.11", 5432, Tcp, false),
         ("198.18.0.11", "10.2.3.4", 53, Udp, true), // db egress ipBlock
         ("198.18.0.11", "10.1.3.4", 53, Udp, false), // except
@@ -257,8 +330,17 @@ fn policy_fixed_world_verdicts() {
             .iter()
             .all(|p| p.allows(src.parse().unwrap(), dst.parse().unwrap(), port, proto));
         let why = explain(&w.policies, &w.namespaces, &c);
+        let nft = rendered_allows(
+            &w,
+            &evals,
+            src.parse().unwrap(),
+            dst.parse().unwrap(),
+            port,
+            proto,
+        );
         assert_eq!(reference, want, "reference {src} -> {dst} {port}: {why}");
         assert_eq!(compiled, want, "compiled {src} -> {dst} {port}: {why}");
+        assert_eq!(nft, Ok(want), "rendered {src} -> {dst} {port}: {why}");
         assert_eq!(why.allowed, want, "{why}");
     }
 }
@@ -311,7 +393,10 @@ fn policy_sets_are_shared_and_label_changes_only_touch_elements() {
     extra.name = "client-2".into();
     extra.ips = vec!["198.18.1.99".parse().unwrap()];
     w.pods.push(extra);
-    w.pods[3].labels.insert("app".into(), "other".into());
+    w.pods[3]
+        .labels
+        .to_mut()
+        .insert("app".into(), "other".into());
     let after = rendered(&compile(&w.policies, &w.namespaces, &w.pods, "n1"));
     assert_eq!(before.chains, after.chains);
     assert_eq!(before.maps, after.maps);
@@ -324,6 +409,88 @@ fn policy_sets_are_shared_and_label_changes_only_touch_elements() {
     }
     assert!(diff.contains("198.18.1.99"), "{diff}");
     assert!(diff.contains("delete element inet malla pol-") && diff.contains("198.18.1.6"));
+}
+
+/// Many policies allowing different peers on one port: the peers chain of that port matches
+/// them through one union set per family, the verdicts stay the reference's, and a label change
+/// still only touches set elements.
+#[test]
+fn policy_many_peers_on_one_port_are_one_lookup() {
+    use Protocol::*;
+    let mut w = fixed_world();
+    for i in 0..8 {
+        w.policies.push(policy(
+            "shop",
+            &format!("web-from-c{i}"),
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": format!("c{i}")}}}],
+                    "ports": [{"port": 9000}]
+                }]
+            }),
+        ));
+    }
+    w.policies.push(policy(
+        "shop",
+        "web-from-net",
+        serde_json::json!({
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "192.0.2.0/24"}}], "ports": [{"port": 9000}]}]
+        }),
+    ));
+    w.pods[2].labels.to_mut().insert("app".into(), "c3".into());
+    let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+    let t = rendered(&prog);
+    let map = &t.maps["pol-in-mla0a1b2c3d4e-tcp"];
+    let chain = map.elements["9000"]
+        .strip_prefix("goto ")
+        .expect("a peers chain");
+    let rules = &t.chains[chain].rules;
+    // Pod addresses (v4, v6) through one union, the ipBlock on its own, then drop.
+    assert_eq!(rules.len(), 4, "{}", nft::render_full(&t));
+    let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
+    for (src, want) in [
+        ("198.18.1.5", true),
+        ("fd00:198:18::105", true),
+        ("198.18.1.6", false),
+        ("192.0.2.7", true),
+        ("192.0.3.7", false),
+    ] {
+        let dst = if src.contains(':') {
+            "fd00:198:18::10"
+        } else {
+            "198.18.0.10"
+        };
+        let (src, dst) = (src.parse().unwrap(), dst.parse().unwrap());
+        let c = Connection {
+            src: Endpoint::resolve(&w.pods, src),
+            dst: Endpoint::resolve(&w.pods, dst),
+            port: 9000,
+            proto: Tcp,
+        };
+        assert_eq!(reference::allowed(&w.policies, &w.namespaces, &c), want);
+        assert_eq!(
+            rendered_allows(&w, &evals, src, dst, 9000, Tcp),
+            Ok(want),
+            "{src}"
+        );
+    }
+    // A new pod labelled c6 appears: one address added to the union, nothing else.
+    let mut extra = w.pods[2].clone();
+    extra.name = "c6".into();
+    extra.ips = vec!["198.18.1.66".parse().unwrap()];
+    extra.labels.to_mut().insert("app".into(), "c6".into());
+    w.pods.push(extra);
+    let after = rendered(&compile(&w.policies, &w.namespaces, &w.pods, "n1"));
+    assert_eq!(t.chains, after.chains);
+    assert_eq!(t.maps, after.maps);
+    let diff = nft::render_diff(&t, &after).unwrap();
+    assert_eq!(diff.lines().count(), 1, "{diff}");
+    assert!(
+        diff.starts_with("add element") && diff.contains("198.18.1.66"),
+        "{diff}"
+    );
 }
 
 #[test]
@@ -570,13 +737,13 @@ fn arb_world() -> impl Strategy<Value = World> {
                             ips.push(format!("fd00::{}", i + 1).parse().unwrap());
                         }
                         PolicyPod {
-                            namespace: format!("ns{ns}"),
-                            name: format!("pod{i}"),
-                            labels,
+                            namespace: format!("ns{ns}").into(),
+                            name: format!("pod{i}").into(),
+                            labels: Cow::Owned(labels),
                             ips,
-                            node: if remote { s("n2") } else { s("n1") },
-                            ports: cports,
-                            host_ifname: format!("mla{i}"),
+                            node: if remote { "n2" } else { "n1" }.into(),
+                            ports: cports.into(),
+                            host_ifname: format!("mla{i}").into(),
                         }
                     })
                     .collect();
@@ -624,6 +791,12 @@ impl std::fmt::Debug for World {
     }
 }
 
+/// Ports the property test probes: every number the generator uses, and the edges of its
+/// ranges (`n + width`, one past).
+const PROBED_PORTS: [u16; 15] = [
+    53, 54, 55, 64, 80, 81, 82, 83, 85, 90, 91, 92, 8080, 8081, 8091,
+];
+
 fn addresses(w: &World) -> Vec<IpAddr> {
     let mut v: Vec<IpAddr> = w.pods.iter().flat_map(|p| p.ips.clone()).collect();
     v.extend(BARE_IPS.iter().map(|s| s.parse::<IpAddr>().unwrap()));
@@ -639,13 +812,16 @@ proptest! {
             .iter()
             .map(|n| compile(&w.policies, &w.namespaces, &w.pods, n))
             .collect();
+        let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
+        // Every place with two peer sets or more matched through unions.
+        let union_evals = node_evals(&w, &["n1", "n2"], 1);
         let addrs = addresses(&w);
         for &src in &addrs {
             for &dst in &addrs {
                 if src.is_ipv4() != dst.is_ipv4() {
                     continue;
                 }
-                for port in [53u16, 80, 81, 85, 90, 8080] {
+                for port in PROBED_PORTS {
                     for proto in [Protocol::Tcp, Protocol::Udp] {
                         let c = Connection {
                             src: Endpoint::resolve(&w.pods, src),
@@ -655,7 +831,19 @@ proptest! {
                         };
                         let want = reference::allowed(&w.policies, &w.namespaces, &c);
                         let got = progs.iter().all(|p| p.allows(src, dst, port, proto));
+                        let nft = rendered_allows(&w, &evals, src, dst, port, proto);
                         let why = explain(&w.policies, &w.namespaces, &c);
+                        prop_assert_eq!(
+                            rendered_allows(&w, &union_evals, src, dst, port, proto), Ok(want),
+                            "rendered with unions: {} -> {} {}/{}\n{}", src, dst, port, proto.nft(), why
+                        );
+                        prop_assert_eq!(
+                            nft.clone(), Ok(want),
+                            "rendered: {} -> {} {}/{}\n{}\nn1:\n{}\nn2:\n{}",
+                            src, dst, port, proto.nft(), why,
+                            nft::render_full(&rendered(&progs[0])),
+                            nft::render_full(&rendered(&progs[1]))
+                        );
                         prop_assert_eq!(
                             got, want,
                             "{} -> {} {}/{}\n{}\nprograms: {}",
@@ -665,6 +853,50 @@ proptest! {
                         prop_assert_eq!(why.allowed, want, "{}", why);
                     }
                 }
+            }
+        }
+    }
+
+    /// Selectors over namespaces of more than 64 pods (the label index's bit sets span words);
+    /// more selectors than a group matches pod by pod, so the later ones use the index.
+    #[test]
+    fn policy_selector_sets_in_large_namespaces(
+        labels in prop::collection::vec(arb_labels(), 130..200),
+        sels in prop::collection::vec(arb_selector(), 6),
+    ) {
+        let pods: Vec<PolicyPod> = labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| PolicyPod {
+                namespace: "big".into(),
+                name: format!("p{i}").into(),
+                labels: Cow::Owned(l),
+                ips: vec![IpAddr::from([10, 1, (i / 256) as u8, (i % 256) as u8])],
+                node: if i == 0 { "n1" } else { "n2" }.into(),
+                host_ifname: format!("mla{i}").into(),
+                ..Default::default()
+            })
+            .collect();
+        let ingress: Vec<serde_json::Value> = sels
+            .iter()
+            .enumerate()
+            .map(|(j, sel)| serde_json::json!({"from": [{"podSelector": sel}], "ports": [{"port": 80 + j}]}))
+            .collect();
+        let policies = vec![policy(
+            "big",
+            "from-selected",
+            serde_json::json!({"podSelector": {"matchLabels": {}}, "ingress": ingress}),
+        )];
+        let namespaces = vec![ns("big", &[])];
+        let prog = compile(&policies, &namespaces, &pods, "n1");
+        let to = pods[0].ips[0];
+        for p in &pods[1..] {
+            for (j, sel) in sels.iter().enumerate() {
+                prop_assert_eq!(
+                    prog.allows(p.ips[0], to, 80 + j as u16, Protocol::Tcp),
+                    sel.matches(&p.labels),
+                    "{} {:?} selector {}", p.name, p.labels, j
+                );
             }
         }
     }
