@@ -64,6 +64,10 @@ struct Args {
     /// Full re-reads of the view (`read_view`) timed for the current design's row (median).
     #[arg(long, default_value_t = 3)]
     rereads: usize,
+    /// Agents re-reading the view at once (each over its own connection), timed to extrapolate
+    /// what every node re-reading costs etcd; 0 skips it.
+    #[arg(long, default_value_t = 8)]
+    concurrent_rereads: usize,
     /// Simulated CNI ADDs in part 3.
     #[arg(long, default_value_t = 200)]
     adds: usize,
@@ -731,6 +735,8 @@ struct Propagation {
     reread: Duration,
     reread_bytes: u64,
     reread_lists: u64,
+    /// Wall time of `--concurrent-rereads` read_views at once, and etcd's CPU time meanwhile.
+    concurrent: Option<(Duration, Duration)>,
 }
 
 fn self_rss_kib() -> u64 {
@@ -754,25 +760,6 @@ fn propagation(
     store: &EtcdStore,
     deadline: Instant,
 ) -> anyhow::Result<Propagation> {
-    // The current design first, while nothing else runs.
-    let mut rereads = Vec::new();
-    let (mut reread_bytes, mut reread_lists) = (0, 0);
-    for _ in 0..args.rereads.max(1) {
-        check(deadline)?;
-        let counting = Counting::new(store);
-        let t = Instant::now();
-        malla_agent::read_view(&counting).context("read_view")?;
-        rereads.push(t.elapsed());
-        reread_bytes = counting.read_bytes.load(Ordering::Relaxed);
-        reread_lists = counting.reads.load(Ordering::Relaxed);
-    }
-    eprintln!(
-        "propagation: read_view {} ms, {:.1} MB; starting {} watchers",
-        ms(percentile(&rereads, 50.0)),
-        reread_bytes as f64 / 1e6,
-        args.nodes
-    );
-
     let etcd_rss0 = malla_bench::status_kib(etcd.pid(), "VmRSS")?.unwrap_or(0);
     let self_rss0 = self_rss_kib();
     let t = Instant::now();
@@ -837,6 +824,30 @@ fn propagation(
     let threads = fleet.threads.len();
     let clients = fleet.clients;
     drop(fleet);
+    // The current design, once the watchers are gone (nothing else runs).
+    let mut rereads = Vec::new();
+    let (mut reread_bytes, mut reread_lists) = (0, 0);
+    for _ in 0..args.rereads.max(1) {
+        check(deadline)?;
+        let counting = Counting::new(store);
+        let t = Instant::now();
+        malla_agent::read_view(&counting).context("read_view")?;
+        rereads.push(t.elapsed());
+        reread_bytes = counting.read_bytes.load(Ordering::Relaxed);
+        reread_lists = counting.reads.load(Ordering::Relaxed);
+    }
+    let concurrent = match args.concurrent_rereads {
+        0 => None,
+        k => Some(concurrent_rereads(etcd, &args.prefix, k)?),
+    };
+    eprintln!(
+        "propagation: read_view {} ms, {:.1} MB; {} at once: {:?}",
+        ms(percentile(&rereads, 50.0)),
+        reread_bytes as f64 / 1e6,
+        args.concurrent_rereads,
+        concurrent,
+    );
+
     Ok(Propagation {
         setup,
         clients,
@@ -850,6 +861,37 @@ fn propagation(
         reread: percentile(&rereads, 50.0),
         reread_bytes,
         reread_lists,
+        concurrent,
+    })
+}
+
+/// `k` agents re-reading the view at the same moment, each over its own connection (as
+/// every node would after a change): the wall time until the last one has it, and the CPU
+/// time etcd spent meanwhile.
+fn concurrent_rereads(etcd: &Etcd, prefix: &str, k: usize) -> anyhow::Result<(Duration, Duration)> {
+    let stores = (0..k)
+        .map(|_| connect(etcd, prefix))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let start = std::sync::Barrier::new(k + 1);
+    std::thread::scope(|s| {
+        let readers: Vec<_> = stores
+            .iter()
+            .map(|st| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    malla_agent::read_view(st).map(|_| ())
+                })
+            })
+            .collect();
+        let cpu0 = cpu_time(etcd.pid());
+        start.wait();
+        let t = Instant::now();
+        for r in readers {
+            r.join()
+                .map_err(|_| anyhow!("a re-reading thread panicked"))??;
+        }
+        Ok((t.elapsed(), cpu_time(etcd.pid()).saturating_sub(cpu0)))
     })
 }
 
@@ -946,6 +988,34 @@ fn report_propagation(args: &Args, p: &Propagation) {
         "-",
         ""
     );
+    if let Some((wall, etcd_cpu)) = p.concurrent {
+        let k = args.concurrent_rereads;
+        let all = wall.mul_f64(n as f64 / k as f64);
+        println!(
+            "{:<46} {:>7} {:>9} {:>9} {:>9} {:>13} {:>16} {:>11} {:>4}",
+            format!("current agent: {k} re-reading at once (wall)"),
+            format!("{k} nodes"),
+            ms(wall),
+            "-",
+            "-",
+            human_bytes(p.reread_bytes as f64),
+            format!("~{:.0} s", all.as_secs_f64()),
+            "p99 < 1000",
+            yes(all < Duration::from_secs(1))
+        );
+        let per_read = etcd_cpu / k as u32;
+        println!(
+            "   {k} agents re-reading at once take {} ms, {:.0} MB/s out of etcd (their decoding shares this machine's CPUs with etcd): all {n} nodes re-reading after one change would take ~{:.0} s (x {n}/{k}, extrapolated, not run)",
+            ms(wall),
+            ratio(p.reread_bytes as f64 * k as f64 / 1e6, wall.as_secs_f64()),
+            all.as_secs_f64()
+        );
+        println!(
+            "   etcd alone spent {} ms of CPU per re-read served: {n} re-reads are ~{:.0} CPU-seconds of etcd per change, whatever the clients' hardware",
+            per_read.as_millis(),
+            (per_read * n as u32).as_secs_f64()
+        );
+    }
     println!(
         "   watch latency = put start -> event decoded by the watcher; {missed} (watcher, change) pairs missed (not within {} s).",
         RECEIPT_TIMEOUT.as_secs()
@@ -1350,8 +1420,13 @@ fn main() -> anyhow::Result<()> {
                 .map(|l| l.trim_start_matches("etcd Version: ").to_string())
         })
         .unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "datastore-scale: {} nodes, {} pods ({} per node, {} /26 block(s) each), etcd {version} (single member, 127.0.0.1 in {netns_name}, data on /dev/shm)",
+        "datastore-scale: {} nodes, {} pods ({} per node, {} /26 block(s) each), etcd {version} (single member, 127.0.0.1 in {netns_name}, data on /dev/shm); {cpus} CPUs, load {load}",
         args.nodes,
         args.pods,
         args.pods.div_ceil(args.nodes),
