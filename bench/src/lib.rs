@@ -1,10 +1,13 @@
 //! Shared pieces of Malla's benchmarks: guards that delete every namespace and lab they made
 //! (also on error, panic or Ctrl-C), percentiles and report cells, child processes with a
 //! deadline, the `malla` and `malla-cni` binaries (arguments, defaults, lab options), the
-//! reference CNI chain, TCP connection latency from a namespace, and the agent's `/proc` figures.
+//! reference CNI chain, TCP connection latency from a namespace, the agent's `/proc` figures,
+//! and a loopback etcd ([`etcd`]).
 //!
 //! Every namespace a benchmark creates is named `malla-bench-<pid>-...` and is deleted by that
 //! exact name; labs are named `bench-<pid>-...`, so their namespaces share the prefix.
+
+pub mod etcd;
 
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
