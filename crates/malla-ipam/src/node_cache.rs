@@ -302,9 +302,9 @@ impl NodeCache {
                 malla_store::put_json(store, key, ep)?;
             }
             self.modify(|s| {
-                if let Some(now) = s.pending.remove(handle) {
-                    for ip in now.addrs {
-                        s.held.insert(ip, (handle.clone(), now_secs()));
+                if let Some(done) = s.pending.remove(handle) {
+                    for ip in done.addrs {
+                        s.held.insert(ip, (handle.clone(), now()));
                     }
                 }
                 Ok(())
@@ -322,10 +322,6 @@ impl NodeCache {
         }
         Ok(out)
     }
-}
-
-fn now_secs() -> u64 {
-    now()
 }
 
 #[cfg(test)]

@@ -1009,16 +1009,8 @@ pub fn is_running(pid: u32, state_dir: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true);
-    !zombie && String::from_utf8_lossy(&cmdline).contains(&*state_dir.to_string_lossy())
+    !crate::process::is_zombie(pid)
+        && String::from_utf8_lossy(&cmdline).contains(&*state_dir.to_string_lossy())
 }
 
 /// Starts the control plane detached from this process (each process in its own session,

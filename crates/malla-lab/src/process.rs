@@ -50,7 +50,8 @@ pub fn is_ours(pid: u32) -> bool {
         && !is_zombie(pid)
 }
 
-fn is_zombie(pid: u32) -> bool {
+/// Whether `pid` has exited but is not reaped yet (or is gone).
+pub fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {
             s.rsplit(')')

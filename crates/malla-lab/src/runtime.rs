@@ -420,9 +420,8 @@ fn wait_for_controller_slices(
             malla_api::keys::ENDPOINT_SLICES,
         )?;
         let mut have = addresses(&mut have.into_iter().map(|(_, s, _)| s));
-        have.retain(|k, _| {
-            expected.contains_key(k) || state.services.get(k).is_some_and(|s| s.selector.is_some())
-        });
+        // Only Services with a selector are the controller's (expected holds no other).
+        have.retain(|k, _| state.services.get(k).is_some_and(|s| s.selector.is_some()));
         if have == expected {
             return Ok(());
         }

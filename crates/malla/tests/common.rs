@@ -13,21 +13,11 @@ pub fn malla_bin() -> PathBuf {
 }
 
 pub fn require_root() -> bool {
-    if nix_is_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
         return true;
     }
     panic!("lab tests need root (network namespaces); run the suite as root");
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);

@@ -116,17 +116,7 @@ fn outage(datastore: &str) {
     let outage_start = Instant::now();
     // SAFETY: signalling the lab's own server, by the pid the lab recorded.
     assert_eq!(unsafe { libc::kill(server, libc::SIGKILL) }, 0);
-    while std::path::Path::new(&format!("/proc/{server}/cmdline")).exists()
-        && std::fs::read_to_string(format!("/proc/{server}/stat"))
-            .map(|s| {
-                !s.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(false)
-    {
+    while malla_lab::process::is_ours(server as u32) {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(1));

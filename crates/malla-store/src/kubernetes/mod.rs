@@ -275,19 +275,25 @@ impl KubeStore {
         };
         let kinds = self.kinds.clone();
         self.run_for(Duration::from_secs(60), "install CRDs", async move {
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &crd_api);
+            let definitions: Api<DynamicObject> = Api::all_with(client.clone(), &crd_api);
             for (plural, crd) in crds {
                 let name = format!("{plural}.{}", kinds::GROUP);
                 let mut obj = from_value(&name, crd)?;
-                match api.get_opt(&name).await.map_err(|e| kerr("get CRD", e))? {
+                match definitions
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| kerr("get CRD", e))?
+                {
                     Some(old) => {
                         obj.metadata.resource_version = old.metadata.resource_version;
-                        api.replace(&name, &PostParams::default(), &obj)
+                        definitions
+                            .replace(&name, &PostParams::default(), &obj)
                             .await
                             .map_err(|e| kerr("replace CRD", e))?;
                     }
                     None => {
-                        api.create(&PostParams::default(), &obj)
+                        definitions
+                            .create(&PostParams::default(), &obj)
                             .await
                             .map_err(|e| kerr("create CRD", e))?;
                     }
@@ -295,7 +301,7 @@ impl KubeStore {
             }
             // Established: a list of each kind answers.
             for k in kinds.iter().filter(|k| k.shape == Shape::Custom) {
-                let a = api_for(&client, k);
+                let a = api(&client, k, None);
                 let deadline = Instant::now() + Duration::from_secs(30);
                 while let Err(e) = a.list(&ListParams::default().limit(1)).await {
                     if Instant::now() > deadline {
@@ -465,15 +471,11 @@ impl KubeStore {
     }
 }
 
-fn api_for(client: &Client, kind: &Kind) -> Api<DynamicObject> {
-    api(client, kind, None)
-}
-
 /// Watches one kind from `rev` for as long as the store lives, reporting every change's
 /// revision. Resumes from the last seen resource version; on 410 Gone, from a fresh list
 /// (reported as a change, since events may have been missed).
 async fn watch_forever(client: Client, kind: Kind, mut rev: Revision, changes: Arc<Changes>) {
-    let api = api_for(&client, &kind);
+    let api = api(&client, &kind, None);
     let mut backoff = Duration::from_millis(200);
     loop {
         let mut gone = false;
@@ -721,7 +723,7 @@ async fn replay(
     now: Revision,
     out: &mut Vec<Event>,
 ) -> Result<(), StoreError> {
-    let api = api_for(client, kind);
+    let api = api(client, kind, None);
     let stream = match api
         .watch(&WatchParams::default().timeout(5), &after.to_string())
         .await
