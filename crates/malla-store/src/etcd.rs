@@ -30,15 +30,17 @@ use etcd_client::{
 };
 
 use crate::runtime::{run_on, RuntimeThread};
-use crate::{Event, KeyValue, Revision, Store, StoreError};
+use crate::stream::{Pusher, IDLE_CHECK};
+use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 
 /// How long `events_since` waits for the watch to go quiet when etcd's newest revisions are
 /// outside the watched range (etcd 3.4 syncs a new watcher's history every 100 ms and gives no
 /// reliable "caught up" marker, so silence is the marker).
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(300);
 
-/// Pause between watch attempts while etcd is unreachable.
+/// Pause between watch attempts while etcd is unreachable (doubling up to the maximum).
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
+const MAX_RETRY_PAUSE: Duration = Duration::from_secs(5);
 
 /// Largest response accepted (a big `list`).
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
@@ -540,6 +542,28 @@ impl Store for EtcdStore {
         self.run("read revision", current_revision(kv, range))
     }
 
+    fn watch<'a>(
+        &'a self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<Box<dyn Watch + 'a>, StoreError> {
+        let Scan::Range(range) = self.scan(prefix) else {
+            return Err(StoreError::InvalidKey {
+                key: prefix.to_string(),
+                reason: "etcd store keys start with '/'".into(),
+            });
+        };
+        let (out, watch) = crate::stream::channel();
+        self.runtime.handle.spawn(watch_into(
+            self.client.clone(),
+            range,
+            self.prefix.len(),
+            after.saturating_add(1),
+            out,
+        ));
+        Ok(Box::new(watch))
+    }
+
     /// Watches the store's namespace from `after + 1`: returns as soon as a change under the
     /// prefix is (or was) there, else the current revision after `timeout`. Survives etcd
     /// restarts within the timeout by re-watching.
@@ -568,6 +592,70 @@ impl Store for EtcdStore {
             Some(rev) => Ok(rev),
             None => self.revision(),
         }
+    }
+}
+
+/// Feeds a [`crate::Watch`]: one etcd watch over `range` from `from`, reopened from the
+/// revision after the last event delivered when the stream breaks (etcd restarting), with
+/// backoff; compaction past that revision ends it with [`StoreError::Compacted`].
+async fn watch_into(client: Client, range: Range, plen: usize, mut from: Revision, out: Pusher) {
+    let mut backoff = RETRY_PAUSE;
+    while !out.gone() {
+        let mut watch = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let opts = range.watch_options().with_start_revision(from.max(1));
+        let failure = match watch.watch(range.start.clone(), Some(opts)).await {
+            Err(e) => etcd_err("watch")(e),
+            Ok(mut stream) => loop {
+                let msg = match tokio::time::timeout(IDLE_CHECK, stream.message()).await {
+                    Err(_) if out.gone() => return,
+                    Err(_) => continue,
+                    Ok(m) => m,
+                };
+                let resp = match msg {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => break StoreError::Backend("etcd watch: stream closed".into()),
+                    Err(e) => break etcd_err("watch")(e),
+                };
+                if resp.compact_revision() > 0 {
+                    out.push(Err(StoreError::Compacted {
+                        requested: from - 1,
+                        oldest: resp.compact_revision(),
+                    }));
+                    return;
+                }
+                if resp.canceled() {
+                    break StoreError::Backend(format!(
+                        "etcd watch canceled: {}",
+                        resp.cancel_reason()
+                    ));
+                }
+                let mut events = Vec::with_capacity(resp.events().len());
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    from = from.max(kv.mod_revision() + 1);
+                    match EtcdStore::convert(plen, kv) {
+                        Ok(kv) => events.push(match ev.event_type() {
+                            EventType::Put => Event::Put(kv),
+                            EventType::Delete => Event::Delete {
+                                revision: kv.mod_revision,
+                                key: kv.key,
+                            },
+                        }),
+                        // A key this store could not have written: skip it, keep watching.
+                        Err(e) => tracing::warn!(error = %e, "etcd watch: skipping a key"),
+                    }
+                }
+                backoff = RETRY_PAUSE;
+                if !events.is_empty() && !out.push(Ok(events)) {
+                    return;
+                }
+            },
+        };
+        if !out.push(Err(failure)) {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_RETRY_PAUSE);
     }
 }
 

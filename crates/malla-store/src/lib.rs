@@ -5,13 +5,14 @@
 //!
 //! The model is a small etcd: string keys, string (JSON) values, a single global revision
 //! counter bumped by every write, per-key create/mod revisions for compare-and-swap, and an
-//! event log that watchers replay with [`Store::events_since`].
+//! event log that watchers replay with [`Store::events_since`] or follow with [`Store::watch`].
 
 mod etcd;
 pub mod kubernetes;
 mod local;
 mod runtime;
 mod spec;
+mod stream;
 
 pub use etcd::{EtcdStore, DEFAULT_SETTLE};
 pub use kubernetes::KubeStore;
@@ -127,6 +128,59 @@ pub trait Store: Send + Sync {
     /// the current revision (> after when something changed). Blocking: call it from a plain
     /// thread, or accept that it holds the calling thread.
     fn wait_for_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError>;
+    /// A stream of every change under `prefix` after revision `after` (typically a list's
+    /// revision). Changes to one key arrive in order; replaying a change already seen (the
+    /// stream may start before a list that saw it) is harmless for a consumer that keeps
+    /// the latest value per key. Backends with a push protocol (etcd, Kubernetes) keep one
+    /// server-side watch open; the default polls [`Store::wait_for_change`] and
+    /// [`Store::events_since`].
+    fn watch<'a>(
+        &'a self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<Box<dyn Watch + 'a>, StoreError> {
+        Ok(Box::new(PollWatch {
+            store: self,
+            prefix: prefix.to_string(),
+            after,
+        }))
+    }
+}
+
+/// An open stream of changes ([`Store::watch`]).
+pub trait Watch: Send {
+    /// The changes that arrived since the last call, waiting up to `timeout` for the first
+    /// (empty when none came). [`StoreError::Compacted`]: changes were lost (history
+    /// compacted, or the server restarted without it): list again and open a new watch.
+    /// Any other error is transient (the server is away): call again; the stream resumes
+    /// where it stopped.
+    fn next(&mut self, timeout: Duration) -> Result<Vec<Event>, StoreError>;
+}
+
+/// The default [`Watch`]: waits for a change, then replays the event log from the last
+/// revision returned.
+struct PollWatch<'a, S: ?Sized> {
+    store: &'a S,
+    prefix: String,
+    after: Revision,
+}
+
+impl<S: Store + ?Sized> Watch for PollWatch<'_, S> {
+    fn next(&mut self, timeout: Duration) -> Result<Vec<Event>, StoreError> {
+        let now = self.store.wait_for_change(self.after, timeout)?;
+        if now <= self.after {
+            return Ok(Vec::new());
+        }
+        let events = self.store.events_since(&self.prefix, self.after)?;
+        // Revisions outside the prefix count too: nothing below `now` is left to replay.
+        self.after = events
+            .iter()
+            .map(Event::revision)
+            .max()
+            .unwrap_or(now)
+            .max(now);
+        Ok(events)
+    }
 }
 
 fn decode<T: DeserializeOwned>(key: &str, value: &str) -> Result<T, StoreError> {

@@ -284,6 +284,8 @@ fn wait_and_events_resume_after_etcd_restart() {
     let waiter = etcd.store("/malla-r");
     let writer = etcd.store("/malla-r");
     let r1 = writer.put("/r/a", "1").unwrap();
+    // A push watch opened now resumes across the restart too.
+    let mut watch = waiter.watch("/r/", r1).unwrap();
     let t = Instant::now();
     let woke = std::thread::scope(|sc| {
         let wait = sc.spawn(|| waiter.wait_for_change(r1, Duration::from_secs(30)));
@@ -308,6 +310,18 @@ fn wait_and_events_resume_after_etcd_restart() {
         woke
     });
     eprintln!("wait across restart woke at {woke} after {:?}", t.elapsed());
+    // The watch reported the outage as transient errors, then delivered the write once.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.is_empty() && Instant::now() < deadline {
+        match watch.next(Duration::from_millis(500)) {
+            Ok(ev) => seen.extend(ev),
+            Err(StoreError::Compacted { .. }) => panic!("history survived; no re-list needed"),
+            Err(e) => eprintln!("watch across restart: {e}"),
+        }
+    }
+    assert_eq!(seen.iter().map(Event::key).collect::<Vec<_>>(), ["/r/b"]);
+    drop(watch);
     // History survived the restart, and the old handle reads it.
     let ev = waiter.events_since("/r/", r1 - 1).unwrap();
     assert_eq!(

@@ -67,6 +67,11 @@ fn json_helpers() {
 }
 
 #[test]
+fn watch_keeps_a_mirror_equal_to_a_list() {
+    on_fresh_file(KEEP_ALL, conformance::watch_keeps_a_mirror_equal_to_a_list);
+}
+
+#[test]
 fn wait_for_change_wakes_on_another_handles_write() {
     on_fresh_file(
         KEEP_ALL,

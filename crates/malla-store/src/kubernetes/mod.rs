@@ -19,7 +19,8 @@
 //! Change notification ([`Store::wait_for_change`]) runs one watch per kind in the
 //! background from the first revision asked about, resumed from the last seen resource
 //! version after a dropped connection (with backoff) and restarted from a fresh list when the
-//! server answers 410 Gone.
+//! server answers 410 Gone. [`Store::watch`] opens one watch per kind under its prefix, all
+//! feeding one stream; 410 ends it with [`StoreError::Compacted`] so the consumer lists again.
 
 pub mod kinds;
 pub mod native;
@@ -38,7 +39,8 @@ use kube::{Client, Config};
 use serde_json::Value;
 
 use crate::runtime::{run_on, RuntimeThread};
-use crate::{Event, KeyValue, Revision, Store, StoreError};
+use crate::stream::{Pusher, IDLE_CHECK};
+use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 use kinds::{Kind, Location, Shape, SliceApi};
 
 /// Page size of lists.
@@ -526,7 +528,130 @@ async fn watch_forever(client: Client, kind: Kind, mut rev: Revision, changes: A
     }
 }
 
+/// Feeds a [`crate::Watch`] with one kind's changes under `prefix`: watched from `rev`,
+/// resumed from the last resource version seen when the stream ends or breaks (with backoff),
+/// ended with [`StoreError::Compacted`] on 410 Gone. A custom resource not installed yet
+/// (404) is waited for quietly.
+async fn watch_kind_into(
+    client: Client,
+    kind: Kind,
+    prefix: String,
+    mut rev: Revision,
+    out: Pusher,
+) {
+    let api = api(&client, &kind, None);
+    let mut backoff = Duration::from_millis(200);
+    let gone = |requested| StoreError::Compacted {
+        requested,
+        oldest: requested + 1,
+    };
+    while !out.gone() {
+        let params = WatchParams::default().timeout(IDLE_CHECK.as_secs() as u32 * 30);
+        let failure = match api.watch(&params, &rev.to_string()).await {
+            Err(e) if code(&e) == Some(410) => {
+                out.push(Err(gone(rev)));
+                return;
+            }
+            Err(e) if code(&e) == Some(404) && kind.shape == Shape::Custom => None,
+            Err(e) => Some(kerr(&format!("watch {}", kind.resource.plural), e)),
+            Ok(stream) => {
+                let mut stream = std::pin::pin!(stream);
+                loop {
+                    let ev = match tokio::time::timeout(IDLE_CHECK, stream.next()).await {
+                        Err(_) if out.gone() => return,
+                        Err(_) => continue,
+                        // The server ended the watch (its timeout): resume.
+                        Ok(None) => break None,
+                        Ok(Some(ev)) => ev,
+                    };
+                    let (obj, deleted) = match ev {
+                        Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => (o, false),
+                        Ok(WatchEvent::Deleted(o)) => (o, true),
+                        Ok(WatchEvent::Bookmark(b)) => {
+                            if let Ok(r) = parse_rv(Some(&b.metadata.resource_version)) {
+                                rev = rev.max(r);
+                            }
+                            continue;
+                        }
+                        Ok(WatchEvent::Error(s)) if s.code == 410 => {
+                            out.push(Err(gone(rev)));
+                            return;
+                        }
+                        Ok(WatchEvent::Error(s)) => {
+                            break Some(StoreError::Backend(format!(
+                                "kubernetes watch {}: {}",
+                                kind.resource.plural, s.message
+                            )))
+                        }
+                        Err(e) => break Some(kerr(&format!("watch {}", kind.resource.plural), e)),
+                    };
+                    let Ok(r) = object_rv(&obj) else { continue };
+                    rev = rev.max(r);
+                    backoff = Duration::from_millis(200);
+                    let events: Vec<Event> = match records(&kind, &obj) {
+                        Ok(recs) => recs
+                            .into_iter()
+                            .filter(|(key, _)| key.starts_with(&prefix))
+                            .map(|(key, value)| {
+                                if deleted {
+                                    Event::Delete { key, revision: r }
+                                } else {
+                                    Event::Put(KeyValue {
+                                        key,
+                                        value,
+                                        create_revision: 0,
+                                        mod_revision: r,
+                                    })
+                                }
+                            })
+                            .collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "kubernetes watch: skipping an object");
+                            continue;
+                        }
+                    };
+                    if !events.is_empty() && !out.push(Ok(events)) {
+                        return;
+                    }
+                }
+            }
+        };
+        match failure {
+            None => {
+                if kind.shape == Shape::Custom {
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            Some(e) => {
+                if !out.push(Err(e)) {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 impl Store for KubeStore {
+    fn watch<'a>(
+        &'a self,
+        prefix: &str,
+        after: Revision,
+    ) -> Result<Box<dyn Watch + 'a>, StoreError> {
+        let (out, watch) = crate::stream::channel();
+        for kind in self.kinds_under(prefix) {
+            self.runtime.handle.spawn(watch_kind_into(
+                self.client.clone(),
+                kind,
+                prefix.to_string(),
+                after,
+                out.clone(),
+            ));
+        }
+        Ok(Box::new(watch))
+    }
+
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let (kind, loc) = self.locate(key)?;
         if kind.shape == Shape::Endpoints {

@@ -389,6 +389,87 @@ pub fn wait_for_change_wakes_on_another_handles_write(open: Open<'_>) {
     assert!(start.elapsed() < Duration::from_secs(2));
 }
 
+/// A watch opened at a list's revision, fed into a key -> value map, ends equal to a fresh
+/// list while another handle creates, updates and deletes keys (some outside the prefix);
+/// each key's changes arrive in revision order; nothing arrives for keys outside the prefix.
+pub fn watch_keeps_a_mirror_equal_to_a_list(open: Open<'_>) {
+    let a = open();
+    let b = open();
+    b.put(&k("/w/seed"), &v("0")).unwrap();
+    let (listed, at) = a.list(&k("/w/")).unwrap();
+    let mut mirror: std::collections::BTreeMap<String, String> =
+        listed.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    let mut watch = a.watch(&k("/w/"), at).unwrap();
+    let mut last_rev: std::collections::BTreeMap<String, Revision> = Default::default();
+    let apply = |events: Vec<Event>,
+                 mirror: &mut std::collections::BTreeMap<String, String>,
+                 last_rev: &mut std::collections::BTreeMap<String, Revision>| {
+        for e in events {
+            assert!(
+                e.key().starts_with(&k("/w/")),
+                "{} is outside the prefix",
+                e.key()
+            );
+            let prev = last_rev.insert(e.key().to_string(), e.revision());
+            assert!(
+                prev.is_none_or(|p| p < e.revision()),
+                "{} out of order",
+                e.key()
+            );
+            match e {
+                Event::Put(kv) => {
+                    mirror.insert(kv.key, kv.value);
+                }
+                Event::Delete { key, .. } => {
+                    mirror.remove(&key);
+                }
+            }
+        }
+    };
+    let last = std::thread::scope(|sc| {
+        let w = sc.spawn(|| {
+            let mut last = 0;
+            for i in 0..30 {
+                last = b
+                    .put(&k(&format!("/w/{}", i % 7)), &v(&i.to_string()))
+                    .unwrap();
+                b.put(&k(&format!("/x/{i}")), &v("other")).unwrap();
+                if i % 5 == 4 {
+                    if let Some(r) = b.delete(&k(&format!("/w/{}", i % 3)), None).unwrap() {
+                        last = r;
+                    }
+                }
+            }
+            last
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !w.is_finished() && Instant::now() < deadline {
+            apply(
+                watch.next(Duration::from_millis(100)).unwrap(),
+                &mut mirror,
+                &mut last_rev,
+            );
+        }
+        w.join().unwrap()
+    });
+    let (now, _) = a.list(&k("/w/")).unwrap();
+    let want: std::collections::BTreeMap<String, String> =
+        now.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (mirror != want || last_rev.values().max().is_none_or(|r| *r < last))
+        && Instant::now() < deadline
+    {
+        apply(
+            watch.next(Duration::from_millis(200)).unwrap(),
+            &mut mirror,
+            &mut last_rev,
+        );
+    }
+    assert_eq!(mirror, want);
+    // Quiet now: nothing more arrives.
+    assert!(watch.next(Duration::from_millis(300)).unwrap().is_empty());
+}
+
 pub fn concurrent_cas_increments_from_separate_handles(
     open: Open<'_>,
     threads: usize,
@@ -458,6 +539,10 @@ pub fn run_all(fresh: Fresh<'_>, heavy: bool) {
         (
             "wait_for_change_wakes_on_another_handles_write",
             Box::new(wait_for_change_wakes_on_another_handles_write),
+        ),
+        (
+            "watch_keeps_a_mirror_equal_to_a_list",
+            Box::new(watch_keeps_a_mirror_equal_to_a_list),
         ),
         (
             "concurrent_cas_increments_from_separate_handles",
