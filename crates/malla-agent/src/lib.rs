@@ -1,6 +1,7 @@
 //! The node agent: registers its node, then keeps the kernel equal to the calculation's desired
 //! state — routes to other nodes' blocks (direct or VXLAN), the host side of local pods, and the
-//! masquerade table — re-reading the datastore on every change and resyncing periodically.
+//! masquerade table — from a copy of the cluster kept current by a datastore watch
+//! ([`mirror`]), applying each change as it comes and resyncing periodically.
 //!
 //! A restart adopts what the kernel has: it diffs against the routes stamped with Malla's
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
@@ -8,17 +9,16 @@
 
 pub mod config_dir;
 pub mod dataplane;
+pub mod mirror;
 pub mod registration;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use malla_api::service::{EndpointSlice, Service};
-use malla_api::{keys, ClusterConfig, IpPool, Node, WorkloadEndpoint};
 use malla_calc::ClusterView;
 use malla_ipam::node_cache::NodeCache;
-use malla_store::Store;
+use malla_store::{Revision, Store};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -37,48 +37,27 @@ pub struct AgentConfig {
     pub ready_file: Option<PathBuf>,
 }
 
-/// Reads everything the calculation needs.
+/// Reads everything the calculation needs (one list per kind; malformed records are skipped
+/// with a warning, as the agent's [`mirror::Mirror`] does).
 pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
-    Ok(read_view_and_blocks(store)?.0)
+    Ok(mirror::Mirror::load(store, "")?.into_view())
 }
 
-/// [`read_view`], also returning the IPAM blocks in full (the node cache keeps the node's own).
-pub fn read_view_and_blocks(
-    store: &dyn Store,
-) -> anyhow::Result<(ClusterView, Vec<malla_ipam::Block>)> {
-    let config = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)?
-        .map(|(c, _)| c)
-        .unwrap_or_default();
-    let (nodes, _) = malla_store::list_json::<Node>(store, keys::NODES)?;
-    let (pools, _) = malla_store::list_json::<IpPool>(store, keys::POOLS)?;
-    let (endpoints, _) = malla_store::list_json::<WorkloadEndpoint>(store, keys::ENDPOINTS)?;
-    let (services, _) = malla_store::list_json::<Service>(store, keys::SERVICES)?;
-    let (slices, _) = malla_store::list_json::<EndpointSlice>(store, keys::ENDPOINT_SLICES)?;
-    let (pods, _) = malla_store::list_json::<malla_api::Pod>(store, keys::PODS)?;
-    let (namespaces, _) = malla_store::list_json::<malla_api::Namespace>(store, keys::NAMESPACES)?;
-    let (policies, _) =
-        malla_store::list_json::<malla_api::policy::NetworkPolicy>(store, keys::NETWORK_POLICIES)?;
-    let full_blocks = malla_ipam::Ipam::new(store).blocks()?;
-    let blocks = full_blocks
-        .iter()
-        .map(|b| (b.cidr, b.affinity.clone()))
-        .collect();
-    let view = ClusterView {
-        config,
-        nodes: nodes.into_iter().map(|(_, n, _)| n).collect(),
-        pools: pools.into_iter().map(|(_, p, _)| p).collect(),
-        blocks,
-        endpoints: endpoints.into_iter().map(|(_, e, _)| e).collect(),
-        services: services.into_iter().map(|(_, s, _)| s).collect(),
-        endpoint_slices: slices.into_iter().map(|(_, s, _)| s).collect(),
-        pods: pods.into_iter().map(|(_, p, _)| p).collect(),
-        namespaces: namespaces.into_iter().map(|(_, n, _)| n).collect(),
-        policies: policies.into_iter().map(|(_, p, _)| p).collect(),
-    };
-    Ok((view, full_blocks))
-}
+/// How long the watch must stay quiet after the store's revision was read before the agent
+/// reports that revision as applied (changes outside what it watches move the revision too).
+const QUIET: Duration = Duration::from_millis(300);
+/// How often an idle agent reads the store's revision (once a second for [`IDLE_AFTER`] after
+/// a change).
+const IDLE_REVISION_READ: Duration = Duration::from_secs(5);
+const IDLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the agent until the process is killed.
+///
+/// The loop: list the cluster once into a [`mirror::Mirror`], then wait on one datastore
+/// watch; each batch of changes updates the mirror, and when the calculation's input changed
+/// the dataplane is computed and applied again (also every `resync`, repairing drift). When
+/// the datastore is away the kernel is left as it is and the watch resumes by itself; if the
+/// history it needs is gone, the agent lists again.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let store = cfg
         .datastore
@@ -115,20 +94,20 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let mut applied_rev = -1;
-        let mut last_full = Instant::now() - cfg.resync;
+        let mut synced: Option<(mirror::Mirror, Box<dyn malla_store::Watch + '_>)> = None;
+        // What the kernel reflects, what the ready file says, and a store revision read
+        // while the watch was quiet, reported once the watch stays quiet for [`QUIET`].
+        let mut applied: Option<Revision> = None;
+        let mut reported: Revision = -1;
+        let mut quiet_candidate: Option<(Revision, Instant)> = None;
+        let mut confirmed: Revision = -1;
+        let mut dirty = true;
+        let mut cache_dirty = true;
+        let mut last_full = Instant::now();
+        let mut last_change = Instant::now();
+        let mut last_revision_read = Instant::now() - IDLE_REVISION_READ;
         let mut ready = false;
         loop {
-            // The datastore may be away (restarting, partitioned): keep what the kernel has,
-            // which keeps established traffic flowing, and retry until it answers again.
-            let rev = match store.revision() {
-                Ok(rev) => rev,
-                Err(e) => {
-                    tracing::warn!(node = %cfg.node, error = %e, "datastore unreachable; keeping the dataplane as it is");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
             if let Some(cache) = &node_cache {
                 // What pods got while the datastore was away goes in before anything else.
                 if cache.has_pending().unwrap_or(false) {
@@ -147,23 +126,34 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     continue;
                 }
             }
-            if rev != applied_rev || last_full.elapsed() >= cfg.resync {
-                let (view, blocks) = match read_view_and_blocks(store) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "reading the datastore failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        continue;
-                    }
-                };
-                if let (Some(cache), Some(me)) =
-                    (&node_cache, view.nodes.iter().find(|n| n.name == cfg.node))
+            let Some((mirror, watch)) = synced.as_mut() else {
+                // The datastore may be away (restarting, partitioned): keep what the kernel
+                // has, which keeps established traffic flowing, and retry until it answers.
+                match mirror::Mirror::load(store, &cfg.node)
+                    .and_then(|m| Ok((store.watch(mirror::WATCH_PREFIX, m.revision())?, m)))
                 {
-                    if let Err(e) = cache.snapshot(me, &view.config, blocks) {
-                        tracing::warn!(node = %cfg.node, error = %e, "writing the node cache");
+                    Ok((w, m)) => {
+                        tracing::info!(node = %cfg.node, revision = m.revision(), "listed the cluster");
+                        synced = Some((m, w));
+                        dirty = true;
+                        cache_dirty = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %cfg.node, error = %e, "datastore unreachable; keeping the dataplane as it is");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-                let desired = malla_calc::compute(&view, &cfg.node);
+                continue;
+            };
+            if let (Some(cache), true, Some(me)) = (&node_cache, cache_dirty, mirror.me()) {
+                match cache.snapshot(me, &mirror.view().config, mirror.own_blocks().cloned().collect()) {
+                    Ok(()) => cache_dirty = false,
+                    Err(e) => tracing::warn!(node = %cfg.node, error = %e, "writing the node cache"),
+                }
+            }
+            if dirty || last_full.elapsed() >= cfg.resync {
+                let rev = mirror.revision();
+                let desired = malla_calc::compute(mirror.view(), &cfg.node);
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
@@ -172,29 +162,64 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");
                         }
-                        if rev != applied_rev {
-                            if let Some(f) = &cfg.ready_file {
-                                // The ready file holds the revision the kernel now reflects.
-                                let tmp = f.with_extension("tmp");
-                                std::fs::write(&tmp, format!("{rev}\n"))
-                                    .and_then(|_| std::fs::rename(&tmp, f))
-                                    .with_context(|| format!("writing {}", f.display()))?;
-                            }
-                        }
-                        applied_rev = rev;
+                        applied = Some(rev);
+                        dirty = false;
                         last_full = Instant::now();
                         if !ready {
                             ready = true;
                             tracing::info!(node = %cfg.node, revision = rev, "in sync");
                         }
                     }
-                    Err(e) => tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "apply failed; retrying"),
+                    Err(e) => {
+                        tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "apply failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            if let (Some(f), Some(rev)) = (&cfg.ready_file, applied) {
+                // The ready file holds the revision the kernel now reflects.
+                let rev = if dirty { rev } else { rev.max(confirmed) };
+                if rev > reported {
+                    let tmp = f.with_extension("tmp");
+                    std::fs::write(&tmp, format!("{rev}\n"))
+                        .and_then(|_| std::fs::rename(&tmp, f))
+                        .with_context(|| format!("writing {}", f.display()))?;
+                    reported = rev;
                 }
             }
             // Blocking here is fine: netlink replies are only awaited inside `apply`.
-            if let Err(e) = store.wait_for_change(rev, Duration::from_millis(500)) {
-                tracing::warn!(error = %e, "watching the datastore");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            match watch.next(QUIET) {
+                Ok(events) if events.is_empty() => {
+                    // Quiet. A revision read during an earlier quiet spell is now covered: had
+                    // a change under the watch come before it, it would have arrived by now.
+                    match quiet_candidate.take() {
+                        Some((rev, at)) if at.elapsed() >= QUIET => confirmed = confirmed.max(rev),
+                        Some(c) => quiet_candidate = Some(c),
+                        None => {
+                            // Often right after changes, rarely when idle: one small read.
+                            let every = if last_change.elapsed() < IDLE_AFTER { Duration::from_secs(1) } else { IDLE_REVISION_READ };
+                            if last_revision_read.elapsed() >= every {
+                                last_revision_read = Instant::now();
+                                quiet_candidate = store.revision().ok().map(|r| (r, Instant::now()));
+                            }
+                        }
+                    }
+                }
+                Ok(events) => {
+                    quiet_candidate = None;
+                    last_change = Instant::now();
+                    let changed = mirror.apply(events);
+                    dirty |= changed.view;
+                    cache_dirty |= changed.node_cache;
+                }
+                Err(malla_store::StoreError::Compacted { .. }) => {
+                    tracing::warn!(node = %cfg.node, "the datastore's history moved past this agent; listing again");
+                    synced = None;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %cfg.node, error = %e, "watching the datastore; keeping the dataplane as it is");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
     })

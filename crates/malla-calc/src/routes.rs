@@ -1,14 +1,14 @@
 //! Routes to other nodes' pods: one per remote block (its affine node), one /32 or /128 per
 //! address a node borrowed from a block it does not own, and the VXLAN peers in overlay mode.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use malla_api::{ClusterConfig, IpPool, Node, RoutingMode, WorkloadEndpoint};
 
 /// Everything the calculation reads, as of one datastore revision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
     pub config: ClusterConfig,
     pub nodes: Vec<Node>,
@@ -79,7 +79,6 @@ fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
 /// yet: nothing to match.
 pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod<'_>> {
     use std::borrow::Cow;
-    use std::collections::HashMap;
     let mut pods: HashMap<(&str, &str), &malla_api::Pod> = HashMap::with_capacity(view.pods.len());
     pods.extend(
         view.pods
@@ -136,16 +135,17 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
     }
 
     // Addresses used on a node other than their block's owner need a host route of their own.
-    let affine: Vec<(&IpNet, &str)> = view
-        .blocks
-        .iter()
-        .filter_map(|(c, a)| a.as_deref().map(|a| (c, a)))
-        .collect();
+    let mut affine: HashMap<&str, Vec<&IpNet>> = HashMap::new();
+    for (cidr, owner) in &view.blocks {
+        if let Some(owner) = owner.as_deref() {
+            affine.entry(owner).or_default().push(cidr);
+        }
+    }
     for ep in view.endpoints.iter().filter(|e| e.node != me) {
         for ip in ep.addrs() {
             let in_own_block = affine
-                .iter()
-                .any(|(cidr, owner)| *owner == ep.node && cidr.contains(&ip));
+                .get(ep.node.as_str())
+                .is_some_and(|cidrs| cidrs.iter().any(|c| c.contains(&ip)));
             if !in_own_block {
                 route_to(IpNet::from(ip), &ep.node, &mut problems);
             }

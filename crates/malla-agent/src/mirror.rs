@@ -1,0 +1,267 @@
+//! The agent's copy of the cluster: listed once, then kept current by one datastore watch
+//! ([`malla_store::Store::watch`]), so a change elsewhere in the cluster costs a node the
+//! change (decode one value, replace one entry), not a re-read of every record.
+//!
+//! The copy is the calculation's [`ClusterView`] itself, each kind kept in key order (the
+//! order a list returns), so a view built by events equals one built by [`crate::read_view`]
+//! at the same revision. Only what the calculation reads is kept: every IPAM block is a
+//! `(cidr, affinity)` pair, except this node's own blocks, kept whole for the node IPAM cache.
+//! A malformed record is skipped with a warning naming its key; the rest of the cluster keeps
+//! working.
+
+use std::collections::BTreeMap;
+
+use malla_api::policy::NetworkPolicy;
+use malla_api::service::{EndpointSlice, Service};
+use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
+use malla_calc::ClusterView;
+use malla_ipam::Block;
+use malla_store::{Event, KeyValue, Revision, Store, StoreError};
+use serde::de::DeserializeOwned;
+
+/// Every prefix the mirror lists; the watch covers the whole key space (`/`), so it also sees
+/// the writes that carry no record of these kinds and the mirror's revision keeps up.
+const PREFIXES: [&str; 10] = [
+    keys::CLUSTER_CONFIG,
+    keys::NODES,
+    keys::POOLS,
+    keys::BLOCKS,
+    keys::ENDPOINTS,
+    keys::SERVICES,
+    keys::ENDPOINT_SLICES,
+    keys::PODS,
+    keys::NAMESPACES,
+    keys::NETWORK_POLICIES,
+];
+
+/// The prefix the mirror watches.
+pub const WATCH_PREFIX: &str = "/";
+
+/// The keys of one kind, sorted, parallel to the view's vector of that kind.
+#[derive(Debug, Default)]
+struct Keys(Vec<String>);
+
+impl Keys {
+    /// Sets (Some) or removes (None) `key`'s item; returns whether the view changed.
+    fn upsert<T: PartialEq>(&mut self, items: &mut Vec<T>, key: &str, item: Option<T>) -> bool {
+        match (self.0.binary_search_by(|k| k.as_str().cmp(key)), item) {
+            (Ok(i), Some(t)) => {
+                if items[i] == t {
+                    return false;
+                }
+                items[i] = t;
+            }
+            (Ok(i), None) => {
+                self.0.remove(i);
+                items.remove(i);
+            }
+            (Err(i), Some(t)) => {
+                self.0.insert(i, key.to_string());
+                items.insert(i, t);
+            }
+            (Err(_), None) => return false,
+        }
+        true
+    }
+}
+
+/// What one batch of events changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The calculation's input changed: compute and apply the dataplane again.
+    pub view: bool,
+    /// This node's own blocks, its node record or the cluster config changed: refresh the
+    /// node IPAM cache.
+    pub node_cache: bool,
+}
+
+/// The cluster as this node knows it.
+pub struct Mirror {
+    node: String,
+    view: ClusterView,
+    own_blocks: BTreeMap<String, Block>,
+    revision: Revision,
+    nodes: Keys,
+    pools: Keys,
+    blocks: Keys,
+    endpoints: Keys,
+    services: Keys,
+    slices: Keys,
+    pods: Keys,
+    namespaces: Keys,
+    policies: Keys,
+}
+
+impl Mirror {
+    /// Lists every kind the calculation reads. The mirror's revision is the oldest of the
+    /// lists' revisions, so a watch from it replays whatever changed during the listing.
+    pub fn load(store: &dyn Store, node: &str) -> Result<Mirror, StoreError> {
+        let mut m = Mirror {
+            node: node.to_string(),
+            view: ClusterView::default(),
+            own_blocks: BTreeMap::new(),
+            revision: Revision::MAX,
+            nodes: Keys::default(),
+            pools: Keys::default(),
+            blocks: Keys::default(),
+            endpoints: Keys::default(),
+            services: Keys::default(),
+            slices: Keys::default(),
+            pods: Keys::default(),
+            namespaces: Keys::default(),
+            policies: Keys::default(),
+        };
+        for prefix in PREFIXES {
+            let (kvs, rev) = store.list(prefix)?;
+            m.revision = m.revision.min(rev);
+            for kv in kvs {
+                m.put(&kv);
+            }
+        }
+        if m.revision == Revision::MAX {
+            m.revision = store.revision()?;
+        }
+        Ok(m)
+    }
+
+    /// The newest revision the mirror reflects.
+    pub fn revision(&self) -> Revision {
+        self.revision
+    }
+
+    /// The calculation's input, owned.
+    pub fn into_view(self) -> ClusterView {
+        self.view
+    }
+
+    /// The calculation's input.
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    /// This node's record, if registered.
+    pub fn me(&self) -> Option<&Node> {
+        self.view.nodes.iter().find(|n| n.name == self.node)
+    }
+
+    /// The blocks affine to this node, whole.
+    pub fn own_blocks(&self) -> impl Iterator<Item = &Block> {
+        self.own_blocks.values()
+    }
+
+    /// Applies a batch of changes in order.
+    pub fn apply(&mut self, events: Vec<Event>) -> Applied {
+        let mut changed = Applied::default();
+        for e in events {
+            self.revision = self.revision.max(e.revision());
+            let c = match &e {
+                Event::Put(kv) => self.put(kv),
+                Event::Delete { key, .. } => self.delete(key),
+            };
+            changed.view |= c.view;
+            changed.node_cache |= c.node_cache;
+        }
+        changed
+    }
+
+    fn put(&mut self, kv: &KeyValue) -> Applied {
+        self.set(&kv.key, Some(&kv.value))
+    }
+
+    fn delete(&mut self, key: &str) -> Applied {
+        self.set(key, None)
+    }
+
+    /// Sets or removes the record at `key` (an unknown key changes nothing).
+    fn set(&mut self, key: &str, value: Option<&str>) -> Applied {
+        let v = &mut self.view;
+        let view = |b: bool| Applied {
+            view: b,
+            node_cache: false,
+        };
+        if key == keys::CLUSTER_CONFIG {
+            let config = decode::<ClusterConfig>(key, value).unwrap_or_default();
+            let changed = v.config != config;
+            v.config = config;
+            return Applied {
+                view: changed,
+                node_cache: changed,
+            };
+        }
+        if key.starts_with(keys::NODES) {
+            let node = decode::<Node>(key, value);
+            let mine =
+                node.as_ref().is_some_and(|n| n.name == self.node) || key == keys::node(&self.node);
+            let changed = self.nodes.upsert(&mut v.nodes, key, node);
+            return Applied {
+                view: changed,
+                node_cache: changed && mine,
+            };
+        }
+        if key.starts_with(keys::BLOCKS) {
+            return self.set_block(key, value);
+        }
+        view(if key.starts_with(keys::POOLS) {
+            self.pools
+                .upsert(&mut v.pools, key, decode::<IpPool>(key, value))
+        } else if key.starts_with(keys::ENDPOINTS) {
+            self.endpoints.upsert(
+                &mut v.endpoints,
+                key,
+                decode::<WorkloadEndpoint>(key, value),
+            )
+        } else if key.starts_with(keys::SERVICES) {
+            self.services
+                .upsert(&mut v.services, key, decode::<Service>(key, value))
+        } else if key.starts_with(keys::ENDPOINT_SLICES) {
+            self.slices.upsert(
+                &mut v.endpoint_slices,
+                key,
+                decode::<EndpointSlice>(key, value),
+            )
+        } else if key.starts_with(keys::PODS) {
+            self.pods
+                .upsert(&mut v.pods, key, decode::<Pod>(key, value))
+        } else if key.starts_with(keys::NAMESPACES) {
+            self.namespaces
+                .upsert(&mut v.namespaces, key, decode::<Namespace>(key, value))
+        } else if key.starts_with(keys::NETWORK_POLICIES) {
+            self.policies
+                .upsert(&mut v.policies, key, decode::<NetworkPolicy>(key, value))
+        } else {
+            false
+        })
+    }
+
+    /// A block: the view keeps `(cidr, affinity)`, so an allocation elsewhere in the cluster
+    /// (the common write) changes nothing here; this node's blocks are kept whole.
+    fn set_block(&mut self, key: &str, value: Option<&str>) -> Applied {
+        let block = decode::<Block>(key, value);
+        let summary = block.as_ref().map(|b| (b.cidr, b.affinity.clone()));
+        let view = self.blocks.upsert(&mut self.view.blocks, key, summary);
+        let node_cache = match block {
+            Some(b) if b.affinity.as_deref() == Some(self.node.as_str()) => {
+                let changed = self.own_blocks.get(key) != Some(&b);
+                self.own_blocks.insert(key.to_string(), b);
+                changed
+            }
+            _ => self.own_blocks.remove(key).is_some(),
+        };
+        Applied { view, node_cache }
+    }
+}
+
+/// The record, or None when deleted or malformed (warned about, naming the key).
+fn decode<T: DeserializeOwned>(key: &str, value: Option<&str>) -> Option<T> {
+    let value = value?;
+    match serde_json::from_str(value) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(%key, error = %e, "skipping a malformed record");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,211 @@
+//! The mirror against the truth: after every batch of random writes (creates, updates,
+//! deletes, a malformed value, blocks changing hands), the view the watch built equals the
+//! view a full read builds.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, RoutingMode, WorkloadEndpoint};
+use malla_ipam::{Allocation, Block};
+use malla_store::{LocalStore, Store};
+
+use super::{Mirror, WATCH_PREFIX};
+
+/// A small deterministic generator (xorshift), so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn node(i: u64) -> Node {
+    Node {
+        name: format!("n{i}"),
+        underlay_ipv4: Some(format!("198.18.100.{}", i + 1).parse().unwrap()),
+        underlay_ipv6: None,
+        underlay_mtu: 1500,
+        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(&format!("n{i}"))),
+    }
+}
+
+fn block(i: u64, owner: u64, allocs: u64) -> Block {
+    let mut b = Block::new(
+        format!("198.18.{i}.0/26").parse().unwrap(),
+        "default",
+        Some(&format!("n{owner}")),
+    );
+    for o in 0..allocs as u32 {
+        b.allocations.insert(
+            o,
+            Allocation {
+                handle: format!("h{i}-{o}"),
+                attrs: BTreeMap::new(),
+            },
+        );
+    }
+    b
+}
+
+fn pod(i: u64, label: u64) -> Pod {
+    Pod {
+        namespace: format!("ns{}", i % 3),
+        name: format!("p{i}"),
+        labels: [("app".to_string(), format!("a{label}"))].into(),
+        node: format!("n{}", i % 4),
+        ports: Vec::new(),
+        ips: Vec::new(),
+    }
+}
+
+fn endpoint(i: u64) -> WorkloadEndpoint {
+    WorkloadEndpoint {
+        namespace: format!("ns{}", i % 3),
+        pod: format!("p{i}"),
+        node: format!("n{}", i % 4),
+        container_id: format!("c{i}"),
+        ifname: "eth0".into(),
+        host_ifname: format!("mal{i}"),
+        ips: vec![format!("198.18.{}.{}/32", i % 8, i + 1).parse().unwrap()],
+        mac: "02:00:00:00:00:01".into(),
+        ipam_handle: format!("h{i}"),
+    }
+}
+
+fn json<T: serde::Serialize>(t: &T) -> String {
+    serde_json::to_string(t).unwrap()
+}
+
+/// One random write; returns a description for failure messages.
+fn write(store: &dyn Store, rng: &mut Rng) -> String {
+    let i = rng.below(8);
+    let (key, value) = match rng.below(9) {
+        0 => (keys::node(&format!("n{}", i % 4)), Some(json(&node(i % 4)))),
+        1 => (
+            keys::block(&block(i, 0, 0).cidr),
+            // Blocks change owner (affinity) and fill up (allocations only).
+            Some(json(&block(i, rng.below(4), rng.below(5)))),
+        ),
+        2 => (
+            keys::pod(&format!("ns{}", i % 3), &format!("p{i}")),
+            Some(json(&pod(i, rng.below(3)))),
+        ),
+        3 => (
+            keys::endpoint(&format!("n{}", i % 4), &format!("c{i}"), "eth0"),
+            Some(json(&endpoint(i))),
+        ),
+        4 => (
+            keys::namespace(&format!("ns{}", i % 3)),
+            Some(json(&Namespace {
+                name: format!("ns{}", i % 3),
+                labels: [("team".to_string(), format!("t{}", rng.below(2)))].into(),
+            })),
+        ),
+        5 => (
+            keys::CLUSTER_CONFIG.to_string(),
+            Some(json(&ClusterConfig {
+                routing: if rng.below(2) == 0 {
+                    RoutingMode::Direct
+                } else {
+                    RoutingMode::Vxlan
+                },
+                ..ClusterConfig::default()
+            })),
+        ),
+        6 => (
+            keys::pool("default"),
+            Some(json(&IpPool {
+                name: "default".into(),
+                cidr: "198.18.0.0/16".parse().unwrap(),
+                block_size: 26,
+                nat_outgoing: rng.below(2) == 0,
+                disabled: false,
+            })),
+        ),
+        // A malformed record must not break the mirror (nor the full read: it skips too).
+        7 => (
+            keys::pod("ns0", &format!("bad{i}")),
+            Some("{not json".to_string()),
+        ),
+        // Keys the calculation does not read (IPAM handles).
+        _ => (keys::handle(&format!("h{i}")), Some("{}".to_string())),
+    };
+    let value = if rng.below(4) == 0 { None } else { value };
+    match &value {
+        Some(v) => {
+            store.put(&key, v).unwrap();
+        }
+        None => {
+            store.delete(&key, None).unwrap();
+        }
+    }
+    format!("{} {key}", if value.is_some() { "put" } else { "delete" })
+}
+
+#[test]
+fn a_mirror_fed_by_the_watch_equals_a_full_read_after_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store.db")).unwrap();
+    let mut rng = Rng(0x9e3779b97f4a7c15);
+    for _ in 0..20 {
+        write(&store, &mut rng);
+    }
+    let mut mirror = Mirror::load(&store, "n1").unwrap();
+    let mut watch = store.watch(WATCH_PREFIX, mirror.revision()).unwrap();
+    let mut log = Vec::new();
+    for round in 0..60 {
+        for _ in 0..rng.below(6) + 1 {
+            log.push(write(&store, &mut rng));
+        }
+        let target = store.revision().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mirror.revision() < target && Instant::now() < deadline {
+            mirror.apply(watch.next(Duration::from_millis(200)).unwrap());
+        }
+        let want = crate::read_view(&store).unwrap();
+        assert_eq!(
+            mirror.view(),
+            &want,
+            "round {round}, after: {}",
+            log[log.len().saturating_sub(6)..].join(", ")
+        );
+        let own: Vec<_> = want
+            .blocks
+            .iter()
+            .filter(|(_, a)| a.as_deref() == Some("n1"))
+            .map(|(c, _)| *c)
+            .collect();
+        assert_eq!(mirror.own_blocks().map(|b| b.cidr).collect::<Vec<_>>(), own);
+    }
+}
+
+#[test]
+fn an_allocation_in_another_nodes_block_is_no_change_for_the_calculation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store.db")).unwrap();
+    let b = block(3, 2, 1);
+    store.put(&keys::block(&b.cidr), &json(&b)).unwrap();
+    let mut mirror = Mirror::load(&store, "n1").unwrap();
+    let mut watch = store.watch(WATCH_PREFIX, mirror.revision()).unwrap();
+    store
+        .put(&keys::block(&b.cidr), &json(&block(3, 2, 4)))
+        .unwrap();
+    let applied = mirror.apply(watch.next(Duration::from_secs(5)).unwrap());
+    assert!(!applied.view && !applied.node_cache, "{applied:?}");
+    // The same block given to this node is a change to both.
+    store
+        .put(&keys::block(&b.cidr), &json(&block(3, 1, 4)))
+        .unwrap();
+    let applied = mirror.apply(watch.next(Duration::from_secs(5)).unwrap());
+    assert!(applied.view && applied.node_cache, "{applied:?}");
+    // Another pod in it: only the node cache cares.
+    store
+        .put(&keys::block(&b.cidr), &json(&block(3, 1, 5)))
+        .unwrap();
+    let applied = mirror.apply(watch.next(Duration::from_secs(5)).unwrap());
+    assert!(!applied.view && applied.node_cache, "{applied:?}");
+}
