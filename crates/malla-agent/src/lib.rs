@@ -103,6 +103,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut confirmed: Revision = -1;
         let mut dirty = true;
         let mut cache_dirty = true;
+        // After a full list: the listing's buffers are garbage once the first apply is done.
+        let mut trim_due = false;
         let mut last_full = Instant::now();
         let mut last_change = Instant::now();
         let mut last_revision_read = Instant::now() - IDLE_REVISION_READ;
@@ -136,6 +138,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         tracing::info!(node = %cfg.node, revision = m.revision(), "listed the cluster");
                         synced = Some((m, w));
                         dirty = true;
+                        trim_due = true;
                         cache_dirty = true;
                     }
                     Err(e) => {
@@ -161,6 +164,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");
+                        }
+                        if std::mem::take(&mut trim_due) {
+                            trim_heap();
                         }
                         applied = Some(rev);
                         dirty = false;
@@ -223,6 +229,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Hands freed heap back to the kernel. glibc keeps it otherwise, and the agent's resident
+/// size would stay at the peak of its last full list instead of what it holds.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Takes the agent's exclusive lock beside its ready file.
