@@ -9,12 +9,14 @@
 //!    through `EtcdStore` by a few threads.
 //! 2. Propagation: `--nodes` simulated node watchers (a real etcd watch each on the cluster
 //!    prefix); `--changes` times one Pod's labels change (a put) and every watcher's receipt is
-//!    timed from just before the put. The current agent's per-change cost, a full
-//!    `malla_agent::read_view`, is timed once per node for comparison.
+//!    timed from just before the put. A full list (`malla_agent::read_view`, what an agent
+//!    does once at start) is timed for comparison.
 //! 3. Writes per pod ADD: what the CNI ADD does against the store (read node and config, list
 //!    pools, `Ipam::auto_assign`, put the endpoint), counted by etcd's revision delta.
 //! 4. Agent RSS: one real `malla agent` against this etcd; VmRSS/VmHWM once its ready file
-//!    appears (first sync), then the time it takes to apply single pod changes.
+//!    appears (first sync), then the time from a pod change's put until the agent's ready file
+//!    holds its revision (watch, mirror, calculation, kernel), combined with part 2's watch
+//!    p99 into the time for one change to be applied on every node.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -75,8 +77,8 @@ struct Args {
     /// ADDs past its block's free addresses claim a new block).
     #[arg(long, default_value_t = 4)]
     add_nodes: usize,
-    /// Pod changes the real agent applies in part 4 (the median is reported).
-    #[arg(long, default_value_t = 3)]
+    /// Pod changes the real agent applies in part 4 (the median and the slowest are reported).
+    #[arg(long, default_value_t = 20)]
     agent_changes: usize,
     /// Threads writing the cluster in part 1, each with its own `EtcdStore`.
     #[arg(long, default_value_t = 8)]
@@ -978,7 +980,7 @@ fn report_propagation(args: &Args, p: &Propagation) {
     );
     println!(
         "{:<46} {:>7} {:>9} {:>9} {:>9} {:>13} {:>16} {:>11} {:>4}",
-        "current agent: + full re-read (read_view)",
+        "a full list (agent start or re-list only)",
         "1 node",
         ms(p.reread),
         "-",
@@ -993,25 +995,25 @@ fn report_propagation(args: &Args, p: &Propagation) {
         let all = wall.mul_f64(n as f64 / k as f64);
         println!(
             "{:<46} {:>7} {:>9} {:>9} {:>9} {:>13} {:>16} {:>11} {:>4}",
-            format!("current agent: {k} re-reading at once (wall)"),
+            format!("{k} agents listing at once (wall)"),
             format!("{k} nodes"),
             ms(wall),
             "-",
             "-",
             human_bytes(p.reread_bytes as f64),
             format!("~{:.0} s", all.as_secs_f64()),
-            "p99 < 1000",
-            yes(all < Duration::from_secs(1))
+            "-",
+            ""
         );
         let per_read = etcd_cpu / k as u32;
         println!(
-            "   {k} agents re-reading at once take {} ms, {:.0} MB/s out of etcd (their decoding shares this machine's CPUs with etcd): all {n} nodes re-reading after one change would take ~{:.0} s (x {n}/{k}, extrapolated, not run)",
+            "   {k} agents listing at once take {} ms, {:.0} MB/s out of etcd (their decoding shares this machine's CPUs with etcd): all {n} nodes listing at once (a cluster-wide restart) would take ~{:.0} s (x {n}/{k}, extrapolated, not run)",
             ms(wall),
             ratio(p.reread_bytes as f64 * k as f64 / 1e6, wall.as_secs_f64()),
             all.as_secs_f64()
         );
         println!(
-            "   etcd alone spent {} ms of CPU per re-read served: {n} re-reads are ~{:.0} CPU-seconds of etcd per change, whatever the clients' hardware",
+            "   etcd alone spent {} ms of CPU per list served: {n} lists are ~{:.0} CPU-seconds of etcd, whatever the clients' hardware",
             per_read.as_millis(),
             (per_read * n as u32).as_secs_f64()
         );
@@ -1021,11 +1023,11 @@ fn report_propagation(args: &Args, p: &Propagation) {
         RECEIPT_TIMEOUT.as_secs()
     );
     println!(
-        "   The current agent wakes on such a watch, then re-reads the whole view: {} lists per node (median {} ms for one node alone, measured), i.e. {n} full lists and {} through etcd per change cluster-wide (extrapolated, not run); read_view / watch p99 = {:.0}x",
+        "   The agent lists the cluster once ({} lists, median {} ms for one node alone), then follows one watch like these: a change costs each node the event ({} instead of {}), and its mirror, calculation and kernel update (part 4 times them end to end on a real agent).",
         p.reread_lists,
         ms(p.reread),
-        human_bytes(p.reread_bytes as f64 * n as f64),
-        ratio_d(p.reread, p99)
+        human_bytes(p.event_bytes as f64),
+        human_bytes(p.reread_bytes as f64),
     );
     println!();
 }
@@ -1342,7 +1344,7 @@ fn agent(
     })
 }
 
-fn report_agent(args: &Args, netns_name: &str, a: &AgentFigures) {
+fn report_agent(args: &Args, netns_name: &str, a: &AgentFigures, watch_p99: Duration) {
     println!(
         "4. One real agent (`malla agent --node {AGENT_NODE}`, direct routing, veth ul0 {AGENT_UNDERLAY}) in {netns_name}, datastore etcd (prefix {}): {} nodes, {} pods",
         args.prefix, args.nodes, args.pods
@@ -1371,8 +1373,29 @@ fn report_agent(args: &Args, netns_name: &str, a: &AgentFigures) {
             ""
         );
     }
+    if !a.changes.is_empty() {
+        let worst = percentile(&a.changes, 100.0);
+        let end_to_end = watch_p99 + worst;
+        println!(
+            "{:<40} {:>10.3} {:>10} {:>10} {:>8} {:>4}",
+            format!("  slowest of the {}", a.changes.len()),
+            worst.as_secs_f64(),
+            "",
+            "",
+            "",
+            ""
+        );
+        println!(
+            "   One pod change, applied on every node: the watch's p99 to {} nodes (part 2, {} ms) + the slowest real-agent change here ({} ms; put -> ready file, which includes its own watch delivery) = {} ms; target p99 < 1000 ms: {}. Each node updates only its own mirror and kernel, so nodes do this in parallel.",
+            args.nodes,
+            ms(watch_p99),
+            ms(worst),
+            ms(end_to_end),
+            yes(end_to_end < Duration::from_secs(1))
+        );
+    }
     println!(
-        "   {} routes via ul0 for {} blocks of other nodes ({}); agent CPU {:.1} s in all. A change is applied by re-reading the whole view (put -> ready file holds its revision). The RSS target is the other benches' (< 64 MiB); issue 6 sets none.",
+        "   {} routes via ul0 for {} blocks of other nodes ({}); agent CPU {:.1} s in all. A change reaches the agent through its watch, updates its mirror, and is computed and applied (put -> ready file holds its revision). The RSS target is the other benches' (< 64 MiB); issue 6 sets none.",
         a.routes,
         a.blocks,
         if a.routes == a.blocks { "all" } else { "MISMATCH" },
@@ -1455,7 +1478,12 @@ fn main() -> anyhow::Result<()> {
             dir.path(),
             deadline,
         )?;
-        report_agent(&args, &netns_name, &fig);
+        let all: Vec<Duration> = prop
+            .changes
+            .iter()
+            .flat_map(|c| c.latencies.clone())
+            .collect();
+        report_agent(&args, &netns_name, &fig, percentile(&all, 99.0));
     }
     drop(store);
     drop(etcd);
