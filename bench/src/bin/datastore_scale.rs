@@ -34,8 +34,8 @@ use malla_api::service::Protocol;
 use malla_api::{keys, ClusterConfig, ContainerPort, Namespace, Node, Pod, WorkloadEndpoint};
 use malla_bench::etcd::{die_with_parent, Etcd, ETCD_BIN};
 use malla_bench::{
-    begin, check, cpu_time, default_pool, mib, ms, percentile, ratio, ratio_d, require_agent,
-    require_file, temp_dir, yes, BinArgs, ChildGuard, Namespaces,
+    begin, check, cpu_time, default_pool, mib, ms, percentile, ratio, require_agent, require_file,
+    temp_dir, yes, BinArgs, ChildGuard, Namespaces,
 };
 use malla_dataplane::netns::{self, NetNs};
 use malla_ipam::{Allocation, AutoAssign, Block, Ipam};
