@@ -101,11 +101,13 @@ impl Dataplane {
         })
     }
 
-    pub async fn apply(&mut self, want: &NodeDataplane) -> anyhow::Result<ApplyStats> {
+    /// Applies `want`, which the dataplane keeps (its nft table is the base of the next
+    /// incremental transaction).
+    pub async fn apply(&mut self, want: NodeDataplane) -> anyhow::Result<ApplyStats> {
         let mut stats = ApplyStats::default();
         let underlay = self.underlay().await?;
         let vxlan = match want.mode {
-            RoutingMode::Vxlan => Some(self.ensure_vxlan(&underlay, want).await?),
+            RoutingMode::Vxlan => Some(self.ensure_vxlan(&underlay, &want).await?),
             RoutingMode::Direct => {
                 if let Some(dev) = self.nl.link_by_name(VXLAN_DEVICE).await? {
                     self.nl.delete_link(dev.index).await?;
@@ -114,18 +116,18 @@ impl Dataplane {
             }
         };
         if let Some(dev) = &vxlan {
-            self.sync_vxlan_peers(dev, want, &mut stats).await?;
+            self.sync_vxlan_peers(dev, &want, &mut stats).await?;
         }
-        self.sync_remote_routes(&underlay, vxlan.as_ref(), want, &mut stats)
+        self.sync_remote_routes(&underlay, vxlan.as_ref(), &want, &mut stats)
             .await?;
-        self.sync_local_pods(want, &mut stats).await?;
+        self.sync_local_pods(&want, &mut stats).await?;
         self.sync_nft(want, &mut stats)?;
         Ok(stats)
     }
 
     /// Applies the nft table: the first time and every few minutes as one full replacing
     /// transaction, otherwise as a small diff of what changed; a failed diff falls back to full.
-    fn sync_nft(&mut self, want: &NodeDataplane, stats: &mut ApplyStats) -> anyhow::Result<()> {
+    fn sync_nft(&mut self, want: NodeDataplane, stats: &mut ApplyStats) -> anyhow::Result<()> {
         let full_due = self.last_full_nft.elapsed() >= FULL_NFT_RESYNC;
         let diff = match &self.applied_table {
             Some(old) if !full_due => match malla_calc::nft::render_diff(old, &want.nft_table) {
@@ -137,17 +139,19 @@ impl Dataplane {
         let applied = match diff {
             Some(d) => nft::apply(None, &d).map(|_| "diff").or_else(|e| {
                 tracing::warn!(error = %e, "incremental nft update failed; replacing the table");
-                nft::apply(None, &want.nft_ruleset).map(|_| "full")
+                nft::apply(None, &malla_calc::nft::render_full(&want.nft_table)).map(|_| "full")
             }),
-            None => nft::apply(None, &want.nft_ruleset).map(|_| "full"),
+            None => {
+                nft::apply(None, &malla_calc::nft::render_full(&want.nft_table)).map(|_| "full")
+            }
         }
         .context("applying nftables table")?;
         if applied == "full" {
             self.last_full_nft = std::time::Instant::now();
         }
         self.clear_stale_udp_flows(&want.service_map);
-        self.applied_table = Some(want.nft_table.clone());
-        self.applied_services = want.service_map.clone();
+        self.applied_table = Some(want.nft_table);
+        self.applied_services = want.service_map;
         stats.nft_applied = true;
         Ok(())
     }

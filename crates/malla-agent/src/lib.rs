@@ -160,7 +160,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
-                match plane.apply(&desired).await {
+                match plane.apply(desired).await {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");

@@ -51,8 +51,6 @@ pub struct NodeDataplane {
     pub vxlan_peers: Vec<VxlanPeer>,
     /// This node's pods, whose host-side routes and neighbours the agent keeps in place.
     pub local_endpoints: Vec<WorkloadEndpoint>,
-    /// The nftables ruleset of this node (one atomic transaction): `render_full(&nft_table)`.
-    pub nft_ruleset: String,
     /// The node's whole `inet malla` table; apply changes with [`crate::nft::render_diff`].
     pub nft_table: crate::nft::Table,
     /// The services as this node proxies them.
@@ -206,7 +204,6 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
         remote_routes: routes.into_iter().collect(),
         vxlan_peers,
         local_endpoints,
-        nft_ruleset: crate::nft::render_full(&nft_table),
         nft_table,
         service_map,
         problems,
