@@ -55,6 +55,17 @@ pub struct CacheState {
     pub releases: BTreeMap<String, String>,
 }
 
+impl CacheState {
+    /// The node's blocks as [`crate::AutoAssign::affine_hint`]: those the snapshot shows with
+    /// room first (so an ADD usually reads one block), then the full ones, each in address
+    /// order.
+    pub fn affine_hint(&self) -> Vec<ipnet::IpNet> {
+        let mut blocks: Vec<&Block> = self.blocks.iter().collect();
+        blocks.sort_by_key(|b| (b.used() >= b.capacity(), b.cidr));
+        blocks.iter().map(|b| b.cidr).collect()
+    }
+}
+
 /// An ADD made while the datastore was away.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
