@@ -106,6 +106,7 @@ fn release_hints(
     let mut hints = malla_ipam::ReleaseHints::default();
     if let Some(state) = cache.and_then(|c| c.state().ok()) {
         hints.blocks = state.blocks.iter().map(|b| b.cidr).collect();
+        // What the ADD noted, e.g. in a block the snapshot does not show yet (just claimed).
         hints.addrs = state
             .held
             .iter()

@@ -736,9 +736,10 @@ impl<'a> Ipam<'a> {
 
     /// [`Ipam::release_by_handle`] searching the hinted blocks (and those of the hinted
     /// addresses) plus the blocks of the handle's record. Only when that frees nothing, the
-    /// handle has no record and the hints were empty or named addresses (which were not where
-    /// expected), every block is scanned. An address in a block affine to the caller's node
-    /// is found if the hints name that block or the address.
+    /// handle has no record, and the hints were empty or named an address outside the hinted
+    /// blocks (its block was derived from its pool's block size, which may have changed),
+    /// every block is scanned. An address in a block affine to the caller's node is found if
+    /// the hints name that block or the address.
     pub fn release_by_handle_hinted(
         &self,
         handle: &str,
@@ -753,7 +754,7 @@ impl<'a> Ipam<'a> {
             .collect();
         if !stray.is_empty() {
             let pools = self.pools()?;
-            for ip in stray {
+            for ip in stray.iter().copied() {
                 let Some(pool) = pools.iter().find(|p| p.cidr.contains(&ip)) else {
                     continue;
                 };
@@ -766,7 +767,7 @@ impl<'a> Ipam<'a> {
             }
         }
         let (mut freed, had_record) = self.release_handle(handle, &blocks)?;
-        if freed.is_empty() && !had_record && (hints.is_empty() || !hints.addrs.is_empty()) {
+        if freed.is_empty() && !had_record && (hints.is_empty() || !stray.is_empty()) {
             let held: Vec<IpNet> = self
                 .blocks()?
                 .into_iter()

@@ -859,6 +859,21 @@ fn release_finds_affine_addresses_with_and_without_hints() {
             .unwrap(),
         vec![addrs[3].addr]
     );
+    // A DEL after a failed ADD: the address it noted is in a hinted block and free now. Its
+    // block was searched, so nothing more is read (no scan).
+    let counting = Counting::new(&s);
+    let counted = Ipam::new(&counting);
+    assert!(counted
+        .release_by_handle_hinted("h0", &hints(mine.clone(), vec![addrs[0].addr]))
+        .unwrap()
+        .is_empty());
+    let (writes, gets, lists) = counting.take();
+    assert!(writes.is_empty() && lists.is_empty());
+    assert_eq!(
+        gets as usize,
+        mine.len() + 1,
+        "the node's blocks and the record"
+    );
     // Idempotent, every way.
     for h in ["h0", "h1", "h2", "h3"] {
         assert!(ipam.release_by_handle(h).unwrap().is_empty());
