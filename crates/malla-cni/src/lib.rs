@@ -85,6 +85,41 @@ fn node_cache_path(conf: &NetConf) -> Option<std::path::PathBuf> {
         .map(|f| NodeCache::path_beside(std::path::Path::new(f)))
 }
 
+/// The node cache's view of this node's blocks, if the cache exists and the agent wrote it
+/// ([`malla_ipam::node_cache::CacheState::affine_hint`]); empty (the full path) otherwise.
+fn affine_hint(cache: Option<&NodeCache>) -> Vec<ipnet::IpNet> {
+    cache
+        .and_then(|c| c.state().ok())
+        .map(|s| s.affine_hint())
+        .unwrap_or_default()
+}
+
+/// Where DEL looks for what the handle holds besides its handle record (borrowed addresses
+/// only): the node cache's blocks and the addresses it noted for the handle, and the
+/// addresses of the endpoint record.
+fn release_hints(
+    cache: Option<&NodeCache>,
+    store: &dyn Store,
+    handle: &str,
+    endpoint_key: &str,
+) -> Result<malla_ipam::ReleaseHints, StoreError> {
+    let mut hints = malla_ipam::ReleaseHints::default();
+    if let Some(state) = cache.and_then(|c| c.state().ok()) {
+        hints.blocks = state.blocks.iter().map(|b| b.cidr).collect();
+        // What the ADD noted, e.g. in a block the snapshot does not show yet (just claimed).
+        hints.addrs = state
+            .held
+            .iter()
+            .filter(|(_, (h, _))| h == handle)
+            .map(|(ip, _)| *ip)
+            .collect();
+    }
+    if let Some((ep, _)) = malla_store::get_json::<WorkloadEndpoint>(store, endpoint_key)? {
+        hints.addrs.extend(ep.addrs());
+    }
+    Ok(hints)
+}
+
 /// Whether a datastore error means "cannot reach it" (rather than a refusal).
 fn unreachable(e: &StoreError) -> bool {
     matches!(e, StoreError::Backend(_))
@@ -170,14 +205,17 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
     let handle = env.ipam_handle(&conf.name);
     let attrs = attrs_of(conf, env);
     let requested = conf.requested_ips()?;
+    let cache = node_cache_path(conf).and_then(|p| NodeCache::open(&p).ok());
     let assigned = if requested.is_empty() {
-        match ipam.auto_assign(&malla_ipam::AutoAssign {
+        let req = malla_ipam::AutoAssign {
             handle: handle.clone(),
             node: node_name.to_string(),
             ipv4: want_v4,
             ipv6: want_v6,
             attrs,
-        }) {
+            affine_hint: affine_hint(cache.as_ref()),
+        };
+        match ipam.auto_assign_in(&req, &pools) {
             Ok(a) => a,
             Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
                 // Nothing half-written stays behind a lost connection for long: GC (or the
@@ -199,7 +237,11 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
             match ipam.assign_ip(*ip, &handle, node_name, &attrs) {
                 Ok(a) => got.push(a),
                 Err(e) => {
-                    let _ = ipam.release_by_handle(&handle);
+                    let hints = malla_ipam::ReleaseHints {
+                        blocks: got.iter().map(|a: &malla_ipam::Assigned| a.block).collect(),
+                        addrs: Vec::new(),
+                    };
+                    let _ = ipam.release_by_handle_hinted(&handle, &hints);
                     let code = match e {
                         malla_ipam::IpamError::AddressInUse(_)
                         | malla_ipam::IpamError::NotInPool(_)
@@ -218,15 +260,19 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
     };
     fault_point("after-ipam");
     let addrs: Vec<std::net::IpAddr> = assigned.iter().map(|a| a.addr).collect();
-    if let Some(cache) = node_cache_path(conf) {
+    if let Some(c) = &cache {
         // So that an ADD during a later outage cannot pick these before the agent's next
-        // snapshot shows them. Best effort: the cache only ever narrows offline choices.
-        if let Ok(c) = NodeCache::open(&cache) {
-            let _ = c.note_held(&addrs, &handle);
-        }
+        // snapshot shows them (and DEL finds them in a block the snapshot does not show yet).
+        // Best effort: the cache only ever narrows offline choices.
+        let _ = c.note_held(&addrs, &handle);
     }
+    // We know exactly where the addresses are.
+    let hints = malla_ipam::ReleaseHints {
+        blocks: assigned.iter().map(|a| a.block).collect(),
+        addrs: Vec::new(),
+    };
     let undo = || {
-        let _ = ipam.release_by_handle(&handle);
+        let _ = ipam.release_by_handle_hinted(&handle, &hints);
     };
     let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
     if let Err(e) = malla_store::put_json(
@@ -378,7 +424,13 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         Err(e) => return offline(e),
     };
     let store: &dyn Store = &*store;
-    match malla_ipam::Ipam::new(store).release_by_handle(&handle) {
+    let cache = node_cache_path(conf).and_then(|p| NodeCache::open(&p).ok());
+    let hints = match release_hints(cache.as_ref(), store, &handle, &key) {
+        Ok(h) => h,
+        Err(e) if unreachable(&e) => return offline(store_err("read endpoint")(e)),
+        Err(e) => return Err(store_err("read endpoint")(e)),
+    };
+    match malla_ipam::Ipam::new(store).release_by_handle_hinted(&handle, &hints) {
         Ok(_) => {}
         Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
             return offline(store_err("IPAM release")(e))
@@ -391,7 +443,7 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
             ))
         }
     }
-    if let Some(Ok(cache)) = node_cache_path(conf).map(|p| NodeCache::open(&p)) {
+    if let Some(cache) = &cache {
         // An ADD made offline and deleted before the agent settled it.
         let _ = cache.release_offline(&handle, &key);
     }

@@ -6,10 +6,26 @@
 //!   block of an enabled pool, then borrows a free address from another node's block.
 //! - Every change to a block is a compare-and-swap on that block's key, so no address is ever
 //!   handed out twice, even with many processes allocating at once.
-//! - Every reservation is made under a handle. The handle record (`keys::handle(id)`) lists
-//!   the blocks the handle may hold addresses in and is written *before* the allocation, and
-//!   deleted *after* the release, so a crash at any point leaves nothing that
-//!   [`Ipam::release_by_handle`] or [`Ipam::release_unless`] cannot find.
+//! - Every reservation is made under a handle, stored with the allocation in the block.
+//!
+//! Cost of one [`Ipam::auto_assign`]: with [`AutoAssign::affine_hint`] (the node's blocks, as
+//! the agent's node cache holds them) it reads the pools and the hinted blocks and writes once
+//! (the block's compare-and-swap); only when no hinted block has room does it list every
+//! block's summary, and claiming a new block is still one write (its creation).
+//!
+//! Crash safety (nothing allocated can become unfindable):
+//! - An address in a block affine to the requesting node has no other record: the block's
+//!   allocation names the handle, and the node's affine blocks are where
+//!   [`Ipam::release_by_handle_hinted`] looks for it (the caller passes them, e.g. from the node
+//!   cache, with the addresses it knows from the endpoint record). A crash between the
+//!   allocation and the endpoint record leaves an allocation in one of the node's blocks, which
+//!   the runtime's DEL (retried until it succeeds) finds there, or GC
+//!   ([`Ipam::release_unless`], which scans every block) frees.
+//! - An address borrowed from another node's block (rare) is found through the handle record
+//!   (`keys::handle(id)`), which lists the non-affine blocks the handle may hold addresses in:
+//!   it is written *before* the allocation and deleted *after* the release, as in Calico.
+//! - [`Ipam::release_by_handle`] without hints, when the handle has no record, scans every
+//!   block for the handle's allocations, so it needs no knowledge of where they are.
 
 mod block;
 pub mod node_cache;
@@ -65,6 +81,37 @@ pub struct AutoAssign {
     pub ipv6: bool,
     /// Stored with each allocation (e.g. namespace, pod); `node` is added if missing.
     pub attrs: BTreeMap<String, String>,
+    /// Blocks the caller believes are affine to `node` (e.g. the node cache's snapshot), best
+    /// first. They are tried first, each read alone and checked (affine to `node`, in an
+    /// enabled pool, room left); only when none serves does the allocator list every block.
+    /// Empty: the full path.
+    pub affine_hint: Vec<IpNet>,
+}
+
+/// Where [`Ipam::release_by_handle_hinted`] should look besides the handle record.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReleaseHints {
+    /// Blocks to search, e.g. the node's affine blocks.
+    pub blocks: Vec<IpNet>,
+    /// Addresses the handle is believed to hold (e.g. from its endpoint record); their blocks
+    /// are searched.
+    pub addrs: Vec<IpAddr>,
+}
+
+impl ReleaseHints {
+    fn is_empty(&self) -> bool {
+        self.blocks.is_empty() && self.addrs.is_empty()
+    }
+}
+
+/// Whether an allocation attempt may go into a block not affine to the node (after writing
+/// the handle record), or must give up there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Affinity {
+    /// Only a block affine to the node (the hinted fast path).
+    Required,
+    /// Any block; a non-affine one is first listed in the handle record.
+    Any,
 }
 
 /// An address handed out.
@@ -179,22 +226,41 @@ impl<'a> Ipam<'a> {
     /// One address per requested family (IPv4 first). All-or-nothing: if a later family
     /// fails, the addresses already assigned by this call are released.
     pub fn auto_assign(&self, req: &AutoAssign) -> Result<Vec<Assigned>, IpamError> {
+        if !req.ipv4 && !req.ipv6 {
+            return Ok(Vec::new());
+        }
+        self.auto_assign_in(req, &self.pools()?)
+    }
+
+    /// [`Ipam::auto_assign`] with the pools the caller has just read ([`Ipam::pools`]), so
+    /// that they are not read twice.
+    pub fn auto_assign_in(
+        &self,
+        req: &AutoAssign,
+        pools: &[IpPool],
+    ) -> Result<Vec<Assigned>, IpamError> {
         let mut attrs = req.attrs.clone();
         attrs
             .entry(ATTR_NODE.to_string())
             .or_insert_with(|| req.node.clone());
         let families = [(req.ipv4, Family::V4), (req.ipv6, Family::V6)];
-        if !families.iter().any(|(want, _)| *want) {
-            return Ok(Vec::new());
-        }
-        let pools = self.pools()?;
-        let blocks = self.summaries()?;
+        // Every block's summary, listed only if the hinted blocks do not serve.
+        let mut blocks: Option<Vec<BlockSummary>> = None;
         let mut done: Vec<Assigned> = Vec::new();
         for (want, family) in families {
             if !want {
                 continue;
             }
-            match self.assign_family(&req.handle, &req.node, &attrs, family, &pools, &blocks) {
+            let got = self.assign_family(
+                &req.handle,
+                &req.node,
+                &attrs,
+                family,
+                pools,
+                &req.affine_hint,
+                &mut blocks,
+            );
+            match got {
                 Ok(a) => done.push(a),
                 Err(e) => {
                     for a in &done {
@@ -208,6 +274,7 @@ impl<'a> Ipam<'a> {
         Ok(done)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn assign_family(
         &self,
         handle: &str,
@@ -215,7 +282,8 @@ impl<'a> Ipam<'a> {
         attrs: &BTreeMap<String, String>,
         family: Family,
         pools: &[IpPool],
-        blocks: &[BlockSummary],
+        hint: &[IpNet],
+        blocks: &mut Option<Vec<BlockSummary>>,
     ) -> Result<Assigned, IpamError> {
         let exhausted = IpamError::Exhausted {
             family: family.name(),
@@ -224,16 +292,33 @@ impl<'a> Ipam<'a> {
             .iter()
             .filter(|p| !p.disabled && Family::of(&p.cidr) == family)
             .collect();
-        let pool_of = |b: &BlockSummary| enabled.iter().find(|p| p.cidr.contains(&b.cidr)).copied();
+        let pool_of = |cidr: &IpNet| enabled.iter().find(|p| p.cidr.contains(cidr)).copied();
+
+        // 0. The blocks the caller believes are the node's: each read alone, none listed.
+        for cidr in hint {
+            let Some(pool) = pool_of(cidr) else { continue };
+            let got =
+                self.alloc_in_block(*cidr, None, pool, node, Affinity::Required, handle, attrs)?;
+            if let Some(a) = got {
+                return Ok(a);
+            }
+        }
+
+        let blocks: &[BlockSummary] = match blocks {
+            Some(b) => b,
+            None => blocks.insert(self.summaries()?),
+        };
         let usable: Vec<(&BlockSummary, &IpPool)> = blocks
             .iter()
-            .filter_map(|b| Some((b, pool_of(b)?)))
+            .filter_map(|b| Some((b, pool_of(&b.cidr)?)))
             .collect();
 
         // 1. The node's own blocks.
         for (b, pool) in &usable {
-            if b.affinity.as_deref() == Some(node) && b.has_room() {
-                if let Some(a) = self.alloc_in_block(b.cidr, None, pool, handle, attrs)? {
+            if b.affinity.as_deref() == Some(node) && b.has_room() && !hint.contains(&b.cidr) {
+                let got =
+                    self.alloc_in_block(b.cidr, None, pool, node, Affinity::Any, handle, attrs)?;
+                if let Some(a) = got {
                     return Ok(a);
                 }
             }
@@ -257,7 +342,9 @@ impl<'a> Ipam<'a> {
         // 3. Borrow from any other block.
         for (b, pool) in &usable {
             if b.affinity.as_deref() != Some(node) && b.has_room() {
-                if let Some(a) = self.alloc_in_block(b.cidr, None, pool, handle, attrs)? {
+                let got =
+                    self.alloc_in_block(b.cidr, None, pool, node, Affinity::Any, handle, attrs)?;
+                if let Some(a) = got {
                     return Ok(a);
                 }
             }
@@ -290,15 +377,18 @@ impl<'a> Ipam<'a> {
             let Some(pool) = enabled.iter().find(|p| p.cidr.contains(&b.cidr)) else {
                 continue;
             };
-            if let Some(a) = self.alloc_in_block(b.cidr, None, pool, handle, attrs)? {
+            let got =
+                self.alloc_in_block(b.cidr, None, pool, node, Affinity::Any, handle, attrs)?;
+            if let Some(a) = got {
                 return Ok(Some(a));
             }
         }
         Ok(None)
     }
 
-    /// Creates `cidr` with affinity to `node` and the first address allocated to `handle`.
-    /// None if someone else created it first (and it has no room for us).
+    /// Creates `cidr` with affinity to `node` and the first address allocated to `handle`
+    /// (one write: the block is affine, so no handle record). None if someone else created it
+    /// first (and it has no room for us).
     fn claim_block(
         &self,
         cidr: IpNet,
@@ -307,7 +397,6 @@ impl<'a> Ipam<'a> {
         handle: &str,
         attrs: &BTreeMap<String, String>,
     ) -> Result<Option<Assigned>, IpamError> {
-        self.add_block_to_handle(handle, cidr, attrs)?;
         let key = keys::block(&cidr);
         let mut b = Block::new(cidr, &pool.name, Some(node));
         b.allocations.insert(
@@ -326,9 +415,15 @@ impl<'a> Ipam<'a> {
             Err(StoreError::AlreadyExists(_)) => {
                 // Lost the race. If the winner is this node, use the block.
                 match get_json::<Block>(self.store, &key)? {
-                    Some((b, rev)) if b.affinity.as_deref() == Some(node) => {
-                        self.alloc_in_block(cidr, Some((b, rev)), pool, handle, attrs)
-                    }
+                    Some((b, rev)) if b.affinity.as_deref() == Some(node) => self.alloc_in_block(
+                        cidr,
+                        Some((b, rev)),
+                        pool,
+                        node,
+                        Affinity::Required,
+                        handle,
+                        attrs,
+                    ),
                     _ => Ok(None),
                 }
             }
@@ -337,17 +432,23 @@ impl<'a> Ipam<'a> {
     }
 
     /// Allocates the lowest free address of an existing block (compare-and-swap with retry).
-    /// `known` is a recent read of the block. None if the block is full or gone.
+    /// `known` is a recent read of the block. None if the block is full or gone, or (with
+    /// [`Affinity::Required`]) not affine to `node`. A block not affine to `node` is first
+    /// listed in the handle record: the compare-and-swap succeeds only on the block as read,
+    /// so the affinity checked is the one the allocation lands under.
+    #[allow(clippy::too_many_arguments)]
     fn alloc_in_block(
         &self,
         cidr: IpNet,
         mut known: Option<(Block, Revision)>,
         pool: &IpPool,
+        node: &str,
+        affinity: Affinity,
         handle: &str,
         attrs: &BTreeMap<String, String>,
     ) -> Result<Option<Assigned>, IpamError> {
-        self.add_block_to_handle(handle, cidr, attrs)?;
         let key = keys::block(&cidr);
+        let mut recorded = false;
         for _ in 0..MAX_ATTEMPTS {
             let (mut b, rev) = match known.take() {
                 Some(k) => k,
@@ -362,6 +463,16 @@ impl<'a> Ipam<'a> {
             let Some(addr) = b.addr_of(ordinal) else {
                 return Ok(None);
             };
+            if b.affinity.as_deref() != Some(node) {
+                match affinity {
+                    Affinity::Required => return Ok(None),
+                    Affinity::Any if !recorded => {
+                        self.add_block_to_handle(handle, cidr, attrs)?;
+                        recorded = true;
+                    }
+                    Affinity::Any => {}
+                }
+            }
             b.allocations.insert(
                 ordinal,
                 Allocation {
@@ -469,8 +580,8 @@ impl<'a> Ipam<'a> {
                 cidr = b.cidr;
             }
         }
-        self.add_block_to_handle(handle, cidr, attrs)?;
         let key = keys::block(&cidr);
+        let mut recorded = false;
         let alloc = Allocation {
             handle: handle.to_string(),
             attrs: attrs.clone(),
@@ -498,6 +609,11 @@ impl<'a> Ipam<'a> {
                         Some(a) if a.handle == handle => return Ok(assigned),
                         Some(_) => return Err(IpamError::AddressInUse(ip)),
                         None => {}
+                    }
+                    // Only an address in another node's block needs the handle record.
+                    if b.affinity.as_deref() != Some(node) && !recorded {
+                        self.add_block_to_handle(handle, cidr, attrs)?;
+                        recorded = true;
                     }
                     b.allocations.insert(ordinal, alloc.clone());
                     match self.store.update(&key, &to_json(&key, &b)?, rev) {
@@ -572,23 +688,36 @@ impl<'a> Ipam<'a> {
         Ok(freed)
     }
 
-    /// Releases everything held by the handle and deletes its record. Idempotent: an unknown
-    /// handle gives Ok(empty). `extra` lists more blocks to search (GC of records lost).
-    fn release_handle(&self, handle: &str, extra: &[IpNet]) -> Result<Vec<IpAddr>, IpamError> {
+    /// Releases everything held by the handle in `extra` and in the blocks of its record, and
+    /// deletes the record. Idempotent: an unknown handle gives Ok(empty). Also says whether a
+    /// record existed.
+    fn release_handle(
+        &self,
+        handle: &str,
+        extra: &[IpNet],
+    ) -> Result<(Vec<IpAddr>, bool), IpamError> {
         let key = keys::handle(handle);
         let mut freed = self.release_in_blocks(handle, extra)?;
+        let mut had_record = false;
         for _ in 0..MAX_ATTEMPTS {
             let Some((rec, rev)) = get_json::<HandleRecord>(self.store, &key)? else {
                 freed.sort();
                 freed.dedup();
-                return Ok(freed);
+                return Ok((freed, had_record));
             };
-            freed.extend(self.release_in_blocks(handle, &rec.blocks)?);
+            had_record = true;
+            let more: Vec<IpNet> = rec
+                .blocks
+                .iter()
+                .filter(|b| !extra.contains(b))
+                .copied()
+                .collect();
+            freed.extend(self.release_in_blocks(handle, &more)?);
             match self.store.delete(&key, Some(rev)) {
                 Ok(_) => {
                     freed.sort();
                     freed.dedup();
-                    return Ok(freed);
+                    return Ok((freed, had_record));
                 }
                 // The record changed (a concurrent assign under the same handle): go again.
                 Err(StoreError::Conflict { .. }) => continue,
@@ -598,10 +727,58 @@ impl<'a> Ipam<'a> {
         Err(IpamError::Contention(key))
     }
 
-    /// Releases every address held by the handle, then deletes the handle record. A second
-    /// call returns Ok(empty).
+    /// Releases every address held by the handle, then deletes its handle record (if any).
+    /// A second call returns Ok(empty). Without hints, a handle with no record is looked for
+    /// in every block (see [`Ipam::release_by_handle_hinted`] to avoid that).
     pub fn release_by_handle(&self, handle: &str) -> Result<Vec<IpAddr>, IpamError> {
-        self.release_handle(handle, &[])
+        self.release_by_handle_hinted(handle, &ReleaseHints::default())
+    }
+
+    /// [`Ipam::release_by_handle`] searching the hinted blocks (and those of the hinted
+    /// addresses) plus the blocks of the handle's record. Only when that frees nothing, the
+    /// handle has no record, and the hints were empty or named an address outside the hinted
+    /// blocks (its block was derived from its pool's block size, which may have changed),
+    /// every block is scanned. An address in a block affine to the caller's node is found if
+    /// the hints name that block or the address.
+    pub fn release_by_handle_hinted(
+        &self,
+        handle: &str,
+        hints: &ReleaseHints,
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut blocks = hints.blocks.clone();
+        let stray: Vec<IpAddr> = hints
+            .addrs
+            .iter()
+            .filter(|ip| !blocks.iter().any(|b| b.contains(*ip)))
+            .copied()
+            .collect();
+        if !stray.is_empty() {
+            let pools = self.pools()?;
+            for ip in stray.iter().copied() {
+                let Some(pool) = pools.iter().find(|p| p.cidr.contains(&ip)) else {
+                    continue;
+                };
+                if let Ok(net) = IpNet::new(ip, pool.block_size) {
+                    let net = net.trunc();
+                    if !blocks.contains(&net) {
+                        blocks.push(net);
+                    }
+                }
+            }
+        }
+        let (mut freed, had_record) = self.release_handle(handle, &blocks)?;
+        if freed.is_empty() && !had_record && (hints.is_empty() || !stray.is_empty()) {
+            let held: Vec<IpNet> = self
+                .blocks()?
+                .into_iter()
+                .filter(|b| b.allocations.values().any(|a| a.handle == handle))
+                .map(|b| b.cidr)
+                .collect();
+            freed = self.release_in_blocks(handle, &held)?;
+            freed.sort();
+            freed.dedup();
+        }
+        Ok(freed)
     }
 
     /// Drops blocks the handle holds nothing in from its record; deletes an empty record.
@@ -696,7 +873,7 @@ impl<'a> Ipam<'a> {
         let mut freed = Vec::new();
         for (h, blocks) in self.handles_with_blocks()?.into_values() {
             if !valid(&h) {
-                freed.extend(self.release_handle(&h.id, &blocks)?);
+                freed.extend(self.release_handle(&h.id, &blocks)?.0);
             }
         }
         freed.sort();

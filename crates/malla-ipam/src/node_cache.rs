@@ -27,7 +27,7 @@ use malla_api::{ClusterConfig, Node, WorkloadEndpoint};
 use malla_store::{LocalStore, Store, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::{Block, Ipam, IpamError};
+use crate::{Block, Ipam, IpamError, ReleaseHints};
 
 const KEY: &str = "/node-cache";
 /// How long an online allocation stays in `held` when the snapshot does not show it (the
@@ -53,6 +53,17 @@ pub struct CacheState {
     /// Handle → the endpoint key to delete, for offline DELs.
     #[serde(default)]
     pub releases: BTreeMap<String, String>,
+}
+
+impl CacheState {
+    /// The node's blocks as [`crate::AutoAssign::affine_hint`]: those the snapshot shows with
+    /// room first (so an ADD usually reads one block), then the full ones, each in address
+    /// order.
+    pub fn affine_hint(&self) -> Vec<ipnet::IpNet> {
+        let mut blocks: Vec<&Block> = self.blocks.iter().collect();
+        blocks.sort_by_key(|b| (b.used() >= b.capacity(), b.cidr));
+        blocks.iter().map(|b| b.cidr).collect()
+    }
 }
 
 /// An ADD made while the datastore was away.
@@ -311,8 +322,18 @@ impl NodeCache {
             })?;
             out.added += 1;
         }
+        // The node's blocks, and the addresses the endpoint record names: where the datastore
+        // holds what these handles got (a borrowed address is found through its handle record).
+        let blocks: Vec<ipnet::IpNet> = state.blocks.iter().map(|b| b.cidr).collect();
         for (handle, key) in &state.releases {
-            ipam.release_by_handle(handle)?;
+            let addrs = malla_store::get_json::<WorkloadEndpoint>(store, key)?
+                .map(|(ep, _)| ep.addrs().collect())
+                .unwrap_or_default();
+            let hints = ReleaseHints {
+                blocks: blocks.clone(),
+                addrs,
+            };
+            ipam.release_by_handle_hinted(handle, &hints)?;
             store.delete(key, None)?;
             self.modify(|s| {
                 s.releases.remove(handle);
@@ -373,6 +394,7 @@ mod tests {
                 ipv4: true,
                 ipv6: false,
                 attrs: BTreeMap::new(),
+                affine_hint: vec![],
             })
             .unwrap()[0]
             .addr;
@@ -392,6 +414,7 @@ mod tests {
                 ipv4: true,
                 ipv6: false,
                 attrs: BTreeMap::new(),
+                affine_hint: vec![],
             })
             .unwrap()[0]
             .addr;

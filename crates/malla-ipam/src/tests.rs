@@ -4,7 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use malla_store::LocalStore;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use malla_store::{Event, KeyValue, LocalStore};
 use proptest::prelude::*;
 
 use super::*;
@@ -32,6 +36,7 @@ fn req(handle: &str, node: &str, v4: bool, v6: bool) -> AutoAssign {
         ipv4: v4,
         ipv6: v6,
         attrs: [("pod".to_string(), handle.to_string())].into(),
+        affine_hint: vec![],
     }
 }
 
@@ -356,9 +361,14 @@ fn release_unless_collects_leaks() {
         r#"{"blocks":["10.0.0.0/26"]}"#,
     )
     .unwrap();
-    // An allocation whose handle record was lost.
-    let lost = v4(&ipam, "lost-record", "n").unwrap();
+    // An address borrowed by another node (so with a handle record), whose record was lost.
+    let lost = ipam
+        .assign_ip(ip("10.0.0.9"), "lost-record", "m", &BTreeMap::new())
+        .unwrap();
+    assert!(s.get(&keys::handle("lost-record")).unwrap().is_some());
     s.delete(&keys::handle("lost-record"), None).unwrap();
+    // "leak": an affine allocation with no record at all (its endpoint never got written).
+    assert!(s.get(&keys::handle("leak")).unwrap().is_none());
     let hs = ipam.handles().unwrap();
     let ids: Vec<&str> = hs.iter().map(|h| h.id.as_str()).collect();
     assert_eq!(ids, ["keep", "leak", "lost-record", "orphan-record"]);
@@ -527,6 +537,7 @@ fn many_processes_allocate_concurrently_without_duplicates() {
                                 ipv4: true,
                                 ipv6: false,
                                 attrs: BTreeMap::new(),
+                                affine_hint: vec![],
                             })
                             .unwrap();
                         got.push((h, a[0].addr));
@@ -566,7 +577,12 @@ fn many_processes_allocate_concurrently_without_duplicates() {
                 let s = LocalStore::open(&path).unwrap();
                 let ipam = Ipam::new(&s);
                 for (h, a) in mine {
-                    assert_eq!(ipam.release_by_handle(h).unwrap(), vec![*a]);
+                    // As the CNI DEL does: the address from the endpoint record as the hint.
+                    let hints = ReleaseHints {
+                        blocks: vec![],
+                        addrs: vec![*a],
+                    };
+                    assert_eq!(ipam.release_by_handle_hinted(h, &hints).unwrap(), vec![*a]);
                 }
             });
         }
@@ -574,4 +590,370 @@ fn many_processes_allocate_concurrently_without_duplicates() {
     eprintln!("allocate {alloc_time:?}, release {:?}", start.elapsed());
     assert!(ipam.blocks().unwrap().iter().all(|b| b.used() == 0));
     assert!(ipam.handles().unwrap().is_empty());
+}
+
+/// Forwards to a store, counting successful writes and reads (gets, and lists by prefix).
+struct Counting<'a> {
+    inner: &'a dyn Store,
+    writes: Mutex<Vec<String>>,
+    gets: AtomicU64,
+    lists: Mutex<Vec<String>>,
+}
+
+impl<'a> Counting<'a> {
+    fn new(inner: &'a dyn Store) -> Self {
+        Self {
+            inner,
+            writes: Mutex::new(Vec::new()),
+            gets: AtomicU64::new(0),
+            lists: Mutex::new(Vec::new()),
+        }
+    }
+    fn wrote<T>(&self, key: &str, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if r.is_ok() {
+            self.writes.lock().unwrap().push(key.to_string());
+        }
+        r
+    }
+    /// Writes, gets and list prefixes since the last call.
+    fn take(&self) -> (Vec<String>, u64, Vec<String>) {
+        (
+            std::mem::take(&mut *self.writes.lock().unwrap()),
+            self.gets.swap(0, Ordering::Relaxed),
+            std::mem::take(&mut *self.lists.lock().unwrap()),
+        )
+    }
+}
+
+impl Store for Counting<'_> {
+    fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.gets.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key)
+    }
+    fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        self.lists.lock().unwrap().push(prefix.to_string());
+        self.inner.list(prefix)
+    }
+    fn create(&self, key: &str, value: &str) -> Result<Revision, StoreError> {
+        self.wrote(key, self.inner.create(key, value))
+    }
+    fn update(&self, key: &str, value: &str, expected: Revision) -> Result<Revision, StoreError> {
+        self.wrote(key, self.inner.update(key, value, expected))
+    }
+    fn put(&self, key: &str, value: &str) -> Result<Revision, StoreError> {
+        self.wrote(key, self.inner.put(key, value))
+    }
+    fn delete(
+        &self,
+        key: &str,
+        expected: Option<Revision>,
+    ) -> Result<Option<Revision>, StoreError> {
+        let r = self.inner.delete(key, expected);
+        if let Ok(Some(_)) = r {
+            self.writes.lock().unwrap().push(key.to_string());
+        }
+        r
+    }
+    fn events_since(&self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError> {
+        self.inner.events_since(prefix, after)
+    }
+    fn revision(&self) -> Result<Revision, StoreError> {
+        self.inner.revision()
+    }
+    fn wait_for_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError> {
+        self.inner.wait_for_change(after, timeout)
+    }
+}
+
+fn hinted(handle: &str, node: &str, hint: &[IpNet]) -> AutoAssign {
+    AutoAssign {
+        affine_hint: hint.to_vec(),
+        ..req(handle, node, true, false)
+    }
+}
+
+/// The cidrs of the blocks affine to `node`, as the agent's node cache holds them.
+fn affine(ipam: &Ipam<'_>, node: &str) -> Vec<IpNet> {
+    ipam.blocks()
+        .unwrap()
+        .into_iter()
+        .filter(|b| b.affinity.as_deref() == Some(node))
+        .map(|b| b.cidr)
+        .collect()
+}
+
+fn handle_records(s: &dyn Store) -> Vec<String> {
+    s.list(keys::HANDLES)
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect()
+}
+
+#[test]
+fn one_write_per_assign_and_no_block_listing_with_hints() {
+    let (_d, file) = store();
+    Ipam::new(&file)
+        .ensure_pool(&pool("p", "10.0.0.0/24", 26))
+        .unwrap();
+    let s = Counting::new(&file);
+    let ipam = Ipam::new(&s);
+    let block0: IpNet = "10.0.0.0/26".parse().unwrap();
+    let block1: IpNet = "10.0.0.64/26".parse().unwrap();
+
+    // No block yet: claiming one is its creation, nothing else.
+    let a = ipam.auto_assign(&hinted("h0", "n", &[])).unwrap();
+    assert_eq!(a[0].block, block0);
+    let (writes, _, lists) = s.take();
+    assert_eq!(writes, [keys::block(&block0)], "claim: one write");
+    assert!(
+        lists.contains(&keys::BLOCKS.to_string()),
+        "claim lists blocks"
+    );
+
+    // The common path: one compare-and-swap of the hinted block; pools listed, blocks not.
+    for i in 1..64 {
+        let a = ipam
+            .auto_assign(&hinted(&format!("h{i}"), "n", &[block0]))
+            .unwrap();
+        assert_eq!(a[0].block, block0);
+        let (writes, gets, lists) = s.take();
+        assert_eq!(writes, [keys::block(&block0)], "ADD {i}: one write");
+        assert_eq!(gets, 1, "ADD {i}: the hinted block alone is read");
+        assert_eq!(
+            lists,
+            [keys::POOLS.to_string()],
+            "ADD {i}: only pools listed"
+        );
+    }
+    // With the pools the caller read: the hinted block is the only read.
+    ipam.release_by_handle_hinted(
+        "h5",
+        &ReleaseHints {
+            blocks: vec![block0],
+            addrs: vec![],
+        },
+    )
+    .unwrap();
+    s.take();
+    let pools = ipam.pools().unwrap();
+    s.take();
+    let a = ipam
+        .auto_assign_in(&hinted("h5", "n", &[block0]), &pools)
+        .unwrap();
+    assert_eq!(a[0].addr, ip("10.0.0.5"));
+    let (writes, gets, lists) = s.take();
+    assert_eq!((writes.len(), gets, lists.len()), (1, 1, 0));
+
+    // The hinted block is full: the full path claims the next block, still one write.
+    let a = ipam.auto_assign(&hinted("h64", "n", &[block0])).unwrap();
+    assert_eq!(a[0].block, block1);
+    let (writes, _, _) = s.take();
+    assert_eq!(writes, [keys::block(&block1)]);
+
+    // A hint that is not the node's block (another node's, or a stale one) is not used.
+    let other = ipam.auto_assign(&hinted("o0", "m", &[block1])).unwrap();
+    assert_eq!(other[0].block, "10.0.0.128/26".parse::<IpNet>().unwrap());
+    assert!(
+        handle_records(&file).is_empty(),
+        "no handle record for affine addresses"
+    );
+    check_invariants(&ipam);
+}
+
+#[test]
+fn hinted_assigns_on_one_node_never_duplicate() {
+    const THREADS: usize = 6;
+    const PER_THREAD: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ipam.db");
+    {
+        let s = LocalStore::open(&path).unwrap();
+        Ipam::new(&s)
+            .ensure_pool(&pool("p", "10.0.0.0/22", 27))
+            .unwrap();
+    }
+    let got: Vec<(String, IpAddr)> = std::thread::scope(|sc| {
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let path = path.clone();
+                sc.spawn(move || {
+                    let s = LocalStore::open(&path).unwrap();
+                    let ipam = Ipam::new(&s);
+                    let mut got = Vec::new();
+                    let mut hint = Vec::new();
+                    for i in 0..PER_THREAD {
+                        // A node cache refreshed now and then (stale in between).
+                        if i % 7 == 0 {
+                            hint = affine(&ipam, "n");
+                        }
+                        let h = format!("t{t}-{i}");
+                        let a = ipam.auto_assign(&hinted(&h, "n", &hint)).unwrap();
+                        got.push((h, a[0].addr));
+                    }
+                    got
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    let s = LocalStore::open(&path).unwrap();
+    let ipam = Ipam::new(&s);
+    let live = check_invariants(&ipam);
+    assert_eq!(
+        live.len(),
+        THREADS * PER_THREAD,
+        "no address handed out twice"
+    );
+    for (h, a) in &got {
+        assert_eq!(live.get(a), Some(h));
+    }
+    let mine = affine(&ipam, "n");
+    assert_eq!(
+        mine.len(),
+        (THREADS * PER_THREAD).div_ceil(32),
+        "blocks filled in turn"
+    );
+    assert!(got.iter().all(|(_, a)| mine.iter().any(|b| b.contains(a))));
+    assert!(handle_records(&s).is_empty());
+}
+
+#[test]
+fn release_finds_affine_addresses_with_and_without_hints() {
+    let (_d, s) = store();
+    let ipam = Ipam::new(&s);
+    ipam.ensure_pool(&pool("p", "10.0.0.0/24", 26)).unwrap();
+    let addrs: Vec<Assigned> = (0..5)
+        .map(|i| v4(&ipam, &format!("h{i}"), "n").unwrap())
+        .collect();
+    let mine = affine(&ipam, "n");
+    assert!(handle_records(&s).is_empty());
+    let hints = |blocks: Vec<IpNet>, addrs: Vec<IpAddr>| ReleaseHints { blocks, addrs };
+    // The node's blocks as the hint.
+    assert_eq!(
+        ipam.release_by_handle_hinted("h0", &hints(mine.clone(), vec![]))
+            .unwrap(),
+        vec![addrs[0].addr]
+    );
+    // The endpoint record's address as the hint.
+    assert_eq!(
+        ipam.release_by_handle_hinted("h1", &hints(vec![], vec![addrs[1].addr]))
+            .unwrap(),
+        vec![addrs[1].addr]
+    );
+    // No hints: every block is scanned.
+    assert_eq!(ipam.release_by_handle("h2").unwrap(), vec![addrs[2].addr]);
+    // Hinted blocks that do not hold it (and no address): not found there, no scan...
+    let elsewhere: IpNet = "10.0.0.192/26".parse().unwrap();
+    assert!(ipam
+        .release_by_handle_hinted("h3", &hints(vec![elsewhere], vec![]))
+        .unwrap()
+        .is_empty());
+    // ... but an address that is not where expected is looked for everywhere.
+    assert_eq!(
+        ipam.release_by_handle_hinted("h3", &hints(vec![], vec![ip("10.0.0.200")]))
+            .unwrap(),
+        vec![addrs[3].addr]
+    );
+    // A DEL after a failed ADD: the address it noted is in a hinted block and free now. Its
+    // block was searched, so nothing more is read (no scan).
+    let counting = Counting::new(&s);
+    let counted = Ipam::new(&counting);
+    assert!(counted
+        .release_by_handle_hinted("h0", &hints(mine.clone(), vec![addrs[0].addr]))
+        .unwrap()
+        .is_empty());
+    let (writes, gets, lists) = counting.take();
+    assert!(writes.is_empty() && lists.is_empty());
+    assert_eq!(
+        gets as usize,
+        mine.len() + 1,
+        "the node's blocks and the record"
+    );
+    // Idempotent, every way.
+    for h in ["h0", "h1", "h2", "h3"] {
+        assert!(ipam.release_by_handle(h).unwrap().is_empty());
+        assert!(ipam
+            .release_by_handle_hinted(h, &hints(mine.clone(), vec![]))
+            .unwrap()
+            .is_empty());
+    }
+    let live = check_invariants(&ipam);
+    assert_eq!(
+        live.keys().copied().collect::<Vec<_>>(),
+        vec![addrs[4].addr]
+    );
+}
+
+#[test]
+fn borrowed_addresses_keep_a_handle_record_and_are_released() {
+    let (_d, file) = store();
+    let s = Counting::new(&file);
+    let ipam = Ipam::new(&s);
+    // Two /29 blocks in a /28: a fills its block, b claims the other.
+    ipam.ensure_pool(&pool("p", "10.0.0.0/28", 29)).unwrap();
+    for i in 0..8 {
+        v4(&ipam, &format!("a{i}"), "a").unwrap();
+    }
+    v4(&ipam, "b0", "b").unwrap();
+    let a_blocks = affine(&ipam, "a");
+    s.take();
+    let borrowed = ipam
+        .auto_assign(&hinted("a8", "a", &a_blocks))
+        .unwrap()
+        .remove(0);
+    let b_block: IpNet = "10.0.0.8/29".parse().unwrap();
+    assert_eq!(borrowed.block, b_block);
+    let (writes, _, _) = s.take();
+    assert_eq!(
+        writes,
+        [keys::handle("a8"), keys::block(&b_block)],
+        "the record goes first, then the block"
+    );
+    let (rec, _) = get_json::<HandleRecord>(&file, &keys::handle("a8"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.blocks, vec![b_block]);
+    assert_eq!(handle_records(&file), [keys::handle("a8")]);
+    // DEL with a's blocks as the hint: found through the record, which goes too.
+    let freed = ipam
+        .release_by_handle_hinted(
+            "a8",
+            &ReleaseHints {
+                blocks: a_blocks,
+                addrs: vec![],
+            },
+        )
+        .unwrap();
+    assert_eq!(freed, vec![borrowed.addr]);
+    assert!(handle_records(&file).is_empty());
+    check_invariants(&ipam);
+}
+
+#[test]
+fn gc_frees_an_affine_allocation_whose_endpoint_never_came() {
+    let (_d, s) = store();
+    let ipam = Ipam::new(&s);
+    ipam.ensure_pool(&pool("p", "10.0.0.0/24", 26)).unwrap();
+    let live = v4(&ipam, "live", "n").unwrap();
+    // The plugin died after the allocation: no endpoint, and no handle record either.
+    let crashed = ipam
+        .auto_assign(&hinted("crashed", "n", &affine(&ipam, "n")))
+        .unwrap()
+        .remove(0);
+    assert!(handle_records(&s).is_empty());
+    let hs = ipam.handles().unwrap();
+    let crashed_handle = hs.iter().find(|h| h.id == "crashed").unwrap();
+    assert_eq!(crashed_handle.addrs, vec![crashed.addr]);
+    assert_eq!(crashed_handle.attrs[ATTR_NODE], "n", "GC sees whose it is");
+    let freed = ipam.release_unless(&|h: &Handle| h.id == "live").unwrap();
+    assert_eq!(freed, vec![crashed.addr]);
+    assert_eq!(
+        check_invariants(&ipam).into_keys().collect::<Vec<_>>(),
+        vec![live.addr]
+    );
 }

@@ -90,6 +90,7 @@ fn kubernetes_store_conformance_ipam_and_watch_resume() {
                                     ipv4: true,
                                     ipv6: false,
                                     attrs: BTreeMap::new(),
+                                    ..Default::default()
                                 })
                                 .unwrap();
                             (handle, a[0].addr)

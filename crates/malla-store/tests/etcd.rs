@@ -378,6 +378,7 @@ fn ipam_over_etcd_three_nodes_claim_blocks_concurrently() {
                                     ipv4: true,
                                     ipv6: false,
                                     attrs: BTreeMap::new(),
+                                    ..Default::default()
                                 })
                                 .unwrap();
                             (h, a[0].addr)

@@ -388,3 +388,61 @@ fn gc_releases_everything_not_valid() {
     assert!(p.call("DEL", "gc-keep", &results[0].1, &conf).ok);
     assert_eq!(lab.used_addresses(), 0);
 }
+
+/// A crash right after the allocation (no endpoint record, no handle record: the address is
+/// in the node's own block): the runtime's DEL finds it through the node cache's blocks.
+#[test]
+fn del_after_a_crash_right_after_the_allocation_frees_the_address() {
+    let lab = Lab::new("sd");
+    lab.run(&["lab", "up", "--nodes", "1"]);
+    let p = Plugin::new(&lab);
+    let conf = p.conf("1.1.0");
+    let first = p.pod("first");
+    let add = p.call("ADD", "del-first", &first, &conf);
+    assert!(add.ok, "{}", add.out);
+    // The agent's node cache shows the node's block before the crash (the hinted path).
+    let ready = conf["agentReadyFile"].as_str().expect("agentReadyFile");
+    let cache = malla_ipam::node_cache::NodeCache::path_beside(std::path::Path::new(ready));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let blocks = malla_ipam::node_cache::NodeCache::open(&cache)
+            .and_then(|c| c.state())
+            .map(|s| s.blocks.len())
+            .unwrap_or(0);
+        if blocks > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never wrote its node cache"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let netns = p.pod("crash");
+    let netns_path = format!("/run/netns/{netns}");
+    let env = |command| {
+        [
+            ("CNI_COMMAND", command),
+            ("CNI_CONTAINERID", "del-crash"),
+            ("CNI_NETNS", netns_path.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/x"),
+        ]
+    };
+    let mut crash_env = env("ADD").to_vec();
+    crash_env.push(("MALLA_CNI_FAULT", "after-ipam"));
+    let crashed = p.raw(&crash_env, conf.to_string().as_bytes());
+    assert!(!crashed.ok, "the fault was injected");
+    assert_eq!(lab.used_addresses(), 2, "the crashed ADD holds an address");
+    for _ in 0..2 {
+        let del = p.raw(&env("DEL"), conf.to_string().as_bytes());
+        assert!(del.ok, "DEL (idempotent): {}", del.out);
+        assert_eq!(
+            lab.used_addresses(),
+            1,
+            "DEL freed the crashed ADD's address"
+        );
+    }
+    assert!(p.call("DEL", "del-first", &first, &conf).ok);
+    assert_eq!(lab.used_addresses(), 0);
+}
