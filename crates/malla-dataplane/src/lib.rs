@@ -6,6 +6,7 @@ pub mod conntrack;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nft_elements;
 pub mod sysctl;
 pub mod workload;
 

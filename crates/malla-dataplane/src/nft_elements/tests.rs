@@ -1,0 +1,180 @@
+//! Element changes over nfnetlink against the real kernel: the table is made and read back by
+//! `nft`, in a namespace of the test's own.
+
+use super::*;
+
+/// A throwaway namespace, deleted on drop.
+struct Scratch(String);
+
+impl Scratch {
+    fn new(tag: &str) -> Option<Scratch> {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: not root");
+            return None;
+        }
+        let name = format!("malla-nfte-{}-{tag}", std::process::id());
+        crate::netns::create(&name).expect("creating the namespace");
+        Some(Scratch(name))
+    }
+
+    fn ns(&self) -> NetNs {
+        NetNs::open_named(&self.0).unwrap()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = crate::netns::delete(&self.0);
+    }
+}
+
+const TABLE: &str = "table inet t {
+  map ep4 { typeof numgen random mod 2 : ip daddr . tcp dport; counter; }
+  map ep6 { typeof numgen random mod 2 : ip6 daddr . udp dport; }
+  map ips { type ipv4_addr . inet_proto . inet_service : verdict; }
+  set hairpin { type ipv4_addr . ipv4_addr; }
+  set ports { type inet_service; }
+  chain svc-a { }
+}
+";
+
+fn numgen_map(name: &str, key_text_value: Vec<(&str, &str)>, six: bool) -> SetChange {
+    SetChange {
+        set: name.into(),
+        layout: Layout {
+            key: vec![Part::HostU32],
+            value: Value::Data(vec![if six { Part::Ipv6 } else { Part::Ipv4 }, Part::Port]),
+        },
+        delete: Vec::new(),
+        add: key_text_value
+            .into_iter()
+            .map(|(k, v)| Element {
+                key: k.into(),
+                value: Some(v.into()),
+            })
+            .collect(),
+    }
+}
+
+fn listed(ns: &NetNs) -> String {
+    crate::nft::list_table(Some(ns), "inet", "t").unwrap()
+}
+
+#[test]
+fn elements_of_every_layout_read_back_as_nft_wrote_them() {
+    let Some(s) = Scratch::new("all") else { return };
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    let changes = vec![
+        numgen_map(
+            "ep4",
+            vec![("0", "198.18.0.5 . 8080"), ("70000", "198.18.0.6 . 80")],
+            false,
+        ),
+        numgen_map("ep6", vec![("3", "fd00::5 . 53")], true),
+        SetChange {
+            set: "ips".into(),
+            layout: Layout {
+                key: vec![Part::Ipv4, Part::Proto, Part::Port],
+                value: Value::Verdict,
+            },
+            delete: Vec::new(),
+            add: vec![
+                Element {
+                    key: "198.19.64.2 . tcp . 80".into(),
+                    value: Some("goto svc-a".into()),
+                },
+                Element {
+                    key: "198.19.64.3 . udp . 53".into(),
+                    value: Some("drop".into()),
+                },
+            ],
+        },
+        SetChange {
+            set: "hairpin".into(),
+            layout: Layout {
+                key: vec![Part::Ipv4, Part::Ipv4],
+                value: Value::None,
+            },
+            delete: Vec::new(),
+            add: vec![Element {
+                key: "198.18.0.5 . 198.18.0.5".into(),
+                value: None,
+            }],
+        },
+        SetChange {
+            set: "ports".into(),
+            layout: Layout {
+                key: vec![Part::Port],
+                value: Value::None,
+            },
+            delete: Vec::new(),
+            add: vec![Element {
+                key: "30080".into(),
+                value: None,
+            }],
+        },
+    ];
+    apply(Some(&ns), NFPROTO_INET, "t", &changes).unwrap();
+    let text = listed(&ns);
+    for want in [
+        "0 counter packets 0 bytes 0 : 198.18.0.5 . 8080",
+        "70000 counter packets 0 bytes 0 : 198.18.0.6 . 80",
+        "3 : fd00::5 . 53",
+        "198.19.64.2 . tcp . 80 : goto svc-a",
+        "198.19.64.3 . udp . 53 : drop",
+        "198.18.0.5 . 198.18.0.5",
+        "30080",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    // Deleting and replacing: the endpoint at index 0 moves.
+    let mut moved = numgen_map("ep4", vec![("0", "198.18.0.9 . 8080")], false);
+    moved.delete = vec![Element {
+        key: "0".into(),
+        value: None,
+    }];
+    apply(Some(&ns), NFPROTO_INET, "t", &[moved]).unwrap();
+    let text = listed(&ns);
+    assert!(
+        text.contains("0 counter packets 0 bytes 0 : 198.18.0.9 . 8080"),
+        "{text}"
+    );
+    assert!(!text.contains("198.18.0.5 . 8080"), "{text}");
+}
+
+#[test]
+fn a_failing_change_applies_nothing_and_says_why() {
+    let Some(s) = Scratch::new("atomic") else {
+        return;
+    };
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    let mut bad = numgen_map("ep4", vec![("1", "198.18.0.7 . 81")], false);
+    // Not there: the whole batch is refused, the add above included.
+    bad.delete = vec![Element {
+        key: "99".into(),
+        value: None,
+    }];
+    let err = apply(Some(&ns), NFPROTO_INET, "t", &[bad]).unwrap_err();
+    assert!(err.to_string().contains("No such file"), "{err}");
+    assert!(!listed(&ns).contains("198.18.0.7"));
+    // Text that is not of the layout is refused before anything is sent, naming the set.
+    let err = apply(
+        Some(&ns),
+        NFPROTO_INET,
+        "t",
+        &[numgen_map("ep4", vec![("1", "not-an-address . 81")], false)],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("ep4 value"), "{err}");
+    // A set that does not exist.
+    let err = apply(
+        Some(&ns),
+        NFPROTO_INET,
+        "t",
+        &[numgen_map("nope", vec![("1", "198.18.0.7 . 81")], false)],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("element changes to t"), "{err}");
+}
