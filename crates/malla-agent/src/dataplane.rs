@@ -126,9 +126,30 @@ impl Dataplane {
     }
 
     /// Applies the nft table: the first time and every few minutes as one full replacing
-    /// transaction, otherwise as a small diff of what changed; a failed diff falls back to full.
+    /// transaction, otherwise as a small diff of what changed: element changes alone go
+    /// straight over nfnetlink, anything else as an `nft` text diff; a failed diff falls back
+    /// to full.
     fn sync_nft(&mut self, want: NodeDataplane, stats: &mut ApplyStats) -> anyhow::Result<()> {
         let full_due = self.last_full_nft.elapsed() >= FULL_NFT_RESYNC;
+        if let (Some(old), false) = (&self.applied_table, full_due) {
+            let new = &want.nft_table;
+            let elements = crate::element_diff::element_changes(old, new)
+                .zip(crate::element_diff::family(&new.family));
+            if let Some((changes, family)) = elements {
+                if changes.is_empty() {
+                    return Ok(());
+                }
+                match malla_dataplane::nft_elements::apply(None, family, &new.name, &changes) {
+                    Ok(()) => {
+                        self.finish_nft(want, stats);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "element update failed; using the text diff")
+                    }
+                }
+            }
+        }
         let diff = match &self.applied_table {
             Some(old) if !full_due => match malla_calc::nft::render_diff(old, &want.nft_table) {
                 None => return Ok(()),
@@ -149,11 +170,17 @@ impl Dataplane {
         if applied == "full" {
             self.last_full_nft = std::time::Instant::now();
         }
+        self.finish_nft(want, stats);
+        Ok(())
+    }
+
+    /// After `want`'s table is in the kernel: UDP flows to endpoints gone are cleared, and the
+    /// table becomes the base of the next diff.
+    fn finish_nft(&mut self, want: NodeDataplane, stats: &mut ApplyStats) {
         self.clear_stale_udp_flows(&want.service_map);
         self.applied_table = Some(want.nft_table);
         self.applied_services = want.service_map;
         stats.nft_applied = true;
-        Ok(())
     }
 
     /// UDP has no connection to break: conntrack would keep sending a flow to an endpoint that

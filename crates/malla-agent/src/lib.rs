@@ -9,6 +9,7 @@
 
 pub mod config_dir;
 pub mod dataplane;
+pub mod element_diff;
 pub mod mirror;
 pub mod registration;
 

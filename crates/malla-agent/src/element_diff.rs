@@ -1,0 +1,262 @@
+//! The change from one rendered nft table to the next as element changes alone, when that is
+//! all that changed (an endpoint moving, a pod joining an address set): the agent then sends
+//! them over nfnetlink ([`malla_dataplane::nft_elements`]) instead of running `nft`, which
+//! would first read the whole table back from the kernel. Anything else (a chain, a rule, a
+//! set's definition, an interval set, a type it cannot encode) yields None, and the caller
+//! uses the text diff.
+
+use malla_calc::nft::Table;
+use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
+
+/// The `nfgenmsg` family of a table family name.
+pub fn family(name: &str) -> Option<u8> {
+    match name {
+        "inet" => Some(NFPROTO_INET),
+        "ip" => Some(libc::NFPROTO_IPV4 as u8),
+        "ip6" => Some(libc::NFPROTO_IPV6 as u8),
+        _ => None,
+    }
+}
+
+/// The parts of a `type a . b` declaration.
+fn parts_of_type(t: &str) -> Option<Vec<Part>> {
+    t.split(" . ")
+        .map(|p| match p.trim() {
+            "ipv4_addr" => Some(Part::Ipv4),
+            "ipv6_addr" => Some(Part::Ipv6),
+            "inet_service" => Some(Part::Port),
+            "inet_proto" => Some(Part::Proto),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The parts of a `typeof expr . expr` declaration (or a map's value expressions).
+fn parts_of_typeof(t: &str) -> Option<Vec<Part>> {
+    t.split(" . ")
+        .map(|p| {
+            let w: Vec<&str> = p.split_whitespace().collect();
+            match w.as_slice() {
+                ["numgen", "random", "mod", _] | ["numgen", "inc", "mod", _] => Some(Part::HostU32),
+                ["ip", "saddr" | "daddr"] => Some(Part::Ipv4),
+                ["ip6", "saddr" | "daddr"] => Some(Part::Ipv6),
+                ["tcp" | "udp" | "sctp" | "th", "sport" | "dport"] => Some(Part::Port),
+                ["meta", "l4proto"] => Some(Part::Proto),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn key_parts(t: &str) -> Option<Vec<Part>> {
+    match t.strip_prefix("typeof ") {
+        Some(expr) => parts_of_typeof(expr),
+        None => parts_of_type(t),
+    }
+}
+
+/// What turns `old` into `new`, as element changes per set and map; None when anything but
+/// elements changed or a touched set cannot be encoded. Sets whose elements the kernel manages
+/// (timeouts: session affinity) are left alone, as the text diff does.
+pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
+    if old.family != new.family || old.name != new.name || old.chains != new.chains {
+        return None;
+    }
+    if !old.sets.keys().eq(new.sets.keys()) || !old.maps.keys().eq(new.maps.keys()) {
+        return None;
+    }
+    let mut out = Vec::new();
+    for (name, n) in &new.sets {
+        let o = old.sets.get(name)?;
+        if o.type_ != n.type_ || o.flags != n.flags || o.timeout != n.timeout {
+            return None;
+        }
+        if n.kernel_managed() || o.elements == n.elements {
+            continue;
+        }
+        if n.flags.iter().any(|f| f == "interval") {
+            return None;
+        }
+        let element = |k: &String| Element {
+            key: k.clone(),
+            value: None,
+        };
+        out.push(SetChange {
+            set: name.clone(),
+            layout: Layout {
+                key: key_parts(&n.type_)?,
+                value: Value::None,
+            },
+            delete: o.elements.difference(&n.elements).map(element).collect(),
+            add: n.elements.difference(&o.elements).map(element).collect(),
+        });
+    }
+    for (name, n) in &new.maps {
+        let o = old.maps.get(name)?;
+        if o.type_ != n.type_ || o.value != n.value || o.flags != n.flags || o.counter != n.counter
+        {
+            return None;
+        }
+        if o.elements == n.elements {
+            continue;
+        }
+        if n.flags.iter().any(|f| f == "interval") {
+            return None;
+        }
+        let value = if n.value == "verdict" {
+            Value::Verdict
+        } else {
+            Value::Data(parts_of_typeof(&n.value).or_else(|| parts_of_type(&n.value))?)
+        };
+        // A key whose value changed is deleted, then added again (one batch, in that order).
+        let delete = o
+            .elements
+            .iter()
+            .filter(|(k, v)| n.elements.get(*k) != Some(*v))
+            .map(|(k, _)| Element {
+                key: k.clone(),
+                value: None,
+            })
+            .collect();
+        let add = n
+            .elements
+            .iter()
+            .filter(|(k, v)| o.elements.get(*k) != Some(*v))
+            .map(|(k, v)| Element {
+                key: k.clone(),
+                value: Some(v.clone()),
+            })
+            .collect();
+        out.push(SetChange {
+            set: name.clone(),
+            layout: Layout {
+                key: key_parts(&n.type_)?,
+                value,
+            },
+            delete,
+            add,
+        });
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use malla_calc::nft::{Chain, Map, Set};
+
+    fn table() -> Table {
+        let mut t = Table::new("inet", "malla");
+        t.maps.insert(
+            "endpoints-v4-tcp-00".into(),
+            Map {
+                type_: "typeof numgen random mod 2".into(),
+                value: "ip daddr . tcp dport".into(),
+                counter: true,
+                elements: [("0".to_string(), "198.18.0.5 . 80".to_string())].into(),
+                ..Map::default()
+            },
+        );
+        t.maps.insert(
+            "service-ips-v4".into(),
+            Map {
+                type_: "ipv4_addr . inet_proto . inet_service".into(),
+                value: "verdict".into(),
+                elements: [(
+                    "198.19.64.2 . tcp . 80".to_string(),
+                    "goto svc-a".to_string(),
+                )]
+                .into(),
+                ..Map::default()
+            },
+        );
+        t.sets.insert(
+            "hairpin-v4".into(),
+            Set {
+                type_: "ipv4_addr . ipv4_addr".into(),
+                ..Set::default()
+            },
+        );
+        t.sets.insert(
+            "aff-x".into(),
+            Set {
+                type_: "ipv4_addr".into(),
+                flags: vec!["dynamic".into(), "timeout".into()],
+                timeout: Some(10),
+                ..Set::default()
+            },
+        );
+        t.chains.insert("svc-a".into(), Chain::default());
+        t
+    }
+
+    #[test]
+    fn an_endpoint_move_is_a_delete_and_an_add_of_its_index() {
+        let old = table();
+        let mut new = table();
+        new.maps
+            .get_mut("endpoints-v4-tcp-00")
+            .unwrap()
+            .elements
+            .insert("0".into(), "198.18.0.9 . 80".into());
+        new.sets
+            .get_mut("hairpin-v4")
+            .unwrap()
+            .elements
+            .insert("198.18.0.9 . 198.18.0.9".into());
+        // Kernel-managed: ignored.
+        new.sets
+            .get_mut("aff-x")
+            .unwrap()
+            .elements
+            .insert("1.2.3.4".into());
+        let c = element_changes(&old, &new).unwrap();
+        assert_eq!(c.len(), 2, "{c:?}");
+        let ep = c.iter().find(|c| c.set == "endpoints-v4-tcp-00").unwrap();
+        assert_eq!(ep.layout.key, [Part::HostU32]);
+        assert_eq!(ep.layout.value, Value::Data(vec![Part::Ipv4, Part::Port]));
+        assert_eq!(ep.delete.len(), 1);
+        assert_eq!(ep.add[0].value.as_deref(), Some("198.18.0.9 . 80"));
+        let hp = c.iter().find(|c| c.set == "hairpin-v4").unwrap();
+        assert_eq!(hp.layout.key, [Part::Ipv4, Part::Ipv4]);
+        assert!(hp.delete.is_empty() && hp.add.len() == 1);
+        assert_eq!(element_changes(&old, &old).unwrap(), []);
+    }
+
+    #[test]
+    fn anything_but_elements_needs_the_text_diff() {
+        let old = table();
+        let mut chain = table();
+        chain.chains.insert("svc-b".into(), Chain::default());
+        assert!(element_changes(&old, &chain).is_none());
+        let mut rule = table();
+        rule.chains
+            .get_mut("svc-a")
+            .unwrap()
+            .rules
+            .push("drop".into());
+        assert!(element_changes(&old, &rule).is_none());
+        let mut map = table();
+        map.maps.remove("service-ips-v4");
+        assert!(element_changes(&old, &map).is_none());
+        let mut retyped = table();
+        retyped.maps.get_mut("endpoints-v4-tcp-00").unwrap().counter = false;
+        assert!(element_changes(&old, &retyped).is_none());
+        let mut unknown = table();
+        unknown.sets.insert(
+            "odd".into(),
+            Set {
+                type_: "ether_addr".into(),
+                ..Set::default()
+            },
+        );
+        let mut unknown2 = unknown.clone();
+        unknown2
+            .sets
+            .get_mut("odd")
+            .unwrap()
+            .elements
+            .insert("x".into());
+        assert!(element_changes(&unknown, &unknown2).is_none());
+    }
+}
