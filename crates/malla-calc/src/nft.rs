@@ -411,6 +411,10 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
             .maps
             .get(n)
             .filter(|_| !recreated_maps.contains(n.as_str()));
+        // Most maps are unchanged: one ordered scan instead of a lookup per element.
+        if before.is_some_and(|o| o.elements == m.elements) {
+            continue;
+        }
         if let Some(o) = before {
             let gone: Vec<&String> = o
                 .elements
