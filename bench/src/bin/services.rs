@@ -63,6 +63,10 @@ struct Args {
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 1800)]
     max_seconds: u64,
+    /// Write each size's full ruleset (`services-N.nft`) and first diff (`services-N.diff.nft`)
+    /// to this directory, e.g. to time `nft -f` on them by hand.
+    #[arg(long)]
+    dump: Option<std::path::PathBuf>,
 }
 
 /// ClusterIPs: 198.19.64.0/18 (the lab's service range); past 16382 services the port moves on.
@@ -212,8 +216,18 @@ struct ProgRow {
 
 fn calc(svcs: &[Service], slices: &[EndpointSlice], pools: &[IpPool]) -> model::Table {
     let node_ips = [IpAddr::V4(Ipv4Addr::new(198, 19, 250, 1))];
+    let t = Instant::now();
     let map = services::build(svcs, slices, "node-1", &node_ips, pools);
-    masquerade::node_table(pools, &map)
+    let built = t.elapsed();
+    let table = masquerade::node_table(pools, &map);
+    if std::env::var_os("MALLA_BENCH_VERBOSE").is_some() {
+        eprintln!(
+            "  calc: build {} ms, node_table {} ms",
+            ms(built),
+            ms(t.elapsed() - built)
+        );
+    }
+    table
 }
 
 fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
@@ -234,6 +248,9 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         let t = Instant::now();
         let text = model::render_full(&table);
         let render_t = t.elapsed();
+        if let Some(dir) = &args.dump {
+            std::fs::write(dir.join(format!("services-{n}.nft")), &text)?;
+        }
         let ns = nss.create(&format!("prog-{n}"))?;
         let h = NetNs::open_named(&ns)?;
         let t = Instant::now();
@@ -259,6 +276,9 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let t = Instant::now();
             let diff = model::render_diff(&table, &new).context("a change gave no diff")?;
             let diff_t = t.elapsed();
+            if let (Some(dir), 0) = (&args.dump, c) {
+                std::fs::write(dir.join(format!("services-{n}.diff.nft")), &diff)?;
+            }
             let t = Instant::now();
             nft::apply(Some(&h), &diff).context("applying the diff")?;
             let apply = t.elapsed();

@@ -178,6 +178,16 @@ pub fn chain_refs(rule: &str) -> impl Iterator<Item = &str> {
 
 /// The complete transaction text that (re)creates the table from scratch. The leading
 /// `table …` + `delete table …` makes it work whether or not the table exists.
+///
+/// The table block declares the sets, maps and chains with their rules but no elements; the
+/// elements follow as `add element` lines, still in the same transaction (one atomic commit, as
+/// before). Order matters to the kernel: a rule binding a map (`… map @m`, `vmap @m`) walks
+/// every element the map already holds (a hash-table walk), while an element added to a map
+/// only runs a cheap check per rule bound to it. nft expands a table block into chains, then
+/// sets with their elements, then rules, so elements inside the block were walked once per
+/// binding rule: with 30k services of 10 endpoints (300k elements in 256 shared endpoint maps,
+/// 30k binding rules) `nft -f` took 8.0 s with the elements in the block and 5.1 s with them
+/// after it (kernel time 5.3 s -> 2.7 s).
 pub fn render_full(t: &Table) -> String {
     let (fam, name) = (&t.family, &t.name);
     let mut out = String::new();
@@ -187,25 +197,11 @@ pub fn render_full(t: &Table) -> String {
     for (n, s) in &t.sets {
         let _ = writeln!(out, "  set {n} {{");
         let _ = writeln!(out, "    {}", s.spec());
-        if !s.elements.is_empty() {
-            let _ = writeln!(
-                out,
-                "    elements = {{ {} }}",
-                set_elements(s.elements.iter())
-            );
-        }
         let _ = writeln!(out, "  }}");
     }
     for (n, m) in &t.maps {
         let _ = writeln!(out, "  map {n} {{");
         let _ = writeln!(out, "    {}", m.spec());
-        if !m.elements.is_empty() {
-            let _ = writeln!(
-                out,
-                "    elements = {{ {} }}",
-                map_elements(m.elements.iter())
-            );
-        }
         let _ = writeln!(out, "  }}");
     }
     for (n, c) in &t.chains {
@@ -219,7 +215,36 @@ pub fn render_full(t: &Table) -> String {
         let _ = writeln!(out, "  }}");
     }
     let _ = writeln!(out, "}}");
+    for (n, s) in t.sets.iter().filter(|(_, s)| !s.elements.is_empty()) {
+        out.push_str("add element ");
+        let _ = write!(out, "{fam} {name} {n} {{ ");
+        push_joined(&mut out, s.elements.iter().map(String::as_str));
+        out.push_str(" }\n");
+    }
+    for (n, m) in t.maps.iter().filter(|(_, m)| !m.elements.is_empty()) {
+        out.push_str("add element ");
+        let _ = write!(out, "{fam} {name} {n} {{ ");
+        for (i, (k, v)) in m.elements.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(k);
+            out.push_str(" : ");
+            out.push_str(v);
+        }
+        out.push_str(" }\n");
+    }
     out
+}
+
+/// Appends `items` separated by `, `.
+fn push_joined<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
+    for (i, x) in items.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(x);
+    }
 }
 
 /// One transaction that turns the table `old` (as applied) into `new`, or `None` when there is
@@ -386,6 +411,10 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
             .maps
             .get(n)
             .filter(|_| !recreated_maps.contains(n.as_str()));
+        // Most maps are unchanged: one ordered scan instead of a lookup per element.
+        if before.is_some_and(|o| o.elements == m.elements) {
+            continue;
+        }
         if let Some(o) = before {
             let gone: Vec<&String> = o
                 .elements
@@ -542,11 +571,9 @@ table inet malla {
   }
   set pools-v4 {
     type ipv4_addr; flags interval;
-    elements = { 198.18.0.0/16 }
   }
   map service-ips-v4 {
     type ipv4_addr . inet_proto . inet_service : verdict;
-    elements = { 10.96.0.10 . tcp . 80 : goto svc-a, 10.96.0.11 . tcp . 80 : goto svc-b }
   }
   chain ep-a {
     update @aff { ip saddr }
@@ -564,6 +591,8 @@ table inet malla {
     meta l4proto tcp dnat ip to 198.18.0.2:8080
   }
 }
+add element inet malla pools-v4 { 198.18.0.0/16 }
+add element inet malla service-ips-v4 { 10.96.0.10 . tcp . 80 : goto svc-a, 10.96.0.11 . tcp . 80 : goto svc-b }
 ";
         assert_eq!(render_full(&small()), want);
     }

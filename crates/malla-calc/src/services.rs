@@ -30,7 +30,8 @@
 //! - `nat-postrouting` (priority `srcnat`): packets carrying [`MASQ_MARK`] have the bit cleared
 //!   (so e.g. a VXLAN outer packet does not inherit it) and are masqueraded; so is hairpin
 //!   traffic (a pod reaching itself through a service): DNATed packets whose
-//!   `saddr . daddr` is in `hairpin-v4|v6` (`addr . addr` for every endpoint).
+//!   `saddr . daddr` is in `hairpin-v4|v6` (`addr . addr` for every endpoint on this node or
+//!   without a node: a remote pod is DNATed by its own node, or through the marked external path).
 //! - Service ports with no usable endpoint are not DNATed; `filter-input|forward|output` (filter,
 //!   priority `-10`) `ct state new jump endpoints-check`, which looks up
 //!   `no-endpoint-services-v4|v6` and (for local destinations) `no-endpoint-nodeports-v4|v6` and
@@ -745,9 +746,16 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
         .iter()
         .chain(e.local_endpoints.iter())
         .collect();
+    // Hairpin: only an endpoint on this node can be the client of its own service here (a pod
+    // elsewhere is DNATed by its own node, or its traffic takes the external path, which is
+    // marked for masquerade), and endpoints without a node, which could be anywhere.
     if let Some(h) = table.sets.get_mut(&format!("hairpin-{s}")) {
+        let here = e
+            .local_endpoints
+            .iter()
+            .chain(e.cluster_endpoints.iter().filter(|ep| ep.node.is_none()));
         h.elements
-            .extend(all.iter().map(|ep| format!("{ip} . {ip}", ip = ep.ip)));
+            .extend(here.map(|ep| format!("{ip} . {ip}", ip = ep.ip)));
     }
     // Endpoint chains, only with session affinity.
     if let Some(t) = e.affinity_timeout {
