@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use malla_agent::element_diff;
 use malla_api::service::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
     ServicePort, ServiceType, TrafficPolicy,
@@ -30,7 +31,7 @@ use malla_bench::{
 };
 use malla_calc::{masquerade, nft as model, services};
 use malla_dataplane::netns::{run_ip, NetNs};
-use malla_dataplane::nft;
+use malla_dataplane::{nft, nft_elements};
 use malla_lab::topology;
 use malla_store::{LocalStore, Store};
 
@@ -202,7 +203,7 @@ struct Programming {
     rows: Vec<ProgRow>,
 }
 
-/// One endpoint change: rebuild (calc), render_diff, apply, lines of the diff.
+/// One endpoint change: rebuild (calc), diff (element changes or render_diff), apply, size (elements or diff lines).
 type Change = ChangeTimes;
 
 struct ProgRow {
@@ -273,16 +274,33 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let t = Instant::now();
             let new = calc(&svcs, &slices, &pools);
             let rebuild = t.elapsed();
+            // As the agent does: element changes alone go over nfnetlink, else the text diff.
             let t = Instant::now();
-            let diff = model::render_diff(&table, &new).context("a change gave no diff")?;
+            let elements =
+                element_diff::element_changes(&table, &new).zip(element_diff::family(&new.family));
+            let text = match &elements {
+                Some(_) => None,
+                None => Some(model::render_diff(&table, &new).context("a change gave no diff")?),
+            };
             let diff_t = t.elapsed();
-            if let (Some(dir), 0) = (&args.dump, c) {
-                std::fs::write(dir.join(format!("services-{n}.diff.nft")), &diff)?;
+            if let (Some(dir), 0, Some(text)) = (&args.dump, c, &text) {
+                std::fs::write(dir.join(format!("services-{n}.diff.nft")), text)?;
             }
             let t = Instant::now();
-            nft::apply(Some(&h), &diff).context("applying the diff")?;
+            let size = match (&elements, &text) {
+                (Some((sets, family)), _) => {
+                    nft_elements::apply(Some(&h), *family, &new.name, sets)
+                        .context("applying the element changes")?;
+                    sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
+                }
+                (None, Some(text)) => {
+                    nft::apply(Some(&h), text).context("applying the diff")?;
+                    text.lines().count()
+                }
+                (None, None) => 0,
+            };
             let apply = t.elapsed();
-            changes.push((rebuild, diff_t, apply, diff.lines().count()));
+            changes.push((rebuild, diff_t, apply, size));
             table = new;
         }
         rows.push(ProgRow {
@@ -339,7 +357,7 @@ fn report_programming(args: &Args, p: &Programming) {
     }
     println!();
     println!(
-        "   One endpoint change (median of {}; rebuild = calc of the whole map; apply = render_diff via nft)",
+        "   One endpoint change (median of {}; rebuild = calc of the whole map; diff and apply as the agent does them: element changes over nfnetlink when that is all that changed (lines = elements), else render_diff via nft)",
         args.changes
     );
     println!(

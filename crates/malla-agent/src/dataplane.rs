@@ -56,8 +56,10 @@ pub struct Dataplane {
     last_full_nft: std::time::Instant,
 }
 
-/// How often the nft table is replaced whole (repairing drift) instead of diffed.
-const FULL_NFT_RESYNC: std::time::Duration = std::time::Duration::from_secs(300);
+/// How often the nft table is replaced whole (repairing drift) instead of diffed. Hourly, as
+/// kube-proxy's nftables mode: a replace resets session affinity and per-endpoint counters,
+/// and at 30k services costs seconds of `nft`.
+const FULL_NFT_RESYNC: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Dataplane {
     pub async fn connect(node: &str, underlay_interface: &str) -> anyhow::Result<Self> {
