@@ -528,6 +528,20 @@ async fn watch_forever(client: Client, kind: Kind, mut rev: Revision, changes: A
     }
 }
 
+/// The event for one record of an object a watch reported at `rev`.
+fn record_event(key: String, value: String, deleted: bool, rev: Revision) -> Event {
+    if deleted {
+        Event::Delete { key, revision: rev }
+    } else {
+        Event::Put(KeyValue {
+            key,
+            value,
+            create_revision: 0,
+            mod_revision: rev,
+        })
+    }
+}
+
 /// Feeds a [`crate::Watch`] with one kind's changes under `prefix`: watched from `rev`,
 /// resumed from the last resource version seen when the stream ends or breaks (with backoff),
 /// ended with [`StoreError::Compacted`] on 410 Gone. A custom resource not installed yet
@@ -592,18 +606,7 @@ async fn watch_kind_into(
                         Ok(recs) => recs
                             .into_iter()
                             .filter(|(key, _)| key.starts_with(&prefix))
-                            .map(|(key, value)| {
-                                if deleted {
-                                    Event::Delete { key, revision: r }
-                                } else {
-                                    Event::Put(KeyValue {
-                                        key,
-                                        value,
-                                        create_revision: 0,
-                                        mod_revision: r,
-                                    })
-                                }
-                            })
+                            .map(|(key, value)| record_event(key, value, deleted, r))
                             .collect(),
                         Err(e) => {
                             tracing::warn!(error = %e, "kubernetes watch: skipping an object");
@@ -895,16 +898,7 @@ async fn replay(
             if !key.starts_with(prefix) {
                 continue;
             }
-            out.push(if deleted {
-                Event::Delete { key, revision: rev }
-            } else {
-                Event::Put(KeyValue {
-                    key,
-                    value,
-                    create_revision: 0,
-                    mod_revision: rev,
-                })
-            });
+            out.push(record_event(key, value, deleted, rev));
         }
         if rev >= now {
             return Ok(());
