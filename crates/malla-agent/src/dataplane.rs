@@ -188,33 +188,54 @@ impl Dataplane {
     /// UDP has no connection to break: conntrack would keep sending a flow to an endpoint that
     /// is gone. Deletes the entries of every UDP endpoint that left a service.
     fn clear_stale_udp_flows(&self, now: &malla_calc::services::ServiceMap) {
-        use malla_api::service::Protocol;
-        for old in self
-            .applied_services
-            .entries
-            .iter()
-            .filter(|e| e.protocol == Protocol::Udp)
-        {
-            let current = now.entries.iter().find(|e| {
-                e.service == old.service && e.port_name == old.port_name && e.family == old.family
-            });
-            for ep in &old.cluster_endpoints {
-                let still = current.is_some_and(|c| {
-                    c.cluster_endpoints
-                        .iter()
-                        .any(|x| x.ip == ep.ip && x.port == ep.port)
-                });
-                if still {
-                    continue;
-                }
-                for f in &old.frontends {
-                    let _ = malla_dataplane::conntrack::delete_udp_flows(Some(f.ip), f.port, ep.ip);
-                }
-                if let Some(np) = old.node_port {
-                    let _ = malla_dataplane::conntrack::delete_udp_flows(None, np, ep.ip);
-                }
-            }
+        clear_stale_udp_flows(&self.applied_services.entries, &now.entries);
+    }
+
+    /// The fast path for one service whose endpoints moved within the same counts (see
+    /// [`malla_calc::services::EndpointDelta`]): its entries are rebuilt alone and the
+    /// kernel gets the changed elements over nfnetlink, without computing or diffing the
+    /// node's whole table. Ok(false) when the change is not of that kind (or nothing was
+    /// applied before): the caller computes everything.
+    pub fn apply_endpoint_change(
+        &mut self,
+        view: &malla_calc::ClusterView,
+        node: &str,
+        service: &str,
+    ) -> anyhow::Result<bool> {
+        use malla_calc::services;
+        let Some(table) = &self.applied_table else {
+            return Ok(false);
+        };
+        let Some(family) = crate::element_diff::family(&table.family) else {
+            return Ok(false);
+        };
+        let Some(svc) = view.services.iter().find(|s| s.key() == service) else {
+            return Ok(false);
+        };
+        let entries = &self.applied_services.entries;
+        let start = entries.partition_point(|e| e.service.as_str() < service);
+        let end = start + entries[start..].partition_point(|e| e.service == service);
+        let old = &entries[start..end];
+        let new = services::build_service(svc, &view.endpoint_slices, node);
+        if old.is_empty() && new.is_empty() {
+            return Ok(true);
         }
+        let Some(delta) = services::endpoint_delta(table, &self.applied_services, old, &new) else {
+            return Ok(false);
+        };
+        let Some(changes) = crate::element_diff::delta_changes(table, &delta) else {
+            return Ok(false);
+        };
+        if !changes.is_empty() {
+            malla_dataplane::nft_elements::apply(None, family, &table.name, &changes)
+                .context("applying endpoint changes")?;
+        }
+        clear_stale_udp_flows(old, &new);
+        if let Some(table) = &mut self.applied_table {
+            delta.apply_to(table);
+        }
+        self.applied_services.entries.splice(start..end, new);
+        Ok(true)
     }
 
     async fn ensure_vxlan(
@@ -410,5 +431,35 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+}
+
+/// UDP has no connection to break: conntrack would keep sending a flow to an endpoint that
+/// is gone. Deletes the entries of every UDP endpoint in `before` that `now` lacks.
+fn clear_stale_udp_flows(
+    before: &[malla_calc::services::ServiceEntry],
+    now: &[malla_calc::services::ServiceEntry],
+) {
+    use malla_api::service::Protocol;
+    for old in before.iter().filter(|e| e.protocol == Protocol::Udp) {
+        let current = now.iter().find(|e| {
+            e.service == old.service && e.port_name == old.port_name && e.family == old.family
+        });
+        for ep in &old.cluster_endpoints {
+            let still = current.is_some_and(|c| {
+                c.cluster_endpoints
+                    .iter()
+                    .any(|x| x.ip == ep.ip && x.port == ep.port)
+            });
+            if still {
+                continue;
+            }
+            for f in &old.frontends {
+                let _ = malla_dataplane::conntrack::delete_udp_flows(Some(f.ip), f.port, ep.ip);
+            }
+            if let Some(np) = old.node_port {
+                let _ = malla_dataplane::conntrack::delete_udp_flows(None, np, ep.ip);
+            }
+        }
     }
 }

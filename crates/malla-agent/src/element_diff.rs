@@ -5,7 +5,10 @@
 //! set's definition, an interval set, a type it cannot encode) yields None, and the caller
 //! uses the text diff.
 
+use std::collections::BTreeMap;
+
 use malla_calc::nft::Table;
+use malla_calc::services::EndpointDelta;
 use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
 
 /// The `nfgenmsg` family of a table family name.
@@ -138,6 +141,71 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
         });
     }
     Some(out)
+}
+
+/// A service's [`EndpointDelta`] as element changes, with the layouts of `table`'s sets and
+/// maps; None when one cannot be encoded.
+pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChange>> {
+    let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
+    for (map, key, value) in &delta.map_values {
+        let m = table.maps.get(map)?;
+        let change = match by_set.entry(map) {
+            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => v.insert(SetChange {
+                set: map.clone(),
+                layout: Layout {
+                    key: key_parts(&m.type_)?,
+                    value: if m.value == "verdict" {
+                        Value::Verdict
+                    } else {
+                        Value::Data(parts_of_typeof(&m.value).or_else(|| parts_of_type(&m.value))?)
+                    },
+                },
+                delete: Vec::new(),
+                add: Vec::new(),
+            }),
+        };
+        if m.elements.contains_key(key) {
+            change.delete.push(Element {
+                key: key.clone(),
+                value: None,
+            });
+        }
+        change.add.push(Element {
+            key: key.clone(),
+            value: Some(value.clone()),
+        });
+    }
+    for (sets, adding) in [(&delta.set_removed, false), (&delta.set_added, true)] {
+        for (set, element) in sets {
+            let s = table.sets.get(set)?;
+            if s.flags.iter().any(|f| f == "interval") {
+                return None;
+            }
+            let change = match by_set.entry(set) {
+                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::btree_map::Entry::Vacant(v) => v.insert(SetChange {
+                    set: set.clone(),
+                    layout: Layout {
+                        key: key_parts(&s.type_)?,
+                        value: Value::None,
+                    },
+                    delete: Vec::new(),
+                    add: Vec::new(),
+                }),
+            };
+            let e = Element {
+                key: element.clone(),
+                value: None,
+            };
+            if adding {
+                change.add.push(e);
+            } else {
+                change.delete.push(e);
+            }
+        }
+    }
+    Some(by_set.into_values().collect())
 }
 
 #[cfg(test)]

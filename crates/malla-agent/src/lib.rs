@@ -103,6 +103,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut quiet_candidate: Option<(Revision, Instant)> = None;
         let mut confirmed: Revision = -1;
         let mut dirty = true;
+        // What made it dirty: services whose Service or slices changed, or anything else.
+        let mut pending_services: std::collections::BTreeSet<String> = Default::default();
+        let mut other_dirty = true;
         let mut cache_dirty = true;
         // After a full list: the listing's buffers are garbage once the first apply is done.
         let mut trim_due = false;
@@ -139,6 +142,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         tracing::info!(node = %cfg.node, revision = m.revision(), "listed the cluster");
                         synced = Some((m, w));
                         dirty = true;
+                        other_dirty = true;
                         trim_due = true;
                         cache_dirty = true;
                     }
@@ -155,7 +159,24 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(node = %cfg.node, error = %e, "writing the node cache"),
                 }
             }
-            if dirty || last_full.elapsed() >= cfg.resync {
+            let resync_due = last_full.elapsed() >= cfg.resync;
+            if dirty && !resync_due && !other_dirty && applied.is_some() {
+                // Only one service's Service or slices changed: try the fast path, which
+                // touches that service's elements alone.
+                if let [service] = Vec::from_iter(&pending_services)[..] {
+                    match plane.apply_endpoint_change(mirror.view(), &cfg.node, service) {
+                        Ok(true) => {
+                            tracing::info!(node = %cfg.node, %service, revision = mirror.revision(), "service endpoints updated in place");
+                            applied = Some(mirror.revision());
+                            dirty = false;
+                            pending_services.clear();
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(node = %cfg.node, %service, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
+                    }
+                }
+            }
+            if dirty || resync_due {
                 let rev = mirror.revision();
                 let desired = malla_calc::compute(mirror.view(), &cfg.node);
                 for p in &desired.problems {
@@ -171,6 +192,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         }
                         applied = Some(rev);
                         dirty = false;
+                        other_dirty = false;
+                        pending_services.clear();
                         last_full = Instant::now();
                         if !ready {
                             ready = true;
@@ -218,6 +241,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     let changed = mirror.apply(events);
                     dirty |= changed.view;
                     cache_dirty |= changed.node_cache;
+                    other_dirty |= changed.other;
+                    pending_services.extend(changed.services);
                 }
                 Err(malla_store::StoreError::Compacted { .. }) => {
                     tracing::warn!(node = %cfg.node, "the datastore's history moved past this agent; listing again");

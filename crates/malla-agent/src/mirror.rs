@@ -9,7 +9,7 @@
 //! A malformed record is skipped with a warning naming its key; the rest of the cluster keeps
 //! working.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use malla_api::policy::NetworkPolicy;
 use malla_api::service::{EndpointSlice, Service};
@@ -42,6 +42,12 @@ pub const WATCH_PREFIX: &str = "/";
 struct Keys(Vec<String>);
 
 impl Keys {
+    /// The item at `key`.
+    fn get<'a, T>(&self, items: &'a [T], key: &str) -> Option<&'a T> {
+        let i = self.0.binary_search_by(|k| k.as_str().cmp(key)).ok()?;
+        items.get(i)
+    }
+
     /// Sets (Some) or removes (None) `key`'s item; returns whether the view changed.
     fn upsert<T: PartialEq>(&mut self, items: &mut Vec<T>, key: &str, item: Option<T>) -> bool {
         match (self.0.binary_search_by(|k| k.as_str().cmp(key)), item) {
@@ -66,13 +72,26 @@ impl Keys {
 }
 
 /// What one batch of events changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// The calculation's input changed: compute and apply the dataplane again.
     pub view: bool,
     /// This node's own blocks, its node record or the cluster config changed: refresh the
     /// node IPAM cache.
     pub node_cache: bool,
+    /// Services (`namespace/name`) whose Service or EndpointSlices changed.
+    pub services: BTreeSet<String>,
+    /// Something else the calculation reads changed (not a Service or an EndpointSlice).
+    pub other: bool,
+}
+
+impl Applied {
+    fn merge(&mut self, o: Applied) {
+        self.view |= o.view;
+        self.node_cache |= o.node_cache;
+        self.services.extend(o.services);
+        self.other |= o.other;
+    }
 }
 
 /// The cluster as this node knows it.
@@ -154,12 +173,10 @@ impl Mirror {
         let mut changed = Applied::default();
         for e in events {
             self.revision = self.revision.max(e.revision());
-            let c = match &e {
+            changed.merge(match &e {
                 Event::Put(kv) => self.put(kv),
                 Event::Delete { key, .. } => self.delete(key),
-            };
-            changed.view |= c.view;
-            changed.node_cache |= c.node_cache;
+            });
         }
         changed
     }
@@ -174,11 +191,50 @@ impl Mirror {
 
     /// Sets or removes the record at `key` (an unknown key changes nothing).
     fn set(&mut self, key: &str, value: Option<&str>) -> Applied {
+        let mut applied = self.set_record(key, value);
+        if applied.view && applied.services.is_empty() {
+            applied.other = true;
+        }
+        applied
+    }
+
+    fn set_record(&mut self, key: &str, value: Option<&str>) -> Applied {
         let v = &mut self.view;
         let view = |b: bool| Applied {
             view: b,
-            node_cache: false,
+            ..Applied::default()
         };
+        if key.starts_with(keys::SERVICES) {
+            let svc = decode::<Service>(key, value);
+            let before = self.services.get(&v.services, key).map(Service::key);
+            let after = svc.as_ref().map(Service::key);
+            let changed = self.services.upsert(&mut v.services, key, svc);
+            return Applied {
+                view: changed,
+                services: if changed {
+                    before.into_iter().chain(after).collect()
+                } else {
+                    BTreeSet::new()
+                },
+                ..Applied::default()
+            };
+        }
+        if key.starts_with(keys::ENDPOINT_SLICES) {
+            let slice = decode::<EndpointSlice>(key, value);
+            let owner = |s: &EndpointSlice| format!("{}/{}", s.namespace, s.service);
+            let before = self.slices.get(&v.endpoint_slices, key).map(owner);
+            let after = slice.as_ref().map(owner);
+            let changed = self.slices.upsert(&mut v.endpoint_slices, key, slice);
+            return Applied {
+                view: changed,
+                services: if changed {
+                    before.into_iter().chain(after).collect()
+                } else {
+                    BTreeSet::new()
+                },
+                ..Applied::default()
+            };
+        }
         if key == keys::CLUSTER_CONFIG {
             let config = decode::<ClusterConfig>(key, value).unwrap_or_default();
             let changed = v.config != config;
@@ -186,6 +242,7 @@ impl Mirror {
             return Applied {
                 view: changed,
                 node_cache: changed,
+                ..Applied::default()
             };
         }
         if key.starts_with(keys::NODES) {
@@ -196,6 +253,7 @@ impl Mirror {
             return Applied {
                 view: changed,
                 node_cache: changed && mine,
+                ..Applied::default()
             };
         }
         if key.starts_with(keys::BLOCKS) {
@@ -209,15 +267,6 @@ impl Mirror {
                 &mut v.endpoints,
                 key,
                 decode::<WorkloadEndpoint>(key, value),
-            )
-        } else if key.starts_with(keys::SERVICES) {
-            self.services
-                .upsert(&mut v.services, key, decode::<Service>(key, value))
-        } else if key.starts_with(keys::ENDPOINT_SLICES) {
-            self.slices.upsert(
-                &mut v.endpoint_slices,
-                key,
-                decode::<EndpointSlice>(key, value),
             )
         } else if key.starts_with(keys::PODS) {
             self.pods
@@ -247,7 +296,11 @@ impl Mirror {
             }
             _ => self.own_blocks.remove(key).is_some(),
         };
-        Applied { view, node_cache }
+        Applied {
+            view,
+            node_cache,
+            ..Applied::default()
+        }
     }
 }
 

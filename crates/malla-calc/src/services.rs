@@ -237,76 +237,10 @@ pub fn build(
             .push(slice);
     }
     for svc in services {
-        let families: BTreeSet<IpFamily> = svc.cluster_ips.iter().map(IpFamily::of).collect();
-        for sp in &svc.ports {
-            for &fam in &families {
-                let mut seen = BTreeSet::new();
-                let mut frontends = Vec::new();
-                let kinds = [
-                    (&svc.cluster_ips, FrontendKind::ClusterIp),
-                    (&svc.external_ips, FrontendKind::ExternalIp),
-                    (&svc.load_balancer_ips, FrontendKind::LoadBalancer),
-                ];
-                for (ips, kind) in kinds {
-                    for ip in ips.iter().filter(|ip| IpFamily::of(ip) == fam) {
-                        if seen.insert(*ip) {
-                            frontends.push(Frontend {
-                                ip: *ip,
-                                port: sp.port,
-                                kind,
-                            });
-                        }
-                    }
-                }
-                let mut cands = Vec::new();
-                let own = by_service
-                    .get(&(svc.namespace.as_str(), svc.name.as_str()))
-                    .into_iter()
-                    .flatten()
-                    .filter(|s| IpFamily::of_slice(s.address_type) == fam);
-                for slice in own {
-                    let Some(port) = slice
-                        .ports
-                        .iter()
-                        .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-                    else {
-                        continue;
-                    };
-                    for ep in &slice.endpoints {
-                        let Some(ip) = ep.addresses.first().filter(|ip| IpFamily::of(ip) == fam)
-                        else {
-                            continue;
-                        };
-                        cands.push(Candidate {
-                            ip: *ip,
-                            port: port.port,
-                            node: ep.node_name.as_deref(),
-                            target: ep.target.as_deref(),
-                            conditions: ep.conditions,
-                        });
-                    }
-                }
-                let cluster_endpoints = select(cands.iter());
-                let local_endpoints = select(cands.iter().filter(|c| c.node == Some(node)));
-                entries.push(ServiceEntry {
-                    service: svc.key(),
-                    port_name: sp.name.clone(),
-                    protocol: sp.protocol,
-                    port: sp.port,
-                    family: fam,
-                    frontends,
-                    node_port: match svc.kind {
-                        ServiceType::ClusterIP => None,
-                        ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
-                    },
-                    affinity_timeout: svc.session_affinity_timeout,
-                    external_traffic_policy: svc.external_traffic_policy,
-                    internal_traffic_policy: svc.internal_traffic_policy,
-                    cluster_endpoints,
-                    local_endpoints,
-                });
-            }
-        }
+        let own = by_service
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .map_or(&[][..], Vec::as_slice);
+        entries.extend(service_entries(svc, own, node));
     }
     entries.sort_by(|a, b| {
         (&a.service, a.protocol, a.port, a.family).cmp(&(&b.service, b.protocol, b.port, b.family))
@@ -318,6 +252,91 @@ pub fn build(
         node_ips: node_ips.into_iter().collect(),
         pod_cidrs: pod_cidrs.into_iter().collect(),
     }
+}
+
+/// The entries of one service (as [`build`] makes them, in its order), from the slices of
+/// the cluster that belong to it.
+pub fn build_service(svc: &Service, slices: &[EndpointSlice], node: &str) -> Vec<ServiceEntry> {
+    let own: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
+        .collect();
+    let mut entries = service_entries(svc, &own, node);
+    entries.sort_by_key(|e| (e.protocol, e.port, e.family));
+    entries
+}
+
+/// One service's entries, one per port and family, from its own slices.
+fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<ServiceEntry> {
+    let mut entries = Vec::new();
+    let families: BTreeSet<IpFamily> = svc.cluster_ips.iter().map(IpFamily::of).collect();
+    for sp in &svc.ports {
+        for &fam in &families {
+            let mut seen = BTreeSet::new();
+            let mut frontends = Vec::new();
+            let kinds = [
+                (&svc.cluster_ips, FrontendKind::ClusterIp),
+                (&svc.external_ips, FrontendKind::ExternalIp),
+                (&svc.load_balancer_ips, FrontendKind::LoadBalancer),
+            ];
+            for (ips, kind) in kinds {
+                for ip in ips.iter().filter(|ip| IpFamily::of(ip) == fam) {
+                    if seen.insert(*ip) {
+                        frontends.push(Frontend {
+                            ip: *ip,
+                            port: sp.port,
+                            kind,
+                        });
+                    }
+                }
+            }
+            let mut cands = Vec::new();
+            for slice in own
+                .iter()
+                .filter(|s| IpFamily::of_slice(s.address_type) == fam)
+            {
+                let Some(port) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                else {
+                    continue;
+                };
+                for ep in &slice.endpoints {
+                    let Some(ip) = ep.addresses.first().filter(|ip| IpFamily::of(ip) == fam) else {
+                        continue;
+                    };
+                    cands.push(Candidate {
+                        ip: *ip,
+                        port: port.port,
+                        node: ep.node_name.as_deref(),
+                        target: ep.target.as_deref(),
+                        conditions: ep.conditions,
+                    });
+                }
+            }
+            let cluster_endpoints = select(cands.iter());
+            let local_endpoints = select(cands.iter().filter(|c| c.node == Some(node)));
+            entries.push(ServiceEntry {
+                service: svc.key(),
+                port_name: sp.name.clone(),
+                protocol: sp.protocol,
+                port: sp.port,
+                family: fam,
+                frontends,
+                node_port: match svc.kind {
+                    ServiceType::ClusterIP => None,
+                    ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
+                },
+                affinity_timeout: svc.session_affinity_timeout,
+                external_traffic_policy: svc.external_traffic_policy,
+                internal_traffic_policy: svc.internal_traffic_policy,
+                cluster_endpoints,
+                local_endpoints,
+            });
+        }
+    }
+    entries
 }
 
 /// 32-bit FNV-1a: stable across releases and platforms.
@@ -856,6 +875,142 @@ pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
         render_entry(e, table, &mut pending);
     }
     place(table, pending);
+}
+
+/// The change to a rendered table when one service's endpoints change and nothing else does:
+/// the same ports, frontends and policies, and every dispatch chain keeping its endpoint
+/// count (an endpoint replaced, its pod rescheduled with a new address, a condition flipping
+/// between two endpoints). Then only elements change: the chain's indices in its endpoint
+/// map, and the hairpin set. [`endpoint_delta`] finds it; anything else needs a render.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EndpointDelta {
+    /// `(map, key, value)`: elements whose value changes (the key is there already).
+    pub map_values: Vec<(String, String, String)>,
+    /// `(set, element)`.
+    pub set_added: Vec<(String, String)>,
+    pub set_removed: Vec<(String, String)>,
+}
+
+impl EndpointDelta {
+    pub fn is_empty(&self) -> bool {
+        self.map_values.is_empty() && self.set_added.is_empty() && self.set_removed.is_empty()
+    }
+
+    /// Makes `table` what a render of the new entries would be.
+    pub fn apply_to(&self, table: &mut nft::Table) {
+        for (map, key, value) in &self.map_values {
+            if let Some(m) = table.maps.get_mut(map) {
+                m.elements.insert(key.clone(), value.clone());
+            }
+        }
+        for (set, e) in &self.set_removed {
+            if let Some(s) = table.sets.get_mut(set) {
+                s.elements.remove(e);
+            }
+        }
+        for (set, e) in &self.set_added {
+            if let Some(s) = table.sets.get_mut(set) {
+                s.elements.insert(e.clone());
+            }
+        }
+    }
+}
+
+/// The hairpin elements an entry renders (see [`render_entry`]).
+fn hairpin_elements(e: &ServiceEntry) -> impl Iterator<Item = (String, String)> + '_ {
+    let set = format!("hairpin-{}", e.family.suffix());
+    let rendered = !e.cluster_endpoints.is_empty();
+    e.local_endpoints
+        .iter()
+        .chain(e.cluster_endpoints.iter().filter(|ep| ep.node.is_none()))
+        .filter(move |_| rendered)
+        .map(move |ep| (set.clone(), format!("{ip} . {ip}", ip = ep.ip)))
+}
+
+/// The element changes that turn `table` (rendered from `map`, which holds `old`, the
+/// service's entries) into the render with `new` in their place; None when the change is more
+/// than endpoints moving within the same counts (see [`EndpointDelta`]).
+pub fn endpoint_delta(
+    table: &nft::Table,
+    map: &ServiceMap,
+    old: &[ServiceEntry],
+    new: &[ServiceEntry],
+) -> Option<EndpointDelta> {
+    if old.len() != new.len() {
+        return None;
+    }
+    let mut delta = EndpointDelta::default();
+    for (o, n) in old.iter().zip(new) {
+        let same_shape = ServiceEntry {
+            cluster_endpoints: Vec::new(),
+            local_endpoints: Vec::new(),
+            ..o.clone()
+        } == ServiceEntry {
+            cluster_endpoints: Vec::new(),
+            local_endpoints: Vec::new(),
+            ..n.clone()
+        };
+        if !same_shape || o.affinity_timeout.is_some() {
+            return None;
+        }
+        for (chain, before, after) in [
+            (svc_chain(o), &o.cluster_endpoints, &n.cluster_endpoints),
+            (local_chain(o), &o.local_endpoints, &n.local_endpoints),
+        ] {
+            if !table.chains.contains_key(&chain) {
+                // Not rendered for this entry: the list matters only through the hairpin set.
+                continue;
+            }
+            if before == after {
+                continue;
+            }
+            if before.len() != after.len() || after.is_empty() {
+                return None;
+            }
+            let (m, offset, count) = dispatch_slots(table, &chain)?;
+            if count as usize != after.len() {
+                return None;
+            }
+            for (i, (b, a)) in before.iter().zip(after).enumerate() {
+                if (b.ip, b.port) != (a.ip, a.port) {
+                    delta.map_values.push((
+                        m.clone(),
+                        (u64::from(offset) + i as u64).to_string(),
+                        format!("{} . {}", a.ip, a.port),
+                    ));
+                }
+            }
+        }
+        // Whether endpoints exist decides the no-endpoint maps and every chain: unchanged.
+        if o.cluster_endpoints.is_empty() != n.cluster_endpoints.is_empty() {
+            return None;
+        }
+    }
+    // Hairpin elements: added when new, removed when no other entry still renders them.
+    let before: BTreeSet<(String, String)> = old.iter().flat_map(hairpin_elements).collect();
+    let after: BTreeSet<(String, String)> = new.iter().flat_map(hairpin_elements).collect();
+    let service = old.first().map(|e| e.service.as_str());
+    let gone: Vec<&(String, String)> = before.difference(&after).collect();
+    if !gone.is_empty() {
+        let kept: BTreeSet<(String, String)> = map
+            .entries
+            .iter()
+            .filter(|e| Some(e.service.as_str()) != service)
+            .flat_map(hairpin_elements)
+            .filter(|x| gone.contains(&x))
+            .collect();
+        delta.set_removed = gone
+            .into_iter()
+            .filter(|x| !kept.contains(*x))
+            .cloned()
+            .collect();
+    }
+    delta.set_added = after
+        .difference(&before)
+        .filter(|(set, e)| !table.sets.get(set).is_some_and(|s| s.elements.contains(e)))
+        .cloned()
+        .collect();
+    Some(delta)
 }
 
 #[cfg(test)]
@@ -1660,5 +1815,96 @@ mod endpoint_props {
                 prop_assert!(list.iter().all(|x| seen.insert((x.ip, x.port))));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod delta_props {
+    use super::fixtures::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn entries_of(m: &ServiceMap, key: &str) -> Vec<ServiceEntry> {
+        m.entries
+            .iter()
+            .filter(|e| e.service == key)
+            .cloned()
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Endpoint changes to one slice of the fixture cluster: whenever `endpoint_delta`
+        /// answers, the table with the delta applied equals a full render of the new map; and
+        /// `build_service` gives what `build` gives for that service.
+        #[test]
+        fn a_delta_applied_equals_a_full_render(
+            pick in 0..64usize,
+            changes in proptest::collection::vec((0..16usize, 0..40u8, any::<bool>(), any::<bool>()), 1..4),
+        ) {
+            let (services, slices) = cluster();
+            let m0 = build(&services, &slices, ME, &[ip("198.19.0.1")], &pools());
+            let t0 = crate::masquerade::node_table(&pools(), &m0);
+            let mut slices1 = slices.clone();
+            let si = pick % slices1.len();
+            let six = slices1[si].address_type == AddressType::IPv6;
+            for (which, host, local, ready) in &changes {
+                let eps = &mut slices1[si].endpoints;
+                if eps.is_empty() {
+                    continue;
+                }
+                let i = which % eps.len();
+                let addr = if six { format!("fd00:198:18::{host:x}") } else { format!("198.18.9.{host}") };
+                eps[i].addresses = vec![ip(&addr)];
+                eps[i].node_name = Some(if *local { ME.to_string() } else { "node-b".to_string() });
+                eps[i].conditions.ready = *ready;
+            }
+            let m1 = build(&services, &slices1, ME, &[ip("198.19.0.1")], &pools());
+            let want = crate::masquerade::node_table(&pools(), &m1);
+            let owner = services
+                .iter()
+                .find(|s| s.namespace == slices1[si].namespace && s.name == slices1[si].service);
+            let Some(owner) = owner else { return Ok(()) };
+            let key = owner.key();
+            let new = build_service(owner, &slices1, ME);
+            prop_assert_eq!(&new, &entries_of(&m1, &key));
+            if let Some(d) = endpoint_delta(&t0, &m0, &entries_of(&m0, &key), &new) {
+                let mut got = t0.clone();
+                d.apply_to(&mut got);
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+
+    /// The benchmark's change, an endpoint moving to a new address, takes the delta: one map
+    /// element; a changed count does not.
+    #[test]
+    fn an_endpoint_moving_is_one_element_and_a_count_change_is_not() {
+        let (services, slices) = cluster();
+        let m0 = build(&services, &slices, ME, &[], &pools());
+        let t0 = crate::masquerade::node_table(&pools(), &m0);
+        let (si, svc) = slices
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| {
+                let svc = services
+                    .iter()
+                    .find(|v| v.name == s.service && v.session_affinity_timeout.is_none())?;
+                (s.endpoints.len() >= 2 && s.address_type == AddressType::IPv4).then_some((i, svc))
+            })
+            .expect("a fixture slice with two endpoints");
+        let mut moved = slices.clone();
+        moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")];
+        let new = build_service(svc, &moved, ME);
+        let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
+        assert!(!d.map_values.is_empty(), "{d:?}");
+        let mut got = t0.clone();
+        d.apply_to(&mut got);
+        let m1 = build(&services, &moved, ME, &[], &pools());
+        assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
+        let mut fewer = slices.clone();
+        fewer[si].endpoints.pop();
+        let new = build_service(svc, &fewer, ME);
+        assert!(endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).is_none());
     }
 }

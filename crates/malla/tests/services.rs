@@ -309,6 +309,55 @@ fn terminating_endpoints_only_when_no_ready_one() {
 }
 
 #[test]
+fn an_endpoint_replaced_in_place_takes_new_connections_at_once() {
+    let lab = up("rp");
+    let state = lab.state();
+    let ip = |p: &str| state["pods"][p]["ips"][0].as_str().unwrap().to_string();
+    let slice = |a: &str, b: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: manual}}\nspec:\n  ports:\n  - {{name: http, port: 80}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: manual-1, labels: {{kubernetes.io/service-name: manual}}}}\naddressType: IPv4\n\
+             ports: [{{name: http, port: 8080}}]\nendpoints:\n\
+             - {{addresses: [{}], conditions: {{ready: true}}, nodeName: node-1}}\n\
+             - {{addresses: [{}], conditions: {{ready: true}}, nodeName: node-2}}\n",
+            ip(a),
+            ip(b)
+        )
+    };
+    let answered = || {
+        answered_by(&lab.probe(&[
+            "--from",
+            "default/client",
+            "--to",
+            "svc/default/manual",
+            "--count",
+            "20",
+        ]))
+    };
+    lab.apply(&slice("default/web-1", "default/web-2"));
+    let by = answered();
+    assert_eq!(
+        by.keys().collect::<Vec<_>>(),
+        ["default/web-1", "default/web-2"],
+        "{by:?}"
+    );
+    // web-2 replaced by web-3, the count unchanged: the agents rewrite that one element.
+    lab.apply(&slice("default/web-1", "default/web-3"));
+    let by = answered();
+    assert_eq!(
+        by.keys().collect::<Vec<_>>(),
+        ["default/web-1", "default/web-3"],
+        "{by:?}"
+    );
+    assert_eq!(by.values().sum::<usize>(), 20, "{by:?}");
+    let log = std::fs::read_to_string(lab.dir().join("logs").join("agent-node-1.log")).unwrap();
+    assert!(
+        log.contains("updated in place") && log.contains("default/manual"),
+        "node-1's agent took the fast path:\n{log}"
+    );
+}
+
+#[test]
 fn udp_flow_moves_when_its_endpoint_goes() {
     let lab = up("ud");
     lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: dns}\nspec:\n  selector: {app: web}\n  ports:\n  - {port: 53, protocol: UDP, targetPort: 5353}\n");
