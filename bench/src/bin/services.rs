@@ -248,14 +248,28 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
     for &n in &args.sizes {
         check(deadline)?;
         eprintln!("programming: {n} services x {} endpoints", args.endpoints);
+        let verbose = std::env::var_os("MALLA_BENCH_VERBOSE").is_some();
+        let rss = |what: &str| {
+            if verbose {
+                let kib = malla_bench::status_kib(std::process::id(), "VmRSS")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                eprintln!("  VmRSS {:.1} MiB after {what}", mib(kib));
+            }
+        };
+        rss("start");
         let (svcs, mut slices): (Vec<Service>, Vec<EndpointSlice>) =
             (0..n).map(|i| synthetic(i, args.endpoints)).unzip();
+        rss("the Services and EndpointSlices");
         let t = Instant::now();
         let (mut map, mut table) = calc(&svcs, &slices, &pools);
         let calc_t = t.elapsed();
+        rss("the service map and the table");
         let t = Instant::now();
         let text = model::render_full(&table);
         let render_t = t.elapsed();
+        rss("the ruleset text");
         if let Some(dir) = &args.dump {
             std::fs::write(dir.join(format!("services-{n}.nft")), &text)?;
         }
