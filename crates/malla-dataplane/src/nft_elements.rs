@@ -127,6 +127,8 @@ pub struct SetChange {
 // Netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nfnetlink.h,
 // linux/netfilter/nf_tables.h).
 const NETLINK_NETFILTER: i32 = 12;
+const SOL_NETLINK: i32 = 270;
+const NETLINK_CAP_ACK: i32 = 10;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
@@ -152,6 +154,9 @@ const NF_ACCEPT: i32 = 1;
 const NFT_JUMP: i32 = -3;
 const NFT_GOTO: i32 = -4;
 const NFT_RETURN: i32 = -5;
+/// Elements per message: the largest (IPv6 key, verdict with a long chain name) take ~200
+/// bytes, and the list attribute's length must stay below 64 KiB.
+const ELEMENTS_PER_MESSAGE: usize = 256;
 /// `nfgenmsg.family` of an `inet` table.
 pub const NFPROTO_INET: u8 = 1;
 
@@ -257,45 +262,46 @@ fn encode(family: u8, table: &str, changes: &[SetChange]) -> Result<(Vec<u8>, u3
                 NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
             ),
         ] {
-            if elements.is_empty() {
-                continue;
-            }
-            let mut m = Msg::new(subsys | kind, flags, seq, family, 0);
-            seq += 1;
-            m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
-            m.attr_str(NFTA_SET_ELEM_LIST_SET, &c.set);
-            m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-            for e in elements {
-                let key = encode_parts(&c.layout.key, &e.key)
-                    .map_err(|err| format!("{} key: {err}", c.set))?;
-                m.begin(NFTA_LIST_ELEM);
-                m.begin(NFTA_SET_ELEM_KEY);
-                m.attr(NFTA_DATA_VALUE, &key);
-                m.end();
-                if kind == NFT_MSG_NEWSETELEM {
-                    match (&c.layout.value, &e.value) {
-                        (Value::None, _) => {}
-                        (Value::Data(parts), Some(v)) => {
-                            let data = encode_parts(parts, v)
-                                .map_err(|err| format!("{} value: {err}", c.set))?;
-                            m.begin(NFTA_SET_ELEM_DATA);
-                            m.attr(NFTA_DATA_VALUE, &data);
-                            m.end();
-                        }
-                        (Value::Verdict, Some(v)) => {
-                            m.begin(NFTA_SET_ELEM_DATA);
-                            verdict(&mut m, v).map_err(|err| format!("{} value: {err}", c.set))?;
-                            m.end();
-                        }
-                        (_, None) => {
-                            return Err(format!("{}: element {} needs a value", c.set, e.key))
+            // A nested attribute's length is 16 bits: a message carries a chunk of elements.
+            for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
+                let mut m = Msg::new(subsys | kind, flags, seq, family, 0);
+                seq += 1;
+                m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+                m.attr_str(NFTA_SET_ELEM_LIST_SET, &c.set);
+                m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+                for e in chunk {
+                    let key = encode_parts(&c.layout.key, &e.key)
+                        .map_err(|err| format!("{} key: {err}", c.set))?;
+                    m.begin(NFTA_LIST_ELEM);
+                    m.begin(NFTA_SET_ELEM_KEY);
+                    m.attr(NFTA_DATA_VALUE, &key);
+                    m.end();
+                    if kind == NFT_MSG_NEWSETELEM {
+                        match (&c.layout.value, &e.value) {
+                            (Value::None, _) => {}
+                            (Value::Data(parts), Some(v)) => {
+                                let data = encode_parts(parts, v)
+                                    .map_err(|err| format!("{} value: {err}", c.set))?;
+                                m.begin(NFTA_SET_ELEM_DATA);
+                                m.attr(NFTA_DATA_VALUE, &data);
+                                m.end();
+                            }
+                            (Value::Verdict, Some(v)) => {
+                                m.begin(NFTA_SET_ELEM_DATA);
+                                verdict(&mut m, v)
+                                    .map_err(|err| format!("{} value: {err}", c.set))?;
+                                m.end();
+                            }
+                            (_, None) => {
+                                return Err(format!("{}: element {} needs a value", c.set, e.key))
+                            }
                         }
                     }
+                    m.end();
                 }
                 m.end();
+                out.extend(m.finish());
             }
-            m.end();
-            out.extend(m.finish());
         }
     }
     let acks = seq - 1;
@@ -342,6 +348,22 @@ pub fn apply(
         }
         None => socket(),
     }
+    .map_err(NftError::Spawn)?;
+    // The batch goes in one send, and every message's ack must fit the receive queue.
+    sockopt(
+        &sock,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        batch.len() + 65536,
+    )
+    .and_then(|_| {
+        sockopt(
+            &sock,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (acks as usize).saturating_mul(1024).max(1 << 20),
+        )
+    })
     .map_err(NftError::Spawn)?;
     // SAFETY: plain send/recv on a socket we own, with buffers of the lengths given.
     let sent = unsafe { libc::send(sock.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0) };
@@ -421,7 +443,28 @@ fn socket() -> std::io::Result<OwnedFd> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // Acks carry only the request's header, not the whole request back.
+    sockopt(&fd, SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
     Ok(fd)
+}
+
+/// Sets an integer socket option.
+fn sockopt(fd: &OwnedFd, level: i32, name: i32, value: usize) -> std::io::Result<()> {
+    let v = i32::try_from(value).unwrap_or(i32::MAX);
+    // SAFETY: setsockopt with an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&v as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -178,3 +178,30 @@ fn a_failing_change_applies_nothing_and_says_why() {
     .unwrap_err();
     assert!(err.to_string().contains("element changes to t"), "{err}");
 }
+
+#[test]
+fn a_large_batch_is_split_into_messages_and_every_element_lands() {
+    let Some(s) = Scratch::new("large") else {
+        return;
+    };
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    // 20 000 elements: ~80 messages, far past one attribute's 64 KiB.
+    let add: Vec<(String, String)> = (0..20_000u32)
+        .map(|i| {
+            (
+                i.to_string(),
+                format!("198.18.{}.{} . 80", i / 250, i % 250 + 1),
+            )
+        })
+        .collect();
+    let change = numgen_map(
+        "ep4",
+        add.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        false,
+    );
+    apply(Some(&ns), NFPROTO_INET, "t", &[change]).unwrap();
+    let text = crate::nft::run(Some(&ns), &["list", "map", "inet", "t", "ep4"], "").unwrap();
+    assert_eq!(text.matches(" : 198.18.").count(), 20_000);
+    assert!(text.contains("19999 counter packets 0 bytes 0 : 198.18.79.250 . 80"));
+}
