@@ -165,7 +165,21 @@ impl Dataplane {
                 nft::apply(None, &malla_calc::nft::render_full(&want.nft_table)).map(|_| "full")
             }),
             None => {
-                nft::apply(None, &malla_calc::nft::render_full(&want.nft_table)).map(|_| "full")
+                let t = &want.nft_table;
+                let cold = self.applied_table.is_none()
+                    && nft::table_exists(None, &t.family, &t.name).is_ok_and(|there| !there);
+                let cold_loaded = cold
+                    && crate::cold_load::apply(None, t)
+                        .inspect_err(
+                            |e| tracing::warn!(error = %e, "cold load failed; replacing the table"),
+                        )
+                        .is_ok();
+                if cold_loaded {
+                    tracing::info!("created the nft table (cold load)");
+                    Ok("full")
+                } else {
+                    nft::apply(None, &malla_calc::nft::render_full(t)).map(|_| "full")
+                }
             }
         }
         .context("applying nftables table")?;

@@ -58,6 +58,18 @@ fn key_parts(t: &str) -> Option<Vec<Part>> {
     }
 }
 
+/// The layout of a map's elements, if they can be encoded.
+pub fn map_layout(m: &malla_calc::nft::Map) -> Option<Layout> {
+    Some(Layout {
+        key: key_parts(&m.type_)?,
+        value: if m.value == "verdict" {
+            Value::Verdict
+        } else {
+            Value::Data(parts_of_typeof(&m.value).or_else(|| parts_of_type(&m.value))?)
+        },
+    })
+}
+
 /// What turns `old` into `new`, as element changes per set and map; None when anything but
 /// elements changed or a touched set cannot be encoded. Sets whose elements the kernel manages
 /// (timeouts: session affinity) are left alone, as the text diff does.
@@ -106,11 +118,7 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
         if n.flags.iter().any(|f| f == "interval") {
             return None;
         }
-        let value = if n.value == "verdict" {
-            Value::Verdict
-        } else {
-            Value::Data(parts_of_typeof(&n.value).or_else(|| parts_of_type(&n.value))?)
-        };
+        let layout = map_layout(n)?;
         // A key whose value changed is deleted, then added again (one batch, in that order).
         let delete = o
             .elements
@@ -132,10 +140,7 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
             .collect();
         out.push(SetChange {
             set: name.clone(),
-            layout: Layout {
-                key: key_parts(&n.type_)?,
-                value,
-            },
+            layout,
             delete,
             add,
         });
@@ -153,14 +158,7 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
             std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::btree_map::Entry::Vacant(v) => v.insert(SetChange {
                 set: map.clone(),
-                layout: Layout {
-                    key: key_parts(&m.type_)?,
-                    value: if m.value == "verdict" {
-                        Value::Verdict
-                    } else {
-                        Value::Data(parts_of_typeof(&m.value).or_else(|| parts_of_type(&m.value))?)
-                    },
-                },
+                layout: map_layout(m)?,
                 delete: Vec::new(),
                 add: Vec::new(),
             }),

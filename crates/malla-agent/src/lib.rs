@@ -7,6 +7,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
+pub mod cold_load;
 pub mod config_dir;
 pub mod dataplane;
 pub mod element_diff;

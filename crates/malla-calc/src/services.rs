@@ -877,6 +877,21 @@ pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
     place(table, pending);
 }
 
+/// Whether `map` is one of the proxy's element maps (dispatch by address and port, endpoints,
+/// no-endpoint rejects): while they are empty, no packet is translated or rejected, as before
+/// the proxy ran, so a cold load may fill them after the rest of the table.
+pub fn is_proxy_map(name: &str) -> bool {
+    [
+        "endpoints-",
+        "service-ips-",
+        "service-nodeports-",
+        "no-endpoint-services-",
+        "no-endpoint-nodeports-",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
 /// The change to a rendered table when one service's endpoints change and nothing else does:
 /// the same ports, frontends and policies, and every dispatch chain keeping its endpoint
 /// count (an endpoint replaced, its pod rescheduled with a new address, a condition flipping

@@ -54,6 +54,14 @@ pub fn apply(netns: Option<&NetNs>, ruleset: &str) -> Result<(), NftError> {
     run(netns, &["-f", "-"], ruleset).map(|_| ())
 }
 
+/// Whether the table exists (lists table names only, however big the table).
+pub fn table_exists(netns: Option<&NetNs>, family: &str, table: &str) -> Result<bool, NftError> {
+    let out = run(netns, &["list", "tables", family], "")?;
+    Ok(out
+        .lines()
+        .any(|l| l.trim() == format!("table {family} {table}")))
+}
+
 /// Lists one table (never the whole ruleset: other software's tables are not ours).
 pub fn list_table(netns: Option<&NetNs>, family: &str, table: &str) -> Result<String, NftError> {
     run(netns, &["list", "table", family, table], "")

@@ -355,6 +355,11 @@ fn an_endpoint_replaced_in_place_takes_new_connections_at_once() {
         log.contains("updated in place") && log.contains("default/manual"),
         "node-1's agent took the fast path:\n{log}"
     );
+    // The agent started on a node without its table: the two-step cold load, not a fallback.
+    assert!(
+        log.contains("(cold load)") && !log.contains("cold load failed"),
+        "{log}"
+    );
 }
 
 #[test]

@@ -1,0 +1,170 @@
+//! The first programming of a node's table when the kernel has none (a node starting): `nft`
+//! creates the table with everything except the proxy's map elements, then one nfnetlink batch
+//! ([`malla_dataplane::nft_elements`]) adds those. At 30k services that is 300k endpoint
+//! elements, which `nft` spends seconds parsing and encoding. The two transactions are each
+//! atomic; between them the proxy's maps are empty, so service addresses are not yet
+//! translated, exactly as before the agent ran. Policy sets and everything else are filled in
+//! the first transaction, so no policy is ever seen half-built.
+
+use malla_calc::nft::{Map, Table};
+use malla_dataplane::netns::NetNs;
+use malla_dataplane::nft::{self, NftError};
+use malla_dataplane::nft_elements::{self, Element, SetChange};
+
+use crate::element_diff;
+
+/// The table without the proxy maps' elements, and those elements as one batch of additions;
+/// a map whose layout cannot be encoded keeps its elements in the table.
+pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
+    let mut rest = Table {
+        family: table.family.clone(),
+        name: table.name.clone(),
+        sets: table.sets.clone(),
+        maps: Default::default(),
+        chains: table.chains.clone(),
+    };
+    let mut batch = Vec::new();
+    for (name, m) in &table.maps {
+        let layout = malla_calc::services::is_proxy_map(name)
+            .then(|| element_diff::map_layout(m))
+            .flatten();
+        match layout {
+            Some(layout) if !m.flags.iter().any(|f| f == "interval") => {
+                rest.maps.insert(
+                    name.clone(),
+                    Map {
+                        type_: m.type_.clone(),
+                        value: m.value.clone(),
+                        flags: m.flags.clone(),
+                        counter: m.counter,
+                        elements: Default::default(),
+                    },
+                );
+                if !m.elements.is_empty() {
+                    batch.push(SetChange {
+                        set: name.clone(),
+                        layout,
+                        delete: Vec::new(),
+                        add: m
+                            .elements
+                            .iter()
+                            .map(|(k, v)| Element {
+                                key: k.clone(),
+                                value: Some(v.clone()),
+                            })
+                            .collect(),
+                    });
+                }
+            }
+            _ => {
+                rest.maps.insert(name.clone(), m.clone());
+            }
+        }
+    }
+    (rest, batch)
+}
+
+/// How long each part of a cold load took.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// Splitting and rendering the table without the proxy maps' elements, and `nft -f`.
+    pub table: std::time::Duration,
+    /// The elements' nfnetlink batch.
+    pub elements: std::time::Duration,
+    /// How many elements the batch carried.
+    pub element_count: usize,
+}
+
+/// Creates `table` in two transactions (see the module doc).
+pub fn apply(netns: Option<&NetNs>, table: &Table) -> Result<Timings, NftError> {
+    let family = element_diff::family(&table.family)
+        .ok_or_else(|| NftError::Rejected(format!("table family {}", table.family)))?;
+    let start = std::time::Instant::now();
+    let (rest, batch) = split(table);
+    nft::apply(netns, &malla_calc::nft::render_full(&rest))?;
+    let table_done = start.elapsed();
+    nft_elements::apply(netns, family, &table.name, &batch)?;
+    Ok(Timings {
+        table: table_done,
+        elements: start.elapsed() - table_done,
+        element_count: batch.iter().map(|c| c.add.len()).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use malla_calc::nft::Set;
+    use malla_dataplane::nft_elements::{Layout, Value};
+
+    #[test]
+    fn only_the_proxy_maps_lose_their_elements() {
+        let mut t = Table::new("inet", "malla");
+        for (name, value) in [
+            ("endpoints-v4-tcp-00", "ip daddr . tcp dport"),
+            ("service-ips-v4", "verdict"),
+            ("pol-in-x-tcp", "verdict"),
+        ] {
+            t.maps.insert(
+                name.into(),
+                Map {
+                    type_: if name.starts_with("endpoints") {
+                        "typeof numgen random mod 2".into()
+                    } else if name.starts_with("pol") {
+                        "inet_service".into()
+                    } else {
+                        "ipv4_addr . inet_proto . inet_service".into()
+                    },
+                    value: value.into(),
+                    flags: if name.starts_with("pol") {
+                        vec!["interval".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    counter: false,
+                    elements: [(
+                        if name.starts_with("endpoints") {
+                            "0".to_string()
+                        } else if name.starts_with("pol") {
+                            "80-90".to_string()
+                        } else {
+                            "198.19.64.2 . tcp . 80".to_string()
+                        },
+                        if value == "verdict" {
+                            "goto x".to_string()
+                        } else {
+                            "198.18.0.5 . 80".to_string()
+                        },
+                    )]
+                    .into(),
+                },
+            );
+        }
+        t.sets.insert(
+            "peers".into(),
+            Set {
+                type_: "ipv4_addr".into(),
+                elements: ["198.18.0.9".to_string()].into(),
+                ..Set::default()
+            },
+        );
+        let (rest, batch) = split(&t);
+        assert!(rest.maps["endpoints-v4-tcp-00"].elements.is_empty());
+        assert!(rest.maps["service-ips-v4"].elements.is_empty());
+        assert_eq!(rest.maps["pol-in-x-tcp"], t.maps["pol-in-x-tcp"]);
+        assert_eq!(rest.sets, t.sets);
+        let names: Vec<&str> = batch.iter().map(|c| c.set.as_str()).collect();
+        assert_eq!(names, ["endpoints-v4-tcp-00", "service-ips-v4"]);
+        assert_eq!(batch[1].layout.value, Value::Verdict);
+        assert_eq!(
+            batch[0].layout,
+            Layout {
+                key: vec![malla_dataplane::nft_elements::Part::HostU32],
+                value: Value::Data(vec![
+                    malla_dataplane::nft_elements::Part::Ipv4,
+                    malla_dataplane::nft_elements::Part::Port
+                ]),
+            }
+        );
+    }
+}
