@@ -209,15 +209,7 @@ impl Mirror {
             let before = self.services.get(&v.services, key).map(Service::key);
             let after = svc.as_ref().map(Service::key);
             let changed = self.services.upsert(&mut v.services, key, svc);
-            return Applied {
-                view: changed,
-                services: if changed {
-                    before.into_iter().chain(after).collect()
-                } else {
-                    BTreeSet::new()
-                },
-                ..Applied::default()
-            };
+            return service_change(changed, before, after);
         }
         if key.starts_with(keys::ENDPOINT_SLICES) {
             let slice = decode::<EndpointSlice>(key, value);
@@ -225,15 +217,7 @@ impl Mirror {
             let before = self.slices.get(&v.endpoint_slices, key).map(owner);
             let after = slice.as_ref().map(owner);
             let changed = self.slices.upsert(&mut v.endpoint_slices, key, slice);
-            return Applied {
-                view: changed,
-                services: if changed {
-                    before.into_iter().chain(after).collect()
-                } else {
-                    BTreeSet::new()
-                },
-                ..Applied::default()
-            };
+            return service_change(changed, before, after);
         }
         if key == keys::CLUSTER_CONFIG {
             let config = decode::<ClusterConfig>(key, value).unwrap_or_default();
@@ -301,6 +285,19 @@ impl Mirror {
             node_cache,
             ..Applied::default()
         }
+    }
+}
+
+/// A change to a Service or EndpointSlice: the services it belonged to and belongs to.
+fn service_change(changed: bool, before: Option<String>, after: Option<String>) -> Applied {
+    Applied {
+        view: changed,
+        services: if changed {
+            before.into_iter().chain(after).collect()
+        } else {
+            BTreeSet::new()
+        },
+        ..Applied::default()
     }
 }
 
