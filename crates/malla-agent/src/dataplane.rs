@@ -205,50 +205,86 @@ impl Dataplane {
         clear_stale_udp_flows(&self.applied_services.entries, &now.entries);
     }
 
-    /// The fast path for one service whose endpoints moved within the same counts (see
-    /// [`malla_calc::services::EndpointDelta`]): its entries are rebuilt alone and the
-    /// kernel gets the changed elements over nfnetlink, without computing or diffing the
-    /// node's whole table. Ok(false) when the change is not of that kind (or nothing was
-    /// applied before): the caller computes everything.
-    pub fn apply_endpoint_change(
+    /// The fast path for services whose endpoints moved within the same counts (see
+    /// [`malla_calc::services::EndpointDelta`]): each service's entries are rebuilt alone, one
+    /// after the other against the model as the previous ones left it, and the kernel gets
+    /// all their changed elements in one nfnetlink batch, without computing or diffing the
+    /// node's whole table. Ok(false) when one of them is not that kind of change (or nothing
+    /// was applied before, or the batch failed): the model is put back as it was, and the
+    /// caller computes everything.
+    pub fn apply_endpoint_changes(
         &mut self,
         view: &malla_calc::ClusterView,
         node: &str,
-        service: &str,
+        services: &std::collections::BTreeSet<String>,
     ) -> anyhow::Result<bool> {
-        use malla_calc::services;
-        let Some(table) = &self.applied_table else {
+        let Some(mut table) = self.applied_table.take() else {
             return Ok(false);
         };
         let Some(family) = crate::element_diff::family(&table.family) else {
+            self.applied_table = Some(table);
             return Ok(false);
         };
-        let Some(svc) = view.services.iter().find(|s| s.key() == service) else {
-            return Ok(false);
-        };
-        let entries = &self.applied_services.entries;
-        let start = entries.partition_point(|e| e.service.as_str() < service);
-        let end = start + entries[start..].partition_point(|e| e.service == service);
-        let old = &entries[start..end];
-        let new = services::build_service(svc, &view.endpoint_slices, node);
-        if old.is_empty() && new.is_empty() {
-            return Ok(true);
+        let mut changes = Vec::new();
+        // Per service: the undo of its delta, where its entries are, the old ones, how many new.
+        let mut done = Vec::new();
+        let mut complete = true;
+        for service in services {
+            let (ns, name) = service.split_once('/').unwrap_or_default();
+            let Some(svc) = view
+                .services
+                .iter()
+                .find(|s| s.namespace == ns && s.name == name)
+            else {
+                complete = false;
+                break;
+            };
+            let entries = &self.applied_services.entries;
+            let start = entries.partition_point(|e| e.service < *service);
+            let end = start + entries[start..].partition_point(|e| e.service == *service);
+            let new = malla_calc::services::build_service(svc, &view.endpoint_slices, node);
+            let delta = malla_calc::services::endpoint_delta(
+                &table,
+                &self.applied_services,
+                &entries[start..end],
+                &new,
+            );
+            let Some((delta, set_changes)) = delta.and_then(|d| {
+                let c = crate::element_diff::delta_changes(&table, &d)?;
+                Some((d, c))
+            }) else {
+                complete = false;
+                break;
+            };
+            changes.extend(set_changes);
+            let undo = delta.apply_to(&mut table);
+            let count = new.len();
+            let old: Vec<_> = self
+                .applied_services
+                .entries
+                .splice(start..end, new)
+                .collect();
+            done.push((undo, start, old, count));
         }
-        let Some(delta) = services::endpoint_delta(table, &self.applied_services, old, &new) else {
+        let sent = complete
+            && (changes.is_empty()
+                || malla_dataplane::nft_elements::apply(None, family, &table.name, &changes)
+                    .inspect_err(|e| tracing::warn!(error = %e, "endpoint update failed"))
+                    .is_ok());
+        if !sent {
+            for (undo, start, old, count) in done.into_iter().rev() {
+                undo.apply_to(&mut table);
+                self.applied_services
+                    .entries
+                    .splice(start..start + count, old);
+            }
+            self.applied_table = Some(table);
             return Ok(false);
-        };
-        let Some(changes) = crate::element_diff::delta_changes(table, &delta) else {
-            return Ok(false);
-        };
-        if !changes.is_empty() {
-            malla_dataplane::nft_elements::apply(None, family, &table.name, &changes)
-                .context("applying endpoint changes")?;
         }
-        clear_stale_udp_flows(old, &new);
-        if let Some(table) = &mut self.applied_table {
-            delta.apply_to(table);
+        for (_, start, old, count) in &done {
+            clear_stale_udp_flows(old, &self.applied_services.entries[*start..start + count]);
         }
-        self.applied_services.entries.splice(start..end, new);
+        self.applied_table = Some(table);
         Ok(true)
     }
 

@@ -162,19 +162,17 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             let resync_due = last_full.elapsed() >= cfg.resync;
             if dirty && !resync_due && !other_dirty && applied.is_some() {
-                // Only one service's Service or slices changed: try the fast path, which
-                // touches that service's elements alone.
-                if let [service] = Vec::from_iter(&pending_services)[..] {
-                    match plane.apply_endpoint_change(mirror.view(), &cfg.node, service) {
-                        Ok(true) => {
-                            tracing::info!(node = %cfg.node, %service, revision = mirror.revision(), "service endpoints updated in place");
-                            applied = Some(mirror.revision());
-                            dirty = false;
-                            pending_services.clear();
-                        }
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!(node = %cfg.node, %service, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
+                // Only Services or slices changed: try the fast path, which touches those
+                // services' elements alone.
+                match plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services) {
+                    Ok(true) => {
+                        tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
+                        applied = Some(mirror.revision());
+                        dirty = false;
+                        pending_services.clear();
                     }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
                 }
             }
             if dirty || resync_due {

@@ -911,23 +911,32 @@ impl EndpointDelta {
         self.map_values.is_empty() && self.set_added.is_empty() && self.set_removed.is_empty()
     }
 
-    /// Makes `table` what a render of the new entries would be.
-    pub fn apply_to(&self, table: &mut nft::Table) {
+    /// Makes `table` what a render of the new entries would be; returns the delta that undoes
+    /// it (a map value's key is always there already: a delta only rewrites a chain's indices).
+    pub fn apply_to(&self, table: &mut nft::Table) -> EndpointDelta {
+        let mut undo = EndpointDelta::default();
         for (map, key, value) in &self.map_values {
             if let Some(m) = table.maps.get_mut(map) {
-                m.elements.insert(key.clone(), value.clone());
+                if let Some(old) = m.elements.insert(key.clone(), value.clone()) {
+                    undo.map_values.push((map.clone(), key.clone(), old));
+                }
             }
         }
         for (set, e) in &self.set_removed {
             if let Some(s) = table.sets.get_mut(set) {
-                s.elements.remove(e);
+                if s.elements.remove(e) {
+                    undo.set_added.push((set.clone(), e.clone()));
+                }
             }
         }
         for (set, e) in &self.set_added {
             if let Some(s) = table.sets.get_mut(set) {
-                s.elements.insert(e.clone());
+                if s.elements.insert(e.clone()) {
+                    undo.set_removed.push((set.clone(), e.clone()));
+                }
             }
         }
+        undo
     }
 }
 
@@ -1885,8 +1894,10 @@ mod delta_props {
             prop_assert_eq!(&new, &entries_of(&m1, &key));
             if let Some(d) = endpoint_delta(&t0, &m0, &entries_of(&m0, &key), &new) {
                 let mut got = t0.clone();
-                d.apply_to(&mut got);
-                prop_assert_eq!(got, want);
+                let undo = d.apply_to(&mut got);
+                prop_assert_eq!(&got, &want);
+                undo.apply_to(&mut got);
+                prop_assert_eq!(got, t0, "the undo restores the table");
             }
         }
     }

@@ -313,10 +313,10 @@ fn an_endpoint_replaced_in_place_takes_new_connections_at_once() {
     let lab = up("rp");
     let state = lab.state();
     let ip = |p: &str| state["pods"][p]["ips"][0].as_str().unwrap().to_string();
-    let slice = |a: &str, b: &str| {
+    let slice = |svc: &str, a: &str, b: &str| {
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: manual}}\nspec:\n  ports:\n  - {{name: http, port: 80}}\n---\n\
-             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: manual-1, labels: {{kubernetes.io/service-name: manual}}}}\naddressType: IPv4\n\
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}}}\nspec:\n  ports:\n  - {{name: http, port: 80}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {svc}-1, labels: {{kubernetes.io/service-name: {svc}}}}}\naddressType: IPv4\n\
              ports: [{{name: http, port: 8080}}]\nendpoints:\n\
              - {{addresses: [{}], conditions: {{ready: true}}, nodeName: node-1}}\n\
              - {{addresses: [{}], conditions: {{ready: true}}, nodeName: node-2}}\n",
@@ -324,35 +324,43 @@ fn an_endpoint_replaced_in_place_takes_new_connections_at_once() {
             ip(b)
         )
     };
-    let answered = || {
+    let answered = |svc: &str| {
         answered_by(&lab.probe(&[
             "--from",
             "default/client",
             "--to",
-            "svc/default/manual",
+            &format!("svc/default/{svc}"),
             "--count",
             "20",
         ]))
     };
-    lab.apply(&slice("default/web-1", "default/web-2"));
-    let by = answered();
+    lab.apply(
+        &(slice("one", "default/web-1", "default/web-2")
+            + &slice("two", "default/web-2", "default/web-3")),
+    );
+    let by = answered("one");
     assert_eq!(
         by.keys().collect::<Vec<_>>(),
         ["default/web-1", "default/web-2"],
         "{by:?}"
     );
-    // web-2 replaced by web-3, the count unchanged: the agents rewrite that one element.
-    lab.apply(&slice("default/web-1", "default/web-3"));
-    let by = answered();
-    assert_eq!(
-        by.keys().collect::<Vec<_>>(),
-        ["default/web-1", "default/web-3"],
-        "{by:?}"
+    // One endpoint of each service replaced, the counts unchanged: the agents rewrite those
+    // elements in place.
+    lab.apply(
+        &(slice("one", "default/web-1", "default/web-3")
+            + &slice("two", "default/web-1", "default/web-3")),
     );
-    assert_eq!(by.values().sum::<usize>(), 20, "{by:?}");
+    for (svc, want) in [
+        ("one", ["default/web-1", "default/web-3"]),
+        ("two", ["default/web-1", "default/web-3"]),
+    ] {
+        let by = answered(svc);
+        assert_eq!(by.keys().collect::<Vec<_>>(), want, "{svc}: {by:?}");
+        assert_eq!(by.values().sum::<usize>(), 20, "{svc}: {by:?}");
+    }
     let log = std::fs::read_to_string(lab.dir().join("logs").join("agent-node-1.log")).unwrap();
     assert!(
-        log.contains("updated in place") && log.contains("default/manual"),
+        log.contains("updated in place") && log.contains("default/two"),
         "node-1's agent took the fast path:\n{log}"
     );
     // The agent started on a node without its table: the two-step cold load, not a fallback.
