@@ -54,6 +54,8 @@ pub struct Dataplane {
     applied_table: Option<malla_calc::nft::Table>,
     applied_services: malla_calc::services::ServiceMap,
     last_full_nft: std::time::Instant,
+    /// The rest of what was last applied (routes, peers, local pods), for [`Dataplane::repair`].
+    last_applied: Option<NodeDataplane>,
 }
 
 /// How often the nft table is replaced whole (repairing drift) instead of diffed. Hourly, as
@@ -70,6 +72,7 @@ impl Dataplane {
             applied_table: None,
             applied_services: Default::default(),
             last_full_nft: std::time::Instant::now(),
+            last_applied: None,
         })
     }
 
@@ -104,12 +107,48 @@ impl Dataplane {
     }
 
     /// Applies `want`, which the dataplane keeps (its nft table is the base of the next
-    /// incremental transaction).
-    pub async fn apply(&mut self, want: NodeDataplane) -> anyhow::Result<ApplyStats> {
+    /// incremental transaction, the rest what [`Dataplane::repair`] checks the kernel against).
+    pub async fn apply(&mut self, mut want: NodeDataplane) -> anyhow::Result<ApplyStats> {
         let mut stats = ApplyStats::default();
+        self.sync_kernel(&want, &mut stats).await?;
+        let table = std::mem::take(&mut want.nft_table);
+        let services = std::mem::take(&mut want.service_map);
+        self.sync_nft(table, services, &mut stats)?;
+        self.last_applied = Some(want);
+        Ok(stats)
+    }
+
+    /// The periodic repair when nothing changed: the kernel's routes, VXLAN device and peers
+    /// and pods' host sides checked against what was last applied, and the table replaced
+    /// whole when that is due; nothing is computed again.
+    pub async fn repair(&mut self) -> anyhow::Result<ApplyStats> {
+        let mut stats = ApplyStats::default();
+        let Some(want) = self.last_applied.take() else {
+            return Ok(stats);
+        };
+        let synced = self.sync_kernel(&want, &mut stats).await;
+        self.last_applied = Some(want);
+        synced?;
+        if self.last_full_nft.elapsed() >= FULL_NFT_RESYNC {
+            if let Some(t) = &self.applied_table {
+                nft::apply(None, &malla_calc::nft::render_full(t))
+                    .context("replacing the nftables table")?;
+                self.last_full_nft = std::time::Instant::now();
+                stats.nft_applied = true;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Routes, the VXLAN device and its peers, and local pods' host sides.
+    async fn sync_kernel(
+        &mut self,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
         let underlay = self.underlay().await?;
         let vxlan = match want.mode {
-            RoutingMode::Vxlan => Some(self.ensure_vxlan(&underlay, &want).await?),
+            RoutingMode::Vxlan => Some(self.ensure_vxlan(&underlay, want).await?),
             RoutingMode::Direct => {
                 if let Some(dev) = self.nl.link_by_name(VXLAN_DEVICE).await? {
                     self.nl.delete_link(dev.index).await?;
@@ -118,23 +157,27 @@ impl Dataplane {
             }
         };
         if let Some(dev) = &vxlan {
-            self.sync_vxlan_peers(dev, &want, &mut stats).await?;
+            self.sync_vxlan_peers(dev, want, stats).await?;
         }
-        self.sync_remote_routes(&underlay, vxlan.as_ref(), &want, &mut stats)
+        self.sync_remote_routes(&underlay, vxlan.as_ref(), want, stats)
             .await?;
-        self.sync_local_pods(&want, &mut stats).await?;
-        self.sync_nft(want, &mut stats)?;
-        Ok(stats)
+        self.sync_local_pods(want, stats).await?;
+        Ok(())
     }
 
     /// Applies the nft table: the first time and every few minutes as one full replacing
     /// transaction, otherwise as a small diff of what changed: element changes alone go
     /// straight over nfnetlink, anything else as an `nft` text diff; a failed diff falls back
     /// to full.
-    fn sync_nft(&mut self, want: NodeDataplane, stats: &mut ApplyStats) -> anyhow::Result<()> {
+    fn sync_nft(
+        &mut self,
+        table: malla_calc::nft::Table,
+        services: malla_calc::services::ServiceMap,
+        stats: &mut ApplyStats,
+    ) -> anyhow::Result<()> {
         let full_due = self.last_full_nft.elapsed() >= FULL_NFT_RESYNC;
         if let (Some(old), false) = (&self.applied_table, full_due) {
-            let new = &want.nft_table;
+            let new = &table;
             let elements = crate::element_diff::element_changes(old, new)
                 .zip(crate::element_diff::family(&new.family));
             if let Some((changes, family)) = elements {
@@ -143,7 +186,7 @@ impl Dataplane {
                 }
                 match malla_dataplane::nft_elements::apply(None, family, &new.name, &changes) {
                     Ok(()) => {
-                        self.finish_nft(want, stats);
+                        self.finish_nft(table, services, stats);
                         return Ok(());
                     }
                     Err(e) => {
@@ -153,7 +196,7 @@ impl Dataplane {
             }
         }
         let diff = match &self.applied_table {
-            Some(old) if !full_due => match malla_calc::nft::render_diff(old, &want.nft_table) {
+            Some(old) if !full_due => match malla_calc::nft::render_diff(old, &table) {
                 None => return Ok(()),
                 Some(d) => Some(d),
             },
@@ -162,10 +205,10 @@ impl Dataplane {
         let applied = match diff {
             Some(d) => nft::apply(None, &d).map(|_| "diff").or_else(|e| {
                 tracing::warn!(error = %e, "incremental nft update failed; replacing the table");
-                nft::apply(None, &malla_calc::nft::render_full(&want.nft_table)).map(|_| "full")
+                nft::apply(None, &malla_calc::nft::render_full(&table)).map(|_| "full")
             }),
             None => {
-                let t = &want.nft_table;
+                let t = &table;
                 let cold = self.applied_table.is_none()
                     && nft::table_exists(None, &t.family, &t.name).is_ok_and(|there| !there);
                 let cold_loaded = cold
@@ -186,16 +229,21 @@ impl Dataplane {
         if applied == "full" {
             self.last_full_nft = std::time::Instant::now();
         }
-        self.finish_nft(want, stats);
+        self.finish_nft(table, services, stats);
         Ok(())
     }
 
     /// After `want`'s table is in the kernel: UDP flows to endpoints gone are cleared, and the
     /// table becomes the base of the next diff.
-    fn finish_nft(&mut self, want: NodeDataplane, stats: &mut ApplyStats) {
-        self.clear_stale_udp_flows(&want.service_map);
-        self.applied_table = Some(want.nft_table);
-        self.applied_services = want.service_map;
+    fn finish_nft(
+        &mut self,
+        table: malla_calc::nft::Table,
+        services: malla_calc::services::ServiceMap,
+        stats: &mut ApplyStats,
+    ) {
+        self.clear_stale_udp_flows(&services);
+        self.applied_table = Some(table);
+        self.applied_services = services;
         stats.nft_applied = true;
     }
 

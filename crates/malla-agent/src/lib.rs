@@ -175,7 +175,23 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
                 }
             }
-            if dirty || resync_due {
+            if resync_due && !dirty {
+                // Nothing changed since the last apply: check the kernel against it, without
+                // computing the whole node again (at 30k services that is ~0.5 s of CPU).
+                match plane.repair().await {
+                    Ok(stats) => {
+                        if stats.changed() {
+                            tracing::info!(node = %cfg.node, ?stats, "repaired drift");
+                        }
+                        last_full = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "repair failed; computing everything");
+                        dirty = true;
+                    }
+                }
+            }
+            if dirty {
                 let rev = mirror.revision();
                 let desired = malla_calc::compute(mirror.view(), &cfg.node);
                 for p in &desired.problems {

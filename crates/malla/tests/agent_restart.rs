@@ -114,3 +114,45 @@ fn agent_restart_keeps_stream_direct() {
 fn agent_restart_keeps_stream_vxlan() {
     restart_keeps_stream("vxlan");
 }
+
+/// Drift: something else deletes a route to another node's block and a pod's host route; the
+/// agent's periodic resync (10 s in the lab) puts both back without any datastore change.
+#[test]
+fn drift_is_repaired_by_the_periodic_resync() {
+    let lab = Lab::new("dr");
+    lab.run(&["lab", "up", "--nodes", "2"]);
+    lab.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: b}\nspec: {nodeName: node-2, containers: [{name: c}]}\n",
+    );
+    let node1 = lab.netns("node-1");
+    let routes = || common::ip(&["-n", &node1, "route", "show", "proto", "77"]);
+    let before = routes();
+    let remote = before
+        .lines()
+        .find(|l| l.contains(" via "))
+        .expect("a route to node-2's block")
+        .to_string();
+    let host = before
+        .lines()
+        .find(|l| !l.contains(" via ") && l.contains(" dev "))
+        .expect("pod a's host route")
+        .to_string();
+    for r in [&remote, &host] {
+        let mut args = vec!["-n", node1.as_str(), "route", "del"];
+        args.extend(r.split_whitespace());
+        common::ip(&args);
+    }
+    assert!(!routes().contains(&remote) && !routes().contains(&host));
+    let deadline = std::time::Instant::now() + Duration::from_secs(25);
+    while (!routes().contains(&remote) || !routes().contains(&host))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let after = routes();
+    assert!(
+        after.contains(&remote) && after.contains(&host),
+        "not repaired:\n{after}\nwant:\n{remote}\n{host}"
+    );
+}
