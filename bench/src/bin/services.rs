@@ -307,23 +307,21 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             // As the agent does. The fast path first: the changed service's entries alone,
             // and the element changes they make.
             let t = Instant::now();
-            let key = svcs[idx].key();
-            let new_entries = services::build_service(&svcs[idx], &slices, NODE);
-            let start = map.entries.partition_point(|e| e.service < key);
-            let end = start + map.entries[start..].partition_point(|e| e.service == key);
-            let fast =
-                services::endpoint_delta(&table, &map, &map.entries[start..end], &new_entries)
-                    .and_then(|d| Some((element_diff::delta_changes(&table, &d)?, d)));
-            if let Some((sets, delta)) = fast {
+            let fast = element_diff::service_change(&table, &map, &svcs[idx], &slices, NODE);
+            if let Some(planned) = fast {
                 let rebuild = t.elapsed();
                 let t = Instant::now();
                 let family = element_diff::family(&table.family).context("table family")?;
-                nft_elements::apply(Some(&h), family, &table.name, &sets)
+                nft_elements::apply(Some(&h), family, &table.name, &planned.changes)
                     .context("applying the endpoint change")?;
                 let apply = t.elapsed();
-                delta.apply_to(&mut table);
-                map.entries.splice(start..end, new_entries);
-                let size = sets.iter().map(|s| s.add.len() + s.delete.len()).sum();
+                planned.delta.apply_to(&mut table);
+                let size = planned
+                    .changes
+                    .iter()
+                    .map(|s| s.add.len() + s.delete.len())
+                    .sum();
+                map.entries.splice(planned.range, planned.entries);
                 changes.push((rebuild, Duration::ZERO, apply, size));
                 fast_path += 1;
                 continue;

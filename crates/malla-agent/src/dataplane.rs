@@ -287,30 +287,23 @@ impl Dataplane {
                 complete = false;
                 break;
             };
-            let entries = &self.applied_services.entries;
-            let start = entries.partition_point(|e| e.service < *service);
-            let end = start + entries[start..].partition_point(|e| e.service == *service);
-            let new = malla_calc::services::build_service(svc, &view.endpoint_slices, node);
-            let delta = malla_calc::services::endpoint_delta(
+            let Some(planned) = crate::element_diff::service_change(
                 &table,
                 &self.applied_services,
-                &entries[start..end],
-                &new,
-            );
-            let Some((delta, set_changes)) = delta.and_then(|d| {
-                let c = crate::element_diff::delta_changes(&table, &d)?;
-                Some((d, c))
-            }) else {
+                svc,
+                &view.endpoint_slices,
+                node,
+            ) else {
                 complete = false;
                 break;
             };
-            changes.extend(set_changes);
-            let undo = delta.apply_to(&mut table);
-            let count = new.len();
+            changes.extend(planned.changes);
+            let undo = planned.delta.apply_to(&mut table);
+            let (start, count) = (planned.range.start, planned.entries.len());
             let old: Vec<_> = self
                 .applied_services
                 .entries
-                .splice(start..end, new)
+                .splice(planned.range, planned.entries)
                 .collect();
             done.push((undo, start, old, count));
         }

@@ -7,8 +7,9 @@
 
 use std::collections::BTreeMap;
 
+use malla_api::service::{EndpointSlice, Service};
 use malla_calc::nft::Table;
-use malla_calc::services::EndpointDelta;
+use malla_calc::services::{self, EndpointDelta, ServiceEntry, ServiceMap};
 use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
 
 /// The `nfgenmsg` family of a table family name.
@@ -152,17 +153,28 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
 /// maps; None when one cannot be encoded.
 pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChange>> {
     let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
+    // The set's change, started with its layout the first time.
+    fn change_for<'m, 'n>(
+        by_set: &'m mut BTreeMap<&'n str, SetChange>,
+        name: &'n str,
+        layout: impl FnOnce() -> Option<Layout>,
+    ) -> Option<&'m mut SetChange> {
+        if !by_set.contains_key(name) {
+            by_set.insert(
+                name,
+                SetChange {
+                    set: name.to_string(),
+                    layout: layout()?,
+                    delete: Vec::new(),
+                    add: Vec::new(),
+                },
+            );
+        }
+        by_set.get_mut(name)
+    }
     for (map, key, value) in &delta.map_values {
         let m = table.maps.get(map)?;
-        let change = match by_set.entry(map) {
-            std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::btree_map::Entry::Vacant(v) => v.insert(SetChange {
-                set: map.clone(),
-                layout: map_layout(m)?,
-                delete: Vec::new(),
-                add: Vec::new(),
-            }),
-        };
+        let change = change_for(&mut by_set, map, || map_layout(m))?;
         if m.elements.contains_key(key) {
             change.delete.push(Element {
                 key: key.clone(),
@@ -180,18 +192,12 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
             if s.flags.iter().any(|f| f == "interval") {
                 return None;
             }
-            let change = match by_set.entry(set) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => v.insert(SetChange {
-                    set: set.clone(),
-                    layout: Layout {
-                        key: key_parts(&s.type_)?,
-                        value: Value::None,
-                    },
-                    delete: Vec::new(),
-                    add: Vec::new(),
-                }),
-            };
+            let change = change_for(&mut by_set, set, || {
+                Some(Layout {
+                    key: key_parts(&s.type_)?,
+                    value: Value::None,
+                })
+            })?;
             let e = Element {
                 key: element.clone(),
                 value: None,
@@ -204,6 +210,41 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
         }
     }
     Some(by_set.into_values().collect())
+}
+
+/// One service's fast-path change, planned against the applied model.
+pub struct ServiceChange {
+    /// Where the service's entries are in the applied map.
+    pub range: std::ops::Range<usize>,
+    /// Its entries now.
+    pub entries: Vec<ServiceEntry>,
+    pub delta: EndpointDelta,
+    /// The delta as element changes.
+    pub changes: Vec<SetChange>,
+}
+
+/// Rebuilds `svc`'s entries alone from `slices` and plans them as element changes to
+/// `table` (rendered from `map`); None when the change is more than endpoints moving within
+/// the same counts, or cannot be encoded.
+pub fn service_change(
+    table: &Table,
+    map: &ServiceMap,
+    svc: &Service,
+    slices: &[EndpointSlice],
+    node: &str,
+) -> Option<ServiceChange> {
+    let key = svc.key();
+    let start = map.entries.partition_point(|e| e.service < key);
+    let end = start + map.entries[start..].partition_point(|e| e.service == key);
+    let entries = services::build_service(svc, slices, node);
+    let delta = services::endpoint_delta(table, map, &map.entries[start..end], &entries)?;
+    let changes = delta_changes(table, &delta)?;
+    Some(ServiceChange {
+        range: start..end,
+        entries,
+        delta,
+        changes,
+    })
 }
 
 #[cfg(test)]

@@ -103,8 +103,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut reported: Revision = -1;
         let mut quiet_candidate: Option<(Revision, Instant)> = None;
         let mut confirmed: Revision = -1;
-        let mut dirty = true;
-        // What made it dirty: services whose Service or slices changed, or anything else.
+        // What changed since the last apply: services whose Service or slices changed, or
+        // anything else (which needs the whole node computed).
         let mut pending_services: std::collections::BTreeSet<String> = Default::default();
         let mut other_dirty = true;
         let mut cache_dirty = true;
@@ -142,7 +142,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Ok((w, m)) => {
                         tracing::info!(node = %cfg.node, revision = m.revision(), "listed the cluster");
                         synced = Some((m, w));
-                        dirty = true;
                         other_dirty = true;
                         trim_due = true;
                         cache_dirty = true;
@@ -161,20 +160,20 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             let resync_due = last_full.elapsed() >= cfg.resync;
-            if dirty && !resync_due && !other_dirty && applied.is_some() {
+            if !pending_services.is_empty() && !resync_due && !other_dirty && applied.is_some() {
                 // Only Services or slices changed: try the fast path, which touches those
                 // services' elements alone.
                 match plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services) {
                     Ok(true) => {
                         tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
                         applied = Some(mirror.revision());
-                        dirty = false;
                         pending_services.clear();
                     }
                     Ok(false) => {}
                     Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
                 }
             }
+            let dirty = other_dirty || !pending_services.is_empty();
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
@@ -187,11 +186,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                     Err(e) => {
                         tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "repair failed; computing everything");
-                        dirty = true;
+                        other_dirty = true;
                     }
                 }
             }
-            if dirty {
+            if other_dirty || !pending_services.is_empty() {
                 let rev = mirror.revision();
                 let desired = malla_calc::compute(mirror.view(), &cfg.node);
                 for p in &desired.problems {
@@ -206,7 +205,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                             trim_heap();
                         }
                         applied = Some(rev);
-                        dirty = false;
                         other_dirty = false;
                         pending_services.clear();
                         last_full = Instant::now();
@@ -223,7 +221,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             if let (Some(f), Some(rev)) = (&cfg.ready_file, applied) {
                 // The ready file holds the revision the kernel now reflects.
-                let rev = if dirty { rev } else { rev.max(confirmed) };
+                let behind = other_dirty || !pending_services.is_empty();
+                let rev = if behind { rev } else { rev.max(confirmed) };
                 if rev > reported {
                     let tmp = f.with_extension("tmp");
                     std::fs::write(&tmp, format!("{rev}\n"))
@@ -254,7 +253,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     quiet_candidate = None;
                     last_change = Instant::now();
                     let changed = mirror.apply(events);
-                    dirty |= changed.view;
                     cache_dirty |= changed.node_cache;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);
