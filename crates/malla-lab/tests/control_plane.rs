@@ -34,9 +34,14 @@ fn apply(cp: &ControlPlane, obj: &Value) {
 }
 
 fn get_json(cp: &ControlPlane, args: &[&str]) -> Value {
+    try_get_json(cp, args).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// The object, or the error (e.g. NotFound while a controller has yet to create it).
+fn try_get_json(cp: &ControlPlane, args: &[&str]) -> anyhow::Result<Value> {
     let mut a = args.to_vec();
     a.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl(cp, &a)).unwrap()
+    Ok(serde_json::from_str(&cp.kubectl_run(&a, None)?)?)
 }
 
 /// Polls `f` until it returns `Some`, for at most `secs` seconds.
@@ -123,7 +128,7 @@ fn serves_derives_endpoints_and_survives_outages() {
     .unwrap_or_else(|e| panic!("{e:#}"));
 
     let endpoints = eventually(60, "the Endpoints of web", || {
-        let ep = get_json(&cp, &["get", "endpoints", "web"]);
+        let ep = try_get_json(&cp, &["get", "endpoints", "web"]).ok()?;
         let sub = ep["subsets"].get(0)?.clone();
         Some(sub)
     });
