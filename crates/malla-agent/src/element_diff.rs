@@ -186,6 +186,14 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
             value: Some(value.clone()),
         });
     }
+    for (map, key) in &delta.map_removed {
+        let m = table.maps.get(map)?;
+        let change = change_for(&mut by_set, map, || map_layout(m))?;
+        change.delete.push(Element {
+            key: key.clone(),
+            value: None,
+        });
+    }
     for (sets, adding) in [(&delta.set_removed, false), (&delta.set_added, true)] {
         for (set, element) in sets {
             let s = table.sets.get(set)?;

@@ -9,8 +9,17 @@
 //!   `jump services`, which looks up
 //!   `service-ips-v4|v6` (cluster IPs, external IPs, load-balancer IPs) and, for destinations of
 //!   type local (not loopback), `service-nodeports-v4|v6`.
-//! - A cluster IP goes to `svc-<h>-<sfx>` (all endpoints), or with `internalTrafficPolicy: Local`
-//!   to `local-<h>-<sfx>` (this node's endpoints; `drop` when there is none).
+//! - A *plain* service port (cluster IPs only, `internalTrafficPolicy: Cluster`, no session
+//!   affinity: nearly all of them) has no chain of its own: its cluster IP's element is
+//!   `goto pick-<v4|v6>-<proto>-<N>`, a chain shared by every plain port with N endpoints, whose
+//!   one rule is `dnat ip to ip daddr . tcp dport . numgen random mod N map @dispatch-v4-tcp`:
+//!   one map per family and protocol from `cluster IP . port . index` to `address . port`. A
+//!   node with 30k services then has a few dozen chains instead of 30k (the kernel loads the
+//!   table in ~1 s instead of ~3 s), and an endpoint joining, leaving or moving changes
+//!   elements only. Pick chains for 1 to [`PICK_CHAINS_UP_TO`] endpoints always exist.
+//! - Any other cluster IP goes to `svc-<h>-<sfx>` (all endpoints), or with
+//!   `internalTrafficPolicy: Local` to `local-<h>-<sfx>` (this node's endpoints; `drop` when
+//!   there is none).
 //! - External traffic (node port, external IP, LB IP) goes to `ext-<h>-<sfx>`. With
 //!   `externalTrafficPolicy: Cluster` it is marked for masquerade ([`MASQ_MARK`]) and sent to
 //!   `svc-…`. With `Local`, traffic from a pod of the cluster (`@pools-v4|v6`) or from the node
@@ -19,8 +28,8 @@
 //!   client address is preserved, and is dropped when the node has no local endpoint.
 //! - `svc-…` / `local-…`: one rule,
 //!   `dnat ip to numgen random mod N offset K map @endpoints-<v4|v6>-<proto>-<xx>`: the chain's
-//!   own index range in a map (index -> `address . port`) shared with other services, whose
-//!   per-element counters count new connections per endpoint. No chain per endpoint: with 10k
+//!   own index range in a map (index -> `address . port`) shared with other services. No chain
+//!   per endpoint: with 10k
 //!   services of 10 endpoints, ~110k chains made the kernel take ~30 s to load the table and
 //!   ~1 s to commit any change that adds a `goto` (see `place`).
 //! - With session affinity only, `svc-…` / `local-…` first try
@@ -32,6 +41,8 @@
 //!   traffic (a pod reaching itself through a service): DNATed packets whose
 //!   `saddr . daddr` is in `hairpin-v4|v6` (`addr . addr` for every endpoint on this node or
 //!   without a node: a remote pod is DNATed by its own node, or through the marked external path).
+//! - `service-ips-…` and `service-nodeports-…` count new connections per element (frontend);
+//!   endpoints are not counted in the kernel (300k per-element counters cost it ~1 s to load).
 //! - Service ports with no usable endpoint are not DNATed; `filter-input|forward|output` (filter,
 //!   priority `-10`) `ct state new jump endpoints-check`, which looks up
 //!   `no-endpoint-services-v4|v6` and (for local destinations) `no-endpoint-nodeports-v4|v6` and
@@ -162,6 +173,14 @@ pub struct ServiceEntry {
 }
 
 impl ServiceEntry {
+    /// A cluster-IP-only port with `internalTrafficPolicy: Cluster` and no session affinity:
+    /// the common case, dispatched without a chain of its own (see the module doc).
+    pub fn is_plain(&self) -> bool {
+        self.affinity_timeout.is_none()
+            && self.internal_traffic_policy == TrafficPolicy::Cluster
+            && !self.has_external()
+    }
+
     /// Whether any traffic takes the external path.
     pub fn has_external(&self) -> bool {
         self.node_port.is_some()
@@ -451,12 +470,12 @@ pub const FILTER_PRIORITY: &str = "-10";
 const REJECT_CHAIN: &str = "reject-chain";
 const FAMILIES: [IpFamily; 2] = [IpFamily::IPv4, IpFamily::IPv6];
 
-fn verdict_map(table: &mut nft::Table, name: String, key: &str) {
+fn verdict_map(table: &mut nft::Table, name: String, key: &str, counter: bool) {
     table.maps.entry(name).or_insert_with(|| Map {
         type_: key.into(),
         value: "verdict".into(),
         flags: Vec::new(),
-        counter: false,
+        counter,
         elements: BTreeMap::new(),
     });
 }
@@ -493,18 +512,13 @@ fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
                 elements: BTreeSet::new(),
             });
         let key = format!("{} . inet_proto . inet_service", fam.addr_type());
-        verdict_map(table, format!("service-ips-{s}"), &key);
-        verdict_map(table, format!("no-endpoint-services-{s}"), &key);
-        verdict_map(
-            table,
-            format!("service-nodeports-{s}"),
-            "inet_proto . inet_service",
-        );
-        verdict_map(
-            table,
-            format!("no-endpoint-nodeports-{s}"),
-            "inet_proto . inet_service",
-        );
+        // The frontends count new connections (`malla services`); endpoints are not counted
+        // (300k per-element counters cost the kernel ~1 s to load at 30k services).
+        verdict_map(table, format!("service-ips-{s}"), &key, true);
+        verdict_map(table, format!("no-endpoint-services-{s}"), &key, false);
+        let port_key = "inet_proto . inet_service";
+        verdict_map(table, format!("service-nodeports-{s}"), port_key, true);
+        verdict_map(table, format!("no-endpoint-nodeports-{s}"), port_key, false);
     }
     let jump = vec!["jump services".to_string()];
     chain(
@@ -595,6 +609,65 @@ fn endpoints_map(fam: IpFamily, proto: &str, slot: u64) -> String {
     )
 }
 
+/// `dispatch-v4|v6-<proto>`: the endpoints of every plain entry (see [`ServiceEntry::is_plain`])
+/// of a family and protocol, keyed by the packet's `address . port` (its cluster IP) and an
+/// index.
+pub fn dispatch_map(fam: IpFamily, proto: &str) -> String {
+    format!("dispatch-{}-{proto}", fam.suffix())
+}
+
+/// `pick-v4|v6-<proto>-<n>`: the chain that picks one of `n` endpoints of a plain entry in
+/// [`dispatch_map`]; shared by every plain entry with `n` endpoints.
+pub fn pick_chain(fam: IpFamily, proto: &str, n: usize) -> String {
+    format!("pick-{}-{proto}-{n}", fam.suffix())
+}
+
+/// The `dispatch-…` key of a plain entry's `i`th endpoint behind frontend `f`.
+fn dispatch_key(f: &Frontend, i: usize) -> String {
+    format!("{} . {} . {i}", f.ip, f.port)
+}
+
+/// `address . port`: an endpoint as a DNAT map's value.
+fn endpoint_value(ep: &ServiceEndpoint) -> String {
+    format!("{} . {}", ep.ip, ep.port)
+}
+
+/// Pick chains made for every count up to this one as soon as a family and protocol has a
+/// plain entry, so that a service scaling within it changes elements only.
+pub const PICK_CHAINS_UP_TO: usize = 16;
+
+/// Creates the dispatch map and the pick chains over `n` endpoints of `fam` and `proto` (and
+/// over 1 to [`PICK_CHAINS_UP_TO`]), unless they exist.
+fn pick(table: &mut nft::Table, fam: IpFamily, proto: &str, n: usize) -> String {
+    if !table.maps.contains_key(&dispatch_map(fam, proto)) {
+        for k in 1..=PICK_CHAINS_UP_TO {
+            pick_one(table, fam, proto, k);
+        }
+    }
+    pick_one(table, fam, proto, n)
+}
+
+fn pick_one(table: &mut nft::Table, fam: IpFamily, proto: &str, n: usize) -> String {
+    let kw = fam.kw();
+    let map = dispatch_map(fam, proto);
+    table.maps.entry(map.clone()).or_insert_with(|| Map {
+        // Not `th dport`: see `place`.
+        type_: format!("typeof {kw} daddr . {proto} dport . numgen random mod 2"),
+        value: format!("{kw} daddr . {proto} dport"),
+        flags: Vec::new(),
+        counter: false,
+        elements: BTreeMap::new(),
+    });
+    let name = pick_chain(fam, proto, n);
+    table.chains.entry(name.clone()).or_insert_with(|| Chain {
+        base: None,
+        rules: vec![format!(
+            "meta l4proto {proto} dnat {kw} to {kw} daddr . {proto} dport . numgen random mod {n} map @{map}"
+        )],
+    });
+    name
+}
+
 /// A dispatch chain without affinity, waiting for its slot.
 struct Pending {
     chain: String,
@@ -619,7 +692,7 @@ pub fn dispatch_slots(table: &nft::Table, chain: &str) -> Option<(String, u32, u
 ///
 /// Without session affinity a service's dispatch chain is one rule, `dnat ip to numgen random
 /// mod N offset K map @endpoints-…`, into a map from index to `address . port` shared with
-/// other services, whose per-element counters count new connections per endpoint. Neither a
+/// other services. Neither a
 /// chain per endpoint (~110k chains for 10k services of 10 endpoints: ~30 s to load, ~1 s per
 /// commit) nor a map per service (the kernel finds named sets by a linear scan: ~10 s) nor one
 /// map for all (each rule binding a data map walks all its elements: minutes), but at most
@@ -651,7 +724,7 @@ fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
             // protocols specified: tcp vs. th").
             value: format!("{kw} daddr . {} dport", p.protocol),
             flags: Vec::new(),
-            counter: true,
+            counter: false,
             elements: BTreeMap::new(),
         });
         for (i, (ip, port)) in p.eps.iter().enumerate() {
@@ -776,6 +849,33 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
         h.elements
             .extend(here.map(|ep| format!("{ip} . {ip}", ip = ep.ip)));
     }
+    if e.is_plain() {
+        let pick = pick(table, e.family, proto, e.cluster_endpoints.len());
+        let verdict = format!("goto {pick}");
+        for f in &e.frontends {
+            let map = format!("service-ips-{s}");
+            let claimed =
+                table
+                    .maps
+                    .get_mut(&map)
+                    .is_some_and(|m| match m.elements.entry(key_of(f)) {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(verdict.clone());
+                            true
+                        }
+                        std::collections::btree_map::Entry::Occupied(_) => false,
+                    });
+            if !claimed {
+                continue;
+            }
+            if let Some(m) = table.maps.get_mut(&dispatch_map(e.family, proto)) {
+                for (i, ep) in e.cluster_endpoints.iter().enumerate() {
+                    m.elements.insert(dispatch_key(f, i), endpoint_value(ep));
+                }
+            }
+        }
+        return;
+    }
     // Endpoint chains, only with session affinity.
     if let Some(t) = e.affinity_timeout {
         for ep in all {
@@ -783,7 +883,7 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
             let rules = vec![
                 format!("update @{aff} {{ {kw} saddr }}"),
                 format!(
-                    "meta l4proto {proto} counter dnat {kw} to {}:{}",
+                    "meta l4proto {proto} dnat {kw} to {}:{}",
                     dnat_addr(&ep.ip),
                     ep.port
                 ),
@@ -883,6 +983,7 @@ pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
 pub fn is_proxy_map(name: &str) -> bool {
     [
         "endpoints-",
+        "dispatch-",
         "service-ips-",
         "service-nodeports-",
         "no-endpoint-services-",
@@ -899,8 +1000,10 @@ pub fn is_proxy_map(name: &str) -> bool {
 /// map, and the hairpin set. [`endpoint_delta`] finds it; anything else needs a render.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EndpointDelta {
-    /// `(map, key, value)`: elements whose value changes (the key is there already).
+    /// `(map, key, value)`: elements added, or given a new value.
     pub map_values: Vec<(String, String, String)>,
+    /// `(map, key)`: elements removed (a plain entry losing endpoints).
+    pub map_removed: Vec<(String, String)>,
     /// `(set, element)`.
     pub set_added: Vec<(String, String)>,
     pub set_removed: Vec<(String, String)>,
@@ -908,18 +1011,27 @@ pub struct EndpointDelta {
 
 impl EndpointDelta {
     pub fn is_empty(&self) -> bool {
-        self.map_values.is_empty() && self.set_added.is_empty() && self.set_removed.is_empty()
+        self.map_values.is_empty()
+            && self.map_removed.is_empty()
+            && self.set_added.is_empty()
+            && self.set_removed.is_empty()
     }
 
     /// Makes `table` what a render of the new entries would be; returns the delta that undoes
-    /// it (a map value's key is always there already: a delta only rewrites a chain's indices).
+    /// it.
     pub fn apply_to(&self, table: &mut nft::Table) -> EndpointDelta {
         let mut undo = EndpointDelta::default();
         for (map, key, value) in &self.map_values {
             if let Some(m) = table.maps.get_mut(map) {
-                if let Some(old) = m.elements.insert(key.clone(), value.clone()) {
-                    undo.map_values.push((map.clone(), key.clone(), old));
+                match m.elements.insert(key.clone(), value.clone()) {
+                    Some(old) => undo.map_values.push((map.clone(), key.clone(), old)),
+                    None => undo.map_removed.push((map.clone(), key.clone())),
                 }
+            }
+        }
+        for (map, key) in &self.map_removed {
+            if let Some(old) = table.maps.get_mut(map).and_then(|m| m.elements.remove(key)) {
+                undo.map_values.push((map.clone(), key.clone(), old));
             }
         }
         for (set, e) in &self.set_removed {
@@ -951,6 +1063,85 @@ fn hairpin_elements(e: &ServiceEntry) -> impl Iterator<Item = (String, String)> 
         .map(move |ep| (set.clone(), format!("{ip} . {ip}", ip = ep.ip)))
 }
 
+/// The element changes of plain entry `o` (rendered into `table` from `map`) getting the
+/// endpoints `after`: its `dispatch-…` elements behind each frontend it owns, and the frontend's
+/// verdict when the count changes. None when it gains or loses its last endpoint (the
+/// no-endpoint maps change) or the count's pick chain is not in the table.
+fn plain_delta(
+    table: &nft::Table,
+    map: &ServiceMap,
+    o: &ServiceEntry,
+    after: &[ServiceEndpoint],
+    delta: &mut EndpointDelta,
+) -> Option<()> {
+    let before = &o.cluster_endpoints;
+    if before == after {
+        return Some(());
+    }
+    if before.is_empty() || after.is_empty() {
+        return None;
+    }
+    let (fam, proto) = (o.family, o.protocol.nft());
+    let ips_map = format!("service-ips-{}", fam.suffix());
+    let ips = table.maps.get(&ips_map)?;
+    let new_pick = pick_chain(fam, proto, after.len());
+    if !table.chains.contains_key(&new_pick) {
+        return None;
+    }
+    // A pick chain past the ones always made goes with its last user: a render then.
+    let last_user = |n: usize| {
+        n > PICK_CHAINS_UP_TO
+            && !map.entries.iter().any(|x| {
+                x.service != o.service
+                    && x.is_plain()
+                    && (x.family, x.protocol) == (fam, o.protocol)
+                    && x.cluster_endpoints.len() == n
+            })
+    };
+    if before.len() != after.len() && last_user(before.len()) {
+        return None;
+    }
+    let old_verdict = format!("goto {}", pick_chain(fam, proto, before.len()));
+    let dispatch = dispatch_map(fam, proto);
+    for f in &o.frontends {
+        let key = format!("{} . {proto} . {}", f.ip, f.port);
+        // The first entry in map order to render a frontend owns it (see `render_entry`).
+        let owned = ips.elements.get(&key) == Some(&old_verdict)
+            && !map
+                .entries
+                .iter()
+                .take_while(|x| x.service < o.service)
+                .any(|x| {
+                    x.family == fam
+                        && x.protocol == o.protocol
+                        && x.frontends.iter().any(|g| (g.ip, g.port) == (f.ip, f.port))
+                });
+        if !owned {
+            continue;
+        }
+        if before.len() != after.len() {
+            delta
+                .map_values
+                .push((ips_map.clone(), key, format!("goto {new_pick}")));
+        }
+        for i in 0..before.len().max(after.len()) {
+            match (before.get(i), after.get(i)) {
+                (Some(b), Some(a)) if (b.ip, b.port) == (a.ip, a.port) => {}
+                (_, Some(a)) => {
+                    delta
+                        .map_values
+                        .push((dispatch.clone(), dispatch_key(f, i), endpoint_value(a)))
+                }
+                (Some(_), None) => delta
+                    .map_removed
+                    .push((dispatch.clone(), dispatch_key(f, i))),
+                (None, None) => {}
+            }
+        }
+    }
+    Some(())
+}
+
 /// The element changes that turn `table` (rendered from `map`, which holds `old`, the
 /// service's entries) into the render with `new` in their place; None when the change is more
 /// than endpoints moving within the same counts (see [`EndpointDelta`]).
@@ -976,6 +1167,10 @@ pub fn endpoint_delta(
         };
         if !same_shape || o.affinity_timeout.is_some() {
             return None;
+        }
+        if o.is_plain() {
+            plain_delta(table, map, o, &n.cluster_endpoints, &mut delta)?;
+            continue;
         }
         for (chain, before, after) in [
             (svc_chain(o), &o.cluster_endpoints, &n.cluster_endpoints),
@@ -1736,9 +1931,49 @@ mod tests {
                 ranges.push((off, off + n));
             }
         }
-        assert!(ranges.len() >= 8, "{ranges:?}");
+        assert!(ranges.len() >= 3, "{ranges:?}");
         ranges.sort();
         assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+    }
+
+    #[test]
+    fn plain_entries_dispatch_through_the_shared_pick_chain_of_their_count() {
+        let m = map();
+        let t = crate::masquerade::node_table(&pools(), &m);
+        let mut plain = 0;
+        for e in m.entries.iter().filter(|e| e.is_plain()) {
+            assert!(!t.chains.contains_key(&svc_chain(e)), "{}", e.service);
+            let proto = e.protocol.nft();
+            for f in &e.frontends {
+                let key = format!("{} . {proto} . {}", f.ip, f.port);
+                let got = t.maps[&format!("service-ips-{}", e.family.suffix())]
+                    .elements
+                    .get(&key);
+                if e.cluster_endpoints.is_empty() {
+                    assert_eq!(got, None, "{key}");
+                    continue;
+                }
+                let pick = pick_chain(e.family, proto, e.cluster_endpoints.len());
+                assert_eq!(got, Some(&format!("goto {pick}")), "{key}");
+                assert!(t.chains[&pick].rules[0].contains(&format!(
+                    "numgen random mod {} map @{}",
+                    e.cluster_endpoints.len(),
+                    dispatch_map(e.family, proto)
+                )));
+                let dispatch = &t.maps[&dispatch_map(e.family, proto)];
+                for (i, ep) in e.cluster_endpoints.iter().enumerate() {
+                    assert_eq!(
+                        dispatch.elements[&format!("{} . {} . {i}", f.ip, f.port)],
+                        format!("{} . {}", ep.ip, ep.port)
+                    );
+                }
+                plain += 1;
+            }
+        }
+        assert!(plain >= 4, "{plain}");
+        for n in 1..=PICK_CHAINS_UP_TO {
+            assert!(t.chains.contains_key(&pick_chain(IpFamily::IPv4, "tcp", n)));
+        }
     }
 
     #[test]
@@ -1903,9 +2138,10 @@ mod delta_props {
     }
 
     /// The benchmark's change, an endpoint moving to a new address, takes the delta: one map
-    /// element; a changed count does not.
+    /// element. A plain service scaling down takes it too (its verdict and its last index),
+    /// one with a chain of its own does not.
     #[test]
-    fn an_endpoint_moving_is_one_element_and_a_count_change_is_not() {
+    fn an_endpoint_moving_is_one_element_and_scaling_a_plain_service_too() {
         let (services, slices) = cluster();
         let m0 = build(&services, &slices, ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
@@ -1923,11 +2159,42 @@ mod delta_props {
         moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")];
         let new = build_service(svc, &moved, ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
-        assert!(!d.map_values.is_empty(), "{d:?}");
+        // The endpoints are in address order: the indices from the moved one's old place to its
+        // new one change, and nothing else.
+        assert!(
+            !d.map_values.is_empty() && d.map_removed.is_empty(),
+            "{d:?}"
+        );
+        assert!(
+            d.map_values.iter().all(|(m, ..)| m == "dispatch-v4-tcp"),
+            "{d:?}"
+        );
         let mut got = t0.clone();
         d.apply_to(&mut got);
         let m1 = build(&services, &moved, ME, &[], &pools());
         assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
+
+        let mut fewer = slices.clone();
+        fewer[si].endpoints.pop();
+        let new = build_service(svc, &fewer, ME);
+        let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new)
+            .expect("a plain service scaling down is a delta");
+        assert_eq!(d.map_removed.len(), 1, "{d:?}");
+        assert_eq!(d.map_values.len(), 1, "the frontend's verdict: {d:?}");
+        assert!(d.map_values[0].2.starts_with("goto pick-v4-tcp-"), "{d:?}");
+        let mut got = t0.clone();
+        d.apply_to(&mut got);
+        let m1 = build(&services, &fewer, ME, &[], &pools());
+        assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
+
+        let (si, svc) = slices
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| {
+                let svc = services.iter().find(|v| v.name == s.service)?;
+                (s.endpoints.len() >= 2 && svc.kind == ServiceType::NodePort).then_some((i, svc))
+            })
+            .expect("a fixture node-port service with two endpoints");
         let mut fewer = slices.clone();
         fewer[si].endpoints.pop();
         let new = build_service(svc, &fewer, ME);

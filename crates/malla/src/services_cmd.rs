@@ -1,13 +1,13 @@
 //! `malla services`: this node's programmed services — frontends, the endpoints each one
-//! dispatches to, and per-endpoint counters of new connections read from the kernel.
+//! dispatches to, new connections per service (the kernel's counters on its frontends) and
+//! per endpoint the translated flows conntrack holds.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::Args;
-use malla_calc::nft;
-use malla_calc::services::{self, ServiceEndpoint, ServiceEntry};
+use malla_calc::services::{ServiceEndpoint, ServiceEntry};
+use malla_dataplane::conntrack::{self, DnatFlow};
 use malla_dataplane::netns::NetNs;
 
 #[derive(Args)]
@@ -22,78 +22,91 @@ pub struct ServicesArgs {
     output: String,
 }
 
-/// New connections per endpoint, read from the kernel's counters.
+/// What the kernel counts for this node's services.
 #[derive(Default)]
 struct Counters {
-    /// Packet counters of the `ep-*` chains' DNAT rules (services with session affinity), by
-    /// chain.
-    chains: BTreeMap<String, u64>,
-    /// Per-element counters of the `endpoints-*` DNAT maps: by map and index, the endpoint
-    /// address, port and packets.
-    maps: BTreeMap<(String, u64), (IpAddr, u64, u64)>,
+    /// New connections per frontend: the element counters of `service-ips-…` (keys
+    /// `addr . proto . port`) and `service-nodeports-…` (`proto . port`), by map and key.
+    frontends: BTreeMap<(String, String), u64>,
+    /// The translated flows conntrack holds (open, or closed within its timeouts).
+    flows: Vec<DnatFlow>,
 }
 
 impl Counters {
-    /// New connections of entry `e` to endpoint `ep`, over every path that can DNAT to it:
-    /// its dispatch chains' slots in the endpoint maps (found in the table `t` of the same
-    /// view), or its affinity chain.
-    fn get(&self, t: &nft::Table, e: &ServiceEntry, ep: &ServiceEndpoint) -> u64 {
-        let chain = self
-            .chains
-            .get(&services::ep_chain(e, ep))
-            .copied()
-            .unwrap_or(0);
-        let mut maps = 0;
-        for c in [services::svc_chain(e), services::local_chain(e)] {
-            let Some((map, off, n)) = services::dispatch_slots(t, &c) else {
+    fn read(netns: Option<&NetNs>) -> Self {
+        let mut frontends = BTreeMap::new();
+        for map in [
+            "service-ips-v4",
+            "service-ips-v6",
+            "service-nodeports-v4",
+            "service-nodeports-v6",
+        ] {
+            let args = ["-j", "list", "map", "inet", "malla", map];
+            let Ok(text) = malla_dataplane::nft::run(netns, &args, "") else {
                 continue;
             };
-            for i in u64::from(off)..u64::from(off) + u64::from(n) {
-                if let Some((ip, port, p)) = self.maps.get(&(map.clone(), i)) {
-                    if *ip == ep.ip && *port == u64::from(ep.port) {
-                        maps += p;
-                    }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let elements = v["nftables"].as_array().into_iter().flatten();
+            for el in elements.flat_map(|i| i["map"]["elem"].as_array().into_iter().flatten()) {
+                let key = el[0]["elem"]["val"]["concat"].as_array().map(|parts| {
+                    parts
+                        .iter()
+                        .map(|p| p.as_str().map_or_else(|| p.to_string(), str::to_string))
+                        .collect::<Vec<_>>()
+                        .join(" . ")
+                });
+                if let (Some(key), Some(n)) = (key, el[0]["elem"]["counter"]["packets"].as_u64()) {
+                    frontends.insert((map.to_string(), key), n);
                 }
             }
         }
-        chain + maps
-    }
-}
-
-fn counters(netns: Option<&NetNs>) -> Counters {
-    let mut out = Counters::default();
-    let Ok(text) = malla_dataplane::nft::run(netns, &["-j", "list", "table", "inet", "malla"], "")
-    else {
-        return out;
-    };
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return out;
-    };
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        let map = &item["map"];
-        if let Some(name) = map["name"].as_str().filter(|n| n.starts_with("endpoints-")) {
-            for el in map["elem"].as_array().into_iter().flatten() {
-                let index = el[0]["elem"]["val"].as_u64();
-                let packets = el[0]["elem"]["counter"]["packets"].as_u64();
-                let ip = el[1]["concat"][0].as_str().and_then(|s| s.parse().ok());
-                let port = el[1]["concat"][1].as_u64();
-                if let (Some(i), Some(p), Some(ip), Some(port)) = (index, packets, ip, port) {
-                    out.maps.insert((name.to_string(), i), (ip, port, p));
-                }
-            }
-            continue;
-        }
-        let rule = &item["rule"];
-        let Some(chain) = rule["chain"].as_str().filter(|c| c.starts_with("ep-")) else {
-            continue;
+        let flows = match netns {
+            Some(ns) => ns.run(conntrack::dnat_flows).ok().and_then(Result::ok),
+            None => conntrack::dnat_flows().ok(),
         };
-        for e in rule["expr"].as_array().into_iter().flatten() {
-            if let Some(p) = e["counter"]["packets"].as_u64() {
-                *out.chains.entry(chain.to_string()).or_default() += p;
-            }
+        Counters {
+            frontends,
+            flows: flows.unwrap_or_default(),
         }
     }
-    out
+
+    /// New connections to entry `e`, over all its frontends and its node port.
+    fn new_connections(&self, e: &ServiceEntry) -> u64 {
+        let (s, proto) = (e.family.suffix(), e.protocol.nft());
+        let count = |map: String, key: String| self.frontends.get(&(map, key)).copied();
+        let frontends: u64 = e
+            .frontends
+            .iter()
+            .filter_map(|f| {
+                count(
+                    format!("service-ips-{s}"),
+                    format!("{} . {proto} . {}", f.ip, f.port),
+                )
+            })
+            .sum();
+        let node_port = e
+            .node_port
+            .and_then(|np| count(format!("service-nodeports-{s}"), format!("{proto} . {np}")));
+        frontends + node_port.unwrap_or(0)
+    }
+
+    /// Tracked flows of entry `e` (to a frontend, or to its node port) answered by `ep`.
+    fn tracked(&self, e: &ServiceEntry, ep: &ServiceEndpoint) -> usize {
+        self.flows
+            .iter()
+            .filter(|f| {
+                f.protocol == e.protocol.nft()
+                    && (f.reply_src, f.reply_sport) == (ep.ip, ep.port)
+                    && (e
+                        .frontends
+                        .iter()
+                        .any(|x| (x.ip, x.port) == (f.orig_dst, f.orig_dport))
+                        || Some(f.orig_dport) == e.node_port)
+            })
+            .count()
+    }
 }
 
 pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
@@ -112,18 +125,19 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
     let store = a.store.open()?;
     let view = malla_agent::read_view(&*store)?;
     let dp = malla_calc::compute(&view, &a.node);
-    let (map, table) = (dp.service_map, dp.nft_table);
-    let counts = counters(netns.as_ref());
+    let map = dp.service_map;
+    let counts = Counters::read(netns.as_ref());
     if a.output == "json" {
         let entries: Vec<serde_json::Value> = map
             .entries
             .iter()
             .map(|e| {
                 let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["new_connections"] = serde_json::json!(counts.new_connections(e));
                 v["connections"] = serde_json::json!(e
                     .cluster_endpoints
                     .iter()
-                    .map(|ep| (format!("{}:{}", ep.ip, ep.port), counts.get(&table, e, ep)))
+                    .map(|ep| (format!("{}:{}", ep.ip, ep.port), counts.tracked(e, ep)))
                     .collect::<BTreeMap<_, _>>());
                 v
             })
@@ -132,8 +146,8 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<28} {:<6} {:<30} {:<8} ENDPOINTS (new connections)",
-        "SERVICE", "PROTO", "FRONTENDS", "NODEPORT"
+        "{:<28} {:<6} {:<30} {:<8} {:>8} ENDPOINTS (tracked connections)",
+        "SERVICE", "PROTO", "FRONTENDS", "NODEPORT", "NEW"
     );
     for e in &map.entries {
         let frontends: Vec<String> = e
@@ -145,7 +159,7 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
             .cluster_endpoints
             .iter()
             .map(|ep| {
-                let n = counts.get(&table, e, ep);
+                let n = counts.tracked(e, ep);
                 let local = if e.local_endpoints.contains(ep) {
                     "*"
                 } else {
@@ -160,13 +174,14 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
             format!("{}:{}", e.service, e.port_name)
         };
         println!(
-            "{:<28} {:<6} {:<30} {:<8} {}",
+            "{:<28} {:<6} {:<30} {:<8} {:>8} {}",
             name,
             e.protocol.nft(),
             frontends.join(","),
             e.node_port
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
+            counts.new_connections(e),
             if eps.is_empty() {
                 "none (rejects)".to_string()
             } else {
