@@ -298,6 +298,8 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         );
         let mut changes = Vec::new();
         let mut fast_path = 0;
+        // Kept open across changes, as the agent keeps its own (see `ElementSocket`).
+        let sock = nft_elements::ElementSocket::open(Some(&h)).context("a netlink socket")?;
         for c in 0..args.changes {
             check(deadline)?;
             // One endpoint of one slice moves to a new address (spread over the table).
@@ -312,7 +314,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
                 let rebuild = t.elapsed();
                 let t = Instant::now();
                 let family = element_diff::family(&table.family).context("table family")?;
-                nft_elements::apply(Some(&h), family, &table.name, &planned.changes)
+                sock.apply(family, &table.name, &planned.changes)
                     .context("applying the endpoint change")?;
                 let apply = t.elapsed();
                 planned.delta.apply_to(&mut table);
@@ -344,7 +346,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let t = Instant::now();
             let size = match (&elements, &text) {
                 (Some((sets, family)), _) => {
-                    nft_elements::apply(Some(&h), *family, &new.name, sets)
+                    sock.apply(*family, &new.name, sets)
                         .context("applying the element changes")?;
                     sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
                 }

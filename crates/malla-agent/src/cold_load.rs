@@ -37,6 +37,7 @@ pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
                         value: m.value.clone(),
                         flags: m.flags.clone(),
                         counter: m.counter,
+                        size: m.size,
                         elements: Default::default(),
                     },
                 );
@@ -122,6 +123,7 @@ mod tests {
                         Vec::new()
                     },
                     counter: false,
+                    size: None,
                     elements: [(
                         if name.starts_with("endpoints") {
                             "0".to_string()

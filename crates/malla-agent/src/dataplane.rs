@@ -9,6 +9,7 @@ use anyhow::{anyhow, Context};
 use malla_api::RoutingMode;
 use malla_calc::NodeDataplane;
 use malla_dataplane::netlink::{FdbEntry, Link, Neighbour, Netlink, Route, VxlanSpec};
+use malla_dataplane::nft_elements::{ElementSocket, SetChange};
 use malla_dataplane::{nft, sysctl, MALLA_ROUTE_PROTOCOL};
 
 /// Name of the node's VXLAN device.
@@ -56,6 +57,8 @@ pub struct Dataplane {
     last_full_nft: std::time::Instant,
     /// The rest of what was last applied (routes, peers, local pods), for [`Dataplane::repair`].
     last_applied: Option<NodeDataplane>,
+    /// Where element changes go, kept open (see [`ElementSocket`]).
+    element_socket: Option<ElementSocket>,
 }
 
 /// How often the nft table is replaced whole (repairing drift) instead of diffed. Hourly, as
@@ -73,7 +76,27 @@ impl Dataplane {
             applied_services: Default::default(),
             last_full_nft: std::time::Instant::now(),
             last_applied: None,
+            element_socket: None,
         })
+    }
+
+    /// Sends element changes to the node's table over the kept socket, opened on first use
+    /// and dropped after an error.
+    fn send_elements(
+        &mut self,
+        family: u8,
+        table: &str,
+        changes: &[SetChange],
+    ) -> Result<(), malla_dataplane::nft::NftError> {
+        let sock = match self.element_socket.take() {
+            Some(s) => s,
+            None => ElementSocket::open(None).map_err(malla_dataplane::nft::NftError::Spawn)?,
+        };
+        let sent = sock.apply(family, table, changes);
+        if sent.is_ok() {
+            self.element_socket = Some(sock);
+        }
+        sent
     }
 
     /// A node routes for its pods.
@@ -184,7 +207,7 @@ impl Dataplane {
                 if changes.is_empty() {
                     return Ok(());
                 }
-                match malla_dataplane::nft_elements::apply(None, family, &new.name, &changes) {
+                match self.send_elements(family, &new.name, &changes) {
                     Ok(()) => {
                         self.finish_nft(table, services, stats);
                         return Ok(());
@@ -309,7 +332,8 @@ impl Dataplane {
         }
         let sent = complete
             && (changes.is_empty()
-                || malla_dataplane::nft_elements::apply(None, family, &table.name, &changes)
+                || self
+                    .send_elements(family, &table.name, &changes)
                     .inspect_err(|e| tracing::warn!(error = %e, "endpoint update failed"))
                     .is_ok());
         if !sent {

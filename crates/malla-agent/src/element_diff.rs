@@ -109,8 +109,7 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
     }
     for (name, n) in &new.maps {
         let o = old.maps.get(name)?;
-        if o.type_ != n.type_ || o.value != n.value || o.flags != n.flags || o.counter != n.counter
-        {
+        if !o.same_definition(n) {
             return None;
         }
         if o.elements == n.elements {

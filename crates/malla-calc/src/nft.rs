@@ -45,6 +45,10 @@ pub struct Map {
     /// Every element carries a counter (`counter;` in the declaration), which the kernel bumps
     /// whenever a lookup finds the element (e.g. a `dnat … map` picking an endpoint).
     pub counter: bool,
+    /// `size N;`: the most elements the map holds (the kernel refuses more). The kernel then
+    /// sizes its hash table once, instead of growing it (rehashing every element) while a
+    /// large map is filled.
+    pub size: Option<u64>,
     /// Key -> value, e.g. `10.96.0.10 . tcp . 80` -> `goto svc-…`.
     pub elements: BTreeMap<String, String>,
 }
@@ -132,17 +136,22 @@ impl Map {
         if !self.flags.is_empty() {
             let _ = write!(s, " flags {};", self.flags.join(","));
         }
+        if let Some(n) = self.size {
+            let _ = write!(s, " size {n};");
+        }
         if self.counter {
             s.push_str(" counter;");
         }
         s
     }
 
-    fn same_definition(&self, other: &Map) -> bool {
+    /// Whether `other` declares the same map (elements aside).
+    pub fn same_definition(&self, other: &Map) -> bool {
         self.type_ == other.type_
             && self.value == other.value
             && self.flags == other.flags
             && self.counter == other.counter
+            && self.size == other.size
     }
 }
 
@@ -511,6 +520,7 @@ mod tests {
                 value: "verdict".into(),
                 flags: vec![],
                 counter: false,
+                size: None,
                 elements: [
                     (
                         "10.96.0.10 . tcp . 80".to_string(),
@@ -910,6 +920,7 @@ mod diff_props {
                     value: "verdict".into(),
                     flags: vec![],
                     counter: i % 2 == 1,
+                    size: None,
                     elements: elems
                         .into_iter()
                         .map(|(k, v)| {

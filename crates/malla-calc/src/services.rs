@@ -476,6 +476,7 @@ fn verdict_map(table: &mut nft::Table, name: String, key: &str, counter: bool) {
         value: "verdict".into(),
         flags: Vec::new(),
         counter,
+        size: None,
         elements: BTreeMap::new(),
     });
 }
@@ -656,6 +657,7 @@ fn pick_one(table: &mut nft::Table, fam: IpFamily, proto: &str, n: usize) -> Str
         value: format!("{kw} daddr . {proto} dport"),
         flags: Vec::new(),
         counter: false,
+        size: None,
         elements: BTreeMap::new(),
     });
     let name = pick_chain(fam, proto, n);
@@ -725,6 +727,7 @@ fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
             value: format!("{kw} daddr . {} dport", p.protocol),
             flags: Vec::new(),
             counter: false,
+            size: None,
             elements: BTreeMap::new(),
         });
         for (i, (ip, port)) in p.eps.iter().enumerate() {
@@ -788,6 +791,7 @@ fn dispatch(
                 value: "verdict".into(),
                 flags: Vec::new(),
                 counter: false,
+                size: None,
                 elements: eps
                     .iter()
                     .enumerate()
@@ -975,6 +979,26 @@ pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
         render_entry(e, table, &mut pending);
     }
     place(table, pending);
+    for (_, m) in table.maps.iter_mut().filter(|(n, _)| is_sized_map(n)) {
+        m.size = Some(map_size(m.elements.len()));
+    }
+}
+
+/// The maps that hold an element per service or per endpoint: declared with a `size`.
+fn is_sized_map(name: &str) -> bool {
+    name.starts_with("dispatch-") || name.starts_with("service-ips-")
+}
+
+/// The `size` of a map of `elements`: the smallest power of 4 (at least 2^16) that is twice
+/// as many, so a map is re-declared (a text diff re-creating it) only when its elements grow
+/// or shrink about fourfold, and rarely flips back and forth. The kernel allocates a bucket
+/// per 0.75 of it (16 MB for 300k elements).
+pub fn map_size(elements: usize) -> u64 {
+    let mut size: u64 = 1 << 16;
+    while size < 2 * elements as u64 {
+        size *= 4;
+    }
+    size
 }
 
 /// Whether `map` is one of the proxy's element maps (dispatch by address and port, endpoints,
@@ -1203,6 +1227,29 @@ pub fn endpoint_delta(
         // Whether endpoints exist decides the no-endpoint maps and every chain: unchanged.
         if o.cluster_endpoints.is_empty() != n.cluster_endpoints.is_empty() {
             return None;
+        }
+    }
+    // A map outgrowing (or shrinking out of) its declared size is re-declared: a render.
+    let mut growth: BTreeMap<&str, i64> = BTreeMap::new();
+    for (m, key, _) in &delta.map_values {
+        let new_key = table
+            .maps
+            .get(m)
+            .is_some_and(|x| !x.elements.contains_key(key));
+        *growth.entry(m.as_str()).or_default() += i64::from(new_key);
+    }
+    for (m, _) in &delta.map_removed {
+        *growth.entry(m.as_str()).or_default() -= 1;
+    }
+    for (m, g) in growth {
+        let Some(declared) = table.maps.get(m) else {
+            continue;
+        };
+        if let Some(size) = declared.size {
+            let len = (declared.elements.len() as i64 + g).max(0) as usize;
+            if map_size(len) != size {
+                return None;
+            }
         }
     }
     // Hairpin elements: added when new, removed when no other entry still renders them.
@@ -2135,6 +2182,35 @@ mod delta_props {
                 prop_assert_eq!(got, t0, "the undo restores the table");
             }
         }
+    }
+
+    #[test]
+    fn map_sizes_grow_fourfold_with_twice_the_headroom() {
+        assert_eq!(map_size(0), 1 << 16);
+        assert_eq!(map_size(32_768), 1 << 16);
+        assert_eq!(map_size(32_769), 1 << 18);
+        assert_eq!(map_size(300_000), 1 << 20);
+    }
+
+    /// A plain service gaining an endpoint is a delta unless the dispatch map's declared size
+    /// would change with its element count.
+    #[test]
+    fn a_delta_that_changes_a_map_size_is_declined() {
+        let (services, slices) = cluster();
+        let m0 = build(&services, &slices, ME, &[], &pools());
+        let t0 = crate::masquerade::node_table(&pools(), &m0);
+        let svc = services.iter().find(|s| s.name == "web").unwrap();
+        let mut more = slices.clone();
+        let si = more.iter().position(|s| s.service == "web").unwrap();
+        more[si].endpoints.push(ready("198.18.0.200", "node-b"));
+        let new = build_service(svc, &more, ME);
+        let old = entries_of(&m0, "default/web");
+        assert!(endpoint_delta(&t0, &m0, &old, &new).is_some());
+        let mut odd = t0.clone();
+        let dispatch = odd.maps.get_mut("dispatch-v4-tcp").unwrap();
+        assert_eq!(dispatch.size, Some(map_size(dispatch.elements.len())));
+        dispatch.size = Some(map_size(dispatch.elements.len()) * 4);
+        assert!(endpoint_delta(&odd, &m0, &old, &new).is_none());
     }
 
     /// The benchmark's change, an endpoint moving to a new address, takes the delta: one map

@@ -320,94 +320,136 @@ fn encode(family: u8, table: &str, changes: &[SetChange]) -> Result<(Vec<u8>, u3
 
 /// Sends the changes to `table` (of `family`) as one transaction, inside `netns` when given:
 /// all of them apply or none does. Deleting an element that is not there fails the batch, as
-/// does adding one that is (with a different value).
+/// does adding one that is (with a different value). Opens a socket for this one batch: see
+/// [`ElementSocket`] for a caller that sends again.
 pub fn apply(
     netns: Option<&NetNs>,
     family: u8,
     table: &str,
     changes: &[SetChange],
 ) -> Result<(), NftError> {
-    let (batch, acks) = encode(family, table, changes).map_err(NftError::Rejected)?;
-    if acks == 0 {
-        return Ok(());
-    }
-    let sock = match netns {
-        Some(ns) => {
-            let ns = ns.file().try_clone().map_err(NftError::Spawn)?;
-            std::thread::scope(|s| {
-                s.spawn(move || {
-                    // SAFETY: setns on this short-lived thread only; the socket keeps the namespace.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    socket()
+    ElementSocket::open(netns)
+        .map_err(NftError::Spawn)?
+        .apply(family, table, changes)
+}
+
+/// A netfilter netlink socket kept open across batches. Closing one after a batch that
+/// deleted elements waits for the kernel to free them (an RCU grace period, 10–20 ms), so a
+/// caller sending changes again and again keeps its socket. After an error, drop it and open
+/// another.
+pub struct ElementSocket {
+    fd: OwnedFd,
+}
+
+impl ElementSocket {
+    /// A socket in `netns` (the caller's namespace when None).
+    pub fn open(netns: Option<&NetNs>) -> std::io::Result<Self> {
+        let fd = match netns {
+            Some(ns) => {
+                let ns = ns.file().try_clone()?;
+                std::thread::scope(|s| {
+                    s.spawn(move || {
+                        // SAFETY: setns on this short-lived thread only; the socket keeps the
+                        // namespace.
+                        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        socket()
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("netlink thread panicked")))
                 })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("netlink thread panicked")))
-            })
+            }
+            None => socket(),
+        }?;
+        Ok(Self { fd })
+    }
+
+    /// Sends the changes as one transaction (see [`apply`]).
+    pub fn apply(&self, family: u8, table: &str, changes: &[SetChange]) -> Result<(), NftError> {
+        let (batch, acks) = encode(family, table, changes).map_err(NftError::Rejected)?;
+        if acks == 0 {
+            return Ok(());
         }
-        None => socket(),
-    }
-    .map_err(NftError::Spawn)?;
-    // The batch goes in one send, and every message's ack must fit the receive queue.
-    sockopt(
-        &sock,
-        libc::SOL_SOCKET,
-        libc::SO_SNDBUFFORCE,
-        batch.len() + 65536,
-    )
-    .and_then(|_| {
+        let sock = &self.fd;
+        self.drain();
+        // The batch goes in one send, and every message's ack must fit the receive queue.
         sockopt(
-            &sock,
+            sock,
             libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (acks as usize).saturating_mul(1024).max(1 << 20),
+            libc::SO_SNDBUFFORCE,
+            batch.len() + 65536,
         )
-    })
-    .map_err(NftError::Spawn)?;
-    // SAFETY: plain send/recv on a socket we own, with buffers of the lengths given.
-    let sent = unsafe { libc::send(sock.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0) };
-    if sent < 0 || sent as usize != batch.len() {
-        return Err(NftError::Spawn(std::io::Error::last_os_error()));
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut pending = acks;
-    let mut failures = Vec::new();
-    while pending > 0 {
-        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
+        .and_then(|_| {
+            sockopt(
+                sock,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (acks as usize).saturating_mul(1024).max(1 << 20),
+            )
+        })
+        .map_err(NftError::Spawn)?;
+        // SAFETY: plain send/recv on a socket we own, with buffers of the lengths given.
+        let sent = unsafe { libc::send(sock.as_raw_fd(), batch.as_ptr().cast(), batch.len(), 0) };
+        if sent < 0 || sent as usize != batch.len() {
             return Err(NftError::Spawn(std::io::Error::last_os_error()));
         }
-        let mut at = 0usize;
-        let n = n as usize;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap_or_default());
-            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
-            if len < 16 || at + len > n {
-                break;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = acks;
+        let mut failures = Vec::new();
+        while pending > 0 {
+            let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(NftError::Spawn(std::io::Error::last_os_error()));
             }
-            if kind == NLMSG_ERROR && len >= 20 {
-                let errno =
-                    i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
-                if errno != 0 {
-                    failures.push(format!(
-                        "message {seq}: {}",
-                        std::io::Error::from_raw_os_error(-errno)
-                    ));
+            let mut at = 0usize;
+            let n = n as usize;
+            while at + 16 <= n {
+                let len =
+                    u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap_or_default()) as usize;
+                let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().unwrap_or_default());
+                let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().unwrap_or_default());
+                if len < 16 || at + len > n {
+                    break;
                 }
-                pending = pending.saturating_sub(1);
+                if kind == NLMSG_ERROR && len >= 20 {
+                    let errno =
+                        i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
+                    if errno != 0 {
+                        failures.push(format!(
+                            "message {seq}: {}",
+                            std::io::Error::from_raw_os_error(-errno)
+                        ));
+                    }
+                    pending = pending.saturating_sub(1);
+                }
+                at += len.next_multiple_of(4);
             }
-            at += len.next_multiple_of(4);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(NftError::Rejected(format!(
+                "element changes to {table}: {}",
+                failures.join("; ")
+            )))
         }
     }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(NftError::Rejected(format!(
-            "element changes to {table}: {}",
-            failures.join("; ")
-        )))
+
+    /// Discards anything left in the receive queue (acks of an earlier batch that failed
+    /// half-way), so the next batch counts only its own.
+    fn drain(&self) {
+        let mut buf = [0u8; 4096];
+        // SAFETY: recv into a buffer of the length given, without waiting.
+        while unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        } > 0
+        {}
     }
 }
 

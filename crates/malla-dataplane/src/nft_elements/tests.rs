@@ -205,3 +205,41 @@ fn a_large_batch_is_split_into_messages_and_every_element_lands() {
     assert_eq!(text.matches(" : 198.18.").count(), 20_000);
     assert!(text.contains("19999 counter packets 0 bytes 0 : 198.18.79.250 . 80"));
 }
+
+/// One socket carries batch after batch, a failed one included: each batch counts only its
+/// own acks, and an element replaced (deleted, then added with a new value) reads back new.
+#[test]
+fn a_kept_socket_sends_batch_after_batch() {
+    let Some(s) = Scratch::new("kept") else {
+        return;
+    };
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    let sock = ElementSocket::open(Some(&ns)).unwrap();
+    sock.apply(
+        NFPROTO_INET,
+        "t",
+        &[numgen_map("ep4", vec![("0", "198.18.0.5 . 80")], false)],
+    )
+    .unwrap();
+    let mut bad = numgen_map("ep4", vec![("1", "198.18.0.6 . 80")], false);
+    bad.delete = vec![Element {
+        key: "99".into(),
+        value: None,
+    }];
+    assert!(sock.apply(NFPROTO_INET, "t", &[bad]).is_err());
+    for round in 1..=3u8 {
+        let mut replace = numgen_map("ep4", vec![("0", &format!("198.18.0.{round} . 81"))], false);
+        replace.delete = vec![Element {
+            key: "0".into(),
+            value: None,
+        }];
+        sock.apply(NFPROTO_INET, "t", &[replace]).unwrap();
+        let text = listed(&ns);
+        assert!(
+            text.contains(&format!("0 : 198.18.0.{round} . 81")),
+            "{text}"
+        );
+    }
+    assert!(!listed(&ns).contains("198.18.0.6"));
+}
