@@ -6,10 +6,13 @@
 //!    `nft -f -` of an empty table in the same run.
 //! 2. Agent RSS: the real `malla agent` against a datastore holding the largest size, in a
 //!    namespace of ours with a `ul0` veth; VmRSS once its ready file appears.
-//! 3. ClusterIP first-packet latency: a 1-node lab, a client and a server pod, N Services in the
-//!    lab's datastore (one real, N-1 dummies); TCP connect + first byte from the client pod to
-//!    the real ClusterIP. Baseline in the same lab: an iptables-style linear nat chain (one rule
-//!    per service, the hit last) in a second table of the node's namespace.
+//! 3. ClusterIP first-packet latency: two 1-node labs side by side, each with a client and a
+//!    server pod and its own agent and datastore, holding the smallest and the largest N
+//!    Services (one real, N-1 dummies); TCP connect + first byte from the client pod to the real
+//!    ClusterIP, measured in rounds that alternate between the labs so that the machine's drift
+//!    hits both alike. Baseline in the same labs, measured the same way: an iptables-style
+//!    linear nat chain (one rule per service, the hit last) in a second table of each node's
+//!    namespace.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -47,9 +50,13 @@ struct Args {
     /// Single-endpoint changes per size (the median is reported).
     #[arg(long, default_value_t = 5)]
     changes: usize,
-    /// TCP connections per latency measurement.
+    /// TCP connections per lab in each latency case (Malla, linear chain), spread over the
+    /// rounds.
     #[arg(long, default_value_t = 2000)]
     connections: usize,
+    /// Latency rounds; each measures both labs, in alternating order.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
     /// Skip part 1 (programming time).
     #[arg(long)]
     skip_programming: bool,
@@ -174,6 +181,9 @@ fn main() -> anyhow::Result<()> {
     }
     if !(10..=20000).contains(&args.connections) {
         bail!("--connections must be in 10..=20000");
+    }
+    if args.rounds == 0 || args.connections / args.rounds < 10 {
+        bail!("--rounds: at least 1, and at least 10 connections per round");
     }
     let deadline = begin(args.max_seconds)?;
     let bins = args.bins.required()?;
@@ -615,47 +625,185 @@ fn report_rss(args: &Args, r: &Rss) {
 // ---------------------------------------------------------------------------------------------
 // 3. ClusterIP latency
 
+/// One lab's figures in one case, over all rounds.
 struct Lat {
     n: usize,
+    connections: usize,
     p50: Duration,
     p99: Duration,
     per_sec: f64,
-    /// CPU the node agent used during the measurement.
+    /// CPU the node agent used while this lab was measured.
     agent_cpu: Duration,
 }
 
-struct Latency {
-    malla: Vec<Lat>,
-    linear: Vec<Lat>,
+/// Connections measured in one lab: their times, the wall time spent measuring them and the
+/// agent's CPU time meanwhile.
+#[derive(Default)]
+struct Samples {
+    times: Vec<Duration>,
+    measuring: Duration,
+    agent_cpu: Duration,
 }
 
-fn lat(
-    n: usize,
-    netns: &str,
-    addr: SocketAddr,
-    expect: &str,
-    agent: Option<u32>,
-    args: &Args,
-    deadline: Instant,
-) -> anyhow::Result<Lat> {
-    let cpu0 = agent.map(cpu_time).unwrap_or_default();
-    let (v, elapsed) = measure_connections(netns, addr, expect, args.connections, deadline)?;
-    let cpu1 = agent.map(cpu_time).unwrap_or_default();
-    let l = Lat {
-        n,
-        p50: percentile(&v, 50.0),
-        p99: percentile(&v, 99.0),
-        per_sec: v.len() as f64 / elapsed.as_secs_f64(),
-        agent_cpu: cpu1.saturating_sub(cpu0),
-    };
-    eprintln!(
-        "  {n}: p50 {} ms, p99 {} ms, {:.0} conn/s (agent CPU {} ms)",
-        ms(l.p50),
-        ms(l.p99),
-        l.per_sec,
-        l.agent_cpu.as_millis()
-    );
-    Ok(l)
+impl Samples {
+    /// Adds the connections of `batch`.
+    fn append(&mut self, mut batch: Samples) {
+        self.times.append(&mut batch.times);
+        self.measuring += batch.measuring;
+        self.agent_cpu += batch.agent_cpu;
+    }
+
+    /// The figures of the lab with `n` services.
+    fn summary(&self, n: usize) -> Lat {
+        Lat {
+            n,
+            connections: self.times.len(),
+            p50: percentile(&self.times, 50.0),
+            p99: percentile(&self.times, 99.0),
+            per_sec: self.times.len() as f64 / self.measuring.as_secs_f64(),
+            agent_cpu: self.agent_cpu,
+        }
+    }
+}
+
+/// One case measured in the smallest and the largest lab in interleaved rounds.
+struct Interleaved {
+    smallest: Lat,
+    largest: Lat,
+    /// Per round: the largest lab's p50 over the smallest lab's.
+    round_p50_ratios: Vec<f64>,
+}
+
+struct Latency {
+    malla: Interleaved,
+    linear: Interleaved,
+}
+
+/// A 1-node lab of part 3: pods `client` and `server`, and `services` Services in its own
+/// datastore, the real one (198.19.64.1:80 -> server:8080) and `services - 1` synthetic ones.
+struct ServiceLab {
+    services: usize,
+    client_ns: String,
+    server_ip: Ipv4Addr,
+    node_ns: NetNs,
+    agent_pid: Option<u32>,
+    /// Declared last: torn down after the handle on its node's namespace is closed.
+    lab: malla_bench::Lab,
+}
+
+impl ServiceLab {
+    /// Brings up lab `name` with its pods and writes its Services, without waiting for the
+    /// agent to apply them.
+    fn up(
+        bins: &Bins,
+        name: &str,
+        services: usize,
+        args: &Args,
+        deadline: Instant,
+    ) -> anyhow::Result<Self> {
+        let mut lab = bins.one_node_lab(&format!("latency, {services} services"), name)?;
+        let text = format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n\
+             spec:\n  nodeName: node-1\n  containers:\n  - name: c\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: server\n  namespace: default\n\
+             spec:\n  nodeName: node-1\n  containers:\n  - name: s\n    ports:\n    - containerPort: {SERVER_PORT}\n"
+        );
+        lab.apply_pods(&bins.malla, &text)?;
+        let client_ns = lab.pod("client")?.netns.clone();
+        let server_ip =
+            first_ipv4(&lab.pod("server")?.ips).context("server pod has no IPv4 address")?;
+        let node = &lab.state.nodes[0];
+        let node_ns = NetNs::open_named(&node.netns)?;
+        let agent_pid = node.agent_pid;
+
+        let store = LocalStore::open(&lab.paths.store())?;
+        let real = service("default", "real", cluster_ip(0));
+        let real_slice = slice(
+            &real,
+            vec![(IpAddr::V4(server_ip), "node-1".to_string())],
+            SERVER_PORT,
+        );
+        put_service(&store, &real, &real_slice)?;
+        let t = Instant::now();
+        write_objects(&store, 1..services, args.endpoints, deadline)?;
+        eprintln!(
+            "  {services} services written in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            services,
+            client_ns,
+            server_ip,
+            node_ns,
+            agent_pid,
+            lab,
+        })
+    }
+
+    /// Waits until the lab's agent has applied everything in its datastore.
+    fn wait_converged(&self) -> anyhow::Result<()> {
+        let t = Instant::now();
+        topology::wait_converged(&self.lab.paths, &self.lab.state, Duration::from_secs(600))
+            .with_context(|| format!("waiting for the agent of the {}", self.lab.paths.name))?;
+        eprintln!(
+            "  the agent with {} services converged {:.1} s later",
+            self.services,
+            t.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Times `count` connections from the client pod to `addr`, whose first answer must come
+    /// from the server pod.
+    fn measure(
+        &self,
+        addr: SocketAddr,
+        count: usize,
+        deadline: Instant,
+    ) -> anyhow::Result<Samples> {
+        let cpu0 = self.agent_pid.map(cpu_time).unwrap_or_default();
+        let (times, measuring) =
+            measure_connections(&self.client_ns, addr, "default/server", count, deadline)?;
+        let cpu1 = self.agent_pid.map(cpu_time).unwrap_or_default();
+        Ok(Samples {
+            times,
+            measuring,
+            agent_cpu: cpu1.saturating_sub(cpu0),
+        })
+    }
+}
+
+/// The iptables-style baseline in one lab's node namespace: table `ip malla_bench_linear`
+/// with one rule per service of the lab; deleted on drop.
+struct LinearChain<'a> {
+    node_ns: &'a NetNs,
+}
+
+impl<'a> LinearChain<'a> {
+    /// Adds the table to `lab`'s node namespace.
+    fn add(lab: &'a ServiceLab) -> anyhow::Result<Self> {
+        nft::apply(
+            Some(&lab.node_ns),
+            &linear_table(lab.services, lab.server_ip),
+        )
+        .context("adding the linear chain")?;
+        Ok(Self {
+            node_ns: &lab.node_ns,
+        })
+    }
+}
+
+impl Drop for LinearChain<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = nft::apply(Some(self.node_ns), "delete table ip malla_bench_linear\n") {
+            eprintln!("warning: deleting the linear chain: {e:#}");
+        }
+    }
+}
+
+/// The linear chain's address in `lab`: the VIP of its last rule.
+fn linear_vip(lab: &ServiceLab) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(vip(lab.services - 1)), 80)
 }
 
 /// The iptables-style baseline: `n` rules `ip daddr <vip_i> tcp dport 80 dnat to <server>`,
@@ -674,108 +822,109 @@ fn linear_table(n: usize, server: Ipv4Addr) -> String {
     t
 }
 
+/// Measures `--connections` per lab (smallest, largest) in `--rounds` rounds, each round both
+/// labs one after the other, the smallest first in even rounds and the largest first in odd
+/// ones, so that the machine's drift hits both alike; `target` is the address to connect to
+/// in a lab.
+fn interleaved(
+    labs: &[ServiceLab; 2],
+    target: impl Fn(&ServiceLab) -> SocketAddr,
+    args: &Args,
+    deadline: Instant,
+) -> anyhow::Result<Interleaved> {
+    let mut pools = [Samples::default(), Samples::default()];
+    let mut round_p50_ratios = Vec::with_capacity(args.rounds);
+    for round in 0..args.rounds {
+        check(deadline)?;
+        let count =
+            args.connections / args.rounds + usize::from(round < args.connections % args.rounds);
+        let order = if round.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
+        let mut p50 = [Duration::ZERO; 2];
+        for i in order {
+            let batch = labs[i].measure(target(&labs[i]), count, deadline)?;
+            p50[i] = percentile(&batch.times, 50.0);
+            pools[i].append(batch);
+        }
+        let r = ratio_d(p50[1], p50[0]);
+        eprintln!(
+            "  round {}/{}: p50 {:.1} us (N={}), {:.1} us (N={}): ratio {r:.3}",
+            round + 1,
+            args.rounds,
+            p50[0].as_secs_f64() * 1e6,
+            labs[0].services,
+            p50[1].as_secs_f64() * 1e6,
+            labs[1].services
+        );
+        round_p50_ratios.push(r);
+    }
+    Ok(Interleaved {
+        smallest: pools[0].summary(labs[0].services),
+        largest: pools[1].summary(labs[1].services),
+        round_p50_ratios,
+    })
+}
+
 fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
-    let max_n = *args.sizes.last().unwrap_or(&1);
-    if max_n > VIP_SPAN {
+    let smallest = args.sizes[0];
+    let largest = *args.sizes.last().unwrap_or(&smallest);
+    if largest > VIP_SPAN {
         bail!("at most {VIP_SPAN} services for the linear baseline");
     }
-    let mut lab = bins.one_node_lab("latency", "svc")?;
-    let text = format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: client\n  namespace: default\n\
-         spec:\n  nodeName: node-1\n  containers:\n  - name: c\n\
-         ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: server\n  namespace: default\n\
-         spec:\n  nodeName: node-1\n  containers:\n  - name: s\n    ports:\n    - containerPort: {SERVER_PORT}\n"
-    );
-    lab.apply_pods(&bins.malla, &text)?;
-    let client_ns = lab.pod("client")?.netns.clone();
-    let server_ip =
-        first_ipv4(&lab.pod("server")?.ips).context("server pod has no IPv4 address")?;
-    let node = &lab.state.nodes[0];
-    let node_ns = NetNs::open_named(&node.netns)?;
-    let agent_pid = node.agent_pid;
-
-    // The real service (index 0, 198.19.64.1:80) -> the server pod; dummies 1..N.
-    let store = LocalStore::open(&lab.paths.store())?;
-    let real = service("default", "real", cluster_ip(0));
-    let real_slice = slice(
-        &real,
-        vec![(IpAddr::V4(server_ip), "node-1".to_string())],
-        SERVER_PORT,
-    );
-    put_service(&store, &real, &real_slice)?;
-    let addr = SocketAddr::V4(cluster_ip(0));
-    let mut written = 1;
-    let mut malla = Vec::new();
-    for &n in &args.sizes {
-        check(deadline)?;
-        eprintln!("latency: Malla with {n} services");
-        write_objects(&store, written..n, args.endpoints, deadline)?;
-        written = written.max(n);
-        let t = Instant::now();
-        topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(600))
-            .context("waiting for the agent")?;
-        eprintln!(
-            "  agent converged {:.1} s after the writes",
-            t.elapsed().as_secs_f64()
-        );
-        malla.push(lat(
-            n,
-            &client_ns,
-            addr,
-            "default/server",
-            agent_pid,
-            args,
-            deadline,
-        )?);
+    let labs = [
+        ServiceLab::up(bins, "svc-small", smallest, args, deadline)?,
+        ServiceLab::up(bins, "svc-large", largest, args, deadline)?,
+    ];
+    for lab in &labs {
+        lab.wait_converged()?;
     }
+    eprintln!("latency: Malla, {smallest} vs {largest} services");
+    let malla = interleaved(&labs, |_| SocketAddr::V4(cluster_ip(0)), args, deadline)?;
+    eprintln!("latency: linear chain, {smallest} vs {largest} rules");
+    let chains = [LinearChain::add(&labs[0])?, LinearChain::add(&labs[1])?];
+    let linear = interleaved(&labs, linear_vip, args, deadline);
+    drop(chains);
+    Ok(Latency {
+        malla,
+        linear: linear?,
+    })
+}
 
-    let mut linear = Vec::new();
-    let first = args.sizes[0];
-    for n in [first, max_n] {
-        if linear.iter().any(|l: &Lat| l.n == n) {
-            continue;
-        }
-        check(deadline)?;
-        eprintln!("latency: linear chain with {n} rules (Malla keeps {written} services)");
-        nft::apply(Some(&node_ns), &linear_table(n, server_ip))
-            .context("adding the linear chain")?;
-        let vaddr = SocketAddr::new(IpAddr::V4(vip(n - 1)), 80);
-        let r = lat(
-            n,
-            &client_ns,
-            vaddr,
-            "default/server",
-            agent_pid,
-            args,
-            deadline,
-        );
-        nft::apply(Some(&node_ns), "delete table ip malla_bench_linear\n")
-            .context("deleting the linear chain")?;
-        linear.push(r?);
-    }
-    drop(node_ns);
-    drop(lab);
-    Ok(Latency { malla, linear })
+/// Median and range of `values`.
+fn median_min_max(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
+    (median, v[0], v[v.len() - 1])
 }
 
 fn report_latency(args: &Args, l: &Latency) {
     println!(
-        "3. ClusterIP: TCP connect + first byte, client pod -> VIP -> server pod (1-node lab), {} connections each",
-        args.connections
+        "3. ClusterIP: TCP connect + first byte, client pod -> VIP -> server pod, two 1-node labs (smallest and largest N) measured in {} interleaved rounds",
+        args.rounds
     );
     println!(
-        "{:<26} {:>8} {:>8} {:>8} {:>8} {:>13}",
-        "case", "N", "p50 ms", "p99 ms", "conn/s", "agent CPU ms"
+        "{:<26} {:>8} {:>8} {:>8} {:>8} {:>8} {:>13}",
+        "case", "N", "conns", "p50 ms", "p99 ms", "conn/s", "agent CPU ms"
     );
-    for (name, rows) in [
+    for (name, case) in [
         ("Malla (nft vmap)", &l.malla),
         ("linear chain (iptables)", &l.linear),
     ] {
-        for r in rows.iter() {
+        for r in [&case.smallest, &case.largest] {
             println!(
-                "{:<26} {:>8} {:>8} {:>8} {:>8.0} {:>13}",
+                "{:<26} {:>8} {:>8} {:>8} {:>8} {:>8.0} {:>13}",
                 name,
                 r.n,
+                r.connections,
                 ms(r.p50),
                 ms(r.p99),
                 r.per_sec,
@@ -783,54 +932,43 @@ fn report_latency(args: &Args, l: &Latency) {
             );
         }
     }
-    let growth = |rows: &[Lat]| -> Option<(usize, usize, f64, f64, f64)> {
-        let (a, b) = (rows.first()?, rows.last()?);
-        Some((
-            a.n,
-            b.n,
-            ratio_d(b.p50, a.p50),
-            ratio_d(b.p99, a.p99),
-            ratio(b.per_sec, a.per_sec),
-        ))
-    };
     println!();
     println!(
-        "{:<26} {:>14} {:>10} {:>10} {:>9} {:>8} {:>4}",
-        "ratio largest/smallest N", "N", "p50", "p99", "conn/s", "target", "met"
+        "{:<26} {:>14} {:>8} {:>8} {:>8} {:>28} {:>8} {:>4}",
+        "ratio largest/smallest N",
+        "N",
+        "p50",
+        "p99",
+        "conn/s",
+        "p50 per round: med (range)",
+        "target",
+        "met"
     );
-    if let Some((a, b, p50, p99, cps)) = growth(&l.malla) {
+    for (name, case, target) in [
+        ("Malla", &l.malla, Some(1.05)),
+        ("linear chain (baseline)", &l.linear, None),
+    ] {
+        let (a, b) = (&case.smallest, &case.largest);
+        let p50 = ratio_d(b.p50, a.p50);
+        let (median, min, max) = median_min_max(&case.round_p50_ratios);
         println!(
-            "{:<26} {:>14} {:>10.3} {:>10.3} {:>9.3} {:>8} {:>4}",
-            "Malla",
-            format!("{b}/{a}"),
+            "{:<26} {:>14} {:>8.3} {:>8.3} {:>8.3} {:>28} {:>8} {:>4}",
+            name,
+            format!("{}/{}", b.n, a.n),
             p50,
-            p99,
-            cps,
-            "<= 1.05",
-            yes(p50 <= 1.05)
+            ratio_d(b.p99, a.p99),
+            ratio(b.per_sec, a.per_sec),
+            format!("{median:.3} ({min:.3}-{max:.3})"),
+            target.map_or("-".to_string(), |t| format!("<= {t}")),
+            target.map_or("", |t| yes(p50 <= t))
         );
     }
-    if let Some((a, b, p50, p99, cps)) = growth(&l.linear) {
-        println!(
-            "{:<26} {:>14} {:>10.3} {:>10.3} {:>9.3} {:>8} {:>4}",
-            "linear chain (baseline)",
-            format!("{b}/{a}"),
-            p50,
-            p99,
-            cps,
-            "-",
-            ""
-        );
-    }
-    if let (Some(m), Some(b)) = (l.malla.last(), l.linear.last()) {
-        if m.n == b.n {
-            println!(
-                "Malla / linear chain at N={}: p50 {:.3}, p99 {:.3} (below 1: Malla is faster)",
-                m.n,
-                ratio_d(m.p50, b.p50),
-                ratio_d(m.p99, b.p99)
-            );
-        }
-    }
+    let (m, b) = (&l.malla.largest, &l.linear.largest);
+    println!(
+        "Malla / linear chain at N={}: p50 {:.3}, p99 {:.3} (below 1: Malla is faster)",
+        m.n,
+        ratio_d(m.p50, b.p50),
+        ratio_d(m.p99, b.p99)
+    );
     println!();
 }
