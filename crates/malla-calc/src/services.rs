@@ -679,8 +679,8 @@ struct Pending {
 }
 
 /// Where a map-dispatched chain's endpoints are: `(map, offset, count)`, read back from its
-/// rule (`… numgen random mod N offset K map @M`). For `malla services`.
-pub fn dispatch_slots(table: &nft::Table, chain: &str) -> Option<(String, u32, u32)> {
+/// rule (`… numgen random mod N offset K map @M`).
+fn dispatch_slots(table: &nft::Table, chain: &str) -> Option<(String, u32, u32)> {
     let rule = table.chains.get(chain)?.rules.first()?;
     let w: Vec<&str> = rule.split_whitespace().collect();
     let at = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1));
@@ -692,7 +692,9 @@ pub fn dispatch_slots(table: &nft::Table, chain: &str) -> Option<(String, u32, u
 
 /// Gives each pending chain its slots and writes its rule and map elements.
 ///
-/// Without session affinity a service's dispatch chain is one rule, `dnat ip to numgen random
+/// For the ports that are not plain (see [`ServiceEntry::is_plain`]: node ports, external
+/// IPs, traffic policies `Local`), whose chains the packet reaches by more than its cluster
+/// IP. Without session affinity such a dispatch chain is one rule, `dnat ip to numgen random
 /// mod N offset K map @endpoints-…`, into a map from index to `address . port` shared with
 /// other services. Neither a
 /// chain per endpoint (~110k chains for 10k services of 10 endpoints: ~30 s to load, ~1 s per
