@@ -141,9 +141,9 @@ fn slice(svc: &Service, endpoints: Vec<(IpAddr, String)>, port: u16) -> Endpoint
         endpoints: endpoints
             .into_iter()
             .map(|(ip, node)| Endpoint {
-                addresses: vec![ip],
+                addresses: vec![ip].into(),
                 conditions: EndpointConditions::default(),
-                node_name: Some(node),
+                node_name: Some(node.into()),
                 target: None,
             })
             .collect(),

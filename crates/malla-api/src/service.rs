@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// L4 protocol of a service port.
 #[derive(
@@ -137,17 +139,23 @@ impl EndpointConditions {
     }
 }
 
+/// An endpoint's addresses: Kubernetes gives exactly one, kept inline without a heap
+/// allocation (a cluster holds hundreds of thousands of endpoints).
+pub type EndpointAddresses = SmallVec<[IpAddr; 1]>;
+
+/// One endpoint of a slice. The names are shared strings, so a holder of many endpoints
+/// (the agent's mirror, the service map) can keep one copy of each node's name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    pub addresses: Vec<IpAddr>,
+    pub addresses: EndpointAddresses,
     #[serde(default)]
     pub conditions: EndpointConditions,
     #[serde(default)]
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     /// `targetRef` as `namespace/name` of the pod, for display.
     #[serde(default)]
-    pub target: Option<String>,
+    pub target: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,3 +189,23 @@ pub struct EndpointSlice {
 
 /// The default NodePort range.
 pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_keeps_its_wire_format() {
+        let text = r#"{"addresses":["198.18.0.5","198.18.0.6"],"conditions":{"ready":true,"serving":null,"terminating":false},"nodeName":"n1","target":"default/pod-a"}"#;
+        let ep: Endpoint = serde_json::from_str(text).unwrap();
+        assert_eq!(ep.addresses.len(), 2);
+        assert_eq!(ep.node_name.as_deref(), Some("n1"));
+        assert_eq!(serde_json::to_string(&ep).unwrap(), text);
+        let bare: Endpoint = serde_json::from_str(r#"{"addresses":["fd00::5"]}"#).unwrap();
+        assert!(!bare.addresses.spilled(), "one address is kept inline");
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap(),
+            r#"{"addresses":["fd00::5"],"conditions":{"ready":true,"serving":null,"terminating":false},"nodeName":null,"target":null}"#
+        );
+    }
+}

@@ -53,6 +53,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use malla_api::service::{
@@ -136,15 +137,16 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
-/// A resolved backend of a service port.
+/// A resolved backend of a service port. The names are shared with the slice's endpoint,
+/// not copied.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ServiceEndpoint {
     pub ip: IpAddr,
     pub port: u16,
     /// The node the endpoint runs on.
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// The pod, `namespace/name`.
-    pub target: Option<String>,
+    pub target: Option<Arc<str>>,
 }
 
 /// One service port in one address family.
@@ -206,8 +208,8 @@ pub struct ServiceMap {
 struct Candidate<'a> {
     ip: IpAddr,
     port: u16,
-    node: Option<&'a str>,
-    target: Option<&'a str>,
+    node: Option<&'a Arc<str>>,
+    target: Option<&'a Arc<str>>,
     conditions: EndpointConditions,
 }
 
@@ -220,8 +222,8 @@ fn select<'a>(cands: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<Ser
                 .or_insert_with(|| ServiceEndpoint {
                     ip: c.ip,
                     port: c.port,
-                    node: c.node.map(str::to_string),
-                    target: c.target.map(str::to_string),
+                    node: c.node.cloned(),
+                    target: c.target.cloned(),
                 });
         }
         out.into_values().collect::<Vec<_>>()
@@ -328,14 +330,18 @@ fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<Ser
                     cands.push(Candidate {
                         ip: *ip,
                         port: port.port,
-                        node: ep.node_name.as_deref(),
-                        target: ep.target.as_deref(),
+                        node: ep.node_name.as_ref(),
+                        target: ep.target.as_ref(),
                         conditions: ep.conditions,
                     });
                 }
             }
             let cluster_endpoints = select(cands.iter());
-            let local_endpoints = select(cands.iter().filter(|c| c.node == Some(node)));
+            let local_endpoints = select(
+                cands
+                    .iter()
+                    .filter(|c| c.node.is_some_and(|n| **n == *node)),
+            );
             entries.push(ServiceEntry {
                 service: svc.key(),
                 port_name: sp.name.clone(),
@@ -1321,14 +1327,14 @@ pub(crate) mod fixtures {
 
     pub fn ep(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
-            addresses: vec![ip(addr)],
+            addresses: vec![ip(addr)].into(),
             conditions: EndpointConditions {
                 ready,
                 serving: Some(serving),
                 terminating,
             },
             node_name: Some(node.into()),
-            target: Some(format!("default/pod-{addr}")),
+            target: Some(format!("default/pod-{addr}").into()),
         }
     }
 
@@ -2163,8 +2169,8 @@ mod delta_props {
                 }
                 let i = which % eps.len();
                 let addr = if six { format!("fd00:198:18::{host:x}") } else { format!("198.18.9.{host}") };
-                eps[i].addresses = vec![ip(&addr)];
-                eps[i].node_name = Some(if *local { ME.to_string() } else { "node-b".to_string() });
+                eps[i].addresses = vec![ip(&addr)].into();
+                eps[i].node_name = Some(if *local { ME.into() } else { "node-b".into() });
                 eps[i].conditions.ready = *ready;
             }
             let m1 = build(&services, &slices1, ME, &[ip("198.19.0.1")], &pools());
@@ -2234,7 +2240,7 @@ mod delta_props {
             })
             .expect("a fixture slice with two endpoints");
         let mut moved = slices.clone();
-        moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")];
+        moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
         let new = build_service(svc, &moved, ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
         // The endpoints are in address order: the indices from the moved one's old place to its

@@ -509,19 +509,22 @@ pub fn parse_endpoint_slice(v: &Value) -> Result<EndpointSlice, FieldError> {
         }
         let c = e.conditions.as_ref();
         endpoints.push(Endpoint {
-            addresses,
+            addresses: addresses.into(),
             conditions: EndpointConditions {
                 ready: c.and_then(|c| c.ready).unwrap_or(true),
                 serving: c.and_then(|c| c.serving),
                 terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             },
-            node_name: e.node_name.clone(),
+            node_name: e.node_name.as_deref().map(Into::into),
             target: e.target_ref.as_ref().and_then(|t| {
-                Some(format!(
-                    "{}/{}",
-                    t.namespace.clone().unwrap_or_else(|| namespace.clone()),
-                    t.name.clone()?
-                ))
+                Some(
+                    format!(
+                        "{}/{}",
+                        t.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                        t.name.clone()?
+                    )
+                    .into(),
+                )
             }),
         });
     }
@@ -658,10 +661,10 @@ pub fn derive_slices(svc: &Service, pods: &[&PodState]) -> Vec<EndpointSlice> {
                 .entry((ip.is_ipv6(), resolved.clone()))
                 .or_default()
                 .push(Endpoint {
-                    addresses: vec![*ip],
+                    addresses: vec![*ip].into(),
                     conditions: EndpointConditions::default(),
-                    node_name: Some(pod.node.clone()),
-                    target: Some(pod.key()),
+                    node_name: Some(pod.node.as_str().into()),
+                    target: Some(pod.key().into()),
                 });
         }
     }

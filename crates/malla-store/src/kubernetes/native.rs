@@ -264,9 +264,9 @@ fn read_slice(obj: &Value, namespace: String, name: &str) -> Result<Option<Endpo
             .get("nodeName")
             .and_then(Value::as_str)
             .or_else(|| str_at(e, &["topology", "kubernetes.io/hostname"]))
-            .map(String::from);
+            .map(Into::into);
         endpoints.push(Endpoint {
-            addresses: ips(e.get("addresses")),
+            addresses: ips(e.get("addresses")).into(),
             conditions: EndpointConditions {
                 // Unset ready means ready (the API's "unknown" is treated as ready).
                 ready: flag("ready").unwrap_or(true),
@@ -278,7 +278,7 @@ fn read_slice(obj: &Value, namespace: String, name: &str) -> Result<Option<Endpo
                 .get("targetRef")
                 .and_then(|t| t.get("name"))
                 .and_then(Value::as_str)
-                .map(String::from),
+                .map(Into::into),
         });
     }
     let mut ports = Vec::new();
@@ -330,18 +330,18 @@ pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>,
                         continue;
                     }
                     endpoints.push(Endpoint {
-                        addresses: vec![ip],
+                        addresses: vec![ip].into(),
                         conditions: EndpointConditions {
                             ready,
                             serving: Some(ready),
                             terminating: false,
                         },
-                        node_name: a.get("nodeName").and_then(Value::as_str).map(String::from),
+                        node_name: a.get("nodeName").and_then(Value::as_str).map(Into::into),
                         target: a
                             .get("targetRef")
                             .and_then(|t| t.get("name"))
                             .and_then(Value::as_str)
-                            .map(String::from),
+                            .map(Into::into),
                     });
                 }
             }
