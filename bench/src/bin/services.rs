@@ -277,7 +277,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         let calc_t = t.elapsed();
         rss("the service map and the table");
         let t = Instant::now();
-        let text = model::render_full(&table);
+        let text = services::ruleset(&table, &map);
         let render_t = t.elapsed();
         rss("the ruleset text");
         if let Some(dir) = &args.dump {
@@ -288,8 +288,8 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         // As the agent does on a node with no table yet: everything but the proxy maps'
         // elements through `nft`, then those elements over nfnetlink.
         let t = Instant::now();
-        let parts =
-            malla_agent::cold_load::apply(Some(&h), &table).context("applying the full table")?;
+        let parts = malla_agent::cold_load::apply(Some(&h), &table, &map)
+            .context("applying the full table")?;
         let apply_t = t.elapsed();
         if verbose {
             eprintln!(
@@ -343,11 +343,11 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let (new_map, new) = calc(&svcs, &slices, &pools);
             let rebuild = t.elapsed();
             let t = Instant::now();
-            let elements =
-                element_diff::element_changes(&table, &new).zip(element_diff::family(&new.family));
+            let elements = element_diff::ruleset_changes(&table, &new, &map, &new_map)
+                .zip(element_diff::family(&new.family));
             let text = match &elements {
                 Some(_) => None,
-                None => Some(model::render_diff(&table, &new).context("a change gave no diff")?),
+                None => Some(services::ruleset_diff(&table, &new, &map, &new_map)),
             };
             let diff_t = t.elapsed();
             if let (Some(dir), 0, Some(text)) = (&args.dump, c, &text) {

@@ -1,21 +1,24 @@
 //! The first programming of a node's table when the kernel has none (a node starting): `nft`
 //! creates the table with everything except the proxy's map elements, then one nfnetlink batch
-//! ([`malla_dataplane::nft_elements`]) adds those. At 30k services that is 300k endpoint
-//! elements, which `nft` spends seconds parsing and encoding. The two transactions are each
+//! ([`malla_dataplane::nft_elements`]) adds those, with the dispatch maps' elements, which
+//! come from the service map. At 30k services that is 300k endpoint elements, which `nft`
+//! spends seconds parsing and encoding. The two transactions are each
 //! atomic; between them the proxy's maps are empty, so service addresses are not yet
 //! translated, exactly as before the agent ran. Policy sets and everything else are filled in
 //! the first transaction, so no policy is ever seen half-built.
 
 use malla_calc::nft::{Map, Table};
+use malla_calc::services::{dispatch, ServiceMap};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft::{self, NftError};
 use malla_dataplane::nft_elements::{self, Element, SetChange};
 
 use crate::element_diff;
 
-/// The table without the proxy maps' elements, and those elements as one batch of additions;
-/// a map whose layout cannot be encoded keeps its elements in the table.
-pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
+/// The table without the proxy maps' elements, and those elements (with the dispatch maps'
+/// from `services`, see [`malla_calc::services::dispatch`]) as one batch of additions; a map
+/// whose layout cannot be encoded keeps its elements in the table.
+pub fn split(table: &Table, services: &ServiceMap) -> (Table, Vec<SetChange>) {
     let mut rest = Table {
         family: table.family.clone(),
         name: table.name.clone(),
@@ -62,6 +65,23 @@ pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
             }
         }
     }
+    for (name, elements) in dispatch::elements(services) {
+        let Some(layout) = table.maps.get(&name).and_then(element_diff::map_layout) else {
+            continue;
+        };
+        batch.push(SetChange {
+            set: name,
+            layout,
+            delete: Vec::new(),
+            add: elements
+                .into_iter()
+                .map(|(key, value)| Element {
+                    key,
+                    value: Some(value),
+                })
+                .collect(),
+        });
+    }
     (rest, batch)
 }
 
@@ -76,12 +96,16 @@ pub struct Timings {
     pub element_count: usize,
 }
 
-/// Creates `table` in two transactions (see the module doc).
-pub fn apply(netns: Option<&NetNs>, table: &Table) -> Result<Timings, NftError> {
+/// Creates `table`, rendered from `services`, in two transactions (see the module doc).
+pub fn apply(
+    netns: Option<&NetNs>,
+    table: &Table,
+    services: &ServiceMap,
+) -> Result<Timings, NftError> {
     let family = element_diff::family(&table.family)
         .ok_or_else(|| NftError::Rejected(format!("table family {}", table.family)))?;
     let start = std::time::Instant::now();
-    let (rest, batch) = split(table);
+    let (rest, batch) = split(table, services);
     nft::apply(netns, &malla_calc::nft::render_full(&rest))?;
     let table_done = start.elapsed();
     nft_elements::apply(netns, family, &table.name, &batch)?;
@@ -97,6 +121,70 @@ mod tests {
     use super::*;
     use malla_calc::nft::Set;
     use malla_dataplane::nft_elements::{Layout, Value};
+
+    /// A plain service's endpoints, which the table does not hold, are in the batch.
+    #[test]
+    fn the_dispatch_elements_come_from_the_service_map() {
+        use malla_api::service::*;
+        let svc = Service {
+            namespace: "default".into(),
+            name: "web".into(),
+            kind: ServiceType::ClusterIP,
+            cluster_ips: vec!["198.19.64.10".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                target_port: None,
+                node_port: None,
+            }],
+            selector: None,
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+        };
+        let endpoint = |ip: &str| Endpoint {
+            addresses: [ip.parse().unwrap()].into_iter().collect(),
+            conditions: EndpointConditions::default(),
+            node_name: Some("node-b".into()),
+            target: None,
+        };
+        let slice = EndpointSlice {
+            namespace: "default".into(),
+            name: "web-1".into(),
+            service: "web".into(),
+            address_type: AddressType::IPv4,
+            endpoints: vec![endpoint("198.18.0.1"), endpoint("198.18.0.2")],
+            ports: vec![EndpointPort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+        };
+        let map = malla_calc::services::build(&[svc], &[slice], "node-a", &[], &[]);
+        let table = malla_calc::masquerade::node_table(&[], &map);
+        assert!(table.maps["dispatch-v4-tcp"].elements.is_empty());
+        let (rest, batch) = split(&table, &map);
+        assert!(rest.maps["dispatch-v4-tcp"].elements.is_empty());
+        let dispatch = batch
+            .iter()
+            .find(|c| c.set == "dispatch-v4-tcp")
+            .expect("the dispatch map's elements");
+        let added: Vec<(&str, Option<&str>)> = dispatch
+            .add
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_deref()))
+            .collect();
+        assert_eq!(
+            added,
+            [
+                ("198.19.64.10 . 80 . 0", Some("198.18.0.1 . 8080")),
+                ("198.19.64.10 . 80 . 1", Some("198.18.0.2 . 8080"))
+            ]
+        );
+    }
 
     #[test]
     fn only_the_proxy_maps_lose_their_elements() {
@@ -150,7 +238,7 @@ mod tests {
                 ..Set::default()
             },
         );
-        let (rest, batch) = split(&t);
+        let (rest, batch) = split(&t, &ServiceMap::default());
         assert!(rest.maps["endpoints-v4-tcp-00"].elements.is_empty());
         assert!(rest.maps["service-ips-v4"].elements.is_empty());
         assert_eq!(rest.maps["pol-in-x-tcp"], t.maps["pol-in-x-tcp"]);

@@ -154,8 +154,11 @@ impl Dataplane {
         synced?;
         if self.last_full_nft.elapsed() >= FULL_NFT_RESYNC {
             if let Some(t) = &self.applied_table {
-                nft::apply(None, &malla_calc::nft::render_full(t))
-                    .context("replacing the nftables table")?;
+                nft::apply(
+                    None,
+                    &malla_calc::services::ruleset(t, &self.applied_services),
+                )
+                .context("replacing the nftables table")?;
                 self.last_full_nft = std::time::Instant::now();
                 stats.nft_applied = true;
             }
@@ -201,8 +204,9 @@ impl Dataplane {
         let full_due = self.last_full_nft.elapsed() >= FULL_NFT_RESYNC;
         if let (Some(old), false) = (&self.applied_table, full_due) {
             let new = &table;
-            let elements = crate::element_diff::element_changes(old, new)
-                .zip(crate::element_diff::family(&new.family));
+            let elements =
+                crate::element_diff::ruleset_changes(old, new, &self.applied_services, &services)
+                    .zip(crate::element_diff::family(&new.family));
             if let Some((changes, family)) = elements {
                 if changes.is_empty() {
                     return Ok(());
@@ -219,23 +223,31 @@ impl Dataplane {
             }
         }
         let diff = match &self.applied_table {
-            Some(old) if !full_due => match malla_calc::nft::render_diff(old, &table) {
-                None => return Ok(()),
-                Some(d) => Some(d),
-            },
+            Some(old) if !full_due => {
+                let text = malla_calc::services::ruleset_diff(
+                    old,
+                    &table,
+                    &self.applied_services,
+                    &services,
+                );
+                if text.is_empty() {
+                    return Ok(());
+                }
+                Some(text)
+            }
             _ => None,
         };
         let applied = match diff {
             Some(d) => nft::apply(None, &d).map(|_| "diff").or_else(|e| {
                 tracing::warn!(error = %e, "incremental nft update failed; replacing the table");
-                nft::apply(None, &malla_calc::nft::render_full(&table)).map(|_| "full")
+                nft::apply(None, &malla_calc::services::ruleset(&table, &services)).map(|_| "full")
             }),
             None => {
                 let t = &table;
                 let cold = self.applied_table.is_none()
                     && nft::table_exists(None, &t.family, &t.name).is_ok_and(|there| !there);
                 let cold_loaded = cold
-                    && crate::cold_load::apply(None, t)
+                    && crate::cold_load::apply(None, t, &services)
                         .inspect_err(
                             |e| tracing::warn!(error = %e, "cold load failed; replacing the table"),
                         )
@@ -244,7 +256,7 @@ impl Dataplane {
                     tracing::info!("created the nft table (cold load)");
                     Ok("full")
                 } else {
-                    nft::apply(None, &malla_calc::nft::render_full(t)).map(|_| "full")
+                    nft::apply(None, &malla_calc::services::ruleset(t, &services)).map(|_| "full")
                 }
             }
         }

@@ -148,29 +148,30 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
     Some(out)
 }
 
+/// The change to set `name` in `by_set`, started with its layout the first time.
+fn change_for<'m, 'n>(
+    by_set: &'m mut BTreeMap<&'n str, SetChange>,
+    name: &'n str,
+    layout: impl FnOnce() -> Option<Layout>,
+) -> Option<&'m mut SetChange> {
+    if !by_set.contains_key(name) {
+        by_set.insert(
+            name,
+            SetChange {
+                set: name.to_string(),
+                layout: layout()?,
+                delete: Vec::new(),
+                add: Vec::new(),
+            },
+        );
+    }
+    by_set.get_mut(name)
+}
+
 /// A service's [`EndpointDelta`] as element changes, with the layouts of `table`'s sets and
 /// maps; None when one cannot be encoded.
 pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChange>> {
     let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
-    // The set's change, started with its layout the first time.
-    fn change_for<'m, 'n>(
-        by_set: &'m mut BTreeMap<&'n str, SetChange>,
-        name: &'n str,
-        layout: impl FnOnce() -> Option<Layout>,
-    ) -> Option<&'m mut SetChange> {
-        if !by_set.contains_key(name) {
-            by_set.insert(
-                name,
-                SetChange {
-                    set: name.to_string(),
-                    layout: layout()?,
-                    delete: Vec::new(),
-                    add: Vec::new(),
-                },
-            );
-        }
-        by_set.get_mut(name)
-    }
     for (map, key, value) in &delta.map_values {
         let m = table.maps.get(map)?;
         let change = change_for(&mut by_set, map, || map_layout(m))?;
@@ -183,14 +184,6 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
         change.add.push(Element {
             key: key.clone(),
             value: Some(value.clone()),
-        });
-    }
-    for (map, key) in &delta.map_removed {
-        let m = table.maps.get(map)?;
-        let change = change_for(&mut by_set, map, || map_layout(m))?;
-        change.delete.push(Element {
-            key: key.clone(),
-            value: None,
         });
     }
     for (sets, adding) in [(&delta.set_removed, false), (&delta.set_added, true)] {
@@ -216,7 +209,55 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
             }
         }
     }
-    Some(by_set.into_values().collect())
+    let mut changes: Vec<SetChange> = by_set.into_values().collect();
+    changes.extend(dispatch_changes(table, &delta.dispatch)?);
+    Some(changes)
+}
+
+/// What turns the ruleset of `old_table` (rendered from `old`) into that of `new_table` (from
+/// `new`) as element changes: the tables' (see [`element_changes`]) and the dispatch maps'.
+pub fn ruleset_changes(
+    old_table: &Table,
+    new_table: &Table,
+    old: &ServiceMap,
+    new: &ServiceMap,
+) -> Option<Vec<SetChange>> {
+    let mut changes = element_changes(old_table, new_table)?;
+    changes.extend(dispatch_changes(
+        new_table,
+        &services::dispatch::diff(old, new),
+    )?);
+    Some(changes)
+}
+
+/// Changes to the `dispatch-…` maps as element changes, with the layouts `table` declares for
+/// them; None when one is not declared or cannot be encoded.
+pub fn dispatch_changes(table: &Table, c: &services::dispatch::Changes) -> Option<Vec<SetChange>> {
+    let mut by_map: BTreeMap<&str, SetChange> = BTreeMap::new();
+    for (map, key) in &c.removed {
+        let m = table.maps.get(map)?;
+        change_for(&mut by_map, map, || map_layout(m))?
+            .delete
+            .push(Element {
+                key: key.clone(),
+                value: None,
+            });
+    }
+    for (map, key, value, replaces) in &c.set {
+        let m = table.maps.get(map)?;
+        let ch = change_for(&mut by_map, map, || map_layout(m))?;
+        if *replaces {
+            ch.delete.push(Element {
+                key: key.clone(),
+                value: None,
+            });
+        }
+        ch.add.push(Element {
+            key: key.clone(),
+            value: Some(value.clone()),
+        });
+    }
+    Some(by_map.into_values().collect())
 }
 
 /// One service's fast-path change, planned against the applied model.

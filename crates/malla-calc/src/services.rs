@@ -16,7 +16,10 @@
 //!   one map per family and protocol from `cluster IP . port . index` to `address . port`. A
 //!   node with 30k services then has a few dozen chains instead of 30k (the kernel loads the
 //!   table in ~1 s instead of ~3 s), and an endpoint joining, leaving or moving changes
-//!   elements only. Pick chains for 1 to [`PICK_CHAINS_UP_TO`] endpoints always exist.
+//!   elements only. Pick chains for 1 to [`PICK_CHAINS_UP_TO`] endpoints always exist. The
+//!   rendered table declares the dispatch maps but does not hold their elements: they follow
+//!   from the service map ([`dispatch`]; [`ruleset`] and [`ruleset_diff`] add them to the
+//!   table's text).
 //! - Any other cluster IP goes to `svc-<h>-<sfx>` (all endpoints), or with
 //!   `internalTrafficPolicy: Local` to `local-<h>-<sfx>` (this node's endpoints; `drop` when
 //!   there is none).
@@ -63,6 +66,8 @@ use malla_api::IpPool;
 use serde::Serialize;
 
 use crate::nft::{self, BaseChain, Chain, Map, Set};
+
+pub mod dispatch;
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade.
 pub const MASQ_MARK: u32 = 0x4000;
@@ -629,16 +634,6 @@ pub fn pick_chain(fam: IpFamily, proto: &str, n: usize) -> String {
     format!("pick-{}-{proto}-{n}", fam.suffix())
 }
 
-/// The `dispatch-…` key of a plain entry's `i`th endpoint behind frontend `f`.
-fn dispatch_key(f: &Frontend, i: usize) -> String {
-    format!("{} . {} . {i}", f.ip, f.port)
-}
-
-/// `address . port`: an endpoint as a DNAT map's value.
-fn endpoint_value(ep: &ServiceEndpoint) -> String {
-    format!("{} . {}", ep.ip, ep.port)
-}
-
 /// Pick chains made for every count up to this one as soon as a family and protocol has a
 /// plain entry, so that a service scaling within it changes elements only.
 pub const PICK_CHAINS_UP_TO: usize = 16;
@@ -863,28 +858,15 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     }
     if e.is_plain() {
         let pick = pick(table, e.family, proto, e.cluster_endpoints.len());
-        let verdict = format!("goto {pick}");
+        // The endpoints go to `dispatch-…`, whose elements the table does not hold (see
+        // [`dispatch`]).
         for f in &e.frontends {
-            let map = format!("service-ips-{s}");
-            let claimed =
-                table
-                    .maps
-                    .get_mut(&map)
-                    .is_some_and(|m| match m.elements.entry(key_of(f)) {
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(verdict.clone());
-                            true
-                        }
-                        std::collections::btree_map::Entry::Occupied(_) => false,
-                    });
-            if !claimed {
-                continue;
-            }
-            if let Some(m) = table.maps.get_mut(&dispatch_map(e.family, proto)) {
-                for (i, ep) in e.cluster_endpoints.iter().enumerate() {
-                    m.elements.insert(dispatch_key(f, i), endpoint_value(ep));
-                }
-            }
+            put(
+                table,
+                format!("service-ips-{s}"),
+                key_of(f),
+                format!("goto {pick}"),
+            );
         }
         return;
     }
@@ -987,14 +969,37 @@ pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
         render_entry(e, table, &mut pending);
     }
     place(table, pending);
-    for (_, m) in table.maps.iter_mut().filter(|(n, _)| is_sized_map(n)) {
-        m.size = Some(map_size(m.elements.len()));
+    for (name, m) in table.maps.iter_mut() {
+        if name.starts_with("service-ips-") {
+            m.size = Some(map_size(m.elements.len()));
+        }
+    }
+    for fam in FAMILIES {
+        for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            if let Some(m) = table.maps.get_mut(&dispatch_map(fam, proto.nft())) {
+                m.size = Some(map_size(dispatch::count(&map.entries, fam, proto)));
+            }
+        }
     }
 }
 
-/// The maps that hold an element per service or per endpoint: declared with a `size`.
-fn is_sized_map(name: &str) -> bool {
-    name.starts_with("dispatch-") || name.starts_with("service-ips-")
+/// The transaction that replaces a node's table with `table`, rendered from `map`: the
+/// table (see [`nft::render_full`]) and the dispatch elements.
+pub fn ruleset(table: &nft::Table, map: &ServiceMap) -> String {
+    nft::render_full(table) + &dispatch::render_full(table, map)
+}
+
+/// The transaction from `old_table` (rendered from `old`) to `new_table` (from `new`): the
+/// table's diff (see [`nft::render_diff`]) and the dispatch elements'; empty when nothing
+/// changed.
+pub fn ruleset_diff(
+    old_table: &nft::Table,
+    new_table: &nft::Table,
+    old: &ServiceMap,
+    new: &ServiceMap,
+) -> String {
+    nft::render_diff(old_table, new_table).unwrap_or_default()
+        + &dispatch::render_diff(old_table, new_table, old, new)
 }
 
 /// The `size` of a map of `elements`: the smallest power of 4 (at least 2^16) that is twice
@@ -1032,10 +1037,10 @@ pub fn is_proxy_map(name: &str) -> bool {
 /// map, and the hairpin set. [`endpoint_delta`] finds it; anything else needs a render.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EndpointDelta {
-    /// `(map, key, value)`: elements added, or given a new value.
+    /// `(map, key, value)`: elements of the table given a new value.
     pub map_values: Vec<(String, String, String)>,
-    /// `(map, key)`: elements removed (a plain entry losing endpoints).
-    pub map_removed: Vec<(String, String)>,
+    /// Changes to the `dispatch-…` maps, whose elements the table does not hold.
+    pub dispatch: dispatch::Changes,
     /// `(set, element)`.
     pub set_added: Vec<(String, String)>,
     pub set_removed: Vec<(String, String)>,
@@ -1044,26 +1049,21 @@ pub struct EndpointDelta {
 impl EndpointDelta {
     pub fn is_empty(&self) -> bool {
         self.map_values.is_empty()
-            && self.map_removed.is_empty()
+            && self.dispatch.is_empty()
             && self.set_added.is_empty()
             && self.set_removed.is_empty()
     }
 
     /// Makes `table` what a render of the new entries would be; returns the delta that undoes
-    /// it.
+    /// it (a map value's key is always there already). The dispatch changes are not the
+    /// table's: the service map holds those endpoints.
     pub fn apply_to(&self, table: &mut nft::Table) -> EndpointDelta {
         let mut undo = EndpointDelta::default();
         for (map, key, value) in &self.map_values {
             if let Some(m) = table.maps.get_mut(map) {
-                match m.elements.insert(key.clone(), value.clone()) {
-                    Some(old) => undo.map_values.push((map.clone(), key.clone(), old)),
-                    None => undo.map_removed.push((map.clone(), key.clone())),
+                if let Some(old) = m.elements.insert(key.clone(), value.clone()) {
+                    undo.map_values.push((map.clone(), key.clone(), old));
                 }
-            }
-        }
-        for (map, key) in &self.map_removed {
-            if let Some(old) = table.maps.get_mut(map).and_then(|m| m.elements.remove(key)) {
-                undo.map_values.push((map.clone(), key.clone(), old));
             }
         }
         for (set, e) in &self.set_removed {
@@ -1134,7 +1134,6 @@ fn plain_delta(
         return None;
     }
     let old_verdict = format!("goto {}", pick_chain(fam, proto, before.len()));
-    let dispatch = dispatch_map(fam, proto);
     for f in &o.frontends {
         let key = format!("{} . {proto} . {}", f.ip, f.port);
         // The first entry in map order to render a frontend owns it (see `render_entry`).
@@ -1156,20 +1155,13 @@ fn plain_delta(
                 .map_values
                 .push((ips_map.clone(), key, format!("goto {new_pick}")));
         }
-        for i in 0..before.len().max(after.len()) {
-            match (before.get(i), after.get(i)) {
-                (Some(b), Some(a)) if (b.ip, b.port) == (a.ip, a.port) => {}
-                (_, Some(a)) => {
-                    delta
-                        .map_values
-                        .push((dispatch.clone(), dispatch_key(f, i), endpoint_value(a)))
-                }
-                (Some(_), None) => delta
-                    .map_removed
-                    .push((dispatch.clone(), dispatch_key(f, i))),
-                (None, None) => {}
-            }
-        }
+        let owned = dispatch::Frontend {
+            family: fam,
+            protocol: o.protocol,
+            ip: f.ip,
+            port: f.port,
+        };
+        delta.dispatch.push(&owned, before, after);
     }
     Some(())
 }
@@ -1237,27 +1229,20 @@ pub fn endpoint_delta(
             return None;
         }
     }
-    // A map outgrowing (or shrinking out of) its declared size is re-declared: a render.
-    let mut growth: BTreeMap<&str, i64> = BTreeMap::new();
-    for (m, key, _) in &delta.map_values {
-        let new_key = table
-            .maps
-            .get(m)
-            .is_some_and(|x| !x.elements.contains_key(key));
-        *growth.entry(m.as_str()).or_default() += i64::from(new_key);
-    }
-    for (m, _) in &delta.map_removed {
-        *growth.entry(m.as_str()).or_default() -= 1;
-    }
-    for (m, g) in growth {
-        let Some(declared) = table.maps.get(m) else {
+    // A dispatch map outgrowing (or shrinking out of) its declared size is re-declared: a
+    // render. Its count with the new entries in the old ones' place:
+    for (fam, proto) in old
+        .iter()
+        .map(|e| (e.family, e.protocol))
+        .collect::<BTreeSet<_>>()
+    {
+        let Some(declared) = table.maps.get(&dispatch_map(fam, proto.nft())) else {
             continue;
         };
-        if let Some(size) = declared.size {
-            let len = (declared.elements.len() as i64 + g).max(0) as usize;
-            if map_size(len) != size {
-                return None;
-            }
+        let count = dispatch::count(&map.entries, fam, proto) + dispatch::count(new, fam, proto)
+            - dispatch::count(old, fam, proto);
+        if declared.size != Some(map_size(count)) {
+            return None;
         }
     }
     // Hairpin elements: added when new, removed when no other entry still renders them.
@@ -1571,12 +1556,22 @@ pub(crate) mod fixtures {
 mod golden_tests {
     use super::fixtures::*;
     use crate::masquerade::node_table;
-    use crate::nft::render_full;
     use crate::testutil::{golden, nft_check};
+
+    /// The node's whole ruleset for `m`.
+    fn full(m: &super::ServiceMap) -> String {
+        super::ruleset(&node_table(&pools(), m), m)
+    }
+
+    /// The change from `a`'s ruleset to `b`'s.
+    fn diff(a: &super::ServiceMap, b: &super::ServiceMap) -> String {
+        let (ta, tb) = (node_table(&pools(), a), node_table(&pools(), b));
+        super::ruleset_diff(&ta, &tb, a, b)
+    }
 
     #[test]
     fn golden_node_table_with_services() {
-        let text = render_full(&node_table(&pools(), &map()));
+        let text = full(&map());
         golden(
             "services.nft",
             &text,
@@ -1635,16 +1630,14 @@ mod golden_tests {
 
     #[test]
     fn golden_service_diff() {
-        let old = node_table(&pools(), &map());
-        let new = node_table(&pools(), &changed());
-        let diff = crate::nft::render_diff(&old, &new).unwrap();
+        let d = diff(&map(), &changed());
         golden(
             "services-diff.nft",
-            &diff,
+            &d,
             include_str!("../testdata/services-diff.nft"),
         );
         // Full table plus the diff, checked as one transaction.
-        let both = render_full(&old) + &diff;
+        let both = full(&map()) + &d;
         if let Some(r) = nft_check(&both) {
             r.unwrap_or_else(|e| panic!("nft -c rejected the diff:\n{e}"));
         }
@@ -1654,8 +1647,7 @@ mod golden_tests {
     /// (`unshare -n`, nothing on the host changes). Skipped without root or `unshare`.
     #[test]
     fn real_nft_applies_full_then_diff_in_a_private_netns() {
-        let old = node_table(&pools(), &map());
-        let new = node_table(&pools(), &changed());
+        let (old, new) = (map(), changed());
         let dir = std::env::temp_dir().join(format!("malla-calc-netns-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (full, diff, back) = (
@@ -1663,9 +1655,9 @@ mod golden_tests {
             dir.join("diff.nft"),
             dir.join("back.nft"),
         );
-        std::fs::write(&full, render_full(&old)).unwrap();
-        std::fs::write(&diff, crate::nft::render_diff(&old, &new).unwrap()).unwrap();
-        std::fs::write(&back, crate::nft::render_diff(&new, &old).unwrap()).unwrap();
+        std::fs::write(&full, self::full(&old)).unwrap();
+        std::fs::write(&diff, self::diff(&old, &new)).unwrap();
+        std::fs::write(&back, self::diff(&new, &old)).unwrap();
         let script = format!(
             "nft -f {} && nft -f {} && nft -f {} && nft -f {}",
             full.display(),
@@ -2015,12 +2007,13 @@ mod tests {
                     e.cluster_endpoints.len(),
                     dispatch_map(e.family, proto)
                 )));
-                let dispatch = &t.maps[&dispatch_map(e.family, proto)];
+                // The table declares the map; the service map gives its elements.
+                assert!(t.maps[&dispatch_map(e.family, proto)].elements.is_empty());
+                let elements = &dispatch::elements(&m)[&dispatch_map(e.family, proto)];
                 for (i, ep) in e.cluster_endpoints.iter().enumerate() {
-                    assert_eq!(
-                        dispatch.elements[&format!("{} . {} . {i}", f.ip, f.port)],
-                        format!("{} . {}", ep.ip, ep.port)
-                    );
+                    let key = format!("{} . {} . {i}", f.ip, f.port);
+                    let value = format!("{} . {}", ep.ip, ep.port);
+                    assert!(elements.contains(&(key, value)), "{elements:?}");
                 }
                 plain += 1;
             }
@@ -2138,6 +2131,29 @@ mod delta_props {
     use super::*;
     use proptest::prelude::*;
 
+    /// Every dispatch element of `m`: `(map, key) -> value`.
+    fn dispatch_elements(m: &ServiceMap) -> BTreeMap<(String, String), String> {
+        dispatch::elements(m)
+            .into_iter()
+            .flat_map(|(map, els)| els.into_iter().map(move |(k, v)| ((map.clone(), k), v)))
+            .collect()
+    }
+
+    /// Applies `c` to `elements` as the kernel would, asserting that each change finds the
+    /// element there (removed, replaced) or not (added).
+    fn apply_dispatch(elements: &mut BTreeMap<(String, String), String>, c: &dispatch::Changes) {
+        for (map, key) in &c.removed {
+            assert!(
+                elements.remove(&(map.clone(), key.clone())).is_some(),
+                "{key}"
+            );
+        }
+        for (map, key, value, replaces) in &c.set {
+            let old = elements.insert((map.clone(), key.clone()), value.clone());
+            assert_eq!(old.is_some(), *replaces, "{key}");
+        }
+    }
+
     fn entries_of(m: &ServiceMap, key: &str) -> Vec<ServiceEntry> {
         m.entries
             .iter()
@@ -2188,7 +2204,14 @@ mod delta_props {
                 prop_assert_eq!(&got, &want);
                 undo.apply_to(&mut got);
                 prop_assert_eq!(got, t0, "the undo restores the table");
+                let mut elements = dispatch_elements(&m0);
+                apply_dispatch(&mut elements, &d.dispatch);
+                prop_assert_eq!(elements, dispatch_elements(&m1));
             }
+            // The dispatch diff of the whole maps does the same.
+            let mut elements = dispatch_elements(&m0);
+            apply_dispatch(&mut elements, &dispatch::diff(&m0, &m1));
+            prop_assert_eq!(elements, dispatch_elements(&m1));
         }
     }
 
@@ -2215,9 +2238,15 @@ mod delta_props {
         let old = entries_of(&m0, "default/web");
         assert!(endpoint_delta(&t0, &m0, &old, &new).is_some());
         let mut odd = t0.clone();
-        let dispatch = odd.maps.get_mut("dispatch-v4-tcp").unwrap();
-        assert_eq!(dispatch.size, Some(map_size(dispatch.elements.len())));
-        dispatch.size = Some(map_size(dispatch.elements.len()) * 4);
+        let declared = odd.maps.get_mut("dispatch-v4-tcp").unwrap();
+        let count = dispatch::count(&m0.entries, IpFamily::IPv4, Protocol::Tcp);
+        let held = dispatch_elements(&m0)
+            .keys()
+            .filter(|(m, _)| m == "dispatch-v4-tcp")
+            .count();
+        assert_eq!(count, held);
+        assert_eq!(declared.size, Some(map_size(count)));
+        declared.size = Some(map_size(count) * 4);
         assert!(endpoint_delta(&odd, &m0, &old, &new).is_none());
     }
 
@@ -2246,11 +2275,15 @@ mod delta_props {
         // The endpoints are in address order: the indices from the moved one's old place to its
         // new one change, and nothing else.
         assert!(
-            !d.map_values.is_empty() && d.map_removed.is_empty(),
+            d.map_values.is_empty() && d.dispatch.removed.is_empty(),
             "{d:?}"
         );
         assert!(
-            d.map_values.iter().all(|(m, ..)| m == "dispatch-v4-tcp"),
+            !d.dispatch.set.is_empty()
+                && d.dispatch
+                    .set
+                    .iter()
+                    .all(|(m, _, _, replaces)| m == "dispatch-v4-tcp" && *replaces),
             "{d:?}"
         );
         let mut got = t0.clone();
@@ -2263,7 +2296,7 @@ mod delta_props {
         let new = build_service(svc, &fewer, ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new)
             .expect("a plain service scaling down is a delta");
-        assert_eq!(d.map_removed.len(), 1, "{d:?}");
+        assert_eq!(d.dispatch.removed.len(), 1, "{d:?}");
         assert_eq!(d.map_values.len(), 1, "the frontend's verdict: {d:?}");
         assert!(d.map_values[0].2.starts_with("goto pick-v4-tcp-"), "{d:?}");
         let mut got = t0.clone();
