@@ -230,20 +230,35 @@ pub fn render_full(t: &Table) -> String {
         push_joined(&mut out, s.elements.iter().map(String::as_str));
         out.push_str(" }\n");
     }
-    for (n, m) in t.maps.iter().filter(|(_, m)| !m.elements.is_empty()) {
-        out.push_str("add element ");
-        let _ = write!(out, "{fam} {name} {n} {{ ");
-        for (i, (k, v)) in m.elements.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(k);
-            out.push_str(" : ");
-            out.push_str(v);
-        }
-        out.push_str(" }\n");
+    for (n, m) in &t.maps {
+        let elements = m.elements.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        push_map_elements(&mut out, &format!("{fam} {name}"), n, elements);
     }
     out
+}
+
+/// Appends `add element <table> <map> { k : v, … }` and a newline; nothing without elements.
+/// `table` is `family name`.
+pub fn push_map_elements<'a>(
+    out: &mut String,
+    table: &str,
+    map: &str,
+    elements: impl Iterator<Item = (&'a str, &'a str)>,
+) {
+    let mut elements = elements.peekable();
+    if elements.peek().is_none() {
+        return;
+    }
+    let _ = write!(out, "add element {table} {map} {{ ");
+    for (i, (k, v)) in elements.enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push_str(k);
+        out.push_str(" : ");
+        out.push_str(v);
+    }
+    out.push_str(" }\n");
 }
 
 /// Appends `items` separated by `, `.

@@ -141,19 +141,8 @@ pub fn elements(map: &ServiceMap) -> BTreeMap<String, Vec<(String, String)>> {
 }
 
 fn add_lines(out: &mut String, tbl: &str, map: &str, elements: &[(String, String)]) {
-    if elements.is_empty() {
-        return;
-    }
-    out.push_str(&format!("add element {tbl} {map} {{ "));
-    for (i, (k, v)) in elements.iter().enumerate() {
-        if i > 0 {
-            out.push_str(", ");
-        }
-        out.push_str(k);
-        out.push_str(" : ");
-        out.push_str(v);
-    }
-    out.push_str(" }\n");
+    let elements = elements.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+    nft::push_map_elements(out, tbl, map, elements);
 }
 
 /// `add element` lines for every element of `map`, to follow [`nft::render_full`] of `table`.
