@@ -1133,34 +1133,22 @@ fn plain_delta(
     if before.len() != after.len() && last_user(before.len()) {
         return None;
     }
-    let old_verdict = format!("goto {}", pick_chain(fam, proto, before.len()));
     for f in &o.frontends {
-        let key = format!("{} . {proto} . {}", f.ip, f.port);
-        // The first entry in map order to render a frontend owns it (see `render_entry`).
-        let owned = ips.elements.get(&key) == Some(&old_verdict)
-            && !map
-                .entries
-                .iter()
-                .take_while(|x| x.service < o.service)
-                .any(|x| {
-                    x.family == fam
-                        && x.protocol == o.protocol
-                        && x.frontends.iter().any(|g| (g.ip, g.port) == (f.ip, f.port))
-                });
-        if !owned {
-            continue;
-        }
-        if before.len() != after.len() {
-            delta
-                .map_values
-                .push((ips_map.clone(), key, format!("goto {new_pick}")));
-        }
         let owned = dispatch::Frontend {
             family: fam,
             protocol: o.protocol,
             ip: f.ip,
             port: f.port,
         };
+        if dispatch::claimed_before(map, o, &owned) {
+            continue;
+        }
+        let key = format!("{} . {proto} . {}", f.ip, f.port);
+        if before.len() != after.len() && ips.elements.contains_key(&key) {
+            delta
+                .map_values
+                .push((ips_map.clone(), key, format!("goto {new_pick}")));
+        }
         delta.dispatch.push(&owned, before, after);
     }
     Some(())
@@ -2212,6 +2200,42 @@ mod delta_props {
             let mut elements = dispatch_elements(&m0);
             apply_dispatch(&mut elements, &dispatch::diff(&m0, &m1));
             prop_assert_eq!(elements, dispatch_elements(&m1));
+        }
+    }
+
+    /// Two services on one cluster IP and port (Kubernetes never allocates that, a datastore
+    /// may hold it): the first in map order owns the frontend; a change to the second moves
+    /// no dispatch element, a change to the first does, and both equal a full render.
+    #[test]
+    fn a_shared_frontend_belongs_to_the_first_service() {
+        let (mut services, mut slices) = cluster();
+        services.push(svc(
+            "zdup",
+            ServiceType::ClusterIP,
+            &["10.96.0.10"],
+            vec![port("", Protocol::Tcp, 80, None)],
+        ));
+        slices.push(slice(
+            "zdup",
+            "zdup-1",
+            AddressType::IPv4,
+            vec![ready("198.18.5.1", "node-b"), ready("198.18.5.2", "node-b")],
+            &[("", Protocol::Tcp, 8080)],
+        ));
+        let m0 = build(&services, &slices, ME, &[], &pools());
+        let t0 = crate::masquerade::node_table(&pools(), &m0);
+        for (name, want_changes) in [("zdup", false), ("web", true)] {
+            let svc = services.iter().find(|s| s.name == name).unwrap();
+            let mut moved = slices.clone();
+            let si = moved.iter().position(|s| s.service == name).unwrap();
+            moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
+            let new = build_service(svc, &moved, ME);
+            let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
+            assert_eq!(!d.dispatch.is_empty(), want_changes, "{name}: {d:?}");
+            let m1 = build(&services, &moved, ME, &[], &pools());
+            let mut elements = dispatch_elements(&m0);
+            apply_dispatch(&mut elements, &d.dispatch);
+            assert_eq!(elements, dispatch_elements(&m1), "{name}");
         }
     }
 

@@ -68,6 +68,19 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
     out
 }
 
+/// Whether an entry before `e` in map order (by service, protocol, port, family), with
+/// endpoints, answers on `f`: then that entry owns it, not `e`. The same rule as [`lists`],
+/// for one frontend.
+pub fn claimed_before(map: &ServiceMap, e: &ServiceEntry, f: &Frontend) -> bool {
+    let order = |x: &ServiceEntry| (x.service.clone(), x.protocol, x.port, x.family);
+    let at = order(e);
+    map.entries.iter().take_while(|x| order(x) < at).any(|x| {
+        !x.cluster_endpoints.is_empty()
+            && (x.family, x.protocol) == (f.family, f.protocol)
+            && x.frontends.iter().any(|g| (g.ip, g.port) == (f.ip, f.port))
+    })
+}
+
 /// How many elements `entries` give the dispatch map of `family` and `protocol`, counting
 /// every frontend as owned: the count itself when no two services share an address and port
 /// (Kubernetes gives each its own cluster IP), more otherwise. It sizes the map (see
