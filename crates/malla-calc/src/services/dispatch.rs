@@ -72,7 +72,9 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
 /// endpoints, answers on `f`: then that entry owns it, not `e`. The same rule as [`lists`],
 /// for one frontend.
 pub fn claimed_before(map: &ServiceMap, e: &ServiceEntry, f: &Frontend) -> bool {
-    let order = |x: &ServiceEntry| (x.service.clone(), x.protocol, x.port, x.family);
+    fn order(x: &ServiceEntry) -> (&str, Protocol, u16, IpFamily) {
+        (x.service.as_str(), x.protocol, x.port, x.family)
+    }
     let at = order(e);
     map.entries.iter().take_while(|x| order(x) < at).any(|x| {
         !x.cluster_endpoints.is_empty()
