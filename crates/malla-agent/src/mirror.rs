@@ -6,8 +6,8 @@
 //! order a list returns), so a view built by events equals one built by [`crate::read_view`]
 //! at the same revision. Only what the calculation reads is kept: every IPAM block is a
 //! `(cidr, affinity)` pair, except this node's own blocks, kept whole for the node IPAM cache.
-//! Services and EndpointSlices are kept compact (see [`NodeNames`]): at 300k endpoints they
-//! are most of the agent's memory.
+//! Services and EndpointSlices are kept compact (the endpoints of one node share its name,
+//! lists carry no spare capacity): at 300k endpoints they are most of the agent's memory.
 //! A malformed record is skipped with a warning naming its key; the rest of the cluster keeps
 //! working.
 
