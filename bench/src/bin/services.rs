@@ -884,6 +884,7 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
     for lab in &labs {
         lab.wait_converged()?;
     }
+    pin_cpus(&labs)?;
     eprintln!("latency: Malla, {smallest} vs {largest} services");
     let malla = interleaved(&labs, |_| SocketAddr::V4(cluster_ip(0)), args, deadline)?;
     eprintln!("latency: linear chain, {smallest} vs {largest} rules");
@@ -894,6 +895,43 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
         malla,
         linear: linear?,
     })
+}
+
+/// Keeps every batch on the same CPUs: the measuring thread (this one; its workers inherit
+/// it) on the first, both labs' probe servers on the last. Left to the scheduler, a batch ran
+/// at one of two speeds (~58 or ~75 µs per connection) by where the client and the server
+/// happened to run, which spread the per-round ratios from 0.6 to 1.5. Nothing to pin on one
+/// CPU.
+fn pin_cpus(labs: &[ServiceLab]) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        return Ok(());
+    }
+    let pin = |pid: libc::pid_t, cpu: usize| -> anyhow::Result<()> {
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes within it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: sched_setaffinity reads a cpu_set_t of the size given.
+        let rc = unsafe { libc::sched_setaffinity(pid, std::mem::size_of_val(&set), &set) };
+        if rc != 0 {
+            bail!(
+                "pinning {pid} to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    };
+    pin(0, 0)?;
+    for lab in labs {
+        let server = lab.lab.pod("server")?.probe_pid;
+        let pid = server.context("the server pod runs no probe server")?;
+        // Every thread of the server: its listeners are threads of their own.
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+            let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+            pin(tid, cpus - 1)?;
+        }
+    }
+    Ok(())
 }
 
 /// Median and range of `values`.
