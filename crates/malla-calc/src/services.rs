@@ -649,6 +649,8 @@ fn pick(table: &mut nft::Table, fam: IpFamily, proto: &str, n: usize) -> String 
     pick_one(table, fam, proto, n)
 }
 
+/// Creates the dispatch map unless it exists, and the pick chain over `n` endpoints; returns
+/// the chain's name.
 fn pick_one(table: &mut nft::Table, fam: IpFamily, proto: &str, n: usize) -> String {
     let kw = fam.kw();
     let map = dispatch_map(fam, proto);
