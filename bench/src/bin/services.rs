@@ -25,7 +25,7 @@ use clap::Parser;
 use malla_agent::element_diff;
 use malla_api::service::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
-    ServicePort, ServiceType, TrafficPolicy,
+    ServicePort,
 };
 use malla_api::{keys, IpPool};
 use malla_bench::{
@@ -115,21 +115,12 @@ fn service(namespace: &str, name: &str, addr: SocketAddrV4) -> Service {
     Service {
         namespace: namespace.into(),
         name: name.into(),
-        kind: ServiceType::ClusterIP,
         cluster_ips: vec![IpAddr::V4(*addr.ip())],
         ports: vec![ServicePort {
-            name: String::new(),
-            protocol: Protocol::Tcp,
             port: addr.port(),
-            target_port: None,
-            node_port: None,
+            ..ServicePort::default()
         }],
-        selector: None,
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
+        ..Service::default()
     }
 }
 

@@ -129,21 +129,12 @@ mod tests {
         let svc = Service {
             namespace: "default".into(),
             name: "web".into(),
-            kind: ServiceType::ClusterIP,
             cluster_ips: vec!["198.19.64.10".parse().unwrap()],
             ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
                 port: 80,
-                target_port: None,
-                node_port: None,
+                ..ServicePort::default()
             }],
-            selector: None,
-            session_affinity_timeout: None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
+            ..Service::default()
         };
         let endpoint = |ip: &str| Endpoint {
             addresses: [ip.parse().unwrap()].into_iter().collect(),

@@ -39,7 +39,7 @@ pub enum TargetPort {
     Name(String),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePort {
     /// Required when a service has several ports; matches `EndpointPort.name`.
@@ -70,8 +70,9 @@ pub enum TrafficPolicy {
     Local,
 }
 
-/// A Service, as the proxy sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A Service, as the proxy sees it. `Default` is a `ClusterIP` service without addresses,
+/// ports or selector, with `Cluster` traffic policies and no affinity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Service {
     pub namespace: String,

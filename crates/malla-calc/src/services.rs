@@ -1281,12 +1281,7 @@ pub(crate) mod fixtures {
             kind,
             cluster_ips: ips.iter().map(|s| ip(s)).collect(),
             ports,
-            selector: None,
-            session_affinity_timeout: None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
+            ..Service::default()
         }
     }
 
