@@ -1022,7 +1022,6 @@ pub fn map_size(elements: usize) -> u64 {
 pub fn is_proxy_map(name: &str) -> bool {
     [
         "endpoints-",
-        "dispatch-",
         "service-ips-",
         "service-nodeports-",
         "no-endpoint-services-",

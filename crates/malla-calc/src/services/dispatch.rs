@@ -147,10 +147,21 @@ pub fn diff(old: &ServiceMap, new: &ServiceMap) -> Changes {
 
 /// Every element, grouped by map: `map -> [(key, value)]`.
 pub fn elements(map: &ServiceMap) -> BTreeMap<String, Vec<(String, String)>> {
+    elements_of(map, |_| true)
+}
+
+/// The elements of the dispatch maps `keep` names, grouped by map.
+fn elements_of(
+    map: &ServiceMap,
+    keep: impl Fn(&str) -> bool,
+) -> BTreeMap<String, Vec<(String, String)>> {
     let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
     for (f, eps) in lists(map) {
-        let m = out.entry(f.map()).or_default();
-        m.extend(eps.iter().enumerate().map(|(i, ep)| (f.key(i), value(ep))));
+        let name = f.map();
+        if keep(&name) {
+            let m = out.entry(name).or_default();
+            m.extend(eps.iter().enumerate().map(|(i, ep)| (f.key(i), value(ep))));
+        }
     }
     out
 }
@@ -184,8 +195,8 @@ pub fn render_diff(
         _ => true,
     };
     let mut out = String::new();
-    let mut all = elements(new);
-    all.retain(|m, _| fresh(m));
+    // Only the maps the table diff creates get every element (usually none).
+    let all = elements_of(new, fresh);
     let changes = diff(old, new);
     let mut deleted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     let mut added: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
