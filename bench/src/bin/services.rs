@@ -222,7 +222,7 @@ const NODE: &str = "node-1";
 
 fn calc(
     svcs: &[Service],
-    slices: &[EndpointSlice],
+    slices: &[services::ProxySlice],
     pools: &[IpPool],
 ) -> (services::ServiceMap, model::Table) {
     let node_ips = [IpAddr::V4(Ipv4Addr::new(198, 19, 250, 1))];
@@ -261,8 +261,11 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             }
         };
         rss("start");
-        let (svcs, mut slices): (Vec<Service>, Vec<EndpointSlice>) =
+        let (svcs, slices): (Vec<Service>, Vec<EndpointSlice>) =
             (0..n).map(|i| synthetic(i, args.endpoints)).unzip();
+        // As the agent's mirror keeps them.
+        let mut slices: Vec<services::ProxySlice> =
+            slices.iter().map(services::ProxySlice::from).collect();
         rss("the Services and EndpointSlices");
         let t = Instant::now();
         let (mut map, mut table) = calc(&svcs, &slices, &pools);
@@ -306,8 +309,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             check(deadline)?;
             // One endpoint of one slice moves to a new address (spread over the table).
             let idx = (n / 2 + c * 7919) % n;
-            slices[idx].endpoints[0].addresses[0] =
-                IpAddr::V4(Ipv4Addr::new(198, 18, 127, 1 + c as u8));
+            slices[idx].endpoints[0].ip = IpAddr::V4(Ipv4Addr::new(198, 18, 127, 1 + c as u8));
             // As the agent does. The fast path first: the changed service's entries alone,
             // and the element changes they make.
             let t = Instant::now();

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use malla_api::service::{EndpointSlice, Service};
+use malla_api::service::Service;
 use malla_calc::nft::Table;
 use malla_calc::services::{self, EndpointDelta, ServiceEntry, ServiceMap};
 use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
@@ -278,7 +278,7 @@ pub fn service_change(
     table: &Table,
     map: &ServiceMap,
     svc: &Service,
-    slices: &[EndpointSlice],
+    slices: &[services::ProxySlice],
     node: &str,
 ) -> Option<ServiceChange> {
     let key = svc.key();

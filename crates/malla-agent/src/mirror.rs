@@ -6,17 +6,17 @@
 //! order a list returns), so a view built by events equals one built by [`crate::read_view`]
 //! at the same revision. Only what the calculation reads is kept: every IPAM block is a
 //! `(cidr, affinity)` pair, except this node's own blocks, kept whole for the node IPAM cache.
-//! Services and EndpointSlices are kept compact (the endpoints of one node share its name,
-//! lists carry no spare capacity): at 300k endpoints they are most of the agent's memory.
+//! EndpointSlices are kept as the proxy reads them ([`ProxySlice`]: 24 bytes an endpoint) and
+//! Services without spare capacity: at 300k endpoints they are most of the agent's memory.
 //! A malformed record is skipped with a warning naming its key; the rest of the cluster keeps
 //! working.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
 
 use malla_api::policy::NetworkPolicy;
 use malla_api::service::{EndpointSlice, Service};
 use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
+use malla_calc::services::ProxySlice;
 use malla_calc::ClusterView;
 use malla_ipam::Block;
 use malla_store::{Event, KeyValue, Revision, Store, StoreError};
@@ -74,46 +74,6 @@ impl Keys {
     }
 }
 
-/// The node names of the mirror's endpoints, one shared string per node: 300k endpoints on
-/// 1000 nodes hold 1000 strings, not 300k copies.
-#[derive(Debug, Default)]
-struct NodeNames {
-    names: HashSet<Arc<str>>,
-    /// The set's size at which the next new name first drops the names no endpoint holds any
-    /// more (pruning once the set has doubled keeps the cost per name constant).
-    prune_at: usize,
-}
-
-/// The fewest names [`NodeNames`] holds before it prunes.
-const NODE_NAMES_PRUNE_MIN: usize = 1024;
-
-impl NodeNames {
-    /// The shared copy of `name`.
-    fn intern(&mut self, name: &Arc<str>) -> Arc<str> {
-        if let Some(known) = self.names.get(&**name) {
-            return Arc::clone(known);
-        }
-        if self.names.len() >= self.prune_at {
-            self.names.retain(|n| Arc::strong_count(n) > 1);
-            self.prune_at = (2 * self.names.len()).max(NODE_NAMES_PRUNE_MIN);
-        }
-        self.names.insert(Arc::clone(name));
-        Arc::clone(name)
-    }
-
-    /// The slice as the mirror keeps it: node names shared, no spare capacity.
-    fn compact(&mut self, mut slice: EndpointSlice) -> EndpointSlice {
-        for ep in &mut slice.endpoints {
-            if let Some(name) = &mut ep.node_name {
-                *name = self.intern(name);
-            }
-        }
-        slice.endpoints.shrink_to_fit();
-        slice.ports.shrink_to_fit();
-        slice
-    }
-}
-
 /// The service as the mirror keeps it: no spare capacity (decoding grows lists by doubling).
 fn compact_service(mut svc: Service) -> Service {
     svc.cluster_ips.shrink_to_fit();
@@ -151,7 +111,6 @@ pub struct Mirror {
     node: String,
     view: ClusterView,
     own_blocks: BTreeMap<String, Block>,
-    node_names: NodeNames,
     revision: Revision,
     nodes: Keys,
     pools: Keys,
@@ -172,7 +131,6 @@ impl Mirror {
             node: node.to_string(),
             view: ClusterView::default(),
             own_blocks: BTreeMap::new(),
-            node_names: NodeNames::default(),
             revision: Revision::MAX,
             nodes: Keys::default(),
             pools: Keys::default(),
@@ -266,8 +224,8 @@ impl Mirror {
             return service_change(changed, before, after);
         }
         if key.starts_with(keys::ENDPOINT_SLICES) {
-            let slice = decode::<EndpointSlice>(key, value).map(|s| self.node_names.compact(s));
-            let owner = |s: &EndpointSlice| format!("{}/{}", s.namespace, s.service);
+            let slice = decode::<EndpointSlice>(key, value).map(|s| ProxySlice::from(&s));
+            let owner = |s: &ProxySlice| s.service.to_string();
             let before = self.slices.get(&v.endpoint_slices, key).map(owner);
             let after = slice.as_ref().map(owner);
             let changed = self.slices.upsert(&mut v.endpoint_slices, key, slice);

@@ -17,7 +17,9 @@ pub struct ClusterView {
     pub blocks: Vec<(IpNet, Option<String>)>,
     pub endpoints: Vec<WorkloadEndpoint>,
     pub services: Vec<malla_api::service::Service>,
-    pub endpoint_slices: Vec<malla_api::service::EndpointSlice>,
+    /// EndpointSlices as the proxy keeps them (the first address, conditions and node of each
+    /// endpoint).
+    pub endpoint_slices: Vec<crate::services::ProxySlice>,
     pub pods: Vec<malla_api::Pod>,
     pub namespaces: Vec<malla_api::Namespace>,
     pub policies: Vec<malla_api::policy::NetworkPolicy>,

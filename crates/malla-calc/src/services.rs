@@ -56,11 +56,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 use malla_api::service::{
-    AddressType, EndpointConditions, EndpointSlice, Protocol, Service, ServiceType, TrafficPolicy,
+    AddressType, EndpointConditions, Protocol, Service, ServiceType, TrafficPolicy,
 };
 use malla_api::IpPool;
 use serde::Serialize;
@@ -68,6 +67,11 @@ use serde::Serialize;
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
 pub mod dispatch;
+mod node_name;
+mod proxy_slice;
+
+pub use node_name::NodeName;
+pub use proxy_slice::{ProxyEndpoint, ProxySlice};
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade.
 pub const MASQ_MARK: u32 = 0x4000;
@@ -142,16 +146,13 @@ pub struct Frontend {
     pub kind: FrontendKind,
 }
 
-/// A resolved backend of a service port. The names are shared with the slice's endpoint,
-/// not copied.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+/// A resolved backend of a service port (24 bytes: there is one per endpoint and port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct ServiceEndpoint {
     pub ip: IpAddr,
     pub port: u16,
     /// The node the endpoint runs on.
-    pub node: Option<Arc<str>>,
-    /// The pod, `namespace/name`.
-    pub target: Option<Arc<str>>,
+    pub node: Option<NodeName>,
 }
 
 /// One service port in one address family.
@@ -210,26 +211,18 @@ pub struct ServiceMap {
     pub pod_cidrs: Vec<IpNet>,
 }
 
-struct Candidate<'a> {
-    ip: IpAddr,
-    port: u16,
-    node: Option<&'a Arc<str>>,
-    target: Option<&'a Arc<str>>,
+struct Candidate {
+    endpoint: ServiceEndpoint,
     conditions: EndpointConditions,
 }
 
 /// Ready endpoints; failing that, serving and terminating ones; never not-serving ones.
-fn select<'a>(cands: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<ServiceEndpoint> {
+fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<ServiceEndpoint> {
     let pick = |keep: &dyn Fn(&EndpointConditions) -> bool| {
         let mut out: BTreeMap<(IpAddr, u16), ServiceEndpoint> = BTreeMap::new();
         for c in cands.clone().filter(|c| keep(&c.conditions)) {
-            out.entry((c.ip, c.port))
-                .or_insert_with(|| ServiceEndpoint {
-                    ip: c.ip,
-                    port: c.port,
-                    node: c.node.cloned(),
-                    target: c.target.cloned(),
-                });
+            out.entry((c.endpoint.ip, c.endpoint.port))
+                .or_insert(c.endpoint);
         }
         out.into_values().collect::<Vec<_>>()
     };
@@ -244,27 +237,25 @@ fn select<'a>(cands: impl Iterator<Item = &'a Candidate<'a>> + Clone) -> Vec<Ser
 ///
 /// A slice belongs to a service by namespace and `service` name; a service port takes the slice
 /// port of the same name and protocol; an endpoint's first address is its address (as in
-/// Kubernetes), and addresses of the wrong family are ignored. Headless services (no cluster IP)
-/// get no entry. A service port without endpoints keeps its entry with empty lists.
+/// Kubernetes; [`ProxySlice`] keeps only that one). Headless services (no cluster IP) get no
+/// entry. A service port without endpoints keeps its entry with empty lists.
 pub fn build(
     services: &[Service],
-    slices: &[EndpointSlice],
+    slices: &[ProxySlice],
     node: &str,
     node_ips: &[IpAddr],
     pools: &[IpPool],
 ) -> ServiceMap {
     let mut entries = Vec::new();
     // Slices by owning service: one pass, so building is linear in services + slices.
-    let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_service: BTreeMap<&str, Vec<&ProxySlice>> = BTreeMap::new();
     for slice in slices {
-        by_service
-            .entry((slice.namespace.as_str(), slice.service.as_str()))
-            .or_default()
-            .push(slice);
+        by_service.entry(&slice.service).or_default().push(slice);
     }
+    let node = NodeName::find(node);
     for svc in services {
         let own = by_service
-            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .get(svc.key().as_str())
             .map_or(&[][..], Vec::as_slice);
         entries.extend(service_entries(svc, own, node));
     }
@@ -282,18 +273,20 @@ pub fn build(
 
 /// The entries of one service (as [`build`] makes them, in its order), from the slices of
 /// the cluster that belong to it.
-pub fn build_service(svc: &Service, slices: &[EndpointSlice], node: &str) -> Vec<ServiceEntry> {
-    let own: Vec<&EndpointSlice> = slices
-        .iter()
-        .filter(|s| s.namespace == svc.namespace && s.service == svc.name)
-        .collect();
-    let mut entries = service_entries(svc, &own, node);
+pub fn build_service(svc: &Service, slices: &[ProxySlice], node: &str) -> Vec<ServiceEntry> {
+    let key = svc.key();
+    let own: Vec<&ProxySlice> = slices.iter().filter(|s| *s.service == *key).collect();
+    let mut entries = service_entries(svc, &own, NodeName::find(node));
     entries.sort_by_key(|e| (e.protocol, e.port, e.family));
     entries
 }
 
 /// One service's entries, one per port and family, from its own slices.
-fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<ServiceEntry> {
+fn service_entries(
+    svc: &Service,
+    own: &[&ProxySlice],
+    node: Option<NodeName>,
+) -> Vec<ServiceEntry> {
     let mut entries = Vec::new();
     let families: BTreeSet<IpFamily> = svc.cluster_ips.iter().map(IpFamily::of).collect();
     for sp in &svc.ports {
@@ -317,10 +310,7 @@ fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<Ser
                 }
             }
             let mut cands = Vec::new();
-            for slice in own
-                .iter()
-                .filter(|s| IpFamily::of_slice(s.address_type) == fam)
-            {
+            for slice in own.iter().filter(|s| s.family == fam) {
                 let Some(port) = slice
                     .ports
                     .iter()
@@ -329,14 +319,12 @@ fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<Ser
                     continue;
                 };
                 for ep in &slice.endpoints {
-                    let Some(ip) = ep.addresses.first().filter(|ip| IpFamily::of(ip) == fam) else {
-                        continue;
-                    };
                     cands.push(Candidate {
-                        ip: *ip,
-                        port: port.port,
-                        node: ep.node_name.as_ref(),
-                        target: ep.target.as_ref(),
+                        endpoint: ServiceEndpoint {
+                            ip: ep.ip,
+                            port: port.port,
+                            node: ep.node,
+                        },
                         conditions: ep.conditions,
                     });
                 }
@@ -345,7 +333,7 @@ fn service_entries(svc: &Service, own: &[&EndpointSlice], node: &str) -> Vec<Ser
             let local_endpoints = select(
                 cands
                     .iter()
-                    .filter(|c| c.node.is_some_and(|n| **n == *node)),
+                    .filter(|c| node.is_some() && c.endpoint.node == node),
             );
             entries.push(ServiceEntry {
                 service: svc.key(),
@@ -1265,7 +1253,7 @@ pub fn endpoint_delta(
 pub(crate) mod fixtures {
     //! A fixed cluster of services for golden tests.
     use super::*;
-    use malla_api::service::{Endpoint, EndpointPort, ServicePort};
+    use malla_api::service::{Endpoint, EndpointPort, EndpointSlice, ServicePort};
 
     pub const ME: &str = "node-a";
 
@@ -1333,6 +1321,11 @@ pub(crate) mod fixtures {
                 })
                 .collect(),
         }
+    }
+
+    /// The slices as the proxy keeps them.
+    pub fn proxy(slices: &[EndpointSlice]) -> Vec<ProxySlice> {
+        slices.iter().map(ProxySlice::from).collect()
     }
 
     pub fn pools() -> Vec<IpPool> {
@@ -1528,7 +1521,7 @@ pub(crate) mod fixtures {
         let (services, slices) = cluster();
         build(
             &services,
-            &slices,
+            &proxy(&slices),
             ME,
             &[ip("198.19.0.11"), ip("fd00:198:19::11")],
             &pools(),
@@ -1609,7 +1602,7 @@ mod golden_tests {
             vec![ready("198.18.0.8", ME)],
             &[("", Protocol::Tcp, 8080)],
         ));
-        super::build(&services, &slices, ME, &[], &pools())
+        super::build(&services, &proxy(&slices), ME, &[], &pools())
     }
 
     #[test]
@@ -1700,8 +1693,8 @@ mod tests {
         eps.iter().map(|e| format!("{}:{}", e.ip, e.port)).collect()
     }
 
-    fn one(s: Service, slices: Vec<EndpointSlice>) -> ServiceMap {
-        build(&[s], &slices, ME, &[], &pools())
+    fn one(s: Service, slices: Vec<malla_api::service::EndpointSlice>) -> ServiceMap {
+        build(&[s], &proxy(&slices), ME, &[], &pools())
     }
 
     fn web() -> Service {
@@ -1934,7 +1927,6 @@ mod tests {
             ip: ip("::ffff:1.2.3.4"),
             port: 1,
             node: None,
-            target: None,
         };
         assert!(!ep_chain(v6, &mapped).contains(':'));
     }
@@ -2069,7 +2061,7 @@ mod endpoint_props {
                 slice("web", "b", AddressType::IPv4, half_b.to_vec(), &[("", Protocol::Tcp, 80)]),
             ];
             let s = svc("web", ServiceType::ClusterIP, &["10.96.0.10"], vec![port("", Protocol::Tcp, 80, None)]);
-            let m = build(&[s], &slices, ME, &[], &pools());
+            let m = build(&[s], &proxy(&slices), ME, &[], &pools());
             let e = &m.entries[0];
             let conds = |ip: IpAddr, local_only: bool| -> Vec<EndpointConditions> {
                 endpoints
@@ -2157,7 +2149,7 @@ mod delta_props {
             changes in proptest::collection::vec((0..16usize, 0..40u8, any::<bool>(), any::<bool>()), 1..4),
         ) {
             let (services, slices) = cluster();
-            let m0 = build(&services, &slices, ME, &[ip("198.19.0.1")], &pools());
+            let m0 = build(&services, &proxy(&slices), ME, &[ip("198.19.0.1")], &pools());
             let t0 = crate::masquerade::node_table(&pools(), &m0);
             let mut slices1 = slices.clone();
             let si = pick % slices1.len();
@@ -2173,14 +2165,14 @@ mod delta_props {
                 eps[i].node_name = Some(if *local { ME.into() } else { "node-b".into() });
                 eps[i].conditions.ready = *ready;
             }
-            let m1 = build(&services, &slices1, ME, &[ip("198.19.0.1")], &pools());
+            let m1 = build(&services, &proxy(&slices1), ME, &[ip("198.19.0.1")], &pools());
             let want = crate::masquerade::node_table(&pools(), &m1);
             let owner = services
                 .iter()
                 .find(|s| s.namespace == slices1[si].namespace && s.name == slices1[si].service);
             let Some(owner) = owner else { return Ok(()) };
             let key = owner.key();
-            let new = build_service(owner, &slices1, ME);
+            let new = build_service(owner, &proxy(&slices1), ME);
             prop_assert_eq!(&new, &entries_of(&m1, &key));
             if let Some(d) = endpoint_delta(&t0, &m0, &entries_of(&m0, &key), &new) {
                 let mut got = t0.clone();
@@ -2218,17 +2210,17 @@ mod delta_props {
             vec![ready("198.18.5.1", "node-b"), ready("198.18.5.2", "node-b")],
             &[("", Protocol::Tcp, 8080)],
         ));
-        let m0 = build(&services, &slices, ME, &[], &pools());
+        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         for (name, want_changes) in [("zdup", false), ("web", true)] {
             let svc = services.iter().find(|s| s.name == name).unwrap();
             let mut moved = slices.clone();
             let si = moved.iter().position(|s| s.service == name).unwrap();
             moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
-            let new = build_service(svc, &moved, ME);
+            let new = build_service(svc, &proxy(&moved), ME);
             let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
             assert_eq!(!d.dispatch.is_empty(), want_changes, "{name}: {d:?}");
-            let m1 = build(&services, &moved, ME, &[], &pools());
+            let m1 = build(&services, &proxy(&moved), ME, &[], &pools());
             let mut elements = dispatch_elements(&m0);
             apply_dispatch(&mut elements, &d.dispatch);
             assert_eq!(elements, dispatch_elements(&m1), "{name}");
@@ -2248,13 +2240,13 @@ mod delta_props {
     #[test]
     fn a_delta_that_changes_a_map_size_is_declined() {
         let (services, slices) = cluster();
-        let m0 = build(&services, &slices, ME, &[], &pools());
+        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let svc = services.iter().find(|s| s.name == "web").unwrap();
         let mut more = slices.clone();
         let si = more.iter().position(|s| s.service == "web").unwrap();
         more[si].endpoints.push(ready("198.18.0.200", "node-b"));
-        let new = build_service(svc, &more, ME);
+        let new = build_service(svc, &proxy(&more), ME);
         let old = entries_of(&m0, "default/web");
         assert!(endpoint_delta(&t0, &m0, &old, &new).is_some());
         let mut odd = t0.clone();
@@ -2276,7 +2268,7 @@ mod delta_props {
     #[test]
     fn an_endpoint_moving_is_one_element_and_scaling_a_plain_service_too() {
         let (services, slices) = cluster();
-        let m0 = build(&services, &slices, ME, &[], &pools());
+        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let (si, svc) = slices
             .iter()
@@ -2290,7 +2282,7 @@ mod delta_props {
             .expect("a fixture slice with two endpoints");
         let mut moved = slices.clone();
         moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
-        let new = build_service(svc, &moved, ME);
+        let new = build_service(svc, &proxy(&moved), ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
         // The endpoints are in address order: the indices from the moved one's old place to its
         // new one change, and nothing else.
@@ -2308,12 +2300,12 @@ mod delta_props {
         );
         let mut got = t0.clone();
         d.apply_to(&mut got);
-        let m1 = build(&services, &moved, ME, &[], &pools());
+        let m1 = build(&services, &proxy(&moved), ME, &[], &pools());
         assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
 
         let mut fewer = slices.clone();
         fewer[si].endpoints.pop();
-        let new = build_service(svc, &fewer, ME);
+        let new = build_service(svc, &proxy(&fewer), ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new)
             .expect("a plain service scaling down is a delta");
         assert_eq!(d.dispatch.removed.len(), 1, "{d:?}");
@@ -2321,7 +2313,7 @@ mod delta_props {
         assert!(d.map_values[0].2.starts_with("goto pick-v4-tcp-"), "{d:?}");
         let mut got = t0.clone();
         d.apply_to(&mut got);
-        let m1 = build(&services, &fewer, ME, &[], &pools());
+        let m1 = build(&services, &proxy(&fewer), ME, &[], &pools());
         assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
 
         let (si, svc) = slices
@@ -2334,7 +2326,7 @@ mod delta_props {
             .expect("a fixture node-port service with two endpoints");
         let mut fewer = slices.clone();
         fewer[si].endpoints.pop();
-        let new = build_service(svc, &fewer, ME);
+        let new = build_service(svc, &proxy(&fewer), ME);
         assert!(endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).is_none());
     }
 }

@@ -1,8 +1,9 @@
 //! `malla services`: this node's programmed services — frontends, the endpoints each one
 //! dispatches to, new connections per service (the kernel's counters on its frontends) and
-//! per endpoint the translated flows conntrack holds.
+//! per endpoint the translated flows conntrack holds, and in JSON the pod behind each endpoint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::Args;
@@ -109,6 +110,24 @@ impl Counters {
     }
 }
 
+/// The pod (`namespace/name`) behind each endpoint address, from the EndpointSlices' `targetRef`s
+/// (the proxy's own view does not keep them).
+fn pods_by_address(store: &dyn malla_store::Store) -> anyhow::Result<HashMap<IpAddr, String>> {
+    let (slices, _) = store.list(malla_api::keys::ENDPOINT_SLICES)?;
+    let mut pods = HashMap::new();
+    for kv in slices {
+        let Ok(slice) = serde_json::from_str::<malla_api::service::EndpointSlice>(&kv.value) else {
+            continue;
+        };
+        for ep in slice.endpoints {
+            if let (Some(ip), Some(pod)) = (ep.addresses.first(), ep.target) {
+                pods.insert(*ip, pod.to_string());
+            }
+        }
+    }
+    Ok(pods)
+}
+
 pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
     let netns = match &a.store.datastore {
         Some(_) => None,
@@ -128,11 +147,23 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
     let map = dp.service_map;
     let counts = Counters::read(netns.as_ref());
     if a.output == "json" {
+        let pods = pods_by_address(&*store)?;
         let entries: Vec<serde_json::Value> = map
             .entries
             .iter()
             .map(|e| {
                 let mut v = serde_json::to_value(e).unwrap_or_default();
+                for list in ["cluster_endpoints", "local_endpoints"] {
+                    if let Some(eps) = v[list].as_array_mut() {
+                        for ep in eps {
+                            let pod = ep["ip"]
+                                .as_str()
+                                .and_then(|ip| ip.parse().ok())
+                                .and_then(|ip: IpAddr| pods.get(&ip));
+                            ep["target"] = serde_json::json!(pod);
+                        }
+                    }
+                }
                 v["new_connections"] = serde_json::json!(counts.new_connections(e));
                 v["connections"] = serde_json::json!(e
                     .cluster_endpoints

@@ -211,47 +211,48 @@ fn an_allocation_in_another_nodes_block_is_no_change_for_the_calculation() {
 }
 
 #[test]
-fn endpoints_on_one_node_share_its_name() {
+fn slices_are_kept_as_the_proxy_reads_them() {
     use malla_api::service::{AddressType, Endpoint, EndpointSlice};
+    use malla_calc::services::NodeName;
     let dir = tempfile::tempdir().unwrap();
     let store = LocalStore::open(&dir.path().join("store.db")).unwrap();
     for (name, ip) in [("a", "198.18.0.5"), ("b", "198.18.0.6")] {
         let slice = EndpointSlice {
             namespace: "default".into(),
-            name: name.into(),
+            name: format!("{name}-xyz"),
             service: name.into(),
             address_type: AddressType::IPv4,
             endpoints: vec![Endpoint {
                 addresses: vec![ip.parse().unwrap()].into(),
                 conditions: Default::default(),
                 node_name: Some("n2".into()),
-                target: None,
+                target: Some(format!("default/pod-{name}").into()),
             }],
             ports: vec![],
         };
         store
-            .put(&keys::endpoint_slice("default", name), &json(&slice))
+            .put(&keys::endpoint_slice("default", &slice.name), &json(&slice))
             .unwrap();
     }
     let mirror = Mirror::load(&store, "n1").unwrap();
-    let names: Vec<_> = mirror
+    let kept: Vec<(String, String, Option<NodeName>)> = mirror
         .view()
         .endpoint_slices
         .iter()
-        .map(|s| s.endpoints[0].node_name.clone().unwrap())
+        .map(|s| {
+            (
+                s.service.to_string(),
+                s.endpoints[0].ip.to_string(),
+                s.endpoints[0].node,
+            )
+        })
         .collect();
-    assert_eq!(&*names[0], "n2");
-    assert!(std::sync::Arc::ptr_eq(&names[0], &names[1]));
-}
-
-#[test]
-fn node_names_no_endpoint_holds_are_dropped_as_the_set_grows() {
-    use std::sync::Arc;
-    let mut names = super::NodeNames::default();
-    let held = names.intern(&Arc::from("n0"));
-    for i in 1..=2 * super::NODE_NAMES_PRUNE_MIN {
-        names.intern(&Arc::from(format!("n{i}")));
-    }
-    assert!(names.names.len() <= super::NODE_NAMES_PRUNE_MIN);
-    assert!(Arc::ptr_eq(&names.intern(&Arc::from("n0")), &held));
+    let n2 = Some(NodeName::intern("n2"));
+    assert_eq!(
+        kept,
+        vec![
+            ("default/a".to_string(), "198.18.0.5".to_string(), n2),
+            ("default/b".to_string(), "198.18.0.6".to_string(), n2),
+        ]
+    );
 }
