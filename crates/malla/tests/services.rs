@@ -86,6 +86,19 @@ fn cluster_ip_spreads_over_every_ready_endpoint_and_scales_down() {
         .find(|e| e["service"] == "default/web" && e["port"] == 80)
         .expect("web:80 is programmed on node-1");
     assert_eq!(web["cluster_endpoints"].as_array().unwrap().len(), 3);
+    // Each endpoint is named by its pod (from the slices' target references).
+    let mut named: Vec<&str> = web["cluster_endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ep| ep["target"].as_str().unwrap_or("none"))
+        .collect();
+    named.sort();
+    assert_eq!(
+        named,
+        ["default/web-1", "default/web-2", "default/web-3"],
+        "{web}"
+    );
     let counted: u64 = web["connections"]
         .as_object()
         .unwrap()
