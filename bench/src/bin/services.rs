@@ -221,7 +221,7 @@ struct ProgRow {
 const NODE: &str = "node-1";
 
 fn calc(
-    svcs: &[Service],
+    svcs: &[services::ProxyService],
     slices: &[services::ProxySlice],
     pools: &[IpPool],
 ) -> (services::ServiceMap, model::Table) {
@@ -264,8 +264,8 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         let (svcs, slices): (Vec<Service>, Vec<EndpointSlice>) =
             (0..n).map(|i| synthetic(i, args.endpoints)).unzip();
         // As the agent's mirror keeps them.
-        let mut slices: Vec<services::ProxySlice> =
-            slices.iter().map(services::ProxySlice::from).collect();
+        let svcs: Vec<services::ProxyService> = svcs.iter().map(Into::into).collect();
+        let mut slices: Vec<services::ProxySlice> = slices.iter().map(Into::into).collect();
         rss("the Services and EndpointSlices");
         let t = Instant::now();
         let (mut map, mut table) = calc(&svcs, &slices, &pools);

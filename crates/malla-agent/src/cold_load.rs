@@ -154,7 +154,8 @@ mod tests {
                 port: 8080,
             }],
         };
-        let map = malla_calc::services::build(&[svc], &[(&slice).into()], "node-a", &[], &[]);
+        let map =
+            malla_calc::services::build(&[(&svc).into()], &[(&slice).into()], "node-a", &[], &[]);
         let table = malla_calc::masquerade::node_table(&[], &map);
         assert!(table.maps["dispatch-v4-tcp"].elements.is_empty());
         let (rest, batch) = split(&table, &map);

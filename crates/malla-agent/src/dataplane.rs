@@ -313,12 +313,7 @@ impl Dataplane {
         let mut done = Vec::new();
         let mut complete = true;
         for service in services {
-            let (ns, name) = service.split_once('/').unwrap_or_default();
-            let Some(svc) = view
-                .services
-                .iter()
-                .find(|s| s.namespace == ns && s.name == name)
-            else {
+            let Some(svc) = view.services.iter().find(|s| *s.key == **service) else {
                 complete = false;
                 break;
             };

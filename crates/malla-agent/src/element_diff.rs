@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use malla_api::service::Service;
 use malla_calc::nft::Table;
 use malla_calc::services::{self, EndpointDelta, ServiceEntry, ServiceMap};
 use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
@@ -277,13 +276,13 @@ pub struct ServiceChange {
 pub fn service_change(
     table: &Table,
     map: &ServiceMap,
-    svc: &Service,
+    svc: &services::ProxyService,
     slices: &[services::ProxySlice],
     node: &str,
 ) -> Option<ServiceChange> {
-    let key = svc.key();
-    let start = map.entries.partition_point(|e| e.service < key);
-    let end = start + map.entries[start..].partition_point(|e| e.service == key);
+    let key = &*svc.key;
+    let start = map.entries.partition_point(|e| *e.service < *key);
+    let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
     let entries = services::build_service(svc, slices, node);
     let delta = services::endpoint_delta(table, map, &map.entries[start..end], &entries)?;
     let changes = delta_changes(table, &delta)?;

@@ -6,8 +6,8 @@
 //! order a list returns), so a view built by events equals one built by [`crate::read_view`]
 //! at the same revision. Only what the calculation reads is kept: every IPAM block is a
 //! `(cidr, affinity)` pair, except this node's own blocks, kept whole for the node IPAM cache.
-//! EndpointSlices are kept as the proxy reads them ([`ProxySlice`]: 24 bytes an endpoint) and
-//! Services without spare capacity: at 300k endpoints they are most of the agent's memory.
+//! Services and EndpointSlices are kept as the proxy reads them ([`ProxyService`],
+//! [`ProxySlice`]: 24 bytes an endpoint): at 300k endpoints they are most of the agent's memory.
 //! A malformed record is skipped with a warning naming its key; the rest of the cluster keeps
 //! working.
 
@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use malla_api::policy::NetworkPolicy;
 use malla_api::service::{EndpointSlice, Service};
 use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
-use malla_calc::services::ProxySlice;
+use malla_calc::services::{ProxyService, ProxySlice};
 use malla_calc::ClusterView;
 use malla_ipam::Block;
 use malla_store::{Event, KeyValue, Revision, Store, StoreError};
@@ -72,15 +72,6 @@ impl Keys {
         }
         true
     }
-}
-
-/// The service as the mirror keeps it: no spare capacity (decoding grows lists by doubling).
-fn compact_service(mut svc: Service) -> Service {
-    svc.cluster_ips.shrink_to_fit();
-    svc.ports.shrink_to_fit();
-    svc.external_ips.shrink_to_fit();
-    svc.load_balancer_ips.shrink_to_fit();
-    svc
 }
 
 /// What one batch of events changed.
@@ -217,9 +208,12 @@ impl Mirror {
             ..Applied::default()
         };
         if key.starts_with(keys::SERVICES) {
-            let svc = decode::<Service>(key, value).map(compact_service);
-            let before = self.services.get(&v.services, key).map(Service::key);
-            let after = svc.as_ref().map(Service::key);
+            let svc = decode::<Service>(key, value).map(|s| ProxyService::from(&s));
+            let before = self
+                .services
+                .get(&v.services, key)
+                .map(|s| s.key.to_string());
+            let after = svc.as_ref().map(|s| s.key.to_string());
             let changed = self.services.upsert(&mut v.services, key, svc);
             return service_change(changed, before, after);
         }

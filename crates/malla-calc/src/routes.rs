@@ -16,7 +16,8 @@ pub struct ClusterView {
     /// Every claimed block with the node it is affine to.
     pub blocks: Vec<(IpNet, Option<String>)>,
     pub endpoints: Vec<WorkloadEndpoint>,
-    pub services: Vec<malla_api::service::Service>,
+    /// Services as the proxy keeps them.
+    pub services: Vec<crate::services::ProxyService>,
     /// EndpointSlices as the proxy keeps them (the first address, conditions and node of each
     /// endpoint).
     pub endpoint_slices: Vec<crate::services::ProxySlice>,

@@ -58,9 +58,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use malla_api::service::{
-    AddressType, EndpointConditions, Protocol, Service, ServiceType, TrafficPolicy,
-};
+use malla_api::service::{AddressType, EndpointConditions, Protocol, ServiceType, TrafficPolicy};
 use malla_api::IpPool;
 use serde::Serialize;
 
@@ -68,9 +66,11 @@ use crate::nft::{self, BaseChain, Chain, Map, Set};
 
 pub mod dispatch;
 mod node_name;
+mod proxy_service;
 mod proxy_slice;
 
 pub use node_name::NodeName;
+pub use proxy_service::{ProxyPort, ProxyService};
 pub use proxy_slice::{ProxyEndpoint, ProxySlice};
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade.
@@ -240,7 +240,7 @@ fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<Service
 /// Kubernetes; [`ProxySlice`] keeps only that one). Headless services (no cluster IP) get no
 /// entry. A service port without endpoints keeps its entry with empty lists.
 pub fn build(
-    services: &[Service],
+    services: &[ProxyService],
     slices: &[ProxySlice],
     node: &str,
     node_ips: &[IpAddr],
@@ -254,9 +254,7 @@ pub fn build(
     }
     let node = NodeName::find(node);
     for svc in services {
-        let own = by_service
-            .get(svc.key().as_str())
-            .map_or(&[][..], Vec::as_slice);
+        let own = by_service.get(&*svc.key).map_or(&[][..], Vec::as_slice);
         entries.extend(service_entries(svc, own, node));
     }
     entries.sort_by(|a, b| {
@@ -273,9 +271,8 @@ pub fn build(
 
 /// The entries of one service (as [`build`] makes them, in its order), from the slices of
 /// the cluster that belong to it.
-pub fn build_service(svc: &Service, slices: &[ProxySlice], node: &str) -> Vec<ServiceEntry> {
-    let key = svc.key();
-    let own: Vec<&ProxySlice> = slices.iter().filter(|s| *s.service == *key).collect();
+pub fn build_service(svc: &ProxyService, slices: &[ProxySlice], node: &str) -> Vec<ServiceEntry> {
+    let own: Vec<&ProxySlice> = slices.iter().filter(|s| s.service == svc.key).collect();
     let mut entries = service_entries(svc, &own, NodeName::find(node));
     entries.sort_by_key(|e| (e.protocol, e.port, e.family));
     entries
@@ -283,30 +280,27 @@ pub fn build_service(svc: &Service, slices: &[ProxySlice], node: &str) -> Vec<Se
 
 /// One service's entries, one per port and family, from its own slices.
 fn service_entries(
-    svc: &Service,
+    svc: &ProxyService,
     own: &[&ProxySlice],
     node: Option<NodeName>,
 ) -> Vec<ServiceEntry> {
     let mut entries = Vec::new();
-    let families: BTreeSet<IpFamily> = svc.cluster_ips.iter().map(IpFamily::of).collect();
+    let families: BTreeSet<IpFamily> = svc.cluster_ips().map(IpFamily::of).collect();
     for sp in &svc.ports {
         for &fam in &families {
             let mut seen = BTreeSet::new();
             let mut frontends = Vec::new();
-            let kinds = [
-                (&svc.cluster_ips, FrontendKind::ClusterIp),
-                (&svc.external_ips, FrontendKind::ExternalIp),
-                (&svc.load_balancer_ips, FrontendKind::LoadBalancer),
-            ];
-            for (ips, kind) in kinds {
-                for ip in ips.iter().filter(|ip| IpFamily::of(ip) == fam) {
-                    if seen.insert(*ip) {
-                        frontends.push(Frontend {
-                            ip: *ip,
-                            port: sp.port,
-                            kind,
-                        });
-                    }
+            for &(ip, kind) in svc
+                .frontends
+                .iter()
+                .filter(|(ip, _)| IpFamily::of(ip) == fam)
+            {
+                if seen.insert(ip) {
+                    frontends.push(Frontend {
+                        ip,
+                        port: sp.port,
+                        kind,
+                    });
                 }
             }
             let mut cands = Vec::new();
@@ -314,7 +308,7 @@ fn service_entries(
                 let Some(port) = slice
                     .ports
                     .iter()
-                    .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+                    .find(|p| *p.name == *sp.name && p.protocol == sp.protocol)
                 else {
                     continue;
                 };
@@ -336,8 +330,8 @@ fn service_entries(
                     .filter(|c| node.is_some() && c.endpoint.node == node),
             );
             entries.push(ServiceEntry {
-                service: svc.key(),
-                port_name: sp.name.clone(),
+                service: svc.key.to_string(),
+                port_name: sp.name.to_string(),
                 protocol: sp.protocol,
                 port: sp.port,
                 family: fam,
@@ -346,7 +340,7 @@ fn service_entries(
                     ServiceType::ClusterIP => None,
                     ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
                 },
-                affinity_timeout: svc.session_affinity_timeout,
+                affinity_timeout: svc.affinity_timeout,
                 external_traffic_policy: svc.external_traffic_policy,
                 internal_traffic_policy: svc.internal_traffic_policy,
                 cluster_endpoints,
@@ -1253,7 +1247,7 @@ pub fn endpoint_delta(
 pub(crate) mod fixtures {
     //! A fixed cluster of services for golden tests.
     use super::*;
-    use malla_api::service::{Endpoint, EndpointPort, EndpointSlice, ServicePort};
+    use malla_api::service::{Endpoint, EndpointPort, EndpointSlice, Service, ServicePort};
 
     pub const ME: &str = "node-a";
 
@@ -1326,6 +1320,11 @@ pub(crate) mod fixtures {
     /// The slices as the proxy keeps them.
     pub fn proxy(slices: &[EndpointSlice]) -> Vec<ProxySlice> {
         slices.iter().map(ProxySlice::from).collect()
+    }
+
+    /// The services as the proxy keeps them.
+    pub fn proxied(services: &[Service]) -> Vec<ProxyService> {
+        services.iter().map(ProxyService::from).collect()
     }
 
     pub fn pools() -> Vec<IpPool> {
@@ -1520,7 +1519,7 @@ pub(crate) mod fixtures {
     pub fn map() -> ServiceMap {
         let (services, slices) = cluster();
         build(
-            &services,
+            &proxied(&services),
             &proxy(&slices),
             ME,
             &[ip("198.19.0.11"), ip("fd00:198:19::11")],
@@ -1602,7 +1601,7 @@ mod golden_tests {
             vec![ready("198.18.0.8", ME)],
             &[("", Protocol::Tcp, 8080)],
         ));
-        super::build(&services, &proxy(&slices), ME, &[], &pools())
+        super::build(&proxied(&services), &proxy(&slices), ME, &[], &pools())
     }
 
     #[test]
@@ -1681,6 +1680,7 @@ mod tests {
     use super::*;
     use malla_api::service::AddressType::IPv4;
     use malla_api::service::Protocol::{Tcp, Udp};
+    use malla_api::service::Service;
 
     fn entry<'a>(m: &'a ServiceMap, svc: &str, port: u16, fam: IpFamily) -> &'a ServiceEntry {
         m.entries
@@ -1694,7 +1694,13 @@ mod tests {
     }
 
     fn one(s: Service, slices: Vec<malla_api::service::EndpointSlice>) -> ServiceMap {
-        build(&[s], &proxy(&slices), ME, &[], &pools())
+        build(
+            &[ProxyService::from(&s)],
+            &proxy(&slices),
+            ME,
+            &[],
+            &pools(),
+        )
     }
 
     fn web() -> Service {
@@ -2061,7 +2067,7 @@ mod endpoint_props {
                 slice("web", "b", AddressType::IPv4, half_b.to_vec(), &[("", Protocol::Tcp, 80)]),
             ];
             let s = svc("web", ServiceType::ClusterIP, &["10.96.0.10"], vec![port("", Protocol::Tcp, 80, None)]);
-            let m = build(&[s], &proxy(&slices), ME, &[], &pools());
+            let m = build(&[ProxyService::from(&s)], &proxy(&slices), ME, &[], &pools());
             let e = &m.entries[0];
             let conds = |ip: IpAddr, local_only: bool| -> Vec<EndpointConditions> {
                 endpoints
@@ -2149,7 +2155,7 @@ mod delta_props {
             changes in proptest::collection::vec((0..16usize, 0..40u8, any::<bool>(), any::<bool>()), 1..4),
         ) {
             let (services, slices) = cluster();
-            let m0 = build(&services, &proxy(&slices), ME, &[ip("198.19.0.1")], &pools());
+            let m0 = build(&proxied(&services), &proxy(&slices), ME, &[ip("198.19.0.1")], &pools());
             let t0 = crate::masquerade::node_table(&pools(), &m0);
             let mut slices1 = slices.clone();
             let si = pick % slices1.len();
@@ -2165,14 +2171,14 @@ mod delta_props {
                 eps[i].node_name = Some(if *local { ME.into() } else { "node-b".into() });
                 eps[i].conditions.ready = *ready;
             }
-            let m1 = build(&services, &proxy(&slices1), ME, &[ip("198.19.0.1")], &pools());
+            let m1 = build(&proxied(&services), &proxy(&slices1), ME, &[ip("198.19.0.1")], &pools());
             let want = crate::masquerade::node_table(&pools(), &m1);
             let owner = services
                 .iter()
                 .find(|s| s.namespace == slices1[si].namespace && s.name == slices1[si].service);
             let Some(owner) = owner else { return Ok(()) };
             let key = owner.key();
-            let new = build_service(owner, &proxy(&slices1), ME);
+            let new = build_service(&ProxyService::from(owner), &proxy(&slices1), ME);
             prop_assert_eq!(&new, &entries_of(&m1, &key));
             if let Some(d) = endpoint_delta(&t0, &m0, &entries_of(&m0, &key), &new) {
                 let mut got = t0.clone();
@@ -2210,17 +2216,17 @@ mod delta_props {
             vec![ready("198.18.5.1", "node-b"), ready("198.18.5.2", "node-b")],
             &[("", Protocol::Tcp, 8080)],
         ));
-        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
+        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         for (name, want_changes) in [("zdup", false), ("web", true)] {
             let svc = services.iter().find(|s| s.name == name).unwrap();
             let mut moved = slices.clone();
             let si = moved.iter().position(|s| s.service == name).unwrap();
             moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
-            let new = build_service(svc, &proxy(&moved), ME);
+            let new = build_service(&ProxyService::from(svc), &proxy(&moved), ME);
             let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
             assert_eq!(!d.dispatch.is_empty(), want_changes, "{name}: {d:?}");
-            let m1 = build(&services, &proxy(&moved), ME, &[], &pools());
+            let m1 = build(&proxied(&services), &proxy(&moved), ME, &[], &pools());
             let mut elements = dispatch_elements(&m0);
             apply_dispatch(&mut elements, &d.dispatch);
             assert_eq!(elements, dispatch_elements(&m1), "{name}");
@@ -2240,13 +2246,13 @@ mod delta_props {
     #[test]
     fn a_delta_that_changes_a_map_size_is_declined() {
         let (services, slices) = cluster();
-        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
+        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let svc = services.iter().find(|s| s.name == "web").unwrap();
         let mut more = slices.clone();
         let si = more.iter().position(|s| s.service == "web").unwrap();
         more[si].endpoints.push(ready("198.18.0.200", "node-b"));
-        let new = build_service(svc, &proxy(&more), ME);
+        let new = build_service(&ProxyService::from(svc), &proxy(&more), ME);
         let old = entries_of(&m0, "default/web");
         assert!(endpoint_delta(&t0, &m0, &old, &new).is_some());
         let mut odd = t0.clone();
@@ -2268,7 +2274,7 @@ mod delta_props {
     #[test]
     fn an_endpoint_moving_is_one_element_and_scaling_a_plain_service_too() {
         let (services, slices) = cluster();
-        let m0 = build(&services, &proxy(&slices), ME, &[], &pools());
+        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let (si, svc) = slices
             .iter()
@@ -2282,7 +2288,7 @@ mod delta_props {
             .expect("a fixture slice with two endpoints");
         let mut moved = slices.clone();
         moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
-        let new = build_service(svc, &proxy(&moved), ME);
+        let new = build_service(&ProxyService::from(svc), &proxy(&moved), ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
         // The endpoints are in address order: the indices from the moved one's old place to its
         // new one change, and nothing else.
@@ -2300,12 +2306,12 @@ mod delta_props {
         );
         let mut got = t0.clone();
         d.apply_to(&mut got);
-        let m1 = build(&services, &proxy(&moved), ME, &[], &pools());
+        let m1 = build(&proxied(&services), &proxy(&moved), ME, &[], &pools());
         assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
 
         let mut fewer = slices.clone();
         fewer[si].endpoints.pop();
-        let new = build_service(svc, &proxy(&fewer), ME);
+        let new = build_service(&ProxyService::from(svc), &proxy(&fewer), ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new)
             .expect("a plain service scaling down is a delta");
         assert_eq!(d.dispatch.removed.len(), 1, "{d:?}");
@@ -2313,7 +2319,7 @@ mod delta_props {
         assert!(d.map_values[0].2.starts_with("goto pick-v4-tcp-"), "{d:?}");
         let mut got = t0.clone();
         d.apply_to(&mut got);
-        let m1 = build(&services, &proxy(&fewer), ME, &[], &pools());
+        let m1 = build(&proxied(&services), &proxy(&fewer), ME, &[], &pools());
         assert_eq!(got, crate::masquerade::node_table(&pools(), &m1));
 
         let (si, svc) = slices
@@ -2326,7 +2332,7 @@ mod delta_props {
             .expect("a fixture node-port service with two endpoints");
         let mut fewer = slices.clone();
         fewer[si].endpoints.pop();
-        let new = build_service(svc, &proxy(&fewer), ME);
+        let new = build_service(&ProxyService::from(svc), &proxy(&fewer), ME);
         assert!(endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).is_none());
     }
 }
