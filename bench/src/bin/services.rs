@@ -133,9 +133,9 @@ fn slice(svc: &Service, endpoints: Vec<(IpAddr, String)>, port: u16) -> Endpoint
         endpoints: endpoints
             .into_iter()
             .map(|(ip, node)| Endpoint {
-                addresses: vec![ip].into(),
+                addresses: vec![ip],
                 conditions: EndpointConditions::default(),
-                node_name: Some(node.into()),
+                node_name: Some(node),
                 target: None,
             })
             .collect(),

@@ -3,10 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use smallvec::SmallVec;
 
 /// L4 protocol of a service port.
 #[derive(
@@ -140,23 +138,20 @@ impl EndpointConditions {
     }
 }
 
-/// An endpoint's addresses: Kubernetes gives exactly one, kept inline without a heap
-/// allocation (a cluster holds hundreds of thousands of endpoints).
-pub type EndpointAddresses = SmallVec<[IpAddr; 1]>;
-
-/// One endpoint of a slice. The names are shared strings, so a holder of many endpoints
-/// (the agent's mirror, the service map) can keep one copy of each node's name.
+/// One endpoint of a slice. (The proxy keeps a compact form of it, `ProxySlice` in
+/// `malla-calc`: a holder of hundreds of thousands of endpoints should not keep this one.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    pub addresses: EndpointAddresses,
+    /// Kubernetes gives exactly one; consumers use the first.
+    pub addresses: Vec<IpAddr>,
     #[serde(default)]
     pub conditions: EndpointConditions,
     #[serde(default)]
-    pub node_name: Option<Arc<str>>,
+    pub node_name: Option<String>,
     /// `targetRef` as `namespace/name` of the pod, for display.
     #[serde(default)]
-    pub target: Option<Arc<str>>,
+    pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,7 +198,6 @@ mod tests {
         assert_eq!(ep.node_name.as_deref(), Some("n1"));
         assert_eq!(serde_json::to_string(&ep).unwrap(), text);
         let bare: Endpoint = serde_json::from_str(r#"{"addresses":["fd00::5"]}"#).unwrap();
-        assert!(!bare.addresses.spilled(), "one address is kept inline");
         assert_eq!(
             serde_json::to_string(&bare).unwrap(),
             r#"{"addresses":["fd00::5"],"conditions":{"ready":true,"serving":null,"terminating":false},"nodeName":null,"target":null}"#

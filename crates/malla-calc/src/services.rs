@@ -1278,14 +1278,14 @@ pub(crate) mod fixtures {
 
     pub fn ep(addr: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
-            addresses: vec![ip(addr)].into(),
+            addresses: vec![ip(addr)],
             conditions: EndpointConditions {
                 ready,
                 serving: Some(serving),
                 terminating,
             },
             node_name: Some(node.into()),
-            target: Some(format!("default/pod-{addr}").into()),
+            target: Some(format!("default/pod-{addr}")),
         }
     }
 
@@ -2167,7 +2167,7 @@ mod delta_props {
                 }
                 let i = which % eps.len();
                 let addr = if six { format!("fd00:198:18::{host:x}") } else { format!("198.18.9.{host}") };
-                eps[i].addresses = vec![ip(&addr)].into();
+                eps[i].addresses = vec![ip(&addr)];
                 eps[i].node_name = Some(if *local { ME.into() } else { "node-b".into() });
                 eps[i].conditions.ready = *ready;
             }
@@ -2222,7 +2222,7 @@ mod delta_props {
             let svc = services.iter().find(|s| s.name == name).unwrap();
             let mut moved = slices.clone();
             let si = moved.iter().position(|s| s.service == name).unwrap();
-            moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
+            moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")];
             let new = build_service(&ProxyService::from(svc), &proxy(&moved), ME);
             let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
             assert_eq!(!d.dispatch.is_empty(), want_changes, "{name}: {d:?}");
@@ -2287,7 +2287,7 @@ mod delta_props {
             })
             .expect("a fixture slice with two endpoints");
         let mut moved = slices.clone();
-        moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")].into();
+        moved[si].endpoints[0].addresses = vec![ip("198.18.77.7")];
         let new = build_service(&ProxyService::from(svc), &proxy(&moved), ME);
         let d = endpoint_delta(&t0, &m0, &entries_of(&m0, &svc.key()), &new).expect("a delta");
         // The endpoints are in address order: the indices from the moved one's old place to its

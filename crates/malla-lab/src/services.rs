@@ -509,7 +509,7 @@ pub fn parse_endpoint_slice(v: &Value) -> Result<EndpointSlice, FieldError> {
         }
         let c = e.conditions.as_ref();
         endpoints.push(Endpoint {
-            addresses: addresses.into(),
+            addresses,
             conditions: EndpointConditions {
                 ready: c.and_then(|c| c.ready).unwrap_or(true),
                 serving: c.and_then(|c| c.serving),
@@ -517,14 +517,11 @@ pub fn parse_endpoint_slice(v: &Value) -> Result<EndpointSlice, FieldError> {
             },
             node_name: e.node_name.as_deref().map(Into::into),
             target: e.target_ref.as_ref().and_then(|t| {
-                Some(
-                    format!(
-                        "{}/{}",
-                        t.namespace.clone().unwrap_or_else(|| namespace.clone()),
-                        t.name.clone()?
-                    )
-                    .into(),
-                )
+                Some(format!(
+                    "{}/{}",
+                    t.namespace.clone().unwrap_or_else(|| namespace.clone()),
+                    t.name.clone()?
+                ))
             }),
         });
     }
@@ -661,10 +658,10 @@ pub fn derive_slices(svc: &Service, pods: &[&PodState]) -> Vec<EndpointSlice> {
                 .entry((ip.is_ipv6(), resolved.clone()))
                 .or_default()
                 .push(Endpoint {
-                    addresses: vec![*ip].into(),
+                    addresses: vec![*ip],
                     conditions: EndpointConditions::default(),
                     node_name: Some(pod.node.as_str().into()),
-                    target: Some(pod.key().into()),
+                    target: Some(pod.key()),
                 });
         }
     }

@@ -223,10 +223,10 @@ fn slices_are_kept_as_the_proxy_reads_them() {
             service: name.into(),
             address_type: AddressType::IPv4,
             endpoints: vec![Endpoint {
-                addresses: vec![ip.parse().unwrap()].into(),
+                addresses: vec![ip.parse().unwrap()],
                 conditions: Default::default(),
                 node_name: Some("n2".into()),
-                target: Some(format!("default/pod-{name}").into()),
+                target: Some(format!("default/pod-{name}")),
             }],
             ports: vec![],
         };

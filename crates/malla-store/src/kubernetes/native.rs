@@ -266,7 +266,7 @@ fn read_slice(obj: &Value, namespace: String, name: &str) -> Result<Option<Endpo
             .or_else(|| str_at(e, &["topology", "kubernetes.io/hostname"]))
             .map(Into::into);
         endpoints.push(Endpoint {
-            addresses: ips(e.get("addresses")).into(),
+            addresses: ips(e.get("addresses")),
             conditions: EndpointConditions {
                 // Unset ready means ready (the API's "unknown" is treated as ready).
                 ready: flag("ready").unwrap_or(true),
@@ -330,7 +330,7 @@ pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>,
                         continue;
                     }
                     endpoints.push(Endpoint {
-                        addresses: vec![ip].into(),
+                        addresses: vec![ip],
                         conditions: EndpointConditions {
                             ready,
                             serving: Some(ready),
