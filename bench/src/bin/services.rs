@@ -7,11 +7,11 @@
 //!    `nft -f -` of an empty table in the same run.
 //! 2. Agent RSS: the real `malla agent` against a datastore holding the largest size, in a
 //!    namespace of ours with a `ul0` veth; VmRSS once its ready file appears.
-//! 3. ClusterIP first-packet latency: two 1-node labs side by side, each with a client and a
-//!    server pod and its own agent and datastore, holding the smallest and the largest N
-//!    Services (one real, N-1 dummies); TCP connect + first byte from the client pod to the real
-//!    ClusterIP, measured in rounds that alternate between the labs so that the machine's drift
-//!    hits both alike. Baseline in the same labs, measured the same way: an iptables-style
+//! 3. ClusterIP first-packet latency: one 1-node lab per size, side by side, each with a client
+//!    and a server pod and its own agent and datastore, holding N Services (one real, N-1
+//!    dummies); TCP connect + first byte from the client pod to the real ClusterIP, measured in
+//!    rounds that visit every lab, each round starting at the next one, so that the machine's
+//!    drift hits all alike. Baseline in the same labs, measured the same way: an iptables-style
 //!    linear nat chain (one rule per service, the hit last) in a second table of each node's
 //!    namespace.
 
@@ -52,11 +52,11 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     changes: usize,
     /// TCP connections per lab in each latency case (Malla, linear chain), spread over the
-    /// rounds.
-    #[arg(long, default_value_t = 2000)]
+    /// rounds. (2000 left the p50 ratio ±5 % from run to run; 10 000 take ~30 s.)
+    #[arg(long, default_value_t = 10_000)]
     connections: usize,
-    /// Latency rounds; each measures both labs, in alternating order.
-    #[arg(long, default_value_t = 10)]
+    /// Latency rounds; each measures every lab, starting at the next one each round.
+    #[arg(long, default_value_t = 20)]
     rounds: usize,
     /// Skip part 1 (programming time).
     #[arg(long)]
@@ -662,12 +662,12 @@ impl Samples {
     }
 }
 
-/// One case measured in the smallest and the largest lab in interleaved rounds.
+/// One case measured in every lab in interleaved rounds.
 struct Interleaved {
-    smallest: Lat,
-    largest: Lat,
-    /// Per round: the largest lab's p50 over the smallest lab's.
-    round_p50_ratios: Vec<f64>,
+    /// Per lab, smallest N first.
+    labs: Vec<Lat>,
+    /// Per lab: its p50 over the smallest lab's, in each round.
+    round_p50_ratios: Vec<Vec<f64>>,
 }
 
 struct Latency {
@@ -818,70 +818,73 @@ fn linear_table(n: usize, server: Ipv4Addr) -> String {
     t
 }
 
-/// Measures `--connections` per lab (smallest, largest) in `--rounds` rounds, each round both
-/// labs one after the other, the smallest first in even rounds and the largest first in odd
-/// ones, so that the machine's drift hits both alike; `target` is the address to connect to
-/// in a lab.
+/// Measures `--connections` per lab in `--rounds` rounds, each round every lab one after the
+/// other, round r starting at lab r mod the number of labs, so that the machine's drift hits
+/// all alike; `target` is the address to connect to in a lab.
 fn interleaved(
-    labs: &[ServiceLab; 2],
+    labs: &[ServiceLab],
     target: impl Fn(&ServiceLab) -> SocketAddr,
     args: &Args,
     deadline: Instant,
 ) -> anyhow::Result<Interleaved> {
-    let mut pools = [Samples::default(), Samples::default()];
-    let mut round_p50_ratios = Vec::with_capacity(args.rounds);
+    let mut pools: Vec<Samples> = labs.iter().map(|_| Samples::default()).collect();
+    let mut round_p50_ratios = vec![Vec::with_capacity(args.rounds); labs.len()];
     for round in 0..args.rounds {
         check(deadline)?;
         let count =
             args.connections / args.rounds + usize::from(round < args.connections % args.rounds);
-        let order = if round.is_multiple_of(2) {
-            [0, 1]
-        } else {
-            [1, 0]
-        };
-        let mut p50 = [Duration::ZERO; 2];
-        for i in order {
+        let mut p50 = vec![Duration::ZERO; labs.len()];
+        for k in 0..labs.len() {
+            let i = (round + k) % labs.len();
             let batch = labs[i].measure(target(&labs[i]), count, deadline)?;
             p50[i] = percentile(&batch.times, 50.0);
             pools[i].append(batch);
         }
-        let r = ratio_d(p50[1], p50[0]);
+        let line: Vec<String> = labs
+            .iter()
+            .zip(&p50)
+            .map(|(lab, p)| format!("{:.1} us (N={})", p.as_secs_f64() * 1e6, lab.services))
+            .collect();
         eprintln!(
-            "  round {}/{}: p50 {:.1} us (N={}), {:.1} us (N={}): ratio {r:.3}",
+            "  round {}/{}: p50 {}",
             round + 1,
             args.rounds,
-            p50[0].as_secs_f64() * 1e6,
-            labs[0].services,
-            p50[1].as_secs_f64() * 1e6,
-            labs[1].services
+            line.join(", ")
         );
-        round_p50_ratios.push(r);
+        for (ratios, p) in round_p50_ratios.iter_mut().zip(&p50) {
+            ratios.push(ratio_d(*p, p50[0]));
+        }
     }
     Ok(Interleaved {
-        smallest: pools[0].summary(labs[0].services),
-        largest: pools[1].summary(labs[1].services),
+        labs: labs
+            .iter()
+            .zip(&pools)
+            .map(|(lab, pool)| pool.summary(lab.services))
+            .collect(),
         round_p50_ratios,
     })
 }
 
 fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latency> {
-    let smallest = args.sizes[0];
-    let largest = *args.sizes.last().unwrap_or(&smallest);
-    if largest > VIP_SPAN {
+    if args.sizes.iter().any(|&n| n > VIP_SPAN) {
         bail!("at most {VIP_SPAN} services for the linear baseline");
     }
-    let labs = [
-        ServiceLab::up(bins, "svc-small", smallest, args, deadline)?,
-        ServiceLab::up(bins, "svc-large", largest, args, deadline)?,
-    ];
+    let labs = args
+        .sizes
+        .iter()
+        .map(|&n| ServiceLab::up(bins, &format!("svc-{n}"), n, args, deadline))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     for lab in &labs {
         lab.wait_converged()?;
     }
     pin_cpus(&labs)?;
-    eprintln!("latency: Malla, {smallest} vs {largest} services");
+    eprintln!("latency: Malla, {:?} services", args.sizes);
     let malla = interleaved(&labs, |_| SocketAddr::V4(cluster_ip(0)), args, deadline)?;
-    eprintln!("latency: linear chain, {smallest} vs {largest} rules");
-    let chains = [LinearChain::add(&labs[0])?, LinearChain::add(&labs[1])?];
+    eprintln!("latency: linear chain, {:?} rules", args.sizes);
+    let chains = labs
+        .iter()
+        .map(LinearChain::add)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let linear = interleaved(&labs, linear_vip, args, deadline);
     drop(chains);
     Ok(Latency {
@@ -891,7 +894,7 @@ fn latency(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Latenc
 }
 
 /// Keeps every batch on the same CPUs: the measuring thread (this one; its workers inherit
-/// it) on the first, both labs' probe servers on the last. Left to the scheduler, a batch ran
+/// it) on the first, every lab's probe server on the last. Left to the scheduler, a batch ran
 /// at one of two speeds (~58 or ~75 µs per connection) by where the client and the server
 /// happened to run, which spread the per-round ratios from 0.6 to 1.5. Nothing to pin on one
 /// CPU.
@@ -942,7 +945,7 @@ fn median_min_max(values: &[f64]) -> (f64, f64, f64) {
 
 fn report_latency(args: &Args, l: &Latency) {
     println!(
-        "3. ClusterIP: TCP connect + first byte, client pod -> VIP -> server pod, two 1-node labs (smallest and largest N) measured in {} interleaved rounds",
+        "3. ClusterIP: TCP connect + first byte, client pod -> VIP -> server pod, one 1-node lab per N, measured in {} interleaved rounds",
         args.rounds
     );
     println!(
@@ -953,7 +956,7 @@ fn report_latency(args: &Args, l: &Latency) {
         ("Malla (nft vmap)", &l.malla),
         ("linear chain (iptables)", &l.linear),
     ] {
-        for r in [&case.smallest, &case.largest] {
+        for r in &case.labs {
             println!(
                 "{:<26} {:>8} {:>8} {:>8} {:>8} {:>8.0} {:>13}",
                 name,
@@ -969,7 +972,7 @@ fn report_latency(args: &Args, l: &Latency) {
     println!();
     println!(
         "{:<26} {:>14} {:>8} {:>8} {:>8} {:>28} {:>8} {:>4}",
-        "ratio largest/smallest N",
+        "ratio to the smallest N",
         "N",
         "p50",
         "p99",
@@ -982,27 +985,32 @@ fn report_latency(args: &Args, l: &Latency) {
         ("Malla", &l.malla, Some(1.05)),
         ("linear chain (baseline)", &l.linear, None),
     ] {
-        let (a, b) = (&case.smallest, &case.largest);
-        let p50 = ratio_d(b.p50, a.p50);
-        let (median, min, max) = median_min_max(&case.round_p50_ratios);
+        let a = &case.labs[0];
+        for (i, b) in case.labs.iter().enumerate().skip(1) {
+            let p50 = ratio_d(b.p50, a.p50);
+            let (median, min, max) = median_min_max(&case.round_p50_ratios[i]);
+            // The target is on the largest N.
+            let target = target.filter(|_| i == case.labs.len() - 1);
+            println!(
+                "{:<26} {:>14} {:>8.3} {:>8.3} {:>8.3} {:>28} {:>8} {:>4}",
+                name,
+                format!("{}/{}", b.n, a.n),
+                p50,
+                ratio_d(b.p99, a.p99),
+                ratio(b.per_sec, a.per_sec),
+                format!("{median:.3} ({min:.3}-{max:.3})"),
+                target.map_or("-".to_string(), |t| format!("<= {t}")),
+                target.map_or("", |t| yes(p50 <= t))
+            );
+        }
+    }
+    if let (Some(m), Some(b)) = (l.malla.labs.last(), l.linear.labs.last()) {
         println!(
-            "{:<26} {:>14} {:>8.3} {:>8.3} {:>8.3} {:>28} {:>8} {:>4}",
-            name,
-            format!("{}/{}", b.n, a.n),
-            p50,
-            ratio_d(b.p99, a.p99),
-            ratio(b.per_sec, a.per_sec),
-            format!("{median:.3} ({min:.3}-{max:.3})"),
-            target.map_or("-".to_string(), |t| format!("<= {t}")),
-            target.map_or("", |t| yes(p50 <= t))
+            "Malla / linear chain at N={}: p50 {:.3}, p99 {:.3} (below 1: Malla is faster)",
+            m.n,
+            ratio_d(m.p50, b.p50),
+            ratio_d(m.p99, b.p99)
         );
     }
-    let (m, b) = (&l.malla.largest, &l.linear.largest);
-    println!(
-        "Malla / linear chain at N={}: p50 {:.3}, p99 {:.3} (below 1: Malla is faster)",
-        m.n,
-        ratio_d(m.p50, b.p50),
-        ratio_d(m.p99, b.p99)
-    );
     println!();
 }
