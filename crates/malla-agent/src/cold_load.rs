@@ -1,8 +1,9 @@
 //! The first programming of a node's table when the kernel has none (a node starting): `nft`
 //! creates the table with everything except the proxy's map elements, then one nfnetlink batch
 //! ([`malla_dataplane::nft_elements`]) adds those, with the dispatch maps' elements, which
-//! come from the service map. At 30k services that is 300k endpoint elements, which `nft`
-//! spends seconds parsing and encoding. The two transactions are each
+//! come from the service map and are made one at a time as the batch is encoded. At 30k
+//! services that is 300k endpoint elements, which `nft` spends seconds parsing and encoding
+//! (and which, all made first as text, were a third of the agent's peak memory). The two transactions are each
 //! atomic; between them the proxy's maps are empty, so service addresses are not yet
 //! translated, exactly as before the agent ran. Policy sets and everything else are filled in
 //! the first transaction, so no policy is ever seen half-built.
@@ -11,14 +12,14 @@ use malla_calc::nft::{Map, Table};
 use malla_calc::services::{dispatch, ServiceMap};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft::{self, NftError};
-use malla_dataplane::nft_elements::{self, Element, SetChange};
+use malla_dataplane::nft_elements::{self, Element, LazyAdditions, SetChange};
 
 use crate::element_diff;
 
-/// The table without the proxy maps' elements, and those elements (with the dispatch maps'
-/// from `services`, see [`malla_calc::services::dispatch`]) as one batch of additions; a map
-/// whose layout cannot be encoded keeps its elements in the table.
-pub fn split(table: &Table, services: &ServiceMap) -> (Table, Vec<SetChange>) {
+/// The table without the proxy maps' elements, and those elements as additions; a map whose
+/// layout cannot be encoded keeps its elements in the table. (The dispatch maps' elements are
+/// not in the table: see [`dispatch_additions`].)
+pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
     let mut rest = Table {
         family: table.family.clone(),
         name: table.name.clone(),
@@ -65,24 +66,27 @@ pub fn split(table: &Table, services: &ServiceMap) -> (Table, Vec<SetChange>) {
             }
         }
     }
-    for (name, elements) in dispatch::elements(services) {
+    (rest, batch)
+}
+
+/// The dispatch maps' elements, which follow from `services` (see
+/// [`malla_calc::services::dispatch`]), made as the batch is encoded.
+pub fn dispatch_additions<'a>(table: &Table, services: &'a ServiceMap) -> Vec<LazyAdditions<'a>> {
+    let mut out = Vec::new();
+    for (name, lists) in dispatch::by_map(services) {
         let Some(layout) = table.maps.get(&name).and_then(element_diff::map_layout) else {
             continue;
         };
-        batch.push(SetChange {
+        out.push(LazyAdditions {
             set: name,
             layout,
-            delete: Vec::new(),
-            add: elements
-                .into_iter()
-                .map(|(key, value)| Element {
-                    key,
-                    value: Some(value),
-                })
-                .collect(),
+            elements: Box::new(dispatch::lazy_elements(lists).map(|(key, value)| Element {
+                key,
+                value: Some(value),
+            })),
         });
     }
-    (rest, batch)
+    out
 }
 
 /// How long each part of a cold load took.
@@ -105,14 +109,16 @@ pub fn apply(
     let family = element_diff::family(&table.family)
         .ok_or_else(|| NftError::Rejected(format!("table family {}", table.family)))?;
     let start = std::time::Instant::now();
-    let (rest, batch) = split(table, services);
+    let (rest, batch) = split(table);
     nft::apply(netns, &malla_calc::nft::render_full(&rest))?;
+    drop(rest);
     let table_done = start.elapsed();
-    nft_elements::apply(netns, family, &table.name, &batch)?;
+    let lazy = dispatch_additions(table, services);
+    let element_count = nft_elements::apply_lazy(netns, family, &table.name, &batch, lazy)?;
     Ok(Timings {
         table: table_done,
         elements: start.elapsed() - table_done,
-        element_count: batch.iter().map(|c| c.add.len()).sum(),
+        element_count,
     })
 }
 
@@ -122,7 +128,7 @@ mod tests {
     use malla_calc::nft::Set;
     use malla_dataplane::nft_elements::{Layout, Value};
 
-    /// A plain service's endpoints, which the table does not hold, are in the batch.
+    /// A plain service's endpoints, which the table does not hold, are added lazily.
     #[test]
     fn the_dispatch_elements_come_from_the_service_map() {
         use malla_api::service::*;
@@ -158,24 +164,23 @@ mod tests {
             malla_calc::services::build(&[(&svc).into()], &[(&slice).into()], "node-a", &[], &[]);
         let table = malla_calc::masquerade::node_table(&[], &map);
         assert!(table.maps["dispatch-v4-tcp"].elements.is_empty());
-        let (rest, batch) = split(&table, &map);
+        let (rest, batch) = split(&table);
         assert!(rest.maps["dispatch-v4-tcp"].elements.is_empty());
-        let dispatch = batch
-            .iter()
-            .find(|c| c.set == "dispatch-v4-tcp")
-            .expect("the dispatch map's elements");
-        let added: Vec<(&str, Option<&str>)> = dispatch
-            .add
-            .iter()
-            .map(|e| (e.key.as_str(), e.value.as_deref()))
+        assert!(batch.iter().all(|c| c.set != "dispatch-v4-tcp"));
+        let lazy = dispatch_additions(&table, &map);
+        let names: Vec<&str> = lazy.iter().map(|l| l.set.as_str()).collect();
+        assert_eq!(names, ["dispatch-v4-tcp"]);
+        let added: Vec<(String, Option<String>)> = lazy
+            .into_iter()
+            .flat_map(|l| l.elements)
+            .map(|e| (e.key, e.value))
             .collect();
-        assert_eq!(
-            added,
-            [
-                ("198.19.64.10 . 80 . 0", Some("198.18.0.1 . 8080")),
-                ("198.19.64.10 . 80 . 1", Some("198.18.0.2 . 8080"))
-            ]
-        );
+        let expected = [
+            ("198.19.64.10 . 80 . 0", "198.18.0.1 . 8080"),
+            ("198.19.64.10 . 80 . 1", "198.18.0.2 . 8080"),
+        ]
+        .map(|(k, v)| (k.to_string(), Some(v.to_string())));
+        assert_eq!(added, expected);
     }
 
     #[test]
@@ -230,7 +235,7 @@ mod tests {
                 ..Set::default()
             },
         );
-        let (rest, batch) = split(&t, &ServiceMap::default());
+        let (rest, batch) = split(&t);
         assert!(rest.maps["endpoints-v4-tcp-00"].elements.is_empty());
         assert!(rest.maps["service-ips-v4"].elements.is_empty());
         assert_eq!(rest.maps["pol-in-x-tcp"], t.maps["pol-in-x-tcp"]);

@@ -124,6 +124,15 @@ pub struct SetChange {
     pub add: Vec<Element>,
 }
 
+/// Elements to add to one set, made one at a time as the batch is encoded: a node's first load
+/// adds 300k elements at 30k services, which need not all exist as text at once (they did, and
+/// were a third of the agent's peak memory).
+pub struct LazyAdditions<'a> {
+    pub set: String,
+    pub layout: Layout,
+    pub elements: Box<dyn Iterator<Item = Element> + 'a>,
+}
+
 // Netlink and nf_tables constants (linux/netlink.h, linux/netfilter/nfnetlink.h,
 // linux/netfilter/nf_tables.h).
 const NETLINK_NETFILTER: i32 = 12;
@@ -241,81 +250,139 @@ fn verdict(msg: &mut Msg, text: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The batch's messages: begin, one per set and direction (deletes first), end.
-fn encode(family: u8, table: &str, changes: &[SetChange]) -> Result<(Vec<u8>, u32), String> {
-    let subsys = NFNL_SUBSYS_NFTABLES << 8;
-    let mut out = Msg::new(
-        NFNL_MSG_BATCH_BEGIN,
-        NLM_F_REQUEST,
-        0,
-        0,
-        NFNL_SUBSYS_NFTABLES,
-    )
-    .finish();
-    let mut seq = 1;
-    for c in changes {
-        for (elements, kind, flags) in [
-            (&c.delete, NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
-            (
-                &c.add,
-                NFT_MSG_NEWSETELEM,
-                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
-            ),
-        ] {
-            // A nested attribute's length is 16 bits: a message carries a chunk of elements.
-            for chunk in elements.chunks(ELEMENTS_PER_MESSAGE) {
-                let mut m = Msg::new(subsys | kind, flags, seq, family, 0);
-                seq += 1;
-                m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
-                m.attr_str(NFTA_SET_ELEM_LIST_SET, &c.set);
-                m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
-                for e in chunk {
-                    let key = encode_parts(&c.layout.key, &e.key)
-                        .map_err(|err| format!("{} key: {err}", c.set))?;
-                    m.begin(NFTA_LIST_ELEM);
-                    m.begin(NFTA_SET_ELEM_KEY);
-                    m.attr(NFTA_DATA_VALUE, &key);
-                    m.end();
-                    if kind == NFT_MSG_NEWSETELEM {
-                        match (&c.layout.value, &e.value) {
-                            (Value::None, _) => {}
-                            (Value::Data(parts), Some(v)) => {
-                                let data = encode_parts(parts, v)
-                                    .map_err(|err| format!("{} value: {err}", c.set))?;
-                                m.begin(NFTA_SET_ELEM_DATA);
-                                m.attr(NFTA_DATA_VALUE, &data);
-                                m.end();
-                            }
-                            (Value::Verdict, Some(v)) => {
-                                m.begin(NFTA_SET_ELEM_DATA);
-                                verdict(&mut m, v)
-                                    .map_err(|err| format!("{} value: {err}", c.set))?;
-                                m.end();
-                            }
-                            (_, None) => {
-                                return Err(format!("{}: element {} needs a value", c.set, e.key))
-                            }
-                        }
-                    }
-                    m.end();
-                }
-                m.end();
-                out.extend(m.finish());
-            }
+/// A batch under construction: its bytes, the next sequence number, the elements so far.
+struct Batch {
+    out: Vec<u8>,
+    seq: u32,
+    elements: usize,
+}
+
+/// An encoded batch, ready to send.
+struct Encoded {
+    bytes: Vec<u8>,
+    /// The messages that will be acknowledged.
+    acks: u32,
+    elements: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            out: Msg::new(
+                NFNL_MSG_BATCH_BEGIN,
+                NLM_F_REQUEST,
+                0,
+                0,
+                NFNL_SUBSYS_NFTABLES,
+            )
+            .finish(),
+            seq: 1,
+            elements: 0,
         }
     }
-    let acks = seq - 1;
-    out.extend(
-        Msg::new(
-            NFNL_MSG_BATCH_END,
-            NLM_F_REQUEST,
-            seq,
-            0,
-            NFNL_SUBSYS_NFTABLES,
-        )
-        .finish(),
-    );
-    Ok((out, acks))
+
+    /// Appends the messages deleting (`add` false) or adding `elements` of `set`, a chunk
+    /// of elements per message.
+    fn push<E: std::borrow::Borrow<Element>>(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        layout: &Layout,
+        add: bool,
+        elements: impl Iterator<Item = E>,
+    ) -> Result<(), String> {
+        let (kind, flags) = if add {
+            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+        } else {
+            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+        };
+        let mut elements = elements.peekable();
+        // A nested attribute's length is 16 bits: a message carries a chunk of elements.
+        while elements.peek().is_some() {
+            let mut m = Msg::new(
+                (NFNL_SUBSYS_NFTABLES << 8) | kind,
+                flags,
+                self.seq,
+                family,
+                0,
+            );
+            self.seq += 1;
+            m.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+            m.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+            m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+            for e in elements.by_ref().take(ELEMENTS_PER_MESSAGE) {
+                let e = e.borrow();
+                self.elements += 1;
+                let key =
+                    encode_parts(&layout.key, &e.key).map_err(|err| format!("{set} key: {err}"))?;
+                m.begin(NFTA_LIST_ELEM);
+                m.begin(NFTA_SET_ELEM_KEY);
+                m.attr(NFTA_DATA_VALUE, &key);
+                m.end();
+                if add {
+                    match (&layout.value, &e.value) {
+                        (Value::None, _) => {}
+                        (Value::Data(parts), Some(v)) => {
+                            let data = encode_parts(parts, v)
+                                .map_err(|err| format!("{set} value: {err}"))?;
+                            m.begin(NFTA_SET_ELEM_DATA);
+                            m.attr(NFTA_DATA_VALUE, &data);
+                            m.end();
+                        }
+                        (Value::Verdict, Some(v)) => {
+                            m.begin(NFTA_SET_ELEM_DATA);
+                            verdict(&mut m, v).map_err(|err| format!("{set} value: {err}"))?;
+                            m.end();
+                        }
+                        (_, None) => return Err(format!("{set}: element {} needs a value", e.key)),
+                    }
+                }
+                m.end();
+            }
+            m.end();
+            self.out.extend(m.finish());
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Encoded {
+        let acks = self.seq - 1;
+        self.out.extend(
+            Msg::new(
+                NFNL_MSG_BATCH_END,
+                NLM_F_REQUEST,
+                self.seq,
+                0,
+                NFNL_SUBSYS_NFTABLES,
+            )
+            .finish(),
+        );
+        Encoded {
+            bytes: self.out,
+            acks,
+            elements: self.elements,
+        }
+    }
+}
+
+/// The batch's messages: begin, one per set and direction (deletes first), then the lazy
+/// additions, end.
+fn encode(
+    family: u8,
+    table: &str,
+    changes: &[SetChange],
+    lazy: Vec<LazyAdditions<'_>>,
+) -> Result<Encoded, String> {
+    let mut b = Batch::new();
+    for c in changes {
+        b.push(family, table, &c.set, &c.layout, false, c.delete.iter())?;
+        b.push(family, table, &c.set, &c.layout, true, c.add.iter())?;
+    }
+    for l in lazy {
+        b.push(family, table, &l.set, &l.layout, true, l.elements)?;
+    }
+    Ok(b.finish())
 }
 
 /// Sends the changes to `table` (of `family`) as one transaction, inside `netns` when given:
@@ -328,9 +395,24 @@ pub fn apply(
     table: &str,
     changes: &[SetChange],
 ) -> Result<(), NftError> {
+    apply_lazy(netns, family, table, changes, Vec::new()).map(|_| ())
+}
+
+/// [`apply`] with additions made as they are encoded, in the same transaction; returns how
+/// many elements the batch carried.
+pub fn apply_lazy(
+    netns: Option<&NetNs>,
+    family: u8,
+    table: &str,
+    changes: &[SetChange],
+    lazy: Vec<LazyAdditions<'_>>,
+) -> Result<usize, NftError> {
+    let batch = encode(family, table, changes, lazy).map_err(NftError::Rejected)?;
+    let elements = batch.elements;
     ElementSocket::open(netns)
         .map_err(NftError::Spawn)?
-        .apply(family, table, changes)
+        .send(table, batch)?;
+    Ok(elements)
 }
 
 /// A netfilter netlink socket kept open across batches. Closing one after a batch that
@@ -367,7 +449,15 @@ impl ElementSocket {
 
     /// Sends the changes as one transaction (see [`apply`]).
     pub fn apply(&self, family: u8, table: &str, changes: &[SetChange]) -> Result<(), NftError> {
-        let (batch, acks) = encode(family, table, changes).map_err(NftError::Rejected)?;
+        let batch = encode(family, table, changes, Vec::new()).map_err(NftError::Rejected)?;
+        self.send(table, batch)
+    }
+
+    /// Sends an encoded batch and waits for every acknowledgement.
+    fn send(&self, table: &str, batch: Encoded) -> Result<(), NftError> {
+        let Encoded {
+            bytes: batch, acks, ..
+        } = batch;
         if acks == 0 {
             return Ok(());
         }

@@ -155,15 +155,32 @@ fn elements_of(
     map: &ServiceMap,
     keep: impl Fn(&str) -> bool,
 ) -> BTreeMap<String, Vec<(String, String)>> {
-    let mut out: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    by_map(map)
+        .into_iter()
+        .filter(|(name, _)| keep(name))
+        .map(|(name, lists)| (name, lazy_elements(lists).collect()))
+        .collect()
+}
+
+/// The owned frontends of [`lists`] with their endpoints, grouped by dispatch map.
+pub fn by_map(map: &ServiceMap) -> BTreeMap<String, Vec<(Frontend, &[ServiceEndpoint])>> {
+    let mut out: BTreeMap<String, Vec<(Frontend, &[ServiceEndpoint])>> = BTreeMap::new();
     for (f, eps) in lists(map) {
-        let name = f.map();
-        if keep(&name) {
-            let m = out.entry(name).or_default();
-            m.extend(eps.iter().enumerate().map(|(i, ep)| (f.key(i), value(ep))));
-        }
+        out.entry(f.map()).or_default().push((f, eps));
     }
     out
+}
+
+/// The `(key, value)` elements of `lists` (one map's, from [`by_map`]), made one at a time as
+/// they are read: a node's first load sends 300k of them, which need not exist all at once.
+pub fn lazy_elements<'a>(
+    lists: Vec<(Frontend, &'a [ServiceEndpoint])>,
+) -> impl Iterator<Item = (String, String)> + 'a {
+    lists.into_iter().flat_map(|(f, eps)| {
+        eps.iter()
+            .enumerate()
+            .map(move |(i, ep)| (f.key(i), value(ep)))
+    })
 }
 
 fn add_lines(out: &mut String, tbl: &str, map: &str, elements: &[(String, String)]) {
