@@ -243,3 +243,52 @@ fn a_kept_socket_sends_batch_after_batch() {
     }
     assert!(!listed(&ns).contains("198.18.0.6"));
 }
+
+/// Additions made as they are encoded give the same batch as the same elements given whole,
+/// across message boundaries, and land in the same transaction as the eager changes.
+#[test]
+fn lazy_additions_encode_as_eager_ones_and_land() {
+    let element = |i: u32| Element {
+        key: i.to_string(),
+        value: Some(format!("198.18.{}.{} . 80", i / 250, i % 250 + 1)),
+    };
+    let layout = numgen_map("ep4", vec![], false).layout;
+    let eager = SetChange {
+        set: "ep4".into(),
+        layout: layout.clone(),
+        delete: Vec::new(),
+        add: (0..600).map(element).collect(),
+    };
+    let lazy = || LazyAdditions {
+        set: "ep4".into(),
+        layout: layout.clone(),
+        elements: Box::new((0..600).map(element)),
+    };
+    let a = encode(NFPROTO_INET, "t", std::slice::from_ref(&eager), Vec::new()).unwrap();
+    let b = encode(NFPROTO_INET, "t", &[], vec![lazy()]).unwrap();
+    assert_eq!((a.bytes, a.acks, a.elements), (b.bytes, b.acks, b.elements));
+    assert_eq!((b.acks, b.elements), (3, 600), "600 elements: 3 messages");
+
+    let Some(s) = Scratch::new("lazy") else {
+        return;
+    };
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    let ports = SetChange {
+        set: "ports".into(),
+        layout: Layout {
+            key: vec![Part::Port],
+            value: Value::None,
+        },
+        delete: Vec::new(),
+        add: vec![Element {
+            key: "8080".into(),
+            value: None,
+        }],
+    };
+    let n = apply_lazy(Some(&ns), NFPROTO_INET, "t", &[ports], vec![lazy()]).unwrap();
+    assert_eq!(n, 601);
+    let text = listed(&ns);
+    assert_eq!(text.matches(" : 198.18.").count(), 600);
+    assert!(text.contains("8080"));
+}
