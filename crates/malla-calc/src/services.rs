@@ -508,10 +508,10 @@ fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
         let key = format!("{} . inet_proto . inet_service", fam.addr_type());
         // The frontends count new connections (`malla services`); endpoints are not counted
         // (300k per-element counters cost the kernel ~1 s to load at 30k services).
-        verdict_map(table, format!("service-ips-{s}"), &key, true);
+        verdict_map(table, service_ips_map(fam), &key, true);
         verdict_map(table, format!("no-endpoint-services-{s}"), &key, false);
         let port_key = "inet_proto . inet_service";
-        verdict_map(table, format!("service-nodeports-{s}"), port_key, true);
+        verdict_map(table, node_ports_map(fam), port_key, true);
         verdict_map(table, format!("no-endpoint-nodeports-{s}"), port_key, false);
     }
     let jump = vec!["jump services".to_string()];
@@ -601,6 +601,27 @@ fn endpoints_map(fam: IpFamily, proto: &str, slot: u64) -> String {
         fam.suffix(),
         slot / SLOTS_PER_MAP
     )
+}
+
+/// `service-ips-v4|v6`: every cluster, external and load-balancer address of a family, keyed
+/// by [`frontend_key`], to the chain that takes it (counting new connections).
+pub fn service_ips_map(fam: IpFamily) -> String {
+    format!("service-ips-{}", fam.suffix())
+}
+
+/// `service-nodeports-v4|v6`: the node ports of a family, keyed by [`node_port_key`].
+pub fn node_ports_map(fam: IpFamily) -> String {
+    format!("service-nodeports-{}", fam.suffix())
+}
+
+/// `addr . proto . port`: frontend `f` of entry `e` in [`service_ips_map`].
+pub fn frontend_key(e: &ServiceEntry, f: &Frontend) -> String {
+    format!("{} . {} . {}", f.ip, e.protocol.nft(), f.port)
+}
+
+/// `proto . port`: node port `port` of entry `e` in [`node_ports_map`].
+pub fn node_port_key(e: &ServiceEntry, port: u16) -> String {
+    format!("{} . {port}", e.protocol.nft())
 }
 
 /// `dispatch-v4|v6-<proto>`: the endpoints of every plain entry (see [`ServiceEntry::is_plain`])
@@ -795,7 +816,6 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     let s = e.family.suffix();
     let kw = e.family.kw();
     let proto = e.protocol.nft();
-    let key_of = |f: &Frontend| format!("{} . {proto} . {}", f.ip, f.port);
     let put = |table: &mut nft::Table, map: String, key: String, verdict: String| {
         if let Some(m) = table.maps.get_mut(&map) {
             // The first service (in map order) to claim an address and port keeps it.
@@ -808,7 +828,7 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
             put(
                 table,
                 format!("no-endpoint-services-{s}"),
-                key_of(f),
+                frontend_key(e, f),
                 format!("goto {REJECT_CHAIN}"),
             );
         }
@@ -847,8 +867,8 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
         for f in &e.frontends {
             put(
                 table,
-                format!("service-ips-{s}"),
-                key_of(f),
+                service_ips_map(e.family),
+                frontend_key(e, f),
                 format!("goto {pick}"),
             );
         }
@@ -903,8 +923,8 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     {
         put(
             table,
-            format!("service-ips-{s}"),
-            key_of(f),
+            service_ips_map(e.family),
+            frontend_key(e, f),
             format!("goto {internal}"),
         );
     }
@@ -928,16 +948,16 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     {
         put(
             table,
-            format!("service-ips-{s}"),
-            key_of(f),
+            service_ips_map(e.family),
+            frontend_key(e, f),
             format!("goto {ext}"),
         );
     }
     if let Some(np) = e.node_port {
         put(
             table,
-            format!("service-nodeports-{s}"),
-            format!("{proto} . {np}"),
+            node_ports_map(e.family),
+            node_port_key(e, np),
             format!("goto {ext}"),
         );
     }
@@ -1097,7 +1117,7 @@ fn plain_delta(
         return None;
     }
     let (fam, proto) = (o.family, o.protocol.nft());
-    let ips_map = format!("service-ips-{}", fam.suffix());
+    let ips_map = service_ips_map(fam);
     let ips = table.maps.get(&ips_map)?;
     let new_pick = pick_chain(fam, proto, after.len());
     if !table.chains.contains_key(&new_pick) {
@@ -1126,7 +1146,7 @@ fn plain_delta(
         if dispatch::claimed_before(map, o, &owned) {
             continue;
         }
-        let key = format!("{} . {proto} . {}", f.ip, f.port);
+        let key = frontend_key(o, f);
         if before.len() != after.len() && ips.elements.contains_key(&key) {
             delta
                 .map_values

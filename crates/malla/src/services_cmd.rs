@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use anyhow::Context;
 use clap::Args;
-use malla_calc::services::{ServiceEndpoint, ServiceEntry};
+use malla_calc::masquerade;
+use malla_calc::services::{self, IpFamily, ServiceEndpoint, ServiceEntry};
 use malla_dataplane::conntrack::{self, DnatFlow};
 use malla_dataplane::netns::NetNs;
 
@@ -36,13 +37,12 @@ struct Counters {
 impl Counters {
     fn read(netns: Option<&NetNs>) -> Self {
         let mut frontends = BTreeMap::new();
-        for map in [
-            "service-ips-v4",
-            "service-ips-v6",
-            "service-nodeports-v4",
-            "service-nodeports-v6",
-        ] {
-            let args = ["-j", "list", "map", "inet", "malla", map];
+        let families = [IpFamily::IPv4, IpFamily::IPv6];
+        let maps = families
+            .iter()
+            .flat_map(|&f| [services::service_ips_map(f), services::node_ports_map(f)]);
+        for map in maps {
+            let args = ["-j", "list", "map", "inet", masquerade::TABLE, &map];
             let Ok(text) = malla_dataplane::nft::run(netns, &args, "") else {
                 continue;
             };
@@ -59,7 +59,7 @@ impl Counters {
                         .join(" . ")
                 });
                 if let (Some(key), Some(n)) = (key, el[0]["elem"]["counter"]["packets"].as_u64()) {
-                    frontends.insert((map.to_string(), key), n);
+                    frontends.insert((map.clone(), key), n);
                 }
             }
         }
@@ -75,21 +75,23 @@ impl Counters {
 
     /// New connections to entry `e`, over all its frontends and its node port.
     fn new_connections(&self, e: &ServiceEntry) -> u64 {
-        let (s, proto) = (e.family.suffix(), e.protocol.nft());
         let count = |map: String, key: String| self.frontends.get(&(map, key)).copied();
         let frontends: u64 = e
             .frontends
             .iter()
             .filter_map(|f| {
                 count(
-                    format!("service-ips-{s}"),
-                    format!("{} . {proto} . {}", f.ip, f.port),
+                    services::service_ips_map(e.family),
+                    services::frontend_key(e, f),
                 )
             })
             .sum();
-        let node_port = e
-            .node_port
-            .and_then(|np| count(format!("service-nodeports-{s}"), format!("{proto} . {np}")));
+        let node_port = e.node_port.and_then(|np| {
+            count(
+                services::node_ports_map(e.family),
+                services::node_port_key(e, np),
+            )
+        });
         frontends + node_port.unwrap_or(0)
     }
 
