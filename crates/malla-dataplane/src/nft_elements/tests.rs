@@ -22,6 +22,19 @@ impl Scratch {
     }
 }
 
+/// A scratch namespace holding [`TABLE`], and a handle on it; None when not root.
+fn with_table(tag: &str) -> Option<(Scratch, NetNs)> {
+    let s = Scratch::new(tag)?;
+    let ns = s.ns();
+    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    Some((s, ns))
+}
+
+/// The `i`th of many distinct `address . port` values (198.18.0.1 onwards, 250 per /24).
+fn many(i: u32) -> String {
+    format!("198.18.{}.{} . 80", i / 250, i % 250 + 1)
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = crate::netns::delete(&self.0);
@@ -62,9 +75,9 @@ fn listed(ns: &NetNs) -> String {
 
 #[test]
 fn elements_of_every_layout_read_back_as_nft_wrote_them() {
-    let Some(s) = Scratch::new("all") else { return };
-    let ns = s.ns();
-    crate::nft::apply(Some(&ns), TABLE).unwrap();
+    let Some((_s, ns)) = with_table("all") else {
+        return;
+    };
     let changes = vec![
         numgen_map(
             "ep4",
@@ -145,11 +158,9 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
 
 #[test]
 fn a_failing_change_applies_nothing_and_says_why() {
-    let Some(s) = Scratch::new("atomic") else {
+    let Some((_s, ns)) = with_table("atomic") else {
         return;
     };
-    let ns = s.ns();
-    crate::nft::apply(Some(&ns), TABLE).unwrap();
     let mut bad = numgen_map("ep4", vec![("1", "198.18.0.7 . 81")], false);
     // Not there: the whole batch is refused, the add above included.
     bad.delete = vec![Element {
@@ -181,20 +192,11 @@ fn a_failing_change_applies_nothing_and_says_why() {
 
 #[test]
 fn a_large_batch_is_split_into_messages_and_every_element_lands() {
-    let Some(s) = Scratch::new("large") else {
+    let Some((_s, ns)) = with_table("large") else {
         return;
     };
-    let ns = s.ns();
-    crate::nft::apply(Some(&ns), TABLE).unwrap();
     // 20 000 elements: ~80 messages, far past one attribute's 64 KiB.
-    let add: Vec<(String, String)> = (0..20_000u32)
-        .map(|i| {
-            (
-                i.to_string(),
-                format!("198.18.{}.{} . 80", i / 250, i % 250 + 1),
-            )
-        })
-        .collect();
+    let add: Vec<(String, String)> = (0..20_000u32).map(|i| (i.to_string(), many(i))).collect();
     let change = numgen_map(
         "ep4",
         add.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
@@ -210,11 +212,9 @@ fn a_large_batch_is_split_into_messages_and_every_element_lands() {
 /// own acks, and an element replaced (deleted, then added with a new value) reads back new.
 #[test]
 fn a_kept_socket_sends_batch_after_batch() {
-    let Some(s) = Scratch::new("kept") else {
+    let Some((_s, ns)) = with_table("kept") else {
         return;
     };
-    let ns = s.ns();
-    crate::nft::apply(Some(&ns), TABLE).unwrap();
     let sock = ElementSocket::open(Some(&ns)).unwrap();
     sock.apply(
         NFPROTO_INET,
@@ -250,7 +250,7 @@ fn a_kept_socket_sends_batch_after_batch() {
 fn lazy_additions_encode_as_eager_ones_and_land() {
     let element = |i: u32| Element {
         key: i.to_string(),
-        value: Some(format!("198.18.{}.{} . 80", i / 250, i % 250 + 1)),
+        value: Some(many(i)),
     };
     let layout = numgen_map("ep4", vec![], false).layout;
     let eager = SetChange {
@@ -269,11 +269,9 @@ fn lazy_additions_encode_as_eager_ones_and_land() {
     assert_eq!((a.bytes, a.acks, a.elements), (b.bytes, b.acks, b.elements));
     assert_eq!((b.acks, b.elements), (3, 600), "600 elements: 3 messages");
 
-    let Some(s) = Scratch::new("lazy") else {
+    let Some((_s, ns)) = with_table("lazy") else {
         return;
     };
-    let ns = s.ns();
-    crate::nft::apply(Some(&ns), TABLE).unwrap();
     let ports = SetChange {
         set: "ports".into(),
         layout: Layout {
