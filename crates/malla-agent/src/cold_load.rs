@@ -53,10 +53,7 @@ pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
                         add: m
                             .elements
                             .iter()
-                            .map(|(k, v)| Element {
-                                key: k.clone(),
-                                value: Some(v.clone()),
-                            })
+                            .map(|(k, v)| Element::pair(k.as_str(), v.as_str()))
                             .collect(),
                     });
                 }
@@ -80,10 +77,9 @@ pub fn dispatch_additions<'a>(table: &Table, services: &'a ServiceMap) -> Vec<La
         out.push(LazyAdditions {
             set: name,
             layout,
-            elements: Box::new(dispatch::lazy_elements(lists).map(|(key, value)| Element {
-                key,
-                value: Some(value),
-            })),
+            elements: Box::new(
+                dispatch::lazy_elements(lists).map(|(key, value)| Element::pair(key, value)),
+            ),
         });
     }
     out

@@ -92,10 +92,7 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
         if n.flags.iter().any(|f| f == "interval") {
             return None;
         }
-        let element = |k: &String| Element {
-            key: k.clone(),
-            value: None,
-        };
+        let element = |k: &String| Element::key(k.as_str());
         out.push(SetChange {
             set: name.clone(),
             layout: Layout {
@@ -123,19 +120,13 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
             .elements
             .iter()
             .filter(|(k, v)| n.elements.get(*k) != Some(*v))
-            .map(|(k, _)| Element {
-                key: k.clone(),
-                value: None,
-            })
+            .map(|(k, _)| Element::key(k.as_str()))
             .collect();
         let add = n
             .elements
             .iter()
             .filter(|(k, v)| o.elements.get(*k) != Some(*v))
-            .map(|(k, v)| Element {
-                key: k.clone(),
-                value: Some(v.clone()),
-            })
+            .map(|(k, v)| Element::pair(k.as_str(), v.as_str()))
             .collect();
         out.push(SetChange {
             set: name.clone(),
@@ -173,17 +164,11 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
     let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
     for (map, key, value) in &delta.map_values {
         let m = table.maps.get(map)?;
-        let change = change_for(&mut by_set, map, || map_layout(m))?;
-        if m.elements.contains_key(key) {
-            change.delete.push(Element {
-                key: key.clone(),
-                value: None,
-            });
-        }
-        change.add.push(Element {
-            key: key.clone(),
-            value: Some(value.clone()),
-        });
+        change_for(&mut by_set, map, || map_layout(m))?.put(
+            key,
+            value,
+            m.elements.contains_key(key),
+        );
     }
     for (sets, adding) in [(&delta.set_removed, false), (&delta.set_added, true)] {
         for (set, element) in sets {
@@ -197,10 +182,7 @@ pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChan
                     value: Value::None,
                 })
             })?;
-            let e = Element {
-                key: element.clone(),
-                value: None,
-            };
+            let e = Element::key(element.as_str());
             if adding {
                 change.add.push(e);
             } else {
@@ -237,24 +219,11 @@ pub fn dispatch_changes(table: &Table, c: &services::dispatch::Changes) -> Optio
         let m = table.maps.get(map)?;
         change_for(&mut by_map, map, || map_layout(m))?
             .delete
-            .push(Element {
-                key: key.clone(),
-                value: None,
-            });
+            .push(Element::key(key.as_str()));
     }
     for (map, key, value, replaces) in &c.set {
         let m = table.maps.get(map)?;
-        let ch = change_for(&mut by_map, map, || map_layout(m))?;
-        if *replaces {
-            ch.delete.push(Element {
-                key: key.clone(),
-                value: None,
-            });
-        }
-        ch.add.push(Element {
-            key: key.clone(),
-            value: Some(value.clone()),
-        });
+        change_for(&mut by_map, map, || map_layout(m))?.put(key, value, *replaces);
     }
     Some(by_map.into_values().collect())
 }

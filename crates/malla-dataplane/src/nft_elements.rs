@@ -115,6 +115,24 @@ pub struct Element {
     pub value: Option<String>,
 }
 
+impl Element {
+    /// A set's element, or a map's key to delete.
+    pub fn key(key: impl Into<String>) -> Element {
+        Element {
+            key: key.into(),
+            value: None,
+        }
+    }
+
+    /// A map's element.
+    pub fn pair(key: impl Into<String>, value: impl Into<String>) -> Element {
+        Element {
+            key: key.into(),
+            value: Some(value.into()),
+        }
+    }
+}
+
 /// Element changes to one set of a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetChange {
@@ -122,6 +140,17 @@ pub struct SetChange {
     pub layout: Layout,
     pub delete: Vec<Element>,
     pub add: Vec<Element>,
+}
+
+impl SetChange {
+    /// Gives map key `key` the value `value`; a key already there (`replaces`) is deleted
+    /// first, in the same batch (the kernel refuses to add a key that is there).
+    pub fn put(&mut self, key: &str, value: &str, replaces: bool) {
+        if replaces {
+            self.delete.push(Element::key(key));
+        }
+        self.add.push(Element::pair(key, value));
+    }
 }
 
 /// Elements to add to one set, made one at a time as the batch is encoded: a node's first load
