@@ -69,6 +69,19 @@ fn numgen_map(name: &str, key_text_value: Vec<(&str, &str)>, six: bool) -> SetCh
     }
 }
 
+/// `port` added to the set `ports`.
+fn port_added(port: &str) -> SetChange {
+    SetChange {
+        set: "ports".into(),
+        layout: Layout {
+            key: vec![Part::Port],
+            value: Value::None,
+        },
+        delete: Vec::new(),
+        add: vec![Element::key(port)],
+    }
+}
+
 fn listed(ns: &NetNs) -> String {
     crate::nft::list_table(Some(ns), "inet", "t").unwrap()
 }
@@ -115,18 +128,7 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
                 value: None,
             }],
         },
-        SetChange {
-            set: "ports".into(),
-            layout: Layout {
-                key: vec![Part::Port],
-                value: Value::None,
-            },
-            delete: Vec::new(),
-            add: vec![Element {
-                key: "30080".into(),
-                value: None,
-            }],
-        },
+        port_added("30080"),
     ];
     apply(Some(&ns), NFPROTO_INET, "t", &changes).unwrap();
     let text = listed(&ns);
@@ -272,18 +274,7 @@ fn lazy_additions_encode_as_eager_ones_and_land() {
     let Some((_s, ns)) = with_table("lazy") else {
         return;
     };
-    let ports = SetChange {
-        set: "ports".into(),
-        layout: Layout {
-            key: vec![Part::Port],
-            value: Value::None,
-        },
-        delete: Vec::new(),
-        add: vec![Element {
-            key: "8080".into(),
-            value: None,
-        }],
-    };
+    let ports = port_added("8080");
     let n = apply_lazy(Some(&ns), NFPROTO_INET, "t", &[ports], vec![lazy()]).unwrap();
     assert_eq!(n, 601);
     let text = listed(&ns);
