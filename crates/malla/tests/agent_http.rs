@@ -58,6 +58,22 @@ fn curl(netns: &str, path: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// Polls `path` in `netns` until it answers 200, failing after `timeout`.
+fn wait_for_200(netns: &str, path: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, body) = curl(netns, path);
+        if code == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{netns}: {path} still answers {code} after {timeout:?}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The value of the sample that starts with `series ` (exact name and labels).
 fn value(metrics: &str, series: &str) -> f64 {
     metrics
@@ -187,14 +203,7 @@ fn each_nodes_agent_serves_health_readiness_and_metrics() {
     state.nodes[0].agent_pid = Some(pid);
     state.save(&paths).unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while curl(&nodes[0], "/healthz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "the new agent's /healthz never answered 200"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_200(&nodes[0], "/healthz", Duration::from_secs(15));
     // Not ready for as long as etcd is away (the agent cannot list the cluster).
     let away = Instant::now();
     while away.elapsed() < Duration::from_secs(4) {
@@ -219,14 +228,7 @@ fn each_nodes_agent_serves_health_readiness_and_metrics() {
         pid as i32,
         "the lab kept the agent started above"
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while curl(&nodes[0], "/readyz").0 != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "node-1 not ready 20 s after etcd returned"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_200(&nodes[0], "/readyz", Duration::from_secs(20));
     let m = scrape(&nodes[0]);
     assert_eq!(
         value(&m, "malla_programmed_objects{kind=\"local_workloads\"}"),
