@@ -69,7 +69,9 @@ const IDLE_AFTER: Duration = Duration::from_secs(10);
 /// watch; each batch of changes updates the mirror, and when the calculation's input changed
 /// the dataplane is computed and applied again (also every `resync`, repairing drift). When
 /// the datastore is away the kernel is left as it is and the watch resumes by itself; if the
-/// history it needs is gone, the agent lists again.
+/// history it needs is gone, the agent lists again. A datastore that cannot be opened at start
+/// is retried every second; the HTTP server ([`http`]) answers from the start (`/readyz` 503
+/// until the first sync is applied).
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Held for the agent's lifetime: the CNI plugin's STATUS knows the agent runs while it is
     // locked, and a second agent for the same node refuses to start.
