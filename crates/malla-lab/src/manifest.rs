@@ -80,16 +80,18 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
 /// The lab's pod: its ports once each, as the lab's probes serve them.
 fn pod_spec(doc: &Document, pod: malla_api::Pod) -> Result<PodSpec, ManifestError> {
     let mut ports: Vec<PortSpec> = Vec::new();
-    for (i, p) in pod.ports.iter().enumerate() {
+    for p in &pod.ports {
         let protocol = match p.protocol {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Sctp => {
-                // Which container's port: the model keeps them in order, all containers flat.
                 return Err(k8s_manifest::ManifestError::at(
                     doc,
-                    format!("spec.containers[].ports (port {} of the pod)", i + 1),
-                    "SCTP is not available on this kernel",
+                    "spec.containers[].ports[].protocol",
+                    format!(
+                        "SCTP (containerPort {}) is not available on this kernel",
+                        p.port
+                    ),
                 )
                 .into());
             }
@@ -167,6 +169,11 @@ spec:
         assert!(e.0.contains("metadata.name"), "{e}");
         let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n").unwrap_err();
         assert!(e.0.contains("spec: is required"), "{e}");
+        let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, ports: [{containerPort: 9, protocol: SCTP}]}]}\n").unwrap_err();
+        assert!(
+            e.0.starts_with("document 1 (Pod \"p\"): spec.containers[].ports[].protocol: SCTP"),
+            "{e}"
+        );
         let e = parse(": : :\n").unwrap_err();
         assert!(e.0.starts_with("document 1"), "{e}");
         let e = parse("- a\n").unwrap_err();

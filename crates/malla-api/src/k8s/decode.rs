@@ -103,7 +103,9 @@ pub(crate) fn typed<T: DeserializeOwned>(
 }
 
 fn unknown_field<T: DeserializeOwned>(path: &[Seg], more: usize) -> FieldError {
-    let (last, parent) = path.split_last().expect("an ignored field has a path");
+    let Some((last, parent)) = path.split_last() else {
+        return FieldError::new("(document)", "unexpected value");
+    };
     let name = match last {
         Seg::Key(k) => k.as_str(),
         Seg::Index(_) => "",

@@ -20,6 +20,19 @@ fn refused(yaml: &str) -> String {
     }
 }
 
+/// Each `(from, to, expected)`: `base` with `from` replaced by `to` is refused with `expected` in
+/// the message.
+fn each_refused(base: &str, cases: &[(&str, &str, &str)]) {
+    for (from, to, expected) in cases {
+        assert!(base.contains(from), "{from:?} is not in the manifest");
+        let e = refused(&base.replace(from, to));
+        assert!(
+            e.contains(expected),
+            "{from} -> {to}: expected {expected:?} in: {e}"
+        );
+    }
+}
+
 fn one(yaml: &str) -> Object {
     let mut docs = parse(yaml).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(docs.len(), 1);
@@ -79,63 +92,55 @@ fn pods_keep_what_malla_uses_and_accept_the_rest() {
 
 #[test]
 fn pod_typos_are_refused_naming_the_field() {
-    let e = refused(&POD.replace("  labels:", "  label:"));
-    assert!(
-        e.starts_with("document 1 (Pod \"shop/web-1\"): metadata.label: unknown field (did you mean \"labels\"?)"),
-        "{e}"
-    );
-    let e = refused(&POD.replace("nodeName:", "nodename:"));
-    assert!(
-        e.contains("spec.nodename: unknown field (did you mean \"nodeName\"?)"),
-        "{e}"
-    );
-    let e = refused(&POD.replace("- containerPort: 80", "- port: 80"));
-    assert!(
-        e.contains("spec.containers[0].ports[0].port: unknown field"),
-        "{e}"
-    );
-    assert!(
-        e.contains("containerPort"),
-        "the valid names are listed: {e}"
-    );
-    let e = refused(&POD.replace("imagePullPolicy", "imagePullPolicyy"));
-    assert!(
-        e.contains("spec.containers[0].imagePullPolicyy: unknown field"),
-        "{e}"
+    each_refused(
+        POD,
+        &[
+            ("  labels:", "  label:", "document 1 (Pod \"shop/web-1\"): metadata.label: unknown field (did you mean \"labels\"?)"),
+            ("nodeName:", "nodename:", "spec.nodename: unknown field (did you mean \"nodeName\"?)"),
+            ("- containerPort: 80", "- port: 80", "spec.containers[0].ports[0].port: unknown field; valid fields here: containerPort, hostIP, hostPort, name, protocol"),
+            ("imagePullPolicy", "imagePullPolicyy", "spec.containers[0].imagePullPolicyy: unknown field"),
+        ],
     );
 }
 
 #[test]
 fn pod_values_are_checked_naming_the_field() {
-    let e = refused(&POD.replace("containerPort: 80", "containerPort: 70000"));
-    assert!(
-        e.contains("spec.containers[0].ports[0].containerPort: 70000 is outside 1-65535"),
-        "{e}"
+    each_refused(
+        POD,
+        &[
+            (
+                "containerPort: 80",
+                "containerPort: 70000",
+                "spec.containers[0].ports[0].containerPort: 70000 is outside 1-65535",
+            ),
+            (
+                "containerPort: 80",
+                "containerPort: eighty",
+                "spec.containers[0].ports[0].containerPort: invalid type",
+            ),
+            (
+                "containerPort: 80",
+                "containerPort: 4294967377",
+                "spec.containers[0].ports[0].containerPort",
+            ),
+            (
+                "protocol: UDP",
+                "protocol: ICMP",
+                "spec.containers[0].ports[1].protocol: \"ICMP\"",
+            ),
+            (
+                "name: http",
+                "name: Not_A_Name",
+                "spec.containers[0].ports[0].name",
+            ),
+            (
+                "{app: web}",
+                "{app: 1}",
+                "metadata.labels.app: invalid type: integer",
+            ),
+            ("name: web-1", "name: Web_1", "metadata.name"),
+        ],
     );
-    let e = refused(&POD.replace("containerPort: 80", "containerPort: eighty"));
-    assert!(
-        e.contains("spec.containers[0].ports[0].containerPort: invalid type"),
-        "{e}"
-    );
-    let e = refused(&POD.replace("containerPort: 80", "containerPort: 4294967377"));
-    assert!(
-        e.contains("spec.containers[0].ports[0].containerPort"),
-        "{e}"
-    );
-    let e = refused(&POD.replace("protocol: UDP", "protocol: ICMP"));
-    assert!(
-        e.contains("spec.containers[0].ports[1].protocol: \"ICMP\""),
-        "{e}"
-    );
-    let e = refused(&POD.replace("name: http", "name: Not_A_Name"));
-    assert!(e.contains("spec.containers[0].ports[0].name"), "{e}");
-    let e = refused(&POD.replace("{app: web}", "{app: 1}"));
-    assert!(
-        e.contains("metadata.labels.app: invalid type: integer"),
-        "{e}"
-    );
-    let e = refused(&POD.replace("name: web-1", "name: Web_1"));
-    assert!(e.contains("metadata.name"), "{e}");
     let e = refused("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n");
     assert!(
         e.contains("spec.containers: must have at least one container"),
@@ -257,24 +262,17 @@ fn network_policies() {
 #[test]
 fn network_policy_typos_and_values_are_refused() {
     // The typo: without strictness this was an empty selector, a namespace-wide deny.
-    let e = refused(&POLICY.replace("matchLabels: {app: db}", "matchLabel: {app: db}"));
-    assert!(
-        e.starts_with("document 1 (NetworkPolicy \"shop/db\"): spec.podSelector.matchLabel: unknown field (did you mean \"matchLabels\"?); valid fields here: matchExpressions, matchLabels"),
-        "{e}"
+    each_refused(
+        POLICY,
+        &[
+            ("matchLabels: {app: db}", "matchLabel: {app: db}", "document 1 (NetworkPolicy \"shop/db\"): spec.podSelector.matchLabel: unknown field (did you mean \"matchLabels\"?); valid fields here: matchExpressions, matchLabels"),
+            ("ipBlock: {cidr: 198", "ipBlock: {cird: 198", "spec.ingress[0].from[1].ipBlock.cird: unknown field"),
+            ("- {port: 5432}", "- {port: 70000}", "spec.ingress[0].ports[0].port"),
+            ("198.18.0.0/16", "198.18.0.0/33", "spec.ingress[0].from[1].ipBlock.cidr"),
+            ("policyTypes: [Ingress, Egress]", "policyTypes: [Ingres]", "spec.policyTypes[0]"),
+            ("operator: In", "operator: Within", "spec.ingress[0].from[0].podSelector"),
+        ],
     );
-    let e = refused(&POLICY.replace("ipBlock: {cidr: 198", "ipBlock: {cird: 198"));
-    assert!(
-        e.contains("spec.ingress[0].from[1].ipBlock.cird: unknown field"),
-        "{e}"
-    );
-    let e = refused(&POLICY.replace("- {port: 5432}", "- {port: 70000}"));
-    assert!(e.contains("spec.ingress[0].ports[0].port"), "{e}");
-    let e = refused(&POLICY.replace("198.18.0.0/16", "198.18.0.0/33"));
-    assert!(e.contains("spec.ingress[0].from[1].ipBlock.cidr"), "{e}");
-    let e = refused(&POLICY.replace("policyTypes: [Ingress, Egress]", "policyTypes: [Ingres]"));
-    assert!(e.contains("spec.policyTypes[0]"), "{e}");
-    let e = refused(&POLICY.replace("operator: In", "operator: Within"));
-    assert!(e.contains("spec.ingress[0].from[0].podSelector"), "{e}");
     let e = refused(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec: {ingress: 3}\n",
     );
@@ -327,41 +325,74 @@ fn services() {
 
 #[test]
 fn service_typos_and_values_are_refused() {
-    let e = refused(&SERVICE.replace("selector:", "selecter:"));
-    assert!(
-        e.contains("spec.selecter: unknown field (did you mean \"selector\"?)"),
-        "{e}"
+    each_refused(
+        SERVICE,
+        &[
+            (
+                "selector:",
+                "selecter:",
+                "spec.selecter: unknown field (did you mean \"selector\"?)",
+            ),
+            (
+                "targetPort: 5353",
+                "targetport: 5353",
+                "spec.ports[1].targetport: unknown field (did you mean \"targetPort\"?)",
+            ),
+        ],
     );
-    let e = refused(&SERVICE.replace("targetPort: 5353", "targetport: 5353"));
-    assert!(
-        e.contains("spec.ports[1].targetport: unknown field (did you mean \"targetPort\"?)"),
-        "{e}"
+    each_refused(
+        SERVICE,
+        &[
+            (
+                "port: 80,",
+                "port: 99999,",
+                "spec.ports[0].port: 99999 is outside",
+            ),
+            ("port: 80,", "port: x,", "spec.ports[0].port: invalid type"),
+            (
+                "nodePort: 30080",
+                "nodePort: 80",
+                "spec.ports[0].nodePort: 80 is outside 30000-32767",
+            ),
+            (
+                "198.18.200.1",
+                "198.18.200.x",
+                "spec.externalIPs[0]: \"198.18.200.x\" is not an IP address",
+            ),
+            (
+                "type: NodePort",
+                "type: ExternalName",
+                "spec.type: ExternalName",
+            ),
+            (
+                "type: NodePort",
+                "type: ClusterIP",
+                "spec.ports[0].nodePort: only NodePort and LoadBalancer",
+            ),
+            ("ClientIP", "Sticky", "spec.sessionAffinity: \"Sticky\""),
+            ("[IPv6, IPv4]", "[IPv7]", "spec.ipFamilies[0]: \"IPv7\""),
+            (
+                "targetPort: 5353",
+                "targetPort: 0",
+                "spec.ports[1].targetPort: 0 is outside",
+            ),
+            (
+                "name: dns,",
+                "name: http,",
+                "spec.ports[1].name: \"http\" is used twice",
+            ),
+            (
+                "protocol: UDP",
+                "protocol: udp",
+                "spec.ports[1].protocol: \"udp\"",
+            ),
+            (
+                "name: http, port: 80",
+                "port: 80",
+                "spec.ports[0].name: required when",
+            ),
+        ],
     );
-    for (from, to, field) in [
-        ("port: 80,", "port: 99999,", "spec.ports[0].port"),
-        ("port: 80,", "port: x,", "spec.ports[0].port"),
-        ("nodePort: 30080", "nodePort: 80", "spec.ports[0].nodePort"),
-        ("198.18.200.1", "198.18.200.x", "spec.externalIPs[0]"),
-        ("type: NodePort", "type: ExternalName", "spec.type"),
-        (
-            "type: NodePort",
-            "type: ClusterIP",
-            "spec.ports[0].nodePort",
-        ),
-        ("ClientIP", "Sticky", "spec.sessionAffinity"),
-        ("[IPv6, IPv4]", "[IPv7]", "spec.ipFamilies[0]"),
-        (
-            "targetPort: 5353",
-            "targetPort: 0",
-            "spec.ports[1].targetPort",
-        ),
-        ("name: dns,", "name: http,", "spec.ports[1].name"),
-        ("protocol: UDP", "protocol: udp", "spec.ports[1].protocol"),
-        ("name: http, port: 80", "port: 80", "spec.ports[0].name"),
-    ] {
-        let e = refused(&SERVICE.replace(from, to));
-        assert!(e.contains(&format!("{field}:")), "{from} -> {to}: {e}");
-    }
     let e = refused("apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {externalTrafficPolicy: Local, ports: [{port: 80}]}\n");
     assert!(
         e.contains("spec.externalTrafficPolicy: Local is only valid"),
@@ -410,28 +441,37 @@ fn endpoint_slices_of_both_versions() {
 
 #[test]
 fn endpoint_slice_typos_and_values_are_refused() {
-    let e = refused(&SLICE.replace("nodeName:", "node:"));
-    assert!(e.contains("endpoints[0].node: unknown field"), "{e}");
-    let e = refused(&SLICE.replace("198.18.0.5", "fd00::5"));
-    assert!(
-        e.contains("endpoints[0].addresses[0]: fd00::5 does not match addressType IPv4"),
-        "{e}"
-    );
-    let e = refused(&SLICE.replace("198.18.0.5", "198.18.0.500"));
-    assert!(
-        e.contains("endpoints[0].addresses[0]: \"198.18.0.500\" is not an IP address"),
-        "{e}"
-    );
-    let e = refused(&SLICE.replace("port: 8080", "port: -1"));
-    assert!(e.contains("ports[0].port: -1 is outside 1-65535"), "{e}");
-    let e = refused(&SLICE.replace("addressType: IPv4", "addressType: FQDN"));
-    assert!(e.contains("addressType"), "{e}");
-    let e = refused(&SLICE.replace("labels: {kubernetes.io/service-name: web}", "labels: {}"));
-    assert!(e.contains("service-name: is required"), "{e}");
-    let e = refused(&SLICE.replace("ready: false", "ready: maybe"));
-    assert!(
-        e.contains("endpoints[0].conditions.ready: invalid type"),
-        "{e}"
+    each_refused(
+        SLICE,
+        &[
+            ("nodeName:", "node:", "endpoints[0].node: unknown field"),
+            (
+                "198.18.0.5",
+                "fd00::5",
+                "endpoints[0].addresses[0]: fd00::5 does not match addressType IPv4",
+            ),
+            (
+                "198.18.0.5",
+                "198.18.0.500",
+                "endpoints[0].addresses[0]: \"198.18.0.500\" is not an IP address",
+            ),
+            (
+                "port: 8080",
+                "port: -1",
+                "ports[0].port: -1 is outside 1-65535",
+            ),
+            ("addressType: IPv4", "addressType: FQDN", "addressType"),
+            (
+                "labels: {kubernetes.io/service-name: web}",
+                "labels: {}",
+                "service-name: is required",
+            ),
+            (
+                "ready: false",
+                "ready: maybe",
+                "endpoints[0].conditions.ready: invalid type",
+            ),
+        ],
     );
 }
 
