@@ -61,10 +61,10 @@ pub const ETCD_PREFIX: &str = "/registry";
 /// The controllers kube-controller-manager runs.
 pub const CONTROLLERS: &str = "endpoint,endpointslice,endpointslicemirroring,namespace,serviceaccount,serviceaccount-token,garbagecollector";
 
-/// The service range: the lab's own (198.19.64.0/18, [`crate::services::SERVICE_CIDR_V4`]), so
+/// The service range: the lab's own (198.19.64.0/18, [`crate::addresses::SERVICE_CIDR_V4`]), so
 /// the API server hands out the addresses the lab would.
 pub fn default_service_cidr() -> String {
-    let (base, count) = crate::services::SERVICE_CIDR_V4;
+    let (base, count) = crate::addresses::SERVICE_CIDR_V4;
     format!("{base}/{}", 32 - count.trailing_zeros())
 }
 

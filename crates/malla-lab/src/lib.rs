@@ -6,6 +6,7 @@
 //! the installed CNI plugin exactly as containerd or CRI-O would. Every name starts with
 //! `malla-<lab>-`, and teardown deletes by exact name.
 
+pub mod addresses;
 pub mod cni_exec;
 pub mod control_plane;
 pub mod manifest;
