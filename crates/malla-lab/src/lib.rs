@@ -13,7 +13,6 @@ pub mod manifest;
 pub mod probe;
 pub mod process;
 pub mod runtime;
-pub mod runtimes;
 pub mod services;
 pub mod state;
 pub mod store;

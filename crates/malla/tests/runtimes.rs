@@ -7,14 +7,14 @@
 //! mount namespaces: the daemons, their state, sockets and `/run` live in a temp dir or a
 //! private tmpfs, and the CNI directories a runtime reads are bind mounts visible only to it.
 //! Nothing is written to the machine's `/etc/cni/net.d`, `/opt/cni/bin` or root namespace.
-//! The harness (the runtimes, the image, the checks, the cleanup) is `malla_lab::runtimes`,
+//! The harness (the runtimes, the image, the checks, the cleanup) is `malla_test_kit::runtimes`,
 //! which the `ctr-start` benchmark shares.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use malla_lab::runtimes::{
+use malla_test_kit::runtimes::{
     assert_node_clean, assert_wired_in_node, busybox_oci_archive, eth0_ipv4, in_pod_pool,
     require_root, require_tools, wait_for, Containerd, Lab, Out, Podman,
 };
