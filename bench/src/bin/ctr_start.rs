@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     if args.warmup > 10 {
         bail!("--warmup: {} is above 10", args.warmup);
     }
-    runtimes::require_root();
+    malla_test_kit::lab::require_root();
     let deadline = begin(args.common.max_seconds)?;
     for tool in ["containerd", "ctr", "runc", "unshare", "tar", "sha256sum"] {
         if !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())

@@ -6,6 +6,8 @@
 //!   --cni`, podman with its CNI backend, a busybox OCI image built locally, the node checks
 //!   and the precise cleanup of what a runtime leaves behind (the runtime tests and the
 //!   `ctr-start` benchmark).
+//! - [`lab`]: a lab driven through the `malla` CLI with a unique name and a private state
+//!   directory, brought down on drop (the lab tests and the runtime harness).
 //! - [`control_plane`]: a Kubernetes control plane (etcd, kube-apiserver, kube-controller-
 //!   manager) owned by the test, on 127.0.0.1 with free ports, stopped by the pids it spawned
 //!   when dropped (the Kubernetes datastore, `deploy/` and control-plane tests).
@@ -17,4 +19,5 @@
 //! loopback options and a control plane whose processes are this process's children.
 
 pub mod control_plane;
+pub mod lab;
 pub mod runtimes;

@@ -14,9 +14,10 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use malla_test_kit::lab::{require_root, Lab};
 use malla_test_kit::runtimes::{
     assert_node_clean, assert_wired_in_node, busybox_oci_archive, eth0_ipv4, in_pod_pool,
-    require_root, require_tools, wait_for, Containerd, Lab, Out, Podman,
+    require_tools, wait_for, Containerd, Out, Podman,
 };
 
 /// Container B's main process: a TCP server on 8080 that answers every connection.
@@ -46,7 +47,11 @@ fn check_two_containers(
     };
     let (a, b) = (addr("a"), addr("b"));
     assert_ne!(a, b, "two containers, two addresses");
-    assert_eq!(lab.ipam_used(), 2, "IPAM holds exactly the two addresses");
+    assert_eq!(
+        lab.used_addresses(),
+        2,
+        "IPAM holds exactly the two addresses"
+    );
     assert_wired_in_node(node_ns, &[a, b]);
 
     let b_s = b.to_string();
