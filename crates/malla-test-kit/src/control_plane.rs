@@ -6,7 +6,7 @@
 //! How a component is prepared, started and found ready is the lab's
 //! ([`malla_lab::control_plane::Plan`]); this harness only owns the processes.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -24,25 +24,16 @@ pub fn loopback(state_dir: impl Into<PathBuf>) -> Options {
         state_dir: state_dir.into(),
         netns: None,
         address: Ipv4Addr::LOCALHOST,
-        apiserver_port: free_port(),
+        apiserver_port: crate::free_port(),
         etcd: EtcdSource::Start {
-            client_port: free_port(),
-            peer_port: free_port(),
+            client_port: crate::free_port(),
+            peer_port: crate::free_port(),
         },
         controller_manager: true,
         service_cidr: default_service_cidr(),
         binaries: None,
         ready_timeout: READY_TIMEOUT,
     }
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the kernel hands out ephemeral ports in
-/// order, so a recently returned one is not reused at once).
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 /// Stops a child we spawned: SIGTERM, SIGKILL after `grace`, then reaps it.

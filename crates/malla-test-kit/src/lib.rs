@@ -8,6 +8,8 @@
 //!   `ctr-start` benchmark).
 //! - [`lab`]: a lab driven through the `malla` CLI with a unique name and a private state
 //!   directory, brought down on drop (the lab tests and the runtime harness).
+//! - [`etcd`]: a single-member etcd on loopback, killed on drop (the etcd store tests and the
+//!   datastore benchmark).
 //! - [`control_plane`]: a Kubernetes control plane (etcd, kube-apiserver, kube-controller-
 //!   manager) owned by the test, on 127.0.0.1 with free ports, stopped by the pids it spawned
 //!   when dropped (the Kubernetes datastore, `deploy/` and control-plane tests).
@@ -19,5 +21,15 @@
 //! loopback options and a control plane whose processes are this process's children.
 
 pub mod control_plane;
+pub mod etcd;
 pub mod lab;
 pub mod runtimes;
+
+/// A free TCP port on 127.0.0.1 (free when asked; the kernel hands out ephemeral ports in
+/// order, so a recently returned one is not reused at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
