@@ -10,14 +10,8 @@ use malla_api::service::{
     ServiceType, TargetPort, NODE_PORT_RANGE,
 };
 
+use crate::addresses::{SERVICE_CIDR_V4, SERVICE_CIDR_V6};
 use crate::state::PodState;
-
-/// Lab service addresses: 198.19.64.0/18 and fd00:198:19:ff::/112.
-pub const SERVICE_CIDR_V4: (Ipv4Addr, u32) = (Ipv4Addr::new(198, 19, 64, 0), 1 << 14);
-pub const SERVICE_CIDR_V6: (Ipv6Addr, u32) = (
-    Ipv6Addr::new(0xfd00, 0x198, 0x19, 0xff, 0, 0, 0, 0),
-    1 << 16,
-);
 
 /// A Service as declared and the families it wants: decoded by `malla_api::k8s`.
 pub use malla_api::k8s::{FamilyPolicy, ServiceSpec};

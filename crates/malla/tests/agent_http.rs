@@ -144,7 +144,7 @@ fn kill(pid: i32) {
 
 #[test]
 fn each_nodes_agent_serves_health_readiness_and_metrics() {
-    let lab = Lab::new("http");
+    let lab = Lab::new(&common::malla_bin(), "http");
     lab.run(&["lab", "up", "--nodes", "2", "--datastore", "etcd"]);
     lab.apply(&common::two_pods_per_node(2));
     lab.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  selector: {app: test}\n  ports:\n  - {port: 80, targetPort: 8080}\n");

@@ -74,7 +74,7 @@ fn assert_nothing(lab: &Lab, what: &str) {
 
 #[test]
 fn misspelt_fields_are_refused_and_nothing_is_applied() {
-    let lab = Lab::new("strict");
+    let lab = Lab::new(&common::malla_bin(), "strict");
     lab.run(&["lab", "up", "--nodes", "2"]);
     assert_nothing(&lab, "a new lab");
 
