@@ -2,7 +2,7 @@
 //!
 //! 1. Programming: synthetic Services (10 endpoints each) through the calculation
 //!    (`services::build` + `masquerade::node_table`) and the agent's cold load
-//!    (`malla_agent::cold_load`) inside a namespace of ours; then single-endpoint changes as
+//!    (`malla_dataplane::nft::cold_load`) inside a namespace of ours; then single-endpoint changes as
 //!    the agent applies them (element changes over one kept nfnetlink socket). The floor is an
 //!    `nft -f -` of an empty table in the same run.
 //! 2. Agent RSS: the real `malla agent` against a datastore holding the largest size, in a
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use malla_agent::element_diff;
 use malla_api::service::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
     ServicePort,
@@ -35,7 +34,8 @@ use malla_bench::{
 };
 use malla_calc::{masquerade, nft as model, services};
 use malla_dataplane::netns::{run_ip, NetNs};
-use malla_dataplane::{nft, nft_elements};
+use malla_dataplane::nft::diff as element_diff;
+use malla_dataplane::nft::{self, elements as nft_elements};
 use malla_lab::topology;
 use malla_store::{LocalStore, Store};
 
@@ -283,7 +283,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         // As the agent does on a node with no table yet: everything but the proxy maps'
         // elements through `nft`, then those elements over nfnetlink.
         let t = Instant::now();
-        let parts = malla_agent::cold_load::apply(Some(&h), &table, &map)
+        let parts = malla_dataplane::nft::cold_load::apply(Some(&h), &table, &map)
             .context("applying the full table")?;
         let apply_t = t.elapsed();
         if verbose {

@@ -7,10 +7,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
-pub mod cold_load;
 pub mod config_dir;
-pub mod dataplane;
-pub mod element_diff;
 pub mod mirror;
 pub mod registration;
 
@@ -19,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use malla_calc::ClusterView;
+use malla_dataplane::driver::{Driver, Update};
+use malla_dataplane::linux::LinuxDriver;
 use malla_ipam::node_cache::NodeCache;
 use malla_store::{Revision, Store};
 
@@ -77,8 +76,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     rt.block_on(async {
-        let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
-        plane.enable_forwarding()?;
+        let mut plane = LinuxDriver::connect(&cfg.node, &cfg.underlay_interface)?;
+        plane.start().await?;
         if let Some(dir) = &cfg.config_dir {
             while let Err(e) = config_dir::apply(store, dir) {
                 tracing::warn!(error = %format!("{e:#}"), "applying cluster settings from {}; retrying", dir.display());
@@ -177,7 +176,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
-                match plane.repair().await {
+                match plane.resync().await {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, ?stats, "repaired drift");
@@ -196,7 +195,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
-                match plane.apply(desired).await {
+                match plane.apply(Update::Full(desired)).await {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");

@@ -1,15 +1,15 @@
 //! The change from one rendered nft table to the next as element changes alone, when that is
 //! all that changed (an endpoint moving, a pod joining an address set): the agent then sends
-//! them over nfnetlink ([`malla_dataplane::nft_elements`]) instead of running `nft`, which
+//! them over nfnetlink ([`crate::nft::elements`]) instead of running `nft`, which
 //! would first read the whole table back from the kernel. Anything else (a chain, a rule, a
 //! set's definition, an interval set, a type it cannot encode) yields None, and the caller
 //! uses the text diff.
 
 use std::collections::BTreeMap;
 
+use crate::nft::elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
 use malla_calc::nft::Table;
 use malla_calc::services::{self, EndpointDelta, ServiceEntry, ServiceMap};
-use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
 
 /// The `nfgenmsg` family of a table family name.
 pub fn family(name: &str) -> Option<u8> {
