@@ -313,21 +313,20 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             // As the agent does. The fast path first: the changed service's entries alone,
             // and the element changes they make.
             let t = Instant::now();
-            let fast = element_diff::service_change(&table, &map, &svcs[idx], &slices, NODE);
-            if let Some(planned) = fast {
+            let changed = std::collections::BTreeSet::from([svcs[idx].key.to_string()]);
+            let fast = services::plan_endpoint_changes(
+                &mut table, &mut map, &svcs, &slices, NODE, &changed,
+            );
+            if let Some(plan) = fast {
+                let sets =
+                    element_diff::plan_changes(&table, &plan).context("encoding the plan")?;
                 let rebuild = t.elapsed();
                 let t = Instant::now();
                 let family = element_diff::family(&table.family).context("table family")?;
-                sock.apply(family, &table.name, &planned.changes)
+                sock.apply(family, &table.name, &sets)
                     .context("applying the endpoint change")?;
                 let apply = t.elapsed();
-                planned.delta.apply_to(&mut table);
-                let size = planned
-                    .changes
-                    .iter()
-                    .map(|s| s.add.len() + s.delete.len())
-                    .sum();
-                map.entries.splice(planned.range, planned.entries);
+                let size = sets.iter().map(|s| s.add.len() + s.delete.len()).sum();
                 changes.push((rebuild, Duration::ZERO, apply, size));
                 fast_path += 1;
                 continue;

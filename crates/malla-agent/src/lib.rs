@@ -162,14 +162,19 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if !pending_services.is_empty() && !resync_due && !other_dirty && applied.is_some() {
                 // Only Services or slices changed: try the fast path, which touches those
                 // services' elements alone.
-                match plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services) {
-                    Ok(true) => {
-                        tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
-                        applied = Some(mirror.revision());
-                        pending_services.clear();
+                let view = mirror.view();
+                let plan = plane.service_model().and_then(|(table, map)| {
+                    malla_calc::services::plan_endpoint_changes(table, map, &view.services, &view.endpoint_slices, &cfg.node, &pending_services)
+                });
+                if let Some(plan) = plan {
+                    match plane.apply(Update::Endpoints(plan)).await {
+                        Ok(_) => {
+                            tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
+                            applied = Some(mirror.revision());
+                            pending_services.clear();
+                        }
+                        Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
                     }
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
                 }
             }
             let dirty = other_dirty || !pending_services.is_empty();
@@ -195,7 +200,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
-                match plane.apply(Update::Full(desired)).await {
+                match plane.apply(Update::Full(Box::new(desired))).await {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");

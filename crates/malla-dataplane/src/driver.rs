@@ -4,6 +4,8 @@
 //! repair drift without computing anything again. [`crate::linux::LinuxDriver`] (netlink and
 //! nftables) implements it today; another (eBPF) can consume the same calculation output later.
 
+use malla_calc::nft::Table;
+use malla_calc::services::{EndpointPlan, ServiceMap};
 use malla_calc::NodeDataplane;
 
 use crate::netlink::NetlinkError;
@@ -14,7 +16,12 @@ use crate::nft::NftError;
 pub enum Update {
     /// The node's whole desired state: the start-up case, and any change the fast path does not
     /// cover. The driver diffs it against the kernel (and its last apply) and keeps it.
-    Full(NodeDataplane),
+    Full(Box<NodeDataplane>),
+    /// Some services' endpoints moved within the same counts: the element changes the
+    /// calculation planned against [`Driver::service_model`] (the endpoint fast path). The
+    /// driver sends them and nothing else; when it cannot, it puts the model back and fails,
+    /// and the caller applies a [`Update::Full`].
+    Endpoints(EndpointPlan),
 }
 
 /// What one apply (or resync) changed.
@@ -58,6 +65,8 @@ pub enum DriverError {
     NoUnderlayIpv4(String),
     #[error("{0} vanished after creation")]
     Vanished(String),
+    #[error("an endpoint update needs a full apply first")]
+    NoBase,
     #[error("routes: {}", .0.join("; "))]
     Routes(Vec<String>),
 }
@@ -73,4 +82,8 @@ pub trait Driver {
     async fn apply(&mut self, update: Update) -> Result<ApplyStats, DriverError>;
     /// Checks the kernel against the last apply and repairs drift; computes nothing.
     async fn resync(&mut self) -> Result<ApplyStats, DriverError>;
+    /// The services' model as last applied (the rendered table and the service map), for the
+    /// calculation to plan an [`Update::Endpoints`] against (it changes it as planned); None
+    /// before the first apply.
+    fn service_model(&mut self) -> Option<(&mut Table, &mut ServiceMap)>;
 }

@@ -11,6 +11,8 @@ pub mod workloads;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use malla_calc::nft::Table;
+use malla_calc::services::ServiceMap;
 use malla_calc::NodeDataplane;
 
 use crate::driver::{ApplyStats, Driver, DriverError, Update};
@@ -80,17 +82,6 @@ impl LinuxDriver {
         })
     }
 
-    /// The fast path for services whose endpoints moved within the same counts: see
-    /// [`NftManager::apply_endpoint_changes`].
-    pub fn apply_endpoint_changes(
-        &mut self,
-        view: &malla_calc::ClusterView,
-        node: &str,
-        services: &std::collections::BTreeSet<String>,
-    ) -> Result<bool, DriverError> {
-        Ok(self.nft.apply_endpoint_changes(view, node, services))
-    }
-
     /// Routes, the VXLAN device and its peers, and local pods' host sides.
     async fn sync_links(
         &mut self,
@@ -118,8 +109,14 @@ impl Driver for LinuxDriver {
     /// Applies `update`, which the driver keeps (its nft table is the base of the next
     /// incremental transaction, the rest what [`Driver::resync`] checks the kernel against).
     async fn apply(&mut self, update: Update) -> Result<ApplyStats, DriverError> {
-        let Update::Full(mut want) = update;
         let mut stats = ApplyStats::default();
+        let mut want = match update {
+            Update::Full(want) => *want,
+            Update::Endpoints(plan) => {
+                self.nft.apply_endpoints(plan, &mut stats)?;
+                return Ok(stats);
+            }
+        };
         self.sync_links(&want, &mut stats).await?;
         let table = std::mem::take(&mut want.nft_table);
         let services = std::mem::take(&mut want.service_map);
@@ -141,5 +138,9 @@ impl Driver for LinuxDriver {
         synced?;
         self.nft.resync(&mut stats)?;
         Ok(stats)
+    }
+
+    fn service_model(&mut self) -> Option<(&mut Table, &mut ServiceMap)> {
+        self.nft.model_mut()
     }
 }

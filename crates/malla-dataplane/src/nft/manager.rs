@@ -5,7 +5,7 @@
 //! are cleared from conntrack.
 
 use malla_calc::nft::Table;
-use malla_calc::services::{ServiceEntry, ServiceMap};
+use malla_calc::services::{EndpointPlan, ServiceEntry, ServiceMap};
 
 use crate::driver::{ApplyStats, DriverError};
 use crate::nft::elements::{ElementSocket, SetChange};
@@ -162,76 +162,49 @@ impl NftManager {
         stats.nft_applied = true;
     }
 
-    /// The fast path for services whose endpoints moved within the same counts (see
-    /// [`malla_calc::services::EndpointDelta`]): each service's entries are rebuilt alone, one
-    /// after the other against the model as the previous ones left it, and the kernel gets
-    /// all their changed elements in one nfnetlink batch, without computing or diffing the
-    /// node's whole table. False when one of them is not that kind of change (or nothing
-    /// was applied before, or the batch failed): the model is put back as it was, and the
-    /// caller computes everything.
-    pub fn apply_endpoint_changes(
+    /// The table and service map as last applied, which the calculation plans the endpoint
+    /// fast path against ([`malla_calc::services::plan_endpoint_changes`]); None before the
+    /// first apply.
+    pub fn model_mut(&mut self) -> Option<(&mut Table, &mut ServiceMap)> {
+        let table = self.applied_table.as_mut()?;
+        Some((table, &mut self.applied_services))
+    }
+
+    /// The fast path for services whose endpoints moved within the same counts: the plan's
+    /// element changes, made by the calculation against [`NftManager::model_mut`] (which it
+    /// already changed), go to the kernel in one nfnetlink batch, without computing or diffing
+    /// the node's whole table. When they cannot be encoded or the kernel refuses them, the
+    /// model is put back as it was and the caller computes everything.
+    pub fn apply_endpoints(
         &mut self,
-        view: &malla_calc::ClusterView,
-        node: &str,
-        services: &std::collections::BTreeSet<String>,
-    ) -> bool {
-        let Some(mut table) = self.applied_table.take() else {
-            return false;
+        plan: EndpointPlan,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DriverError> {
+        let Some(table) = self.applied_table.take() else {
+            return Err(DriverError::NoBase);
         };
-        let Some(family) = diff::family(&table.family) else {
-            self.applied_table = Some(table);
-            return false;
-        };
-        let mut changes = Vec::new();
-        // Per service: the undo of its delta, where its entries are, the old ones, how many new.
-        let mut done = Vec::new();
-        let mut complete = true;
-        for service in services {
-            let Some(svc) = view.services.iter().find(|s| *s.key == **service) else {
-                complete = false;
-                break;
-            };
-            let Some(planned) = diff::service_change(
-                &table,
-                &self.applied_services,
-                svc,
-                &view.endpoint_slices,
-                node,
-            ) else {
-                complete = false;
-                break;
-            };
-            changes.extend(planned.changes);
-            let undo = planned.delta.apply_to(&mut table);
-            let (start, count) = (planned.range.start, planned.entries.len());
-            let old: Vec<_> = self
-                .applied_services
-                .entries
-                .splice(planned.range, planned.entries)
-                .collect();
-            done.push((undo, start, old, count));
-        }
-        let sent = complete
-            && (changes.is_empty()
-                || self
-                    .send_elements(family, &table.name, &changes)
-                    .inspect_err(|e| tracing::warn!(error = %e, "endpoint update failed"))
-                    .is_ok());
-        if !sent {
-            for (undo, start, old, count) in done.into_iter().rev() {
-                undo.apply_to(&mut table);
-                self.applied_services
-                    .entries
-                    .splice(start..start + count, old);
+        let changes = diff::family(&table.family)
+            .zip(diff::plan_changes(&table, &plan))
+            .ok_or_else(|| NftError::Rejected("endpoint changes the driver cannot encode".into()));
+        let sent = changes.and_then(|(family, changes)| {
+            if changes.is_empty() {
+                return Ok(());
             }
-            self.applied_table = Some(table);
-            return false;
-        }
-        for (_, start, old, count) in &done {
-            clear_stale_udp_flows(old, &self.applied_services.entries[*start..start + count]);
-        }
+            self.send_elements(family, &table.name, &changes)
+        });
         self.applied_table = Some(table);
-        true
+        if let Err(e) = sent {
+            if let Some(table) = self.applied_table.as_mut() {
+                plan.undo(table, &mut self.applied_services);
+            }
+            return Err(failed("endpoint update")(e));
+        }
+        for c in &plan.changes {
+            let (old, now) = c.entries(&self.applied_services);
+            clear_stale_udp_flows(old, now);
+        }
+        stats.nft_applied = true;
+        Ok(())
     }
 }
 
