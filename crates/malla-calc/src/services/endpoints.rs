@@ -66,6 +66,15 @@ impl EndpointPlan {
     }
 }
 
+/// The service of key `key`: by binary search when `services` are in key order (as the agent's
+/// mirror keeps them), else by walking them.
+fn find_service<'a>(services: &'a [ProxyService], key: &str) -> Option<&'a ProxyService> {
+    match services.binary_search_by(|s| (*s.key).cmp(key)) {
+        Ok(i) => services.get(i),
+        Err(_) => services.iter().find(|s| *s.key == *key),
+    }
+}
+
 /// Plans the endpoint changes of the services `changed` (keys `namespace/name`), rebuilt from
 /// `services` and `slices` for node `node`, against `table` (rendered from `map`), making them
 /// to both. None, with the model as it was, when one of them is more than endpoints moving
@@ -80,17 +89,14 @@ pub fn plan_endpoint_changes(
 ) -> Option<EndpointPlan> {
     let mut plan = EndpointPlan::default();
     for service in changed {
-        let planned = services
-            .iter()
-            .find(|s| *s.key == **service)
-            .and_then(|svc| {
-                let key = &*svc.key;
-                let start = map.entries.partition_point(|e| *e.service < *key);
-                let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
-                let entries = build_service(svc, slices, node);
-                let delta = endpoint_delta(table, map, &map.entries[start..end], &entries)?;
-                Some((start..end, entries, delta))
-            });
+        let planned = find_service(services, service).and_then(|svc| {
+            let key = &*svc.key;
+            let start = map.entries.partition_point(|e| *e.service < *key);
+            let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
+            let entries = build_service(svc, slices, node);
+            let delta = endpoint_delta(table, map, &map.entries[start..end], &entries)?;
+            Some((start..end, entries, delta))
+        });
         let Some((range, entries, delta)) = planned else {
             plan.undo(table, map);
             return None;
