@@ -166,30 +166,45 @@ mod tests {
         (services, slices, moved, changed)
     }
 
-    /// Two services' endpoints moving at once: the plan leaves the model equal to a full
-    /// computation and render of the new cluster, and its undo puts it back.
-    #[test]
-    fn a_plan_makes_the_model_a_full_render_and_its_undo_puts_it_back() {
-        let (services, slices, moved, changed) = two_moved();
-        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
+    /// A service map and the table rendered from it.
+    type Model = (ServiceMap, Table);
+
+    /// The model of the fixture cluster before (`slices`), the model after planning the
+    /// services `changed` for `moved`, and the plan.
+    fn planned(
+        services: &[Service],
+        slices: &[EndpointSlice],
+        moved: &[EndpointSlice],
+        changed: &BTreeSet<String>,
+    ) -> (Model, Model, Option<EndpointPlan>) {
+        let m0 = build(&proxied(services), &proxy(slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let (mut t, mut m) = (t0.clone(), m0.clone());
         let plan = plan_endpoint_changes(
             &mut t,
             &mut m,
-            &proxied(&services),
-            &proxy(&moved),
+            &proxied(services),
+            &proxy(moved),
             ME,
-            &changed,
-        )
-        .expect("a plan");
+            changed,
+        );
+        ((m0, t0), (m, t), plan)
+    }
+
+    /// Two services' endpoints moving at once: the plan leaves the model equal to a full
+    /// computation and render of the new cluster, and its undo puts it back.
+    #[test]
+    fn a_plan_makes_the_model_a_full_render_and_its_undo_puts_it_back() {
+        let (services, slices, moved, changed) = two_moved();
+        let (before, (mut m, mut t), plan) = planned(&services, &slices, &moved, &changed);
+        let plan = plan.expect("a plan");
         assert_eq!(plan.changes.len(), 2);
         assert!(plan.changes.iter().all(|c| !c.delta.is_empty()));
         let m1 = build(&proxied(&services), &proxy(&moved), ME, &[], &pools());
         assert_eq!(m, m1);
         assert_eq!(t, crate::masquerade::node_table(&pools(), &m1));
         plan.undo(&mut t, &mut m);
-        assert_eq!((t, m), (t0, m0));
+        assert_eq!((m, t), before);
     }
 
     /// A service that is gone (or any that needs a render) declines the whole plan, and the
@@ -198,18 +213,8 @@ mod tests {
     fn one_service_declining_leaves_the_model_as_it_was() {
         let (services, slices, moved, mut changed) = two_moved();
         changed.insert("zzz/gone".to_string());
-        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
-        let t0 = crate::masquerade::node_table(&pools(), &m0);
-        let (mut t, mut m) = (t0.clone(), m0.clone());
-        let plan = plan_endpoint_changes(
-            &mut t,
-            &mut m,
-            &proxied(&services),
-            &proxy(&moved),
-            ME,
-            &changed,
-        );
+        let (before, after, plan) = planned(&services, &slices, &moved, &changed);
         assert!(plan.is_none());
-        assert_eq!((t, m), (t0, m0));
+        assert_eq!(after, before);
     }
 }
