@@ -2,7 +2,7 @@
 //!
 //! 1. Programming: synthetic Services (10 endpoints each) through the calculation
 //!    (`services::build` + `masquerade::node_table`) and the agent's cold load
-//!    (`malla_agent::cold_load`) inside a namespace of ours; then single-endpoint changes as
+//!    (`malla_dataplane::nft::cold_load`) inside a namespace of ours; then single-endpoint changes as
 //!    the agent applies them (element changes over one kept nfnetlink socket). The floor is an
 //!    `nft -f -` of an empty table in the same run.
 //! 2. Agent RSS: the real `malla agent` against a datastore holding the largest size, in a
@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use malla_agent::element_diff;
 use malla_api::service::{
     AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
     ServicePort,
@@ -35,7 +34,8 @@ use malla_bench::{
 };
 use malla_calc::{masquerade, nft as model, services};
 use malla_dataplane::netns::{run_ip, NetNs};
-use malla_dataplane::{nft, nft_elements};
+use malla_dataplane::nft::diff as element_diff;
+use malla_dataplane::nft::{self, elements as nft_elements};
 use malla_lab::topology;
 use malla_store::{LocalStore, Store};
 
@@ -283,7 +283,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         // As the agent does on a node with no table yet: everything but the proxy maps'
         // elements through `nft`, then those elements over nfnetlink.
         let t = Instant::now();
-        let parts = malla_agent::cold_load::apply(Some(&h), &table, &map)
+        let parts = malla_dataplane::nft::cold_load::apply(Some(&h), &table, &map)
             .context("applying the full table")?;
         let apply_t = t.elapsed();
         if verbose {
@@ -313,21 +313,20 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             // As the agent does. The fast path first: the changed service's entries alone,
             // and the element changes they make.
             let t = Instant::now();
-            let fast = element_diff::service_change(&table, &map, &svcs[idx], &slices, NODE);
-            if let Some(planned) = fast {
+            let changed = std::collections::BTreeSet::from([svcs[idx].key.to_string()]);
+            let fast = services::plan_endpoint_changes(
+                &mut table, &mut map, &svcs, &slices, NODE, &changed,
+            );
+            if let Some(plan) = fast {
+                let sets =
+                    element_diff::plan_changes(&table, &plan).context("encoding the plan")?;
                 let rebuild = t.elapsed();
                 let t = Instant::now();
                 let family = element_diff::family(&table.family).context("table family")?;
-                sock.apply(family, &table.name, &planned.changes)
+                sock.apply(family, &table.name, &sets)
                     .context("applying the endpoint change")?;
                 let apply = t.elapsed();
-                planned.delta.apply_to(&mut table);
-                let size = planned
-                    .changes
-                    .iter()
-                    .map(|s| s.add.len() + s.delete.len())
-                    .sum();
-                map.entries.splice(planned.range, planned.entries);
+                let size = sets.iter().map(|s| s.add.len() + s.delete.len()).sum();
                 changes.push((rebuild, Duration::ZERO, apply, size));
                 fast_path += 1;
                 continue;

@@ -7,10 +7,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
-pub mod cold_load;
 pub mod config_dir;
-pub mod dataplane;
-pub mod element_diff;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -24,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use malla_calc::ClusterView;
+use malla_dataplane::driver::{Driver, Update};
+use malla_dataplane::linux::LinuxDriver;
 use malla_ipam::node_cache::NodeCache;
 use malla_store::{Revision, Store};
 
@@ -102,8 +101,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .build()
         .context("tokio runtime")?;
     rt.block_on(async {
-        let mut plane = dataplane::Dataplane::connect(&cfg.node, &cfg.underlay_interface).await?;
-        plane.enable_forwarding()?;
+        let mut plane = LinuxDriver::connect(&cfg.node, &cfg.underlay_interface)?;
+        plane.start().await?;
         if let Some(dir) = &cfg.config_dir {
             while let Err(e) = config_dir::apply(store, dir) {
                 beat();
@@ -200,22 +199,27 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if !pending_services.is_empty() && !resync_due && !other_dirty && applied.is_some() {
                 // Only Services or slices changed: try the fast path, which touches those
                 // services' elements alone.
+                let view = mirror.view();
                 let started = Instant::now();
-                let done = plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services);
-                metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
-                match done {
-                    Ok(true) => {
-                        tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
-                        applied = Some(mirror.revision());
-                        pending_services.clear();
-                        if let Some(since) = pending_since.take() {
-                            metrics.synced(since.elapsed());
+                let plan = plane.service_model().and_then(|(table, map)| {
+                    malla_calc::services::plan_endpoint_changes(table, map, &view.services, &view.endpoint_slices, &cfg.node, &pending_services)
+                });
+                if let Some(plan) = plan {
+                    let done = plane.apply(Update::Endpoints(plan)).await;
+                    metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
+                    match done {
+                        Ok(_) => {
+                            tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
+                            applied = Some(mirror.revision());
+                            pending_services.clear();
+                            if let Some(since) = pending_since.take() {
+                                metrics.synced(since.elapsed());
+                            }
                         }
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        metrics.apply_failed();
-                        tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything");
+                        Err(e) => {
+                            metrics.apply_failed();
+                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything");
+                        }
                     }
                 }
             }
@@ -224,7 +228,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
                 let started = Instant::now();
-                let repaired = plane.repair().await;
+                let repaired = plane.resync().await;
                 metrics.applied(metrics::ApplyPath::Repair, started.elapsed());
                 match repaired {
                     Ok(stats) => {
@@ -248,7 +252,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 let programmed = metrics::Programmed::of(&desired, mirror.view());
                 let started = Instant::now();
-                let done = plane.apply(desired).await;
+                let done = plane.apply(Update::Full(Box::new(desired))).await;
                 metrics.applied(metrics::ApplyPath::Full, started.elapsed());
                 match done {
                     Ok(stats) => {

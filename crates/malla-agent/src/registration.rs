@@ -4,10 +4,10 @@ use anyhow::Context;
 use malla_api::{keys, Node};
 use malla_store::Store;
 
-use crate::dataplane::Dataplane;
+use malla_dataplane::linux::LinuxDriver;
 
 /// Writes the node object, only when it differs from what is stored (no needless revisions).
-pub async fn register(store: &dyn Store, name: &str, plane: &Dataplane) -> anyhow::Result<Node> {
+pub async fn register(store: &dyn Store, name: &str, plane: &LinuxDriver) -> anyhow::Result<Node> {
     let underlay = plane.underlay().await?;
     let node = Node {
         name: name.to_string(),

@@ -65,10 +65,12 @@ use serde::Serialize;
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
 pub mod dispatch;
+mod endpoints;
 mod node_name;
 mod proxy_service;
 mod proxy_slice;
 
+pub use endpoints::{plan_endpoint_changes, EndpointPlan, ServiceChange};
 pub use node_name::NodeName;
 pub use proxy_service::{ProxyPort, ProxyService};
 pub use proxy_slice::{ProxyEndpoint, ProxySlice};

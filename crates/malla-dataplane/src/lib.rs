@@ -1,12 +1,15 @@
 //! Malla's Linux side effects: network namespaces, netlink (links, addresses, routes,
-//! neighbours, VXLAN FDB), sysctls and nftables. Nothing here decides *what* to program; the
-//! calculation does that, and these modules only apply it to the kernel.
+//! neighbours, VXLAN FDB), sysctls and nftables, and the dataplane [`driver`] that applies the
+//! calculation's desired state with them ([`linux::LinuxDriver`]: one manager per kind of
+//! kernel object). Nothing here decides *what* to program; the calculation does that, and
+//! these modules only apply it to the kernel.
 
 pub mod conntrack;
+pub mod driver;
+pub mod linux;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
-pub mod nft_elements;
 pub mod sysctl;
 pub mod workload;
 

@@ -1,15 +1,16 @@
 //! The change from one rendered nft table to the next as element changes alone, when that is
-//! all that changed (an endpoint moving, a pod joining an address set): the agent then sends
-//! them over nfnetlink ([`malla_dataplane::nft_elements`]) instead of running `nft`, which
-//! would first read the whole table back from the kernel. Anything else (a chain, a rule, a
-//! set's definition, an interval set, a type it cannot encode) yields None, and the caller
-//! uses the text diff.
+//! all that changed (an endpoint moving, a pod joining an address set): the nft manager then
+//! sends them over nfnetlink ([`crate::nft::elements`]) instead of running `nft`, which would
+//! first read the whole table back from the kernel. Anything else (a chain, a rule, a set's
+//! definition, an interval set, a type it cannot encode) yields None, and the caller uses the
+//! text diff. Also the encoding of the calculation's endpoint plans ([`plan_changes`]): the
+//! deltas come as data, nothing here computes them.
 
 use std::collections::BTreeMap;
 
+use crate::nft::elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
 use malla_calc::nft::Table;
-use malla_calc::services::{self, EndpointDelta, ServiceEntry, ServiceMap};
-use malla_dataplane::nft_elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
+use malla_calc::services::{self, EndpointDelta, EndpointPlan, ServiceMap};
 
 /// The `nfgenmsg` family of a table family name.
 pub fn family(name: &str) -> Option<u8> {
@@ -159,16 +160,17 @@ fn change_for<'m, 'n>(
 }
 
 /// A service's [`EndpointDelta`] as element changes, with the layouts of `table`'s sets and
-/// maps; None when one cannot be encoded.
-pub fn delta_changes(table: &Table, delta: &EndpointDelta) -> Option<Vec<SetChange>> {
+/// maps (`replaces`: whether the delta's map value replaces one there); None when one cannot
+/// be encoded.
+pub fn delta_changes(
+    table: &Table,
+    delta: &EndpointDelta,
+    replaces: impl Fn(&str, &str) -> bool,
+) -> Option<Vec<SetChange>> {
     let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
     for (map, key, value) in &delta.map_values {
         let m = table.maps.get(map)?;
-        change_for(&mut by_set, map, || map_layout(m))?.put(
-            key,
-            value,
-            m.elements.contains_key(key),
-        );
+        change_for(&mut by_set, map, || map_layout(m))?.put(key, value, replaces(map, key));
     }
     for (sets, adding) in [(&delta.set_removed, false), (&delta.set_added, true)] {
         for (set, element) in sets {
@@ -228,39 +230,16 @@ pub fn dispatch_changes(table: &Table, c: &services::dispatch::Changes) -> Optio
     Some(by_map.into_values().collect())
 }
 
-/// One service's fast-path change, planned against the applied model.
-pub struct ServiceChange {
-    /// Where the service's entries are in the applied map.
-    pub range: std::ops::Range<usize>,
-    /// Its entries now.
-    pub entries: Vec<ServiceEntry>,
-    pub delta: EndpointDelta,
-    /// The delta as element changes.
-    pub changes: Vec<SetChange>,
-}
-
-/// Rebuilds `svc`'s entries alone from `slices` and plans them as element changes to
-/// `table` (rendered from `map`); None when the change is more than endpoints moving within
-/// the same counts, or cannot be encoded.
-pub fn service_change(
-    table: &Table,
-    map: &ServiceMap,
-    svc: &services::ProxyService,
-    slices: &[services::ProxySlice],
-    node: &str,
-) -> Option<ServiceChange> {
-    let key = &*svc.key;
-    let start = map.entries.partition_point(|e| *e.service < *key);
-    let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
-    let entries = services::build_service(svc, slices, node);
-    let delta = services::endpoint_delta(table, map, &map.entries[start..end], &entries)?;
-    let changes = delta_changes(table, &delta)?;
-    Some(ServiceChange {
-        range: start..end,
-        entries,
-        delta,
-        changes,
-    })
+/// The element changes of `plan`, made by the calculation against `table` (see
+/// [`malla_calc::services::plan_endpoint_changes`]); None when one cannot be encoded.
+pub fn plan_changes(table: &Table, plan: &EndpointPlan) -> Option<Vec<SetChange>> {
+    let mut out = Vec::new();
+    for c in &plan.changes {
+        out.extend(delta_changes(table, &c.delta, |map, key| {
+            c.replaces(map, key)
+        })?);
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The first programming of a node's table when the kernel has none (a node starting): `nft`
 //! creates the table with everything except the proxy's map elements, then one nfnetlink batch
-//! ([`malla_dataplane::nft_elements`]) adds those, with the dispatch maps' elements, which
+//! ([`crate::nft::elements`]) adds those, with the dispatch maps' elements, which
 //! come from the service map and are made one at a time as the batch is encoded. At 30k
 //! services that is 300k endpoint elements, which `nft` spends seconds parsing and encoding
 //! (and which, all made first as text, were a third of the agent's peak memory). The two transactions are each
@@ -8,13 +8,13 @@
 //! translated, exactly as before the agent ran. Policy sets and everything else are filled in
 //! the first transaction, so no policy is ever seen half-built.
 
+use crate::netns::NetNs;
+use crate::nft::elements::{self as nft_elements, Element, LazyAdditions, SetChange};
+use crate::nft::NftError;
 use malla_calc::nft::{Map, Table};
 use malla_calc::services::{dispatch, ServiceMap};
-use malla_dataplane::netns::NetNs;
-use malla_dataplane::nft::{self, NftError};
-use malla_dataplane::nft_elements::{self, Element, LazyAdditions, SetChange};
 
-use crate::element_diff;
+use crate::nft::diff as element_diff;
 
 /// The table without the proxy maps' elements, and those elements as additions; a map whose
 /// layout cannot be encoded keeps its elements in the table. (The dispatch maps' elements are
@@ -106,7 +106,7 @@ pub fn apply(
         .ok_or_else(|| NftError::Rejected(format!("table family {}", table.family)))?;
     let start = std::time::Instant::now();
     let (rest, batch) = split(table);
-    nft::apply(netns, &malla_calc::nft::render_full(&rest))?;
+    crate::nft::apply(netns, &malla_calc::nft::render_full(&rest))?;
     drop(rest);
     let table_done = start.elapsed();
     let lazy = dispatch_additions(table, services);
@@ -121,8 +121,8 @@ pub fn apply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::elements::{Layout, Value};
     use malla_calc::nft::Set;
-    use malla_dataplane::nft_elements::{Layout, Value};
 
     /// A plain service's endpoints, which the table does not hold, are added lazily.
     #[test]
@@ -242,10 +242,10 @@ mod tests {
         assert_eq!(
             batch[0].layout,
             Layout {
-                key: vec![malla_dataplane::nft_elements::Part::HostU32],
+                key: vec![crate::nft::elements::Part::HostU32],
                 value: Value::Data(vec![
-                    malla_dataplane::nft_elements::Part::Ipv4,
-                    malla_dataplane::nft_elements::Part::Port
+                    crate::nft::elements::Part::Ipv4,
+                    crate::nft::elements::Part::Port
                 ]),
             }
         );

@@ -3,7 +3,7 @@
 //! every command it runs: with 30k services that costs ~130 ms for a one-element change,
 //! while the kernel's own work is well under a millisecond. The agent's incremental updates
 //! that only add or delete elements go through here; everything else still goes through
-//! [`crate::nft`] as text.
+//! [`crate::nft::cmd`] as text.
 //!
 //! Elements are given in nft's text form (`198.18.0.5 . 8080`, `goto svc-…`) with the set's
 //! [`Layout`], and encoded as nft does: each part of a concatenation padded to 4 bytes,

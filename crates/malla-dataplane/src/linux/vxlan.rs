@@ -1,0 +1,133 @@
+//! The VXLAN manager: the node's VXLAN device, and a static neighbour (IPv4 and link-local
+//! IPv6) and FDB entry per peer VTEP. In direct routing mode the device is removed.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use malla_api::RoutingMode;
+use malla_calc::NodeDataplane;
+
+use super::Underlay;
+use crate::driver::{ApplyStats, DriverError};
+use crate::netlink::{FdbEntry, Link, Neighbour, Netlink, VxlanSpec};
+
+/// Name of the node's VXLAN device.
+pub const VXLAN_DEVICE: &str = "malla.vxlan";
+
+/// Owns [`VXLAN_DEVICE`], its neighbours and its FDB.
+pub struct VxlanManager {
+    vtep_mac: [u8; 6],
+}
+
+impl VxlanManager {
+    pub fn new(vtep_mac: [u8; 6]) -> Self {
+        Self { vtep_mac }
+    }
+
+    /// Makes the device and its peers what `want` says; returns the device when the node
+    /// routes over VXLAN.
+    pub async fn sync(
+        &self,
+        nl: &Netlink,
+        underlay: &Underlay,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> Result<Option<Link>, DriverError> {
+        match want.mode {
+            RoutingMode::Vxlan => {
+                let dev = self.ensure_device(nl, underlay, want).await?;
+                self.sync_peers(nl, &dev, want, stats).await?;
+                Ok(Some(dev))
+            }
+            RoutingMode::Direct => {
+                if let Some(dev) = nl.link_by_name(VXLAN_DEVICE).await? {
+                    nl.delete_link(dev.index).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    async fn ensure_device(
+        &self,
+        nl: &Netlink,
+        underlay: &Underlay,
+        want: &NodeDataplane,
+    ) -> Result<Link, DriverError> {
+        let local = underlay
+            .ipv4
+            .ok_or_else(|| DriverError::NoUnderlayIpv4(underlay.link.name.clone()))?;
+        let spec = VxlanSpec {
+            name: VXLAN_DEVICE.to_string(),
+            vni: want.vxlan_vni,
+            port: want.vxlan_port,
+            local,
+            underlay_ifindex: underlay.link.index,
+            mtu: underlay.mtu.saturating_sub(malla_api::VXLAN_OVERHEAD),
+            mac: self.vtep_mac,
+        };
+        if let Some(dev) = nl.link_by_name(VXLAN_DEVICE).await? {
+            if dev.mac == Some(spec.mac) && dev.mtu == spec.mtu && dev.up {
+                return Ok(dev);
+            }
+            nl.delete_link(dev.index).await?;
+        }
+        nl.create_vxlan(&spec).await?;
+        nl.link_by_name(VXLAN_DEVICE)
+            .await?
+            .ok_or_else(|| DriverError::Vanished(VXLAN_DEVICE.to_string()))
+    }
+
+    async fn sync_peers(
+        &self,
+        nl: &Netlink,
+        dev: &Link,
+        want: &NodeDataplane,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DriverError> {
+        let mut neigh_want: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
+        let mut fdb_want: BTreeMap<[u8; 6], IpAddr> = BTreeMap::new();
+        for p in &want.vxlan_peers {
+            neigh_want.insert(IpAddr::V4(p.underlay_ipv4), p.mac);
+            neigh_want.insert(IpAddr::V6(malla_api::link_local_from_mac(&p.mac)), p.mac);
+            fdb_want.insert(p.mac, IpAddr::V4(p.underlay_ipv4));
+        }
+        let have = nl.permanent_neighbours(dev.index).await?;
+        for n in &have {
+            if neigh_want.get(&n.ip) != Some(&n.mac) {
+                nl.delete_neighbour(n).await?;
+                stats.neighbours_changed += 1;
+            }
+        }
+        for (ip, mac) in &neigh_want {
+            if !have.iter().any(|n| n.ip == *ip && n.mac == *mac) {
+                nl.replace_neighbour(&Neighbour {
+                    ifindex: dev.index,
+                    ip: *ip,
+                    mac: *mac,
+                })
+                .await?;
+                stats.neighbours_changed += 1;
+            }
+        }
+        let fdb = nl.fdb_entries(dev.index).await?;
+        for e in &fdb {
+            if fdb_want.get(&e.mac) != Some(&e.dst) {
+                nl.delete_fdb(e).await?;
+                stats.fdb_changed += 1;
+            }
+        }
+        for (mac, dst) in &fdb_want {
+            if !fdb.iter().any(|e| e.mac == *mac && e.dst == *dst) {
+                nl.replace_fdb(&FdbEntry {
+                    ifindex: dev.index,
+                    mac: *mac,
+                    dst: *dst,
+                })
+                .await?;
+                stats.fdb_changed += 1;
+            }
+        }
+        Ok(())
+    }
+}
