@@ -13,11 +13,13 @@ mod local;
 mod runtime;
 mod spec;
 mod stream;
+pub mod syncer;
 
 pub use etcd::{EtcdStore, DEFAULT_SETTLE};
 pub use kubernetes::KubeStore;
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
 pub use spec::{DatastoreSpec, DEFAULT_ETCD_PREFIX};
+pub use syncer::{Resource, StoreSyncer, SyncEvent, Syncer, Update, Version};
 
 use std::time::Duration;
 
@@ -144,6 +146,14 @@ pub trait Store: Send + Sync {
             prefix: prefix.to_string(),
             after,
         }))
+    }
+
+    /// The calculation's change feed: typed [`Update`]s of every kind it reads and
+    /// [`SyncEvent::InSync`] after each listing ([`syncer`]). The default lists and follows
+    /// [`Store::watch`] ([`StoreSyncer`]); the Kubernetes backend has its own, on
+    /// kube-runtime's watcher.
+    fn syncer(&self) -> Result<Box<dyn Syncer + '_>, StoreError> {
+        Ok(Box::new(StoreSyncer::new(self)))
     }
 }
 

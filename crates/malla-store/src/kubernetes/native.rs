@@ -21,6 +21,7 @@ use malla_api::{ContainerPort, Namespace, Pod};
 use serde_json::{json, Map, Value};
 
 use super::kinds::{Kind, Location, Shape, KEY_ANNOTATION};
+use crate::syncer::Resource;
 
 /// The label naming a namespace, set by the server since 1.21 and here for older ones.
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
@@ -80,27 +81,46 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("Malla records serialise")
 }
 
-/// A native object's key and Malla value; None for an object Malla does not use (an FQDN
-/// endpoint slice, a custom resource without its key).
+/// A native object's key and Malla value (JSON); None for an object Malla does not use (an
+/// FQDN endpoint slice, a custom resource without its key).
+/// A custom resource's `spec` is returned as stored, whatever record it holds.
 pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String> {
+    if kind.shape == Shape::Custom {
+        return Ok(custom_key(kind, obj)?
+            .and_then(|key| obj.get("spec").map(|spec| (key, spec.to_string()))));
+    }
+    Ok(read_resource(kind, obj)?.map(|(key, r)| (key, r.to_json())))
+}
+
+/// The key a custom resource holds: its annotation, else (created by hand, `kubectl apply`
+/// of an IPPool) the name as the key's tail; None when the annotation names another kind.
+fn custom_key(kind: &Kind, obj: &Value) -> Result<Option<String>, String> {
+    let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
+    Ok(
+        match obj
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(KEY_ANNOTATION))
+            .and_then(Value::as_str)
+        {
+            Some(k) if k.starts_with(kind.prefix) => Some(k.to_string()),
+            Some(_) => None,
+            None => Some(kind.native_key(None, name)),
+        },
+    )
+}
+
+/// A native object's key and Malla record, typed; None for an object Malla does not use.
+/// Custom resources become the record their `spec` holds, decoded from the JSON tree.
+pub fn read_resource(kind: &Kind, obj: &Value) -> Result<Option<(String, Resource)>, String> {
     let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
     let namespace = str_at(obj, &["metadata", "namespace"]);
     let key = || kind.native_key(namespace, name);
     let ns = || namespace.unwrap_or_default().to_string();
     Ok(match kind.shape {
-        Shape::Custom => {
-            let key = match obj
-                .pointer("/metadata/annotations")
-                .and_then(|a| a.get(KEY_ANNOTATION))
-                .and_then(Value::as_str)
-            {
-                Some(k) if k.starts_with(kind.prefix) => k.to_string(),
-                Some(_) => return Ok(None),
-                // Created by hand (`kubectl apply` of an IPPool): the name is the key's tail.
-                None => key(),
-            };
-            obj.get("spec").map(|spec| (key, spec.to_string()))
-        }
+        Shape::Custom => match (custom_key(kind, obj)?, obj.get("spec")) {
+            (Some(key), Some(spec)) => Resource::from_value(&key, spec.clone())?.map(|r| (key, r)),
+            _ => None,
+        },
         Shape::Namespace => {
             let mut labels = labels_of(obj);
             labels
@@ -110,11 +130,13 @@ pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String
                 name: name.to_string(),
                 labels,
             };
-            Some((key(), to_json(&ns)))
+            Some((key(), Resource::Namespace(ns)))
         }
-        Shape::Pod => Some((key(), to_json(&read_pod(obj, ns(), name)?))),
-        Shape::Service => Some((key(), to_json(&read_service(obj, ns(), name)?))),
-        Shape::EndpointSlice => read_slice(obj, ns(), name)?.map(|s| (key(), to_json(&s))),
+        Shape::Pod => Some((key(), Resource::Pod(read_pod(obj, ns(), name)?))),
+        Shape::Service => Some((key(), Resource::Service(read_service(obj, ns(), name)?))),
+        Shape::EndpointSlice => {
+            read_slice(obj, ns(), name)?.map(|s| (key(), Resource::EndpointSlice(s)))
+        }
         Shape::Endpoints => None, // expanded by `read_endpoints`, one record per family
         Shape::NetworkPolicy => {
             let spec: NetworkPolicySpec =
@@ -125,7 +147,7 @@ pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String
                 name: name.to_string(),
                 spec,
             };
-            Some((key(), to_json(&p)))
+            Some((key(), Resource::NetworkPolicy(p)))
         }
     })
 }
@@ -310,6 +332,17 @@ fn read_slice(obj: &Value, namespace: String, name: &str) -> Result<Option<Endpo
 /// A core `Endpoints` object as one endpoint-slice record per address family, keyed
 /// `NAME-v4` / `NAME-v6` (servers without the EndpointSlice API).
 pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>, String> {
+    Ok(read_endpoints_typed(kind, obj)?
+        .into_iter()
+        .map(|(key, slice)| (key, to_json(&slice)))
+        .collect())
+}
+
+/// [`read_endpoints`], typed.
+pub fn read_endpoints_typed(
+    kind: &Kind,
+    obj: &Value,
+) -> Result<Vec<(String, EndpointSlice)>, String> {
     let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
     let namespace = str_at(obj, &["metadata", "namespace"]).unwrap_or_default();
     let mut out = Vec::new();
@@ -371,10 +404,7 @@ pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>,
             endpoints,
             ports,
         };
-        out.push((
-            kind.native_key(Some(namespace), &slice.name),
-            to_json(&slice),
-        ));
+        out.push((kind.native_key(Some(namespace), &slice.name), slice));
     }
     Ok(out)
 }
