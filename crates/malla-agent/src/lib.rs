@@ -34,8 +34,9 @@ pub struct AgentConfig {
     /// A directory of cluster settings (a mounted ConfigMap: `routing`, `pools.yaml`, …) whose
     /// missing parts the agent writes to the datastore at start ([`config_dir`]).
     pub config_dir: Option<PathBuf>,
-    /// Written after each sync with the datastore revision applied (readiness for the CNI
-    /// plugin's STATUS, and convergence for tests).
+    /// Written after each sync with the datastore revision applied, as
+    /// [`malla_store::Store::revision_label`] writes it (readiness for the CNI plugin's STATUS,
+    /// and convergence for tests: [`malla_store::label_covers`]).
     pub ready_file: Option<PathBuf>,
 }
 
@@ -225,7 +226,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let rev = if behind { rev } else { rev.max(confirmed) };
                 if rev > reported {
                     let tmp = f.with_extension("tmp");
-                    std::fs::write(&tmp, format!("{rev}\n"))
+                    // The store's label: Kubernetes revisions are tokens of this process.
+                    std::fs::write(&tmp, format!("{}\n", store.revision_label(rev)))
                         .and_then(|_| std::fs::rename(&tmp, f))
                         .with_context(|| format!("writing {}", f.display()))?;
                     reported = rev;

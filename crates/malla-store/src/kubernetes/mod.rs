@@ -3,24 +3,35 @@
 //! read from (and, in the lab, written as) the native ones; [`kinds`] maps keys to resources
 //! and [`native`] converts.
 //!
-//! Revisions are the API server's resource versions, which a server backed by one etcd takes
-//! from etcd's global revision: a key's mod revision is its object's `resourceVersion`, a list
-//! reports the list's, and `revision()` is a quorum list's. Compare-and-swap is the API's
-//! optimistic concurrency: `update` sends the expected `resourceVersion` and a stale one is
-//! refused (409), so two nodes can never claim the same IPAM block or address.
+//! Revisions: the API says a `resourceVersion` is opaque, and nothing here reads one as a
+//! number. The [`Store`] trait (IPAM's and the CNI plugin's compare-and-swap) speaks numeric
+//! revisions, so this backend hands out *tokens* that stand for resourceVersion strings
+//! ([`versions`]): a key's mod revision is the token of its object's resourceVersion, and
+//! compare-and-swap turns the token back into that string for the API's optimistic
+//! concurrency — `update` sends it as the object's `resourceVersion`, `delete` as a
+//! precondition, and a stale one is refused (409), so two nodes can never claim the same
+//! IPAM block or address. Tokens rather than an opaque revision type in the trait: the
+//! trait's users (IPAM, the CNI plugin, the lab) only ever hand a revision back or compare it
+//! with one they were given, which tokens serve exactly, and the local and etcd backends keep
+//! their real numbers. What needed a store-wide number is answered without one:
+//! `revision()` is the token of a quorum list's resourceVersion, `wait_for_change` compares
+//! that string with the one its argument stands for, `events_since` watches from the string.
 //!
-//! Three differences from etcd, all inherent to the API:
+//! Differences from etcd, all inherent to the API:
 //! - The create revision of an object is not exposed; [`KeyValue::create_revision`] is 0.
-//! - A list spanning several kinds is several reads; it reports the oldest of their
-//!   revisions, so events replayed from it cover every change after any of them.
+//! - A list spanning several kinds is several reads; it reports the first one's version, so
+//!   events replayed from it cover every change after any of them.
+//! - Token order is the order this process learnt of versions (see [`versions`]); the
+//!   server's order of changes is only what a watch delivers.
 //! - Keys outside the mapped prefixes, and values of custom resources that are not JSON
 //!   objects, are refused ([`StoreError::InvalidKey`], [`StoreError::Decode`]).
 //!
-//! Change notification ([`Store::wait_for_change`]) runs one watch per kind in the
-//! background from the first revision asked about, resumed from the last seen resource
-//! version after a dropped connection (with backoff) and restarted from a fresh list when the
-//! server answers 410 Gone. [`Store::watch`] opens one watch per kind under its prefix, all
-//! feeding one stream; 410 ends it with [`StoreError::Compacted`] so the consumer lists again.
+//! The calculation's change feed is [`Store::syncer`]: kube-runtime's watcher per kind
+//! ([`watcher`]), which resumes after the API server restarts and re-lists on 410 Gone.
+//! [`Store::wait_for_change`] wakes from those watchers too. [`Store::watch`] (the key-value
+//! side's stream from a revision) opens one raw watch per kind from the resourceVersion the
+//! token stands for, resumed from the last one seen; 410 ends it with
+//! [`StoreError::Compacted`] so the consumer lists again.
 
 pub mod kinds;
 pub mod native;
@@ -46,6 +57,9 @@ use crate::syncer::Syncer;
 use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 use kinds::{Kind, Location, Shape, SliceApi};
 use versions::Versions;
+
+/// How a resourceVersion is labelled where another process reads it ([`Store::revision_label`]).
+pub const RV_LABEL: &str = "rv:";
 
 /// Page size of lists.
 const PAGE: u32 = 500;
@@ -661,6 +675,15 @@ impl Store for KubeStore {
             ));
         }
         Ok(Box::new(watch))
+    }
+
+    /// `rv:` and the resourceVersion the token stands for (`rv:?` when it is unknown, which
+    /// covers nothing).
+    fn revision_label(&self, rev: Revision) -> String {
+        match self.versions.rv(rev) {
+            Some(rv) => format!("{RV_LABEL}{rv}"),
+            None => format!("{RV_LABEL}?"),
+        }
     }
 
     fn syncer(&self) -> Result<Box<dyn Syncer + '_>, StoreError> {
