@@ -54,47 +54,73 @@ pub enum Resource {
     NetworkPolicy(NetworkPolicy),
 }
 
-fn typed<T: DeserializeOwned>(key: &str, v: Value) -> Result<T, String> {
-    serde_json::from_value(v).map_err(|e| format!("{key}: {e}"))
+/// The JSON a record is read from: a tree (Kubernetes objects) or text (key-value backends),
+/// each decoded straight into the record's type.
+trait Source {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String>;
+    fn tree(self, key: &str) -> Result<Value, String>;
+}
+
+impl Source for Value {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_value(self).map_err(|e| format!("{key}: {e}"))
+    }
+    fn tree(self, _: &str) -> Result<Value, String> {
+        Ok(self)
+    }
+}
+
+impl Source for &str {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_str(self).map_err(|e| format!("{key}: {e}"))
+    }
+    fn tree(self, key: &str) -> Result<Value, String> {
+        self.typed(key)
+    }
 }
 
 impl Resource {
-    /// The record stored at `key`, from its JSON tree; None for a key outside
-    /// [`SYNCED_PREFIXES`] (IPAM handles, anything unknown).
-    pub fn from_value(key: &str, v: Value) -> Result<Option<Resource>, String> {
+    fn decode(key: &str, v: impl Source) -> Result<Option<Resource>, String> {
         let p = |prefix: &str| key.starts_with(prefix);
         Ok(Some(if key == keys::CLUSTER_CONFIG {
-            Resource::ClusterConfig(typed(key, v)?)
+            Resource::ClusterConfig(v.typed(key)?)
         } else if p(keys::NODES) {
-            Resource::Node(typed(key, v)?)
+            Resource::Node(v.typed(key)?)
         } else if p(keys::POOLS) {
-            Resource::Pool(typed(key, v)?)
+            Resource::Pool(v.typed(key)?)
         } else if p(keys::BLOCKS) {
+            let v = v.tree(key)?;
             if !v.is_object() {
                 return Err(format!("{key}: a block is a JSON object"));
             }
             Resource::Block(v)
         } else if p(keys::ENDPOINTS) {
-            Resource::WorkloadEndpoint(typed(key, v)?)
+            Resource::WorkloadEndpoint(v.typed(key)?)
         } else if p(keys::SERVICES) {
-            Resource::Service(typed(key, v)?)
+            Resource::Service(v.typed(key)?)
         } else if p(keys::ENDPOINT_SLICES) {
-            Resource::EndpointSlice(typed(key, v)?)
+            Resource::EndpointSlice(v.typed(key)?)
         } else if p(keys::PODS) {
-            Resource::Pod(typed(key, v)?)
+            Resource::Pod(v.typed(key)?)
         } else if p(keys::NAMESPACES) {
-            Resource::Namespace(typed(key, v)?)
+            Resource::Namespace(v.typed(key)?)
         } else if p(keys::NETWORK_POLICIES) {
-            Resource::NetworkPolicy(typed(key, v)?)
+            Resource::NetworkPolicy(v.typed(key)?)
         } else {
             return Ok(None);
         }))
     }
 
-    /// The record stored at `key`, from the JSON text a key-value backend holds.
+    /// The record stored at `key`, from its JSON tree; None for a key outside
+    /// [`SYNCED_PREFIXES`] (IPAM handles, anything unknown).
+    pub fn from_value(key: &str, v: Value) -> Result<Option<Resource>, String> {
+        Resource::decode(key, v)
+    }
+
+    /// The record stored at `key`, from the JSON text a key-value backend holds (decoded
+    /// straight into its type).
     pub fn from_json(key: &str, s: &str) -> Result<Option<Resource>, String> {
-        let v: Value = serde_json::from_str(s).map_err(|e| format!("{key}: {e}"))?;
-        Resource::from_value(key, v)
+        Resource::decode(key, s)
     }
 
     /// The record as the key-value backends store it (JSON text).
