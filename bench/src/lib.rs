@@ -217,7 +217,7 @@ pub fn require_file(path: &Path, hint: &str) -> anyhow::Result<()> {
 }
 
 /// `--malla-bin` and `--cni-bin`, flattened into every benchmark's arguments.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct BinArgs {
     /// The `malla` binary (agent); default: next to this executable.
     #[arg(long)]

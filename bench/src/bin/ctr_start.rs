@@ -1,7 +1,7 @@
 //! `ctr-start`: start latency of a real container runtime on Malla's CNI plugin against the
 //! reference `bridge` + `host-local` plugins (and that chain with `portmap`), in the same run.
 //!
-//! Each variant gets its own containerd (`malla_lab::runtimes::Containerd`: private config,
+//! Each variant gets its own containerd (`malla_test_kit::runtimes::Containerd`: private config,
 //! state, `/run` and CNI bind mounts) running in a network namespace: Malla's in the node of a
 //! one-node lab, the reference plugins' in a "host" namespace this benchmark creates, never in
 //! the machine's own namespace. A sample is the time from spawning
@@ -24,7 +24,7 @@ use clap::Parser;
 use malla_bench::{
     begin, check, ms, percentile, ratio_d, require_file, Bins, CompareArgs, Reference,
 };
-use malla_lab::runtimes::{self, Containerd};
+use malla_test_kit::runtimes::{self, Containerd};
 
 #[derive(Parser, Debug)]
 #[command(about = "ctr run --cni start latency: Malla vs the reference bridge+host-local plugins")]
@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
     if args.warmup > 10 {
         bail!("--warmup: {} is above 10", args.warmup);
     }
-    runtimes::require_root();
+    malla_test_kit::lab::require_root();
     let deadline = begin(args.common.max_seconds)?;
     for tool in ["containerd", "ctr", "runc", "unshare", "tar", "sha256sum"] {
         if !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())

@@ -35,7 +35,7 @@ use clap::Parser;
 use ipnet::IpNet;
 use malla_api::service::Protocol;
 use malla_api::{keys, ClusterConfig, ContainerPort, Namespace, Node, Pod, WorkloadEndpoint};
-use malla_bench::etcd::{die_with_parent, Etcd, ETCD_BIN};
+use malla_bench::etcd::{die_with_parent, start as start_etcd, Etcd, ETCD_BIN};
 use malla_bench::{
     begin, check, cpu_time, default_pool, mib, ms, percentile, ratio, require_agent, require_file,
     temp_dir, yes, BinArgs, ChildGuard, Namespaces,
@@ -1471,7 +1471,7 @@ fn main() -> anyhow::Result<()> {
         .enter_this_thread()
         .with_context(|| format!("entering {netns_name}"))?;
     let dir = temp_dir("creating a temp dir")?;
-    let etcd = Etcd::start(&args.etcd_bin, deadline)?;
+    let etcd = start_etcd(&args.etcd_bin, deadline)?;
     let version = Command::new(&args.etcd_bin)
         .arg("--version")
         .output()

@@ -7,6 +7,9 @@
 //!    (*apply*). The floor is an `nft -f -` of an empty table in the same run.
 //! 2. One pod label change: a remote pod's labels change so it enters a peer selector; the
 //!    program is recomputed, `render_diff`-ed and applied to the same namespace.
+//!    2b. The same kind of change through the calculation graph's policy node
+//!    ([`PolicyIndex`]) at each size of `--index-pods` (1k and 10k pods, same policies): the
+//!    index's time for the change (it must not grow with the pods), beside a full compile's.
 //! 3. Connection setup with 1 vs N policies on the path: a 1-node lab, pods `client` and
 //!    `server`; 0, 1 or N policies select the server (N-1 allow other ipBlocks on other ports,
 //!    or with `--shared-port` on the server's port); TCP connect + first byte from the client's
@@ -31,7 +34,7 @@ use malla_bench::{
     percentile, ratio, ratio_d, require_agent, unless, yes, BinArgs, Bins, ChangeStats, Namespaces,
 };
 use malla_calc::nft as model;
-use malla_calc::policy::{compile, render_policy, PolicyProgram};
+use malla_calc::policy::{compile, render_policy, PolicyIndex, PolicyPod, PolicyProgram};
 use malla_calc::{masquerade, ClusterView, ServiceMap};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft;
@@ -39,7 +42,7 @@ use malla_lab::store as lab_store;
 use malla_lab::topology;
 use malla_store::Store;
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     about = "NetworkPolicy: programming time, one label change, connection setup with 1 vs N policies, agent RSS"
 )]
@@ -62,6 +65,9 @@ struct Args {
     /// Single label changes (part 2; the median is reported).
     #[arg(long, default_value_t = 5)]
     changes: usize,
+    /// Part 2b: cluster sizes (pods) at which the incremental policy index is timed.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    index_pods: Vec<usize>,
     /// Policies selecting the server in the large case of part 3.
     #[arg(long, default_value_t = 1000)]
     path_policies: usize,
@@ -450,6 +456,13 @@ fn main() -> anyhow::Result<()> {
     if !(1..=20000).contains(&args.policies) || !(2..=1024).contains(&args.path_policies) {
         bail!("--policies in 1..=20000, --path-policies in 2..=1024");
     }
+    if args
+        .index_pods
+        .iter()
+        .any(|&n| n <= args.local_pods || n - args.local_pods > REMOTE_SPAN)
+    {
+        bail!("each --index-pods must exceed --local-pods by 1..={REMOTE_SPAN}");
+    }
     if !(1..=50).contains(&args.changes) || !(1..=10).contains(&args.rounds) {
         bail!("--changes in 1..=50, --rounds in 1..=10");
     }
@@ -463,12 +476,16 @@ fn main() -> anyhow::Result<()> {
     }
 
     let programming = unless(args.skip_programming, || programming(&args, deadline))?;
+    let incremental = unless(args.skip_programming, || incremental(&args, deadline))?;
     let latency = unless(args.skip_latency, || latency(&args, &bins, deadline))?;
     let rss = unless(args.skip_rss, || agent_rss(&args, &bins, deadline))?;
 
     println!();
     if let Some(p) = &programming {
         report_programming(&args, p);
+    }
+    if let Some(i) = &incremental {
+        report_incremental(&args, i);
     }
     if let Some(l) = &latency {
         report_latency(&args, l);
@@ -699,6 +716,115 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         stats,
         changes,
     })
+}
+
+/// Part 2b at one size: the index's start-up, its median time for one label change, and a
+/// full compile's (pods + compile) for the same change.
+struct IndexTiming {
+    pods: usize,
+    start: Duration,
+    change: Duration,
+    full: Duration,
+}
+
+/// The policy view of pod `i` (its labels, ports and endpoint record).
+fn policy_pod(view: &ClusterView, i: usize) -> anyhow::Result<PolicyPod<'_>> {
+    let pod = &view.pods[i];
+    let ep = view
+        .endpoints
+        .iter()
+        .find(|e| e.namespace == pod.namespace && e.pod == pod.name)
+        .with_context(|| format!("pod {} has no endpoint record", pod.name))?;
+    Ok(PolicyPod {
+        namespace: pod.namespace.as_str().into(),
+        name: pod.name.as_str().into(),
+        labels: std::borrow::Cow::Borrowed(&pod.labels),
+        ips: ep.addrs().collect(),
+        node: ep.node.as_str().into(),
+        ports: pod.ports[..].into(),
+        host_ifname: ep.host_ifname.as_str().into(),
+    })
+}
+
+fn incremental(args: &Args, deadline: Instant) -> anyhow::Result<Vec<IndexTiming>> {
+    let mut out = Vec::new();
+    for &n in &args.index_pods {
+        check(deadline)?;
+        let sized = Args {
+            pods: n,
+            ..args.clone()
+        };
+        let mut syn = synthetic(&sized)?;
+        let wanted = pick_changes(&syn, args.changes);
+        if wanted.is_empty() {
+            bail!("{n} pods: found no label change that enters a selector");
+        }
+        let t = Instant::now();
+        let pods = malla_calc::routes::policy_pods(&syn.view);
+        let mut index = PolicyIndex::new(NODE, &syn.view.policies, &syn.view.namespaces, &pods);
+        let start = t.elapsed();
+        drop(pods);
+        let (mut changes, mut fulls) = (Vec::new(), Vec::new());
+        for (i, k, val) in wanted {
+            syn.view.pods[i].labels.insert(k.clone(), val.clone());
+            let pod = policy_pod(&syn.view, i)?;
+            let t = Instant::now();
+            let delta = index.upsert_pod(&pod);
+            changes.push(t.elapsed());
+            if delta.is_empty() {
+                bail!("{n} pods: setting {k}={val} on pod {i} changed nothing");
+            }
+            let t = Instant::now();
+            let full = calc(&syn.view);
+            fulls.push(t.elapsed());
+            if index.program() != full {
+                bail!("{n} pods: the index disagrees with a full compile after {k}={val}");
+            }
+        }
+        changes.sort();
+        fulls.sort();
+        let timing = IndexTiming {
+            pods: n,
+            start,
+            change: changes[changes.len() / 2],
+            full: fulls[fulls.len() / 2],
+        };
+        eprintln!(
+            "  index at {n} pods: start {} ms, one label change {:.3} ms (full compile {} ms)",
+            ms(timing.start),
+            timing.change.as_secs_f64() * 1e3,
+            ms(timing.full)
+        );
+        out.push(timing);
+    }
+    Ok(out)
+}
+
+fn report_incremental(args: &Args, v: &[IndexTiming]) {
+    println!(
+        "2b. One pod label change through the policy index ({} policies, {} local pods), median of {}:",
+        args.policies, args.local_pods, args.changes
+    );
+    for t in v {
+        println!(
+            "  {:>6} pods: index {:.3} ms, full compile {} ms (index start-up {} ms)",
+            t.pods,
+            t.change.as_secs_f64() * 1e3,
+            ms(t.full),
+            ms(t.start)
+        );
+    }
+    if let (Some(a), Some(b)) = (v.first(), v.last()) {
+        if a.pods != b.pods {
+            println!(
+                "  ratio {} / {} pods: index {:.2}, full compile {:.2}",
+                b.pods,
+                a.pods,
+                b.change.as_secs_f64() / a.change.as_secs_f64(),
+                b.full.as_secs_f64() / a.full.as_secs_f64()
+            );
+        }
+    }
 }
 
 fn report_programming(args: &Args, p: &Programming) {

@@ -11,10 +11,15 @@ pub mod cold_load;
 pub mod config_dir;
 pub mod dataplane;
 pub mod element_diff;
+pub mod health;
+pub mod http;
+pub mod metrics;
 pub mod mirror;
 pub mod registration;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -38,7 +43,12 @@ pub struct AgentConfig {
     /// [`malla_store::Store::revision_label`] writes it (readiness for the CNI plugin's STATUS,
     /// and convergence for tests: [`malla_store::label_covers`]).
     pub ready_file: Option<PathBuf>,
+    /// Where the agent serves `/healthz`, `/readyz` and `/metrics` ([`http`]); None: nowhere.
+    pub http_listen: Option<SocketAddr>,
 }
+
+/// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
+pub const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:9099";
 
 /// Reads everything the calculation needs (one list per kind; malformed records are skipped
 /// with a warning, as the agent's [`mirror::Mirror`] does).
@@ -62,18 +72,33 @@ const IDLE_AFTER: Duration = Duration::from_secs(10);
 /// computed and applied again (also every `resync`, repairing drift). When the datastore is
 /// away the kernel is left as it is and the syncer resumes by itself; if the history it needs
 /// is gone, it lists again and says `InSync` again.
+/// A datastore that cannot be opened at start is retried every second; the HTTP server
+/// ([`http`]) answers from the start (`/readyz` 503 until the first sync is applied).
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let store = cfg
-        .datastore
-        .open()
-        .with_context(|| format!("opening datastore {}", cfg.datastore))?;
-    let store: &dyn Store = &*store;
     // Held for the agent's lifetime: the CNI plugin's STATUS knows the agent runs while it is
     // locked, and a second agent for the same node refuses to start.
     let _lock = match &cfg.ready_file {
         Some(ready) => Some(hold_agent_lock(ready)?),
         None => None,
     };
+    // Serving before anything waits on the datastore: probes and metrics answer while it is away.
+    let health = health::Health::default();
+    let metrics = Arc::new(metrics::Metrics::new());
+    if let Some(addr) = cfg.http_listen {
+        http::spawn(addr, health.clone(), metrics.clone())?;
+    }
+    let beat = || health.heartbeat.beat();
+    let store = loop {
+        beat();
+        match cfg.datastore.open() {
+            Ok(store) => break store,
+            Err(e) => {
+                tracing::warn!(error = %e, "opening datastore {}; retrying", cfg.datastore);
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    let store: &dyn Store = &*store;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -83,11 +108,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         plane.enable_forwarding()?;
         if let Some(dir) = &cfg.config_dir {
             while let Err(e) = config_dir::apply(store, dir) {
+                beat();
                 tracing::warn!(error = %format!("{e:#}"), "applying cluster settings from {}; retrying", dir.display());
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
         }
         while let Err(e) = registration::register(store, &cfg.node, &plane).await {
+            beat();
             tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "registering the node failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -118,8 +145,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut last_full = Instant::now();
         let mut last_change = Instant::now();
         let mut last_revision_read = Instant::now() - IDLE_REVISION_READ;
-        let mut ready = false;
+        // Since when changes wait to be applied (the sync latency's start); whether the
+        // datastore was lost since the agent last heard from it; the store's revision at the
+        // last read (for the watch lag).
+        let mut pending_since: Option<Instant> = None;
+        let mut lost = false;
+        let mut store_revision: Revision = -1;
         loop {
+            beat();
             if let Some(cache) = &node_cache {
                 // What pods got while the datastore was away goes in before anything else.
                 if cache.has_pending().unwrap_or(false) {
@@ -145,6 +178,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Ok((before, s)) => {
                         synced = Some((mirror::Mirror::new(&cfg.node), s));
                         confirmed = confirmed.max(Some(before));
+                        pending_since = Some(Instant::now());
                     }
                     Err(e) => {
                         tracing::warn!(node = %cfg.node, error = %e, "datastore unreachable; keeping the dataplane as it is");
@@ -161,12 +195,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         if done {
                             in_sync = true;
                             tracing::info!(node = %cfg.node, "listed the cluster");
+                            if std::mem::take(&mut lost) {
+                                metrics.reconnected();
+                            }
                             other_dirty = true;
                             trim_due = true;
                             cache_dirty = true;
                         }
                     }
                     Err(e) => {
+                        lost = true;
                         tracing::warn!(node = %cfg.node, error = %e, "listing the cluster; keeping the dataplane as it is");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
@@ -183,21 +221,33 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if !pending_services.is_empty() && !resync_due && !other_dirty && applied {
                 // Only Services or slices changed: try the fast path, which touches those
                 // services' elements alone.
-                match plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services) {
+                let started = Instant::now();
+                let done = plane.apply_endpoint_changes(mirror.view(), &cfg.node, &pending_services);
+                metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
+                match done {
                     Ok(true) => {
                         tracing::info!(node = %cfg.node, services = ?pending_services, "service endpoints updated in place");
                         applied = true;
                         pending_services.clear();
+                        if let Some(since) = pending_since.take() {
+                            metrics.synced(since.elapsed());
+                        }
                     }
                     Ok(false) => {}
-                    Err(e) => tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything"),
+                    Err(e) => {
+                        metrics.apply_failed();
+                        tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "endpoint update failed; computing everything");
+                    }
                 }
             }
             let dirty = other_dirty || !pending_services.is_empty();
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
-                match plane.repair().await {
+                let started = Instant::now();
+                let repaired = plane.repair().await;
+                metrics.applied(metrics::ApplyPath::Repair, started.elapsed());
+                match repaired {
                     Ok(stats) => {
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, ?stats, "repaired drift");
@@ -205,6 +255,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         last_full = Instant::now();
                     }
                     Err(e) => {
+                        metrics.apply_failed();
                         tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "repair failed; computing everything");
                         other_dirty = true;
                     }
@@ -215,8 +266,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
-                match plane.apply(desired).await {
+                let programmed = metrics::Programmed::of(&desired, mirror.view());
+                let started = Instant::now();
+                let done = plane.apply(desired).await;
+                metrics.applied(metrics::ApplyPath::Full, started.elapsed());
+                match done {
                     Ok(stats) => {
+                        metrics.programmed(&programmed);
+                        if let Some(since) = pending_since.take() {
+                            metrics.synced(since.elapsed());
+                        }
                         if stats.changed() {
                             tracing::info!(node = %cfg.node, ?stats, "dataplane converged");
                         }
@@ -227,12 +286,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         other_dirty = false;
                         pending_services.clear();
                         last_full = Instant::now();
-                        if !ready {
-                            ready = true;
+                        if !health.readiness.is_ready() {
+                            health.readiness.set_ready();
                             tracing::info!(node = %cfg.node, "in sync");
                         }
                     }
                     Err(e) => {
+                        metrics.apply_failed();
                         tracing::error!(node = %cfg.node, error = %format!("{e:#}"), "apply failed; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -257,7 +317,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     // Quiet. A revision read during an earlier quiet spell is now covered: had
                     // a change under the watch come before it, it would have arrived by now.
                     match quiet_candidate.take() {
-                        Some((rev, at)) if at.elapsed() >= QUIET => confirmed = confirmed.max(Some(rev)),
+                        Some((rev, at)) if at.elapsed() >= QUIET => {
+                            confirmed = confirmed.max(Some(rev));
+                            metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
+                        }
                         Some(c) => quiet_candidate = Some(c),
                         None => {
                             // Often right after changes, rarely when idle: one small read.
@@ -265,6 +328,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                             if last_revision_read.elapsed() >= every {
                                 last_revision_read = Instant::now();
                                 quiet_candidate = store.revision().ok().map(|r| (r, Instant::now()));
+                                if let Some((r, _)) = quiet_candidate {
+                                    // The datastore answers again.
+                                    if std::mem::take(&mut lost) {
+                                        metrics.reconnected();
+                                    }
+                                    store_revision = r;
+                                    metrics.watch_lag(r, confirmed.unwrap_or(-1));
+                                }
                             }
                         }
                     }
@@ -272,12 +343,20 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 Ok(events) => {
                     quiet_candidate = None;
                     last_change = Instant::now();
+                    if std::mem::take(&mut lost) {
+                        metrics.reconnected();
+                    }
                     let (changed, _) = mirror.apply_sync(events);
+                    metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
+                    if changed.other || !changed.services.is_empty() {
+                        pending_since.get_or_insert_with(Instant::now);
+                    }
                     cache_dirty |= changed.node_cache;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);
                 }
                 Err(e) => {
+                    lost = true;
                     tracing::warn!(node = %cfg.node, error = %e, "watching the datastore; keeping the dataplane as it is");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }

@@ -1,8 +1,11 @@
 //! Malla's resource types: the objects every other crate reads and writes through the datastore.
 //!
 //! Everything here is plain data with serde; nothing touches Linux or a store. The key layout
-//! (where each object lives in a key-value store) is in [`keys`].
+//! (where each object lives in a key-value store) is in [`keys`]; the conversion of native
+//! Kubernetes objects to and from these types is in `k8s` (feature `k8s`).
 
+#[cfg(feature = "k8s")]
+pub mod k8s;
 pub mod keys;
 pub mod policy;
 pub mod service;

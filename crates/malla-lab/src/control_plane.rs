@@ -1,7 +1,7 @@
-//! A real Kubernetes control plane (v1.20) for tests and the lab: etcd (Debian's
-//! `/usr/bin/etcd`), kube-apiserver and, optionally, kube-controller-manager with only the
-//! controllers a cluster without kubelets wants (endpoints, endpoint slices, namespaces, service
-//! accounts, garbage collection; no node lifecycle, so nothing marks pods NotReady).
+//! A real Kubernetes control plane (v1.20) for the lab (`malla lab up --datastore kubernetes`):
+//! etcd (Debian's `/usr/bin/etcd`), kube-apiserver and, optionally, kube-controller-manager with
+//! only the controllers a cluster without kubelets wants (endpoints, endpoint slices, namespaces,
+//! service accounts, garbage collection; no node lifecycle, so nothing marks pods NotReady).
 //!
 //! The binaries come from `$MALLA_K8S_DIR/bin` (default `/var/cache/malla/k8s-1.20.2/bin`),
 //! built once by `scripts/k8s-control-plane`. Everything else is generated in the state
@@ -21,15 +21,17 @@
 //! STATE/logs/{etcd,kube-apiserver,kube-controller-manager}.log
 //! ```
 //!
-//! Two ways to run it: [`ControlPlane::start`] owns the processes and kills them (by the exact
-//! pids it spawned) when dropped — for tests, with [`Options::loopback`] on 127.0.0.1 and free
-//! ports; [`start_detached`] spawns them in their own sessions and returns their pids, which
-//! [`stop_detached`] kills later — for `malla lab up` / `down`, with [`Options::in_netns`] in the
-//! lab's fabric namespace. Both reuse the state directory, so a restart keeps the cluster.
+//! This module is what the lab needs at run time: a [`Plan`] (binaries found, state directory
+//! made) that spawns each component and waits until it answers, and [`start_detached`], which
+//! spawns them in their own sessions and returns their pids for [`stop_detached`] to kill later
+//! — `malla lab up` / `down`, with [`Options::in_netns`] in the lab's fabric namespace. Tests
+//! want a control plane they own instead, on 127.0.0.1 with free ports and killed (by the exact
+//! pids it spawned) when dropped: that harness is `malla-test-kit`'s `control_plane`, a dev-only
+//! crate built on this [`Plan`]. Both reuse the state directory, so a restart keeps the cluster.
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
@@ -61,10 +63,10 @@ pub const ETCD_PREFIX: &str = "/registry";
 /// The controllers kube-controller-manager runs.
 pub const CONTROLLERS: &str = "endpoint,endpointslice,endpointslicemirroring,namespace,serviceaccount,serviceaccount-token,garbagecollector";
 
-/// The service range: the lab's own (198.19.64.0/18, [`crate::services::SERVICE_CIDR_V4`]), so
+/// The service range: the lab's own (198.19.64.0/18, [`crate::addresses::SERVICE_CIDR_V4`]), so
 /// the API server hands out the addresses the lab would.
 pub fn default_service_cidr() -> String {
-    let (base, count) = crate::services::SERVICE_CIDR_V4;
+    let (base, count) = crate::addresses::SERVICE_CIDR_V4;
     format!("{base}/{}", 32 - count.trailing_zeros())
 }
 
@@ -172,31 +174,16 @@ pub struct Options {
     pub ready_timeout: Duration,
 }
 
-impl Options {
-    /// On 127.0.0.1 in this namespace, with free ports (picked now), etcd started, the
-    /// controller manager on.
-    pub fn loopback(state_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            state_dir: state_dir.into(),
-            netns: None,
-            address: Ipv4Addr::LOCALHOST,
-            apiserver_port: free_port(),
-            etcd: EtcdSource::Start {
-                client_port: free_port(),
-                peer_port: free_port(),
-            },
-            controller_manager: true,
-            service_cidr: default_service_cidr(),
-            binaries: None,
-            ready_timeout: Duration::from_secs(90),
-        }
-    }
+/// How long [`Options::in_netns`] waits for etcd and the API server to answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
+impl Options {
     /// Inside `netns` on `address` (the lab: its fabric namespace, 198.19.0.1), the API server
     /// on 6443, etcd started on 2379 (peer 127.0.0.1:2380) unless [`Self::with_etcd`] says
     /// otherwise, the controller manager on.
     pub fn in_netns(state_dir: impl Into<PathBuf>, netns: &str, address: Ipv4Addr) -> Self {
         Self {
+            state_dir: state_dir.into(),
             netns: Some(netns.to_string()),
             address,
             apiserver_port: LAB_APISERVER_PORT,
@@ -204,7 +191,10 @@ impl Options {
                 client_port: LAB_ETCD_PORTS.0,
                 peer_port: LAB_ETCD_PORTS.1,
             },
-            ..Self::loopback(state_dir)
+            controller_manager: true,
+            service_cidr: default_service_cidr(),
+            binaries: None,
+            ready_timeout: READY_TIMEOUT,
         }
     }
 
@@ -236,15 +226,6 @@ impl Options {
             EtcdSource::Existing { endpoint } => endpoint.clone(),
         }
     }
-}
-
-/// A free TCP port on 127.0.0.1 (free when asked; the kernel hands out ephemeral ports in
-/// order, so a recently returned one is not reused at once).
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
 }
 
 /// What a client needs to reach the API server: its URL, the kubeconfig and the namespace to
@@ -337,9 +318,12 @@ impl Files {
     }
 }
 
-/// Everything needed to (re)start a component: options, binaries, generated files.
+/// Everything needed to (re)start a component: options, binaries, generated files. The lab
+/// spawns its components detached ([`start_detached`]); the test kit's owned control plane
+/// spawns them as its children. Either way a component is [`Plan::spawn`]ed, then
+/// [`Plan::wait_ready`] until it answers.
 #[derive(Debug, Clone)]
-struct Plan {
+pub struct Plan {
     opts: Options,
     bins: Binaries,
     files: Files,
@@ -348,7 +332,7 @@ struct Plan {
 
 impl Plan {
     /// Finds the binaries and creates whatever of the state directory is missing.
-    fn prepare(opts: &Options) -> anyhow::Result<Self> {
+    pub fn prepare(opts: &Options) -> anyhow::Result<Self> {
         let bins = match &opts.binaries {
             Some(b) => b.clone(),
             None => Binaries::find()?,
@@ -392,8 +376,29 @@ impl Plan {
         })
     }
 
-    fn starts_etcd(&self) -> bool {
+    /// Whether this control plane runs its own etcd (rather than an existing one).
+    pub fn starts_etcd(&self) -> bool {
         matches!(self.opts.etcd, EtcdSource::Start { .. })
+    }
+
+    /// The options it was prepared with.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// How to reach the API server.
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.files.dir
+    }
+
+    /// The log file of a component.
+    pub fn log_path(&self, c: Component) -> PathBuf {
+        self.files.log(c)
     }
 
     /// The command line of a component.
@@ -481,7 +486,7 @@ impl Plan {
     }
 
     /// Starts a component; `detach`: in its own session, to outlive this process.
-    fn spawn(&self, c: Component, detach: bool) -> anyhow::Result<Child> {
+    pub fn spawn(&self, c: Component, detach: bool) -> anyhow::Result<Child> {
         let log_path = self.files.log(c);
         let log = File::options()
             .create(true)
@@ -498,7 +503,7 @@ impl Plan {
     }
 
     /// Waits until `c` answers; `alive` says whether its process still runs.
-    fn wait_ready(&self, c: Component, mut alive: impl FnMut() -> bool) -> anyhow::Result<()> {
+    pub fn wait_ready(&self, c: Component, mut alive: impl FnMut() -> bool) -> anyhow::Result<()> {
         let started = Instant::now();
         let deadline = started + self.opts.ready_timeout;
         loop {
@@ -808,172 +813,8 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-/// Stops a child we spawned: SIGTERM, SIGKILL after `grace`, then reaps it.
-fn stop_child(child: &mut Child, grace: Duration) {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return;
-    }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-const STOP_GRACE: Duration = Duration::from_secs(10);
-
-/// A running control plane owned by this process; dropping it stops every process it started
-/// (by the pids it spawned).
-#[derive(Debug)]
-pub struct ControlPlane {
-    plan: Plan,
-    etcd: Option<Child>,
-    apiserver: Option<Child>,
-    controller_manager: Option<Child>,
-}
-
-impl ControlPlane {
-    /// Generates what the state directory lacks, starts etcd (unless an existing one is
-    /// given), the API server (waiting for `/readyz`) and the controller manager.
-    pub fn start(opts: Options) -> anyhow::Result<Self> {
-        let plan = Plan::prepare(&opts)?;
-        let mut cp = Self {
-            plan,
-            etcd: None,
-            apiserver: None,
-            controller_manager: None,
-        };
-        // On error, `cp` is dropped and stops what was started.
-        if cp.plan.starts_etcd() {
-            cp.start_etcd()?;
-        }
-        cp.start_apiserver()?;
-        if cp.plan.opts.controller_manager {
-            cp.start_controller_manager()?;
-        }
-        Ok(cp)
-    }
-
-    /// How to reach the API server.
-    pub fn access(&self) -> &Access {
-        &self.plan.access
-    }
-
-    /// The admin kubeconfig (server, embedded CA, token).
-    pub fn kubeconfig_path(&self) -> &Path {
-        &self.plan.access.kubeconfig
-    }
-
-    /// `https://ADDRESS:PORT`.
-    pub fn server_url(&self) -> &str {
-        &self.plan.access.server
-    }
-
-    /// The etcd endpoint the API server uses.
-    pub fn etcd_endpoint(&self) -> String {
-        self.plan.opts.etcd_endpoint()
-    }
-
-    pub fn state_dir(&self) -> &Path {
-        &self.plan.files.dir
-    }
-
-    /// The log file of a component.
-    pub fn log_path(&self, c: Component) -> PathBuf {
-        self.plan.files.log(c)
-    }
-
-    /// `kubectl --kubeconfig …` in the control plane's namespace.
-    pub fn kubectl(&self) -> anyhow::Result<Command> {
-        self.plan.access.kubectl()
-    }
-
-    /// Runs kubectl; its stdout, or an error with its stderr.
-    pub fn kubectl_run(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        self.plan.access.kubectl_run(args, stdin)
-    }
-
-    /// The pids of the running processes.
-    pub fn pids(&self) -> ControlPlanePids {
-        let id = |c: &Option<Child>| c.as_ref().map(Child::id);
-        ControlPlanePids {
-            etcd: id(&self.etcd),
-            apiserver: id(&self.apiserver),
-            controller_manager: id(&self.controller_manager),
-        }
-    }
-
-    fn slot(&mut self, c: Component) -> &mut Option<Child> {
-        match c {
-            Component::Etcd => &mut self.etcd,
-            Component::ApiServer => &mut self.apiserver,
-            Component::ControllerManager => &mut self.controller_manager,
-        }
-    }
-
-    /// Starts a stopped component again (same state) and waits until it answers; a no-op
-    /// when it runs.
-    pub fn start_component(&mut self, c: Component) -> anyhow::Result<()> {
-        if c == Component::Etcd && !self.plan.starts_etcd() {
-            bail!("this control plane uses an existing etcd; it does not run one");
-        }
-        if let Some(child) = self.slot(c) {
-            if matches!(child.try_wait(), Ok(None)) {
-                return Ok(());
-            }
-        }
-        let child = self.plan.spawn(c, false)?;
-        let plan = self.plan.clone();
-        let slot = self.slot(c);
-        *slot = Some(child);
-        let child = slot.as_mut().expect("just set");
-        plan.wait_ready(c, || matches!(child.try_wait(), Ok(None)))
-    }
-
-    /// Stops a component (SIGTERM, SIGKILL after 10 s); its state stays.
-    pub fn stop_component(&mut self, c: Component) {
-        if let Some(mut child) = self.slot(c).take() {
-            stop_child(&mut child, STOP_GRACE);
-        }
-    }
-
-    pub fn start_etcd(&mut self) -> anyhow::Result<()> {
-        self.start_component(Component::Etcd)
-    }
-    pub fn stop_etcd(&mut self) {
-        self.stop_component(Component::Etcd)
-    }
-    pub fn start_apiserver(&mut self) -> anyhow::Result<()> {
-        self.start_component(Component::ApiServer)
-    }
-    pub fn stop_apiserver(&mut self) {
-        self.stop_component(Component::ApiServer)
-    }
-    pub fn start_controller_manager(&mut self) -> anyhow::Result<()> {
-        self.start_component(Component::ControllerManager)
-    }
-    pub fn stop_controller_manager(&mut self) {
-        self.stop_component(Component::ControllerManager)
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        for c in [
-            Component::ControllerManager,
-            Component::ApiServer,
-            Component::Etcd,
-        ] {
-            self.stop_component(c);
-        }
-    }
-}
+/// How long a stopped component gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The pids of a control plane's processes (what the lab state stores).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -987,14 +828,16 @@ pub struct ControlPlanePids {
 }
 
 impl ControlPlanePids {
-    fn get(&self, c: Component) -> Option<u32> {
+    /// The pid of `c`, if it runs.
+    pub fn get(&self, c: Component) -> Option<u32> {
         match c {
             Component::Etcd => self.etcd,
             Component::ApiServer => self.apiserver,
             Component::ControllerManager => self.controller_manager,
         }
     }
-    fn set(&mut self, c: Component, pid: Option<u32>) {
+    /// Records (or clears) the pid of `c`.
+    pub fn set(&mut self, c: Component, pid: Option<u32>) {
         match c {
             Component::Etcd => self.etcd = pid,
             Component::ApiServer => self.apiserver = pid,

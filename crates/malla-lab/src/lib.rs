@@ -6,13 +6,13 @@
 //! the installed CNI plugin exactly as containerd or CRI-O would. Every name starts with
 //! `malla-<lab>-`, and teardown deletes by exact name.
 
+pub mod addresses;
 pub mod cni_exec;
 pub mod control_plane;
 pub mod manifest;
 pub mod probe;
 pub mod process;
 pub mod runtime;
-pub mod runtimes;
 pub mod services;
 pub mod state;
 pub mod store;

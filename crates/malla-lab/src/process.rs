@@ -1,11 +1,12 @@
 //! Starting long-lived lab processes (agents, probe servers) inside a namespace, detached from
-//! the CLI that started them, and stopping them by pid.
+//! the CLI that started them, waiting for their ready files, and stopping them by pid.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use malla_dataplane::netns::NetNs;
@@ -77,4 +78,16 @@ pub fn stop(pid: u32) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+}
+
+/// Waits until `path` exists (a started process's ready file), at most `timeout`.
+pub fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            anyhow::bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use malla_dataplane::netns;
@@ -499,7 +499,8 @@ fn create_pod(
                 &netns_name,
                 &paths.log(&format!("probe-{}-{}", pod.namespace, pod.name)),
             )?);
-            wait_for_file(&ready, Duration::from_secs(10)).context("probe server did not start")?;
+            process::wait_for_file(&ready, Duration::from_secs(10))
+                .context("probe server did not start")?;
             let _ = std::fs::remove_file(&ready);
         }
         anyhow::Ok(())
@@ -509,17 +510,6 @@ fn create_pod(
         return Err(e);
     }
     Ok(pod)
-}
-
-pub fn wait_for_file(path: &Path, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        if Instant::now() > deadline {
-            bail!("{} did not appear within {timeout:?}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(())
 }
 
 fn result_cache(paths: &LabPaths, pod: &PodState) -> std::path::PathBuf {

@@ -68,6 +68,30 @@ impl LabPaths {
     }
 }
 
+/// Which backend a lab uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Local,
+    Etcd,
+    Kubernetes,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" => Ok(Backend::Local),
+            "etcd" => Ok(Backend::Etcd),
+            "kubernetes" => Ok(Backend::Kubernetes),
+            other => Err(format!(
+                "--datastore {other:?}: expected local, etcd or kubernetes"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NodeState {
     pub name: String,
@@ -146,7 +170,7 @@ pub struct LabState {
     pub ipv6: bool,
     /// The datastore backend (the embedded file, or etcd in the fabric namespace).
     #[serde(default)]
-    pub datastore: crate::store::Backend,
+    pub datastore: Backend,
     #[serde(default)]
     pub etcd_pid: Option<u32>,
     /// The Kubernetes control plane's processes (`--datastore kubernetes`).

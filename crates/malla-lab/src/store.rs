@@ -12,35 +12,12 @@ use anyhow::{bail, Context};
 use malla_dataplane::netns::NetNs;
 use malla_store::{DatastoreSpec, Store};
 
+pub use crate::state::Backend;
 use crate::state::{LabPaths, LabState};
 use crate::{control_plane, process};
 
 /// Where the lab's etcd listens for clients (the fabric bridge's address).
 pub const ETCD_CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(198, 19, 0, 1), 2379);
-
-/// Which backend a lab uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    #[default]
-    Local,
-    Etcd,
-    Kubernetes,
-}
-
-impl std::str::FromStr for Backend {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "local" => Ok(Backend::Local),
-            "etcd" => Ok(Backend::Etcd),
-            "kubernetes" => Ok(Backend::Kubernetes),
-            other => Err(format!(
-                "--datastore {other:?}: expected local, etcd or kubernetes"
-            )),
-        }
-    }
-}
 
 /// The datastore the lab's agents and plugins are configured with.
 pub fn spec(paths: &LabPaths, backend: Backend) -> DatastoreSpec {

@@ -262,7 +262,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             &paths.log("external"),
         )?);
         state.save(paths)?;
-        crate::runtime::wait_for_file(&ready, Duration::from_secs(10))
+        process::wait_for_file(&ready, Duration::from_secs(10))
             .context("external probe server did not start")?;
     }
     state.save(paths)?;

@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant};
 
-use malla_lab::control_plane::{ControlPlane, Options};
+use malla_lab::control_plane::Options;
+use malla_test_kit::control_plane::{loopback, ControlPlane};
 use serde_json::{json, Value};
 
 fn state_dir() -> tempfile::TempDir {
@@ -19,7 +20,7 @@ fn state_dir() -> tempfile::TempDir {
 }
 
 fn start(dir: &tempfile::TempDir) -> ControlPlane {
-    ControlPlane::start(Options::loopback(dir.path()))
+    ControlPlane::start(loopback(dir.path()))
         .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"))
 }
 

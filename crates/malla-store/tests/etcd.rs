@@ -1,149 +1,18 @@
 //! [`EtcdStore`] against a real etcd: Debian's `/usr/bin/etcd` (package `etcd-server`,
 //! installed by `scripts/deps`) started on 127.0.0.1 with free ports and a temporary data dir,
-//! killed when the test ends, also on panic. Each test starts its own etcd.
+//! killed when the test ends, also on panic (the test kit's `etcd::Etcd`). Each test starts its
+//! own etcd.
 
 mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use malla_store::{EtcdStore, Event, Store, StoreError};
-
-const ETCD: &str = "/usr/bin/etcd";
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A single-member etcd on loopback; killed on drop.
-struct Etcd {
-    child: Option<Child>,
-    client_port: u16,
-    peer_port: u16,
-    data: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        assert!(
-            Path::new(ETCD).exists(),
-            "{ETCD} is missing: install Debian's etcd-server (scripts/deps)"
-        );
-        // tmpfs when there is one: etcd fsyncs every write.
-        let dir = if Path::new("/dev/shm").is_dir() {
-            tempfile::Builder::new()
-                .prefix("malla-etcd-test")
-                .tempdir_in("/dev/shm")
-        } else {
-            tempfile::tempdir()
-        }
-        .unwrap();
-        let mut etcd = Etcd {
-            child: None,
-            client_port: free_port(),
-            peer_port: free_port(),
-            data: dir.path().join("data"),
-            log: dir.path().join("etcd.log"),
-            _dir: dir,
-        };
-        etcd.spawn();
-        etcd
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
-    }
-
-    fn spawn(&mut self) {
-        let client = self.endpoint();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(ETCD)
-            .arg("--name=default")
-            .arg(format!("--data-dir={}", self.data.display()))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=default={peer}"))
-            .arg("--initial-cluster-state=new")
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting etcd");
-        self.child = Some(child);
-        self.wait_ready();
-    }
-
-    /// Waits until a client gets an answer.
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(Some(status)) = self.child.as_mut().map(|c| c.try_wait().unwrap()) {
-                panic!("etcd exited with {status}: {}", self.log_tail());
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_ok()
-                && EtcdStore::connect(&[self.endpoint()], "/ready", Duration::from_secs(2)).is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not answer within 30 s: {}",
-                self.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGKILL, as a crash would.
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts again on the same ports and data dir.
-    fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
-
-    /// A store handle under `prefix`.
-    fn store(&self, prefix: &str) -> EtcdStore {
-        EtcdStore::connect(&[self.endpoint()], prefix, REQUEST_TIMEOUT).unwrap()
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use malla_test_kit::etcd::{Etcd, REQUEST_TIMEOUT};
+use malla_test_kit::free_port;
 
 #[test]
 fn conformance_suite() {

@@ -48,6 +48,10 @@ enum Command {
         /// Seconds between full resyncs that repair drift.
         #[arg(long, default_value_t = 10)]
         resync_secs: u64,
+        /// Where to serve /healthz, /readyz and /metrics (Prometheus), as ADDR:PORT; `none`
+        /// serves nothing.
+        #[arg(long, value_name = "ADDR", default_value = malla_agent::DEFAULT_HTTP_LISTEN, value_parser = parse_http_listen)]
+        http_listen: HttpListen,
     },
     /// Inspect IP address management.
     Ipam {
@@ -101,6 +105,19 @@ enum Command {
     },
 }
 
+/// `--http-listen`: an address, or none.
+#[derive(Debug, Clone, Copy)]
+struct HttpListen(Option<std::net::SocketAddr>);
+
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s == "none" {
+        return Ok(HttpListen(None));
+    }
+    s.parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (expected ADDR:PORT, e.g. 127.0.0.1:9099, or none)"))
+}
+
 fn main() {
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
     // SAFETY: restoring the default disposition of a signal before any thread starts.
@@ -120,6 +137,7 @@ fn main() {
             ready_file,
             resync_secs,
             config_dir,
+            http_listen,
         } => {
             tracing_subscriber::fmt()
                 .with_env_filter(
@@ -134,6 +152,7 @@ fn main() {
                 resync: Duration::from_secs(resync_secs.max(1)),
                 ready_file,
                 config_dir,
+                http_listen: http_listen.0,
             })
         }
         Command::Ipam { command } => ipam_cmd::run(command),

@@ -13,7 +13,7 @@ use common::Lab;
 const STREAM_PORT: u16 = 9100;
 
 fn restart_keeps_stream(routing: &str) {
-    let lab = Lab::new(&format!("r{}", &routing[..1]));
+    let lab = Lab::new(&common::malla_bin(), &format!("r{}", &routing[..1]));
     lab.run(&["lab", "up", "--nodes", "2", "--routing", routing]);
     lab.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: sender}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\
@@ -119,7 +119,7 @@ fn agent_restart_keeps_stream_vxlan() {
 /// agent's periodic resync (10 s in the lab) puts both back without any datastore change.
 #[test]
 fn drift_is_repaired_by_the_periodic_resync() {
-    let lab = Lab::new("dr");
+    let lab = Lab::new(&common::malla_bin(), "dr");
     lab.run(&["lab", "up", "--nodes", "2"]);
     lab.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\

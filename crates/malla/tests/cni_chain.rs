@@ -19,7 +19,7 @@ const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
 
 #[test]
 fn malla_then_portmap_bandwidth_tuning() {
-    let lab = Lab::new("chain");
+    let lab = Lab::new(&common::malla_bin(), "chain");
     lab.run(&["lab", "up", "--nodes", "1", "--ipv6"]);
     let node_ns = lab.netns("node-1");
 

@@ -52,7 +52,7 @@ fn for_all_pods(f: impl Fn(usize, usize) + Send + Sync + 'static) {
 
 #[test]
 fn concurrent_add_then_del_leaks_nothing() {
-    let lab = Arc::new(Lab::new("cc"));
+    let lab = Arc::new(Lab::new(&common::malla_bin(), "cc"));
     lab.run(&["lab", "up", "--nodes", "3", "--ipv6"]);
     let paths = LabPaths::new(&lab.name, Some(lab.state_root.path())).unwrap();
     let state = Arc::new(LabState::require(&paths).unwrap());

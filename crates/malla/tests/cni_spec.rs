@@ -135,7 +135,7 @@ fn golden(name: &str, actual: &Value) {
 
 #[test]
 fn version_lists_every_supported_version() {
-    let lab = Lab::new("sv");
+    let lab = Lab::new(&common::malla_bin(), "sv");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let out = p.raw(&[("CNI_COMMAND", "VERSION")], b"");
@@ -145,7 +145,7 @@ fn version_lists_every_supported_version() {
 
 #[test]
 fn add_check_del_in_every_version() {
-    let lab = Lab::new("sa");
+    let lab = Lab::new(&common::malla_bin(), "sa");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     for (i, v) in VERSIONS.iter().enumerate() {
@@ -208,7 +208,7 @@ fn add_check_del_in_every_version() {
 
 #[test]
 fn check_reports_what_is_wrong() {
-    let lab = Lab::new("sc");
+    let lab = Lab::new(&common::malla_bin(), "sc");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let netns = p.pod("chk");
@@ -231,7 +231,7 @@ fn check_reports_what_is_wrong() {
 
 #[test]
 fn error_codes() {
-    let lab = Lab::new("se");
+    let lab = Lab::new(&common::malla_bin(), "se");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let netns = p.pod("err");
@@ -296,7 +296,7 @@ fn error_codes() {
 
 #[test]
 fn status_follows_the_agent() {
-    let lab = Lab::new("st");
+    let lab = Lab::new(&common::malla_bin(), "st");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let conf = p.conf("1.1.0").to_string();
@@ -327,7 +327,7 @@ fn status_follows_the_agent() {
 
 #[test]
 fn gc_releases_everything_not_valid() {
-    let lab = Lab::new("sg");
+    let lab = Lab::new(&common::malla_bin(), "sg");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let conf = p.conf("1.1.0");
@@ -393,7 +393,7 @@ fn gc_releases_everything_not_valid() {
 /// in the node's own block): the runtime's DEL finds it through the node cache's blocks.
 #[test]
 fn del_after_a_crash_right_after_the_allocation_frees_the_address() {
-    let lab = Lab::new("sd");
+    let lab = Lab::new(&common::malla_bin(), "sd");
     lab.run(&["lab", "up", "--nodes", "1"]);
     let p = Plugin::new(&lab);
     let conf = p.conf("1.1.0");

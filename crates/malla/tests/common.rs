@@ -1,134 +1,21 @@
-//! Shared helpers for the lab tests: a lab that tears itself down even when a test fails.
+//! Shared helpers for the lab tests. The lab that tears itself down even when a test fails is
+//! the test kit's ([`malla_test_kit::lab::Lab`]), run by this crate's `malla` binary.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 
-use serde_json::Value;
+pub use malla_test_kit::lab::Lab;
 
 pub fn malla_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_malla"))
 }
 
+/// Panics unless root; `true` otherwise.
 pub fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    panic!("lab tests need root (network namespaces); run the suite as root");
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A lab with a unique name, brought down on drop.
-pub struct Lab {
-    pub name: String,
-    pub state_root: tempfile::TempDir,
-}
-
-impl Lab {
-    pub fn new(tag: &str) -> Self {
-        require_root();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("t{}-{tag}{n}", std::process::id() % 100000);
-        let state_root = tempfile::Builder::new()
-            .prefix("malla-lab-test")
-            .tempdir()
-            .expect("tempdir");
-        Self { name, state_root }
-    }
-
-    pub fn cmd(&self) -> Command {
-        let mut c = Command::new(malla_bin());
-        c.env("MALLA_LAB_STATE_DIR", self.state_root.path())
-            .env("MALLA_LAB", &self.name);
-        c
-    }
-
-    /// Runs `malla ARGS`, panicking with its output on failure.
-    pub fn run(&self, args: &[&str]) -> String {
-        let out = self.try_run(args);
-        assert!(
-            out.status.success(),
-            "malla {} failed: {}\n{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn try_run(&self, args: &[&str]) -> Output {
-        self.cmd().args(args).output().expect("running malla")
-    }
-
-    pub fn apply(&self, yaml: &str) -> String {
-        let f = self
-            .state_root
-            .path()
-            .join(format!("m{}.yaml", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&f, yaml).expect("write manifest");
-        self.run(&["lab", "apply", "-f", f.to_str().expect("utf8")])
-    }
-
-    /// `malla lab delete -f` of this manifest text.
-    pub fn apply_delete(&self, yaml: &str) -> String {
-        let f = self
-            .state_root
-            .path()
-            .join(format!("d{}.yaml", COUNTER.fetch_add(1, Ordering::SeqCst)));
-        std::fs::write(&f, yaml).expect("write manifest");
-        self.run(&["lab", "delete", "-f", f.to_str().expect("utf8")])
-    }
-
-    pub fn probe(&self, extra: &[&str]) -> Vec<Value> {
-        let mut args = vec!["lab", "probe", "-o", "json"];
-        args.extend_from_slice(extra);
-        let out = self.try_run(&args);
-        serde_json::from_slice::<Value>(&out.stdout)
-            .unwrap_or_else(|e| {
-                panic!(
-                    "probe output is not JSON ({e}): {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })
-            .as_array()
-            .cloned()
-            .expect("array")
-    }
-
-    /// Addresses in use over every IPAM block (`malla ipam show -o json`).
-    pub fn used_addresses(&self) -> u64 {
-        let v: Value =
-            serde_json::from_str(&self.run(&["ipam", "show", "-o", "json"])).expect("json");
-        v["blocks"]
-            .as_array()
-            .expect("blocks")
-            .iter()
-            .map(|b| b["used"].as_u64().expect("used"))
-            .sum()
-    }
-
-    pub fn state(&self) -> Value {
-        let p = self.state_root.path().join(&self.name).join("lab.json");
-        serde_json::from_slice(&std::fs::read(p).expect("lab.json")).expect("json")
-    }
-
-    pub fn netns(&self, what: &str) -> String {
-        format!("malla-{}-{what}", self.name)
-    }
-
-    pub fn dir(&self) -> PathBuf {
-        self.state_root.path().join(&self.name)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.try_run(&["lab", "down"]);
-    }
+    malla_test_kit::lab::require_root();
+    true
 }
 
 /// Runs `ip ARGS` and returns stdout.

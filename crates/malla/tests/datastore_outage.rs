@@ -64,7 +64,7 @@ fn outage(datastore: &str) {
     if !common::require_root() {
         return;
     }
-    let lab = Lab::new(&format!("out{}", &datastore[..1]));
+    let lab = Lab::new(&common::malla_bin(), &format!("out{}", &datastore[..1]));
     lab.run(&["lab", "up", "--nodes", "2", "--datastore", datastore]);
     lab.apply(
         "apiVersion: v1\nkind: Pod\nmetadata: {name: sender}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\

@@ -24,7 +24,7 @@ fn namespaces_with(prefix: &str) -> Vec<String> {
 
 #[test]
 fn lifecycle() {
-    let lab = Lab::new("life");
+    let lab = Lab::new(&common::malla_bin(), "life");
     lab.run(&["lab", "up", "--nodes", "2"]);
     let pids = lab.state()["nodes"].clone();
     // Idempotent: a second `up` changes nothing and keeps the same agents.

@@ -15,12 +15,15 @@ fn conformance(routing: &str, ipv6: bool) {
 }
 
 fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
-    let lab = Lab::new(&format!(
-        "{}{}{}",
-        &routing[..1],
-        if ipv6 { "6" } else { "4" },
-        &datastore[..1]
-    ));
+    let lab = Lab::new(
+        &common::malla_bin(),
+        &format!(
+            "{}{}{}",
+            &routing[..1],
+            if ipv6 { "6" } else { "4" },
+            &datastore[..1]
+        ),
+    );
     let mut up = vec![
         "lab",
         "up",

@@ -40,7 +40,7 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        let lab = Lab::new("np");
+        let lab = Lab::new(&common::malla_bin(), "np");
         lab.run(&["lab", "up", "--nodes", "3"]);
         lab.apply(&model());
         let ips = lab.state()["pods"]

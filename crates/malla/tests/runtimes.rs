@@ -7,16 +7,17 @@
 //! mount namespaces: the daemons, their state, sockets and `/run` live in a temp dir or a
 //! private tmpfs, and the CNI directories a runtime reads are bind mounts visible only to it.
 //! Nothing is written to the machine's `/etc/cni/net.d`, `/opt/cni/bin` or root namespace.
-//! The harness (the runtimes, the image, the checks, the cleanup) is `malla_lab::runtimes`,
+//! The harness (the runtimes, the image, the checks, the cleanup) is `malla_test_kit::runtimes`,
 //! which the `ctr-start` benchmark shares.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use malla_lab::runtimes::{
+use malla_test_kit::lab::{require_root, Lab};
+use malla_test_kit::runtimes::{
     assert_node_clean, assert_wired_in_node, busybox_oci_archive, eth0_ipv4, in_pod_pool,
-    require_root, require_tools, wait_for, Containerd, Lab, Out, Podman,
+    require_tools, wait_for, Containerd, Out, Podman,
 };
 
 /// Container B's main process: a TCP server on 8080 that answers every connection.
@@ -46,7 +47,11 @@ fn check_two_containers(
     };
     let (a, b) = (addr("a"), addr("b"));
     assert_ne!(a, b, "two containers, two addresses");
-    assert_eq!(lab.ipam_used(), 2, "IPAM holds exactly the two addresses");
+    assert_eq!(
+        lab.used_addresses(),
+        2,
+        "IPAM holds exactly the two addresses"
+    );
     assert_wired_in_node(node_ns, &[a, b]);
 
     let b_s = b.to_string();

@@ -37,7 +37,7 @@ fn answered_by(results: &[Value]) -> BTreeMap<String, usize> {
 }
 
 fn up(tag: &str) -> Lab {
-    let lab = Lab::new(tag);
+    let lab = Lab::new(&common::malla_bin(), tag);
     lab.run(&["lab", "up", "--nodes", "3"]);
     lab.apply(&pods(&[
         ("web-1", "node-1", "web"),

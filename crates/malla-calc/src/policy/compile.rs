@@ -173,7 +173,7 @@ fn selector_key(s: &LabelSelector) -> String {
 }
 
 /// The stable identity of a peer of a policy in `policy_ns`.
-fn peer_key(policy_ns: &str, peer: &NetworkPolicyPeer) -> String {
+pub(crate) fn peer_key(policy_ns: &str, peer: &NetworkPolicyPeer) -> String {
     if let Some(b) = &peer.ip_block {
         return match b.parsed() {
             Some((cidr, mut ex)) => {
@@ -202,12 +202,143 @@ pub fn set_name(key: &str) -> String {
 }
 
 /// A valid policy with what the compiler needs of it computed once.
-struct Pol<'a> {
-    p: &'a NetworkPolicy,
+pub(crate) struct Pol<'a> {
+    pub(crate) p: &'a NetworkPolicy,
     /// `namespace/name`.
-    key: String,
-    ingress: bool,
-    egress: bool,
+    pub(crate) key: String,
+    pub(crate) ingress: bool,
+    pub(crate) egress: bool,
+}
+
+impl<'a> Pol<'a> {
+    pub(crate) fn new(p: &'a NetworkPolicy) -> Self {
+        Self {
+            p,
+            key: p.key(),
+            ingress: has_type(p, Direction::Ingress),
+            egress: has_type(p, Direction::Egress),
+        }
+    }
+}
+
+/// Where rules get the names of their peers' address sets. The full compiler builds each set
+/// once from every pod; the incremental index ([`super::incremental`]) reuses the sets it
+/// keeps and builds only new ones. Both share the rule-building code below, so both give the
+/// same program.
+pub(crate) trait SetSource {
+    /// The set of the selector or `ipBlock` peer `peer` of a policy in `policy_ns` (`at` names
+    /// the peer within the program being compiled; a cache key only).
+    fn peer_set(&mut self, at: PeerRef, policy_ns: &str, peer: &NetworkPolicyPeer) -> String;
+    /// The derived sets of a peer (`None`: every pod) for an egress named port: (number, set
+    /// name) per number the name resolves to on the peer's pods, in number order.
+    fn named_sets(
+        &mut self,
+        at: Option<PeerRef>,
+        policy_ns: &str,
+        peer: Option<&NetworkPolicyPeer>,
+        proto: Protocol,
+        name: &str,
+    ) -> Vec<(u16, String)>;
+}
+
+/// How a set's addresses follow from the pods, recorded for the sets that depend on pods (an
+/// `ipBlock` set does not).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SetDef {
+    pub(crate) policy_ns: String,
+    /// `None`: every pod.
+    pub(crate) peer: Option<NetworkPolicyPeer>,
+    /// For a named-port set: the port's protocol, name and the number its members declare.
+    pub(crate) named: Option<(Protocol, String, u16)>,
+}
+
+impl SetDef {
+    /// The addresses of `pod` (whose namespace has `ns_labels`) that belong to the set.
+    pub(crate) fn addrs_of<'p>(
+        &self,
+        pod: &'p PolicyPod,
+        ns_labels: &BTreeMap<String, String>,
+    ) -> impl Iterator<Item = IpAddr> + 'p {
+        let declared = match &self.named {
+            None => true,
+            Some((proto, name, k)) => pod.named_port(name, *proto).contains(k),
+        };
+        let whole_pod = declared
+            && match &self.peer {
+                None => true,
+                Some(peer) if peer.ip_block.is_some() => true,
+                Some(peer) => {
+                    let ns_ok = match &peer.namespace_selector {
+                        None => *pod.namespace == *self.policy_ns,
+                        Some(s) => s.matches(ns_labels),
+                    };
+                    ns_ok
+                        && peer
+                            .pod_selector
+                            .as_ref()
+                            .is_none_or(|s| s.matches(&pod.labels))
+                }
+            };
+        let block = self
+            .peer
+            .as_ref()
+            .and_then(|p| p.ip_block.as_ref())
+            .map(|b| b.parsed());
+        pod.ips.iter().copied().filter(move |ip| {
+            whole_pod
+                && match &block {
+                    None => true,
+                    Some(None) => false,
+                    Some(Some((cidr, ex))) => {
+                        cidr.contains(ip) && !ex.iter().any(|e| e.contains(ip))
+                    }
+                }
+        })
+    }
+}
+
+/// The set of an `ipBlock` peer: its addresses, fixed.
+pub(crate) fn block_set(key: String, b: &malla_api::policy::IpBlock) -> PeerSet {
+    match b.parsed() {
+        Some((cidr, ex)) => {
+            let addrs = normalize([cidr], ex);
+            PeerSet {
+                key,
+                v4: cidr.addr().is_ipv4(),
+                v6: cidr.addr().is_ipv6(),
+                interval: addrs.iter().any(|n| n.prefix_len() < n.max_prefix_len()),
+                addrs,
+            }
+        }
+        None => PeerSet {
+            key,
+            v4: false,
+            v6: false,
+            interval: false,
+            addrs: Vec::new(),
+        },
+    }
+}
+
+/// A pod set: host addresses, both families.
+pub(crate) fn pod_set(key: String, addrs: Vec<IpNet>) -> PeerSet {
+    PeerSet {
+        key,
+        v4: true,
+        v6: true,
+        interval: false,
+        addrs,
+    }
+}
+
+/// The key of a named-port derived set.
+pub(crate) fn named_set_key(base: &str, proto: Protocol, name: &str, k: u16) -> String {
+    format!("{base} port {}/{name}={k}", proto.nft())
+}
+
+/// The base of a named-port group: the peer's key, or `any`.
+pub(crate) fn named_base(policy_ns: &str, peer: Option<&NetworkPolicyPeer>) -> String {
+    peer.map_or_else(|| "any".to_string(), |p| peer_key(policy_ns, p))
 }
 
 /// Pods of one namespace group, by their index in it.
@@ -342,33 +473,44 @@ impl<'a> NsGroup<'a> {
 }
 
 /// Which peer of which rule: (policy index, direction, rule index, peer index).
-type PeerRef = (usize, Direction, usize, usize);
+pub(crate) type PeerRef = (usize, Direction, usize, usize);
 
-struct Compiler<'a> {
+/// What a named-port group is: the peer whose pods' numbers split it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NamedGroup {
+    pub(crate) policy_ns: String,
+    pub(crate) peer: Option<NetworkPolicyPeer>,
+    /// (number, set name), in number order: one per number some member declares.
+    pub(crate) numbers: Vec<(u16, String)>,
+}
+
+/// The key of a named-port group: (peer key or `any`, protocol, port name).
+pub(crate) type GroupKey = (String, Protocol, String);
+
+/// The full compiler's [`SetSource`]: every set computed once from all pods, through a label
+/// index per namespace.
+struct SetBuilder<'a> {
     pods: &'a [PolicyPod<'a>],
     /// Pods grouped by namespace (namespaces in order of first appearance).
     groups: Vec<NsGroup<'a>>,
     /// Namespace → index into `groups`.
     group_of: BTreeMap<&'a str, usize>,
-    /// The valid policies, sorted by (namespace, name) (stable).
-    pols: Vec<Pol<'a>>,
-    /// Namespace → indices into `pols`, in order.
-    pols_by_ns: HashMap<&'a str, Vec<usize>>,
     sets: BTreeMap<String, PeerSet>,
     /// Peer → its key (computed once per peer of a policy).
     peer_keys: HashMap<PeerRef, String>,
     /// Peer → name of its set.
     peer_sets: HashMap<PeerRef, String>,
-    /// (peer key or `any`, protocol, port name) → (number, derived set name) per number.
-    named_sets: HashMap<(String, Protocol, String), Vec<(u16, String)>>,
+    /// Named-port groups and their sets per number.
+    named: HashMap<GroupKey, NamedGroup>,
+    /// Whether to record how each pod set follows from the pods (for the incremental index).
+    record: bool,
+    defs: HashMap<String, SetDef>,
+    /// The groups used since the last `take_used` (recorded only when `record`).
+    used: Vec<GroupKey>,
 }
 
-impl<'a> Compiler<'a> {
-    fn new(
-        policies: &'a [NetworkPolicy],
-        namespaces: &'a [Namespace],
-        pods: &'a [PolicyPod<'a>],
-    ) -> Self {
+impl<'a> SetBuilder<'a> {
+    fn new(namespaces: &'a [Namespace], pods: &'a [PolicyPod<'a>], record: bool) -> Self {
         let mut group_of: BTreeMap<&str, usize> = BTreeMap::new();
         let mut groups: Vec<NsGroup<'a>> = Vec::new();
         for q in pods {
@@ -383,44 +525,18 @@ impl<'a> Compiler<'a> {
             });
             groups[i].pods.push(q);
         }
-        let mut valid: Vec<&NetworkPolicy> = valid(policies).collect();
-        valid.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let pols: Vec<Pol<'a>> = valid
-            .into_iter()
-            .map(|p| Pol {
-                p,
-                key: p.key(),
-                ingress: has_type(p, Direction::Ingress),
-                egress: has_type(p, Direction::Egress),
-            })
-            .collect();
-        let mut pols_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (i, p) in pols.iter().enumerate() {
-            pols_by_ns
-                .entry(p.p.namespace.as_str())
-                .or_default()
-                .push(i);
-        }
         Self {
             pods,
             groups,
             group_of,
-            pols,
-            pols_by_ns,
             sets: BTreeMap::new(),
             peer_keys: HashMap::new(),
             peer_sets: HashMap::new(),
-            named_sets: HashMap::new(),
+            named: HashMap::new(),
+            record,
+            defs: HashMap::new(),
+            used: Vec::new(),
         }
-    }
-
-    fn add_set(&mut self, key: String, make: impl FnOnce(String) -> PeerSet) -> String {
-        let name = set_name(&key);
-        if !self.sets.contains_key(&name) {
-            let set = make(key);
-            self.sets.insert(name.clone(), set);
-        }
-        name
     }
 
     /// The pod addresses `peer` matches (`None`: every pod address), as `peer_matches` decides.
@@ -481,59 +597,43 @@ impl<'a> Compiler<'a> {
             .entry(at)
             .or_insert_with(|| peer_key(policy_ns, peer))
     }
+}
 
+impl SetSource for SetBuilder<'_> {
     fn peer_set(&mut self, at: PeerRef, policy_ns: &str, peer: &NetworkPolicyPeer) -> String {
         if let Some(name) = self.peer_sets.get(&at) {
             return name.clone();
         }
         let key = self.peer_key(at, policy_ns, peer).to_string();
-        let name = if let Some(b) = &peer.ip_block {
-            self.add_set(key, |key| match b.parsed() {
-                Some((cidr, ex)) => {
-                    let addrs = normalize([cidr], ex);
-                    PeerSet {
-                        key,
-                        v4: cidr.addr().is_ipv4(),
-                        v6: cidr.addr().is_ipv6(),
-                        interval: addrs.iter().any(|n| n.prefix_len() < n.max_prefix_len()),
-                        addrs,
+        let name = set_name(&key);
+        if !self.sets.contains_key(&name) {
+            let set = match &peer.ip_block {
+                Some(b) => block_set(key, b),
+                None => {
+                    let addrs = hosts(
+                        self.peer_pod_ips(policy_ns, Some(peer))
+                            .into_iter()
+                            .map(|(ip, _)| ip),
+                    );
+                    if self.record {
+                        self.defs.insert(
+                            name.clone(),
+                            SetDef {
+                                policy_ns: policy_ns.to_string(),
+                                peer: Some(peer.clone()),
+                                named: None,
+                            },
+                        );
                     }
+                    pod_set(key, addrs)
                 }
-                None => PeerSet {
-                    key,
-                    v4: false,
-                    v6: false,
-                    interval: false,
-                    addrs: Vec::new(),
-                },
-            })
-        } else {
-            let name = set_name(&key);
-            if !self.sets.contains_key(&name) {
-                let addrs = hosts(
-                    self.peer_pod_ips(policy_ns, Some(peer))
-                        .into_iter()
-                        .map(|(ip, _)| ip),
-                );
-                self.sets.insert(
-                    name.clone(),
-                    PeerSet {
-                        key,
-                        v4: true,
-                        v6: true,
-                        interval: false,
-                        addrs,
-                    },
-                );
-            }
-            name
-        };
+            };
+            self.sets.insert(name.clone(), set);
+        }
         self.peer_sets.insert(at, name.clone());
         name
     }
 
-    /// The derived sets of a peer for an egress named port: (number, set name) per number the
-    /// name resolves to on the peer's pods.
     fn named_sets(
         &mut self,
         at: Option<PeerRef>,
@@ -546,9 +646,12 @@ impl<'a> Compiler<'a> {
             (Some(at), Some(p)) => self.peer_key(at, policy_ns, p).to_string(),
             _ => "any".to_string(),
         };
-        let cache_key = (base, proto, name.to_string());
-        if let Some(v) = self.named_sets.get(&cache_key) {
-            return v.clone();
+        let group_key = (base, proto, name.to_string());
+        if self.record {
+            self.used.push(group_key.clone());
+        }
+        if let Some(g) = self.named.get(&group_key) {
+            return g.numbers.clone();
         }
         let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
         for (ip, q) in self.peer_pod_ips(policy_ns, peer) {
@@ -556,142 +659,171 @@ impl<'a> Compiler<'a> {
                 by_port.entry(k).or_default().push(ip);
             }
         }
-        let base = &cache_key.0;
-        let mut out = Vec::with_capacity(by_port.len());
+        let mut numbers = Vec::with_capacity(by_port.len());
         for (k, ips) in by_port {
-            let key = format!("{base} port {}/{name}={k}", proto.nft());
-            let set = self.add_set(key, |key| PeerSet {
-                key,
-                v4: true,
-                v6: true,
-                interval: false,
-                addrs: hosts(ips),
-            });
-            out.push((k, set));
+            let key = named_set_key(&group_key.0, proto, name, k);
+            let set = set_name(&key);
+            if !self.sets.contains_key(&set) {
+                self.sets.insert(set.clone(), pod_set(key, hosts(ips)));
+                if self.record {
+                    self.defs.insert(
+                        set.clone(),
+                        SetDef {
+                            policy_ns: policy_ns.to_string(),
+                            peer: peer.cloned(),
+                            named: Some((proto, name.to_string(), k)),
+                        },
+                    );
+                }
+            }
+            numbers.push((k, set));
         }
-        self.named_sets.insert(cache_key, out.clone());
-        out
+        self.named.insert(
+            group_key,
+            NamedGroup {
+                policy_ns: policy_ns.to_string(),
+                peer: peer.cloned(),
+                numbers: numbers.clone(),
+            },
+        );
+        numbers
     }
+}
 
-    /// Rules for rule `index` (in direction `dir`) of policy `pi`, for the local pod `local`.
-    fn rule(
-        &mut self,
-        pi: usize,
-        index: usize,
-        (peers, ports): (&[NetworkPolicyPeer], &[NetworkPolicyPort]),
-        dir: Direction,
-        local: &PolicyPod,
-        out: &mut Vec<CompiledRule>,
-    ) {
-        let policy = self.pols[pi].p;
-        let ns = policy.namespace.as_str();
-        let peer_list: Vec<Option<(usize, &NetworkPolicyPeer)>> = if peers.is_empty() {
-            vec![None]
-        } else {
-            peers.iter().enumerate().map(Some).collect()
-        };
-        let range = |pp: &NetworkPolicyPort| match &pp.port {
-            None => Some((0, u16::MAX)),
-            Some(TargetPort::Number(n)) => Some((*n, pp.end_port.unwrap_or(*n))),
-            Some(TargetPort::Name(_)) => None,
-        };
-        // Ports that do not depend on the destination: all of them for ingress (named ports
-        // resolve against the local pod, which is the destination).
-        let fixed: Option<PortMatch> = if ports.is_empty() {
-            Some(PortMatch::Any)
-        } else {
-            PortMatch::from_ranges(ports.iter().flat_map(|pp| {
-                let r: Vec<(Protocol, (u16, u16))> = match (&pp.port, dir) {
-                    (Some(TargetPort::Name(name)), Direction::Ingress) => local
-                        .named_port(name, pp.protocol)
-                        .into_iter()
-                        .map(|k| (pp.protocol, (k, k)))
-                        .collect(),
-                    _ => range(pp).map(|r| (pp.protocol, r)).into_iter().collect(),
-                };
-                r
-            }))
-        };
-        if let Some(pm) = fixed {
-            for peer in &peer_list {
-                let set = peer.map(|(j, p)| self.peer_set((pi, dir, index, j), ns, p));
+/// Rules for rule `index` (in direction `dir`) of policy `pols[pi]`, for the local pod `local`.
+#[allow(clippy::too_many_arguments)] // the rule's coordinates, spelled out
+fn rule(
+    sets: &mut impl SetSource,
+    pols: &[Pol],
+    pi: usize,
+    index: usize,
+    (peers, ports): (&[NetworkPolicyPeer], &[NetworkPolicyPort]),
+    dir: Direction,
+    local: &PolicyPod,
+    out: &mut Vec<CompiledRule>,
+) {
+    let policy = pols[pi].p;
+    let ns = policy.namespace.as_str();
+    let peer_list: Vec<Option<(usize, &NetworkPolicyPeer)>> = if peers.is_empty() {
+        vec![None]
+    } else {
+        peers.iter().enumerate().map(Some).collect()
+    };
+    let range = |pp: &NetworkPolicyPort| match &pp.port {
+        None => Some((0, u16::MAX)),
+        Some(TargetPort::Number(n)) => Some((*n, pp.end_port.unwrap_or(*n))),
+        Some(TargetPort::Name(_)) => None,
+    };
+    // Ports that do not depend on the destination: all of them for ingress (named ports
+    // resolve against the local pod, which is the destination).
+    let fixed: Option<PortMatch> = if ports.is_empty() {
+        Some(PortMatch::Any)
+    } else {
+        PortMatch::from_ranges(ports.iter().flat_map(|pp| {
+            let r: Vec<(Protocol, (u16, u16))> = match (&pp.port, dir) {
+                (Some(TargetPort::Name(name)), Direction::Ingress) => local
+                    .named_port(name, pp.protocol)
+                    .into_iter()
+                    .map(|k| (pp.protocol, (k, k)))
+                    .collect(),
+                _ => range(pp).map(|r| (pp.protocol, r)).into_iter().collect(),
+            };
+            r
+        }))
+    };
+    if let Some(pm) = fixed {
+        for peer in &peer_list {
+            let set = peer.map(|(j, p)| sets.peer_set((pi, dir, index, j), ns, p));
+            out.push(CompiledRule {
+                policy: pols[pi].key.clone(),
+                rule: index,
+                peer: set,
+                ports: pm.clone(),
+            });
+        }
+    }
+    if dir == Direction::Ingress {
+        return;
+    }
+    // Egress named ports: split each peer by the number the name resolves to.
+    let named: BTreeSet<(Protocol, &str)> = ports
+        .iter()
+        .filter_map(|pp| match &pp.port {
+            Some(TargetPort::Name(n)) => Some((pp.protocol, n.as_str())),
+            _ => None,
+        })
+        .collect();
+    for (proto, name) in named {
+        for peer in &peer_list {
+            let at = peer.map(|(j, _)| (pi, dir, index, j));
+            for (k, set) in sets.named_sets(at, ns, peer.map(|(_, p)| p), proto, name) {
+                let mut m = BTreeMap::new();
+                m.insert(proto, vec![(k, k)]);
                 out.push(CompiledRule {
-                    policy: self.pols[pi].key.clone(),
+                    policy: pols[pi].key.clone(),
                     rule: index,
-                    peer: set,
-                    ports: pm.clone(),
+                    peer: Some(set),
+                    ports: PortMatch::Ports(m),
                 });
             }
         }
-        if dir == Direction::Ingress {
-            return;
-        }
-        // Egress named ports: split each peer by the number the name resolves to.
-        let named: BTreeSet<(Protocol, &str)> = ports
-            .iter()
-            .filter_map(|pp| match &pp.port {
-                Some(TargetPort::Name(n)) => Some((pp.protocol, n.as_str())),
-                _ => None,
-            })
-            .collect();
-        for (proto, name) in named {
-            for peer in &peer_list {
-                let at = peer.map(|(j, _)| (pi, dir, index, j));
-                for (k, set) in self.named_sets(at, ns, peer.map(|(_, p)| p), proto, name) {
-                    let mut m = BTreeMap::new();
-                    m.insert(proto, vec![(k, k)]);
-                    out.push(CompiledRule {
-                        policy: self.pols[pi].key.clone(),
-                        rule: index,
-                        peer: Some(set),
-                        ports: PortMatch::Ports(m),
-                    });
-                }
-            }
-        }
     }
+}
 
-    /// The local pod's programs in direction `dir`, given the policies selecting it (indices
-    /// into `pols`, in order).
-    fn direction(
-        &mut self,
-        selecting: &[usize],
-        pod: &PolicyPod,
-        dir: Direction,
-    ) -> Option<Vec<CompiledRule>> {
-        let pols: Vec<usize> = selecting
-            .iter()
-            .copied()
-            .filter(|&i| match dir {
-                Direction::Ingress => self.pols[i].ingress,
-                Direction::Egress => self.pols[i].egress,
-            })
-            .collect();
-        if pols.is_empty() {
-            return None;
-        }
-        let mut out = Vec::new();
-        for pi in pols {
-            let p = self.pols[pi].p;
-            for (i, r) in rules(p, dir).into_iter().enumerate() {
-                self.rule(pi, i, r, dir, pod, &mut out);
-            }
-        }
-        Some(out)
+/// The local pod's programs in direction `dir`, given the policies selecting it (indices into
+/// `pols`, in order).
+pub(crate) fn direction(
+    sets: &mut impl SetSource,
+    pols: &[Pol],
+    selecting: &[usize],
+    pod: &PolicyPod,
+    dir: Direction,
+) -> Option<Vec<CompiledRule>> {
+    let chosen: Vec<usize> = selecting
+        .iter()
+        .copied()
+        .filter(|&i| match dir {
+            Direction::Ingress => pols[i].ingress,
+            Direction::Egress => pols[i].egress,
+        })
+        .collect();
+    if chosen.is_empty() {
+        return None;
     }
+    let mut out = Vec::new();
+    for pi in chosen {
+        let p = pols[pi].p;
+        for (i, r) in rules(p, dir).into_iter().enumerate() {
+            rule(sets, pols, pi, i, r, dir, pod, &mut out);
+        }
+    }
+    Some(out)
+}
 
-    /// The valid policies selecting `pod`, in (namespace, name) order.
-    fn selecting(&self, pod: &PolicyPod) -> Vec<usize> {
-        self.pols_by_ns
-            .get(&*pod.namespace)
-            .map(|v| {
-                v.iter()
-                    .copied()
-                    .filter(|&i| self.pols[i].p.spec.pod_selector.matches(&pod.labels))
-                    .collect()
-            })
-            .unwrap_or_default()
+/// A local pod's program, given the policies selecting it (indices into `pols`, in order).
+pub(crate) fn endpoint_program(
+    sets: &mut impl SetSource,
+    pols: &[Pol],
+    selecting: &[usize],
+    pod: &PolicyPod,
+) -> EndpointProgram {
+    EndpointProgram {
+        namespace: pod.namespace.to_string(),
+        name: pod.name.to_string(),
+        host_ifname: pod.host_ifname.to_string(),
+        ips: pod.ips.clone(),
+        ingress: direction(sets, pols, selecting, pod, Direction::Ingress),
+        egress: direction(sets, pols, selecting, pod, Direction::Egress),
     }
+}
+
+/// Everything the full compiler learned that the incremental index keeps: how each pod set
+/// follows from the pods, the named-port groups, and which groups each endpoint uses (in the
+/// program's endpoint order).
+pub(crate) struct Recorded {
+    pub(crate) defs: HashMap<String, SetDef>,
+    pub(crate) groups: HashMap<GroupKey, NamedGroup>,
+    pub(crate) endpoint_groups: Vec<Vec<GroupKey>>,
 }
 
 /// Compiles the policy of every pod on `local_node`.
@@ -701,26 +833,60 @@ pub fn compile(
     pods: &[PolicyPod],
     local_node: &str,
 ) -> PolicyProgram {
-    let mut c = Compiler::new(policies, namespaces, pods);
+    compile_recording(policies, namespaces, pods, local_node, false).0
+}
+
+/// [`compile`], also returning what the incremental index needs when `record` is set.
+pub(crate) fn compile_recording(
+    policies: &[NetworkPolicy],
+    namespaces: &[Namespace],
+    pods: &[PolicyPod],
+    local_node: &str,
+    record: bool,
+) -> (PolicyProgram, Recorded) {
+    let mut sets = SetBuilder::new(namespaces, pods, record);
+    let mut valid: Vec<&NetworkPolicy> = valid(policies).collect();
+    valid.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let pols: Vec<Pol> = valid.into_iter().map(Pol::new).collect();
+    let mut pols_by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, p) in pols.iter().enumerate() {
+        pols_by_ns
+            .entry(p.p.namespace.as_str())
+            .or_default()
+            .push(i);
+    }
     let mut local: Vec<&PolicyPod> = pods.iter().filter(|p| p.node == local_node).collect();
     local.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    let mut endpoint_groups = Vec::new();
     let endpoints = local
         .into_iter()
         .map(|pod| {
-            let selecting = c.selecting(pod);
-            EndpointProgram {
-                namespace: pod.namespace.to_string(),
-                name: pod.name.to_string(),
-                host_ifname: pod.host_ifname.to_string(),
-                ips: pod.ips.clone(),
-                ingress: c.direction(&selecting, pod, Direction::Ingress),
-                egress: c.direction(&selecting, pod, Direction::Egress),
+            // The valid policies selecting `pod`, in (namespace, name) order.
+            let selecting: Vec<usize> = pols_by_ns
+                .get(&*pod.namespace)
+                .map(|v| {
+                    v.iter()
+                        .copied()
+                        .filter(|&i| pols[i].p.spec.pod_selector.matches(&pod.labels))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let program = endpoint_program(&mut sets, &pols, &selecting, pod);
+            if record {
+                endpoint_groups.push(std::mem::take(&mut sets.used));
             }
+            program
         })
         .collect();
-    PolicyProgram {
+    let program = PolicyProgram {
         node: local_node.to_string(),
-        sets: c.sets,
+        sets: sets.sets,
         endpoints,
-    }
+    };
+    let recorded = Recorded {
+        defs: sets.defs,
+        groups: sets.named,
+        endpoint_groups,
+    };
+    (program, recorded)
 }

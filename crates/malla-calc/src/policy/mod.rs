@@ -6,6 +6,9 @@
 //! - [`compile`](compile::compile): one node's [`PolicyProgram`] — per local pod, its ingress
 //!   and egress rules over shared address sets — with a small interpreter
 //!   ([`PolicyProgram::allows`]).
+//! - [`incremental`]: the program kept current change by change ([`PolicyIndex`]): a full
+//!   compile only at start-up, then each pod, policy or namespace change costs the work it
+//!   touches and yields a backend-neutral [`PolicyDelta`].
 //! - [`render`]: the program as sets, verdict maps and chains of the `inet malla` table.
 //!
 //! Policies that fail [`NetworkPolicy::validate`] are ignored everywhere: the API server would
@@ -14,6 +17,7 @@
 pub mod addrs;
 pub mod compile;
 pub mod explain;
+pub mod incremental;
 pub mod reference;
 pub mod render;
 
@@ -33,6 +37,7 @@ use serde::Serialize;
 
 pub use compile::{compile, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
 pub use explain::{explain, DirectionTrace, Explanation, Verdict};
+pub use incremental::{PolicyDelta, PolicyIndex};
 pub use render::render_policy;
 
 /// A pod as policy sees it: identity, labels, addresses, node, declared ports, and the name of

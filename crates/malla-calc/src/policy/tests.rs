@@ -692,6 +692,30 @@ fn arb_pod(n_ns: usize) -> impl Strategy<Value = PodSpec> {
     )
 }
 
+/// A generated pod's declared ports: the named ones drawn, and an unnamed one if asked.
+fn pod_ports(ports: Vec<Option<u16>>, unnamed: bool) -> Vec<ContainerPort> {
+    let protos = [Protocol::Tcp, Protocol::Udp, Protocol::Tcp];
+    let mut cports: Vec<ContainerPort> = ports
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, n)| {
+            n.map(|port| ContainerPort {
+                name: Some(s(PORT_NAMES[j])),
+                protocol: protos[j],
+                port,
+            })
+        })
+        .collect();
+    if unnamed {
+        cports.push(ContainerPort {
+            name: None,
+            protocol: Protocol::Tcp,
+            port: 90,
+        });
+    }
+    cports
+}
+
 fn arb_world() -> impl Strategy<Value = World> {
     (2..=3usize).prop_flat_map(|n_ns| {
         (
@@ -712,25 +736,7 @@ fn arb_world() -> impl Strategy<Value = World> {
                     .into_iter()
                     .enumerate()
                     .map(|(i, (ns, labels, ports, dual, unnamed, remote))| {
-                        let protos = [Protocol::Tcp, Protocol::Udp, Protocol::Tcp];
-                        let mut cports: Vec<ContainerPort> = ports
-                            .into_iter()
-                            .enumerate()
-                            .filter_map(|(j, n)| {
-                                n.map(|port| ContainerPort {
-                                    name: Some(s(PORT_NAMES[j])),
-                                    protocol: protos[j],
-                                    port,
-                                })
-                            })
-                            .collect();
-                        if unnamed {
-                            cports.push(ContainerPort {
-                                name: None,
-                                protocol: Protocol::Tcp,
-                                port: 90,
-                            });
-                        }
+                        let cports = pod_ports(ports, unnamed);
                         let mut ips: Vec<IpAddr> =
                             vec![format!("10.0.0.{}", i + 1).parse().unwrap()];
                         if dual {
@@ -909,4 +915,225 @@ proptest! {
             prop_assert_eq!(r, Ok(()), "{}", text);
         }
     }
+}
+
+/// One change to a generated world, for the incremental index.
+#[derive(Debug, Clone)]
+enum Change {
+    PodLabels(usize, BTreeMap<String, String>),
+    PodPorts(usize, Vec<Option<u16>>, bool),
+    PodNode(usize, bool),
+    /// A pod takes another pod's first address (records that disagree).
+    PodSharesAddress(usize, usize),
+    RemovePod(usize),
+    NamespaceLabels(usize, Option<BTreeMap<String, String>>),
+    /// Replaces policy `i` (or adds one past the end).
+    Policy(usize, (usize, NetworkPolicySpec)),
+    RemovePolicy(usize),
+}
+
+fn arb_change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (0..8usize, arb_labels()).prop_map(|(i, l)| Change::PodLabels(i, l)),
+        1 => (
+            0..8usize,
+            prop::collection::vec(prop::option::of(prop::sample::select(&NUMBERS[..])), 3),
+            any::<bool>()
+        )
+            .prop_map(|(i, p, u)| Change::PodPorts(i, p, u)),
+        1 => (0..8usize, any::<bool>()).prop_map(|(i, r)| Change::PodNode(i, r)),
+        1 => (0..8usize, 0..8usize).prop_map(|(i, j)| Change::PodSharesAddress(i, j)),
+        1 => (0..8usize).prop_map(Change::RemovePod),
+        1 => (0..3usize, prop::option::of(arb_labels())).prop_map(|(i, l)| Change::NamespaceLabels(i, l)),
+        2 => (0..5usize, arb_policy(3)).prop_map(|(i, p)| Change::Policy(i, p)),
+        1 => (0..5usize).prop_map(Change::RemovePolicy),
+    ]
+}
+
+/// Applies `c` to the world and to the index, returning the index's delta.
+fn apply_change(w: &mut World, index: &mut PolicyIndex, c: &Change) -> PolicyDelta {
+    let pick = |n: usize, i: usize| (n > 0).then(|| i % n);
+    match c {
+        Change::PodLabels(i, l) => match pick(w.pods.len(), *i) {
+            Some(i) => {
+                w.pods[i].labels = Cow::Owned(l.clone());
+                index.upsert_pod(&w.pods[i])
+            }
+            None => PolicyDelta::default(),
+        },
+        Change::PodPorts(i, p, u) => match pick(w.pods.len(), *i) {
+            Some(i) => {
+                w.pods[i].ports = pod_ports(p.clone(), *u).into();
+                index.upsert_pod(&w.pods[i])
+            }
+            None => PolicyDelta::default(),
+        },
+        Change::PodNode(i, remote) => match pick(w.pods.len(), *i) {
+            Some(i) => {
+                w.pods[i].node = if *remote { "n2" } else { "n1" }.into();
+                index.upsert_pod(&w.pods[i])
+            }
+            None => PolicyDelta::default(),
+        },
+        Change::PodSharesAddress(i, j) => match (pick(w.pods.len(), *i), pick(w.pods.len(), *j)) {
+            (Some(i), Some(j)) => {
+                let ip = w.pods[j].ips[0];
+                w.pods[i].ips[0] = ip;
+                index.upsert_pod(&w.pods[i])
+            }
+            _ => PolicyDelta::default(),
+        },
+        Change::RemovePod(i) => match pick(w.pods.len(), *i) {
+            Some(i) => {
+                let p = w.pods.remove(i);
+                index.remove_pod(&p.namespace, &p.name)
+            }
+            None => PolicyDelta::default(),
+        },
+        Change::NamespaceLabels(i, l) => {
+            let name = format!("ns{i}");
+            w.namespaces.retain(|n| n.name != name);
+            if let Some(l) = l {
+                w.namespaces.push(Namespace {
+                    name: name.clone(),
+                    labels: l.clone(),
+                });
+            }
+            index.set_namespace(&name, l.as_ref())
+        }
+        Change::Policy(i, (ns, spec)) => {
+            let p = NetworkPolicy {
+                namespace: format!("ns{ns}"),
+                name: format!("q{i}"),
+                spec: spec.clone(),
+            };
+            w.policies
+                .retain(|q| (&q.namespace, &q.name) != (&p.namespace, &p.name));
+            w.policies.push(p.clone());
+            index.upsert_policy(&p)
+        }
+        Change::RemovePolicy(i) => match pick(w.policies.len(), *i) {
+            Some(i) => {
+                let p = w.policies.remove(i);
+                index.remove_policy(&p.namespace, &p.name)
+            }
+            None => PolicyDelta::default(),
+        },
+    }
+}
+
+/// Checks that `delta` takes `before` to `after`, naming exactly what changed.
+fn check_delta(
+    before: &PolicyProgram,
+    after: &PolicyProgram,
+    delta: &PolicyDelta,
+) -> Result<(), String> {
+    for (name, set) in &after.sets {
+        match before.sets.get(name) {
+            None if delta.sets_added.contains(name) => {}
+            None => return Err(format!("set {name} appeared without sets_added")),
+            Some(_) if delta.sets_added.contains(name) => {
+                return Err(format!("set {name} existed but is in sets_added"))
+            }
+            Some(old) => {
+                let mut addrs: std::collections::BTreeSet<_> = old.addrs.iter().copied().collect();
+                for a in delta.members_removed.get(name).into_iter().flatten() {
+                    if !addrs.remove(a) {
+                        return Err(format!("{name}: removed {a}, which it did not hold"));
+                    }
+                }
+                for a in delta.members_added.get(name).into_iter().flatten() {
+                    if !addrs.insert(*a) {
+                        return Err(format!("{name}: added {a}, which it held"));
+                    }
+                }
+                let want: std::collections::BTreeSet<_> = set.addrs.iter().copied().collect();
+                if addrs != want {
+                    return Err(format!(
+                        "{name}: delta gives {addrs:?}, program has {want:?}"
+                    ));
+                }
+            }
+        }
+    }
+    let gone: std::collections::BTreeSet<String> = before
+        .sets
+        .keys()
+        .filter(|k| !after.sets.contains_key(*k))
+        .cloned()
+        .collect();
+    if gone != delta.sets_removed {
+        return Err(format!(
+            "sets gone {gone:?}, delta says {:?}",
+            delta.sets_removed
+        ));
+    }
+    let key = |e: &EndpointProgram| (e.namespace.clone(), e.name.clone());
+    let old: BTreeMap<_, _> = before.endpoints.iter().map(|e| (key(e), e)).collect();
+    let new: BTreeMap<_, _> = after.endpoints.iter().map(|e| (key(e), e)).collect();
+    let changed: std::collections::BTreeSet<_> = new
+        .iter()
+        .filter(|(k, e)| old.get(*k) != Some(*e))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let removed: std::collections::BTreeSet<_> = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
+    if changed != delta.endpoints_changed || removed != delta.endpoints_removed {
+        return Err(format!(
+            "endpoints changed {changed:?} removed {removed:?}, delta says {:?} / {:?}",
+            delta.endpoints_changed, delta.endpoints_removed
+        ));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// The index after any sequence of changes holds the program a full compile gives, and
+    /// each change's delta takes the previous program to the next.
+    #[test]
+    fn policy_index_follows_changes_like_a_full_compile(
+        mut w in arb_world(),
+        changes in prop::collection::vec(arb_change(), 1..12),
+    ) {
+        let mut index = PolicyIndex::new("n1", &w.policies, &w.namespaces, &w.pods);
+        let mut before = index.program();
+        prop_assert_eq!(&before, &compile(&w.policies, &w.namespaces, &w.pods, "n1"));
+        for (step, c) in changes.iter().enumerate() {
+            let delta = apply_change(&mut w, &mut index, c);
+            let after = index.program();
+            let want = compile(&w.policies, &w.namespaces, &w.pods, "n1");
+            prop_assert_eq!(
+                &after, &want,
+                "step {} {:?}\n{:?}", step, c, w
+            );
+            if let Err(e) = check_delta(&before, &after, &delta) {
+                prop_assert!(false, "step {} {:?}: {}\n{:?}", step, c, e, w);
+            }
+            before = after;
+        }
+    }
+}
+
+/// A remote pod's label change touches one set's members and nothing else.
+#[test]
+fn policy_index_label_change_is_one_member() {
+    let w = fixed_world();
+    let mut index = PolicyIndex::new("n1", &w.policies, &w.namespaces, &w.pods);
+    let before = index.program();
+    let changed: Vec<&PolicyPod> = w.pods.iter().filter(|p| p.node != "n1").collect();
+    let mut pod = changed[0].clone();
+    pod.labels = Cow::Owned(labels(&[("role", "nothing-selects-this")]));
+    let delta = index.upsert_pod(&pod);
+    assert!(delta.endpoints_changed.is_empty() && delta.sets_added.is_empty());
+    assert_eq!(check_delta(&before, &index.program(), &delta), Ok(()));
+    // Setting the labels back restores the program exactly.
+    let undo = index.upsert_pod(changed[0]);
+    assert_eq!(index.program(), before);
+    assert_eq!(delta.members_added, undo.members_removed);
+    assert_eq!(delta.members_removed, undo.members_added);
 }

@@ -1,95 +1,50 @@
-//! Conversions between Kubernetes objects (JSON) and Malla's records.
+//! The Kubernetes backend's side of the native kinds: which key and record each object holds,
+//! and the object to write for a record. The conversion itself is `malla_api::k8s` (the one
+//! conversion, shared with the lab's manifests and the CLI); objects from the server are read
+//! leniently there (a newer server may carry fields this build does not know).
 //!
-//! Reading keeps what the calculation uses and nothing else. Writing (the lab and tests
-//! create objects as a user or the kubelet would) starts from the object already on the server,
-//! so fields Malla does not model are preserved; a pod's addresses and readiness go to its
-//! `status`, as the kubelet reports them.
+//! Writing (the lab and tests create objects as a user or the kubelet would) starts from the
+//! object already on the server, so fields Malla does not model are preserved; a pod's addresses
+//! and readiness go to its `status`, as the kubelet reports them.
 //!
-//! Servers differ by release, and both ends are handled: EndpointSlice `v1` (`nodeName`) and
-//! `v1beta1` (`topology["kubernetes.io/hostname"]`), core `Endpoints` where neither is served,
-//! and the `kubernetes.io/metadata.name` namespace label that servers before 1.21 do not add.
+//! Servers differ by release, and both ends are handled: EndpointSlice `v1` and `v1beta1`, core
+//! `Endpoints` where neither is served, and the `kubernetes.io/metadata.name` namespace label
+//! that servers before 1.21 do not add.
 
-use std::collections::BTreeMap;
-use std::net::IpAddr;
-
-use malla_api::policy::{NetworkPolicy, NetworkPolicySpec};
-use malla_api::service::{
-    AddressType, Endpoint, EndpointConditions, EndpointPort, EndpointSlice, Protocol, Service,
-    ServicePort, ServiceType, TargetPort, TrafficPolicy,
-};
-use malla_api::{ContainerPort, Namespace, Pod};
-use serde_json::{json, Map, Value};
+use malla_api::k8s::{self, SliceVersion, Strictness, NAMESPACE_NAME_LABEL};
+use malla_api::policy::NetworkPolicy;
+use malla_api::service::{EndpointSlice, Service};
+use malla_api::{Namespace, Pod};
+use serde_json::{json, Value};
 
 use super::kinds::{Kind, Location, Shape, KEY_ANNOTATION};
 use crate::syncer::Resource;
 
-/// The label naming a namespace, set by the server since 1.21 and here for older ones.
-const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-/// The label linking an EndpointSlice to its Service.
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Who manages the slices Malla writes (the endpoint-slice controller leaves them alone).
-const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
-
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, p| v.get(p))?.as_str()
-}
-
-/// The elements of a JSON array, none when the value is missing or not an array.
-fn items(v: Option<&Value>) -> impl Iterator<Item = &Value> {
-    v.and_then(Value::as_array).into_iter().flatten()
-}
-
-fn labels_of(obj: &Value) -> BTreeMap<String, String> {
-    obj.pointer("/metadata/labels")
-        .and_then(Value::as_object)
-        .map(|m| {
-            m.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn protocol(v: Option<&Value>) -> Result<Protocol, String> {
-    match v.and_then(Value::as_str).unwrap_or("TCP") {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Ok(Protocol::Sctp),
-        other => Err(format!("unknown protocol {other:?}")),
-    }
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    }
-}
-
-fn port(v: Option<&Value>, what: &str) -> Result<u16, String> {
-    v.and_then(Value::as_u64)
-        .and_then(|p| u16::try_from(p).ok())
-        .ok_or_else(|| format!("{what}: missing or out of range"))
-}
-
-fn ips(v: Option<&Value>) -> Vec<IpAddr> {
-    items(v).filter_map(|s| s.as_str()?.parse().ok()).collect()
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("Malla records serialise")
 }
 
+fn slice_version(kind: &Kind) -> SliceVersion {
+    if kind.resource.version == "v1beta1" {
+        SliceVersion::V1beta1
+    } else {
+        SliceVersion::V1
+    }
+}
+
 /// A native object's key and Malla value (JSON); None for an object Malla does not use (an
-/// FQDN endpoint slice, a custom resource without its key).
-/// A custom resource's `spec` is returned as stored, whatever record it holds.
+/// FQDN endpoint slice, a custom resource without its key). A custom resource's `spec` is
+/// returned as stored, whatever record it holds.
 pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String> {
     if kind.shape == Shape::Custom {
         return Ok(custom_key(kind, obj)?
             .and_then(|key| obj.get("spec").map(|spec| (key, spec.to_string()))));
     }
-    Ok(read_resource(kind, obj)?.map(|(key, r)| (key, r.to_json())))
+    Ok(read_resource(kind, obj.clone())?.map(|(key, r)| (key, r.to_json())))
 }
 
 /// The key a custom resource holds: its annotation, else (created by hand, `kubectl apply`
@@ -109,317 +64,70 @@ fn custom_key(kind: &Kind, obj: &Value) -> Result<Option<String>, String> {
     )
 }
 
-/// A native object's key and Malla record, typed; None for an object Malla does not use.
-/// Custom resources become the record their `spec` holds, decoded from the JSON tree.
-pub fn read_resource(kind: &Kind, obj: &Value) -> Result<Option<(String, Resource)>, String> {
-    let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
-    let namespace = str_at(obj, &["metadata", "namespace"]);
-    let key = || kind.native_key(namespace, name);
-    let ns = || namespace.unwrap_or_default().to_string();
+/// A native object's key and Malla record, typed, straight from the object's JSON tree (the
+/// syncer's path: no JSON text in between); None for an object Malla does not use. Custom
+/// resources become the record their `spec` holds.
+pub fn read_resource(kind: &Kind, obj: Value) -> Result<Option<(String, Resource)>, String> {
+    let name = str_at(&obj, &["metadata", "name"])
+        .ok_or("object without a name")?
+        .to_string();
+    let key = kind.native_key(str_at(&obj, &["metadata", "namespace"]), &name);
+    let lenient = Strictness::Lenient;
+    let text = |e: k8s::FieldError| e.to_string();
     Ok(match kind.shape {
-        Shape::Custom => match (custom_key(kind, obj)?, obj.get("spec")) {
+        Shape::Custom => match (custom_key(kind, &obj)?, obj.get("spec")) {
             (Some(key), Some(spec)) => Resource::from_value(&key, spec.clone())?.map(|r| (key, r)),
             _ => None,
         },
         Shape::Namespace => {
-            let mut labels = labels_of(obj);
-            labels
+            let mut ns = k8s::read::namespace(obj, lenient).map_err(text)?;
+            ns.labels
                 .entry(NAMESPACE_NAME_LABEL.into())
-                .or_insert_with(|| name.to_string());
-            let ns = Namespace {
-                name: name.to_string(),
-                labels,
-            };
-            Some((key(), Resource::Namespace(ns)))
+                .or_insert_with(|| name.clone());
+            Some((key, Resource::Namespace(ns)))
         }
-        Shape::Pod => Some((key(), Resource::Pod(read_pod(obj, ns(), name)?))),
-        Shape::Service => Some((key(), Resource::Service(read_service(obj, ns(), name)?))),
-        Shape::EndpointSlice => {
-            read_slice(obj, ns(), name)?.map(|s| (key(), Resource::EndpointSlice(s)))
-        }
+        Shape::Pod => Some((
+            key,
+            Resource::Pod(k8s::read::pod(obj, lenient).map_err(text)?),
+        )),
+        Shape::Service => Some((
+            key,
+            Resource::Service(k8s::read::service(obj, lenient).map_err(text)?.service),
+        )),
+        Shape::EndpointSlice => k8s::read::endpoint_slice(obj, slice_version(kind), lenient)
+            .map_err(text)?
+            .map(|s| (key, Resource::EndpointSlice(s))),
         Shape::Endpoints => None, // expanded by `read_endpoints`, one record per family
-        Shape::NetworkPolicy => {
-            let spec: NetworkPolicySpec =
-                serde_json::from_value(obj.get("spec").cloned().unwrap_or(json!({})))
-                    .map_err(|e| format!("spec: {e}"))?;
-            let p = NetworkPolicy {
-                namespace: ns(),
-                name: name.to_string(),
-                spec,
-            };
-            Some((key(), Resource::NetworkPolicy(p)))
-        }
+        Shape::NetworkPolicy => Some((
+            key,
+            Resource::NetworkPolicy(k8s::read::network_policy(obj, lenient).map_err(text)?),
+        )),
     })
-}
-
-fn read_pod(obj: &Value, namespace: String, name: &str) -> Result<Pod, String> {
-    let mut ports = Vec::new();
-    for c in items(obj.pointer("/spec/containers")) {
-        for p in items(c.get("ports")) {
-            ports.push(ContainerPort {
-                name: p.get("name").and_then(Value::as_str).map(String::from),
-                protocol: protocol(p.get("protocol"))?,
-                port: port(p.get("containerPort"), "containerPort")?,
-            });
-        }
-    }
-    // status.podIPs is [{ip: …}].
-    let mut pod_ips: Vec<IpAddr> = items(obj.pointer("/status/podIPs"))
-        .filter_map(|e| e.get("ip")?.as_str()?.parse().ok())
-        .collect();
-    if pod_ips.is_empty() {
-        pod_ips = str_at(obj, &["status", "podIP"])
-            .and_then(|s| s.parse().ok())
-            .into_iter()
-            .collect();
-    }
-    Ok(Pod {
-        namespace,
-        name: name.to_string(),
-        labels: labels_of(obj),
-        node: str_at(obj, &["spec", "nodeName"])
-            .unwrap_or_default()
-            .to_string(),
-        ports,
-        ips: pod_ips,
-    })
-}
-
-fn read_service(obj: &Value, namespace: String, name: &str) -> Result<Service, String> {
-    let spec = obj.get("spec").cloned().unwrap_or(json!({}));
-    let kind = match spec
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("ClusterIP")
-    {
-        "NodePort" => ServiceType::NodePort,
-        "LoadBalancer" => ServiceType::LoadBalancer,
-        _ => ServiceType::ClusterIP,
-    };
-    let mut cluster_ips = ips(spec.get("clusterIPs"));
-    if cluster_ips.is_empty() {
-        cluster_ips = spec
-            .get("clusterIP")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .into_iter()
-            .collect();
-    }
-    let mut ports = Vec::new();
-    for (i, p) in items(spec.get("ports")).enumerate() {
-        let target_port = match p.get("targetPort") {
-            Some(Value::Number(n)) => Some(TargetPort::Number(port(
-                Some(&Value::Number(n.clone())),
-                "targetPort",
-            )?)),
-            Some(Value::String(s)) => Some(match s.parse::<u16>() {
-                Ok(n) => TargetPort::Number(n),
-                Err(_) => TargetPort::Name(s.clone()),
-            }),
-            _ => None,
-        };
-        ports.push(ServicePort {
-            name: p
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            protocol: protocol(p.get("protocol"))?,
-            port: port(p.get("port"), &format!("spec.ports[{i}].port"))?,
-            target_port,
-            node_port: p
-                .get("nodePort")
-                .and_then(Value::as_u64)
-                .and_then(|n| u16::try_from(n).ok())
-                .filter(|n| *n != 0),
-        });
-    }
-    let selector = spec.get("selector").and_then(Value::as_object).map(|m| {
-        m.iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
-            .collect()
-    });
-    let session_affinity_timeout = match spec.get("sessionAffinity").and_then(Value::as_str) {
-        Some("ClientIP") => Some(
-            spec.pointer("/sessionAffinityConfig/clientIP/timeoutSeconds")
-                .and_then(Value::as_u64)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(10800),
-        ),
-        _ => None,
-    };
-    let policy = |field: &str| match spec.get(field).and_then(Value::as_str) {
-        Some("Local") => TrafficPolicy::Local,
-        _ => TrafficPolicy::Cluster,
-    };
-    Ok(Service {
-        namespace,
-        name: name.to_string(),
-        kind,
-        cluster_ips,
-        ports,
-        selector,
-        session_affinity_timeout,
-        external_traffic_policy: policy("externalTrafficPolicy"),
-        internal_traffic_policy: policy("internalTrafficPolicy"),
-        external_ips: ips(spec.get("externalIPs")),
-        load_balancer_ips: items(obj.pointer("/status/loadBalancer/ingress"))
-            .filter_map(|i| i.get("ip")?.as_str()?.parse().ok())
-            .collect(),
-    })
-}
-
-fn read_slice(obj: &Value, namespace: String, name: &str) -> Result<Option<EndpointSlice>, String> {
-    let address_type = match obj.get("addressType").and_then(Value::as_str) {
-        Some("IPv4") => AddressType::IPv4,
-        Some("IPv6") => AddressType::IPv6,
-        _ => return Ok(None), // FQDN: nothing to route to
-    };
-    let Some(service) = labels_of(obj).remove(SERVICE_NAME_LABEL) else {
-        return Ok(None);
-    };
-    let mut endpoints = Vec::new();
-    for e in items(obj.get("endpoints")) {
-        let c = e.get("conditions");
-        let flag = |f: &str| c.and_then(|c| c.get(f)).and_then(Value::as_bool);
-        let node_name = e
-            .get("nodeName")
-            .and_then(Value::as_str)
-            .or_else(|| str_at(e, &["topology", "kubernetes.io/hostname"]))
-            .map(Into::into);
-        endpoints.push(Endpoint {
-            addresses: ips(e.get("addresses")),
-            conditions: EndpointConditions {
-                // Unset ready means ready (the API's "unknown" is treated as ready).
-                ready: flag("ready").unwrap_or(true),
-                serving: flag("serving"),
-                terminating: flag("terminating").unwrap_or(false),
-            },
-            node_name,
-            target: e
-                .get("targetRef")
-                .and_then(|t| t.get("name"))
-                .and_then(Value::as_str)
-                .map(Into::into),
-        });
-    }
-    let mut ports = Vec::new();
-    for p in items(obj.get("ports")) {
-        // A port without a number means "all ports": nothing a service can map.
-        let Some(n) = p.get("port").and_then(Value::as_u64) else {
-            continue;
-        };
-        ports.push(EndpointPort {
-            name: p
-                .get("name")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            protocol: protocol(p.get("protocol"))?,
-            port: u16::try_from(n).map_err(|_| format!("ports: {n} out of range"))?,
-        });
-    }
-    Ok(Some(EndpointSlice {
-        namespace,
-        name: name.to_string(),
-        service,
-        address_type,
-        endpoints,
-        ports,
-    }))
 }
 
 /// A core `Endpoints` object as one endpoint-slice record per address family, keyed
 /// `NAME-v4` / `NAME-v6` (servers without the EndpointSlice API).
 pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>, String> {
-    Ok(read_endpoints_typed(kind, obj)?
+    Ok(read_endpoints_typed(kind, obj.clone())?
         .into_iter()
-        .map(|(key, slice)| (key, to_json(&slice)))
+        .map(|(key, s)| (key, to_json(&s)))
         .collect())
 }
 
 /// [`read_endpoints`], typed.
 pub fn read_endpoints_typed(
     kind: &Kind,
-    obj: &Value,
+    obj: Value,
 ) -> Result<Vec<(String, EndpointSlice)>, String> {
-    let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
-    let namespace = str_at(obj, &["metadata", "namespace"]).unwrap_or_default();
-    let mut out = Vec::new();
-    for (family, suffix) in [(AddressType::IPv4, "v4"), (AddressType::IPv6, "v6")] {
-        let mut endpoints = Vec::new();
-        let mut ports = Vec::new();
-        for subset in items(obj.get("subsets")) {
-            for (field, ready) in [("addresses", true), ("notReadyAddresses", false)] {
-                for a in items(subset.get(field)) {
-                    let Some(ip) = a
-                        .get("ip")
-                        .and_then(Value::as_str)
-                        .and_then(|s| s.parse::<IpAddr>().ok())
-                    else {
-                        continue;
-                    };
-                    if ip.is_ipv4() != (family == AddressType::IPv4) {
-                        continue;
-                    }
-                    endpoints.push(Endpoint {
-                        addresses: vec![ip],
-                        conditions: EndpointConditions {
-                            ready,
-                            serving: Some(ready),
-                            terminating: false,
-                        },
-                        node_name: a.get("nodeName").and_then(Value::as_str).map(Into::into),
-                        target: a
-                            .get("targetRef")
-                            .and_then(|t| t.get("name"))
-                            .and_then(Value::as_str)
-                            .map(Into::into),
-                    });
-                }
-            }
-            for p in items(subset.get("ports")) {
-                let p = EndpointPort {
-                    name: p
-                        .get("name")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                        .to_string(),
-                    protocol: protocol(p.get("protocol"))?,
-                    port: port(p.get("port"), "subsets[].ports[].port")?,
-                };
-                if !ports.contains(&p) {
-                    ports.push(p);
-                }
-            }
-        }
-        if endpoints.is_empty() {
-            continue;
-        }
-        let slice = EndpointSlice {
-            namespace: namespace.to_string(),
-            name: format!("{name}-{suffix}"),
-            service: name.to_string(),
-            address_type: family,
-            endpoints,
-            ports,
-        };
-        out.push((kind.native_key(Some(namespace), &slice.name), slice));
-    }
-    Ok(out)
+    Ok(k8s::read::endpoints(obj)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|s| (kind.native_key(Some(&s.namespace), &s.name), s))
+        .collect())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &str) -> Result<T, String> {
     serde_json::from_str(value).map_err(|e| format!("{key}: {e}"))
-}
-
-fn obj_mut<'a>(v: &'a mut Value, field: &str) -> &'a mut Map<String, Value> {
-    let m = v.as_object_mut().expect("objects are JSON objects");
-    let e = m.entry(field).or_insert_with(|| json!({}));
-    if !e.is_object() {
-        *e = json!({});
-    }
-    e.as_object_mut().expect("just made an object")
 }
 
 /// The object to write for `value` at `loc`, starting from the server's current object
@@ -439,16 +147,13 @@ pub fn write(
         m.remove("status");
     }
     {
-        let meta = obj_mut(&mut obj, "metadata");
+        let meta = k8s::write::object_mut(&mut obj, "metadata");
         meta.insert("name".into(), json!(loc.name));
         if let Some(ns) = &loc.namespace {
             meta.insert("namespace".into(), json!(ns));
         }
         meta.remove("managedFields");
     }
-    let set_labels = |obj: &mut Value, labels: &BTreeMap<String, String>| {
-        obj_mut(obj, "metadata").insert("labels".into(), json!(labels));
-    };
     match kind.shape {
         Shape::Custom => {
             let spec: Value = parse(key, value)?;
@@ -457,244 +162,47 @@ pub fn write(
                     "{key}: a custom resource's value must be a JSON object"
                 ));
             }
-            obj_mut(&mut obj, "metadata")
-                .entry("annotations")
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .ok_or("metadata.annotations is not an object")?
+            let meta = k8s::write::object_mut(&mut obj, "metadata");
+            k8s::write::as_object(meta.entry("annotations").or_insert_with(|| json!({})))
                 .insert(KEY_ANNOTATION.into(), json!(key));
-            obj.as_object_mut()
-                .expect("object")
-                .insert("spec".into(), spec);
+            k8s::write::as_object(&mut obj).insert("spec".into(), spec);
         }
-        Shape::Namespace => {
-            let ns: Namespace = parse(key, value)?;
-            set_labels(&mut obj, &ns.labels);
-        }
-        Shape::Pod => {
-            let pod: Pod = parse(key, value)?;
-            set_labels(&mut obj, &pod.labels);
-            if existing.is_none() {
-                // The spec of a pod is immutable: only a new pod gets one. The lab's pods run
-                // no image: the lab itself is their runtime.
-                let ports: Vec<Value> = pod
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        let mut v =
-                            json!({"containerPort": p.port, "protocol": protocol_name(p.protocol)});
-                        if let Some(n) = &p.name {
-                            v["name"] = json!(n);
-                        }
-                        v
-                    })
-                    .collect();
-                obj["spec"] = json!({
-                    "nodeName": pod.node,
-                    "automountServiceAccountToken": false,
-                    "containers": [{"name": "main", "image": "malla.dev/lab-pod", "ports": ports}],
-                });
-            }
-        }
-        Shape::Service => {
-            let svc: Service = parse(key, value)?;
-            write_service(&mut obj, &svc);
-        }
-        Shape::EndpointSlice => {
-            let s: EndpointSlice = parse(key, value)?;
-            let v1 = kind.resource.version == "v1";
-            let meta = obj_mut(&mut obj, "metadata");
-            let labels = meta
-                .entry("labels")
-                .or_insert_with(|| json!({}))
-                .as_object_mut()
-                .ok_or("metadata.labels is not an object")?;
-            labels.insert(SERVICE_NAME_LABEL.into(), json!(s.service));
-            labels
-                .entry(MANAGED_BY)
-                .or_insert_with(|| json!("malla.dev"));
-            let m = obj.as_object_mut().expect("object");
-            m.insert(
-                "addressType".into(),
-                json!(match s.address_type {
-                    AddressType::IPv4 => "IPv4",
-                    AddressType::IPv6 => "IPv6",
-                }),
-            );
-            let eps: Vec<Value> = s
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let mut c = json!({"ready": e.conditions.ready});
-                    if let Some(sv) = e.conditions.serving {
-                        c["serving"] = json!(sv);
-                    }
-                    if e.conditions.terminating {
-                        c["terminating"] = json!(true);
-                    }
-                    let mut v = json!({"addresses": e.addresses, "conditions": c});
-                    if let Some(n) = &e.node_name {
-                        if v1 {
-                            v["nodeName"] = json!(n);
-                        } else {
-                            v["topology"] = json!({"kubernetes.io/hostname": n});
-                        }
-                    }
-                    if let Some(t) = &e.target {
-                        v["targetRef"] =
-                            json!({"kind": "Pod", "name": t, "namespace": s.namespace});
-                    }
-                    v
-                })
-                .collect();
-            m.insert("endpoints".into(), json!(eps));
-            let ports: Vec<Value> = s
-                .ports
-                .iter()
-                .map(|p| json!({"name": p.name, "protocol": protocol_name(p.protocol), "port": p.port}))
-                .collect();
-            m.insert("ports".into(), json!(ports));
-        }
+        Shape::Namespace => k8s::write::namespace(&parse::<Namespace>(key, value)?, &mut obj),
+        Shape::Pod => k8s::write::pod(&parse::<Pod>(key, value)?, &mut obj, existing.is_some()),
+        Shape::Service => k8s::write::service(&parse::<Service>(key, value)?, &mut obj),
+        Shape::EndpointSlice => k8s::write::endpoint_slice(
+            &parse::<EndpointSlice>(key, value)?,
+            slice_version(kind),
+            &mut obj,
+        ),
         Shape::Endpoints => {
             return Err(format!(
                 "{key}: this API server serves no EndpointSlice API; endpoints are read-only"
             ))
         }
         Shape::NetworkPolicy => {
-            let p: NetworkPolicy = parse(key, value)?;
-            obj.as_object_mut().expect("object").insert(
-                "spec".into(),
-                serde_json::to_value(&p.spec).map_err(|e| e.to_string())?,
-            );
+            k8s::write::network_policy(&parse::<NetworkPolicy>(key, value)?, &mut obj)
         }
     }
     Ok(obj)
 }
 
-fn write_service(obj: &mut Value, svc: &Service) {
-    let spec = obj_mut(obj, "spec");
-    spec.insert(
-        "type".into(),
-        json!(match svc.kind {
-            ServiceType::ClusterIP => "ClusterIP",
-            ServiceType::NodePort => "NodePort",
-            ServiceType::LoadBalancer => "LoadBalancer",
-        }),
-    );
-    // No address given: keep what the server allocated, if any.
-    if let Some(ip) = svc.cluster_ips.first() {
-        spec.insert("clusterIP".into(), json!(ip.to_string()));
-    }
-    let ports: Vec<Value> = svc
-        .ports
-        .iter()
-        .map(|p| {
-            let mut v =
-                json!({"name": p.name, "protocol": protocol_name(p.protocol), "port": p.port});
-            match &p.target_port {
-                Some(TargetPort::Number(n)) => v["targetPort"] = json!(n),
-                Some(TargetPort::Name(s)) => v["targetPort"] = json!(s),
-                None => {}
-            }
-            if let Some(n) = p.node_port {
-                v["nodePort"] = json!(n);
-            }
-            v
-        })
-        .collect();
-    spec.insert("ports".into(), json!(ports));
-    match &svc.selector {
-        Some(sel) => spec.insert("selector".into(), json!(sel)),
-        None => spec.remove("selector"),
-    };
-    match svc.session_affinity_timeout {
-        Some(t) => {
-            spec.insert("sessionAffinity".into(), json!("ClientIP"));
-            spec.insert(
-                "sessionAffinityConfig".into(),
-                json!({"clientIP": {"timeoutSeconds": t}}),
-            );
-        }
-        None => {
-            spec.insert("sessionAffinity".into(), json!("None"));
-            spec.remove("sessionAffinityConfig");
-        }
-    }
-    let policy = |p: TrafficPolicy| match p {
-        TrafficPolicy::Cluster => "Cluster",
-        TrafficPolicy::Local => "Local",
-    };
-    if svc.kind != ServiceType::ClusterIP {
-        spec.insert(
-            "externalTrafficPolicy".into(),
-            json!(policy(svc.external_traffic_policy)),
-        );
-    } else {
-        spec.remove("externalTrafficPolicy");
-    }
-    spec.insert(
-        "internalTrafficPolicy".into(),
-        json!(policy(svc.internal_traffic_policy)),
-    );
-    if svc.external_ips.is_empty() {
-        spec.remove("externalIPs");
-    } else {
-        spec.insert("externalIPs".into(), json!(svc.external_ips));
-    }
-}
-
 /// The `status` to write after the object itself, if the value carries one: a pod's addresses
 /// and readiness (what the kubelet reports), a load balancer's ingress addresses.
 pub fn status(kind: &Kind, key: &str, value: &str) -> Result<Option<Value>, String> {
-    match kind.shape {
-        Shape::Pod => {
-            let pod: Pod = parse(key, value)?;
-            if pod.ips.is_empty() {
-                return Ok(None);
-            }
-            let ready = json!([
-                {"type": "Initialized", "status": "True"},
-                {"type": "Ready", "status": "True"},
-                {"type": "ContainersReady", "status": "True"},
-                {"type": "PodScheduled", "status": "True"},
-            ]);
-            let pod_ips: Vec<Value> = pod.ips.iter().map(|ip| json!({"ip": ip})).collect();
-            Ok(Some(json!({
-                "phase": "Running",
-                "podIP": pod.ips[0],
-                "podIPs": pod_ips,
-                "conditions": ready,
-                "containerStatuses": [{
-                    "name": "main",
-                    "ready": true,
-                    "started": true,
-                    "restartCount": 0,
-                    "image": "malla.dev/lab-pod",
-                    "imageID": "",
-                    "state": {"running": {}},
-                }],
-            })))
-        }
-        Shape::Service => {
-            let svc: Service = parse(key, value)?;
-            if svc.load_balancer_ips.is_empty() {
-                return Ok(None);
-            }
-            let ingress: Vec<Value> = svc
-                .load_balancer_ips
-                .iter()
-                .map(|ip| json!({"ip": ip}))
-                .collect();
-            Ok(Some(json!({"loadBalancer": {"ingress": ingress}})))
-        }
-        _ => Ok(None),
-    }
+    Ok(match kind.shape {
+        Shape::Pod => k8s::write::pod_status(&parse(key, value)?),
+        Shape::Service => k8s::write::service_status(&parse(key, value)?),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::kinds::{all, kind_of, SliceApi};
     use super::*;
+    use malla_api::service::{Protocol, ServicePort, ServiceType, TargetPort, TrafficPolicy};
+    use malla_api::ContainerPort;
 
     fn kind(prefix: &str, slices: SliceApi) -> Kind {
         kind_of(&all(slices), prefix).unwrap().clone()
@@ -743,7 +251,8 @@ mod tests {
         assert_eq!(key, "/malla/endpointslices/x/web-abc");
         let s: EndpointSlice = serde_json::from_str(&v).unwrap();
         assert_eq!(s.endpoints[0].node_name.as_deref(), Some("n1"));
-        assert_eq!(s.endpoints[0].target.as_deref(), Some("a"));
+        // `targetRef` as namespace/name (the slice's namespace when the reference has none).
+        assert_eq!(s.endpoints[0].target.as_deref(), Some("x/a"));
         // Written back as v1beta1 and read again: the same record.
         let loc = k.locate(&key).unwrap();
         let again = write(&k, &loc, &key, &v, None).unwrap();

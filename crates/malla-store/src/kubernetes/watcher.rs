@@ -61,14 +61,14 @@ pub(crate) fn synced_kinds(kinds: &[Kind]) -> Vec<Kind> {
 fn records(kind: &Kind, obj: &DynamicObject) -> Vec<(String, Resource)> {
     let v = to_value(obj);
     let r = if kind.shape == Shape::Endpoints {
-        native::read_endpoints_typed(kind, &v).map(|slices| {
+        native::read_endpoints_typed(kind, v).map(|slices| {
             slices
                 .into_iter()
                 .map(|(k, s)| (k, Resource::EndpointSlice(s)))
                 .collect()
         })
     } else {
-        native::read_resource(kind, &v).map(|r| r.into_iter().collect::<Vec<_>>())
+        native::read_resource(kind, v).map(|r| r.into_iter().collect::<Vec<_>>())
     };
     match r {
         Ok(recs) => recs

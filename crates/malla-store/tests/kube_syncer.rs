@@ -4,23 +4,22 @@
 //! history compacted while the server was away) makes it list again, reporting what vanished
 //! meanwhile as deletions. In both the consumer ends with exactly the server's state.
 
-#[path = "../../malla-store/tests/conformance/mod.rs"]
 mod conformance;
 
 use std::time::Duration;
 
 use conformance::{listed, pool_json, Held};
 use malla_api::keys;
-use malla_lab::control_plane::{ControlPlane, Options, ETCD_PREFIX};
 use malla_store::kubernetes::kinds;
 use malla_store::{EtcdStore, KubeStore, Resource, Store};
+use malla_test_kit::control_plane::{loopback, ControlPlane, ETCD_PREFIX};
 
 fn start() -> (ControlPlane, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .prefix("malla-kube-syncer")
         .tempdir()
         .unwrap();
-    let cp = ControlPlane::start(Options::loopback(dir.path()).without_controller_manager())
+    let cp = ControlPlane::start(loopback(dir.path()).without_controller_manager())
         .expect("starting kube-apiserver (run scripts/k8s-control-plane to build it)");
     (cp, dir)
 }

@@ -1,8 +1,8 @@
 //! Real container runtimes on a Malla (or any CNI) network namespace, for the runtime tests
-//! (`crates/malla/tests/runtimes.rs`) and the `ctr-start` benchmark: a self-removing CLI lab,
-//! bounded commands, a busybox OCI image built locally (no registry), a containerd driven by
-//! `ctr run --cni` and a podman with the CNI backend, the node checks, and precise cleanup of the
-//! processes, cgroups and mounts a runtime leaves behind.
+//! (`crates/malla/tests/runtimes.rs`) and the `ctr-start` benchmark, on a lab node
+//! ([`crate::lab::Lab`]): bounded commands, a busybox OCI image built locally (no registry), a
+//! containerd driven by `ctr run --cni` and a podman with the CNI backend, the node checks, and
+//! precise cleanup of the processes, cgroups and mounts a runtime leaves behind.
 //!
 //! Everything a runtime does happens inside a given network namespace and in private mount
 //! namespaces: the daemons, their state, sockets and `/run` live in a temp dir or a private
@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::lab::Lab;
 
 /// How long one runtime command (a `ctr`/`podman` call, a start) may take.
 pub const T: Duration = Duration::from_secs(60);
@@ -42,19 +44,6 @@ pub fn log_of(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// Panics unless running as root.
-pub fn require_root() {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|u| u == "0"))
-        })
-        .unwrap_or(false);
-    assert!(root, "runtime tests need root; run the suite as root");
-}
-
 /// Panics naming the missing programs (scripts/deps installs them): a missing runtime is a
 /// failed test, never a silent pass.
 pub fn require_tools(tools: &[&str]) {
@@ -68,83 +57,6 @@ pub fn require_tools(tools: &[&str]) {
         missing.is_empty(),
         "missing programs {missing:?}: run scripts/deps (Debian packages containerd, runc, podman, busybox-static)"
     );
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A lab driven through the `malla` CLI (`malla_bin`), with a unique name and a private state
-/// directory, brought down on drop (a copy of the tests' `common::Lab` core).
-pub struct Lab {
-    pub name: String,
-    pub malla_bin: PathBuf,
-    pub state_root: tempfile::TempDir,
-}
-
-impl Lab {
-    pub fn new(malla_bin: &Path, tag: &str) -> Self {
-        require_root();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("t{}-{tag}{n}", std::process::id() % 100000);
-        let state_root = tempfile::Builder::new()
-            .prefix("malla-lab-test")
-            .tempdir()
-            .expect("tempdir");
-        Self {
-            name,
-            malla_bin: malla_bin.to_path_buf(),
-            state_root,
-        }
-    }
-
-    pub fn cmd(&self) -> Command {
-        let mut c = Command::new(&self.malla_bin);
-        c.env("MALLA_LAB_STATE_DIR", self.state_root.path())
-            .env("MALLA_LAB", &self.name);
-        c
-    }
-
-    pub fn run(&self, args: &[&str]) -> String {
-        let out = run(self.cmd().args(args), Duration::from_secs(120));
-        assert!(out.ok, "malla {} failed: {}", args.join(" "), out.text());
-        out.stdout
-    }
-
-    pub fn netns(&self, what: &str) -> String {
-        format!("malla-{}-{what}", self.name)
-    }
-
-    pub fn dir(&self) -> PathBuf {
-        self.state_root.path().join(&self.name)
-    }
-
-    pub fn cni_bin_dir(&self) -> PathBuf {
-        self.dir().join("cni/bin")
-    }
-
-    pub fn conflist(&self, node: &str) -> PathBuf {
-        self.dir()
-            .join("nodes")
-            .join(node)
-            .join("net.d/10-malla.conflist")
-    }
-
-    /// Addresses in use, summed over every block (`malla ipam show -o json`).
-    pub fn ipam_used(&self) -> u64 {
-        let v: Value = serde_json::from_str(&self.run(&["ipam", "show", "-o", "json"]))
-            .expect("ipam show json");
-        v["blocks"]
-            .as_array()
-            .expect("blocks")
-            .iter()
-            .map(|b| b["used"].as_u64().expect("used"))
-            .sum()
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = run(self.cmd().args(["lab", "down"]), Duration::from_secs(120));
-    }
 }
 
 /// The conflist at `path` (a lab node's), rewritten for a runtime: `name` and a `cniVersion`
@@ -410,7 +322,7 @@ pub fn assert_wired_in_node(node_ns: &str, addrs: &[Ipv4Addr]) {
 /// After both containers are gone: no address in use, no veth, no pod route, no nft rule
 /// mentioning a pod address.
 pub fn assert_node_clean(lab: &Lab, node_ns: &str, addrs: &[Ipv4Addr]) {
-    assert_eq!(lab.ipam_used(), 0, "every address returned to IPAM");
+    assert_eq!(lab.used_addresses(), 0, "every address returned to IPAM");
     let links = ip(&["-n", node_ns, "-o", "link", "show"]);
     assert!(!links.contains(": mla"), "no veth left: {links}");
     let routes = ip(&["-n", node_ns, "route", "show", "table", "all"])

@@ -3,7 +3,6 @@
 //! suite (keys as `IPPool` custom resources), three agents claiming IPAM blocks at once, and a
 //! watch that resumes after the API server restarts.
 
-#[path = "../../malla-store/tests/conformance/mod.rs"]
 mod conformance;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,15 +11,15 @@ use std::time::{Duration, Instant};
 
 use malla_api::{keys, IpPool};
 use malla_ipam::{AutoAssign, Ipam};
-use malla_lab::control_plane::{ControlPlane, Options};
 use malla_store::{KubeStore, Store};
+use malla_test_kit::control_plane::{loopback, ControlPlane};
 
 fn start() -> (ControlPlane, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .prefix("malla-kube-store")
         .tempdir()
         .unwrap();
-    let cp = ControlPlane::start(Options::loopback(dir.path()).without_controller_manager())
+    let cp = ControlPlane::start(loopback(dir.path()).without_controller_manager())
         .expect("starting kube-apiserver (run scripts/k8s-control-plane to build it)");
     (cp, dir)
 }

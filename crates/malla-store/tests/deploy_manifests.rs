@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use malla_lab::control_plane::{ControlPlane, Options};
+use malla_test_kit::control_plane::{loopback, ControlPlane};
 use serde_json::{json, Value};
 
 fn deploy_dir() -> PathBuf {
@@ -77,7 +77,7 @@ fn deploy_manifests_apply_and_crds_print_their_columns() {
         })
         .unwrap();
     // No controller manager: nothing here needs one.
-    let cp = ControlPlane::start(Options::loopback(dir.path()).without_controller_manager())
+    let cp = ControlPlane::start(loopback(dir.path()).without_controller_manager())
         .unwrap_or_else(|e| panic!("starting the control plane: {e:#}"));
 
     let crds = deploy_dir().join("crds.yaml");

@@ -1,0 +1,323 @@
+//! The agent's Prometheus metrics, served on `/metrics` (see [`crate::http`]) as OpenMetrics
+//! text to a scraper that asks for it, as the classic Prometheus text format (0.0.4) otherwise
+//! (`curl`, `promtool check metrics`). Every series exists from the start (zero until something happens), so a
+//! scrape always shows the whole set:
+//!
+//! | series | type | what |
+//! |---|---|---|
+//! | `malla_sync_duration_seconds` | histogram | from a batch of datastore changes (or a fresh listing) arriving to the kernel reflecting it: one observation per apply that leaves nothing pending |
+//! | `malla_apply_duration_seconds{path}` | histogram | one dataplane apply: `full` (the node's whole desired state, diffed against the kernel), `endpoints` (the in-place endpoint fast path), `repair` (the periodic check against the kernel) |
+//! | `malla_programmed_objects{kind}` | gauge | what the last full apply put in the kernel, by kind (see [`Programmed`]) |
+//! | `malla_apply_errors_total` | counter | failed applies (any path) |
+//! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
+//! | `malla_watch_lag_revisions` | gauge | datastore revisions the agent has not received: the store's revision at the agent's last read (each second after changes, every 5 s when idle) minus the newest revision the agent's view is known to cover; 0 when caught up |
+//!
+//! Recording is a handful of atomic operations per apply; nothing is allocated per element.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+/// The `Content-Type` of [`Metrics::encode`]'s text.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The `Content-Type` of [`Metrics::encode_prometheus`]'s text.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The kinds [`Programmed`] counts, in its order (the `kind` label's values).
+pub const KINDS: [&str; 8] = [
+    "routes",
+    "vxlan_peers",
+    "local_workloads",
+    "service_ports",
+    "service_endpoints",
+    "network_policies",
+    "nft_chains",
+    "nft_sets",
+];
+
+/// How many objects of each of [`KINDS`] a desired state holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Programmed(pub [i64; KINDS.len()]);
+
+impl Programmed {
+    /// Counts `want` (before it is applied): routes to other nodes' blocks and pods, VXLAN
+    /// peers, this node's workloads, service ports (one per service, port and family), their
+    /// endpoints (each service port's cluster endpoints), the NetworkPolicies the calculation
+    /// took as input, and the chains and sets of the node's nft table.
+    pub fn of(want: &malla_calc::NodeDataplane, view: &malla_calc::ClusterView) -> Self {
+        let endpoints: usize = want
+            .service_map
+            .entries
+            .iter()
+            .map(|e| e.cluster_endpoints.len())
+            .sum();
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        Self([
+            n(want.remote_routes.len()),
+            n(want.vxlan_peers.len()),
+            n(want.local_endpoints.len()),
+            n(want.service_map.entries.len()),
+            n(endpoints),
+            n(view.policies.len()),
+            n(want.nft_table.chains.len()),
+            n(want.nft_table.sets.len()),
+        ])
+    }
+}
+
+/// Which apply an observation is about (`path` label of [`Metrics::apply_duration`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyPath {
+    Full,
+    Endpoints,
+    Repair,
+}
+
+impl ApplyPath {
+    const ALL: [ApplyPath; 3] = [ApplyPath::Full, ApplyPath::Endpoints, ApplyPath::Repair];
+
+    fn label(self) -> &'static str {
+        match self {
+            ApplyPath::Full => "full",
+            ApplyPath::Endpoints => "endpoints",
+            ApplyPath::Repair => "repair",
+        }
+    }
+}
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// 0.5 ms … 16 s, doubling: an endpoint change is ~1 ms, a full apply at 30k Services ~0.6 s,
+/// a cold start a few seconds.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0005, 2.0, 16)
+}
+
+/// The agent's metrics, with handles to every series (recording never looks a label up).
+pub struct Metrics {
+    registry: Registry,
+    sync: Histogram,
+    apply: [Histogram; 3],
+    programmed: [Gauge; KINDS.len()],
+    apply_errors: Counter,
+    reconnects: Counter,
+    watch_lag: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("malla");
+        let sync = Histogram::new(latency_buckets());
+        registry.register_with_unit(
+            "sync_duration",
+            "Time from a batch of datastore changes (or a fresh listing) arriving to the kernel reflecting it",
+            Unit::Seconds,
+            sync.clone(),
+        );
+        let apply_family =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        let apply =
+            ApplyPath::ALL.map(|p| apply_family.get_or_create(&[("path", p.label())]).clone());
+        registry.register_with_unit(
+            "apply_duration",
+            "Duration of one dataplane apply, by path (full, endpoints, repair)",
+            Unit::Seconds,
+            apply_family,
+        );
+        let programmed_family = Family::<Labels, Gauge>::default();
+        let programmed = KINDS.map(|k| programmed_family.get_or_create(&[("kind", k)]).clone());
+        registry.register(
+            "programmed_objects",
+            "Objects the last full apply put in the kernel, by kind",
+            programmed_family,
+        );
+        let apply_errors = Counter::default();
+        registry.register(
+            "apply_errors",
+            "Dataplane applies that failed",
+            apply_errors.clone(),
+        );
+        let reconnects = Counter::default();
+        registry.register(
+            "datastore_reconnects",
+            "Times the datastore answered again after being away, or the agent listed again after the history it needed was compacted",
+            reconnects.clone(),
+        );
+        let watch_lag = Gauge::default();
+        registry.register_with_unit(
+            "watch_lag",
+            "Datastore revisions the agent has not received yet (store revision at the last read minus the newest revision the agent's view covers)",
+            Unit::Other("revisions".into()),
+            watch_lag.clone(),
+        );
+        Self {
+            registry,
+            sync,
+            apply,
+            programmed,
+            apply_errors,
+            reconnects,
+            watch_lag,
+        }
+    }
+
+    /// A batch of changes (or a listing) became visible in the kernel `took` after it arrived.
+    pub fn synced(&self, took: Duration) {
+        self.sync.observe(took.as_secs_f64());
+    }
+
+    /// One apply on `path` took `took`.
+    pub fn applied(&self, path: ApplyPath, took: Duration) {
+        self.apply[path as usize].observe(took.as_secs_f64());
+    }
+
+    pub fn apply_failed(&self) {
+        self.apply_errors.inc();
+    }
+
+    pub fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    /// The store was at `store` at the last read; the agent's view covers up to `covered`.
+    pub fn watch_lag(&self, store: i64, covered: i64) {
+        self.watch_lag.set(store.saturating_sub(covered).max(0));
+    }
+
+    /// What the last full apply programmed.
+    pub fn programmed(&self, counts: &Programmed) {
+        for (g, v) in self.programmed.iter().zip(counts.0) {
+            g.set(v);
+        }
+    }
+
+    /// The registry as OpenMetrics text (see [`OPENMETRICS_CONTENT_TYPE`]).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The registry in the classic Prometheus text format (see [`PROMETHEUS_CONTENT_TYPE`]).
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+}
+
+/// Rewrites OpenMetrics text as the classic Prometheus text format, for what this registry
+/// holds (counters, gauges, histograms; no exemplars): a counter family is named with its
+/// `_total` suffix there, as its samples are, and `# UNIT` / `# EOF` are left out.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len() + 16 * counters.len());
+    for line in text.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(&name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_series_is_there_from_the_start_and_records() {
+        let m = Metrics::new();
+        let text = m.encode();
+        for series in [
+            "malla_sync_duration_seconds_count 0",
+            "malla_apply_duration_seconds_count{path=\"full\"} 0",
+            "malla_apply_duration_seconds_count{path=\"endpoints\"} 0",
+            "malla_apply_duration_seconds_count{path=\"repair\"} 0",
+            "malla_programmed_objects{kind=\"routes\"} 0",
+            "malla_programmed_objects{kind=\"service_endpoints\"} 0",
+            "malla_apply_errors_total 0",
+            "malla_datastore_reconnects_total 0",
+            "malla_watch_lag_revisions 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        m.synced(Duration::from_millis(3));
+        m.applied(ApplyPath::Endpoints, Duration::from_millis(1));
+        m.apply_failed();
+        m.reconnected();
+        m.reconnected();
+        m.watch_lag(17, 12);
+        let mut p = Programmed::default();
+        p.0[0] = 5;
+        p.0[4] = 300;
+        m.programmed(&p);
+        let text = m.encode();
+        for series in [
+            "malla_sync_duration_seconds_count 1",
+            "malla_apply_duration_seconds_count{path=\"endpoints\"} 1",
+            "malla_apply_duration_seconds_count{path=\"full\"} 0",
+            "malla_programmed_objects{kind=\"routes\"} 5",
+            "malla_programmed_objects{kind=\"service_endpoints\"} 300",
+            "malla_apply_errors_total 1",
+            "malla_datastore_reconnects_total 2",
+            "malla_watch_lag_revisions 5",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        m.watch_lag(3, 12);
+        assert!(m.encode().contains("malla_watch_lag_revisions 0"));
+    }
+
+    #[test]
+    fn the_prometheus_text_names_counter_families_with_their_suffix() {
+        let m = Metrics::new();
+        m.reconnected();
+        let text = m.encode_prometheus();
+        for line in [
+            "# HELP malla_datastore_reconnects_total Times the datastore",
+            "# TYPE malla_datastore_reconnects_total counter\n",
+            "malla_datastore_reconnects_total 1\n",
+            "# TYPE malla_apply_errors_total counter\n",
+            "# TYPE malla_sync_duration_seconds histogram\n",
+            "# TYPE malla_programmed_objects gauge\n",
+            "malla_watch_lag_revisions 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("# UNIT") && !text.contains("# EOF"),
+            "{text}"
+        );
+    }
+}
