@@ -5,27 +5,28 @@
 //! meanwhile as deletions. In both the consumer ends with exactly the server's state.
 
 mod conformance;
+mod kube_cluster;
 
 use std::time::Duration;
 
-use conformance::{listed, pool_json, Held};
+use conformance::{listed, pool_json, synced, Held};
+use kube_cluster::connect;
 use malla_api::keys;
 use malla_store::kubernetes::kinds;
-use malla_store::{EtcdStore, KubeStore, Resource, Store};
-use malla_test_kit::control_plane::{loopback, ControlPlane, ETCD_PREFIX};
+use malla_store::{EtcdStore, KubeStore, Resource, Store, Syncer};
+use malla_test_kit::control_plane::{ControlPlane, ETCD_PREFIX};
 
-fn start() -> (ControlPlane, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix("malla-kube-syncer")
-        .tempdir()
-        .unwrap();
-    let cp = ControlPlane::start(loopback(dir.path()).without_controller_manager())
-        .expect("starting kube-apiserver (run scripts/k8s-control-plane to build it)");
-    (cp, dir)
-}
-
-fn connect(cp: &ControlPlane) -> KubeStore {
-    KubeStore::connect(Some(cp.kubeconfig_path()), Duration::from_secs(10)).unwrap()
+/// A control plane with Malla's definitions and `names` as pools; an admin client, and a
+/// second one to follow the cluster with.
+fn cluster_with_pools(names: &[&str]) -> (ControlPlane, tempfile::TempDir, KubeStore, KubeStore) {
+    let (cp, dir) = kube_cluster::start("malla-kube-syncer");
+    let admin = connect(&cp);
+    admin.install_crds().unwrap();
+    for (i, n) in names.iter().enumerate() {
+        admin.put(&pool(n), &pool_json(n, i as u8)).unwrap();
+    }
+    let watcher = connect(&cp);
+    (cp, dir, admin, watcher)
 }
 
 /// Retries a write until the restarted API server takes it.
@@ -48,11 +49,7 @@ fn pool(name: &str) -> String {
 }
 
 /// The consumer holds what the server has, and keeps holding it (nothing stale arrives late).
-fn assert_holds_the_server_state(
-    held: &mut Held,
-    syncer: &mut dyn malla_store::Syncer,
-    s: &dyn Store,
-) {
+fn assert_holds_the_server_state(held: &mut Held, syncer: &mut dyn Syncer, s: &dyn Store) {
     let want = listed(s, keys::POOLS);
     assert!(
         held.follow(syncer, Duration::from_secs(60), |h| h.under(keys::POOLS)
@@ -70,16 +67,8 @@ fn assert_holds_the_server_state(
 
 #[test]
 fn syncer_resumes_after_the_apiserver_restarts() {
-    let (mut cp, _dir) = start();
-    let admin = connect(&cp);
-    admin.install_crds().unwrap();
-    for (i, n) in ["r-a", "r-b", "r-c"].iter().enumerate() {
-        admin.put(&pool(n), &pool_json(n, i as u8)).unwrap();
-    }
-    let watcher = connect(&cp);
-    let mut syncer = watcher.syncer().unwrap();
-    let mut held = Held::default();
-    assert!(held.follow(&mut *syncer, Duration::from_secs(30), |h| h.in_syncs > 0));
+    let (mut cp, _dir, admin, watcher) = cluster_with_pools(&["r-a", "r-b", "r-c"]);
+    let (mut syncer, mut held) = synced(&watcher);
     assert_eq!(held.under(keys::POOLS), listed(&admin, keys::POOLS));
     // Native objects arrive typed too.
     match held.records.get(&keys::namespace("default")) {
@@ -125,16 +114,8 @@ fn syncer_resumes_after_the_apiserver_restarts() {
 
 #[test]
 fn syncer_relists_on_410_and_reports_what_vanished() {
-    let (mut cp, _dir) = start();
-    let admin = connect(&cp);
-    admin.install_crds().unwrap();
-    for (i, n) in ["g-a", "g-b", "g-c"].iter().enumerate() {
-        admin.put(&pool(n), &pool_json(n, i as u8)).unwrap();
-    }
-    let watcher = connect(&cp);
-    let mut syncer = watcher.syncer().unwrap();
-    let mut held = Held::default();
-    assert!(held.follow(&mut *syncer, Duration::from_secs(30), |h| h.in_syncs > 0));
+    let (mut cp, _dir, admin, watcher) = cluster_with_pools(&["g-a", "g-b", "g-c"]);
+    let (mut syncer, mut held) = synced(&watcher);
     assert_eq!(held.in_syncs, 1);
 
     // While the API server is away, g-a goes (straight from etcd, where the server keeps it)

@@ -603,6 +603,24 @@ pub fn pool_json(name: &str, third_octet: u8) -> String {
     .to_string()
 }
 
+/// A syncer on `s`, followed until its first `InSync`.
+pub fn synced(s: &dyn Store) -> (Box<dyn Syncer + '_>, Held) {
+    let mut syncer = s.syncer().unwrap();
+    let mut held = Held::default();
+    assert!(held.follow(&mut *syncer, Duration::from_secs(30), |h| h.in_syncs > 0));
+    (syncer, held)
+}
+
+/// Pools `{prefix}a` and `{prefix}b` written to `s`, then a syncer on it in sync.
+fn synced_with_pools<'a>(s: &'a dyn Store, prefix: &str) -> (Box<dyn Syncer + 'a>, Held) {
+    for (i, n) in ["a", "b"].iter().enumerate() {
+        let name = format!("{prefix}{n}");
+        s.put(&keys::pool(&name), &pool_json(&name, i as u8 + 1))
+            .unwrap();
+    }
+    synced(s)
+}
+
 /// A syncer lists (typed updates, then `InSync`), then follows creates, updates and deletes
 /// made through another handle, ending with exactly what a list reads; nothing arrives once
 /// quiet, and it never needs a second `InSync`.
@@ -610,11 +628,7 @@ pub fn syncer_follows_the_store(open: Open<'_>) {
     let a = open();
     let b = open();
     let p = |n: &str| keys::pool(&format!("sync-{n}"));
-    a.put(&p("a"), &pool_json("sync-a", 1)).unwrap();
-    a.put(&p("b"), &pool_json("sync-b", 2)).unwrap();
-    let mut syncer = a.syncer().unwrap();
-    let mut held = Held::default();
-    assert!(held.follow(&mut *syncer, Duration::from_secs(20), |h| h.in_syncs > 0));
+    let (mut syncer, mut held) = synced_with_pools(&*a, "sync-");
     assert_eq!(held.under(keys::POOLS), listed(&*b, keys::POOLS));
     match held.records.get(&p("a")) {
         Some(Resource::Pool(pool)) => assert_eq!(pool.name, "sync-a"),
@@ -654,11 +668,7 @@ pub fn syncer_relists_after_compaction(open: Open<'_>, compact_through: &dyn Fn(
     let a = open();
     let b = open();
     let p = |n: &str| keys::pool(&format!("gone-{n}"));
-    a.put(&p("a"), &pool_json("gone-a", 1)).unwrap();
-    a.put(&p("b"), &pool_json("gone-b", 2)).unwrap();
-    let mut syncer = a.syncer().unwrap();
-    let mut held = Held::default();
-    assert!(held.follow(&mut *syncer, Duration::from_secs(20), |h| h.in_syncs > 0));
+    let (mut syncer, mut held) = synced_with_pools(&*a, "gone-");
     b.delete(&p("a"), None).unwrap();
     b.put(&p("c"), &pool_json("gone-c", 3)).unwrap();
     for i in 0..30 {
