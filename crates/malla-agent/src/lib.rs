@@ -24,7 +24,7 @@ use malla_calc::ClusterView;
 use malla_dataplane::driver::{Driver, Update};
 use malla_dataplane::linux::LinuxDriver;
 use malla_ipam::node_cache::NodeCache;
-use malla_store::{Revision, Store};
+use malla_store::{Revision, Store, Syncer};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -38,8 +38,9 @@ pub struct AgentConfig {
     /// A directory of cluster settings (a mounted ConfigMap: `routing`, `pools.yaml`, …) whose
     /// missing parts the agent writes to the datastore at start ([`config_dir`]).
     pub config_dir: Option<PathBuf>,
-    /// Written after each sync with the datastore revision applied (readiness for the CNI
-    /// plugin's STATUS, and convergence for tests).
+    /// Written after each sync with the datastore revision applied, as
+    /// [`malla_store::Store::revision_label`] writes it (readiness for the CNI plugin's STATUS,
+    /// and convergence for tests: [`malla_store::label_covers`]).
     pub ready_file: Option<PathBuf>,
     /// Where the agent serves `/healthz`, `/readyz` and `/metrics` ([`http`]); None: nowhere.
     pub http_listen: Option<SocketAddr>,
@@ -64,13 +65,14 @@ const IDLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Runs the agent until the process is killed.
 ///
-/// The loop: list the cluster once into a [`mirror::Mirror`], then wait on one datastore
-/// watch; each batch of changes updates the mirror, and when the calculation's input changed
-/// the dataplane is computed and applied again (also every `resync`, repairing drift). When
-/// the datastore is away the kernel is left as it is and the watch resumes by itself; if the
-/// history it needs is gone, the agent lists again. A datastore that cannot be opened at start
-/// is retried every second; the HTTP server ([`http`]) answers from the start (`/readyz` 503
-/// until the first sync is applied).
+/// The loop: follow the datastore's [`Syncer`] into a [`mirror::Mirror`]; nothing is applied
+/// until it says `InSync` (the mirror then holds the whole cluster), then each batch of
+/// changes updates the mirror, and when the calculation's input changed the dataplane is
+/// computed and applied again (also every `resync`, repairing drift). When the datastore is
+/// away the kernel is left as it is and the syncer resumes by itself; if the history it needs
+/// is gone, it lists again and says `InSync` again.
+/// A datastore that cannot be opened at start is retried every second; the HTTP server
+/// ([`http`]) answers from the start (`/readyz` 503 until the first sync is applied).
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     // Held for the agent's lifetime: the CNI plugin's STATUS knows the agent runs while it is
     // locked, and a second agent for the same node refuses to start.
@@ -122,13 +124,16 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             None => None,
         };
-        let mut synced: Option<(mirror::Mirror, Box<dyn malla_store::Watch + '_>)> = None;
-        // What the kernel reflects, what the ready file says, and a store revision read
-        // while the watch was quiet, reported once the watch stays quiet for [`QUIET`].
-        let mut applied: Option<Revision> = None;
-        let mut reported: Revision = -1;
+        let mut synced: Option<(mirror::Mirror, Box<dyn Syncer + '_>)> = None;
+        // Whether the syncer has delivered the whole cluster once.
+        let mut in_sync = false;
+        // Whether the kernel reflects the mirror, what the ready file says, and a store
+        // revision read while the feed was quiet, reported once it stays quiet for [`QUIET`]
+        // (the first: one read before the syncer listed, which its listing covers).
+        let mut applied = false;
+        let mut reported: Option<Revision> = None;
         let mut quiet_candidate: Option<(Revision, Instant)> = None;
-        let mut confirmed: Revision = -1;
+        let mut confirmed: Option<Revision> = None;
         // What changed since the last apply: services whose Service or slices changed, or
         // anything else (which needs the whole node computed).
         let mut pending_services: std::collections::BTreeSet<String> = Default::default();
@@ -165,22 +170,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     continue;
                 }
             }
-            let Some((mirror, watch)) = synced.as_mut() else {
+            let Some((mirror, syncer)) = synced.as_mut() else {
                 // The datastore may be away (restarting, partitioned): keep what the kernel
                 // has, which keeps established traffic flowing, and retry until it answers.
-                match mirror::Mirror::load(store, &cfg.node)
-                    .and_then(|m| Ok((store.watch(mirror::WATCH_PREFIX, m.revision())?, m)))
-                {
-                    Ok((w, m)) => {
-                        tracing::info!(node = %cfg.node, revision = m.revision(), "listed the cluster");
-                        if std::mem::take(&mut lost) {
-                            metrics.reconnected();
-                        }
+                match store.revision().and_then(|r| Ok((r, store.syncer()?))) {
+                    Ok((before, s)) => {
+                        synced = Some((mirror::Mirror::new(&cfg.node), s));
+                        confirmed = confirmed.max(Some(before));
                         pending_since = Some(Instant::now());
-                        synced = Some((m, w));
-                        other_dirty = true;
-                        trim_due = true;
-                        cache_dirty = true;
                     }
                     Err(e) => {
                         tracing::warn!(node = %cfg.node, error = %e, "datastore unreachable; keeping the dataplane as it is");
@@ -189,6 +186,30 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
                 continue;
             };
+            if !in_sync {
+                // Listing: nothing is computed from a partial cluster.
+                match syncer.next(QUIET) {
+                    Ok(events) => {
+                        let (_, done) = mirror.apply_sync(events);
+                        if done {
+                            in_sync = true;
+                            tracing::info!(node = %cfg.node, "listed the cluster");
+                            if std::mem::take(&mut lost) {
+                                metrics.reconnected();
+                            }
+                            other_dirty = true;
+                            trim_due = true;
+                            cache_dirty = true;
+                        }
+                    }
+                    Err(e) => {
+                        lost = true;
+                        tracing::warn!(node = %cfg.node, error = %e, "listing the cluster; keeping the dataplane as it is");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                continue;
+            }
             if let (Some(cache), true, Some(me)) = (&node_cache, cache_dirty, mirror.me()) {
                 match cache.snapshot(me, &mirror.view().config, mirror.own_blocks().cloned().collect()) {
                     Ok(()) => cache_dirty = false,
@@ -196,7 +217,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             let resync_due = last_full.elapsed() >= cfg.resync;
-            if !pending_services.is_empty() && !resync_due && !other_dirty && applied.is_some() {
+            if !pending_services.is_empty() && !resync_due && !other_dirty && applied {
                 // Only Services or slices changed: try the fast path, which touches those
                 // services' elements alone.
                 let view = mirror.view();
@@ -209,8 +230,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
                     match done {
                         Ok(_) => {
-                            tracing::info!(node = %cfg.node, services = ?pending_services, revision = mirror.revision(), "service endpoints updated in place");
-                            applied = Some(mirror.revision());
+                            tracing::info!(node = %cfg.node, services = ?pending_services, "service endpoints updated in place");
+                            applied = true;
                             pending_services.clear();
                             if let Some(since) = pending_since.take() {
                                 metrics.synced(since.elapsed());
@@ -245,7 +266,6 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             if other_dirty || !pending_services.is_empty() {
-                let rev = mirror.revision();
                 let desired = malla_calc::compute(mirror.view(), &cfg.node);
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
@@ -261,18 +281,18 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                             metrics.synced(since.elapsed());
                         }
                         if stats.changed() {
-                            tracing::info!(node = %cfg.node, revision = rev, ?stats, "dataplane converged");
+                            tracing::info!(node = %cfg.node, ?stats, "dataplane converged");
                         }
                         if std::mem::take(&mut trim_due) {
                             trim_heap();
                         }
-                        applied = Some(rev);
+                        applied = true;
                         other_dirty = false;
                         pending_services.clear();
                         last_full = Instant::now();
                         if !health.readiness.is_ready() {
                             health.readiness.set_ready();
-                            tracing::info!(node = %cfg.node, revision = rev, "in sync");
+                            tracing::info!(node = %cfg.node, "in sync");
                         }
                     }
                     Err(e) => {
@@ -282,27 +302,28 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if let (Some(f), Some(rev)) = (&cfg.ready_file, applied) {
-                // The ready file holds the revision the kernel now reflects.
+            if let (Some(f), true, Some(rev)) = (&cfg.ready_file, applied, confirmed) {
+                // The ready file holds the revision the kernel now reflects: a revision read
+                // while the feed was quiet, once everything that arrived is applied.
                 let behind = other_dirty || !pending_services.is_empty();
-                let rev = if behind { rev } else { rev.max(confirmed) };
-                if rev > reported {
+                if !behind && Some(rev) > reported {
                     let tmp = f.with_extension("tmp");
-                    std::fs::write(&tmp, format!("{rev}\n"))
+                    // The store's label: Kubernetes revisions are tokens of this process.
+                    std::fs::write(&tmp, format!("{}\n", store.revision_label(rev)))
                         .and_then(|_| std::fs::rename(&tmp, f))
                         .with_context(|| format!("writing {}", f.display()))?;
-                    reported = rev;
+                    reported = Some(rev);
                 }
             }
             // Blocking here is fine: netlink replies are only awaited inside `apply`.
-            match watch.next(QUIET) {
+            match syncer.next(QUIET) {
                 Ok(events) if events.is_empty() => {
                     // Quiet. A revision read during an earlier quiet spell is now covered: had
                     // a change under the watch come before it, it would have arrived by now.
                     match quiet_candidate.take() {
                         Some((rev, at)) if at.elapsed() >= QUIET => {
-                            confirmed = confirmed.max(rev);
-                            metrics.watch_lag(store_revision, confirmed.max(mirror.revision()));
+                            confirmed = confirmed.max(Some(rev));
+                            metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
                         }
                         Some(c) => quiet_candidate = Some(c),
                         None => {
@@ -317,7 +338,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                                         metrics.reconnected();
                                     }
                                     store_revision = r;
-                                    metrics.watch_lag(r, confirmed.max(mirror.revision()));
+                                    metrics.watch_lag(r, confirmed.unwrap_or(-1));
                                 }
                             }
                         }
@@ -329,19 +350,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     if std::mem::take(&mut lost) {
                         metrics.reconnected();
                     }
-                    let changed = mirror.apply(events);
-                    metrics.watch_lag(store_revision, confirmed.max(mirror.revision()));
+                    let (changed, _) = mirror.apply_sync(events);
+                    metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
                     if changed.other || !changed.services.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
                     cache_dirty |= changed.node_cache;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);
-                }
-                Err(malla_store::StoreError::Compacted { .. }) => {
-                    tracing::warn!(node = %cfg.node, "the datastore's history moved past this agent; listing again");
-                    lost = true;
-                    synced = None;
                 }
                 Err(e) => {
                     lost = true;

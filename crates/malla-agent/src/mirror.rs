@@ -1,6 +1,8 @@
-//! The agent's copy of the cluster: listed once, then kept current by one datastore watch
-//! ([`malla_store::Store::watch`]), so a change elsewhere in the cluster costs a node the
-//! change (decode one value, replace one entry), not a re-read of every record.
+//! The agent's copy of the cluster, kept current by the datastore's
+//! [`malla_store::Syncer`] (typed records, then `InSync`; [`Mirror::apply_sync`]), so a change
+//! elsewhere in the cluster costs a node the change (replace one entry), not a re-read of every
+//! record. [`Mirror::load`] and [`Mirror::apply`] build the same copy from a list and the
+//! key-value watch ([`crate::read_view`], tests).
 //!
 //! The copy is the calculation's [`ClusterView`] itself, each kind kept in key order (the
 //! order a list returns), so a view built by events equals one built by [`crate::read_view`]
@@ -13,29 +15,31 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use malla_api::policy::NetworkPolicy;
-use malla_api::service::{EndpointSlice, Service};
-use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
+use malla_api::{keys, Node};
 use malla_calc::services::{ProxyService, ProxySlice};
 use malla_calc::ClusterView;
 use malla_ipam::Block;
-use malla_store::{Event, KeyValue, Revision, Store, StoreError};
-use serde::de::DeserializeOwned;
+use malla_store::{Event, KeyValue, Resource, Revision, Store, StoreError, SyncEvent};
 
-/// Every prefix the mirror lists; the watch covers the whole key space (`/`), so it also sees
-/// the writes that carry no record of these kinds and the mirror's revision keeps up.
-const PREFIXES: [&str; 10] = [
-    keys::CLUSTER_CONFIG,
-    keys::NODES,
-    keys::POOLS,
-    keys::BLOCKS,
-    keys::ENDPOINTS,
-    keys::SERVICES,
-    keys::ENDPOINT_SLICES,
-    keys::PODS,
-    keys::NAMESPACES,
-    keys::NETWORK_POLICIES,
-];
+/// The record of the expected kind, or None when deleted, or when another kind came for the
+/// key (warned about, naming the key).
+macro_rules! take {
+    ($key:expr, $value:expr, $variant:ident) => {
+        match $value {
+            None => None,
+            Some(Resource::$variant(x)) => Some(x),
+            Some(_) => {
+                tracing::warn!(key = %$key, "a record of another kind at this key; skipped");
+                None
+            }
+        }
+    };
+}
+
+/// Every prefix the mirror lists (the kinds a syncer follows); the watch covers the whole key
+/// space (`/`), so it also sees the writes that carry no record of these kinds and the
+/// mirror's revision keeps up.
+const PREFIXES: [&str; 10] = malla_store::syncer::SYNCED_PREFIXES;
 
 /// The prefix the mirror watches.
 pub const WATCH_PREFIX: &str = "/";
@@ -115,14 +119,13 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Lists every kind the calculation reads. The mirror's revision is the oldest of the
-    /// lists' revisions, so a watch from it replays whatever changed during the listing.
-    pub fn load(store: &dyn Store, node: &str) -> Result<Mirror, StoreError> {
-        let mut m = Mirror {
+    /// An empty mirror, to be filled by a [`malla_store::Syncer`] ([`Mirror::apply_sync`]).
+    pub fn new(node: &str) -> Mirror {
+        Mirror {
             node: node.to_string(),
             view: ClusterView::default(),
             own_blocks: BTreeMap::new(),
-            revision: Revision::MAX,
+            revision: 0,
             nodes: Keys::default(),
             pools: Keys::default(),
             blocks: Keys::default(),
@@ -132,7 +135,14 @@ impl Mirror {
             pods: Keys::default(),
             namespaces: Keys::default(),
             policies: Keys::default(),
-        };
+        }
+    }
+
+    /// Lists every kind the calculation reads. The mirror's revision is the oldest of the
+    /// lists' revisions, so a watch from it replays whatever changed during the listing.
+    pub fn load(store: &dyn Store, node: &str) -> Result<Mirror, StoreError> {
+        let mut m = Mirror::new(node);
+        m.revision = Revision::MAX;
         for prefix in PREFIXES {
             let (kvs, rev) = store.list(prefix)?;
             m.revision = m.revision.min(rev);
@@ -184,8 +194,29 @@ impl Mirror {
         changed
     }
 
+    /// Applies a syncer's batch in order: typed records, no decoding. Returns what changed and
+    /// whether the batch said the feed is in sync (the mirror then holds the whole cluster).
+    pub fn apply_sync(&mut self, events: Vec<SyncEvent>) -> (Applied, bool) {
+        let mut changed = Applied::default();
+        let mut in_sync = false;
+        for e in events {
+            match e {
+                SyncEvent::InSync => in_sync = true,
+                SyncEvent::Update(u) => changed.merge(self.set(&u.key, u.resource)),
+            }
+        }
+        (changed, in_sync)
+    }
+
     fn put(&mut self, kv: &KeyValue) -> Applied {
-        self.set(&kv.key, Some(&kv.value))
+        let record = match Resource::from_json(&kv.key, &kv.value) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "skipping a malformed record");
+                None
+            }
+        };
+        self.set(&kv.key, record)
     }
 
     fn delete(&mut self, key: &str) -> Applied {
@@ -193,22 +224,22 @@ impl Mirror {
     }
 
     /// Sets or removes the record at `key` (an unknown key changes nothing).
-    fn set(&mut self, key: &str, value: Option<&str>) -> Applied {
-        let mut applied = self.set_record(key, value);
+    fn set(&mut self, key: &str, record: Option<Resource>) -> Applied {
+        let mut applied = self.set_record(key, record);
         if applied.view && applied.services.is_empty() {
             applied.other = true;
         }
         applied
     }
 
-    fn set_record(&mut self, key: &str, value: Option<&str>) -> Applied {
+    fn set_record(&mut self, key: &str, value: Option<Resource>) -> Applied {
         let v = &mut self.view;
         let view = |b: bool| Applied {
             view: b,
             ..Applied::default()
         };
         if key.starts_with(keys::SERVICES) {
-            let svc = decode::<Service>(key, value).map(|s| ProxyService::from(&s));
+            let svc = take!(key, value, Service).map(|s| ProxyService::from(&s));
             let before = self
                 .services
                 .get(&v.services, key)
@@ -218,7 +249,7 @@ impl Mirror {
             return service_change(changed, before, after);
         }
         if key.starts_with(keys::ENDPOINT_SLICES) {
-            let slice = decode::<EndpointSlice>(key, value).map(|s| ProxySlice::from(&s));
+            let slice = take!(key, value, EndpointSlice).map(|s| ProxySlice::from(&s));
             let owner = |s: &ProxySlice| s.service.to_string();
             let before = self.slices.get(&v.endpoint_slices, key).map(owner);
             let after = slice.as_ref().map(owner);
@@ -226,7 +257,7 @@ impl Mirror {
             return service_change(changed, before, after);
         }
         if key == keys::CLUSTER_CONFIG {
-            let config = decode::<ClusterConfig>(key, value).unwrap_or_default();
+            let config = take!(key, value, ClusterConfig).unwrap_or_default();
             let changed = v.config != config;
             v.config = config;
             return Applied {
@@ -236,7 +267,7 @@ impl Mirror {
             };
         }
         if key.starts_with(keys::NODES) {
-            let node = decode::<Node>(key, value);
+            let node = take!(key, value, Node);
             let mine =
                 node.as_ref().is_some_and(|n| n.name == self.node) || key == keys::node(&self.node);
             let changed = self.nodes.upsert(&mut v.nodes, key, node);
@@ -251,22 +282,18 @@ impl Mirror {
         }
         view(if key.starts_with(keys::POOLS) {
             self.pools
-                .upsert(&mut v.pools, key, decode::<IpPool>(key, value))
+                .upsert(&mut v.pools, key, take!(key, value, Pool))
         } else if key.starts_with(keys::ENDPOINTS) {
-            self.endpoints.upsert(
-                &mut v.endpoints,
-                key,
-                decode::<WorkloadEndpoint>(key, value),
-            )
+            self.endpoints
+                .upsert(&mut v.endpoints, key, take!(key, value, WorkloadEndpoint))
         } else if key.starts_with(keys::PODS) {
-            self.pods
-                .upsert(&mut v.pods, key, decode::<Pod>(key, value))
+            self.pods.upsert(&mut v.pods, key, take!(key, value, Pod))
         } else if key.starts_with(keys::NAMESPACES) {
             self.namespaces
-                .upsert(&mut v.namespaces, key, decode::<Namespace>(key, value))
+                .upsert(&mut v.namespaces, key, take!(key, value, Namespace))
         } else if key.starts_with(keys::NETWORK_POLICIES) {
             self.policies
-                .upsert(&mut v.policies, key, decode::<NetworkPolicy>(key, value))
+                .upsert(&mut v.policies, key, take!(key, value, NetworkPolicy))
         } else {
             false
         })
@@ -274,8 +301,12 @@ impl Mirror {
 
     /// A block: the view keeps `(cidr, affinity)`, so an allocation elsewhere in the cluster
     /// (the common write) changes nothing here; this node's blocks are kept whole.
-    fn set_block(&mut self, key: &str, value: Option<&str>) -> Applied {
-        let block = decode::<Block>(key, value);
+    fn set_block(&mut self, key: &str, value: Option<Resource>) -> Applied {
+        let block = take!(key, value, Block).and_then(|v| {
+            serde_json::from_value::<Block>(v)
+                .map_err(|e| tracing::warn!(%key, error = %e, "skipping a malformed block"))
+                .ok()
+        });
         let summary = block.as_ref().map(|b| (b.cidr, b.affinity.clone()));
         let view = self.blocks.upsert(&mut self.view.blocks, key, summary);
         let node_cache = match block {
@@ -304,18 +335,6 @@ fn service_change(changed: bool, before: Option<String>, after: Option<String>) 
             BTreeSet::new()
         },
         ..Applied::default()
-    }
-}
-
-/// The record, or None when deleted or malformed (warned about, naming the key).
-fn decode<T: DeserializeOwned>(key: &str, value: Option<&str>) -> Option<T> {
-    let value = value?;
-    match serde_json::from_str(value) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!(%key, error = %e, "skipping a malformed record");
-            None
-        }
     }
 }
 

@@ -297,24 +297,34 @@ pub fn start_agent(
     )
 }
 
-/// The datastore revision a node's agent has applied, if it is running and has synced.
-pub fn applied_revision(paths: &LabPaths, node: &str) -> Option<i64> {
-    std::fs::read_to_string(paths.ready_file(node))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+/// The datastore revision a node's agent has applied (its store's label:
+/// [`malla_store::Store::revision_label`]), if it is running and has synced.
+pub fn applied_revision(paths: &LabPaths, node: &str) -> Option<String> {
+    Some(
+        std::fs::read_to_string(paths.ready_file(node))
+            .ok()?
+            .trim()
+            .to_string(),
+    )
 }
 
 /// Waits until every agent has applied the datastore's current revision (or a later one).
+/// Kubernetes labels are opaque and only compare equal, so the target is read again while
+/// waiting (the cluster goes quiet and the agents' reports meet it).
 pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> anyhow::Result<()> {
-    let target = crate::store::open(paths, state)?.revision()?;
+    let store = crate::store::open(paths, state)?;
+    let label = || -> anyhow::Result<String> { Ok(store.revision_label(store.revision()?)) };
+    let mut target = label()?;
+    let opaque = target.starts_with(malla_store::kubernetes::RV_LABEL);
     let deadline = Instant::now() + timeout;
     loop {
         let behind: Vec<&str> = state
             .nodes
             .iter()
-            .filter(|n| applied_revision(paths, &n.name).is_none_or(|r| r < target))
+            .filter(|n| {
+                applied_revision(paths, &n.name)
+                    .is_none_or(|r| !malla_store::label_covers(&r, &target))
+            })
             .map(|n| n.name.as_str())
             .collect();
         if behind.is_empty() {
@@ -329,6 +339,9 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
             );
         }
         std::thread::sleep(Duration::from_millis(20));
+        if opaque {
+            target = label()?;
+        }
     }
 }
 

@@ -6,6 +6,9 @@
 //! The model is a small etcd: string keys, string (JSON) values, a single global revision
 //! counter bumped by every write, per-key create/mod revisions for compare-and-swap, and an
 //! event log that watchers replay with [`Store::events_since`] or follow with [`Store::watch`].
+//!
+//! The calculation reads the cluster through a [`Syncer`] instead ([`Store::syncer`]): typed
+//! updates and an explicit in-sync marker, per backend ([`syncer`]).
 
 mod etcd;
 pub mod kubernetes;
@@ -13,18 +16,21 @@ mod local;
 mod runtime;
 mod spec;
 mod stream;
+pub mod syncer;
 
 pub use etcd::{EtcdStore, DEFAULT_SETTLE};
 pub use kubernetes::KubeStore;
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
 pub use spec::{DatastoreSpec, DEFAULT_ETCD_PREFIX};
+pub use syncer::{Resource, StoreSyncer, SyncEvent, Syncer, Update, Version};
 
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The store-wide revision: bumped by one on every successful write.
+/// The store-wide revision: bumped by one on every successful write (the Kubernetes backend:
+/// a token standing for an opaque resourceVersion, see [`kubernetes`]).
 pub type Revision = i64;
 
 /// A key with its value and revisions.
@@ -145,6 +151,22 @@ pub trait Store: Send + Sync {
             after,
         }))
     }
+
+    /// How `rev` is written for another process to read (the agent's ready file): the number
+    /// itself for the counting backends. Kubernetes writes `rv:` and the resourceVersion the
+    /// token stands for, since its tokens mean nothing outside this process; see
+    /// [`label_covers`].
+    fn revision_label(&self, rev: Revision) -> String {
+        rev.to_string()
+    }
+
+    /// The calculation's change feed: typed [`Update`]s of every kind it reads and
+    /// [`SyncEvent::InSync`] after each listing ([`syncer`]). The default lists and follows
+    /// [`Store::watch`] ([`StoreSyncer`]); the Kubernetes backend has its own, on
+    /// kube-runtime's watcher.
+    fn syncer(&self) -> Result<Box<dyn Syncer + '_>, StoreError> {
+        Ok(Box::new(StoreSyncer::new(self)))
+    }
 }
 
 /// An open stream of changes ([`Store::watch`]).
@@ -180,6 +202,22 @@ impl<S: Store + ?Sized> Watch for PollWatch<'_, S> {
             .unwrap_or(now)
             .max(now);
         Ok(events)
+    }
+}
+
+/// Whether a process that reported `applied` ([`Store::revision_label`]) has seen everything up
+/// to `target` (a label of the same store). Counting backends' labels are their revisions,
+/// compared as numbers; Kubernetes labels (`rv:`, opaque) only match when equal: a caller
+/// waiting for convergence reads the target again while it waits, and the two meet once the
+/// cluster is quiet. Anything else never covers.
+pub fn label_covers(applied: &str, target: &str) -> bool {
+    let (applied, target) = (applied.trim(), target.trim());
+    if target.starts_with(kubernetes::RV_LABEL) {
+        return applied == target && target != format!("{}?", kubernetes::RV_LABEL);
+    }
+    match (applied.parse::<Revision>(), target.parse::<Revision>()) {
+        (Ok(a), Ok(t)) => a >= t,
+        _ => false,
     }
 }
 

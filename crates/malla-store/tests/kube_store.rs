@@ -4,29 +4,16 @@
 //! watch that resumes after the API server restarts.
 
 mod conformance;
+mod kube_cluster;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use kube_cluster::connect;
 use malla_api::{keys, IpPool};
 use malla_ipam::{AutoAssign, Ipam};
 use malla_store::{KubeStore, Store};
-use malla_test_kit::control_plane::{loopback, ControlPlane};
-
-fn start() -> (ControlPlane, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .prefix("malla-kube-store")
-        .tempdir()
-        .unwrap();
-    let cp = ControlPlane::start(loopback(dir.path()).without_controller_manager())
-        .expect("starting kube-apiserver (run scripts/k8s-control-plane to build it)");
-    (cp, dir)
-}
-
-fn connect(cp: &ControlPlane) -> KubeStore {
-    KubeStore::connect(Some(cp.kubeconfig_path()), Duration::from_secs(10)).unwrap()
-}
 
 /// Deletes every object under `prefix` (a fresh store for the next case).
 fn wipe(s: &dyn Store, prefix: &str) {
@@ -38,7 +25,7 @@ fn wipe(s: &dyn Store, prefix: &str) {
 
 #[test]
 fn kubernetes_store_conformance_ipam_and_watch_resume() {
-    let (mut cp, _dir) = start();
+    let (mut cp, _dir) = kube_cluster::start("malla-kube-store");
     let admin = connect(&cp);
     admin.install_crds().unwrap();
 

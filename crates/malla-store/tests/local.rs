@@ -100,3 +100,16 @@ fn run_all_covers_every_case() {
         false,
     );
 }
+
+#[test]
+fn syncer_follows_the_store() {
+    on_fresh_file(KEEP_ALL, conformance::syncer_follows_the_store);
+}
+
+#[test]
+fn syncer_relists_after_compaction() {
+    // Five events of history: the syncer's watch falls behind as soon as it stops reading.
+    on_fresh_file(5, |o| {
+        conformance::syncer_relists_after_compaction(o, &|_| {})
+    });
+}

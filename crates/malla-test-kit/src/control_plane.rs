@@ -12,6 +12,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+/// The etcd key prefix the API server stores objects under (tests reach into etcd).
+pub use malla_lab::control_plane::ETCD_PREFIX;
 use malla_lab::control_plane::{
     default_service_cidr, Access, Component, ControlPlanePids, EtcdSource, Options, Plan,
     READY_TIMEOUT, STOP_GRACE,

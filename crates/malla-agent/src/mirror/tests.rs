@@ -183,6 +183,52 @@ fn a_mirror_fed_by_the_watch_equals_a_full_read_after_every_batch() {
     }
 }
 
+/// The same through the store's syncer (typed updates, `InSync`), on a store keeping so little
+/// history that the syncer often has to list again: deletions found by the re-list included,
+/// the mirror equals a full read after every batch.
+#[test]
+fn a_mirror_fed_by_the_syncer_equals_a_full_read_after_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store.db"))
+        .unwrap()
+        .with_event_retention(4);
+    let mut rng = Rng(0x2545f4914f6cdd1d);
+    for _ in 0..20 {
+        write(&store, &mut rng);
+    }
+    let mut mirror = Mirror::new("n1");
+    let mut syncer = store.syncer().unwrap();
+    let mut in_syncs = 0;
+    let mut follow = |mirror: &mut Mirror,
+                      in_syncs: &mut usize,
+                      until: &dyn Fn(&Mirror) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !until(mirror) && Instant::now() < deadline {
+            let (_, in_sync) = mirror.apply_sync(syncer.next(Duration::from_millis(50)).unwrap());
+            *in_syncs += usize::from(in_sync);
+        }
+    };
+    follow(&mut mirror, &mut in_syncs, &|m| {
+        m.view() == &crate::read_view(&store).unwrap()
+    });
+    let mut log = Vec::new();
+    for round in 0..40 {
+        // Enough writes, now and then, to outrun the history kept.
+        for _ in 0..rng.below(if round % 5 == 0 { 12 } else { 3 }) + 1 {
+            log.push(write(&store, &mut rng));
+        }
+        let want = crate::read_view(&store).unwrap();
+        follow(&mut mirror, &mut in_syncs, &|m| m.view() == &want);
+        assert_eq!(
+            mirror.view(),
+            &want,
+            "round {round}, after: {}",
+            log[log.len().saturating_sub(12)..].join(", ")
+        );
+    }
+    assert!(in_syncs >= 2, "the syncer never listed again ({in_syncs})");
+}
+
 #[test]
 fn an_allocation_in_another_nodes_block_is_no_change_for_the_calculation() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,27 +3,40 @@
 //! read from (and, in the lab, written as) the native ones; [`kinds`] maps keys to resources
 //! and [`native`] converts.
 //!
-//! Revisions are the API server's resource versions, which a server backed by one etcd takes
-//! from etcd's global revision: a key's mod revision is its object's `resourceVersion`, a list
-//! reports the list's, and `revision()` is a quorum list's. Compare-and-swap is the API's
-//! optimistic concurrency: `update` sends the expected `resourceVersion` and a stale one is
-//! refused (409), so two nodes can never claim the same IPAM block or address.
+//! Revisions: the API says a `resourceVersion` is opaque, and nothing here reads one as a
+//! number. The [`Store`] trait (IPAM's and the CNI plugin's compare-and-swap) speaks numeric
+//! revisions, so this backend hands out *tokens* that stand for resourceVersion strings
+//! ([`versions`]): a key's mod revision is the token of its object's resourceVersion, and
+//! compare-and-swap turns the token back into that string for the API's optimistic
+//! concurrency — `update` sends it as the object's `resourceVersion`, `delete` as a
+//! precondition, and a stale one is refused (409), so two nodes can never claim the same
+//! IPAM block or address. Tokens rather than an opaque revision type in the trait: the
+//! trait's users (IPAM, the CNI plugin, the lab) only ever hand a revision back or compare it
+//! with one they were given, which tokens serve exactly, and the local and etcd backends keep
+//! their real numbers. What needed a store-wide number is answered without one:
+//! `revision()` is the token of a quorum list's resourceVersion, `wait_for_change` compares
+//! that string with the one its argument stands for, `events_since` watches from the string.
 //!
-//! Three differences from etcd, all inherent to the API:
+//! Differences from etcd, all inherent to the API:
 //! - The create revision of an object is not exposed; [`KeyValue::create_revision`] is 0.
-//! - A list spanning several kinds is several reads; it reports the oldest of their
-//!   revisions, so events replayed from it cover every change after any of them.
+//! - A list spanning several kinds is several reads; it reports the first one's version, so
+//!   events replayed from it cover every change after any of them.
+//! - Token order is the order this process learnt of versions (see [`versions`]); the
+//!   server's order of changes is only what a watch delivers.
 //! - Keys outside the mapped prefixes, and values of custom resources that are not JSON
 //!   objects, are refused ([`StoreError::InvalidKey`], [`StoreError::Decode`]).
 //!
-//! Change notification ([`Store::wait_for_change`]) runs one watch per kind in the
-//! background from the first revision asked about, resumed from the last seen resource
-//! version after a dropped connection (with backoff) and restarted from a fresh list when the
-//! server answers 410 Gone. [`Store::watch`] opens one watch per kind under its prefix, all
-//! feeding one stream; 410 ends it with [`StoreError::Compacted`] so the consumer lists again.
+//! The calculation's change feed is [`Store::syncer`]: kube-runtime's watcher per kind
+//! ([`watcher`]), which resumes after the API server restarts and re-lists on 410 Gone.
+//! [`Store::wait_for_change`] wakes from those watchers too. [`Store::watch`] (the key-value
+//! side's stream from a revision) opens one raw watch per kind from the resourceVersion the
+//! token stands for, resumed from the last one seen; 410 ends it with
+//! [`StoreError::Compacted`] so the consumer lists again.
 
 pub mod kinds;
 pub mod native;
+mod versions;
+pub mod watcher;
 
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
@@ -40,8 +53,13 @@ use serde_json::Value;
 
 use crate::runtime::{run_on, RuntimeThread};
 use crate::stream::{Pusher, IDLE_CHECK};
+use crate::syncer::Syncer;
 use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 use kinds::{Kind, Location, Shape, SliceApi};
+use versions::Versions;
+
+/// How a resourceVersion is labelled where another process reads it ([`Store::revision_label`]).
+pub const RV_LABEL: &str = "rv:";
 
 /// Page size of lists.
 const PAGE: u32 = 500;
@@ -54,25 +72,26 @@ pub struct KubeStore {
     kinds: Arc<Vec<Kind>>,
     slices: SliceApi,
     timeout: Duration,
+    /// The tokens standing for resourceVersions ([`versions`]).
+    versions: Arc<Versions>,
     changes: Arc<Changes>,
     runtime: RuntimeThread,
 }
 
-/// What the background watches have seen.
+/// Wake-ups for [`Store::wait_for_change`]: bumped by the background watches on every change.
+/// The watches run until the store's runtime stops (they hold this struct).
 #[derive(Default)]
 struct Changes {
-    started: Mutex<bool>,
-    latest: Mutex<Revision>,
+    /// Set once the background watches run.
+    started: Mutex<Option<tokio::sync::watch::Sender<()>>>,
+    generation: Mutex<u64>,
     wake: Condvar,
 }
 
 impl Changes {
-    fn saw(&self, rev: Revision) {
-        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if rev > *latest {
-            *latest = rev;
-            self.wake.notify_all();
-        }
+    fn bump(&self) {
+        *self.generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.wake.notify_all();
     }
 }
 
@@ -93,20 +112,22 @@ fn code(e: &kube::Error) -> Option<u16> {
     }
 }
 
-fn parse_rv(s: Option<&str>) -> Result<Revision, StoreError> {
-    s.and_then(|s| s.parse().ok()).ok_or_else(|| {
-        StoreError::Backend(format!(
-            "kubernetes: resourceVersion {s:?} is not a number (Malla needs an etcd-backed API server)"
-        ))
-    })
+/// A resourceVersion the server must have sent; kept as the opaque string it is.
+fn need_rv(rv: Option<&str>, what: &str) -> Result<String, StoreError> {
+    match rv {
+        Some(rv) if !rv.is_empty() => Ok(rv.to_string()),
+        _ => Err(StoreError::Backend(format!(
+            "kubernetes: {what} came without a resourceVersion"
+        ))),
+    }
 }
 
 fn to_value(o: &DynamicObject) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
 }
 
-fn object_rv(o: &DynamicObject) -> Result<Revision, StoreError> {
-    parse_rv(o.metadata.resource_version.as_deref())
+fn object_rv(o: &DynamicObject) -> Result<String, StoreError> {
+    need_rv(o.metadata.resource_version.as_deref(), "an object")
 }
 
 fn from_value(key: &str, v: Value) -> Result<DynamicObject, StoreError> {
@@ -137,11 +158,11 @@ fn records(kind: &Kind, obj: &DynamicObject) -> Result<Vec<(String, String)>, St
     Ok(native::read(kind, &v).map_err(bad)?.into_iter().collect())
 }
 
-/// Lists every object of a kind, page by page; returns them with the list's revision.
+/// Lists every object of a kind, page by page; returns them with the list's resourceVersion.
 async fn list_kind(
     client: &Client,
     kind: &Kind,
-) -> Result<(Vec<DynamicObject>, Revision), StoreError> {
+) -> Result<(Vec<DynamicObject>, String), StoreError> {
     let api = api(client, kind, None);
     let mut items = Vec::new();
     let mut token: Option<String> = None;
@@ -155,12 +176,15 @@ async fn list_kind(
             Ok(p) => p,
             // A custom resource whose definition is not installed yet: no objects.
             Err(e) if code(&e) == Some(404) && kind.shape == Shape::Custom => {
-                return Ok((Vec::new(), current_revision(client).await?));
+                return Ok((Vec::new(), current_rv(client).await?));
             }
             Err(e) => return Err(kerr(&format!("list {}", kind.resource.plural), e)),
         };
         if rev.is_none() {
-            rev = Some(parse_rv(page.metadata.resource_version.as_deref())?);
+            rev = Some(need_rv(
+                page.metadata.resource_version.as_deref(),
+                "a list",
+            )?);
         }
         items.extend(page.items);
         match page.metadata.continue_ {
@@ -168,11 +192,14 @@ async fn list_kind(
             _ => break,
         }
     }
-    Ok((items, rev.unwrap_or(0)))
+    match rev {
+        Some(rev) => Ok((items, rev)),
+        None => Ok((items, current_rv(client).await?)),
+    }
 }
 
-/// The server's current revision: a quorum list of namespaces, one item long.
-async fn current_revision(client: &Client) -> Result<Revision, StoreError> {
+/// The server's current resourceVersion: a quorum list of namespaces, one item long.
+async fn current_rv(client: &Client) -> Result<String, StoreError> {
     let api: Api<DynamicObject> = Api::all_with(
         client.clone(),
         &kube::api::ApiResource {
@@ -187,7 +214,7 @@ async fn current_revision(client: &Client) -> Result<Revision, StoreError> {
         .list(&ListParams::default().limit(1))
         .await
         .map_err(|e| kerr("read revision", e))?;
-    parse_rv(l.metadata.resource_version.as_deref())
+    need_rv(l.metadata.resource_version.as_deref(), "a list")
 }
 
 impl KubeStore {
@@ -197,7 +224,7 @@ impl KubeStore {
     pub fn connect(kubeconfig: Option<&Path>, timeout: Duration) -> Result<KubeStore, StoreError> {
         let runtime = RuntimeThread::start("kubernetes")?;
         let path = kubeconfig.map(Path::to_path_buf);
-        let client = run_on(
+        let (client, server) = run_on(
             &runtime.handle,
             timeout,
             "kubernetes",
@@ -218,8 +245,10 @@ impl KubeStore {
                         .await
                         .map_err(|e| StoreError::Backend(format!("kubernetes config: {e}")))?,
                 };
-                Client::try_from(config)
-                    .map_err(|e| StoreError::Backend(format!("kubernetes client: {e}")))
+                let server = config.cluster_url.to_string();
+                let client = Client::try_from(config)
+                    .map_err(|e| StoreError::Backend(format!("kubernetes client: {e}")))?;
+                Ok((client, server))
             },
         )?;
         let c = client.clone();
@@ -229,7 +258,7 @@ impl KubeStore {
             "kubernetes",
             "discovery",
             async move {
-                current_revision(&c).await?;
+                current_rv(&c).await?;
                 for (version, api) in [("v1", SliceApi::V1), ("v1beta1", SliceApi::V1beta1)] {
                     if let Ok(l) = c
                         .list_api_group_resources(&format!("discovery.k8s.io/{version}"))
@@ -248,6 +277,7 @@ impl KubeStore {
             kinds: Arc::new(kinds::all(slices)),
             slices,
             timeout,
+            versions: Versions::of(&server),
             changes: Arc::new(Changes::default()),
             runtime,
         })
@@ -353,8 +383,22 @@ impl KubeStore {
         Ok((kind.clone(), loc))
     }
 
+    /// The resourceVersion a token stands for, or the conflict to report when the token is
+    /// unknown (never handed out, or forgotten): the key's current token is read for it.
+    fn expected_rv(&self, key: &str, expected: Revision) -> Result<Arc<str>, StoreError> {
+        match self.versions.rv(expected) {
+            Some(rv) => Ok(rv),
+            None => Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected: Some(expected),
+                actual: self.get(key)?.map(|kv| kv.mod_revision),
+            }),
+        }
+    }
+
     /// Writes `value` at `key`: create when `expected` is None, else replace the object whose
-    /// resourceVersion must be `expected`. Then the status the value carries, if any.
+    /// resourceVersion must be the one `expected` stands for. Then the status the value
+    /// carries, if any.
     fn write(
         &self,
         key: &str,
@@ -362,7 +406,12 @@ impl KubeStore {
         expected: Option<Revision>,
     ) -> Result<Revision, StoreError> {
         let (kind, loc) = self.locate(key)?;
+        let expected_rv = match expected {
+            Some(t) => Some((t, self.expected_rv(key, t)?)),
+            None => None,
+        };
         let client = self.client.clone();
+        let versions = self.versions.clone();
         let key = key.to_string();
         let value = value.to_string();
         self.run("write", async move {
@@ -371,7 +420,12 @@ impl KubeStore {
                 key: key.clone(),
                 reason,
             };
-            let written = match expected {
+            let conflict = |actual: Option<String>| StoreError::Conflict {
+                key: key.clone(),
+                expected,
+                actual: actual.map(|rv| versions.token(&rv)),
+            };
+            let written = match expected_rv {
                 None => {
                     let obj = native::write(&kind, &loc, &key, &value, None).map_err(decode)?;
                     match api
@@ -385,30 +439,22 @@ impl KubeStore {
                         Err(e) => return Err(kerr(&format!("create {key}"), e)),
                     }
                 }
-                Some(expected) => {
+                Some((_, expected_rv)) => {
                     let existing = api
                         .get_opt(&loc.name)
                         .await
                         .map_err(|e| kerr(&format!("get {key}"), e))?;
                     let Some(existing) = existing else {
-                        return Err(StoreError::Conflict {
-                            key: key.clone(),
-                            expected: Some(expected),
-                            actual: None,
-                        });
+                        return Err(conflict(None));
                     };
                     let actual = object_rv(&existing)?;
-                    if actual != expected {
-                        return Err(StoreError::Conflict {
-                            key: key.clone(),
-                            expected: Some(expected),
-                            actual: Some(actual),
-                        });
+                    if *actual != *expected_rv {
+                        return Err(conflict(Some(actual)));
                     }
                     let mut obj =
                         native::write(&kind, &loc, &key, &value, Some(&to_value(&existing)))
                             .map_err(decode)?;
-                    obj["metadata"]["resourceVersion"] = Value::String(expected.to_string());
+                    obj["metadata"]["resourceVersion"] = Value::String(expected_rv.to_string());
                     match api
                         .replace(&loc.name, &PostParams::default(), &from_value(&key, obj)?)
                         .await
@@ -419,17 +465,13 @@ impl KubeStore {
                                 Ok(Some(o)) => object_rv(&o).ok(),
                                 _ => None,
                             };
-                            return Err(StoreError::Conflict {
-                                key: key.clone(),
-                                expected: Some(expected),
-                                actual,
-                            });
+                            return Err(conflict(actual));
                         }
                         Err(e) => return Err(kerr(&format!("update {key}"), e)),
                     }
                 }
             };
-            let mut rev = object_rv(&written)?;
+            let mut rv = object_rv(&written)?;
             if let Some(status) = native::status(&kind, &key, &value).map_err(decode)? {
                 let mut obj = to_value(&written);
                 obj["status"] = status;
@@ -440,91 +482,51 @@ impl KubeStore {
                     .replace_status(&loc.name, &PostParams::default(), &from_value(&key, obj)?)
                     .await
                     .map_err(|e| kerr(&format!("status of {key}"), e))?;
-                rev = object_rv(&o)?;
+                rv = object_rv(&o)?;
             }
-            Ok(rev)
+            Ok(versions.token(&rv))
         })
     }
 
-    /// The background watches behind `wait_for_change`, started once from `from`.
-    fn start_watches(&self, from: Revision) {
+    /// The background watches behind `wait_for_change` (kube-runtime watchers of every kind),
+    /// started once; each change wakes the waiters.
+    fn start_watches(&self) {
         let mut started = self
             .changes
             .started
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if *started {
+        if started.is_some() {
             return;
         }
-        *started = true;
-        *self
-            .changes
-            .latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = from;
-        for kind in self.kinds.iter() {
-            let client = self.client.clone();
-            let kind = kind.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(());
+        *started = Some(stop);
+        for (idx, kind) in self.kinds.iter().enumerate() {
             let changes = self.changes.clone();
-            self.runtime
-                .handle
-                .spawn(watch_forever(client, kind, from, changes));
+            self.runtime.handle.spawn(watcher::follow(
+                self.client.clone(),
+                idx,
+                kind.clone(),
+                stopped.clone(),
+                move |m| {
+                    if let watcher::Msg::Updates(_) | watcher::Msg::Listed(_) = m {
+                        changes.bump();
+                    }
+                    true
+                },
+            ));
         }
     }
-}
 
-/// Watches one kind from `rev` for as long as the store lives, reporting every change's
-/// revision. Resumes from the last seen resource version; on 410 Gone, from a fresh list
-/// (reported as a change, since events may have been missed).
-async fn watch_forever(client: Client, kind: Kind, mut rev: Revision, changes: Arc<Changes>) {
-    let api = api(&client, &kind, None);
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let mut gone = false;
-        match api
-            .watch(&WatchParams::default().timeout(240), &rev.to_string())
-            .await
-        {
-            Ok(stream) => {
-                let mut stream = std::pin::pin!(stream);
-                while let Some(ev) = stream.next().await {
-                    match ev {
-                        Ok(
-                            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o),
-                        ) => {
-                            if let Ok(r) = object_rv(&o) {
-                                rev = rev.max(r);
-                                changes.saw(r);
-                            }
-                            backoff = Duration::from_millis(200);
-                        }
-                        Ok(WatchEvent::Bookmark(b)) => {
-                            if let Ok(r) = parse_rv(Some(&b.metadata.resource_version)) {
-                                rev = rev.max(r);
-                            }
-                        }
-                        Ok(WatchEvent::Error(s)) => {
-                            gone = s.code == 410;
-                            break;
-                        }
-                        Err(e) => {
-                            gone = code(&e) == Some(410);
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => gone = code(&e) == Some(410),
-        }
-        if gone {
-            if let Ok(r) = current_revision(&client).await {
-                rev = r;
-                changes.saw(r);
-                continue;
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    /// The token of the server's current resourceVersion, above `floor` when the server's
+    /// version is not the one `floor` stands for (it moved on since).
+    fn current_after(&self, floor: Revision) -> Result<Revision, StoreError> {
+        let client = self.client.clone();
+        let rv = self.run("read revision", async move { current_rv(&client).await })?;
+        Ok(match self.versions.rv(floor) {
+            Some(f) if *f == *rv => floor,
+            _ => self.versions.token_after(&rv, floor),
+        })
     }
 }
 
@@ -542,28 +544,32 @@ fn record_event(key: String, value: String, deleted: bool, rev: Revision) -> Eve
     }
 }
 
-/// Feeds a [`crate::Watch`] with one kind's changes under `prefix`: watched from `rev`,
-/// resumed from the last resource version seen when the stream ends or breaks (with backoff),
-/// ended with [`StoreError::Compacted`] on 410 Gone. A custom resource not installed yet
-/// (404) is waited for quietly.
+/// Feeds a [`crate::Watch`] with one kind's changes under `prefix`: watched from the
+/// resourceVersion `rv` (which `after` stands for), resumed from the last one seen when the
+/// stream ends or breaks (with backoff), ended with [`StoreError::Compacted`] on 410 Gone. A
+/// custom resource not installed yet (404) is waited for quietly. This is the key-value
+/// side's watch ([`Store::watch`]); the calculation's feed is the [`Syncer`].
 async fn watch_kind_into(
     client: Client,
+    versions: Arc<Versions>,
     kind: Kind,
     prefix: String,
-    mut rev: Revision,
+    after: Revision,
+    mut rv: String,
     out: Pusher,
 ) {
     let api = api(&client, &kind, None);
     let mut backoff = Duration::from_millis(200);
+    let mut last = after;
     let gone = |requested| StoreError::Compacted {
         requested,
         oldest: requested + 1,
     };
     while !out.gone() {
         let params = WatchParams::default().timeout(IDLE_CHECK.as_secs() as u32 * 30);
-        let failure = match api.watch(&params, &rev.to_string()).await {
+        let failure = match api.watch(&params, &rv).await {
             Err(e) if code(&e) == Some(410) => {
-                out.push(Err(gone(rev)));
+                out.push(Err(gone(after)));
                 return;
             }
             Err(e) if code(&e) == Some(404) && kind.shape == Shape::Custom => None,
@@ -582,13 +588,13 @@ async fn watch_kind_into(
                         Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => (o, false),
                         Ok(WatchEvent::Deleted(o)) => (o, true),
                         Ok(WatchEvent::Bookmark(b)) => {
-                            if let Ok(r) = parse_rv(Some(&b.metadata.resource_version)) {
-                                rev = rev.max(r);
+                            if !b.metadata.resource_version.is_empty() {
+                                rv = b.metadata.resource_version;
                             }
                             continue;
                         }
                         Ok(WatchEvent::Error(s)) if s.code == 410 => {
-                            out.push(Err(gone(rev)));
+                            out.push(Err(gone(after)));
                             return;
                         }
                         Ok(WatchEvent::Error(s)) => {
@@ -599,8 +605,14 @@ async fn watch_kind_into(
                         }
                         Err(e) => break Some(kerr(&format!("watch {}", kind.resource.plural), e)),
                     };
-                    let Ok(r) = object_rv(&obj) else { continue };
-                    rev = rev.max(r);
+                    let Ok(obj_rv) = object_rv(&obj) else {
+                        continue;
+                    };
+                    // The server sends this kind's changes in its order: each is newer than
+                    // the last.
+                    let r = versions.token_after(&obj_rv, last);
+                    last = r;
+                    rv = obj_rv;
                     backoff = Duration::from_millis(200);
                     let events: Vec<Event> = match records(&kind, &obj) {
                         Ok(recs) => recs
@@ -643,16 +655,43 @@ impl Store for KubeStore {
         after: Revision,
     ) -> Result<Box<dyn Watch + 'a>, StoreError> {
         let (out, watch) = crate::stream::channel();
+        let Some(rv) = self.versions.rv(after) else {
+            // A token this process does not know (any more): nothing to resume from.
+            out.push(Err(StoreError::Compacted {
+                requested: after,
+                oldest: after + 1,
+            }));
+            return Ok(Box::new(watch));
+        };
         for kind in self.kinds_under(prefix) {
             self.runtime.handle.spawn(watch_kind_into(
                 self.client.clone(),
+                self.versions.clone(),
                 kind,
                 prefix.to_string(),
                 after,
+                rv.to_string(),
                 out.clone(),
             ));
         }
         Ok(Box::new(watch))
+    }
+
+    /// `rv:` and the resourceVersion the token stands for (`rv:?` when it is unknown, which
+    /// covers nothing).
+    fn revision_label(&self, rev: Revision) -> String {
+        match self.versions.rv(rev) {
+            Some(rv) => format!("{RV_LABEL}{rv}"),
+            None => format!("{RV_LABEL}?"),
+        }
+    }
+
+    fn syncer(&self) -> Result<Box<dyn Syncer + '_>, StoreError> {
+        Ok(Box::new(watcher::KubeSyncer::start(
+            &self.runtime.handle,
+            &self.client,
+            &self.kinds,
+        )))
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -662,6 +701,7 @@ impl Store for KubeStore {
             return Ok(kvs.into_iter().find(|kv| kv.key == key));
         }
         let client = self.client.clone();
+        let versions = self.versions.clone();
         let key = key.to_string();
         self.run("get", async move {
             let api = api(&client, &kind, loc.namespace.as_deref());
@@ -672,7 +712,7 @@ impl Store for KubeStore {
             else {
                 return Ok(None);
             };
-            let rev = object_rv(&obj)?;
+            let rev = versions.token(&object_rv(&obj)?);
             Ok(records(&kind, &obj)?
                 .into_iter()
                 .find(|(k, _)| *k == key)
@@ -688,18 +728,23 @@ impl Store for KubeStore {
     fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let kinds = self.kinds_under(prefix);
         let client = self.client.clone();
+        let versions = self.versions.clone();
         let prefix = prefix.to_string();
         self.run("list", async move {
             if kinds.is_empty() {
-                return Ok((Vec::new(), current_revision(&client).await?));
+                return Ok((Vec::new(), versions.token(&current_rv(&client).await?)));
             }
             let mut out = Vec::new();
-            let mut rev = Revision::MAX;
+            // The first kind's list stands for the whole: a watch from it replays whatever
+            // changed while the later kinds were read. Its items' versions are taken first,
+            // so its token is not below theirs.
+            let mut rev = None;
             for kind in &kinds {
                 let (items, r) = list_kind(&client, kind).await?;
-                rev = rev.min(r);
+                let mut newest = 0;
                 for obj in items {
-                    let mod_revision = object_rv(&obj)?;
+                    let mod_revision = versions.token(&object_rv(&obj)?);
+                    newest = newest.max(mod_revision);
                     for (key, value) in records(kind, &obj)? {
                         if key.starts_with(&prefix) {
                             out.push(KeyValue {
@@ -711,8 +756,13 @@ impl Store for KubeStore {
                         }
                     }
                 }
+                rev.get_or_insert_with(|| versions.token_at_least(&r, newest));
             }
             out.sort_by(|a, b| a.key.cmp(&b.key));
+            let rev = match rev {
+                Some(r) => r,
+                None => versions.token(&current_rv(&client).await?),
+            };
             Ok((out, rev))
         })
     }
@@ -758,19 +808,24 @@ impl Store for KubeStore {
                 reason: "endpoints are read-only on a server without EndpointSlices".into(),
             });
         }
+        let expected_rv = match expected_mod_revision {
+            Some(t) => Some(self.expected_rv(key, t)?),
+            None => None,
+        };
         let client = self.client.clone();
+        let versions = self.versions.clone();
         let key = key.to_string();
         self.run("delete", async move {
             let api = api(&client, &kind, loc.namespace.as_deref());
             let dp = DeleteParams {
-                preconditions: expected_mod_revision.map(|r| Preconditions {
-                    resource_version: Some(r.to_string()),
+                preconditions: expected_rv.map(|rv| Preconditions {
+                    resource_version: Some(rv.to_string()),
                     uid: None,
                 }),
                 ..DeleteParams::default()
             };
             match api.delete(&loc.name, &dp).await {
-                Ok(_) => Ok(Some(current_revision(&client).await?)),
+                Ok(_) => Ok(Some(versions.token(&current_rv(&client).await?))),
                 Err(e) if code(&e) == Some(404) => match expected_mod_revision {
                     None => Ok(None),
                     Some(expected) => Err(StoreError::Conflict {
@@ -781,7 +836,7 @@ impl Store for KubeStore {
                 },
                 Err(e) if code(&e) == Some(409) => {
                     let actual = match api.get_opt(&loc.name).await {
-                        Ok(Some(o)) => object_rv(&o).ok(),
+                        Ok(Some(o)) => object_rv(&o).ok().map(|rv| versions.token(&rv)),
                         _ => None,
                     };
                     Err(StoreError::Conflict {
@@ -798,13 +853,35 @@ impl Store for KubeStore {
     fn events_since(&self, prefix: &str, after: Revision) -> Result<Vec<Event>, StoreError> {
         let kinds = self.kinds_under(prefix);
         let client = self.client.clone();
+        let versions = self.versions.clone();
         let prefix = prefix.to_string();
+        let from = self.versions.rv(after);
         self.run("watch", async move {
-            let now = current_revision(&client).await?;
+            let now = current_rv(&client).await?;
+            let Some(from) = from else {
+                return Err(StoreError::Compacted {
+                    requested: after,
+                    oldest: versions.token_after(&now, after),
+                });
+            };
             let mut events = Vec::new();
-            for kind in &kinds {
-                replay(&client, kind, &prefix, after, now, &mut events).await?;
+            if *from == *now {
+                return Ok(events);
             }
+            for kind in &kinds {
+                let r = replay(&client, &versions, kind, &prefix, after, &from, &now).await;
+                match r {
+                    Err(StoreError::Compacted { requested, .. }) => {
+                        return Err(StoreError::Compacted {
+                            requested,
+                            oldest: versions.token_after(&now, after),
+                        })
+                    }
+                    r => events.extend(r?),
+                }
+            }
+            // Each kind's events are in the server's order, their tokens rising; across kinds
+            // the order is the order they were first seen in.
             events.sort_by_key(Event::revision);
             Ok(events)
         })
@@ -812,76 +889,83 @@ impl Store for KubeStore {
 
     fn revision(&self) -> Result<Revision, StoreError> {
         let client = self.client.clone();
-        self.run(
-            "read revision",
-            async move { current_revision(&client).await },
-        )
+        let versions = self.versions.clone();
+        self.run("read revision", async move {
+            Ok(versions.token(&current_rv(&client).await?))
+        })
     }
 
+    /// Returns as soon as the server's resourceVersion is not the one `after` stands for
+    /// (compared as strings), with its token (above `after`); in between, waits for the
+    /// background watches to see a change, re-reading the version at least once a second.
     fn wait_for_change(&self, after: Revision, timeout: Duration) -> Result<Revision, StoreError> {
-        self.start_watches(after);
+        self.start_watches();
         let deadline = Instant::now() + timeout;
-        let mut latest = self
-            .changes
-            .latest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        while *latest <= after {
+        loop {
+            let generation = *self
+                .changes
+                .generation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let now = self.current_after(after)?;
+            if now != after {
+                return Ok(now);
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return Ok(after);
             }
-            latest = self
+            let g = self
                 .changes
-                .wake
-                .wait_timeout(latest, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+                .generation
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if *g == generation {
+                let _ = self
+                    .changes
+                    .wake
+                    .wait_timeout(g, left.min(Duration::from_secs(1)))
+                    .unwrap_or_else(|e| e.into_inner());
+            }
         }
-        Ok((*latest).max(after))
     }
 }
 
-/// Appends the changes to one kind after `after` (up to `now`, or until the watch goes quiet).
+/// The changes to one kind after the resourceVersion `from` (which `after` stands for), up to
+/// `now` (the server's version when asked) or until the watch goes quiet.
 async fn replay(
     client: &Client,
+    versions: &Versions,
     kind: &Kind,
     prefix: &str,
     after: Revision,
-    now: Revision,
-    out: &mut Vec<Event>,
-) -> Result<(), StoreError> {
+    from: &str,
+    now: &str,
+) -> Result<Vec<Event>, StoreError> {
     let api = api(client, kind, None);
-    let stream = match api
-        .watch(&WatchParams::default().timeout(5), &after.to_string())
-        .await
-    {
+    let compacted = StoreError::Compacted {
+        requested: after,
+        oldest: after,
+    };
+    let stream = match api.watch(&WatchParams::default().timeout(5), from).await {
         Ok(s) => s,
-        Err(e) if code(&e) == Some(410) => {
-            return Err(StoreError::Compacted {
-                requested: after,
-                oldest: now,
-            })
-        }
-        Err(e) if code(&e) == Some(404) && kind.shape == Shape::Custom => return Ok(()),
+        Err(e) if code(&e) == Some(410) => return Err(compacted),
+        Err(e) if code(&e) == Some(404) && kind.shape == Shape::Custom => return Ok(Vec::new()),
         Err(e) => return Err(kerr(&format!("watch {}", kind.resource.plural), e)),
     };
     let mut stream = std::pin::pin!(stream);
+    let mut out = Vec::new();
+    let mut last = after;
     loop {
         let ev = match tokio::time::timeout(SETTLE, stream.next()).await {
-            Err(_) | Ok(None) => return Ok(()),
+            Err(_) | Ok(None) => return Ok(out),
             Ok(Some(ev)) => ev,
         };
         let (obj, deleted) = match ev {
             Ok(WatchEvent::Added(o) | WatchEvent::Modified(o)) => (o, false),
             Ok(WatchEvent::Deleted(o)) => (o, true),
             Ok(WatchEvent::Bookmark(_)) => continue,
-            Ok(WatchEvent::Error(s)) if s.code == 410 => {
-                return Err(StoreError::Compacted {
-                    requested: after,
-                    oldest: now,
-                })
-            }
+            Ok(WatchEvent::Error(s)) if s.code == 410 => return Err(compacted),
             Ok(WatchEvent::Error(s)) => {
                 return Err(StoreError::Backend(format!(
                     "kubernetes watch {}: {}",
@@ -890,18 +974,16 @@ async fn replay(
             }
             Err(e) => return Err(kerr(&format!("watch {}", kind.resource.plural), e)),
         };
-        let rev = object_rv(&obj)?;
-        if rev <= after {
-            continue;
-        }
+        let rv = object_rv(&obj)?;
+        let rev = versions.token_after(&rv, last);
+        last = rev;
         for (key, value) in records(kind, &obj)? {
-            if !key.starts_with(prefix) {
-                continue;
+            if key.starts_with(prefix) {
+                out.push(record_event(key, value, deleted, rev));
             }
-            out.push(record_event(key, value, deleted, rev));
         }
-        if rev >= now {
-            return Ok(());
+        if rv == now {
+            return Ok(out);
         }
     }
 }

@@ -18,6 +18,7 @@ use malla_api::{Namespace, Pod};
 use serde_json::{json, Value};
 
 use super::kinds::{Kind, Location, Shape, KEY_ANNOTATION};
+use crate::syncer::Resource;
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, p| v.get(p))?.as_str()
@@ -35,56 +36,71 @@ fn slice_version(kind: &Kind) -> SliceVersion {
     }
 }
 
-/// A native object's key and Malla value; None for an object Malla does not use (an FQDN
-/// endpoint slice, a custom resource without its key).
+/// A native object's key and Malla value (JSON); None for an object Malla does not use (an
+/// FQDN endpoint slice, a custom resource without its key). A custom resource's `spec` is
+/// returned as stored, whatever record it holds.
 pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String> {
+    if kind.shape == Shape::Custom {
+        return Ok(custom_key(kind, obj)?
+            .and_then(|key| obj.get("spec").map(|spec| (key, spec.to_string()))));
+    }
+    Ok(read_resource(kind, obj.clone())?.map(|(key, r)| (key, r.to_json())))
+}
+
+/// The key a custom resource holds: its annotation, else (created by hand, `kubectl apply`
+/// of an IPPool) the name as the key's tail; None when the annotation names another kind.
+fn custom_key(kind: &Kind, obj: &Value) -> Result<Option<String>, String> {
     let name = str_at(obj, &["metadata", "name"]).ok_or("object without a name")?;
-    let namespace = str_at(obj, &["metadata", "namespace"]);
-    let key = || kind.native_key(namespace, name);
+    Ok(
+        match obj
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(KEY_ANNOTATION))
+            .and_then(Value::as_str)
+        {
+            Some(k) if k.starts_with(kind.prefix) => Some(k.to_string()),
+            Some(_) => None,
+            None => Some(kind.native_key(None, name)),
+        },
+    )
+}
+
+/// A native object's key and Malla record, typed, straight from the object's JSON tree (the
+/// syncer's path: no JSON text in between); None for an object Malla does not use. Custom
+/// resources become the record their `spec` holds.
+pub fn read_resource(kind: &Kind, obj: Value) -> Result<Option<(String, Resource)>, String> {
+    let name = str_at(&obj, &["metadata", "name"])
+        .ok_or("object without a name")?
+        .to_string();
+    let key = kind.native_key(str_at(&obj, &["metadata", "namespace"]), &name);
     let lenient = Strictness::Lenient;
     let text = |e: k8s::FieldError| e.to_string();
     Ok(match kind.shape {
-        Shape::Custom => {
-            let key = match obj
-                .pointer("/metadata/annotations")
-                .and_then(|a| a.get(KEY_ANNOTATION))
-                .and_then(Value::as_str)
-            {
-                Some(k) if k.starts_with(kind.prefix) => k.to_string(),
-                Some(_) => return Ok(None),
-                // Created by hand (`kubectl apply` of an IPPool): the name is the key's tail.
-                None => key(),
-            };
-            obj.get("spec").map(|spec| (key, spec.to_string()))
-        }
+        Shape::Custom => match (custom_key(kind, &obj)?, obj.get("spec")) {
+            (Some(key), Some(spec)) => Resource::from_value(&key, spec.clone())?.map(|r| (key, r)),
+            _ => None,
+        },
         Shape::Namespace => {
-            let mut ns = k8s::read::namespace(obj.clone(), lenient).map_err(text)?;
+            let mut ns = k8s::read::namespace(obj, lenient).map_err(text)?;
             ns.labels
                 .entry(NAMESPACE_NAME_LABEL.into())
-                .or_insert_with(|| name.to_string());
-            Some((key(), to_json(&ns)))
+                .or_insert_with(|| name.clone());
+            Some((key, Resource::Namespace(ns)))
         }
         Shape::Pod => Some((
-            key(),
-            to_json(&k8s::read::pod(obj.clone(), lenient).map_err(text)?),
+            key,
+            Resource::Pod(k8s::read::pod(obj, lenient).map_err(text)?),
         )),
         Shape::Service => Some((
-            key(),
-            to_json(
-                &k8s::read::service(obj.clone(), lenient)
-                    .map_err(text)?
-                    .service,
-            ),
+            key,
+            Resource::Service(k8s::read::service(obj, lenient).map_err(text)?.service),
         )),
-        Shape::EndpointSlice => {
-            k8s::read::endpoint_slice(obj.clone(), slice_version(kind), lenient)
-                .map_err(text)?
-                .map(|s| (key(), to_json(&s)))
-        }
+        Shape::EndpointSlice => k8s::read::endpoint_slice(obj, slice_version(kind), lenient)
+            .map_err(text)?
+            .map(|s| (key, Resource::EndpointSlice(s))),
         Shape::Endpoints => None, // expanded by `read_endpoints`, one record per family
         Shape::NetworkPolicy => Some((
-            key(),
-            to_json(&k8s::read::network_policy(obj.clone(), lenient).map_err(text)?),
+            key,
+            Resource::NetworkPolicy(k8s::read::network_policy(obj, lenient).map_err(text)?),
         )),
     })
 }
@@ -92,10 +108,21 @@ pub fn read(kind: &Kind, obj: &Value) -> Result<Option<(String, String)>, String
 /// A core `Endpoints` object as one endpoint-slice record per address family, keyed
 /// `NAME-v4` / `NAME-v6` (servers without the EndpointSlice API).
 pub fn read_endpoints(kind: &Kind, obj: &Value) -> Result<Vec<(String, String)>, String> {
-    Ok(k8s::read::endpoints(obj.clone())
+    Ok(read_endpoints_typed(kind, obj.clone())?
+        .into_iter()
+        .map(|(key, s)| (key, to_json(&s)))
+        .collect())
+}
+
+/// [`read_endpoints`], typed.
+pub fn read_endpoints_typed(
+    kind: &Kind,
+    obj: Value,
+) -> Result<Vec<(String, EndpointSlice)>, String> {
+    Ok(k8s::read::endpoints(obj)
         .map_err(|e| e.to_string())?
         .into_iter()
-        .map(|s| (kind.native_key(Some(&s.namespace), &s.name), to_json(&s)))
+        .map(|s| (kind.native_key(Some(&s.namespace), &s.name), s))
         .collect())
 }
 

@@ -10,7 +10,13 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use malla_store::{get_json, list_json, put_json, Event, KeyValue, Revision, Store, StoreError};
+use std::collections::BTreeMap;
+
+use malla_api::keys;
+use malla_store::{
+    get_json, list_json, put_json, Event, KeyValue, Resource, Revision, Store, StoreError,
+    SyncEvent, Syncer, Version,
+};
 
 /// Opens another handle onto the case's store.
 pub type Open<'a> = &'a (dyn Fn() -> Box<dyn Store> + Sync);
@@ -507,6 +513,179 @@ pub fn concurrent_cas_increments_from_separate_handles(
     assert_eq!(revs.len(), ev.len(), "one revision per write");
 }
 
+/// What a [`Syncer`]'s consumer holds: the latest record per key, the keys it saw deleted,
+/// and how many times it was told it is in sync.
+#[derive(Debug, Default)]
+pub struct Held {
+    pub records: BTreeMap<String, Resource>,
+    pub deleted: BTreeSet<String>,
+    pub in_syncs: usize,
+    /// Deletions found by a re-list (the write that removed the key was not seen).
+    pub relisted: BTreeSet<String>,
+}
+
+impl Held {
+    pub fn apply(&mut self, events: Vec<SyncEvent>) {
+        for e in events {
+            match e {
+                SyncEvent::InSync => self.in_syncs += 1,
+                SyncEvent::Update(u) => match u.resource {
+                    Some(r) => {
+                        self.deleted.remove(&u.key);
+                        self.records.insert(u.key, r);
+                    }
+                    None => {
+                        if u.revision == Version::Relisted {
+                            self.relisted.insert(u.key.clone());
+                        }
+                        self.records.remove(&u.key);
+                        self.deleted.insert(u.key);
+                    }
+                },
+            }
+        }
+    }
+
+    /// The records under `prefix`.
+    pub fn under(&self, prefix: &str) -> BTreeMap<String, Resource> {
+        self.records
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect()
+    }
+
+    /// Follows `syncer` until `done` holds or `within` passes (transient errors are waited
+    /// out, as a consumer would); whether `done` held.
+    pub fn follow(
+        &mut self,
+        syncer: &mut dyn Syncer,
+        within: Duration,
+        done: impl Fn(&Held) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            match syncer.next(Duration::from_millis(200)) {
+                Ok(events) => self.apply(events),
+                Err(e) => {
+                    eprintln!("syncer: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The records under `prefix` as a list reads them, typed.
+pub fn listed(s: &dyn Store, prefix: &str) -> BTreeMap<String, Resource> {
+    let (kvs, _) = s.list(prefix).unwrap();
+    kvs.into_iter()
+        .filter_map(|kv| {
+            Some((
+                kv.key.clone(),
+                Resource::from_json(&kv.key, &kv.value).unwrap()?,
+            ))
+        })
+        .collect()
+}
+
+/// An IP pool's record (valid on every backend: a custom resource on Kubernetes).
+pub fn pool_json(name: &str, third_octet: u8) -> String {
+    serde_json::json!({
+        "name": name,
+        "cidr": format!("198.19.{third_octet}.0/24"),
+        "blockSize": 26,
+    })
+    .to_string()
+}
+
+/// A syncer on `s`, followed until its first `InSync`.
+pub fn synced(s: &dyn Store) -> (Box<dyn Syncer + '_>, Held) {
+    let mut syncer = s.syncer().unwrap();
+    let mut held = Held::default();
+    assert!(held.follow(&mut *syncer, Duration::from_secs(30), |h| h.in_syncs > 0));
+    (syncer, held)
+}
+
+/// Pools `{prefix}a` and `{prefix}b` written to `s`, then a syncer on it in sync.
+fn synced_with_pools<'a>(s: &'a dyn Store, prefix: &str) -> (Box<dyn Syncer + 'a>, Held) {
+    for (i, n) in ["a", "b"].iter().enumerate() {
+        let name = format!("{prefix}{n}");
+        s.put(&keys::pool(&name), &pool_json(&name, i as u8 + 1))
+            .unwrap();
+    }
+    synced(s)
+}
+
+/// A syncer lists (typed updates, then `InSync`), then follows creates, updates and deletes
+/// made through another handle, ending with exactly what a list reads; nothing arrives once
+/// quiet, and it never needs a second `InSync`.
+pub fn syncer_follows_the_store(open: Open<'_>) {
+    let a = open();
+    let b = open();
+    let p = |n: &str| keys::pool(&format!("sync-{n}"));
+    let (mut syncer, mut held) = synced_with_pools(&*a, "sync-");
+    assert_eq!(held.under(keys::POOLS), listed(&*b, keys::POOLS));
+    match held.records.get(&p("a")) {
+        Some(Resource::Pool(pool)) => assert_eq!(pool.name, "sync-a"),
+        other => panic!("pool sync-a arrived as {other:?}"),
+    }
+    b.put(&p("c"), &pool_json("sync-c", 3)).unwrap();
+    b.put(&p("a"), &pool_json("sync-a", 4)).unwrap();
+    b.delete(&p("b"), None).unwrap();
+    let want = listed(&*b, keys::POOLS);
+    assert!(
+        held.follow(&mut *syncer, Duration::from_secs(20), |h| h
+            .under(keys::POOLS)
+            == want),
+        "the syncer's pools {:?} never became the listed {want:?}",
+        held.under(keys::POOLS).keys()
+    );
+    assert!(
+        held.deleted.contains(&p("b")),
+        "the delete arrived as a deletion"
+    );
+    assert_eq!(held.in_syncs, 1);
+    let quiet = syncer.next(Duration::from_millis(500)).unwrap();
+    assert!(
+        quiet
+            .iter()
+            .all(|e| !matches!(e, SyncEvent::Update(u) if u.key.starts_with(keys::POOLS))),
+        "{quiet:?}"
+    );
+    for n in ["a", "c"] {
+        b.delete(&p(n), None).unwrap();
+    }
+}
+
+/// The syncer's history is compacted away while it is not reading: it lists again, reports
+/// what disappeared meanwhile as deletions, and says `InSync` a second time.
+pub fn syncer_relists_after_compaction(open: Open<'_>, compact_through: &dyn Fn(Revision)) {
+    let a = open();
+    let b = open();
+    let p = |n: &str| keys::pool(&format!("gone-{n}"));
+    let (mut syncer, mut held) = synced_with_pools(&*a, "gone-");
+    b.delete(&p("a"), None).unwrap();
+    b.put(&p("c"), &pool_json("gone-c", 3)).unwrap();
+    for i in 0..30 {
+        b.put(&p("b"), &pool_json("gone-b", 10 + i)).unwrap();
+    }
+    compact_through(b.revision().unwrap());
+    let want = listed(&*b, keys::POOLS);
+    assert!(
+        held.follow(&mut *syncer, Duration::from_secs(20), |h| {
+            h.in_syncs >= 2 && h.under(keys::POOLS) == want
+        }),
+        "no re-list: {held:?}"
+    );
+    assert!(held.relisted.contains(&p("a")), "{held:?}");
+    assert!(!held.records.contains_key(&p("a")));
+}
+
 /// A case, ready to run against an opener.
 type Case = dyn Fn(Open<'_>);
 
@@ -543,6 +722,10 @@ pub fn run_all(fresh: Fresh<'_>, heavy: bool) {
         (
             "watch_keeps_a_mirror_equal_to_a_list",
             Box::new(watch_keeps_a_mirror_equal_to_a_list),
+        ),
+        (
+            "syncer_follows_the_store",
+            Box::new(syncer_follows_the_store),
         ),
         (
             "concurrent_cas_increments_from_separate_handles",

@@ -1,0 +1,312 @@
+//! The change feed of the store split: a [`Syncer`] per backend turns the datastore into typed
+//! [`Update`]s (`key`, the record or None for a deletion, the revision it was read at) and an
+//! explicit [`SyncEvent::InSync`] once everything listed has been delivered — after the first
+//! listing and again after every re-list. A consumer that keeps the latest record per key and
+//! trusts `InSync` holds exactly the server's state: no quiet timers, no revision polling.
+//!
+//! [`Store::syncer`] picks the backend's: the Kubernetes one is built on kube-runtime's watcher
+//! ([`crate::kubernetes::watcher`]); the others use [`StoreSyncer`], which wraps the store's
+//! list, watch and JSON decoding.
+//!
+//! Revisions are backend-specific ([`Version`]): the local and etcd stores number their writes,
+//! the Kubernetes API's `resourceVersion` is an opaque string and is passed on as one.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fmt;
+use std::time::Duration;
+
+use malla_api::policy::NetworkPolicy;
+use malla_api::service::{EndpointSlice, Service};
+use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{Event, Revision, Store, StoreError, Watch};
+
+/// The parts of the key space a syncer follows: every kind the calculation reads.
+pub const SYNCED_PREFIXES: [&str; 10] = [
+    keys::CLUSTER_CONFIG,
+    keys::NODES,
+    keys::POOLS,
+    keys::BLOCKS,
+    keys::ENDPOINTS,
+    keys::SERVICES,
+    keys::ENDPOINT_SLICES,
+    keys::PODS,
+    keys::NAMESPACES,
+    keys::NETWORK_POLICIES,
+];
+
+/// One record of the kinds a syncer follows, typed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resource {
+    ClusterConfig(ClusterConfig),
+    Node(Node),
+    Pool(IpPool),
+    /// An IPAM block. Its type lives in malla-ipam, above the store, so it travels as the
+    /// record's JSON tree, decoded there with `serde_json::from_value` (no text round trip).
+    Block(Value),
+    WorkloadEndpoint(WorkloadEndpoint),
+    Service(Service),
+    EndpointSlice(EndpointSlice),
+    Pod(Pod),
+    Namespace(Namespace),
+    NetworkPolicy(NetworkPolicy),
+}
+
+/// The JSON a record is read from: a tree (Kubernetes objects) or text (key-value backends),
+/// each decoded straight into the record's type.
+trait Source {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String>;
+    fn tree(self, key: &str) -> Result<Value, String>;
+}
+
+impl Source for Value {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_value(self).map_err(|e| format!("{key}: {e}"))
+    }
+    fn tree(self, _: &str) -> Result<Value, String> {
+        Ok(self)
+    }
+}
+
+impl Source for &str {
+    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_str(self).map_err(|e| format!("{key}: {e}"))
+    }
+    fn tree(self, key: &str) -> Result<Value, String> {
+        self.typed(key)
+    }
+}
+
+impl Resource {
+    fn decode(key: &str, v: impl Source) -> Result<Option<Resource>, String> {
+        let p = |prefix: &str| key.starts_with(prefix);
+        Ok(Some(if key == keys::CLUSTER_CONFIG {
+            Resource::ClusterConfig(v.typed(key)?)
+        } else if p(keys::NODES) {
+            Resource::Node(v.typed(key)?)
+        } else if p(keys::POOLS) {
+            Resource::Pool(v.typed(key)?)
+        } else if p(keys::BLOCKS) {
+            let v = v.tree(key)?;
+            if !v.is_object() {
+                return Err(format!("{key}: a block is a JSON object"));
+            }
+            Resource::Block(v)
+        } else if p(keys::ENDPOINTS) {
+            Resource::WorkloadEndpoint(v.typed(key)?)
+        } else if p(keys::SERVICES) {
+            Resource::Service(v.typed(key)?)
+        } else if p(keys::ENDPOINT_SLICES) {
+            Resource::EndpointSlice(v.typed(key)?)
+        } else if p(keys::PODS) {
+            Resource::Pod(v.typed(key)?)
+        } else if p(keys::NAMESPACES) {
+            Resource::Namespace(v.typed(key)?)
+        } else if p(keys::NETWORK_POLICIES) {
+            Resource::NetworkPolicy(v.typed(key)?)
+        } else {
+            return Ok(None);
+        }))
+    }
+
+    /// The record stored at `key`, from its JSON tree; None for a key outside
+    /// [`SYNCED_PREFIXES`] (IPAM handles, anything unknown).
+    pub fn from_value(key: &str, v: Value) -> Result<Option<Resource>, String> {
+        Resource::decode(key, v)
+    }
+
+    /// The record stored at `key`, from the JSON text a key-value backend holds (decoded
+    /// straight into its type).
+    pub fn from_json(key: &str, s: &str) -> Result<Option<Resource>, String> {
+        Resource::decode(key, s)
+    }
+
+    /// The record as the key-value backends store it (JSON text).
+    pub fn to_json(&self) -> String {
+        let r = match self {
+            Resource::ClusterConfig(x) => serde_json::to_string(x),
+            Resource::Node(x) => serde_json::to_string(x),
+            Resource::Pool(x) => serde_json::to_string(x),
+            Resource::Block(x) => serde_json::to_string(x),
+            Resource::WorkloadEndpoint(x) => serde_json::to_string(x),
+            Resource::Service(x) => serde_json::to_string(x),
+            Resource::EndpointSlice(x) => serde_json::to_string(x),
+            Resource::Pod(x) => serde_json::to_string(x),
+            Resource::Namespace(x) => serde_json::to_string(x),
+            Resource::NetworkPolicy(x) => serde_json::to_string(x),
+        };
+        r.expect("Malla records serialise")
+    }
+}
+
+/// The revision an update was read at.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// The store-wide write counter of the local and etcd backends.
+    Revision(Revision),
+    /// A Kubernetes `resourceVersion`: opaque, only ever compared for equality.
+    ResourceVersion(String),
+    /// A deletion found by a re-list: the key was listed before and is not any more; the
+    /// write that removed it was not seen.
+    Relisted,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Version::Revision(r) => write!(f, "{r}"),
+            Version::ResourceVersion(rv) => write!(f, "rv {rv:?}"),
+            Version::Relisted => f.write_str("re-list"),
+        }
+    }
+}
+
+/// One record changed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    pub key: String,
+    /// The record now, or None: deleted (or malformed, warned about naming the key).
+    pub resource: Option<Resource>,
+    pub revision: Version,
+}
+
+/// What a [`Syncer`] delivers.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // nearly every event is an update: boxing them costs more
+pub enum SyncEvent {
+    Update(Update),
+    /// Everything listed so far has been delivered: the consumer holds the server's state
+    /// (as of the listing) and can act on it. Sent after the first listing and again after
+    /// every re-list (410 Gone, compacted history), which may be preceded by deletions of
+    /// what disappeared meanwhile.
+    InSync,
+}
+
+/// A backend's change feed.
+pub trait Syncer: Send {
+    /// The events that arrived since the last call, waiting up to `timeout` for the first
+    /// (empty when none came). An error is transient (the datastore is away): the feed
+    /// recovers by itself (resume, or re-list and `InSync` again); call again.
+    fn next(&mut self, timeout: Duration) -> Result<Vec<SyncEvent>, StoreError>;
+}
+
+/// The update for `key`'s JSON record, or a deletion (with a warning) when it is malformed.
+pub(crate) fn decoded(key: String, value: Option<&str>, revision: Version) -> Option<Update> {
+    let resource = match value.map(|v| Resource::from_json(&key, v)) {
+        None => None,
+        Some(Ok(None)) => return None,
+        Some(Ok(Some(r))) => Some(r),
+        Some(Err(e)) => {
+            tracing::warn!(%key, error = %e, "skipping a malformed record");
+            None
+        }
+    };
+    Some(Update {
+        key,
+        resource,
+        revision,
+    })
+}
+
+fn synced(key: &str) -> bool {
+    SYNCED_PREFIXES.iter().any(|p| key.starts_with(p))
+}
+
+/// The [`Syncer`] of key-value backends (local, etcd): lists every synced prefix (an update per
+/// record, then `InSync`), then follows one [`Store::watch`] over the key space from the
+/// listing's revision. When the history it needs is compacted it lists again, reports the
+/// keys that disappeared as deletions, and sends `InSync` again.
+pub struct StoreSyncer<'a, S: ?Sized> {
+    store: &'a S,
+    watch: Option<Box<dyn Watch + 'a>>,
+    /// The keys the consumer holds (to find what a re-list no longer has).
+    known: BTreeSet<String>,
+    queued: VecDeque<SyncEvent>,
+}
+
+impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
+    pub fn new(store: &'a S) -> Self {
+        StoreSyncer {
+            store,
+            watch: None,
+            known: BTreeSet::new(),
+            queued: VecDeque::new(),
+        }
+    }
+
+    fn list(&mut self) -> Result<(), StoreError> {
+        let mut rev = Revision::MAX;
+        let mut listed = Vec::new();
+        for prefix in SYNCED_PREFIXES {
+            let (kvs, r) = self.store.list(prefix)?;
+            rev = rev.min(r);
+            listed.extend(kvs);
+        }
+        if rev == Revision::MAX {
+            rev = self.store.revision()?;
+        }
+        let watch = self.store.watch("/", rev)?;
+        let now: BTreeSet<String> = listed.iter().map(|kv| kv.key.clone()).collect();
+        for gone in self.known.difference(&now) {
+            self.queued.push_back(SyncEvent::Update(Update {
+                key: gone.clone(),
+                resource: None,
+                revision: Version::Relisted,
+            }));
+        }
+        for kv in listed {
+            let rev = Version::Revision(kv.mod_revision);
+            if let Some(u) = decoded(kv.key, Some(&kv.value), rev) {
+                self.queued.push_back(SyncEvent::Update(u));
+            }
+        }
+        self.queued.push_back(SyncEvent::InSync);
+        self.known = now;
+        self.watch = Some(watch);
+        Ok(())
+    }
+
+    fn updates(&mut self, events: Vec<Event>) {
+        for e in events {
+            if !synced(e.key()) {
+                continue;
+            }
+            let rev = Version::Revision(e.revision());
+            let u = match e {
+                Event::Put(kv) => {
+                    self.known.insert(kv.key.clone());
+                    decoded(kv.key, Some(&kv.value), rev)
+                }
+                Event::Delete { key, .. } => {
+                    self.known.remove(&key);
+                    decoded(key, None, rev)
+                }
+            };
+            self.queued.extend(u.map(SyncEvent::Update));
+        }
+    }
+}
+
+impl<S: Store + ?Sized> Syncer for StoreSyncer<'_, S> {
+    fn next(&mut self, timeout: Duration) -> Result<Vec<SyncEvent>, StoreError> {
+        if self.queued.is_empty() {
+            match self.watch.as_mut() {
+                None => self.list()?,
+                Some(w) => match w.next(timeout) {
+                    Ok(events) => self.updates(events),
+                    Err(StoreError::Compacted { .. }) => {
+                        tracing::warn!(
+                            "the datastore's history moved past this syncer; listing again"
+                        );
+                        self.watch = None;
+                        self.list()?;
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+        Ok(self.queued.drain(..).collect())
+    }
+}
