@@ -21,7 +21,7 @@ use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpo
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{Event, Revision, Store, StoreError, Watch};
+use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 
 /// The parts of the key space a syncer follows: every kind the calculation reads.
 pub const SYNCED_PREFIXES: [&str; 10] = [
@@ -214,6 +214,12 @@ fn synced(key: &str) -> bool {
     SYNCED_PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
+/// How many listed records one [`Syncer::next`] hands over at most. A listing is read one
+/// prefix at a time and decoded a batch at a time, so the cluster never exists as text and as
+/// records at once: at 30k Services / 300k endpoints, listing every prefix and decoding it all
+/// in one go left the agent ~45 MiB larger after its first sync.
+const LIST_BATCH: usize = 1024;
+
 /// The [`Syncer`] of key-value backends (local, etcd): lists every synced prefix (an update per
 /// record, then `InSync`), then follows one [`Store::watch`] over the key space from the
 /// listing's revision. When the history it needs is compacted it lists again, reports the
@@ -224,6 +230,16 @@ pub struct StoreSyncer<'a, S: ?Sized> {
     /// The keys the consumer holds (to find what a re-list no longer has).
     known: BTreeSet<String>,
     queued: VecDeque<SyncEvent>,
+    listing: Option<Listing>,
+}
+
+/// A listing under way: the next prefix to list, the current prefix's records not yet handed
+/// over, the oldest revision of the lists so far, and the keys listed.
+struct Listing {
+    next_prefix: usize,
+    current: std::vec::IntoIter<KeyValue>,
+    revision: Revision,
+    seen: BTreeSet<String>,
 }
 
 impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
@@ -233,39 +249,61 @@ impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
             watch: None,
             known: BTreeSet::new(),
             queued: VecDeque::new(),
+            listing: None,
         }
     }
 
-    fn list(&mut self) -> Result<(), StoreError> {
-        let mut rev = Revision::MAX;
-        let mut listed = Vec::new();
-        for prefix in SYNCED_PREFIXES {
-            let (kvs, r) = self.store.list(prefix)?;
-            rev = rev.min(r);
-            listed.extend(kvs);
-        }
-        if rev == Revision::MAX {
-            rev = self.store.revision()?;
-        }
-        let watch = self.store.watch("/", rev)?;
-        let now: BTreeSet<String> = listed.iter().map(|kv| kv.key.clone()).collect();
-        for gone in self.known.difference(&now) {
-            self.queued.push_back(SyncEvent::Update(Update {
-                key: gone.clone(),
-                resource: None,
-                revision: Version::Relisted,
-            }));
-        }
-        for kv in listed {
-            let rev = Version::Revision(kv.mod_revision);
-            if let Some(u) = decoded(kv.key, Some(&kv.value), rev) {
-                self.queued.push_back(SyncEvent::Update(u));
+    /// Starts a listing; [`Self::next_listed`] carries it out.
+    fn list(&mut self) {
+        self.listing = Some(Listing {
+            next_prefix: 0,
+            current: Vec::new().into_iter(),
+            revision: Revision::MAX,
+            seen: BTreeSet::new(),
+        });
+    }
+
+    /// The next batch of the listing, decoded; after the last record, the keys the listing no
+    /// longer has as deletions, the watch opened from the oldest list revision, and `InSync`.
+    /// A failed list is retried by the next call, from the prefix that failed.
+    fn next_listed(&mut self) -> Result<Vec<SyncEvent>, StoreError> {
+        let mut out: Vec<SyncEvent> = self.queued.drain(..).collect();
+        let Some(l) = self.listing.as_mut() else {
+            return Ok(out);
+        };
+        while out.len() < LIST_BATCH {
+            if let Some(kv) = l.current.next() {
+                l.seen.insert(kv.key.clone());
+                let rev = Version::Revision(kv.mod_revision);
+                out.extend(decoded(kv.key, Some(&kv.value), rev).map(SyncEvent::Update));
+                continue;
             }
+            if let Some(prefix) = SYNCED_PREFIXES.get(l.next_prefix) {
+                let (kvs, r) = self.store.list(prefix)?;
+                l.next_prefix += 1;
+                l.revision = l.revision.min(r);
+                l.current = kvs.into_iter();
+                continue;
+            }
+            let rev = match l.revision {
+                Revision::MAX => self.store.revision()?,
+                r => r,
+            };
+            self.watch = Some(self.store.watch("/", rev)?);
+            let seen = std::mem::take(&mut l.seen);
+            self.listing = None;
+            for gone in self.known.difference(&seen) {
+                out.push(SyncEvent::Update(Update {
+                    key: gone.clone(),
+                    resource: None,
+                    revision: Version::Relisted,
+                }));
+            }
+            self.known = seen;
+            out.push(SyncEvent::InSync);
+            break;
         }
-        self.queued.push_back(SyncEvent::InSync);
-        self.known = now;
-        self.watch = Some(watch);
-        Ok(())
+        Ok(out)
     }
 
     fn updates(&mut self, events: Vec<Event>) {
@@ -291,9 +329,15 @@ impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
 
 impl<S: Store + ?Sized> Syncer for StoreSyncer<'_, S> {
     fn next(&mut self, timeout: Duration) -> Result<Vec<SyncEvent>, StoreError> {
+        if self.listing.is_none() && self.watch.is_none() {
+            self.list();
+        }
+        if self.listing.is_some() {
+            return self.next_listed();
+        }
         if self.queued.is_empty() {
             match self.watch.as_mut() {
-                None => self.list()?,
+                None => self.list(),
                 Some(w) => match w.next(timeout) {
                     Ok(events) => self.updates(events),
                     Err(StoreError::Compacted { .. }) => {
@@ -301,12 +345,20 @@ impl<S: Store + ?Sized> Syncer for StoreSyncer<'_, S> {
                             "the datastore's history moved past this syncer; listing again"
                         );
                         self.watch = None;
-                        self.list()?;
+                        self.list();
                     }
                     Err(e) => return Err(e),
                 },
             }
         }
-        Ok(self.queued.drain(..).collect())
+        if self.listing.is_some() {
+            return self.next_listed();
+        }
+        let out = self.queued.drain(..).collect();
+        // A burst's capacity is not kept for the life of the agent.
+        if self.queued.capacity() > LIST_BATCH {
+            self.queued.shrink_to_fit();
+        }
+        Ok(out)
     }
 }
