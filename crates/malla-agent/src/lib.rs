@@ -407,3 +407,60 @@ fn hold_agent_lock(ready: &std::path::Path) -> anyhow::Result<std::fs::File> {
         Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the agent lock file"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use malla_store::barrier::{Barrier, ReadyFile};
+    use malla_store::{Resource, SyncEvent, Update, Version};
+
+    fn update(key: &str, resource: Option<Resource>, revision: Version) -> SyncEvent {
+        SyncEvent::Update(Update {
+            key: key.into(),
+            resource,
+            revision,
+        })
+    }
+
+    #[test]
+    fn the_ready_file_reports_the_newest_barrier_and_revision_received() {
+        let barrier = |seq| Some(Resource::Barrier(Barrier { seq }));
+        let key = malla_api::keys::SYNC_BARRIER;
+        let mut r = Received::default();
+        assert_eq!(r.ready_file(), ReadyFile::default());
+        // A listing: key order, not revision order; a barrier listed at 7.
+        r.note(&[
+            update(key, barrier(7), Version::Revision(40)),
+            update("/malla/pools/a", None, Version::Revision(52)),
+            update("/malla/pools/b", None, Version::Revision(12)),
+            SyncEvent::InSync,
+        ]);
+        assert_eq!(
+            r.ready_file(),
+            ReadyFile {
+                barrier: 7,
+                revision: Some("52".into())
+            }
+        );
+        // A re-list's deletions keep the revision; a barrier never goes back.
+        r.note(&[
+            update("/malla/pools/c", None, Version::Relisted),
+            update(key, barrier(5), Version::Revision(60)),
+        ]);
+        assert_eq!(r.ready_file().barrier, 7);
+        assert_eq!(r.ready_file().revision.as_deref(), Some("60"));
+        // Kubernetes: opaque, the last one received.
+        r.note(&[update(
+            key,
+            barrier(8),
+            Version::ResourceVersion("x9".into()),
+        )]);
+        assert_eq!(
+            r.ready_file(),
+            ReadyFile {
+                barrier: 8,
+                revision: Some("rv:x9".into())
+            }
+        );
+    }
+}
