@@ -1275,9 +1275,10 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// The revision in the agent's ready file, if any.
+/// The revision of the last change the agent applied, from its ready file, if any (etcd counts
+/// its writes, so a later revision covers an earlier put).
 fn ready_revision(path: &Path) -> Option<Revision> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    malla_store::barrier::ReadyFile::read(path)?.revision_number()
 }
 
 #[allow(clippy::too_many_arguments)]

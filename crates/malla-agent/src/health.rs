@@ -57,9 +57,11 @@ impl Heartbeat {
 /// Whether the kernel reflects the datastore: false until the agent has applied its first full
 /// sync (a complete listing of the cluster, computed and acknowledged by the dataplane).
 ///
-/// The agent's loop calls [`Readiness::set_ready`] after the first successful apply following a
-/// list; a pipeline with a syncer calls it once the syncer's in-sync marker has gone through the
-/// calculation and the driver acknowledged the result.
+/// The agent's loop calls [`Readiness::set_ready`] once the syncer's `InSync` has gone through
+/// the calculation and the driver acknowledged the full apply that followed. It stays ready
+/// while the datastore is away or the syncer re-lists: the kernel keeps the last state applied
+/// and traffic flows (taking every node's pods out of service because the datastore blinked
+/// would turn a control-plane outage into a data-plane one).
 #[derive(Debug, Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);
 

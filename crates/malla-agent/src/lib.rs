@@ -24,7 +24,7 @@ use malla_calc::ClusterView;
 use malla_dataplane::driver::{Driver, Update};
 use malla_dataplane::linux::LinuxDriver;
 use malla_ipam::node_cache::NodeCache;
-use malla_store::{Revision, Store, Syncer};
+use malla_store::{Store, Syncer};
 
 /// How the agent is started.
 #[derive(Debug, Clone)]
@@ -38,9 +38,9 @@ pub struct AgentConfig {
     /// A directory of cluster settings (a mounted ConfigMap: `routing`, `pools.yaml`, …) whose
     /// missing parts the agent writes to the datastore at start ([`config_dir`]).
     pub config_dir: Option<PathBuf>,
-    /// Written after each sync with the datastore revision applied, as
-    /// [`malla_store::Store::revision_label`] writes it (readiness for the CNI plugin's STATUS,
-    /// and convergence for tests: [`malla_store::label_covers`]).
+    /// Written once the first full sync is applied (readiness for the CNI plugin's STATUS), then
+    /// whenever the newest convergence barrier applied through changes
+    /// ([`malla_store::barrier::ReadyFile`]; how the lab and tests wait for convergence).
     pub ready_file: Option<PathBuf>,
     /// Where the agent serves `/healthz`, `/readyz` and `/metrics` ([`http`]); None: nowhere.
     pub http_listen: Option<SocketAddr>,
@@ -55,13 +55,52 @@ pub fn read_view(store: &dyn Store) -> anyhow::Result<ClusterView> {
     Ok(mirror::Mirror::load(store, "")?.into_view())
 }
 
-/// How long the watch must stay quiet after the store's revision was read before the agent
-/// reports that revision as applied (changes outside what it watches move the revision too).
-const QUIET: Duration = Duration::from_millis(300);
-/// How often an idle agent reads the store's revision (once a second for [`IDLE_AFTER`] after
-/// a change).
-const IDLE_REVISION_READ: Duration = Duration::from_secs(5);
-const IDLE_AFTER: Duration = Duration::from_secs(10);
+/// How long one turn of the loop waits for the feed. It only bounds a turn (the heartbeat, the
+/// resync period); nothing is inferred from the feed being quiet.
+const FEED_WAIT: Duration = Duration::from_millis(250);
+
+/// What the feed delivered that the ready file reports once it is applied: the newest
+/// convergence barrier ([`malla_store::barrier`]) and the last change's revision.
+#[derive(Debug, Default)]
+struct Received {
+    barrier: u64,
+    revision: Option<malla_store::Version>,
+}
+
+impl Received {
+    /// Notes a batch before the mirror takes it.
+    fn note(&mut self, events: &[malla_store::SyncEvent]) {
+        use malla_store::{Resource, SyncEvent, Version};
+        for e in events {
+            let SyncEvent::Update(u) = e else { continue };
+            if let Some(Resource::Barrier(b)) = &u.resource {
+                self.barrier = self.barrier.max(b.seq);
+            }
+            self.revision = match (&u.revision, self.revision.take()) {
+                // A re-list's deletion has no revision of its own.
+                (Version::Relisted, last) => last,
+                // A listing comes in key order: the newest counted revision is the largest.
+                (Version::Revision(r), Some(Version::Revision(last))) => {
+                    Some(Version::Revision(last.max(*r)))
+                }
+                (v, _) => Some(v.clone()),
+            };
+        }
+    }
+
+    /// The ready file saying so.
+    fn ready_file(&self) -> malla_store::barrier::ReadyFile {
+        use malla_store::Version;
+        malla_store::barrier::ReadyFile {
+            barrier: self.barrier,
+            revision: self.revision.as_ref().map(|v| match v {
+                Version::Revision(r) => r.to_string(),
+                Version::ResourceVersion(rv) => format!("rv:{rv}"),
+                Version::Relisted => "re-list".to_string(),
+            }),
+        }
+    }
+}
 
 /// Runs the agent until the process is killed.
 ///
@@ -71,6 +110,13 @@ const IDLE_AFTER: Duration = Duration::from_secs(10);
 /// computed and applied again (also every `resync`, repairing drift). When the datastore is
 /// away the kernel is left as it is and the syncer resumes by itself; if the history it needs
 /// is gone, it lists again and says `InSync` again.
+///
+/// Readiness and "applied through" come from the feed and the driver, never from timers:
+/// `/readyz` turns 200 once `InSync` was seen and the driver acknowledged the full apply that
+/// followed, and stays 200 while the datastore is away or the feed re-lists (the kernel keeps
+/// the last state applied, and traffic flows). The ready file appears at that first apply and
+/// then reports the newest convergence barrier ([`malla_store::barrier`]) the feed delivered
+/// once everything before it is acknowledged by the driver.
 /// A datastore that cannot be opened at start is retried every second; the HTTP server
 /// ([`http`]) answers from the start (`/readyz` 503 until the first sync is applied).
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
@@ -127,13 +173,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut synced: Option<(mirror::Mirror, Box<dyn Syncer + '_>)> = None;
         // Whether the syncer has delivered the whole cluster once.
         let mut in_sync = false;
-        // Whether the kernel reflects the mirror, what the ready file says, and a store
-        // revision read while the feed was quiet, reported once it stays quiet for [`QUIET`]
-        // (the first: one read before the syncer listed, which its listing covers).
+        // Whether the kernel reflects the mirror (after the first apply), what the feed
+        // delivered, and what the ready file says.
         let mut applied = false;
-        let mut reported: Option<Revision> = None;
-        let mut quiet_candidate: Option<(Revision, Instant)> = None;
-        let mut confirmed: Option<Revision> = None;
+        let mut received = Received::default();
+        let mut reported: Option<malla_store::barrier::ReadyFile> = None;
         // What changed since the last apply: services whose Service or slices changed, or
         // anything else (which needs the whole node computed).
         let mut pending_services: std::collections::BTreeSet<String> = Default::default();
@@ -142,16 +186,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // After a full list: the listing's buffers are garbage once the first apply is done.
         let mut trim_due = false;
         let mut last_full = Instant::now();
-        let mut last_change = Instant::now();
-        let mut last_revision_read = Instant::now() - IDLE_REVISION_READ;
         // Since when changes wait to be applied (the sync latency's start); whether the
-        // datastore was lost since the agent last heard from it; the store's revision at the
-        // last read (for the watch lag).
+        // datastore was lost since the agent last heard from it.
         let mut pending_since: Option<Instant> = None;
         let mut lost = false;
-        let mut store_revision: Revision = -1;
         loop {
             beat();
+            metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
             if let Some(cache) = &node_cache {
                 // What pods got while the datastore was away goes in before anything else.
                 if cache.has_pending().unwrap_or(false) {
@@ -173,10 +214,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             let Some((mirror, syncer)) = synced.as_mut() else {
                 // The datastore may be away (restarting, partitioned): keep what the kernel
                 // has, which keeps established traffic flowing, and retry until it answers.
-                match store.revision().and_then(|r| Ok((r, store.syncer()?))) {
-                    Ok((before, s)) => {
+                match store.syncer() {
+                    Ok(s) => {
                         synced = Some((mirror::Mirror::new(&cfg.node), s));
-                        confirmed = confirmed.max(Some(before));
                         pending_since = Some(Instant::now());
                     }
                     Err(e) => {
@@ -188,8 +228,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             };
             if !in_sync {
                 // Listing: nothing is computed from a partial cluster.
-                match syncer.next(QUIET) {
+                match syncer.next(FEED_WAIT) {
                     Ok(events) => {
+                        received.note(&events);
                         let (_, done) = mirror.apply_sync(events);
                         if done {
                             in_sync = true;
@@ -302,56 +343,27 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if let (Some(f), true, Some(rev)) = (&cfg.ready_file, applied, confirmed) {
-                // The ready file holds the revision the kernel now reflects: a revision read
-                // while the feed was quiet, once everything that arrived is applied.
+            if let (Some(f), true) = (&cfg.ready_file, applied) {
+                // Everything the feed delivered is acknowledged by the driver: the newest
+                // barrier it carried is applied through.
                 let behind = other_dirty || !pending_services.is_empty();
-                if !behind && Some(rev) > reported {
-                    let tmp = f.with_extension("tmp");
-                    // The store's label: Kubernetes revisions are tokens of this process.
-                    std::fs::write(&tmp, format!("{}\n", store.revision_label(rev)))
-                        .and_then(|_| std::fs::rename(&tmp, f))
+                let now = received.ready_file();
+                if !behind && reported.as_ref() != Some(&now) {
+                    now.write(f)
                         .with_context(|| format!("writing {}", f.display()))?;
-                    reported = Some(rev);
+                    reported = Some(now);
                 }
             }
             // Blocking here is fine: netlink replies are only awaited inside `apply`.
-            match syncer.next(QUIET) {
-                Ok(events) if events.is_empty() => {
-                    // Quiet. A revision read during an earlier quiet spell is now covered: had
-                    // a change under the watch come before it, it would have arrived by now.
-                    match quiet_candidate.take() {
-                        Some((rev, at)) if at.elapsed() >= QUIET => {
-                            confirmed = confirmed.max(Some(rev));
-                            metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
-                        }
-                        Some(c) => quiet_candidate = Some(c),
-                        None => {
-                            // Often right after changes, rarely when idle: one small read.
-                            let every = if last_change.elapsed() < IDLE_AFTER { Duration::from_secs(1) } else { IDLE_REVISION_READ };
-                            if last_revision_read.elapsed() >= every {
-                                last_revision_read = Instant::now();
-                                quiet_candidate = store.revision().ok().map(|r| (r, Instant::now()));
-                                if let Some((r, _)) = quiet_candidate {
-                                    // The datastore answers again.
-                                    if std::mem::take(&mut lost) {
-                                        metrics.reconnected();
-                                    }
-                                    store_revision = r;
-                                    metrics.watch_lag(r, confirmed.unwrap_or(-1));
-                                }
-                            }
-                        }
-                    }
-                }
+            match syncer.next(FEED_WAIT) {
+                Ok(events) if events.is_empty() => {}
                 Ok(events) => {
-                    quiet_candidate = None;
-                    last_change = Instant::now();
+                    // The datastore answers again: its feed delivered.
                     if std::mem::take(&mut lost) {
                         metrics.reconnected();
                     }
+                    received.note(&events);
                     let (changed, _) = mirror.apply_sync(events);
-                    metrics.watch_lag(store_revision, confirmed.unwrap_or(-1));
                     if changed.other || !changed.services.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
@@ -393,5 +405,62 @@ fn hold_agent_lock(ready: &std::path::Path) -> anyhow::Result<std::fs::File> {
             )
         }
         Err(std::fs::TryLockError::Error(e)) => Err(e).context("locking the agent lock file"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use malla_store::barrier::{Barrier, ReadyFile};
+    use malla_store::{Resource, SyncEvent, Update, Version};
+
+    fn update(key: &str, resource: Option<Resource>, revision: Version) -> SyncEvent {
+        SyncEvent::Update(Update {
+            key: key.into(),
+            resource,
+            revision,
+        })
+    }
+
+    #[test]
+    fn the_ready_file_reports_the_newest_barrier_and_revision_received() {
+        let barrier = |seq| Some(Resource::Barrier(Barrier { seq }));
+        let key = malla_api::keys::SYNC_BARRIER;
+        let mut r = Received::default();
+        assert_eq!(r.ready_file(), ReadyFile::default());
+        // A listing: key order, not revision order; a barrier listed at 7.
+        r.note(&[
+            update(key, barrier(7), Version::Revision(40)),
+            update("/malla/pools/a", None, Version::Revision(52)),
+            update("/malla/pools/b", None, Version::Revision(12)),
+            SyncEvent::InSync,
+        ]);
+        assert_eq!(
+            r.ready_file(),
+            ReadyFile {
+                barrier: 7,
+                revision: Some("52".into())
+            }
+        );
+        // A re-list's deletions keep the revision; a barrier never goes back.
+        r.note(&[
+            update("/malla/pools/c", None, Version::Relisted),
+            update(key, barrier(5), Version::Revision(60)),
+        ]);
+        assert_eq!(r.ready_file().barrier, 7);
+        assert_eq!(r.ready_file().revision.as_deref(), Some("60"));
+        // Kubernetes: opaque, the last one received.
+        r.note(&[update(
+            key,
+            barrier(8),
+            Version::ResourceVersion("x9".into()),
+        )]);
+        assert_eq!(
+            r.ready_file(),
+            ReadyFile {
+                barrier: 8,
+                revision: Some("rv:x9".into())
+            }
+        );
     }
 }

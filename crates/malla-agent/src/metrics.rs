@@ -10,10 +10,11 @@
 //! | `malla_programmed_objects{kind}` | gauge | what the last full apply put in the kernel, by kind (see [`Programmed`]) |
 //! | `malla_apply_errors_total` | counter | failed applies (any path) |
 //! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
-//! | `malla_watch_lag_revisions` | gauge | datastore revisions the agent has not received: the store's revision at the agent's last read (each second after changes, every 5 s when idle) minus the newest revision the agent's view is known to cover; 0 when caught up |
+//! | `malla_sync_pending_seconds` | gauge | how long the oldest datastore change the agent has received (or the listing under way) has been waiting for the driver to acknowledge its apply; 0 when the kernel reflects everything received. The same on every backend: no revision arithmetic. It grows while a listing cannot finish (datastore away at start) or applies keep failing |
 //!
 //! Recording is a handful of atomic operations per apply; nothing is allocated per element.
 
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -107,7 +108,7 @@ pub struct Metrics {
     programmed: [Gauge; KINDS.len()],
     apply_errors: Counter,
     reconnects: Counter,
-    watch_lag: Gauge,
+    pending: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -155,12 +156,12 @@ impl Metrics {
             "Times the datastore answered again after being away, or the agent listed again after the history it needed was compacted",
             reconnects.clone(),
         );
-        let watch_lag = Gauge::default();
+        let pending = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
-            "watch_lag",
-            "Datastore revisions the agent has not received yet (store revision at the last read minus the newest revision the agent's view covers)",
-            Unit::Other("revisions".into()),
-            watch_lag.clone(),
+            "sync_pending",
+            "How long the oldest received datastore change (or a listing under way) has waited for its apply to be acknowledged; 0 when nothing waits",
+            Unit::Seconds,
+            pending.clone(),
         );
         Self {
             registry,
@@ -169,7 +170,7 @@ impl Metrics {
             programmed,
             apply_errors,
             reconnects,
-            watch_lag,
+            pending,
         }
     }
 
@@ -191,9 +192,9 @@ impl Metrics {
         self.reconnects.inc();
     }
 
-    /// The store was at `store` at the last read; the agent's view covers up to `covered`.
-    pub fn watch_lag(&self, store: i64, covered: i64) {
-        self.watch_lag.set(store.saturating_sub(covered).max(0));
+    /// The oldest change not yet applied has waited `waited` (zero: none waits).
+    pub fn pending(&self, waited: Duration) {
+        self.pending.set(waited.as_secs_f64());
     }
 
     /// What the last full apply programmed.
@@ -268,7 +269,7 @@ mod tests {
             "malla_programmed_objects{kind=\"service_endpoints\"} 0",
             "malla_apply_errors_total 0",
             "malla_datastore_reconnects_total 0",
-            "malla_watch_lag_revisions 0",
+            "malla_sync_pending_seconds 0.0",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }
@@ -277,7 +278,7 @@ mod tests {
         m.apply_failed();
         m.reconnected();
         m.reconnected();
-        m.watch_lag(17, 12);
+        m.pending(Duration::from_millis(1500));
         let mut p = Programmed::default();
         p.0[0] = 5;
         p.0[4] = 300;
@@ -291,12 +292,12 @@ mod tests {
             "malla_programmed_objects{kind=\"service_endpoints\"} 300",
             "malla_apply_errors_total 1",
             "malla_datastore_reconnects_total 2",
-            "malla_watch_lag_revisions 5",
+            "malla_sync_pending_seconds 1.5",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }
-        m.watch_lag(3, 12);
-        assert!(m.encode().contains("malla_watch_lag_revisions 0"));
+        m.pending(Duration::ZERO);
+        assert!(m.encode().contains("malla_sync_pending_seconds 0.0"));
     }
 
     #[test]
@@ -311,7 +312,7 @@ mod tests {
             "# TYPE malla_apply_errors_total counter\n",
             "# TYPE malla_sync_duration_seconds histogram\n",
             "# TYPE malla_programmed_objects gauge\n",
-            "malla_watch_lag_revisions 0\n",
+            "malla_sync_pending_seconds 0.0\n",
         ] {
             assert!(text.contains(line), "{line:?} missing from:\n{text}");
         }

@@ -39,7 +39,8 @@ macro_rules! take {
 /// Every prefix the mirror lists (the kinds a syncer follows); the watch covers the whole key
 /// space (`/`), so it also sees the writes that carry no record of these kinds and the
 /// mirror's revision keeps up.
-const PREFIXES: [&str; 10] = malla_store::syncer::SYNCED_PREFIXES;
+const PREFIXES: [&str; malla_store::syncer::SYNCED_PREFIXES.len()] =
+    malla_store::syncer::SYNCED_PREFIXES;
 
 /// The prefix the mirror watches.
 pub const WATCH_PREFIX: &str = "/";

@@ -13,6 +13,11 @@ pub const NAMESPACES: &str = "/malla/namespaces/";
 pub const NETWORK_POLICIES: &str = "/malla/networkpolicies/";
 pub const SERVICES: &str = "/malla/services/";
 pub const ENDPOINT_SLICES: &str = "/malla/endpointslices/";
+/// The convergence barrier: a counter that a waiter bumps and every agent reports once it has
+/// applied everything its feed delivered before it (`malla_store::barrier`). Under
+/// `/malla/config/`, so the Kubernetes backend keeps it as a `ClusterNetwork` named
+/// `sync-barrier` (no definition of its own).
+pub const SYNC_BARRIER: &str = "/malla/config/sync-barrier";
 
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")

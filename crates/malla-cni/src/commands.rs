@@ -289,7 +289,9 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
                 format!("no process holds {}", lock_path(ready).display()),
             ));
         }
-        if !ready.exists() {
+        // Written by the agent once its first full sync is applied, in the format
+        // `malla_store::barrier::ReadyFile` reads.
+        if malla_store::barrier::ReadyFile::read(ready).is_none() {
             return Err(CniError::new(
                 NOT_AVAILABLE,
                 "the Malla agent has not synced yet",

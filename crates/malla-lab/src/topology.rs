@@ -297,34 +297,25 @@ pub fn start_agent(
     )
 }
 
-/// The datastore revision a node's agent has applied (its store's label:
-/// [`malla_store::Store::revision_label`]), if it is running and has synced.
-pub fn applied_revision(paths: &LabPaths, node: &str) -> Option<String> {
-    Some(
-        std::fs::read_to_string(paths.ready_file(node))
-            .ok()?
-            .trim()
-            .to_string(),
-    )
+/// What a node's agent reports in its ready file ([`malla_store::barrier::ReadyFile`]), if it
+/// is running and has applied its first sync.
+pub fn applied(paths: &LabPaths, node: &str) -> Option<malla_store::barrier::ReadyFile> {
+    malla_store::barrier::ReadyFile::read(&paths.ready_file(node))
 }
 
-/// Waits until every agent has applied the datastore's current revision (or a later one).
-/// Kubernetes labels are opaque and only compare equal, so the target is read again while
-/// waiting (the cluster goes quiet and the agents' reports meet it).
+/// Waits until every agent has applied everything the datastore acknowledged before this call:
+/// bumps the convergence barrier ([`malla_store::barrier`]) and waits until every agent's ready
+/// file reports it (or a later one). The same on every backend; no quiet periods, no revision
+/// comparison.
 pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> anyhow::Result<()> {
     let store = crate::store::open(paths, state)?;
-    let label = || -> anyhow::Result<String> { Ok(store.revision_label(store.revision()?)) };
-    let mut target = label()?;
-    let opaque = target.starts_with(malla_store::kubernetes::RV_LABEL);
+    let target = malla_store::barrier::bump(&*store).context("bumping the convergence barrier")?;
     let deadline = Instant::now() + timeout;
     loop {
         let behind: Vec<&str> = state
             .nodes
             .iter()
-            .filter(|n| {
-                applied_revision(paths, &n.name)
-                    .is_none_or(|r| !malla_store::label_covers(&r, &target))
-            })
+            .filter(|n| applied(paths, &n.name).is_none_or(|r| r.barrier < target))
             .map(|n| n.name.as_str())
             .collect();
         if behind.is_empty() {
@@ -332,16 +323,13 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
         }
         if Instant::now() > deadline {
             bail!(
-                "agents have not applied revision {target} after {:?}: {} (see {})",
+                "agents have not applied barrier {target} after {:?}: {} (see {})",
                 timeout,
                 behind.join(", "),
                 paths.dir.join("logs").display()
             );
         }
         std::thread::sleep(Duration::from_millis(20));
-        if opaque {
-            target = label()?;
-        }
     }
 }
 

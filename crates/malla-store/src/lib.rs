@@ -8,8 +8,10 @@
 //! event log that watchers replay with [`Store::events_since`] or follow with [`Store::watch`].
 //!
 //! The calculation reads the cluster through a [`Syncer`] instead ([`Store::syncer`]): typed
-//! updates and an explicit in-sync marker, per backend ([`syncer`]).
+//! updates and an explicit in-sync marker, per backend ([`syncer`]). Whether a consumer has
+//! applied everything up to a moment is a write-then-observe [`barrier`].
 
+pub mod barrier;
 mod etcd;
 pub mod kubernetes;
 mod local;
@@ -152,14 +154,6 @@ pub trait Store: Send + Sync {
         }))
     }
 
-    /// How `rev` is written for another process to read (the agent's ready file): the number
-    /// itself for the counting backends. Kubernetes writes `rv:` and the resourceVersion the
-    /// token stands for, since its tokens mean nothing outside this process; see
-    /// [`label_covers`].
-    fn revision_label(&self, rev: Revision) -> String {
-        rev.to_string()
-    }
-
     /// The calculation's change feed: typed [`Update`]s of every kind it reads and
     /// [`SyncEvent::InSync`] after each listing ([`syncer`]). The default lists and follows
     /// [`Store::watch`] ([`StoreSyncer`]); the Kubernetes backend has its own, on
@@ -202,22 +196,6 @@ impl<S: Store + ?Sized> Watch for PollWatch<'_, S> {
             .unwrap_or(now)
             .max(now);
         Ok(events)
-    }
-}
-
-/// Whether a process that reported `applied` ([`Store::revision_label`]) has seen everything up
-/// to `target` (a label of the same store). Counting backends' labels are their revisions,
-/// compared as numbers; Kubernetes labels (`rv:`, opaque) only match when equal: a caller
-/// waiting for convergence reads the target again while it waits, and the two meet once the
-/// cluster is quiet. Anything else never covers.
-pub fn label_covers(applied: &str, target: &str) -> bool {
-    let (applied, target) = (applied.trim(), target.trim());
-    if target.starts_with(kubernetes::RV_LABEL) {
-        return applied == target && target != format!("{}?", kubernetes::RV_LABEL);
-    }
-    match (applied.parse::<Revision>(), target.parse::<Revision>()) {
-        (Ok(a), Ok(t)) => a >= t,
-        _ => false,
     }
 }
 

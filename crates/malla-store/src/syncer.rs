@@ -10,6 +10,10 @@
 //!
 //! Revisions are backend-specific ([`Version`]): the local and etcd stores number their writes,
 //! the Kubernetes API's `resourceVersion` is an opaque string and is passed on as one.
+//!
+//! The feed also carries the convergence barrier ([`keys::SYNC_BARRIER`], [`Resource::Barrier`]):
+//! a counter a waiter bumps so that "everything written before it" can be recognised by a
+//! consumer without comparing revisions (see [`crate::barrier`]).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
@@ -24,8 +28,9 @@ use serde_json::Value;
 use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 
 /// The parts of the key space a syncer follows: every kind the calculation reads.
-pub const SYNCED_PREFIXES: [&str; 10] = [
+pub const SYNCED_PREFIXES: [&str; 11] = [
     keys::CLUSTER_CONFIG,
+    keys::SYNC_BARRIER,
     keys::NODES,
     keys::POOLS,
     keys::BLOCKS,
@@ -52,6 +57,8 @@ pub enum Resource {
     Pod(Pod),
     Namespace(Namespace),
     NetworkPolicy(NetworkPolicy),
+    /// The convergence barrier's counter ([`keys::SYNC_BARRIER`]; [`crate::barrier`]).
+    Barrier(crate::barrier::Barrier),
 }
 
 /// The JSON a record is read from: a tree (Kubernetes objects) or text (key-value backends),
@@ -84,6 +91,8 @@ impl Resource {
         let p = |prefix: &str| key.starts_with(prefix);
         Ok(Some(if key == keys::CLUSTER_CONFIG {
             Resource::ClusterConfig(v.typed(key)?)
+        } else if key == keys::SYNC_BARRIER {
+            Resource::Barrier(v.typed(key)?)
         } else if p(keys::NODES) {
             Resource::Node(v.typed(key)?)
         } else if p(keys::POOLS) {
@@ -136,6 +145,7 @@ impl Resource {
             Resource::Pod(x) => serde_json::to_string(x),
             Resource::Namespace(x) => serde_json::to_string(x),
             Resource::NetworkPolicy(x) => serde_json::to_string(x),
+            Resource::Barrier(x) => serde_json::to_string(x),
         };
         r.expect("Malla records serialise")
     }

@@ -119,12 +119,16 @@ fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
 }
 
 fn main() {
-    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
-    // SAFETY: restoring the default disposition of a signal before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    // Not the agent: a daemon with sockets must see EPIPE as an error, not die of the signal
+    // when a datastore server it writes to goes away (killed silently, mid-outage).
+    if !matches!(cli.command, Command::Agent { .. }) {
+        // SAFETY: restoring the default disposition of a signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let result = match cli.command {
         Command::Crds => {
             print!("{}", malla_store::kubernetes::kinds::crds_yaml());

@@ -32,7 +32,7 @@ const SERIES: [&str; 12] = [
     "malla_programmed_objects{kind=\"network_policies\"}",
     "malla_apply_errors_total",
     "malla_datastore_reconnects_total",
-    "malla_watch_lag_revisions",
+    "malla_sync_pending_seconds",
 ];
 
 /// promtool, where scripts/deps puts it (or the Debian package's, if installed).

@@ -58,9 +58,6 @@ use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 use kinds::{Kind, Location, Shape, SliceApi};
 use versions::Versions;
 
-/// How a resourceVersion is labelled where another process reads it ([`Store::revision_label`]).
-pub const RV_LABEL: &str = "rv:";
-
 /// Page size of lists.
 const PAGE: u32 = 500;
 /// How long `events_since` waits for a watch to go quiet.
@@ -675,15 +672,6 @@ impl Store for KubeStore {
             ));
         }
         Ok(Box::new(watch))
-    }
-
-    /// `rv:` and the resourceVersion the token stands for (`rv:?` when it is unknown, which
-    /// covers nothing).
-    fn revision_label(&self, rev: Revision) -> String {
-        match self.versions.rv(rev) {
-            Some(rv) => format!("{RV_LABEL}{rv}"),
-            None => format!("{RV_LABEL}?"),
-        }
     }
 
     fn syncer(&self) -> Result<Box<dyn Syncer + '_>, StoreError> {

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::DynamicObject;
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::Client;
@@ -229,6 +230,48 @@ impl KindState {
     }
 }
 
+/// The delay before a failed watch tries again: client-go's (and kube-runtime's default)
+/// doubling from 0.8 s with jitter, but capped at [`Retry::MAX`] instead of 30 s. An agent
+/// follows a handful of kinds and its kernel stays stale for as long as it waits, so it comes
+/// back within seconds of the API server (convergence waits on it: [`crate::barrier`]); the
+/// jitter spreads a cluster's nodes over that window. Reset after two minutes of health.
+struct Retry {
+    next: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(4);
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry { next: Self::FIRST }
+    }
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        use std::hash::{BuildHasher, Hasher};
+        // A random fraction in [0.5, 1): each process's hasher keys are random.
+        let r = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let fraction = 0.5 + (r >> 11) as f64 / (1u64 << 53) as f64 / 2.0;
+        let delay = self.next.mul_f64(fraction);
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(delay)
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
 /// Follows one kind until `stop` is dropped or `send` refuses (the consumer is gone).
 pub(crate) async fn follow(
     client: Client,
@@ -237,7 +280,9 @@ pub(crate) async fn follow(
     mut stop: tokio::sync::watch::Receiver<()>,
     mut send: impl FnMut(Msg) -> bool + Send,
 ) {
-    let stream = watcher(api(&client, &kind, None), watcher::Config::default()).default_backoff();
+    let stream = watcher(api(&client, &kind, None), watcher::Config::default()).backoff(
+        ResetTimerBackoff::new(Retry::default(), Duration::from_secs(120)),
+    );
     let mut stream = std::pin::pin!(stream);
     let mut state = KindState::default();
     loop {
@@ -321,15 +366,25 @@ impl Syncer for KubeSyncer {
                 return Err(StoreError::Backend("kubernetes syncer stopped".into()))
             }
         };
-        if let Some(e) = self.take(first, &mut out) {
-            return Err(e);
-        }
+        // Everything queued goes out at once. The kinds' watches retry on their own, so an
+        // error followed by events is history (the watch is back); only the newest error
+        // after the last event is reported: a consumer that waited out a long outage must
+        // not then drain one stale error per call while the events behind them wait.
+        let mut error = self.take(first, &mut out);
         while let Ok(m) = self.rx.try_recv() {
-            if let Some(e) = self.take(m, &mut out) {
-                self.pending = Some(e);
-                break;
+            let before = out.len();
+            match self.take(m, &mut out) {
+                Some(e) => error = Some(e),
+                None if out.len() > before => error = None,
+                None => {}
             }
         }
-        Ok(out)
+        match error {
+            Some(e) if out.is_empty() => Err(e),
+            e => {
+                self.pending = e;
+                Ok(out)
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use malla_api::keys;
 use malla_store::{
-    get_json, list_json, put_json, Event, KeyValue, Resource, Revision, Store, StoreError,
+    barrier, get_json, list_json, put_json, Event, KeyValue, Resource, Revision, Store, StoreError,
     SyncEvent, Syncer, Version,
 };
 
@@ -662,6 +662,50 @@ pub fn syncer_follows_the_store(open: Open<'_>) {
     }
 }
 
+/// The convergence barrier ([`malla_store::barrier`]): each bump gets the next number, and a
+/// syncer delivers it after what another handle wrote before bumping it (the writes here are
+/// of the barrier's own kind on Kubernetes, which the API orders within a kind).
+pub fn barrier_arrives_after_earlier_writes(open: Open<'_>) {
+    let a = open();
+    let b = open();
+    let (mut syncer, mut held) = synced(&*a);
+    let first = barrier::bump(&*b).unwrap();
+    assert_eq!(barrier::bump(&*b).unwrap(), first + 1);
+    // A value no earlier case wrote (an unchanged object makes no event on Kubernetes).
+    let config = serde_json::json!({"routing": "vxlan", "vxlanVni": 4000 + first}).to_string();
+    b.put(keys::CLUSTER_CONFIG, &config).unwrap();
+    let target = barrier::bump(&*b).unwrap();
+    assert_eq!(target, first + 2);
+    let mut seen_config_first = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = 0;
+    while got < target {
+        assert!(
+            Instant::now() < deadline,
+            "barrier {target} never arrived: {held:?}"
+        );
+        for e in syncer.next(Duration::from_millis(200)).unwrap_or_default() {
+            if let SyncEvent::Update(u) = &e {
+                match &u.resource {
+                    Some(Resource::Barrier(b)) => got = got.max(b.seq),
+                    Some(Resource::ClusterConfig(c)) => {
+                        seen_config_first = got < target;
+                        assert_eq!(c.routing, malla_api::RoutingMode::Vxlan);
+                    }
+                    _ => {}
+                }
+            }
+            held.apply(vec![e]);
+        }
+    }
+    assert!(
+        seen_config_first,
+        "the write before the barrier came after it"
+    );
+    assert_eq!(held.in_syncs, 1);
+    b.delete(keys::CLUSTER_CONFIG, None).unwrap();
+}
+
 /// The syncer's history is compacted away while it is not reading: it lists again, reports
 /// what disappeared meanwhile as deletions, and says `InSync` a second time.
 pub fn syncer_relists_after_compaction(open: Open<'_>, compact_through: &dyn Fn(Revision)) {
@@ -726,6 +770,10 @@ pub fn run_all(fresh: Fresh<'_>, heavy: bool) {
         (
             "syncer_follows_the_store",
             Box::new(syncer_follows_the_store),
+        ),
+        (
+            "barrier_arrives_after_earlier_writes",
+            Box::new(barrier_arrives_after_earlier_writes),
         ),
         (
             "concurrent_cas_increments_from_separate_handles",
