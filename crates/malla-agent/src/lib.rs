@@ -138,7 +138,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // anything else (which needs the whole node computed).
         let mut pending_services: std::collections::BTreeSet<String> = Default::default();
         // Policy inputs changed since the last apply, and the policy node (the program kept
-        // current change by change; built by each full apply) that follows them.
+        // current change by change; built by the first full apply) that follows them.
         let mut pending_policy = malla_calc::policy::PolicyInputs::default();
         let mut policy_node: Option<malla_calc::policy::PolicyNode> = None;
         let mut other_dirty = true;
@@ -278,9 +278,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             if !pending_policy.is_empty() {
-                // More than set members (or the node moved on without the kernel): the policy
-                // node is built again by the full path.
-                policy_node = None;
+                // More than set members: the full path, with the policy node as it follows the
+                // view (following the same inputs again changes nothing).
                 other_dirty = true;
             }
             let dirty = other_dirty || !pending_services.is_empty();
@@ -305,8 +304,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             if other_dirty || !pending_services.is_empty() {
+                // The policy program from the policy node: it follows the batch's changes, and
+                // is built (one full compile) only at the first apply or when it cannot follow.
                 let view = mirror.view();
-                let node = malla_calc::policy::PolicyNode::new(view, &cfg.node);
+                let node = policy_node
+                    .take()
+                    .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
+                    .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node));
                 let desired = malla_calc::routes::compute_with_policy(view, &cfg.node, &node.program());
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");

@@ -1,9 +1,10 @@
 //! The policy member path: the agent's normal path for a change that only moves addresses in
 //! and out of peer sets (a pod's labels entering or leaving a selector, a namespace's labels).
 //!
-//! [`PolicyNode`] keeps the node's [`PolicyIndex`] (one full compile when it is built, at each
-//! full apply), follows a batch's changed policy inputs ([`PolicyInputs`]: keys the agent's
-//! mirror reports) from the cluster view, and when the resulting [`PolicyDelta`] only changes
+//! [`PolicyNode`] keeps the node's [`PolicyIndex`] (one full compile when it is built, at the
+//! agent's first full apply), follows each batch's changed policy inputs ([`PolicyInputs`]: keys
+//! the agent's mirror reports) from the cluster view — on the full path too, whose policy
+//! program is then the node's rather than a new compile — and when the resulting [`PolicyDelta`] only changes
 //! set members, [`plan_member_changes`] turns it into element changes of the applied table —
 //! each touched set per family as [`render`](super::render) names it, and every union set it is
 //! matched through — made to that table with their undo, as the services endpoint plan is
@@ -86,6 +87,7 @@ impl PolicyNode {
 
     /// Feeds the index the changed inputs as `view` now has them; returns what the batch did
     /// to the program, or None when the node cannot follow (it must then be built again).
+    /// Following the same inputs again changes nothing.
     pub fn follow(&mut self, view: &ClusterView, changed: &PolicyInputs) -> Option<PolicyDelta> {
         if !self.followable {
             return None;
@@ -143,6 +145,10 @@ impl PolicyNode {
                     return None;
                 }
             });
+        }
+        if !delta.members_only() {
+            // Programs or sets changed: the render groups sets differently.
+            self.rendered = None;
         }
         Some(delta)
     }
@@ -402,8 +408,9 @@ mod tests {
     }
 
     /// A change that rewrites a local program (the web pod loses the label the policies
-    /// select) or creates a set is not planned, and the table is left as it was; a pod with
-    /// two endpoint records stops the node from following.
+    /// select) is not planned, and the table is left as it was; the node keeps following (the
+    /// full path's program, then member changes again, unions included); a pod with two
+    /// endpoint records stops the node from following.
     #[test]
     fn more_than_members_is_not_planned() {
         let mut v = view();
@@ -415,6 +422,21 @@ mod tests {
         let mut table = before.clone();
         assert!(node.plan(&mut table, &delta).is_none());
         assert_eq!(table, before);
+        // The agent's full path: the node's program, following the view, is what a compile
+        // gives; the next member change is planned against that render.
+        let table = crate::compute(&v, ME).nft_table;
+        assert_eq!(
+            crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table,
+            table
+        );
+        pod_mut(&mut v, "web").labels = labels(&[("app", "web")]);
+        let delta = node.follow(&v, &changed_pods(&["web"])).unwrap();
+        let mut table = crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table;
+        assert!(node.plan(&mut table, &delta).is_none());
+        pod_mut(&mut v, "c1").labels = labels(&[("app", "a1")]);
+        let delta = node.follow(&v, &changed_pods(&["c1"])).unwrap();
+        node.plan(&mut table, &delta).expect("a member plan");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
 
         let mut v = view();
         let mut node = PolicyNode::new(&v, ME);
