@@ -6,7 +6,10 @@
 //!    `render_policy` + `render_full` (*render*) and `nft -f -` inside a namespace of ours
 //!    (*apply*). The floor is an `nft -f -` of an empty table in the same run.
 //! 2. One pod label change: a remote pod's labels change so it enters a peer selector; the
-//!    program is recomputed, `render_diff`-ed and applied to the same namespace.
+//!    program is recomputed, `render_diff`-ed and applied to the same namespace; and the same
+//!    changes through the agent's member path ([`PolicyNode`]: follow the pod, plan the set
+//!    element changes against the applied table, send them over nfnetlink) into a second
+//!    namespace holding the same table, checked equal to the rebuild's table after each change.
 //!    2b. The same kind of change through the calculation graph's policy node
 //!    ([`PolicyIndex`]) at each size of `--index-pods` (1k and 10k pods, same policies): the
 //!    index's time for the change (it must not grow with the pods), beside a full compile's.
@@ -34,10 +37,14 @@ use malla_bench::{
     percentile, ratio, ratio_d, require_agent, unless, yes, BinArgs, Bins, ChangeStats, Namespaces,
 };
 use malla_calc::nft as model;
-use malla_calc::policy::{compile, render_policy, PolicyIndex, PolicyPod, PolicyProgram};
+use malla_calc::policy::{
+    compile, render_policy, PolicyIndex, PolicyInputs, PolicyNode, PolicyPod, PolicyProgram,
+};
 use malla_calc::{masquerade, ClusterView, ServiceMap};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft;
+use malla_dataplane::nft::diff as element_diff;
+use malla_dataplane::nft::elements::ElementSocket;
 use malla_lab::store as lab_store;
 use malla_lab::topology;
 use malla_store::Store;
@@ -517,6 +524,10 @@ struct Change {
     apply: Duration,
     lines: usize,
     elements_only: bool,
+    /// The same change through the agent's member path: the policy node follows it and plans
+    /// the element changes (follow + plan + encoding), sent over nfnetlink (apply), and how
+    /// many elements; None when the path declined (more than set members).
+    member: Option<(Duration, Duration, usize)>,
 }
 
 struct Programming {
@@ -655,11 +666,47 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         bail!("malla_calc::compute disagrees with compile + render_policy");
     }
     drop(whole);
+    // The member path's namespace: the same table, the same changes, as the agent applies
+    // them (its policy node, element changes over a kept nfnetlink socket).
+    let member_ns = nss.create("pol-member")?;
+    let member_h = NetNs::open_named(&member_ns)?;
+    nft::apply(Some(&member_h), &text).context("applying the full table (member path)")?;
+    let sock = ElementSocket::open(Some(&member_h)).context("a netlink socket")?;
+    let mut node = PolicyNode::new(&syn.view, NODE);
+    let mut member_table = current.clone();
 
     let mut changes = Vec::new();
     for (i, k, val) in changes_wanted {
         check(deadline)?;
         syn.view.pods[i].labels.insert(k.clone(), val.clone());
+        // The member path first (it reads only the changed pod).
+        let t = Instant::now();
+        let pod_key = (
+            syn.view.pods[i].namespace.clone(),
+            syn.view.pods[i].name.clone(),
+        );
+        let inputs = PolicyInputs {
+            pods: [pod_key].into(),
+            ..PolicyInputs::default()
+        };
+        let plan = node
+            .follow(&syn.view, &inputs)
+            .and_then(|delta| node.plan(&mut member_table, &delta));
+        let member = match plan {
+            Some(plan) => {
+                let sets = element_diff::plan_changes(&member_table, &plan)
+                    .context("encoding the plan")?;
+                let member_plan = t.elapsed();
+                let t = Instant::now();
+                let family = element_diff::family(&member_table.family).context("table family")?;
+                sock.apply(family, &member_table.name, &sets)
+                    .context("applying the member change")?;
+                let elements = sets.iter().map(|s| s.add.len() + s.delete.len()).sum();
+                Some((member_plan, t.elapsed(), elements))
+            }
+            None => None,
+        };
+        // Then the rebuild.
         let t = Instant::now();
         let pods = malla_calc::routes::policy_pods(&syn.view);
         let pods_t = t.elapsed();
@@ -679,6 +726,26 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         let elements_only = diff
             .lines()
             .all(|l| l.starts_with("add element ") || l.starts_with("delete element "));
+        match member {
+            Some((plan, apply, elements)) => {
+                if member_table != new {
+                    bail!("{k}={val} on pod {i}: the member path's table differs from a rebuild's");
+                }
+                eprintln!(
+                    "  member path: plan {:.3} ms, apply {:.3} ms, {elements} elements",
+                    plan.as_secs_f64() * 1e3,
+                    apply.as_secs_f64() * 1e3,
+                );
+            }
+            None => {
+                // More than members: the agent's full path (the rebuild's diff), untimed.
+                eprintln!("  member path declined (more than set members)");
+                let d = model::render_diff(&member_table, &new).unwrap_or_default();
+                nft::apply(Some(&member_h), &d).context("applying the diff (member path)")?;
+                member_table = new.clone();
+                node = PolicyNode::new(&syn.view, NODE);
+            }
+        }
         eprintln!(
             "  {}/{}: {k}={val}: rebuild {} ms (pods {}, compile {}, render {}), diff {} ms, apply {} ms, {} lines{}",
             syn.view.pods[i].namespace,
@@ -702,11 +769,15 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             apply,
             lines: diff.lines().count(),
             elements_only,
+            member,
         });
         current = new;
     }
     drop(h);
     nss.delete(&ns)?;
+    drop(sock);
+    drop(member_h);
+    nss.delete(&member_ns)?;
     Ok(Programming {
         floor,
         calc: calc_t,
@@ -889,6 +960,22 @@ fn report_programming(args: &Args, p: &Programming) {
         yes(p.changes.iter().all(|c| c.elements_only)),
         "< 50",
         yes(c.total < Duration::from_millis(50))
+    );
+    let member: Vec<(Duration, Duration, usize)> =
+        p.changes.iter().filter_map(|c| c.member).collect();
+    let med = |f: fn(&(Duration, Duration, usize)) -> Duration| {
+        percentile(&member.iter().map(f).collect::<Vec<_>>(), 50.0)
+    };
+    let mut elements: Vec<usize> = member.iter().map(|m| m.2).collect();
+    elements.sort();
+    println!(
+        "   the same changes through the agent's member path ({} of {} taken; policy node follow + plan, elements over nfnetlink, a second namespace with the same table): plan {:.3} ms, apply {:.3} ms, total {:.3} ms, {} elements (medians)",
+        member.len(),
+        p.changes.len(),
+        med(|m| m.0).as_secs_f64() * 1e3,
+        med(|m| m.1).as_secs_f64() * 1e3,
+        med(|m| m.0 + m.1).as_secs_f64() * 1e3,
+        elements.get(elements.len() / 2).copied().unwrap_or(0)
     );
     println!();
 }

@@ -181,6 +181,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // What changed since the last apply: services whose Service or slices changed, or
         // anything else (which needs the whole node computed).
         let mut pending_services: std::collections::BTreeSet<String> = Default::default();
+        // Policy inputs changed since the last apply, and the policy node (the program kept
+        // current change by change; built by the first full apply) that follows them.
+        let mut pending_policy = malla_calc::policy::PolicyInputs::default();
+        let mut policy_node: Option<malla_calc::policy::PolicyNode> = None;
         let mut other_dirty = true;
         let mut cache_dirty = true;
         // After a full list: the listing's buffers are garbage once the first apply is done.
@@ -285,6 +289,40 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            if !pending_policy.is_empty() && !resync_due && !other_dirty && applied {
+                // Only policy inputs changed: the policy node follows them, and when only set
+                // members moved, their elements are changed in place.
+                let view = mirror.view();
+                let started = Instant::now();
+                let plan = policy_node.as_mut().and_then(|node| {
+                    let delta = node.follow(view, &pending_policy)?;
+                    plane.service_model().and_then(|(table, _)| node.plan(table, &delta))
+                });
+                let done = match plan {
+                    Some(plan) => {
+                        let done = plane.apply(Update::Endpoints(plan)).await;
+                        metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
+                        done.inspect_err(|e| {
+                            metrics.apply_failed();
+                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "policy member update failed; computing everything");
+                        })
+                        .is_ok()
+                    }
+                    None => false,
+                };
+                if done {
+                    tracing::info!(node = %cfg.node, pods = pending_policy.pods.len(), policies = pending_policy.policies.len(), namespaces = pending_policy.namespaces.len(), "policy set members updated in place");
+                    pending_policy.clear();
+                    if let Some(since) = pending_since.take() {
+                        metrics.synced(since.elapsed());
+                    }
+                }
+            }
+            if !pending_policy.is_empty() {
+                // More than set members: the full path, with the policy node as it follows the
+                // view (following the same inputs again changes nothing).
+                other_dirty = true;
+            }
             let dirty = other_dirty || !pending_services.is_empty();
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
@@ -307,7 +345,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             if other_dirty || !pending_services.is_empty() {
-                let desired = malla_calc::compute(mirror.view(), &cfg.node);
+                // The policy program from the policy node: it follows the batch's changes, and
+                // is built (one full compile) only at the first apply or when it cannot follow.
+                let view = mirror.view();
+                let node = policy_node
+                    .take()
+                    .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
+                    .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node));
+                let desired = malla_calc::routes::compute_with_policy(view, &cfg.node, &node.program());
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
@@ -330,6 +375,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         applied = true;
                         other_dirty = false;
                         pending_services.clear();
+                        pending_policy.clear();
+                        policy_node = Some(node);
                         last_full = Instant::now();
                         if !health.readiness.is_ready() {
                             health.readiness.set_ready();
@@ -364,12 +411,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                     received.note(&events);
                     let (changed, _) = mirror.apply_sync(events);
-                    if changed.other || !changed.services.is_empty() {
+                    if changed.other || !changed.services.is_empty() || !changed.policy.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
                     cache_dirty |= changed.node_cache;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);
+                    pending_policy.extend(changed.policy);
                 }
                 Err(e) => {
                     lost = true;

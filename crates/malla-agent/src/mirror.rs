@@ -15,7 +15,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use malla_api::{keys, Node};
+use malla_api::policy::NetworkPolicy;
+use malla_api::{keys, Namespace, Node, Pod, WorkloadEndpoint};
+use malla_calc::policy::PolicyInputs;
 use malla_calc::services::{ProxyService, ProxySlice};
 use malla_calc::ClusterView;
 use malla_ipam::Block;
@@ -89,7 +91,11 @@ pub struct Applied {
     pub node_cache: bool,
     /// Services (`namespace/name`) whose Service or EndpointSlices changed.
     pub services: BTreeSet<String>,
-    /// Something else the calculation reads changed (not a Service or an EndpointSlice).
+    /// The policy program's inputs that changed (pods by their object or endpoint record,
+    /// NetworkPolicies, Namespaces), by key: what the agent's policy node follows.
+    pub policy: PolicyInputs,
+    /// Something else the calculation reads changed (not a Service, an EndpointSlice, a Pod
+    /// object, a Namespace or a NetworkPolicy; an endpoint record is this and a policy input).
     pub other: bool,
 }
 
@@ -98,6 +104,7 @@ impl Applied {
         self.view |= o.view;
         self.node_cache |= o.node_cache;
         self.services.extend(o.services);
+        self.policy.extend(o.policy);
         self.other |= o.other;
     }
 }
@@ -227,7 +234,7 @@ impl Mirror {
     /// Sets or removes the record at `key` (an unknown key changes nothing).
     fn set(&mut self, key: &str, record: Option<Resource>) -> Applied {
         let mut applied = self.set_record(key, record);
-        if applied.view && applied.services.is_empty() {
+        if applied.view && applied.services.is_empty() && applied.policy.is_empty() {
             applied.other = true;
         }
         applied
@@ -281,23 +288,67 @@ impl Mirror {
         if key.starts_with(keys::BLOCKS) {
             return self.set_block(key, value);
         }
-        view(if key.starts_with(keys::POOLS) {
-            self.pools
-                .upsert(&mut v.pools, key, take!(key, value, Pool))
-        } else if key.starts_with(keys::ENDPOINTS) {
-            self.endpoints
-                .upsert(&mut v.endpoints, key, take!(key, value, WorkloadEndpoint))
+        if key.starts_with(keys::POOLS) {
+            return view(
+                self.pools
+                    .upsert(&mut v.pools, key, take!(key, value, Pool)),
+            );
+        }
+        let mut policy = PolicyInputs::default();
+        let changed = if key.starts_with(keys::ENDPOINTS) {
+            let ep = take!(key, value, WorkloadEndpoint);
+            let pod = |e: &WorkloadEndpoint| (e.namespace.clone(), e.pod.clone());
+            let before = self.endpoints.get(&v.endpoints, key).map(pod);
+            let after = ep.as_ref().map(pod);
+            let changed = self.endpoints.upsert(&mut v.endpoints, key, ep);
+            // Routes and local pods read endpoint records too.
+            return Applied {
+                view: changed,
+                other: changed,
+                policy: PolicyInputs {
+                    pods: if changed {
+                        before.into_iter().chain(after).collect()
+                    } else {
+                        BTreeSet::new()
+                    },
+                    ..PolicyInputs::default()
+                },
+                ..Applied::default()
+            };
         } else if key.starts_with(keys::PODS) {
-            self.pods.upsert(&mut v.pods, key, take!(key, value, Pod))
+            let pod = take!(key, value, Pod);
+            let id = |p: &Pod| (p.namespace.clone(), p.name.clone());
+            policy.pods.extend(self.pods.get(&v.pods, key).map(id));
+            policy.pods.extend(pod.as_ref().map(id));
+            self.pods.upsert(&mut v.pods, key, pod)
         } else if key.starts_with(keys::NAMESPACES) {
-            self.namespaces
-                .upsert(&mut v.namespaces, key, take!(key, value, Namespace))
+            let ns = take!(key, value, Namespace);
+            let id = |n: &Namespace| n.name.clone();
+            policy
+                .namespaces
+                .extend(self.namespaces.get(&v.namespaces, key).map(id));
+            policy.namespaces.extend(ns.as_ref().map(id));
+            self.namespaces.upsert(&mut v.namespaces, key, ns)
         } else if key.starts_with(keys::NETWORK_POLICIES) {
-            self.policies
-                .upsert(&mut v.policies, key, take!(key, value, NetworkPolicy))
+            let np = take!(key, value, NetworkPolicy);
+            let id = |p: &NetworkPolicy| (p.namespace.clone(), p.name.clone());
+            policy
+                .policies
+                .extend(self.policies.get(&v.policies, key).map(id));
+            policy.policies.extend(np.as_ref().map(id));
+            self.policies.upsert(&mut v.policies, key, np)
         } else {
             false
-        })
+        };
+        Applied {
+            view: changed,
+            policy: if changed {
+                policy
+            } else {
+                PolicyInputs::default()
+            },
+            ..Applied::default()
+        }
     }
 
     /// A block: the view keeps `(cidr, affinity)`, so an allocation elsewhere in the cluster

@@ -79,7 +79,6 @@ fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
 /// (addresses, host interface), borrowed from `view`. A pod without an endpoint has no address
 /// yet: nothing to match.
 pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod<'_>> {
-    use std::borrow::Cow;
     let mut pods: HashMap<(&str, &str), &malla_api::Pod> = HashMap::with_capacity(view.pods.len());
     pods.extend(
         view.pods
@@ -89,22 +88,45 @@ pub fn policy_pods(view: &ClusterView) -> Vec<crate::policy::PolicyPod<'_>> {
     view.endpoints
         .iter()
         .map(|ep| {
-            let pod = pods.get(&(ep.namespace.as_str(), ep.pod.as_str()));
-            crate::policy::PolicyPod {
-                namespace: Cow::Borrowed(&ep.namespace),
-                name: Cow::Borrowed(&ep.pod),
-                labels: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.labels)),
-                ips: ep.addrs().collect(),
-                node: Cow::Borrowed(&ep.node),
-                ports: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.ports[..])),
-                host_ifname: Cow::Borrowed(&ep.host_ifname),
-            }
+            policy_pod(
+                ep,
+                pods.get(&(ep.namespace.as_str(), ep.pod.as_str())).copied(),
+            )
         })
         .collect()
 }
 
+/// One pod as policy sees it: its endpoint record joined with its API object, if any (see
+/// [`policy_pods`]).
+pub fn policy_pod<'a>(
+    ep: &'a WorkloadEndpoint,
+    pod: Option<&'a malla_api::Pod>,
+) -> crate::policy::PolicyPod<'a> {
+    use std::borrow::Cow;
+    crate::policy::PolicyPod {
+        namespace: Cow::Borrowed(&ep.namespace),
+        name: Cow::Borrowed(&ep.pod),
+        labels: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.labels)),
+        ips: ep.addrs().collect(),
+        node: Cow::Borrowed(&ep.node),
+        ports: pod.map_or_else(Cow::default, |p| Cow::Borrowed(&p.ports[..])),
+        host_ifname: Cow::Borrowed(&ep.host_ifname),
+    }
+}
+
 /// Computes `me`'s desired state from the whole cluster view.
 pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
+    let program = crate::policy::compile(&view.policies, &view.namespaces, &policy_pods(view), me);
+    compute_with_policy(view, me, &program)
+}
+
+/// [`compute`] with `me`'s policy program already compiled (the agent's policy node keeps it:
+/// [`crate::policy::members::PolicyNode`]).
+pub fn compute_with_policy(
+    view: &ClusterView,
+    me: &str,
+    program: &crate::policy::PolicyProgram,
+) -> NodeDataplane {
     let nodes: BTreeMap<&str, &Node> = view.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     let mut routes = BTreeSet::new();
     let mut problems = Vec::new();
@@ -197,8 +219,7 @@ pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
         &view.pools,
     );
     let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
-    let program = crate::policy::compile(&view.policies, &view.namespaces, &policy_pods(view), me);
-    crate::policy::render_policy(&program, &mut nft_table);
+    crate::policy::render_policy(program, &mut nft_table);
 
     NodeDataplane {
         mode: view.config.routing,

@@ -366,10 +366,21 @@ fn kubernetes_network_policy_model() {
         "nobody matches yet",
         &|_: &str, t: &str, _: u16, _: &str| t != "x/a",
     );
+    // x/a is on node-1, x/b on node-2: node-1's agent changes the set's members in place.
+    let member_updates = || {
+        let log = m.lab.dir().join("logs").join("agent-node-1.log");
+        let log = std::fs::read_to_string(log).unwrap();
+        log.matches("policy set members updated in place").count()
+    };
+    let before = member_updates();
     m.lab.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: x, labels: {pod: b, role: friend}}\nspec:\n  nodeName: node-2\n  containers:\n  - name: c\n    ports:\n    - {containerPort: 80, name: serve-80-tcp}\n    - {containerPort: 81, name: serve-81-tcp}\n    - {containerPort: 80, protocol: UDP, name: serve-80-udp}\n    - {containerPort: 81, protocol: UDP, name: serve-81-udp}\n");
     m.check("pod label added", &|f: &str, t: &str, _: u16, _: &str| {
         t != "x/a" || f == "x/b"
     });
+    assert!(
+        member_updates() > before,
+        "node-1's agent took the member path for x/b's label"
+    );
     m.lab.apply(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: z, labels: {ns: z, trust: high}}\n",
     );

@@ -302,3 +302,64 @@ fn slices_are_kept_as_the_proxy_reads_them() {
         ]
     );
 }
+
+/// Policy inputs are reported by key: a pod's labels, a namespace, a policy alone are no
+/// "other" change (only the policy program reads them); an endpoint record is both; a write
+/// that changes nothing reports nothing.
+#[test]
+fn policy_inputs_are_reported_by_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store.db")).unwrap();
+    store
+        .put(&keys::pod("ns1", "p1"), &json(&pod(1, 0)))
+        .unwrap();
+    let mut mirror = Mirror::load(&store, "n1").unwrap();
+    let mut watch = store.watch(WATCH_PREFIX, mirror.revision()).unwrap();
+    let mut next = |mirror: &mut Mirror| mirror.apply(watch.next(Duration::from_secs(5)).unwrap());
+    let id = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+
+    store
+        .put(&keys::pod("ns1", "p1"), &json(&pod(1, 2)))
+        .unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.view && !applied.other, "{applied:?}");
+    assert_eq!(applied.policy.pods, [id("ns1", "p1")].into());
+    store
+        .put(&keys::pod("ns1", "p1"), &json(&pod(1, 2)))
+        .unwrap();
+    let applied = next(&mut mirror);
+    assert!(!applied.view && applied.policy.is_empty(), "{applied:?}");
+
+    let ns = Namespace {
+        name: "ns1".into(),
+        labels: [("team".to_string(), "a".to_string())].into(),
+    };
+    store.put(&keys::namespace("ns1"), &json(&ns)).unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.view && !applied.other, "{applied:?}");
+    assert_eq!(applied.policy.namespaces, ["ns1".to_string()].into());
+
+    let np: malla_api::policy::NetworkPolicy = serde_json::from_value(serde_json::json!({
+        "namespace": "ns1", "name": "deny", "spec": {"podSelector": {}}
+    }))
+    .unwrap();
+    store
+        .put(&keys::network_policy("ns1", "deny"), &json(&np))
+        .unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.view && !applied.other, "{applied:?}");
+    assert_eq!(applied.policy.policies, [id("ns1", "deny")].into());
+    store
+        .delete(&keys::network_policy("ns1", "deny"), None)
+        .unwrap();
+    let applied = next(&mut mirror);
+    assert_eq!(applied.policy.policies, [id("ns1", "deny")].into());
+
+    let ep = endpoint(1);
+    store
+        .put(&keys::endpoint("n1", "c1", "eth0"), &json(&ep))
+        .unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.view && applied.other, "{applied:?}");
+    assert_eq!(applied.policy.pods, [id("ns1", "p1")].into());
+}

@@ -58,6 +58,40 @@ impl PolicyDelta {
         *self == Self::default()
     }
 
+    /// Whether the change only moved addresses in and out of sets that existed before and still
+    /// do: no set created or dropped, no local endpoint's program changed or removed.
+    pub fn members_only(&self) -> bool {
+        self.sets_added.is_empty()
+            && self.sets_removed.is_empty()
+            && self.endpoints_changed.is_empty()
+            && self.endpoints_removed.is_empty()
+    }
+
+    /// Adds what a later change did, so that one delta stands for a batch of changes.
+    pub fn merge(&mut self, later: PolicyDelta) {
+        for set in &later.sets_removed {
+            self.set_dropped(set);
+        }
+        for set in &later.sets_added {
+            self.set_created(set);
+        }
+        for (added, sets) in [(false, later.members_removed), (true, later.members_added)] {
+            for (set, addrs) in sets {
+                for addr in addrs {
+                    self.member(&set, addr, added);
+                }
+            }
+        }
+        for key in later.endpoints_changed {
+            self.endpoints_removed.remove(&key);
+            self.endpoints_changed.insert(key);
+        }
+        for key in later.endpoints_removed {
+            self.endpoints_changed.remove(&key);
+            self.endpoints_removed.insert(key);
+        }
+    }
+
     fn member(&mut self, set: &str, addr: IpNet, added: bool) {
         if self.sets_added.contains(set) {
             return;
@@ -210,6 +244,16 @@ impl PolicyIndex {
     /// One set of the program.
     pub fn set(&self, name: &str) -> Option<&PeerSet> {
         self.sets.sets.get(name)
+    }
+
+    /// Every set of the program, by name.
+    pub fn sets(&self) -> &BTreeMap<String, PeerSet> {
+        &self.sets.sets
+    }
+
+    /// The local endpoints' programs, in the program's order.
+    pub fn endpoints(&self) -> impl Iterator<Item = &EndpointProgram> {
+        self.endpoints.values().map(|e| &e.program)
     }
 
     /// One local endpoint's program.

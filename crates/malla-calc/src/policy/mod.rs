@@ -10,6 +10,8 @@
 //!   compile only at start-up, then each pod, policy or namespace change costs the work it
 //!   touches and yields a backend-neutral [`PolicyDelta`].
 //! - [`render`]: the program as sets, verdict maps and chains of the `inet malla` table.
+//! - [`members`]: the agent's policy node ([`PolicyNode`]) and the member path: a change that
+//!   only moves set members planned as element changes of the applied table.
 //!
 //! Policies that fail [`NetworkPolicy::validate`] are ignored everywhere: the API server would
 //! have rejected them, so they do not exist.
@@ -18,6 +20,7 @@ pub mod addrs;
 pub mod compile;
 pub mod explain;
 pub mod incremental;
+pub mod members;
 pub mod reference;
 pub mod render;
 
@@ -38,6 +41,7 @@ use serde::Serialize;
 pub use compile::{compile, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
 pub use explain::{explain, DirectionTrace, Explanation, Verdict};
 pub use incremental::{PolicyDelta, PolicyIndex};
+pub use members::{plan_member_changes, PolicyInputs, PolicyNode};
 pub use render::render_policy;
 
 /// A pod as policy sees it: identity, labels, addresses, node, declared ports, and the name of

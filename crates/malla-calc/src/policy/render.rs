@@ -45,7 +45,7 @@ use malla_api::service::Protocol;
 use crate::nft::{self, BaseChain, Chain, Map, Set};
 
 use super::addrs::{hosts, nft_element, normalize};
-use super::compile::{set_name, CompiledRule, PeerSet, PolicyProgram, PortMatch};
+use super::compile::{set_name, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
 use super::fnv;
 
 /// The policy base chain.
@@ -231,6 +231,80 @@ fn peers_chain_name(rules: &[String], salt: u32) -> String {
 /// most this many lookups per family whatever the policies.
 pub const UNION_ABOVE: usize = 4;
 
+/// What a union set stands for (hashed into its name): its members' names.
+fn union_key(names: &[&str]) -> String {
+    format!("union of {}", names.join(","))
+}
+
+/// How the peer sets allowed in one place are matched: each alone, or above `union_above` sets
+/// by kind (pod-address hash sets, `ipBlock` interval sets), a kind of two or more sets through
+/// one union set (a part of one set is matched alone).
+fn grouped<'p, T>(
+    sets: Vec<(&'p str, &'p PeerSet, T)>,
+    union_above: usize,
+) -> Vec<Vec<(&'p str, &'p PeerSet, T)>> {
+    if sets.len() <= union_above {
+        return sets.into_iter().map(|s| vec![s]).collect();
+    }
+    let (intervals, hashes): (Vec<_>, Vec<_>) = sets.into_iter().partition(|(_, s, _)| s.interval);
+    [hashes, intervals]
+        .into_iter()
+        .filter(|part| !part.is_empty())
+        .collect()
+}
+
+/// The sets a render of a program writes: the program's sets some rule matches directly, and
+/// the union sets (by name) with their members (names of the program's sets). A change that
+/// only moves addresses in and out of the program's sets leaves this as it is, so the member
+/// path ([`super::members`]) finds from it every table set an address change touches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderedSets {
+    pub used: BTreeSet<String>,
+    pub unions: BTreeMap<String, Vec<String>>,
+}
+
+/// [`RenderedSets`] of the program made of `endpoints` over `sets`, as [`render_policy`]
+/// groups them, without rendering anything.
+pub fn rendered_sets<'a>(
+    endpoints: impl IntoIterator<Item = &'a EndpointProgram>,
+    sets: &BTreeMap<String, PeerSet>,
+) -> RenderedSets {
+    let mut out = RenderedSets::default();
+    for ep in endpoints.into_iter().filter(|e| ifname_ok(&e.host_ifname)) {
+        for rules in ep.ingress.iter().chain(ep.egress.iter()) {
+            let disp = dispatch(rules);
+            let places = std::iter::once(&disp.any_port).chain(
+                disp.segments
+                    .iter()
+                    .map(|(_, _, _, peers)| peers)
+                    .filter(|peers| !peers.contains_key(&None)),
+            );
+            for peers in places {
+                let here: Vec<(&str, &PeerSet, ())> = peers
+                    .keys()
+                    .flatten()
+                    .filter_map(|n| sets.get_key_value(*n))
+                    .map(|(n, s)| (n.as_str(), s, ()))
+                    .collect();
+                for part in grouped(here, UNION_ABOVE) {
+                    let names: Vec<&str> = part.iter().map(|(n, _, _)| *n).collect();
+                    match names.as_slice() {
+                        [one] => {
+                            out.used.insert(one.to_string());
+                        }
+                        _ => {
+                            let name = set_name(&union_key(&names));
+                            let members = names.iter().map(|n| n.to_string()).collect();
+                            out.unions.insert(name, members);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Rendering state: the sets rules refer to (the program's, and unions made on the way).
 struct Render<'p> {
     prog: &'p PolicyProgram,
@@ -245,7 +319,7 @@ impl<'p> Render<'p> {
     /// The union of `members` (all hash sets or all interval sets), named by its members.
     fn union(&mut self, members: &[(&'p str, &'p PeerSet)]) -> String {
         let names: Vec<&str> = members.iter().map(|(n, _)| *n).collect();
-        let key = format!("union of {}", names.join(","));
+        let key = union_key(&names);
         let name = set_name(&key);
         if !self.unions.contains_key(&name) {
             let interval = members.iter().any(|(_, s)| s.interval);
@@ -285,35 +359,23 @@ impl<'p> Render<'p> {
         }
         // (set name, its families, the rules behind it)
         let mut groups: Vec<(String, Families, BTreeSet<usize>)> = Vec::new();
-        if sets.len() > self.union_above {
-            for interval in [false, true] {
-                let part: Vec<&(&str, &PeerSet, &BTreeSet<usize>)> = sets
-                    .iter()
-                    .filter(|(_, s, _)| s.interval == interval)
-                    .collect();
-                let which: BTreeSet<usize> = part
-                    .iter()
-                    .flat_map(|(_, _, w)| w.iter().copied())
-                    .collect();
-                match part.as_slice() {
-                    [] => {}
-                    [(name, set, _)] => {
-                        self.used.insert(name);
-                        groups.push((name.to_string(), families(set), which));
-                    }
-                    _ => {
-                        let members: Vec<(&'p str, &'p PeerSet)> =
-                            part.iter().map(|(n, s, _)| (*n, *s)).collect();
-                        let name = self.union(&members);
-                        let fams = families(&self.unions[&name]);
-                        groups.push((name, fams, which));
-                    }
+        for part in grouped(sets, self.union_above) {
+            let which: BTreeSet<usize> = part
+                .iter()
+                .flat_map(|(_, _, w)| w.iter().copied())
+                .collect();
+            match part.as_slice() {
+                [(name, set, _)] => {
+                    self.used.insert(name);
+                    groups.push((name.to_string(), families(set), which));
                 }
-            }
-        } else {
-            for (name, set, which) in &sets {
-                self.used.insert(name);
-                groups.push((name.to_string(), families(set), (*which).clone()));
+                _ => {
+                    let members: Vec<(&'p str, &'p PeerSet)> =
+                        part.iter().map(|(n, s, _)| (*n, *s)).collect();
+                    let name = self.union(&members);
+                    let fams = families(&self.unions[&name]);
+                    groups.push((name, fams, which));
+                }
             }
         }
         for (name, fams, which) in groups {

@@ -57,6 +57,21 @@ pub struct EndpointPlan {
 }
 
 impl EndpointPlan {
+    /// A plan of table element changes alone, already made to the table (`undo` takes them
+    /// back), touching no service entry: the policy member path
+    /// ([`crate::policy::members`]) rides the same driver update.
+    pub(crate) fn elements(delta: EndpointDelta, undo: EndpointDelta) -> Self {
+        EndpointPlan {
+            changes: vec![ServiceChange {
+                delta,
+                undo,
+                start: 0,
+                count: 0,
+                old: Vec::new(),
+            }],
+        }
+    }
+
     /// Puts `table` and `map` back as they were before the plan.
     pub fn undo(self, table: &mut Table, map: &mut ServiceMap) {
         for c in self.changes.into_iter().rev() {

@@ -1,0 +1,474 @@
+//! The policy member path: the agent's normal path for a change that only moves addresses in
+//! and out of peer sets (a pod's labels entering or leaving a selector, a namespace's labels).
+//!
+//! [`PolicyNode`] keeps the node's [`PolicyIndex`] (one full compile when it is built, at the
+//! agent's first full apply), follows each batch's changed policy inputs ([`PolicyInputs`]: keys
+//! the agent's mirror reports) from the cluster view — on the full path too, whose policy
+//! program is then the node's rather than a new compile — and when the resulting [`PolicyDelta`] only changes
+//! set members, [`plan_member_changes`] turns it into element changes of the applied table —
+//! each touched set per family as [`render`](super::render) names it, and every union set it is
+//! matched through — made to that table with their undo, as the services endpoint plan is
+//! ([`crate::services::plan_endpoint_changes`]). The driver sends them as an
+//! `Update::Endpoints`. Anything else (a program changed, a set created or dropped) yields
+//! None: the agent computes and applies the whole node.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use ipnet::IpNet;
+use malla_api::WorkloadEndpoint;
+
+use super::addrs::nft_element;
+use super::render::{rendered_sets, RenderedSets};
+use super::{PolicyDelta, PolicyIndex, PolicyProgram};
+use crate::nft::Table;
+use crate::services::{EndpointDelta, EndpointPlan};
+use crate::ClusterView;
+
+/// What a batch changed among the policy program's inputs, by key (the agent's mirror reports
+/// them; nothing is copied).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PolicyInputs {
+    /// Pods (`namespace`, `name`) whose object or endpoint record changed.
+    pub pods: BTreeSet<(String, String)>,
+    /// NetworkPolicies (`namespace`, `name`).
+    pub policies: BTreeSet<(String, String)>,
+    /// Namespaces (their labels).
+    pub namespaces: BTreeSet<String>,
+}
+
+impl PolicyInputs {
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty() && self.policies.is_empty() && self.namespaces.is_empty()
+    }
+
+    pub fn extend(&mut self, o: PolicyInputs) {
+        self.pods.extend(o.pods);
+        self.policies.extend(o.policies);
+        self.namespaces.extend(o.namespaces);
+    }
+
+    pub fn clear(&mut self) {
+        *self = PolicyInputs::default();
+    }
+}
+
+/// Above this many changed pods in one batch, their records are found through a map of the
+/// view rather than by walking it once each.
+const WALK_UP_TO: usize = 8;
+
+/// The calculation graph's policy node as the agent keeps it: the index, and which sets the
+/// render of its program writes (found when first needed, kept while only members change).
+#[derive(Debug)]
+pub struct PolicyNode {
+    index: PolicyIndex,
+    rendered: Option<RenderedSets>,
+    /// False when the view had two endpoint records for one pod (one moving between nodes):
+    /// the index, keyed by pod, cannot follow that; only full computes can.
+    followable: bool,
+}
+
+impl PolicyNode {
+    /// The node's policy program for `view`: one full compile.
+    pub fn new(view: &ClusterView, node: &str) -> Self {
+        let pods = crate::routes::policy_pods(view);
+        let mut seen = HashSet::with_capacity(pods.len());
+        let followable = pods.iter().all(|p| seen.insert((&p.namespace, &p.name)));
+        PolicyNode {
+            index: PolicyIndex::new(node, &view.policies, &view.namespaces, &pods),
+            rendered: None,
+            followable,
+        }
+    }
+
+    /// The whole program, as `compile` gives it for the view the node follows.
+    pub fn program(&self) -> PolicyProgram {
+        self.index.program()
+    }
+
+    /// Feeds the index the changed inputs as `view` now has them; returns what the batch did
+    /// to the program, or None when the node cannot follow (it must then be built again).
+    /// Following the same inputs again changes nothing.
+    pub fn follow(&mut self, view: &ClusterView, changed: &PolicyInputs) -> Option<PolicyDelta> {
+        if !self.followable {
+            return None;
+        }
+        let index = &mut self.index;
+        let mut delta = PolicyDelta::default();
+        for name in &changed.namespaces {
+            let labels = view.namespaces.iter().find(|n| n.name == *name);
+            delta.merge(index.set_namespace(name, labels.map(|n| &n.labels)));
+        }
+        for (ns, name) in &changed.policies {
+            let policy = view
+                .policies
+                .iter()
+                .find(|p| p.namespace == *ns && p.name == *name);
+            delta.merge(match policy {
+                Some(p) => index.upsert_policy(p),
+                None => index.remove_policy(ns, name),
+            });
+        }
+        let walk = changed.pods.len() <= WALK_UP_TO;
+        let mut records: HashMap<(&str, &str), Vec<&WorkloadEndpoint>> = HashMap::new();
+        let mut objects: HashMap<(&str, &str), &malla_api::Pod> = HashMap::new();
+        if !walk {
+            for ep in &view.endpoints {
+                records
+                    .entry((&ep.namespace, &ep.pod))
+                    .or_default()
+                    .push(ep);
+            }
+            objects.extend(view.pods.iter().map(|p| ((&*p.namespace, &*p.name), p)));
+        }
+        for (ns, name) in &changed.pods {
+            let (eps, pod) = if walk {
+                let eps: Vec<&WorkloadEndpoint> = view
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.namespace == *ns && e.pod == *name)
+                    .collect();
+                let pod = view
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == *ns && p.name == *name);
+                (eps, pod)
+            } else {
+                let key = (ns.as_str(), name.as_str());
+                let eps = records.get(&key).cloned().unwrap_or_default();
+                (eps, objects.get(&key).copied())
+            };
+            delta.merge(match eps.as_slice() {
+                [] => index.remove_pod(ns, name),
+                [ep] => index.upsert_pod(&crate::routes::policy_pod(ep, pod)),
+                _ => {
+                    self.followable = false;
+                    return None;
+                }
+            });
+        }
+        if !delta.members_only() {
+            // Programs or sets changed: the render groups sets differently.
+            self.rendered = None;
+        }
+        Some(delta)
+    }
+
+    /// Plans `delta` (what [`PolicyNode::follow`] returned) against `table`, the node's table
+    /// as last applied, making it to the table; None when it is more than set members (see
+    /// [`plan_member_changes`]).
+    pub fn plan(&mut self, table: &mut Table, delta: &PolicyDelta) -> Option<EndpointPlan> {
+        if !delta.members_only() {
+            return None;
+        }
+        let index = &self.index;
+        let rendered = self
+            .rendered
+            .get_or_insert_with(|| rendered_sets(index.endpoints(), index.sets()));
+        plan_member_changes(table, index, rendered, delta)
+    }
+}
+
+/// Plans the element changes that take `table` (a render of the program before `delta`) to a
+/// render of `index`'s program, `delta` being the change between the two and only moving set
+/// members; `rendered` says which sets that render writes (unchanged by such a change). Every
+/// address `delta` names is looked up in the sets as `index` has them now: in each touched set
+/// (`<set>-v4` / `-v6`) and in each union set one of its members is matched through. The
+/// changes are made to `table`; the plan's undo puts it back. None, with `table` as it was,
+/// when `delta` is more than members or the table lacks a set the render writes.
+pub fn plan_member_changes(
+    table: &mut Table,
+    index: &PolicyIndex,
+    rendered: &RenderedSets,
+    delta: &PolicyDelta,
+) -> Option<EndpointPlan> {
+    if !delta.members_only() {
+        return None;
+    }
+    let mut touched: BTreeMap<&str, BTreeSet<IpNet>> = BTreeMap::new();
+    for (set, addrs) in delta.members_added.iter().chain(&delta.members_removed) {
+        touched
+            .entry(set.as_str())
+            .or_default()
+            .extend(addrs.iter().copied());
+    }
+    let holds = |set: &str, a: &IpNet| {
+        index
+            .set(set)
+            .is_some_and(|s| s.addrs.binary_search(a).is_ok())
+    };
+    let mut out = EndpointDelta::default();
+    for (set, addrs) in &touched {
+        if !rendered.used.contains(*set) {
+            continue;
+        }
+        for a in addrs {
+            element(table, set, a, holds(set, a), &mut out)?;
+        }
+    }
+    for (union, members) in &rendered.unions {
+        let addrs: BTreeSet<&IpNet> = members
+            .iter()
+            .filter_map(|m| touched.get(m.as_str()))
+            .flatten()
+            .collect();
+        for a in addrs {
+            let want = members.iter().any(|m| holds(m, a));
+            element(table, union, a, want, &mut out)?;
+        }
+    }
+    let undo = out.apply_to(table);
+    Some(EndpointPlan::elements(out, undo))
+}
+
+/// Adds to `out` what makes host address `a` a member of `set`'s table set of its family
+/// (`want`) or not, against `table`; None when the table has no such hash set.
+fn element(table: &Table, set: &str, a: &IpNet, want: bool, out: &mut EndpointDelta) -> Option<()> {
+    let name = format!("{set}-{}", if a.addr().is_ipv4() { "v4" } else { "v6" });
+    let s = table.sets.get(&name)?;
+    if s.flags.iter().any(|f| f == "interval") || a.prefix_len() != a.max_prefix_len() {
+        return None;
+    }
+    let e = nft_element(a);
+    match (want, s.elements.contains(&e)) {
+        (true, false) => out.set_added.push((name, e)),
+        (false, true) => out.set_removed.push((name, e)),
+        _ => {}
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use malla_api::policy::NetworkPolicy;
+    use malla_api::{Namespace, Pod, WorkloadEndpoint};
+
+    use super::*;
+
+    const ME: &str = "me";
+
+    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// Adds pod `name` of namespace `prod` on `node` with `ips` and labels `kv`.
+    fn add_pod(v: &mut ClusterView, name: &str, node: &str, ips: &[&str], kv: &[(&str, &str)]) {
+        v.pods.push(Pod {
+            namespace: "prod".into(),
+            name: name.into(),
+            labels: labels(kv),
+            node: node.into(),
+            ports: Vec::new(),
+            ips: Vec::new(),
+        });
+        v.endpoints.push(WorkloadEndpoint {
+            namespace: "prod".into(),
+            pod: name.into(),
+            node: node.into(),
+            container_id: format!("c-{name}"),
+            ifname: "eth0".into(),
+            host_ifname: format!("m{name}"),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            mac: String::new(),
+            ipam_handle: String::new(),
+        });
+    }
+
+    fn policy(name: &str, spec: serde_json::Value) -> NetworkPolicy {
+        let p = NetworkPolicy {
+            namespace: "prod".into(),
+            name: name.into(),
+            spec: serde_json::from_value(spec).unwrap(),
+        };
+        assert_eq!(p.validate(), Ok(()), "{name}");
+        p
+    }
+
+    /// A local web pod isolated by two policies: clients on any port (one set, matched alone),
+    /// and five apps on port 80 (five sets, matched through one union set); remote pods, one
+    /// of them dual-stack.
+    fn view() -> ClusterView {
+        let mut v = ClusterView {
+            namespaces: vec![Namespace {
+                name: "prod".into(),
+                labels: labels(&[("team", "a")]),
+            }],
+            ..ClusterView::default()
+        };
+        add_pod(&mut v, "web", ME, &["198.18.0.2/32"], &[("app", "web")]);
+        add_pod(
+            &mut v,
+            "c0",
+            "other",
+            &["198.18.1.2/32"],
+            &[("role", "client")],
+        );
+        add_pod(
+            &mut v,
+            "c1",
+            "other",
+            &["198.18.1.3/32", "fd00::13/128"],
+            &[("role", "none")],
+        );
+        for i in 1..=5 {
+            let ip = format!("198.18.2.{i}/32");
+            add_pod(
+                &mut v,
+                &format!("a{i}"),
+                "other",
+                &[&ip],
+                &[("app", &format!("a{i}"))],
+            );
+        }
+        v.policies.push(policy(
+            "clients",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]
+            }),
+        ));
+        let apps: Vec<serde_json::Value> = (1..=5)
+            .map(|i| serde_json::json!({"podSelector": {"matchLabels": {"app": format!("a{i}")}}}))
+            .collect();
+        v.policies.push(policy(
+            "apps",
+            serde_json::json!({
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{"from": apps, "ports": [{"protocol": "TCP", "port": 80}]}]
+            }),
+        ));
+        v
+    }
+
+    fn pod_mut<'a>(v: &'a mut ClusterView, name: &str) -> &'a mut Pod {
+        v.pods.iter_mut().find(|p| p.name == name).unwrap()
+    }
+
+    fn changed_pods(names: &[&str]) -> PolicyInputs {
+        PolicyInputs {
+            pods: names
+                .iter()
+                .map(|n| ("prod".to_string(), n.to_string()))
+                .collect(),
+            ..PolicyInputs::default()
+        }
+    }
+
+    /// Label changes moving remote pods (one dual-stack) into and out of a set matched alone
+    /// and sets matched through a union: the planned table equals a full computation's, and
+    /// the undo puts the table back.
+    #[test]
+    fn a_member_change_planned_equals_a_full_render_and_undo_restores() {
+        let mut v = view();
+        let before = crate::compute(&v, ME).nft_table;
+        let mut node = PolicyNode::new(&v, ME);
+        assert_eq!(
+            crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table,
+            before
+        );
+        let rendered = rendered_sets(node.index.endpoints(), node.index.sets());
+        assert_eq!(rendered.unions.len(), 1, "{rendered:?}");
+        assert!(rendered.unions.values().all(|m| m.len() == 5));
+
+        pod_mut(&mut v, "c1").labels = labels(&[("role", "client"), ("app", "a3")]);
+        pod_mut(&mut v, "c0").labels = labels(&[("role", "gone")]);
+        pod_mut(&mut v, "a2").labels = labels(&[("app", "a4")]);
+        pod_mut(&mut v, "a5").labels = labels(&[]);
+        let delta = node
+            .follow(&v, &changed_pods(&["c0", "c1", "a2", "a5"]))
+            .unwrap();
+        assert!(delta.members_only() && !delta.is_empty(), "{delta:?}");
+
+        let mut table = before.clone();
+        let plan = node.plan(&mut table, &delta).expect("a member plan");
+        let want = crate::compute(&v, ME).nft_table;
+        assert_ne!(want, before);
+        assert_eq!(table, want);
+        let c = &plan.changes[0].delta;
+        assert!(c.map_values.is_empty() && c.dispatch.is_empty());
+        let union = rendered.unions.keys().next().unwrap();
+        let in_union = |s: &str| s.strip_suffix("-v4").or(s.strip_suffix("-v6")) == Some(union);
+        assert!(c
+            .set_added
+            .iter()
+            .any(|(s, e)| in_union(s) && e == "fd00::13"));
+        assert!(c
+            .set_removed
+            .iter()
+            .any(|(s, e)| in_union(s) && e == "198.18.2.5"));
+        assert!(!c
+            .set_removed
+            .iter()
+            .any(|(s, e)| in_union(s) && e == "198.18.2.2"));
+        plan.undo(&mut table, &mut Default::default());
+        assert_eq!(table, before);
+    }
+
+    /// A change that rewrites a local program (the web pod loses the label the policies
+    /// select) is not planned, and the table is left as it was; the node keeps following (the
+    /// full path's program, then member changes again, unions included); a pod with two
+    /// endpoint records stops the node from following.
+    #[test]
+    fn more_than_members_is_not_planned() {
+        let mut v = view();
+        let before = crate::compute(&v, ME).nft_table;
+        let mut node = PolicyNode::new(&v, ME);
+        pod_mut(&mut v, "web").labels = labels(&[("app", "other")]);
+        let delta = node.follow(&v, &changed_pods(&["web"])).unwrap();
+        assert!(!delta.members_only());
+        let mut table = before.clone();
+        assert!(node.plan(&mut table, &delta).is_none());
+        assert_eq!(table, before);
+        // The agent's full path: the node's program, following the view, is what a compile
+        // gives; the next member change is planned against that render.
+        let table = crate::compute(&v, ME).nft_table;
+        assert_eq!(
+            crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table,
+            table
+        );
+        pod_mut(&mut v, "web").labels = labels(&[("app", "web")]);
+        let delta = node.follow(&v, &changed_pods(&["web"])).unwrap();
+        let mut table = crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table;
+        assert!(node.plan(&mut table, &delta).is_none());
+        pod_mut(&mut v, "c1").labels = labels(&[("app", "a1")]);
+        let delta = node.follow(&v, &changed_pods(&["c1"])).unwrap();
+        node.plan(&mut table, &delta).expect("a member plan");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
+
+        let mut v = view();
+        let mut node = PolicyNode::new(&v, ME);
+        let mut moved = v.endpoints[1].clone();
+        moved.node = "third".into();
+        v.endpoints.push(moved);
+        assert!(node.follow(&v, &changed_pods(&["c0"])).is_none());
+    }
+
+    /// A namespace's labels and a policy that selects no local pod: followed and planned like
+    /// pods (nothing to change in the table here).
+    #[test]
+    fn namespaces_and_policies_are_followed() {
+        let mut v = view();
+        let before = crate::compute(&v, ME).nft_table;
+        let mut node = PolicyNode::new(&v, ME);
+        v.namespaces[0].labels = labels(&[("team", "b")]);
+        v.policies.push(policy(
+            "nobody",
+            serde_json::json!({"podSelector": {"matchLabels": {"app": "none"}}}),
+        ));
+        let inputs = PolicyInputs {
+            namespaces: ["prod".to_string()].into(),
+            policies: [("prod".to_string(), "nobody".to_string())].into(),
+            ..PolicyInputs::default()
+        };
+        let delta = node.follow(&v, &inputs).unwrap();
+        let mut table = before.clone();
+        node.plan(&mut table, &delta).expect("a plan");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
+        let pods = crate::routes::policy_pods(&v);
+        let program = crate::policy::compile(&v.policies, &v.namespaces, &pods, ME);
+        assert_eq!(node.program(), program);
+    }
+}
