@@ -289,6 +289,19 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            if !pending_policy.is_empty()
+                && pending_policy.policies.is_empty()
+                && mirror.view().policies.is_empty()
+            {
+                // No NetworkPolicy exists: pods' and namespaces' labels program nothing (the
+                // routes and local pods read endpoint records, which count as `other_dirty`).
+                pending_policy.clear();
+                if !other_dirty && pending_services.is_empty() {
+                    if let Some(since) = pending_since.take() {
+                        metrics.synced(since.elapsed());
+                    }
+                }
+            }
             if !pending_policy.is_empty() && !resync_due && !other_dirty && applied {
                 // Only policy inputs changed: the policy node follows them, and when only set
                 // members moved, their elements are changed in place.
@@ -347,12 +360,19 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if other_dirty || !pending_services.is_empty() {
                 // The policy program from the policy node: it follows the batch's changes, and
                 // is built (one full compile) only at the first apply or when it cannot follow.
+                // Without any NetworkPolicy there is no node: it would hold a copy of every pod
+                // (~2 KiB each) for nothing.
                 let view = mirror.view();
-                let node = policy_node
-                    .take()
-                    .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
-                    .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node));
-                let desired = malla_calc::routes::compute_with_policy(view, &cfg.node, &node.program());
+                let node = (!view.policies.is_empty()).then(|| {
+                    policy_node
+                        .take()
+                        .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
+                        .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node))
+                });
+                let desired = match &node {
+                    Some(node) => malla_calc::routes::compute_with_policy(view, &cfg.node, &node.program()),
+                    None => malla_calc::compute(view, &cfg.node),
+                };
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
@@ -376,7 +396,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         other_dirty = false;
                         pending_services.clear();
                         pending_policy.clear();
-                        policy_node = Some(node);
+                        policy_node = node;
                         last_full = Instant::now();
                         if !health.readiness.is_ready() {
                             health.readiness.set_ready();
