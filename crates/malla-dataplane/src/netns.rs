@@ -65,6 +65,33 @@ impl NetNs {
         &self.file
     }
 
+    /// Makes `cmd`'s child enter this namespace between fork and exec (and, with
+    /// `new_session`, start a session of its own, detached from ours). The child's hook owns a
+    /// duplicate of the namespace file, so it stays open until `cmd` is spawned whatever
+    /// becomes of `self`.
+    pub fn enter_on_exec(&self, cmd: &mut Command, new_session: bool) -> Result<(), NetnsError> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let file = self.file.try_clone().map_err(|source| NetnsError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        // SAFETY: between fork and exec the hook calls only setns(2) and setsid(2), both
+        // async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if new_session {
+                    libc::setsid();
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     /// Moves the calling thread into this namespace. Only for threads that exit afterwards
     /// (or for a child between fork and exec).
     pub fn enter_this_thread(&self) -> Result<(), NetnsError> {

@@ -3,8 +3,6 @@
 //! stdin, threads `prevResult` through ADD, and runs DEL in reverse order.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -220,16 +218,7 @@ impl Runtime {
             None => None,
         };
         if let Some(ns) = &ns {
-            let fd = ns.file().as_raw_fd();
-            // SAFETY: only setns(2) between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            ns.enter_on_exec(&mut cmd, false)?;
         }
         let mut child = cmd
             .spawn()

@@ -32,7 +32,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -568,32 +567,20 @@ fn http_get_plain(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// Makes `cmd` run inside the named namespace (and in its own session when `detach`).
 fn in_netns(cmd: &mut Command, netns: Option<&str>, detach: bool) -> anyhow::Result<()> {
-    let fd = match netns {
-        Some(name) => Some(
-            NetNs::open_named(name)
-                .with_context(|| format!("opening network namespace {name}"))?
-                .file()
-                .try_clone()?,
-        ),
-        None => None,
-    };
-    if fd.is_none() && !detach {
-        return Ok(());
-    }
-    // SAFETY: between fork and exec we only call setns(2) and setsid(2), both
-    // async-signal-safe; the namespace file is owned by the closure, so it is open.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(f) = &fd {
-                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+    match netns {
+        Some(name) => NetNs::open_named(name)
+            .and_then(|ns| ns.enter_on_exec(cmd, detach))
+            .with_context(|| format!("entering network namespace {name}"))?,
+        None if detach => {
+            // SAFETY: between fork and exec the hook calls only setsid(2), async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::setsid();
+                    Ok(())
+                });
             }
-            if detach {
-                libc::setsid();
-            }
-            Ok(())
-        });
+        }
+        None => {}
     }
     Ok(())
 }

@@ -2,8 +2,6 @@
 //! the CLI that started them, waiting for their ready files, and stopping them by pid.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,18 +18,8 @@ pub fn spawn_detached(mut cmd: Command, netns: &str, log: &Path) -> anyhow::Resu
         .open(log)
         .with_context(|| format!("opening log {}", log.display()))?;
     let err = out.try_clone()?;
-    let fd = ns.file().as_raw_fd();
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: between fork and exec we only call setns(2) and setsid(2), both async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::setsid();
-            Ok(())
-        });
-    }
+    ns.enter_on_exec(&mut cmd, true)?;
     let child = cmd.spawn().with_context(|| format!("spawning {cmd:?}"))?;
     let pid = child.id();
     // Reap it in the background if it dies while we are still running; otherwise init adopts it.

@@ -2,8 +2,6 @@
 //! kube-proxy's nftables mode does. Rendering the text is the calculation's job.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::netns::NetNs;
@@ -24,16 +22,8 @@ pub fn run(netns: Option<&NetNs>, args: &[&str], input: &str) -> Result<String, 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(ns) = netns {
-        let fd = ns.file().as_raw_fd();
-        // SAFETY: between fork and exec we only call setns(2), which is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        ns.enter_on_exec(&mut cmd, false)
+            .map_err(|e| NftError::Spawn(std::io::Error::other(e)))?;
     }
     let mut child = cmd.spawn().map_err(NftError::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
