@@ -185,6 +185,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // current change by change; built by the first full apply) that follows them.
         let mut pending_policy = malla_calc::policy::PolicyInputs::default();
         let mut policy_node: Option<malla_calc::policy::PolicyNode> = None;
+        // Node, block or endpoint records changed: the links node has a delta.
+        let mut pending_links = false;
         let mut other_dirty = true;
         let mut cache_dirty = true;
         // After a full list: the listing's buffers are garbage once the first apply is done.
@@ -289,6 +291,35 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            if pending_links && !resync_due && !other_dirty && applied {
+                // Routes, VXLAN peers or local pods: the links node's delta, and nothing else.
+                let delta = mirror.links_mut().take_delta();
+                pending_links = false;
+                for p in &delta.new_problems {
+                    tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
+                }
+                if !delta.is_empty() {
+                    let started = Instant::now();
+                    let done = plane.apply(Update::Links(delta)).await;
+                    metrics.applied(metrics::ApplyPath::Links, started.elapsed());
+                    match done {
+                        Ok(stats) => {
+                            metrics.programmed_links(mirror.links_mut());
+                            tracing::info!(node = %cfg.node, ?stats, "links updated in place");
+                        }
+                        Err(e) => {
+                            metrics.apply_failed();
+                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "links update failed; computing everything");
+                            other_dirty = true;
+                        }
+                    }
+                }
+                if !other_dirty && pending_services.is_empty() && pending_policy.is_empty() {
+                    if let Some(since) = pending_since.take() {
+                        metrics.synced(since.elapsed());
+                    }
+                }
+            }
             if !pending_policy.is_empty()
                 && pending_policy.policies.is_empty()
                 && mirror.view().policies.is_empty()
@@ -336,7 +367,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // view (following the same inputs again changes nothing).
                 other_dirty = true;
             }
-            let dirty = other_dirty || !pending_services.is_empty();
+            let dirty = other_dirty || pending_links || !pending_services.is_empty();
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
@@ -357,7 +388,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if other_dirty || !pending_services.is_empty() {
+            if other_dirty || pending_links || !pending_services.is_empty() {
                 // The policy program from the policy node: it follows the batch's changes, and
                 // is built (one full compile) only at the first apply or when it cannot follow.
                 // Without any NetworkPolicy there is no node: it would hold a copy of every pod
@@ -369,10 +400,20 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
                         .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node))
                 });
-                let desired = match &node {
-                    Some(node) => malla_calc::routes::compute_with_policy(view, &cfg.node, &node.program()),
-                    None => malla_calc::compute(view, &cfg.node),
+                let program = match &node {
+                    Some(node) => node.program(),
+                    None => malla_calc::policy::compile(&view.policies, &view.namespaces, &malla_calc::routes::policy_pods(view), &cfg.node),
                 };
+                // The links as the links node has them (it followed every change; the delta it
+                // holds is in them).
+                let links = {
+                    let links = mirror.links_mut();
+                    links.take_delta();
+                    links.links()
+                };
+                pending_links = false;
+                let view = mirror.view();
+                let desired = malla_calc::routes::compute_with_links(view, &cfg.node, &program, links);
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }
@@ -413,7 +454,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if let (Some(f), true) = (&cfg.ready_file, applied) {
                 // Everything the feed delivered is acknowledged by the driver: the newest
                 // barrier it carried is applied through.
-                let behind = other_dirty || !pending_services.is_empty();
+                let behind = other_dirty || pending_links || !pending_services.is_empty();
                 let now = received.ready_file();
                 if !behind && reported.as_ref() != Some(&now) {
                     now.write(f)
@@ -434,7 +475,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     if changed.other || !changed.services.is_empty() || !changed.policy.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
+                    if changed.links {
+                        pending_since.get_or_insert_with(Instant::now);
+                    }
                     cache_dirty |= changed.node_cache;
+                    pending_links |= changed.links;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);
                     pending_policy.extend(changed.policy);

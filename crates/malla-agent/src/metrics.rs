@@ -6,8 +6,8 @@
 //! | series | type | what |
 //! |---|---|---|
 //! | `malla_sync_duration_seconds` | histogram | from a batch of datastore changes (or a fresh listing) arriving to the kernel reflecting it: one observation per apply that leaves nothing pending |
-//! | `malla_apply_duration_seconds{path}` | histogram | one dataplane apply: `full` (the node's whole desired state, diffed against the kernel), `endpoints` (the in-place endpoint fast path), `repair` (the periodic check against the kernel) |
-//! | `malla_programmed_objects{kind}` | gauge | what the last full apply put in the kernel, by kind (see [`Programmed`]) |
+//! | `malla_apply_duration_seconds{path}` | histogram | one dataplane apply: `full` (the node's whole desired state, diffed against the kernel), `endpoints` (service endpoints and policy set members changed in place), `links` (routes, VXLAN peers and local pods a links delta named), `repair` (the periodic check against the kernel) |
+//! | `malla_programmed_objects{kind}` | gauge | what the kernel holds as last applied, by kind (see [`Programmed`]); the first three follow every links delta, the others every full apply |
 //! | `malla_apply_errors_total` | counter | failed applies (any path) |
 //! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
 //! | `malla_sync_pending_seconds` | gauge | how long the oldest datastore change the agent has received (or the listing under way) has been waiting for the driver to acknowledge its apply; 0 when the kernel reflects everything received. The same on every backend: no revision arithmetic. It grows while a listing cannot finish (datastore away at start) or applies keep failing |
@@ -77,16 +77,23 @@ impl Programmed {
 pub enum ApplyPath {
     Full,
     Endpoints,
+    Links,
     Repair,
 }
 
 impl ApplyPath {
-    const ALL: [ApplyPath; 3] = [ApplyPath::Full, ApplyPath::Endpoints, ApplyPath::Repair];
+    const ALL: [ApplyPath; 4] = [
+        ApplyPath::Full,
+        ApplyPath::Endpoints,
+        ApplyPath::Links,
+        ApplyPath::Repair,
+    ];
 
     fn label(self) -> &'static str {
         match self {
             ApplyPath::Full => "full",
             ApplyPath::Endpoints => "endpoints",
+            ApplyPath::Links => "links",
             ApplyPath::Repair => "repair",
         }
     }
@@ -104,7 +111,7 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 pub struct Metrics {
     registry: Registry,
     sync: Histogram,
-    apply: [Histogram; 3],
+    apply: [Histogram; 4],
     programmed: [Gauge; KINDS.len()],
     apply_errors: Counter,
     reconnects: Counter,
@@ -133,7 +140,7 @@ impl Metrics {
             ApplyPath::ALL.map(|p| apply_family.get_or_create(&[("path", p.label())]).clone());
         registry.register_with_unit(
             "apply_duration",
-            "Duration of one dataplane apply, by path (full, endpoints, repair)",
+            "Duration of one dataplane apply, by path (full, endpoints, links, repair)",
             Unit::Seconds,
             apply_family,
         );
@@ -204,6 +211,16 @@ impl Metrics {
         }
     }
 
+    /// Records the links (routes, VXLAN peers, local workloads: the first three of [`KINDS`])
+    /// after a links delta was applied; the other kinds keep their values.
+    pub fn programmed_links(&self, links: &malla_calc::links::LinksNode) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let (routes, peers, local) = links.counts();
+        for (g, v) in self.programmed.iter().zip([n(routes), n(peers), n(local)]) {
+            g.set(v);
+        }
+    }
+
     /// The registry as OpenMetrics text (see [`OPENMETRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
@@ -264,6 +281,7 @@ mod tests {
             "malla_sync_duration_seconds_count 0",
             "malla_apply_duration_seconds_count{path=\"full\"} 0",
             "malla_apply_duration_seconds_count{path=\"endpoints\"} 0",
+            "malla_apply_duration_seconds_count{path=\"links\"} 0",
             "malla_apply_duration_seconds_count{path=\"repair\"} 0",
             "malla_programmed_objects{kind=\"routes\"} 0",
             "malla_programmed_objects{kind=\"service_endpoints\"} 0",

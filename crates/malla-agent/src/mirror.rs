@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use malla_api::policy::NetworkPolicy;
 use malla_api::{keys, Namespace, Node, Pod, WorkloadEndpoint};
+use malla_calc::links::LinksNode;
 use malla_calc::policy::PolicyInputs;
 use malla_calc::services::{ProxyService, ProxySlice};
 use malla_calc::ClusterView;
@@ -94,8 +95,11 @@ pub struct Applied {
     /// The policy program's inputs that changed (pods by their object or endpoint record,
     /// NetworkPolicies, Namespaces), by key: what the agent's policy node follows.
     pub policy: PolicyInputs,
-    /// Something else the calculation reads changed (not a Service, an EndpointSlice, a Pod
-    /// object, a Namespace or a NetworkPolicy; an endpoint record is this and a policy input).
+    /// A node record, a block's affinity or an endpoint record changed: the mirror's
+    /// [`LinksNode`] has a delta to hand over ([`Mirror::links_mut`]).
+    pub links: bool,
+    /// Something else the calculation reads changed (the cluster config, a pool, this node's
+    /// own record): the whole node is computed again.
     pub other: bool,
 }
 
@@ -105,6 +109,7 @@ impl Applied {
         self.node_cache |= o.node_cache;
         self.services.extend(o.services);
         self.policy.extend(o.policy);
+        self.links |= o.links;
         self.other |= o.other;
     }
 }
@@ -114,6 +119,8 @@ pub struct Mirror {
     node: String,
     view: ClusterView,
     own_blocks: BTreeMap<String, Block>,
+    /// The calculation's links node, fed each node, block and endpoint change as it is applied.
+    links: LinksNode,
     revision: Revision,
     nodes: Keys,
     pools: Keys,
@@ -133,6 +140,7 @@ impl Mirror {
             node: node.to_string(),
             view: ClusterView::default(),
             own_blocks: BTreeMap::new(),
+            links: LinksNode::new(node, malla_api::RoutingMode::default()),
             revision: 0,
             nodes: Keys::default(),
             pools: Keys::default(),
@@ -177,6 +185,11 @@ impl Mirror {
     /// The calculation's input.
     pub fn view(&self) -> &ClusterView {
         &self.view
+    }
+
+    /// The links node (routes, VXLAN peers, local pods), current with the mirror.
+    pub fn links_mut(&mut self) -> &mut LinksNode {
+        &mut self.links
     }
 
     /// This node's record, if registered.
@@ -234,7 +247,11 @@ impl Mirror {
     /// Sets or removes the record at `key` (an unknown key changes nothing).
     fn set(&mut self, key: &str, record: Option<Resource>) -> Applied {
         let mut applied = self.set_record(key, record);
-        if applied.view && applied.services.is_empty() && applied.policy.is_empty() {
+        if applied.view
+            && applied.services.is_empty()
+            && applied.policy.is_empty()
+            && !applied.links
+        {
             applied.other = true;
         }
         applied
@@ -268,6 +285,10 @@ impl Mirror {
             let config = take!(key, value, ClusterConfig).unwrap_or_default();
             let changed = v.config != config;
             v.config = config;
+            if !self.links.follows(v.config.routing) {
+                // Another routing mode: other routes and peers everywhere, built again.
+                self.links = LinksNode::from_view(v, &self.node);
+            }
             return Applied {
                 view: changed,
                 node_cache: changed,
@@ -276,12 +297,18 @@ impl Mirror {
         }
         if key.starts_with(keys::NODES) {
             let node = take!(key, value, Node);
-            let mine =
-                node.as_ref().is_some_and(|n| n.name == self.node) || key == keys::node(&self.node);
+            let before = self.nodes.get(&v.nodes, key).cloned();
+            let mine = node.as_ref().is_some_and(|n| n.name == self.node)
+                || before.as_ref().is_some_and(|n| n.name == self.node)
+                || key == keys::node(&self.node);
+            self.links.node(before.as_ref(), node.as_ref());
             let changed = self.nodes.upsert(&mut v.nodes, key, node);
+            // This node's own addresses are its services' node addresses: the whole node.
             return Applied {
                 view: changed,
                 node_cache: changed && mine,
+                links: changed,
+                other: changed && mine,
                 ..Applied::default()
             };
         }
@@ -298,13 +325,15 @@ impl Mirror {
         let changed = if key.starts_with(keys::ENDPOINTS) {
             let ep = take!(key, value, WorkloadEndpoint);
             let pod = |e: &WorkloadEndpoint| (e.namespace.clone(), e.pod.clone());
-            let before = self.endpoints.get(&v.endpoints, key).map(pod);
+            let old = self.endpoints.get(&v.endpoints, key);
+            self.links.endpoint(old, ep.as_ref());
+            let before = old.map(pod);
             let after = ep.as_ref().map(pod);
             let changed = self.endpoints.upsert(&mut v.endpoints, key, ep);
-            // Routes and local pods read endpoint records too.
+            // Routes and local pods read endpoint records too: the links node follows them.
             return Applied {
                 view: changed,
-                other: changed,
+                links: changed,
                 policy: PolicyInputs {
                     pods: if changed {
                         before.into_iter().chain(after).collect()
@@ -360,6 +389,8 @@ impl Mirror {
                 .ok()
         });
         let summary = block.as_ref().map(|b| (b.cidr, b.affinity.clone()));
+        let before = self.blocks.get(&self.view.blocks, key).cloned();
+        self.links.block(before.as_ref(), summary.as_ref());
         let view = self.blocks.upsert(&mut self.view.blocks, key, summary);
         let node_cache = match block {
             Some(b) if b.affinity.as_deref() == Some(self.node.as_str()) => {
@@ -372,6 +403,7 @@ impl Mirror {
         Applied {
             view,
             node_cache,
+            links: view,
             ..Applied::default()
         }
     }

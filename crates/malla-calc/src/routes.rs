@@ -1,7 +1,7 @@
 //! Routes to other nodes' pods: one per remote block (its affine node), one /32 or /128 per
 //! address a node borrowed from a block it does not own, and the VXLAN peers in overlay mode.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
@@ -66,7 +66,7 @@ pub struct NodeDataplane {
 /// The next hop towards `node`: its underlay address in direct mode; over VXLAN the IPv4
 /// underlay address (on-link) or, for IPv6, the link-local address of its VTEP MAC, so IPv6 pods
 /// cross an IPv4-only underlay.
-fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
+pub(crate) fn next_hop(node: &Node, family_v6: bool, vxlan: bool) -> Option<IpAddr> {
     match (family_v6, vxlan) {
         (false, _) => node.underlay_ipv4.map(IpAddr::V4),
         (true, false) => node.underlay_ipv6.map(IpAddr::V6),
@@ -127,82 +127,22 @@ pub fn compute_with_policy(
     me: &str,
     program: &crate::policy::PolicyProgram,
 ) -> NodeDataplane {
-    let nodes: BTreeMap<&str, &Node> = view.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut routes = BTreeSet::new();
-    let mut problems = Vec::new();
+    let links = crate::links::LinksNode::from_view(view, me).links();
+    compute_with_links(view, me, program, links)
+}
 
-    let vxlan = view.config.routing == RoutingMode::Vxlan;
-    let mut route_to = |dst: IpNet, owner: &str, problems: &mut Vec<String>| {
-        let Some(node) = nodes.get(owner) else {
-            problems.push(format!("{dst}: owner node {owner} is not registered"));
-            return;
-        };
-        match next_hop(node, dst.addr().is_ipv6(), vxlan) {
-            Some(via) => {
-                routes.insert(RemoteRoute {
-                    dst,
-                    via,
-                    node: owner.to_string(),
-                });
-            }
-            None => problems.push(format!(
-                "{dst}: node {owner} has no underlay address of that family"
-            )),
-        }
-    };
-
-    for (cidr, affinity) in &view.blocks {
-        if let Some(owner) = affinity.as_deref().filter(|o| *o != me) {
-            route_to(*cidr, owner, &mut problems);
-        }
-    }
-
-    // Addresses used on a node other than their block's owner need a host route of their own.
-    let mut affine: HashMap<&str, Vec<&IpNet>> = HashMap::new();
-    for (cidr, owner) in &view.blocks {
-        if let Some(owner) = owner.as_deref() {
-            affine.entry(owner).or_default().push(cidr);
-        }
-    }
-    for ep in view.endpoints.iter().filter(|e| e.node != me) {
-        for ip in ep.addrs() {
-            let in_own_block = affine
-                .get(ep.node.as_str())
-                .is_some_and(|cidrs| cidrs.iter().any(|c| c.contains(&ip)));
-            if !in_own_block {
-                route_to(IpNet::from(ip), &ep.node, &mut problems);
-            }
-        }
-    }
-
-    let vxlan_peers = if view.config.routing == RoutingMode::Vxlan {
-        view.nodes
-            .iter()
-            .filter(|n| n.name != me)
-            .filter_map(|n| {
-                let mac = malla_api::parse_mac(&n.vtep_mac)?;
-                Some(VxlanPeer {
-                    node: n.name.clone(),
-                    mac,
-                    underlay_ipv4: n.underlay_ipv4?,
-                    underlay_ipv6: n.underlay_ipv6,
-                })
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-
-    let mut local_endpoints: Vec<WorkloadEndpoint> = view
-        .endpoints
+/// [`compute_with_policy`] with the links (routes, peers, local pods) already computed (the
+/// agent's [`crate::links::LinksNode`] keeps them).
+pub fn compute_with_links(
+    view: &ClusterView,
+    me: &str,
+    program: &crate::policy::PolicyProgram,
+    links: crate::links::Links,
+) -> NodeDataplane {
+    let node_ips: Vec<IpAddr> = view
+        .nodes
         .iter()
-        .filter(|e| e.node == me)
-        .cloned()
-        .collect();
-    local_endpoints.sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
-
-    let node_ips: Vec<IpAddr> = nodes
-        .get(me)
+        .find(|n| n.name == me)
         .map(|n| {
             n.underlay_ipv4
                 .map(IpAddr::V4)
@@ -225,12 +165,12 @@ pub fn compute_with_policy(
         mode: view.config.routing,
         vxlan_vni: view.config.vxlan_vni,
         vxlan_port: view.config.vxlan_port,
-        remote_routes: routes.into_iter().collect(),
-        vxlan_peers,
-        local_endpoints,
+        remote_routes: links.remote_routes,
+        vxlan_peers: links.vxlan_peers,
+        local_endpoints: links.local_endpoints,
         nft_table,
         service_map,
-        problems,
+        problems: links.problems,
     }
 }
 

@@ -1,9 +1,11 @@
 //! The dataplane driver: what the agent hands the calculation's output to. A small trait, as
-//! netavark's `FirewallDriver`: [`Driver::start`] once, [`Driver::apply`] for each new desired
-//! state (or the smaller input of the endpoint fast path), [`Driver::resync`] periodically to
+//! netavark's `FirewallDriver`: [`Driver::start`] once, [`Driver::apply`] for the first desired
+//! state and then for each delta the calculation graph emits (links added and removed, set
+//! elements changed; a whole desired state again only when a change is not followed by a node), [`Driver::resync`] periodically to
 //! repair drift without computing anything again. [`crate::linux::LinuxDriver`] (netlink and
 //! nftables) implements it today; another (eBPF) can consume the same calculation output later.
 
+use malla_calc::links::LinkDelta;
 use malla_calc::nft::Table;
 use malla_calc::services::{EndpointPlan, ServiceMap};
 use malla_calc::NodeDataplane;
@@ -22,6 +24,10 @@ pub enum Update {
     /// driver sends them and nothing else; when it cannot, it puts the model back and fails,
     /// and the caller applies a [`Update::Full`].
     Endpoints(EndpointPlan),
+    /// Routes, VXLAN peers or local pods added and removed (the calculation's links node,
+    /// [`malla_calc::links::LinksNode`]): the driver changes those objects and nothing else,
+    /// and keeps the result as the base of its next resync. Needs a [`Update::Full`] first.
+    Links(LinkDelta),
 }
 
 /// What one apply (or resync) changed.

@@ -395,6 +395,12 @@ impl Netlink {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                         Some(IpAddr::V6(*v6))
                     }
+                    // A bridge-family message's destination is not parsed as an address.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+                        4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        _ => None,
+                    },
                     _ => None,
                 })?;
                 let mac = m.attributes.iter().find_map(|a| match a {
@@ -485,6 +491,12 @@ impl Netlink {
                     NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
                         Some(IpAddr::V6(*v6))
                     }
+                    // A bridge-family message's destination is not parsed as an address.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => match b.len() {
+                        4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+                        _ => None,
+                    },
                     _ => None,
                 })?;
                 let mac = m.attributes.iter().find_map(|a| match a {

@@ -304,8 +304,8 @@ fn slices_are_kept_as_the_proxy_reads_them() {
 }
 
 /// Policy inputs are reported by key: a pod's labels, a namespace, a policy alone are no
-/// "other" change (only the policy program reads them); an endpoint record is both; a write
-/// that changes nothing reports nothing.
+/// "other" change (only the policy program reads them); an endpoint record is a links change
+/// and a policy input, never "other"; a write that changes nothing reports nothing.
 #[test]
 fn policy_inputs_are_reported_by_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -360,6 +360,27 @@ fn policy_inputs_are_reported_by_key() {
         .put(&keys::endpoint("n1", "c1", "eth0"), &json(&ep))
         .unwrap();
     let applied = next(&mut mirror);
-    assert!(applied.view && applied.other, "{applied:?}");
+    assert!(
+        applied.view && applied.links && !applied.other,
+        "{applied:?}"
+    );
     assert_eq!(applied.policy.pods, [id("ns1", "p1")].into());
+    // This node's own record is its services' node addresses: the whole node.
+    let me = malla_api::Node {
+        name: "n1".into(),
+        underlay_ipv4: Some("198.19.0.11".parse().unwrap()),
+        underlay_ipv6: None,
+        underlay_mtu: 1500,
+        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name("n1")),
+    };
+    store.put(&keys::node("n1"), &json(&me)).unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.links && applied.other, "{applied:?}");
+    let other = malla_api::Node {
+        name: "n2".into(),
+        ..me
+    };
+    store.put(&keys::node("n2"), &json(&other)).unwrap();
+    let applied = next(&mut mirror);
+    assert!(applied.links && !applied.other, "{applied:?}");
 }

@@ -11,6 +11,7 @@ pub mod workloads;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use malla_calc::links::{LinkDelta, Links};
 use malla_calc::nft::Table;
 use malla_calc::services::ServiceMap;
 use malla_calc::NodeDataplane;
@@ -98,6 +99,52 @@ impl LinuxDriver {
     }
 }
 
+impl LinuxDriver {
+    /// Changes the routes, peers and local pods `delta` names, and records them as applied.
+    async fn apply_links(
+        &mut self,
+        delta: &LinkDelta,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DriverError> {
+        let Some(last) = self.last_applied.as_mut() else {
+            return Err(DriverError::NoBase);
+        };
+        // What was applied is recorded first: a failure below leaves drift that the next
+        // resync (or full apply) repairs against it.
+        let mut links = Links {
+            remote_routes: std::mem::take(&mut last.remote_routes),
+            vxlan_peers: std::mem::take(&mut last.vxlan_peers),
+            local_endpoints: std::mem::take(&mut last.local_endpoints),
+            problems: Vec::new(),
+        };
+        delta.apply_to(&mut links);
+        last.remote_routes = links.remote_routes;
+        last.vxlan_peers = links.vxlan_peers;
+        last.local_endpoints = links.local_endpoints;
+        let vxlan_mode = last.mode == malla_api::RoutingMode::Vxlan;
+        let underlay = self.underlay().await?;
+        let vxlan = match vxlan_mode {
+            true => Some(
+                self.vxlan
+                    .device(&self.nl)
+                    .await?
+                    .ok_or_else(|| DriverError::Vanished(VXLAN_DEVICE.to_string()))?,
+            ),
+            false => None,
+        };
+        if let Some(dev) = &vxlan {
+            self.vxlan.apply_delta(&self.nl, dev, delta, stats).await?;
+        }
+        self.routes
+            .apply_delta(&self.nl, &underlay, vxlan.as_ref(), delta, stats)
+            .await?;
+        self.workloads
+            .repair(&self.nl, &delta.local_added, stats)
+            .await?;
+        Ok(())
+    }
+}
+
 impl Driver for LinuxDriver {
     /// A node routes for its pods.
     async fn start(&mut self) -> Result<(), DriverError> {
@@ -114,6 +161,10 @@ impl Driver for LinuxDriver {
             Update::Full(want) => *want,
             Update::Endpoints(plan) => {
                 self.nft.apply_endpoints(plan, &mut stats)?;
+                return Ok(stats);
+            }
+            Update::Links(delta) => {
+                self.apply_links(&delta, &mut stats).await?;
                 return Ok(stats);
             }
         };

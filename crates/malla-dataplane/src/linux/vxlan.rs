@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use malla_api::RoutingMode;
-use malla_calc::NodeDataplane;
+use malla_calc::links::LinkDelta;
+use malla_calc::{NodeDataplane, VxlanPeer};
 
 use super::Underlay;
 use crate::driver::{ApplyStats, DriverError};
@@ -78,6 +79,73 @@ impl VxlanManager {
             .ok_or_else(|| DriverError::Vanished(VXLAN_DEVICE.to_string()))
     }
 
+    /// The node's VXLAN device if it has one (no repair: [`VxlanManager::sync`] does that).
+    pub async fn device(&self, nl: &Netlink) -> Result<Option<Link>, DriverError> {
+        Ok(nl.link_by_name(VXLAN_DEVICE).await?)
+    }
+
+    /// Removes and adds the peers `delta` says (their neighbours and FDB entries), and nothing
+    /// else. An entry to remove that is gone already is fine.
+    pub async fn apply_delta(
+        &self,
+        nl: &Netlink,
+        dev: &Link,
+        delta: &LinkDelta,
+        stats: &mut ApplyStats,
+    ) -> Result<(), DriverError> {
+        let gone = |e: &crate::netlink::NetlinkError| {
+            matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ESRCH))
+        };
+        for p in &delta.peers_removed {
+            let replaced = delta.peers_added.iter().any(|a| a.node == p.node);
+            if replaced {
+                continue;
+            }
+            for n in peer_neighbours(dev, p) {
+                match nl.delete_neighbour(&n).await {
+                    Ok(()) => stats.neighbours_changed += 1,
+                    Err(e) if gone(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            match nl.delete_fdb(&peer_fdb(dev, p)).await {
+                Ok(()) => stats.fdb_changed += 1,
+                Err(e) if gone(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for p in &delta.peers_added {
+            if let Some(old) = delta.peers_removed.iter().find(|r| r.node == p.node) {
+                // The same node with another address or MAC: its old entries that the new
+                // ones do not replace go first.
+                let new = peer_neighbours(dev, p);
+                for n in peer_neighbours(dev, old) {
+                    if !new.iter().any(|k| k.ip == n.ip) {
+                        match nl.delete_neighbour(&n).await {
+                            Ok(()) => stats.neighbours_changed += 1,
+                            Err(e) if gone(&e) => {}
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                }
+                if peer_fdb(dev, old) != peer_fdb(dev, p) {
+                    match nl.delete_fdb(&peer_fdb(dev, old)).await {
+                        Ok(()) => stats.fdb_changed += 1,
+                        Err(e) if gone(&e) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+            for n in peer_neighbours(dev, p) {
+                nl.replace_neighbour(&n).await?;
+                stats.neighbours_changed += 1;
+            }
+            nl.replace_fdb(&peer_fdb(dev, p)).await?;
+            stats.fdb_changed += 1;
+        }
+        Ok(())
+    }
+
     async fn sync_peers(
         &self,
         nl: &Netlink,
@@ -88,9 +156,11 @@ impl VxlanManager {
         let mut neigh_want: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
         let mut fdb_want: BTreeMap<[u8; 6], IpAddr> = BTreeMap::new();
         for p in &want.vxlan_peers {
-            neigh_want.insert(IpAddr::V4(p.underlay_ipv4), p.mac);
-            neigh_want.insert(IpAddr::V6(malla_api::link_local_from_mac(&p.mac)), p.mac);
-            fdb_want.insert(p.mac, IpAddr::V4(p.underlay_ipv4));
+            for n in peer_neighbours(dev, p) {
+                neigh_want.insert(n.ip, n.mac);
+            }
+            let f = peer_fdb(dev, p);
+            fdb_want.insert(f.mac, f.dst);
         }
         let have = nl.permanent_neighbours(dev.index).await?;
         for n in &have {
@@ -129,5 +199,31 @@ impl VxlanManager {
             }
         }
         Ok(())
+    }
+}
+
+/// A peer's static neighbours on `dev`: its IPv4 underlay address and the link-local IPv6
+/// address of its VTEP MAC, both at that MAC.
+fn peer_neighbours(dev: &Link, p: &VxlanPeer) -> [Neighbour; 2] {
+    [
+        Neighbour {
+            ifindex: dev.index,
+            ip: IpAddr::V4(p.underlay_ipv4),
+            mac: p.mac,
+        },
+        Neighbour {
+            ifindex: dev.index,
+            ip: IpAddr::V6(malla_api::link_local_from_mac(&p.mac)),
+            mac: p.mac,
+        },
+    ]
+}
+
+/// A peer's FDB entry on `dev`: its VTEP MAC behind its IPv4 underlay address.
+fn peer_fdb(dev: &Link, p: &VxlanPeer) -> FdbEntry {
+    FdbEntry {
+        ifindex: dev.index,
+        mac: p.mac,
+        dst: IpAddr::V4(p.underlay_ipv4),
     }
 }

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use malla_api::WorkloadEndpoint;
 use malla_calc::NodeDataplane;
 
 use crate::driver::{ApplyStats, DriverError};
@@ -23,7 +24,18 @@ impl WorkloadsManager {
         want: &NodeDataplane,
         stats: &mut ApplyStats,
     ) -> Result<(), DriverError> {
-        if want.local_endpoints.is_empty() {
+        self.repair(nl, &want.local_endpoints, stats).await
+    }
+
+    /// Re-programs the host side of those of `endpoints` whose routes are missing (a pod the
+    /// CNI plugin just added has them: nothing is changed).
+    pub async fn repair(
+        &self,
+        nl: &Netlink,
+        endpoints: &[WorkloadEndpoint],
+        stats: &mut ApplyStats,
+    ) -> Result<(), DriverError> {
+        if endpoints.is_empty() {
             return Ok(());
         }
         let routes: BTreeSet<(ipnet::IpNet, u32)> = nl
@@ -38,7 +50,7 @@ impl WorkloadsManager {
             .into_iter()
             .map(|l| (l.name.clone(), l))
             .collect();
-        for ep in &want.local_endpoints {
+        for ep in endpoints {
             let Some(veth) = links.get(&ep.host_ifname) else {
                 continue;
             };
