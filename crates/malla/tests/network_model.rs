@@ -120,6 +120,16 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
     for proto in ["tcp", "udp"] {
         assert!(pod_pairs.iter().any(|r| field(r, "protocol") == proto));
     }
+    // The pods came after the agents synced: each agent followed them with links deltas
+    // (routes, peers, local pods changed alone), not by computing its whole node again.
+    for node in node_ips.keys() {
+        let log = lab.dir().join("logs").join(format!("agent-{node}.log"));
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            log.contains("links updated in place"),
+            "{node}'s agent never took the links path:\n{log}"
+        );
+    }
     let cross_node = pod_pairs
         .iter()
         .filter(|r| pod_node[&field(r, "from")] != pod_node[&field(r, "to")])
