@@ -1264,6 +1264,8 @@ struct AgentFigures {
     routes: usize,
     blocks: usize,
     changes: Vec<Duration>,
+    /// Endpoint record changes (another container of a pod elsewhere), put -> ready file.
+    endpoint_changes: Vec<Duration>,
     rss_after_kib: u64,
     hwm_after_kib: u64,
     cpu: Duration,
@@ -1369,6 +1371,32 @@ fn agent(
         wait_for(&mut child, rev)?;
         changes.push(t.elapsed());
     }
+    // A pod elsewhere gets a new container (a sandbox re-created: same address, another
+    // container id and veth): its endpoint record goes and another comes, in one revision
+    // each. Until the links node, each computed the agent's whole node again.
+    let mut endpoint_changes = Vec::new();
+    for c in 0..args.agent_changes {
+        check(deadline)?;
+        let i = (c * 7_919 + 3) % l.pods.max(1);
+        let pod = pod_record(l, i)?;
+        let old = container_id(i);
+        let new = format!("{old}-r{c}");
+        let t = Instant::now();
+        store.delete(&keys::endpoint(&pod.node, &old, "eth0"), None)?;
+        let ep = endpoint_record(&pod, &new);
+        let (key, value) = json(&keys::endpoint(&ep.node, &new, "eth0"), &ep)?;
+        let rev = store.put(&key, &value)?;
+        wait_for(&mut child, rev)?;
+        endpoint_changes.push(t.elapsed());
+        // Back as it was, untimed.
+        store.delete(&key, None)?;
+        let (key, value) = json(
+            &keys::endpoint(&pod.node, &old, "eth0"),
+            &endpoint_record(&pod, &old),
+        )?;
+        let rev = store.put(&key, &value)?;
+        wait_for(&mut child, rev)?;
+    }
     let (rss_after_kib, hwm_after_kib) = (kib("VmRSS")?, kib("VmHWM")?);
     let cpu = cpu_time(pid);
     drop(child);
@@ -1379,6 +1407,7 @@ fn agent(
         routes,
         blocks,
         changes,
+        endpoint_changes,
         rss_after_kib,
         hwm_after_kib,
         cpu,
@@ -1417,6 +1446,29 @@ fn report_agent(args: &Args, netns_name: &str, a: &AgentFigures, watch_p99: Opti
             "{:<40} {:>10.3} {:>10} {:>10} {:>8} {:>4}",
             format!("  slowest of the {}", a.changes.len()),
             percentile(&a.changes, 100.0).as_secs_f64(),
+            "",
+            "",
+            "",
+            ""
+        );
+    }
+    if !a.endpoint_changes.is_empty() {
+        println!(
+            "{:<40} {:>10.3} {:>10} {:>10} {:>8} {:>4}",
+            format!(
+                "one pod re-created elsewhere (median of {})",
+                a.endpoint_changes.len()
+            ),
+            percentile(&a.endpoint_changes, 50.0).as_secs_f64(),
+            "",
+            "",
+            "-",
+            ""
+        );
+        println!(
+            "{:<40} {:>10.3} {:>10} {:>10} {:>8} {:>4}",
+            format!("  slowest of the {}", a.endpoint_changes.len()),
+            percentile(&a.endpoint_changes, 100.0).as_secs_f64(),
             "",
             "",
             "",
