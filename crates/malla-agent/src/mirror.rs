@@ -39,12 +39,6 @@ macro_rules! take {
     };
 }
 
-/// Every prefix the mirror lists (the kinds a syncer follows); the watch covers the whole key
-/// space (`/`), so it also sees the writes that carry no record of these kinds and the
-/// mirror's revision keeps up.
-const PREFIXES: [&str; malla_store::syncer::SYNCED_PREFIXES.len()] =
-    malla_store::syncer::SYNCED_PREFIXES;
-
 /// The prefix the mirror watches.
 pub const WATCH_PREFIX: &str = "/";
 
@@ -159,7 +153,9 @@ impl Mirror {
     pub fn load(store: &dyn Store, node: &str) -> Result<Mirror, StoreError> {
         let mut m = Mirror::new(node);
         m.revision = Revision::MAX;
-        for prefix in PREFIXES {
+        // Every prefix a syncer follows; the watch covers the whole key space (`/`), so it
+        // also sees the writes that carry no record of these kinds and the revision keeps up.
+        for prefix in malla_api::kinds::synced() {
             let (kvs, rev) = store.list(prefix)?;
             m.revision = m.revision.min(rev);
             for kv in kvs {

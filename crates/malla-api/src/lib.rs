@@ -7,6 +7,7 @@
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod keys;
+pub mod kinds;
 pub mod policy;
 pub mod service;
 

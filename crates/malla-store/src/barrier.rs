@@ -27,17 +27,11 @@
 use std::path::Path;
 
 use malla_api::keys;
-use serde::{Deserialize, Serialize};
 
 use crate::{Revision, Store, StoreError};
 
-/// The record at [`keys::SYNC_BARRIER`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Barrier {
-    /// Bumped by one by each waiter.
-    pub seq: u64,
-}
+/// The record at [`keys::SYNC_BARRIER`] (its kind is in [`malla_api::kinds`]).
+pub use malla_api::kinds::Barrier;
 
 /// Bumps the barrier; returns the waiter's number. An agent that reports this number (or a
 /// larger one) has applied everything the store acknowledged before this call.

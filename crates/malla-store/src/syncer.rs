@@ -19,137 +19,15 @@ use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::time::Duration;
 
-use malla_api::policy::NetworkPolicy;
-use malla_api::service::{EndpointSlice, Service};
-use malla_api::{keys, ClusterConfig, IpPool, Namespace, Node, Pod, WorkloadEndpoint};
-use serde::de::DeserializeOwned;
-use serde_json::Value;
-
 use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 
-/// The parts of the key space a syncer follows: every kind the calculation reads.
-pub const SYNCED_PREFIXES: [&str; 11] = [
-    keys::CLUSTER_CONFIG,
-    keys::SYNC_BARRIER,
-    keys::NODES,
-    keys::POOLS,
-    keys::BLOCKS,
-    keys::ENDPOINTS,
-    keys::SERVICES,
-    keys::ENDPOINT_SLICES,
-    keys::PODS,
-    keys::NAMESPACES,
-    keys::NETWORK_POLICIES,
-];
+/// The parts of the key space a syncer follows: every record kind the calculation reads
+/// ([`malla_api::kinds`], the one table of kinds), in the table's order.
+pub static SYNCED_PREFIXES: std::sync::LazyLock<Vec<&'static str>> =
+    std::sync::LazyLock::new(|| malla_api::kinds::synced().collect());
 
-/// One record of the kinds a syncer follows, typed.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Resource {
-    ClusterConfig(ClusterConfig),
-    Node(Node),
-    Pool(IpPool),
-    /// An IPAM block. Its type lives in malla-ipam, above the store, so it travels as the
-    /// record's JSON tree, decoded there with `serde_json::from_value` (no text round trip).
-    Block(Value),
-    WorkloadEndpoint(WorkloadEndpoint),
-    Service(Service),
-    EndpointSlice(EndpointSlice),
-    Pod(Pod),
-    Namespace(Namespace),
-    NetworkPolicy(NetworkPolicy),
-    /// The convergence barrier's counter ([`keys::SYNC_BARRIER`]; [`crate::barrier`]).
-    Barrier(crate::barrier::Barrier),
-}
-
-/// The JSON a record is read from: a tree (Kubernetes objects) or text (key-value backends),
-/// each decoded straight into the record's type.
-trait Source {
-    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String>;
-    fn tree(self, key: &str) -> Result<Value, String>;
-}
-
-impl Source for Value {
-    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
-        serde_json::from_value(self).map_err(|e| format!("{key}: {e}"))
-    }
-    fn tree(self, _: &str) -> Result<Value, String> {
-        Ok(self)
-    }
-}
-
-impl Source for &str {
-    fn typed<T: DeserializeOwned>(self, key: &str) -> Result<T, String> {
-        serde_json::from_str(self).map_err(|e| format!("{key}: {e}"))
-    }
-    fn tree(self, key: &str) -> Result<Value, String> {
-        self.typed(key)
-    }
-}
-
-impl Resource {
-    fn decode(key: &str, v: impl Source) -> Result<Option<Resource>, String> {
-        let p = |prefix: &str| key.starts_with(prefix);
-        Ok(Some(if key == keys::CLUSTER_CONFIG {
-            Resource::ClusterConfig(v.typed(key)?)
-        } else if key == keys::SYNC_BARRIER {
-            Resource::Barrier(v.typed(key)?)
-        } else if p(keys::NODES) {
-            Resource::Node(v.typed(key)?)
-        } else if p(keys::POOLS) {
-            Resource::Pool(v.typed(key)?)
-        } else if p(keys::BLOCKS) {
-            let v = v.tree(key)?;
-            if !v.is_object() {
-                return Err(format!("{key}: a block is a JSON object"));
-            }
-            Resource::Block(v)
-        } else if p(keys::ENDPOINTS) {
-            Resource::WorkloadEndpoint(v.typed(key)?)
-        } else if p(keys::SERVICES) {
-            Resource::Service(v.typed(key)?)
-        } else if p(keys::ENDPOINT_SLICES) {
-            Resource::EndpointSlice(v.typed(key)?)
-        } else if p(keys::PODS) {
-            Resource::Pod(v.typed(key)?)
-        } else if p(keys::NAMESPACES) {
-            Resource::Namespace(v.typed(key)?)
-        } else if p(keys::NETWORK_POLICIES) {
-            Resource::NetworkPolicy(v.typed(key)?)
-        } else {
-            return Ok(None);
-        }))
-    }
-
-    /// The record stored at `key`, from its JSON tree; None for a key outside
-    /// [`SYNCED_PREFIXES`] (IPAM handles, anything unknown).
-    pub fn from_value(key: &str, v: Value) -> Result<Option<Resource>, String> {
-        Resource::decode(key, v)
-    }
-
-    /// The record stored at `key`, from the JSON text a key-value backend holds (decoded
-    /// straight into its type).
-    pub fn from_json(key: &str, s: &str) -> Result<Option<Resource>, String> {
-        Resource::decode(key, s)
-    }
-
-    /// The record as the key-value backends store it (JSON text).
-    pub fn to_json(&self) -> String {
-        let r = match self {
-            Resource::ClusterConfig(x) => serde_json::to_string(x),
-            Resource::Node(x) => serde_json::to_string(x),
-            Resource::Pool(x) => serde_json::to_string(x),
-            Resource::Block(x) => serde_json::to_string(x),
-            Resource::WorkloadEndpoint(x) => serde_json::to_string(x),
-            Resource::Service(x) => serde_json::to_string(x),
-            Resource::EndpointSlice(x) => serde_json::to_string(x),
-            Resource::Pod(x) => serde_json::to_string(x),
-            Resource::Namespace(x) => serde_json::to_string(x),
-            Resource::NetworkPolicy(x) => serde_json::to_string(x),
-            Resource::Barrier(x) => serde_json::to_string(x),
-        };
-        r.expect("Malla records serialise")
-    }
-}
+/// One record of the kinds a syncer follows, typed: [`malla_api::kinds::Resource`].
+pub use malla_api::kinds::Resource;
 
 /// The revision an update was read at.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -221,7 +99,7 @@ pub(crate) fn decoded(key: String, value: Option<&str>, revision: Version) -> Op
 }
 
 fn synced(key: &str) -> bool {
-    SYNCED_PREFIXES.iter().any(|p| key.starts_with(p))
+    malla_api::kinds::is_synced(key)
 }
 
 /// How many listed records one [`Syncer::next`] hands over at most. A listing is read one

@@ -1,4 +1,5 @@
-//! Which Kubernetes resource holds each part of Malla's key space, and how a key names an
+//! Which Kubernetes resource holds each part of Malla's key space (the table is
+//! [`malla_api::kinds::STORAGE`]; this turns it into API resources), and how a key names an
 //! object.
 //!
 //! - Malla's own records (pools, IPAM blocks and handles, workload endpoints, node records, the
@@ -11,7 +12,7 @@
 //!   [`super::native`].
 
 use kube::api::ApiResource;
-use malla_api::keys;
+use malla_api::kinds::{Kubernetes, STORAGE};
 
 /// The API group of Malla's custom resources.
 pub const GROUP: &str = "malla.dev";
@@ -36,7 +37,7 @@ pub enum Shape {
 }
 
 /// A printer column of a CRD: name, type, JSON path, priority (0: always shown, 1: `-o wide`).
-pub type Column = (&'static str, &'static str, &'static str, u8);
+pub use malla_api::kinds::Column;
 
 /// One part of the key space and the resource that holds it.
 #[derive(Debug, Clone)]
@@ -84,129 +85,69 @@ pub enum SliceApi {
     Endpoints,
 }
 
-/// The key space's resources on a server whose endpoint slices come from `slices`.
+/// The key space's resources on a server whose endpoint slices come from `slices`: the table
+/// of [`malla_api::kinds::STORAGE`], turned into API resources.
 pub fn all(slices: SliceApi) -> Vec<Kind> {
-    let slice_kind = match slices {
-        SliceApi::V1 | SliceApi::V1beta1 => Kind {
-            prefix: keys::ENDPOINT_SLICES,
-            resource: resource(
-                "discovery.k8s.io",
-                if slices == SliceApi::V1 {
-                    "v1"
-                } else {
-                    "v1beta1"
+    STORAGE
+        .iter()
+        .map(|s| match s.kubernetes {
+            Kubernetes::Custom {
+                kind,
+                plural,
+                columns,
+            } => custom(s.prefix, kind, plural, columns),
+            Kubernetes::Native {
+                group,
+                version,
+                kind,
+                plural,
+                namespaced,
+            } => Kind {
+                prefix: s.prefix,
+                resource: resource(group, version, kind, plural),
+                namespaced,
+                shape: native_shape(kind),
+                columns: &[],
+            },
+            Kubernetes::EndpointSlices => match slices {
+                SliceApi::V1 | SliceApi::V1beta1 => Kind {
+                    prefix: s.prefix,
+                    resource: resource(
+                        "discovery.k8s.io",
+                        if slices == SliceApi::V1 {
+                            "v1"
+                        } else {
+                            "v1beta1"
+                        },
+                        "EndpointSlice",
+                        "endpointslices",
+                    ),
+                    namespaced: true,
+                    shape: Shape::EndpointSlice,
+                    columns: &[],
                 },
-                "EndpointSlice",
-                "endpointslices",
-            ),
-            namespaced: true,
-            shape: Shape::EndpointSlice,
-            columns: &[],
-        },
-        SliceApi::Endpoints => Kind {
-            prefix: keys::ENDPOINT_SLICES,
-            resource: resource("", "v1", "Endpoints", "endpoints"),
-            namespaced: true,
-            shape: Shape::Endpoints,
-            columns: &[],
-        },
-    };
-    vec![
-        custom(
-            "/malla/config/",
-            "ClusterNetwork",
-            "clusternetworks",
-            &[
-                ("Routing", "string", ".spec.routing", 0),
-                ("VNI", "integer", ".spec.vxlanVni", 1),
-                ("VXLANPort", "integer", ".spec.vxlanPort", 1),
-            ],
-        ),
-        custom(
-            keys::POOLS,
-            "IPPool",
-            "ippools",
-            &[
-                ("CIDR", "string", ".spec.cidr", 0),
-                ("BlockSize", "integer", ".spec.blockSize", 0),
-                ("NATOutgoing", "boolean", ".spec.natOutgoing", 0),
-                ("Disabled", "boolean", ".spec.disabled", 0),
-            ],
-        ),
-        custom(
-            keys::NODES,
-            "NodeNetwork",
-            "nodenetworks",
-            &[
-                ("IPv4", "string", ".spec.underlayIpv4", 0),
-                ("IPv6", "string", ".spec.underlayIpv6", 0),
-                ("MTU", "integer", ".spec.underlayMtu", 0),
-                ("VTEP", "string", ".spec.vtepMac", 0),
-            ],
-        ),
-        custom(
-            keys::ENDPOINTS,
-            "WorkloadEndpoint",
-            "workloadendpoints",
-            &[
-                ("Node", "string", ".spec.node", 0),
-                ("Namespace", "string", ".spec.namespace", 0),
-                ("Pod", "string", ".spec.pod", 0),
-                ("IPs", "string", ".spec.ips", 0),
-                ("Interface", "string", ".spec.hostIfname", 0),
-            ],
-        ),
-        custom(
-            keys::BLOCKS,
-            "IPAMBlock",
-            "ipamblocks",
-            &[
-                ("CIDR", "string", ".spec.cidr", 0),
-                ("Node", "string", ".spec.affinity", 0),
-                ("Pool", "string", ".spec.pool", 0),
-            ],
-        ),
-        custom(
-            keys::HANDLES,
-            "IPAMHandle",
-            "ipamhandles",
-            &[("Blocks", "string", ".spec.blocks", 1)],
-        ),
-        Kind {
-            prefix: keys::NAMESPACES,
-            resource: resource("", "v1", "Namespace", "namespaces"),
-            namespaced: false,
-            shape: Shape::Namespace,
-            columns: &[],
-        },
-        Kind {
-            prefix: keys::PODS,
-            resource: resource("", "v1", "Pod", "pods"),
-            namespaced: true,
-            shape: Shape::Pod,
-            columns: &[],
-        },
-        Kind {
-            prefix: keys::SERVICES,
-            resource: resource("", "v1", "Service", "services"),
-            namespaced: true,
-            shape: Shape::Service,
-            columns: &[],
-        },
-        slice_kind,
-        Kind {
-            prefix: keys::NETWORK_POLICIES,
-            resource: resource(
-                "networking.k8s.io",
-                "v1",
-                "NetworkPolicy",
-                "networkpolicies",
-            ),
-            namespaced: true,
-            shape: Shape::NetworkPolicy,
-            columns: &[],
-        },
-    ]
+                SliceApi::Endpoints => Kind {
+                    prefix: s.prefix,
+                    resource: resource("", "v1", "Endpoints", "endpoints"),
+                    namespaced: true,
+                    shape: Shape::Endpoints,
+                    columns: &[],
+                },
+            },
+        })
+        .collect()
+}
+
+/// The conversion a native kind takes ([`super::native`]); a kind of the table without one is
+/// a programming error, caught by the test that builds every kind.
+fn native_shape(kind: &str) -> Shape {
+    match kind {
+        "Namespace" => Shape::Namespace,
+        "Pod" => Shape::Pod,
+        "Service" => Shape::Service,
+        "NetworkPolicy" => Shape::NetworkPolicy,
+        other => panic!("no conversion for the native kind {other}"),
+    }
 }
 
 /// Where a key lives: its kind, namespace (namespaced kinds) and object name.
@@ -391,6 +332,7 @@ pub fn crd(k: &Kind) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use malla_api::keys;
 
     #[test]
     fn deploy_crds_are_the_generated_ones() {
