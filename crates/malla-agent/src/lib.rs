@@ -106,8 +106,12 @@ impl Received {
 ///
 /// The loop: follow the datastore's [`Syncer`] into a [`mirror::Mirror`]; nothing is applied
 /// until it says `InSync` (the mirror then holds the whole cluster), then each batch of
-/// changes updates the mirror, and when the calculation's input changed the dataplane is
-/// computed and applied again (also every `resync`, repairing drift). When the datastore is
+/// changes updates the mirror and the calculation graph's nodes, and the driver gets their
+/// deltas: the links node's (routes, VXLAN peers, local pods: [`Update::Links`]), the services'
+/// and the policy node's element changes ([`Update::Endpoints`]). The whole node is computed
+/// and applied again ([`Update::Full`]) at the first sync and for a change no node follows
+/// (the cluster config, a pool, this node's own record, more than set members of a policy);
+/// every `resync` the kernel is checked against what was applied, repairing drift. When the datastore is
 /// away the kernel is left as it is and the syncer resumes by itself; if the history it needs
 /// is gone, it lists again and says `InSync` again.
 ///
@@ -207,6 +211,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                             tracing::info!(node = %cfg.node, added = done.added, released = done.released, "settled offline IPAM changes");
                             for (ip, handle) in &done.conflicts {
                                 tracing::error!(node = %cfg.node, %ip, %handle, "an address given out offline was taken meanwhile");
+                            }
+                            if cache.has_pending().unwrap_or(false) {
+                                // Written again meanwhile (a plugin offline still): not a spin.
+                                tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         }
                         Err(e) => {
