@@ -360,4 +360,40 @@ fn kubectl_habits_on_a_lab() {
     assert!(stdout.contains("denied"), "{stdout}");
     assert!(!stdout.contains("os error"), "{stdout}");
     assert!(stdout.contains("no answer within 300 ms"), "{stdout}");
+
+    // The demo on this lab (same shape: `up` is a no-op, the app is already there): its matrix
+    // tells the policy's intended denials from failures, and its next commands name the lab.
+    let out = lab.run(&["lab", "demo", "--nodes", "3"]);
+    let row = |from: &str| {
+        out.lines()
+            .find(|l| l.starts_with(from))
+            .unwrap_or_else(|| panic!("no row {from}: {out}"))
+            .to_string()
+    };
+    assert!(row("shop/web").contains("denied"), "{out}");
+    assert!(row("shop/web").contains("ok/denied"), "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+    assert!(
+        out.contains(" denied by NetworkPolicy as intended, 0 failed"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("`malla lab down --lab {}`", lab.name)),
+        "{out}"
+    );
+
+    // A failure no policy explains reads FAIL, in words: the cache's server stopped (last,
+    // since it changes the lab).
+    let pid = lab.state()["pods"]["shop/cache"]["probe_pid"]
+        .as_i64()
+        .unwrap();
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let out = lab.try_run(&["lab", "probe", "--from", "shop/api", "--to", "shop/cache"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("FAIL") && stdout.contains("connection refused"),
+        "{stdout}"
+    );
 }
