@@ -3,12 +3,14 @@
 //! exercises a multi-node lab on this machine. Flags, outputs and exit codes follow kubectl's
 //! habits: `-o table|wide|json|yaml`, global flags before or after the subcommand.
 
+mod diags;
 mod globals;
 mod ipam_cmd;
 mod lab_cmd;
 mod output;
 mod policy_cmd;
 mod services_cmd;
+mod status_cmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -104,6 +106,18 @@ enum Command {
     ///
     /// Example: malla services --lab demo --node node-1
     Services(services_cmd::ServicesArgs),
+    /// Per node: agent up, in sync, datastore reachable, objects programmed, last error.
+    ///
+    /// Reads each agent's /healthz, /readyz and /metrics (in a lab, inside each node's
+    /// namespace; with --datastore, this host's agent). Exit status 3 when a node is not healthy.
+    ///
+    /// Example: malla status --lab demo
+    Status(status_cmd::StatusArgs),
+    /// Everything a bug report needs, in one archive: versions, config, agent logs, each node's
+    /// nft ruleset, routes and links, the agents' endpoints, status and a datastore summary.
+    ///
+    /// Example: malla diags --lab demo --out /tmp/malla-diags.tar.gz
+    Diags(diags::DiagsArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes datastore (deploy/crds.yaml).
     ///
     /// Example: malla crds | kubectl apply -f -
@@ -209,6 +223,8 @@ fn main() {
         Command::Lab(args) => lab_cmd::run(&g, args),
         Command::Services(args) => services_cmd::run(&g, args),
         Command::Policy { command } => policy_cmd::run(&g, command),
+        Command::Status(args) => status_cmd::run(&g, args),
+        Command::Diags(args) => diags::run(&g, args),
         Command::InstallCni {
             bin_dir,
             conf_dir,

@@ -78,6 +78,7 @@ fn data_commands() -> Vec<Vec<&'static str>> {
         vec!["lab", "get", "endpointslices"],
         vec!["lab", "get", "networkpolicies"],
         vec!["lab", "probe", "--from", "shop/api", "--to", "shop/cache"],
+        vec!["status"],
     ]
 }
 
@@ -396,4 +397,116 @@ fn kubectl_habits_on_a_lab() {
         stdout.contains("FAIL") && stdout.contains("connection refused"),
         "{stdout}"
     );
+
+    // status: every node healthy, with what it programmed.
+    let status: Value = serde_json::from_str(&lab.run(&["status", "-o", "json"])).unwrap();
+    assert_eq!(status["healthy"], true, "{status}");
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{status}");
+    for n in nodes {
+        for k in [
+            "agentRunning",
+            "healthy",
+            "ready",
+            "inSync",
+            "datastoreReachable",
+        ] {
+            assert_eq!(n[k], true, "{k}: {n}");
+        }
+        assert!(n["programmed"]["routes"].as_u64().unwrap() >= 2, "{n}");
+    }
+    let table = lab.run(&["status"]);
+    assert_eq!(
+        table
+            .lines()
+            .filter(|l| l.starts_with("node-") && l.contains(" running "))
+            .count(),
+        3,
+        "{table}"
+    );
+
+    // diags: one archive with every part.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("d.tar.gz");
+    lab.run(&["diags", "--out", archive.to_str().unwrap()]);
+    let list = Command::new("tar")
+        .arg("tzf")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let list = text(&list).0;
+    for part in [
+        "/versions.txt",
+        "/config/lab.json",
+        "/config/node-1/10-malla.conflist",
+        "/logs/agent-node-1.log",
+        "/nodes/node-2/nft.txt",
+        "/nodes/node-2/routes.txt",
+        "/nodes/node-2/links.txt",
+        "/nodes/node-2/metrics.txt",
+        "/datastore.txt",
+        "/status.json",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(part)),
+            "{part} missing:\n{list}"
+        );
+    }
+    let x = dir.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    assert!(Command::new("tar")
+        .arg("xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap()
+        .success());
+    let top = std::fs::read_dir(&x)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let read = |p: &str| std::fs::read_to_string(top.join(p)).unwrap();
+    assert!(
+        read("versions.txt").contains("malla-cni "),
+        "{}",
+        read("versions.txt")
+    );
+    assert!(read("nodes/node-2/nft.txt").contains("table inet malla"));
+    assert!(read("nodes/node-2/routes.txt").contains("198.18."));
+    assert!(read("nodes/node-2/links.txt").contains("ul0"));
+    assert!(
+        read("datastore.txt").contains("/malla/pods"),
+        "{}",
+        read("datastore.txt")
+    );
+    assert!(
+        !std::fs::read_to_string(lab.dir().join("logs/agent-node-1.log"))
+            .unwrap()
+            .contains('\u{1b}'),
+        "colour codes in the agent's log file"
+    );
+
+    // An agent stopped: status says which node and exits 3.
+    let pid = lab.state()["nodes"][1]["agent_pid"].as_i64().unwrap();
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = lab.try_run(&["status"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    let row = stdout.lines().find(|l| l.starts_with("node-2")).unwrap();
+    assert!(row.contains("STOPPED") && row.contains(" NO "), "{stdout}");
+    assert!(stdout.contains("not healthy"), "{stdout}");
+    let status: Value =
+        serde_json::from_slice(&lab.try_run(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(status["healthy"], false);
+    assert_eq!(status["nodes"][1]["agentRunning"], false);
+    assert_eq!(status["nodes"][0]["agentRunning"], true);
 }
