@@ -510,3 +510,32 @@ fn kubectl_habits_on_a_lab() {
     assert_eq!(status["nodes"][1]["agentRunning"], false);
     assert_eq!(status["nodes"][0]["agentRunning"], true);
 }
+
+/// `--log-format json` (here through MALLA_LOG_FORMAT, which the lab's agents inherit): every
+/// line of the agent's log is a JSON object, and none carries colour codes.
+#[test]
+fn agent_logs_switch_to_json() {
+    let lab = Lab::new(&common::malla_bin(), "log");
+    let out = lab
+        .cmd()
+        .args(["lab", "up", "--nodes", "1"])
+        .env("MALLA_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    let log = lab.dir().join("logs/agent-node-1.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty(), "{} is empty", log.display());
+    for l in lines {
+        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{l}");
+    }
+    assert!(!text.contains('\u{1b}'), "colour codes: {text}");
+    // A format that does not exist is refused before anything runs.
+    let out = malla()
+        .args(["--log-format", "xml", "lab", "get", "pods"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
