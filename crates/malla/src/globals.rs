@@ -21,13 +21,25 @@ pub enum LogFormat {
 #[derive(Args, Clone)]
 pub struct Globals {
     /// The lab to act on: its namespaces are called malla-<lab>-*.
-    #[arg(long, global = true, env = "MALLA_LAB", default_value = "demo")]
+    #[arg(
+        long,
+        global = true,
+        env = "MALLA_LAB",
+        default_value = "demo",
+        help_heading = "Global options"
+    )]
     pub lab: String,
     /// The datastore: a file path, etcd://HOST:PORT[,HOST:PORT]/PREFIX, or kubernetes[:KUBECONFIG]
     /// (KUBECONFIG, ~/.kube/config or the in-cluster service account). Commands that read a lab
     /// default to the lab's. For `lab up` and `lab demo` it names the lab's backend instead:
     /// local, etcd or kubernetes.
-    #[arg(long, global = true, env = "MALLA_DATASTORE", value_name = "DATASTORE")]
+    #[arg(
+        long,
+        global = true,
+        env = "MALLA_DATASTORE",
+        value_name = "DATASTORE",
+        help_heading = "Global options"
+    )]
     pub datastore: Option<String>,
     /// Log lines as text or json (the agent's logs; stderr).
     #[arg(
@@ -35,7 +47,8 @@ pub struct Globals {
         global = true,
         value_enum,
         env = "MALLA_LOG_FORMAT",
-        default_value = "text"
+        default_value = "text",
+        help_heading = "Global options"
     )]
     pub log_format: LogFormat,
     /// Whether --datastore came from MALLA_DATASTORE (then `lab up` ignores a value that is not

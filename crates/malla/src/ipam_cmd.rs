@@ -11,6 +11,7 @@ pub enum IpamCommand {
     ///
     /// Example: malla ipam show --lab demo -o yaml
     Show {
+        /// Output format: table, wide, json or yaml.
         #[arg(short = 'o', long, value_enum, default_value = "table")]
         output: Output,
     },

@@ -100,6 +100,7 @@ struct FileArgs {
 
 #[derive(Args, Clone)]
 struct UpArgs {
+    /// How many nodes (node-1 … node-N).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// direct or vxlan.
@@ -112,6 +113,7 @@ struct UpArgs {
 
 #[derive(Args, Clone, Copy)]
 struct GetArgs {
+    /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }
@@ -137,8 +139,10 @@ enum GetWhat {
 
 #[derive(Args)]
 struct ProbeArgs {
+    /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
+    /// How long each probe waits to connect and for the answer, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
     /// Only from this source: namespace/name of a pod, node/NAME or external.
@@ -148,9 +152,10 @@ struct ProbeArgs {
     /// nodeport/NODE.
     #[arg(long)]
     to: Option<String>,
+    /// Only to this port.
     #[arg(long)]
     port: Option<u16>,
-    /// tcp or udp.
+    /// Only tcp or udp.
     #[arg(long)]
     protocol: Option<String>,
     /// Separate connections per source and target (see load spread and affinity).

@@ -9,6 +9,7 @@ mod ipam_cmd;
 mod lab_cmd;
 mod output;
 mod policy_cmd;
+mod reference;
 mod services_cmd;
 mod status_cmd;
 
@@ -126,6 +127,9 @@ enum Command {
     ///
     /// Example: malla completion bash > /etc/bash_completion.d/malla
     Completion { shell: clap_complete::Shell },
+    /// (internal) Print the command reference, docs/reference/cli.md.
+    #[command(hide = true)]
+    Reference,
     /// Install the CNI plugin and Malla's conflist on this node (atomically).
     ///
     /// --datastore defaults to /var/lib/malla/store.db here.
@@ -195,6 +199,10 @@ fn main() {
     let result = match cli.command {
         Command::Crds => {
             print!("{}", malla_store::kubernetes::kinds::crds_yaml());
+            Ok(())
+        }
+        Command::Reference => {
+            print!("{}", reference::markdown());
             Ok(())
         }
         Command::Completion { shell } => {

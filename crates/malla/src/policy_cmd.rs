@@ -25,6 +25,7 @@ pub struct TraceArgs {
     from: Option<String>,
     /// Destination: namespace/name of a pod, or an IP address.
     to: Option<String>,
+    /// The destination port.
     #[arg(long)]
     port: Option<u16>,
     /// TCP, UDP or SCTP.
@@ -33,6 +34,7 @@ pub struct TraceArgs {
     /// Every pod to every other pod on each of the destination's declared ports.
     #[arg(long, conflicts_with_all = ["from", "to", "port"])]
     all: bool,
+    /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }

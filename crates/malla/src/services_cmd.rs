@@ -20,6 +20,7 @@ pub struct ServicesArgs {
     /// The node whose view to show.
     #[arg(long)]
     node: String,
+    /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
 }

@@ -21,6 +21,7 @@ use crate::{exit, ExitWith, Globals};
 
 #[derive(Args)]
 pub struct StatusArgs {
+    /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
     /// The agent's HTTP address (its --http-listen), in each node's namespace in a lab.
@@ -254,12 +255,23 @@ fn node_status(
 ) -> NodeStatus {
     let health = http_get(netns, agent, "/healthz");
     let ready = http_get(netns, agent, "/readyz");
-    let metrics = http_get(netns, agent, "/metrics");
-    let m = if metrics.status == Some(200) {
-        parse_metrics(&metrics.body)
-    } else {
-        BTreeMap::new()
-    };
+    // Changes are programmed within milliseconds: a node caught mid-apply is asked again for
+    // up to two seconds before it counts as behind.
+    let mut m = BTreeMap::new();
+    for _ in 0..10 {
+        let metrics = http_get(netns, agent, "/metrics");
+        m = if metrics.status == Some(200) {
+            parse_metrics(&metrics.body)
+        } else {
+            BTreeMap::new()
+        };
+        if m.get("malla_sync_pending_seconds")
+            .is_none_or(|p| *p == 0.0)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let programmed: BTreeMap<String, u64> = m
         .iter()
         .filter_map(|(k, v)| {
