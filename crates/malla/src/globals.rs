@@ -94,13 +94,7 @@ impl Globals {
 
     /// The lab's record, or an error that says how to bring the lab up.
     pub fn lab_state(&self) -> anyhow::Result<LabState> {
-        let paths = self.lab_paths()?;
-        LabState::load(&paths)?.with_context(|| {
-            format!(
-                "lab {:?} is not up (run `malla lab up --lab {}`)",
-                paths.name, paths.name
-            )
-        })
+        LabState::require(&self.lab_paths()?)
     }
 
     /// Opens `--datastore`, or the lab's.

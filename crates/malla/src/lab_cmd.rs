@@ -483,7 +483,8 @@ struct PodView<'a> {
     labels: &'a std::collections::BTreeMap<String, String>,
 }
 
-fn pid_alive(pid: Option<u32>) -> bool {
+/// Whether process `pid` runs.
+pub fn pid_alive(pid: Option<u32>) -> bool {
     pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
 }
 
@@ -788,7 +789,7 @@ fn demo(g: &Globals, paths: &LabPaths, up: &UpArgs, files: &[String]) -> anyhow:
     let lab = &paths.name;
     println!(
         "\nNext: `malla lab probe --lab {lab} -o wide`, `malla policy trace --lab {lab} --all`, \
-         `malla ipam show --lab {lab}`, `malla lab down --lab {lab}`."
+         `malla status --lab {lab}`, `malla ipam show --lab {lab}`, `malla lab down --lab {lab}`."
     );
     let failed = results
         .iter()

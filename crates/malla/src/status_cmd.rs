@@ -283,7 +283,7 @@ fn node_status(
         .collect();
     let pending = m.get("malla_sync_pending_seconds").copied();
     let agent_running = match pid {
-        Some(p) => Path::new(&format!("/proc/{p}")).exists(),
+        Some(_) => crate::lab_cmd::pid_alive(pid),
         None => health.status.is_some(),
     };
     let (datastore_reachable, datastore_error) =
