@@ -4,6 +4,13 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 fn main() {
+    // Run by hand (outside a runtime): say what this is instead of a CNI error.
+    if let Some(arg) = std::env::args().nth(1) {
+        if matches!(arg.as_str(), "--version" | "-V" | "version") {
+            println!("malla-cni {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+    }
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let mut stdin = Vec::new();
     let command = env.get("CNI_COMMAND").cloned().unwrap_or_default();

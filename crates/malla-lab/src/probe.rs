@@ -88,8 +88,9 @@ pub struct Probe {
     pub protocol: String,
 }
 
-/// What a probe found.
+/// What a probe found (printed by `lab probe -o json|yaml` with camelCase keys).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
 pub struct ProbeResult {
     pub from: String,
     pub to: String,
@@ -97,6 +98,7 @@ pub struct ProbeResult {
     pub port: u16,
     pub protocol: String,
     pub connected: bool,
+    /// The server (pod `namespace/name`, or `external`) that answered.
     pub answered_by: Option<String>,
     pub client_ip: Option<IpAddr>,
     pub seen_source_ip: Option<IpAddr>,
@@ -161,9 +163,34 @@ fn probe_once(p: &Probe, timeout: Duration) -> ProbeResult {
                 r.error = Some("empty answer".into());
             }
         }
-        Err(e) => r.error = Some(e.to_string()),
+        Err(e) => r.error = Some(in_words(&e, &p.protocol, timeout)),
     }
     r
+}
+
+/// A probe's failure in words: what a user would call it, without raw `(os error N)` codes.
+fn in_words(e: &anyhow::Error, protocol: &str, timeout: Duration) -> String {
+    use std::io::ErrorKind;
+    let ms = timeout.as_millis();
+    match e.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
+        Some(ErrorKind::WouldBlock | ErrorKind::TimedOut) if protocol == "udp" => {
+            format!("no answer within {ms} ms (dropped, or nothing listening)")
+        }
+        Some(ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+            format!("no connection within {ms} ms (dropped)")
+        }
+        Some(ErrorKind::ConnectionRefused) => "connection refused (rejected)".into(),
+        Some(ErrorKind::HostUnreachable) => "host unreachable".into(),
+        Some(ErrorKind::NetworkUnreachable) => "network unreachable".into(),
+        Some(ErrorKind::ConnectionReset) => "connection reset".into(),
+        _ => {
+            let text = e.to_string();
+            match text.find(" (os error ") {
+                Some(i) => text[..i].to_string(),
+                None => text,
+            }
+        }
+    }
 }
 
 /// Threads probing from one source namespace at once (a denied probe waits for its timeout).
@@ -237,6 +264,72 @@ impl Filter {
                 .as_ref()
                 .is_none_or(|pr| pr.eq_ignore_ascii_case(&p.protocol))
     }
+}
+
+/// A filter that matches nothing is a mistake (a typo, a Service that does not exist): say which
+/// filter and what it could have been.
+fn check_filter(filter: &Filter, all: &[Probe]) -> anyhow::Result<()> {
+    fn names<'a>(it: impl Iterator<Item = &'a String>) -> String {
+        let set: std::collections::BTreeSet<&String> = it.collect();
+        let mut v: Vec<&str> = set.iter().map(|s| s.as_str()).take(12).collect();
+        if set.len() > 12 {
+            v.push("…");
+        }
+        if v.is_empty() {
+            "none: the lab has no pods yet".into()
+        } else {
+            v.join(", ")
+        }
+    }
+    if let Some(f) = &filter.from {
+        anyhow::ensure!(
+            all.iter().any(|p| p.from == *f),
+            "--from {f:?} matches no source (sources: {})",
+            names(all.iter().map(|p| &p.from))
+        );
+    }
+    if let Some(t) = &filter.to {
+        anyhow::ensure!(
+            all.iter().any(|p| p.to == *t),
+            "--to {t:?} matches no destination (destinations: {})",
+            names(all.iter().map(|p| &p.to))
+        );
+    }
+    if let Some(pr) = &filter.protocol {
+        anyhow::ensure!(
+            pr.eq_ignore_ascii_case("tcp") || pr.eq_ignore_ascii_case("udp"),
+            "--protocol {pr:?}: expected tcp or udp"
+        );
+    }
+    if !all.iter().any(|p| filter.keep(p)) {
+        let mut given = Vec::new();
+        if let Some(f) = &filter.from {
+            given.push(format!("--from {f}"));
+        }
+        if let Some(t) = &filter.to {
+            given.push(format!("--to {t}"));
+        }
+        if let Some(p) = filter.port {
+            given.push(format!("--port {p}"));
+        }
+        if let Some(p) = &filter.protocol {
+            given.push(format!("--protocol {p}"));
+        }
+        anyhow::bail!(
+            "{} together match no probe{}",
+            if given.is_empty() {
+                "the lab has nothing to probe:".to_string()
+            } else {
+                given.join(" ")
+            },
+            if given.is_empty() {
+                " (apply some pods)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
 }
 
 /// At most this many probes per run.
@@ -366,6 +459,7 @@ pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
             }
         }
     }
+    check_filter(filter, &out)?;
     out.retain(|p| filter.keep(p));
     if filter.count > 1 {
         out = out
@@ -382,12 +476,21 @@ pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
 }
 
 /// A readable matrix: one row per source, one column per destination; a cell is `ok` when every
-/// probe of the pair connected (`nat` when the server saw another address), else `FAIL`.
-pub fn matrix(results: &[ProbeResult]) -> String {
+/// probe of the pair connected (`ok (nat)` when the server saw another address), `denied` when
+/// the probes that did not connect are those a NetworkPolicy denies (`denied`, by index into
+/// `results`), `ok/denied` when some ports are allowed and the others denied, else `FAIL n/m`.
+pub fn matrix(results: &[ProbeResult], denied: &std::collections::BTreeSet<usize>) -> String {
+    #[derive(Default)]
+    struct Cell {
+        total: usize,
+        ok: usize,
+        direct: usize,
+        denied: usize,
+    }
     let mut names: Vec<String> = Vec::new();
     let mut cols: Vec<String> = Vec::new();
-    let mut cells: BTreeMap<(String, String), (usize, usize, usize)> = BTreeMap::new();
-    for r in results {
+    let mut cells: BTreeMap<(String, String), Cell> = BTreeMap::new();
+    for (i, r) in results.iter().enumerate() {
         if !names.contains(&r.from) {
             names.push(r.from.clone());
         }
@@ -395,40 +498,67 @@ pub fn matrix(results: &[ProbeResult]) -> String {
             cols.push(r.to.clone());
         }
         let c = cells.entry((r.from.clone(), r.to.clone())).or_default();
-        c.0 += 1;
+        c.total += 1;
         if r.connected {
-            c.1 += 1;
+            c.ok += 1;
+        } else if denied.contains(&i) {
+            c.denied += 1;
         }
         if r.no_nat() {
-            c.2 += 1;
+            c.direct += 1;
         }
     }
+    let text = |c: &Cell| -> String {
+        let failed = c.total - c.ok - c.denied;
+        if failed > 0 {
+            format!("FAIL {failed}/{}", c.total)
+        } else if c.denied == c.total {
+            "denied".into()
+        } else if c.denied > 0 {
+            "ok/denied".into()
+        } else if c.direct == c.total {
+            "ok".into()
+        } else {
+            "ok (nat)".into()
+        }
+    };
+    let rendered: BTreeMap<&(String, String), String> =
+        cells.iter().map(|(k, c)| (k, text(c))).collect();
     let w = names
         .iter()
         .chain(cols.iter())
-        .map(String::len)
+        .map(|s| s.chars().count())
+        .chain(rendered.values().map(|s| s.len()))
         .max()
         .unwrap_or(4)
-        .max(4);
+        .max("from \\ to".len());
     let mut out = format!("{:w$}", "from \\ to");
     for c in &cols {
-        out.push_str(&format!(" {c:>w$}"));
+        out.push_str(&format!("  {c:>w$}"));
     }
     out.push('\n');
     for n in &names {
         out.push_str(&format!("{n:w$}"));
         for c in &cols {
-            let cell = match cells.get(&(n.clone(), c.clone())) {
-                None => "-".to_string(),
-                Some((total, ok, _)) if ok < total => format!("FAIL {}/{}", total - ok, total),
-                Some((total, _, direct)) if direct == total => "ok".to_string(),
-                Some(_) => "ok (nat)".to_string(),
-            };
-            out.push_str(&format!(" {cell:>w$}"));
+            let cell = rendered
+                .get(&(n.clone(), c.clone()))
+                .cloned()
+                .unwrap_or_else(|| "-".into());
+            out.push_str(&format!("  {cell:>w$}"));
         }
         out.push('\n');
     }
     let ok = results.iter().filter(|r| r.connected).count();
-    out.push_str(&format!("{ok}/{} probes connected\n", results.len()));
+    let failed = results.len()
+        - ok
+        - denied
+            .iter()
+            .filter(|i| **i < results.len() && !results[**i].connected)
+            .count();
+    out.push_str(&format!(
+        "{ok}/{} probes connected, {} denied by NetworkPolicy as intended, {failed} failed\n",
+        results.len(),
+        results.len() - ok - failed
+    ));
     out
 }

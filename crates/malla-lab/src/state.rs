@@ -222,8 +222,13 @@ impl LabState {
 
     /// The lab's state, or an error telling the user to bring it up.
     pub fn require(paths: &LabPaths) -> anyhow::Result<Self> {
-        Self::load(paths)?
-            .ok_or_else(|| anyhow::anyhow!("lab {:?} is not up (run `malla lab up`)", paths.name))
+        Self::load(paths)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "lab {:?} is not up (run `malla lab up --lab {}`)",
+                paths.name,
+                paths.name
+            )
+        })
     }
 
     /// Writes atomically (temp file + rename).

@@ -99,11 +99,13 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             || existing.datastore != opts.datastore
         {
             bail!(
-                "lab {:?} is already up with {} nodes, routing {}, ipv6 {}; run `malla lab down` first to change its shape",
+                "lab {:?} is already up with {} nodes, routing {}, ipv6 {}, datastore {:?}; run `malla lab down --lab {}` first to change its shape",
                 paths.name,
                 existing.nodes.len(),
                 existing.routing,
-                existing.ipv6
+                existing.ipv6,
+                existing.datastore,
+                paths.name
             );
         }
     }

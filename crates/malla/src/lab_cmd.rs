@@ -1,5 +1,9 @@
-//! `malla lab …`: up, down, apply, delete, get pods, probe, demo (and the hidden probe server).
+//! `malla lab …`: up, down, apply, delete, get (nodes, pods, services, endpointslices,
+//! networkpolicies), probe, demo (and the hidden probe server).
 
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -7,16 +11,17 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use malla_api::RoutingMode;
 use malla_lab::manifest;
-use malla_lab::probe::{self, Filter};
+use malla_lab::probe::{self, Filter, ProbeResult};
 use malla_lab::runtime;
 use malla_lab::topology::{self, UpOptions};
 use malla_lab::{LabPaths, LabState};
+use serde::Serialize;
+
+use crate::output::{Output, Table};
+use crate::{exit, ExitWith, Globals};
 
 #[derive(Args)]
 pub struct LabArgs {
-    /// Lab name: namespaces are called malla-<lab>-*.
-    #[arg(long, global = true, env = "MALLA_LAB", default_value = "demo")]
-    lab: String,
     #[command(subcommand)]
     command: LabCommand,
 }
@@ -25,39 +30,48 @@ pub struct LabArgs {
 enum LabCommand {
     /// Create the lab: fabric, nodes with agents, external. Idempotent.
     ///
-    /// Example: malla lab up --nodes 3 --routing vxlan --ipv6
+    /// --datastore names the backend here: local (default), etcd or kubernetes.
+    ///
+    /// Example: malla lab up --lab demo --nodes 3 --routing vxlan --ipv6
     Up(UpArgs),
     /// Remove everything the lab created (also leftovers after a crash).
-    Down,
-    /// Create Namespaces and Pods from Kubernetes manifests (the lab acts as the runtime).
     ///
-    /// Example: malla lab apply -f examples/shop.yaml
-    Apply {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-    },
-    /// Delete the Pods (and Namespaces) of a manifest through CNI DEL.
-    Delete {
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-    },
+    /// Example: malla lab down --lab demo
+    Down,
+    /// Create Namespaces, Pods, Services, EndpointSlices and NetworkPolicies from Kubernetes
+    /// manifests (the lab acts as the runtime). Every file is parsed and checked before
+    /// anything is applied.
+    ///
+    /// Example: malla lab apply --lab demo -f examples/shop.yaml -f examples/policies/
+    Apply(FileArgs),
+    /// Delete the objects of manifests (Pods through CNI DEL).
+    ///
+    /// Example: malla lab delete --lab demo -f examples/policies/
+    Delete(FileArgs),
     /// Show lab objects.
     Get {
         #[command(subcommand)]
         what: GetWhat,
     },
     /// Probe reachability: every pod→pod pair on every declared port and protocol, node→pod
-    /// for the node's own pods, and pod→external.
+    /// for the node's own pods, pod→external, and every Service port.
     ///
-    /// Example: malla lab probe --from default/client --protocol tcp -o json
+    /// Exit status: 0 when every probe connected; 3 when the probes ran and some did not
+    /// connect (a NetworkPolicy may deny them on purpose: the table says which; `malla policy
+    /// trace` says why); 1 when a filter matches nothing or the probes could not run.
+    ///
+    /// Example: malla lab probe --lab demo --from shop/web --protocol tcp -o json
     Probe(ProbeArgs),
-    /// Up + the sample app from examples/ + probe, printed as a matrix.
+    /// Up + the sample app (examples/shop.yaml: pods, a Service, NetworkPolicies) + probe,
+    /// printed as a matrix in which a connection a policy denies on purpose reads `denied`.
+    ///
+    /// Example: malla lab demo --lab demo
     Demo {
         #[command(flatten)]
         up: UpArgs,
-        /// Manifest to apply (default: the built-in sample app).
-        #[arg(short = 'f', long = "filename")]
-        file: Option<PathBuf>,
+        /// Manifests to apply instead of the built-in sample app (FILE, DIR or -; repeatable).
+        #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-")]
+        files: Vec<String>,
     },
     /// (internal) The probe server a lab pod runs.
     #[command(hide = true)]
@@ -71,8 +85,22 @@ enum LabCommand {
     },
 }
 
+#[derive(Args)]
+struct FileArgs {
+    /// A manifest file, a directory (its *.yaml, *.yml and *.json files, in name order) or `-`
+    /// (stdin). Repeatable.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    files: Vec<String>,
+}
+
 #[derive(Args, Clone)]
 struct UpArgs {
+    /// How many nodes (node-1 … node-N).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
     /// direct or vxlan.
@@ -81,68 +109,58 @@ struct UpArgs {
     /// Dual-stack: an IPv6 pool and underlay too.
     #[arg(long)]
     ipv6: bool,
-    /// The datastore: local (an embedded file), etcd (a real etcd the lab runs on its fabric) or
-    /// kubernetes (a real kube-apiserver + kube-controller-manager v1.20 there, from
-    /// scripts/k8s-control-plane).
-    #[arg(long, default_value = "local")]
-    datastore: malla_lab::store::Backend,
+}
+
+#[derive(Args, Clone, Copy)]
+struct GetArgs {
+    /// Output format: table, wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
 }
 
 #[derive(Subcommand)]
 enum GetWhat {
+    /// Nodes with their namespace, addresses and agent.
+    #[command(visible_alias = "no", visible_alias = "node")]
+    Nodes(GetArgs),
     /// Pods with their node and addresses.
-    Pods {
-        /// table, wide or json.
-        #[arg(short = 'o', long, default_value = "table")]
-        output: String,
-    },
+    #[command(visible_alias = "po", visible_alias = "pod")]
+    Pods(GetArgs),
+    /// Services with their cluster IPs and ports.
+    #[command(visible_alias = "svc", visible_alias = "service")]
+    Services(GetArgs),
+    /// EndpointSlices: the endpoints behind each Service (derived from its selector, or given).
+    #[command(visible_alias = "endpointslice")]
+    Endpointslices(GetArgs),
+    /// NetworkPolicies with the pods they select.
+    #[command(visible_alias = "netpol", visible_alias = "networkpolicy")]
+    Networkpolicies(GetArgs),
 }
 
 #[derive(Args)]
 struct ProbeArgs {
-    #[arg(short = 'o', long, default_value = "table")]
-    output: String,
+    /// Output format: table, wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+    /// How long each probe waits to connect and for the answer, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     timeout_ms: u64,
-    /// Only from this source (namespace/name, node/NAME).
+    /// Only from this source: namespace/name of a pod, node/NAME or external.
     #[arg(long)]
     from: Option<String>,
-    /// Only to this destination (namespace/name or external).
+    /// Only to this destination: namespace/name of a pod, external, svc/NAMESPACE/NAME or
+    /// nodeport/NODE.
     #[arg(long)]
     to: Option<String>,
+    /// Only to this port.
     #[arg(long)]
     port: Option<u16>,
-    /// tcp or udp.
+    /// Only tcp or udp.
     #[arg(long)]
     protocol: Option<String>,
     /// Separate connections per source and target (see load spread and affinity).
     #[arg(long, default_value_t = 1)]
     count: usize,
-}
-
-/// Where a read-only command finds the datastore: `--datastore`, or the lab's.
-#[derive(Args)]
-pub struct StoreArgs {
-    /// The datastore: a file path or etcd://HOST:PORT/PREFIX (default: the lab's).
-    #[arg(long)]
-    pub datastore: Option<malla_store::DatastoreSpec>,
-    /// The lab whose datastore (and namespaces) to read.
-    #[arg(long, env = "MALLA_LAB", default_value = "demo")]
-    pub lab: String,
-}
-
-impl StoreArgs {
-    /// Opens the datastore given, or the lab's.
-    pub fn open(&self) -> anyhow::Result<Box<dyn malla_store::Store>> {
-        match &self.datastore {
-            Some(spec) => Ok(spec.open()?),
-            None => {
-                let paths = LabPaths::new(&self.lab, state_root().as_deref())?;
-                let state = LabState::require(&paths)?;
-                malla_lab::store::open(&paths, &state)
-            }
-        }
-    }
 }
 
 /// The state root, overridable for tests.
@@ -160,30 +178,36 @@ fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-fn up_options(a: &UpArgs) -> anyhow::Result<UpOptions> {
+fn up_options(g: &Globals, a: &UpArgs) -> anyhow::Result<UpOptions> {
     Ok(UpOptions {
         nodes: a.nodes,
         routing: a.routing,
         ipv6: a.ipv6,
         malla_bin: std::env::current_exe()?,
         cni_bin: sibling_binary("malla-cni")?,
-        datastore: a.datastore,
+        datastore: g.backend()?,
     })
 }
 
-const SAMPLE_APP: &str = include_str!("../../../examples/demo.yaml");
+/// The sample app `lab demo` applies: examples/shop.yaml.
+pub const SAMPLE_APP: &str = include_str!("../../../examples/shop.yaml");
 
-pub fn run(args: LabArgs) -> anyhow::Result<()> {
-    let paths = LabPaths::new(&args.lab, state_root().as_deref())?;
+pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
+    let paths = g.lab_paths()?;
     match args.command {
         LabCommand::Up(a) => {
-            let state = topology::up(&paths, &up_options(&a)?)?;
+            let state = topology::up(&paths, &up_options(g, &a)?)?;
             println!(
-                "lab {} is up: {} nodes, routing {}, {}",
+                "lab {} is up: {} nodes, routing {}, {}, datastore {:?}",
                 state.name,
                 state.nodes.len(),
                 state.routing,
-                if state.ipv6 { "dual-stack" } else { "IPv4" }
+                if state.ipv6 { "dual-stack" } else { "IPv4" },
+                state.datastore
+            );
+            println!(
+                "next: malla lab apply --lab {} -f examples/shop.yaml",
+                state.name
             );
         }
         LabCommand::Down => {
@@ -194,21 +218,23 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
                 removed.len()
             );
         }
-        LabCommand::Apply { file } => {
-            for o in runtime::apply(&paths, &std::env::current_exe()?, &read_manifest(&file)?)? {
+        LabCommand::Apply(f) => {
+            for o in runtime::apply(
+                &paths,
+                &std::env::current_exe()?,
+                &read_manifests(&f.files)?,
+            )? {
                 println!("{o}");
             }
         }
-        LabCommand::Delete { file } => {
-            for o in runtime::delete(&paths, &read_manifest(&file)?)? {
+        LabCommand::Delete(f) => {
+            for o in runtime::delete(&paths, &read_manifests(&f.files)?)? {
                 println!("{o}");
             }
         }
-        LabCommand::Get {
-            what: GetWhat::Pods { output },
-        } => print_pods(&LabState::require(&paths)?, &output)?,
+        LabCommand::Get { what } => get(g, &what)?,
         LabCommand::Probe(a) => {
-            let state = LabState::require(&paths)?;
+            let state = g.lab_state()?;
             let filter = Filter {
                 from: a.from,
                 to: a.to,
@@ -220,32 +246,15 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
                 probe::plan(&state, &filter)?,
                 Duration::from_millis(a.timeout_ms),
             )?;
-            if a.output == "json" {
-                println!("{}", serde_json::to_string_pretty(&results)?);
-            } else {
-                println!(
-                    "{:<22} {:<22} {:<24} {:>5} {:<4} {:<5} {:<24} ERROR",
-                    "FROM", "TO", "IP", "PORT", "PROTO", "OK", "CLIENT -> SEEN"
-                );
-                for r in &results {
-                    println!(
-                        "{:<22} {:<22} {:<24} {:>5} {:<4} {:<5} {:<24} {}",
-                        r.from,
-                        r.to,
-                        r.ip.to_string(),
-                        r.port,
-                        r.protocol,
-                        r.connected,
-                        format!("{} -> {}", opt(r.client_ip), opt(r.seen_source_ip)),
-                        r.error.as_deref().unwrap_or("")
-                    );
-                }
+            let denied = policy_denied(g, &state, &results);
+            if !a.output.document(&results)? {
+                print_probes(&results, &denied, a.output == Output::Wide);
             }
             if results.iter().any(|r| !r.connected) {
-                std::process::exit(3);
+                return Err(ExitWith(exit::FOUND_PROBLEM).into());
             }
         }
-        LabCommand::Demo { up, file } => demo(&paths, &up, file.as_deref())?,
+        LabCommand::Demo { up, files } => demo(g, &paths, &up, &files)?,
         LabCommand::ProbeServer {
             name,
             listen,
@@ -255,59 +264,494 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn opt(ip: Option<std::net::IpAddr>) -> String {
+fn opt(ip: Option<IpAddr>) -> String {
     ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn read_manifest(file: &Path) -> anyhow::Result<Vec<manifest::Object>> {
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    manifest::parse(&text).with_context(|| format!("{}", file.display()))
+fn print_probes(results: &[ProbeResult], denied: &BTreeSet<usize>, wide: bool) {
+    let mut head = vec!["FROM", "TO", "IP", "PORT", "PROTO", "RESULT", "ANSWERED BY"];
+    if wide {
+        head.push("CLIENT -> SEEN");
+    }
+    head.push("ERROR");
+    let mut t = Table::new(&head).right(3);
+    for (i, r) in results.iter().enumerate() {
+        let result = if r.connected {
+            if r.no_nat() {
+                "ok"
+            } else {
+                "ok (nat)"
+            }
+        } else if denied.contains(&i) {
+            "denied"
+        } else {
+            "FAIL"
+        };
+        let mut row = vec![
+            r.from.clone(),
+            r.to.clone(),
+            r.ip.to_string(),
+            r.port.to_string(),
+            r.protocol.clone(),
+            result.to_string(),
+            r.answered_by.clone().unwrap_or_else(|| "-".into()),
+        ];
+        if wide {
+            row.push(format!("{} -> {}", opt(r.client_ip), opt(r.seen_source_ip)));
+        }
+        row.push(r.error.clone().unwrap_or_default());
+        t.row(row);
+    }
+    t.print();
 }
 
-fn print_pods(state: &LabState, output: &str) -> anyhow::Result<()> {
-    match output {
-        "json" => println!(
-            "{}",
-            serde_json::to_string_pretty(&state.pods.values().collect::<Vec<_>>())?
-        ),
-        "table" | "wide" => {
-            let wide = output == "wide";
-            print!(
-                "{:<16} {:<20} {:<10} {:<40}",
-                "NAMESPACE", "NAME", "NODE", "IPS"
-            );
-            if wide {
-                print!(" {:<20} NETNS", "PORTS");
-            }
-            println!();
-            for p in state.pods.values() {
-                let ips: Vec<String> = p.ips.iter().map(|i| i.to_string()).collect();
-                print!(
-                    "{:<16} {:<20} {:<10} {:<40}",
-                    p.namespace,
-                    p.name,
-                    p.node,
-                    ips.join(",")
-                );
-                if wide {
-                    let ports: Vec<String> = p
-                        .ports
-                        .iter()
-                        .map(|x| format!("{}/{}", x.port, x.protocol))
-                        .collect();
-                    print!(" {:<20} {}", ports.join(","), p.netns);
-                }
-                println!();
-            }
+/// The probes (by index) that did not connect because a NetworkPolicy denies them: the
+/// policy verdict for pod and node sources (to a pod, to external, or to every endpoint of a
+/// Service).
+/// Empty when the datastore cannot be read (then every failure reads FAIL).
+fn policy_denied(g: &Globals, state: &LabState, results: &[ProbeResult]) -> BTreeSet<usize> {
+    use malla_calc::policy::{explain, Connection, Endpoint};
+    let Ok(store) = g.open_store() else {
+        return BTreeSet::new();
+    };
+    let Ok(view) = malla_agent::read_view(&*store) else {
+        return BTreeSet::new();
+    };
+    if view.policies.is_empty() {
+        return BTreeSet::new();
+    }
+    let pods = malla_calc::routes::policy_pods(&view);
+    let pod_list: Vec<&malla_lab::state::PodState> = state.pods.values().collect();
+    let proto = |p: &str| match p {
+        "udp" => malla_api::service::Protocol::Udp,
+        _ => malla_api::service::Protocol::Tcp,
+    };
+    let denies = |src: IpAddr, dst: IpAddr, port: u16, p: &str| {
+        let c = Connection {
+            src: Endpoint::resolve(&pods, src),
+            dst: Endpoint::resolve(&pods, dst),
+            port,
+            proto: proto(p),
+        };
+        !explain(&view.policies, &view.namespaces, &c).allowed
+    };
+    let mut out = BTreeSet::new();
+    for (i, r) in results.iter().enumerate() {
+        if r.connected {
+            continue;
         }
-        other => anyhow::bail!("-o {other}: expected table, wide or json"),
+        // The source's own address: a pod's, or a node's underlay (`external` has no
+        // expectation: node ports are not policy's business here).
+        let src_ips: Vec<IpAddr> = if let Some(pod) = state.pods.get(&r.from) {
+            pod.ips.clone()
+        } else if let Some(node) = r.from.strip_prefix("node/").and_then(|n| state.node(n)) {
+            std::iter::once(IpAddr::V4(node.underlay_ipv4))
+                .chain(node.underlay_ipv6.map(IpAddr::V6))
+                .collect()
+        } else {
+            continue;
+        };
+        let Some(src_ip) = src_ips.iter().find(|s| s.is_ipv4() == r.ip.is_ipv4()) else {
+            continue;
+        };
+        let denied = match r.to.strip_prefix("svc/") {
+            None => denies(*src_ip, r.ip, r.port, &r.protocol),
+            Some(key) => {
+                // Every endpoint of the Service port, after DNAT.
+                let Some(svc) = state.services.get(key) else {
+                    continue;
+                };
+                let Some(sp) = svc
+                    .ports
+                    .iter()
+                    .find(|p| p.port == r.port && p.protocol.nft() == r.protocol)
+                else {
+                    continue;
+                };
+                let slices = malla_lab::services::derive_slices(svc, &pod_list);
+                let mut targets = Vec::new();
+                for s in slices.iter().chain(
+                    state
+                        .manual_slices
+                        .values()
+                        .filter(|s| s.namespace == svc.namespace && s.service == svc.name),
+                ) {
+                    let Some(port) = s.ports.iter().find(|p| p.name == sp.name) else {
+                        continue;
+                    };
+                    for ep in &s.endpoints {
+                        for a in ep
+                            .addresses
+                            .iter()
+                            .filter(|a| a.is_ipv4() == r.ip.is_ipv4())
+                        {
+                            targets.push((*a, port.port));
+                        }
+                    }
+                }
+                !targets.is_empty()
+                    && targets
+                        .iter()
+                        .all(|(ip, port)| denies(*src_ip, *ip, *port, &r.protocol))
+            }
+        };
+        if denied {
+            out.insert(i);
+        }
+    }
+    out
+}
+
+/// Reads and parses every manifest of `-f` (files, directories, `-` for stdin), each checked
+/// before anything is applied; errors name the file and the document.
+fn read_manifests(files: &[String]) -> anyhow::Result<Vec<manifest::Object>> {
+    let mut objects = Vec::new();
+    let mut stdin_read = false;
+    for f in files {
+        if f == "-" {
+            anyhow::ensure!(!stdin_read, "-f -: stdin can be read only once");
+            stdin_read = true;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the manifest from stdin")?;
+            objects.extend(manifest::parse(&text).context("stdin")?);
+            continue;
+        }
+        let path = Path::new(f);
+        let meta = std::fs::metadata(path).with_context(|| format!("-f {f}"))?;
+        let list = if meta.is_dir() {
+            let mut list: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("reading directory {f}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                })
+                .collect();
+            list.sort();
+            anyhow::ensure!(
+                !list.is_empty(),
+                "-f {f}: the directory holds no *.yaml, *.yml or *.json file"
+            );
+            list
+        } else {
+            vec![path.to_path_buf()]
+        };
+        for file in list {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            objects.extend(manifest::parse(&text).with_context(|| format!("{}", file.display()))?);
+        }
+    }
+    // The same document given twice (a file and the directory holding it) is applied once, as
+    // kubectl's second apply of it would change nothing.
+    let mut seen = std::collections::HashSet::new();
+    Ok(objects
+        .into_iter()
+        .filter(|o| seen.insert(format!("{o:?}")))
+        .collect())
+}
+
+/// A node as `lab get nodes -o json|yaml` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeView {
+    name: String,
+    netns: String,
+    addresses: Vec<IpAddr>,
+    agent_pid: Option<u32>,
+    /// Whether the agent process runs.
+    agent_running: bool,
+    /// Pods scheduled on the node.
+    pods: usize,
+}
+
+/// A pod as `lab get pods -o json|yaml` prints it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PodView<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    node: &'a str,
+    netns: &'a str,
+    container_id: &'a str,
+    ips: &'a [IpAddr],
+    ports: &'a [malla_lab::state::PortSpec],
+    labels: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Whether process `pid` runs.
+pub fn pid_alive(pid: Option<u32>) -> bool {
+    pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
+}
+
+fn get(g: &Globals, what: &GetWhat) -> anyhow::Result<()> {
+    let state = g.lab_state()?;
+    match what {
+        GetWhat::Nodes(a) => {
+            let nodes: Vec<NodeView> = state
+                .nodes
+                .iter()
+                .map(|n| NodeView {
+                    name: n.name.clone(),
+                    netns: n.netns.clone(),
+                    addresses: std::iter::once(IpAddr::V4(n.underlay_ipv4))
+                        .chain(n.underlay_ipv6.map(IpAddr::V6))
+                        .collect(),
+                    agent_pid: n.agent_pid,
+                    agent_running: pid_alive(n.agent_pid),
+                    pods: state.pods.values().filter(|p| p.node == n.name).count(),
+                })
+                .collect();
+            if a.output.document(&nodes)? {
+                return Ok(());
+            }
+            let wide = a.output == Output::Wide;
+            let mut head = vec!["NAME", "AGENT", "PODS", "ADDRESSES"];
+            if wide {
+                head.extend(["PID", "NETNS"]);
+            }
+            let mut t = Table::new(&head).right(2);
+            for n in &nodes {
+                let mut row = vec![
+                    n.name.clone(),
+                    if n.agent_running {
+                        "running"
+                    } else {
+                        "stopped"
+                    }
+                    .into(),
+                    n.pods.to_string(),
+                    join(&n.addresses),
+                ];
+                if wide {
+                    row.push(n.agent_pid.map(|p| p.to_string()).unwrap_or("-".into()));
+                    row.push(n.netns.clone());
+                }
+                t.row(row);
+            }
+            t.print();
+        }
+        GetWhat::Pods(a) => print_pods(&state, a.output)?,
+        GetWhat::Services(a) => {
+            let svcs: Vec<&malla_api::service::Service> = state.services.values().collect();
+            if a.output.document(&svcs)? {
+                return Ok(());
+            }
+            let wide = a.output == Output::Wide;
+            let mut head = vec!["NAMESPACE", "NAME", "TYPE", "CLUSTER-IPS", "PORTS"];
+            if wide {
+                head.push("SELECTOR");
+            }
+            let mut t = Table::new(&head);
+            for s in svcs {
+                let ports: Vec<String> = s
+                    .ports
+                    .iter()
+                    .map(|p| match p.node_port {
+                        Some(np) => format!("{}:{np}/{}", p.port, p.protocol.nft().to_uppercase()),
+                        None => format!("{}/{}", p.port, p.protocol.nft().to_uppercase()),
+                    })
+                    .collect();
+                let mut row = vec![
+                    s.namespace.clone(),
+                    s.name.clone(),
+                    format!("{:?}", s.kind),
+                    join(&s.cluster_ips),
+                    ports.join(","),
+                ];
+                if wide {
+                    row.push(match &s.selector {
+                        Some(sel) => labels(sel),
+                        None => "<none>".into(),
+                    });
+                }
+                t.row(row);
+            }
+            t.print();
+        }
+        GetWhat::Endpointslices(a) => {
+            let pods: Vec<&malla_lab::state::PodState> = state.pods.values().collect();
+            let mut slices: Vec<malla_api::service::EndpointSlice> = state
+                .services
+                .values()
+                .flat_map(|s| malla_lab::services::derive_slices(s, &pods))
+                .chain(state.manual_slices.values().cloned())
+                .collect();
+            slices.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            if a.output.document(&slices)? {
+                return Ok(());
+            }
+            let wide = a.output == Output::Wide;
+            let mut head = vec![
+                "NAMESPACE",
+                "NAME",
+                "SERVICE",
+                "ADDRESSTYPE",
+                "PORTS",
+                "ENDPOINTS",
+            ];
+            if wide {
+                head.push("TARGETS");
+            }
+            let mut t = Table::new(&head);
+            for s in &slices {
+                let ports: Vec<String> = s.ports.iter().map(|p| p.port.to_string()).collect();
+                let eps: Vec<String> = s
+                    .endpoints
+                    .iter()
+                    .flat_map(|e| e.addresses.iter().map(|a| a.to_string()))
+                    .collect();
+                let mut row = vec![
+                    s.namespace.clone(),
+                    s.name.clone(),
+                    s.service.clone(),
+                    format!("{:?}", s.address_type),
+                    ports.join(","),
+                    if eps.is_empty() {
+                        "<none>".into()
+                    } else {
+                        eps.join(",")
+                    },
+                ];
+                if wide {
+                    let targets: Vec<String> = s
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| e.target.clone())
+                        .collect();
+                    row.push(targets.join(","));
+                }
+                t.row(row);
+            }
+            t.print();
+        }
+        GetWhat::Networkpolicies(a) => {
+            let pols: Vec<&malla_api::policy::NetworkPolicy> = state.policies.values().collect();
+            if a.output.document(&pols)? {
+                return Ok(());
+            }
+            let mut t = Table::new(&["NAMESPACE", "NAME", "POD-SELECTOR", "TYPES", "SELECTED"]);
+            for p in pols {
+                let selected = state
+                    .pods
+                    .values()
+                    .filter(|pod| {
+                        pod.namespace == p.namespace && p.spec.pod_selector.matches(&pod.labels)
+                    })
+                    .count();
+                let types = p.effective_policy_types();
+                let mut tt = Vec::new();
+                if types.ingress {
+                    tt.push("Ingress");
+                }
+                if types.egress {
+                    tt.push("Egress");
+                }
+                t.row(vec![
+                    p.namespace.clone(),
+                    p.name.clone(),
+                    selector_text(&p.spec.pod_selector),
+                    tt.join(","),
+                    selected.to_string(),
+                ]);
+            }
+            t.print();
+        }
     }
     Ok(())
 }
 
-fn demo(paths: &LabPaths, up: &UpArgs, file: Option<&Path>) -> anyhow::Result<()> {
-    let state = topology::up(paths, &up_options(up)?)?;
+fn join<T: ToString>(items: &[T]) -> String {
+    let v: Vec<String> = items.iter().map(ToString::to_string).collect();
+    if v.is_empty() {
+        "<none>".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn labels(m: &std::collections::BTreeMap<String, String>) -> String {
+    let v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.join(",")
+}
+
+/// A selector as kubectl prints one: `app=api,tier in (a,b)`; `<all pods>` when empty.
+fn selector_text(s: &malla_api::policy::LabelSelector) -> String {
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in &s.match_expressions {
+        let op = serde_json::to_value(&e.operator)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        parts.push(if e.values.is_empty() {
+            format!("{} {op}", e.key)
+        } else {
+            format!("{} {op} ({})", e.key, e.values.join(","))
+        });
+    }
+    if parts.is_empty() {
+        "<all pods>".into()
+    } else {
+        parts.join(",")
+    }
+}
+
+fn print_pods(state: &LabState, output: Output) -> anyhow::Result<()> {
+    let pods: Vec<PodView> = state
+        .pods
+        .values()
+        .map(|p| PodView {
+            namespace: &p.namespace,
+            name: &p.name,
+            node: &p.node,
+            netns: &p.netns,
+            container_id: &p.container_id,
+            ips: &p.ips,
+            ports: &p.ports,
+            labels: &p.labels,
+        })
+        .collect();
+    if output.document(&pods)? {
+        return Ok(());
+    }
+    let wide = output == Output::Wide;
+    let mut head = vec!["NAMESPACE", "NAME", "NODE", "IPS"];
+    if wide {
+        head.extend(["PORTS", "NETNS"]);
+    }
+    let mut t = Table::new(&head);
+    for p in &pods {
+        let mut row = vec![
+            p.namespace.to_string(),
+            p.name.to_string(),
+            p.node.to_string(),
+            join(p.ips),
+        ];
+        if wide {
+            let ports: Vec<String> = p
+                .ports
+                .iter()
+                .map(|x| format!("{}/{}", x.port, x.protocol))
+                .collect();
+            row.push(ports.join(","));
+            row.push(p.netns.to_string());
+        }
+        t.row(row);
+    }
+    t.print();
+    Ok(())
+}
+
+fn demo(g: &Globals, paths: &LabPaths, up: &UpArgs, files: &[String]) -> anyhow::Result<()> {
+    let state = topology::up(paths, &up_options(g, up)?)?;
     println!(
         "lab {} is up: {} nodes, routing {}{}",
         state.name,
@@ -315,28 +759,46 @@ fn demo(paths: &LabPaths, up: &UpArgs, file: Option<&Path>) -> anyhow::Result<()
         state.routing,
         if state.ipv6 { ", dual-stack" } else { "" }
     );
-    let objects = match file {
-        Some(f) => read_manifest(f)?,
-        None => manifest::parse(SAMPLE_APP).context("built-in sample app")?,
+    let objects = if files.is_empty() {
+        manifest::parse(SAMPLE_APP).context("built-in sample app (examples/shop.yaml)")?
+    } else {
+        read_manifests(files)?
     };
     for o in runtime::apply(paths, &std::env::current_exe()?, &objects)? {
         println!("{o}");
     }
     let state = LabState::require(paths)?;
     println!();
-    print_pods(&state, "table")?;
+    print_pods(&state, Output::Table)?;
     println!();
     let results = probe::run(
         probe::plan(&state, &Filter::default())?,
         Duration::from_millis(1000),
     )?;
-    print!("{}", probe::matrix(&results));
+    let denied = policy_denied(g, &state, &results);
+    print!("{}", probe::matrix(&results, &denied));
     let direct = results
         .iter()
         .filter(|r| r.to != "external" && r.no_nat())
         .count();
-    let pod_pairs = results.iter().filter(|r| r.to != "external").count();
-    println!("{direct}/{pod_pairs} pod probes saw the client's own address (no NAT)");
-    println!("\nNext: `malla lab probe -o json`, `malla ipam show`, `malla lab down`.");
+    let pod_pairs = results
+        .iter()
+        .filter(|r| r.to != "external" && r.connected)
+        .count();
+    println!("{direct}/{pod_pairs} connected probes to pods and Services saw the client's own address (no NAT)");
+    let lab = &paths.name;
+    println!(
+        "\nNext: `malla lab probe --lab {lab} -o wide`, `malla policy trace --lab {lab} --all`, \
+         `malla status --lab {lab}`, `malla ipam show --lab {lab}`, `malla lab down --lab {lab}`."
+    );
+    let failed = results
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| !r.connected && !denied.contains(i))
+        .count();
+    if failed > 0 {
+        eprintln!("{failed} probes failed that no NetworkPolicy denies");
+        return Err(ExitWith(exit::FOUND_PROBLEM).into());
+    }
     Ok(())
 }

@@ -1,23 +1,62 @@
 //! `malla`: the command line. `malla agent` runs the node daemon, `malla ipam show` reads the
-//! IPAM state, and `malla lab …` builds and exercises a multi-node lab on this machine.
+//! IPAM state, `malla status` and `malla diags` check the nodes, and `malla lab …` builds and
+//! exercises a multi-node lab on this machine. Flags, outputs and exit codes follow kubectl's
+//! habits: `-o table|wide|json|yaml`, global flags before or after the subcommand.
 
+mod diags;
+mod globals;
 mod ipam_cmd;
 mod lab_cmd;
+mod output;
 mod policy_cmd;
+mod reference;
 mod services_cmd;
+mod status_cmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+pub use globals::Globals;
+
+/// Exit statuses, the same for every command (printed in `malla --help`).
+pub mod exit {
+    /// The command did what was asked.
+    pub const OK: i32 = 0;
+    /// The command failed; the message on stderr names the cause.
+    pub const ERROR: i32 = 1;
+    /// Wrong usage: an unknown flag, a bad value (e.g. `-o foo`), a missing argument.
+    pub const USAGE: i32 = 2;
+    /// The command ran and found a problem: `lab probe` saw pairs that did not connect,
+    /// `status` saw a node that is not healthy.
+    pub const FOUND_PROBLEM: i32 = 3;
+}
+
+const EXIT_HELP: &str = "\
+Exit status:
+  0  the command did what was asked
+  1  error (the message on stderr names the cause, e.g. a --from/--to that matches nothing)
+  2  wrong usage: unknown flag, invalid value (e.g. -o foo), missing argument
+  3  the check ran and found a problem: `lab probe` saw pairs that did not connect,
+     `status` saw a node that is not healthy
+
+Environment:
+  MALLA_LAB         the lab to act on (as --lab)
+  MALLA_DATASTORE   the datastore (as --datastore)
+  MALLA_LOG_FORMAT  text or json (as --log-format)";
 
 #[derive(Parser)]
 #[command(
     name = "malla",
     version,
-    about = "Kubernetes pod networking: agent, IPAM and lab"
+    propagate_version = true,
+    about = "Kubernetes pod networking: agent, IPAM, status and lab",
+    after_help = EXIT_HELP
 )]
 struct Cli {
+    #[command(flatten)]
+    globals: Globals,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,15 +65,14 @@ struct Cli {
 enum Command {
     /// Run the node agent (one per node).
     ///
+    /// Logs go to stderr (the lab writes them to <state dir>/logs/agent-<node>.log, a
+    /// DaemonSet to the container log); colour only on a terminal.
+    ///
     /// Example: malla agent --node node-1 --datastore /var/lib/malla/store.db --underlay-interface eth1
     Agent {
         /// This node's name.
         #[arg(long)]
         node: String,
-        /// The datastore: a local file path, etcd://HOST:PORT[,HOST:PORT]/PREFIX, or kubernetes[:KUBECONFIG]
-        /// (the API server from KUBECONFIG, ~/.kube/config or the in-cluster service account).
-        #[arg(long)]
-        datastore: malla_store::DatastoreSpec,
         /// Interface facing the other nodes.
         #[arg(long)]
         underlay_interface: String,
@@ -69,11 +107,32 @@ enum Command {
     ///
     /// Example: malla services --lab demo --node node-1
     Services(services_cmd::ServicesArgs),
+    /// Per node: agent up, in sync, datastore reachable, objects programmed, last error.
+    ///
+    /// Reads each agent's /healthz, /readyz and /metrics (in a lab, inside each node's
+    /// namespace; with --datastore, this host's agent). Exit status 3 when a node is not healthy.
+    ///
+    /// Example: malla status --lab demo
+    Status(status_cmd::StatusArgs),
+    /// Everything a bug report needs, in one archive: versions, config, agent logs, each node's
+    /// nft ruleset, routes and links, the agents' endpoints, status and a datastore summary.
+    ///
+    /// Example: malla diags --lab demo --out /tmp/malla-diags.tar.gz
+    Diags(diags::DiagsArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes datastore (deploy/crds.yaml).
     ///
     /// Example: malla crds | kubectl apply -f -
     Crds,
+    /// Print a shell completion script (bash, zsh or fish).
+    ///
+    /// Example: malla completion bash > /etc/bash_completion.d/malla
+    Completion { shell: clap_complete::Shell },
+    /// (internal) Print the command reference, docs/reference/cli.md.
+    #[command(hide = true)]
+    Reference,
     /// Install the CNI plugin and Malla's conflist on this node (atomically).
+    ///
+    /// --datastore defaults to /var/lib/malla/store.db here.
     ///
     /// Example: malla install-cni --node-name node-1 --datastore /var/lib/malla/store.db
     InstallCni {
@@ -86,10 +145,6 @@ enum Command {
         /// This node's name, as the agent registers it.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
-        /// The datastore: a local file path, etcd://HOST:PORT[,HOST:PORT]/PREFIX, or kubernetes[:KUBECONFIG]
-        /// (the API server from KUBECONFIG, ~/.kube/config or the in-cluster service account).
-        #[arg(long, default_value = "/var/lib/malla/store.db")]
-        datastore: malla_store::DatastoreSpec,
         /// The agent's ready file (enables CNI STATUS to see the agent).
         #[arg(long)]
         agent_ready_file: Option<PathBuf>,
@@ -103,6 +158,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The command line's definition, for the generated reference and completion scripts.
+pub fn cli_command() -> clap::Command {
+    Cli::command()
 }
 
 /// `--http-listen`: an address, or none.
@@ -119,7 +179,13 @@ fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    cli.globals.datastore_from_env =
+        matches.value_source("datastore") == Some(clap::parser::ValueSource::EnvVariable);
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
     // Not the agent: a daemon with sockets must see EPIPE as an error, not die of the signal
     // when a datastore server it writes to goes away (killed silently, mid-outage).
@@ -129,69 +195,98 @@ fn main() {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    let g = cli.globals;
     let result = match cli.command {
         Command::Crds => {
             print!("{}", malla_store::kubernetes::kinds::crds_yaml());
             Ok(())
         }
+        Command::Reference => {
+            print!("{}", reference::markdown());
+            Ok(())
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "malla", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Agent {
             node,
-            datastore,
             underlay_interface,
             ready_file,
             resync_secs,
             config_dir,
             http_listen,
-        } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
+        } => g.init_logging().and_then(|()| {
             malla_agent::run(malla_agent::AgentConfig {
                 node,
-                datastore,
+                datastore: g.require_spec("malla agent")?,
                 underlay_interface,
                 resync: Duration::from_secs(resync_secs.max(1)),
                 ready_file,
                 config_dir,
                 http_listen: http_listen.0,
             })
-        }
-        Command::Ipam { command } => ipam_cmd::run(command),
-        Command::Lab(args) => lab_cmd::run(args),
-        Command::Services(args) => services_cmd::run(args),
-        Command::Policy { command } => policy_cmd::run(command),
+        }),
+        Command::Ipam { command } => ipam_cmd::run(&g, command),
+        Command::Lab(args) => lab_cmd::run(&g, args),
+        Command::Services(args) => services_cmd::run(&g, args),
+        Command::Policy { command } => policy_cmd::run(&g, command),
+        Command::Status(args) => status_cmd::run(&g, args),
+        Command::Diags(args) => diags::run(&g, args),
         Command::InstallCni {
             bin_dir,
             conf_dir,
             node_name,
-            datastore,
             agent_ready_file,
             cni_version,
             plugin_binary,
             force,
-        } => in_cluster_datastore(datastore, &conf_dir).and_then(|datastore| {
-            install_cni(
-                plugin_binary,
-                &bin_dir,
-                &conf_dir,
-                &malla_cni::install::conflist(
-                    &node_name,
-                    &datastore,
-                    agent_ready_file.as_deref(),
-                    &cni_version,
-                ),
-                force,
-            )
-        }),
+        } => g
+            .spec()
+            .map(|s| {
+                s.unwrap_or(malla_store::DatastoreSpec::Local {
+                    path: "/var/lib/malla/store.db".into(),
+                })
+            })
+            .and_then(|datastore| in_cluster_datastore(datastore, &conf_dir))
+            .and_then(|datastore| {
+                install_cni(
+                    plugin_binary,
+                    &bin_dir,
+                    &conf_dir,
+                    &malla_cni::install::conflist(
+                        &node_name,
+                        &datastore,
+                        agent_ready_file.as_deref(),
+                        &cni_version,
+                    ),
+                    force,
+                )
+            }),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(()) => std::process::exit(exit::OK),
+        Err(e) => {
+            if let Some(code) = e.downcast_ref::<ExitWith>() {
+                std::process::exit(code.0);
+            }
+            eprintln!("error: {}", globals::in_words(&e));
+            std::process::exit(exit::ERROR);
+        }
     }
 }
+
+/// Ends the command with this exit status after it printed its findings (e.g. [`exit::FOUND_PROBLEM`]).
+#[derive(Debug)]
+pub struct ExitWith(pub i32);
+
+impl std::fmt::Display for ExitWith {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitWith {}
 
 /// `--datastore kubernetes` without a kubeconfig, run in a pod: the plugin runs on the host,
 /// outside the pod, so it gets a kubeconfig of its own with the pod's service account.

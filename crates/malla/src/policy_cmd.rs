@@ -7,7 +7,9 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use malla_api::service::Protocol;
 use malla_calc::policy::{explain, Connection, Endpoint, PolicyPod};
-use serde_json::json;
+use serde::Serialize;
+
+use crate::output::{Output, Table};
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -23,6 +25,7 @@ pub struct TraceArgs {
     from: Option<String>,
     /// Destination: namespace/name of a pod, or an IP address.
     to: Option<String>,
+    /// The destination port.
     #[arg(long)]
     port: Option<u16>,
     /// TCP, UDP or SCTP.
@@ -31,11 +34,9 @@ pub struct TraceArgs {
     /// Every pod to every other pod on each of the destination's declared ports.
     #[arg(long, conflicts_with_all = ["from", "to", "port"])]
     all: bool,
-    #[command(flatten)]
-    store: crate::lab_cmd::StoreArgs,
-    /// text or json.
-    #[arg(short = 'o', long, default_value = "text")]
-    output: String,
+    /// Output format: table, wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
 }
 
 fn protocol(s: &str) -> anyhow::Result<Protocol> {
@@ -62,9 +63,22 @@ fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
     Ok(pod.ips.clone())
 }
 
-pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
+/// One verdict of `policy trace -o json|yaml`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TraceView<'a> {
+    from: &'a str,
+    to: &'a str,
+    port: u16,
+    protocol: &'static str,
+    allowed: bool,
+    egress: &'a malla_calc::policy::DirectionTrace,
+    ingress: &'a malla_calc::policy::DirectionTrace,
+}
+
+pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     let PolicyCommand::Trace(a) = cmd;
-    let store = a.store.open()?;
+    let store = g.open_store()?;
     let view = malla_agent::read_view(&*store)?;
     let pods = malla_calc::routes::policy_pods(&view);
     let mut out = Vec::new();
@@ -128,22 +142,44 @@ pub fn run(cmd: PolicyCommand) -> anyhow::Result<()> {
             explain(&view.policies, &view.namespaces, &c),
         ));
     }
-    if a.output == "json" {
-        let v: Vec<_> = out
-            .iter()
-            .map(|(f, t, p, pr, e)| json!({"from": f, "to": t, "port": p, "protocol": pr.nft(), "allowed": e.allowed, "egress": e.egress, "ingress": e.ingress}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        for (f, t, p, pr, e) in &out {
-            println!(
-                "{f} -> {t} {}/{p}: {}",
-                pr.nft(),
-                if e.allowed { "ALLOWED" } else { "DENIED" }
-            );
-            for line in e.to_string().lines() {
-                println!("  {line}");
-            }
+    let views: Vec<TraceView> = out
+        .iter()
+        .map(|(f, t, p, pr, e)| TraceView {
+            from: f,
+            to: t,
+            port: *p,
+            protocol: pr.nft(),
+            allowed: e.allowed,
+            egress: &e.egress,
+            ingress: &e.ingress,
+        })
+        .collect();
+    if a.output.document(&views)? {
+        return Ok(());
+    }
+    if a.output == Output::Wide {
+        let mut t = Table::new(&["FROM", "TO", "PORT", "VERDICT", "EGRESS", "INGRESS"]);
+        for (f, tt, p, pr, e) in &out {
+            t.row(vec![
+                f.clone(),
+                tt.clone(),
+                format!("{}/{p}", pr.nft()),
+                if e.allowed { "ALLOWED" } else { "DENIED" }.into(),
+                e.egress.selected_by.join(","),
+                e.ingress.selected_by.join(","),
+            ]);
+        }
+        t.print();
+        return Ok(());
+    }
+    for (f, t, p, pr, e) in &out {
+        println!(
+            "{f} -> {t} {}/{p}: {}",
+            pr.nft(),
+            if e.allowed { "ALLOWED" } else { "DENIED" }
+        );
+        for line in e.to_string().lines() {
+            println!("  {line}");
         }
     }
     Ok(())

@@ -8,20 +8,111 @@ use std::net::IpAddr;
 use anyhow::Context;
 use clap::Args;
 use malla_calc::masquerade;
-use malla_calc::services::{self, IpFamily, ServiceEndpoint, ServiceEntry};
+use malla_calc::services::{self, FrontendKind, IpFamily, ServiceEndpoint, ServiceEntry};
 use malla_dataplane::conntrack::{self, DnatFlow};
 use malla_dataplane::netns::NetNs;
+use serde::Serialize;
+
+use crate::output::{Output, Table};
 
 #[derive(Args)]
 pub struct ServicesArgs {
     /// The node whose view to show.
     #[arg(long)]
     node: String,
-    #[command(flatten)]
-    store: crate::lab_cmd::StoreArgs,
-    /// table or json.
-    #[arg(short = 'o', long, default_value = "table")]
-    output: String,
+    /// Output format: table, wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+/// One service port of `services -o json|yaml` (the proxy's entry, the pods behind its
+/// endpoints and the kernel's counters).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EntryView {
+    service: String,
+    port_name: String,
+    protocol: malla_api::service::Protocol,
+    port: u16,
+    family: &'static str,
+    frontends: Vec<FrontendView>,
+    node_port: Option<u16>,
+    session_affinity_timeout: Option<u32>,
+    external_traffic_policy: malla_api::service::TrafficPolicy,
+    internal_traffic_policy: malla_api::service::TrafficPolicy,
+    cluster_endpoints: Vec<EndpointView>,
+    local_endpoints: Vec<EndpointView>,
+    /// New connections counted on the frontends and the node port.
+    new_connections: u64,
+    /// Tracked connections per cluster endpoint (`ip:port`).
+    connections: BTreeMap<String, usize>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct FrontendView {
+    ip: IpAddr,
+    port: u16,
+    /// ClusterIP, ExternalIP or LoadBalancer.
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointView {
+    ip: IpAddr,
+    port: u16,
+    node: Option<String>,
+    /// The pod (`namespace/name`) behind the address, from the EndpointSlices.
+    target: Option<String>,
+}
+
+fn entry_view(e: &ServiceEntry, counts: &Counters, pods: &HashMap<IpAddr, String>) -> EntryView {
+    let eps = |list: &[ServiceEndpoint]| {
+        list.iter()
+            .map(|ep| EndpointView {
+                ip: ep.ip,
+                port: ep.port,
+                node: ep.node.as_ref().map(|n| n.to_string()),
+                target: pods.get(&ep.ip).cloned(),
+            })
+            .collect()
+    };
+    EntryView {
+        service: e.service.clone(),
+        port_name: e.port_name.clone(),
+        protocol: e.protocol,
+        port: e.port,
+        family: match e.family {
+            IpFamily::IPv4 => "IPv4",
+            IpFamily::IPv6 => "IPv6",
+        },
+        frontends: e
+            .frontends
+            .iter()
+            .map(|f| FrontendView {
+                ip: f.ip,
+                port: f.port,
+                kind: match f.kind {
+                    FrontendKind::ClusterIp => "ClusterIP",
+                    FrontendKind::ExternalIp => "ExternalIP",
+                    FrontendKind::LoadBalancer => "LoadBalancer",
+                },
+            })
+            .collect(),
+        node_port: e.node_port,
+        session_affinity_timeout: e.affinity_timeout,
+        external_traffic_policy: e.external_traffic_policy,
+        internal_traffic_policy: e.internal_traffic_policy,
+        cluster_endpoints: eps(&e.cluster_endpoints),
+        local_endpoints: eps(&e.local_endpoints),
+        new_connections: counts.new_connections(e),
+        connections: e
+            .cluster_endpoints
+            .iter()
+            .map(|ep| (format!("{}:{}", ep.ip, ep.port), counts.tracked(e, ep)))
+            .collect(),
+    }
 }
 
 /// What the kernel counts for this node's services.
@@ -130,58 +221,47 @@ fn pods_by_address(store: &dyn malla_store::Store) -> anyhow::Result<HashMap<IpA
     Ok(pods)
 }
 
-pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
-    let netns = match &a.store.datastore {
+pub fn run(g: &crate::Globals, a: ServicesArgs) -> anyhow::Result<()> {
+    let netns = match &g.datastore {
         Some(_) => None,
         None => {
-            let paths =
-                malla_lab::LabPaths::new(&a.store.lab, crate::lab_cmd::state_root().as_deref())?;
-            let state = malla_lab::LabState::require(&paths)?;
-            let node = state
-                .node(&a.node)
-                .with_context(|| format!("--node: no node {:?} in lab {}", a.node, a.store.lab))?;
+            let state = g.lab_state()?;
+            let node = state.node(&a.node).with_context(|| {
+                let names: Vec<&str> = state.nodes.iter().map(|n| n.name.as_str()).collect();
+                format!(
+                    "--node: no node {:?} in lab {} (nodes: {})",
+                    a.node,
+                    g.lab,
+                    names.join(", ")
+                )
+            })?;
             Some(NetNs::open_named(&node.netns)?)
         }
     };
-    let store = a.store.open()?;
+    let store = g.open_store()?;
     let view = malla_agent::read_view(&*store)?;
     let dp = malla_calc::compute(&view, &a.node);
     let map = dp.service_map;
     let counts = Counters::read(netns.as_ref());
-    if a.output == "json" {
+    if a.output.is_document() {
         let pods = pods_by_address(&*store)?;
-        let entries: Vec<serde_json::Value> = map
+        let entries: Vec<EntryView> = map
             .entries
             .iter()
-            .map(|e| {
-                let mut v = serde_json::to_value(e).unwrap_or_default();
-                for list in ["cluster_endpoints", "local_endpoints"] {
-                    if let Some(eps) = v[list].as_array_mut() {
-                        for ep in eps {
-                            let pod = ep["ip"]
-                                .as_str()
-                                .and_then(|ip| ip.parse().ok())
-                                .and_then(|ip: IpAddr| pods.get(&ip));
-                            ep["target"] = serde_json::json!(pod);
-                        }
-                    }
-                }
-                v["new_connections"] = serde_json::json!(counts.new_connections(e));
-                v["connections"] = serde_json::json!(e
-                    .cluster_endpoints
-                    .iter()
-                    .map(|ep| (format!("{}:{}", ep.ip, ep.port), counts.tracked(e, ep)))
-                    .collect::<BTreeMap<_, _>>());
-                v
-            })
+            .map(|e| entry_view(e, &counts, &pods))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&entries)?);
+        a.output.document(&entries)?;
         return Ok(());
     }
-    println!(
-        "{:<28} {:<6} {:<30} {:<8} {:>8} ENDPOINTS (tracked connections)",
-        "SERVICE", "PROTO", "FRONTENDS", "NODEPORT", "NEW"
-    );
+    let mut t = Table::new(&[
+        "SERVICE",
+        "PROTO",
+        "FRONTENDS",
+        "NODEPORT",
+        "NEW",
+        "ENDPOINTS (tracked connections)",
+    ])
+    .right(4);
     for e in &map.entries {
         let frontends: Vec<String> = e
             .frontends
@@ -206,22 +286,22 @@ pub fn run(a: ServicesArgs) -> anyhow::Result<()> {
         } else {
             format!("{}:{}", e.service, e.port_name)
         };
-        println!(
-            "{:<28} {:<6} {:<30} {:<8} {:>8} {}",
+        t.row(vec![
             name,
-            e.protocol.nft(),
+            e.protocol.nft().into(),
             frontends.join(","),
             e.node_port
                 .map(|p| p.to_string())
                 .unwrap_or_else(|| "-".into()),
-            counts.new_connections(e),
+            counts.new_connections(e).to_string(),
             if eps.is_empty() {
                 "none (rejects)".to_string()
             } else {
                 eps.join(" ")
-            }
-        );
+            },
+        ]);
     }
+    t.print();
     println!("(* = on this node)");
     Ok(())
 }

@@ -96,7 +96,7 @@ fn lifecycle() {
     assert_eq!(r.len(), 1, "{r:?}");
     assert_eq!(r[0]["port"], 53);
     assert_eq!(r[0]["connected"], true);
-    assert_eq!(r[0]["answered_by"], "web/front");
+    assert_eq!(r[0]["answeredBy"], "web/front");
     let r = lab.probe(&["--from", "node/node-1"]);
     assert!(
         r.iter().all(|p| p["to"] == "web/front"),

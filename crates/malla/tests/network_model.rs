@@ -99,13 +99,13 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
         .collect();
     assert_eq!(pod_pairs.len(), 30 * 2 * families);
     for r in &pod_pairs {
-        assert_eq!(r["client_ip"], r["seen_source_ip"], "NAT between pods: {r}");
+        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT between pods: {r}");
         assert_eq!(
-            field(r, "answered_by"),
+            field(r, "answeredBy"),
             field(r, "to"),
             "wrong responder: {r}"
         );
-        let ip: IpAddr = field(r, "client_ip").parse().unwrap();
+        let ip: IpAddr = field(r, "clientIp").parse().unwrap();
         let pod_ips: Vec<IpAddr> = state["pods"][field(r, "from")]["ips"]
             .as_array()
             .unwrap()
@@ -159,12 +159,12 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
     assert_eq!(external.len(), 6 * 2 * families);
     for r in &external {
         let node = &pod_node[&field(r, "from")];
-        let seen: IpAddr = field(r, "seen_source_ip").parse().unwrap();
+        let seen: IpAddr = field(r, "seenSourceIp").parse().unwrap();
         assert!(
             node_ips[node].contains(&seen),
             "external saw {seen}, not node {node}'s address: {r}"
         );
-        assert_ne!(r["client_ip"], r["seen_source_ip"], "masqueraded: {r}");
+        assert_ne!(r["clientIp"], r["seenSourceIp"], "masqueraded: {r}");
     }
     if datastore == "kubernetes" {
         service_through_the_controllers(&lab);
@@ -189,7 +189,7 @@ fn service_through_the_controllers(lab: &common::Lab) {
         let mut by = BTreeMap::new();
         for x in &r {
             assert_eq!(x["connected"], true, "{x}");
-            *by.entry(x["answered_by"].as_str().unwrap().to_string())
+            *by.entry(x["answeredBy"].as_str().unwrap().to_string())
                 .or_insert(0) += 1;
         }
         by

@@ -29,7 +29,7 @@ fn answered_by(results: &[Value]) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for r in results {
         if r["connected"] == true {
-            *m.entry(r["answered_by"].as_str().unwrap().to_string())
+            *m.entry(r["answeredBy"].as_str().unwrap().to_string())
                 .or_default() += 1;
         }
     }
@@ -85,9 +85,9 @@ fn cluster_ip_spreads_over_every_ready_endpoint_and_scales_down() {
         .iter()
         .find(|e| e["service"] == "default/web" && e["port"] == 80)
         .expect("web:80 is programmed on node-1");
-    assert_eq!(web["cluster_endpoints"].as_array().unwrap().len(), 3);
+    assert_eq!(web["clusterEndpoints"].as_array().unwrap().len(), 3);
     // Each endpoint is named by its pod (from the slices' target references).
-    let mut named: Vec<&str> = web["cluster_endpoints"]
+    let mut named: Vec<&str> = web["clusterEndpoints"]
         .as_array()
         .unwrap()
         .iter()
@@ -107,12 +107,12 @@ fn cluster_ip_spreads_over_every_ready_endpoint_and_scales_down() {
         .sum();
     assert!(counted >= 60, "{counted} tracked flows: {web}");
     assert!(
-        web["new_connections"].as_u64().unwrap() >= 60,
+        web["newConnections"].as_u64().unwrap() >= 60,
         "new connections: {web}"
     );
     // No NAT on the way to a pod endpoint: the endpoint sees the client pod.
     assert!(
-        r.iter().all(|x| x["client_ip"] == x["seen_source_ip"]),
+        r.iter().all(|x| x["clientIp"] == x["seenSourceIp"]),
         "{r:?}"
     );
     // UDP through the named target port, and from every node.
@@ -193,12 +193,12 @@ fn node_ports_with_both_external_traffic_policies() {
         assert_eq!(x["connected"], true, "{x}");
         let node = x["to"].as_str().unwrap().trim_start_matches("nodeport/");
         assert_eq!(
-            x["answered_by"],
+            x["answeredBy"],
             format!("default/web-{}", &node[5..]),
             "only the local endpoint: {x}"
         );
         assert_eq!(
-            x["seen_source_ip"],
+            x["seenSourceIp"],
             external.to_string(),
             "client IP preserved: {x}"
         );
@@ -208,10 +208,10 @@ fn node_ports_with_both_external_traffic_policies() {
     assert_eq!(r.len(), 3);
     for x in &r {
         assert_eq!(x["connected"], true, "{x}");
-        assert_eq!(x["answered_by"], "default/only1");
+        assert_eq!(x["answeredBy"], "default/only1");
         if x["to"] != "nodeport/node-1" {
             assert_ne!(
-                x["seen_source_ip"],
+                x["seenSourceIp"],
                 external.to_string(),
                 "SNAT across nodes: {x}"
             );
@@ -290,7 +290,7 @@ fn no_endpoints_rejects_immediately_and_hairpin_works() {
     // Hairpin: the client reaches itself through its own service.
     let r = lab.probe(&["--from", "default/client", "--to", "svc/default/self"]);
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0]["answered_by"], "default/client", "{r:?}");
+    assert_eq!(r[0]["answeredBy"], "default/client", "{r:?}");
 }
 
 #[test]
