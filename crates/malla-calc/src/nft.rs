@@ -276,7 +276,7 @@ fn push_joined<'a>(out: &mut String, items: impl Iterator<Item = &'a str>) {
 ///
 /// Order, so that every reference resolves inside the transaction (the kernel refuses a rule or
 /// element naming something missing, and deleting something still referenced):
-/// 1. new sets, maps and chains (chains empty, so references among them resolve);
+/// 1. new chains, sets and maps (chains empty, so references among them resolve);
 /// 2. sets and maps whose definition (type, flags, timeout) changed: the chains whose rules
 ///    refer to them are flushed, then they are deleted and re-created with their elements. Base
 ///    chains that become regular chains are re-created here too;
@@ -359,19 +359,21 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
         }
     };
 
-    // 1. New objects.
-    for (n, s) in new.sets.iter().filter(|(n, _)| !old.sets.contains_key(*n)) {
-        add_set(&mut out, n, s);
-    }
-    for (n, m) in new.maps.iter().filter(|(n, _)| !old.maps.contains_key(*n)) {
-        out.push(format!("add map {tbl} {n} {{ {} }}", m.spec()));
-    }
+    // 1. New objects: chains first. nft (1.0.6) refuses an element of an interval verdict map
+    // whose `goto` names a chain declared after the map in the same transaction ("No such file
+    // or directory"), while a chain declared first is found.
     for (n, c) in new
         .chains
         .iter()
         .filter(|(n, _)| !old.chains.contains_key(*n))
     {
         out.push(add_chain(n, c));
+    }
+    for (n, s) in new.sets.iter().filter(|(n, _)| !old.sets.contains_key(*n)) {
+        add_set(&mut out, n, s);
+    }
+    for (n, m) in new.maps.iter().filter(|(n, _)| !old.maps.contains_key(*n)) {
+        out.push(format!("add map {tbl} {n} {{ {} }}", m.spec()));
     }
 
     // 2. Re-created sets, maps and chains that became regular.

@@ -1646,40 +1646,15 @@ mod golden_tests {
     #[test]
     fn real_nft_applies_full_then_diff_in_a_private_netns() {
         let (old, new) = (map(), changed());
-        let dir = std::env::temp_dir().join(format!("malla-calc-netns-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (full, diff, back) = (
-            dir.join("full.nft"),
-            dir.join("diff.nft"),
-            dir.join("back.nft"),
-        );
-        std::fs::write(&full, self::full(&old)).unwrap();
-        std::fs::write(&diff, self::diff(&old, &new)).unwrap();
-        std::fs::write(&back, self::diff(&new, &old)).unwrap();
-        let script = format!(
-            "nft -f {} && nft -f {} && nft -f {} && nft -f {}",
-            full.display(),
-            diff.display(),
-            back.display(),
-            diff.display()
-        );
-        let out = std::process::Command::new("unshare")
-            .args(["-n", "sh", "-c", &script])
-            .output();
-        let _ = std::fs::remove_dir_all(&dir);
-        let out = match out {
-            Ok(o) => o,
-            Err(e) => {
-                eprintln!("skipping: unshare: {e}");
-                return;
-            }
-        };
-        let err = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() && err.contains("unshare failed") {
-            eprintln!("skipping: {err}");
-            return;
+        let steps = [
+            self::full(&old),
+            self::diff(&old, &new),
+            self::diff(&new, &old),
+            self::diff(&old, &new),
+        ];
+        if let Some(r) = crate::testutil::nft_apply_in_private_netns(&steps) {
+            r.unwrap_or_else(|e| panic!("nft failed:\n{e}"));
         }
-        assert!(out.status.success(), "nft failed:\n{err}");
     }
 
     #[test]

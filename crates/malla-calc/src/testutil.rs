@@ -54,3 +54,42 @@ fn fnv(s: &str) -> u64 {
     }
     h
 }
+
+/// Applies `rulesets` one after the other with `nft -f`, in a network namespace of their own
+/// (`unshare -n`: private to the command, gone with it). Returns `None` when that cannot run
+/// here (no `unshare`, not root), else whether every ruleset applied, with nft's complaint.
+pub fn nft_apply_in_private_netns(rulesets: &[String]) -> Option<Result<(), String>> {
+    let dir = std::env::temp_dir().join(format!(
+        "malla-calc-netns-{}-{}",
+        std::process::id(),
+        fnv(&rulesets.concat())
+    ));
+    std::fs::create_dir_all(&dir).ok()?;
+    let mut script = String::from("set -e");
+    for (i, text) in rulesets.iter().enumerate() {
+        let file = dir.join(format!("{i}.nft"));
+        std::fs::write(&file, text).ok()?;
+        script.push_str(&format!("; nft -f {}", file.display()));
+    }
+    let out = Command::new("unshare")
+        .args(["-n", "sh", "-c", &script])
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = match out {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("skipping: unshare: {e}");
+            return None;
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() && err.contains("unshare failed") {
+        eprintln!("skipping: {err}");
+        return None;
+    }
+    Some(if out.status.success() {
+        Ok(())
+    } else {
+        Err(err)
+    })
+}
