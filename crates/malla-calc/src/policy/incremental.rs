@@ -17,13 +17,15 @@
 //! random sequences of changes.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use malla_api::policy::{LabelSelector, NetworkPolicy, NetworkPolicyPeer};
 use malla_api::service::Protocol;
-use malla_api::Namespace;
+use malla_api::{ContainerPort, Namespace};
 
 use super::addrs::hosts;
 use super::compile::{
@@ -163,13 +165,16 @@ pub struct PolicyIndex {
     /// The valid policies: namespace → name → policy (the compiler's order).
     policies: BTreeMap<String, BTreeMap<String, NetworkPolicy>>,
     /// Every pod with an address record, by `namespace/name`.
-    pods: HashMap<String, PolicyPod<'static>>,
+    pods: HashMap<String, StoredPod>,
+    /// What many pods share (label maps, port lists, namespace and node names), kept once.
+    interned: Interner,
     /// Address → the pods holding it (one, unless records disagree).
     by_ip: HashMap<IpAddr, Vec<String>>,
     sets: Sets,
     endpoints: BTreeMap<EndpointKey, LocalEndpoint>,
 }
 
+/// `p` owning its parts (for a pod used while the index changes).
 fn owned(p: &PolicyPod) -> PolicyPod<'static> {
     PolicyPod {
         namespace: Cow::Owned(p.namespace.to_string()),
@@ -179,6 +184,87 @@ fn owned(p: &PolicyPod) -> PolicyPod<'static> {
         node: Cow::Owned(p.node.to_string()),
         ports: Cow::Owned(p.ports.to_vec()),
         host_ifname: Cow::Owned(p.host_ifname.to_string()),
+    }
+}
+
+/// A pod as the index keeps it. Label maps, port lists and namespace and node names are
+/// interned: the pods of one workload share them, so a pod costs its name, addresses and
+/// interface name (the index held a whole copy of every pod before, ~2 KiB each).
+#[derive(Debug)]
+struct StoredPod {
+    namespace: Arc<str>,
+    name: Box<str>,
+    labels: Arc<BTreeMap<String, String>>,
+    ips: Box<[IpAddr]>,
+    node: Arc<str>,
+    ports: Arc<[ContainerPort]>,
+    host_ifname: Box<str>,
+}
+
+impl StoredPod {
+    /// The pod as policy reads it, borrowed.
+    fn view(&self) -> PolicyPod<'_> {
+        PolicyPod {
+            namespace: Cow::Borrowed(&self.namespace),
+            name: Cow::Borrowed(&self.name),
+            labels: Cow::Borrowed(&self.labels),
+            ips: self.ips.to_vec(),
+            node: Cow::Borrowed(&self.node),
+            ports: Cow::Borrowed(&self.ports),
+            host_ifname: Cow::Borrowed(&self.host_ifname),
+        }
+    }
+}
+
+/// The values pods share, each kept once while some pod holds it.
+#[derive(Debug, Default)]
+struct Interner {
+    labels: HashSet<Arc<BTreeMap<String, String>>>,
+    names: HashSet<Arc<str>>,
+    ports: HashSet<Arc<[ContainerPort]>>,
+}
+
+/// The shared copy of `v` in `set`, made by `make` when there is none yet.
+fn intern<T: Hash + Eq + ?Sized>(
+    set: &mut HashSet<Arc<T>>,
+    v: &T,
+    make: impl FnOnce() -> Arc<T>,
+) -> Arc<T> {
+    if let Some(a) = set.get(v) {
+        return a.clone();
+    }
+    let a = make();
+    set.insert(a.clone());
+    a
+}
+
+/// Drops `set`'s copy of `v` when `v` was its last holder.
+fn release<T: Hash + Eq + ?Sized>(set: &mut HashSet<Arc<T>>, v: Arc<T>) {
+    if Arc::strong_count(&v) == 2 {
+        set.remove(&*v);
+    }
+}
+
+impl Interner {
+    fn store(&mut self, p: &PolicyPod) -> StoredPod {
+        StoredPod {
+            namespace: intern(&mut self.names, &p.namespace, || Arc::from(&*p.namespace)),
+            name: Box::from(&*p.name),
+            labels: intern(&mut self.labels, &p.labels, || {
+                Arc::new(p.labels.clone().into_owned())
+            }),
+            ips: p.ips.clone().into_boxed_slice(),
+            node: intern(&mut self.names, &p.node, || Arc::from(&*p.node)),
+            ports: intern(&mut self.ports, &p.ports, || Arc::from(&*p.ports)),
+            host_ifname: Box::from(&*p.host_ifname),
+        }
+    }
+
+    fn release(&mut self, p: StoredPod) {
+        release(&mut self.names, p.namespace);
+        release(&mut self.names, p.node);
+        release(&mut self.labels, p.labels);
+        release(&mut self.ports, p.ports);
     }
 }
 
@@ -203,6 +289,7 @@ impl PolicyIndex {
                 .collect(),
             policies: BTreeMap::new(),
             pods: HashMap::with_capacity(pods.len()),
+            interned: Interner::default(),
             by_ip: HashMap::with_capacity(pods.len()),
             sets: Sets {
                 sets: program.sets,
@@ -221,7 +308,7 @@ impl PolicyIndex {
                 .insert(p.name.clone(), p.clone());
         }
         for p in pods {
-            index.add_pod_record(owned(p));
+            index.add_pod_record(p);
         }
         for (program, groups) in program.endpoints.into_iter().zip(recorded.endpoint_groups) {
             let ep = LocalEndpoint { program, groups };
@@ -263,12 +350,18 @@ impl PolicyIndex {
 
     /// A pod was created or changed (labels, addresses, ports, node).
     pub fn upsert_pod(&mut self, pod: &PolicyPod) -> PolicyDelta {
-        let pod = owned(pod);
         let key = pod.key();
         let old = self.remove_pod_record(&key);
-        self.add_pod_record(pod.clone());
+        self.add_pod_record(pod);
         let mut delta = PolicyDelta::default();
-        self.pod_moved(old.as_ref(), Some(&pod), &mut delta);
+        self.pod_moved(
+            old.as_ref().map(StoredPod::view).as_ref(),
+            Some(pod),
+            &mut delta,
+        );
+        if let Some(old) = old {
+            self.interned.release(old);
+        }
         delta
     }
 
@@ -276,7 +369,8 @@ impl PolicyIndex {
     pub fn remove_pod(&mut self, namespace: &str, name: &str) -> PolicyDelta {
         let mut delta = PolicyDelta::default();
         if let Some(old) = self.remove_pod_record(&format!("{namespace}/{name}")) {
-            self.pod_moved(Some(&old), None, &mut delta);
+            self.pod_moved(Some(&old.view()), None, &mut delta);
+            self.interned.release(old);
         }
         delta
     }
@@ -324,14 +418,14 @@ impl PolicyIndex {
         let members: Vec<String> = self
             .pods
             .iter()
-            .filter(|(_, p)| p.namespace == name)
+            .filter(|(_, p)| *p.namespace == *name)
             .map(|(k, _)| k.clone())
             .collect();
         for key in members {
             let Some(pod) = self.pods.get(&key) else {
                 continue;
             };
-            let pod = pod.clone();
+            let pod = owned(&pod.view());
             let dirty = self.memberships(Some((&pod, &old)), Some((&pod, new)), &mut delta);
             self.recompute_all(dirty, &mut delta);
         }
@@ -347,15 +441,17 @@ impl PolicyIndex {
         old
     }
 
-    fn add_pod_record(&mut self, pod: PolicyPod<'static>) {
+    fn add_pod_record(&mut self, pod: &PolicyPod) {
         let key = pod.key();
         for ip in &pod.ips {
             self.by_ip.entry(*ip).or_default().push(key.clone());
         }
-        self.pods.insert(key, pod);
+        let stored = self.interned.store(pod);
+        self.pods.insert(key, stored);
     }
 
-    fn remove_pod_record(&mut self, key: &str) -> Option<PolicyPod<'static>> {
+    /// Takes the pod's record out (release it to the interner once done with it).
+    fn remove_pod_record(&mut self, key: &str) -> Option<StoredPod> {
         let old = self.pods.remove(key)?;
         for ip in &old.ips {
             if let Some(holders) = self.by_ip.get_mut(ip) {
@@ -375,8 +471,8 @@ impl PolicyIndex {
     /// A pod changed from `old` to `new` (its record is already updated).
     fn pod_moved(
         &mut self,
-        old: Option<&PolicyPod<'static>>,
-        new: Option<&PolicyPod<'static>>,
+        old: Option<&PolicyPod>,
+        new: Option<&PolicyPod>,
         delta: &mut PolicyDelta,
     ) {
         let old_labels = old.map(|p| self.ns_labels(&p.namespace).clone());
@@ -422,7 +518,7 @@ impl PolicyIndex {
                     holders.iter().filter(|k| **k != key).any(|k| {
                         self.pods.get(k).is_some_and(|q| {
                             let l = self.namespaces.get(&*q.namespace).unwrap_or(&NO_LABELS);
-                            def.addrs_of(q, l).any(|a| a == *ip)
+                            def.addrs_of(&q.view(), l).any(|a| a == *ip)
                         })
                     })
                 });
@@ -517,8 +613,8 @@ impl PolicyIndex {
             .chain(
                 self.pods
                     .values()
-                    .filter(|p| p.node == self.node && *p.namespace == *ns)
-                    .map(endpoint_key),
+                    .filter(|p| *p.node == *self.node && *p.namespace == *ns)
+                    .map(|p| (p.namespace.to_string(), p.name.to_string())),
             )
             .filter(|(n, name)| {
                 let Some(pod) = self.pods.get(&format!("{n}/{name}")) else {
@@ -543,7 +639,8 @@ impl PolicyIndex {
         let pod = self
             .pods
             .get(&format!("{}/{}", key.0, key.1))
-            .filter(|p| p.node == self.node);
+            .filter(|p| *p.node == *self.node)
+            .map(StoredPod::view);
         let new = pod.map(|pod| {
             let pols: Vec<Pol> = self
                 .policies
@@ -560,7 +657,7 @@ impl PolicyIndex {
                 used: Vec::new(),
                 delta: &mut *delta,
             };
-            let program = endpoint_program(&mut source, &pols, &selecting, pod);
+            let program = endpoint_program(&mut source, &pols, &selecting, &pod);
             LocalEndpoint {
                 program,
                 groups: source.used,
@@ -621,7 +718,7 @@ impl Sets {
 /// The index's [`SetSource`]: existing sets by name; a new one filled from every pod.
 struct IndexSource<'a> {
     sets: &'a mut Sets,
-    pods: &'a HashMap<String, PolicyPod<'static>>,
+    pods: &'a HashMap<String, StoredPod>,
     namespaces: &'a HashMap<String, BTreeMap<String, String>>,
     used: Vec<GroupKey>,
     delta: &'a mut PolicyDelta,
@@ -634,7 +731,7 @@ impl IndexSource<'_> {
             .values()
             .flat_map(|p| {
                 let l = self.namespaces.get(&*p.namespace).unwrap_or(&NO_LABELS);
-                def.addrs_of(p, l).collect::<Vec<_>>()
+                def.addrs_of(&p.view(), l).collect::<Vec<_>>()
             })
             .collect()
     }
@@ -684,8 +781,9 @@ impl SetSource for IndexSource<'_> {
         };
         let mut by_port: BTreeMap<u16, Vec<IpAddr>> = BTreeMap::new();
         for p in self.pods.values() {
+            let p = p.view();
             let l = self.namespaces.get(&*p.namespace).unwrap_or(&NO_LABELS);
-            let addrs: Vec<IpAddr> = base.addrs_of(p, l).collect();
+            let addrs: Vec<IpAddr> = base.addrs_of(&p, l).collect();
             if addrs.is_empty() {
                 continue;
             }
@@ -719,5 +817,48 @@ impl SetSource for IndexSource<'_> {
             },
         );
         numbers
+    }
+}
+
+#[cfg(test)]
+mod interning_tests {
+    use super::*;
+
+    fn pod(name: &str, app: &str, ip: &str) -> PolicyPod<'static> {
+        PolicyPod {
+            namespace: Cow::Owned("shop".into()),
+            name: Cow::Owned(name.into()),
+            labels: Cow::Owned([("app".to_string(), app.to_string())].into()),
+            ips: vec![ip.parse().unwrap()],
+            node: Cow::Owned("n1".into()),
+            ports: Cow::Owned(vec![]),
+            host_ifname: Cow::Owned(format!("mla{name}")),
+        }
+    }
+
+    /// Pods of one workload share one copy of their labels, and the last pod to go takes the
+    /// shared copies with it (churn leaves nothing behind).
+    #[test]
+    fn shared_values_are_kept_once_and_released_with_their_last_pod() {
+        let pods = [
+            pod("a", "web", "198.18.0.1"),
+            pod("b", "web", "198.18.0.2"),
+            pod("c", "db", "198.18.0.3"),
+        ];
+        let mut index = PolicyIndex::new("n1", &[], &[], &pods);
+        assert_eq!(index.interned.labels.len(), 2);
+        assert_eq!(index.interned.names.len(), 2, "namespace and node");
+        // A label change moves the pod to another shared map; the old one stays for b.
+        index.upsert_pod(&pod("a", "db", "198.18.0.1"));
+        assert_eq!(index.interned.labels.len(), 2);
+        index.upsert_pod(&pod("b", "api", "198.18.0.2"));
+        assert_eq!(index.interned.labels.len(), 2, "web is gone, api came");
+        for name in ["a", "b", "c"] {
+            index.remove_pod("shop", name);
+        }
+        assert!(index.pods.is_empty());
+        assert!(index.interned.labels.is_empty());
+        assert!(index.interned.names.is_empty());
+        assert!(index.interned.ports.is_empty());
     }
 }
