@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod install;
 pub mod pod;
+pub mod reclaim;
 pub mod result;
 
 use std::collections::BTreeMap;
@@ -285,11 +286,9 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
             match ipam.assign_ip(*ip, &handle, node_name, &attrs) {
                 Ok(a) => got.push(a),
                 Err(e) => {
-                    let hints = malla_ipam::ReleaseHints {
-                        blocks: got.iter().map(|a: &malla_ipam::Assigned| a.block).collect(),
-                        addrs: Vec::new(),
-                    };
-                    let _ = ipam.release_by_handle_hinted(&handle, &hints);
+                    let mine: Vec<std::net::IpAddr> =
+                        got.iter().map(|a: &malla_ipam::Assigned| a.addr).collect();
+                    let _ = ipam.release_addrs_of_handle(&handle, &mine);
                     let code = match e {
                         malla_ipam::IpamError::AddressInUse(_)
                         | malla_ipam::IpamError::NotInPool(_)
@@ -314,13 +313,10 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
         // Best effort: the cache only ever narrows offline choices.
         let _ = c.note_held(&addrs, &handle);
     }
-    // We know exactly where the addresses are.
-    let hints = malla_ipam::ReleaseHints {
-        blocks: assigned.iter().map(|a| a.block).collect(),
-        addrs: Vec::new(),
-    };
+    // Exactly what this ADD reserved: a live attachment under the same handle (an ADD
+    // repeated for an attachment that exists) keeps its own.
     let undo = || {
-        let _ = ipam.release_by_handle_hinted(&handle, &hints);
+        let _ = ipam.release_addrs_of_handle(&handle, &addrs);
     };
     let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
     if let Err(e) = malla_store::put_json(
