@@ -9,8 +9,6 @@
 //! Started by one call from [`crate::run`], on a thread of its own with its own datastore
 //! connection; failures are logged, never fatal to the agent.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use std::time::Duration;
@@ -62,23 +60,12 @@ fn reclaim_forever(node: &str, datastore: &malla_store::DatastoreSpec, cache: Op
     }
 }
 
-/// Writes `node` to `path` atomically (a temporary beside it, renamed over it).
-fn write_node_name(path: &Path, node: &str) -> std::io::Result<()> {
+/// Writes `node` to `path` atomically (unless it already says so).
+fn write_node_name(path: &Path, node: &str) -> Result<(), malla_cni::install::InstallError> {
     if std::fs::read_to_string(path).is_ok_and(|s| s.trim() == node) {
         return Ok(());
     }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)?;
-    f.write_all(format!("{node}\n").as_bytes())?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    malla_cni::install::write_atomically(path, format!("{node}\n").as_bytes(), 0o644)
 }
 
 #[cfg(test)]

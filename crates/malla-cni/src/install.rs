@@ -53,7 +53,9 @@ fn create_private_dir(dir: &Path) -> Result<(), InstallError> {
         .map_err(io(dir))
 }
 
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+/// Writes `bytes` to `path` atomically: a temporary beside it, created with `mode` (never more
+/// open for a moment), renamed over it.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",

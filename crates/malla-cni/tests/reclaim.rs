@@ -50,12 +50,10 @@ fn a_kill_storm_leaks_nothing_after_the_grace_period_and_touches_no_live_attachm
     let node = TestNode::new("k");
     let conf = node.conf();
     // Live attachments made before the storm.
-    let mut live = Vec::new();
     for i in 0..4 {
         let netns = node.pod(&format!("live{i}"));
         let add = node.call("ADD", &format!("live-{i}"), "eth0", &netns, &conf);
         assert!(add.ok, "{add:?}");
-        live.push((format!("live-{i}"), netns, add.out));
     }
 
     // The reclaimer, as the agent runs it, during the whole storm.
@@ -193,7 +191,12 @@ fn a_kill_storm_leaks_nothing_after_the_grace_period_and_touches_no_live_attachm
             "{name} was not recreated"
         );
     }
-    // Every live attachment is intact.
+    // Every live attachment is intact. (Pod `live-N` is in namespace `…-liveN`, `storm-N` in
+    // `…-sN`.)
+    let netns_of = |cid: &str| {
+        let short = cid.replace("live-", "live").replace("storm-", "s");
+        format!("{}-{short}", node.prefix)
+    };
     assert_eq!(endpoints(&node).len(), live_eps.len());
     for ep in &live_eps {
         let prev = json!({
@@ -202,18 +205,7 @@ fn a_kill_storm_leaks_nothing_after_the_grace_period_and_touches_no_live_attachm
         });
         let mut check = conf.clone();
         check["prevResult"] = prev;
-        let netns = if ep.container_id.starts_with("live-") {
-            live.iter()
-                .find(|(c, _, _)| *c == ep.container_id)
-                .map(|(_, n, _)| n.clone())
-                .unwrap()
-        } else {
-            format!(
-                "{}-s{}",
-                node.prefix,
-                ep.container_id.trim_start_matches("storm-")
-            )
-        };
+        let netns = netns_of(&ep.container_id);
         let c = node.call("CHECK", &ep.container_id, "eth0", &netns, &check);
         assert!(c.ok, "{} intact: {c:?}", ep.container_id);
     }
@@ -225,18 +217,7 @@ fn a_kill_storm_leaks_nothing_after_the_grace_period_and_touches_no_live_attachm
         .sum();
     assert_eq!(total, leaked_addrs, "each leak reclaimed once");
     for ep in &live_eps {
-        let netns = if ep.container_id.starts_with("live-") {
-            live.iter()
-                .find(|(c, _, _)| *c == ep.container_id)
-                .map(|(_, n, _)| n.clone())
-                .unwrap()
-        } else {
-            format!(
-                "{}-s{}",
-                node.prefix,
-                ep.container_id.trim_start_matches("storm-")
-            )
-        };
+        let netns = netns_of(&ep.container_id);
         assert!(node.call("DEL", &ep.container_id, "eth0", &netns, &conf).ok);
     }
     assert!(node.held().is_empty());
