@@ -3,6 +3,14 @@
 use std::io::{Read, Write};
 
 fn main() {
+    // Run by hand (outside a runtime): say what this is instead of a CNI error. args_os: an
+    // argument that is not UTF-8 must not panic the plugin (args() would).
+    if let Some(arg) = std::env::args_os().nth(1) {
+        if ["--version", "-V", "version"].iter().any(|v| arg == *v) {
+            println!("malla-cni {}", env!("CARGO_PKG_VERSION"));
+            return;
+        }
+    }
     // vars_os: a variable that is not UTF-8 must not panic the plugin (vars() would).
     let env: Vec<_> = std::env::vars_os().collect();
     let mut stdin = Vec::new();

@@ -287,3 +287,20 @@ fn a_minimal_conflist_works() {
     // DEL without the default datastore file did not create it.
     assert_eq!(default_store.exists(), had_default_store);
 }
+
+/// Arguments are not part of CNI, but a runtime (or a person) may pass any: `--version` says
+/// what this is, anything else (not UTF-8 included) is ignored, never a panic.
+#[test]
+fn arguments_never_panic() {
+    let node = TestNode::new("a");
+    let mut cmd = node.command();
+    cmd.arg("--version");
+    let v = common::run(cmd, b"");
+    assert!(v.ok && v.stdout.starts_with("malla-cni "), "{v:?}");
+    let mut cmd = node.command();
+    cmd.arg(OsString::from_vec(vec![0xff, b'x']))
+        .env("CNI_COMMAND", "VERSION");
+    let o = common::run(cmd, b"");
+    assert_no_panic(&o, "non-UTF-8 argument");
+    assert!(o.ok && o.out["supportedVersions"].is_array(), "{o:?}");
+}
