@@ -252,6 +252,15 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
     let handle = env.ipam_handle(&conf.name);
     let attrs = attrs_of(conf, env);
     let requested = conf.requested_ips()?;
+    // An ADD for an attachment that exists (the spec forbids it without a DEL between) is
+    // refused before it touches anything: its veth has this attachment's name.
+    let key = keys::endpoint(node_name, &env.container_id, &env.ifname);
+    match store.get(&key) {
+        Ok(None) => {}
+        Ok(Some(_)) => return Err(exists(&key)),
+        Err(e) if unreachable(&e) => return Ok(offline("read endpoint")(e)),
+        Err(e) => return Err(store_err("read endpoint")(e)),
+    }
     // Refused before anything is reserved (wire_pod reads it again behind its undo).
     conf.requested_mac()?;
     let cache = node_cache_path(conf).and_then(|p| NodeCache::open(&p).ok());
@@ -319,11 +328,7 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
         let _ = ipam.release_addrs_of_handle(&handle, &addrs);
     };
     let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
-    if let Err(e) = malla_store::put_json(
-        store,
-        &keys::endpoint(node_name, &env.container_id, &env.ifname),
-        &endpoint,
-    ) {
+    if let Err(e) = malla_store::put_json(store, &key, &endpoint) {
         let _ = pod::unwire(&endpoint.host_ifname);
         undo();
         return Err(store_err("write endpoint")(e));
@@ -335,6 +340,14 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
         &wired,
         mtu,
     )))
+}
+
+fn exists(key: &str) -> CniError {
+    CniError::new(
+        error::INVALID_CONFIG,
+        "the attachment already exists (DEL it before adding it again)",
+        key,
+    )
 }
 
 /// Which families to assign: the configuration's, else those that have an enabled pool.
@@ -362,23 +375,29 @@ fn wire_pod(
     undo: &dyn Fn(),
 ) -> Result<(WorkloadEndpoint, pod::Wired), CniError> {
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
-    let wired = conf.requested_mac().and_then(|mac| {
-        pod::wire(&pod::WireRequest {
-            netns: env.netns.clone(),
-            ifname: env.ifname.clone(),
-            host_ifname: host_ifname.clone(),
-            addrs: addrs.to_vec(),
-            mtu,
-            mac,
-        })
-    });
+    let wired = conf
+        .requested_mac()
+        .map_err(pod::WireFailure::from)
+        .and_then(|mac| {
+            pod::wire(&pod::WireRequest {
+                netns: env.netns.clone(),
+                ifname: env.ifname.clone(),
+                host_ifname: host_ifname.clone(),
+                addrs: addrs.to_vec(),
+                mtu,
+                mac,
+            })
+        });
     let wired = match wired {
         Ok(w) => w,
-        Err(e) => {
-            // Nothing half-done survives a failed ADD: the veth and the reservation go.
-            let _ = pod::unwire(&host_ifname);
+        Err(f) => {
+            // Nothing half-done survives a failed ADD: the veth it made and the reservation go
+            // (a veth it did not make stays: it may be a live attachment's).
+            if f.created_veth {
+                let _ = pod::unwire(&host_ifname);
+            }
             undo();
-            return Err(e);
+            return Err(f.error);
         }
     };
     fault_point("after-wire");
@@ -425,6 +444,13 @@ fn add_offline(
     conf.requested_mac()?;
     let handle = env.ipam_handle(&conf.name);
     let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
+    if state
+        .pending
+        .get(&handle)
+        .is_some_and(|p| p.endpoint.is_some())
+    {
+        return Err(exists(&key));
+    }
     let addrs = cache
         .assign_offline(
             &handle,

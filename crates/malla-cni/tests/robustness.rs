@@ -304,3 +304,53 @@ fn arguments_never_panic() {
     assert_no_panic(&o, "non-UTF-8 argument");
     assert!(o.ok && o.out["supportedVersions"].is_array(), "{o:?}");
 }
+
+/// Found by the fuzzer: an ADD repeated for a live attachment (same container and interface),
+/// in its own pod, in another pod, or with a namespace path that is not a namespace, failed
+/// after deleting the live attachment's veth (it has the attachment's name). Now it is refused
+/// before touching anything, and a failed ADD only removes a veth it created.
+#[test]
+fn a_repeated_add_leaves_the_live_attachment_alone() {
+    let node = TestNode::new("d");
+    let conf = node.conf();
+    let (p, q) = (node.pod("p"), node.pod("q"));
+    let add = node.call("ADD", "dup", "eth0", &p, &conf);
+    assert!(add.ok, "{add:?}");
+    let veths = node.veths();
+    let held = node.held();
+    let not_a_netns = node.dir.path().display().to_string();
+    for netns in [p.as_str(), q.as_str()] {
+        let again = node.call("ADD", "dup", "eth0", netns, &conf);
+        assert_eq!(again.code(), 7, "{again:?}");
+        assert_eq!(node.veths(), veths);
+        assert_eq!(node.held(), held);
+    }
+    for netns in [not_a_netns.as_str(), "/proc/self/ns/mnt"] {
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "dup"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", netns),
+        ];
+        let o = node.raw(&env, conf.to_string().as_bytes());
+        assert!(!o.ok, "{o:?}");
+        assert_eq!(node.veths(), veths, "{netns}");
+        assert_eq!(node.held(), held, "{netns}");
+    }
+    // A new attachment whose namespace path is not a namespace fails and keeps nothing.
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "fresh"),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_NETNS", not_a_netns.as_str()),
+    ];
+    assert!(!node.raw(&env, conf.to_string().as_bytes()).ok);
+    assert_eq!(node.veths(), veths);
+    assert_eq!(node.held(), held);
+    let mut check = conf.clone();
+    check["prevResult"] = add.out.clone();
+    let c = node.call("CHECK", "dup", "eth0", &p, &check);
+    assert!(c.ok, "the live attachment is intact: {c:?}");
+    assert!(node.call("DEL", "dup", "eth0", &p, &conf).ok);
+    assert!(node.held().is_empty());
+}
