@@ -7,6 +7,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
+pub mod cni_housekeeping;
 pub mod config_dir;
 pub mod health;
 pub mod http;
@@ -130,6 +131,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ready) => Some(hold_agent_lock(ready)?),
         None => None,
     };
+    cni_housekeeping::start(&cfg);
     // Serving before anything waits on the datastore: probes and metrics answer while it is away.
     let health = health::Health::default();
     let metrics = Arc::new(metrics::Metrics::new());

@@ -61,11 +61,14 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
     let store = open_store(conf)?;
     let store: &dyn Store = &*store;
     let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
+    // The record names the handle (one an earlier version wrote may differ from ours).
+    let mut handle = env.ipam_handle(&conf.name);
     match malla_store::get_json::<WorkloadEndpoint>(store, &key)
         .map_err(store_err("read endpoint"))?
     {
         None => problems.push(format!("no endpoint record {key}")),
         Some((ep, _)) => {
+            handle = ep.ipam_handle.clone();
             let have: BTreeSet<IpAddr> = ep.addrs().collect();
             let wanted: BTreeSet<IpAddr> = want.iter().map(IpNet::addr).collect();
             if have != wanted {
@@ -75,7 +78,6 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
             }
         }
     }
-    let handle = env.ipam_handle(&conf.name);
     let held: BTreeSet<IpAddr> = malla_ipam::Ipam::new(store)
         .handles()
         .map_err(|e| CniError::new(error::TRY_AGAIN_LATER, "IPAM", e.to_string()))?
@@ -176,15 +178,25 @@ pub fn check(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
 pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     v11_only(conf, "GC")?;
     let valid = conf.valid_attachments.clone().unwrap_or_default();
+    // Both encodings: a valid attachment an earlier version made keeps its handle.
     let valid_handles: BTreeSet<String> = valid
         .iter()
-        .map(|a| format!("{}.{}.{}", conf.name, a.container_id, a.ifname))
+        .flat_map(|a| {
+            [
+                crate::config::ipam_handle(&conf.name, &a.container_id, &a.ifname),
+                crate::config::legacy_ipam_handle(&conf.name, &a.container_id, &a.ifname),
+            ]
+        })
         .collect();
     let valid_veths: BTreeSet<String> = valid
         .iter()
         .map(|a| pod::host_ifname(&a.container_id, &a.ifname))
         .collect();
-    let ours = format!("{}.", conf.name);
+    let (prefix, legacy_prefix) = (
+        crate::config::ipam_handle_prefix(&conf.name),
+        format!("{}.", conf.name),
+    );
+    let ours = |h: &str| h.starts_with(&prefix) || h.starts_with(&legacy_prefix);
     let mut errors = Vec::new();
 
     let store = open_store(conf)?;
@@ -195,7 +207,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
     )
     .map_err(store_err("list endpoints"))?;
     for (key, ep, _) in endpoints {
-        if !ep.ipam_handle.starts_with(&ours) || valid_handles.contains(&ep.ipam_handle) {
+        if !ours(&ep.ipam_handle) || valid_handles.contains(&ep.ipam_handle) {
             continue;
         }
         if let Err(e) = pod::unwire(&ep.host_ifname) {
@@ -213,7 +225,7 @@ pub fn gc(conf: &NetConf) -> Result<(), CniError> {
             .attrs
             .get(malla_ipam::ATTR_NODE)
             .is_none_or(|n| *n == node);
-        !h.id.starts_with(&ours) || !on_this_node || valid_handles.contains(&h.id)
+        !ours(&h.id) || !on_this_node || valid_handles.contains(&h.id)
     });
     if let Err(e) = released {
         errors.push(format!("IPAM: {e}"));

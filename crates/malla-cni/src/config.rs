@@ -23,8 +23,17 @@ pub struct NetConf {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// This node's name. Unset (a minimal conflist): resolved by [`NetConf::parse`] as
+    /// Calico does, from [`NetConf::node_name_file`] (which the agent writes), else the host
+    /// name.
+    #[serde(default)]
     pub node_name: String,
-    /// `{"type": "local", "path": …}` or `{"type": "etcd", "endpoints": […], "prefix": …}`.
+    /// Where the agent writes the node's name (default [`DEFAULT_NODE_NAME_FILE`]).
+    #[serde(default)]
+    pub node_name_file: Option<String>,
+    /// `{"type": "local", "path": …}` or `{"type": "etcd", "endpoints": […], "prefix": …}`;
+    /// unset: the local file [`DEFAULT_LOCAL_DATASTORE`] (the agent's default).
+    #[serde(default = "default_datastore")]
     pub datastore: malla_store::DatastoreSpec,
     #[serde(default)]
     pub mtu: Option<u32>,
@@ -40,6 +49,52 @@ pub struct NetConf {
     /// A file the node agent rewrites after each sync; STATUS reads it (and its lock).
     #[serde(default)]
     pub agent_ready_file: Option<String>,
+}
+
+/// Where the agent writes its node's name and the plugin reads it when the configuration has
+/// no `nodeName` (the agent writes `nodename` beside its ready file, `/var/run/malla/agent.ready`
+/// in the DaemonSet), as Calico's plugin reads `/var/lib/calico/nodename`.
+pub const DEFAULT_NODE_NAME_FILE: &str = "/var/run/malla/nodename";
+
+/// The datastore of a configuration without `datastore`: the agent's default local file.
+pub const DEFAULT_LOCAL_DATASTORE: &str = "/var/lib/malla/store.db";
+
+fn default_datastore() -> malla_store::DatastoreSpec {
+    malla_store::DatastoreSpec::Local {
+        path: DEFAULT_LOCAL_DATASTORE.into(),
+    }
+}
+
+/// The node-name file beside an agent's ready file (what the agent writes).
+pub fn node_name_file_beside(ready_file: &std::path::Path) -> std::path::PathBuf {
+    ready_file.with_file_name("nodename")
+}
+
+/// The node's name when the configuration names none: the first line of `file` if it has one,
+/// else the host name (None when neither gives a usable name).
+pub fn default_node_name(file: &std::path::Path) -> Option<String> {
+    let from_file = std::fs::read(file)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+        .filter(|n| valid_node_name(n));
+    from_file.or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .map(|h| h.trim().to_string())
+            .filter(|n| valid_node_name(n))
+    })
+}
+
+/// A node name usable in datastore keys: non-empty, at most 253 bytes, no `/`, no control
+/// characters or whitespace.
+fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && !n
+            .chars()
+            .any(|c| c == '/' || c.is_control() || c.is_whitespace())
 }
 
 /// One entry of `cni.dev/valid-attachments`.
@@ -118,7 +173,7 @@ impl NetConf {
                 format!("supported: {}", crate::SUPPORTED_VERSIONS.join(", ")),
             ));
         }
-        let conf: NetConf = serde_json::from_value(raw).map_err(|e| {
+        let mut conf: NetConf = serde_json::from_value(raw).map_err(|e| {
             CniError::new(
                 error::INVALID_CONFIG,
                 "invalid network configuration",
@@ -127,10 +182,25 @@ impl NetConf {
             .with_version(&version)
         })?;
         if conf.node_name.is_empty() {
+            let file = conf
+                .node_name_file
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NODE_NAME_FILE.to_string());
+            conf.node_name = default_node_name(std::path::Path::new(&file)).ok_or_else(|| {
+                CniError::new(
+                    error::INVALID_CONFIG,
+                    "nodeName: not set, and neither the node-name file nor the host name gives one",
+                    file,
+                )
+            })?;
+        } else if !valid_node_name(&conf.node_name) {
             return Err(CniError::new(
                 error::INVALID_CONFIG,
-                "nodeName: must not be empty",
-                "",
+                "invalid network configuration",
+                format!(
+                    "nodeName {:?}: must be 1-253 bytes without '/', whitespace or control characters",
+                    conf.node_name
+                ),
             ));
         }
         Ok(conf)
@@ -172,7 +242,14 @@ impl CniEnv {
             ));
         }
         let ifname = require("CNI_IFNAME")?;
-        if ifname.len() > 15 || ifname.contains('/') || ifname.is_empty() {
+        // The kernel's rule (dev_valid_name): 1-15 bytes, not `.`/`..`, no `/`, `:` or space.
+        if ifname.len() > 15
+            || ifname == "."
+            || ifname == ".."
+            || ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
             return Err(CniError::new(
                 error::INVALID_ENV,
                 "CNI_IFNAME is not a valid interface name",
@@ -194,10 +271,55 @@ impl CniEnv {
         })
     }
 
-    /// The IPAM handle of this attachment: one per network, container and interface.
+    /// The IPAM handle of this attachment: one per network, container and interface
+    /// ([`ipam_handle`]).
     pub fn ipam_handle(&self, network: &str) -> String {
-        format!("{network}.{}.{}", self.container_id, self.ifname)
+        ipam_handle(network, &self.container_id, &self.ifname)
     }
+
+    /// The handle earlier versions gave this attachment ([`legacy_ipam_handle`]).
+    pub fn legacy_ipam_handle(&self, network: &str) -> String {
+        legacy_ipam_handle(network, &self.container_id, &self.ifname)
+    }
+}
+
+/// The IPAM handle of an attachment: `NETWORK.CONTAINERID.IFNAME` with each part escaped
+/// ([`escape_handle_part`]) so that `.` only ever separates parts: distinct attachments never
+/// share a handle (`a.b`+`c` and `a`+`b.c` did when the parts were joined as they are). For
+/// parts without `.`, `%` or unusual characters (e.g. `malla`, a hex container ID, `eth0`) the
+/// handle is the one earlier versions wrote.
+pub fn ipam_handle(network: &str, container_id: &str, ifname: &str) -> String {
+    format!(
+        "{}.{}.{}",
+        escape_handle_part(network),
+        escape_handle_part(container_id),
+        escape_handle_part(ifname)
+    )
+}
+
+/// The handle earlier versions wrote (parts joined unescaped; ambiguous when a part has a
+/// `.`). Only read, to release or keep what such versions reserved: DEL takes it from the
+/// attachment's own endpoint record, never from this function alone.
+pub fn legacy_ipam_handle(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{network}.{container_id}.{ifname}")
+}
+
+/// The handle prefix of a network's attachments ([`ipam_handle`]'s first part and its dot).
+pub fn ipam_handle_prefix(network: &str) -> String {
+    format!("{}.", escape_handle_part(network))
+}
+
+/// Percent-encodes every byte of `part` outside `[A-Za-z0-9_-]` (so `.` and `%` are encoded).
+pub fn escape_handle_part(part: &str) -> String {
+    let mut out = String::with_capacity(part.len());
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `A=1;B=2` into a map; malformed pairs are ignored, as the reference plugins do with IgnoreUnknown.
@@ -267,7 +389,10 @@ mod tests {
                 .code,
             error::INCOMPATIBLE_VERSION
         );
-        let e = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"malla"}"#).unwrap_err();
+        // A malformed nodeName is refused, naming the field.
+        let e =
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"malla","nodeName":"a/b"}"#)
+                .unwrap_err();
         assert_eq!(e.code, error::INVALID_CONFIG);
         assert!(e.details.contains("nodeName"), "{e:?}");
         let ok = NetConf::parse(
@@ -284,5 +409,100 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code, error::INVALID_CONFIG);
         assert!(e.details.contains("zk"), "{e:?}");
+    }
+
+    #[test]
+    fn minimal_conflist_defaults_node_name_and_datastore() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nodename");
+        let conf = |f: &std::path::Path| {
+            format!(
+                r#"{{"cniVersion":"1.1.0","name":"n","type":"malla","nodeNameFile":{:?}}}"#,
+                f.to_str().unwrap()
+            )
+        };
+        // No file: the host name.
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        let c = NetConf::parse(conf(&file).as_bytes()).unwrap();
+        assert_eq!(c.node_name, host.trim());
+        assert_eq!(
+            c.datastore,
+            malla_store::DatastoreSpec::Local {
+                path: DEFAULT_LOCAL_DATASTORE.into()
+            }
+        );
+        // The agent's file wins over the host name; blank or hostile contents do not count.
+        std::fs::write(&file, "node-7\n").unwrap();
+        assert_eq!(
+            NetConf::parse(conf(&file).as_bytes()).unwrap().node_name,
+            "node-7"
+        );
+        std::fs::write(&file, "a/b\n").unwrap();
+        assert_eq!(
+            NetConf::parse(conf(&file).as_bytes()).unwrap().node_name,
+            host.trim()
+        );
+        // nodeName wins over both.
+        let explicit =
+            NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"malla","nodeName":"x"}"#)
+                .unwrap();
+        assert_eq!(explicit.node_name, "x");
+        // The bare minimum parses.
+        NetConf::parse(br#"{"cniVersion":"1.1.0","name":"n","type":"malla"}"#).unwrap();
+    }
+
+    #[test]
+    fn handles_are_injective_and_keep_the_old_form_when_unambiguous() {
+        assert_eq!(ipam_handle("malla", "abc123", "eth0"), "malla.abc123.eth0");
+        assert_eq!(
+            ipam_handle("malla", "abc123", "eth0"),
+            legacy_ipam_handle("malla", "abc123", "eth0")
+        );
+        // The old encoding joined these two to one handle.
+        assert_eq!(
+            legacy_ipam_handle("n", "a.b", "c"),
+            legacy_ipam_handle("n", "a", "b.c")
+        );
+        assert_ne!(ipam_handle("n", "a.b", "c"), ipam_handle("n", "a", "b.c"));
+        assert_ne!(ipam_handle("n.a", "b", "c"), ipam_handle("n", "a.b", "c"));
+        assert_ne!(ipam_handle("n", "a%2Eb", "c"), ipam_handle("n", "a.b", "c"));
+        // Exactly two separators whatever the parts hold.
+        for (n, c, i) in [("a.b", "c.d", "e.f"), ("%", "..", "é.x"), ("", "", "")] {
+            assert_eq!(ipam_handle(n, c, i).matches('.').count(), 2);
+            assert!(ipam_handle(n, c, i).starts_with(&ipam_handle_prefix(n)));
+        }
+    }
+
+    #[test]
+    fn undecodable_variables_are_named_not_fatal() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let bad = OsString::from_vec(vec![0xff, 0xfe]);
+        let (env, undecodable) = crate::env_from_os([
+            (OsString::from("CNI_COMMAND"), OsString::from("VERSION")),
+            (OsString::from("OTHER"), bad.clone()),
+            (OsString::from("CNI_ARGS"), bad.clone()),
+            (bad.clone(), OsString::from("x")),
+        ]);
+        assert_eq!(env.len(), 1);
+        assert_eq!(undecodable, vec!["CNI_ARGS".to_string()]);
+        assert!(crate::run_os(
+            [
+                (OsString::from("CNI_COMMAND"), OsString::from("VERSION")),
+                (OsString::from("CNI_ARGS"), bad.clone()),
+            ],
+            b""
+        )
+        .is_ok());
+        let e = crate::run_os(
+            [
+                (OsString::from("CNI_COMMAND"), OsString::from("DEL")),
+                (OsString::from("CNI_ARGS"), bad),
+            ],
+            b"{}",
+        )
+        .unwrap_err();
+        assert_eq!(e.code, error::INVALID_ENV);
+        assert!(e.msg.contains("CNI_ARGS"), "{e:?}");
     }
 }

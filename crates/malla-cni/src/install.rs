@@ -2,7 +2,8 @@
 //! CNI conf dir, each atomically (write a temp file, then rename), the way CNI DaemonSets
 //! install. A conflist that is not Malla's is never overwritten without `force`.
 
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -43,15 +44,37 @@ pub fn is_mallas(conflist: &Value) -> bool {
     conflist["plugins"][0]["type"] == PLUGIN_NAME
 }
 
-fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+/// Creates `dir` (and missing parents) mode 0700 when missing; an existing one is left as is.
+fn create_private_dir(dir: &Path) -> Result<(), InstallError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
+}
+
+/// Writes `bytes` to `path` atomically: a temporary beside it, created with `mode` (never more
+/// open for a moment), renamed over it.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("x"),
         std::process::id()
     ));
-    std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(io(&tmp))?;
+    // Created with its final mode (never readable by others for a moment), then renamed.
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    // The umask may have narrowed the mode (e.g. the binary's 0755); never widened past it.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    drop(f);
     std::fs::rename(&tmp, path).map_err(io(path))
 }
 
@@ -64,7 +87,7 @@ pub fn install(
     force: bool,
 ) -> Result<Installed, InstallError> {
     std::fs::create_dir_all(bin_dir).map_err(io(bin_dir))?;
-    std::fs::create_dir_all(conf_dir).map_err(io(conf_dir))?;
+    create_private_dir(conf_dir)?;
     let target = conf_dir.join(CONFLIST_NAME);
     if let Ok(existing) = std::fs::read(&target) {
         let ours = serde_json::from_slice::<Value>(&existing).is_ok_and(|v| is_mallas(&v));
@@ -76,7 +99,8 @@ pub fn install(
     let binary = bin_dir.join(PLUGIN_NAME);
     write_atomically(&binary, &bytes, 0o755)?;
     let text = serde_json::to_vec_pretty(conflist).unwrap_or_default();
-    write_atomically(&target, &text, 0o644)?;
+    // The conflist names the datastore (and may name credentials): root only.
+    write_atomically(&target, &text, 0o600)?;
     let mut shadowed_by: Vec<PathBuf> = std::fs::read_dir(conf_dir)
         .map_err(io(conf_dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -119,7 +143,7 @@ pub fn write_in_cluster_kubeconfig(
     let ca_path = service_account_dir.join("ca.crt");
     let token = std::fs::read_to_string(&token_path).map_err(io(&token_path))?;
     let ca = std::fs::read(&ca_path).map_err(io(&ca_path))?;
-    std::fs::create_dir_all(conf_dir).map_err(io(conf_dir))?;
+    create_private_dir(conf_dir)?;
     let ca_target = conf_dir.join("malla-ca.crt");
     write_atomically(&ca_target, &ca, 0o600)?;
     let server = if host.contains(':') {
@@ -195,6 +219,7 @@ mod tests {
         );
         assert_eq!(kc["users"][0]["user"]["token"], "tok");
         assert_eq!(std::fs::read(confs.join("malla-ca.crt")).unwrap(), b"CA");
+
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod install;
 pub mod pod;
+pub mod reclaim;
 pub mod result;
 
 use std::collections::BTreeMap;
@@ -22,6 +23,52 @@ use malla_store::{Store, StoreError};
 
 /// CNI versions this plugin reads configurations of and writes results for.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
+
+/// The process environment as [`run`] takes it. Variables that are not UTF-8 never stop the
+/// plugin (a runtime's environment may hold anything); those that the plugin reads (`CNI_*`)
+/// are returned by name, so the command that needs them fails with code 4 instead.
+pub fn env_from_os(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut env = BTreeMap::new();
+    let mut undecodable = Vec::new();
+    for (k, v) in vars {
+        match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => {
+                env.insert(k, v);
+            }
+            (k, _) => {
+                let name = match k {
+                    Ok(k) => k,
+                    Err(k) => k.to_string_lossy().into_owned(),
+                };
+                if name.starts_with("CNI_") {
+                    undecodable.push(name);
+                }
+            }
+        }
+    }
+    (env, undecodable)
+}
+
+/// [`run`] over the raw process environment ([`env_from_os`]): VERSION always answers; any
+/// other command with an undecodable `CNI_*` variable is refused with code 4, naming it.
+pub fn run_os(
+    vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    stdin: &[u8],
+) -> Result<Option<String>, CniError> {
+    let (env, undecodable) = env_from_os(vars);
+    if env.get("CNI_COMMAND").map(String::as_str) != Some("VERSION") {
+        if let Some(name) = undecodable.first() {
+            return Err(CniError::new(
+                error::INVALID_ENV,
+                format!("{name} is not valid UTF-8"),
+                "the CNI_* variables must be UTF-8 text",
+            ));
+        }
+    }
+    run(&env, stdin)
+}
 
 /// Runs one plugin invocation; `Ok(Some(json))` is printed on stdout.
 pub fn run(env: &BTreeMap<String, String>, stdin: &[u8]) -> Result<Option<String>, CniError> {
@@ -205,6 +252,17 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
     let handle = env.ipam_handle(&conf.name);
     let attrs = attrs_of(conf, env);
     let requested = conf.requested_ips()?;
+    // An ADD for an attachment that exists (the spec forbids it without a DEL between) is
+    // refused before it touches anything: its veth has this attachment's name.
+    let key = keys::endpoint(node_name, &env.container_id, &env.ifname);
+    match store.get(&key) {
+        Ok(None) => {}
+        Ok(Some(_)) => return Err(exists(&key)),
+        Err(e) if unreachable(&e) => return Ok(offline("read endpoint")(e)),
+        Err(e) => return Err(store_err("read endpoint")(e)),
+    }
+    // Refused before anything is reserved (wire_pod reads it again behind its undo).
+    conf.requested_mac()?;
     let cache = node_cache_path(conf).and_then(|p| NodeCache::open(&p).ok());
     let assigned = if requested.is_empty() {
         let req = malla_ipam::AutoAssign {
@@ -237,11 +295,9 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
             match ipam.assign_ip(*ip, &handle, node_name, &attrs) {
                 Ok(a) => got.push(a),
                 Err(e) => {
-                    let hints = malla_ipam::ReleaseHints {
-                        blocks: got.iter().map(|a: &malla_ipam::Assigned| a.block).collect(),
-                        addrs: Vec::new(),
-                    };
-                    let _ = ipam.release_by_handle_hinted(&handle, &hints);
+                    let mine: Vec<std::net::IpAddr> =
+                        got.iter().map(|a: &malla_ipam::Assigned| a.addr).collect();
+                    let _ = ipam.release_addrs_of_handle(&handle, &mine);
                     let code = match e {
                         malla_ipam::IpamError::AddressInUse(_)
                         | malla_ipam::IpamError::NotInPool(_)
@@ -266,20 +322,13 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
         // Best effort: the cache only ever narrows offline choices.
         let _ = c.note_held(&addrs, &handle);
     }
-    // We know exactly where the addresses are.
-    let hints = malla_ipam::ReleaseHints {
-        blocks: assigned.iter().map(|a| a.block).collect(),
-        addrs: Vec::new(),
-    };
+    // Exactly what this ADD reserved: a live attachment under the same handle (an ADD
+    // repeated for an attachment that exists) keeps its own.
     let undo = || {
-        let _ = ipam.release_by_handle_hinted(&handle, &hints);
+        let _ = ipam.release_addrs_of_handle(&handle, &addrs);
     };
     let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
-    if let Err(e) = malla_store::put_json(
-        store,
-        &keys::endpoint(node_name, &env.container_id, &env.ifname),
-        &endpoint,
-    ) {
+    if let Err(e) = malla_store::put_json(store, &key, &endpoint) {
         let _ = pod::unwire(&endpoint.host_ifname);
         undo();
         return Err(store_err("write endpoint")(e));
@@ -291,6 +340,14 @@ fn add_online(conf: &NetConf, env: &CniEnv, store: &dyn Store) -> Result<Online,
         &wired,
         mtu,
     )))
+}
+
+fn exists(key: &str) -> CniError {
+    CniError::new(
+        error::INVALID_CONFIG,
+        "the attachment already exists (DEL it before adding it again)",
+        key,
+    )
 }
 
 /// Which families to assign: the configuration's, else those that have an enabled pool.
@@ -318,21 +375,29 @@ fn wire_pod(
     undo: &dyn Fn(),
 ) -> Result<(WorkloadEndpoint, pod::Wired), CniError> {
     let host_ifname = pod::host_ifname(&env.container_id, &env.ifname);
-    let wired = pod::wire(&pod::WireRequest {
-        netns: env.netns.clone(),
-        ifname: env.ifname.clone(),
-        host_ifname: host_ifname.clone(),
-        addrs: addrs.to_vec(),
-        mtu,
-        mac: conf.requested_mac()?,
-    });
+    let wired = conf
+        .requested_mac()
+        .map_err(pod::WireFailure::from)
+        .and_then(|mac| {
+            pod::wire(&pod::WireRequest {
+                netns: env.netns.clone(),
+                ifname: env.ifname.clone(),
+                host_ifname: host_ifname.clone(),
+                addrs: addrs.to_vec(),
+                mtu,
+                mac,
+            })
+        });
     let wired = match wired {
         Ok(w) => w,
-        Err(e) => {
-            // Nothing half-done survives a failed ADD: the veth and the reservation go.
-            let _ = pod::unwire(&host_ifname);
+        Err(f) => {
+            // Nothing half-done survives a failed ADD: the veth it made and the reservation go
+            // (a veth it did not make stays: it may be a live attachment's).
+            if f.created_veth {
+                let _ = pod::unwire(&host_ifname);
+            }
             undo();
-            return Err(e);
+            return Err(f.error);
         }
     };
     fault_point("after-wire");
@@ -376,8 +441,16 @@ fn add_offline(
         .unwrap_or_else(|| pod::pod_mtu(&node, &state.cluster.clone().unwrap_or_default()));
     let has = |v6: bool| state.blocks.iter().any(|b| b.cidr.addr().is_ipv6() == v6);
     let (want_v4, want_v6) = families(conf, has(false), has(true))?;
+    conf.requested_mac()?;
     let handle = env.ipam_handle(&conf.name);
     let key = keys::endpoint(&conf.node_name, &env.container_id, &env.ifname);
+    if state
+        .pending
+        .get(&handle)
+        .is_some_and(|p| p.endpoint.is_some())
+    {
+        return Err(exists(&key));
+    }
     let addrs = cache
         .assign_offline(
             &handle,
@@ -391,9 +464,11 @@ fn add_offline(
         let _ = cache.release_offline(&handle, &key);
     };
     let (endpoint, wired) = wire_pod(conf, env, &addrs, mtu, &handle, &undo)?;
-    cache
-        .set_pending_endpoint(&handle, &key, &endpoint)
-        .map_err(|e| cache_err(&e))?;
+    if let Err(e) = cache.set_pending_endpoint(&handle, &key, &endpoint) {
+        let _ = pod::unwire(&endpoint.host_ifname);
+        undo();
+        return Err(cache_err(&e));
+    }
     Ok(result::add_result(
         &conf.cni_version,
         env,
@@ -419,6 +494,13 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
             _ => Err(cause),
         }
     };
+    if let malla_store::DatastoreSpec::Local { path } = &conf.datastore {
+        if !path.exists() && node_cache_path(conf).is_none() {
+            // No datastore file (e.g. a minimal conflist on a node whose agent never ran):
+            // nothing was ever recorded here, so there is nothing to release; not creating it.
+            return Ok(());
+        }
+    }
     let store = match open_store(conf) {
         Ok(s) => s,
         Err(e) => return offline(e),
@@ -430,17 +512,27 @@ fn del(conf: &NetConf, env: &CniEnv) -> Result<(), CniError> {
         Err(e) if unreachable(&e) => return offline(store_err("read endpoint")(e)),
         Err(e) => return Err(store_err("read endpoint")(e)),
     };
-    match malla_ipam::Ipam::new(store).release_by_handle_hinted(&handle, &hints) {
-        Ok(_) => {}
-        Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
-            return offline(store_err("IPAM release")(e))
-        }
-        Err(e) => {
-            return Err(CniError::new(
-                error::TRY_AGAIN_LATER,
-                "IPAM release",
-                e.to_string(),
-            ))
+    // The attachment's own record names its handle: one an earlier version wrote (the
+    // ambiguous encoding) is released as well.
+    let recorded = match malla_store::get_json::<WorkloadEndpoint>(store, &key) {
+        Ok(ep) => ep.map(|(ep, _)| ep.ipam_handle).filter(|h| *h != handle),
+        Err(e) if unreachable(&e) => return offline(store_err("read endpoint")(e)),
+        Err(e) => return Err(store_err("read endpoint")(e)),
+    };
+    let ipam = malla_ipam::Ipam::new(store);
+    for h in std::iter::once(&handle).chain(recorded.as_ref()) {
+        match ipam.release_by_handle_hinted(h, &hints) {
+            Ok(_) => {}
+            Err(malla_ipam::IpamError::Store(e)) if unreachable(&e) => {
+                return offline(store_err("IPAM release")(e))
+            }
+            Err(e) => {
+                return Err(CniError::new(
+                    error::TRY_AGAIN_LATER,
+                    "IPAM release",
+                    e.to_string(),
+                ))
+            }
         }
     }
     if let Some(cache) = &cache {

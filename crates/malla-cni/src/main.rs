@@ -1,20 +1,23 @@
 //! `malla-cni`: the binary a container runtime executes (installed as CNI type `malla`).
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 fn main() {
-    // Run by hand (outside a runtime): say what this is instead of a CNI error.
-    if let Some(arg) = std::env::args().nth(1) {
-        if matches!(arg.as_str(), "--version" | "-V" | "version") {
+    // Run by hand (outside a runtime): say what this is instead of a CNI error. args_os: an
+    // argument that is not UTF-8 must not panic the plugin (args() would).
+    if let Some(arg) = std::env::args_os().nth(1) {
+        if ["--version", "-V", "version"].iter().any(|v| arg == *v) {
             println!("malla-cni {}", env!("CARGO_PKG_VERSION"));
             return;
         }
     }
-    let env: BTreeMap<String, String> = std::env::vars().collect();
+    // vars_os: a variable that is not UTF-8 must not panic the plugin (vars() would).
+    let env: Vec<_> = std::env::vars_os().collect();
     let mut stdin = Vec::new();
-    let command = env.get("CNI_COMMAND").cloned().unwrap_or_default();
-    if command != "VERSION" {
+    let version = env
+        .iter()
+        .any(|(k, v)| k == "CNI_COMMAND" && v == "VERSION");
+    if !version {
         if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
             emit_error(&malla_cni::CniError::new(
                 malla_cni::error::IO_FAILURE,
@@ -23,7 +26,7 @@ fn main() {
             ));
         }
     }
-    match malla_cni::run(&env, &stdin) {
+    match malla_cni::run_os(env, &stdin) {
         Ok(Some(out)) => {
             let _ = writeln!(std::io::stdout(), "{out}");
         }

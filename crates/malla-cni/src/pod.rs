@@ -65,8 +65,25 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
         .map_err(|e| CniError::new(error::IO_FAILURE, "tokio runtime", e.to_string()))
 }
 
-/// Builds the attachment. On error the caller removes the host veth.
-pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
+/// Why [`wire`] failed, and whether it had created the host veth by then (the caller removes
+/// it then, and only then: a veth it did not create may be a live attachment's).
+#[derive(Debug)]
+pub struct WireFailure {
+    pub error: CniError,
+    pub created_veth: bool,
+}
+
+impl From<CniError> for WireFailure {
+    fn from(error: CniError) -> Self {
+        WireFailure {
+            error,
+            created_veth: false,
+        }
+    }
+}
+
+/// Builds the attachment.
+pub fn wire(req: &WireRequest) -> Result<Wired, WireFailure> {
     let ns = NetNs::open(&req.netns).map_err(|e| {
         CniError::new(
             error::UNKNOWN_CONTAINER,
@@ -74,7 +91,8 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
             e.to_string(),
         )
     })?;
-    runtime()?.block_on(async {
+    let mut created_veth = false;
+    let result = runtime()?.block_on(async {
         let host = Netlink::connect().map_err(nl_err)?;
         let pod = Netlink::connect_in(&ns).map_err(nl_err)?;
         if pod
@@ -106,6 +124,7 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
         )
         .await
         .map_err(nl_err)?;
+        created_veth = true;
         let eth = pod
             .link_by_name(&req.ifname)
             .await
@@ -165,6 +184,10 @@ pub fn wire(req: &WireRequest) -> Result<Wired, CniError> {
             pod_mac,
             host_mac: HOST_VETH_MAC,
         })
+    });
+    result.map_err(|error| WireFailure {
+        error,
+        created_veth,
     })
 }
 

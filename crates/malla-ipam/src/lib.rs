@@ -781,6 +781,47 @@ impl<'a> Ipam<'a> {
         Ok(freed)
     }
 
+    /// Releases exactly `addrs` where `handle` still holds them (an address released meanwhile,
+    /// or held by another handle, is left alone), then prunes the handle's record of blocks it
+    /// holds nothing in. For reclaiming a leak without racing a new reservation made under the
+    /// same handle (its address is another one: the leaked ones are still held when it is made).
+    /// Returns what was released, sorted.
+    pub fn release_addrs_of_handle(
+        &self,
+        handle: &str,
+        addrs: &[IpAddr],
+    ) -> Result<Vec<IpAddr>, IpamError> {
+        let mut freed = Vec::new();
+        if !addrs.is_empty() {
+            let blocks: Vec<IpNet> = self
+                .blocks()?
+                .into_iter()
+                .map(|b| b.cidr)
+                .filter(|c| addrs.iter().any(|a| c.contains(a)))
+                .collect();
+            for cidr in blocks {
+                let got = self.update_block(cidr, |b| {
+                    let mine: Vec<(u32, IpAddr)> = addrs
+                        .iter()
+                        .filter_map(|a| Some((b.ordinal_of(*a)?, *a)))
+                        .filter(|(o, _)| b.allocations.get(o).is_some_and(|al| al.handle == handle))
+                        .collect();
+                    if mine.is_empty() {
+                        return None;
+                    }
+                    for (o, _) in &mine {
+                        b.allocations.remove(o);
+                    }
+                    Some(mine.into_iter().map(|(_, a)| a).collect::<Vec<_>>())
+                })?;
+                freed.extend(got.unwrap_or_default());
+            }
+        }
+        self.prune_handle(handle)?;
+        freed.sort();
+        Ok(freed)
+    }
+
     /// Drops blocks the handle holds nothing in from its record; deletes an empty record.
     /// Best effort: a concurrent change to the record wins.
     fn prune_handle(&self, handle: &str) -> Result<(), IpamError> {

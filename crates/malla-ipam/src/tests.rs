@@ -957,3 +957,26 @@ fn gc_frees_an_affine_allocation_whose_endpoint_never_came() {
         vec![live.addr]
     );
 }
+
+#[test]
+fn release_addrs_of_handle_frees_exactly_those_it_still_holds() {
+    let (_d, s) = store();
+    let ipam = Ipam::new(&s);
+    ipam.ensure_pool(&pool("p", "198.18.0.0/24", 28)).unwrap();
+    let a = v4(&ipam, "h", "n1").unwrap().addr;
+    let b = v4(&ipam, "h", "n1").unwrap().addr;
+    let other = v4(&ipam, "o", "n1").unwrap().addr;
+    // Only `a`; `other` is another handle's and is left alone; an unknown address is ignored.
+    let freed = ipam
+        .release_addrs_of_handle("h", &[a, other, ip("198.18.0.200")])
+        .unwrap();
+    assert_eq!(freed, vec![a]);
+    let held = check_invariants(&ipam);
+    assert_eq!(held.get(&b).map(String::as_str), Some("h"));
+    assert_eq!(held.get(&other).map(String::as_str), Some("o"));
+    assert!(!held.contains_key(&a));
+    // Idempotent.
+    assert!(ipam.release_addrs_of_handle("h", &[a]).unwrap().is_empty());
+    assert_eq!(ipam.release_addrs_of_handle("h", &[b]).unwrap(), vec![b]);
+    assert_eq!(check_invariants(&ipam).len(), 1);
+}

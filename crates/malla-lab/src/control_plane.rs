@@ -599,7 +599,7 @@ fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn openssl(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn openssl(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("openssl")
         .args(args)
         .stdin(Stdio::null())

@@ -1,5 +1,6 @@
 //! The lab's datastore: the embedded file by default, a real etcd that the lab runs in its
-//! fabric namespace (`198.19.0.1:2379`), or a real Kubernetes control plane there (etcd,
+//! fabric namespace (`https://198.19.0.1:2379`, client-certificate authentication: a CA, a
+//! serving and a client certificate made per lab in `etcd-pki/`, mode 0700, keys 0600), or a real Kubernetes control plane there (etcd,
 //! kube-apiserver on `198.19.0.1:6443` and kube-controller-manager, whose endpoint-slice
 //! controller then makes the Services' EndpointSlices). Agents and CNI plugins reach it over
 //! the underlay exactly as on real nodes, the lab's own commands from inside that namespace.
@@ -25,10 +26,20 @@ pub fn spec(paths: &LabPaths, backend: Backend) -> DatastoreSpec {
         Backend::Local => DatastoreSpec::Local {
             path: paths.store(),
         },
-        Backend::Etcd => DatastoreSpec::Etcd {
-            endpoints: vec![format!("http://{}:{}", ETCD_CLIENT.0, ETCD_CLIENT.1)],
-            prefix: format!("/malla-{}", paths.name),
-        },
+        Backend::Etcd => {
+            let pki = etcd_pki_dir(paths);
+            DatastoreSpec::Etcd {
+                endpoints: vec![format!("https://{}:{}", ETCD_CLIENT.0, ETCD_CLIENT.1)],
+                prefix: format!("/malla-{}", paths.name),
+                tls: Some(malla_store::EtcdTls {
+                    ca: pki.join("ca.crt"),
+                    cert: Some(pki.join("client.crt")),
+                    key: Some(pki.join("client.key")),
+                }),
+                username: None,
+                password_file: None,
+            }
+        }
         Backend::Kubernetes => DatastoreSpec::Kubernetes {
             kubeconfig: Some(control_plane_dir(paths).join("kubeconfig")),
         },
@@ -106,6 +117,118 @@ pub fn open_backend(
     }
 }
 
+/// The lab etcd's certificates: `ca.crt`, `server.crt`/`.key` (etcd's, for 198.19.0.1 and
+/// 127.0.0.1), `client.crt`/`.key` (the agents' and plugins').
+pub fn etcd_pki_dir(paths: &LabPaths) -> std::path::PathBuf {
+    paths.dir.join("etcd-pki")
+}
+
+/// Makes the lab etcd's CA and certificates (what exists is kept): the directory is 0700 and
+/// every key file is created 0600 before openssl writes it.
+fn etcd_pki(paths: &LabPaths) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = etcd_pki_dir(paths);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    let p = |n: &str| dir.join(n).display().to_string();
+    let private = |n: &str| -> anyhow::Result<()> {
+        let path = dir.join(n);
+        let _ = std::fs::remove_file(&path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    if !dir.join("ca.crt").exists() || !dir.join("ca.key").exists() {
+        private("ca.key")?;
+        let (key, crt) = (p("ca.key"), p("ca.crt"));
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        args.extend([
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=malla-lab-etcd-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+        ]);
+        control_plane::openssl(&args)?;
+        let _ = std::fs::remove_file(dir.join("server.crt"));
+        let _ = std::fs::remove_file(dir.join("client.crt"));
+    }
+    let server_sans = format!("IP:{},IP:127.0.0.1", ETCD_CLIENT.0);
+    for (name, cn, ext) in [
+        (
+            "server",
+            "malla-lab-etcd",
+            format!("subjectAltName={server_sans}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+        ),
+        (
+            "client",
+            "malla",
+            "extendedKeyUsage=clientAuth\n".to_string(),
+        ),
+    ] {
+        if dir.join(format!("{name}.crt")).exists() && dir.join(format!("{name}.key")).exists() {
+            continue;
+        }
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}"),
+        )?;
+        private(&format!("{name}.key"))?;
+        let (key, csr, crt, extfile) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.crt")),
+            p(&format!("{name}.ext")),
+        );
+        let subj = format!("/CN={cn}");
+        let mut args = vec!["req", "-new"];
+        args.extend(ec);
+        args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        control_plane::openssl(&args)?;
+        let (ca, ca_key) = (p("ca.crt"), p("ca.key"));
+        control_plane::openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            &extfile,
+            "-out",
+            &crt,
+        ])?;
+    }
+    Ok(())
+}
+
 /// Starts the lab's etcd in the fabric namespace (unless running) and waits until it answers.
 pub fn start_etcd(
     paths: &LabPaths,
@@ -117,8 +240,19 @@ pub fn start_etcd(
     }
     let data = paths.dir.join("etcd");
     std::fs::create_dir_all(&data)?;
-    let client = format!("http://{}:{}", ETCD_CLIENT.0, ETCD_CLIENT.1);
+    etcd_pki(paths).context("making the lab etcd's certificates (Debian package openssl)")?;
+    let pki = etcd_pki_dir(paths);
+    let client = format!("https://{}:{}", ETCD_CLIENT.0, ETCD_CLIENT.1);
     let mut cmd = Command::new("etcd");
+    // Clients must show a certificate of the lab's CA: a pod that reaches the address gets
+    // nothing without the client key.
+    cmd.arg("--client-cert-auth")
+        .arg("--trusted-ca-file")
+        .arg(pki.join("ca.crt"))
+        .arg("--cert-file")
+        .arg(pki.join("server.crt"))
+        .arg("--key-file")
+        .arg(pki.join("server.key"));
     cmd.arg("--name")
         .arg(format!("malla-{}", paths.name))
         .arg("--data-dir")

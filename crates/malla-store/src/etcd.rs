@@ -25,8 +25,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType, GetOptions, TxnOp,
-    TxnOpResponse, TxnResponse, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare, CompareOp, ConnectOptions, EventType,
+    GetOptions, Identity, TlsOptions, TxnOp, TxnOpResponse, TxnResponse, WatchOptions,
 };
 
 use crate::runtime::{run_on, RuntimeThread};
@@ -107,6 +107,38 @@ enum Scan {
     Nothing,
 }
 
+/// TLS material for etcd, in PEM: the CA of etcd's serving certificate and, for client-
+/// certificate authentication, this client's (certificate, key).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdTlsPem {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for EtcdTlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTlsPem")
+            .field("identity", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to authenticate to etcd: TLS and/or an etcd user (name, password).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct EtcdAccess {
+    pub tls: Option<EtcdTlsPem>,
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdAccess")
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 impl EtcdStore {
     /// Connects to etcd at `endpoints` (`http://host:port`) and checks it answers within
     /// `timeout`, which also bounds every later request. `prefix` (e.g. `/malla-prod`;
@@ -116,14 +148,34 @@ impl EtcdStore {
         prefix: &str,
         timeout: Duration,
     ) -> Result<EtcdStore, StoreError> {
+        Self::connect_with(endpoints, prefix, timeout, &EtcdAccess::default())
+    }
+
+    /// [`EtcdStore::connect`] with TLS (`https://` endpoints) and/or an etcd user.
+    pub fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+        access: &EtcdAccess,
+    ) -> Result<EtcdStore, StoreError> {
         if endpoints.is_empty() {
             return Err(StoreError::Backend("etcd: no endpoints given".into()));
         }
         let runtime = RuntimeThread::start("etcd")?;
         let eps = endpoints.to_vec();
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_keep_alive(Duration::from_secs(10), timeout.max(Duration::from_secs(1)));
+        if let Some(tls) = &access.tls {
+            let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(t);
+        }
+        if let Some((user, password)) = &access.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let connect = async move {
             Client::connect(eps, Some(options))
                 .await

@@ -20,10 +20,10 @@ mod spec;
 mod stream;
 pub mod syncer;
 
-pub use etcd::{EtcdStore, DEFAULT_SETTLE};
+pub use etcd::{EtcdAccess, EtcdStore, EtcdTlsPem, DEFAULT_SETTLE};
 pub use kubernetes::KubeStore;
 pub use local::{LocalStore, DEFAULT_EVENT_RETENTION};
-pub use spec::{DatastoreSpec, DEFAULT_ETCD_PREFIX};
+pub use spec::{DatastoreSpec, EtcdTls, DEFAULT_ETCD_PREFIX, ETCD_PASSWORD_ENV};
 pub use syncer::{Resource, StoreSyncer, SyncEvent, Syncer, Update, Version};
 
 use std::time::Duration;

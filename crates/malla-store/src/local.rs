@@ -88,6 +88,21 @@ impl LocalStore {
     /// Opens (creating the file and schema if missing) the store at `path`.
     pub fn open(path: &Path) -> Result<LocalStore, StoreError> {
         let ctx = |what: &str| format!("{what} {}", path.display());
+        // A new file is created 0600 from its first byte (SQLite would create it 0644, and
+        // its -wal/-shm files take the database file's mode).
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(StoreError::Backend(format!("{}: {e}", ctx("create")))),
+            }
+        }
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", ctx("open"))))?;
         conn.busy_timeout(BUSY_TIMEOUT)

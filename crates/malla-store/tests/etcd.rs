@@ -299,3 +299,73 @@ fn ipam_over_etcd_three_nodes_claim_blocks_concurrently() {
         t.elapsed()
     );
 }
+
+/// etcd's own users: with `username` and `passwordFile` the store works; without a user, or
+/// with a wrong password, it is refused.
+#[test]
+fn etcd_users_authenticate() {
+    let etcd = Etcd::start();
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .arg(format!("--endpoints={}", etcd.endpoint()))
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .output()
+            .expect("etcdctl (Debian package etcd-client)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl(&["user", "add", "root:rootpw"]);
+    ctl(&["user", "add", "malla:s3cret"]);
+    ctl(&["role", "add", "malla"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "malla",
+        "--prefix=true",
+        "readwrite",
+        "/auth",
+    ]);
+    ctl(&["user", "grant-role", "malla", "malla"]);
+    ctl(&["auth", "enable"]);
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("pw");
+    std::fs::write(&good, "s3cret\n").unwrap();
+    let bad = dir.path().join("bad");
+    std::fs::write(&bad, "wrong\n").unwrap();
+    let spec = |user: Option<&str>, pw: Option<&std::path::Path>| {
+        let mut s = format!(
+            "etcd://{}/auth",
+            etcd.endpoint().trim_start_matches("http://")
+        );
+        let mut params = Vec::new();
+        if let Some(u) = user {
+            params.push(format!("user={u}"));
+        }
+        if let Some(p) = pw {
+            params.push(format!("password-file={}", p.display()));
+        }
+        if !params.is_empty() {
+            s.push('?');
+            s.push_str(&params.join("&"));
+        }
+        malla_store::DatastoreSpec::parse(&s).unwrap()
+    };
+    let store = spec(Some("malla"), Some(&good))
+        .open_with_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    store.create("/k", "v").unwrap();
+    assert_eq!(store.get("/k").unwrap().unwrap().value, "v");
+    for (what, s) in [
+        ("no user", spec(None, None)),
+        ("wrong password", spec(Some("malla"), Some(&bad))),
+    ] {
+        let refused = s
+            .open_with_timeout(Some(Duration::from_secs(5)))
+            .and_then(|st| st.get("/k"));
+        assert!(refused.is_err(), "{what}: {:?}", refused.map(|_| ()));
+    }
+}

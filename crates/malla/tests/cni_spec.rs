@@ -264,9 +264,10 @@ fn error_codes() {
         b"{not json",
     );
     assert_eq!(garbage.code(), 6);
-    // 7: invalid network configuration, naming the field.
+    // 7: invalid network configuration, naming the field (a missing nodeName defaults, as in
+    // Calico: the agent's node-name file, else the host name).
     let mut bad = p.conf("1.1.0");
-    bad.as_object_mut().unwrap().remove("nodeName");
+    bad["nodeName"] = json!("no/slashes");
     let out = p.call("ADD", "e7", &netns, &bad);
     assert_eq!(out.code(), 7);
     assert!(

@@ -1,0 +1,87 @@
+//! What the agent does for the CNI plugin on its node, apart from the main loop:
+//! - writes the node-name file the plugin falls back to when its configuration names no node
+//!   ([`malla_cni::config::node_name_file_beside`] the ready file, as calico-node writes
+//!   `/var/lib/calico/nodename`);
+//! - reclaims what killed ADDs left (addresses, host veths) every [`RECLAIM_INTERVAL`], once
+//!   they have been left for [`malla_cni::reclaim::DEFAULT_GRACE`], never touching a live
+//!   attachment ([`malla_cni::reclaim`]), without waiting for the runtime's GC.
+//!
+//! Started by one call from [`crate::run`], on a thread of its own with its own datastore
+//! connection; failures are logged, never fatal to the agent.
+
+use std::path::Path;
+
+use std::time::Duration;
+
+use malla_cni::reclaim::{Reclaimer, DEFAULT_GRACE};
+use malla_ipam::node_cache::NodeCache;
+
+use crate::AgentConfig;
+
+/// How often the reclaimer looks.
+pub const RECLAIM_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Starts the housekeeping for `cfg`'s node (the node-name file only with a ready file: the
+/// plugin finds the agent's files beside it).
+pub fn start(cfg: &AgentConfig) {
+    if let Some(ready) = &cfg.ready_file {
+        let file = malla_cni::config::node_name_file_beside(ready);
+        if let Err(e) = write_node_name(&file, &cfg.node) {
+            tracing::warn!(error = %e, "writing the node-name file {}", file.display());
+        }
+    }
+    let (node, datastore) = (cfg.node.clone(), cfg.datastore.clone());
+    let cache_path = cfg.ready_file.as_deref().map(NodeCache::path_beside);
+    let spawned = std::thread::Builder::new()
+        .name("cni-reclaim".into())
+        .spawn(move || reclaim_forever(&node, &datastore, cache_path.as_deref()));
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "starting the CNI reclaimer");
+    }
+}
+
+fn reclaim_forever(node: &str, datastore: &malla_store::DatastoreSpec, cache: Option<&Path>) {
+    let mut reclaimer = Reclaimer::new(DEFAULT_GRACE);
+    let mut store = None;
+    loop {
+        std::thread::sleep(RECLAIM_INTERVAL);
+        if store.is_none() {
+            store = datastore.open().ok();
+        }
+        let Some(s) = &store else { continue };
+        let cache = cache.and_then(|p| NodeCache::open(p).ok());
+        match reclaimer.pass(&**s, node, cache.as_ref()) {
+            Ok(r) if !r.addrs.is_empty() || !r.veths.is_empty() || !r.handles.is_empty() => {
+                tracing::info!(addrs = ?r.addrs, veths = ?r.veths, handles = ?r.handles, "reclaimed what killed CNI ADDs left");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "CNI reclaim pass skipped"),
+        }
+    }
+}
+
+/// Writes `node` to `path` atomically (unless it already says so).
+fn write_node_name(path: &Path, node: &str) -> Result<(), malla_cni::install::InstallError> {
+    if std::fs::read_to_string(path).is_ok_and(|s| s.trim() == node) {
+        return Ok(());
+    }
+    malla_cni::install::write_atomically(path, format!("{node}\n").as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_reads_the_name_the_agent_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ready = dir.path().join("agent.ready");
+        let file = malla_cni::config::node_name_file_beside(&ready);
+        write_node_name(&file, "node-3").unwrap();
+        write_node_name(&file, "node-3").unwrap();
+        assert_eq!(
+            malla_cni::config::default_node_name(&file).as_deref(),
+            Some("node-3")
+        );
+    }
+}
