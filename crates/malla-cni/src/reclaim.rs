@@ -116,10 +116,13 @@ impl Reclaimer {
             }
             live_veths.insert(ep.host_ifname);
         }
+        // The node's own blocks, from its cache's snapshot (None: no cache; every block is read).
+        let mut own_blocks: Option<Vec<ipnet::IpNet>> = None;
         if let Some(cache) = cache {
             let state = cache
                 .state()
                 .map_err(|e| ReclaimError::Cache(e.to_string()))?;
+            own_blocks = Some(state.blocks.iter().map(|b| b.cidr).collect());
             for (handle, pending) in state.pending {
                 if let Some((_, ep)) = pending.endpoint {
                     live_veths.insert(ep.host_ifname);
@@ -134,7 +137,13 @@ impl Reclaimer {
 
         let ipam = malla_ipam::Ipam::new(store);
         let mut suspects = Vec::new();
-        for h in ipam.handles()? {
+        // This node's handles: from its own blocks (the node cache's snapshot) and its handle
+        // records; without a node cache, from every block.
+        let handles = match &own_blocks {
+            Some(own) => ipam.handles_of_node(node, own)?,
+            None => ipam.handles()?,
+        };
+        for h in handles {
             let ours = h
                 .attrs
                 .get(malla_ipam::ATTR_NODE)

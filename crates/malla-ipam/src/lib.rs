@@ -33,7 +33,7 @@ pub mod node_cache;
 use block::BlockSummary;
 pub use block::{Allocation, Block};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -137,6 +137,47 @@ struct HandleRecord {
     blocks: Vec<IpNet>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     attrs: BTreeMap<String, String>,
+}
+
+/// Handles from their records and from the allocations of `blocks`: each with its addresses
+/// (sorted) and the blocks they are in.
+fn collect_handles(
+    records: impl IntoIterator<Item = (String, HandleRecord)>,
+    blocks: impl IntoIterator<Item = Block>,
+) -> BTreeMap<String, (Handle, Vec<IpNet>)> {
+    let mut out: BTreeMap<String, (Handle, Vec<IpNet>)> = BTreeMap::new();
+    for (key, rec) in records {
+        let id = key.strip_prefix(keys::HANDLES).unwrap_or(&key).to_string();
+        let h = Handle {
+            id: id.clone(),
+            addrs: Vec::new(),
+            attrs: rec.attrs,
+        };
+        out.insert(id, (h, Vec::new()));
+    }
+    for b in blocks {
+        for (o, a) in &b.allocations {
+            let Some(addr) = b.addr_of(*o) else { continue };
+            let (h, blocks) = out.entry(a.handle.clone()).or_insert_with(|| {
+                (
+                    Handle {
+                        id: a.handle.clone(),
+                        addrs: Vec::new(),
+                        attrs: a.attrs.clone(),
+                    },
+                    Vec::new(),
+                )
+            });
+            h.addrs.push(addr);
+            if !blocks.contains(&b.cidr) {
+                blocks.push(b.cidr);
+            }
+        }
+    }
+    for (h, _) in out.values_mut() {
+        h.addrs.sort();
+    }
+    out
 }
 
 /// An address family, named as in errors.
@@ -865,41 +906,44 @@ impl<'a> Ipam<'a> {
     }
 
     fn handles_with_blocks(&self) -> Result<BTreeMap<String, (Handle, Vec<IpNet>)>, IpamError> {
-        let mut out: BTreeMap<String, (Handle, Vec<IpNet>)> = BTreeMap::new();
         // Records first: an allocation made after this read still shows up from its block.
         let (recs, _) = list_json::<HandleRecord>(self.store, keys::HANDLES)?;
-        for (key, rec, _) in recs {
-            let id = key.strip_prefix(keys::HANDLES).unwrap_or(&key).to_string();
-            let h = Handle {
-                id: id.clone(),
-                addrs: Vec::new(),
-                attrs: rec.attrs,
-            };
-            out.insert(id, (h, Vec::new()));
-        }
-        for b in self.blocks()? {
-            for (o, a) in &b.allocations {
-                let Some(addr) = b.addr_of(*o) else { continue };
-                let (h, blocks) = out.entry(a.handle.clone()).or_insert_with(|| {
-                    (
-                        Handle {
-                            id: a.handle.clone(),
-                            addrs: Vec::new(),
-                            attrs: a.attrs.clone(),
-                        },
-                        Vec::new(),
-                    )
-                });
-                h.addrs.push(addr);
-                if !blocks.contains(&b.cidr) {
-                    blocks.push(b.cidr);
-                }
+        let recs = recs.into_iter().map(|(key, rec, _)| (key, rec));
+        Ok(collect_handles(recs, self.blocks()?))
+    }
+
+    /// The handles of node `node` (attribute [`ATTR_NODE`]): those with addresses in
+    /// `own_blocks` (the node's affine blocks, e.g. from its node cache) and those with a
+    /// handle record (addresses borrowed from other nodes' blocks, which the record names).
+    /// Reads those blocks one by one and the handle records, never every block of the cluster:
+    /// what a node's periodic reclaimer can afford at any cluster size.
+    pub fn handles_of_node(
+        &self,
+        node: &str,
+        own_blocks: &[IpNet],
+    ) -> Result<Vec<Handle>, IpamError> {
+        let (recs, _) = list_json::<HandleRecord>(self.store, keys::HANDLES)?;
+        let recs: Vec<(String, HandleRecord)> = recs
+            .into_iter()
+            .filter(|(_, r, _)| r.attrs.get(ATTR_NODE).is_some_and(|n| n == node))
+            .map(|(key, rec, _)| (key, rec))
+            .collect();
+        let cidrs: BTreeSet<IpNet> = own_blocks
+            .iter()
+            .copied()
+            .chain(recs.iter().flat_map(|(_, r)| r.blocks.iter().copied()))
+            .collect();
+        let mut blocks = Vec::with_capacity(cidrs.len());
+        for cidr in cidrs {
+            if let Some((b, _)) = get_json::<Block>(self.store, &keys::block(&cidr))? {
+                blocks.push(b);
             }
         }
-        for (h, _) in out.values_mut() {
-            h.addrs.sort();
-        }
-        Ok(out)
+        Ok(collect_handles(recs, blocks)
+            .into_values()
+            .map(|(h, _)| h)
+            .filter(|h| h.attrs.get(ATTR_NODE).is_some_and(|n| n == node))
+            .collect())
     }
 
     /// Releases every allocation whose handle is not in `valid` (GC of leaks), and deletes

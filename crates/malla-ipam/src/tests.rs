@@ -980,3 +980,49 @@ fn release_addrs_of_handle_frees_exactly_those_it_still_holds() {
     assert_eq!(ipam.release_addrs_of_handle("h", &[b]).unwrap(), vec![b]);
     assert_eq!(check_invariants(&ipam).len(), 1);
 }
+
+/// A node's handles read from its own blocks and its handle records are exactly the handles
+/// of that node among all of them (borrowed addresses included), without listing every block.
+#[test]
+fn a_nodes_handles_come_from_its_blocks_and_records_alone() {
+    let (_d, file) = store();
+    let s = Counting::new(&file);
+    let ipam = Ipam::new(&s);
+    ipam.ensure_pool(&pool("p", "10.0.0.0/28", 29)).unwrap();
+    for i in 0..8 {
+        v4(&ipam, &format!("a{i}"), "a").unwrap();
+    }
+    v4(&ipam, "b0", "b").unwrap();
+    // a's block is full: a borrows from b's (a handle record names the block).
+    let borrowed = v4(&ipam, "a8", "a").unwrap();
+    assert_eq!(borrowed.block, "10.0.0.8/29".parse::<IpNet>().unwrap());
+    let of = |node: &str| -> Vec<Handle> {
+        let mut all: Vec<Handle> = ipam
+            .handles()
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.attrs.get(ATTR_NODE).is_some_and(|n| n == node))
+            .collect();
+        all.sort_by(|x, y| x.id.cmp(&y.id));
+        all
+    };
+    for node in ["a", "b"] {
+        let own = affine(&ipam, node);
+        s.take();
+        let mut got = ipam.handles_of_node(node, &own).unwrap();
+        // One list (the handle records), then its blocks one by one: no listing of blocks.
+        let (writes, gets, lists) = s.take();
+        got.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(got, of(node), "node {node}");
+        assert!(writes.is_empty(), "{writes:?}");
+        assert_eq!(lists, vec![keys::HANDLES.to_string()]);
+        assert!(gets >= 1, "its blocks, read by key");
+    }
+    let a8 = ipam
+        .handles_of_node("a", &affine(&ipam, "a"))
+        .unwrap()
+        .into_iter()
+        .find(|h| h.id == "a8")
+        .expect("the borrowed handle is a's");
+    assert_eq!(a8.addrs, vec![borrowed.addr]);
+}
