@@ -263,6 +263,7 @@ pub fn build(
     entries.sort_by(|a, b| {
         (&a.service, a.protocol, a.port, a.family).cmp(&(&b.service, b.protocol, b.port, b.family))
     });
+    entries.shrink_to_fit();
     let node_ips: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
     let pod_cidrs: BTreeSet<IpNet> = pools.iter().map(|p| p.cidr).collect();
     ServiceMap {
@@ -326,6 +327,9 @@ fn service_entries(
                     });
                 }
             }
+            // Kept for the life of the map, one per service port: no spare capacity (a Vec
+            // pushed once holds four, ~2 MiB at 30k services).
+            frontends.shrink_to_fit();
             let cluster_endpoints = select(cands.iter());
             let local_endpoints = select(
                 cands
