@@ -56,6 +56,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use malla_api::service::{AddressType, EndpointConditions, Protocol, ServiceType, TrafficPolicy};
@@ -161,15 +162,16 @@ pub struct ServiceEndpoint {
 /// One service port in one address family.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
-    /// `namespace/name`.
-    pub service: String,
-    pub port_name: String,
+    /// `namespace/name` (shared with the [`ProxyService`]'s key).
+    #[serde(serialize_with = "serialize_str")]
+    pub service: Arc<str>,
+    pub port_name: Box<str>,
     pub protocol: Protocol,
     /// The service port (every frontend's port).
     pub port: u16,
     pub family: IpFamily,
     /// Cluster IPs of the family, then external IPs, then load-balancer IPs.
-    pub frontends: Vec<Frontend>,
+    pub frontends: Box<[Frontend]>,
     /// Only for `NodePort` and `LoadBalancer` services.
     pub node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
@@ -177,10 +179,15 @@ pub struct ServiceEntry {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     /// Ready endpoints, or if there is none, serving-and-terminating ones. Sorted, deduplicated.
-    pub cluster_endpoints: Vec<ServiceEndpoint>,
+    pub cluster_endpoints: Box<[ServiceEndpoint]>,
     /// Same rule applied to this node's endpoints alone (a node whose local endpoints are all
     /// terminating keeps using them for `Local` policies, as KEP-1669 asks).
-    pub local_endpoints: Vec<ServiceEndpoint>,
+    pub local_endpoints: Box<[ServiceEndpoint]>,
+}
+
+/// A shared string as a string.
+fn serialize_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
 }
 
 impl ServiceEntry {
@@ -220,14 +227,14 @@ struct Candidate {
 }
 
 /// Ready endpoints; failing that, serving and terminating ones; never not-serving ones.
-fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<ServiceEndpoint> {
+fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Box<[ServiceEndpoint]> {
     let pick = |keep: &dyn Fn(&EndpointConditions) -> bool| {
         let mut out: BTreeMap<(IpAddr, u16), ServiceEndpoint> = BTreeMap::new();
         for c in cands.clone().filter(|c| keep(&c.conditions)) {
             out.entry((c.endpoint.ip, c.endpoint.port))
                 .or_insert(c.endpoint);
         }
-        out.into_values().collect::<Vec<_>>()
+        out.into_values().collect::<Box<[_]>>()
     };
     let ready = pick(&|c| c.ready && c.serving());
     if !ready.is_empty() {
@@ -276,7 +283,7 @@ pub fn build(
 /// The entries of one service (as [`build`] makes them, in its order), from the slices of
 /// the cluster that belong to it.
 pub fn build_service(svc: &ProxyService, slices: &[ProxySlice], node: &str) -> Vec<ServiceEntry> {
-    let own: Vec<&ProxySlice> = slices.iter().filter(|s| s.service == svc.key).collect();
+    let own: Vec<&ProxySlice> = slices.iter().filter(|s| *s.service == *svc.key).collect();
     let mut entries = service_entries(svc, &own, NodeName::find(node));
     entries.sort_by_key(|e| (e.protocol, e.port, e.family));
     entries
@@ -327,9 +334,6 @@ fn service_entries(
                     });
                 }
             }
-            // Kept for the life of the map, one per service port: no spare capacity (a Vec
-            // pushed once holds four, ~2 MiB at 30k services).
-            frontends.shrink_to_fit();
             let cluster_endpoints = select(cands.iter());
             let local_endpoints = select(
                 cands
@@ -337,12 +341,14 @@ fn service_entries(
                     .filter(|c| node.is_some() && c.endpoint.node == node),
             );
             entries.push(ServiceEntry {
-                service: svc.key.to_string(),
-                port_name: sp.name.to_string(),
+                service: svc.key.clone(),
+                port_name: sp.name.clone(),
                 protocol: sp.protocol,
                 port: sp.port,
                 family: fam,
-                frontends,
+                // Kept for the life of the map, one per service port: no spare capacity (a Vec
+                // pushed once holds four, ~2 MiB at 30k services).
+                frontends: frontends.into(),
                 node_port: match svc.kind {
                     ServiceType::ClusterIP => None,
                     ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
@@ -1165,7 +1171,7 @@ fn plain_delta(
     delta: &mut EndpointDelta,
 ) -> Option<()> {
     let before = &o.cluster_endpoints;
-    if before == after {
+    if **before == *after {
         return Some(());
     }
     if before.is_empty() || after.is_empty() {
@@ -1227,12 +1233,12 @@ pub fn endpoint_delta(
     let mut delta = EndpointDelta::default();
     for (o, n) in old.iter().zip(new) {
         let same_shape = ServiceEntry {
-            cluster_endpoints: Vec::new(),
-            local_endpoints: Vec::new(),
+            cluster_endpoints: Box::default(),
+            local_endpoints: Box::default(),
             ..o.clone()
         } == ServiceEntry {
-            cluster_endpoints: Vec::new(),
-            local_endpoints: Vec::new(),
+            cluster_endpoints: Box::default(),
+            local_endpoints: Box::default(),
             ..n.clone()
         };
         if !same_shape || o.affinity_timeout.is_some() {
@@ -1294,13 +1300,13 @@ pub fn endpoint_delta(
     // Hairpin elements: added when new, removed when no other entry still renders them.
     let before: BTreeSet<(String, Key)> = old.iter().flat_map(hairpin_elements).collect();
     let after: BTreeSet<(String, Key)> = new.iter().flat_map(hairpin_elements).collect();
-    let service = old.first().map(|e| e.service.as_str());
+    let service = old.first().map(|e| &*e.service);
     let gone: Vec<&(String, Key)> = before.difference(&after).collect();
     if !gone.is_empty() {
         let kept: BTreeSet<(String, Key)> = map
             .entries
             .iter()
-            .filter(|e| Some(e.service.as_str()) != service)
+            .filter(|e| Some(&*e.service) != service)
             .flat_map(hairpin_elements)
             .filter(|x| gone.contains(&x))
             .collect();
@@ -1736,7 +1742,7 @@ mod tests {
     fn entry<'a>(m: &'a ServiceMap, svc: &str, port: u16, fam: IpFamily) -> &'a ServiceEntry {
         m.entries
             .iter()
-            .find(|e| e.service == format!("default/{svc}") && e.port == port && e.family == fam)
+            .find(|e| *e.service == format!("default/{svc}") && e.port == port && e.family == fam)
             .unwrap_or_else(|| panic!("no entry {svc}/{port}/{fam:?}"))
     }
 
@@ -2190,7 +2196,7 @@ mod delta_props {
     fn entries_of(m: &ServiceMap, key: &str) -> Vec<ServiceEntry> {
         m.entries
             .iter()
-            .filter(|e| e.service == key)
+            .filter(|e| *e.service == *key)
             .cloned()
             .collect()
     }

@@ -65,7 +65,7 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
                 port: f.port,
             };
             if claimed.insert(owned) && e.is_plain() {
-                out.insert(owned, e.cluster_endpoints.as_slice());
+                out.insert(owned, &*e.cluster_endpoints);
             }
         }
     }
@@ -77,7 +77,7 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
 /// for one frontend.
 pub fn claimed_before(map: &ServiceMap, e: &ServiceEntry, f: &Frontend) -> bool {
     fn order(x: &ServiceEntry) -> (&str, Protocol, u16, IpFamily) {
-        (x.service.as_str(), x.protocol, x.port, x.family)
+        (&*x.service, x.protocol, x.port, x.family)
     }
     let at = order(e);
     map.entries.iter().take_while(|x| order(x) < at).any(|x| {
