@@ -75,7 +75,7 @@ mod proxy_slice;
 pub use endpoints::{plan_endpoint_changes, EndpointPlan, ServiceChange};
 pub use node_name::NodeName;
 pub use proxy_service::{ProxyPort, ProxyService};
-pub use proxy_slice::{ProxyEndpoint, ProxySlice};
+pub use proxy_slice::{ProxyEndpoint, ProxySlice, SlicePort};
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade.
 pub const MASQ_MARK: u32 = 0x4000;
