@@ -20,7 +20,9 @@ fn set(t: &mut nft::Table, name: &str, ty: &str, pools: impl Iterator<Item = IpP
             type_: ty.into(),
             flags: vec!["interval".into()],
             timeout: None,
-            elements: pools.map(|p| p.cidr.to_string()).collect(),
+            elements: pools
+                .map(|p| nft::Key::one(nft::Part::Net(p.cidr)))
+                .collect(),
         },
     );
 }

@@ -5,11 +5,17 @@
 //!
 //! Rules are kept as nft text; the model only needs to know which sets (`@name`) and chains
 //! (`goto name`, `jump name`) a rule refers to, to order a diff so that every reference resolves.
+//! Set and map elements are typed ([`element`]) and become text only here, in nft's order
+//! (sorted as text, as `nft` lists them).
+
+pub mod element;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 use serde::Serialize;
+
+pub use element::{Key, Part, Value, Verdict};
 
 /// One nftables table.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -31,7 +37,7 @@ pub struct Set {
     pub flags: Vec<String>,
     /// Default element timeout in seconds.
     pub timeout: Option<u32>,
-    pub elements: BTreeSet<String>,
+    pub elements: BTreeSet<Key>,
 }
 
 /// A named map, e.g. a verdict map.
@@ -50,7 +56,7 @@ pub struct Map {
     /// large map is filled.
     pub size: Option<u64>,
     /// Key -> value, e.g. `10.96.0.10 . tcp . 80` -> `goto svc-…`.
-    pub elements: BTreeMap<String, String>,
+    pub elements: BTreeMap<Key, Value>,
 }
 
 /// What makes a chain a base chain.
@@ -155,14 +161,30 @@ impl Map {
     }
 }
 
-fn set_elements<'a>(e: impl Iterator<Item = &'a String>) -> String {
-    e.map(String::as_str).collect::<Vec<_>>().join(", ")
+/// Elements as nft text, sorted (the order `nft` lists them in, and the goldens').
+fn sorted_text<T: std::fmt::Display>(e: impl Iterator<Item = T>) -> Vec<String> {
+    let mut v: Vec<String> = e.map(|x| x.to_string()).collect();
+    v.sort_unstable();
+    v
 }
 
-fn map_elements<'a>(e: impl Iterator<Item = (&'a String, &'a String)>) -> String {
-    e.map(|(k, v)| format!("{k} : {v}"))
+fn set_elements<'a>(e: impl Iterator<Item = &'a Key>) -> String {
+    sorted_text(e).join(", ")
+}
+
+fn map_elements<'a>(e: impl Iterator<Item = (&'a Key, &'a Value)>) -> String {
+    by_key_text(e)
+        .iter()
+        .map(|(k, v)| format!("{k} : {v}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Map elements with their keys' text, sorted by it.
+fn by_key_text<'a>(e: impl Iterator<Item = (&'a Key, &'a Value)>) -> Vec<(String, &'a Value)> {
+    let mut v: Vec<(String, &Value)> = e.map(|(k, v)| (k.to_string(), v)).collect();
+    v.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    v
 }
 
 /// The sets and maps a rule refers to (`@name`).
@@ -227,23 +249,26 @@ pub fn render_full(t: &Table) -> String {
     for (n, s) in t.sets.iter().filter(|(_, s)| !s.elements.is_empty()) {
         out.push_str("add element ");
         let _ = write!(out, "{fam} {name} {n} {{ ");
-        push_joined(&mut out, s.elements.iter().map(String::as_str));
+        push_joined(
+            &mut out,
+            sorted_text(s.elements.iter()).iter().map(String::as_str),
+        );
         out.push_str(" }\n");
     }
     for (n, m) in &t.maps {
-        let elements = m.elements.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        push_map_elements(&mut out, &format!("{fam} {name}"), n, elements);
+        let elements = by_key_text(m.elements.iter());
+        push_map_elements(&mut out, &format!("{fam} {name}"), n, elements.into_iter());
     }
     out
 }
 
-/// Appends `add element <table> <map> { k : v, … }` and a newline; nothing without elements.
-/// `table` is `family name`.
-pub fn push_map_elements<'a>(
+/// Appends `add element <table> <map> { k : v, … }` (in the order given) and a newline;
+/// nothing without elements. `table` is `family name`.
+pub fn push_map_elements(
     out: &mut String,
     table: &str,
     map: &str,
-    elements: impl Iterator<Item = (&'a str, &'a str)>,
+    elements: impl Iterator<Item = (impl std::fmt::Display, impl std::fmt::Display)>,
 ) {
     let mut elements = elements.peekable();
     if elements.peek().is_none() {
@@ -254,9 +279,7 @@ pub fn push_map_elements<'a>(
         if i > 0 {
             out.push_str(", ");
         }
-        out.push_str(k);
-        out.push_str(" : ");
-        out.push_str(v);
+        let _ = write!(out, "{k} : {v}");
     }
     out.push_str(" }\n");
 }
@@ -417,14 +440,14 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
         if recreated_sets.contains(n.as_str()) || s.kernel_managed() {
             continue;
         }
-        let gone: Vec<&String> = o.elements.difference(&s.elements).collect();
+        let gone: Vec<&Key> = o.elements.difference(&s.elements).collect();
         if !gone.is_empty() {
             out.push(format!(
                 "delete element {tbl} {n} {{ {} }}",
                 set_elements(gone.into_iter())
             ));
         }
-        let added: Vec<&String> = s.elements.difference(&o.elements).collect();
+        let added: Vec<&Key> = s.elements.difference(&o.elements).collect();
         if !added.is_empty() {
             out.push(format!(
                 "add element {tbl} {n} {{ {} }}",
@@ -442,7 +465,7 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
             continue;
         }
         if let Some(o) = before {
-            let gone: Vec<&String> = o
+            let gone: Vec<&Key> = o
                 .elements
                 .iter()
                 .filter(|(k, v)| m.elements.get(*k) != Some(*v))
@@ -455,7 +478,7 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
                 ));
             }
         }
-        let added: Vec<(&String, &String)> = m
+        let added: Vec<(&Key, &Value)> = m
             .elements
             .iter()
             .filter(|(k, v)| before.is_none_or(|o| o.elements.get(*k) != Some(*v)))
@@ -510,6 +533,14 @@ pub fn render_diff(old: &Table, new: &Table) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn k(s: &str) -> Key {
+        s.parse().unwrap()
+    }
+
+    fn v(s: &str) -> Value {
+        s.parse().unwrap()
+    }
+
     fn small() -> Table {
         let mut t = Table::new("inet", "malla");
         t.sets.insert(
@@ -518,7 +549,7 @@ mod tests {
                 type_: "ipv4_addr".into(),
                 flags: vec!["interval".into()],
                 timeout: None,
-                elements: ["198.18.0.0/16".to_string()].into(),
+                elements: [k("198.18.0.0/16")].into(),
             },
         );
         t.sets.insert(
@@ -539,14 +570,8 @@ mod tests {
                 counter: false,
                 size: None,
                 elements: [
-                    (
-                        "10.96.0.10 . tcp . 80".to_string(),
-                        "goto svc-a".to_string(),
-                    ),
-                    (
-                        "10.96.0.11 . tcp . 80".to_string(),
-                        "goto svc-b".to_string(),
-                    ),
+                    (k("10.96.0.10 . tcp . 80"), v("goto svc-a")),
+                    (k("10.96.0.11 . tcp . 80"), v("goto svc-b")),
                 ]
                 .into(),
             },
@@ -633,7 +658,7 @@ add element inet malla service-ips-v4 { 10.96.0.10 . tcp . 80 : goto svc-a, 10.9
             .get_mut("aff")
             .unwrap()
             .elements
-            .insert("10.0.0.1".into());
+            .insert(k("10.0.0.1"));
         assert_eq!(render_diff(&t, &small()), None);
         assert_eq!(render_diff(&small(), &t), None);
     }
@@ -654,16 +679,16 @@ add element inet malla service-ips-v4 { 10.96.0.10 . tcp . 80 : goto svc-a, 10.9
         );
         new.chains.get_mut("svc-a").unwrap().rules[1] = "goto ep-a".into();
         let m = new.maps.get_mut("service-ips-v4").unwrap();
-        m.elements.remove("10.96.0.11 . tcp . 80");
+        m.elements.remove(&k("10.96.0.11 . tcp . 80"));
         m.elements
-            .insert("10.96.0.12 . tcp . 80".into(), "goto svc-c".into());
+            .insert(k("10.96.0.12 . tcp . 80"), v("goto svc-c"));
         m.elements
-            .insert("10.96.0.10 . tcp . 80".into(), "goto svc-c".into());
+            .insert(k("10.96.0.10 . tcp . 80"), v("goto svc-c"));
         new.sets
             .get_mut("pools-v4")
             .unwrap()
             .elements
-            .insert("198.19.0.0/16".into());
+            .insert(k("198.19.0.0/16"));
         new.sets.get_mut("aff").unwrap().type_ = "ipv6_addr".into();
         new.chains.get_mut("svc-a").unwrap().rules[0] = "ip6 saddr @aff goto ep-a".into();
         new.chains.get_mut("ep-a").unwrap().rules[0] = "update @aff { ip6 saddr }".into();
@@ -733,11 +758,9 @@ mod diff_props {
         t.chains
             .values()
             .any(|c| c.rules.iter().any(|r| chain_refs(r).any(|s| s == name)))
-            || t.maps.values().any(|m| {
-                m.elements
-                    .values()
-                    .any(|v| chain_refs(v).any(|s| s == name))
-            })
+            || t.maps
+                .values()
+                .any(|m| m.elements.values().any(|v| v.chain() == Some(name)))
     }
 
     fn check_refs(t: &Table, text: &str) -> Result<(), String> {
@@ -838,7 +861,7 @@ mod diff_props {
                     let elems = items(body(rest)?);
                     if let Some(s) = t.sets.get_mut(&name) {
                         for e in elems {
-                            if !s.elements.insert(e.to_string()) {
+                            if !s.elements.insert(e.parse()?) {
                                 return Err(format!("element exists: {line}"));
                             }
                         }
@@ -850,7 +873,7 @@ mod diff_props {
                         let m = t.maps.get_mut(&name).ok_or(format!("no set: {line}"))?;
                         for e in elems {
                             let (k, v) = e.split_once(" : ").ok_or("no value")?;
-                            if m.elements.insert(k.into(), v.into()).is_some() {
+                            if m.elements.insert(k.parse()?, v.parse()?).is_some() {
                                 return Err(format!("element exists: {line}"));
                             }
                         }
@@ -858,12 +881,13 @@ mod diff_props {
                 }
                 ("delete", "element") => {
                     for e in items(body(rest)?) {
+                        let key: Key = e.parse()?;
                         let gone = match t.sets.get_mut(&name) {
-                            Some(s) => s.elements.remove(e),
+                            Some(s) => s.elements.remove(&key),
                             None => t
                                 .maps
                                 .get_mut(&name)
-                                .is_some_and(|m| m.elements.remove(e).is_some()),
+                                .is_some_and(|m| m.elements.remove(&key).is_some()),
                         };
                         if !gone {
                             return Err(format!("no element {e}: {line}"));
@@ -924,7 +948,10 @@ mod diff_props {
                     type_: SET_TYPES[ty].into(),
                     flags,
                     timeout,
-                    elements: elems.into_iter().map(|e| format!("e{e}")).collect(),
+                    elements: elems
+                        .into_iter()
+                        .map(|e| Key::one(Part::Int(e.into())))
+                        .collect(),
                 },
             );
         }
@@ -942,11 +969,11 @@ mod diff_props {
                         .into_iter()
                         .map(|(k, v)| {
                             let v = match v {
-                                0 => "accept".to_string(),
-                                1 => "drop".to_string(),
-                                n => format!("goto c{}", n - 2),
+                                0 => Value::Verdict(Verdict::Accept),
+                                1 => Value::Verdict(Verdict::Drop),
+                                n => Value::goto(format!("c{}", n - 2)),
                             };
-                            (format!("k{k}"), v)
+                            (Key::one(Part::Int(k.into())), v)
                         })
                         .collect(),
                 },
@@ -988,7 +1015,7 @@ mod diff_props {
             c.rules.retain(|r| ok(r));
         }
         for m in t.maps.values_mut() {
-            m.elements.retain(|_, v| ok(v));
+            m.elements.retain(|_, v| ok(&v.to_string()));
         }
         t
     }

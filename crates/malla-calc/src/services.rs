@@ -56,13 +56,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use malla_api::service::{AddressType, EndpointConditions, Protocol, ServiceType, TrafficPolicy};
 use malla_api::IpPool;
 use serde::Serialize;
 
-use crate::nft::{self, BaseChain, Chain, Map, Set};
+use crate::nft::element::Chains;
+use crate::nft::{self, BaseChain, Chain, Key, Map, Part, Set, Value};
 
 pub mod dispatch;
 mod endpoints;
@@ -73,7 +75,7 @@ mod proxy_slice;
 pub use endpoints::{plan_endpoint_changes, EndpointPlan, ServiceChange};
 pub use node_name::NodeName;
 pub use proxy_service::{ProxyPort, ProxyService};
-pub use proxy_slice::{ProxyEndpoint, ProxySlice};
+pub use proxy_slice::{ProxyEndpoint, ProxySlice, SlicePort};
 
 /// The packet mark bit that asks `nat-postrouting` to masquerade.
 pub const MASQ_MARK: u32 = 0x4000;
@@ -160,15 +162,16 @@ pub struct ServiceEndpoint {
 /// One service port in one address family.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServiceEntry {
-    /// `namespace/name`.
-    pub service: String,
-    pub port_name: String,
+    /// `namespace/name` (shared with the [`ProxyService`]'s key).
+    #[serde(serialize_with = "serialize_str")]
+    pub service: Arc<str>,
+    pub port_name: Box<str>,
     pub protocol: Protocol,
     /// The service port (every frontend's port).
     pub port: u16,
     pub family: IpFamily,
     /// Cluster IPs of the family, then external IPs, then load-balancer IPs.
-    pub frontends: Vec<Frontend>,
+    pub frontends: Box<[Frontend]>,
     /// Only for `NodePort` and `LoadBalancer` services.
     pub node_port: Option<u16>,
     /// `sessionAffinity: ClientIP` timeout in seconds.
@@ -176,10 +179,15 @@ pub struct ServiceEntry {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     /// Ready endpoints, or if there is none, serving-and-terminating ones. Sorted, deduplicated.
-    pub cluster_endpoints: Vec<ServiceEndpoint>,
+    pub cluster_endpoints: Box<[ServiceEndpoint]>,
     /// Same rule applied to this node's endpoints alone (a node whose local endpoints are all
     /// terminating keeps using them for `Local` policies, as KEP-1669 asks).
-    pub local_endpoints: Vec<ServiceEndpoint>,
+    pub local_endpoints: Box<[ServiceEndpoint]>,
+}
+
+/// A shared string as a string.
+fn serialize_str<S: serde::Serializer>(s: &Arc<str>, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(s)
 }
 
 impl ServiceEntry {
@@ -219,14 +227,14 @@ struct Candidate {
 }
 
 /// Ready endpoints; failing that, serving and terminating ones; never not-serving ones.
-fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<ServiceEndpoint> {
+fn select<'a>(cands: impl Iterator<Item = &'a Candidate> + Clone) -> Box<[ServiceEndpoint]> {
     let pick = |keep: &dyn Fn(&EndpointConditions) -> bool| {
         let mut out: BTreeMap<(IpAddr, u16), ServiceEndpoint> = BTreeMap::new();
         for c in cands.clone().filter(|c| keep(&c.conditions)) {
             out.entry((c.endpoint.ip, c.endpoint.port))
                 .or_insert(c.endpoint);
         }
-        out.into_values().collect::<Vec<_>>()
+        out.into_values().collect::<Box<[_]>>()
     };
     let ready = pick(&|c| c.ready && c.serving());
     if !ready.is_empty() {
@@ -262,6 +270,7 @@ pub fn build(
     entries.sort_by(|a, b| {
         (&a.service, a.protocol, a.port, a.family).cmp(&(&b.service, b.protocol, b.port, b.family))
     });
+    entries.shrink_to_fit();
     let node_ips: BTreeSet<IpAddr> = node_ips.iter().copied().collect();
     let pod_cidrs: BTreeSet<IpNet> = pools.iter().map(|p| p.cidr).collect();
     ServiceMap {
@@ -274,7 +283,7 @@ pub fn build(
 /// The entries of one service (as [`build`] makes them, in its order), from the slices of
 /// the cluster that belong to it.
 pub fn build_service(svc: &ProxyService, slices: &[ProxySlice], node: &str) -> Vec<ServiceEntry> {
-    let own: Vec<&ProxySlice> = slices.iter().filter(|s| s.service == svc.key).collect();
+    let own: Vec<&ProxySlice> = slices.iter().filter(|s| *s.service == *svc.key).collect();
     let mut entries = service_entries(svc, &own, NodeName::find(node));
     entries.sort_by_key(|e| (e.protocol, e.port, e.family));
     entries
@@ -332,12 +341,14 @@ fn service_entries(
                     .filter(|c| node.is_some() && c.endpoint.node == node),
             );
             entries.push(ServiceEntry {
-                service: svc.key.to_string(),
-                port_name: sp.name.to_string(),
+                service: svc.key.clone(),
+                port_name: sp.name.clone(),
                 protocol: sp.protocol,
                 port: sp.port,
                 family: fam,
-                frontends,
+                // Kept for the life of the map, one per service port: no spare capacity (a Vec
+                // pushed once holds four, ~2 MiB at 30k services).
+                frontends: frontends.into(),
                 node_port: match svc.kind {
                     ServiceType::ClusterIP => None,
                     ServiceType::NodePort | ServiceType::LoadBalancer => sp.node_port,
@@ -495,7 +506,7 @@ fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
                     .pod_cidrs
                     .iter()
                     .filter(|c| IpFamily::of(&c.addr()) == fam)
-                    .map(|c| c.to_string())
+                    .map(|c| Key::one(Part::Net(*c)))
                     .collect(),
             });
         table
@@ -618,12 +629,41 @@ pub fn node_ports_map(fam: IpFamily) -> String {
 
 /// `addr . proto . port`: frontend `f` of entry `e` in [`service_ips_map`].
 pub fn frontend_key(e: &ServiceEntry, f: &Frontend) -> String {
-    format!("{} . {} . {}", f.ip, e.protocol.nft(), f.port)
+    frontend_element(e, f).to_string()
 }
 
 /// `proto . port`: node port `port` of entry `e` in [`node_ports_map`].
 pub fn node_port_key(e: &ServiceEntry, port: u16) -> String {
-    format!("{} . {port}", e.protocol.nft())
+    node_port_element(e, port).to_string()
+}
+
+/// The protocol of `p` as an element part.
+pub fn proto_part(p: Protocol) -> Part {
+    Part::Proto(match p {
+        Protocol::Tcp => nft::element::TCP,
+        Protocol::Udp => nft::element::UDP,
+        Protocol::Sctp => nft::element::SCTP,
+    })
+}
+
+/// [`frontend_key`] as the element it is.
+pub fn frontend_element(e: &ServiceEntry, f: &Frontend) -> Key {
+    Key::new([Part::Addr(f.ip), proto_part(e.protocol), Part::port(f.port)])
+}
+
+/// [`node_port_key`] as the element it is.
+pub fn node_port_element(e: &ServiceEntry, port: u16) -> Key {
+    Key::new([proto_part(e.protocol), Part::port(port)])
+}
+
+/// `address . port`: an endpoint as a map's data.
+pub fn endpoint_value(ip: IpAddr, port: u16) -> Value {
+    Value::Data(Key::new([Part::Addr(ip), Part::port(port)]))
+}
+
+/// `address . address`: a hairpin set's element.
+fn hairpin_element(ip: IpAddr) -> Key {
+    Key::new([Part::Addr(ip), Part::Addr(ip)])
 }
 
 /// `dispatch-v4|v6-<proto>`: the endpoints of every plain entry (see [`ServiceEntry::is_plain`])
@@ -741,8 +781,10 @@ fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
             elements: BTreeMap::new(),
         });
         for (i, (ip, port)) in p.eps.iter().enumerate() {
-            map.elements
-                .insert((off + i as u64).to_string(), format!("{ip} . {port}"));
+            map.elements.insert(
+                Key::one(Part::Int((off + i as u64) as u32)),
+                endpoint_value(*ip, *port),
+            );
         }
         if let Some(c) = table.chains.get_mut(&p.chain) {
             c.rules = vec![format!(
@@ -763,6 +805,7 @@ fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
 /// scanning the table's sets, which made 3k services take 18 s to load instead of 2.4 s.
 fn dispatch(
     table: &mut nft::Table,
+    chains: &mut Chains,
     pending: &mut Vec<Pending>,
     chain_name: &str,
     e: &ServiceEntry,
@@ -805,7 +848,10 @@ fn dispatch(
                 elements: eps
                     .iter()
                     .enumerate()
-                    .map(|(i, ep)| (i.to_string(), format!("goto {}", ep_chain(e, ep))))
+                    .map(|(i, ep)| {
+                        let chain = chains.get(&ep_chain(e, ep));
+                        (Key::one(Part::Int(i as u32)), Value::goto(chain))
+                    })
                     .collect(),
             },
         );
@@ -814,14 +860,21 @@ fn dispatch(
     rules
 }
 
-fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pending>) {
+fn render_entry(
+    e: &ServiceEntry,
+    table: &mut nft::Table,
+    chains: &mut Chains,
+    pending: &mut Vec<Pending>,
+) {
     let s = e.family.suffix();
     let kw = e.family.kw();
     let proto = e.protocol.nft();
-    let put = |table: &mut nft::Table, map: String, key: String, verdict: String| {
+    let put = |table: &mut nft::Table, chains: &mut Chains, map: String, key: Key, to: &str| {
         if let Some(m) = table.maps.get_mut(&map) {
             // The first service (in map order) to claim an address and port keeps it.
-            m.elements.entry(key).or_insert(verdict);
+            m.elements
+                .entry(key)
+                .or_insert_with(|| Value::goto(chains.get(to)));
         }
     };
 
@@ -829,17 +882,19 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
         for f in &e.frontends {
             put(
                 table,
+                chains,
                 format!("no-endpoint-services-{s}"),
-                frontend_key(e, f),
-                format!("goto {REJECT_CHAIN}"),
+                frontend_element(e, f),
+                REJECT_CHAIN,
             );
         }
         if let Some(np) = e.node_port {
             put(
                 table,
+                chains,
                 format!("no-endpoint-nodeports-{s}"),
-                format!("{proto} . {np}"),
-                format!("goto {REJECT_CHAIN}"),
+                node_port_element(e, np),
+                REJECT_CHAIN,
             );
         }
         return;
@@ -859,8 +914,7 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
             .local_endpoints
             .iter()
             .chain(e.cluster_endpoints.iter().filter(|ep| ep.node.is_none()));
-        h.elements
-            .extend(here.map(|ep| format!("{ip} . {ip}", ip = ep.ip)));
+        h.elements.extend(here.map(|ep| hairpin_element(ep.ip)));
     }
     if e.is_plain() {
         let pick = pick(table, e.family, proto, e.cluster_endpoints.len());
@@ -869,9 +923,10 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
         for f in &e.frontends {
             put(
                 table,
+                chains,
                 service_ips_map(e.family),
-                frontend_key(e, f),
-                format!("goto {pick}"),
+                frontend_element(e, f),
+                &pick,
             );
         }
         return;
@@ -903,14 +958,14 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
 
     let svc = svc_chain(e);
     if e.internal_traffic_policy == TrafficPolicy::Cluster || e.has_external() {
-        let rules = dispatch(table, pending, &svc, e, &e.cluster_endpoints);
+        let rules = dispatch(table, chains, pending, &svc, e, &e.cluster_endpoints);
         chain(table, &svc, None, rules);
     }
     let local_needed = e.internal_traffic_policy == TrafficPolicy::Local
         || (e.external_traffic_policy == TrafficPolicy::Local && e.has_external());
     let local = local_chain(e);
     if local_needed {
-        let rules = dispatch(table, pending, &local, e, &e.local_endpoints);
+        let rules = dispatch(table, chains, pending, &local, e, &e.local_endpoints);
         chain(table, &local, None, rules);
     }
     let internal = if e.internal_traffic_policy == TrafficPolicy::Local {
@@ -925,9 +980,10 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     {
         put(
             table,
+            chains,
             service_ips_map(e.family),
-            frontend_key(e, f),
-            format!("goto {internal}"),
+            frontend_element(e, f),
+            internal,
         );
     }
     if !e.has_external() {
@@ -950,17 +1006,19 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
     {
         put(
             table,
+            chains,
             service_ips_map(e.family),
-            frontend_key(e, f),
-            format!("goto {ext}"),
+            frontend_element(e, f),
+            &ext,
         );
     }
     if let Some(np) = e.node_port {
         put(
             table,
+            chains,
             node_ports_map(e.family),
-            node_port_key(e, np),
-            format!("goto {ext}"),
+            node_port_element(e, np),
+            &ext,
         );
     }
 }
@@ -971,8 +1029,9 @@ fn render_entry(e: &ServiceEntry, table: &mut nft::Table, pending: &mut Vec<Pend
 pub fn render_services(map: &ServiceMap, table: &mut nft::Table) {
     skeleton(map, table);
     let mut pending = Vec::new();
+    let mut chains = Chains::default();
     for e in &map.entries {
-        render_entry(e, table, &mut pending);
+        render_entry(e, table, &mut chains, &mut pending);
     }
     place(table, pending);
     for (name, m) in table.maps.iter_mut() {
@@ -1043,12 +1102,12 @@ pub fn is_proxy_map(name: &str) -> bool {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EndpointDelta {
     /// `(map, key, value)`: elements of the table given a new value.
-    pub map_values: Vec<(String, String, String)>,
+    pub map_values: Vec<(String, Key, Value)>,
     /// Changes to the `dispatch-…` maps, whose elements the table does not hold.
     pub dispatch: dispatch::Changes,
     /// `(set, element)`.
-    pub set_added: Vec<(String, String)>,
-    pub set_removed: Vec<(String, String)>,
+    pub set_added: Vec<(String, Key)>,
+    pub set_removed: Vec<(String, Key)>,
 }
 
 impl EndpointDelta {
@@ -1090,14 +1149,14 @@ impl EndpointDelta {
 }
 
 /// The hairpin elements an entry renders (see [`render_entry`]).
-fn hairpin_elements(e: &ServiceEntry) -> impl Iterator<Item = (String, String)> + '_ {
+fn hairpin_elements(e: &ServiceEntry) -> impl Iterator<Item = (String, Key)> + '_ {
     let set = format!("hairpin-{}", e.family.suffix());
     let rendered = !e.cluster_endpoints.is_empty();
     e.local_endpoints
         .iter()
         .chain(e.cluster_endpoints.iter().filter(|ep| ep.node.is_none()))
         .filter(move |_| rendered)
-        .map(move |ep| (set.clone(), format!("{ip} . {ip}", ip = ep.ip)))
+        .map(move |ep| (set.clone(), hairpin_element(ep.ip)))
 }
 
 /// The element changes of plain entry `o` (rendered into `table` from `map`) getting the
@@ -1112,7 +1171,7 @@ fn plain_delta(
     delta: &mut EndpointDelta,
 ) -> Option<()> {
     let before = &o.cluster_endpoints;
-    if before == after {
+    if **before == *after {
         return Some(());
     }
     if before.is_empty() || after.is_empty() {
@@ -1148,11 +1207,11 @@ fn plain_delta(
         if dispatch::claimed_before(map, o, &owned) {
             continue;
         }
-        let key = frontend_key(o, f);
+        let key = frontend_element(o, f);
         if before.len() != after.len() && ips.elements.contains_key(&key) {
             delta
                 .map_values
-                .push((ips_map.clone(), key, format!("goto {new_pick}")));
+                .push((ips_map.clone(), key, Value::goto(new_pick.as_str())));
         }
         delta.dispatch.push(&owned, before, after);
     }
@@ -1174,12 +1233,12 @@ pub fn endpoint_delta(
     let mut delta = EndpointDelta::default();
     for (o, n) in old.iter().zip(new) {
         let same_shape = ServiceEntry {
-            cluster_endpoints: Vec::new(),
-            local_endpoints: Vec::new(),
+            cluster_endpoints: Box::default(),
+            local_endpoints: Box::default(),
             ..o.clone()
         } == ServiceEntry {
-            cluster_endpoints: Vec::new(),
-            local_endpoints: Vec::new(),
+            cluster_endpoints: Box::default(),
+            local_endpoints: Box::default(),
             ..n.clone()
         };
         if !same_shape || o.affinity_timeout.is_some() {
@@ -1211,8 +1270,8 @@ pub fn endpoint_delta(
                 if (b.ip, b.port) != (a.ip, a.port) {
                     delta.map_values.push((
                         m.clone(),
-                        (u64::from(offset) + i as u64).to_string(),
-                        format!("{} . {}", a.ip, a.port),
+                        Key::one(Part::Int(offset + i as u32)),
+                        endpoint_value(a.ip, a.port),
                     ));
                 }
             }
@@ -1239,15 +1298,15 @@ pub fn endpoint_delta(
         }
     }
     // Hairpin elements: added when new, removed when no other entry still renders them.
-    let before: BTreeSet<(String, String)> = old.iter().flat_map(hairpin_elements).collect();
-    let after: BTreeSet<(String, String)> = new.iter().flat_map(hairpin_elements).collect();
-    let service = old.first().map(|e| e.service.as_str());
-    let gone: Vec<&(String, String)> = before.difference(&after).collect();
+    let before: BTreeSet<(String, Key)> = old.iter().flat_map(hairpin_elements).collect();
+    let after: BTreeSet<(String, Key)> = new.iter().flat_map(hairpin_elements).collect();
+    let service = old.first().map(|e| &*e.service);
+    let gone: Vec<&(String, Key)> = before.difference(&after).collect();
     if !gone.is_empty() {
-        let kept: BTreeSet<(String, String)> = map
+        let kept: BTreeSet<(String, Key)> = map
             .entries
             .iter()
-            .filter(|e| Some(e.service.as_str()) != service)
+            .filter(|e| Some(&*e.service) != service)
             .flat_map(hairpin_elements)
             .filter(|x| gone.contains(&x))
             .collect();
@@ -1675,6 +1734,7 @@ mod golden_tests {
 mod tests {
     use super::fixtures::*;
     use super::*;
+    use crate::nft::element::{k, v};
     use malla_api::service::AddressType::IPv4;
     use malla_api::service::Protocol::{Tcp, Udp};
     use malla_api::service::Service;
@@ -1682,7 +1742,7 @@ mod tests {
     fn entry<'a>(m: &'a ServiceMap, svc: &str, port: u16, fam: IpFamily) -> &'a ServiceEntry {
         m.entries
             .iter()
-            .find(|e| e.service == format!("default/{svc}") && e.port == port && e.family == fam)
+            .find(|e| *e.service == format!("default/{svc}") && e.port == port && e.family == fam)
             .unwrap_or_else(|| panic!("no entry {svc}/{port}/{fam:?}"))
     }
 
@@ -1950,7 +2010,7 @@ mod tests {
                 assert_eq!(n as usize, eps.len(), "{chain}");
                 for (i, ep) in eps.iter().enumerate() {
                     assert_eq!(
-                        t.maps[&map].elements[&(off + i as u32).to_string()],
+                        t.maps[&map].elements[&k(&(off + i as u32).to_string())],
                         format!("{} . {}", ep.ip, ep.port)
                     );
                 }
@@ -1974,13 +2034,13 @@ mod tests {
                 let key = format!("{} . {proto} . {}", f.ip, f.port);
                 let got = t.maps[&format!("service-ips-{}", e.family.suffix())]
                     .elements
-                    .get(&key);
+                    .get(&k(&key));
                 if e.cluster_endpoints.is_empty() {
                     assert_eq!(got, None, "{key}");
                     continue;
                 }
                 let pick = pick_chain(e.family, proto, e.cluster_endpoints.len());
-                assert_eq!(got, Some(&format!("goto {pick}")), "{key}");
+                assert_eq!(got, Some(&v(&format!("goto {pick}"))), "{key}");
                 assert!(t.chains[&pick].rules[0].contains(&format!(
                     "numgen random mod {} map @{}",
                     e.cluster_endpoints.len(),
@@ -1992,7 +2052,7 @@ mod tests {
                 for (i, ep) in e.cluster_endpoints.iter().enumerate() {
                     let key = format!("{} . {} . {i}", f.ip, f.port);
                     let value = format!("{} . {}", ep.ip, ep.port);
-                    assert!(elements.contains(&(key, value)), "{elements:?}");
+                    assert!(elements.contains(&(k(&key), v(&value))), "{elements:?}");
                 }
                 plain += 1;
             }
@@ -2013,17 +2073,17 @@ mod tests {
         let e = entry(&map(), "itp-local", 80, IpFamily::IPv4).clone();
         assert_eq!(t.chains[&local_chain(&e)].rules, vec!["drop".to_string()]);
         assert_eq!(
-            t.maps["service-ips-v4"].elements["10.96.0.18 . tcp . 80"],
+            t.maps["service-ips-v4"].elements[&k("10.96.0.18 . tcp . 80")],
             format!("goto {}", local_chain(&e))
         );
         // No endpoints: rejected in the filter chains, not DNATed.
         assert_eq!(
-            t.maps["no-endpoint-services-v4"].elements["10.96.0.15 . tcp . 80"],
+            t.maps["no-endpoint-services-v4"].elements[&k("10.96.0.15 . tcp . 80")],
             "goto reject-chain"
         );
         assert!(!t.maps["service-ips-v4"]
             .elements
-            .contains_key("10.96.0.15 . tcp . 80"));
+            .contains_key(&k("10.96.0.15 . tcp . 80")));
     }
 }
 
@@ -2111,7 +2171,7 @@ mod delta_props {
     use proptest::prelude::*;
 
     /// Every dispatch element of `m`: `(map, key) -> value`.
-    fn dispatch_elements(m: &ServiceMap) -> BTreeMap<(String, String), String> {
+    fn dispatch_elements(m: &ServiceMap) -> BTreeMap<(String, Key), Value> {
         dispatch::elements(m)
             .into_iter()
             .flat_map(|(map, els)| els.into_iter().map(move |(k, v)| ((map.clone(), k), v)))
@@ -2120,7 +2180,7 @@ mod delta_props {
 
     /// Applies `c` to `elements` as the kernel would, asserting that each change finds the
     /// element there (removed, replaced) or not (added).
-    fn apply_dispatch(elements: &mut BTreeMap<(String, String), String>, c: &dispatch::Changes) {
+    fn apply_dispatch(elements: &mut BTreeMap<(String, Key), Value>, c: &dispatch::Changes) {
         for (map, key) in &c.removed {
             assert!(
                 elements.remove(&(map.clone(), key.clone())).is_some(),
@@ -2136,7 +2196,7 @@ mod delta_props {
     fn entries_of(m: &ServiceMap, key: &str) -> Vec<ServiceEntry> {
         m.entries
             .iter()
-            .filter(|e| e.service == key)
+            .filter(|e| *e.service == *key)
             .cloned()
             .collect()
     }
@@ -2313,7 +2373,13 @@ mod delta_props {
             .expect("a plain service scaling down is a delta");
         assert_eq!(d.dispatch.removed.len(), 1, "{d:?}");
         assert_eq!(d.map_values.len(), 1, "the frontend's verdict: {d:?}");
-        assert!(d.map_values[0].2.starts_with("goto pick-v4-tcp-"), "{d:?}");
+        assert!(
+            d.map_values[0]
+                .2
+                .to_string()
+                .starts_with("goto pick-v4-tcp-"),
+            "{d:?}"
+        );
         let mut got = t0.clone();
         d.apply_to(&mut got);
         let m1 = build(&proxied(&services), &proxy(&fewer), ME, &[], &pools());

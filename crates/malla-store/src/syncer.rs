@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use crate::{Event, KeyValue, Revision, Store, StoreError, Watch};
 
+mod known;
+
 /// The parts of the key space a syncer follows: every record kind the calculation reads
 /// ([`malla_api::kinds`], the one table of kinds), in the table's order.
 pub static SYNCED_PREFIXES: std::sync::LazyLock<Vec<&'static str>> =
@@ -115,8 +117,8 @@ const LIST_BATCH: usize = 1024;
 pub struct StoreSyncer<'a, S: ?Sized> {
     store: &'a S,
     watch: Option<Box<dyn Watch + 'a>>,
-    /// The keys the consumer holds (to find what a re-list no longer has).
-    known: BTreeSet<String>,
+    /// The keys the consumer holds (to find what a re-list no longer has), kept compact.
+    known: known::KnownKeys,
     queued: VecDeque<SyncEvent>,
     listing: Option<Listing>,
 }
@@ -135,7 +137,7 @@ impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
         StoreSyncer {
             store,
             watch: None,
-            known: BTreeSet::new(),
+            known: known::KnownKeys::default(),
             queued: VecDeque::new(),
             listing: None,
         }
@@ -180,14 +182,14 @@ impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
             self.watch = Some(self.store.watch("/", rev)?);
             let seen = std::mem::take(&mut l.seen);
             self.listing = None;
-            for gone in self.known.difference(&seen) {
+            for gone in self.known.missing_from(&seen) {
                 out.push(SyncEvent::Update(Update {
-                    key: gone.clone(),
+                    key: gone,
                     resource: None,
                     revision: Version::Relisted,
                 }));
             }
-            self.known = seen;
+            self.known.replace(&seen);
             out.push(SyncEvent::InSync);
             break;
         }
@@ -202,7 +204,7 @@ impl<'a, S: Store + ?Sized> StoreSyncer<'a, S> {
             let rev = Version::Revision(e.revision());
             let u = match e {
                 Event::Put(kv) => {
-                    self.known.insert(kv.key.clone());
+                    self.known.insert(&kv.key);
                     decoded(kv.key, Some(&kv.value), rev)
                 }
                 Event::Delete { key, .. } => {

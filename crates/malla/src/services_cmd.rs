@@ -79,8 +79,8 @@ fn entry_view(e: &ServiceEntry, counts: &Counters, pods: &HashMap<IpAddr, String
             .collect()
     };
     EntryView {
-        service: e.service.clone(),
-        port_name: e.port_name.clone(),
+        service: e.service.to_string(),
+        port_name: e.port_name.to_string(),
         protocol: e.protocol,
         port: e.port,
         family: match e.family {
@@ -282,7 +282,7 @@ pub fn run(g: &crate::Globals, a: ServicesArgs) -> anyhow::Result<()> {
             })
             .collect();
         let name = if e.port_name.is_empty() {
-            e.service.clone()
+            e.service.to_string()
         } else {
             format!("{}:{}", e.service, e.port_name)
         };

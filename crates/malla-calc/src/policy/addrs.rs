@@ -6,6 +6,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
+use crate::nft::{Key, Part};
+
 /// An inclusive range of one family (`v6` false: values fit in 32 bits).
 type Range = (u128, u128);
 
@@ -135,31 +137,8 @@ pub fn hosts(ips: impl IntoIterator<Item = IpAddr>) -> Vec<IpNet> {
 }
 
 /// An element for an nft set: a bare address for a host, else the CIDR.
-pub fn nft_element(n: &IpNet) -> String {
-    match n {
-        IpNet::V4(v4) if v4.prefix_len() == 32 => v4_text(v4.addr()),
-        _ if n.prefix_len() == n.max_prefix_len() => n.addr().to_string(),
-        _ => n.to_string(),
-    }
-}
-
-/// Dotted-quad text of an IPv4 address, without the formatting machinery (a node's table
-/// holds one element per pod address, rendered on every change).
-fn v4_text(a: Ipv4Addr) -> String {
-    let mut s = String::with_capacity(15);
-    for (i, o) in a.octets().into_iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        if o >= 100 {
-            s.push(char::from(b'0' + o / 100));
-        }
-        if o >= 10 {
-            s.push(char::from(b'0' + o / 10 % 10));
-        }
-        s.push(char::from(b'0' + o % 10));
-    }
-    s
+pub fn nft_element(n: &IpNet) -> Key {
+    Key::one(Part::net(n))
 }
 
 #[cfg(test)]
@@ -179,15 +158,27 @@ mod tests {
             "198.18.0.1",
             "10.0.200.7",
         ] {
-            assert_eq!(nft_element(&nets(&[&format!("{a}/32")])[0]), a);
+            assert_eq!(nft_element(&nets(&[&format!("{a}/32")])[0]).to_string(), a);
         }
         for o in 0..=255u8 {
             let a = Ipv4Addr::new(o, o / 2, 255 - o, o.wrapping_mul(7));
-            assert_eq!(nft_element(&IpNet::from(IpAddr::V4(a))), a.to_string());
+            assert_eq!(
+                nft_element(&IpNet::from(IpAddr::V4(a))).to_string(),
+                a.to_string()
+            );
         }
-        assert_eq!(nft_element(&nets(&["10.0.0.0/8"])[0]), "10.0.0.0/8");
-        assert_eq!(nft_element(&nets(&["fd00::1/128"])[0]), "fd00::1");
-        assert_eq!(nft_element(&nets(&["fd00::/64"])[0]), "fd00::/64");
+        assert_eq!(
+            nft_element(&nets(&["10.0.0.0/8"])[0]).to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!(
+            nft_element(&nets(&["fd00::1/128"])[0]).to_string(),
+            "fd00::1"
+        );
+        assert_eq!(
+            nft_element(&nets(&["fd00::/64"])[0]).to_string(),
+            "fd00::/64"
+        );
     }
 
     #[test]

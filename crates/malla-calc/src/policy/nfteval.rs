@@ -225,7 +225,8 @@ impl Eval {
             };
             let interval = s.flags.iter().any(|f| f == "interval");
             let mut v = Vec::new();
-            for e in &s.elements {
+            // The elements as rendered: this reads the table as `nft` would.
+            for e in s.elements.iter().map(ToString::to_string) {
                 let n: IpNet = match e.parse::<IpNet>() {
                     Ok(n) if interval => n,
                     Ok(n) => return Err(format!("network {n} in the non-interval set {name}")),
@@ -250,7 +251,11 @@ impl Eval {
             match m.type_.as_str() {
                 "ifname" => {
                     let mut els = BTreeMap::new();
-                    for (k, v) in &m.elements {
+                    for (k, v) in m
+                        .elements
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                    {
                         let k = k
                             .strip_prefix('"')
                             .and_then(|k| k.strip_suffix('"'))
@@ -265,8 +270,12 @@ impl Eval {
                         return Err(format!("{name}: port map without flags interval"));
                     }
                     let mut els: Vec<(u16, u16, Verdict)> = Vec::new();
-                    for (k, v) in &m.elements {
-                        let (lo, hi) = parse_port_range(k)?;
+                    for (k, v) in m
+                        .elements
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                    {
+                        let (lo, hi) = parse_port_range(&k)?;
                         if lo > hi {
                             return Err(format!("empty range {k} in {name}"));
                         }

@@ -42,7 +42,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use malla_api::service::Protocol;
 
-use crate::nft::{self, BaseChain, Chain, Map, Set};
+use crate::nft::element::IfName;
+use crate::nft::{self, BaseChain, Chain, Key, Map, Part, Set, Value};
 
 use super::addrs::{hosts, nft_element, normalize};
 use super::compile::{set_name, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
@@ -204,17 +205,21 @@ struct Dir {
     /// `accept` (ingress: the last word) / `return` (egress: back to the base chain, where the
     /// destination's ingress chain still runs).
     verdict: &'static str,
+    /// `verdict` as a port map's value.
+    map_verdict: nft::Verdict,
 }
 
 const INGRESS: Dir = Dir {
     name: "ingress",
     addr: "saddr",
     verdict: "accept",
+    map_verdict: nft::Verdict::Accept,
 };
 const EGRESS: Dir = Dir {
     name: "egress",
     addr: "daddr",
     verdict: "return",
+    map_verdict: nft::Verdict::Return,
 };
 
 /// The name of a shared peers chain: a hash of its rules.
@@ -411,13 +416,13 @@ impl<'p> Render<'p> {
         }
         let mut maps: BTreeMap<Protocol, Map> = BTreeMap::new();
         for (proto, lo, hi, peers) in &disp.segments {
-            let key = if lo == hi {
-                lo.to_string()
+            let key = Key::one(if lo == hi {
+                Part::Int(u32::from(*lo))
             } else {
-                format!("{lo}-{hi}")
-            };
+                Part::Range(u32::from(*lo), u32::from(*hi))
+            });
             let value = if peers.contains_key(&None) {
-                d.verdict.to_string()
+                Value::Verdict(d.map_verdict.clone())
             } else {
                 let mut body = self.peer_rules(rules, peers, d);
                 body.push("drop".into());
@@ -436,7 +441,7 @@ impl<'p> Render<'p> {
                         rules: body,
                     },
                 );
-                format!("goto {name}")
+                Value::goto(name)
             };
             maps.entry(*proto)
                 .or_insert_with(|| Map {
@@ -491,17 +496,20 @@ pub(crate) fn render_policy_with(prog: &PolicyProgram, table: &mut nft::Table, u
         if !ifname_ok(&ep.host_ifname) {
             continue;
         }
-        let key = format!("\"{}\"", ep.host_ifname);
+        let Some(name) = IfName::new(&ep.host_ifname) else {
+            continue;
+        };
+        let key = Key::one(Part::Iface(name));
         if let Some(rules) = &ep.ingress {
             let chain = ingress_chain(&ep.host_ifname);
             ingress
                 .elements
-                .insert(key.clone(), format!("jump {chain}"));
+                .insert(key.clone(), Value::jump(chain.as_str()));
             r.direction(rules, &chain, &INGRESS, table);
         }
         if let Some(rules) = &ep.egress {
             let chain = egress_chain(&ep.host_ifname);
-            egress.elements.insert(key, format!("jump {chain}"));
+            egress.elements.insert(key, Value::jump(chain.as_str()));
             r.direction(rules, &chain, &EGRESS, table);
         }
     }

@@ -443,9 +443,11 @@ fn policy_many_peers_on_one_port_are_one_lookup() {
     let prog = compile(&w.policies, &w.namespaces, &w.pods, "n1");
     let t = rendered(&prog);
     let map = &t.maps["pol-in-mla0a1b2c3d4e-tcp"];
-    let chain = map.elements["9000"]
-        .strip_prefix("goto ")
-        .expect("a peers chain");
+    let nft::Value::Verdict(nft::Verdict::Goto(chain)) = &map.elements[&nft::element::k("9000")]
+    else {
+        panic!("a peers chain");
+    };
+    let chain: &str = chain;
     let rules = &t.chains[chain].rules;
     // Pod addresses (v4, v6) through one union, the ipBlock on its own, then drop.
     assert_eq!(rules.len(), 4, "{}", nft::render_full(&t));

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use malla_api::service::Protocol;
 
 use super::{dispatch_map, IpFamily, ServiceEndpoint, ServiceEntry, ServiceMap};
-use crate::nft;
+use crate::nft::{self, Key, Part, Value};
 
 /// A frontend whose endpoints a dispatch map holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,15 +33,19 @@ impl Frontend {
         dispatch_map(self.family, self.protocol.nft())
     }
 
-    /// The key of its `i`th endpoint.
-    pub fn key(&self, i: usize) -> String {
-        format!("{} . {} . {i}", self.ip, self.port)
+    /// The key of its `i`th endpoint: `address . port . i`.
+    pub fn key(&self, i: usize) -> Key {
+        Key::new([
+            Part::Addr(self.ip),
+            Part::port(self.port),
+            Part::Int(i as u32),
+        ])
     }
 }
 
 /// `address . port`: an endpoint as a dispatch map's value.
-pub fn value(ep: &ServiceEndpoint) -> String {
-    format!("{} . {}", ep.ip, ep.port)
+pub fn value(ep: &ServiceEndpoint) -> Value {
+    super::endpoint_value(ep.ip, ep.port)
 }
 
 /// Every frontend of a plain entry that owns it, with that entry's endpoints.
@@ -61,7 +65,7 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
                 port: f.port,
             };
             if claimed.insert(owned) && e.is_plain() {
-                out.insert(owned, e.cluster_endpoints.as_slice());
+                out.insert(owned, &*e.cluster_endpoints);
             }
         }
     }
@@ -73,7 +77,7 @@ pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
 /// for one frontend.
 pub fn claimed_before(map: &ServiceMap, e: &ServiceEntry, f: &Frontend) -> bool {
     fn order(x: &ServiceEntry) -> (&str, Protocol, u16, IpFamily) {
-        (x.service.as_str(), x.protocol, x.port, x.family)
+        (&*x.service, x.protocol, x.port, x.family)
     }
     let at = order(e);
     map.entries.iter().take_while(|x| order(x) < at).any(|x| {
@@ -103,9 +107,9 @@ pub fn count<'a>(
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
     /// `(map, key, value, replaces)`: an element added, or given a new value when `replaces`.
-    pub set: Vec<(String, String, String, bool)>,
+    pub set: Vec<(String, Key, Value, bool)>,
     /// `(map, key)`: elements removed.
-    pub removed: Vec<(String, String)>,
+    pub removed: Vec<(String, Key)>,
 }
 
 impl Changes {
@@ -146,7 +150,7 @@ pub fn diff(old: &ServiceMap, new: &ServiceMap) -> Changes {
 }
 
 /// Every element, grouped by map: `map -> [(key, value)]`.
-pub fn elements(map: &ServiceMap) -> BTreeMap<String, Vec<(String, String)>> {
+pub fn elements(map: &ServiceMap) -> BTreeMap<String, Vec<(Key, Value)>> {
     elements_of(map, |_| true)
 }
 
@@ -154,7 +158,7 @@ pub fn elements(map: &ServiceMap) -> BTreeMap<String, Vec<(String, String)>> {
 fn elements_of(
     map: &ServiceMap,
     keep: impl Fn(&str) -> bool,
-) -> BTreeMap<String, Vec<(String, String)>> {
+) -> BTreeMap<String, Vec<(Key, Value)>> {
     by_map(map)
         .into_iter()
         .filter(|(name, _)| keep(name))
@@ -175,7 +179,7 @@ pub fn by_map(map: &ServiceMap) -> BTreeMap<String, Vec<(Frontend, &[ServiceEndp
 /// they are read: a node's first load sends 300k of them, which need not exist all at once.
 pub fn lazy_elements<'a>(
     lists: Vec<(Frontend, &'a [ServiceEndpoint])>,
-) -> impl Iterator<Item = (String, String)> + 'a {
+) -> impl Iterator<Item = (Key, Value)> + 'a {
     lists.into_iter().flat_map(|(f, eps)| {
         eps.iter()
             .enumerate()
@@ -183,9 +187,8 @@ pub fn lazy_elements<'a>(
     })
 }
 
-fn add_lines(out: &mut String, tbl: &str, map: &str, elements: &[(String, String)]) {
-    let elements = elements.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-    nft::push_map_elements(out, tbl, map, elements);
+fn add_lines(out: &mut String, tbl: &str, map: &str, elements: &[(Key, Value)]) {
+    nft::push_map_elements(out, tbl, map, elements.iter().map(|(k, v)| (k, v)));
 }
 
 /// `add element` lines for every element of `map`, to follow [`nft::render_full`] of `table`.
@@ -215,11 +218,11 @@ pub fn render_diff(
     // Only the maps the table diff creates get every element (usually none).
     let all = elements_of(new, fresh);
     let changes = diff(old, new);
-    let mut deleted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    let mut added: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
+    let mut deleted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut added: BTreeMap<&str, Vec<(Key, Value)>> = BTreeMap::new();
     for (m, k) in &changes.removed {
         if !fresh(m) {
-            deleted.entry(m).or_default().push(k);
+            deleted.entry(m).or_default().push(k.to_string());
         }
     }
     for (m, k, v, replaces) in &changes.set {
@@ -227,7 +230,7 @@ pub fn render_diff(
             continue;
         }
         if *replaces {
-            deleted.entry(m).or_default().push(k);
+            deleted.entry(m).or_default().push(k.to_string());
         }
         added.entry(m).or_default().push((k.clone(), v.clone()));
     }

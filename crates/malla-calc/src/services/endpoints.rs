@@ -13,7 +13,7 @@ use super::{
     build_service, endpoint_delta, EndpointDelta, ProxyService, ProxySlice, ServiceEntry,
     ServiceMap,
 };
-use crate::nft::Table;
+use crate::nft::{Key, Table};
 
 /// One service's planned change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +33,7 @@ pub struct ServiceChange {
 
 impl ServiceChange {
     /// Whether `delta` gives key `key` of map `map` a new value (rather than adding it).
-    pub fn replaces(&self, map: &str, key: &str) -> bool {
+    pub fn replaces(&self, map: &str, key: &Key) -> bool {
         self.undo
             .map_values
             .iter()

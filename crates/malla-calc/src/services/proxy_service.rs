@@ -3,6 +3,7 @@
 //! bytes a service before the mirror's key; this one ~160, which at 30k services is 8 MB.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use malla_api::service::{Protocol, Service, ServiceType, TrafficPolicy};
 
@@ -21,8 +22,8 @@ pub struct ProxyPort {
 /// The part of a Service the service map reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxyService {
-    /// `namespace/name` (as [`Service::key`]).
-    pub key: Box<str>,
+    /// `namespace/name` (as [`Service::key`]), shared with the service map's entries.
+    pub key: Arc<str>,
     pub kind: ServiceType,
     /// Cluster IPs, then external IPs, then load-balancer IPs.
     pub frontends: Box<[(IpAddr, FrontendKind)]>,

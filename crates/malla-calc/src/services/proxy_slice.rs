@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use malla_api::service::{EndpointConditions, EndpointPort, EndpointSlice};
+use malla_api::service::{EndpointConditions, EndpointSlice, Protocol};
 
 use super::{IpFamily, NodeName};
 
@@ -17,13 +17,22 @@ pub struct ProxyEndpoint {
     pub node: Option<NodeName>,
 }
 
+/// A port of a [`ProxySlice`] (24 bytes; the API's, with its name a `String`, is 32).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    /// Matches the service port of the same name.
+    pub name: Box<str>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
 /// The part of an EndpointSlice the service map reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySlice {
     /// The owning service, `namespace/name` (as [`malla_api::service::Service::key`]).
     pub service: Box<str>,
     pub family: IpFamily,
-    pub ports: Box<[EndpointPort]>,
+    pub ports: Box<[SlicePort]>,
     /// The endpoints whose first address is of the slice's family, in the slice's order.
     pub endpoints: Box<[ProxyEndpoint]>,
 }
@@ -34,7 +43,15 @@ impl From<&EndpointSlice> for ProxySlice {
         ProxySlice {
             service: format!("{}/{}", s.namespace, s.service).into(),
             family,
-            ports: s.ports.clone().into(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| SlicePort {
+                    name: p.name.as_str().into(),
+                    protocol: p.protocol,
+                    port: p.port,
+                })
+                .collect(),
             endpoints: s
                 .endpoints
                 .iter()
@@ -53,7 +70,7 @@ impl From<&EndpointSlice> for ProxySlice {
 
 #[cfg(test)]
 mod tests {
-    use malla_api::service::{AddressType, Endpoint, Protocol};
+    use malla_api::service::{AddressType, Endpoint, EndpointPort};
 
     use super::*;
 
@@ -99,5 +116,7 @@ mod tests {
             ]
         );
         assert_eq!(std::mem::size_of::<ProxyEndpoint>(), 24);
+        assert_eq!(std::mem::size_of::<SlicePort>(), 24);
+        assert_eq!(&*p.ports[0].name, "http");
     }
 }

@@ -53,7 +53,7 @@ pub fn split(table: &Table) -> (Table, Vec<SetChange>) {
                         add: m
                             .elements
                             .iter()
-                            .map(|(k, v)| Element::pair(k.as_str(), v.as_str()))
+                            .map(|(k, v)| Element::pair(k.clone(), v.clone()))
                             .collect(),
                     });
                 }
@@ -169,7 +169,7 @@ mod tests {
         let added: Vec<(String, Option<String>)> = lazy
             .into_iter()
             .flat_map(|l| l.elements)
-            .map(|e| (e.key, e.value))
+            .map(|e| (e.key.to_string(), e.value.map(|v| v.to_string())))
             .collect();
         let expected = [
             ("198.19.64.10 . 80 . 0", "198.18.0.1 . 8080"),
@@ -207,17 +207,21 @@ mod tests {
                     size: None,
                     elements: [(
                         if name.starts_with("endpoints") {
-                            "0".to_string()
+                            "0"
                         } else if name.starts_with("pol") {
-                            "80-90".to_string()
+                            "80-90"
                         } else {
-                            "198.19.64.2 . tcp . 80".to_string()
-                        },
+                            "198.19.64.2 . tcp . 80"
+                        }
+                        .parse()
+                        .unwrap(),
                         if value == "verdict" {
-                            "goto x".to_string()
+                            "goto x"
                         } else {
-                            "198.18.0.5 . 80".to_string()
-                        },
+                            "198.18.0.5 . 80"
+                        }
+                        .parse()
+                        .unwrap(),
                     )]
                     .into(),
                 },
@@ -227,7 +231,7 @@ mod tests {
             "peers".into(),
             Set {
                 type_: "ipv4_addr".into(),
-                elements: ["198.18.0.9".to_string()].into(),
+                elements: ["198.18.0.9".parse().unwrap()].into(),
                 ..Set::default()
             },
         );
@@ -242,10 +246,10 @@ mod tests {
         assert_eq!(
             batch[0].layout,
             Layout {
-                key: vec![crate::nft::elements::Part::HostU32],
+                key: vec![crate::nft::elements::Kind::HostU32],
                 value: Value::Data(vec![
-                    crate::nft::elements::Part::Ipv4,
-                    crate::nft::elements::Part::Port
+                    crate::nft::elements::Kind::Ipv4,
+                    crate::nft::elements::Kind::Port
                 ]),
             }
         );

@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::nft::elements::{Element, Layout, Part, SetChange, Value, NFPROTO_INET};
+use crate::nft::elements::{Element, Kind, Layout, SetChange, Value, NFPROTO_INET};
+use malla_calc::nft::Key;
 use malla_calc::nft::Table;
 use malla_calc::services::{self, EndpointDelta, EndpointPlan, ServiceMap};
 
@@ -22,51 +23,14 @@ pub fn family(name: &str) -> Option<u8> {
     }
 }
 
-/// The parts of a `type a . b` declaration.
-fn parts_of_type(t: &str) -> Option<Vec<Part>> {
-    t.split(" . ")
-        .map(|p| match p.trim() {
-            "ipv4_addr" => Some(Part::Ipv4),
-            "ipv6_addr" => Some(Part::Ipv6),
-            "inet_service" => Some(Part::Port),
-            "inet_proto" => Some(Part::Proto),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The parts of a `typeof expr . expr` declaration (or a map's value expressions).
-fn parts_of_typeof(t: &str) -> Option<Vec<Part>> {
-    t.split(" . ")
-        .map(|p| {
-            let w: Vec<&str> = p.split_whitespace().collect();
-            match w.as_slice() {
-                ["numgen", "random", "mod", _] | ["numgen", "inc", "mod", _] => Some(Part::HostU32),
-                ["ip", "saddr" | "daddr"] => Some(Part::Ipv4),
-                ["ip6", "saddr" | "daddr"] => Some(Part::Ipv6),
-                ["tcp" | "udp" | "sctp" | "th", "sport" | "dport"] => Some(Part::Port),
-                ["meta", "l4proto"] => Some(Part::Proto),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-fn key_parts(t: &str) -> Option<Vec<Part>> {
-    match t.strip_prefix("typeof ") {
-        Some(expr) => parts_of_typeof(expr),
-        None => parts_of_type(t),
-    }
-}
-
 /// The layout of a map's elements, if they can be encoded.
 pub fn map_layout(m: &malla_calc::nft::Map) -> Option<Layout> {
     Some(Layout {
-        key: key_parts(&m.type_)?,
+        key: Kind::of_key(&m.type_)?,
         value: if m.value == "verdict" {
             Value::Verdict
         } else {
-            Value::Data(parts_of_typeof(&m.value).or_else(|| parts_of_type(&m.value))?)
+            Value::Data(Kind::of_data(&m.value)?)
         },
     })
 }
@@ -93,11 +57,11 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
         if n.flags.iter().any(|f| f == "interval") {
             return None;
         }
-        let element = |k: &String| Element::key(k.as_str());
+        let element = |k: &Key| Element::key(k.clone());
         out.push(SetChange {
             set: name.clone(),
             layout: Layout {
-                key: key_parts(&n.type_)?,
+                key: Kind::of_key(&n.type_)?,
                 value: Value::None,
             },
             delete: o.elements.difference(&n.elements).map(element).collect(),
@@ -121,13 +85,13 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
             .elements
             .iter()
             .filter(|(k, v)| n.elements.get(*k) != Some(*v))
-            .map(|(k, _)| Element::key(k.as_str()))
+            .map(|(k, _)| Element::key(k.clone()))
             .collect();
         let add = n
             .elements
             .iter()
             .filter(|(k, v)| o.elements.get(*k) != Some(*v))
-            .map(|(k, v)| Element::pair(k.as_str(), v.as_str()))
+            .map(|(k, v)| Element::pair(k.clone(), v.clone()))
             .collect();
         out.push(SetChange {
             set: name.clone(),
@@ -165,7 +129,7 @@ fn change_for<'m, 'n>(
 pub fn delta_changes(
     table: &Table,
     delta: &EndpointDelta,
-    replaces: impl Fn(&str, &str) -> bool,
+    replaces: impl Fn(&str, &Key) -> bool,
 ) -> Option<Vec<SetChange>> {
     let mut by_set: BTreeMap<&str, SetChange> = BTreeMap::new();
     for (map, key, value) in &delta.map_values {
@@ -180,11 +144,11 @@ pub fn delta_changes(
             }
             let change = change_for(&mut by_set, set, || {
                 Some(Layout {
-                    key: key_parts(&s.type_)?,
+                    key: Kind::of_key(&s.type_)?,
                     value: Value::None,
                 })
             })?;
-            let e = Element::key(element.as_str());
+            let e = Element::key(element.clone());
             if adding {
                 change.add.push(e);
             } else {
@@ -221,7 +185,7 @@ pub fn dispatch_changes(table: &Table, c: &services::dispatch::Changes) -> Optio
         let m = table.maps.get(map)?;
         change_for(&mut by_map, map, || map_layout(m))?
             .delete
-            .push(Element::key(key.as_str()));
+            .push(Element::key(key.clone()));
     }
     for (map, key, value, replaces) in &c.set {
         let m = table.maps.get(map)?;
@@ -247,6 +211,14 @@ mod tests {
     use super::*;
     use malla_calc::nft::{Chain, Map, Set};
 
+    fn k(s: &str) -> Key {
+        s.parse().unwrap()
+    }
+
+    fn v(s: &str) -> malla_calc::nft::Value {
+        s.parse().unwrap()
+    }
+
     fn table() -> Table {
         let mut t = Table::new("inet", "malla");
         t.maps.insert(
@@ -255,7 +227,7 @@ mod tests {
                 type_: "typeof numgen random mod 2".into(),
                 value: "ip daddr . tcp dport".into(),
                 counter: true,
-                elements: [("0".to_string(), "198.18.0.5 . 80".to_string())].into(),
+                elements: [(k("0"), v("198.18.0.5 . 80"))].into(),
                 ..Map::default()
             },
         );
@@ -264,11 +236,7 @@ mod tests {
             Map {
                 type_: "ipv4_addr . inet_proto . inet_service".into(),
                 value: "verdict".into(),
-                elements: [(
-                    "198.19.64.2 . tcp . 80".to_string(),
-                    "goto svc-a".to_string(),
-                )]
-                .into(),
+                elements: [(k("198.19.64.2 . tcp . 80"), v("goto svc-a"))].into(),
                 ..Map::default()
             },
         );
@@ -300,27 +268,27 @@ mod tests {
             .get_mut("endpoints-v4-tcp-00")
             .unwrap()
             .elements
-            .insert("0".into(), "198.18.0.9 . 80".into());
+            .insert(k("0"), v("198.18.0.9 . 80"));
         new.sets
             .get_mut("hairpin-v4")
             .unwrap()
             .elements
-            .insert("198.18.0.9 . 198.18.0.9".into());
+            .insert(k("198.18.0.9 . 198.18.0.9"));
         // Kernel-managed: ignored.
         new.sets
             .get_mut("aff-x")
             .unwrap()
             .elements
-            .insert("1.2.3.4".into());
+            .insert(k("1.2.3.4"));
         let c = element_changes(&old, &new).unwrap();
         assert_eq!(c.len(), 2, "{c:?}");
         let ep = c.iter().find(|c| c.set == "endpoints-v4-tcp-00").unwrap();
-        assert_eq!(ep.layout.key, [Part::HostU32]);
-        assert_eq!(ep.layout.value, Value::Data(vec![Part::Ipv4, Part::Port]));
+        assert_eq!(ep.layout.key, [Kind::HostU32]);
+        assert_eq!(ep.layout.value, Value::Data(vec![Kind::Ipv4, Kind::Port]));
         assert_eq!(ep.delete.len(), 1);
-        assert_eq!(ep.add[0].value.as_deref(), Some("198.18.0.9 . 80"));
+        assert_eq!(ep.add[0].value, Some(v("198.18.0.9 . 80")));
         let hp = c.iter().find(|c| c.set == "hairpin-v4").unwrap();
-        assert_eq!(hp.layout.key, [Part::Ipv4, Part::Ipv4]);
+        assert_eq!(hp.layout.key, [Kind::Ipv4, Kind::Ipv4]);
         assert!(hp.delete.is_empty() && hp.add.len() == 1);
         assert_eq!(element_changes(&old, &old).unwrap(), []);
     }
@@ -358,7 +326,7 @@ mod tests {
             .get_mut("odd")
             .unwrap()
             .elements
-            .insert("x".into());
+            .insert(k("1"));
         assert!(element_changes(&unknown, &unknown2).is_none());
     }
 }

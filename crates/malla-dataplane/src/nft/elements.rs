@@ -5,72 +5,51 @@
 //! that only add or delete elements go through here; everything else still goes through
 //! [`crate::nft::cmd`] as text.
 //!
-//! Elements are given in nft's text form (`198.18.0.5 . 8080`, `goto svc-…`) with the set's
-//! [`Layout`], and encoded as nft does: each part of a concatenation padded to 4 bytes,
-//! integers of `typeof numgen …` in host byte order, addresses and ports in network order.
-//! A set's own expressions (e.g. `counter`) are attached to new elements by the kernel.
+//! Elements are the calculation's typed elements ([`malla_calc::nft::element`]: a key of
+//! typed parts, a value of data or a verdict) with the set's [`Layout`], and encoded from
+//! their parts as nft does (no text is parsed): each part of a concatenation padded to 4
+//! bytes, integers of `typeof numgen …` in host byte order, addresses and ports in network
+//! order. A set's own expressions (e.g. `counter`) are attached to new elements by the kernel.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+pub use malla_calc::nft::element::Kind;
+use malla_calc::nft::element::{self, Key, Verdict};
 
 use crate::netns::NetNs;
 use crate::nft::NftError;
 
-/// One part of a set key or map value, as nft types it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Part {
-    /// An integer in host byte order (`typeof numgen random mod N`): 4 bytes.
-    HostU32,
-    Ipv4,
-    Ipv6,
-    /// `inet_service` / `th dport`: 2 bytes, network order.
-    Port,
-    /// `inet_proto`: 1 byte (`tcp`, `udp`, `sctp` or a number).
-    Proto,
+/// The byte length of a part of `kind`.
+fn kind_len(kind: Kind) -> usize {
+    match kind {
+        Kind::HostU32 | Kind::Ipv4 => 4,
+        Kind::Ipv6 => 16,
+        Kind::Port => 2,
+        Kind::Proto => 1,
+    }
 }
 
-impl Part {
-    fn len(self) -> usize {
-        match self {
-            Part::HostU32 | Part::Ipv4 => 4,
-            Part::Ipv6 => 16,
-            Part::Port => 2,
-            Part::Proto => 1,
+/// Appends the bytes of `part` as a part of `kind`.
+fn encode_part(kind: Kind, part: element::Part, out: &mut Vec<u8>) -> Result<(), String> {
+    use element::Part as P;
+    let bad = |what: &str| format!("{part} is not {what}");
+    match (kind, part) {
+        (Kind::HostU32, P::Int(n)) => out.extend(n.to_ne_bytes()),
+        (Kind::Ipv4, P::Addr(IpAddr::V4(a))) => out.extend(a.octets()),
+        (Kind::Ipv6, P::Addr(IpAddr::V6(a))) => out.extend(a.octets()),
+        (Kind::Port, P::Int(n)) => {
+            out.extend(u16::try_from(n).map_err(|_| bad("a port"))?.to_be_bytes())
         }
+        (Kind::Proto, P::Proto(p)) => out.push(p),
+        (Kind::Proto, P::Int(n)) => out.push(u8::try_from(n).map_err(|_| bad("a protocol"))?),
+        (Kind::HostU32, _) => return Err(bad("an integer")),
+        (Kind::Ipv4, _) => return Err(bad("an IPv4 address")),
+        (Kind::Ipv6, _) => return Err(bad("an IPv6 address")),
+        (Kind::Port, _) => return Err(bad("a port")),
+        (Kind::Proto, _) => return Err(bad("a protocol")),
     }
-
-    fn encode(self, text: &str, out: &mut Vec<u8>) -> Result<(), String> {
-        let bad = |what: &str| format!("{text:?} is not {what}");
-        match self {
-            Part::HostU32 => out.extend(
-                text.parse::<u32>()
-                    .map_err(|_| bad("an integer"))?
-                    .to_ne_bytes(),
-            ),
-            Part::Ipv4 => out.extend(
-                text.parse::<Ipv4Addr>()
-                    .map_err(|_| bad("an IPv4 address"))?
-                    .octets(),
-            ),
-            Part::Ipv6 => out.extend(
-                text.parse::<Ipv6Addr>()
-                    .map_err(|_| bad("an IPv6 address"))?
-                    .octets(),
-            ),
-            Part::Port => out.extend(
-                text.parse::<u16>()
-                    .map_err(|_| bad("a port"))?
-                    .to_be_bytes(),
-            ),
-            Part::Proto => out.push(match text {
-                "tcp" => libc::IPPROTO_TCP as u8,
-                "udp" => libc::IPPROTO_UDP as u8,
-                "sctp" => libc::IPPROTO_SCTP as u8,
-                n => n.parse().map_err(|_| bad("a protocol"))?,
-            }),
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 /// What a map's elements carry.
@@ -79,7 +58,7 @@ pub enum Value {
     /// A set: keys only.
     None,
     /// Data of these parts (`ip daddr . tcp dport`).
-    Data(Vec<Part>),
+    Data(Vec<Kind>),
     /// A verdict (`goto CHAIN`, `jump CHAIN`, `accept`, `drop`, `return`).
     Verdict,
 }
@@ -87,23 +66,26 @@ pub enum Value {
 /// The type of a set or map's elements.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    pub key: Vec<Part>,
+    pub key: Vec<Kind>,
     pub value: Value,
 }
 
-/// Encodes `a . b . c` as nft does: one part alone is its bare bytes; the parts of a
-/// concatenation are each padded to a 4-byte register.
-fn encode_parts(parts: &[Part], text: &str) -> Result<Vec<u8>, String> {
-    let texts: Vec<&str> = text.split(" . ").map(str::trim).collect();
-    if texts.len() != parts.len() {
-        return Err(format!("{text:?} does not have {} part(s)", parts.len()));
-    }
-    let mut out = Vec::new();
-    for (part, t) in parts.iter().zip(texts) {
-        part.encode(t, &mut out)?;
-        if parts.len() > 1 {
-            out.resize(out.len() + (4 - part.len() % 4) % 4, 0);
+/// Encodes the parts of `key` (`a . b . c`) as nft does: one part alone is its bare bytes;
+/// the parts of a concatenation are each padded to a 4-byte register.
+fn encode_parts(kinds: &[Kind], key: &Key) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(kinds.len() * 4);
+    let mut given = key.parts();
+    for &kind in kinds {
+        let p = given
+            .next()
+            .ok_or_else(|| format!("{key} does not have {} part(s)", kinds.len()))?;
+        encode_part(kind, p, &mut out)?;
+        if kinds.len() > 1 {
+            out.resize(out.len() + (4 - kind_len(kind) % 4) % 4, 0);
         }
+    }
+    if given.next().is_some() {
+        return Err(format!("{key} does not have {} part(s)", kinds.len()));
     }
     Ok(out)
 }
@@ -111,24 +93,21 @@ fn encode_parts(parts: &[Part], text: &str) -> Result<Vec<u8>, String> {
 /// An element to add or delete; `value` only for maps, and only when adding.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Element {
-    pub key: String,
-    pub value: Option<String>,
+    pub key: Key,
+    pub value: Option<element::Value>,
 }
 
 impl Element {
     /// A set's element, or a map's key to delete.
-    pub fn key(key: impl Into<String>) -> Element {
-        Element {
-            key: key.into(),
-            value: None,
-        }
+    pub fn key(key: Key) -> Element {
+        Element { key, value: None }
     }
 
     /// A map's element.
-    pub fn pair(key: impl Into<String>, value: impl Into<String>) -> Element {
+    pub fn pair(key: Key, value: element::Value) -> Element {
         Element {
-            key: key.into(),
-            value: Some(value.into()),
+            key,
+            value: Some(value),
         }
     }
 }
@@ -145,16 +124,16 @@ pub struct SetChange {
 impl SetChange {
     /// Gives map key `key` the value `value`; a key already there (`replaces`) is deleted
     /// first, in the same batch (the kernel refuses to add a key that is there).
-    pub fn put(&mut self, key: &str, value: &str, replaces: bool) {
+    pub fn put(&mut self, key: &Key, value: &element::Value, replaces: bool) {
         if replaces {
-            self.delete.push(Element::key(key));
+            self.delete.push(Element::key(key.clone()));
         }
-        self.add.push(Element::pair(key, value));
+        self.add.push(Element::pair(key.clone(), value.clone()));
     }
 }
 
 /// Elements to add to one set, made one at a time as the batch is encoded: a node's first load
-/// adds 300k elements at 30k services, which need not all exist as text at once (they did, and
+/// adds 300k elements at 30k services, which need not all exist at once (as text they did, and
 /// were a third of the agent's peak memory).
 pub struct LazyAdditions<'a> {
     pub set: String,
@@ -260,15 +239,13 @@ impl Msg {
     }
 }
 
-fn verdict(msg: &mut Msg, text: &str) -> Result<(), String> {
-    let mut words = text.split_whitespace();
-    let (code, chain) = match (words.next(), words.next(), words.next()) {
-        (Some("goto"), Some(c), None) => (NFT_GOTO, Some(c)),
-        (Some("jump"), Some(c), None) => (NFT_JUMP, Some(c)),
-        (Some("accept"), None, None) => (NF_ACCEPT, None),
-        (Some("drop"), None, None) => (NF_DROP, None),
-        (Some("return"), None, None) => (NFT_RETURN, None),
-        _ => return Err(format!("{text:?} is not a verdict")),
+fn verdict(msg: &mut Msg, v: &Verdict) {
+    let (code, chain) = match v {
+        Verdict::Goto(c) => (NFT_GOTO, Some(c)),
+        Verdict::Jump(c) => (NFT_JUMP, Some(c)),
+        Verdict::Accept => (NF_ACCEPT, None),
+        Verdict::Drop => (NF_DROP, None),
+        Verdict::Return => (NFT_RETURN, None),
     };
     msg.begin(NFTA_DATA_VERDICT);
     msg.attr(NFTA_VERDICT_CODE, &code.to_be_bytes());
@@ -276,7 +253,6 @@ fn verdict(msg: &mut Msg, text: &str) -> Result<(), String> {
         msg.attr_str(NFTA_VERDICT_CHAIN, c);
     }
     msg.end();
-    Ok(())
 }
 
 /// A batch under construction: its bytes, the next sequence number, the elements so far.
@@ -352,17 +328,23 @@ impl Batch {
                 if add {
                     match (&layout.value, &e.value) {
                         (Value::None, _) => {}
-                        (Value::Data(parts), Some(v)) => {
+                        (Value::Data(parts), Some(element::Value::Data(v))) => {
                             let data = encode_parts(parts, v)
                                 .map_err(|err| format!("{set} value: {err}"))?;
                             m.begin(NFTA_SET_ELEM_DATA);
                             m.attr(NFTA_DATA_VALUE, &data);
                             m.end();
                         }
-                        (Value::Verdict, Some(v)) => {
+                        (Value::Verdict, Some(element::Value::Verdict(v))) => {
                             m.begin(NFTA_SET_ELEM_DATA);
-                            verdict(&mut m, v).map_err(|err| format!("{set} value: {err}"))?;
+                            verdict(&mut m, v);
                             m.end();
+                        }
+                        (Value::Data(_), Some(v)) => {
+                            return Err(format!("{set} value: {v} is not data"))
+                        }
+                        (Value::Verdict, Some(v)) => {
+                            return Err(format!("{set} value: {v} is not a verdict"))
                         }
                         (_, None) => return Err(format!("{set}: element {} needs a value", e.key)),
                     }

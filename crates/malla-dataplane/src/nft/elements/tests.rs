@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// A key from nft's text.
+fn key(s: &str) -> Key {
+    s.parse().unwrap()
+}
+
+/// A map value from nft's text.
+fn val(s: &str) -> element::Value {
+    s.parse().unwrap()
+}
+
 /// A throwaway namespace, deleted on drop.
 struct Scratch(String);
 
@@ -55,15 +65,15 @@ fn numgen_map(name: &str, key_text_value: Vec<(&str, &str)>, six: bool) -> SetCh
     SetChange {
         set: name.into(),
         layout: Layout {
-            key: vec![Part::HostU32],
-            value: Value::Data(vec![if six { Part::Ipv6 } else { Part::Ipv4 }, Part::Port]),
+            key: vec![Kind::HostU32],
+            value: Value::Data(vec![if six { Kind::Ipv6 } else { Kind::Ipv4 }, Kind::Port]),
         },
         delete: Vec::new(),
         add: key_text_value
             .into_iter()
             .map(|(k, v)| Element {
-                key: k.into(),
-                value: Some(v.into()),
+                key: key(k),
+                value: Some(val(v)),
             })
             .collect(),
     }
@@ -74,11 +84,11 @@ fn port_added(port: &str) -> SetChange {
     SetChange {
         set: "ports".into(),
         layout: Layout {
-            key: vec![Part::Port],
+            key: vec![Kind::Port],
             value: Value::None,
         },
         delete: Vec::new(),
-        add: vec![Element::key(port)],
+        add: vec![Element::key(key(port))],
     }
 }
 
@@ -101,30 +111,30 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
         SetChange {
             set: "ips".into(),
             layout: Layout {
-                key: vec![Part::Ipv4, Part::Proto, Part::Port],
+                key: vec![Kind::Ipv4, Kind::Proto, Kind::Port],
                 value: Value::Verdict,
             },
             delete: Vec::new(),
             add: vec![
                 Element {
-                    key: "198.19.64.2 . tcp . 80".into(),
-                    value: Some("goto svc-a".into()),
+                    key: key("198.19.64.2 . tcp . 80"),
+                    value: Some(val("goto svc-a")),
                 },
                 Element {
-                    key: "198.19.64.3 . udp . 53".into(),
-                    value: Some("drop".into()),
+                    key: key("198.19.64.3 . udp . 53"),
+                    value: Some(val("drop")),
                 },
             ],
         },
         SetChange {
             set: "hairpin".into(),
             layout: Layout {
-                key: vec![Part::Ipv4, Part::Ipv4],
+                key: vec![Kind::Ipv4, Kind::Ipv4],
                 value: Value::None,
             },
             delete: Vec::new(),
             add: vec![Element {
-                key: "198.18.0.5 . 198.18.0.5".into(),
+                key: key("198.18.0.5 . 198.18.0.5"),
                 value: None,
             }],
         },
@@ -146,7 +156,7 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
     // Deleting and replacing: the endpoint at index 0 moves.
     let mut moved = numgen_map("ep4", vec![("0", "198.18.0.9 . 8080")], false);
     moved.delete = vec![Element {
-        key: "0".into(),
+        key: key("0"),
         value: None,
     }];
     apply(Some(&ns), NFPROTO_INET, "t", &[moved]).unwrap();
@@ -166,21 +176,22 @@ fn a_failing_change_applies_nothing_and_says_why() {
     let mut bad = numgen_map("ep4", vec![("1", "198.18.0.7 . 81")], false);
     // Not there: the whole batch is refused, the add above included.
     bad.delete = vec![Element {
-        key: "99".into(),
+        key: key("99"),
         value: None,
     }];
     let err = apply(Some(&ns), NFPROTO_INET, "t", &[bad]).unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
     assert!(!listed(&ns).contains("198.18.0.7"));
-    // Text that is not of the layout is refused before anything is sent, naming the set.
+    // An element that is not of the layout is refused before anything is sent, naming the set.
     let err = apply(
         Some(&ns),
         NFPROTO_INET,
         "t",
-        &[numgen_map("ep4", vec![("1", "not-an-address . 81")], false)],
+        &[numgen_map("ep4", vec![("1", "fd00::7 . 81")], false)],
     )
     .unwrap_err();
     assert!(err.to_string().contains("ep4 value"), "{err}");
+    assert!(!listed(&ns).contains("fd00::7"));
     // A set that does not exist.
     let err = apply(
         Some(&ns),
@@ -226,14 +237,14 @@ fn a_kept_socket_sends_batch_after_batch() {
     .unwrap();
     let mut bad = numgen_map("ep4", vec![("1", "198.18.0.6 . 80")], false);
     bad.delete = vec![Element {
-        key: "99".into(),
+        key: key("99"),
         value: None,
     }];
     assert!(sock.apply(NFPROTO_INET, "t", &[bad]).is_err());
     for round in 1..=3u8 {
         let mut replace = numgen_map("ep4", vec![("0", &format!("198.18.0.{round} . 81"))], false);
         replace.delete = vec![Element {
-            key: "0".into(),
+            key: key("0"),
             value: None,
         }];
         sock.apply(NFPROTO_INET, "t", &[replace]).unwrap();
@@ -251,8 +262,8 @@ fn a_kept_socket_sends_batch_after_batch() {
 #[test]
 fn lazy_additions_encode_as_eager_ones_and_land() {
     let element = |i: u32| Element {
-        key: i.to_string(),
-        value: Some(many(i)),
+        key: key(&i.to_string()),
+        value: Some(val(&many(i))),
     };
     let layout = numgen_map("ep4", vec![], false).layout;
     let eager = SetChange {
