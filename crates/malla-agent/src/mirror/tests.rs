@@ -384,3 +384,30 @@ fn policy_inputs_are_reported_by_key() {
     let applied = next(&mut mirror);
     assert!(applied.links && !applied.other, "{applied:?}");
 }
+
+/// Services are found by the key they carry (`namespace/name`): one stored under another
+/// service's key is skipped (it would break the order the mirror searches), the others kept.
+#[test]
+fn a_service_stored_under_another_services_key_is_skipped() {
+    let svc = |name: &str| -> malla_api::service::Service {
+        serde_json::from_value(serde_json::json!({
+            "namespace": "ns1", "name": name, "clusterIps": ["198.19.64.1"],
+            "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}]
+        }))
+        .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::open(&dir.path().join("store.db")).unwrap();
+    store
+        .put(&keys::service("ns1", "a"), &json(&svc("a")))
+        .unwrap();
+    store
+        .put(&keys::service("ns1", "b"), &json(&svc("other")))
+        .unwrap();
+    store
+        .put(&keys::service("ns1", "c"), &json(&svc("c")))
+        .unwrap();
+    let mirror = Mirror::load(&store, "n1").unwrap();
+    let names: Vec<&str> = mirror.view().services.iter().map(|s| &*s.key).collect();
+    assert_eq!(names, ["ns1/a", "ns1/c"]);
+}
