@@ -20,7 +20,11 @@ use malla_lab::runtime::node_runtime;
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
-#[command(about = "CNI ADD/DEL latency: Malla vs the reference bridge+host-local plugins")]
+#[command(
+    name = "cni-latency",
+    version,
+    about = "CNI ADD/DEL latency: Malla vs the reference bridge+host-local plugins"
+)]
 struct Args {
     /// Pods per variant (all are added, then all are deleted).
     #[arg(long, short = 'n', default_value_t = 200)]

@@ -27,7 +27,11 @@ use malla_bench::{
 use malla_test_kit::runtimes::{self, Containerd};
 
 #[derive(Parser, Debug)]
-#[command(about = "ctr run --cni start latency: Malla vs the reference bridge+host-local plugins")]
+#[command(
+    name = "ctr-start",
+    version,
+    about = "ctr run --cni start latency: Malla vs the reference bridge+host-local plugins"
+)]
 struct Args {
     /// Timed containers per variant (all are started, then all are stopped).
     #[arg(long, short = 'n', default_value_t = 20)]

@@ -47,6 +47,8 @@ use malla_store::{EtcdStore, Event, KeyValue, Revision, Store, StoreError};
 
 #[derive(Parser, Debug)]
 #[command(
+    name = "datastore-scale",
+    version,
     about = "Datastore scale on one real etcd: populate, propagation of one pod change to every node, writes per pod ADD, agent RSS",
     after_help = "Example (as root, ~5 min): datastore-scale --nodes 1000 --pods 30000 --changes 20"
 )]

@@ -51,6 +51,8 @@ use malla_store::Store;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
+    name = "policy-bench",
+    version,
     about = "NetworkPolicy: programming time, one label change, connection setup with 1 vs N policies, agent RSS"
 )]
 struct Args {

@@ -40,7 +40,11 @@ use malla_lab::topology;
 use malla_store::{LocalStore, Store};
 
 #[derive(Parser, Debug)]
-#[command(about = "Services: programming time, agent RSS, ClusterIP latency vs a linear chain")]
+#[command(
+    name = "services-bench",
+    version,
+    about = "Services: programming time, agent RSS, ClusterIP latency vs a linear chain"
+)]
 struct Args {
     /// Numbers of Services (comma-separated, ascending).
     #[arg(long, value_delimiter = ',', default_value = "10,1000,10000,30000")]

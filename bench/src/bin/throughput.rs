@@ -19,7 +19,11 @@ use malla_bench::{
 use malla_lab::topology::UpOptions;
 
 #[derive(Parser, Debug)]
-#[command(about = "pod-to-pod TCP throughput (iperf3) against a raw veth pair")]
+#[command(
+    name = "throughput",
+    version,
+    about = "pod-to-pod TCP throughput (iperf3) against a raw veth pair"
+)]
 struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5)]
