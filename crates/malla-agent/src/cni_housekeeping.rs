@@ -6,51 +6,53 @@
 //!   they have been left for [`malla_cni::reclaim::DEFAULT_GRACE`], never touching a live
 //!   attachment ([`malla_cni::reclaim`]), without waiting for the runtime's GC.
 //!
-//! Started by one call from [`crate::run`], on a thread of its own with its own datastore
-//! connection; failures are logged, never fatal to the agent.
+//! [`crate::run`] writes the node-name file first and starts the reclaimer once the datastore is
+//! open, on a thread of its own sharing the agent's datastore connection; failures are logged,
+//! never fatal to the agent.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use std::time::Duration;
 
 use malla_cni::reclaim::{Reclaimer, DEFAULT_GRACE};
 use malla_ipam::node_cache::NodeCache;
+use malla_store::Store;
 
 use crate::AgentConfig;
 
 /// How often the reclaimer looks.
 pub const RECLAIM_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Starts the housekeeping for `cfg`'s node (the node-name file only with a ready file: the
-/// plugin finds the agent's files beside it).
-pub fn start(cfg: &AgentConfig) {
+/// Writes the node-name file beside `cfg`'s ready file (none without one: the plugin finds the
+/// agent's files beside it). Done first, before the datastore answers.
+pub fn write_node_name_file(cfg: &AgentConfig) {
     if let Some(ready) = &cfg.ready_file {
         let file = malla_cni::config::node_name_file_beside(ready);
         if let Err(e) = write_node_name(&file, &cfg.node) {
             tracing::warn!(error = %e, "writing the node-name file {}", file.display());
         }
     }
-    let (node, datastore) = (cfg.node.clone(), cfg.datastore.clone());
+}
+
+/// Starts the reclaimer for `cfg`'s node on a thread of its own, over the agent's `store`.
+pub fn start_reclaimer(cfg: &AgentConfig, store: Arc<dyn Store>) {
+    let node = cfg.node.clone();
     let cache_path = cfg.ready_file.as_deref().map(NodeCache::path_beside);
     let spawned = std::thread::Builder::new()
         .name("cni-reclaim".into())
-        .spawn(move || reclaim_forever(&node, &datastore, cache_path.as_deref()));
+        .spawn(move || reclaim_forever(&node, &*store, cache_path.as_deref()));
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "starting the CNI reclaimer");
     }
 }
 
-fn reclaim_forever(node: &str, datastore: &malla_store::DatastoreSpec, cache: Option<&Path>) {
+fn reclaim_forever(node: &str, store: &dyn Store, cache: Option<&Path>) {
     let mut reclaimer = Reclaimer::new(DEFAULT_GRACE);
-    let mut store = None;
     loop {
         std::thread::sleep(RECLAIM_INTERVAL);
-        if store.is_none() {
-            store = datastore.open().ok();
-        }
-        let Some(s) = &store else { continue };
         let cache = cache.and_then(|p| NodeCache::open(p).ok());
-        match reclaimer.pass(&**s, node, cache.as_ref()) {
+        match reclaimer.pass(store, node, cache.as_ref()) {
             Ok(r) if !r.addrs.is_empty() || !r.veths.is_empty() || !r.handles.is_empty() => {
                 tracing::info!(addrs = ?r.addrs, veths = ?r.veths, handles = ?r.handles, "reclaimed what killed CNI ADDs left");
             }

@@ -131,8 +131,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ready) => Some(hold_agent_lock(ready)?),
         None => None,
     };
-    cni_housekeeping::start(&cfg);
     // Serving before anything waits on the datastore: probes and metrics answer while it is away.
+    cni_housekeeping::write_node_name_file(&cfg);
     let health = health::Health::default();
     let metrics = Arc::new(metrics::Metrics::new());
     if let Some(addr) = cfg.http_listen {
@@ -149,6 +149,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     };
+    // Shared with the CNI housekeeping thread: one connection to the datastore per agent.
+    let store: Arc<dyn Store> = Arc::from(store);
+    cni_housekeeping::start_reclaimer(&cfg, store.clone());
     let store: &dyn Store = &*store;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
