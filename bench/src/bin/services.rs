@@ -219,6 +219,9 @@ struct ProgRow {
     apply: Duration,
     ruleset_bytes: usize,
     changes: Vec<Change>,
+    /// One Service created after the changes (a path no graph node follows yet: the whole
+    /// map and table again, then the diff).
+    created: Option<Change>,
 }
 
 /// The node the calculation is for.
@@ -372,6 +375,29 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             "  {fast_path} of {} changes took the fast path",
             args.changes
         );
+        // One Service created, as the agent applies it today: the endpoint path declines a
+        // new service, so the whole map and table are computed again and diffed.
+        let created = {
+            check(deadline)?;
+            let (svc, slice) = synthetic(n, args.endpoints);
+            let mut svcs = svcs;
+            svcs.push((&svc).into());
+            slices.push((&slice).into());
+            let t = Instant::now();
+            let changed = std::collections::BTreeSet::from([svcs[n].key.to_string()]);
+            let fast = services::plan_endpoint_changes(
+                &mut table, &mut map, &svcs, &slices, NODE, &changed,
+            );
+            anyhow::ensure!(fast.is_none(), "the endpoint path took a new Service");
+            let (new_map, new) = calc(&svcs, &slices, &pools);
+            let rebuild = t.elapsed();
+            let t = Instant::now();
+            let text = services::ruleset_diff(&table, &new, &map, &new_map);
+            let diff_t = t.elapsed();
+            let t = Instant::now();
+            nft::apply(Some(&h), &text).context("applying the new Service")?;
+            Some((rebuild, diff_t, t.elapsed(), text.lines().count()))
+        };
         rows.push(ProgRow {
             services: n,
             calc: calc_t,
@@ -379,6 +405,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             apply: apply_t,
             ruleset_bytes: text.len(),
             changes,
+            created,
         });
         drop(h);
         nss.delete(&ns)?;
@@ -447,6 +474,15 @@ fn report_programming(args: &Args, p: &Programming) {
             "< 20",
             yes(c.total < Duration::from_millis(20))
         );
+    }
+    println!(
+        "   One Service created (10 endpoints): the endpoint path declines it, so the whole map and table are computed again (rebuild), diffed as text (diff) and applied with nft (apply; lines of the diff)"
+    );
+    for r in &p.rows {
+        if let Some(c) = r.created {
+            let c = ChangeStats::of([c]);
+            println!("{:>8} {}", r.services, c.cells());
+        }
     }
     println!();
 }
