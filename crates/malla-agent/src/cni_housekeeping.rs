@@ -2,6 +2,9 @@
 //! - writes the node-name file the plugin falls back to when its configuration names no node
 //!   ([`malla_cni::config::node_name_file_beside`] the ready file, as calico-node writes
 //!   `/var/lib/calico/nodename`);
+//! - keeps the plugin's kubeconfig in the host's CNI configuration directory current with the
+//!   pod's rotating service-account token ([`start_token_refresh`], every [`TOKEN_INTERVAL`]),
+//!   as calico-node does for the kubeconfig its install-cni wrote;
 //! - reclaims what killed ADDs left (addresses, host veths) every [`RECLAIM_INTERVAL`], once
 //!   they have been left for [`malla_cni::reclaim::DEFAULT_GRACE`], never touching a live
 //!   attachment ([`malla_cni::reclaim`]), without waiting for the runtime's GC.
@@ -32,6 +35,36 @@ pub fn write_node_name_file(cfg: &AgentConfig) {
         if let Err(e) = write_node_name(&file, &cfg.node) {
             tracing::warn!(error = %e, "writing the node-name file {}", file.display());
         }
+    }
+}
+
+/// How often the service-account token is compared with the plugin's kubeconfig (the kubelet
+/// renews a projected token well before it expires: after 80% of its life, an hour at least).
+pub const TOKEN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Starts refreshing the plugin's kubeconfig in `cfg`'s CNI configuration directory, inside a
+/// cluster only (`KUBERNETES_SERVICE_HOST` set) and when a directory is given.
+pub fn start_token_refresh(cfg: &AgentConfig) {
+    let Some(dir) = cfg.cni_conf_dir.clone() else {
+        return;
+    };
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("cni-token".into())
+        .spawn(move || loop {
+            let sa = Path::new(malla_cni::install::SERVICE_ACCOUNT_DIR);
+            let env = |k: &str| std::env::var(k).ok();
+            match malla_cni::install::refresh_in_cluster_kubeconfig(&dir, sa, &env) {
+                Ok(true) => tracing::info!(dir = %dir.display(), "the CNI kubeconfig follows the rotated service-account token"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "refreshing the CNI kubeconfig"),
+            }
+            std::thread::sleep(TOKEN_INTERVAL);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "starting the CNI token refresh");
     }
 }
 

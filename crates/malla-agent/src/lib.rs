@@ -45,6 +45,9 @@ pub struct AgentConfig {
     pub ready_file: Option<PathBuf>,
     /// Where the agent serves `/healthz`, `/readyz` and `/metrics` ([`http`]); None: nowhere.
     pub http_listen: Option<SocketAddr>,
+    /// The host's CNI configuration directory, whose plugin kubeconfig the agent keeps current
+    /// with its rotating service-account token ([`cni_housekeeping`]); None: not refreshed.
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 /// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
@@ -133,6 +136,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     };
     // Serving before anything waits on the datastore: probes and metrics answer while it is away.
     cni_housekeeping::write_node_name_file(&cfg);
+    cni_housekeeping::start_token_refresh(&cfg);
     let health = health::Health::default();
     let metrics = Arc::new(metrics::Metrics::new());
     if let Some(addr) = cfg.http_listen {

@@ -133,6 +133,55 @@ pub fn write_in_cluster_kubeconfig(
     service_account_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<PathBuf>, InstallError> {
+    let Some(files) = in_cluster_kubeconfig(conf_dir, service_account_dir, env)? else {
+        return Ok(None);
+    };
+    create_private_dir(conf_dir)?;
+    files.write()?;
+    Ok(Some(files.kubeconfig.0))
+}
+
+/// [`write_in_cluster_kubeconfig`] again when the service account's token or CA changed since
+/// it was written, else nothing: a projected token rotates (the kubelet renews it before it
+/// expires), and the plugin on the host must follow it (run by the agent, which mounts the
+/// same service account and the host's CNI configuration directory). Returns whether it wrote.
+pub fn refresh_in_cluster_kubeconfig(
+    conf_dir: &Path,
+    service_account_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<bool, InstallError> {
+    let Some(files) = in_cluster_kubeconfig(conf_dir, service_account_dir, env)? else {
+        return Ok(false);
+    };
+    let same =
+        |(path, bytes): &(PathBuf, Vec<u8>)| std::fs::read(path).is_ok_and(|have| have == *bytes);
+    if same(&files.kubeconfig) && same(&files.ca) {
+        return Ok(false);
+    }
+    create_private_dir(conf_dir)?;
+    files.write()?;
+    Ok(true)
+}
+
+/// The CNI kubeconfig and CA files, as (path, content).
+struct KubeconfigFiles {
+    kubeconfig: (PathBuf, Vec<u8>),
+    ca: (PathBuf, Vec<u8>),
+}
+
+impl KubeconfigFiles {
+    /// The CA first: the kubeconfig names it.
+    fn write(&self) -> Result<(), InstallError> {
+        write_atomically(&self.ca.0, &self.ca.1, 0o600)?;
+        write_atomically(&self.kubeconfig.0, &self.kubeconfig.1, 0o600)
+    }
+}
+
+fn in_cluster_kubeconfig(
+    conf_dir: &Path,
+    service_account_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<KubeconfigFiles>, InstallError> {
     let (Some(host), Some(port)) = (
         env("KUBERNETES_SERVICE_HOST"),
         env("KUBERNETES_SERVICE_PORT"),
@@ -143,9 +192,7 @@ pub fn write_in_cluster_kubeconfig(
     let ca_path = service_account_dir.join("ca.crt");
     let token = std::fs::read_to_string(&token_path).map_err(io(&token_path))?;
     let ca = std::fs::read(&ca_path).map_err(io(&ca_path))?;
-    create_private_dir(conf_dir)?;
     let ca_target = conf_dir.join("malla-ca.crt");
-    write_atomically(&ca_target, &ca, 0o600)?;
     let server = if host.contains(':') {
         format!("https://[{host}]:{port}")
     } else {
@@ -159,13 +206,13 @@ pub fn write_in_cluster_kubeconfig(
         "contexts": [{"name": "malla", "context": {"cluster": "cluster", "user": "malla"}}],
         "current-context": "malla",
     });
-    let target = conf_dir.join("malla-kubeconfig");
-    write_atomically(
-        &target,
-        &serde_json::to_vec_pretty(&kubeconfig).unwrap_or_default(),
-        0o600,
-    )?;
-    Ok(Some(target))
+    Ok(Some(KubeconfigFiles {
+        kubeconfig: (
+            conf_dir.join("malla-kubeconfig"),
+            serde_json::to_vec_pretty(&kubeconfig).unwrap_or_default(),
+        ),
+        ca: (ca_target, ca),
+    }))
 }
 
 /// Malla's conflist for a node.
@@ -225,6 +272,52 @@ mod tests {
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
+    }
+
+    /// A rotated token reaches the kubeconfig at the next refresh; an unchanged one writes
+    /// nothing (the file is not replaced); outside a cluster nothing happens.
+    #[test]
+    fn a_rotated_token_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let sa = dir.path().join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::write(sa.join("token"), "first\n").unwrap();
+        std::fs::write(sa.join("ca.crt"), "CA").unwrap();
+        let confs = dir.path().join("net.d");
+        let env = |k: &str| match k {
+            "KUBERNETES_SERVICE_HOST" => Some("198.19.64.1".to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
+            _ => None,
+        };
+        assert!(!refresh_in_cluster_kubeconfig(&confs, &sa, &|_| None).unwrap());
+        let path = write_in_cluster_kubeconfig(&confs, &sa, &env)
+            .unwrap()
+            .unwrap();
+        let token = |p: &Path| -> Value {
+            let kc: Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            kc["users"][0]["user"]["token"].clone()
+        };
+        assert_eq!(token(&path), "first");
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        assert!(!refresh_in_cluster_kubeconfig(&confs, &sa, &env).unwrap());
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().ino(),
+            inode,
+            "not replaced"
+        );
+        std::fs::write(sa.join("token"), "second\n").unwrap();
+        assert!(refresh_in_cluster_kubeconfig(&confs, &sa, &env).unwrap());
+        assert_eq!(token(&path), "second");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A rotated CA too.
+        std::fs::write(sa.join("ca.crt"), "CA2").unwrap();
+        assert!(refresh_in_cluster_kubeconfig(&confs, &sa, &env).unwrap());
+        assert_eq!(std::fs::read(confs.join("malla-ca.crt")).unwrap(), b"CA2");
     }
 
     #[test]

@@ -90,6 +90,11 @@ enum Command {
         /// serves nothing.
         #[arg(long, value_name = "ADDR", default_value = malla_agent::DEFAULT_HTTP_LISTEN, value_parser = parse_http_listen)]
         http_listen: HttpListen,
+        /// The host's CNI configuration directory (as mounted in the agent's pod): inside a
+        /// cluster, the agent keeps the plugin's kubeconfig there current with its rotating
+        /// service-account token. Unset: nothing is refreshed.
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
     },
     /// Inspect IP address management.
     Ipam {
@@ -216,6 +221,7 @@ fn main() {
             resync_secs,
             config_dir,
             http_listen,
+            cni_conf_dir,
         } => g.init_logging().and_then(|()| {
             malla_agent::run(malla_agent::AgentConfig {
                 node,
@@ -225,6 +231,7 @@ fn main() {
                 ready_file,
                 config_dir,
                 http_listen: http_listen.0,
+                cni_conf_dir,
             })
         }),
         Command::Ipam { command } => ipam_cmd::run(&g, command),
