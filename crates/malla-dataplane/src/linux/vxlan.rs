@@ -93,49 +93,11 @@ impl VxlanManager {
         delta: &LinkDelta,
         stats: &mut ApplyStats,
     ) -> Result<(), DriverError> {
-        let gone = |e: &crate::netlink::NetlinkError| {
-            matches!(e.errno(), Some(libc::ENOENT) | Some(libc::ESRCH))
-        };
-        for p in &delta.peers_removed {
-            let replaced = delta.peers_added.iter().any(|a| a.node == p.node);
-            if replaced {
-                continue;
-            }
-            for n in peer_neighbours(dev, p) {
-                match nl.delete_neighbour(&n).await {
-                    Ok(()) => stats.neighbours_changed += 1,
-                    Err(e) if gone(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            match nl.delete_fdb(&peer_fdb(dev, p)).await {
-                Ok(()) => stats.fdb_changed += 1,
-                Err(e) if gone(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
+        for old in &delta.peers_removed {
+            let new = delta.peers_added.iter().find(|a| a.node == old.node);
+            remove_peer_entries(nl, dev, old, new, stats).await?;
         }
         for p in &delta.peers_added {
-            if let Some(old) = delta.peers_removed.iter().find(|r| r.node == p.node) {
-                // The same node with another address or MAC: its old entries that the new
-                // ones do not replace go first.
-                let new = peer_neighbours(dev, p);
-                for n in peer_neighbours(dev, old) {
-                    if !new.iter().any(|k| k.ip == n.ip) {
-                        match nl.delete_neighbour(&n).await {
-                            Ok(()) => stats.neighbours_changed += 1,
-                            Err(e) if gone(&e) => {}
-                            Err(e) => return Err(e.into()),
-                        }
-                    }
-                }
-                if peer_fdb(dev, old) != peer_fdb(dev, p) {
-                    match nl.delete_fdb(&peer_fdb(dev, old)).await {
-                        Ok(()) => stats.fdb_changed += 1,
-                        Err(e) if gone(&e) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-            }
             for n in peer_neighbours(dev, p) {
                 nl.replace_neighbour(&n).await?;
                 stats.neighbours_changed += 1;
@@ -226,4 +188,38 @@ fn peer_fdb(dev: &Link, p: &VxlanPeer) -> FdbEntry {
         mac: p.mac,
         dst: IpAddr::V4(p.underlay_ipv4),
     }
+}
+
+/// Deletes `old`'s neighbours and FDB entry on `dev`, except those its replacement `new` (the
+/// same node with another address or MAC) writes again. An entry already gone is fine.
+async fn remove_peer_entries(
+    nl: &Netlink,
+    dev: &Link,
+    old: &VxlanPeer,
+    new: Option<&VxlanPeer>,
+    stats: &mut ApplyStats,
+) -> Result<(), DriverError> {
+    let gone =
+        |e: &crate::netlink::NetlinkError| matches!(e.errno(), Some(libc::ENOENT | libc::ESRCH));
+    let kept = new.map(|p| peer_neighbours(dev, p));
+    for n in peer_neighbours(dev, old) {
+        if kept.iter().flatten().any(|k| k.ip == n.ip) {
+            continue;
+        }
+        match nl.delete_neighbour(&n).await {
+            Ok(()) => stats.neighbours_changed += 1,
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let fdb = peer_fdb(dev, old);
+    if new.is_some_and(|p| peer_fdb(dev, p) == fdb) {
+        return Ok(());
+    }
+    match nl.delete_fdb(&fdb).await {
+        Ok(()) => stats.fdb_changed += 1,
+        Err(e) if gone(&e) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
 }
