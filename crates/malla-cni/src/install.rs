@@ -238,24 +238,35 @@ pub fn conflist(
 mod tests {
     use super::*;
 
+    /// A service-account directory under `dir` holding `token` and the CA `CA`.
+    fn service_account(dir: &Path, token: &str) -> PathBuf {
+        let sa = dir.join("sa");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::write(sa.join("token"), token).unwrap();
+        std::fs::write(sa.join("ca.crt"), "CA").unwrap();
+        sa
+    }
+
+    /// The environment of a pod whose API server is at `host`:443.
+    fn in_cluster(host: &'static str) -> impl Fn(&str) -> Option<String> {
+        move |k: &str| match k {
+            "KUBERNETES_SERVICE_HOST" => Some(host.to_string()),
+            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
+            _ => None,
+        }
+    }
+
     #[test]
     fn in_cluster_kubeconfig_carries_the_service_account() {
         let dir = tempfile::tempdir().unwrap();
-        let sa = dir.path().join("sa");
-        std::fs::create_dir_all(&sa).unwrap();
-        std::fs::write(sa.join("token"), "tok\n").unwrap();
-        std::fs::write(sa.join("ca.crt"), "CA").unwrap();
+        let sa = service_account(dir.path(), "tok\n");
         let confs = dir.path().join("net.d");
         assert_eq!(
             write_in_cluster_kubeconfig(&confs, &sa, &|_| None).unwrap(),
             None,
             "outside a cluster"
         );
-        let env = |k: &str| match k {
-            "KUBERNETES_SERVICE_HOST" => Some("fd00::1".to_string()),
-            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
-            _ => None,
-        };
+        let env = in_cluster("fd00::1");
         let path = write_in_cluster_kubeconfig(&confs, &sa, &env)
             .unwrap()
             .unwrap();
@@ -279,16 +290,9 @@ mod tests {
     #[test]
     fn a_rotated_token_is_followed() {
         let dir = tempfile::tempdir().unwrap();
-        let sa = dir.path().join("sa");
-        std::fs::create_dir_all(&sa).unwrap();
-        std::fs::write(sa.join("token"), "first\n").unwrap();
-        std::fs::write(sa.join("ca.crt"), "CA").unwrap();
+        let sa = service_account(dir.path(), "first\n");
         let confs = dir.path().join("net.d");
-        let env = |k: &str| match k {
-            "KUBERNETES_SERVICE_HOST" => Some("198.19.64.1".to_string()),
-            "KUBERNETES_SERVICE_PORT" => Some("443".to_string()),
-            _ => None,
-        };
+        let env = in_cluster("198.19.64.1");
         assert!(!refresh_in_cluster_kubeconfig(&confs, &sa, &|_| None).unwrap());
         let path = write_in_cluster_kubeconfig(&confs, &sa, &env)
             .unwrap()

@@ -889,17 +889,21 @@ fn release_finds_affine_addresses_with_and_without_hints() {
     );
 }
 
+/// Two /29 blocks in a /28: node a fills its block (a0..a7), node b claims the other (b0).
+fn a_full_and_b_claimed(ipam: &Ipam<'_>) {
+    ipam.ensure_pool(&pool("p", "10.0.0.0/28", 29)).unwrap();
+    for i in 0..8 {
+        v4(ipam, &format!("a{i}"), "a").unwrap();
+    }
+    v4(ipam, "b0", "b").unwrap();
+}
+
 #[test]
 fn borrowed_addresses_keep_a_handle_record_and_are_released() {
     let (_d, file) = store();
     let s = Counting::new(&file);
     let ipam = Ipam::new(&s);
-    // Two /29 blocks in a /28: a fills its block, b claims the other.
-    ipam.ensure_pool(&pool("p", "10.0.0.0/28", 29)).unwrap();
-    for i in 0..8 {
-        v4(&ipam, &format!("a{i}"), "a").unwrap();
-    }
-    v4(&ipam, "b0", "b").unwrap();
+    a_full_and_b_claimed(&ipam);
     let a_blocks = affine(&ipam, "a");
     s.take();
     let borrowed = ipam
@@ -988,11 +992,7 @@ fn a_nodes_handles_come_from_its_blocks_and_records_alone() {
     let (_d, file) = store();
     let s = Counting::new(&file);
     let ipam = Ipam::new(&s);
-    ipam.ensure_pool(&pool("p", "10.0.0.0/28", 29)).unwrap();
-    for i in 0..8 {
-        v4(&ipam, &format!("a{i}"), "a").unwrap();
-    }
-    v4(&ipam, "b0", "b").unwrap();
+    a_full_and_b_claimed(&ipam);
     // a's block is full: a borrows from b's (a handle record names the block).
     let borrowed = v4(&ipam, "a8", "a").unwrap();
     assert_eq!(borrowed.block, "10.0.0.8/29".parse::<IpNet>().unwrap());
