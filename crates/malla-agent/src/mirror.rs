@@ -453,7 +453,7 @@ impl Mirror {
     /// (the common write) changes nothing here; this node's blocks are kept whole.
     fn set_block(&mut self, key: &str, value: Option<Resource>) -> Applied {
         let block = take!(key, value, Block).and_then(|v| {
-            serde_json::from_value::<Block>(v)
+            serde_json::from_value::<Block>(serde_json::Value::Object(v))
                 .map_err(|e| tracing::warn!(%key, error = %e, "skipping a malformed block"))
                 .ok()
         });

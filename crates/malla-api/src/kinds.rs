@@ -149,7 +149,7 @@ kinds! {
     Pool(IpPool) Keyed::Under(keys::POOLS), synced;
     /// An IPAM block. Its type lives in malla-ipam, above the store, so it travels as the
     /// record's JSON tree, decoded there with `serde_json::from_value` (no text round trip).
-    Block(BlockTree) Keyed::Under(keys::BLOCKS), synced;
+    Block(JsonObject) Keyed::Under(keys::BLOCKS), synced;
     WorkloadEndpoint(WorkloadEndpoint) Keyed::Under(keys::ENDPOINTS), synced;
     Service(Service) Keyed::Under(keys::SERVICES), synced;
     EndpointSlice(EndpointSlice) Keyed::Under(keys::ENDPOINT_SLICES), synced;
@@ -157,11 +157,12 @@ kinds! {
     Namespace(Namespace) Keyed::Under(keys::NAMESPACES), synced;
     NetworkPolicy(NetworkPolicy) Keyed::Under(keys::NETWORK_POLICIES), synced;
     /// An IPAM handle (malla-ipam's type, as a JSON tree): the CNI plugin's, not the feed's.
-    Handle(Value) Keyed::Under(keys::HANDLES), stored;
+    Handle(JsonObject) Keyed::Under(keys::HANDLES), stored;
 }
 
-/// An IPAM block's JSON tree: an object (anything else is refused when decoded).
-pub type BlockTree = Value;
+/// A record kept as its JSON tree (IPAM blocks and handles, whose types live above the store):
+/// an object, since decoding into a map refuses anything else.
+pub type JsonObject = serde_json::Map<String, Value>;
 
 /// Where the Kubernetes backend keeps each part of the key space.
 pub const STORAGE: &[Storage] = &[
@@ -301,57 +302,18 @@ pub fn is_synced(key: &str) -> bool {
 /// The JSON a record is read from: a tree (Kubernetes objects) or text (key-value backends),
 /// each decoded straight into the record's type.
 trait Source {
-    fn typed<T: serde::de::DeserializeOwned + Checked>(self, key: &str) -> Result<T, String>;
+    fn typed<T: serde::de::DeserializeOwned>(self, key: &str) -> Result<T, String>;
 }
-
-/// What decoding checks beyond the type (a block's tree must be an object).
-trait Checked: Sized {
-    fn check(self, _key: &str) -> Result<Self, String> {
-        Ok(self)
-    }
-}
-
-impl Checked for Value {
-    fn check(self, key: &str) -> Result<Self, String> {
-        if self.is_object() {
-            Ok(self)
-        } else {
-            Err(format!(
-                "{key}: a record kept as a JSON tree is a JSON object"
-            ))
-        }
-    }
-}
-
-macro_rules! unchecked {
-    ($($t:ty),*) => { $( impl Checked for $t {} )* };
-}
-unchecked!(
-    ClusterConfig,
-    Barrier,
-    Node,
-    IpPool,
-    WorkloadEndpoint,
-    Service,
-    EndpointSlice,
-    Pod,
-    Namespace,
-    NetworkPolicy
-);
 
 impl Source for Value {
-    fn typed<T: serde::de::DeserializeOwned + Checked>(self, key: &str) -> Result<T, String> {
-        serde_json::from_value::<T>(self)
-            .map_err(|e| format!("{key}: {e}"))?
-            .check(key)
+    fn typed<T: serde::de::DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_value::<T>(self).map_err(|e| format!("{key}: {e}"))
     }
 }
 
 impl Source for &str {
-    fn typed<T: serde::de::DeserializeOwned + Checked>(self, key: &str) -> Result<T, String> {
-        serde_json::from_str::<T>(self)
-            .map_err(|e| format!("{key}: {e}"))?
-            .check(key)
+    fn typed<T: serde::de::DeserializeOwned>(self, key: &str) -> Result<T, String> {
+        serde_json::from_str::<T>(self).map_err(|e| format!("{key}: {e}"))
     }
 }
 

@@ -939,6 +939,7 @@ impl<'a> Ipam<'a> {
                 blocks.push(b);
             }
         }
+        // Other nodes' handles stand in these blocks too (addresses they borrowed from ours).
         Ok(collect_handles(recs, blocks)
             .into_values()
             .map(|(h, _)| h)
