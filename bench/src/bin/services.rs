@@ -219,9 +219,14 @@ struct ProgRow {
     apply: Duration,
     ruleset_bytes: usize,
     changes: Vec<Change>,
-    /// One Service created after the changes (a path no graph node follows yet: the whole
-    /// map and table again, then the diff).
-    created: Option<Change>,
+    /// One Service created after the changes, then deleted, by the service path.
+    created: Change,
+    deleted: Change,
+    /// A NodePort Service created by the service path (chains: its text through `nft`).
+    node_port: Change,
+    /// One Service created by computing the whole node again and diffing it (the path every
+    /// creation took before the service path followed them).
+    created_whole: Change,
 }
 
 /// The node the calculation is for.
@@ -321,7 +326,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             // and the element changes they make.
             let t = Instant::now();
             let changed = std::collections::BTreeSet::from([svcs[idx].key.to_string()]);
-            let fast = services::plan_endpoint_changes(
+            let fast = services::plan_service_changes(
                 &mut table, &mut map, &svcs, &slices, NODE, &changed,
             );
             if let Some(plan) = fast {
@@ -375,20 +380,68 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             "  {fast_path} of {} changes took the fast path",
             args.changes
         );
-        // One Service created, as the agent applies it today: the endpoint path declines a
-        // new service, so the whole map and table are computed again and diffed.
-        let created = {
+        // One Service created and one deleted, as the agent applies them: the service path
+        // plans the service's own objects against the applied table, sent over nfnetlink when
+        // they are elements alone (a plain service), else as the plan's text through `nft`.
+        // Then, for comparison in the same run, a Service created the way every one was
+        // before: the whole map and table computed again and diffed as text.
+        let mut svcs = svcs;
+        let service_path = |svcs: &[services::ProxyService],
+                            slices: &[services::ProxySlice],
+                            key: &str,
+                            table: &mut model::Table,
+                            map: &mut services::ServiceMap|
+         -> anyhow::Result<Change> {
+            let t = Instant::now();
+            let changed = std::collections::BTreeSet::from([key.to_string()]);
+            let plan = services::plan_service_changes(table, map, svcs, slices, NODE, &changed)
+                .context("the service path declined a Service")?;
+            let sets = element_diff::plan_changes(table, &plan);
+            let text = sets.is_none().then(|| plan.text(table));
+            let rebuild = t.elapsed();
+            let t = Instant::now();
+            let size = match (sets, text) {
+                (Some(sets), _) => {
+                    let family = element_diff::family(&table.family).context("table family")?;
+                    sock.apply(family, &table.name, &sets)
+                        .context("applying the Service's elements")?;
+                    sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
+                }
+                (None, Some(text)) => {
+                    nft::apply(Some(&h), &text).context("applying the Service's text")?;
+                    text.lines().count()
+                }
+                (None, None) => 0,
+            };
+            Ok((rebuild, Duration::ZERO, t.elapsed(), size))
+        };
+        check(deadline)?;
+        let (svc, slice) = synthetic(n, args.endpoints);
+        svcs.push((&svc).into());
+        slices.push((&slice).into());
+        let key = svcs[n].key.to_string();
+        let created = service_path(&svcs, &slices, &key, &mut table, &mut map)?;
+        svcs.pop();
+        slices.pop();
+        let deleted = service_path(&svcs, &slices, &key, &mut table, &mut map)?;
+        // A NodePort Service: chains of its own, so the plan's text through `nft`.
+        let (mut svc, slice) = synthetic(n, args.endpoints);
+        svc.kind = malla_api::service::ServiceType::NodePort;
+        for p in svc.ports.iter_mut() {
+            p.node_port = Some(30_000);
+        }
+        svcs.push((&svc).into());
+        slices.push((&slice).into());
+        let node_port = service_path(&svcs, &slices, &key, &mut table, &mut map)?;
+        svcs.pop();
+        slices.pop();
+        service_path(&svcs, &slices, &key, &mut table, &mut map)?;
+        let created_whole = {
             check(deadline)?;
-            let (svc, slice) = synthetic(n, args.endpoints);
-            let mut svcs = svcs;
+            let (svc, slice) = synthetic(n + 1, args.endpoints);
             svcs.push((&svc).into());
             slices.push((&slice).into());
             let t = Instant::now();
-            let changed = std::collections::BTreeSet::from([svcs[n].key.to_string()]);
-            let fast = services::plan_endpoint_changes(
-                &mut table, &mut map, &svcs, &slices, NODE, &changed,
-            );
-            anyhow::ensure!(fast.is_none(), "the endpoint path took a new Service");
             let (new_map, new) = calc(&svcs, &slices, &pools);
             let rebuild = t.elapsed();
             let t = Instant::now();
@@ -396,7 +449,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let diff_t = t.elapsed();
             let t = Instant::now();
             nft::apply(Some(&h), &text).context("applying the new Service")?;
-            Some((rebuild, diff_t, t.elapsed(), text.lines().count()))
+            (rebuild, diff_t, t.elapsed(), text.lines().count())
         };
         rows.push(ProgRow {
             services: n,
@@ -406,6 +459,9 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             ruleset_bytes: text.len(),
             changes,
             created,
+            deleted,
+            node_port,
+            created_whole,
         });
         drop(h);
         nss.delete(&ns)?;
@@ -476,13 +532,26 @@ fn report_programming(args: &Args, p: &Programming) {
         );
     }
     println!(
-        "   One Service created (10 endpoints): the endpoint path declines it, so the whole map and table are computed again (rebuild), diffed as text (diff) and applied with nft (apply; lines of the diff)"
+        "   One Service ({} endpoints) created, then deleted, as the agent applies them: the service path plans the service's own objects against the applied table (rebuild) and sends them over nfnetlink or as the plan's text through nft (apply; lines = elements or text lines). Then one created by computing the whole node again (rebuild), diffing it as text (diff) and applying it with nft: the path before, in the same run",
+        args.endpoints
     );
     for r in &p.rows {
-        if let Some(c) = r.created {
+        for (what, c) in [
+            ("created", r.created),
+            ("deleted", r.deleted),
+            ("NodePort created", r.node_port),
+            ("whole", r.created_whole),
+        ] {
             let c = ChangeStats::of([c]);
-            println!("{:>8} {}", r.services, c.cells());
+            println!("{:>8} {} {what}", r.services, c.cells());
         }
+        let ratio = r.created_whole.0 + r.created_whole.1 + r.created_whole.2;
+        let now = r.created.0 + r.created.1 + r.created.2;
+        println!(
+            "{:>8} creation {:.1}x faster than computing the whole node",
+            r.services,
+            ratio.as_secs_f64() / now.as_secs_f64().max(1e-9)
+        );
     }
     println!();
 }

@@ -282,19 +282,19 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             let resync_due = last_full.elapsed() >= cfg.resync;
             if !pending_services.is_empty() && !resync_due && !other_dirty && applied {
-                // Only Services or slices changed: try the fast path, which touches those
-                // services' elements alone.
+                // Only Services or slices changed: the service path, which touches those
+                // services' own objects alone (created, deleted or changed).
                 let view = mirror.view();
                 let started = Instant::now();
                 let plan = plane.service_model().and_then(|(table, map)| {
-                    malla_calc::services::plan_endpoint_changes(table, map, &view.services, &view.endpoint_slices, &cfg.node, &pending_services)
+                    malla_calc::services::plan_service_changes(table, map, &view.services, &view.endpoint_slices, &cfg.node, &pending_services)
                 });
                 if let Some(plan) = plan {
                     let done = plane.apply(Update::Endpoints(plan)).await;
                     metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
                     match done {
                         Ok(_) => {
-                            tracing::info!(node = %cfg.node, services = ?pending_services, "service endpoints updated in place");
+                            tracing::info!(node = %cfg.node, services = ?pending_services, "services updated in place");
                             applied = true;
                             pending_services.clear();
                             if let Some(since) = pending_since.take() {

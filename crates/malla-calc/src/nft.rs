@@ -9,6 +9,7 @@
 //! (sorted as text, as `nft` lists them).
 
 pub mod element;
+pub mod patch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -126,7 +127,8 @@ impl Set {
         s
     }
 
-    fn same_definition(&self, other: &Set) -> bool {
+    /// Whether `other` declares the same set (elements aside).
+    pub fn same_definition(&self, other: &Set) -> bool {
         self.type_ == other.type_ && self.flags == other.flags && self.timeout == other.timeout
     }
 }

@@ -71,8 +71,9 @@ mod endpoints;
 mod node_name;
 mod proxy_service;
 mod proxy_slice;
+mod reshape;
 
-pub use endpoints::{plan_endpoint_changes, EndpointPlan, ServiceChange};
+pub use endpoints::{plan_service_changes, EndpointPlan, ServiceChange};
 pub use node_name::NodeName;
 pub use proxy_service::{ProxyPort, ProxyService};
 pub use proxy_slice::{ProxyEndpoint, ProxySlice, SlicePort};
@@ -751,12 +752,11 @@ fn dispatch_slots(table: &nft::Table, chain: &str) -> Option<(String, u32, u32)>
 /// 256 maps per family and protocol. A chain's slot is a hash of its name, probing forward on
 /// collision (processed in hash order), so a change rarely moves another chain's endpoints.
 fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
-    let natural = |c: &str| (u64::from(fnv1a32(c)) * SLOTS) >> 32;
-    pending.sort_by_cached_key(|p| (natural(&p.chain), p.chain.clone()));
+    pending.sort_by_cached_key(|p| (natural_slot(&p.chain), p.chain.clone()));
     let mut used: BTreeSet<u64> = BTreeSet::new();
     for p in pending {
-        let k = (p.eps.len() as u64).div_ceil(SLOT_SIZE).max(1);
-        let mut slot = natural(&p.chain);
+        let k = p.slots();
+        let mut slot = natural_slot(&p.chain);
         let mut tries = 0;
         while slot + k > SLOTS || (slot..slot + k).any(|s| used.contains(&s)) {
             slot = if slot + k >= SLOTS { 0 } else { slot + 1 };
@@ -767,32 +767,58 @@ fn place(table: &mut nft::Table, mut pending: Vec<Pending>) {
             }
         }
         used.extend(slot..slot + k);
+        p.write(table, slot);
+    }
+}
+
+/// The slot a dispatch chain takes when it is free: a hash of its name.
+fn natural_slot(chain: &str) -> u64 {
+    (u64::from(fnv1a32(chain)) * SLOTS) >> 32
+}
+
+impl Pending {
+    /// How many slots its endpoints take.
+    fn slots(&self) -> u64 {
+        (self.eps.len() as u64).div_ceil(SLOT_SIZE).max(1)
+    }
+
+    /// Writes the chain's rule and its endpoints at `slot` into `table` (creating the endpoint
+    /// map unless it exists).
+    fn write(&self, table: &mut nft::Table, slot: u64) {
         let off = slot * SLOT_SIZE;
-        let kw = p.family.kw();
-        let name = endpoints_map(p.family, p.protocol, slot);
-        let map = table.maps.entry(name.clone()).or_insert_with(|| Map {
-            type_: "typeof numgen random mod 2".into(),
-            // Not `th dport`: nft 1.0.6 then fails to read the table back ("conflicting
-            // protocols specified: tcp vs. th").
-            value: format!("{kw} daddr . {} dport", p.protocol),
-            flags: Vec::new(),
-            counter: false,
-            size: None,
-            elements: BTreeMap::new(),
-        });
-        for (i, (ip, port)) in p.eps.iter().enumerate() {
+        let kw = self.family.kw();
+        let name = endpoints_map(self.family, self.protocol, slot);
+        let map = table
+            .maps
+            .entry(name.clone())
+            .or_insert_with(|| endpoints_map_declaration(self.family, self.protocol));
+        for (i, (ip, port)) in self.eps.iter().enumerate() {
             map.elements.insert(
                 Key::one(Part::Int((off + i as u64) as u32)),
                 endpoint_value(*ip, *port),
             );
         }
-        if let Some(c) = table.chains.get_mut(&p.chain) {
+        if let Some(c) = table.chains.get_mut(&self.chain) {
             c.rules = vec![format!(
                 "meta l4proto {} dnat {kw} to numgen random mod {} offset {off} map @{name}",
-                p.protocol,
-                p.eps.len()
+                self.protocol,
+                self.eps.len()
             )];
         }
+    }
+}
+
+/// An endpoint map of `fam` and `proto`, empty.
+fn endpoints_map_declaration(fam: IpFamily, proto: &str) -> Map {
+    Map {
+        type_: "typeof numgen random mod 2".into(),
+        // Not `th dport`: nft 1.0.6 then fails to read the table back ("conflicting
+        // protocols specified: tcp vs. th").
+        value: format!("{} daddr . {proto} dport", fam.kw()),
+        flags: Vec::new(),
+        counter: false,
+        size: None,
+        elements: BTreeMap::new(),
     }
 }
 
@@ -1396,6 +1422,14 @@ pub(crate) mod fixtures {
                 })
                 .collect(),
         }
+    }
+
+    /// Every dispatch element of `m`: `(map, key) -> value`.
+    pub fn dispatch_elements(m: &ServiceMap) -> BTreeMap<(String, Key), Value> {
+        dispatch::elements(m)
+            .into_iter()
+            .flat_map(|(map, els)| els.into_iter().map(move |(k, v)| ((map.clone(), k), v)))
+            .collect()
     }
 
     /// The slices as the proxy keeps them.
@@ -2169,14 +2203,6 @@ mod delta_props {
     use super::fixtures::*;
     use super::*;
     use proptest::prelude::*;
-
-    /// Every dispatch element of `m`: `(map, key) -> value`.
-    fn dispatch_elements(m: &ServiceMap) -> BTreeMap<(String, Key), Value> {
-        dispatch::elements(m)
-            .into_iter()
-            .flat_map(|(map, els)| els.into_iter().map(move |(k, v)| ((map.clone(), k), v)))
-            .collect()
-    }
 
     /// Applies `c` to `elements` as the kernel would, asserting that each change finds the
     /// element there (removed, replaced) or not (added).

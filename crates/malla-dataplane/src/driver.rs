@@ -19,10 +19,10 @@ pub enum Update {
     /// The node's whole desired state: the start-up case, and any change the fast path does not
     /// cover. The driver diffs it against the kernel (and its last apply) and keeps it.
     Full(Box<NodeDataplane>),
-    /// Some services' endpoints moved within the same counts: the element changes the
-    /// calculation planned against [`Driver::service_model`] (the endpoint fast path). The
-    /// driver sends them and nothing else; when it cannot, it puts the model back and fails,
-    /// and the caller applies a [`Update::Full`].
+    /// Services created, deleted or changed (and policy set members, which ride the same
+    /// plan): the changes the calculation planned against [`Driver::service_model`] (the
+    /// service path). The driver sends them and nothing else; when it cannot, it puts the
+    /// model back and fails, and the caller applies a [`Update::Full`].
     Endpoints(EndpointPlan),
     /// Routes, VXLAN peers or local pods added and removed (the calculation's links node,
     /// [`malla_calc::links::LinksNode`]): the driver changes those objects and nothing else,

@@ -13,12 +13,9 @@ use malla_calc::ClusterView;
 use malla_dataplane::driver::{Driver, Update};
 use malla_dataplane::linux::{LinuxDriver, VXLAN_DEVICE};
 use malla_dataplane::netlink::Netlink;
-use malla_dataplane::netns::{self, NetNs};
 use malla_dataplane::MALLA_ROUTE_PROTOCOL;
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
+mod common;
 
 fn node(name: &str, last: u8) -> Node {
     Node {
@@ -211,48 +208,12 @@ async fn run(mode: RoutingMode) {
 }
 
 fn in_namespace(mode: RoutingMode) {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("skipping: needs root");
         return;
     }
     let name = format!("mlt-links-{}-{mode:?}", std::process::id()).to_lowercase();
-    netns::create(&name).unwrap();
-    let setup = [
-        // No dummy driver here: a veth pair, both ends in the namespace.
-        vec![
-            "-n", &name, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0p",
-        ],
-        vec!["-n", &name, "link", "set", "ul0p", "up"],
-        vec!["-n", &name, "addr", "add", "198.19.0.11/24", "dev", "ul0"],
-        vec![
-            "-n",
-            &name,
-            "addr",
-            "add",
-            "fd00:198:19::11/64",
-            "dev",
-            "ul0",
-            "nodad",
-        ],
-        vec!["-n", &name, "link", "set", "ul0", "up"],
-    ];
-    let result = setup
-        .iter()
-        .try_for_each(|args| netns::run_ip(args))
-        .map_err(|e| e.to_string())
-        .and_then(|()| NetNs::open_named(&name).map_err(|e| e.to_string()))
-        .and_then(|ns| {
-            ns.run(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(run(mode));
-            })
-            .map_err(|e| e.to_string())
-        });
-    netns::delete(&name).unwrap();
-    result.unwrap();
+    common::in_namespace(&name, true, move || run(mode));
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! set members, [`plan_member_changes`] turns it into element changes of the applied table —
 //! each touched set per family as [`render`](super::render) names it, and every union set it is
 //! matched through — made to that table with their undo, as the services endpoint plan is
-//! ([`crate::services::plan_endpoint_changes`]). The driver sends them as an
+//! ([`crate::services::plan_service_changes`]). The driver sends them as an
 //! `Update::Endpoints`. Anything else (a program changed, a set created or dropped) yields
 //! None: the agent computes and applies the whole node.
 

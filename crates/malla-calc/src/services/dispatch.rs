@@ -50,13 +50,14 @@ pub fn value(ep: &ServiceEndpoint) -> Value {
 
 /// Every frontend of a plain entry that owns it, with that entry's endpoints.
 pub fn lists(map: &ServiceMap) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
+    lists_of(&map.entries)
+}
+
+/// [`lists`] of some entries (in map order) alone.
+pub fn lists_of(entries: &[ServiceEntry]) -> BTreeMap<Frontend, &[ServiceEndpoint]> {
     let mut claimed = BTreeSet::new();
     let mut out = BTreeMap::new();
-    for e in map
-        .entries
-        .iter()
-        .filter(|e| !e.cluster_endpoints.is_empty())
-    {
+    for e in entries.iter().filter(|e| !e.cluster_endpoints.is_empty()) {
         for f in &e.frontends {
             let owned = Frontend {
                 family: e.family,
@@ -115,6 +116,33 @@ pub struct Changes {
 impl Changes {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.removed.is_empty()
+    }
+
+    /// The changes as `nft` lines for table `tbl` (`family name`): deletions (removed keys,
+    /// replaced values), then additions.
+    pub fn text(&self, tbl: &str) -> String {
+        let mut deleted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut added: BTreeMap<&str, Vec<(Key, Value)>> = BTreeMap::new();
+        for (m, k) in &self.removed {
+            deleted.entry(m).or_default().push(k.to_string());
+        }
+        for (m, k, v, replaces) in &self.set {
+            if *replaces {
+                deleted.entry(m).or_default().push(k.to_string());
+            }
+            added.entry(m).or_default().push((k.clone(), v.clone()));
+        }
+        let mut out = String::new();
+        for (m, keys) in deleted {
+            out.push_str(&format!(
+                "delete element {tbl} {m} {{ {} }}\n",
+                keys.join(", ")
+            ));
+        }
+        for (m, els) in &added {
+            add_lines(&mut out, tbl, m, els);
+        }
+        out
     }
 
     /// Adds the changes of frontend `f`'s endpoints going from `before` to `after`: the
@@ -217,34 +245,12 @@ pub fn render_diff(
     let mut out = String::new();
     // Only the maps the table diff creates get every element (usually none).
     let all = elements_of(new, fresh);
-    let changes = diff(old, new);
-    let mut deleted: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut added: BTreeMap<&str, Vec<(Key, Value)>> = BTreeMap::new();
-    for (m, k) in &changes.removed {
-        if !fresh(m) {
-            deleted.entry(m).or_default().push(k.to_string());
-        }
-    }
-    for (m, k, v, replaces) in &changes.set {
-        if fresh(m) {
-            continue;
-        }
-        if *replaces {
-            deleted.entry(m).or_default().push(k.to_string());
-        }
-        added.entry(m).or_default().push((k.clone(), v.clone()));
-    }
-    for (m, keys) in deleted {
-        out.push_str(&format!(
-            "delete element {tbl} {m} {{ {} }}\n",
-            keys.join(", ")
-        ));
-    }
-    for (m, els) in added
-        .iter()
-        .map(|(m, e)| (*m, e))
-        .chain(all.iter().map(|(m, e)| (m.as_str(), e)))
-    {
+    let mut changes = diff(old, new);
+    // The maps the table diff creates get every element (below), not changes.
+    changes.removed.retain(|(m, _)| !fresh(m));
+    changes.set.retain(|(m, ..)| !fresh(m));
+    out.push_str(&changes.text(&tbl));
+    for (m, els) in &all {
         add_lines(&mut out, &tbl, m, els);
     }
     out

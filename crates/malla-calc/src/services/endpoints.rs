@@ -1,18 +1,20 @@
-//! The endpoint fast path, planned by the calculation: when only some services' endpoints
-//! moved within the same counts, each service's entries are rebuilt alone
-//! ([`super::build_service`]) and their change to the applied table found
-//! ([`super::endpoint_delta`]), one service after the other, against the model as the
-//! previous ones leave it. The model (the table and service map the dataplane last applied)
-//! is changed as planned, and the plan is data: the dataplane driver sends its element
-//! changes without computing anything, and [`EndpointPlan::undo`] puts the model back when the
-//! kernel refuses them.
+//! The service path, planned by the calculation: each changed service's entries are rebuilt
+//! alone ([`super::build_service`]) and their change to the applied table found, one service
+//! after the other, against the model as the previous ones leave it: element changes when only
+//! endpoints moved within the same counts ([`super::endpoint_delta`]), else a patch of the
+//! service's objects ([`super::reshape`]: a service created, deleted or reshaped). The model
+//! (the table and service map the dataplane last applied) is changed as planned, and the plan
+//! is data: the dataplane driver sends it without computing anything (element changes over
+//! nfnetlink, or the patches' text), and [`EndpointPlan::undo`] puts the model back when the
+//! kernel refuses it.
 
 use std::collections::BTreeSet;
 
 use super::{
-    build_service, endpoint_delta, EndpointDelta, ProxyService, ProxySlice, ServiceEntry,
-    ServiceMap,
+    build_service, endpoint_delta, reshape::reshape, EndpointDelta, ProxyService, ProxySlice,
+    ServiceEntry, ServiceMap,
 };
+use crate::nft::patch::Patch;
 use crate::nft::{Key, Table};
 
 /// One service's planned change.
@@ -23,6 +25,9 @@ pub struct ServiceChange {
     pub delta: EndpointDelta,
     /// What undoes `delta` (its map values are the keys `delta` replaced).
     undo: EndpointDelta,
+    /// The service's objects created, deleted or changed (`delta` then holds only its dispatch
+    /// elements), when its change is more than endpoints moving.
+    pub patch: Option<Patch>,
     /// Where the service's entries are in the service map.
     start: usize,
     /// How many entries it has now.
@@ -38,6 +43,67 @@ impl ServiceChange {
             .map_values
             .iter()
             .any(|(m, k, _)| m == map && k == key)
+    }
+
+    /// Whether only elements change: the driver can send it over nfnetlink.
+    pub fn elements_only(&self) -> bool {
+        self.patch.as_ref().is_none_or(Patch::elements_only)
+    }
+
+    /// The change as `nft` text, to follow the plan's earlier changes in one transaction;
+    /// `table` is the model (for the declarations of the maps `delta` touches).
+    pub fn text(&self, table: &Table) -> String {
+        let mut out = String::new();
+        let d = &self.delta;
+        if !(d.map_values.is_empty() && d.set_added.is_empty() && d.set_removed.is_empty()) {
+            let mut as_patch = Patch::new(&table.family, &table.name);
+            for (map, key, value) in &d.map_values {
+                let Some(m) = table.maps.get(map) else {
+                    continue;
+                };
+                for t in [&mut as_patch.before, &mut as_patch.after] {
+                    t.maps
+                        .entry(map.clone())
+                        .or_insert_with(|| crate::nft::patch::declaration_of_map(m));
+                }
+                as_patch
+                    .after
+                    .maps
+                    .get_mut(map)
+                    .map(|x| x.elements.insert(key.clone(), value.clone()));
+            }
+            for (map, key, value) in &self.undo.map_values {
+                as_patch
+                    .before
+                    .maps
+                    .get_mut(map)
+                    .map(|x| x.elements.insert(key.clone(), value.clone()));
+            }
+            for (sets, after) in [(&d.set_removed, false), (&d.set_added, true)] {
+                for (set, e) in sets {
+                    let Some(s) = table.sets.get(set) else {
+                        continue;
+                    };
+                    for t in [&mut as_patch.before, &mut as_patch.after] {
+                        t.sets
+                            .entry(set.clone())
+                            .or_insert_with(|| crate::nft::patch::declaration_of_set(s));
+                    }
+                    let t = if after {
+                        &mut as_patch.after
+                    } else {
+                        &mut as_patch.before
+                    };
+                    t.sets.get_mut(set).map(|x| x.elements.insert(e.clone()));
+                }
+            }
+            out.push_str(&as_patch.text());
+        }
+        if let Some(p) = &self.patch {
+            out.push_str(&p.text());
+        }
+        out.push_str(&d.dispatch.text(&format!("{} {}", table.family, table.name)));
+        out
     }
 
     /// The service's entries before the change, and (from `map`, the model after it) now.
@@ -65,6 +131,7 @@ impl EndpointPlan {
             changes: vec![ServiceChange {
                 delta,
                 undo,
+                patch: None,
                 start: 0,
                 count: 0,
                 old: Vec::new(),
@@ -72,10 +139,23 @@ impl EndpointPlan {
         }
     }
 
+    /// Whether only elements change: the driver can send the plan over nfnetlink.
+    pub fn elements_only(&self) -> bool {
+        self.changes.iter().all(ServiceChange::elements_only)
+    }
+
+    /// The plan as one `nft` transaction's text (see [`ServiceChange::text`]).
+    pub fn text(&self, table: &Table) -> String {
+        self.changes.iter().map(|c| c.text(table)).collect()
+    }
+
     /// Puts `table` and `map` back as they were before the plan.
     pub fn undo(self, table: &mut Table, map: &mut ServiceMap) {
         for c in self.changes.into_iter().rev() {
             c.undo.apply_to(table);
+            if let Some(p) = &c.patch {
+                p.undo(table);
+            }
             map.entries.splice(c.start..c.start + c.count, c.old);
         }
     }
@@ -90,11 +170,11 @@ fn find_service<'a>(services: &'a [ProxyService], key: &str) -> Option<&'a Proxy
     }
 }
 
-/// Plans the endpoint changes of the services `changed` (keys `namespace/name`), rebuilt from
+/// Plans the changes of the services `changed` (keys `namespace/name`), rebuilt from
 /// `services` and `slices` for node `node`, against `table` (rendered from `map`), making them
-/// to both. None, with the model as it was, when one of them is more than endpoints moving
-/// within the same counts (or is gone): then the whole node must be computed.
-pub fn plan_endpoint_changes(
+/// to both. None, with the model as it was, when one of them touches what another service
+/// holds (see [`super::reshape`]): then the whole node must be computed.
+pub fn plan_service_changes(
     table: &mut Table,
     map: &mut ServiceMap,
     services: &[ProxyService],
@@ -104,24 +184,36 @@ pub fn plan_endpoint_changes(
 ) -> Option<EndpointPlan> {
     let mut plan = EndpointPlan::default();
     for service in changed {
-        let planned = find_service(services, service).and_then(|svc| {
-            let key = &*svc.key;
-            let start = map.entries.partition_point(|e| *e.service < *key);
-            let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
-            let entries = build_service(svc, slices, node);
-            let delta = endpoint_delta(table, map, &map.entries[start..end], &entries)?;
-            Some((start..end, entries, delta))
-        });
-        let Some((range, entries, delta)) = planned else {
+        let key = service.as_str();
+        let start = map.entries.partition_point(|e| *e.service < *key);
+        let end = start + map.entries[start..].partition_point(|e| *e.service == *key);
+        let entries = find_service(services, key)
+            .map(|svc| build_service(svc, slices, node))
+            .unwrap_or_default();
+        let planned = match endpoint_delta(table, map, &map.entries[start..end], &entries) {
+            Some(delta) => Some((delta, None)),
+            None => reshape(table, map, key, &entries).map(|(patch, dispatch)| {
+                let delta = EndpointDelta {
+                    dispatch,
+                    ..EndpointDelta::default()
+                };
+                (delta, Some(patch))
+            }),
+        };
+        let Some((delta, patch)) = planned else {
             plan.undo(table, map);
             return None;
         };
         let undo = delta.apply_to(table);
-        let (start, count) = (range.start, entries.len());
-        let old = map.entries.splice(range, entries).collect();
+        if let Some(p) = &patch {
+            p.apply_to(table);
+        }
+        let count = entries.len();
+        let old = map.entries.splice(start..end, entries).collect();
         plan.changes.push(ServiceChange {
             delta,
             undo,
+            patch,
             start,
             count,
             old,
@@ -195,7 +287,7 @@ mod tests {
         let m0 = build(&proxied(services), &proxy(slices), ME, &[], &pools());
         let t0 = crate::masquerade::node_table(&pools(), &m0);
         let (mut t, mut m) = (t0.clone(), m0.clone());
-        let plan = plan_endpoint_changes(
+        let plan = plan_service_changes(
             &mut t,
             &mut m,
             &proxied(services),
@@ -222,14 +314,31 @@ mod tests {
         assert_eq!((m, t), before);
     }
 
-    /// A service that is gone (or any that needs a render) declines the whole plan, and the
-    /// changes planned before it are taken back.
+    /// A service that needs a render (here: a new one on another's cluster IP and port)
+    /// declines the whole plan, and the changes planned before it are taken back.
     #[test]
     fn one_service_declining_leaves_the_model_as_it_was() {
         let (services, slices, moved, mut changed) = two_moved();
-        changed.insert("zzz/gone".to_string());
-        let (before, after, plan) = planned(&services, &slices, &moved, &changed);
+        let m0 = build(&proxied(&services), &proxy(&slices), ME, &[], &pools());
+        let t0 = crate::masquerade::node_table(&pools(), &m0);
+        let mut more = services.clone();
+        more.push(svc(
+            "zzz",
+            malla_api::service::ServiceType::ClusterIP,
+            &["10.96.0.10"],
+            vec![port("", malla_api::service::Protocol::Tcp, 80, None)],
+        ));
+        changed.insert("default/zzz".to_string());
+        let (mut t, mut m) = (t0.clone(), m0.clone());
+        let plan = plan_service_changes(
+            &mut t,
+            &mut m,
+            &proxied(&more),
+            &proxy(&moved),
+            ME,
+            &changed,
+        );
         assert!(plan.is_none());
-        assert_eq!(after, before);
+        assert_eq!((m, t), (m0, t0));
     }
 }

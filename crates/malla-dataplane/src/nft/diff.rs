@@ -195,10 +195,17 @@ pub fn dispatch_changes(table: &Table, c: &services::dispatch::Changes) -> Optio
 }
 
 /// The element changes of `plan`, made by the calculation against `table` (see
-/// [`malla_calc::services::plan_endpoint_changes`]); None when one cannot be encoded.
+/// [`malla_calc::services::plan_service_changes`]); None when one cannot be encoded or the
+/// plan creates or deletes objects (a service's chains: its text then).
 pub fn plan_changes(table: &Table, plan: &EndpointPlan) -> Option<Vec<SetChange>> {
     let mut out = Vec::new();
     for c in &plan.changes {
+        if let Some(p) = &c.patch {
+            if !p.elements_only() {
+                return None;
+            }
+            out.extend(element_changes(&p.before, &p.after)?);
+        }
         out.extend(delta_changes(table, &c.delta, |map, key| {
             c.replaces(map, key)
         })?);

@@ -163,18 +163,18 @@ impl NftManager {
     }
 
     /// The table and service map as last applied, which the calculation plans the endpoint
-    /// fast path against ([`malla_calc::services::plan_endpoint_changes`]); None before the
+    /// fast path against ([`malla_calc::services::plan_service_changes`]); None before the
     /// first apply.
     pub fn model_mut(&mut self) -> Option<(&mut Table, &mut ServiceMap)> {
         let table = self.applied_table.as_mut()?;
         Some((table, &mut self.applied_services))
     }
 
-    /// The fast path for services whose endpoints moved within the same counts: the plan's
-    /// element changes, made by the calculation against [`NftManager::model_mut`] (which it
-    /// already changed), go to the kernel in one nfnetlink batch, without computing or diffing
-    /// the node's whole table. When they cannot be encoded or the kernel refuses them, the
-    /// model is put back as it was and the caller computes everything.
+    /// The service path: the plan, made by the calculation against [`NftManager::model_mut`]
+    /// (which it already changed), goes to the kernel without computing or diffing the node's
+    /// whole table: element changes in one nfnetlink batch, or, when it creates or deletes
+    /// objects (a service's chains), its text in one `nft` transaction. When the kernel
+    /// refuses it, the model is put back as it was and the caller computes everything.
     pub fn apply_endpoints(
         &mut self,
         plan: EndpointPlan,
@@ -183,15 +183,21 @@ impl NftManager {
         let Some(table) = self.applied_table.take() else {
             return Err(DriverError::NoBase);
         };
-        let changes = diff::family(&table.family)
-            .zip(diff::plan_changes(&table, &plan))
-            .ok_or_else(|| NftError::Rejected("endpoint changes the driver cannot encode".into()));
-        let sent = changes.and_then(|(family, changes)| {
-            if changes.is_empty() {
-                return Ok(());
+        let changes = diff::family(&table.family).zip(diff::plan_changes(&table, &plan));
+        let sent = match changes {
+            Some((_, changes)) if changes.is_empty() => Ok(()),
+            Some((family, changes)) => self.send_elements(family, &table.name, &changes),
+            // Objects created or deleted (or elements nfnetlink cannot encode): the plan's
+            // text, one `nft` transaction.
+            None => {
+                let text = plan.text(&table);
+                if text.is_empty() {
+                    Ok(())
+                } else {
+                    nft::apply(None, &text)
+                }
             }
-            self.send_elements(family, &table.name, &changes)
-        });
+        };
         self.applied_table = Some(table);
         if let Err(e) = sent {
             if let Some(table) = self.applied_table.as_mut() {
