@@ -351,28 +351,48 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 }
             }
             if !pending_policy.is_empty() && !resync_due && !other_dirty && applied {
-                // Only policy inputs changed: the policy node follows them, and when only set
-                // members moved, their elements are changed in place.
+                // Only policy inputs changed: the policy node follows them; set members that
+                // moved are changed in place, anything else re-renders the policy part of the
+                // table alone (a patch of what differs).
                 let view = mirror.view();
                 let started = Instant::now();
+                // No node yet (no NetworkPolicy before this batch): built now, one compile, and
+                // the policy part of the table rendered from it.
+                let built = policy_node.is_none() && !view.policies.is_empty();
+                if built {
+                    policy_node = Some(malla_calc::policy::PolicyNode::new(view, &cfg.node));
+                }
                 let plan = policy_node.as_mut().and_then(|node| {
+                    let (table, _) = plane.service_model()?;
+                    if built {
+                        return Some(node.plan_render(table));
+                    }
                     let delta = node.follow(view, &pending_policy)?;
-                    plane.service_model().and_then(|(table, _)| node.plan(table, &delta))
+                    node.plan(table, &delta)
                 });
+                // Set members moved in place, or the policy objects patched.
+                let rendered = plan
+                    .as_ref()
+                    .is_some_and(|p| p.changes.iter().any(|c| c.patch.is_some()));
                 let done = match plan {
                     Some(plan) => {
                         let done = plane.apply(Update::Endpoints(plan)).await;
                         metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
                         done.inspect_err(|e| {
                             metrics.apply_failed();
-                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "policy member update failed; computing everything");
+                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "policy update failed; computing everything");
                         })
                         .is_ok()
                     }
                     None => false,
                 };
+                if view.policies.is_empty() {
+                    // The last NetworkPolicy went: the node would keep a copy of every pod for
+                    // nothing (the next one builds it again).
+                    policy_node = None;
+                }
                 if done {
-                    tracing::info!(node = %cfg.node, pods = pending_policy.pods.len(), policies = pending_policy.policies.len(), namespaces = pending_policy.namespaces.len(), "policy set members updated in place");
+                    tracing::info!(node = %cfg.node, pods = pending_policy.pods.len(), policies = pending_policy.policies.len(), namespaces = pending_policy.namespaces.len(), "{}", if rendered { "policy objects patched in place" } else { "policy set members updated in place" });
                     pending_policy.clear();
                     if let Some(since) = pending_since.take() {
                         metrics.synced(since.elapsed());

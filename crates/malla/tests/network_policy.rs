@@ -358,6 +358,13 @@ fn kubernetes_network_policy_model() {
         "policy updated in place",
         &|f: &str, t: &str, _: u16, _: &str| t != "x/a" || f == "x/c",
     );
+    // Policies created, changed and deleted: node-1's agent (x/a's node) patched its policy
+    // objects alone, without computing the whole node.
+    let log = std::fs::read_to_string(m.lab.dir().join("logs").join("agent-node-1.log")).unwrap();
+    assert!(
+        log.contains("policy objects patched in place"),
+        "node-1's agent took the policy path:\n{log}"
+    );
 
     // Label changes on pods and namespaces take effect.
     let labelled = np("x", "moving", "  podSelector: {matchLabels: {pod: a}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: b, role: friend}}}, {namespaceSelector: {matchLabels: {trust: high}}}]}]");

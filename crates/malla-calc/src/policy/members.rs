@@ -9,8 +9,10 @@
 //! each touched set per family as [`render`](super::render) names it, and every union set it is
 //! matched through — made to that table with their undo, as the services endpoint plan is
 //! ([`crate::services::plan_service_changes`]). The driver sends them as an
-//! `Update::Endpoints`. Anything else (a program changed, a set created or dropped) yields
-//! None: the agent computes and applies the whole node.
+//! `Update::Endpoints`. Anything else (a program changed, a set created or dropped: a policy
+//! created or deleted, a new local pod a policy selects) re-renders the policy part of the
+//! table alone from the node's program and patches the objects that differ
+//! ([`policy_patch`]): work in the size of the policy program, not of the node's services.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -20,6 +22,7 @@ use malla_api::WorkloadEndpoint;
 use super::addrs::nft_element;
 use super::render::{rendered_sets, RenderedSets};
 use super::{PolicyDelta, PolicyIndex, PolicyProgram};
+use crate::nft::patch::Patch;
 use crate::nft::Table;
 use crate::services::{EndpointDelta, EndpointPlan};
 use crate::ClusterView;
@@ -153,12 +156,24 @@ impl PolicyNode {
         Some(delta)
     }
 
+    /// Plans the policy part of `table` (the node's table as last applied, rendered from
+    /// another program or none) as a render of this node's program, making it to the table: a
+    /// node just built, e.g. for the first NetworkPolicy.
+    pub fn plan_render(&mut self, table: &mut Table) -> EndpointPlan {
+        let patch = policy_patch(table, &self.index.program());
+        patch.apply_to(table);
+        self.rendered = None;
+        EndpointPlan::patch(patch)
+    }
+
     /// Plans `delta` (what [`PolicyNode::follow`] returned) against `table`, the node's table
-    /// as last applied, making it to the table; None when it is more than set members (see
-    /// [`plan_member_changes`]).
+    /// as last applied, making it to the table: set members in place (see
+    /// [`plan_member_changes`]), else a patch of the policy objects that differ from a render
+    /// of the node's program ([`policy_patch`]). None when the member change cannot be made
+    /// in place.
     pub fn plan(&mut self, table: &mut Table, delta: &PolicyDelta) -> Option<EndpointPlan> {
         if !delta.members_only() {
-            return None;
+            return Some(self.plan_render(table));
         }
         let index = &self.index;
         let rendered = self
@@ -166,6 +181,62 @@ impl PolicyNode {
             .get_or_insert_with(|| rendered_sets(index.endpoints(), index.sets()));
         plan_member_changes(table, index, rendered, delta)
     }
+}
+
+/// Whether an object of the node's table is the policy render's (see [`super::render`]).
+pub fn is_policy_object(name: &str) -> bool {
+    name.starts_with("pol-") || name == super::render::POLICY_FORWARD
+}
+
+/// The patch that makes the policy part of `table` a render of `program`: every policy object
+/// that differs, whole, before and after (the services' objects are left alone).
+pub fn policy_patch(table: &Table, program: &PolicyProgram) -> Patch {
+    let mut now = Table::new(&table.family, &table.name);
+    super::render_policy(program, &mut now);
+    let mut patch = Patch::new(&table.family, &table.name);
+    fn changed<T: Clone + PartialEq>(
+        held: &BTreeMap<String, T>,
+        wanted: &BTreeMap<String, T>,
+        before: &mut BTreeMap<String, T>,
+        after: &mut BTreeMap<String, T>,
+    ) {
+        let ours = held
+            .range::<str, _>((
+                std::ops::Bound::Included("pol-"),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(n, _)| n.starts_with("pol-"))
+            .chain(held.get_key_value(super::render::POLICY_FORWARD));
+        for (n, x) in ours {
+            if wanted.get(n) != Some(x) {
+                before.insert(n.clone(), x.clone());
+            }
+        }
+        for (n, x) in wanted {
+            if held.get(n) != Some(x) {
+                after.insert(n.clone(), x.clone());
+            }
+        }
+    }
+    changed(
+        &table.chains,
+        &now.chains,
+        &mut patch.before.chains,
+        &mut patch.after.chains,
+    );
+    changed(
+        &table.sets,
+        &now.sets,
+        &mut patch.before.sets,
+        &mut patch.after.sets,
+    );
+    changed(
+        &table.maps,
+        &now.maps,
+        &mut patch.before.maps,
+        &mut patch.after.maps,
+    );
+    patch
 }
 
 /// Plans the element changes that take `table` (a render of the program before `delta`) to a

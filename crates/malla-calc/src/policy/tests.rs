@@ -1166,3 +1166,33 @@ fn policy_index_label_change_is_one_member() {
     assert_eq!(delta.members_added, undo.members_removed);
     assert_eq!(delta.members_removed, undo.members_added);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The policy part of a node's table re-rendered from another program: the patch makes the
+    /// table the other program's render (other objects untouched), its undo puts it back, and
+    /// its text applies to a real kernel after the first table.
+    #[test]
+    fn a_policy_patch_makes_the_table_the_other_programs_render(a in arb_world(), b in arb_world()) {
+        let table = |w: &World| {
+            let mut t = nft::Table::new("inet", "malla");
+            t.chains.insert("services".into(), nft::Chain { base: None, rules: vec!["drop".into()] });
+            t.sets.insert("pools-v4".into(), nft::Set { type_: "ipv4_addr".into(), ..nft::Set::default() });
+            render_policy(&compile(&w.policies, &w.namespaces, &w.pods, "n1"), &mut t);
+            t
+        };
+        let (ta, tb) = (table(&a), table(&b));
+        let patch = super::members::policy_patch(&ta, &compile(&b.policies, &b.namespaces, &b.pods, "n1"));
+        prop_assert!(patch.before.chains.keys().chain(patch.after.chains.keys()).all(|n| super::members::is_policy_object(n)));
+        let mut t = ta.clone();
+        patch.apply_to(&mut t);
+        prop_assert_eq!(&t, &tb);
+        patch.undo(&mut t);
+        prop_assert_eq!(&t, &ta);
+        let steps = [nft::render_full(&ta), patch.text()];
+        if let Some(r) = crate::testutil::nft_apply_in_private_netns(&steps) {
+            prop_assert_eq!(r, Ok(()), "{}", steps.join("\n----\n"));
+        }
+    }
+}

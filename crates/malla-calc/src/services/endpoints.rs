@@ -149,6 +149,21 @@ impl EndpointPlan {
         self.changes.iter().map(|c| c.text(table)).collect()
     }
 
+    /// A plan of one table patch, already made to the table, touching no service entry: the
+    /// policy path ([`crate::policy::members`]) rides the same driver update.
+    pub(crate) fn patch(patch: Patch) -> Self {
+        EndpointPlan {
+            changes: vec![ServiceChange {
+                delta: EndpointDelta::default(),
+                undo: EndpointDelta::default(),
+                patch: Some(patch),
+                start: 0,
+                count: 0,
+                old: Vec::new(),
+            }],
+        }
+    }
+
     /// Puts `table` and `map` back as they were before the plan.
     pub fn undo(self, table: &mut Table, map: &mut ServiceMap) {
         for c in self.changes.into_iter().rev() {
