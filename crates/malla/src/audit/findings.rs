@@ -621,16 +621,24 @@ fn apiserver_flag_findings(p: &ApiServerProcess, out: &mut Vec<Finding>) {
             );
         }
     }
-    if let Some(port) = flag("insecure-port") {
-        if port != "0" {
-            push(
-                Severity::High,
-                "apiserver-insecure-port",
-                "the API server has an insecure port: no authentication, no authorization",
-                format!("--insecure-port={port}"),
-                "kube-apiserver --insecure-port=0",
-            );
-        }
+    match flag("insecure-port") {
+        Some(port) if port != "0" => push(
+            Severity::High,
+            "apiserver-insecure-port",
+            "the API server has an insecure port: no authentication, no authorization",
+            format!("--insecure-port={port}"),
+            "kube-apiserver --insecure-port=0",
+        ),
+        given => push(
+            Severity::Info,
+            "apiserver-insecure-port-off",
+            "the API server has no insecure port",
+            match given {
+                Some(p) => format!("--insecure-port={p}"),
+                None => "no --insecure-port (off by default since Kubernetes 1.20)".into(),
+            },
+            "nothing to do",
+        ),
     }
     if flag("anonymous-auth") == Some("false") {
         push(
@@ -897,6 +905,7 @@ mod tests {
                 ("apiserver-kubelet-ca-missing", Severity::Medium),
                 ("apiserver-anonymous-auth", Severity::Low),
                 ("apiserver-kubelet-client-cert-missing", Severity::Low),
+                ("apiserver-insecure-port-off", Severity::Info),
             ]
         );
         let p = &mut obs.apiserver_processes[0];
