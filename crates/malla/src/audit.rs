@@ -590,15 +590,18 @@ fn audit_lab(g: &Globals) -> anyhow::Result<Report> {
     })
 }
 
-/// Every kube-apiserver process on this host.
+/// Every kube-apiserver process of this host: in this network namespace (others, e.g. a lab's
+/// on the same machine, are other hosts).
 fn local_apiservers(place: &str) -> Vec<ApiServerProcess> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
+    let ours = std::fs::read_link("/proc/thread-self/ns/net").ok();
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.trim() == "kube-apiserver")
+                && std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == ours
         })
         .filter_map(|pid| apiserver_process(place, pid))
         .collect()
@@ -663,11 +666,18 @@ fn audit_this_host(spec: &malla_store::DatastoreSpec) -> anyhow::Result<Report> 
                 .and_then(|c| c.cluster.as_ref()?.server.clone())
                 .context("the kubeconfig names no API server")?;
             let (addr, tls) = url_addr(&server)?;
-            obs.api_endpoints.push(ApiEndpointObs {
-                place: "kubeconfig".into(),
-                url: server.trim_end_matches('/').to_string(),
-                anonymous: get(addr, tls, "/api"),
-            });
+            // Asked already if it listens here.
+            if !obs
+                .api_endpoints
+                .iter()
+                .any(|e| e.url == format!("https://{addr}"))
+            {
+                obs.api_endpoints.push(ApiEndpointObs {
+                    place: "kubeconfig".into(),
+                    url: server.trim_end_matches('/').to_string(),
+                    anonymous: get(addr, tls, "/api"),
+                });
+            }
         }
         DatastoreSpec::Etcd { endpoints, .. } => {
             for e in endpoints {

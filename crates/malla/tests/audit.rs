@@ -295,4 +295,51 @@ fn the_kubernetes_lab_control_plane_is_audited() {
         "{doc:#}"
     );
     assert_eq!(code, 3, "high findings exit 3");
+
+    // The same host audited as a real node would be, from inside it (`--datastore` given):
+    // its sockets judged by their binding, its kube-apiserver process, the kubeconfig's server.
+    let kubeconfig = lab.dir().join("kubernetes/kubeconfig");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.netns("fabric")])
+        .arg(common::malla_bin())
+        .args(["audit", "-o", "json", "--datastore"])
+        .arg(format!("kubernetes:{}", kubeconfig.display()))
+        .output()
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{e}: {}", String::from_utf8_lossy(&out.stderr));
+    });
+    assert_eq!(out.status.code(), Some(3), "{doc:#}");
+    assert!(doc.get("lab").is_none());
+    assert_eq!(doc["probedFromPods"].as_array().unwrap().len(), 0);
+    let host = doc["hosts"][0].as_str().unwrap().to_string();
+    let exposed = find(
+        &doc,
+        "listening-on-network",
+        &format!("{host} 198.19.0.1:2379"),
+        Some(2379),
+    );
+    assert_eq!(exposed.len(), 1, "{doc:#}");
+    assert_eq!(exposed[0]["severity"], "high");
+    assert_eq!(
+        find(&doc, "etcd-plaintext", &host, Some(2379)).len(),
+        1,
+        "{doc:#}"
+    );
+    assert_eq!(
+        find(
+            &doc,
+            "apiserver-kubelet-ca-missing",
+            &format!("{host} kube-apiserver"),
+            None
+        )
+        .len(),
+        1,
+        "{doc:#}"
+    );
+    assert_eq!(
+        find(&doc, "apiserver-anonymous-auth", "", None).len(),
+        1,
+        "{doc:#}"
+    );
 }
