@@ -66,23 +66,7 @@ impl Drop for Killed {
 fn open_kubelet(lab: &Lab, netns: &str, port: u16) -> Killed {
     let dir = lab.dir().join("kubelet-pki");
     std::fs::create_dir_all(&dir).unwrap();
-    let (key, cert) = (dir.join("k.pem"), dir.join("c.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-subj", "/CN=kubelet", "-days", "1", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl (Debian package openssl)");
-    assert!(made.status.success(), "{made:?}");
+    let (key, cert) = common::self_signed(&dir, "kubelet");
     let child = Command::new("ip")
         .args([
             "netns", "exec", netns, "openssl", "s_server", "-quiet", "-www",
@@ -342,4 +326,38 @@ fn the_kubernetes_lab_control_plane_is_audited() {
         1,
         "{doc:#}"
     );
+}
+
+#[test]
+fn the_etcd_lab_datastore_wants_a_client_certificate() {
+    let lab = Lab::new(&common::malla_bin(), "ae");
+    lab.run(&["lab", "up", "--nodes", "2", "--datastore", "etcd"]);
+    lab.apply(&common::two_pods_per_node(2));
+    let (code, doc, _) = audit(&lab);
+    // Pods reach its port, but it refuses whoever shows no certificate of the lab's CA: a
+    // medium finding (attack surface), not a high one (an open datastore).
+    let refused = find(
+        &doc,
+        "etcd-client-cert-required",
+        "control-plane 198.19.0.1:2379",
+        Some(2379),
+    );
+    assert_eq!(refused.len(), 1, "{doc:#}");
+    let reach = find(
+        &doc,
+        "reachable-from-pods",
+        "control-plane 198.19.0.1:2379",
+        Some(2379),
+    );
+    assert_eq!(reach.len(), 1, "{doc:#}");
+    assert_eq!(reach[0]["severity"], "medium");
+    assert!(find(&doc, "etcd-plaintext", "", None).is_empty(), "{doc:#}");
+    assert!(
+        find(&doc, "etcd-no-client-cert", "", None).is_empty(),
+        "{doc:#}"
+    );
+    assert_eq!(code, 0, "no high finding: {doc:#}");
+    // --fail-on medium makes it a problem.
+    let out = lab.try_run(&["audit", "--fail-on", "medium"]);
+    assert_eq!(out.status.code(), Some(3));
 }

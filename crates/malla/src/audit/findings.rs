@@ -107,6 +107,20 @@ pub enum ServiceObs {
     },
 }
 
+impl ServiceObs {
+    /// etcd ended the TLS handshake of a client without a certificate with a certificate
+    /// alert (`BadCertificate`, `CertificateRequired`): it wants a client certificate.
+    fn etcd_wants_client_cert(&self) -> bool {
+        match self {
+            ServiceObs::Etcd {
+                tls_without_cert: HttpOutcome::Failed(why),
+                ..
+            } => why.contains("alert") && why.to_ascii_lowercase().contains("certificate"),
+            _ => false,
+        }
+    }
+}
+
 /// Whether a connection from one source got through.
 pub type Reach = Result<(), String>;
 
@@ -338,12 +352,30 @@ fn port_findings(host: &str, l: &ListenerObs, out: &mut Vec<Finding>) {
             remediation,
         };
     let remediation = format!("{}, {FIREWALL}", info.restrict);
-    let (pods_ok, pods_words) = reach_words(&l.from_pods);
+    let (pods_ok, mut pods_words) = reach_words(&l.from_pods);
+    let mut outside_words = "connected from outside the cluster".to_string();
+    // An etcd that wants a client certificate gives nothing to whoever reaches it: the open
+    // port is a wider attack surface, not an open datastore.
+    let cert_required = l
+        .service
+        .as_ref()
+        .is_some_and(ServiceObs::etcd_wants_client_cert);
+    let (sev_pods, sev_outside) = if cert_required {
+        for w in [&mut pods_words, &mut outside_words] {
+            w.push_str("; etcd requires a client certificate");
+        }
+        (
+            info.from_pods.max(Severity::Medium),
+            info.from_outside.max(Severity::Medium),
+        )
+    } else {
+        (info.from_pods, info.from_outside)
+    };
     let outside_ok = matches!(l.from_outside, Some(Ok(())));
     if l.probed {
         if pods_ok > 0 {
             out.push(finding(
-                info.from_pods,
+                sev_pods,
                 "reachable-from-pods",
                 format!("{} port {} is reachable from pods", info.component, l.port),
                 pods_words.clone(),
@@ -352,13 +384,13 @@ fn port_findings(host: &str, l: &ListenerObs, out: &mut Vec<Finding>) {
         }
         if outside_ok {
             out.push(finding(
-                info.from_outside,
+                sev_outside,
                 "reachable-from-outside",
                 format!(
                     "{} port {} is reachable from outside the cluster",
                     info.component, l.port
                 ),
-                "connected from outside the cluster".into(),
+                outside_words,
                 remediation.clone(),
             ));
         }
@@ -507,9 +539,9 @@ fn service_findings(
                     format!("GET /version over TLS: {}{keys}", tls_without_cert.words()),
                     "etcd --client-cert-auth --trusted-ca-file …".into(),
                 ));
-            } else if plain.status().is_some() && tls_without_cert.status().is_none() {
-                // A TLS server (it told a plain client so) that ends a handshake without a
-                // client certificate. Neither answering: not etcd, the port rows say enough.
+            } else if s.etcd_wants_client_cert() {
+                // Nothing answered without a certificate: not etcd, or not reached; the port
+                // rows say enough.
                 out.push(finding(
                     Severity::Info,
                     "etcd-client-cert-required",
@@ -830,7 +862,7 @@ mod tests {
     #[test]
     fn etcd_answers_say_whether_a_client_certificate_is_needed() {
         let version = answered(200, "{\"etcdserver\":\"3.4.23\",\"etcdcluster\":\"3.4.0\"}");
-        let refused = HttpOutcome::Failed("TLS alert: certificate required".into());
+        let refused = HttpOutcome::Failed("received fatal alert: BadCertificate".into());
         let bad_request = answered(400, "Client sent an HTTP request to an HTTPS server.");
         let case = |plain: HttpOutcome, tls: HttpOutcome| {
             let mut l = listener(2379, vec!["127.0.0.1".parse().unwrap()], &[], None);
@@ -857,16 +889,36 @@ mod tests {
             (f.check.as_str(), f.severity),
             ("etcd-client-cert-required", Severity::Info)
         );
-        // Something else on the port (no HTTP at all): no etcd finding.
+        // Something else on the port (no TLS, no HTTP): no etcd finding.
         let mut l = listener(2379, vec!["127.0.0.1".parse().unwrap()], &[], None);
+        let silent = HttpOutcome::Failed("no answer within 1500 ms".into());
         l.service = Some(ServiceObs::Etcd {
-            plain: HttpOutcome::Failed("no answer".into()),
-            tls_without_cert: refused,
+            plain: silent.clone(),
+            tls_without_cert: silent,
             keys_counted: None,
         });
         assert!(!findings(&one_host(l))
             .iter()
             .any(|f| f.check.starts_with("etcd-")));
+        // Reached by pods, but wanting a client certificate: medium, not high.
+        let mut l = listener(2379, any4(), &[true], Some(true));
+        l.service = Some(ServiceObs::Etcd {
+            plain: HttpOutcome::Failed("empty answer".into()),
+            tls_without_cert: refused,
+            keys_counted: None,
+        });
+        let f = findings(&one_host(l));
+        assert_eq!(
+            checks(&f),
+            vec![
+                ("reachable-from-outside", Severity::Medium),
+                ("reachable-from-pods", Severity::Medium),
+                ("etcd-client-cert-required", Severity::Info)
+            ]
+        );
+        assert!(f[1]
+            .evidence
+            .ends_with("etcd requires a client certificate"));
     }
 
     #[test]
