@@ -553,10 +553,15 @@ fn audit_lab(g: &Globals) -> anyhow::Result<Report> {
             vec![]
         },
     });
-    // One pod per node (the first by name): same-node and cross-node paths both get tried.
+    // One pod per node (the first by name): same-node and cross-node paths both get tried. A
+    // pod in its node's own namespace (hostNetwork) is the node, not a pod.
     let mut pods: Vec<Source> = Vec::new();
     for n in &state.nodes {
-        if let Some(p) = state.pods.values().find(|p| p.node == n.name) {
+        if let Some(p) = state
+            .pods
+            .values()
+            .find(|p| p.node == n.name && p.netns != n.netns)
+        {
             pods.push(Source {
                 name: p.key(),
                 netns: p.netns.clone(),
