@@ -3,6 +3,7 @@
 //! exercises a multi-node lab on this machine. Flags, outputs and exit codes follow kubectl's
 //! habits: `-o table|wide|json|yaml`, global flags before or after the subcommand.
 
+mod audit;
 mod diags;
 mod globals;
 mod ipam_cmd;
@@ -29,7 +30,7 @@ pub mod exit {
     /// Wrong usage: an unknown flag, a bad value (e.g. `-o foo`), a missing argument.
     pub const USAGE: i32 = 2;
     /// The command ran and found a problem: `lab probe` saw pairs that did not connect,
-    /// `status` saw a node that is not healthy.
+    /// `status` saw a node that is not healthy, `audit` found a finding of `--fail-on`'s severity.
     pub const FOUND_PROBLEM: i32 = 3;
 }
 
@@ -39,7 +40,7 @@ Exit status:
   1  error (the message on stderr names the cause, e.g. a --from/--to that matches nothing)
   2  wrong usage: unknown flag, invalid value (e.g. -o foo), missing argument
   3  the check ran and found a problem: `lab probe` saw pairs that did not connect,
-     `status` saw a node that is not healthy
+     `status` saw a node that is not healthy, `audit` found a high-severity finding
 
 Environment:
   MALLA_LAB         the lab to act on (as --lab)
@@ -124,6 +125,19 @@ enum Command {
     ///
     /// Example: malla diags --lab demo --out /tmp/malla-diags.tar.gz
     Diags(diags::DiagsArgs),
+    /// Check a node and the cluster against the control plane's communications: which
+    /// control-plane ports listen and whether pods and the outside reach them, the kubelet's
+    /// anonymous access and authorization, the API server's anonymous access and kubelet
+    /// certificate verification, whether etcd answers without a client certificate, insecure
+    /// ports. One row per finding, with a remediation.
+    ///
+    /// In a lab: its nodes and control-plane namespace, probed from one pod per node and from
+    /// `external`. With --datastore (on a real node): this host's sockets, its kube-apiserver
+    /// and the datastore's API server or etcd. Exit status 3 when a finding is as severe as
+    /// --fail-on (default high).
+    ///
+    /// Example: malla audit --lab demo -o json
+    Audit(audit::AuditArgs),
     /// Print the CustomResourceDefinitions of the Kubernetes datastore (deploy/crds.yaml).
     ///
     /// Example: malla crds | kubectl apply -f -
@@ -240,6 +254,7 @@ fn main() {
         Command::Policy { command } => policy_cmd::run(&g, command),
         Command::Status(args) => status_cmd::run(&g, args),
         Command::Diags(args) => diags::run(&g, args),
+        Command::Audit(args) => audit::run(&g, args),
         Command::InstallCni {
             bin_dir,
             conf_dir,

@@ -24,6 +24,35 @@ pub fn ip(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A self-signed EC certificate for `cn` in `dir`, valid a day: (key, certificate).
+pub fn self_signed(dir: &std::path::Path, cn: &str) -> (PathBuf, PathBuf) {
+    let (key, cert) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.crt")));
+    let made = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl (Debian package openssl)");
+    assert!(made.status.success(), "openssl: {made:?}");
+    (key, cert)
+}
+
 /// Two pods per node on nodes 1..=n, each declaring TCP and UDP ports.
 pub fn two_pods_per_node(nodes: usize) -> String {
     let mut y = String::new();

@@ -67,23 +67,7 @@ fn etcd_from_a_pod_without_the_client_key_gets_nothing() {
     }
     // A self-made client certificate is not of the lab's CA.
     let dir = tempfile::tempdir().unwrap();
-    let (k, c) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-subj", "/CN=malla", "-days", "1", "-keyout"])
-        .arg(&k)
-        .arg("-out")
-        .arg(&c)
-        .output()
-        .unwrap();
-    assert!(made.status.success());
+    let (k, c) = common::self_signed(dir.path(), "malla");
     let (ok, out) = etcdctl(
         &pod,
         &[
