@@ -541,6 +541,40 @@ struct Programming {
     compute: Duration,
     stats: ProgramStats,
     changes: Vec<Change>,
+    /// One policy created through the agent's policy path: plan, apply, lines or elements.
+    created: (Duration, Duration, usize),
+    /// The same computed whole: rebuild, diff, apply, lines.
+    created_whole: (Duration, Duration, Duration, usize),
+}
+
+/// Sends `plan` (made against `table`) as the agent's driver does: element changes over
+/// `sock`, else its text through `nft` in `ns`. The time since `started` (the plan), the
+/// apply's, and the elements or lines sent.
+fn send_plan(
+    plan: &malla_calc::services::EndpointPlan,
+    table: &model::Table,
+    sock: &ElementSocket,
+    ns: &NetNs,
+    started: Instant,
+) -> anyhow::Result<(Duration, Duration, usize)> {
+    let sets = element_diff::plan_changes(table, plan);
+    let text = sets.is_none().then(|| plan.text(table));
+    let planned = started.elapsed();
+    let t = Instant::now();
+    let size = match (sets, text) {
+        (Some(sets), _) => {
+            let family = element_diff::family(&table.family).context("table family")?;
+            sock.apply(family, &table.name, &sets)
+                .context("applying the member change")?;
+            sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
+        }
+        (None, Some(text)) => {
+            nft::apply(Some(ns), &text).context("applying the policy patch")?;
+            text.lines().count()
+        }
+        (None, None) => 0,
+    };
+    Ok((planned, t.elapsed(), size))
 }
 
 /// `policy_pods` + `compile`.
@@ -696,15 +730,9 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             .and_then(|delta| node.plan(&mut member_table, &delta));
         let member = match plan {
             Some(plan) => {
-                let sets = element_diff::plan_changes(&member_table, &plan)
-                    .context("encoding the plan")?;
-                let member_plan = t.elapsed();
-                let t = Instant::now();
-                let family = element_diff::family(&member_table.family).context("table family")?;
-                sock.apply(family, &member_table.name, &sets)
-                    .context("applying the member change")?;
-                let elements = sets.iter().map(|s| s.add.len() + s.delete.len()).sum();
-                Some((member_plan, t.elapsed(), elements))
+                let (member_plan, apply, elements) =
+                    send_plan(&plan, &member_table, &sock, &member_h, t)?;
+                Some((member_plan, apply, elements))
             }
             None => None,
         };
@@ -775,12 +803,48 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         });
         current = new;
     }
+    // One policy created, as the agent applies it: the policy node follows it and the policy
+    // part of the table is re-rendered alone and patched (its text through `nft`); then the
+    // same creation computed whole (compile, render, text diff, `nft`) in the same run.
+    check(deadline)?;
+    // An `allow-app` policy (every (namespace, kind) pair has one already) on a port no other
+    // policy opens: new rules for the pods it selects.
+    let mut new_policy = synthetic_policy(args.policies + args.namespaces, args.namespaces);
+    new_policy.name = format!("{}-new", new_policy.name);
+    if let Some(rule) = new_policy.spec.ingress.first_mut() {
+        rule.ports = vec![port(Protocol::Tcp, 9999, None)];
+    }
+    let key = (new_policy.namespace.clone(), new_policy.name.clone());
+    syn.view.policies.push(new_policy);
+    let t = Instant::now();
+    let inputs = PolicyInputs {
+        policies: [key].into(),
+        ..PolicyInputs::default()
+    };
+    let plan = node
+        .follow(&syn.view, &inputs)
+        .and_then(|delta| node.plan(&mut member_table, &delta))
+        .context("the policy node declined a new policy")?;
+    let created = send_plan(&plan, &member_table, &sock, &member_h, t)?;
+    let t = Instant::now();
+    let new = table(&syn.view, &calc(&syn.view));
+    let rebuild = t.elapsed();
+    if member_table != new {
+        bail!("a new policy: the policy path's table differs from a rebuild's");
+    }
+    let diff = model::render_diff(&current, &new).unwrap_or_default();
+    let diff_t = t.elapsed() - rebuild;
+    let t = Instant::now();
+    nft::apply(Some(&h), &diff).context("applying the diff (new policy)")?;
+    let created_whole = (rebuild, diff_t, t.elapsed(), diff.lines().count());
     drop(h);
     nss.delete(&ns)?;
     drop(sock);
     drop(member_h);
     nss.delete(&member_ns)?;
     Ok(Programming {
+        created,
+        created_whole,
         floor,
         calc: calc_t,
         render: render_t,
@@ -978,6 +1042,20 @@ fn report_programming(args: &Args, p: &Programming) {
         med(|m| m.1).as_secs_f64() * 1e3,
         med(|m| m.0 + m.1).as_secs_f64() * 1e3,
         elements.get(elements.len() / 2).copied().unwrap_or(0)
+    );
+    let (plan, apply, size) = p.created;
+    let (rebuild, diff, whole_apply, lines) = p.created_whole;
+    let whole = rebuild + diff + whole_apply;
+    println!(
+        "   one policy created through the agent's policy path (follow + the policy part re-rendered and patched, its text through nft): plan {:.3} ms, apply {:.3} ms, total {:.3} ms, {size} lines; computed whole: rebuild {:.3} ms, diff {:.3} ms, apply {:.3} ms, total {:.3} ms, {lines} lines ({:.1}x)",
+        plan.as_secs_f64() * 1e3,
+        apply.as_secs_f64() * 1e3,
+        (plan + apply).as_secs_f64() * 1e3,
+        rebuild.as_secs_f64() * 1e3,
+        diff.as_secs_f64() * 1e3,
+        whole_apply.as_secs_f64() * 1e3,
+        whole.as_secs_f64() * 1e3,
+        whole.as_secs_f64() / (plan + apply).as_secs_f64().max(1e-9)
     );
     println!();
 }
