@@ -294,6 +294,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
                     match done {
                         Ok(_) => {
+                            if let Some((table, map)) = plane.service_model() {
+                                metrics.programmed_model(table, map, view.policies.len());
+                            }
                             tracing::info!(node = %cfg.node, services = ?pending_services, "services updated in place");
                             applied = true;
                             pending_services.clear();
@@ -392,6 +395,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     policy_node = None;
                 }
                 if done {
+                    if let Some((table, map)) = plane.service_model() {
+                        metrics.programmed_model(table, map, view.policies.len());
+                    }
                     tracing::info!(node = %cfg.node, pods = pending_policy.pods.len(), policies = pending_policy.policies.len(), namespaces = pending_policy.namespaces.len(), "{}", if rendered { "policy objects patched in place" } else { "policy set members updated in place" });
                     pending_policy.clear();
                     if let Some(since) = pending_since.take() {

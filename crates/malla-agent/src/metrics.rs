@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `malla_sync_duration_seconds` | histogram | from a batch of datastore changes (or a fresh listing) arriving to the kernel reflecting it: one observation per apply that leaves nothing pending |
 //! | `malla_apply_duration_seconds{path}` | histogram | one dataplane apply: `full` (the node's whole desired state, diffed against the kernel), `endpoints` (service endpoints and policy set members changed in place), `links` (routes, VXLAN peers and local pods a links delta named), `repair` (the periodic check against the kernel) |
-//! | `malla_programmed_objects{kind}` | gauge | what the kernel holds as last applied, by kind (see [`Programmed`]); the first three follow every links delta, the others every full apply |
+//! | `malla_programmed_objects{kind}` | gauge | what the kernel holds as last applied, by kind (see [`Programmed`]); the first three follow every links delta, the others every full apply and every service or policy path apply |
 //! | `malla_apply_errors_total` | counter | failed applies (any path) |
 //! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
 //! | `malla_sync_pending_seconds` | gauge | how long the oldest datastore change the agent has received (or the listing under way) has been waiting for the driver to acknowledge its apply; 0 when the kernel reflects everything received. The same on every backend: no revision arithmetic. It grows while a listing cannot finish (datastore away at start) or applies keep failing |
@@ -207,6 +207,33 @@ impl Metrics {
     /// What the last full apply programmed.
     pub fn programmed(&self, counts: &Programmed) {
         for (g, v) in self.programmed.iter().zip(counts.0) {
+            g.set(v);
+        }
+    }
+
+    /// Records what the service and policy paths change (service ports and endpoints, the
+    /// NetworkPolicies taken as input, nft chains and sets: the last five of [`KINDS`]) from
+    /// the driver's model after one of their applies; the links keep their values.
+    pub fn programmed_model(
+        &self,
+        table: &malla_calc::nft::Table,
+        services: &malla_calc::services::ServiceMap,
+        policies: usize,
+    ) {
+        let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+        let endpoints: usize = services
+            .entries
+            .iter()
+            .map(|e| e.cluster_endpoints.len())
+            .sum();
+        let counts = [
+            n(services.entries.len()),
+            n(endpoints),
+            n(policies),
+            n(table.chains.len()),
+            n(table.sets.len()),
+        ];
+        for (g, v) in self.programmed.iter().skip(3).zip(counts) {
             g.set(v);
         }
     }

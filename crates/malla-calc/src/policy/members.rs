@@ -479,11 +479,12 @@ mod tests {
     }
 
     /// A change that rewrites a local program (the web pod loses the label the policies
-    /// select) is not planned, and the table is left as it was; the node keeps following (the
-    /// full path's program, then member changes again, unions included); a pod with two
-    /// endpoint records stops the node from following.
+    /// select) is planned as a patch of the policy objects: the table becomes what a compile
+    /// and render of the new view give, and the undo puts it back; the node keeps following
+    /// (member changes again, unions included); a pod with two endpoint records stops the node
+    /// from following.
     #[test]
-    fn more_than_members_is_not_planned() {
+    fn more_than_members_is_a_patch_of_the_policy_objects() {
         let mut v = view();
         let before = crate::compute(&v, ME).nft_table;
         let mut node = PolicyNode::new(&v, ME);
@@ -491,22 +492,21 @@ mod tests {
         let delta = node.follow(&v, &changed_pods(&["web"])).unwrap();
         assert!(!delta.members_only());
         let mut table = before.clone();
-        assert!(node.plan(&mut table, &delta).is_none());
+        let plan = node.plan(&mut table, &delta).expect("a patch");
+        let patch = plan.changes[0].patch.as_ref().expect("a patch");
+        assert!(!patch.elements_only(), "the web pod's chains change");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
+        plan.undo(&mut table, &mut Default::default());
         assert_eq!(table, before);
-        // The agent's full path: the node's program, following the view, is what a compile
-        // gives; the next member change is planned against that render.
-        let table = crate::compute(&v, ME).nft_table;
-        assert_eq!(
-            crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table,
-            table
-        );
+        let mut table = crate::compute(&v, ME).nft_table;
         pod_mut(&mut v, "web").labels = labels(&[("app", "web")]);
         let delta = node.follow(&v, &changed_pods(&["web"])).unwrap();
-        let mut table = crate::routes::compute_with_policy(&v, ME, &node.program()).nft_table;
-        assert!(node.plan(&mut table, &delta).is_none());
+        node.plan(&mut table, &delta).expect("a patch");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
         pod_mut(&mut v, "c1").labels = labels(&[("app", "a1")]);
         let delta = node.follow(&v, &changed_pods(&["c1"])).unwrap();
-        node.plan(&mut table, &delta).expect("a member plan");
+        let plan = node.plan(&mut table, &delta).expect("a member plan");
+        assert!(plan.changes.iter().all(|c| c.patch.is_none()));
         assert_eq!(table, crate::compute(&v, ME).nft_table);
 
         let mut v = view();
