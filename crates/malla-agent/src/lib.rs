@@ -200,6 +200,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut policy_node: Option<malla_calc::policy::PolicyNode> = None;
         // Node, block or endpoint records changed: the links node has a delta.
         let mut pending_links = false;
+        // A pool or this node's own record changed: the pool sets and the service map's
+        // addresses follow.
+        let mut pending_pools = false;
+        let mut pending_own_node = false;
         let mut other_dirty = true;
         let mut cache_dirty = true;
         // After a full list: the listing's buffers are garbage once the first apply is done.
@@ -340,6 +344,53 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            if (pending_pools || pending_own_node) && !resync_due && !other_dirty && applied {
+                // A pool: its sets patched (text: they are interval sets). This node's own
+                // record: its addresses in the model's service map, which no rule reads.
+                let view = mirror.view();
+                let started = Instant::now();
+                let plan = plane.service_model().map(|(table, map)| {
+                    if pending_own_node {
+                        let ips: std::collections::BTreeSet<std::net::IpAddr> =
+                            malla_calc::routes::node_ips(view, &cfg.node).into_iter().collect();
+                        map.node_ips = ips.into_iter().collect();
+                    }
+                    let patch = if pending_pools {
+                        let cidrs: std::collections::BTreeSet<ipnet::IpNet> =
+                            view.pools.iter().map(|p| p.cidr).collect();
+                        map.pod_cidrs = cidrs.into_iter().collect();
+                        malla_calc::masquerade::pools_patch(table, &view.pools)
+                    } else {
+                        malla_calc::nft::patch::Patch::new(&table.family, &table.name)
+                    };
+                    patch.apply_to(table);
+                    malla_calc::services::EndpointPlan::patch(patch)
+                });
+                let done = match plan {
+                    Some(plan) => {
+                        let done = plane.apply(Update::Endpoints(plan)).await;
+                        metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
+                        done.inspect_err(|e| {
+                            metrics.apply_failed();
+                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "pool update failed; computing everything");
+                        })
+                        .is_ok()
+                    }
+                    None => false,
+                };
+                if done {
+                    tracing::info!(node = %cfg.node, pools = pending_pools, own_node = pending_own_node, "pools and node addresses updated in place");
+                    pending_pools = false;
+                    pending_own_node = false;
+                    if pending_services.is_empty() && pending_policy.is_empty() && !pending_links {
+                        if let Some(since) = pending_since.take() {
+                            metrics.synced(since.elapsed());
+                        }
+                    }
+                } else {
+                    other_dirty = true;
+                }
+            }
             if !pending_policy.is_empty()
                 && pending_policy.policies.is_empty()
                 && mirror.view().policies.is_empty()
@@ -410,7 +461,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // view (following the same inputs again changes nothing).
                 other_dirty = true;
             }
-            let dirty = other_dirty || pending_links || !pending_services.is_empty();
+            let dirty = other_dirty
+                || pending_links
+                || pending_pools
+                || pending_own_node
+                || !pending_services.is_empty();
             if resync_due && !dirty {
                 // Nothing changed since the last apply: check the kernel against it, without
                 // computing the whole node again (at 30k services that is ~0.5 s of CPU).
@@ -431,7 +486,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if other_dirty || pending_links || !pending_services.is_empty() {
+            if other_dirty
+                || pending_links
+                || pending_pools
+                || pending_own_node
+                || !pending_services.is_empty()
+            {
                 // The policy program from the policy node: it follows the batch's changes, and
                 // is built (one full compile) only at the first apply or when it cannot follow.
                 // Without any NetworkPolicy there is no node: it would hold a copy of every pod
@@ -478,6 +538,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         }
                         applied = true;
                         other_dirty = false;
+                        pending_pools = false;
+                        pending_own_node = false;
                         pending_services.clear();
                         pending_policy.clear();
                         policy_node = node;
@@ -497,7 +559,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if let (Some(f), true) = (&cfg.ready_file, applied) {
                 // Everything the feed delivered is acknowledged by the driver: the newest
                 // barrier it carried is applied through.
-                let behind = other_dirty || pending_links || !pending_services.is_empty();
+                let behind = other_dirty
+                    || pending_links
+                    || pending_pools
+                    || pending_own_node
+                    || !pending_services.is_empty();
                 let now = received.ready_file();
                 if !behind && reported.as_ref() != Some(&now) {
                     now.write(f)
@@ -518,9 +584,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     if changed.other || !changed.services.is_empty() || !changed.policy.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
-                    if changed.links {
+                    if changed.links || changed.pools || changed.own_node {
                         pending_since.get_or_insert_with(Instant::now);
                     }
+                    pending_pools |= changed.pools;
+                    pending_own_node |= changed.own_node;
                     cache_dirty |= changed.node_cache;
                     pending_links |= changed.links;
                     other_dirty |= changed.other;

@@ -163,8 +163,13 @@ pub struct Applied {
     /// A node record, a block's affinity or an endpoint record changed: the mirror's
     /// [`LinksNode`] has a delta to hand over ([`Mirror::links_mut`]).
     pub links: bool,
-    /// Something else the calculation reads changed (the cluster config, a pool, this node's
-    /// own record): the whole node is computed again.
+    /// An IP pool changed: the table's pool sets follow ([`malla_calc::masquerade::pools_patch`]).
+    pub pools: bool,
+    /// This node's own record changed: its addresses in the service map (informational) and
+    /// the links (see `links`) follow.
+    pub own_node: bool,
+    /// Something else the calculation reads changed (the cluster config): the whole node is
+    /// computed again.
     pub other: bool,
 }
 
@@ -175,6 +180,8 @@ impl Applied {
         self.services.extend(o.services);
         self.policy.extend(o.policy);
         self.links |= o.links;
+        self.pools |= o.pools;
+        self.own_node |= o.own_node;
         self.other |= o.other;
     }
 }
@@ -318,6 +325,8 @@ impl Mirror {
             && applied.services.is_empty()
             && applied.policy.is_empty()
             && !applied.links
+            && !applied.pools
+            && !applied.own_node
         {
             applied.other = true;
         }
@@ -326,10 +335,6 @@ impl Mirror {
 
     fn set_record(&mut self, key: &str, value: Option<Resource>) -> Applied {
         let v = &mut self.view;
-        let view = |b: bool| Applied {
-            view: b,
-            ..Applied::default()
-        };
         if key.starts_with(keys::SERVICES) {
             let svc = take!(key, value, Service).map(|s| ProxyService::from(&s));
             let before = self
@@ -372,12 +377,13 @@ impl Mirror {
                 || key == keys::node(&self.node);
             self.links.node(before.as_ref(), node.as_ref());
             let changed = self.nodes.upsert(&mut v.nodes, key, node);
-            // This node's own addresses are its services' node addresses: the whole node.
+            // This node's own addresses are its services' node addresses (informational: no
+            // rule reads them).
             return Applied {
                 view: changed,
                 node_cache: changed && mine,
                 links: changed,
-                other: changed && mine,
+                own_node: changed && mine,
                 ..Applied::default()
             };
         }
@@ -385,10 +391,14 @@ impl Mirror {
             return self.set_block(key, value);
         }
         if key.starts_with(keys::POOLS) {
-            return view(
-                self.pools
-                    .upsert(&mut v.pools, key, take!(key, value, Pool)),
-            );
+            let changed = self
+                .pools
+                .upsert(&mut v.pools, key, take!(key, value, Pool));
+            return Applied {
+                view: changed,
+                pools: changed,
+                ..Applied::default()
+            };
         }
         let mut policy = PolicyInputs::default();
         let changed = if key.starts_with(keys::ENDPOINTS) {

@@ -5,6 +5,7 @@
 
 use malla_api::IpPool;
 
+use crate::nft::patch::Patch;
 use crate::nft::{self, BaseChain, Chain, Set};
 use crate::services::{self, ServiceMap, NAT_POSTROUTING};
 
@@ -73,6 +74,27 @@ pub fn node_table(pools: &[IpPool], services: &ServiceMap) -> nft::Table {
     t
 }
 
+/// The sets a pool change touches: every pool's CIDR per family (traffic from a pod) and those
+/// with `natOutgoing` (masqueraded leaving the pools).
+const POOL_SETS: [&str; 4] = ["pools-v4", "pools-v6", "masq-v4", "masq-v6"];
+
+/// The patch that makes `table`'s pool sets those of `pools` (a pool created, changed or
+/// deleted): the sets that differ, whole, before and after. Nothing else in the table reads a
+/// pool; the service map's `pod_cidrs` (informational) are the caller's to update.
+pub fn pools_patch(table: &nft::Table, pools: &[IpPool]) -> Patch {
+    let want = node_table(pools, &ServiceMap::default());
+    let mut patch = Patch::new(&table.family, &table.name);
+    for name in POOL_SETS {
+        if let (Some(held), Some(wanted)) = (table.sets.get(name), want.sets.get(name)) {
+            if held != wanted {
+                patch.before.sets.insert(name.into(), held.clone());
+                patch.after.sets.insert(name.into(), wanted.clone());
+            }
+        }
+    }
+    patch
+}
+
 /// The complete transaction text of a node without services: `render_full(node_table(pools, ∅))`.
 pub fn render(pools: &[IpPool]) -> String {
     nft::render_full(&node_table(pools, &ServiceMap::default()))
@@ -81,6 +103,45 @@ pub fn render(pools: &[IpPool]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool added, another given `natOutgoing`: the patch makes the table what a render
+    /// with the new pools is, touching the pool sets alone, and its undo puts it back.
+    #[test]
+    fn a_pool_change_is_a_patch_of_the_pool_sets() {
+        let (services, slices) = crate::services::fixtures::cluster();
+        let map = |pools: &[IpPool]| {
+            crate::services::build(
+                &crate::services::fixtures::proxied(&services),
+                &crate::services::fixtures::proxy(&slices),
+                crate::services::fixtures::ME,
+                &[],
+                pools,
+            )
+        };
+        let before = crate::services::fixtures::pools();
+        let mut after = before.clone();
+        after[1].nat_outgoing = true;
+        after.push(IpPool {
+            name: "more".into(),
+            cidr: "198.19.128.0/18".parse().unwrap(),
+            block_size: 26,
+            nat_outgoing: false,
+            disabled: false,
+        });
+        let t0 = node_table(&before, &map(&before));
+        let patch = pools_patch(&t0, &after);
+        assert!(patch.before.chains.is_empty() && patch.after.chains.is_empty());
+        assert_eq!(
+            patch.after.sets.keys().collect::<Vec<_>>(),
+            ["masq-v6", "pools-v4"]
+        );
+        let mut t = t0.clone();
+        patch.apply_to(&mut t);
+        assert_eq!(t, node_table(&after, &map(&after)));
+        patch.undo(&mut t);
+        assert_eq!(t, t0);
+        assert!(pools_patch(&t0, &before).before.sets.is_empty());
+    }
 
     #[test]
     fn golden_dual_stack() {

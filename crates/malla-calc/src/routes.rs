@@ -114,6 +114,21 @@ pub fn policy_pod<'a>(
     }
 }
 
+/// Node `me`'s own underlay addresses (its node ports' addresses in the service map).
+pub fn node_ips(view: &ClusterView, me: &str) -> Vec<IpAddr> {
+    view.nodes
+        .iter()
+        .find(|n| n.name == me)
+        .map(|n| {
+            n.underlay_ipv4
+                .map(IpAddr::V4)
+                .into_iter()
+                .chain(n.underlay_ipv6.map(IpAddr::V6))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Computes `me`'s desired state from the whole cluster view.
 pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
     let program = crate::policy::compile(&view.policies, &view.namespaces, &policy_pods(view), me);
@@ -139,18 +154,7 @@ pub fn compute_with_links(
     program: &crate::policy::PolicyProgram,
     links: crate::links::Links,
 ) -> NodeDataplane {
-    let node_ips: Vec<IpAddr> = view
-        .nodes
-        .iter()
-        .find(|n| n.name == me)
-        .map(|n| {
-            n.underlay_ipv4
-                .map(IpAddr::V4)
-                .into_iter()
-                .chain(n.underlay_ipv6.map(IpAddr::V6))
-                .collect()
-        })
-        .unwrap_or_default();
+    let node_ips = node_ips(view, me);
     let service_map = crate::services::build(
         &view.services,
         &view.endpoint_slices,

@@ -4,7 +4,8 @@
 //! changes over nfnetlink for a plain service, the plan's text through `nft` for one with
 //! chains of its own — and after each step the kernel's table is what a full render of the
 //! new cluster loads into a fresh namespace (objects, rules and elements; handles and order
-//! aside). Needs root; skipped otherwise.
+//! aside). Then a pool change patches the pool sets the same way. Needs root; skipped
+//! otherwise.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -317,6 +318,34 @@ async fn steps(me: String, fresh: String) {
         assert_eq!(*table, full.nft_table, "{what}: the model");
         assert_eq!(*map, full.service_map, "{what}: the service map");
     }
+
+    // A pool added and natOutgoing switched off: the pool sets patched, as the agent does.
+    let mut v = view(&services, &slices);
+    v.pools[0].nat_outgoing = false;
+    v.pools.push(IpPool {
+        name: "v6".into(),
+        cidr: "fd00:198:18::/64".parse().unwrap(),
+        block_size: 122,
+        nat_outgoing: true,
+        disabled: false,
+    });
+    let (table, map) = driver.service_model().unwrap();
+    map.pod_cidrs = v.pools.iter().map(|p| p.cidr).collect();
+    map.pod_cidrs.sort();
+    let patch = malla_calc::masquerade::pools_patch(table, &v.pools);
+    assert!(!patch.after.sets.is_empty());
+    patch.apply_to(table);
+    driver
+        .apply(Update::Endpoints(
+            malla_calc::services::EndpointPlan::patch(patch),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(listing(&me), rendered(&v, &fresh), "pools");
+    let full = malla_calc::compute(&v, "a");
+    let (table, map) = driver.service_model().unwrap();
+    assert_eq!(*table, full.nft_table, "pools: the model");
+    assert_eq!(*map, full.service_map, "pools: the service map");
 }
 
 #[test]

@@ -365,7 +365,8 @@ fn policy_inputs_are_reported_by_key() {
         "{applied:?}"
     );
     assert_eq!(applied.policy.pods, [id("ns1", "p1")].into());
-    // This node's own record is its services' node addresses: the whole node.
+    // This node's own record: its addresses in the service map, and the links; not the whole
+    // node.
     let me = malla_api::Node {
         name: "n1".into(),
         underlay_ipv4: Some("198.19.0.11".parse().unwrap()),
@@ -375,14 +376,20 @@ fn policy_inputs_are_reported_by_key() {
     };
     store.put(&keys::node("n1"), &json(&me)).unwrap();
     let applied = next(&mut mirror);
-    assert!(applied.links && applied.other, "{applied:?}");
+    assert!(
+        applied.links && applied.own_node && !applied.other,
+        "{applied:?}"
+    );
     let other = malla_api::Node {
         name: "n2".into(),
         ..me
     };
     store.put(&keys::node("n2"), &json(&other)).unwrap();
     let applied = next(&mut mirror);
-    assert!(applied.links && !applied.other, "{applied:?}");
+    assert!(
+        applied.links && !applied.own_node && !applied.other,
+        "{applied:?}"
+    );
 }
 
 /// Services are found by the key they carry (`namespace/name`): one stored under another

@@ -151,7 +151,7 @@ impl EndpointPlan {
 
     /// A plan of one table patch, already made to the table, touching no service entry: the
     /// policy path ([`crate::policy::members`]) rides the same driver update.
-    pub(crate) fn patch(patch: Patch) -> Self {
+    pub fn patch(patch: Patch) -> Self {
         EndpointPlan {
             changes: vec![ServiceChange {
                 delta: EndpointDelta::default(),
