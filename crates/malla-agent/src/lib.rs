@@ -367,15 +367,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     malla_calc::services::EndpointPlan::patch(patch)
                 });
                 let done = match plan {
-                    Some(plan) => {
-                        let done = plane.apply(Update::Endpoints(plan)).await;
-                        metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
-                        done.inspect_err(|e| {
-                            metrics.apply_failed();
-                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "pool update failed; computing everything");
-                        })
-                        .is_ok()
-                    }
+                    Some(plan) => apply_plan(&mut plane, &metrics, plan, started, &cfg.node, "pool").await,
                     None => false,
                 };
                 if done {
@@ -429,15 +421,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .as_ref()
                     .is_some_and(|p| p.changes.iter().any(|c| c.patch.is_some()));
                 let done = match plan {
-                    Some(plan) => {
-                        let done = plane.apply(Update::Endpoints(plan)).await;
-                        metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
-                        done.inspect_err(|e| {
-                            metrics.apply_failed();
-                            tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "policy update failed; computing everything");
-                        })
-                        .is_ok()
-                    }
+                    Some(plan) => apply_plan(&mut plane, &metrics, plan, started, &cfg.node, "policy").await,
                     None => false,
                 };
                 if view.policies.is_empty() {
@@ -603,6 +587,26 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// Applies a plan made against the driver's model (an `Update::Endpoints`), recording its
+/// duration, or its failure (`what` names it in the warning); whether it was applied. On
+/// failure the driver has put the model back and the caller computes the whole node.
+async fn apply_plan(
+    plane: &mut LinuxDriver,
+    metrics: &metrics::Metrics,
+    plan: malla_calc::services::EndpointPlan,
+    started: Instant,
+    node: &str,
+    what: &str,
+) -> bool {
+    let done = plane.apply(Update::Endpoints(plan)).await;
+    metrics.applied(metrics::ApplyPath::Endpoints, started.elapsed());
+    done.inspect_err(|e| {
+        metrics.apply_failed();
+        tracing::warn!(%node, error = %format!("{e:#}"), "{what} update failed; computing everything");
+    })
+    .is_ok()
 }
 
 /// Hands freed heap back to the kernel. glibc keeps it otherwise, and the agent's resident
