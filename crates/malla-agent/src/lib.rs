@@ -284,8 +284,11 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Err(e) => tracing::warn!(node = %cfg.node, error = %e, "writing the node cache"),
                 }
             }
+            // Changes take their paths even when a resync is due (a busy cluster would
+            // otherwise compute the whole node every period); the check against the kernel
+            // follows once nothing is pending.
             let resync_due = last_full.elapsed() >= cfg.resync;
-            if !pending_services.is_empty() && !resync_due && !other_dirty && applied {
+            if !pending_services.is_empty() && !other_dirty && applied {
                 // Only Services or slices changed: the service path, which touches those
                 // services' own objects alone (created, deleted or changed).
                 let view = mirror.view();
@@ -315,7 +318,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if pending_links && !resync_due && !other_dirty && applied {
+            if pending_links && !other_dirty && applied {
                 // Routes, VXLAN peers or local pods: the links node's delta, and nothing else.
                 let delta = mirror.links_mut().take_delta();
                 pending_links = false;
@@ -344,7 +347,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if (pending_pools || pending_own_node) && !resync_due && !other_dirty && applied {
+            if (pending_pools || pending_own_node) && !other_dirty && applied {
                 // A pool: its sets patched (text: they are interval sets). This node's own
                 // record: its addresses in the model's service map, which no rule reads.
                 let view = mirror.view();
@@ -396,7 +399,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
-            if !pending_policy.is_empty() && !resync_due && !other_dirty && applied {
+            if !pending_policy.is_empty() && !other_dirty && applied {
                 // Only policy inputs changed: the policy node follows them; set members that
                 // moved are changed in place, anything else re-renders the policy part of the
                 // table alone (a patch of what differs).
