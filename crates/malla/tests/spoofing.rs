@@ -154,14 +154,7 @@ fn anti_spoofing(lab: &Lab, on: bool) {
     let paths =
         malla_lab::state::LabPaths::new(&lab.name, Some(lab.state_root.path())).expect("paths");
     let state = malla_lab::state::LabState::require(&paths).expect("state");
-    let store = malla_lab::store::open(&paths, &state).expect("store");
-    let key = malla_api::keys::CLUSTER_CONFIG;
-    let (mut config, _) = malla_store::get_json::<malla_api::ClusterConfig>(&*store, key)
-        .expect("read config")
-        .expect("a cluster config");
-    config.anti_spoofing = on;
-    malla_store::put_json(&*store, key, &config).expect("write config");
-    malla_lab::topology::wait_converged(&paths, &state, Duration::from_secs(30))
+    malla_lab::topology::update_cluster_config(&paths, &state, |c| c.anti_spoofing = on)
         .expect("agents applied the config");
 }
 
