@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
-use malla_bench::{begin, check, first_ipv4, ms, percentile, ratio, yes, BinArgs, Iperf, Lab};
+use malla_bench::{begin, check, first_ipv4, percentile, ratio, yes, BinArgs, Iperf, Lab};
 use malla_dataplane::netns::NetNs;
 
 #[derive(Parser, Debug)]
@@ -117,7 +117,9 @@ fn main() -> anyhow::Result<()> {
                     addr: ip,
                     deadline,
                 };
-                out.push(run.one_run()?);
+                let bps = run.one_run()?;
+                eprintln!("  {} -> {ip}: {:.2} Gbit/s", a.netns, bps / 1e9);
+                out.push(bps);
             }
             let target = |ip| SocketAddr::new(ip, CONNECT_PORT);
             m.same_connect
@@ -174,14 +176,19 @@ fn main() -> anyhow::Result<()> {
         for p in [50.0, 99.0] {
             let (po, pf) = (percentile(o, p), percentile(f, p));
             row(
-                &format!("{name} p{p:.0} (ms)"),
-                ms(po),
-                ms(pf),
+                &format!("{name} p{p:.0} (µs)"),
+                us(po),
+                us(pf),
                 ratio(pf.as_secs_f64(), po.as_secs_f64()),
             );
         }
     }
     Ok(())
+}
+
+/// Microseconds with one decimal.
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
 }
 
 /// A listener on `addr` inside `netns` that accepts and closes connections until the process
