@@ -156,6 +156,21 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A two-node lab with pods `a` and `b` on node-1 and `c` on node-2 (no ports).
+    pub fn abc(what: &str, opts: &UpOptions) -> anyhow::Result<Self> {
+        eprintln!("{what}: bringing up a 2-node lab");
+        let mut lab = Self::up(what, opts)?;
+        let mut text = String::new();
+        for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
+                 spec:\n  nodeName: {node}\n  containers:\n  - name: bench\n"
+            ));
+        }
+        lab.apply_pods(&opts.malla_bin, &text)?;
+        Ok(lab)
+    }
+
     /// Re-reads the lab's state (after `runtime::apply`).
     pub fn reload(&mut self) -> anyhow::Result<()> {
         self.state = LabState::require(&self.paths)?;

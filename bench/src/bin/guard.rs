@@ -63,16 +63,7 @@ fn main() -> anyhow::Result<()> {
     let deadline = begin(args.max_seconds)?;
     let bins = args.bins.required()?;
     let opts = bins.up_options(2, RoutingMode::Direct);
-    eprintln!("bringing up a 2-node lab");
-    let mut lab = Lab::up("guard", &opts)?;
-    let mut text = String::new();
-    for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
-        text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
-             spec:\n  nodeName: {node}\n  containers:\n  - name: bench\n"
-        ));
-    }
-    lab.apply_pods(&opts.malla_bin, &text)?;
+    let lab = Lab::abc("guard", &opts)?;
     let addr = |name: &str| -> anyhow::Result<IpAddr> {
         let p = lab.pod(name)?;
         first_ipv4(&p.ips)

@@ -13,7 +13,6 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{begin, first_ipv4, ratio, yes, BinArgs, Iperf, Lab, Namespaces};
-use malla_lab::topology::UpOptions;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -63,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         bps: raw_veth(&args, deadline)?,
     });
     {
-        let lab = pod_lab("direct", &opts(RoutingMode::Direct))?;
+        let lab = Lab::abc("direct", &opts(RoutingMode::Direct))?;
         cases.push(Case {
             name: "pod-pod same node",
             target: Some(0.95),
@@ -76,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         });
     }
     {
-        let lab = pod_lab("vxlan", &opts(RoutingMode::Vxlan))?;
+        let lab = Lab::abc("vxlan", &opts(RoutingMode::Vxlan))?;
         cases.push(Case {
             name: "pod-pod cross node vxlan",
             target: Some(0.80),
@@ -143,21 +142,6 @@ fn raw_veth(args: &Args, deadline: Instant) -> anyhow::Result<f64> {
     .median()?;
     drop(nss);
     Ok(bps)
-}
-
-/// A two-node lab with pods `a` and `b` on node-1 and `c` on node-2.
-fn pod_lab(what: &str, opts: &UpOptions) -> anyhow::Result<Lab> {
-    eprintln!("{what}: bringing up a 2-node lab");
-    let mut lab = Lab::up(what, opts)?;
-    let mut text = String::new();
-    for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
-        text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
-             spec:\n  nodeName: {node}\n  containers:\n  - name: iperf\n"
-        ));
-    }
-    lab.apply_pods(&opts.malla_bin, &text)?;
-    Ok(lab)
 }
 
 /// Throughput from pod `client` to pod `server` of `lab`.

@@ -48,6 +48,17 @@ fn entry(ifname: &str, net: &str, allowed: bool) -> GuardEntry {
     }
 }
 
+/// Own 198.18.0.5 and fd00::5 of `ifname`, allowed `v4_prefix` and fd00:9::/64.
+fn sample(ifname: &str, v4_prefix: &str) -> BTreeSet<GuardEntry> {
+    [
+        entry(ifname, "198.18.0.5/32", false),
+        entry(ifname, "fd00::5/128", false),
+        entry(ifname, v4_prefix, true),
+        entry(ifname, "fd00:9::/64", true),
+    ]
+    .into()
+}
+
 #[test]
 fn own_addresses_exact_allowed_prefixes_merged() {
     let e = ep("a", "mla0", &["198.18.0.5", "fd00::5"]);
@@ -61,14 +72,7 @@ fn own_addresses_exact_allowed_prefixes_merged() {
     .map(|s| s.parse().unwrap())
     .collect();
     let got = interface_entries("mla0", [(&e, prefixes.as_slice())]);
-    let want: BTreeSet<GuardEntry> = [
-        entry("mla0", "198.18.0.5/32", false),
-        entry("mla0", "fd00::5/128", false),
-        entry("mla0", "198.18.5.0/24", true),
-        entry("mla0", "fd00:9::/64", true),
-    ]
-    .into();
-    assert_eq!(got, want);
+    assert_eq!(got, sample("mla0", "198.18.5.0/24"));
     assert_eq!(got.iter().filter(|e| e.set() == ALLOW_V4).count(), 1);
 }
 
@@ -107,13 +111,7 @@ fn render_off_is_nothing_and_on_checks_with_nft() {
     render(&BTreeSet::new(), false, &mut t);
     assert_eq!(t, nft::Table::new("inet", "malla"));
     assert_eq!(apply_delta(&mut t, &GuardDelta::default()), None);
-    let entries: BTreeSet<GuardEntry> = [
-        entry("mla0123456789a", "198.18.0.5/32", false),
-        entry("mla0123456789a", "fd00::5/128", false),
-        entry("mla0123456789a", "198.18.9.0/24", true),
-        entry("mla0123456789a", "fd00:9::/64", true),
-    ]
-    .into();
+    let entries = sample("mla0123456789a", "198.18.9.0/24");
     render(&entries, true, &mut t);
     let text = nft::render_full(&t);
     assert!(
