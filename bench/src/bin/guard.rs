@@ -152,6 +152,13 @@ fn main() -> anyhow::Result<()> {
             &off.cross_bps,
         ),
     ] {
+        // Each round measured both settings back to back: its own ratio is free of slow drift.
+        let paired: Vec<String> = o
+            .iter()
+            .zip(f.iter())
+            .map(|(a, b)| format!("{:.3}", ratio(*a, *b)))
+            .collect();
+        eprintln!("{name}: on/off per round {}", paired.join(" "));
         let (o, f) = (median(o), median(f));
         row(
             name,
