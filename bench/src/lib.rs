@@ -156,6 +156,21 @@ impl Lab {
         Ok(lab)
     }
 
+    /// A two-node lab with pods `a` and `b` on node-1 and `c` on node-2 (no ports).
+    pub fn abc(what: &str, opts: &UpOptions) -> anyhow::Result<Self> {
+        eprintln!("{what}: bringing up a 2-node lab");
+        let mut lab = Self::up(what, opts)?;
+        let mut text = String::new();
+        for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
+                 spec:\n  nodeName: {node}\n  containers:\n  - name: bench\n"
+            ));
+        }
+        lab.apply_pods(&opts.malla_bin, &text)?;
+        Ok(lab)
+    }
+
     /// Re-reads the lab's state (after `runtime::apply`).
     pub fn reload(&mut self) -> anyhow::Result<()> {
         self.state = LabState::require(&self.paths)?;
@@ -670,5 +685,91 @@ mod tests {
     fn names_share_the_prefix() {
         let lab = LabPaths::new(&lab_name("vxlan"), None).unwrap();
         assert!(lab.prefix().starts_with(&ns_prefix()));
+    }
+}
+
+/// iperf3 TCP throughput from `client_ns` to a one-off server (`iperf3 -s -1`) in `server_ns`
+/// listening on `addr`: `end.sum_received.bits_per_second`.
+#[derive(Clone, Copy)]
+pub struct Iperf<'a> {
+    pub seconds: u64,
+    pub streams: u32,
+    /// Runs for [`Iperf::median`].
+    pub repeat: usize,
+    pub client_ns: &'a str,
+    pub server_ns: &'a str,
+    pub addr: IpAddr,
+    pub deadline: Instant,
+}
+
+impl Iperf<'_> {
+    /// The median of `repeat` runs.
+    pub fn median(self) -> anyhow::Result<f64> {
+        let mut runs = Vec::new();
+        for _ in 0..self.repeat.max(1) {
+            check(self.deadline)?;
+            runs.push(self.one_run()?);
+        }
+        runs.sort_by(f64::total_cmp);
+        eprintln!(
+            "  runs (Gbit/s): {}",
+            runs.iter()
+                .map(|b| format!("{:.2}", b / 1e9))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        Ok(runs[runs.len() / 2])
+    }
+
+    /// One run.
+    pub fn one_run(self) -> anyhow::Result<f64> {
+        let Self {
+            seconds,
+            streams,
+            client_ns,
+            server_ns,
+            addr,
+            deadline,
+            ..
+        } = self;
+        let mut server = Command::new("ip");
+        server
+            .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let _server = ChildGuard(server.spawn().context("spawning the iperf3 server")?);
+        // The server needs a moment to listen: retry a refused connection, a bounded number of times.
+        for attempt in 0..50 {
+            check(deadline)?;
+            let mut client = Command::new("ip");
+            client.args(["netns", "exec", client_ns, "iperf3", "-c"]);
+            client.arg(addr.to_string()).args([
+                "-t",
+                &seconds.to_string(),
+                "-P",
+                &streams.to_string(),
+                "-J",
+            ]);
+            let out = output_with_timeout(client, Duration::from_secs(seconds + 20))?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+                format!(
+                    "iperf3 printed non-JSON: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                if out.status.success() {
+                    return Ok(bps);
+                }
+            }
+            let err = v["error"].as_str().unwrap_or("no result").to_string();
+            if !err.contains("refused") || attempt == 49 {
+                bail!("iperf3 {client_ns} -> {addr}: {err}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("iperf3 server in {server_ns} never accepted a connection")
     }
 }

@@ -244,6 +244,8 @@ fn pod_record(l: &Layout, i: usize) -> anyhow::Result<Pod> {
             port: 8080,
         }],
         ips: vec![ip.into()],
+        allowed_source_prefixes: Vec::new(),
+        host_network: false,
     })
 }
 
@@ -1141,6 +1143,8 @@ fn adds(args: &Args, l: &Layout, store: &EtcdStore, deadline: Instant) -> anyhow
             node: node.clone(),
             ports: vec![],
             ips: vec![],
+            allowed_source_prefixes: Vec::new(),
+            host_network: false,
         };
         let counting = Counting::new(store);
         let rev0 = store.revision()?;

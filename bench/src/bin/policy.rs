@@ -405,6 +405,8 @@ fn synthetic(args: &Args) -> anyhow::Result<Synthetic> {
             node: node.clone(),
             ports,
             ips: vec![],
+            allowed_source_prefixes: Vec::new(),
+            host_network: false,
         });
         let container_id = format!("bench{i:08}");
         endpoints.push(WorkloadEndpoint {

@@ -7,16 +7,12 @@
 //! median over `--repeat` runs.
 
 use std::net::IpAddr;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
-use malla_bench::{
-    begin, check, first_ipv4, output_with_timeout, ratio, yes, BinArgs, ChildGuard, Lab, Namespaces,
-};
-use malla_lab::topology::UpOptions;
+use malla_bench::{begin, first_ipv4, ratio, yes, BinArgs, Iperf, Lab, Namespaces};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,7 +62,7 @@ fn main() -> anyhow::Result<()> {
         bps: raw_veth(&args, deadline)?,
     });
     {
-        let lab = pod_lab("direct", &opts(RoutingMode::Direct))?;
+        let lab = Lab::abc("direct", &opts(RoutingMode::Direct))?;
         cases.push(Case {
             name: "pod-pod same node",
             target: Some(0.95),
@@ -79,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         });
     }
     {
-        let lab = pod_lab("vxlan", &opts(RoutingMode::Vxlan))?;
+        let lab = Lab::abc("vxlan", &opts(RoutingMode::Vxlan))?;
         cases.push(Case {
             name: "pod-pod cross node vxlan",
             target: Some(0.80),
@@ -135,7 +131,9 @@ fn raw_veth(args: &Args, deadline: Instant) -> anyhow::Result<f64> {
     ip(&a, "link set veth0 up")?;
     ip(&b, "link set veth1 up")?;
     let bps = Iperf {
-        args,
+        seconds: args.seconds,
+        streams: args.streams,
+        repeat: args.repeat,
         client_ns: &a,
         server_ns: &b,
         addr: "198.19.254.2".parse()?,
@@ -144,21 +142,6 @@ fn raw_veth(args: &Args, deadline: Instant) -> anyhow::Result<f64> {
     .median()?;
     drop(nss);
     Ok(bps)
-}
-
-/// A two-node lab with pods `a` and `b` on node-1 and `c` on node-2.
-fn pod_lab(what: &str, opts: &UpOptions) -> anyhow::Result<Lab> {
-    eprintln!("{what}: bringing up a 2-node lab");
-    let mut lab = Lab::up(what, opts)?;
-    let mut text = String::new();
-    for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
-        text.push_str(&format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: default\n\
-             spec:\n  nodeName: {node}\n  containers:\n  - name: iperf\n"
-        ));
-    }
-    lab.apply_pods(&opts.malla_bin, &text)?;
-    Ok(lab)
 }
 
 /// Throughput from pod `client` to pod `server` of `lab`.
@@ -178,90 +161,13 @@ fn between(
         lab.paths.name, c.node, s.node
     );
     Iperf {
-        args,
+        seconds: args.seconds,
+        streams: args.streams,
+        repeat: args.repeat,
         client_ns: &c.netns,
         server_ns: &s.netns,
         addr,
         deadline,
     }
     .median()
-}
-
-/// iperf3 from `client_ns` to a one-off server in `server_ns` listening on `addr`.
-#[derive(Clone, Copy)]
-struct Iperf<'a> {
-    args: &'a Args,
-    client_ns: &'a str,
-    server_ns: &'a str,
-    addr: IpAddr,
-    deadline: Instant,
-}
-
-impl Iperf<'_> {
-    /// The median of `--repeat` runs.
-    fn median(self) -> anyhow::Result<f64> {
-        let mut runs = Vec::new();
-        for _ in 0..self.args.repeat {
-            check(self.deadline)?;
-            runs.push(self.one_run()?);
-        }
-        runs.sort_by(f64::total_cmp);
-        eprintln!(
-            "  runs (Gbit/s): {}",
-            runs.iter()
-                .map(|b| format!("{:.2}", b / 1e9))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        Ok(runs[runs.len() / 2])
-    }
-
-    fn one_run(self) -> anyhow::Result<f64> {
-        let Self {
-            args,
-            client_ns,
-            server_ns,
-            addr,
-            deadline,
-        } = self;
-        let mut server = Command::new("ip");
-        server
-            .args(["netns", "exec", server_ns, "iperf3", "-s", "-1"])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let _server = ChildGuard(server.spawn().context("spawning the iperf3 server")?);
-        // The server needs a moment to listen: retry a refused connection, a bounded number of times.
-        for attempt in 0..50 {
-            check(deadline)?;
-            let mut client = Command::new("ip");
-            client.args(["netns", "exec", client_ns, "iperf3", "-c"]);
-            client.arg(addr.to_string()).args([
-                "-t",
-                &args.seconds.to_string(),
-                "-P",
-                &args.streams.to_string(),
-                "-J",
-            ]);
-            let out = output_with_timeout(client, Duration::from_secs(args.seconds + 20))?;
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
-                format!(
-                    "iperf3 printed non-JSON: {}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })?;
-            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
-                if out.status.success() {
-                    return Ok(bps);
-                }
-            }
-            let err = v["error"].as_str().unwrap_or("no result").to_string();
-            if !err.contains("refused") || attempt == 49 {
-                bail!("iperf3 {client_ns} -> {addr}: {err}");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("iperf3 server in {server_ns} never accepted a connection")
-    }
 }

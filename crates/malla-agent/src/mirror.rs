@@ -401,6 +401,7 @@ impl Mirror {
             };
         }
         let mut policy = PolicyInputs::default();
+        let mut guard = false;
         let changed = if key.starts_with(keys::ENDPOINTS) {
             let ep = take!(key, value, WorkloadEndpoint);
             let pod = |e: &WorkloadEndpoint| (e.namespace.clone(), e.pod.clone());
@@ -426,7 +427,10 @@ impl Mirror {
         } else if key.starts_with(keys::PODS) {
             let pod = take!(key, value, Pod);
             let id = |p: &Pod| (p.namespace.clone(), p.name.clone());
-            policy.pods.extend(self.pods.get(&v.pods, key).map(id));
+            let old = self.pods.get(&v.pods, key);
+            // A pod's allowed source prefixes: the links node's anti-spoofing follows them.
+            guard = self.links.pod(old, pod.as_ref());
+            policy.pods.extend(old.map(id));
             policy.pods.extend(pod.as_ref().map(id));
             self.pods.upsert(&mut v.pods, key, pod)
         } else if key.starts_with(keys::NAMESPACES) {
@@ -450,6 +454,7 @@ impl Mirror {
         };
         Applied {
             view: changed,
+            links: guard,
             policy: if changed {
                 policy
             } else {

@@ -60,6 +60,17 @@ pub struct ClusterConfig {
     /// UDP port of the VXLAN overlay.
     #[serde(default = "default_vxlan_port")]
     pub vxlan_port: u16,
+    /// Anti-spoofing on every workload interface: only a pod's own addresses (and its
+    /// allowed source prefixes) may leave its veth. On unless set to false.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub anti_spoofing: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_vni() -> u32 {
@@ -75,6 +86,7 @@ impl Default for ClusterConfig {
             routing: RoutingMode::Direct,
             vxlan_vni: default_vni(),
             vxlan_port: default_vxlan_port(),
+            anti_spoofing: true,
         }
     }
 }
@@ -214,7 +226,48 @@ pub struct Pod {
     /// controllers (endpoints, endpoint slices) read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ips: Vec<std::net::IpAddr>,
+    /// Source prefixes the pod may send from besides its own addresses (annotation
+    /// [`ALLOWED_SOURCE_PREFIXES`]; anti-spoofing drops every other source).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_source_prefixes: Vec<IpNet>,
+    /// `spec.hostNetwork`: the pod runs in its node's network namespace (no CNI, no endpoint).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
+
+/// The pod annotation naming extra source prefixes a pod may send from (comma-separated
+/// CIDRs), as Calico's `cni.projectcalico.org/allowedSourcePrefixes`.
+pub const ALLOWED_SOURCE_PREFIXES: &str = "malla.dev/allowed-source-prefixes";
+
+/// Parses the value of [`ALLOWED_SOURCE_PREFIXES`]: comma-separated CIDRs (a bare address is
+/// its host prefix), blanks around each ignored; the error names the first bad item.
+pub fn parse_source_prefixes(value: &str) -> Result<Vec<IpNet>, String> {
+    let mut out = Vec::new();
+    for item in value.split(',').map(str::trim) {
+        if item.is_empty() {
+            continue;
+        }
+        let net = match item.parse::<IpNet>() {
+            Ok(n) => n,
+            Err(_) => match item.parse::<IpAddr>() {
+                Ok(a) => IpNet::from(a),
+                Err(_) => return Err(format!("{item:?} is not a CIDR (e.g. 198.18.5.0/24)")),
+            },
+        };
+        if net.trunc() != net {
+            return Err(format!(
+                "{item:?} has host bits set (the prefix is {})",
+                net.trunc()
+            ));
+        }
+        out.push(net);
+    }
+    Ok(out)
+}
+
+/// Prefix of every host-side pod veth (`mla` + 11 hex digits of a hash): what anti-spoofing
+/// treats as a workload interface.
+pub const HOST_IFNAME_PREFIX: &str = "mla";
 
 /// A namespace and its labels (namespace selectors match these).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

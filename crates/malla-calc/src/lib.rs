@@ -4,6 +4,7 @@
 //! (a [`NodeDataplane`]), so tests drive it without a kernel. The agent's managers diff the
 //! result against the kernel.
 
+pub mod guard;
 pub mod links;
 pub mod masquerade;
 pub mod nft;

@@ -1,5 +1,6 @@
 //! The links node of the calculation graph: routes to other nodes' pods, the VXLAN peers and
-//! this node's own pods, kept current record by record.
+//! this node's own pods (with what they may send from: [`crate::guard`]), kept current record
+//! by record.
 //!
 //! It consumes the records it depends on one change at a time, each as it was and as it is
 //! ([`LinksNode::node`], [`LinksNode::block`], [`LinksNode::endpoint`]) and keeps its own indexes: blocks by the node
@@ -20,8 +21,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use malla_api::{Node, RoutingMode, WorkloadEndpoint};
+use malla_api::{Node, Pod, RoutingMode, WorkloadEndpoint};
 
+use crate::guard::{GuardDelta, GuardEntry, GuardNode};
 use crate::routes::{ClusterView, RemoteRoute, VxlanPeer};
 
 /// What the routes, peers and local pods of one node are.
@@ -33,6 +35,8 @@ pub struct Links {
     pub local_endpoints: Vec<WorkloadEndpoint>,
     /// Remote objects that could not be routed, with the reason.
     pub problems: Vec<String>,
+    /// The sources this node's pods may send from (anti-spoofing, [`crate::guard`]).
+    pub guard: BTreeSet<GuardEntry>,
 }
 
 /// What changed in a node's [`Links`] since the last [`LinksNode::take_delta`]: what to add and
@@ -45,6 +49,8 @@ pub struct LinkDelta {
     pub peers_added: Vec<VxlanPeer>,
     pub local_removed: Vec<WorkloadEndpoint>,
     pub local_added: Vec<WorkloadEndpoint>,
+    /// Anti-spoofing entries of local pods that changed.
+    pub guard: GuardDelta,
     /// Problems that appeared with this delta (each is also in [`LinksNode::problems`]).
     pub new_problems: Vec<String>,
 }
@@ -58,6 +64,7 @@ impl LinkDelta {
             && self.peers_added.is_empty()
             && self.local_removed.is_empty()
             && self.local_added.is_empty()
+            && self.guard.is_empty()
     }
 
     /// Applies the delta to `links` (what a driver keeps of its last apply); problems are
@@ -92,6 +99,10 @@ impl LinkDelta {
                 .partition_point(|e| e.host_ifname <= ep.host_ifname);
             links.local_endpoints.insert(at, ep.clone());
         }
+        for e in &self.guard.removed {
+            links.guard.remove(e);
+        }
+        links.guard.extend(self.guard.added.iter().cloned());
     }
 }
 
@@ -158,6 +169,8 @@ pub struct LinksNode {
     dirty: BTreeSet<String>,
     peers_pending: Pending<VxlanPeer>,
     local_pending: Pending<WorkloadEndpoint>,
+    /// Anti-spoofing entries of the local pods.
+    guard: GuardNode,
 }
 
 impl LinksNode {
@@ -176,6 +189,7 @@ impl LinksNode {
             dirty: BTreeSet::new(),
             peers_pending: Pending::default(),
             local_pending: Pending::default(),
+            guard: GuardNode::new(),
         }
     }
 
@@ -188,6 +202,9 @@ impl LinksNode {
         }
         for block in &view.blocks {
             n.block(None, Some(block));
+        }
+        for pod in &view.pods {
+            n.pod(None, Some(pod));
         }
         for ep in &view.endpoints {
             n.endpoint(None, Some(ep));
@@ -289,6 +306,13 @@ impl LinksNode {
         if before == after {
             return;
         }
+        let (lb, la) = (
+            before.filter(|e| e.node == self.me),
+            after.filter(|e| e.node == self.me),
+        );
+        if lb.is_some() || la.is_some() {
+            self.guard.endpoint(lb, la);
+        }
         if let Some(ep) = before {
             if let Some(addrs) = self.addrs.get_mut(&ep.node) {
                 for ip in ep.addrs() {
@@ -325,6 +349,12 @@ impl LinksNode {
                 self.local_pending.add(ep.clone());
             }
         }
+    }
+
+    /// A pod changed from `before` to `after`: its allowed source prefixes (anti-spoofing).
+    /// True when that changes what this node's pods may send from.
+    pub fn pod(&mut self, before: Option<&Pod>, after: Option<&Pod>) -> bool {
+        before != after && self.guard.pod(before, after)
     }
 
     fn mark(&mut self, node: &str) {
@@ -421,6 +451,7 @@ impl LinksNode {
         let local = std::mem::take(&mut self.local_pending);
         delta.local_removed = local.removed;
         delta.local_added = local.added;
+        delta.guard = self.guard.take_delta();
         delta
     }
 
@@ -437,6 +468,7 @@ impl LinksNode {
             vxlan_peers: self.peers.values().cloned().collect(),
             local_endpoints: self.local.clone(),
             problems: self.problems(),
+            guard: self.guard.entries(),
         }
     }
 

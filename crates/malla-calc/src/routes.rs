@@ -164,6 +164,7 @@ pub fn compute_with_links(
     );
     let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
     crate::policy::render_policy(program, &mut nft_table);
+    crate::guard::render(&links.guard, view.config.anti_spoofing, &mut nft_table);
 
     NodeDataplane {
         mode: view.config.routing,

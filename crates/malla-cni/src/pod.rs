@@ -180,6 +180,8 @@ pub fn wire(req: &WireRequest) -> Result<Wired, WireFailure> {
         malla_dataplane::workload::program_host_side(&host, veth.index, &req.addrs, pod_mac)
             .await
             .map_err(nl_err)?;
+        // Best effort: without the agent's table there is nothing to let through yet.
+        let _ = malla_dataplane::workload::allow_own_sources(&req.host_ifname, &req.addrs);
         Ok(Wired {
             pod_mac,
             host_mac: HOST_VETH_MAC,

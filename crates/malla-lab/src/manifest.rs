@@ -1,5 +1,5 @@
 //! Kubernetes manifests the lab understands: `v1/Namespace`, `v1/Pod` (labels, `spec.nodeName`,
-//! `containers[].ports`), `v1/Service`, `discovery.k8s.io` EndpointSlice and
+//! `containers[].ports`, `spec.hostNetwork`, the `malla.dev/allowed-source-prefixes` annotation), `v1/Service`, `discovery.k8s.io` EndpointSlice and
 //! `networking.k8s.io/v1` NetworkPolicy, several documents per file. Decoding is
 //! `malla_api::k8s::manifest` (strict, as `kubectl apply --validate=strict`: a misspelt field is
 //! an error); this adds what the lab itself cannot run. Everything is parsed and checked before
@@ -32,6 +32,10 @@ pub struct PodSpec {
     pub labels: BTreeMap<String, String>,
     pub node_name: Option<String>,
     pub ports: Vec<PortSpec>,
+    /// `malla.dev/allowed-source-prefixes`, parsed.
+    pub allowed_source_prefixes: Vec<ipnet::IpNet>,
+    /// `spec.hostNetwork`: run in the node's namespace, as the kubelet does (no CNI).
+    pub host_network: bool,
 }
 
 impl PodSpec {
@@ -111,6 +115,8 @@ fn pod_spec(doc: &Document, pod: malla_api::Pod) -> Result<PodSpec, ManifestErro
         labels: pod.labels,
         node_name: Some(pod.node).filter(|n| !n.is_empty()),
         ports,
+        allowed_source_prefixes: pod.allowed_source_prefixes,
+        host_network: pod.host_network,
     })
 }
 

@@ -336,7 +336,8 @@ fn check_filter(filter: &Filter, all: &[Probe]) -> anyhow::Result<()> {
 pub const MAX_PROBES: usize = 20_000;
 
 /// Every pod→pod pair on every declared port, protocol and shared address family; node→pod for
-/// the node's own pods; pod→external.
+/// the node's own pods; pod→external; services; asked for by name (`--to node/NAME`), a node's
+/// own ports from every pod, other node and `external`.
 pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
     let mut out = Vec::new();
     let pods: Vec<_> = state.pods.values().collect();
@@ -397,6 +398,66 @@ pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
                     port: ext.port,
                     protocol: proto.into(),
                 });
+            }
+        }
+    }
+    // A node's own ports, asked for by name (`--to node/NAME`: `--port`, else the ports its
+    // host-network pods declare), from every pod, every other node and `external`.
+    let external = || {
+        (
+            String::from("external"),
+            state.external.netns.clone(),
+            ext_ips.clone(),
+        )
+    };
+    let node_source = |n: &crate::state::NodeState| {
+        let ips = std::iter::once(IpAddr::V4(n.underlay_ipv4))
+            .chain(n.underlay_ipv6.map(IpAddr::V6))
+            .collect::<Vec<_>>();
+        (format!("node/{}", n.name), n.netns.clone(), ips)
+    };
+    let target_node = filter
+        .to
+        .as_deref()
+        .and_then(|t| t.strip_prefix("node/"))
+        .and_then(|n| state.node(n));
+    if let Some(node) = target_node {
+        let ports: Vec<(u16, String)> = match filter.port {
+            Some(p) => vec![(p, "tcp".into()), (p, "udp".into())],
+            None => pods
+                .iter()
+                .filter(|p| p.host_network && p.node == node.name)
+                .flat_map(|p| p.ports.iter().map(|s| (s.port, s.protocol.clone())))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        };
+        let (to, _, targets) = node_source(node);
+        let mut sources: Vec<(String, String, Vec<IpAddr>)> = pods
+            .iter()
+            .filter(|p| p.netns != node.netns)
+            .map(|p| (p.key(), p.netns.clone(), p.ips.clone()))
+            .collect();
+        sources.extend(
+            state
+                .nodes
+                .iter()
+                .filter(|n| n.name != node.name)
+                .map(node_source),
+        );
+        sources.push(external());
+        for (from, from_netns, src_ips) in &sources {
+            for ip in families(src_ips, &targets) {
+                for (port, protocol) in &ports {
+                    out.push(Probe {
+                        from: from.clone(),
+                        from_netns: from_netns.clone(),
+                        to: to.clone(),
+                        ip,
+                        port: *port,
+                        protocol: protocol.clone(),
+                    });
+                }
             }
         }
     }

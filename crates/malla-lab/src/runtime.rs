@@ -104,6 +104,8 @@ pub fn apply(
         if let Some(existing) = state.pods.get(&p.key()) {
             // Labels may change in place (as with kubectl label); the rest of a pod is immutable.
             let same = existing.ports == p.ports
+                && existing.host_network == p.host_network
+                && existing.allowed_source_prefixes == p.allowed_source_prefixes
                 && p.node_name.as_ref().is_none_or(|n| *n == existing.node);
             if !same {
                 bail!(
@@ -458,8 +460,24 @@ fn create_pod(
     spec: &PodSpec,
 ) -> anyhow::Result<PodState> {
     let node = pick_node(state, spec);
-    let netns_name = pod_netns(paths, &spec.namespace, &spec.name);
-    netns::create(&netns_name)?;
+    // A host-network pod runs in its node's namespace, as the kubelet runs it: no CNI, and the
+    // node's addresses are the pod's.
+    let host = match spec.host_network {
+        true => Some(
+            state
+                .node(&node)
+                .with_context(|| format!("no node {node}"))?,
+        ),
+        false => None,
+    };
+    let netns_name = match host {
+        Some(n) => n.netns.clone(),
+        None => {
+            let name = pod_netns(paths, &spec.namespace, &spec.name);
+            netns::create(&name)?;
+            name
+        }
+    };
     let mut pod = PodState {
         namespace: spec.namespace.clone(),
         name: spec.name.clone(),
@@ -470,12 +488,23 @@ fn create_pod(
         ports: spec.ports.clone(),
         labels: spec.labels.clone(),
         probe_pid: None,
+        allowed_source_prefixes: spec.allowed_source_prefixes.clone(),
+        host_network: spec.host_network,
     };
     let result = (|| {
-        let rt = node_runtime(paths, state, &node)?;
-        let result = rt.add(&attachment(&pod))?;
-        pod.ips = cni_exec::result_ips(&result);
-        std::fs::write(result_cache(paths, &pod), result.to_string())?;
+        match host {
+            Some(n) => {
+                pod.ips = std::iter::once(std::net::IpAddr::V4(n.underlay_ipv4))
+                    .chain(n.underlay_ipv6.map(std::net::IpAddr::V6))
+                    .collect();
+            }
+            None => {
+                let rt = node_runtime(paths, state, &node)?;
+                let result = rt.add(&attachment(&pod))?;
+                pod.ips = cni_exec::result_ips(&result);
+                std::fs::write(result_cache(paths, &pod), result.to_string())?;
+            }
+        }
         if !pod.ports.is_empty() {
             let ready = paths.dir.join(format!("probe-{}.ready", pod.container_id));
             let listen: Vec<String> = pod
@@ -528,10 +557,14 @@ pub fn attachment(pod: &PodState) -> Attachment {
     }
 }
 
-/// Stops the probe server, calls CNI DEL, deletes the namespace.
+/// Stops the probe server, calls CNI DEL, deletes the namespace (a host-network pod's is its
+/// node's: only its probe server goes).
 fn remove_pod(paths: &LabPaths, state: &LabState, pod: &PodState) -> anyhow::Result<()> {
     if let Some(pid) = pod.probe_pid {
         process::stop(pid);
+    }
+    if pod.host_network {
+        return Ok(());
     }
     let cache = result_cache(paths, pod);
     let cached = std::fs::read(&cache)

@@ -256,6 +256,8 @@ mod tests {
                 .collect(),
             labels: [("app".to_string(), app.to_string())].into(),
             probe_pid: None,
+            allowed_source_prefixes: Vec::new(),
+            host_network: false,
         }
     }
 

@@ -122,6 +122,12 @@ pub struct PodState {
     pub ports: Vec<PortSpec>,
     pub labels: BTreeMap<String, String>,
     pub probe_pid: Option<u32>,
+    /// The pod's `malla.dev/allowed-source-prefixes` annotation, parsed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_source_prefixes: Vec<ipnet::IpNet>,
+    /// `spec.hostNetwork`: the pod runs in its node's namespace; its addresses are the node's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub host_network: bool,
 }
 
 impl PodState {
@@ -150,6 +156,8 @@ impl PodState {
                 })
                 .collect(),
             ips: self.ips.clone(),
+            allowed_source_prefixes: self.allowed_source_prefixes.clone(),
+            host_network: self.host_network,
         }
     }
 }

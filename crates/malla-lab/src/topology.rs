@@ -335,6 +335,21 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
     }
 }
 
+/// Changes the lab's cluster config with `edit` (e.g. `antiSpoofing` for a test or a
+/// benchmark) and waits until every agent applied it.
+pub fn update_cluster_config(
+    paths: &LabPaths,
+    state: &LabState,
+    edit: impl FnOnce(&mut ClusterConfig),
+) -> anyhow::Result<()> {
+    let store = crate::store::open(paths, state)?;
+    let (mut config, _) = malla_store::get_json::<ClusterConfig>(&*store, keys::CLUSTER_CONFIG)?
+        .context("the lab has no cluster config")?;
+    edit(&mut config);
+    malla_store::put_json(&*store, keys::CLUSTER_CONFIG, &config)?;
+    wait_converged(paths, state, Duration::from_secs(30))
+}
+
 /// Installs the plugin and writes every node's conflist, as `malla install-cni` does on a node.
 fn install_cni(
     paths: &LabPaths,

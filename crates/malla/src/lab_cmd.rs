@@ -54,13 +54,16 @@ enum LabCommand {
         what: GetWhat,
     },
     /// Probe reachability: every pod→pod pair on every declared port and protocol, node→pod
-    /// for the node's own pods, pod→external, and every Service port.
+    /// for the node's own pods, pod→external, and every Service port. `--to node/NAME` probes
+    /// the node's own ports (`--port`, else those its `hostNetwork` pods declare) from every
+    /// pod, every other node and external (narrow with `--from external`, `--from node/NAME`).
     ///
     /// Exit status: 0 when every probe connected; 3 when the probes ran and some did not
     /// connect (a NetworkPolicy may deny them on purpose: the table says which; `malla policy
     /// trace` says why); 1 when a filter matches nothing or the probes could not run.
     ///
     /// Example: malla lab probe --lab demo --from shop/web --protocol tcp -o json
+    /// Example: malla lab probe --lab demo --to node/node-1 --port 10250 --protocol tcp
     Probe(ProbeArgs),
     /// Up + the sample app (examples/shop.yaml: pods, a Service, NetworkPolicies) + probe,
     /// printed as a matrix in which a connection a policy denies on purpose reads `denied`.
@@ -148,8 +151,8 @@ struct ProbeArgs {
     /// Only from this source: namespace/name of a pod, node/NAME or external.
     #[arg(long)]
     from: Option<String>,
-    /// Only to this destination: namespace/name of a pod, external, svc/NAMESPACE/NAME or
-    /// nodeport/NODE.
+    /// Only to this destination: namespace/name of a pod, external, svc/NAMESPACE/NAME,
+    /// nodeport/NODE or node/NAME (the node's own ports).
     #[arg(long)]
     to: Option<String>,
     /// Only to this port.

@@ -59,6 +59,8 @@ fn pod(i: u64, label: u64) -> Pod {
         node: format!("n{}", i % 4),
         ports: Vec::new(),
         ips: Vec::new(),
+        allowed_source_prefixes: Vec::new(),
+        host_network: false,
     }
 }
 

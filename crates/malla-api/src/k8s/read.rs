@@ -142,6 +142,33 @@ pub fn pod(v: Value, s: Strictness) -> Result<Pod> {
             ips.push(ip(a, || "status.podIP".into())?);
         }
     }
+    let allowed_source_prefixes = match p
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::ALLOWED_SOURCE_PREFIXES))
+    {
+        None => Vec::new(),
+        Some(v) => match crate::parse_source_prefixes(v) {
+            Ok(prefixes) => prefixes,
+            Err(e) if strict => {
+                return bad(
+                    format!("metadata.annotations[{:?}]", crate::ALLOWED_SOURCE_PREFIXES),
+                    e,
+                )
+            }
+            Err(e) => {
+                // The API server took it: the pod stays, with no extra prefix (never wider).
+                tracing::warn!(
+                    pod = %format!("{namespace}/{name}"),
+                    field = %format!("metadata.annotations[{:?}]", crate::ALLOWED_SOURCE_PREFIXES),
+                    error = %e,
+                    "ignoring the pod's allowed source prefixes"
+                );
+                Vec::new()
+            }
+        },
+    };
     Ok(Pod {
         namespace,
         name,
@@ -149,6 +176,8 @@ pub fn pod(v: Value, s: Strictness) -> Result<Pod> {
         node: spec.node_name.unwrap_or_default(),
         ports,
         ips,
+        allowed_source_prefixes,
+        host_network: spec.host_network.unwrap_or(false),
     })
 }
 

@@ -86,6 +86,8 @@ fn pods_keep_what_malla_uses_and_accept_the_rest() {
                 },
             ],
             ips: vec![],
+            allowed_source_prefixes: vec![],
+            host_network: false,
         }
     );
 }
@@ -527,6 +529,15 @@ fn what_is_written_reads_back_the_same() {
     write::pod(&pod, &mut obj, false);
     obj["status"] = write::pod_status(&pod).unwrap();
     assert_eq!(read::pod(obj, Strictness::Strict).unwrap(), pod);
+    pod.allowed_source_prefixes = vec![
+        "198.18.5.0/24".parse().unwrap(),
+        "fd00:5::/64".parse().unwrap(),
+    ];
+    pod.host_network = true;
+    let mut obj = json!({"metadata": {"name": "web-1", "namespace": "shop"}});
+    write::pod(&pod, &mut obj, false);
+    obj["status"] = write::pod_status(&pod).unwrap();
+    assert_eq!(read::pod(obj, Strictness::Strict).unwrap(), pod);
 
     let Object::EndpointSlice(slice) = one(SLICE) else {
         panic!()
@@ -563,4 +574,36 @@ fn the_example_manifest_is_strictly_valid() {
     let docs =
         parse(include_str!("../../../../examples/demo.yaml")).unwrap_or_else(|e| panic!("{e}"));
     assert!(docs.len() > 3);
+}
+
+#[test]
+fn allowed_source_prefixes_are_checked_never_widened() {
+    let pod = |value: &str| {
+        json!({
+            "metadata": {"name": "a", "namespace": "x", "annotations": {crate::ALLOWED_SOURCE_PREFIXES: value}},
+            "spec": {"nodeName": "n1", "hostNetwork": true, "containers": [{"name": "c"}]},
+        })
+    };
+    let p = read::pod(
+        pod(" 198.18.5.0/24, fd00:5::/64 ,198.18.9.1"),
+        Strictness::Strict,
+    )
+    .unwrap();
+    let want: Vec<ipnet::IpNet> = ["198.18.5.0/24", "fd00:5::/64", "198.18.9.1/32"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(p.allowed_source_prefixes, want);
+    assert!(p.host_network);
+    for bad in ["0.0.0.0/33", "nope", "198.18.5.1/24", "198.18.5.0/24;rm"] {
+        let e = read::pod(pod(bad), Strictness::Strict).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("metadata.annotations[\"malla.dev/allowed-source-prefixes\"]"),
+            "{bad}: {e}"
+        );
+        // From an API server: the pod is kept, with no extra prefix.
+        let p = read::pod(pod(bad), Strictness::Lenient).unwrap();
+        assert!(p.allowed_source_prefixes.is_empty(), "{bad}");
+    }
 }

@@ -70,14 +70,28 @@ pub fn pod(pod: &Pod, obj: &mut Value, existing: bool) {
             v
         })
         .collect();
-    as_object(obj).insert(
-        "spec".into(),
-        json!({
-            "nodeName": pod.node,
-            "automountServiceAccountToken": false,
-            "containers": [{"name": "main", "image": LAB_IMAGE, "ports": ports}],
-        }),
-    );
+    let mut spec = json!({
+        "nodeName": pod.node,
+        "automountServiceAccountToken": false,
+        "containers": [{"name": "main", "image": LAB_IMAGE, "ports": ports}],
+    });
+    if pod.host_network {
+        spec["hostNetwork"] = json!(true);
+    }
+    as_object(obj).insert("spec".into(), spec);
+    if !pod.allowed_source_prefixes.is_empty() {
+        let value: Vec<String> = pod
+            .allowed_source_prefixes
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let meta = as_object(as_object(obj).entry("metadata").or_insert(json!({})));
+        let annotations = as_object(meta.entry("annotations").or_insert(json!({})));
+        annotations.insert(
+            crate::ALLOWED_SOURCE_PREFIXES.into(),
+            json!(value.join(",")),
+        );
+    }
 }
 
 /// A pod's `status` as the kubelet reports a running pod; `None` before it has addresses.

@@ -82,11 +82,16 @@ fn reference(view: &ClusterView, me: &str) -> Links {
         .cloned()
         .collect();
     local_endpoints.sort_by(|a, b| a.host_ifname.cmp(&b.host_ifname));
+    let guard = local_endpoints
+        .iter()
+        .flat_map(|e| crate::guard::interface_entries(&e.host_ifname, [(e, &[][..])]))
+        .collect();
     Links {
         remote_routes: routes.into_iter().collect(),
         vxlan_peers,
         local_endpoints,
         problems: problems.into_iter().collect(),
+        guard,
     }
 }
 

@@ -628,6 +628,8 @@ pub enum Kind {
     Port,
     /// `inet_proto`: 1 byte.
     Proto,
+    /// `ifname`: the name, NUL-padded to `IFNAMSIZ` (16 bytes).
+    Ifname,
 }
 
 impl Kind {
@@ -653,6 +655,7 @@ impl Kind {
                 "ipv6_addr" => Some(Kind::Ipv6),
                 "inet_service" => Some(Kind::Port),
                 "inet_proto" => Some(Kind::Proto),
+                "ifname" => Some(Kind::Ifname),
                 _ => None,
             })
             .collect()
@@ -775,7 +778,7 @@ mod tests {
             Some(vec![Ipv4, Port])
         );
         assert_eq!(Kind::of_key("ether_addr"), None);
-        assert_eq!(Kind::of_key("ifname"), None);
+        assert_eq!(Kind::of_key("ifname . ipv4_addr"), Some(vec![Ifname, Ipv4]));
     }
 
     /// Elements stay small: they are most of a large node table.

@@ -334,6 +334,8 @@ mod tests {
             node: node.into(),
             ports: Vec::new(),
             ips: Vec::new(),
+            allowed_source_prefixes: Vec::new(),
+            host_network: false,
         });
         v.endpoints.push(WorkloadEndpoint {
             namespace: "prod".into(),

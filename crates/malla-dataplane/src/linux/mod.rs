@@ -3,8 +3,10 @@
 //! kernel has and changes only the difference (so a restarted agent adopts what is there):
 //! [`vxlan::VxlanManager`] (the device, its FDB and neighbours), [`routes::RoutesManager`]
 //! (routes to other nodes' blocks), [`workloads::WorkloadsManager`] (the host side of local
-//! pods) and [`crate::nft::manager::NftManager`] (the table).
+//! pods), [`guard::GuardManager`] (local pods' anti-spoofing entries on the links path) and
+//! [`crate::nft::manager::NftManager`] (the table).
 
+pub mod guard;
 pub mod routes;
 pub mod vxlan;
 pub mod workloads;
@@ -40,6 +42,7 @@ pub struct LinuxDriver {
     routes: routes::RoutesManager,
     workloads: workloads::WorkloadsManager,
     nft: NftManager,
+    guard: guard::GuardManager,
     /// The rest of what was last applied (routes, peers, local pods), for [`Driver::resync`].
     last_applied: Option<NodeDataplane>,
 }
@@ -55,6 +58,7 @@ impl LinuxDriver {
             routes: routes::RoutesManager,
             workloads: workloads::WorkloadsManager,
             nft: NftManager::default(),
+            guard: guard::GuardManager::default(),
             last_applied: None,
         })
     }
@@ -116,6 +120,8 @@ impl LinuxDriver {
             vxlan_peers: std::mem::take(&mut last.vxlan_peers),
             local_endpoints: std::mem::take(&mut last.local_endpoints),
             problems: Vec::new(),
+            // Anti-spoofing entries live in the nft table (see below).
+            guard: Default::default(),
         };
         delta.apply_to(&mut links);
         last.remote_routes = links.remote_routes;
@@ -141,6 +147,7 @@ impl LinuxDriver {
         self.workloads
             .repair(&self.nl, &delta.local_added, stats)
             .await?;
+        self.guard.apply(&mut self.nft, &delta.guard, stats)?;
         Ok(())
     }
 }

@@ -20,6 +20,9 @@ use malla_calc::nft::element::{self, Key, Verdict};
 use crate::netns::NetNs;
 use crate::nft::NftError;
 
+/// An interface name's bytes in a key (`IFNAMSIZ`).
+const IFNAMSIZ: usize = 16;
+
 /// The byte length of a part of `kind`.
 fn kind_len(kind: Kind) -> usize {
     match kind {
@@ -27,6 +30,7 @@ fn kind_len(kind: Kind) -> usize {
         Kind::Ipv6 => 16,
         Kind::Port => 2,
         Kind::Proto => 1,
+        Kind::Ifname => IFNAMSIZ,
     }
 }
 
@@ -43,11 +47,17 @@ fn encode_part(kind: Kind, part: element::Part, out: &mut Vec<u8>) -> Result<(),
         }
         (Kind::Proto, P::Proto(p)) => out.push(p),
         (Kind::Proto, P::Int(n)) => out.push(u8::try_from(n).map_err(|_| bad("a protocol"))?),
+        (Kind::Ifname, P::Iface(name)) => {
+            let mut b = [0u8; IFNAMSIZ];
+            b[..name.as_str().len()].copy_from_slice(name.as_str().as_bytes());
+            out.extend(b);
+        }
         (Kind::HostU32, _) => return Err(bad("an integer")),
         (Kind::Ipv4, _) => return Err(bad("an IPv4 address")),
         (Kind::Ipv6, _) => return Err(bad("an IPv6 address")),
         (Kind::Port, _) => return Err(bad("a port")),
         (Kind::Proto, _) => return Err(bad("a protocol")),
+        (Kind::Ifname, _) => return Err(bad("an interface name")),
     }
     Ok(())
 }

@@ -291,6 +291,8 @@ mod tests {
                 port: 8080,
             }],
             ips: vec!["198.18.0.5".parse().unwrap()],
+            allowed_source_prefixes: Vec::new(),
+            host_network: false,
         };
         let key = "/malla/pods/x/a";
         let mut obj = write(&k, &k.locate(key).unwrap(), key, &to_json(&pod), None).unwrap();

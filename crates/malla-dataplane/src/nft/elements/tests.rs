@@ -292,3 +292,14 @@ fn lazy_additions_encode_as_eager_ones_and_land() {
     assert_eq!(text.matches(" : 198.18.").count(), 600);
     assert!(text.contains("8080"));
 }
+
+/// `ifname . ipv4_addr`: the name NUL-padded to 16 bytes, then the address.
+#[test]
+fn interface_names_are_padded_to_ifnamsiz() {
+    let bytes = encode_parts(&[Kind::Ifname, Kind::Ipv4], &key("\"mla0\" . 198.18.0.5")).unwrap();
+    let mut want = b"mla0".to_vec();
+    want.resize(16, 0);
+    want.extend([198, 18, 0, 5]);
+    assert_eq!(bytes, want);
+    assert!(encode_parts(&[Kind::Ifname], &key("80")).is_err());
+}

@@ -1,0 +1,236 @@
+//! `guard-bench`: what anti-spoofing costs (issue 14: "nothing measurable", ratio ≥ 0.98) —
+//! pod↔pod TCP throughput (iperf3) and connection setup latency (TCP connect, SYN to SYN-ACK)
+//! with the cluster config's `antiSpoofing` on and off, in the same 2-node lab, alternating
+//! on/off for `--rounds` rounds so drift on a busy machine falls on both alike.
+//!
+//! Pods `a` and `b` on node-1, `c` on node-2 (`--routing direct`). Throughput: the median of the
+//! iperf3 runs of a mode (a→b same node, a→c across nodes). Latency: p50 and p99 over every
+//! connect of a mode (`--connections` per round and path). Ratios are on/off for throughput
+//! and off/on for latency: **1.0 means anti-spoofing costs nothing**, below 0.98 misses the
+//! target.
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use malla_api::RoutingMode;
+use malla_bench::{begin, check, first_ipv4, percentile, ratio, yes, BinArgs, Iperf, Lab};
+use malla_dataplane::netns::NetNs;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "guard-bench",
+    version,
+    about = "pod-to-pod throughput and connect latency with anti-spoofing on and off"
+)]
+struct Args {
+    /// On/off rounds (each mode once per round, order alternating).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// TCP connects per round and path.
+    #[arg(long, default_value_t = 500)]
+    connections: usize,
+    #[command(flatten)]
+    bins: BinArgs,
+    /// Give up (and clean up) after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    max_seconds: u64,
+}
+
+/// The port the connect-latency listener uses in the server pods.
+const CONNECT_PORT: u16 = 9300;
+
+#[derive(Default)]
+struct Mode {
+    same_bps: Vec<f64>,
+    cross_bps: Vec<f64>,
+    same_connect: Vec<Duration>,
+    cross_connect: Vec<Duration>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(1..=10).contains(&args.rounds)
+        || !(1..=60).contains(&args.seconds)
+        || !(10..=100_000).contains(&args.connections)
+    {
+        bail!("--rounds must be in 1..=10, --seconds in 1..=60, --connections in 10..=100000");
+    }
+    let deadline = begin(args.max_seconds)?;
+    let bins = args.bins.required()?;
+    let opts = bins.up_options(2, RoutingMode::Direct);
+    let lab = Lab::abc("guard", &opts)?;
+    let addr = |name: &str| -> anyhow::Result<IpAddr> {
+        let p = lab.pod(name)?;
+        first_ipv4(&p.ips)
+            .map(IpAddr::V4)
+            .with_context(|| format!("pod {name} has no IPv4 address"))
+    };
+    let (a, b, c) = (lab.pod("a")?, lab.pod("b")?, lab.pod("c")?);
+    let (b_ip, c_ip) = (addr("b")?, addr("c")?);
+    for (ns, ip) in [(&b.netns, b_ip), (&c.netns, c_ip)] {
+        listen(ns, SocketAddr::new(ip, CONNECT_PORT))?;
+    }
+
+    let mut on = Mode::default();
+    let mut off = Mode::default();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for guard in order {
+            check(deadline)?;
+            eprintln!(
+                "round {}: anti-spoofing {}",
+                round + 1,
+                if guard { "on" } else { "off" }
+            );
+            malla_lab::topology::update_cluster_config(&lab.paths, &lab.state, |cfg| {
+                cfg.anti_spoofing = guard
+            })?;
+            let m = if guard { &mut on } else { &mut off };
+            for (server, ip, out) in [
+                (&b.netns, b_ip, &mut m.same_bps),
+                (&c.netns, c_ip, &mut m.cross_bps),
+            ] {
+                let run = Iperf {
+                    seconds: args.seconds,
+                    streams: 1,
+                    repeat: 1,
+                    client_ns: &a.netns,
+                    server_ns: server,
+                    addr: ip,
+                    deadline,
+                };
+                let bps = run.one_run()?;
+                eprintln!("  {} -> {ip}: {:.2} Gbit/s", a.netns, bps / 1e9);
+                out.push(bps);
+            }
+            let target = |ip| SocketAddr::new(ip, CONNECT_PORT);
+            m.same_connect
+                .extend(connects(&a.netns, target(b_ip), args.connections)?);
+            m.cross_connect
+                .extend(connects(&a.netns, target(c_ip), args.connections)?);
+        }
+    }
+
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    println!();
+    println!(
+        "anti-spoofing on vs off, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
+        args.rounds, args.seconds, args.connections
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>8} {:>4}",
+        "case", "on", "off", "ratio", ">=0.98"
+    );
+    let row = |name: &str, on_v: String, off_v: String, r: f64| {
+        println!(
+            "{:<34} {:>10} {:>10} {:>8.3} {:>4}",
+            name,
+            on_v,
+            off_v,
+            r,
+            yes(r >= 0.98)
+        );
+    };
+    for (name, o, f) in [
+        ("throughput same node (Gbit/s)", &on.same_bps, &off.same_bps),
+        (
+            "throughput cross node (Gbit/s)",
+            &on.cross_bps,
+            &off.cross_bps,
+        ),
+    ] {
+        // Each round measured both settings back to back: its own ratio is free of slow drift.
+        let paired: Vec<String> = o
+            .iter()
+            .zip(f.iter())
+            .map(|(a, b)| format!("{:.3}", ratio(*a, *b)))
+            .collect();
+        eprintln!("{name}: on/off per round {}", paired.join(" "));
+        let (o, f) = (median(o), median(f));
+        row(
+            name,
+            format!("{:.2}", o / 1e9),
+            format!("{:.2}", f / 1e9),
+            ratio(o, f),
+        );
+    }
+    for (name, o, f) in [
+        ("connect same node", &on.same_connect, &off.same_connect),
+        ("connect cross node", &on.cross_connect, &off.cross_connect),
+    ] {
+        for p in [50.0, 99.0] {
+            let (po, pf) = (percentile(o, p), percentile(f, p));
+            row(
+                &format!("{name} p{p:.0} (µs)"),
+                us(po),
+                us(pf),
+                ratio(pf.as_secs_f64(), po.as_secs_f64()),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Microseconds with one decimal.
+fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+/// A listener on `addr` inside `netns` that accepts and closes connections until the process
+/// ends (its thread is detached).
+fn listen(netns: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let ns = NetNs::open_named(netns)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let bound = ns
+            .enter_this_thread()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| TcpListener::bind(addr).map_err(anyhow::Error::from));
+        match bound {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                for s in l.incoming() {
+                    drop(s);
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("the listener thread did not start")?
+        .with_context(|| format!("listening on {addr} in {netns}"))
+}
+
+/// `n` TCP connects from inside `netns` to `to`, each timed from `connect` to established.
+fn connects(netns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let ns = NetNs::open_named(netns)?;
+    std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+        ns.enter_this_thread()?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .with_context(|| format!("connecting to {to}"))?;
+            out.push(t.elapsed());
+            drop(s);
+        }
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the connect thread panicked"))?
+}
