@@ -64,6 +64,27 @@ pub struct ClusterConfig {
     /// allowed source prefixes) may leave its veth. On unless set to false.
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub anti_spoofing: bool,
+    /// What happens to traffic from a pod to its own node once the pod's egress policy allowed
+    /// it (Felix's `DefaultEndpointToHostAction`).
+    #[serde(default, skip_serializing_if = "EndpointToHostAction::is_accept")]
+    pub default_endpoint_to_host_action: EndpointToHostAction,
+}
+
+/// What a node does with traffic from its pods to itself, after their egress policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum EndpointToHostAction {
+    /// Accepted (the default): node services a pod needs, such as DNS on the node or an API
+    /// server behind its Service, keep working; a pod's egress policy still applies.
+    #[default]
+    Accept,
+    /// Dropped, except replies to connections the node opened and IPv6 neighbour discovery.
+    Drop,
+}
+
+impl EndpointToHostAction {
+    fn is_accept(&self) -> bool {
+        *self == EndpointToHostAction::Accept
+    }
 }
 
 fn default_true() -> bool {
@@ -87,6 +108,7 @@ impl Default for ClusterConfig {
             vxlan_vni: default_vni(),
             vxlan_port: default_vxlan_port(),
             anti_spoofing: true,
+            default_endpoint_to_host_action: EndpointToHostAction::Accept,
         }
     }
 }

@@ -164,6 +164,10 @@ pub fn compute_with_links(
     );
     let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
     crate::policy::render_policy(program, &mut nft_table);
+    crate::policy::render_endpoint_to_host(
+        view.config.default_endpoint_to_host_action,
+        &mut nft_table,
+    );
     crate::guard::render(&links.guard, view.config.anti_spoofing, &mut nft_table);
 
     NodeDataplane {

@@ -1,11 +1,14 @@
 //! `malla policy trace`: why a connection is allowed or denied — for each direction, which
-//! NetworkPolicies select the endpoint and which rule allowed the traffic, or that none did.
+//! NetworkPolicies select the endpoint and which rule allowed the traffic, or that none did. A
+//! pod's traffic to its own node (`node/NAME`, or one of its addresses) also takes the
+//! cluster's endpoint-to-host action after its egress policy, as the dataplane does.
 
 use std::net::IpAddr;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use malla_api::service::Protocol;
+use malla_api::EndpointToHostAction;
 use malla_calc::policy::{explain, Connection, Endpoint, PolicyPod};
 use serde::Serialize;
 
@@ -13,7 +16,8 @@ use crate::output::{Output, Table};
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
-    /// Explain the verdict for FROM → TO (pods as namespace/name, or an IP address).
+    /// Explain the verdict for FROM → TO (pods as namespace/name, nodes as node/NAME, or an IP
+    /// address).
     ///
     /// Example: malla policy trace x/b x/a --port 80 --protocol TCP
     Trace(TraceArgs),
@@ -23,7 +27,7 @@ pub enum PolicyCommand {
 pub struct TraceArgs {
     /// Source: namespace/name of a pod, or an IP address.
     from: Option<String>,
-    /// Destination: namespace/name of a pod, or an IP address.
+    /// Destination: namespace/name of a pod, node/NAME, or an IP address.
     to: Option<String>,
     /// The destination port.
     #[arg(long)]
@@ -48,10 +52,22 @@ fn protocol(s: &str) -> anyhow::Result<Protocol> {
     }
 }
 
-/// Addresses of a pod (`ns/name`) or the address itself.
-fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
+/// Addresses of a pod (`ns/name`), of a node (`node/NAME`: its underlay addresses) or the
+/// address itself.
+fn addresses(
+    view: &malla_calc::ClusterView,
+    pods: &[PolicyPod],
+    who: &str,
+) -> anyhow::Result<Vec<IpAddr>> {
     if let Ok(ip) = who.parse::<IpAddr>() {
         return Ok(vec![ip]);
+    }
+    if let Some(name) = who.strip_prefix("node/") {
+        let ips = malla_calc::routes::node_ips(view, name);
+        if ips.is_empty() {
+            bail!("no node {name} with an address");
+        }
+        return Ok(ips);
     }
     let (ns, name) = who
         .split_once('/')
@@ -61,6 +77,20 @@ fn addresses(pods: &[PolicyPod], who: &str) -> anyhow::Result<Vec<IpAddr>> {
         .find(|p| p.namespace == ns && p.name == name)
         .with_context(|| format!("no pod {who} with an address"))?;
     Ok(pod.ips.clone())
+}
+
+/// The endpoint-to-host action when `src` is a pod and `dst` an address of that pod's own
+/// node: the traffic takes the input hook there, after the pod's egress policy.
+fn to_host(
+    view: &malla_calc::ClusterView,
+    pods: &[PolicyPod],
+    src: IpAddr,
+    dst: IpAddr,
+) -> Option<EndpointToHostAction> {
+    let pod = pods.iter().find(|p| p.ips.contains(&src))?;
+    malla_calc::routes::node_ips(view, &pod.node)
+        .contains(&dst)
+        .then_some(view.config.default_endpoint_to_host_action)
 }
 
 /// One verdict of `policy trace -o json|yaml`.
@@ -74,6 +104,9 @@ struct TraceView<'a> {
     allowed: bool,
     egress: &'a malla_calc::policy::DirectionTrace,
     ingress: &'a malla_calc::policy::DirectionTrace,
+    /// A pod's traffic to its own node: the endpoint-to-host action after its egress policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    to_host: Option<EndpointToHostAction>,
 }
 
 pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
@@ -108,6 +141,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                         port.port,
                         port.protocol,
                         e,
+                        None,
                     ));
                 }
             }
@@ -118,8 +152,8 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             bail!("give FROM, TO and --port (or --all)");
         };
         let proto = protocol(&a.protocol)?;
-        let srcs = addresses(&pods, from)?;
-        let dsts = addresses(&pods, to)?;
+        let srcs = addresses(&view, &pods, from)?;
+        let dsts = addresses(&view, &pods, to)?;
         let (s, d) = srcs
             .iter()
             .find_map(|s| {
@@ -140,18 +174,24 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             port,
             proto,
             explain(&view.policies, &view.namespaces, &c),
+            to_host(&view, &pods, s, d),
         ));
     }
+    // Dropped by the endpoint-to-host action even when the egress policy allows it.
+    let allowed = |e: &malla_calc::policy::Explanation, h: &Option<EndpointToHostAction>| {
+        e.allowed && *h != Some(EndpointToHostAction::Drop)
+    };
     let views: Vec<TraceView> = out
         .iter()
-        .map(|(f, t, p, pr, e)| TraceView {
+        .map(|(f, t, p, pr, e, h)| TraceView {
             from: f,
             to: t,
             port: *p,
             protocol: pr.nft(),
-            allowed: e.allowed,
+            allowed: allowed(e, h),
             egress: &e.egress,
             ingress: &e.ingress,
+            to_host: *h,
         })
         .collect();
     if a.output.document(&views)? {
@@ -159,12 +199,12 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     }
     if a.output == Output::Wide {
         let mut t = Table::new(&["FROM", "TO", "PORT", "VERDICT", "EGRESS", "INGRESS"]);
-        for (f, tt, p, pr, e) in &out {
+        for (f, tt, p, pr, e, h) in &out {
             t.row(vec![
                 f.clone(),
                 tt.clone(),
                 format!("{}/{p}", pr.nft()),
-                if e.allowed { "ALLOWED" } else { "DENIED" }.into(),
+                if allowed(e, h) { "ALLOWED" } else { "DENIED" }.into(),
                 e.egress.selected_by.join(","),
                 e.ingress.selected_by.join(","),
             ]);
@@ -172,14 +212,17 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         t.print();
         return Ok(());
     }
-    for (f, t, p, pr, e) in &out {
+    for (f, t, p, pr, e, h) in &out {
         println!(
             "{f} -> {t} {}/{p}: {}",
             pr.nft(),
-            if e.allowed { "ALLOWED" } else { "DENIED" }
+            if allowed(e, h) { "ALLOWED" } else { "DENIED" }
         );
         for line in e.to_string().lines() {
             println!("  {line}");
+        }
+        if let Some(h) = h {
+            println!("  to its own node: the cluster's endpoint-to-host action is {h:?}");
         }
     }
     Ok(())

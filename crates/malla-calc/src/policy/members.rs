@@ -185,7 +185,9 @@ impl PolicyNode {
 
 /// Whether an object of the node's table is the policy render's (see [`super::render`]).
 pub fn is_policy_object(name: &str) -> bool {
-    name.starts_with("pol-") || name == super::render::POLICY_FORWARD
+    name.starts_with("pol-")
+        || name == super::render::POLICY_FORWARD
+        || name == super::render::POLICY_INPUT
 }
 
 /// The patch that makes the policy part of `table` a render of `program`: every policy object
@@ -206,7 +208,8 @@ pub fn policy_patch(table: &Table, program: &PolicyProgram) -> Patch {
                 std::ops::Bound::Unbounded,
             ))
             .take_while(|(n, _)| n.starts_with("pol-"))
-            .chain(held.get_key_value(super::render::POLICY_FORWARD));
+            .chain(held.get_key_value(super::render::POLICY_FORWARD))
+            .chain(held.get_key_value(super::render::POLICY_INPUT));
         for (n, x) in ours {
             if wanted.get(n) != Some(x) {
                 before.insert(n.clone(), x.clone());

@@ -42,7 +42,7 @@ pub use compile::{compile, CompiledRule, EndpointProgram, PeerSet, PolicyProgram
 pub use explain::{explain, DirectionTrace, Explanation, Verdict};
 pub use incremental::{PolicyDelta, PolicyIndex};
 pub use members::{plan_member_changes, PolicyInputs, PolicyNode};
-pub use render::render_policy;
+pub use render::{render_endpoint_to_host, render_policy};
 
 /// A pod as policy sees it: identity, labels, addresses, node, declared ports, and the name of
 /// its host-side interface (the endpoint chains are named after it). Borrowed from the cluster

@@ -1,7 +1,8 @@
 //! Tests only: an interpreter of the rendered `inet malla` table, so the property tests check
 //! what the kernel would do with the ruleset text, not only the compiler's model of it.
 //!
-//! It runs the forward hook for the first packet of a connection with nftables' semantics:
+//! It runs a base chain (the forward hook's, or the input hook's for a pod's traffic to its own
+//! node) for the first packet of a connection with nftables' semantics:
 //! rules in order; `jump` pushes a return point, `goto` does not; `return` and falling off the
 //! end of a regular chain go back to the last return point, and at the base chain (or after a
 //! `goto` from it) the chain's policy applies; a verdict map lookup that finds nothing ends the
@@ -46,6 +47,8 @@ enum Cond {
     Proto(String),
     /// `th dport N`, `th dport A-B`, `th dport { … }`.
     Dport(Vec<(u16, u16)>),
+    /// `icmpv6 type { … }` (neighbour discovery): never true of the transport packets run here.
+    Icmpv6Type,
 }
 
 #[derive(Debug, Clone)]
@@ -179,6 +182,17 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     i += 3;
                 }
                 conds.push(Cond::Dport(ranges));
+            }
+            "icmpv6" if w.get(i + 1..i + 3) == Some(&["type", "{"][..]) => {
+                let mut j = i + 3;
+                while w.get(j).is_some_and(|x| *x != "}") {
+                    j += 1;
+                }
+                if w.get(j) != Some(&"}") {
+                    return Err(bad(j));
+                }
+                conds.push(Cond::Icmpv6Type);
+                i = j + 1;
             }
             "iifname" | "oifname" if w.get(i + 1) == Some(&"vmap") => {
                 let map = w
@@ -339,10 +353,11 @@ impl Eval {
             Cond::Proto(name) => p.proto.nft() == name,
             // Only ever written after `meta l4proto`: the packet has a transport header.
             Cond::Dport(r) => r.iter().any(|(a, b)| *a <= p.dport && p.dport <= *b),
+            Cond::Icmpv6Type => false,
         })
     }
 
-    /// Whether the forward hook accepts the packet.
+    /// Whether the base chain accepts the packet.
     pub fn accepts(&self, p: &Packet) -> Result<bool, String> {
         let mut stack: Vec<(String, usize)> = Vec::new();
         let mut chain = self.base.clone();

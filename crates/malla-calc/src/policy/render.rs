@@ -34,6 +34,12 @@
 //! like a `return` in the endpoint chain itself. Falling off the end of a peers chain would
 //! return there too, i.e. let the packet through, hence the explicit `drop`.
 //!
+//! - Base chain [`POLICY_INPUT`] (filter, hook input, priority filter): traffic from a pod to
+//!   its own node goes through the pod's egress chain too (`iifname vmap @pol-egress-dispatch`,
+//!   after `ct state established,related accept`, `ct state invalid drop` and IPv6 neighbour
+//!   discovery, which a pod needs with its node whatever its policy says). What follows an
+//!   allowed egress is the cluster's endpoint-to-host action ([`render_endpoint_to_host`]).
+//!
 //! Traffic from a pod's own node is not handled here (the caller accepts it on the output
 //! hook). Interface names must be kernel names (`[A-Za-z0-9_.-]`, at most 15 bytes); an endpoint
 //! with another name is left out, as it could not be written into the ruleset.
@@ -51,6 +57,13 @@ use super::fnv;
 
 /// The policy base chain.
 pub const POLICY_FORWARD: &str = "policy-forward";
+/// The base chain applying a pod's egress policy to traffic addressed to its own node.
+pub const POLICY_INPUT: &str = "policy-input";
+/// The base chain of the endpoint-to-host action `Drop` (after [`POLICY_INPUT`]).
+pub const HOST_FROM_WORKLOADS: &str = "host-from-workloads";
+/// IPv6 neighbour discovery between a pod and its node: never subject to policy.
+const NEIGHBOUR_DISCOVERY: &str =
+    "meta l4proto ipv6-icmp icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept";
 /// Map: host interface → `jump pol-in-<ifname>`.
 pub const INGRESS_DISPATCH: &str = "pol-ingress-dispatch";
 /// Map: host interface → `jump pol-out-<ifname>`.
@@ -558,6 +571,42 @@ pub(crate) fn render_policy_with(prog: &PolicyProgram, table: &mut nft::Table, u
                 "ct state invalid drop".into(),
                 format!("iifname vmap @{EGRESS_DISPATCH}"),
                 format!("oifname vmap @{INGRESS_DISPATCH}"),
+            ],
+        },
+    );
+    table.chains.insert(
+        POLICY_INPUT.into(),
+        Chain {
+            base: Some(BaseChain::new("filter", "input", "filter")),
+            rules: vec![
+                "ct state established,related accept".into(),
+                "ct state invalid drop".into(),
+                NEIGHBOUR_DISCOVERY.into(),
+                format!("iifname vmap @{EGRESS_DISPATCH}"),
+            ],
+        },
+    );
+}
+
+/// The endpoint-to-host action after [`POLICY_INPUT`]: with `Drop`, a base chain one priority
+/// later drops what pods send their node, except replies to connections the node opened (its
+/// probes of its pods) and IPv6 neighbour discovery. With `Accept` nothing is added: an egress
+/// the pod's policy allowed is accepted.
+pub fn render_endpoint_to_host(action: malla_api::EndpointToHostAction, table: &mut nft::Table) {
+    if action == malla_api::EndpointToHostAction::Accept {
+        return;
+    }
+    table.chains.insert(
+        HOST_FROM_WORKLOADS.into(),
+        Chain {
+            base: Some(BaseChain::new("filter", "input", "1")),
+            rules: vec![
+                "ct state established,related accept".into(),
+                NEIGHBOUR_DISCOVERY.into(),
+                format!(
+                    "iifname \"{}*\" counter drop comment \"endpoint-to-host\"",
+                    malla_api::HOST_IFNAME_PREFIX
+                ),
             ],
         },
     );

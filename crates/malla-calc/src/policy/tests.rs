@@ -1196,3 +1196,43 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// A pod's traffic to its own node (the input hook): the rendered table applies the pod's
+    /// egress policy exactly as the reference decides its egress to that address (the node is
+    /// not a pod: no ingress side), so the trace and the dataplane agree on that path too.
+    #[test]
+    fn traffic_to_the_own_node_takes_the_pods_egress_policy(w in arb_world()) {
+        let node_ip: IpAddr = "198.19.0.1".parse().unwrap();
+        for node in ["n1", "n2"] {
+            let prog = compile(&w.policies, &w.namespaces, &w.pods, node);
+            let t = rendered(&prog);
+            let e = nfteval::Eval::new(&t, render::POLICY_INPUT)
+                .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
+            for pod in w.pods.iter().filter(|p| p.node == node) {
+                let Some(&src) = pod.ips.iter().find(|ip| ip.is_ipv4()) else { continue };
+                for port in PROBED_PORTS {
+                    let c = Connection {
+                        src: Endpoint::resolve(&w.pods, src),
+                        dst: Endpoint::resolve(&w.pods, node_ip),
+                        port,
+                        proto: Protocol::Tcp,
+                    };
+                    let why = explain(&w.policies, &w.namespaces, &c);
+                    let packet = nfteval::Packet {
+                        iifname: &pod.host_ifname,
+                        oifname: "",
+                        src,
+                        dst: node_ip,
+                        proto: Protocol::Tcp,
+                        dport: port,
+                    };
+                    prop_assert_eq!(e.accepts(&packet), Ok(why.egress.allowed()), "{} -> node {}: {}", src, port, why);
+                    prop_assert_eq!(why.allowed, why.egress.allowed());
+                }
+            }
+        }
+    }
+}
