@@ -9,6 +9,7 @@ pub mod k8s;
 pub mod keys;
 pub mod kinds;
 pub mod policy;
+pub mod selector;
 pub mod service;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
