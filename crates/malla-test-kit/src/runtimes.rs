@@ -676,6 +676,18 @@ impl Containerd {
     /// namespace (with the CNI bind mounts) entering this containerd's network namespace.
     /// `extra` goes before the image (`--null-io`, ...). Not started.
     pub fn run_command(&self, id: &str, cni: bool, extra: &[&str], argv: &[&str]) -> Command {
+        self.run_image_command(id, cni, extra, IMAGE, argv)
+    }
+
+    /// [`Self::run_command`] of another imported image.
+    pub fn run_image_command(
+        &self,
+        id: &str,
+        cni: bool,
+        extra: &[&str],
+        image: &str,
+        argv: &[&str],
+    ) -> Command {
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--", "sh"])
             .arg(self.dir().join("ctr-cni.sh"))
@@ -691,7 +703,7 @@ impl Containerd {
         cmd.args(["--rm", "--cgroup"])
             .arg(format!("/{}/{id}", self.sandbox.cgroup))
             .args(extra)
-            .args([IMAGE, id])
+            .args([image, id])
             .args(argv);
         cmd
     }
