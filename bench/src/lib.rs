@@ -773,3 +773,35 @@ impl Iperf<'_> {
         bail!("iperf3 server in {server_ns} never accepted a connection")
     }
 }
+
+/// Sends a plan the calculation made against `table` (`malla_calc::services::plan_service_changes`,
+/// the policy node's plans) as the agent's driver does: element changes over `sock`, else the
+/// plan's text through `nft` in `ns`. Returns the time since `started` (the plan), the send's
+/// time, and the elements or text lines sent.
+pub fn send_plan(
+    plan: &malla_calc::services::EndpointPlan,
+    table: &malla_calc::nft::Table,
+    sock: &malla_dataplane::nft::elements::ElementSocket,
+    ns: &NetNs,
+    started: Instant,
+) -> anyhow::Result<(Duration, Duration, usize)> {
+    use malla_dataplane::nft::diff;
+    let sets = diff::plan_changes(table, plan);
+    let text = sets.is_none().then(|| plan.text(table));
+    let planned = started.elapsed();
+    let t = Instant::now();
+    let size = match (sets, text) {
+        (Some(sets), _) => {
+            let family = diff::family(&table.family).context("table family")?;
+            sock.apply(family, &table.name, &sets)
+                .context("applying the plan's elements")?;
+            sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
+        }
+        (None, Some(text)) => {
+            nft::apply(Some(ns), &text).context("applying the plan's text")?;
+            text.lines().count()
+        }
+        (None, None) => 0,
+    };
+    Ok((planned, t.elapsed(), size))
+}

@@ -38,12 +38,11 @@ use malla_bench::{
 };
 use malla_calc::nft as model;
 use malla_calc::policy::{
-    compile, render_policy, PolicyIndex, PolicyInputs, PolicyNode, PolicyPod, PolicyProgram,
+    compile, PolicyIndex, PolicyInputs, PolicyNode, PolicyPod, PolicyProgram,
 };
-use malla_calc::{masquerade, ClusterView, ServiceMap};
+use malla_calc::{masquerade, ClusterView};
 use malla_dataplane::netns::NetNs;
 use malla_dataplane::nft;
-use malla_dataplane::nft::diff as element_diff;
 use malla_dataplane::nft::elements::ElementSocket;
 use malla_lab::store as lab_store;
 use malla_lab::topology;
@@ -549,36 +548,6 @@ struct Programming {
     created_whole: (Duration, Duration, Duration, usize),
 }
 
-/// Sends `plan` (made against `table`) as the agent's driver does: element changes over
-/// `sock`, else its text through `nft` in `ns`. The time since `started` (the plan), the
-/// apply's, and the elements or lines sent.
-fn send_plan(
-    plan: &malla_calc::services::EndpointPlan,
-    table: &model::Table,
-    sock: &ElementSocket,
-    ns: &NetNs,
-    started: Instant,
-) -> anyhow::Result<(Duration, Duration, usize)> {
-    let sets = element_diff::plan_changes(table, plan);
-    let text = sets.is_none().then(|| plan.text(table));
-    let planned = started.elapsed();
-    let t = Instant::now();
-    let size = match (sets, text) {
-        (Some(sets), _) => {
-            let family = element_diff::family(&table.family).context("table family")?;
-            sock.apply(family, &table.name, &sets)
-                .context("applying the member change")?;
-            sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
-        }
-        (None, Some(text)) => {
-            nft::apply(Some(ns), &text).context("applying the policy patch")?;
-            text.lines().count()
-        }
-        (None, None) => 0,
-    };
-    Ok((planned, t.elapsed(), size))
-}
-
 /// `policy_pods` + `compile`.
 fn calc(view: &ClusterView) -> PolicyProgram {
     let pods = malla_calc::routes::policy_pods(view);
@@ -586,10 +555,10 @@ fn calc(view: &ClusterView) -> PolicyProgram {
 }
 
 /// The node table (no services) with the program rendered into it.
+/// The node's whole table with `prog` as its policy program, as the agent computes it (pool
+/// sets, services, policy, anti-spoofing of the local pods, the endpoint-to-host action).
 fn table(view: &ClusterView, prog: &PolicyProgram) -> model::Table {
-    let mut t = masquerade::node_table(&view.pools, &ServiceMap::default());
-    render_policy(prog, &mut t);
-    t
+    malla_calc::routes::compute_with_policy(view, NODE, prog).nft_table
 }
 
 fn stats(prog: &PolicyProgram, t: &model::Table, text: &str) -> ProgramStats {
@@ -733,7 +702,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         let member = match plan {
             Some(plan) => {
                 let (member_plan, apply, elements) =
-                    send_plan(&plan, &member_table, &sock, &member_h, t)?;
+                    malla_bench::send_plan(&plan, &member_table, &sock, &member_h, t)?;
                 Some((member_plan, apply, elements))
             }
             None => None,
@@ -827,7 +796,7 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
         .follow(&syn.view, &inputs)
         .and_then(|delta| node.plan(&mut member_table, &delta))
         .context("the policy node declined a new policy")?;
-    let created = send_plan(&plan, &member_table, &sock, &member_h, t)?;
+    let created = malla_bench::send_plan(&plan, &member_table, &sock, &member_h, t)?;
     let t = Instant::now();
     let new = table(&syn.view, &calc(&syn.view));
     let rebuild = t.elapsed();

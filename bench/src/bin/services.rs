@@ -396,24 +396,8 @@ fn programming(args: &Args, deadline: Instant) -> anyhow::Result<Programming> {
             let changed = std::collections::BTreeSet::from([key.to_string()]);
             let plan = services::plan_service_changes(table, map, svcs, slices, NODE, &changed)
                 .context("the service path declined a Service")?;
-            let sets = element_diff::plan_changes(table, &plan);
-            let text = sets.is_none().then(|| plan.text(table));
-            let rebuild = t.elapsed();
-            let t = Instant::now();
-            let size = match (sets, text) {
-                (Some(sets), _) => {
-                    let family = element_diff::family(&table.family).context("table family")?;
-                    sock.apply(family, &table.name, &sets)
-                        .context("applying the Service's elements")?;
-                    sets.iter().map(|s| s.add.len() + s.delete.len()).sum()
-                }
-                (None, Some(text)) => {
-                    nft::apply(Some(&h), &text).context("applying the Service's text")?;
-                    text.lines().count()
-                }
-                (None, None) => 0,
-            };
-            Ok((rebuild, Duration::ZERO, t.elapsed(), size))
+            let (rebuild, apply, size) = malla_bench::send_plan(&plan, table, &sock, &h, t)?;
+            Ok((rebuild, Duration::ZERO, apply, size))
         };
         check(deadline)?;
         let (svc, slice) = synthetic(n, args.endpoints);
