@@ -109,6 +109,48 @@ fn expect(r: &BTreeMap<String, bool>, what: &str, want: &[(&str, bool)]) {
     }
 }
 
+/// `malla policy trace FROM node/node-1 --port PORT`: whether it says allowed (`external` is
+/// its address).
+fn trace(lab: &Lab, from: &str, port: u16) -> bool {
+    let from = if from == "external" {
+        "198.19.1.2"
+    } else {
+        from
+    };
+    let port = port.to_string();
+    let out = lab.try_run(&[
+        "policy",
+        "trace",
+        from,
+        "node/node-1",
+        "--port",
+        &port,
+        "-o",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["allowed"].as_bool().unwrap()
+}
+
+/// The probes of node-1's `port` and the trace agree for every source in `r`.
+fn trace_agrees(lab: &Lab, r: &BTreeMap<String, bool>, port: u16) {
+    for (from, connected) in r {
+        if from.starts_with("default/host-") {
+            continue; // hostNetwork pods trace as their node's address
+        }
+        assert_eq!(
+            trace(lab, from, port),
+            *connected,
+            "trace {from} -> node-1:{port}: {r:?}"
+        );
+    }
+}
+
 #[test]
 fn host_endpoints_keep_failsafe_ports_and_prednat_guards_a_nodeport() {
     if !common::require_root() {
@@ -161,11 +203,13 @@ fn host_endpoints_keep_failsafe_ports_and_prednat_guards_a_nodeport() {
         );
     }
     // SSH is an inbound failsafe only: node-2's egress policy stops it at node-2.
-    expect(
-        &reach(&lab, 22),
-        "deny-all, node-2 egress",
-        &[("node/node-2", false)],
-    );
+    let r = reach(&lab, 22);
+    expect(&r, "deny-all, node-2 egress", &[("node/node-2", false)]);
+    // The trace says what the dataplane does, on every source.
+    trace_agrees(&lab, &r, 22);
+    for port in [9000, 10250] {
+        trace_agrees(&lab, &reach(&lab, port), port);
+    }
     // Pods are not host endpoints: pod to pod across nodes, and a pod to its own node
     // (the endpoint-to-host action's), keep working.
     let pods = lab.probe(&["--from", "default/a", "--to", "default/web"]);
@@ -194,11 +238,13 @@ fn host_endpoints_keep_failsafe_ports_and_prednat_guards_a_nodeport() {
     // Pre-DNAT: only external may use the node port; a pod on node-2 coming in through
     // node-1's interface is refused before DNAT.
     lab.apply(NODEPORT_GUARD);
+    let r = reach(&lab, 30080);
     expect(
-        &reach(&lab, 30080),
+        &r,
         "pre-DNAT guard",
         &[("external", true), ("default/web", false)],
     );
+    trace_agrees(&lab, &r, 30080);
     let np = lab.probe(&["--from", "external", "--to", "nodeport/node-2"]);
     assert!(
         !np.is_empty() && np.iter().all(|r| r["connected"] == true),
@@ -224,4 +270,29 @@ fn host_endpoints_keep_failsafe_ports_and_prednat_guards_a_nodeport() {
         "malla",
     ]);
     assert!(!table.contains("hep-input"), "{table}");
+
+    // Automatic host endpoints (opt-in): every node gets one, allowing by its profile until a
+    // policy selects it.
+    let paths =
+        malla_lab::state::LabPaths::new(&lab.name, Some(lab.state_root.path())).expect("paths");
+    let state = malla_lab::state::LabState::require(&paths).expect("state");
+    malla_lab::topology::update_cluster_config(&paths, &state, |c| c.auto_host_endpoints = true)
+        .expect("agents applied the config");
+    expect(&reach(&lab, 9000), "auto, no policy", &[("external", true)]);
+    lab.apply(
+        "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: auto-ingress}\n\
+         spec: {selector: \"malla.dev/host-endpoint == 'auto'\", types: [Ingress]}\n",
+    );
+    let r = reach(&lab, 9000);
+    expect(
+        &r,
+        "auto, deny ingress",
+        &[("external", false), ("node/node-2", false)],
+    );
+    expect(
+        &reach(&lab, 10250),
+        "auto, failsafe",
+        &[("external", true), ("node/node-2", true)],
+    );
+    trace_agrees(&lab, &r, 9000);
 }

@@ -124,6 +124,27 @@ pub fn rule_matches(rule: &Rule, p: &HostPacket, ents: &[Labelled]) -> bool {
         && side_matches(&rule.destination, p.dst, p.dport, ents)
 }
 
+/// What decided a packet at a stage: a rule (tier, policy, index into the stage's direction),
+/// the end of a tier, or the default after every tier (profiles, pre-DNAT's "go on",
+/// forward's allow), or an exemption (failsafe, loopback, a pod's interface, VXLAN, no host
+/// endpoint).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum DecidedBy {
+    Rule {
+        tier: String,
+        policy: String,
+        index: usize,
+    },
+    EndOfTier {
+        tier: String,
+    },
+    Default,
+    Exempt {
+        why: String,
+    },
+}
+
 /// Tiers, policies and profiles of `hep` at `stage` (steps 3 and 4 above).
 pub fn decide(
     view: &CalicoView,
@@ -132,7 +153,18 @@ pub fn decide(
     p: &HostPacket,
     ents: &[Labelled],
 ) -> Decision {
-    for (_, policies) in tiers_for(view, hep, stage) {
+    decide_explained(view, hep, stage, p, ents).0
+}
+
+/// [`decide`], with what decided.
+pub fn decide_explained(
+    view: &CalicoView,
+    hep: &HostEndpoint,
+    stage: Stage,
+    p: &HostPacket,
+    ents: &[Labelled],
+) -> (Decision, DecidedBy) {
+    for (tier, policies) in tiers_for(view, hep, stage) {
         let mut passed = false;
         'policies: for pol in policies {
             let rules = if stage.ingress() {
@@ -140,13 +172,18 @@ pub fn decide(
             } else {
                 &pol.spec.egress
             };
-            for r in rules {
+            for (index, r) in rules.iter().enumerate() {
                 if !rule_matches(r, p, ents) {
                     continue;
                 }
+                let by = || DecidedBy::Rule {
+                    tier: tier.clone(),
+                    policy: pol.name.clone(),
+                    index,
+                };
                 match r.action {
-                    malla_api::calico::Action::Allow => return Decision::Allow,
-                    malla_api::calico::Action::Deny => return Decision::Deny,
+                    malla_api::calico::Action::Allow => return (Decision::Allow, by()),
+                    malla_api::calico::Action::Deny => return (Decision::Deny, by()),
                     malla_api::calico::Action::Pass => {
                         passed = true;
                         break 'policies;
@@ -156,10 +193,10 @@ pub fn decide(
             }
         }
         if !passed && stage != Stage::PreDnat {
-            return Decision::Deny;
+            return (Decision::Deny, DecidedBy::EndOfTier { tier });
         }
     }
-    match stage {
+    let d = match stage {
         Stage::PreDnat => Decision::Continue,
         Stage::Input | Stage::Output => {
             if profile_allows(hep) {
@@ -169,7 +206,8 @@ pub fn decide(
             }
         }
         Stage::ForwardIn | Stage::ForwardOut => Decision::Allow,
-    }
+    };
+    (d, DecidedBy::Default)
 }
 
 /// Whether a failsafe entry lets `p` through; `peer` is the source (inbound) or destination
@@ -194,19 +232,40 @@ pub fn verdict(
     p: &HostPacket,
     ents: &[Labelled],
 ) -> Decision {
+    verdict_explained(view, config, heps, nodes, stage, iface, p, ents).0
+}
+
+/// [`verdict`], with the host endpoint that applied (if any) and what decided.
+#[allow(clippy::too_many_arguments)]
+pub fn verdict_explained(
+    view: &CalicoView,
+    config: &malla_api::ClusterConfig,
+    heps: &[HostEndpoint],
+    nodes: &[IpAddr],
+    stage: Stage,
+    iface: &str,
+    p: &HostPacket,
+    ents: &[Labelled],
+) -> (Decision, Option<String>, DecidedBy) {
     let pass = if stage == Stage::PreDnat {
         Decision::Continue
     } else {
         Decision::Allow
     };
-    if iface == "lo" || iface.starts_with(malla_api::HOST_IFNAME_PREFIX) {
-        return pass;
+    let exempt = |why: &str| (pass, None, DecidedBy::Exempt { why: why.into() });
+    if iface == "lo" {
+        return exempt("loopback");
+    }
+    if iface.starts_with(malla_api::HOST_IFNAME_PREFIX) {
+        return exempt("a pod's interface");
     }
     match stage {
         Stage::PreDnat | Stage::Input if failsafe(&config.failsafe_inbound(), p, p.src) => {
-            return pass
+            return exempt("inbound failsafe port")
         }
-        Stage::Output if failsafe(&config.failsafe_outbound(), p, p.dst) => return pass,
+        Stage::Output if failsafe(&config.failsafe_outbound(), p, p.dst) => {
+            return exempt("outbound failsafe port")
+        }
         _ => {}
     }
     if config.routing == malla_api::RoutingMode::Vxlan
@@ -215,7 +274,7 @@ pub fn verdict(
     {
         let peer = if stage == Stage::Output { p.dst } else { p.src };
         if matches!(stage, Stage::Input | Stage::Output) && nodes.contains(&peer) {
-            return pass;
+            return exempt("VXLAN between nodes");
         }
     }
     let hep = heps
@@ -223,7 +282,10 @@ pub fn verdict(
         .find(|h| h.spec.interface_name.as_deref() == Some(iface))
         .or_else(|| heps.iter().find(|h| h.all_interfaces()));
     match hep {
-        None => pass,
-        Some(h) => decide(view, h, stage, p, ents),
+        None => exempt("no host endpoint"),
+        Some(h) => {
+            let (d, by) = decide_explained(view, h, stage, p, ents);
+            (d, Some(h.name.clone()), by)
+        }
     }
 }
