@@ -292,7 +292,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // its selector sets, other nodes' addresses its VXLAN exemption.
                 let view = mirror.view();
                 let hosts = !view.calico.host_endpoints.is_empty() || view.config.auto_host_endpoints;
-                if (!pending_policy.is_empty() && view.calico.reads_endpoints())
+                if (!pending_policy.is_empty()
+                    && (view.calico.reads_endpoints() || view.calico.applies_to_workloads()))
                     || (pending_links && hosts && view.config.routing == malla_api::RoutingMode::Vxlan)
                 {
                     other_dirty = true;

@@ -207,6 +207,7 @@ pub struct Mirror {
     global_policies: Keys,
     host_endpoints: Keys,
     network_sets: Keys,
+    calico_policies: Keys,
 }
 
 impl Mirror {
@@ -231,6 +232,7 @@ impl Mirror {
             global_policies: Keys::new(keys::GLOBAL_NETWORK_POLICIES),
             host_endpoints: Keys::new(keys::HOST_ENDPOINTS),
             network_sets: Keys::new(keys::GLOBAL_NETWORK_SETS),
+            calico_policies: Keys::new(keys::CALICO_NETWORK_POLICIES),
         }
     }
 
@@ -471,6 +473,10 @@ impl Mirror {
         } else if key.starts_with(keys::GLOBAL_NETWORK_SETS) {
             let n = take!(key, value, GlobalNetworkSet);
             self.network_sets.upsert(&mut v.calico.network_sets, key, n)
+        } else if key.starts_with(keys::CALICO_NETWORK_POLICIES) {
+            let p = take!(key, value, CalicoNetworkPolicy);
+            self.calico_policies
+                .upsert(&mut v.calico.network_policies, key, p)
         } else {
             false
         };

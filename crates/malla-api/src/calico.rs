@@ -105,6 +105,17 @@ pub struct Tier {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order: Option<Order>,
+    /// What the tier does with traffic its applying policies did not decide: `Deny` (Calico's
+    /// default) or `Pass` (on to the next tier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_action: Option<Action>,
+}
+
+impl Tier {
+    /// Whether undecided traffic passes on to the next tier (else it is denied).
+    pub fn passes_by_default(&self) -> bool {
+        self.default_action == Some(Action::Pass)
+    }
 }
 
 /// A rule's action.
@@ -492,6 +503,56 @@ impl GlobalNetworkPolicy {
     }
 }
 
+/// `projectcalico.org/v3` NetworkPolicy: namespaced; applies to the pods of its namespace its
+/// selector matches, and its rules' selectors pick within that namespace unless they carry a
+/// `namespaceSelector`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CalicoNetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub spec: GlobalNetworkPolicySpec,
+}
+
+impl CalicoNetworkPolicy {
+    /// The same checks as a global policy's, and what a namespaced policy may not say.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_name(&self.namespace).map_err(|e| bad("metadata.namespace", e.reason))?;
+        self.as_global().validate()?;
+        let s = &self.spec;
+        for (field, set) in [
+            ("spec.preDNAT", s.pre_dnat),
+            ("spec.applyOnForward", s.apply_on_forward),
+            ("spec.doNotTrack", s.do_not_track),
+        ] {
+            if set {
+                return Err(bad(field, "only a GlobalNetworkPolicy may set it"));
+            }
+        }
+        if s.namespace_selector.is_some() {
+            return Err(bad(
+                "spec.namespaceSelector",
+                "only a GlobalNetworkPolicy has it (a NetworkPolicy applies in its namespace)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The policy as a global one (same spec), for the checks and rule evaluation they share.
+    pub fn as_global(&self) -> GlobalNetworkPolicy {
+        GlobalNetworkPolicy {
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+        }
+    }
+
+    /// The tier it lives in.
+    pub fn tier(&self) -> &str {
+        self.spec.tier.as_deref().unwrap_or(DEFAULT_TIER)
+    }
+}
+
 fn validate_entity(e: &EntityRule, proto: Option<Proto>) -> Result<(), FieldError> {
     for (field, sel) in [
         ("selector", &e.selector),
@@ -657,6 +718,7 @@ pub struct GlobalNetworkSetSpec {
 pub enum CalicoObject {
     Tier(Tier),
     GlobalNetworkPolicy(GlobalNetworkPolicy),
+    NetworkPolicy(CalicoNetworkPolicy),
     HostEndpoint(HostEndpoint),
     GlobalNetworkSet(GlobalNetworkSet),
 }
@@ -668,6 +730,7 @@ impl CalicoObject {
         "GlobalNetworkPolicy",
         "HostEndpoint",
         "GlobalNetworkSet",
+        "NetworkPolicy",
     ];
 
     /// `kind/name` in lower case, as `kubectl` prints it.
@@ -675,6 +738,9 @@ impl CalicoObject {
         let (k, n) = match self {
             CalicoObject::Tier(t) => ("tier", &t.name),
             CalicoObject::GlobalNetworkPolicy(p) => ("globalnetworkpolicy", &p.name),
+            CalicoObject::NetworkPolicy(p) => {
+                return format!("networkpolicy.projectcalico.org/{}/{}", p.namespace, p.name)
+            }
             CalicoObject::HostEndpoint(h) => ("hostendpoint", &h.name),
             CalicoObject::GlobalNetworkSet(s) => ("globalnetworkset", &s.name),
         };
@@ -686,6 +752,9 @@ impl CalicoObject {
         match self {
             CalicoObject::Tier(t) => crate::keys::tier(&t.name),
             CalicoObject::GlobalNetworkPolicy(p) => crate::keys::global_network_policy(&p.name),
+            CalicoObject::NetworkPolicy(p) => {
+                crate::keys::calico_network_policy(&p.namespace, &p.name)
+            }
             CalicoObject::HostEndpoint(h) => crate::keys::host_endpoint(&h.name),
             CalicoObject::GlobalNetworkSet(s) => crate::keys::global_network_set(&s.name),
         }
@@ -696,6 +765,7 @@ impl CalicoObject {
         match self {
             CalicoObject::Tier(x) => serde_json::to_string(x),
             CalicoObject::GlobalNetworkPolicy(x) => serde_json::to_string(x),
+            CalicoObject::NetworkPolicy(x) => serde_json::to_string(x),
             CalicoObject::HostEndpoint(x) => serde_json::to_string(x),
             CalicoObject::GlobalNetworkSet(x) => serde_json::to_string(x),
         }
@@ -712,6 +782,7 @@ impl CalicoObject {
                 Ok(())
             }
             CalicoObject::GlobalNetworkPolicy(p) => p.validate(),
+            CalicoObject::NetworkPolicy(p) => p.validate(),
             CalicoObject::HostEndpoint(h) => h.validate(),
             CalicoObject::GlobalNetworkSet(s) => check_name(&s.name),
         }
@@ -724,6 +795,8 @@ impl CalicoObject {
         #[serde(deny_unknown_fields)]
         struct Meta {
             name: String,
+            #[serde(default)]
+            namespace: Option<String>,
             #[serde(default)]
             labels: BTreeMap<String, String>,
             #[serde(default)]
@@ -766,6 +839,12 @@ impl CalicoObject {
         }
         let meta: Meta = part(v, "metadata")?;
         let _ = &meta.annotations;
+        if meta.namespace.is_some() && kind != "NetworkPolicy" {
+            return Err(bad(
+                "metadata.namespace",
+                format!("a {kind} is cluster-wide: it has no namespace"),
+            ));
+        }
         let obj = match kind {
             "Tier" => {
                 #[derive(Deserialize)]
@@ -777,18 +856,24 @@ impl CalicoObject {
                     default_action: Option<Action>,
                 }
                 let spec: Spec = part(v, "spec")?;
-                if spec.default_action.is_some_and(|a| a != Action::Deny) {
-                    return Err(bad(
-                        "spec.defaultAction",
-                        "only Deny (Calico's default) is supported by Malla yet",
-                    ));
+                if spec
+                    .default_action
+                    .is_some_and(|a| a != Action::Deny && a != Action::Pass)
+                {
+                    return Err(bad("spec.defaultAction", "must be Deny or Pass"));
                 }
                 CalicoObject::Tier(Tier {
                     name: meta.name,
                     order: spec.order,
+                    default_action: spec.default_action,
                 })
             }
             "GlobalNetworkPolicy" => CalicoObject::GlobalNetworkPolicy(GlobalNetworkPolicy {
+                name: meta.name,
+                spec: part(v, "spec")?,
+            }),
+            "NetworkPolicy" => CalicoObject::NetworkPolicy(CalicoNetworkPolicy {
+                namespace: meta.namespace.unwrap_or_else(|| "default".into()),
                 name: meta.name,
                 spec: part(v, "spec")?,
             }),

@@ -18,6 +18,7 @@ pub const TIERS: &str = "/malla/tiers/";
 pub const GLOBAL_NETWORK_POLICIES: &str = "/malla/globalnetworkpolicies/";
 pub const HOST_ENDPOINTS: &str = "/malla/hostendpoints/";
 pub const GLOBAL_NETWORK_SETS: &str = "/malla/globalnetworksets/";
+pub const CALICO_NETWORK_POLICIES: &str = "/malla/calico/networkpolicies/";
 /// The convergence barrier: a counter that a waiter bumps and every agent reports once it has
 /// applied everything its feed delivered before it (`malla_store::barrier`). Under
 /// `/malla/config/`, so the Kubernetes backend keeps it as a `ClusterNetwork` named
@@ -30,6 +31,10 @@ pub fn tier(name: &str) -> String {
 
 pub fn global_network_policy(name: &str) -> String {
     format!("{GLOBAL_NETWORK_POLICIES}{name}")
+}
+
+pub fn calico_network_policy(namespace: &str, name: &str) -> String {
+    format!("{CALICO_NETWORK_POLICIES}{namespace}/{name}")
 }
 
 pub fn host_endpoint(name: &str) -> String {

@@ -13,7 +13,9 @@
 
 use serde_json::Value;
 
-use crate::calico::{GlobalNetworkPolicy, GlobalNetworkSet, HostEndpoint, Tier};
+use crate::calico::{
+    CalicoNetworkPolicy, GlobalNetworkPolicy, GlobalNetworkSet, HostEndpoint, Tier,
+};
 use crate::keys;
 use crate::policy::NetworkPolicy;
 use crate::service::{EndpointSlice, Service};
@@ -161,6 +163,8 @@ kinds! {
     GlobalNetworkPolicy(GlobalNetworkPolicy) Keyed::Under(keys::GLOBAL_NETWORK_POLICIES), synced;
     HostEndpoint(HostEndpoint) Keyed::Under(keys::HOST_ENDPOINTS), synced;
     GlobalNetworkSet(GlobalNetworkSet) Keyed::Under(keys::GLOBAL_NETWORK_SETS), synced;
+    /// Calico's namespaced NetworkPolicy (`projectcalico.org/v3`).
+    CalicoNetworkPolicy(CalicoNetworkPolicy) Keyed::Under(keys::CALICO_NETWORK_POLICIES), synced;
     /// An IPAM handle (malla-ipam's type, as a JSON tree): the CNI plugin's, not the feed's.
     Handle(JsonObject) Keyed::Under(keys::HANDLES), stored;
 }
@@ -316,6 +320,18 @@ pub const STORAGE: &[Storage] = &[
             columns: &[
                 ("Node", "string", ".spec.spec.node", 0),
                 ("Interface", "string", ".spec.spec.interfaceName", 0),
+            ],
+        },
+    },
+    Storage {
+        prefix: keys::CALICO_NETWORK_POLICIES,
+        kubernetes: Kubernetes::Custom {
+            kind: "CalicoNetworkPolicy",
+            plural: "caliconetworkpolicies",
+            columns: &[
+                ("Namespace", "string", ".spec.namespace", 0),
+                ("Tier", "string", ".spec.spec.tier", 0),
+                ("Order", "number", ".spec.spec.order", 0),
             ],
         },
     },

@@ -191,6 +191,18 @@ pub fn compute_with_links(
     );
     let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
     crate::policy::render_policy(program, &mut nft_table);
+    if view.calico.applies_to_workloads() {
+        let pods = policy_pods(view);
+        let ents = crate::host::labelled(view);
+        let inputs = crate::policy::tiers::TierInputs {
+            calico: &view.calico,
+            policies: &view.policies,
+            namespaces: &view.namespaces,
+            pods: &pods,
+            ents: &ents,
+        };
+        crate::policy::tiers::render_tiers(&inputs, program, me, &mut nft_table);
+    }
     crate::policy::render_endpoint_to_host(
         view.config.default_endpoint_to_host_action,
         &mut nft_table,

@@ -351,6 +351,7 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
         keys::GLOBAL_NETWORK_POLICIES,
         keys::HOST_ENDPOINTS,
         keys::GLOBAL_NETWORK_SETS,
+        keys::CALICO_NETWORK_POLICIES,
     ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {

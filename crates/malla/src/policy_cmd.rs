@@ -217,6 +217,55 @@ struct TraceView<'a> {
     /// Host endpoint policy on the source node's way out and the destination node's way in.
     #[serde(skip_serializing_if = "<[HostTrace]>::is_empty")]
     host_endpoints: &'a [HostTrace],
+    /// Calico's tiers, where a Calico policy applies to a pod: per direction, the verdict and
+    /// what decided (the tier, policy and rule; Kubernetes NetworkPolicies count in the
+    /// `default` tier as `knp.default.NAMESPACE/NAME`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tiers: Option<&'a TierTrace>,
+}
+
+/// Tiered policy of a connection, per direction (None: no Calico policy applies there).
+#[derive(Serialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct TierTrace {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    egress: Option<TierVerdict>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ingress: Option<TierVerdict>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TierVerdict {
+    allowed: bool,
+    decided_by: malla_calc::host::reference::DecidedBy,
+}
+
+fn tier_trace(
+    view: &malla_calc::ClusterView,
+    pods: &[PolicyPod],
+    c: &Connection,
+) -> Option<TierTrace> {
+    use malla_calc::policy::{tiers, Direction};
+    let ents = malla_calc::host::labelled(view);
+    let inp = tiers::TierInputs {
+        calico: &view.calico,
+        policies: &view.policies,
+        namespaces: &view.namespaces,
+        pods,
+        ents: &ents,
+    };
+    let one = |dir| {
+        tiers::explain_direction(&inp, dir, c).map(|(allowed, decided_by)| TierVerdict {
+            allowed,
+            decided_by,
+        })
+    };
+    let t = TierTrace {
+        egress: one(Direction::Egress),
+        ingress: one(Direction::Ingress),
+    };
+    (t.egress.is_some() || t.ingress.is_some()).then_some(t)
 }
 
 pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
@@ -226,6 +275,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     let pods = malla_calc::routes::policy_pods(&view);
     let mut out = Vec::new();
     let mut hosts: Vec<Vec<HostTrace>> = Vec::new();
+    let mut tiered: Vec<Option<TierTrace>> = Vec::new();
     if a.all {
         for src in &pods {
             for dst in pods
@@ -246,6 +296,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                         proto: port.protocol,
                     };
                     let e = explain(&view.policies, &view.namespaces, &c);
+                    tiered.push(tier_trace(&view, &pods, &c));
                     out.push((
                         format!("{}/{}", src.namespace, src.name),
                         format!("{}/{}", dst.namespace, dst.name),
@@ -288,13 +339,25 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             to_host(&view, &pods, s, d),
         ));
         hosts.push(host_trace(&view, &pods, s, d, port, proto));
+        tiered.push(tier_trace(&view, &pods, &c));
     }
     hosts.resize_with(out.len(), Vec::new);
     // Dropped by the endpoint-to-host action even when the egress policy allows it, or by
     // host endpoint policy.
     let allowed = |i: usize| {
         let (_, _, _, _, e, h) = &out[i];
-        e.allowed && *h != Some(EndpointToHostAction::Drop) && hosts[i].iter().all(|t| t.passes)
+        // Where tiers apply they decide the direction; elsewhere NetworkPolicy does.
+        let t = tiered[i].as_ref();
+        let egress = t
+            .and_then(|t| t.egress.as_ref())
+            .map_or(e.egress.allowed(), |v| v.allowed);
+        let ingress = t
+            .and_then(|t| t.ingress.as_ref())
+            .map_or(e.ingress.allowed(), |v| v.allowed);
+        egress
+            && ingress
+            && *h != Some(EndpointToHostAction::Drop)
+            && hosts[i].iter().all(|t| t.passes)
     };
     let views: Vec<TraceView> = out
         .iter()
@@ -309,6 +372,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             ingress: &e.ingress,
             to_host: *h,
             host_endpoints: &hosts[i],
+            tiers: tiered[i].as_ref(),
         })
         .collect();
     if a.output.document(&views)? {
@@ -340,6 +404,32 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         }
         if let Some(h) = h {
             println!("  to its own node: the cluster's endpoint-to-host action is {h:?}");
+        }
+        let describe = |d: &malla_calc::host::reference::DecidedBy| {
+            use malla_calc::host::reference::DecidedBy;
+            match d {
+                DecidedBy::Rule {
+                    tier,
+                    policy,
+                    index,
+                } => {
+                    format!("rule {index} of {tier}/{policy}")
+                }
+                DecidedBy::EndOfTier { tier } => format!("the end of tier {tier}"),
+                DecidedBy::Default => "the default after every tier".into(),
+                DecidedBy::Exempt { why } => format!("exempt: {why}"),
+            }
+        };
+        if let Some(t) = &tiered[i] {
+            for (dir, v) in [("egress", &t.egress), ("ingress", &t.ingress)] {
+                if let Some(v) = v {
+                    println!(
+                        "  tiers, {dir}: {} by {}",
+                        if v.allowed { "allowed" } else { "DENIED" },
+                        describe(&v.decided_by)
+                    );
+                }
+            }
         }
         for ht in &hosts[i] {
             use malla_calc::host::reference::DecidedBy;

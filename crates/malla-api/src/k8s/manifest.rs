@@ -72,7 +72,7 @@ impl ManifestError {
 }
 
 /// The kinds, their API versions and how each is decoded.
-const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, HostEndpoint, GlobalNetworkSet";
+const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet";
 
 fn describe(v: &Value) -> &'static str {
     match v {
@@ -137,7 +137,7 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
             kind.ok_or_else(|| err(Some(what.clone()), Some("kind"), "is required".into()))?;
         let apis: &[&str] = match kind.as_str() {
             "EndpointSlice" => &["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"],
-            "NetworkPolicy" => &["networking.k8s.io/v1"],
+            "NetworkPolicy" => &["networking.k8s.io/v1", "projectcalico.org/v3"],
             k if crate::calico::CalicoObject::KINDS.contains(&k) => &["projectcalico.org/v3"],
             _ => &["v1"],
         };
@@ -157,13 +157,17 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
             "Namespace" => Object::Namespace(read::namespace(value, s).map_err(field)?),
             "Pod" => Object::Pod(read::pod(value, s).map_err(field)?),
             "Service" => Object::Service(read::service(value, s).map_err(field)?),
-            "NetworkPolicy" => {
+            "NetworkPolicy" if api == "networking.k8s.io/v1" => {
                 Object::NetworkPolicy(read::network_policy(value, s).map_err(field)?)
             }
-            k if crate::calico::CalicoObject::KINDS.contains(&k) => Object::Calico(
-                crate::calico::CalicoObject::from_manifest(k, &value)
-                    .map_err(|e| err(Some(what.clone()), Some(&e.field), e.reason))?,
-            ),
+            k if crate::calico::CalicoObject::KINDS.contains(&k)
+                && (k != "NetworkPolicy" || api == "projectcalico.org/v3") =>
+            {
+                Object::Calico(
+                    crate::calico::CalicoObject::from_manifest(k, &value)
+                        .map_err(|e| err(Some(what.clone()), Some(&e.field), e.reason))?,
+                )
+            }
             "EndpointSlice" => {
                 let version = if api.ends_with("v1beta1") {
                     SliceVersion::V1beta1

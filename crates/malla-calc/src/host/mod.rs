@@ -48,6 +48,8 @@ pub struct CalicoView {
     pub policies: Vec<GlobalNetworkPolicy>,
     pub host_endpoints: Vec<HostEndpoint>,
     pub network_sets: Vec<GlobalNetworkSet>,
+    /// Calico's namespaced NetworkPolicies.
+    pub network_policies: Vec<malla_api::calico::CalicoNetworkPolicy>,
 }
 
 impl CalicoView {
@@ -61,6 +63,12 @@ impl CalicoView {
                 .chain(&p.spec.egress)
                 .any(|r| r.source.selects_endpoints() || r.destination.selects_endpoints())
         })
+    }
+
+    /// Whether any Calico policy could apply to pods (a global one not pre-DNAT, or a
+    /// namespaced one): then pods' chains are rendered with tiers, with the whole node.
+    pub fn applies_to_workloads(&self) -> bool {
+        !self.network_policies.is_empty() || self.policies.iter().any(|p| !p.spec.pre_dnat)
     }
 }
 
@@ -157,50 +165,76 @@ pub fn profile_allows(hep: &HostEndpoint) -> bool {
     hep.spec.profiles.iter().any(|p| p == DEFAULT_ALLOW_PROFILE)
 }
 
-/// The valid policies selecting `hep` in `stage`, grouped by tier in evaluation order: tiers
-/// by order (absent last) then name, the `default` tier as order 1000 unless a Tier object
-/// says otherwise, policies within a tier the same way. A policy naming a tier that does not
-/// exist is left out, as Calico refuses to create it.
-pub fn tiers_for<'a>(
-    view: &'a CalicoView,
-    hep: &HostEndpoint,
-    stage: Stage,
-) -> Vec<(String, Vec<&'a GlobalNetworkPolicy>)> {
-    let mut tier_order: BTreeMap<&str, Option<malla_api::calico::Order>> = view
+/// One tier as an endpoint meets it: its name, whether undecided traffic passes on (the
+/// tier's `defaultAction: Pass`) rather than being denied, and the policies that apply, in
+/// order.
+#[derive(Debug, Clone)]
+pub struct TierGroup<'a> {
+    pub name: String,
+    pub pass_by_default: bool,
+    pub policies: Vec<&'a GlobalNetworkPolicy>,
+}
+
+/// The tiers' order and default actions: tiers by order (absent last) then name; the `default`
+/// tier at order 1000 unless a Tier object says otherwise. A tier not in the map does not exist
+/// (its policies apply nowhere, as Calico refuses to create them).
+pub fn tier_table(view: &CalicoView) -> BTreeMap<&str, (Option<malla_api::calico::Order>, bool)> {
+    let mut t: BTreeMap<&str, (Option<malla_api::calico::Order>, bool)> = view
         .tiers
         .iter()
-        .map(|t| (t.name.as_str(), t.order))
+        .map(|t| (t.name.as_str(), (t.order, t.passes_by_default())))
         .collect();
-    tier_order
-        .entry(malla_api::calico::DEFAULT_TIER)
-        .or_insert(Some(malla_api::calico::Order(1000.0)));
-    let mut by_tier: BTreeMap<&str, Vec<&GlobalNetworkPolicy>> = BTreeMap::new();
-    for p in &view.policies {
-        if p.validate().is_err() || !stage.takes(p) || !tier_order.contains_key(p.tier()) {
-            continue;
+    t.entry(malla_api::calico::DEFAULT_TIER)
+        .or_insert((Some(malla_api::calico::Order(1000.0)), false));
+    t
+}
+
+/// Groups policies by tier in evaluation order (tiers as [`tier_table`], policies within a
+/// tier by order, absent last, then name).
+pub fn group_by_tier<'a>(
+    view: &CalicoView,
+    policies: impl IntoIterator<Item = &'a GlobalNetworkPolicy>,
+) -> Vec<TierGroup<'a>> {
+    let table = tier_table(view);
+    let mut by_tier: BTreeMap<&str, Vec<&'a GlobalNetworkPolicy>> = BTreeMap::new();
+    for p in policies {
+        if let Some((name, _)) = table.get_key_value(p.tier()) {
+            by_tier.entry(name).or_default().push(p);
         }
-        let Ok(sel) = p.selector() else { continue };
-        if !sel.matches(&hep.labels, false) {
-            continue;
-        }
-        // A namespace selector picks namespaced endpoints: never a host endpoint, unless it
-        // is `global()`.
-        if let Some(ns) = &p.spec.namespace_selector {
-            if Selector::parse(ns).ok() != Some(Selector::Global) {
-                continue;
-            }
-        }
-        by_tier.entry(p.tier()).or_default().push(p);
     }
-    let mut tiers: Vec<(String, Vec<&GlobalNetworkPolicy>)> = by_tier
+    let mut tiers: Vec<TierGroup<'a>> = by_tier
         .into_iter()
         .map(|(t, mut ps)| {
             ps.sort_by_key(|p| order_key(p.spec.order, &p.name));
-            (t.to_string(), ps)
+            TierGroup {
+                name: t.to_string(),
+                pass_by_default: table[t].1,
+                policies: ps,
+            }
         })
         .collect();
-    tiers.sort_by_key(|(t, _)| order_key(tier_order.get(t.as_str()).copied().flatten(), t));
+    tiers.sort_by_key(|g| order_key(table[g.name.as_str()].0, &g.name));
     tiers
+}
+
+/// The valid policies selecting `hep` in `stage`, grouped by tier in evaluation order.
+pub fn tiers_for<'a>(view: &'a CalicoView, hep: &HostEndpoint, stage: Stage) -> Vec<TierGroup<'a>> {
+    let selected = view.policies.iter().filter(|p| {
+        if p.validate().is_err() || !stage.takes(p) {
+            return false;
+        }
+        let Ok(sel) = p.selector() else { return false };
+        if !sel.matches(&hep.labels, false) {
+            return false;
+        }
+        // A namespace selector picks namespaced endpoints: never a host endpoint, unless it
+        // is `global()`.
+        match &p.spec.namespace_selector {
+            Some(ns) => Selector::parse(ns).ok() == Some(Selector::Global),
+            None => true,
+        }
+    });
+    group_by_tier(view, selected)
 }
 
 /// Something rule selectors can match: labels, whether it is namespaced (and its namespace's
@@ -210,6 +244,8 @@ pub struct Labelled {
     pub labels: BTreeMap<String, String>,
     /// The namespace's labels for a namespaced thing (a pod), None for a global one.
     pub namespace: Option<BTreeMap<String, String>>,
+    /// The namespace's name for a namespaced thing.
+    pub ns_name: Option<String>,
     pub nets: Vec<IpNet>,
 }
 
@@ -228,6 +264,7 @@ pub fn labelled(view: &crate::routes::ClusterView) -> Vec<Labelled> {
         out.push(Labelled {
             labels,
             namespace: Some(ns),
+            ns_name: Some(pod.namespace.to_string()),
             nets: pod.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
         });
     }
@@ -253,6 +290,7 @@ pub fn labelled(view: &crate::routes::ClusterView) -> Vec<Labelled> {
         out.push(Labelled {
             labels: h.labels,
             namespace: None,
+            ns_name: None,
             nets: h.spec.expected_ips.into_iter().map(IpNet::from).collect(),
         });
     }
@@ -260,6 +298,7 @@ pub fn labelled(view: &crate::routes::ClusterView) -> Vec<Labelled> {
         out.push(Labelled {
             labels: s.labels.clone(),
             namespace: None,
+            ns_name: None,
             nets: s.spec.nets.clone(),
         });
     }
@@ -268,9 +307,16 @@ pub fn labelled(view: &crate::routes::ClusterView) -> Vec<Labelled> {
 
 /// Whether `e` is picked by a rule side's `selector` (or `notSelector`) `sel` together with
 /// its `namespaceSelector` `ns`. A namespace selector picks namespaced things whose namespace
-/// matches it; `global()` picks the global ones (host endpoints, global network sets).
-pub fn picks(sel: Option<&Selector>, ns: Option<&Selector>, e: &Labelled) -> bool {
+/// matches it; `global()` picks the global ones (host endpoints, global network sets). Without
+/// one, a namespaced policy's rule (`scope`: its namespace) picks only in its namespace.
+pub fn picks(
+    sel: Option<&Selector>,
+    ns: Option<&Selector>,
+    e: &Labelled,
+    scope: Option<&str>,
+) -> bool {
     let ns_ok = match (ns, &e.namespace) {
+        (None, _) if scope.is_some() => e.ns_name.as_deref() == scope,
         (None, _) => true,
         (Some(Selector::Global), None) => true,
         (Some(_), None) => false,

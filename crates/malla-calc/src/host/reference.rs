@@ -58,7 +58,13 @@ fn port_in(ports: &[Port], port: u16) -> bool {
         .any(|p| matches!(p, Port::Range(a, b) if *a <= port && port <= *b))
 }
 
-fn side_matches(e: &EntityRule, addr: IpAddr, port: u16, ents: &[Labelled]) -> bool {
+fn side_matches(
+    e: &EntityRule,
+    addr: IpAddr,
+    port: u16,
+    ents: &[Labelled],
+    scope: Option<&str>,
+) -> bool {
     if !e.nets.is_empty() && !e.nets.iter().any(|n| n.contains(&addr)) {
         return false;
     }
@@ -75,10 +81,12 @@ fn side_matches(e: &EntityRule, addr: IpAddr, port: u16, ents: &[Labelled]) -> b
         ents.iter()
             .filter(|x| x.nets.iter().any(|n| n.contains(&addr)))
     };
-    if (sel.is_some() || ns.is_some()) && !owners().any(|x| picks(sel.as_ref(), ns.as_ref(), x)) {
+    if (sel.is_some() || ns.is_some())
+        && !owners().any(|x| picks(sel.as_ref(), ns.as_ref(), x, scope))
+    {
         return false;
     }
-    if not_sel.is_some() && owners().any(|x| picks(not_sel.as_ref(), ns.as_ref(), x)) {
+    if not_sel.is_some() && owners().any(|x| picks(not_sel.as_ref(), ns.as_ref(), x, scope)) {
         return false;
     }
     if !e.ports.is_empty() && !port_in(&e.ports, port) {
@@ -89,6 +97,17 @@ fn side_matches(e: &EntityRule, addr: IpAddr, port: u16, ents: &[Labelled]) -> b
 
 /// Whether `rule`'s match criteria hold for `p`.
 pub fn rule_matches(rule: &Rule, p: &HostPacket, ents: &[Labelled]) -> bool {
+    rule_matches_in(rule, p, ents, None)
+}
+
+/// [`rule_matches`] for a rule of a namespaced policy (`scope`: its namespace, where its
+/// selectors pick unless they carry a namespace selector).
+pub fn rule_matches_in(
+    rule: &Rule,
+    p: &HostPacket,
+    ents: &[Labelled],
+    scope: Option<&str>,
+) -> bool {
     let v4 = p.src.is_ipv4();
     if let Some(v) = rule.ip_version {
         if (v == 4) != v4 {
@@ -120,8 +139,8 @@ pub fn rule_matches(rule: &Rule, p: &HostPacket, ents: &[Labelled]) -> bool {
             }
         }
     }
-    side_matches(&rule.source, p.src, p.sport, ents)
-        && side_matches(&rule.destination, p.dst, p.dport, ents)
+    side_matches(&rule.source, p.src, p.sport, ents, scope)
+        && side_matches(&rule.destination, p.dst, p.dport, ents, scope)
 }
 
 /// What decided a packet at a stage: a rule (tier, policy, index into the stage's direction),
@@ -164,9 +183,10 @@ pub fn decide_explained(
     p: &HostPacket,
     ents: &[Labelled],
 ) -> (Decision, DecidedBy) {
-    for (tier, policies) in tiers_for(view, hep, stage) {
+    for group in tiers_for(view, hep, stage) {
+        let tier = group.name;
         let mut passed = false;
-        'policies: for pol in policies {
+        'policies: for pol in group.policies {
             let rules = if stage.ingress() {
                 &pol.spec.ingress
             } else {
@@ -192,7 +212,7 @@ pub fn decide_explained(
                 }
             }
         }
-        if !passed && stage != Stage::PreDnat {
+        if !passed && stage != Stage::PreDnat && !group.pass_by_default {
             return (Decision::Deny, DecidedBy::EndOfTier { tier });
         }
     }

@@ -133,22 +133,42 @@ impl Family {
 
 /// Selector sets made while rendering: name (without family) → addresses.
 #[derive(Default)]
-struct SelectorSets {
+pub(crate) struct SelectorSets {
     sets: BTreeMap<String, Vec<IpNet>>,
 }
 
 impl SelectorSets {
+    /// Writes every set made (both families) into `table`.
+    pub(crate) fn write(self, table: &mut nft::Table) {
+        for (name, nets) in self.sets {
+            for f in [Family { v6: false }, Family { v6: true }] {
+                let nets = f.of(&nets);
+                table.sets.insert(
+                    format!("{name}-{}", f.suffix()),
+                    Set {
+                        type_: if f.v6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
+                        flags: vec!["interval".into()],
+                        timeout: None,
+                        elements: nets.iter().map(nft_element).collect(),
+                    },
+                );
+            }
+        }
+    }
+
     /// The addresses of what `sel` with `ns` picks, and the set's name.
     fn picked(
         &mut self,
         sel: Option<&Selector>,
         ns: Option<&Selector>,
         ents: &[Labelled],
+        scope: Option<&str>,
     ) -> (String, Vec<IpNet>) {
         let key = format!(
-            "{} | {}",
+            "{} | {} | {}",
             sel.map(|s| s.to_string()).unwrap_or_default(),
-            ns.map(|s| s.to_string()).unwrap_or_default()
+            ns.map(|s| s.to_string()).unwrap_or_default(),
+            scope.unwrap_or_default()
         );
         let name = format!("hep-sel-{:016x}", fnv(&key));
         let nets = self
@@ -157,7 +177,7 @@ impl SelectorSets {
             .or_insert_with(|| {
                 normalize(
                     ents.iter()
-                        .filter(|e| picks(sel, ns, e))
+                        .filter(|e| picks(sel, ns, e, scope))
                         .flat_map(|e| e.nets.iter().copied()),
                     [],
                 )
@@ -175,6 +195,7 @@ fn side(
     f: Family,
     ents: &[Labelled],
     sets: &mut SelectorSets,
+    scope: Option<&str>,
 ) -> Option<Vec<String>> {
     let mut out = Vec::new();
     if !e.nets.is_empty() {
@@ -195,14 +216,14 @@ fn side(
         parse(&e.namespace_selector),
     );
     if sel.is_some() || ns.is_some() {
-        let (name, nets) = sets.picked(sel.as_ref(), ns.as_ref(), ents);
+        let (name, nets) = sets.picked(sel.as_ref(), ns.as_ref(), ents, scope);
         if f.of(&nets).is_empty() {
             return None;
         }
         out.push(format!("{} {dir} @{name}-{}", f.kw(), f.suffix()));
     }
     if not_sel.is_some() {
-        let (name, nets) = sets.picked(not_sel.as_ref(), ns.as_ref(), ents);
+        let (name, nets) = sets.picked(not_sel.as_ref(), ns.as_ref(), ents, scope);
         if !f.of(&nets).is_empty() {
             out.push(format!("{} {dir} != @{name}-{}", f.kw(), f.suffix()));
         }
@@ -216,8 +237,14 @@ fn side(
     Some(out)
 }
 
-/// The match part of `rule`, one text per family it can match in.
-fn rule_matches(rule: &Rule, ents: &[Labelled], sets: &mut SelectorSets) -> Vec<String> {
+/// The match part of `rule`, one text per family it can match in (`scope`: a namespaced
+/// policy's namespace).
+pub(crate) fn rule_matches(
+    rule: &Rule,
+    ents: &[Labelled],
+    sets: &mut SelectorSets,
+    scope: Option<&str>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for f in [Family { v6: false }, Family { v6: true }] {
         if rule.ip_version.is_some_and(|v| (v == 6) != f.v6) {
@@ -249,10 +276,10 @@ fn rule_matches(rule: &Rule, ents: &[Labelled], sets: &mut SelectorSets) -> Vec<
             // Validation allows a type alone here (nft has no "not (type and code)").
             conds.push(format!("{icmp_kw} type != {}", i.type_));
         }
-        let Some(src) = side(&rule.source, "saddr", "sport", f, ents, sets) else {
+        let Some(src) = side(&rule.source, "saddr", "sport", f, ents, sets, scope) else {
             continue;
         };
-        let Some(dst) = side(&rule.destination, "daddr", "dport", f, ents, sets) else {
+        let Some(dst) = side(&rule.destination, "daddr", "dport", f, ents, sets, scope) else {
             continue;
         };
         conds.extend(src);
@@ -316,9 +343,10 @@ fn render_endpoint(
             value_text(&end)
         }
     };
-    for (k, (tier, policies)) in tiers.iter().enumerate() {
+    for (k, group) in tiers.iter().enumerate() {
+        let tier = &group.name;
         let mut rules = Vec::new();
-        for pol in policies {
+        for pol in &group.policies {
             let list = if stage.ingress() {
                 &pol.spec.ingress
             } else {
@@ -333,12 +361,12 @@ fn render_endpoint(
                 };
                 let dir = if stage.ingress() { "ingress" } else { "egress" };
                 let comment = format!("comment \"{tier}/{} {dir}[{i}]\"", pol.name);
-                for m in rule_matches(r, ents, sets) {
+                for m in rule_matches(r, ents, sets, None) {
                     rules.push(format!("{m} {verdict} {comment}"));
                 }
             }
         }
-        rules.push(if stage == Stage::PreDnat {
+        rules.push(if stage == Stage::PreDnat || group.pass_by_default {
             next(k)
         } else {
             format!("drop comment \"{tier}: end of tier\"")
@@ -509,20 +537,7 @@ pub fn render_host_endpoints(view: &CalicoView, inputs: &HostInputs, table: &mut
         table.chains.remove(FORWARD);
         table.chains.remove(FORWARD_OUT);
     }
-    for (name, nets) in sets.sets {
-        for f in [Family { v6: false }, Family { v6: true }] {
-            let nets = f.of(&nets);
-            table.sets.insert(
-                format!("{name}-{}", f.suffix()),
-                Set {
-                    type_: if f.v6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
-                    flags: vec!["interval".into()],
-                    timeout: None,
-                    elements: nets.iter().map(nft_element).collect(),
-                },
-            );
-        }
-    }
+    sets.write(table);
     if used_nodes {
         for (set, v6) in [(NODES_V4, false), (NODES_V6, true)] {
             table.sets.insert(

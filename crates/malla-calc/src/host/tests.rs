@@ -301,16 +301,19 @@ fn ents() -> Vec<Labelled> {
         Labelled {
             labels: l("app", "a"),
             namespace: Some(BTreeMap::new()),
+            ns_name: Some("default".into()),
             nets: vec!["198.18.0.5/32".parse().unwrap()],
         },
         Labelled {
             labels: l("app", "b"),
             namespace: Some(BTreeMap::new()),
+            ns_name: Some("default".into()),
             nets: vec!["fd00:198:18::5/128".parse().unwrap()],
         },
         Labelled {
             labels: l("role", "node"),
             namespace: None,
+            ns_name: None,
             nets: vec![
                 "198.19.0.12/32".parse().unwrap(),
                 "fd00:198:19::11/128".parse().unwrap(),
@@ -489,6 +492,7 @@ proptest! {
     fn rendered_host_policy_agrees_with_the_reference(
         policies in prop::collection::vec(arb_policy(), 0..5),
         tier_order in prop::option::of(0..2000u16),
+        tier_pass in any::<bool>(),
         star_allow in any::<bool>(),
         named in any::<bool>(),
         vxlan in any::<bool>(),
@@ -499,10 +503,15 @@ proptest! {
             heps.push(hep("n1-eth1", "eth1", &[("role", "edge"), ("app", "b")], false));
         }
         let view = CalicoView {
-            tiers: vec![Tier { name: "security".into(), order: tier_order.map(|o| Order(f64::from(o))) }],
+            tiers: vec![Tier {
+                name: "security".into(),
+                order: tier_order.map(|o| Order(f64::from(o))),
+                default_action: tier_pass.then_some(Action::Pass),
+            }],
             policies,
             host_endpoints: heps.clone(),
             network_sets: Vec::new(),
+            network_policies: Vec::new(),
         };
         let config = malla_api::ClusterConfig {
             routing: if vxlan { malla_api::RoutingMode::Vxlan } else { malla_api::RoutingMode::Direct },

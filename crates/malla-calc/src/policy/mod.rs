@@ -10,6 +10,8 @@
 //!   compile only at start-up, then each pod, policy or namespace change costs the work it
 //!   touches and yields a backend-neutral [`PolicyDelta`].
 //! - [`render`]: the program as sets, verdict maps and chains of the `inet malla` table.
+//! - [`tiers`]: Calico's policies in their tiers, with NetworkPolicy in the `default` tier, for
+//!   pods some Calico policy applies to (its own reference evaluator and rendering).
 //! - [`members`]: the agent's policy node ([`PolicyNode`]) and the member path: a change that
 //!   only moves set members planned as element changes of the applied table.
 //!
@@ -23,6 +25,7 @@ pub mod incremental;
 pub mod members;
 pub mod reference;
 pub mod render;
+pub mod tiers;
 
 #[cfg(test)]
 mod nfteval;

@@ -26,6 +26,8 @@ pub struct Packet<'a> {
     pub dst: IpAddr,
     pub proto: Protocol,
     pub dport: u16,
+    /// The source port (Calico rules may match it).
+    pub sport: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,14 +43,31 @@ enum Verdict {
 enum Cond {
     /// `ct state A,B`: true when the list holds `new`.
     CtNew(bool),
-    /// `ip|ip6 saddr|daddr @set`.
-    Addr { v6: bool, dst: bool, set: String },
-    /// `meta l4proto P`.
-    Proto(String),
-    /// `th dport N`, `th dport A-B`, `th dport { … }`.
-    Dport(Vec<(u16, u16)>),
+    /// `ip|ip6 saddr|daddr [!=] @set`, or an anonymous set `{ … }` of networks.
+    Addr {
+        v6: bool,
+        dst: bool,
+        neg: bool,
+        set: AddrSet,
+    },
+    /// `meta nfproto ipv4|ipv6`.
+    Nfproto { v6: bool },
+    /// `meta l4proto [!=] P`.
+    Proto { neg: bool, name: String },
+    /// `th dport|sport [!=] N`, `A-B`, `{ … }`.
+    Port {
+        sport: bool,
+        neg: bool,
+        ranges: Vec<(u16, u16)>,
+    },
     /// `icmpv6 type { … }` (neighbour discovery): never true of the transport packets run here.
     Icmpv6Type,
+}
+
+#[derive(Debug, Clone)]
+enum AddrSet {
+    Named(String),
+    Nets(Vec<IpNet>),
 }
 
 #[derive(Debug, Clone)]
@@ -133,19 +152,44 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     Some(&"daddr") => true,
                     _ => return Err(bad(i + 1)),
                 };
-                let set = w
-                    .get(i + 2)
-                    .and_then(|s| s.strip_prefix('@'))
-                    .ok_or_else(|| bad(i + 2))?;
+                let mut j = i + 2;
+                let neg = w.get(j) == Some(&"!=");
+                if neg {
+                    j += 1;
+                }
+                let set = if w.get(j) == Some(&"{") {
+                    let mut nets = Vec::new();
+                    j += 1;
+                    while w.get(j).is_some_and(|x| *x != "}") {
+                        let t = w[j].trim_end_matches(',');
+                        let n = t
+                            .parse::<IpNet>()
+                            .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+                            .map_err(|e| format!("{t}: {e} in {text:?}"))?;
+                        nets.push(n);
+                        j += 1;
+                    }
+                    if w.get(j) != Some(&"}") {
+                        return Err(bad(j));
+                    }
+                    AddrSet::Nets(nets)
+                } else {
+                    let set = w
+                        .get(j)
+                        .and_then(|s| s.strip_prefix('@'))
+                        .ok_or_else(|| bad(j))?;
+                    AddrSet::Named(set.to_string())
+                };
                 conds.push(Cond::Addr {
                     v6: w[i] == "ip6",
                     dst,
-                    set: set.to_string(),
+                    neg,
+                    set,
                 });
-                i += 3;
+                i = j + 1;
             }
             "th" if w.get(i + 1..i + 3) == Some(&["dport", "vmap"][..]) => {
-                if !conds.iter().any(|c| matches!(c, Cond::Proto(_))) {
+                if !conds.iter().any(|c| matches!(c, Cond::Proto { .. })) {
                     return Err(format!("th dport without meta l4proto in {text:?}"));
                 }
                 let map = w
@@ -161,11 +205,37 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 });
             }
             "meta" if w.get(i + 1) == Some(&"l4proto") => {
-                let p = w.get(i + 2).ok_or_else(|| bad(i + 2))?;
-                conds.push(Cond::Proto(p.to_string()));
+                let neg = w.get(i + 2) == Some(&"!=");
+                let at = if neg { i + 3 } else { i + 2 };
+                let p = w.get(at).ok_or_else(|| bad(at))?;
+                conds.push(Cond::Proto {
+                    neg,
+                    name: p.to_string(),
+                });
+                i = at + 1;
+            }
+            "meta" if w.get(i + 1) == Some(&"nfproto") => {
+                let v6 = match w.get(i + 2) {
+                    Some(&"ipv4") => false,
+                    Some(&"ipv6") => true,
+                    _ => return Err(bad(i + 2)),
+                };
+                conds.push(Cond::Nfproto { v6 });
                 i += 3;
             }
-            "th" if w.get(i + 1) == Some(&"dport") => {
+            "log" => {
+                // `log prefix "…"`: no verdict; the packet goes on.
+                return Ok(Rule {
+                    conds,
+                    action: Action::None,
+                });
+            }
+            "th" if matches!(w.get(i + 1), Some(&"dport") | Some(&"sport")) => {
+                let sport = w[i + 1] == "sport";
+                let neg = w.get(i + 2) == Some(&"!=");
+                if neg {
+                    i += 1;
+                }
                 let mut ranges = Vec::new();
                 if w.get(i + 2) == Some(&"{") {
                     let mut j = i + 3;
@@ -181,7 +251,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     ranges.push(parse_port_range(w.get(i + 2).ok_or_else(|| bad(i + 2))?)?);
                     i += 3;
                 }
-                conds.push(Cond::Dport(ranges));
+                conds.push(Cond::Port { sport, neg, ranges });
             }
             "icmpv6" if w.get(i + 1..i + 3) == Some(&["type", "{"][..]) => {
                 let mut j = i + 3;
@@ -315,7 +385,9 @@ impl Eval {
             // rule of theirs the interpreter cannot read only matters if it is reached.
             let rules = match rules {
                 Ok(r) => r,
-                Err(e) if name.starts_with("pol") || name == base => return Err(e),
+                Err(e) if name.starts_with("pol") || name.starts_with("tpol") || name == base => {
+                    return Err(e)
+                }
                 Err(_) => continue,
             };
             chains.insert(
@@ -342,17 +414,36 @@ impl Eval {
     fn cond(&self, c: &Cond, p: &Packet) -> Result<bool, String> {
         Ok(match c {
             Cond::CtNew(new) => *new,
-            Cond::Addr { v6, dst, set } => {
+            Cond::Addr { v6, dst, neg, set } => {
                 let ip = if *dst { p.dst } else { p.src };
-                let (set_v6, nets) = self.sets.get(set).ok_or(format!("no set {set}"))?;
-                if set_v6 != v6 {
-                    return Err(format!("set {set} used with the wrong family"));
+                // A packet of the other family never matches, negated or not.
+                if ip.is_ipv6() != *v6 {
+                    return Ok(false);
                 }
-                ip.is_ipv6() == *v6 && nets.iter().any(|n| n.contains(&ip))
+                let hit = match set {
+                    AddrSet::Named(set) => {
+                        let (set_v6, nets) = self.sets.get(set).ok_or(format!("no set {set}"))?;
+                        if set_v6 != v6 {
+                            return Err(format!("set {set} used with the wrong family"));
+                        }
+                        nets.iter().any(|n| n.contains(&ip))
+                    }
+                    AddrSet::Nets(nets) => {
+                        if nets.iter().any(|n| n.addr().is_ipv6() != *v6) {
+                            return Err(format!("{nets:?} in a rule of the other family"));
+                        }
+                        nets.iter().any(|n| n.contains(&ip))
+                    }
+                };
+                hit != *neg
             }
-            Cond::Proto(name) => p.proto.nft() == name,
+            Cond::Nfproto { v6 } => p.src.is_ipv6() == *v6,
+            Cond::Proto { neg, name } => (p.proto.nft() == name) != *neg,
             // Only ever written after `meta l4proto`: the packet has a transport header.
-            Cond::Dport(r) => r.iter().any(|(a, b)| *a <= p.dport && p.dport <= *b),
+            Cond::Port { sport, neg, ranges } => {
+                let port = if *sport { p.sport } else { p.dport };
+                ranges.iter().any(|(a, b)| *a <= port && port <= *b) != *neg
+            }
             Cond::Icmpv6Type => false,
         })
     }

@@ -1,0 +1,486 @@
+//! Tiered policy for pods: Calico's `GlobalNetworkPolicy` and namespaced `NetworkPolicy`
+//! (`projectcalico.org/v3`) in their tiers, with Kubernetes NetworkPolicies where Calico puts
+//! them — the `default` tier, at order 1000, named `knp.default.<namespace>/<name>`.
+//!
+//! Per pod and direction, when at least one Calico policy applies (else nothing changes: the
+//! NetworkPolicy chains of [`super::render`] decide alone):
+//! - tiers in order, each with the policies applying to the pod in that direction in order;
+//!   rule by rule, the first Allow or Deny decides, Pass leaves the tier, Log goes on. A
+//!   Kubernetes NetworkPolicy's rules are Allow rules. A tier whose policies applied but did not
+//!   decide denies (its `defaultAction: Pass`: goes on to the next tier);
+//! - after the last tier the pod's profile allows (Calico's namespace profiles for Kubernetes
+//!   pods allow).
+//!
+//! Rendered as chains `tpol-in-<ifname>-t<k>` / `tpol-out-<ifname>-t<k>` (linear: one nft rule
+//! per rule and family), the pod's entry in the dispatch maps pointing at its first tier chain;
+//! Allow is the direction's allowing verdict (`accept` in, `return` out, so the destination's
+//! ingress still runs), Pass and a passing tier end `goto` the next tier chain. A Kubernetes
+//! policy's rules are the compiled program's ([`super::compile`]), matched on its address sets.
+//! [`allowed`] is the reference: the same order read straight, NetworkPolicy rules through
+//! [`super::reference`], Calico rules through [`crate::host::reference`].
+
+use std::collections::BTreeMap;
+
+use malla_api::calico::{order_key, Action, CalicoNetworkPolicy, Order, Proto, Rule};
+use malla_api::policy::NetworkPolicy;
+use malla_api::selector::Selector;
+use malla_api::service::Protocol;
+use malla_api::Namespace;
+
+use super::compile::{CompiledRule, PolicyProgram, PortMatch};
+use super::render::{egress_chain, ingress_chain, EGRESS_DISPATCH, INGRESS_DISPATCH};
+use super::{namespace_labels, reference, Connection, Direction, PolicyPod};
+use crate::host::reference::{rule_matches_in, DecidedBy, HostPacket};
+use crate::host::render::{rule_matches, SelectorSets};
+use crate::host::{tier_table, CalicoView, Labelled};
+use crate::nft::element::{IfName, Part};
+use crate::nft::{self, Chain, Key, Set, Value};
+
+/// What tiered policy reads.
+#[derive(Clone, Copy)]
+pub struct TierInputs<'a> {
+    pub calico: &'a CalicoView,
+    /// Kubernetes NetworkPolicies.
+    pub policies: &'a [NetworkPolicy],
+    pub namespaces: &'a [Namespace],
+    pub pods: &'a [PolicyPod<'a>],
+    /// What Calico rule selectors pick ([`crate::host::labelled`]).
+    pub ents: &'a [Labelled],
+}
+
+/// A policy as a tier holds it.
+#[derive(Debug, Clone, Copy)]
+pub enum Item<'a> {
+    /// A Calico policy's rules of the direction; `scope` is a namespaced policy's namespace.
+    Calico {
+        name: &'a str,
+        rules: &'a [Rule],
+        scope: Option<&'a str>,
+    },
+    /// A Kubernetes NetworkPolicy isolating the pod in the direction.
+    Kubernetes(&'a NetworkPolicy),
+}
+
+impl Item<'_> {
+    /// The name shown in comments and traces.
+    pub fn name(&self) -> String {
+        match self {
+            Item::Calico {
+                name,
+                scope: Some(ns),
+                ..
+            } => format!("{ns}/{name}"),
+            Item::Calico { name, .. } => name.to_string(),
+            Item::Kubernetes(p) => format!("knp.default.{}/{}", p.namespace, p.name),
+        }
+    }
+}
+
+/// A policy placed in its tier: its order and sort name, and itself.
+type Placed<'a> = (Option<Order>, String, Item<'a>);
+
+/// One tier as a pod meets it in one direction.
+#[derive(Debug, Clone)]
+pub struct Group<'a> {
+    pub tier: String,
+    pub pass_by_default: bool,
+    pub items: Vec<Item<'a>>,
+}
+
+/// A pod's labels as Calico's selectors see them (its own, and `projectcalico.org/namespace`).
+fn calico_labels(pod: &PolicyPod) -> BTreeMap<String, String> {
+    let mut l = pod.labels.clone().into_owned();
+    l.insert(
+        "projectcalico.org/namespace".into(),
+        pod.namespace.to_string(),
+    );
+    l
+}
+
+fn takes(types: (bool, bool), dir: Direction) -> bool {
+    match dir {
+        Direction::Ingress => types.0,
+        Direction::Egress => types.1,
+    }
+}
+
+/// The tiers of `pod` in `dir`, and whether any Calico policy is among them (if not, tiers do
+/// not apply and NetworkPolicy alone decides).
+pub fn applying<'a>(
+    inp: &TierInputs<'a>,
+    pod: &PolicyPod,
+    dir: Direction,
+) -> (bool, Vec<Group<'a>>) {
+    let labels = calico_labels(pod);
+    let ns_labels = namespace_labels(inp.namespaces, &pod.namespace);
+    let rules_of = |spec: &'a malla_api::calico::GlobalNetworkPolicySpec| -> &'a [Rule] {
+        match dir {
+            Direction::Ingress => &spec.ingress,
+            Direction::Egress => &spec.egress,
+        }
+    };
+    // (tier, order, sort name, item)
+    let mut placed: Vec<(&'a str, Option<Order>, String, Item<'a>)> = Vec::new();
+    for p in &inp.calico.policies {
+        if p.spec.pre_dnat || p.validate().is_err() || !takes(p.effective_types(), dir) {
+            continue;
+        }
+        let Ok(sel) = p.selector() else { continue };
+        if !sel.matches(&labels, true) {
+            continue;
+        }
+        if let Some(ns) = &p.spec.namespace_selector {
+            match Selector::parse(ns) {
+                Ok(n) if n.matches(ns_labels, true) => {}
+                _ => continue,
+            }
+        }
+        placed.push((
+            p.tier(),
+            p.spec.order,
+            p.name.clone(),
+            Item::Calico {
+                name: &p.name,
+                rules: rules_of(&p.spec),
+                scope: None,
+            },
+        ));
+    }
+    for p in &inp.calico.network_policies {
+        let p: &'a CalicoNetworkPolicy = p;
+        if p.namespace != pod.namespace
+            || p.validate().is_err()
+            || !takes(p.as_global().effective_types(), dir)
+        {
+            continue;
+        }
+        let Ok(sel) = Selector::parse(&p.spec.selector) else {
+            continue;
+        };
+        if !sel.matches(&labels, true) {
+            continue;
+        }
+        placed.push((
+            p.tier(),
+            p.spec.order,
+            format!("{}/{}", p.namespace, p.name),
+            Item::Calico {
+                name: &p.name,
+                rules: rules_of(&p.spec),
+                scope: Some(&p.namespace),
+            },
+        ));
+    }
+    let calico = !placed.is_empty();
+    for p in reference::isolating(inp.policies, pod, dir) {
+        placed.push((
+            malla_api::calico::DEFAULT_TIER,
+            Some(Order(1000.0)),
+            format!("knp.default.{}/{}", p.namespace, p.name),
+            Item::Kubernetes(p),
+        ));
+    }
+    let table = tier_table(inp.calico);
+    let mut by_tier: BTreeMap<&str, Vec<Placed<'a>>> = BTreeMap::new();
+    for (tier, order, name, item) in placed {
+        if table.contains_key(tier) {
+            by_tier.entry(tier).or_default().push((order, name, item));
+        }
+    }
+    let mut groups: Vec<Group<'a>> = by_tier
+        .into_iter()
+        .map(|(tier, mut items)| {
+            items.sort_by_key(|(o, n, _)| order_key(*o, n));
+            Group {
+                tier: tier.to_string(),
+                pass_by_default: table[tier].1,
+                items: items.into_iter().map(|(_, _, i)| i).collect(),
+            }
+        })
+        .collect();
+    groups.sort_by_key(|g| order_key(table[g.tier.as_str()].0, &g.tier));
+    (calico, groups)
+}
+
+fn proto(p: Protocol) -> Proto {
+    match p {
+        Protocol::Tcp => Proto::TCP,
+        Protocol::Udp => Proto::UDP,
+        Protocol::Sctp => Proto::SCTP,
+    }
+}
+
+/// The source port the reference assumes (a connection's source port is not part of a
+/// NetworkPolicy question; Calico rules on source ports are read against it).
+pub const SOURCE_PORT: u16 = 40000;
+
+/// The tiered verdict of direction `dir` and what decided, or None when no Calico policy
+/// applies to the subject (NetworkPolicy alone decides: [`reference::direction_allowed`]).
+pub fn explain_direction(
+    inp: &TierInputs,
+    dir: Direction,
+    c: &Connection,
+) -> Option<(bool, DecidedBy)> {
+    let (subject, _) = c.subject_and_peer(dir);
+    let pod = subject.pod?;
+    let (calico, groups) = applying(inp, pod, dir);
+    if !calico {
+        return None;
+    }
+    let p = HostPacket {
+        src: c.src.ip,
+        dst: c.dst.ip,
+        proto: proto(c.proto),
+        sport: SOURCE_PORT,
+        dport: c.port,
+        icmp: None,
+    };
+    for g in groups {
+        let mut passed = false;
+        'items: for item in &g.items {
+            match item {
+                Item::Calico { rules, scope, .. } => {
+                    for (index, r) in rules.iter().enumerate() {
+                        if !rule_matches_in(r, &p, inp.ents, *scope) {
+                            continue;
+                        }
+                        let by = || DecidedBy::Rule {
+                            tier: g.tier.clone(),
+                            policy: item.name(),
+                            index,
+                        };
+                        match r.action {
+                            Action::Allow => return Some((true, by())),
+                            Action::Deny => return Some((false, by())),
+                            Action::Pass => {
+                                passed = true;
+                                break 'items;
+                            }
+                            Action::Log => {}
+                        }
+                    }
+                }
+                Item::Kubernetes(np) => {
+                    for (index, r) in reference::rules(np, dir).into_iter().enumerate() {
+                        if reference::rule_allows(&np.namespace, r, inp.namespaces, dir, c) {
+                            return Some((
+                                true,
+                                DecidedBy::Rule {
+                                    tier: g.tier.clone(),
+                                    policy: item.name(),
+                                    index,
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if !passed && !g.pass_by_default {
+            return Some((false, DecidedBy::EndOfTier { tier: g.tier }));
+        }
+    }
+    Some((true, DecidedBy::Default))
+}
+
+/// The reference verdict of one direction.
+pub fn direction_allowed(inp: &TierInputs, dir: Direction, c: &Connection) -> bool {
+    match explain_direction(inp, dir, c) {
+        Some((ok, _)) => ok,
+        None => reference::direction_allowed(inp.policies, inp.namespaces, dir, c),
+    }
+}
+
+/// The reference verdict for a new connection, every tier considered.
+pub fn allowed(inp: &TierInputs, c: &Connection) -> bool {
+    direction_allowed(inp, Direction::Egress, c) && direction_allowed(inp, Direction::Ingress, c)
+}
+
+fn tier_chain(dir: Direction, ifname: &str, k: usize) -> String {
+    match dir {
+        Direction::Ingress => format!("t{}-t{k}", ingress_chain(ifname)),
+        Direction::Egress => format!("t{}-t{k}", egress_chain(ifname)),
+    }
+}
+
+/// The texts matching a compiled NetworkPolicy rule, one per family and protocol; the
+/// program's sets they name are added to `table` when missing.
+fn np_rule_texts(
+    r: &CompiledRule,
+    prog: &PolicyProgram,
+    dir: Direction,
+    table: &mut nft::Table,
+) -> Vec<String> {
+    let addr = match dir {
+        Direction::Ingress => "saddr",
+        Direction::Egress => "daddr",
+    };
+    let mut peers: Vec<String> = Vec::new();
+    match &r.peer {
+        None => peers.push(String::new()),
+        Some(name) => {
+            let Some(set) = prog.sets.get(name) else {
+                return Vec::new();
+            };
+            for (kw, fam, v6) in [("ip", "v4", false), ("ip6", "v6", true)] {
+                if (v6 && !set.v6) || (!v6 && !set.v4) {
+                    continue;
+                }
+                let set_name = format!("{name}-{fam}");
+                table.sets.entry(set_name.clone()).or_insert_with(|| Set {
+                    type_: if v6 { "ipv6_addr" } else { "ipv4_addr" }.into(),
+                    flags: if set.interval {
+                        vec!["interval".into()]
+                    } else {
+                        Vec::new()
+                    },
+                    timeout: None,
+                    elements: set
+                        .addrs
+                        .iter()
+                        .filter(|n| n.addr().is_ipv6() == v6)
+                        .map(super::addrs::nft_element)
+                        .collect(),
+                });
+                peers.push(format!("{kw} {addr} @{set_name} "));
+            }
+        }
+    }
+    let ports: Vec<String> = match &r.ports {
+        PortMatch::Any => vec![String::new()],
+        PortMatch::Ports(m) => m
+            .iter()
+            .map(|(proto, ranges)| {
+                let items: Vec<String> = ranges
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect();
+                format!(
+                    "meta l4proto {} th dport {{ {} }} ",
+                    proto.nft(),
+                    items.join(", ")
+                )
+            })
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for p in &peers {
+        for q in &ports {
+            out.push(format!("{q}{p}"));
+        }
+    }
+    out
+}
+
+/// Adds the tier chains of this node's pods to `table` (after [`super::render_policy`], whose
+/// dispatch maps and sets it extends).
+pub fn render_tiers(inp: &TierInputs, prog: &PolicyProgram, me: &str, table: &mut nft::Table) {
+    let mut sets = SelectorSets::default();
+    for pod in inp.pods.iter().filter(|p| p.node == me) {
+        let Some(ifname) = IfName::new(&pod.host_ifname) else {
+            continue;
+        };
+        let ep = prog
+            .endpoints
+            .iter()
+            .find(|e| e.namespace == pod.namespace && e.name == pod.name);
+        for dir in [Direction::Ingress, Direction::Egress] {
+            let (calico, groups) = applying(inp, pod, dir);
+            if !calico {
+                continue;
+            }
+            let compiled: &[CompiledRule] = ep
+                .and_then(|e| match dir {
+                    Direction::Ingress => e.ingress.as_deref(),
+                    Direction::Egress => e.egress.as_deref(),
+                })
+                .unwrap_or_default();
+            let allow = match dir {
+                Direction::Ingress => "accept",
+                Direction::Egress => "return",
+            };
+            let n = groups.len();
+            let next = |k: usize| {
+                if k + 1 < n {
+                    format!("goto {}", tier_chain(dir, &pod.host_ifname, k + 1))
+                } else {
+                    allow.to_string()
+                }
+            };
+            for (k, g) in groups.iter().enumerate() {
+                let mut rules = Vec::new();
+                for item in &g.items {
+                    let policy = item.name();
+                    match item {
+                        Item::Calico {
+                            rules: list, scope, ..
+                        } => {
+                            for (i, r) in list.iter().enumerate() {
+                                let verdict = match r.action {
+                                    Action::Allow => allow.to_string(),
+                                    Action::Deny => "drop".into(),
+                                    Action::Pass => next(k),
+                                    Action::Log => format!(
+                                        "log prefix \"{}\"",
+                                        crate::host::render::LOG_PREFIX
+                                    ),
+                                };
+                                let comment = format!(
+                                    "comment \"{}/{policy} {}[{i}]\"",
+                                    g.tier,
+                                    dir.as_str()
+                                );
+                                for m in rule_matches(r, inp.ents, &mut sets, *scope) {
+                                    rules.push(format!("{m} {verdict} {comment}"));
+                                }
+                            }
+                        }
+                        Item::Kubernetes(np) => {
+                            let key = format!("{}/{}", np.namespace, np.name);
+                            for cr in compiled.iter().filter(|r| r.policy == key) {
+                                let comment = format!(
+                                    "comment \"{}/{policy} {}[{}]\"",
+                                    g.tier,
+                                    dir.as_str(),
+                                    cr.rule
+                                );
+                                for m in np_rule_texts(cr, prog, dir, table) {
+                                    rules.push(format!("{m}{allow} {comment}"));
+                                }
+                            }
+                        }
+                    }
+                }
+                rules.push(if g.pass_by_default {
+                    next(k)
+                } else {
+                    format!("drop comment \"{}: end of tier\"", g.tier)
+                });
+                table.chains.insert(
+                    tier_chain(dir, &pod.host_ifname, k),
+                    Chain { base: None, rules },
+                );
+            }
+            let map = match dir {
+                Direction::Ingress => INGRESS_DISPATCH,
+                Direction::Egress => EGRESS_DISPATCH,
+            };
+            if let Some(m) = table.maps.get_mut(map) {
+                let first = if n == 0 {
+                    // Unreachable: a Calico policy applies, so there is a tier.
+                    continue;
+                } else {
+                    Value::jump(tier_chain(dir, &pod.host_ifname, 0))
+                };
+                m.elements.insert(Key::one(Part::Iface(ifname)), first);
+            }
+        }
+    }
+    sets.write(table);
+}
