@@ -12,7 +12,9 @@
 //! /run                  a tmpfs (containerd's state and shim sockets, /run/netns of the pods)
 //! /run/malla            NODE/run-malla   (the agent's ready file, the plugin's lock)
 //! /etc/cni/net.d        NODE/net.d       (where install-cni writes the conflist)
-//! /opt                  NODE/opt         (install-cni copies the plugin to /opt/cni/bin)
+//! /opt                  NODE/opt         (install-cni copies the plugin to /opt/cni/bin, where
+//!                                        Debian's `loopback`, `bridge`, `host-local` and
+//!                                        `portmap` are linked as a node's OS package has them)
 //! /var/log              NODE/log         (pod and container logs)
 //! /proc/sys/{kernel/panic, kernel/panic_on_oops, vm/overcommit_memory, vm/panic_on_oom,
 //!            kernel/keys/root_maxkeys, kernel/keys/root_maxbytes}
@@ -71,6 +73,11 @@ pub const KUBELET_SYSCTLS: [(&str, &str); 6] = [
 ];
 
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Where Debian's `containernetworking-plugins` puts the reference CNI plugins.
+pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
+/// The reference plugins every node's `/opt/cni/bin` links to.
+pub const REFERENCE_PLUGINS: [&str; 4] = ["loopback", "bridge", "host-local", "portmap"];
 
 /// The lab's cgroup, directly under the root of every hierarchy.
 pub fn lab_cgroup(paths: &LabPaths) -> String {
@@ -267,6 +274,25 @@ fn prepare_node(
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     }
     std::fs::set_permissions(f.dir.join("k8s"), std::fs::Permissions::from_mode(0o700))?;
+    // The reference plugins a node's OS package puts in /opt/cni/bin (Debian's in
+    // /usr/lib/cni): containerd's CRI sets up every pod's `lo` with `loopback`; `bridge` and
+    // `host-local` are the benchmark's baseline.
+    let cni_bin = f.opt().join("cni/bin");
+    std::fs::create_dir_all(&cni_bin)?;
+    for plugin in REFERENCE_PLUGINS {
+        let from = Path::new(REFERENCE_PLUGIN_DIR).join(plugin);
+        let to = cni_bin.join(plugin);
+        if !from.exists() {
+            bail!(
+                "{} is missing: install Debian's containernetworking-plugins (scripts/deps)",
+                from.display()
+            );
+        }
+        if std::fs::symlink_metadata(&to).is_err() {
+            std::os::unix::fs::symlink(&from, &to)
+                .with_context(|| format!("linking {}", to.display()))?;
+        }
+    }
     let pki = cp_dir.join("pki");
     node_pki(&pki, &node.name, node.underlay_ipv4)?;
     let ca = pki.join("ca.crt");
