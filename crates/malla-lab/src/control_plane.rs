@@ -1127,6 +1127,40 @@ mod tests {
     }
 
     #[test]
+    fn tokens_add_missing_users_and_keep_existing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files {
+            dir: dir.path().to_path_buf(),
+        };
+        // A state directory from before the scheduler existed.
+        std::fs::write(
+            files.tokens(),
+            "aaa,admin,admin,\"system:masters\"\nbbb,system:kube-controller-manager,system:kube-controller-manager,\"system:masters\"\n",
+        )
+        .unwrap();
+        assert_eq!(tokens(&files).unwrap(), "aaa");
+        assert_eq!(
+            token_of(&files, "system:kube-controller-manager").unwrap(),
+            "bbb"
+        );
+        let scheduler = token_of(&files, "system:kube-scheduler").unwrap();
+        assert_eq!(scheduler.len(), 48);
+        // Stable from then on.
+        tokens(&files).unwrap();
+        assert_eq!(
+            token_of(&files, "system:kube-scheduler").unwrap(),
+            scheduler
+        );
+        assert_eq!(
+            std::fs::read_to_string(files.tokens())
+                .unwrap()
+                .lines()
+                .count(),
+            3
+        );
+    }
+
+    #[test]
     fn missing_binaries_name_the_script() {
         let dir = tempfile::tempdir().unwrap();
         let e = Binaries::in_dir(dir.path()).unwrap_err().to_string();
