@@ -20,6 +20,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{malla_bin, Lab};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use malla_dataplane::netns::NetNs;
 use malla_lab::kubelet::KUBELET_SYSCTLS;
 use malla_test_kit::runtimes;
 use serde_json::Value;
@@ -88,7 +93,7 @@ fn kubectl(lab: &Lab, args: &[&str]) -> String {
 /// A pod on `node` running the image's probe server on 8080/tcp and 8080/udp.
 fn probe_pod(name: &str, node: &str) -> String {
     format!(
-        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: probe}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: probe\n    image: ghcr.io/malla-net/malla:0.1.0\n    imagePullPolicy: Never\n    command: [malla, lab, probe-server, --name, {name}, --listen, \"8080/tcp,8080/udp\"]\n    ports:\n    - containerPort: 8080\n    - containerPort: 8080\n      protocol: UDP\n"
+        "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{app: probe, name: {name}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: probe\n    image: ghcr.io/malla-net/malla:0.1.0\n    imagePullPolicy: Never\n    command: [malla, lab, probe-server, --name, {name}, --listen, \"8080/tcp,8080/udp\"]\n    ports:\n    - containerPort: 8080\n    - containerPort: 8080\n      protocol: UDP\n"
     )
 }
 
@@ -107,7 +112,7 @@ fn probe_pid(name: &str) -> Option<u32> {
 
 /// Runs `f` on a thread inside the network namespace of `pid`.
 fn in_netns_of<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    malla_dataplane::netns::NetNs::open(format!("/proc/{pid}/ns/net"))
+    NetNs::open(format!("/proc/{pid}/ns/net"))
         .expect("the pod's network namespace")
         .run(f)
         .expect("a thread in the pod's network namespace")
@@ -136,6 +141,87 @@ fn ask(pid: u32, to: IpAddr) -> (String, String) {
         .unwrap_or_else(|e| format!("udp error: {e}"));
         (tcp, udp)
     })
+}
+
+/// A TCP stream from `from_pid`'s network namespace to `to` (a sink listening on `sink_port`
+/// in `sink_pid`'s): the sender connects (retrying for 30 s), then writes a 4 KiB block every
+/// 5 ms until [`Stream::finish`].
+struct Stream {
+    stop: Arc<AtomicBool>,
+    sender: std::thread::JoinHandle<std::io::Result<u64>>,
+    sink: std::thread::JoinHandle<std::io::Result<u64>>,
+}
+
+impl Stream {
+    fn start(from_pid: u32, sink_pid: u32, sink_port: u16, to: SocketAddr) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink_ns = NetNs::open(format!("/proc/{sink_pid}/ns/net")).expect("sink netns");
+        let sink = std::thread::spawn(move || -> std::io::Result<u64> {
+            sink_ns.enter_this_thread().expect("enter the sink's netns");
+            let l = TcpListener::bind(("0.0.0.0", sink_port))?;
+            tx.send(()).expect("ready");
+            let (mut s, _) = l.accept()?;
+            let mut buf = vec![0u8; 65536];
+            let mut total = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(total);
+                }
+                total += n as u64;
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("sink listening");
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let from_ns = NetNs::open(format!("/proc/{from_pid}/ns/net")).expect("sender netns");
+        let sender = std::thread::spawn(move || -> std::io::Result<u64> {
+            from_ns
+                .enter_this_thread()
+                .expect("enter the sender's netns");
+            // A new Service's rules reach the agents a moment after it is created.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut s = loop {
+                match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            };
+            s.set_write_timeout(Some(Duration::from_secs(10)))?;
+            let block = vec![0x5au8; 4096];
+            let mut sent = 0u64;
+            while !stop2.load(Ordering::SeqCst) {
+                s.write_all(&block)?;
+                sent += block.len() as u64;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            Ok(sent)
+        });
+        Self { stop, sender, sink }
+    }
+
+    /// Stops the sender; (bytes sent, bytes received), panicking if either side failed.
+    fn finish(self, what: &str) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        let sent = self.sender.join().unwrap();
+        let sent = sent.unwrap_or_else(|e| panic!("{what}: the sender failed: {e}"));
+        let received = self.sink.join().unwrap();
+        let received = received.unwrap_or_else(|e| panic!("{what}: the sink failed: {e}"));
+        (sent, received)
+    }
+}
+
+/// The containerd socket of a node of `lab`.
+fn containerd_sock(lab: &Lab, node: &str) -> PathBuf {
+    lab.state_root
+        .path()
+        .join(&lab.name)
+        .join("nodes")
+        .join(node)
+        .join("k8s/containerd.sock")
 }
 
 #[test]
@@ -298,6 +384,111 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         "the API server knows the pod's service account: {pods}"
     );
     assert_eq!(machine_sysctls(), before, "no machine-wide sysctl changed");
+
+    // Day 2: a rolling update of the DaemonSet to a new tag keeps a pod-to-pod stream across
+    // nodes and a stream through a Service, every byte, and every pod its address.
+    let svc_yaml = dir.path().join("svc.yaml");
+    std::fs::write(
+        &svc_yaml,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: sink\nspec:\n  selector: {name: probe-3}\n  ports:\n  - port: 80\n    targetPort: 9001\n",
+    )
+    .unwrap();
+    // The Service's endpoint is probe-3, on node-3; its sink below listens on 9001.
+    kubectl(&lab, &["apply", "-f", svc_yaml.to_str().unwrap()]);
+    let sink_ip: IpAddr = kubectl(
+        &lab,
+        &["get", "service", "sink", "-o", "jsonpath={.spec.clusterIP}"],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let direct = Stream::start(
+        pid_of("probe-1"),
+        pid_of("probe-2"),
+        9000,
+        SocketAddr::from((ip_of("probe-2"), 9000)),
+    );
+    let via_service = Stream::start(
+        pid_of("probe-1"),
+        pid_of("probe-3"),
+        9001,
+        SocketAddr::from((sink_ip, 80)),
+    );
+    for n in 1..=3 {
+        let sock = containerd_sock(&lab, &format!("node-{n}"));
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(&sock)
+            .args(["-n", "k8s.io", "images", "tag", "--force"])
+            .args([
+                "ghcr.io/malla-net/malla:0.1.0",
+                "ghcr.io/malla-net/malla:0.1.1",
+            ])
+            .output()
+            .expect("ctr");
+        assert!(out.status.success(), "ctr images tag: {out:?}");
+    }
+    let t = Instant::now();
+    kubectl(
+        &lab,
+        &[
+            "-n",
+            "kube-system",
+            "set",
+            "image",
+            "daemonset/malla",
+            "agent=ghcr.io/malla-net/malla:0.1.1",
+            "install-cni=ghcr.io/malla-net/malla:0.1.1",
+        ],
+    );
+    kubectl(
+        &lab,
+        &[
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "daemonset/malla",
+            "--timeout=240s",
+        ],
+    );
+    eprintln!(
+        "rolling update of the DaemonSet (3 nodes): {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (sent, received) = direct.finish("probe-1 -> probe-2");
+    assert!(
+        sent > 0 && sent == received,
+        "pod to pod: sent {sent}, received {received}"
+    );
+    let (sent, received) = via_service.finish("probe-1 -> svc/sink -> probe-3");
+    assert!(
+        sent > 0 && sent == received,
+        "through the Service: sent {sent}, received {received}"
+    );
+    eprintln!("streams through the rollout: every byte delivered");
+    let after: Value = serde_json::from_str(&kubectl(
+        &lab,
+        &["get", "pods", "-l", "app=probe", "-o", "json"],
+    ))
+    .unwrap();
+    for n in names {
+        let now = after["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["metadata"]["name"] == n)
+            .and_then(|p| p["status"]["podIP"].as_str())
+            .map(|s| s.parse::<IpAddr>().unwrap());
+        assert_eq!(now, Some(ip_of(n)), "{n} kept its address");
+    }
+    let (tcp, _) = ask(pid_of("probe-1"), ip_of("probe-2"));
+    assert_eq!(
+        tcp,
+        format!("probe-2 {}", ip_of("probe-1")),
+        "after the rollout"
+    );
 
     let cgroup = format!("/sys/fs/cgroup/memory/malla-lab-{}", lab.name);
     assert!(Path::new(&cgroup).is_dir(), "{cgroup} while up");
