@@ -11,7 +11,9 @@
 //! ```text
 //! /run                  a tmpfs (containerd's state and shim sockets, /run/netns of the pods)
 //! /run/malla            NODE/run-malla   (the agent's ready file, the plugin's lock)
-//! /etc/cni/net.d        NODE/net.d       (where install-cni writes the conflist)
+//! /etc/cni/net.d        NODE/net.d       (where install-cni writes the conflist; on a machine
+//!                                        without /etc/cni/net.d, /etc is an overlay whose
+//!                                        upper layer is the node's, so nothing is created)
 //! /opt                  NODE/opt         (install-cni copies the plugin to /opt/cni/bin, where
 //!                                        Debian's `loopback`, `bridge`, `host-local` and
 //!                                        `portmap` are linked as a node's OS package has them)
@@ -434,7 +436,9 @@ state = \"/run/containerd\"
              {put_back}\
              mkdir -p /run/netns /run/malla /run/containerd\n\
              mount --bind {run_malla} /run/malla\n\
-             mount --bind {net_d} /etc/cni/net.d\n\
+             if [ -d /etc/cni/net.d ]; then mount --bind {net_d} /etc/cni/net.d\n\
+             else mkdir -p {etc}/up {etc}/work && mount -t overlay -o lowerdir=/etc,upperdir={etc}/up,workdir={etc}/work malla-node-etc /etc && \
+             mkdir -p /etc/cni/net.d && mount --bind {net_d} /etc/cni/net.d; fi\n\
              mount --bind {opt} /opt\n\
              mount --bind {log} /var/log\n\
              {sysctl_mounts}\
@@ -448,6 +452,7 @@ state = \"/run/containerd\"
             cgrel = cg.trim_start_matches('/'),
             run_malla = q(&f.run_malla()),
             net_d = q(&f.net_d()),
+            etc = q(&f.k8s("etc")),
             opt = q(&f.opt()),
             log = q(&f.log()),
             ctd_conf = q(&f.k8s("containerd.toml")),
@@ -612,4 +617,49 @@ pub fn stop_all(paths: &LabPaths) -> bool {
         }
     }
     gone
+}
+
+/// The API server address the lab's nodes reach before Services work (the DaemonSet's
+/// `malla-kubernetes-endpoint`).
+pub fn api_endpoint() -> (Ipv4Addr, u16) {
+    (
+        crate::store::ETCD_CLIENT.0,
+        control_plane::LAB_APISERVER_PORT,
+    )
+}
+
+/// `deploy/` (at `src`) copied into `out` and edited for the lab as `configmap.yaml`'s comments
+/// ask a user to: the nodes' underlay interface is `ul0` and the API server before Services
+/// work is [`api_endpoint`]. Errors when the file no longer holds the lines it edits.
+pub fn deploy_for_lab(src: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for e in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let e = e?;
+        std::fs::copy(e.path(), out.join(e.file_name()))
+            .with_context(|| format!("copying {}", e.path().display()))?;
+    }
+    let cm = out.join("configmap.yaml");
+    let text = std::fs::read_to_string(&cm).with_context(|| format!("reading {}", cm.display()))?;
+    let (host, port) = api_endpoint();
+    let edits = [
+        ("underlayInterface: eth0\n", "underlayInterface: ul0\n".to_string()),
+        (
+            "data: {}\n  # KUBERNETES_SERVICE_HOST",
+            format!(
+                "data:\n  KUBERNETES_SERVICE_HOST: \"{host}\"\n  KUBERNETES_SERVICE_PORT: \"{port}\"\n  # KUBERNETES_SERVICE_HOST"
+            ),
+        ),
+    ];
+    let mut edited = text;
+    for (from, to) in edits {
+        if edited.matches(from).count() != 1 {
+            bail!(
+                "{}: expected one {from:?} to edit for the lab",
+                cm.display()
+            );
+        }
+        edited = edited.replace(from, &to);
+    }
+    write(&cm, &edited)?;
+    Ok(out.to_path_buf())
 }

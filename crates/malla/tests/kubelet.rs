@@ -57,31 +57,10 @@ fn build_image(out: &Path) {
     assert!(status.success(), "scripts/build-image failed");
 }
 
-/// deploy/ as a user edits it for this cluster: the nodes' underlay interface is `ul0`, and
-/// the API server before Services work is the lab's (198.19.0.1:6443).
+/// deploy/ as a user edits it for this cluster (the lab's underlay interface and API server).
 fn deploy_for_lab(dir: &Path) -> PathBuf {
-    let out = dir.join("deploy");
-    std::fs::create_dir_all(&out).unwrap();
-    for e in std::fs::read_dir(repo().join("deploy")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
-    }
-    let cm = out.join("configmap.yaml");
-    let text = std::fs::read_to_string(&cm).unwrap();
-    for needle in [
-        "underlayInterface: eth0",
-        "data: {}\n  # KUBERNETES_SERVICE_HOST",
-    ] {
-        assert!(text.contains(needle), "configmap.yaml has {needle:?}");
-    }
-    let text = text
-        .replace("underlayInterface: eth0", "underlayInterface: ul0")
-        .replace(
-            "data: {}\n  # KUBERNETES_SERVICE_HOST",
-            "data:\n  KUBERNETES_SERVICE_HOST: \"198.19.0.1\"\n  KUBERNETES_SERVICE_PORT: \"6443\"\n  # KUBERNETES_SERVICE_HOST",
-        );
-    std::fs::write(&cm, text).unwrap();
-    out
+    malla_lab::kubelet::deploy_for_lab(&repo().join("deploy"), &dir.join("deploy"))
+        .expect("deploy/ edited for the lab")
 }
 
 fn kubectl(lab: &Lab, args: &[&str]) -> String {
