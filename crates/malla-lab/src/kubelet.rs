@@ -194,7 +194,9 @@ fn pids_under(dir: &Path, out: &mut Vec<u32>) {
     }
 }
 
-fn rmdir_tree(dir: &Path) {
+/// Removes the directory tree of cgroups `dir`, deepest first (the kernel refuses a cgroup
+/// that still holds processes; that one and its ancestors stay).
+pub fn rmdir_tree(dir: &Path) {
     if let Ok(d) = std::fs::read_dir(dir) {
         for e in d.filter_map(|e| e.ok()) {
             if e.file_type().is_ok_and(|t| t.is_dir()) {

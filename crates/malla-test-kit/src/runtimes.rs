@@ -338,20 +338,9 @@ pub fn remove_cgroups(name: &str) {
     for base in bases {
         let top = base.join(name);
         if top.is_dir() {
-            rmdir_tree(&top);
+            malla_lab::kubelet::rmdir_tree(&top);
         }
     }
-}
-
-fn rmdir_tree(dir: &Path) {
-    if let Ok(d) = std::fs::read_dir(dir) {
-        for e in d.filter_map(|e| e.ok()) {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                rmdir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes a test's temp dir, unless something is still mounted under it in this mount

@@ -69,6 +69,21 @@ fn kubectl(lab: &Lab, args: &[&str]) -> String {
     lab.run(&all)
 }
 
+/// Waits until the DaemonSet is rolled out on every node.
+fn rollout_status(lab: &Lab) {
+    kubectl(
+        lab,
+        &[
+            "-n",
+            "kube-system",
+            "rollout",
+            "status",
+            "daemonset/malla",
+            "--timeout=240s",
+        ],
+    );
+}
+
 /// A pod on `node` running the image's probe server on 8080/tcp and 8080/udp.
 fn probe_pod(name: &str, node: &str) -> String {
     format!(
@@ -241,17 +256,7 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
     // Installed as the README says.
     let t = Instant::now();
     kubectl(&lab, &["apply", "-f", deploy.to_str().unwrap()]);
-    kubectl(
-        &lab,
-        &[
-            "-n",
-            "kube-system",
-            "rollout",
-            "status",
-            "daemonset/malla",
-            "--timeout=240s",
-        ],
-    );
+    rollout_status(&lab);
     kubectl(
         &lab,
         &[
@@ -420,17 +425,7 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
             "install-cni=ghcr.io/malla-net/malla:0.1.1",
         ],
     );
-    kubectl(
-        &lab,
-        &[
-            "-n",
-            "kube-system",
-            "rollout",
-            "status",
-            "daemonset/malla",
-            "--timeout=240s",
-        ],
-    );
+    rollout_status(&lab);
     eprintln!(
         "rolling update of the DaemonSet (3 nodes): {:?}",
         t.elapsed()
