@@ -3,8 +3,11 @@
 //! `kubectl apply -f deploy/` (the image from `scripts/build-image`, imported into every
 //! node's containerd; `configmap.yaml` edited for the lab as its comments ask). Then: every
 //! node turns Ready; pods the kubelet started (the image's `malla lab probe-server` as their
-//! command) reach each other across nodes over TCP and UDP without NAT; a pod reaches the API
-//! server through the `default/kubernetes` Service with its service-account token; and the
+//! command) reach each other across nodes over TCP and UDP without NAT, their node reaches
+//! them and they reach the outside as their node; a Deployment of 3 answers behind a Service
+//! through kube-controller-manager's EndpointSlices; a pod reaches the API server through the
+//! `default/kubernetes` Service with its service-account token; a rolling update of the
+//! DaemonSet keeps a pod-to-pod and a Service stream whole; a NetworkPolicy denies; and the
 //! machine-wide sysctls the kubelet would set are the machine's own while the lab is up and
 //! after it is down, as are the lab's cgroups gone.
 //!
@@ -69,6 +72,41 @@ fn kubectl(lab: &Lab, args: &[&str]) -> String {
     lab.run(&all)
 }
 
+/// A Deployment of 3 probe servers (each named after its pod) and its Service on 8080.
+const WEB: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: web
+        image: ghcr.io/malla-net/malla:0.1.0
+        imagePullPolicy: Never
+        command: [malla, lab, probe-server, --name, $(POD_NAME), --listen, \"8080/tcp\"]
+        env:
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        ports:
+        - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  selector: {app: web}
+  ports:
+  - port: 8080
+    targetPort: 8080
+";
+
 /// Waits until the DaemonSet is rolled out on every node.
 fn rollout_status(lab: &Lab) {
     kubectl(
@@ -104,37 +142,52 @@ fn probe_pid(name: &str) -> Option<u32> {
     })
 }
 
-/// Runs `f` on a thread inside the network namespace of `pid`.
-fn in_netns_of<T: Send + 'static>(pid: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+/// What the probe server at `to` answered over TCP and over UDP, asked from `pid`'s netns.
+fn ask(pid: u32, to: IpAddr) -> (String, String) {
+    ask_in(
+        NetNs::open(format!("/proc/{pid}/ns/net")).expect("the pod's network namespace"),
+        to,
+    )
+}
+
+/// What the probe server at `to` answered over TCP and over UDP, asked from `ns`.
+fn ask_in(ns: NetNs, to: IpAddr) -> (String, String) {
+    let t = Duration::from_secs(3);
+    ns.run(move || (tcp_answer(to, t), udp_answer(to, t)))
+        .expect("a thread in the namespace")
+}
+
+/// The TCP answer of the probe server at `to` (port 8080), asked from `pid`'s netns.
+fn ask_tcp(pid: u32, to: IpAddr) -> String {
     NetNs::open(format!("/proc/{pid}/ns/net"))
         .expect("the pod's network namespace")
-        .run(f)
+        .run(move || tcp_answer(to, Duration::from_millis(1500)))
         .expect("a thread in the pod's network namespace")
 }
 
-/// What the probe server at `to` answered over TCP and over UDP, asked from `pid`'s netns.
-fn ask(pid: u32, to: IpAddr) -> (String, String) {
-    in_netns_of(pid, move || {
-        let t = Duration::from_secs(3);
-        let tcp = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, 8080)), t)?;
-            s.set_read_timeout(Some(t))?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out.trim().to_string())
-        })()
-        .unwrap_or_else(|e| format!("tcp error: {e}"));
-        let udp = (|| -> std::io::Result<String> {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            s.set_read_timeout(Some(t))?;
-            s.send_to(b"probe", (to, 8080))?;
-            let mut buf = [0u8; 512];
-            let n = s.recv(&mut buf)?;
-            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-        })()
-        .unwrap_or_else(|e| format!("udp error: {e}"));
-        (tcp, udp)
-    })
+/// What the probe server at `to`:8080 answers over TCP (from this thread's namespace).
+fn tcp_answer(to: IpAddr, t: Duration) -> String {
+    (|| -> std::io::Result<String> {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((to, 8080)), t)?;
+        s.set_read_timeout(Some(t))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out.trim().to_string())
+    })()
+    .unwrap_or_else(|e| format!("tcp error: {e}"))
+}
+
+/// What the probe server at `to`:8080 answers over UDP (from this thread's namespace).
+fn udp_answer(to: IpAddr, t: Duration) -> String {
+    (|| -> std::io::Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(t))?;
+        s.send_to(b"probe", (to, 8080))?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })()
+    .unwrap_or_else(|e| format!("udp error: {e}"))
 }
 
 /// A TCP stream from `from_pid`'s network namespace to `to` (a sink listening on `sink_port`
@@ -154,16 +207,7 @@ impl Stream {
             sink_ns.enter_this_thread().expect("enter the sink's netns");
             let l = TcpListener::bind(("0.0.0.0", sink_port))?;
             tx.send(()).expect("ready");
-            let (mut s, _) = l.accept()?;
-            let mut buf = vec![0u8; 65536];
-            let mut total = 0u64;
-            loop {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-            }
+            common::count_until_eof(&l)
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("sink listening");
@@ -330,6 +374,79 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         }
     }
 
+    // A node reaches its own pods; a pod reaches the outside as its node (masqueraded).
+    let node1 = NetNs::open_named(&format!("malla-{}-node-1", lab.name)).expect("node-1");
+    let (tcp, udp) = ask_in(node1, ip_of("probe-1"));
+    assert!(
+        tcp.starts_with("probe-1 ") && udp.starts_with("probe-1 "),
+        "node-1 -> probe-1: {tcp} / {udp}"
+    );
+    let (tcp, udp) = ask(pid_of("probe-1"), "198.19.1.2".parse().unwrap());
+    assert_eq!(
+        tcp, "external 198.19.0.11",
+        "TCP probe-1 -> external, as node-1"
+    );
+    assert_eq!(
+        udp, "external 198.19.0.11",
+        "UDP probe-1 -> external, as node-1"
+    );
+
+    // A Deployment of 3 behind a Service, through kube-controller-manager's EndpointSlices.
+    let web = dir.path().join("web.yaml");
+    std::fs::write(&web, WEB).unwrap();
+    kubectl(&lab, &["apply", "-f", web.to_str().unwrap()]);
+    kubectl(
+        &lab,
+        &["rollout", "status", "deployment/web", "--timeout=120s"],
+    );
+    let slices: Value = serde_json::from_str(&kubectl(
+        &lab,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "json",
+        ],
+    ))
+    .unwrap();
+    let endpoints: usize = slices["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["endpoints"].as_array().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(
+        endpoints, 3,
+        "the controller's EndpointSlices hold the 3 replicas: {slices}"
+    );
+    let web_ip: IpAddr = kubectl(
+        &lab,
+        &["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"],
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    let mut answered = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answered.len() < 2 && Instant::now() < deadline {
+        let a = ask_tcp(pid_of("probe-1"), web_ip);
+        if let Some((name, source)) = a.split_once(' ') {
+            assert!(name.starts_with("web-"), "a web replica answered: {a}");
+            assert_eq!(
+                source,
+                ip_of("probe-1").to_string(),
+                "no NAT of the client: {a}"
+            );
+            answered.insert(name.to_string());
+        }
+    }
+    assert!(
+        answered.len() >= 2,
+        "several replicas answer the ClusterIP: {answered:?}"
+    );
+
     // The API server through the `kubernetes` Service, with the pod's own token.
     let pid = pid_of("probe-1");
     let sa = format!("/proc/{pid}/root/var/run/secrets/kubernetes.io/serviceaccount");
@@ -462,6 +579,33 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         tcp,
         format!("probe-2 {}", ip_of("probe-1")),
         "after the rollout"
+    );
+
+    // A NetworkPolicy: only probe-3 may reach probe-2.
+    let np = dir.path().join("np.yaml");
+    std::fs::write(
+        &np,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: only-probe-3\nspec:\n  podSelector:\n    matchLabels: {name: probe-2}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector:\n        matchLabels: {name: probe-3}\n",
+    )
+    .unwrap();
+    kubectl(&lab, &["apply", "-f", np.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let denied = loop {
+        let a = ask_tcp(pid_of("probe-1"), ip_of("probe-2"));
+        if a.starts_with("tcp error") || Instant::now() > deadline {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        denied.starts_with("tcp error"),
+        "probe-1 -> probe-2 denied: {denied}"
+    );
+    let allowed = ask_tcp(pid_of("probe-3"), ip_of("probe-2"));
+    assert_eq!(
+        allowed,
+        format!("probe-2 {}", ip_of("probe-3")),
+        "probe-3 -> probe-2 allowed"
     );
 
     let cgroup = format!("/sys/fs/cgroup/memory/malla-lab-{}", lab.name);
