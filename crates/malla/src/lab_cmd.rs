@@ -210,6 +210,14 @@ fn up_options(g: &Globals, a: &UpArgs) -> anyhow::Result<UpOptions> {
         malla_bin: std::env::current_exe()?,
         cni_bin: sibling_binary("malla-cni")?,
         datastore: if a.kubelet {
+            // --kubelet implies the kubernetes datastore; another one named on the command
+            // line is a contradiction, not something to override silently.
+            if g.datastore.is_some()
+                && !g.datastore_from_env
+                && g.backend()? != malla_lab::store::Backend::Kubernetes
+            {
+                anyhow::bail!("--kubelet runs on the kubernetes datastore: drop --datastore or say kubernetes");
+            }
             malla_lab::store::Backend::Kubernetes
         } else {
             g.backend()?
@@ -235,10 +243,17 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
                 if state.ipv6 { "dual-stack" } else { "IPv4" },
                 state.datastore
             );
-            println!(
-                "next: malla lab apply --lab {} -f examples/shop.yaml",
-                state.name
-            );
+            if state.kubelet {
+                println!(
+                    "next: install Malla: malla lab kubectl --lab {} -- apply -f DEPLOY_DIR (deploy/ edited as docs/install.md says)",
+                    state.name
+                );
+            } else {
+                println!(
+                    "next: malla lab apply --lab {} -f examples/shop.yaml",
+                    state.name
+                );
+            }
         }
         LabCommand::Down => {
             let removed = topology::down(&paths)?;
