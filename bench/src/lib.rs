@@ -287,6 +287,8 @@ impl Bins {
             malla_bin: self.malla.clone(),
             cni_bin: self.cni.clone(),
             datastore: Default::default(),
+            kubelet: false,
+            images: Vec::new(),
         }
     }
 

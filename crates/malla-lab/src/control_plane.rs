@@ -2,6 +2,11 @@
 //! etcd (Debian's `/usr/bin/etcd`), kube-apiserver and, optionally, kube-controller-manager with
 //! only the controllers a cluster without kubelets wants (endpoints, endpoint slices, namespaces,
 //! service accounts, garbage collection; no node lifecycle, so nothing marks pods NotReady).
+//! With [`Options::kubelets`] (`malla lab up --kubelet`, real kubelets on the nodes:
+//! [`crate::kubelet`]) it is a cluster as kubeadm makes one: kube-scheduler too, the workload
+//! controllers (DaemonSets, Deployments, ReplicaSets), the ServiceAccount and NodeRestriction
+//! admission plugins, the `kubernetes` Service's endpoints kept by the API server, and a client
+//! certificate the API server shows the kubelets (`apiserver-kubelet-client`, system:masters).
 //!
 //! The binaries come from `$MALLA_K8S_DIR/bin` (default `/var/cache/malla/k8s-1.20.2/bin`),
 //! built once by `scripts/k8s-control-plane`. Everything else is generated in the state
@@ -17,6 +22,8 @@
 //! STATE/kubeconfig                    admin kubeconfig (server, embedded CA, token): kubectl,
 //!                                     `KUBECONFIG`, `kube::Config::from_custom_kubeconfig`
 //! STATE/controller-manager.kubeconfig the controller manager's
+//! STATE/scheduler.kubeconfig          the scheduler's (static token of system:kube-scheduler)
+//! STATE/pki/apiserver-kubelet-client.{crt,key}  what the API server shows kubelets (kubelets)
 //! STATE/etcd/                         etcd's data (when this module starts etcd)
 //! STATE/logs/{etcd,kube-apiserver,kube-controller-manager}.log
 //! ```
@@ -62,6 +69,14 @@ pub const ETCD_PREFIX: &str = "/registry";
 /// The controllers kube-controller-manager runs.
 pub const CONTROLLERS: &str = "endpoint,endpointslice,endpointslicemirroring,namespace,serviceaccount,serviceaccount-token,garbagecollector";
 
+/// The controllers kube-controller-manager runs when the nodes run kubelets: the above and the
+/// workload controllers, pod GC and the `kube-root-ca.crt` publisher (no node IPAM: Malla
+/// allocates; no cloud, volume or certificate controllers: the lab signs its own).
+pub const KUBELET_CONTROLLERS: &str = "endpoint,endpointslice,endpointslicemirroring,namespace,serviceaccount,serviceaccount-token,garbagecollector,daemonset,deployment,replicaset,podgc,ttl,root-ca-cert-publisher,nodelifecycle";
+
+/// Where kube-scheduler answers `/healthz` (plain HTTP, the control plane namespace's loopback).
+pub const SCHEDULER_HEALTHZ_PORT: u16 = 10251;
+
 /// The service range: the lab's own (198.19.64.0/18, [`crate::addresses::SERVICE_CIDR_V4`]), so
 /// the API server hands out the addresses the lab would.
 pub fn default_service_cidr() -> String {
@@ -75,6 +90,7 @@ pub enum Component {
     Etcd,
     ApiServer,
     ControllerManager,
+    Scheduler,
 }
 
 impl Component {
@@ -84,16 +100,20 @@ impl Component {
             Component::Etcd => "etcd",
             Component::ApiServer => "kube-apiserver",
             Component::ControllerManager => "kube-controller-manager",
+            Component::Scheduler => "kube-scheduler",
         }
     }
 }
 
-/// The three Kubernetes binaries.
+/// The Kubernetes binaries (kube-scheduler and kubelet are needed only with kubelets:
+/// [`Binaries::require_kubelet`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Binaries {
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
     pub kubectl: PathBuf,
+    pub kube_scheduler: PathBuf,
+    pub kubelet: PathBuf,
 }
 
 impl Binaries {
@@ -117,6 +137,8 @@ impl Binaries {
             kube_apiserver: dir.join("kube-apiserver"),
             kube_controller_manager: dir.join("kube-controller-manager"),
             kubectl: dir.join("kubectl"),
+            kube_scheduler: dir.join("kube-scheduler"),
+            kubelet: dir.join("kubelet"),
         };
         let missing: Vec<String> = [&b.kube_apiserver, &b.kube_controller_manager, &b.kubectl]
             .into_iter()
@@ -133,6 +155,24 @@ impl Binaries {
             );
         }
         Ok(b)
+    }
+
+    /// An error naming `scripts/k8s-control-plane` unless kube-scheduler and kubelet are
+    /// there too (`malla lab up --kubelet`).
+    pub fn require_kubelet(&self) -> anyhow::Result<()> {
+        let missing: Vec<String> = [&self.kube_scheduler, &self.kubelet]
+            .into_iter()
+            .filter(|p| !is_executable(p))
+            .map(|p| p.display().to_string())
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "kube-scheduler and kubelet are missing ({}): run {BUILD_SCRIPT} (as root; it \
+                 builds what is missing once, ~5-15 min per binary)",
+                missing.join(", ")
+            );
+        }
+        Ok(())
     }
 }
 
@@ -165,6 +205,9 @@ pub struct Options {
     pub etcd: EtcdSource,
     /// Run kube-controller-manager too.
     pub controller_manager: bool,
+    /// The nodes run kubelets: kube-scheduler, the workload controllers, admission and
+    /// certificates as kubeadm sets them up (see the module's doc).
+    pub kubelets: bool,
     /// `--service-cluster-ip-range`.
     pub service_cidr: String,
     /// The binaries; `None`: [`Binaries::find`].
@@ -191,10 +234,17 @@ impl Options {
                 peer_port: LAB_ETCD_PORTS.1,
             },
             controller_manager: true,
+            kubelets: false,
             service_cidr: default_service_cidr(),
             binaries: None,
             ready_timeout: READY_TIMEOUT,
         }
+    }
+
+    /// For nodes that run kubelets ([`Options::kubelets`]).
+    pub fn with_kubelets(mut self) -> Self {
+        self.kubelets = true;
+        self
     }
 
     /// Use a running etcd (`http://host:port`) instead of starting one.
@@ -309,6 +359,9 @@ impl Files {
     fn kcm_kubeconfig(&self) -> PathBuf {
         self.dir.join("controller-manager.kubeconfig")
     }
+    fn scheduler_kubeconfig(&self) -> PathBuf {
+        self.dir.join("scheduler.kubeconfig")
+    }
     fn etcd_data(&self) -> PathBuf {
         self.dir.join("etcd")
     }
@@ -336,6 +389,9 @@ impl Plan {
             Some(b) => b.clone(),
             None => Binaries::find()?,
         };
+        if opts.kubelets {
+            bins.require_kubelet()?;
+        }
         let files = Files {
             dir: opts.state_dir.clone(),
         };
@@ -350,7 +406,12 @@ impl Plan {
         pki(&files, opts).context("generating the control plane's certificates and keys")?;
         let admin = tokens(&files)?;
         let kcm = token_of(&files, "system:kube-controller-manager")?;
+        let scheduler = token_of(&files, "system:kube-scheduler")?;
         let ca = std::fs::read(files.pki("ca.crt"))?;
+        write_private(
+            &files.scheduler_kubeconfig(),
+            &kubeconfig(&opts.server_url(), &ca, "scheduler", &scheduler),
+        )?;
         write_private(
             &files.kubeconfig(),
             &kubeconfig(&opts.server_url(), &ca, "admin", &admin),
@@ -459,17 +520,45 @@ impl Plan {
                     ))
                     .arg(format!("--service-account-issuer={SERVICE_ACCOUNT_ISSUER}"))
                     .arg(format!("--service-cluster-ip-range={}", o.service_cidr))
-                    .arg("--endpoint-reconciler-type=none")
-                    .arg("--enable-admission-plugins=NamespaceLifecycle")
-                    .arg("--disable-admission-plugins=ServiceAccount")
                     .arg("--allow-privileged=true")
                     .arg("--profiling=false");
+                if o.kubelets {
+                    // As kubeadm: pods get their service account's token, kubelets change
+                    // only their own Node and pods, the `kubernetes` Service has endpoints,
+                    // and the API server shows kubelets a certificate (logs, exec).
+                    cmd.arg("--enable-admission-plugins=NamespaceLifecycle,ServiceAccount,NodeRestriction")
+                        .arg("--endpoint-reconciler-type=lease")
+                        .arg(format!(
+                            "--kubelet-client-certificate={}",
+                            f.pki("apiserver-kubelet-client.crt").display()
+                        ))
+                        .arg(format!(
+                            "--kubelet-client-key={}",
+                            f.pki("apiserver-kubelet-client.key").display()
+                        ))
+                        .arg(format!(
+                            "--kubelet-certificate-authority={}",
+                            f.pki("ca.crt").display()
+                        ))
+                        .arg("--kubelet-preferred-address-types=InternalIP");
+                } else {
+                    cmd.arg("--endpoint-reconciler-type=none")
+                        .arg("--enable-admission-plugins=NamespaceLifecycle")
+                        .arg("--disable-admission-plugins=ServiceAccount");
+                }
             }
             Component::ControllerManager => {
                 cmd = Command::new(&self.bins.kube_controller_manager);
                 cmd.arg(format!("--kubeconfig={}", f.kcm_kubeconfig().display()))
                     .arg("--leader-elect=false")
-                    .arg(format!("--controllers={CONTROLLERS}"))
+                    .arg(format!(
+                        "--controllers={}",
+                        if o.kubelets {
+                            KUBELET_CONTROLLERS
+                        } else {
+                            CONTROLLERS
+                        }
+                    ))
                     .arg("--use-service-account-credentials=false")
                     .arg(format!(
                         "--service-account-private-key-file={}",
@@ -479,6 +568,18 @@ impl Plan {
                     .arg("--port=0")
                     .arg("--secure-port=0")
                     .arg("--profiling=false");
+            }
+            Component::Scheduler => {
+                cmd = Command::new(&self.bins.kube_scheduler);
+                cmd.arg(format!(
+                    "--kubeconfig={}",
+                    f.scheduler_kubeconfig().display()
+                ))
+                .arg("--leader-elect=false")
+                .arg("--address=127.0.0.1")
+                .arg(format!("--port={SCHEDULER_HEALTHZ_PORT}"))
+                .arg("--secure-port=0")
+                .arg("--profiling=false");
             }
         }
         cmd
@@ -512,6 +613,15 @@ impl Plan {
                 // It serves no port to ask; still running after its flags were parsed and
                 // its kubeconfig read is what we can check.
                 Component::ControllerManager => started.elapsed() > Duration::from_millis(1500),
+                Component::Scheduler => self
+                    .in_own_netns(|| {
+                        http_get_plain(
+                            SocketAddr::from((Ipv4Addr::LOCALHOST, SCHEDULER_HEALTHZ_PORT)),
+                            "/healthz",
+                        )
+                        .unwrap_or_default()
+                    })
+                    .ends_with("\r\n\r\nok"),
             };
             if ready && alive() {
                 return Ok(());
@@ -543,15 +653,19 @@ impl Plan {
             return true;
         };
         let addr = SocketAddr::from((self.opts.address, client_port));
-        let probe = move || http_get_plain(addr, "/health").unwrap_or_default();
-        let body = match &self.opts.netns {
+        self.in_own_netns(move || http_get_plain(addr, "/health").unwrap_or_default())
+            .contains("\"health\":\"true\"")
+    }
+
+    /// `probe`'s answer, run in the control plane's namespace ("" when it cannot be entered).
+    fn in_own_netns(&self, probe: impl FnOnce() -> String + Send + 'static) -> String {
+        match &self.opts.netns {
             None => probe(),
             Some(ns) => match NetNs::open_named(ns) {
                 Ok(ns) => ns.run(probe).unwrap_or_default(),
                 Err(_) => String::new(),
             },
-        };
-        body.contains("\"health\":\"true\"")
+        }
     }
 }
 
@@ -664,48 +778,21 @@ fn pki(files: &Files, opts: &Options) -> anyhow::Result<()> {
     }
     sans.dedup();
     let san_line = format!("subjectAltName={}", sans.join(","));
-    let ext = files.pki("apiserver.ext");
-    let ext_text = format!(
-        "{san_line}\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
-    );
-    let current = std::fs::read_to_string(&ext).unwrap_or_default();
-    if current != ext_text
-        || !files.pki("apiserver.crt").exists()
-        || !files.pki("apiserver.key").exists()
-    {
-        std::fs::write(&ext, &ext_text)?;
-        openssl(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &p("apiserver.key"),
-            "-out",
-            &p("apiserver.csr"),
-            "-subj",
-            "/CN=kube-apiserver",
-        ])?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &p("apiserver.csr"),
-            "-CA",
-            &p("ca.crt"),
-            "-CAkey",
-            &p("ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            &p("apiserver.ext"),
-            "-out",
-            &p("apiserver.crt"),
-        ])?;
+    issue_cert(
+        &files.dir.join("pki"),
+        "apiserver",
+        "/CN=kube-apiserver",
+        &format!("{san_line}\nextendedKeyUsage=serverAuth\n"),
+    )?;
+    if opts.kubelets {
+        // kubeadm's apiserver-kubelet-client: the kubelets' webhook authorizer asks the API
+        // server about this user, who is in system:masters.
+        issue_cert(
+            &files.dir.join("pki"),
+            "apiserver-kubelet-client",
+            "/O=system:masters/CN=kube-apiserver-kubelet-client",
+            "extendedKeyUsage=clientAuth\n",
+        )?;
     }
     if !files.pki("service-account.key").exists() || !files.pki("service-account.pub").exists() {
         openssl(&[
@@ -726,43 +813,104 @@ fn pki(files: &Files, opts: &Options) -> anyhow::Result<()> {
             &p("service-account.pub"),
         ])?;
     }
-    for key in ["ca.key", "apiserver.key", "service-account.key"] {
+    for key in ["ca.key", "service-account.key"] {
         std::fs::set_permissions(files.pki(key), std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
 }
 
-/// The static token file (created once): `admin` and the controller manager's user, both in
-/// system:masters. Returns the admin's token.
+/// `DIR/NAME.{crt,key}`: an EC P-256 key and a certificate for `subject` (`/O=…/CN=…`) signed by
+/// `DIR/ca.{crt,key}` with the extensions `ext` (openssl extfile lines, after
+/// `basicConstraints=CA:FALSE` and the key usages). Kept while `DIR/NAME.ext` still says the
+/// same; reissued when the extensions (the SANs) change. The key is 0600.
+pub(crate) fn issue_cert(dir: &Path, name: &str, subject: &str, ext: &str) -> anyhow::Result<()> {
+    let p = |suffix: &str| dir.join(format!("{name}.{suffix}")).display().to_string();
+    let ext_text = format!(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}"
+    );
+    let ext_file = dir.join(format!("{name}.ext"));
+    let current = std::fs::read_to_string(&ext_file).unwrap_or_default();
+    let have = |suffix: &str| dir.join(format!("{name}.{suffix}")).exists();
+    if current == ext_text && have("crt") && have("key") {
+        return Ok(());
+    }
+    std::fs::write(&ext_file, &ext_text)?;
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &p("key"),
+        "-out",
+        &p("csr"),
+        "-subj",
+        subject,
+    ])?;
+    std::fs::set_permissions(
+        dir.join(format!("{name}.key")),
+        std::fs::Permissions::from_mode(0o600),
+    )?;
+    let ca = |f: &str| dir.join(f).display().to_string();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("csr"),
+        "-CA",
+        &ca("ca.crt"),
+        "-CAkey",
+        &ca("ca.key"),
+        "-CAcreateserial",
+        "-days",
+        "3650",
+        "-extfile",
+        &p("ext"),
+        "-out",
+        &p("crt"),
+    ])?;
+    Ok(())
+}
+
+/// The static token file: `admin`, the controller manager's and the scheduler's users, all in
+/// system:masters; a user missing from it is added (with a new token), existing tokens are
+/// kept. Returns the admin's token.
 fn tokens(files: &Files) -> anyhow::Result<String> {
-    if !files.tokens().exists() {
-        let mut text = String::new();
-        for (user, uid) in [
-            ("admin", "admin"),
-            (
-                "system:kube-controller-manager",
-                "system:kube-controller-manager",
-            ),
-        ] {
+    let mut text = std::fs::read_to_string(files.tokens()).unwrap_or_default();
+    let before = text.len();
+    for user in [
+        "admin",
+        "system:kube-controller-manager",
+        "system:kube-scheduler",
+    ] {
+        if token_of_text(&text, user).is_none() {
             text.push_str(&format!(
-                "{},{user},{uid},\"system:masters\"\n",
+                "{},{user},{user},\"system:masters\"\n",
                 random_token()?
             ));
         }
+    }
+    if text.len() != before {
         write_private(&files.tokens(), &text)?;
     }
     token_of(files, "admin")
 }
 
+fn token_of_text(text: &str, user: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut parts = l.split(',');
+        let token = parts.next()?;
+        (parts.next()? == user).then(|| token.to_string())
+    })
+}
+
 fn token_of(files: &Files, user: &str) -> anyhow::Result<String> {
     let text = std::fs::read_to_string(files.tokens())
         .with_context(|| format!("reading {}", files.tokens().display()))?;
-    text.lines()
-        .find_map(|l| {
-            let mut parts = l.split(',');
-            let token = parts.next()?;
-            (parts.next()? == user).then(|| token.to_string())
-        })
+    token_of_text(&text, user)
         .with_context(|| format!("no token for {user} in {}", files.tokens().display()))
 }
 
@@ -812,6 +960,8 @@ pub struct ControlPlanePids {
     pub apiserver: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller_manager: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<u32>,
 }
 
 impl ControlPlanePids {
@@ -821,6 +971,7 @@ impl ControlPlanePids {
             Component::Etcd => self.etcd,
             Component::ApiServer => self.apiserver,
             Component::ControllerManager => self.controller_manager,
+            Component::Scheduler => self.scheduler,
         }
     }
     /// Records (or clears) the pid of `c`.
@@ -829,6 +980,7 @@ impl ControlPlanePids {
             Component::Etcd => self.etcd = pid,
             Component::ApiServer => self.apiserver = pid,
             Component::ControllerManager => self.controller_manager = pid,
+            Component::Scheduler => self.scheduler = pid,
         }
     }
 }
@@ -859,6 +1011,9 @@ pub fn start_detached(
     if opts.controller_manager {
         components.push(Component::ControllerManager);
     }
+    if opts.kubelets {
+        components.push(Component::Scheduler);
+    }
     let result = (|| {
         for c in components {
             if let Some(pid) = running.get(c).filter(|p| is_running(*p, &opts.state_dir)) {
@@ -884,6 +1039,7 @@ pub fn start_detached(
             Component::Etcd,
             Component::ApiServer,
             Component::ControllerManager,
+            Component::Scheduler,
         ] {
             if running.get(c) == pids.get(c) {
                 started.set(c, None);
@@ -895,12 +1051,17 @@ pub fn start_detached(
     Ok((pids, plan.access))
 }
 
-/// Stops detached control plane processes by pid (controller manager, API server, etcd),
-/// each only if it still is one of `state_dir`'s: SIGTERM, SIGKILL after 10 s.
+/// Stops detached control plane processes by pid (scheduler, controller manager, API server,
+/// etcd), each only if it still is one of `state_dir`'s: SIGTERM, SIGKILL after 10 s.
 pub fn stop_detached(state_dir: &Path, pids: &ControlPlanePids) {
-    for pid in [pids.controller_manager, pids.apiserver, pids.etcd]
-        .into_iter()
-        .flatten()
+    for pid in [
+        pids.scheduler,
+        pids.controller_manager,
+        pids.apiserver,
+        pids.etcd,
+    ]
+    .into_iter()
+    .flatten()
     {
         if !is_running(pid, state_dir) {
             continue;
@@ -962,6 +1123,40 @@ mod tests {
         assert_eq!(
             first_service_ip(&default_service_cidr()),
             Some(Ipv4Addr::new(198, 19, 64, 1))
+        );
+    }
+
+    #[test]
+    fn tokens_add_missing_users_and_keep_existing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files {
+            dir: dir.path().to_path_buf(),
+        };
+        // A state directory from before the scheduler existed.
+        std::fs::write(
+            files.tokens(),
+            "aaa,admin,admin,\"system:masters\"\nbbb,system:kube-controller-manager,system:kube-controller-manager,\"system:masters\"\n",
+        )
+        .unwrap();
+        assert_eq!(tokens(&files).unwrap(), "aaa");
+        assert_eq!(
+            token_of(&files, "system:kube-controller-manager").unwrap(),
+            "bbb"
+        );
+        let scheduler = token_of(&files, "system:kube-scheduler").unwrap();
+        assert_eq!(scheduler.len(), 48);
+        // Stable from then on.
+        tokens(&files).unwrap();
+        assert_eq!(
+            token_of(&files, "system:kube-scheduler").unwrap(),
+            scheduler
+        );
+        assert_eq!(
+            std::fs::read_to_string(files.tokens())
+                .unwrap()
+                .lines()
+                .count(),
+            3
         );
     }
 

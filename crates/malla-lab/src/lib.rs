@@ -9,7 +9,9 @@
 pub mod addresses;
 pub mod cni_exec;
 pub mod control_plane;
+pub mod kubelet;
 pub mod manifest;
+pub mod oci;
 pub mod probe;
 pub mod process;
 pub mod runtime;

@@ -99,6 +99,9 @@ pub struct NodeState {
     pub underlay_ipv4: std::net::Ipv4Addr,
     pub underlay_ipv6: Option<std::net::Ipv6Addr>,
     pub agent_pid: Option<u32>,
+    /// `lab up --kubelet`: the node runtime's script (containerd, kubelet: [`crate::kubelet`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -184,6 +187,9 @@ pub struct LabState {
     /// The Kubernetes control plane's processes (`--datastore kubernetes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<crate::control_plane::ControlPlanePids>,
+    /// `lab up --kubelet`: every node runs containerd and a kubelet; Malla comes from `deploy/`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kubelet: bool,
     pub fabric_netns: String,
     pub nodes: Vec<NodeState>,
     pub external: ExternalState,

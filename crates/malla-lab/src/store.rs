@@ -58,14 +58,16 @@ pub fn control_plane_options(paths: &LabPaths, fabric_netns: &str) -> control_pl
 
 /// Starts (or keeps) the lab's Kubernetes control plane, installs Malla's CRDs and registers
 /// the lab's nodes as `Node` objects (the kubelet's part; the endpoint-slice controller reads
-/// them).
+/// them) — unless `kubelets`: then real kubelets register them ([`crate::kubelet`]).
 pub fn start_control_plane(
     paths: &LabPaths,
     fabric_netns: &str,
     running: &control_plane::ControlPlanePids,
     nodes: &[String],
+    kubelets: bool,
 ) -> anyhow::Result<control_plane::ControlPlanePids> {
-    let opts = control_plane_options(paths, fabric_netns);
+    let mut opts = control_plane_options(paths, fabric_netns);
+    opts.kubelets = kubelets;
     let (pids, access) = control_plane::start_detached(&opts, running)
         .context("starting the lab's Kubernetes control plane")?;
     let ns = NetNs::open_named(fabric_netns)?;
@@ -81,7 +83,7 @@ pub fn start_control_plane(
         Ok(())
     })??;
     let mut manifest = String::new();
-    for n in nodes {
+    for n in nodes.iter().filter(|_| !kubelets) {
         manifest.push_str(&format!(
             "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels:\n    kubernetes.io/hostname: {n}\n"
         ));

@@ -31,6 +31,11 @@ pub struct UpOptions {
     pub cni_bin: std::path::PathBuf,
     /// The datastore the lab runs on.
     pub datastore: crate::store::Backend,
+    /// A kubelet and containerd on every node, kube-scheduler in the control plane; no lab
+    /// agents (Malla comes from `deploy/`): [`crate::kubelet`]. Needs the kubernetes datastore.
+    pub kubelet: bool,
+    /// OCI archives imported into every node's containerd (with `kubelet`).
+    pub images: Vec<std::path::PathBuf>,
 }
 
 pub fn node_name(i: usize) -> String {
@@ -91,12 +96,19 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
     if opts.nodes == 0 || opts.nodes > 200 {
         bail!("--nodes: {} is outside 1..=200", opts.nodes);
     }
+    if opts.kubelet && opts.datastore != crate::store::Backend::Kubernetes {
+        bail!(
+            "--kubelet runs on the kubernetes datastore (not {:?})",
+            opts.datastore
+        );
+    }
     let _lock = LabLock::acquire(paths)?;
     if let Some(existing) = LabState::load(paths)? {
         if existing.nodes.len() != opts.nodes
             || existing.routing != opts.routing
             || existing.ipv6 != opts.ipv6
             || existing.datastore != opts.datastore
+            || existing.kubelet != opts.kubelet
         {
             bail!(
                 "lab {:?} is already up with {} nodes, routing {}, ipv6 {}, datastore {:?}; run `malla lab down --lab {}` first to change its shape",
@@ -152,6 +164,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
                 .and_then(|p| p.control_plane)
                 .unwrap_or_default(),
             &(1..=opts.nodes).map(node_name).collect::<Vec<_>>(),
+            opts.kubelet,
         )?),
         _ => None,
     };
@@ -196,13 +209,16 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             )?;
             ip(&ns, "route replace default via fd00:198:19::1")?;
         }
-        install_cni(paths, &opts.cni_bin, &name, opts.datastore)?;
+        if !opts.kubelet {
+            install_cni(paths, &opts.cni_bin, &name, opts.datastore)?;
+        }
         nodes.push(NodeState {
             name,
             netns: ns,
             underlay_ipv4: node_ipv4(i),
             underlay_ipv6: opts.ipv6.then(|| node_ipv6(i)),
             agent_pid: None,
+            runtime_pid: None,
         });
     }
 
@@ -213,6 +229,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         datastore: opts.datastore,
         etcd_pid,
         control_plane,
+        kubelet: opts.kubelet,
         fabric_netns: fabric,
         nodes,
         external: ExternalState {
@@ -242,10 +259,27 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         state.external.probe_pid = prev.external.probe_pid;
         for (n, p) in state.nodes.iter_mut().zip(prev.nodes) {
             n.agent_pid = p.agent_pid;
+            n.runtime_pid = p.runtime_pid;
         }
     }
 
-    for node in &mut state.nodes {
+    if opts.kubelet {
+        // The nodes' runtimes register them; Malla is then installed from deploy/.
+        state.save(paths)?;
+        let cp_opts =
+            crate::store::control_plane_options(paths, &state.fabric_netns).with_kubelets();
+        let access = crate::control_plane::access(&cp_opts)?;
+        let result = crate::kubelet::start_nodes(
+            paths,
+            &crate::store::control_plane_dir(paths),
+            &access,
+            &mut state.nodes,
+            &opts.images,
+        );
+        state.save(paths)?;
+        result?;
+    }
+    for node in state.nodes.iter_mut().filter(|_| !opts.kubelet) {
         if node.agent_pid.is_some_and(process::is_ours) {
             continue;
         }
@@ -269,7 +303,9 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             .context("external probe server did not start")?;
     }
     state.save(paths)?;
-    wait_converged(paths, &state, Duration::from_secs(30))?;
+    if !opts.kubelet {
+        wait_converged(paths, &state, Duration::from_secs(30))?;
+    }
     Ok(state)
 }
 
@@ -434,6 +470,13 @@ pub fn down(paths: &LabPaths) -> anyhow::Result<Vec<String>> {
                 process::stop(pid);
             }
         }
+    }
+    // Every node runtime and pod of a `--kubelet` lab (also after a crash: by cgroup).
+    if !crate::kubelet::stop_all(paths) {
+        bail!(
+            "the lab's cgroups (/sys/fs/cgroup/*/{}) could not be removed",
+            crate::kubelet::lab_cgroup(paths)
+        );
     }
     let prefix = paths.prefix();
     let mut removed = Vec::new();

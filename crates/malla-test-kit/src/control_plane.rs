@@ -32,6 +32,7 @@ pub fn loopback(state_dir: impl Into<PathBuf>) -> Options {
             peer_port: crate::free_port(),
         },
         controller_manager: true,
+        kubelets: false,
         service_cidr: default_service_cidr(),
         binaries: None,
         ready_timeout: READY_TIMEOUT,
@@ -64,6 +65,7 @@ pub struct ControlPlane {
     etcd: Option<Child>,
     apiserver: Option<Child>,
     controller_manager: Option<Child>,
+    scheduler: Option<Child>,
 }
 
 impl ControlPlane {
@@ -76,6 +78,7 @@ impl ControlPlane {
             etcd: None,
             apiserver: None,
             controller_manager: None,
+            scheduler: None,
         };
         // On error, `cp` is dropped and stops what was started.
         if cp.plan.starts_etcd() {
@@ -134,6 +137,7 @@ impl ControlPlane {
             etcd: id(&self.etcd),
             apiserver: id(&self.apiserver),
             controller_manager: id(&self.controller_manager),
+            scheduler: id(&self.scheduler),
         }
     }
 
@@ -142,6 +146,7 @@ impl ControlPlane {
             Component::Etcd => &mut self.etcd,
             Component::ApiServer => &mut self.apiserver,
             Component::ControllerManager => &mut self.controller_manager,
+            Component::Scheduler => &mut self.scheduler,
         }
     }
 
@@ -194,6 +199,7 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         for c in [
+            Component::Scheduler,
             Component::ControllerManager,
             Component::ApiServer,
             Component::Etcd,

@@ -174,24 +174,6 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
-fn sha256_file(p: &Path) -> String {
-    let out = run(Command::new("sha256sum").arg(p), Duration::from_secs(30));
-    assert!(out.ok, "sha256sum: {}", out.text());
-    out.stdout
-        .split_whitespace()
-        .next()
-        .expect("digest")
-        .to_string()
-}
-
-/// Stores `file` as a blob of the OCI layout at `oci`; returns (digest, size).
-fn add_blob(oci: &Path, file: &Path) -> (String, u64) {
-    let digest = sha256_file(file);
-    let size = std::fs::metadata(file).expect("blob").len();
-    std::fs::copy(file, oci.join("blobs/sha256").join(&digest)).expect("copy blob");
-    (format!("sha256:{digest}"), size)
-}
-
 pub const IMAGE: &str = "localhost/malla-busybox:test";
 
 /// An OCI image archive (`oci-archive` tar: oci-layout, index.json, blobs) of one layer holding
@@ -212,61 +194,9 @@ pub fn busybox_oci_archive(dir: &Path) -> PathBuf {
     ] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("symlink");
     }
-    let layer = dir.join("layer.tar");
-    // `tar OPTS -C FROM -cf TO FILES`, owned by root.
-    let tar = |opts: &[&str], from: &Path, to: &Path, files: &[&str]| {
-        let mut args = vec!["--numeric-owner", "--owner=0", "--group=0"];
-        args.extend_from_slice(opts);
-        args.extend(["-C", from.to_str().expect("utf8")]);
-        args.extend(["-cf", to.to_str().expect("utf8")]);
-        args.extend_from_slice(files);
-        let out = run(Command::new("tar").args(&args), Duration::from_secs(60));
-        assert!(out.ok, "tar {args:?}: {}", out.text());
-    };
-    tar(&["--sort=name", "--mtime=@0"], &rootfs, &layer, &["."]);
-    let oci = dir.join("oci");
-    std::fs::create_dir_all(oci.join("blobs/sha256")).expect("oci dir");
-    let (layer_digest, layer_size) = add_blob(&oci, &layer);
-    let config = serde_json::json!({
-        "architecture": go_arch(),
-        "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let config_file = dir.join("config.json");
-    std::fs::write(&config_file, serde_json::to_vec(&config).unwrap()).unwrap();
-    let (config_digest, config_size) = add_blob(&oci, &config_file);
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest, "size": layer_size}],
-    });
-    let manifest_file = dir.join("manifest.json");
-    std::fs::write(&manifest_file, serde_json::to_vec(&manifest).unwrap()).unwrap();
-    let (manifest_digest, manifest_size) = add_blob(&oci, &manifest_file);
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                       "digest": manifest_digest, "size": manifest_size,
-                       "annotations": {"org.opencontainers.image.ref.name": IMAGE,
-                                       "io.containerd.image.name": IMAGE}}],
-    });
-    std::fs::write(oci.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let archive = dir.join("image.tar");
-    tar(&[], &oci, &archive, &["oci-layout", "index.json", "blobs"]);
-    archive
-}
-
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
+    let config = serde_json::json!({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"});
+    malla_lab::oci::write_archive(dir, &rootfs, IMAGE, config, &dir.join("image.tar"))
+        .expect("the busybox image archive")
 }
 
 /// The IPv4 address on `eth0` in `ip -4 -o addr show dev eth0` output.
@@ -408,20 +338,9 @@ pub fn remove_cgroups(name: &str) {
     for base in bases {
         let top = base.join(name);
         if top.is_dir() {
-            rmdir_tree(&top);
+            malla_lab::kubelet::rmdir_tree(&top);
         }
     }
-}
-
-fn rmdir_tree(dir: &Path) {
-    if let Ok(d) = std::fs::read_dir(dir) {
-        for e in d.filter_map(|e| e.ok()) {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                rmdir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// Removes a test's temp dir, unless something is still mounted under it in this mount

@@ -33,7 +33,19 @@ enum LabCommand {
     /// --datastore names the backend here: local (default), etcd or kubernetes.
     ///
     /// Example: malla lab up --lab demo --nodes 3 --routing vxlan --ipv6
+    /// Example: malla lab up --lab k8s --kubelet --image malla-image.tar   (then:
+    /// malla lab kubectl --lab k8s apply -f deploy/)
     Up(UpArgs),
+    /// Run kubectl against the lab's API server (`--datastore kubernetes` or `--kubelet`
+    /// labs), from the lab's fabric namespace, with the lab's admin kubeconfig. Exits with
+    /// kubectl's status.
+    ///
+    /// Example: malla lab kubectl --lab k8s -- get nodes -o wide
+    Kubectl {
+        /// kubectl's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Remove everything the lab created (also leftovers after a crash).
     ///
     /// Example: malla lab down --lab demo
@@ -112,6 +124,15 @@ struct UpArgs {
     /// Dual-stack: an IPv6 pool and underlay too.
     #[arg(long)]
     ipv6: bool,
+    /// A real cluster: a kubelet and containerd on every node and kube-scheduler with the
+    /// control plane (implies --datastore kubernetes); no lab agents: install Malla with
+    /// `malla lab kubectl -- apply -f deploy/`.
+    #[arg(long)]
+    kubelet: bool,
+    /// With --kubelet: an OCI archive (e.g. from scripts/build-image) to import into every
+    /// node's containerd. Repeatable.
+    #[arg(long = "image", value_name = "FILE", requires = "kubelet")]
+    images: Vec<PathBuf>,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -188,7 +209,21 @@ fn up_options(g: &Globals, a: &UpArgs) -> anyhow::Result<UpOptions> {
         ipv6: a.ipv6,
         malla_bin: std::env::current_exe()?,
         cni_bin: sibling_binary("malla-cni")?,
-        datastore: g.backend()?,
+        datastore: if a.kubelet {
+            // --kubelet implies the kubernetes datastore; another one named on the command
+            // line is a contradiction, not something to override silently.
+            if g.datastore.is_some()
+                && !g.datastore_from_env
+                && g.backend()? != malla_lab::store::Backend::Kubernetes
+            {
+                anyhow::bail!("--kubelet runs on the kubernetes datastore: drop --datastore or say kubernetes");
+            }
+            malla_lab::store::Backend::Kubernetes
+        } else {
+            g.backend()?
+        },
+        kubelet: a.kubelet,
+        images: a.images.clone(),
     })
 }
 
@@ -208,10 +243,17 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
                 if state.ipv6 { "dual-stack" } else { "IPv4" },
                 state.datastore
             );
-            println!(
-                "next: malla lab apply --lab {} -f examples/shop.yaml",
-                state.name
-            );
+            if state.kubelet {
+                println!(
+                    "next: install Malla: malla lab kubectl --lab {} -- apply -f DEPLOY_DIR (deploy/ edited as docs/install.md says)",
+                    state.name
+                );
+            } else {
+                println!(
+                    "next: malla lab apply --lab {} -f examples/shop.yaml",
+                    state.name
+                );
+            }
         }
         LabCommand::Down => {
             let removed = topology::down(&paths)?;
@@ -236,6 +278,27 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
             }
         }
         LabCommand::Get { what } => get(g, &what)?,
+        LabCommand::Kubectl { args } => {
+            let state = g.lab_state()?;
+            if state.datastore != malla_lab::store::Backend::Kubernetes {
+                anyhow::bail!(
+                    "lab {} runs on the {:?} datastore: kubectl needs `lab up --datastore kubernetes` or `--kubelet`",
+                    state.name,
+                    state.datastore
+                );
+            }
+            let access = malla_lab::control_plane::access(
+                &malla_lab::store::control_plane_options(&paths, &state.fabric_netns),
+            )?;
+            let status = access
+                .kubectl()?
+                .args(&args)
+                .status()
+                .context("running kubectl")?;
+            if !status.success() {
+                return Err(ExitWith(status.code().unwrap_or(1)).into());
+            }
+        }
         LabCommand::Probe(a) => {
             let state = g.lab_state()?;
             let filter = Filter {

@@ -66,6 +66,21 @@ pub fn two_pods_per_node(nodes: usize) -> String {
     y
 }
 
+/// Accepts one connection on `l` and counts the bytes it carries until EOF.
+pub fn count_until_eof(l: &std::net::TcpListener) -> std::io::Result<u64> {
+    use std::io::Read;
+    let (mut s, _) = l.accept()?;
+    let mut buf = vec![0u8; 65536];
+    let mut total = 0u64;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
 /// One TCP connection between two pods carrying paced chunks for a while: the sink (in
 /// `sink_ns`, listening on `port`) counts bytes until EOF, the sender (in `sender_ns`) writes a
 /// `chunk`-byte block every `pause` for `duration`. [`PacedStream::finish`] returns (sent,
@@ -85,7 +100,7 @@ impl PacedStream {
         port: u16,
         (chunk, pause, duration): (usize, std::time::Duration, std::time::Duration),
     ) -> PacedStream {
-        use std::io::{Read, Write};
+        use std::io::Write;
         let sink_ns = malla_dataplane::netns::NetNs::open_named(sink_ns).unwrap();
         let sender_ns = malla_dataplane::netns::NetNs::open_named(sender_ns).unwrap();
         let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
@@ -94,16 +109,7 @@ impl PacedStream {
             sink_ns.enter_this_thread().expect("enter sink netns");
             let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
             sink_ready.wait();
-            let (mut s, _) = l.accept()?;
-            let mut buf = vec![0u8; 65536];
-            let mut total = 0u64;
-            loop {
-                let n = s.read(&mut buf)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-            }
+            count_until_eof(&l)
         });
         ready.wait();
         let sender = std::thread::spawn(move || -> std::io::Result<u64> {
