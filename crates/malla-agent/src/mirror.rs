@@ -208,6 +208,7 @@ pub struct Mirror {
     host_endpoints: Keys,
     network_sets: Keys,
     calico_policies: Keys,
+    cluster_policies: Keys,
 }
 
 impl Mirror {
@@ -233,6 +234,7 @@ impl Mirror {
             host_endpoints: Keys::new(keys::HOST_ENDPOINTS),
             network_sets: Keys::new(keys::GLOBAL_NETWORK_SETS),
             calico_policies: Keys::new(keys::CALICO_NETWORK_POLICIES),
+            cluster_policies: Keys::new(keys::CLUSTER_NETWORK_POLICIES),
         }
     }
 
@@ -477,6 +479,10 @@ impl Mirror {
             let p = take!(key, value, CalicoNetworkPolicy);
             self.calico_policies
                 .upsert(&mut v.calico.network_policies, key, p)
+        } else if key.starts_with(keys::CLUSTER_NETWORK_POLICIES) {
+            let p = take!(key, value, ClusterNetworkPolicy);
+            self.cluster_policies
+                .upsert(&mut v.calico.cluster_policies, key, p)
         } else {
             false
         };

@@ -719,6 +719,9 @@ pub enum CalicoObject {
     Tier(Tier),
     GlobalNetworkPolicy(GlobalNetworkPolicy),
     NetworkPolicy(CalicoNetworkPolicy),
+    /// Upstream `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicy (evaluated in the
+    /// same tiers).
+    ClusterNetworkPolicy(crate::cnp::ClusterNetworkPolicy),
     HostEndpoint(HostEndpoint),
     GlobalNetworkSet(GlobalNetworkSet),
 }
@@ -741,6 +744,7 @@ impl CalicoObject {
             CalicoObject::NetworkPolicy(p) => {
                 return format!("networkpolicy.projectcalico.org/{}/{}", p.namespace, p.name)
             }
+            CalicoObject::ClusterNetworkPolicy(p) => ("clusternetworkpolicy", &p.name),
             CalicoObject::HostEndpoint(h) => ("hostendpoint", &h.name),
             CalicoObject::GlobalNetworkSet(s) => ("globalnetworkset", &s.name),
         };
@@ -755,6 +759,7 @@ impl CalicoObject {
             CalicoObject::NetworkPolicy(p) => {
                 crate::keys::calico_network_policy(&p.namespace, &p.name)
             }
+            CalicoObject::ClusterNetworkPolicy(p) => crate::keys::cluster_network_policy(&p.name),
             CalicoObject::HostEndpoint(h) => crate::keys::host_endpoint(&h.name),
             CalicoObject::GlobalNetworkSet(s) => crate::keys::global_network_set(&s.name),
         }
@@ -766,6 +771,7 @@ impl CalicoObject {
             CalicoObject::Tier(x) => serde_json::to_string(x),
             CalicoObject::GlobalNetworkPolicy(x) => serde_json::to_string(x),
             CalicoObject::NetworkPolicy(x) => serde_json::to_string(x),
+            CalicoObject::ClusterNetworkPolicy(x) => serde_json::to_string(x),
             CalicoObject::HostEndpoint(x) => serde_json::to_string(x),
             CalicoObject::GlobalNetworkSet(x) => serde_json::to_string(x),
         }
@@ -783,6 +789,9 @@ impl CalicoObject {
             }
             CalicoObject::GlobalNetworkPolicy(p) => p.validate(),
             CalicoObject::NetworkPolicy(p) => p.validate(),
+            CalicoObject::ClusterNetworkPolicy(p) => p
+                .validate()
+                .map_err(|(field, reason)| FieldError { field, reason }),
             CalicoObject::HostEndpoint(h) => h.validate(),
             CalicoObject::GlobalNetworkSet(s) => check_name(&s.name),
         }
@@ -872,6 +881,12 @@ impl CalicoObject {
                 name: meta.name,
                 spec: part(v, "spec")?,
             }),
+            "ClusterNetworkPolicy" => {
+                CalicoObject::ClusterNetworkPolicy(crate::cnp::ClusterNetworkPolicy {
+                    name: meta.name,
+                    spec: part(v, "spec")?,
+                })
+            }
             "NetworkPolicy" => CalicoObject::NetworkPolicy(CalicoNetworkPolicy {
                 namespace: meta.namespace.unwrap_or_else(|| "default".into()),
                 name: meta.name,

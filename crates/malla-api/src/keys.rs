@@ -19,6 +19,8 @@ pub const GLOBAL_NETWORK_POLICIES: &str = "/malla/globalnetworkpolicies/";
 pub const HOST_ENDPOINTS: &str = "/malla/hostendpoints/";
 pub const GLOBAL_NETWORK_SETS: &str = "/malla/globalnetworksets/";
 pub const CALICO_NETWORK_POLICIES: &str = "/malla/calico/networkpolicies/";
+/// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicies.
+pub const CLUSTER_NETWORK_POLICIES: &str = "/malla/clusternetworkpolicies/";
 /// The convergence barrier: a counter that a waiter bumps and every agent reports once it has
 /// applied everything its feed delivered before it (`malla_store::barrier`). Under
 /// `/malla/config/`, so the Kubernetes backend keeps it as a `ClusterNetwork` named
@@ -35,6 +37,10 @@ pub fn global_network_policy(name: &str) -> String {
 
 pub fn calico_network_policy(namespace: &str, name: &str) -> String {
     format!("{CALICO_NETWORK_POLICIES}{namespace}/{name}")
+}
+
+pub fn cluster_network_policy(name: &str) -> String {
+    format!("{CLUSTER_NETWORK_POLICIES}{name}")
 }
 
 pub fn host_endpoint(name: &str) -> String {

@@ -165,6 +165,7 @@ kinds! {
     GlobalNetworkSet(GlobalNetworkSet) Keyed::Under(keys::GLOBAL_NETWORK_SETS), synced;
     /// Calico's namespaced NetworkPolicy (`projectcalico.org/v3`).
     CalicoNetworkPolicy(CalicoNetworkPolicy) Keyed::Under(keys::CALICO_NETWORK_POLICIES), synced;
+    ClusterNetworkPolicy(crate::cnp::ClusterNetworkPolicy) Keyed::Under(keys::CLUSTER_NETWORK_POLICIES), synced;
     /// An IPAM handle (malla-ipam's type, as a JSON tree): the CNI plugin's, not the feed's.
     Handle(JsonObject) Keyed::Under(keys::HANDLES), stored;
 }
@@ -332,6 +333,17 @@ pub const STORAGE: &[Storage] = &[
                 ("Namespace", "string", ".spec.namespace", 0),
                 ("Tier", "string", ".spec.spec.tier", 0),
                 ("Order", "number", ".spec.spec.order", 0),
+            ],
+        },
+    },
+    Storage {
+        prefix: keys::CLUSTER_NETWORK_POLICIES,
+        kubernetes: Kubernetes::Custom {
+            kind: "MallaClusterNetworkPolicy",
+            plural: "mallaclusternetworkpolicies",
+            columns: &[
+                ("Tier", "string", ".spec.spec.tier", 0),
+                ("Priority", "integer", ".spec.spec.priority", 0),
             ],
         },
     },

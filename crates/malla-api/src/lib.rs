@@ -5,6 +5,7 @@
 //! Kubernetes objects to and from these types is in `k8s` (feature `k8s`).
 
 pub mod calico;
+pub mod cnp;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod keys;

@@ -429,7 +429,7 @@ fn validate_ip_block(b: &IpBlock, path: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn validate_selector(s: &LabelSelector, path: &str) -> Result<(), Invalid> {
+pub(crate) fn validate_selector(s: &LabelSelector, path: &str) -> Result<(), Invalid> {
     for (k, v) in &s.match_labels {
         if let Some(r) = label_key_problem(k) {
             return err(format!("{path}.matchLabels"), format!("key {k:?}: {r}"));

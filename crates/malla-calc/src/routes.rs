@@ -131,6 +131,14 @@ pub fn node_ips(view: &ClusterView, me: &str) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// Every node's name and underlay addresses.
+pub fn node_addresses(view: &ClusterView) -> Vec<(String, Vec<IpAddr>)> {
+    view.nodes
+        .iter()
+        .map(|n| (n.name.clone(), node_ips(view, &n.name)))
+        .collect()
+}
+
 /// This node's host endpoint policy ([`crate::host`]) into its table.
 pub fn render_host(view: &ClusterView, me: &str, table: &mut crate::nft::Table) {
     let heps = crate::host::local_host_endpoints(&view.calico, me, view.config.auto_host_endpoints);
@@ -194,12 +202,14 @@ pub fn compute_with_links(
     if view.calico.applies_to_workloads() {
         let pods = policy_pods(view);
         let ents = crate::host::labelled(view);
+        let nodes = node_addresses(view);
         let inputs = crate::policy::tiers::TierInputs {
             calico: &view.calico,
             policies: &view.policies,
             namespaces: &view.namespaces,
             pods: &pods,
             ents: &ents,
+            nodes: &nodes,
         };
         crate::policy::tiers::render_tiers(&inputs, program, me, &mut nft_table);
     }

@@ -248,12 +248,14 @@ fn tier_trace(
 ) -> Option<TierTrace> {
     use malla_calc::policy::{tiers, Direction};
     let ents = malla_calc::host::labelled(view);
+    let nodes = malla_calc::routes::node_addresses(view);
     let inp = tiers::TierInputs {
         calico: &view.calico,
         policies: &view.policies,
         namespaces: &view.namespaces,
         pods,
         ents: &ents,
+        nodes: &nodes,
     };
     let one = |dir| {
         tiers::explain_direction(&inp, dir, c).map(|(allowed, decided_by)| TierVerdict {

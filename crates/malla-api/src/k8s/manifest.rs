@@ -72,7 +72,7 @@ impl ManifestError {
 }
 
 /// The kinds, their API versions and how each is decoded.
-const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet";
+const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, and policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy";
 
 fn describe(v: &Value) -> &'static str {
     match v {
@@ -138,6 +138,7 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
         let apis: &[&str] = match kind.as_str() {
             "EndpointSlice" => &["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"],
             "NetworkPolicy" => &["networking.k8s.io/v1", "projectcalico.org/v3"],
+            "ClusterNetworkPolicy" => &["policy.networking.k8s.io/v1alpha2"],
             k if crate::calico::CalicoObject::KINDS.contains(&k) => &["projectcalico.org/v3"],
             _ => &["v1"],
         };
@@ -160,8 +161,9 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
             "NetworkPolicy" if api == "networking.k8s.io/v1" => {
                 Object::NetworkPolicy(read::network_policy(value, s).map_err(field)?)
             }
-            k if crate::calico::CalicoObject::KINDS.contains(&k)
-                && (k != "NetworkPolicy" || api == "projectcalico.org/v3") =>
+            k if (crate::calico::CalicoObject::KINDS.contains(&k)
+                && (k != "NetworkPolicy" || api == "projectcalico.org/v3"))
+                || k == "ClusterNetworkPolicy" =>
             {
                 Object::Calico(
                     crate::calico::CalicoObject::from_manifest(k, &value)

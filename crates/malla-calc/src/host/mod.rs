@@ -50,6 +50,8 @@ pub struct CalicoView {
     pub network_sets: Vec<GlobalNetworkSet>,
     /// Calico's namespaced NetworkPolicies.
     pub network_policies: Vec<malla_api::calico::CalicoNetworkPolicy>,
+    /// Upstream ClusterNetworkPolicies (Admin and Baseline tiers).
+    pub cluster_policies: Vec<malla_api::cnp::ClusterNetworkPolicy>,
 }
 
 impl CalicoView {
@@ -68,7 +70,9 @@ impl CalicoView {
     /// Whether any Calico policy could apply to pods (a global one not pre-DNAT, or a
     /// namespaced one): then pods' chains are rendered with tiers, with the whole node.
     pub fn applies_to_workloads(&self) -> bool {
-        !self.network_policies.is_empty() || self.policies.iter().any(|p| !p.spec.pre_dnat)
+        !self.network_policies.is_empty()
+            || !self.cluster_policies.is_empty()
+            || self.policies.iter().any(|p| !p.spec.pre_dnat)
     }
 }
 
@@ -175,8 +179,19 @@ pub struct TierGroup<'a> {
     pub policies: Vec<&'a GlobalNetworkPolicy>,
 }
 
-/// The tiers' order and default actions: tiers by order (absent last) then name; the `default`
-/// tier at order 1000 unless a Tier object says otherwise. A tier not in the map does not exist
+/// The tier of ClusterNetworkPolicy's `Admin` policies (Calico's name and order), which passes
+/// what it does not decide.
+pub const ADMIN_TIER: &str = "kube-admin";
+pub const ADMIN_TIER_ORDER: f64 = 1_000.0;
+/// The tier of ClusterNetworkPolicy's `Baseline` policies, after the default tier.
+pub const BASELINE_TIER: &str = "kube-baseline";
+pub const BASELINE_TIER_ORDER: f64 = 10_000_000.0;
+/// The `default` tier's order unless a Tier object says otherwise (Calico's since 3.30).
+pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
+
+/// The tiers' order and default actions: tiers by order (absent last) then name; `default`,
+/// `kube-admin` and `kube-baseline` always exist, at Calico's orders unless a Tier object says
+/// otherwise. A tier not in the map does not exist
 /// (its policies apply nowhere, as Calico refuses to create them).
 pub fn tier_table(view: &CalicoView) -> BTreeMap<&str, (Option<malla_api::calico::Order>, bool)> {
     let mut t: BTreeMap<&str, (Option<malla_api::calico::Order>, bool)> = view
@@ -185,7 +200,11 @@ pub fn tier_table(view: &CalicoView) -> BTreeMap<&str, (Option<malla_api::calico
         .map(|t| (t.name.as_str(), (t.order, t.passes_by_default())))
         .collect();
     t.entry(malla_api::calico::DEFAULT_TIER)
-        .or_insert((Some(malla_api::calico::Order(1000.0)), false));
+        .or_insert((Some(malla_api::calico::Order(DEFAULT_TIER_ORDER)), false));
+    t.entry(ADMIN_TIER)
+        .or_insert((Some(malla_api::calico::Order(ADMIN_TIER_ORDER)), true));
+    t.entry(BASELINE_TIER)
+        .or_insert((Some(malla_api::calico::Order(BASELINE_TIER_ORDER)), true));
     t
 }
 

@@ -138,6 +138,20 @@ pub(crate) struct SelectorSets {
 }
 
 impl SelectorSets {
+    /// A set of the given addresses, named by `key` (what it stands for).
+    pub(crate) fn fixed(&mut self, key: &str, nets: impl IntoIterator<Item = IpNet>) -> String {
+        let name = format!("hep-sel-{:016x}", fnv(key));
+        self.sets
+            .entry(name.clone())
+            .or_insert_with(|| normalize(nets, []));
+        name
+    }
+
+    /// The addresses of set `name` (made by this renderer).
+    pub(crate) fn nets(&self, name: &str) -> &[IpNet] {
+        self.sets.get(name).map_or(&[], Vec::as_slice)
+    }
+
     /// Writes every set made (both families) into `table`.
     pub(crate) fn write(self, table: &mut nft::Table) {
         for (name, nets) in self.sets {

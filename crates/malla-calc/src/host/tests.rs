@@ -512,6 +512,7 @@ proptest! {
             host_endpoints: heps.clone(),
             network_sets: Vec::new(),
             network_policies: Vec::new(),
+            cluster_policies: Vec::new(),
         };
         let config = malla_api::ClusterConfig {
             routing: if vxlan { malla_api::RoutingMode::Vxlan } else { malla_api::RoutingMode::Direct },

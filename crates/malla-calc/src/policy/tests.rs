@@ -1372,38 +1372,197 @@ mod tiered {
             })
     }
 
+    fn arb_cnp_peer(egress: bool) -> impl Strategy<Value = malla_api::cnp::Peer> {
+        use malla_api::cnp::{NamespacedPod, Peer};
+        (
+            0..if egress { 4u8 } else { 2 },
+            arb_selector(),
+            arb_selector(),
+            prop::sample::subsequence(&NETS[..], 1..3),
+        )
+            .prop_map(|(kind, a, b, nets)| match kind {
+                0 => Peer {
+                    namespaces: Some(a),
+                    ..Peer::default()
+                },
+                1 => Peer {
+                    pods: Some(NamespacedPod {
+                        namespace_selector: a,
+                        pod_selector: b,
+                    }),
+                    ..Peer::default()
+                },
+                2 => Peer {
+                    networks: Some(nets.iter().map(|n| n.parse().unwrap()).collect()),
+                    ..Peer::default()
+                },
+                _ => Peer {
+                    nodes: Some(if b.is_empty() {
+                        b
+                    } else {
+                        LabelSelector {
+                            match_labels: [(
+                                "kubernetes.io/hostname".to_string(),
+                                "n2".to_string(),
+                            )]
+                            .into(),
+                            match_expressions: vec![],
+                        }
+                    }),
+                    ..Peer::default()
+                },
+            })
+    }
+
+    fn arb_cnp_rule(egress: bool) -> impl Strategy<Value = malla_api::cnp::CnpRule> {
+        use malla_api::cnp::{
+            CnpAction, CnpPort, CnpRule, PortRange, Protocol as P, ProtocolPorts,
+        };
+        (
+            prop_oneof![
+                Just(CnpAction::Accept),
+                Just(CnpAction::Deny),
+                Just(CnpAction::Pass)
+            ],
+            prop::collection::vec(arb_cnp_peer(egress), 1..3),
+            prop::collection::vec(
+                (0..4u8, 0..4u8, prop::sample::select(&PORT_NAMES[..])),
+                0..3,
+            ),
+        )
+            .prop_map(|(action, peers, protos)| {
+                let wide = peers
+                    .iter()
+                    .any(|p| p.networks.is_some() || p.nodes.is_some());
+                let protocols = protos
+                    .into_iter()
+                    .map(|(kind, port, name)| {
+                        let dp = match port {
+                            0 => None,
+                            1 => Some(CnpPort {
+                                number: Some(80),
+                                range: None,
+                            }),
+                            2 => Some(CnpPort {
+                                number: Some(8080),
+                                range: None,
+                            }),
+                            _ => Some(CnpPort {
+                                number: None,
+                                range: Some(PortRange { start: 80, end: 85 }),
+                            }),
+                        };
+                        let pp = Some(ProtocolPorts {
+                            destination_port: dp,
+                        });
+                        match kind {
+                            0 => P {
+                                tcp: pp,
+                                ..P::default()
+                            },
+                            1 => P {
+                                udp: pp,
+                                ..P::default()
+                            },
+                            2 if !wide => P {
+                                destination_named_port: Some(name.to_string()),
+                                ..P::default()
+                            },
+                            _ => P {
+                                tcp: pp,
+                                ..P::default()
+                            },
+                        }
+                    })
+                    .collect();
+                CnpRule {
+                    name: String::new(),
+                    action,
+                    peers,
+                    protocols,
+                }
+            })
+    }
+
+    fn arb_cnp() -> impl Strategy<Value = malla_api::cnp::ClusterNetworkPolicy> {
+        use malla_api::cnp::{ClusterNetworkPolicy, CnpSpec, CnpTier, NamespacedPod, Subject};
+        (
+            any::<bool>(),
+            0..3i32,
+            any::<bool>(),
+            arb_selector(),
+            arb_selector(),
+            prop::collection::vec(arb_cnp_rule(false), 0..3),
+            prop::collection::vec(arb_cnp_rule(true), 0..3),
+            any::<u16>(),
+        )
+            .prop_map(|(admin, priority, by_ns, a, b, ingress, egress, id)| {
+                ClusterNetworkPolicy {
+                    name: format!("cnp{id}"),
+                    spec: CnpSpec {
+                        tier: if admin {
+                            CnpTier::Admin
+                        } else {
+                            CnpTier::Baseline
+                        },
+                        priority,
+                        subject: if by_ns {
+                            Subject {
+                                namespaces: Some(a),
+                                pods: None,
+                            }
+                        } else {
+                            Subject {
+                                namespaces: None,
+                                pods: Some(NamespacedPod {
+                                    namespace_selector: a,
+                                    pod_selector: b,
+                                }),
+                            }
+                        },
+                        ingress,
+                        egress,
+                    },
+                }
+            })
+    }
+
     fn arb_calico(n_ns: usize) -> impl Strategy<Value = CalicoView> {
         (
             prop::collection::vec(arb_spec(true), 0..3),
             prop::collection::vec((0..n_ns, arb_spec(false)), 0..3),
             prop::option::of(0..3u16),
             any::<bool>(),
+            prop::collection::vec(arb_cnp(), 0..3),
         )
-            .prop_map(|(globals, namespaced, tier_order, tier_pass)| CalicoView {
-                tiers: vec![Tier {
-                    name: "security".into(),
-                    order: tier_order.map(|o| Order(f64::from(o) * 800.0)),
-                    default_action: tier_pass.then_some(Action::Pass),
-                }],
-                policies: globals
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, spec)| GlobalNetworkPolicy {
-                        name: format!("g{i}"),
-                        spec,
-                    })
-                    .collect(),
-                network_policies: namespaced
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (ns, spec))| CalicoNetworkPolicy {
-                        namespace: format!("ns{ns}"),
-                        name: format!("c{i}"),
-                        spec,
-                    })
-                    .collect(),
-                ..CalicoView::default()
-            })
+            .prop_map(
+                |(globals, namespaced, tier_order, tier_pass, cnps)| CalicoView {
+                    cluster_policies: cnps,
+                    tiers: vec![Tier {
+                        name: "security".into(),
+                        order: tier_order.map(|o| Order(f64::from(o) * 800.0)),
+                        default_action: tier_pass.then_some(Action::Pass),
+                    }],
+                    policies: globals
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, spec)| GlobalNetworkPolicy {
+                            name: format!("g{i}"),
+                            spec,
+                        })
+                        .collect(),
+                    network_policies: namespaced
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (ns, spec))| CalicoNetworkPolicy {
+                            namespace: format!("ns{ns}"),
+                            name: format!("c{i}"),
+                            spec,
+                        })
+                        .collect(),
+                    ..CalicoView::default()
+                },
+            )
     }
 
     fn ents(w: &World) -> Vec<Labelled> {
@@ -1436,12 +1595,17 @@ mod tiered {
             calico in arb_calico(3),
         ) {
             let ents = ents(&w);
+            let nodes = vec![
+                ("n1".to_string(), vec!["192.168.3.4".parse().unwrap()]),
+                ("n2".to_string(), vec!["10.0.1.9".parse().unwrap(), "2001:db8::1".parse().unwrap()]),
+            ];
             let inp = tiers::TierInputs {
                 calico: &calico,
                 policies: &w.policies,
                 namespaces: &w.namespaces,
                 pods: &w.pods,
                 ents: &ents,
+                nodes: &nodes,
             };
             let evals: Vec<(&str, nfteval::Eval)> = ["n1", "n2"]
                 .iter()

@@ -22,6 +22,7 @@
 use std::collections::BTreeMap;
 
 use malla_api::calico::{order_key, Action, CalicoNetworkPolicy, Order, Proto, Rule};
+use malla_api::cnp::{CnpAction, CnpRule, CnpTier, Peer};
 use malla_api::policy::NetworkPolicy;
 use malla_api::selector::Selector;
 use malla_api::service::Protocol;
@@ -46,6 +47,9 @@ pub struct TierInputs<'a> {
     pub pods: &'a [PolicyPod<'a>],
     /// What Calico rule selectors pick ([`crate::host::labelled`]).
     pub ents: &'a [Labelled],
+    /// The nodes' names and addresses (ClusterNetworkPolicy's `nodes` peers; a node's labels
+    /// are `kubernetes.io/hostname: NAME`).
+    pub nodes: &'a [(String, Vec<std::net::IpAddr>)],
 }
 
 /// A policy as a tier holds it.
@@ -59,6 +63,8 @@ pub enum Item<'a> {
     },
     /// A Kubernetes NetworkPolicy isolating the pod in the direction.
     Kubernetes(&'a NetworkPolicy),
+    /// A ClusterNetworkPolicy's rules of the direction.
+    Cluster { name: &'a str, rules: &'a [CnpRule] },
 }
 
 impl Item<'_> {
@@ -72,6 +78,7 @@ impl Item<'_> {
             } => format!("{ns}/{name}"),
             Item::Calico { name, .. } => name.to_string(),
             Item::Kubernetes(p) => format!("knp.default.{}/{}", p.namespace, p.name),
+            Item::Cluster { name, .. } => format!("cnp.{name}"),
         }
     }
 }
@@ -171,6 +178,29 @@ pub fn applying<'a>(
             },
         ));
     }
+    for p in &inp.calico.cluster_policies {
+        let rules: &'a [CnpRule] = match dir {
+            Direction::Ingress => &p.spec.ingress,
+            Direction::Egress => &p.spec.egress,
+        };
+        // A policy without rules of a direction does not affect it.
+        if rules.is_empty() || p.validate().is_err() || !cnp_subject(p, pod, ns_labels) {
+            continue;
+        }
+        let tier = match p.spec.tier {
+            CnpTier::Admin => crate::host::ADMIN_TIER,
+            CnpTier::Baseline => crate::host::BASELINE_TIER,
+        };
+        placed.push((
+            tier,
+            Some(Order(f64::from(p.spec.priority))),
+            p.name.clone(),
+            Item::Cluster {
+                name: &p.name,
+                rules,
+            },
+        ));
+    }
     let calico = !placed.is_empty();
     for p in reference::isolating(inp.policies, pod, dir) {
         placed.push((
@@ -200,6 +230,77 @@ pub fn applying<'a>(
         .collect();
     groups.sort_by_key(|g| order_key(table[g.tier.as_str()].0, &g.tier));
     (calico, groups)
+}
+
+/// Whether a ClusterNetworkPolicy's subject selects `pod`.
+fn cnp_subject(
+    p: &malla_api::cnp::ClusterNetworkPolicy,
+    pod: &PolicyPod,
+    ns_labels: &BTreeMap<String, String>,
+) -> bool {
+    match (&p.spec.subject.namespaces, &p.spec.subject.pods) {
+        (Some(n), _) => n.matches(ns_labels),
+        (None, Some(np)) => {
+            np.namespace_selector.matches(ns_labels) && np.pod_selector.matches(&pod.labels)
+        }
+        (None, None) => false,
+    }
+}
+
+/// The labels a node has for `nodes` peers.
+fn node_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("kubernetes.io/hostname".to_string(), name.to_string())])
+}
+
+/// Whether `peer` of a ClusterNetworkPolicy rule matches the connection's other end `e`.
+fn cnp_peer_matches(inp: &TierInputs, peer: &Peer, e: &super::Endpoint) -> bool {
+    let pod_in = |ns_sel: &malla_api::policy::LabelSelector,
+                  pod_sel: Option<&malla_api::policy::LabelSelector>| {
+        e.pod.is_some_and(|p| {
+            ns_sel.matches(namespace_labels(inp.namespaces, &p.namespace))
+                && pod_sel.is_none_or(|s| s.matches(&p.labels))
+        })
+    };
+    if let Some(n) = &peer.namespaces {
+        return pod_in(n, None);
+    }
+    if let Some(np) = &peer.pods {
+        return pod_in(&np.namespace_selector, Some(&np.pod_selector));
+    }
+    if let Some(sel) = &peer.nodes {
+        return inp
+            .nodes
+            .iter()
+            .any(|(name, ips)| ips.contains(&e.ip) && sel.matches(&node_labels(name)));
+    }
+    if let Some(nets) = &peer.networks {
+        return malla_api::cnp::in_networks(nets, &e.ip);
+    }
+    false
+}
+
+/// Whether a ClusterNetworkPolicy rule's `protocols` match the connection (none: all).
+fn cnp_protocols_match(rule: &CnpRule, c: &Connection) -> bool {
+    rule.protocols.is_empty()
+        || rule.protocols.iter().any(|p| {
+            let ranged = |pp: &Option<malla_api::cnp::ProtocolPorts>, proto: Protocol| {
+                pp.as_ref().is_some_and(|pp| {
+                    c.proto == proto
+                        && pp
+                            .destination_port
+                            .and_then(|d| d.range())
+                            .is_none_or(|(a, b)| a <= c.port && c.port <= b)
+                })
+            };
+            ranged(&p.tcp, Protocol::Tcp)
+                || ranged(&p.udp, Protocol::Udp)
+                || ranged(&p.sctp, Protocol::Sctp)
+                || p.destination_named_port.as_deref().is_some_and(|name| {
+                    c.dst
+                        .pod
+                        .is_some_and(|d| d.named_port(name, c.proto).contains(&c.port))
+                })
+        })
 }
 
 fn proto(p: Protocol) -> Proto {
@@ -257,6 +358,29 @@ pub fn explain_direction(
                                 break 'items;
                             }
                             Action::Log => {}
+                        }
+                    }
+                }
+                Item::Cluster { rules, .. } => {
+                    let (_, other) = c.subject_and_peer(dir);
+                    for (index, r) in rules.iter().enumerate() {
+                        if !(r.peers.iter().any(|p| cnp_peer_matches(inp, p, other))
+                            && cnp_protocols_match(r, c))
+                        {
+                            continue;
+                        }
+                        let by = DecidedBy::Rule {
+                            tier: g.tier.clone(),
+                            policy: item.name(),
+                            index,
+                        };
+                        match r.action {
+                            CnpAction::Accept => return Some((true, by)),
+                            CnpAction::Deny => return Some((false, by)),
+                            CnpAction::Pass => {
+                                passed = true;
+                                break 'items;
+                            }
                         }
                     }
                 }
@@ -378,6 +502,135 @@ fn np_rule_texts(
     out
 }
 
+/// The texts matching a ClusterNetworkPolicy rule for `pod` (the subject) in `dir`: one per
+/// peer, family and protocol that can match. Peers' addresses go in named sets.
+fn cnp_rule_texts(
+    inp: &TierInputs,
+    pod: &PolicyPod,
+    r: &CnpRule,
+    dir: Direction,
+    sets: &mut SelectorSets,
+) -> Vec<String> {
+    use ipnet::IpNet;
+    let addr = match dir {
+        Direction::Ingress => "saddr",
+        Direction::Egress => "daddr",
+    };
+    // (peer addresses as a set name, and the pods behind it for egress named ports)
+    let mut peers: Vec<(String, Vec<&PolicyPod>)> = Vec::new();
+    for p in &r.peers {
+        let pods_of = |ns_sel: &malla_api::policy::LabelSelector,
+                       pod_sel: Option<&malla_api::policy::LabelSelector>| {
+            inp.pods
+                .iter()
+                .filter(|x| {
+                    ns_sel.matches(namespace_labels(inp.namespaces, &x.namespace))
+                        && pod_sel.is_none_or(|s| s.matches(&x.labels))
+                })
+                .collect::<Vec<_>>()
+        };
+        let (key, nets, pods): (String, Vec<IpNet>, Vec<&PolicyPod>) =
+            if let Some(n) = &p.namespaces {
+                let pods = pods_of(n, None);
+                let nets = pods
+                    .iter()
+                    .flat_map(|x| x.ips.iter().map(|ip| IpNet::from(*ip)))
+                    .collect();
+                (format!("cnp namespaces {n:?}"), nets, pods)
+            } else if let Some(np) = &p.pods {
+                let pods = pods_of(&np.namespace_selector, Some(&np.pod_selector));
+                let nets = pods
+                    .iter()
+                    .flat_map(|x| x.ips.iter().map(|ip| IpNet::from(*ip)))
+                    .collect();
+                (format!("cnp pods {np:?}"), nets, pods)
+            } else if let Some(sel) = &p.nodes {
+                let nets = inp
+                    .nodes
+                    .iter()
+                    .filter(|(name, _)| sel.matches(&node_labels(name)))
+                    .flat_map(|(_, ips)| ips.iter().map(|ip| IpNet::from(*ip)))
+                    .collect();
+                (format!("cnp nodes {sel:?}"), nets, Vec::new())
+            } else if let Some(n) = &p.networks {
+                (format!("cnp networks {n:?}"), n.clone(), Vec::new())
+            } else {
+                continue;
+            };
+        let name = sets.fixed(&key, nets);
+        peers.push((name, pods));
+    }
+    let mut out = Vec::new();
+    for (set, pods) in &peers {
+        for (kw, fam, v6) in [("ip", "v4", false), ("ip6", "v6", true)] {
+            if !sets.nets(set).iter().any(|n| n.addr().is_ipv6() == v6) {
+                continue;
+            }
+            let peer = format!("{kw} {addr} @{set}-{fam} ");
+            if r.protocols.is_empty() {
+                out.push(peer);
+                continue;
+            }
+            for p in &r.protocols {
+                for (pp, proto) in [(&p.tcp, "tcp"), (&p.udp, "udp"), (&p.sctp, "sctp")] {
+                    let Some(pp) = pp else { continue };
+                    match pp.destination_port.and_then(|d| d.range()) {
+                        None => out.push(format!("meta l4proto {proto} {peer}")),
+                        Some((a, b)) if a == b => {
+                            out.push(format!("meta l4proto {proto} th dport {a} {peer}"))
+                        }
+                        Some((a, b)) => {
+                            out.push(format!("meta l4proto {proto} th dport {a}-{b} {peer}"))
+                        }
+                    }
+                }
+                let Some(port_name) = &p.destination_named_port else {
+                    continue;
+                };
+                for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+                    match dir {
+                        // The subject is the destination: its own named port.
+                        Direction::Ingress => {
+                            for n in pod.named_port(port_name, proto) {
+                                out.push(format!(
+                                    "meta l4proto {} th dport {n} {peer}",
+                                    proto.nft()
+                                ));
+                            }
+                        }
+                        // Each destination pod's own number: the pods grouped by it.
+                        Direction::Egress => {
+                            let mut by_port: BTreeMap<u16, Vec<IpNet>> = BTreeMap::new();
+                            for x in pods {
+                                for n in x.named_port(port_name, proto) {
+                                    by_port.entry(n).or_default().extend(
+                                        x.ips
+                                            .iter()
+                                            .filter(|ip| ip.is_ipv6() == v6)
+                                            .map(|ip| IpNet::from(*ip)),
+                                    );
+                                }
+                            }
+                            for (n, nets) in by_port {
+                                if nets.is_empty() {
+                                    continue;
+                                }
+                                let s = sets
+                                    .fixed(&format!("{set} port {} {n} {fam}", proto.nft()), nets);
+                                out.push(format!(
+                                    "meta l4proto {} th dport {n} {kw} {addr} @{s}-{fam} ",
+                                    proto.nft()
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Adds the tier chains of this node's pods to `table` (after [`super::render_policy`], whose
 /// dispatch maps and sets it extends).
 pub fn render_tiers(inp: &TierInputs, prog: &PolicyProgram, me: &str, table: &mut nft::Table) {
@@ -438,6 +691,23 @@ pub fn render_tiers(inp: &TierInputs, prog: &PolicyProgram, me: &str, table: &mu
                                 );
                                 for m in rule_matches(r, inp.ents, &mut sets, *scope) {
                                     rules.push(format!("{m} {verdict} {comment}"));
+                                }
+                            }
+                        }
+                        Item::Cluster { rules: list, .. } => {
+                            for (i, r) in list.iter().enumerate() {
+                                let verdict = match r.action {
+                                    CnpAction::Accept => allow.to_string(),
+                                    CnpAction::Deny => "drop".into(),
+                                    CnpAction::Pass => next(k),
+                                };
+                                let comment = format!(
+                                    "comment \"{}/{policy} {}[{i}]\"",
+                                    g.tier,
+                                    dir.as_str()
+                                );
+                                for m in cnp_rule_texts(inp, pod, r, dir, &mut sets) {
+                                    rules.push(format!("{m}{verdict} {comment}"));
                                 }
                             }
                         }
