@@ -287,6 +287,8 @@ impl Bins {
             malla_bin: self.malla.clone(),
             cni_bin: self.cni.clone(),
             datastore: Default::default(),
+            router: Default::default(),
+            route_reflector: false,
         }
     }
 

@@ -33,6 +33,7 @@ enum LabCommand {
     /// --datastore names the backend here: local (default), etcd or kubernetes.
     ///
     /// Example: malla lab up --lab demo --nodes 3 --routing vxlan --ipv6
+    /// Example: malla lab up --lab demo --routing bgp --router frr
     Up(UpArgs),
     /// Remove everything the lab created (also leftovers after a crash).
     ///
@@ -106,12 +107,18 @@ struct UpArgs {
     /// How many nodes (node-1 … node-N).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// direct or vxlan.
+    /// direct, vxlan or bgp (nodes on two segments joined by a BGP router: `--router`).
     #[arg(long, default_value = "direct")]
     routing: RoutingMode,
     /// Dual-stack: an IPv6 pool and underlay too.
     #[arg(long)]
     ipv6: bool,
+    /// With `--routing bgp`: the top-of-rack router in the fabric, bird or frr.
+    #[arg(long, default_value = "bird")]
+    router: malla_lab::bgp::RouterKind,
+    /// With `--routing bgp`: the router is the nodes' route reflector (no node mesh).
+    #[arg(long)]
+    route_reflector: bool,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -189,6 +196,8 @@ fn up_options(g: &Globals, a: &UpArgs) -> anyhow::Result<UpOptions> {
         malla_bin: std::env::current_exe()?,
         cni_bin: sibling_binary("malla-cni")?,
         datastore: g.backend()?,
+        router: a.router,
+        route_reflector: a.route_reflector,
     })
 }
 

@@ -327,3 +327,56 @@ fn a_pod_on_another_node_touches_only_that_nodes_routes() {
     links.endpoint(Some(&other), None);
     assert!(links.take_delta().is_empty());
 }
+
+#[test]
+fn bgp_mode_makes_no_routes_and_announces_blocks_and_borrowed_addresses() {
+    let node = |name: &str, last: u8| Node {
+        name: name.into(),
+        underlay_ipv4: Some(std::net::Ipv4Addr::new(198, 19, 0, last)),
+        underlay_ipv6: None,
+        underlay_mtu: 1500,
+        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(name)),
+    };
+    let ep = |node: &str, ip: &str| WorkloadEndpoint {
+        namespace: "default".into(),
+        pod: format!("p-{ip}"),
+        node: node.into(),
+        container_id: ip.into(),
+        ifname: "eth0".into(),
+        host_ifname: format!("mla{ip}"),
+        ips: vec![IpNet::from(ip.parse::<std::net::IpAddr>().unwrap())],
+        mac: "02:00:00:00:00:01".into(),
+        ipam_handle: ip.into(),
+    };
+    let view = ClusterView {
+        config: ClusterConfig {
+            routing: RoutingMode::Bgp,
+            ..ClusterConfig::default()
+        },
+        nodes: vec![node("a", 11), node("b", 12)],
+        blocks: vec![
+            ("198.18.0.0/26".parse().unwrap(), Some("a".into())),
+            ("198.18.0.64/26".parse().unwrap(), Some("b".into())),
+        ],
+        endpoints: vec![
+            ep("a", "198.18.0.1"),
+            ep("b", "198.18.0.65"),
+            ep("b", "198.18.0.2"),
+        ],
+        ..ClusterView::default()
+    };
+    let mut n = LinksNode::from_view(&view, "a");
+    assert!(
+        n.links().remote_routes.is_empty(),
+        "BIRD routes in bgp mode"
+    );
+    assert_eq!(n.links().local_endpoints.len(), 1);
+    assert!(n.follows(RoutingMode::Bgp) && !n.follows(RoutingMode::Direct));
+    let (blocks, borrowed) = n.announced("b");
+    assert_eq!(blocks, vec!["198.18.0.64/26".parse::<IpNet>().unwrap()]);
+    assert_eq!(borrowed, vec!["198.18.0.2/32".parse::<IpNet>().unwrap()]);
+    // The borrowed address goes away with its pod.
+    n.endpoint(Some(&ep("b", "198.18.0.2")), None);
+    assert!(n.take_delta().routes_added.is_empty());
+    assert!(n.announced("b").1.is_empty());
+}
