@@ -60,7 +60,13 @@ impl RouterSpec {
                 "protocol kernel kernel{fam} {{\n  ipv{fam} {{\n    import none;\n    export where source = RTS_BGP;\n  }};\n  merge paths on;\n}}\n\n"
             );
         }
-        let export = if self.route_reflector { "all" } else { "none" };
+        // A reflector passes on what the nodes announced, never its own connected subnets
+        // (a node would resolve next hops through them recursively, and fail).
+        let export = if self.route_reflector {
+            "where source = RTS_BGP"
+        } else {
+            "none"
+        };
         let _ = write!(
             s,
             "template bgp malla_node {{\n  local as {};\n  hold time {};\n  keepalive time {};\n  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart on;\n{}}}\n",

@@ -161,7 +161,10 @@ impl Bird {
             path: err_path.clone(),
             source,
         })?;
+        // `-R`: graceful restart recovery. The kernel protocol keeps the routes a previous BIRD
+        // left until the sessions are back and have sent everything again.
         let status = Command::new(&self.bird)
+            .arg("-R")
             .arg("-c")
             .arg(self.config_path())
             .arg("-s")

@@ -186,8 +186,22 @@ pub fn start_router(
         }
         RouterKind::Frr => {
             let spec = router_spec(nodes, route_reflector, None);
-            // FRR drops to its own user: the directory is theirs. Every path is given on the
-            // command line (instead of `-N`'s pathspace under /etc/frr and /var/run/frr), so
+            // FRR drops to its own user: the directory is theirs, and the directories above it
+            // must let it through (a test's state root is a 0700 temporary directory).
+            for d in [paths.dir.parent(), Some(paths.dir.as_path())]
+                .into_iter()
+                .flatten()
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let meta =
+                    std::fs::metadata(d).with_context(|| format!("reading {}", d.display()))?;
+                let mode = meta.permissions().mode();
+                if mode & 0o001 == 0 {
+                    std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o001))
+                        .with_context(|| format!("letting FRR through {}", d.display()))?;
+                }
+            }
+            // Every path is given on the command line (instead of `-N`'s pathspace under /etc/frr and /var/run/frr), so
             // several labs' routers never meet and everything stays in the lab's directory.
             let chown = Command::new("chown")
                 .args(["frr:frr"])
@@ -363,4 +377,106 @@ pub fn wait_routes(paths: &LabPaths, state: &LabState, timeout: Duration) -> any
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// One BGP session as `malla lab bgp` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    /// The speaker: a node's name, or `router`.
+    pub speaker: String,
+    /// The session's name on that speaker (BIRD's protocol; FRR: the neighbour's address).
+    pub name: String,
+    /// Who is on the other end (node NAME, peer ADDRESS).
+    pub description: Option<String>,
+    pub neighbor: Option<String>,
+    pub neighbor_as: Option<u32>,
+    /// `Established`, `Active`, `Connect`, … (with BIRD's last error, if any).
+    pub state: String,
+    pub established: bool,
+    pub since: String,
+    /// Routes received (accepted) and sent.
+    pub received: u64,
+    pub sent: u64,
+}
+
+impl Session {
+    fn from_bird(speaker: &str, p: &malla_bgp::status::Protocol) -> Self {
+        Self {
+            speaker: speaker.to_string(),
+            name: p.name.clone(),
+            description: p.description.clone(),
+            neighbor: p.neighbor_address.clone(),
+            neighbor_as: p.neighbor_as,
+            state: if p.info.is_empty() {
+                p.state.clone()
+            } else {
+                p.info.clone()
+            },
+            established: p.established(),
+            since: p.since.clone(),
+            received: p.received(),
+            sent: p.sent(),
+        }
+    }
+}
+
+/// Every node's sessions (from its BIRD's control socket) and the router's.
+pub fn sessions(paths: &LabPaths, state: &LabState) -> anyhow::Result<Vec<Session>> {
+    let birdc = std::path::Path::new("/usr/sbin/birdc");
+    let mut out = Vec::new();
+    for n in &state.nodes {
+        let sock = node_bird_dir(paths, &n.name).join("bird.ctl");
+        let protocols = malla_bgp::speaker::protocols(birdc, &sock)
+            .with_context(|| format!("asking node {}'s BIRD", n.name))?;
+        out.extend(protocols.iter().map(|p| Session::from_bird(&n.name, p)));
+    }
+    match state.router.as_ref().map(|r| r.kind) {
+        Some(RouterKind::Bird) => {
+            let sock = router_dir(paths).join("bird.ctl");
+            let protocols =
+                malla_bgp::speaker::protocols(birdc, &sock).context("asking the router's BIRD")?;
+            out.extend(protocols.iter().map(|p| Session::from_bird("router", p)));
+        }
+        Some(RouterKind::Frr) => out.extend(frr_sessions(paths)?),
+        None => {}
+    }
+    Ok(out)
+}
+
+/// The FRR router's sessions (`show bgp summary json`, both families).
+fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
+    let o = Command::new("vtysh")
+        .arg("--vty_socket")
+        .arg(router_dir(paths))
+        .args(["-c", "show bgp summary json"])
+        .output()
+        .context("running vtysh")?;
+    if !o.status.success() {
+        bail!("vtysh: {}", String::from_utf8_lossy(&o.stderr).trim());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).context("parsing vtysh's show bgp summary json")?;
+    let mut out = Vec::new();
+    for af in ["ipv4Unicast", "ipv6Unicast"] {
+        let Some(peers) = v[af]["peers"].as_object() else {
+            continue;
+        };
+        for (addr, p) in peers {
+            let state = p["state"].as_str().unwrap_or("").to_string();
+            out.push(Session {
+                speaker: "router".into(),
+                name: addr.clone(),
+                description: p["desc"].as_str().map(str::to_string),
+                neighbor: Some(addr.clone()),
+                neighbor_as: p["remoteAs"].as_u64().and_then(|a| u32::try_from(a).ok()),
+                established: state == "Established",
+                state,
+                since: p["peerUptime"].as_str().unwrap_or("").to_string(),
+                received: p["pfxRcd"].as_u64().unwrap_or(0),
+                sent: p["pfxSnt"].as_u64().unwrap_or(0),
+            });
+        }
+    }
+    Ok(out)
 }

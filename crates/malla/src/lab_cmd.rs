@@ -77,6 +77,14 @@ enum LabCommand {
         #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-")]
         files: Vec<String>,
     },
+    /// BGP sessions of a `--routing bgp` lab: every node's speaker and the router, with each
+    /// session's state and the routes received and sent.
+    ///
+    /// Exit status: 0 when every session is established, 3 when some are not, 1 when a
+    /// speaker could not be asked.
+    ///
+    /// Example: malla lab bgp --lab demo -o json
+    Bgp(GetArgs),
     /// (internal) The probe server a lab pod runs.
     #[command(hide = true)]
     ProbeServer {
@@ -266,6 +274,7 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
                 return Err(ExitWith(exit::FOUND_PROBLEM).into());
             }
         }
+        LabCommand::Bgp(a) => bgp_status(g, &paths, a.output)?,
         LabCommand::Demo { up, files } => demo(g, &paths, &up, &files)?,
         LabCommand::ProbeServer {
             name,
@@ -810,6 +819,49 @@ fn demo(g: &Globals, paths: &LabPaths, up: &UpArgs, files: &[String]) -> anyhow:
         .count();
     if failed > 0 {
         eprintln!("{failed} probes failed that no NetworkPolicy denies");
+        return Err(ExitWith(exit::FOUND_PROBLEM).into());
+    }
+    Ok(())
+}
+
+/// `malla lab bgp`: every speaker's sessions.
+fn bgp_status(g: &Globals, paths: &LabPaths, output: Output) -> anyhow::Result<()> {
+    let state = g.lab_state()?;
+    anyhow::ensure!(
+        state.routing == RoutingMode::Bgp,
+        "lab {:?} routes with {}, not bgp (malla lab up --routing bgp)",
+        state.name,
+        state.routing
+    );
+    let sessions = malla_lab::bgp::sessions(paths, &state)?;
+    if !output.document(&sessions)? {
+        let wide = output == Output::Wide;
+        let mut head = vec!["SPEAKER", "PEER", "NEIGHBOR", "STATE", "RECEIVED", "SENT"];
+        if wide {
+            head.extend(["AS", "SINCE", "SESSION"]);
+        }
+        let mut t = Table::new(&head).right(4).right(5);
+        for s in &sessions {
+            let mut row = vec![
+                s.speaker.clone(),
+                s.description.clone().unwrap_or_else(|| s.name.clone()),
+                s.neighbor.clone().unwrap_or_default(),
+                s.state.clone(),
+                s.received.to_string(),
+                s.sent.to_string(),
+            ];
+            if wide {
+                row.extend([
+                    s.neighbor_as.map(|a| a.to_string()).unwrap_or_default(),
+                    s.since.clone(),
+                    s.name.clone(),
+                ]);
+            }
+            t.row(row);
+        }
+        t.print();
+    }
+    if sessions.iter().any(|s| !s.established) {
         return Err(ExitWith(exit::FOUND_PROBLEM).into());
     }
     Ok(())

@@ -1,0 +1,342 @@
+//! `routing: bgp` on a real kernel with real routers: 3 nodes on two L2 segments (node-2 alone
+//! on the second) joined only by the fabric namespace, where a real BIRD or FRR router peers
+//! with every node. The network-model conformance holds (pod↔pod TCP/UDP across the segments
+//! without NAT, node→own pods, pod→external masqueraded), the outside reaches every pod without
+//! NAT, the routes to other nodes' pods come from BGP (the agent programs none), every session
+//! is established; a node's agent and its BIRD killed with SIGKILL under a long cross-segment
+//! TCP stream lose no byte and the router never withdraws the node's block (graceful restart).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{two_pods_per_node, Lab};
+use serde_json::Value;
+
+fn field(r: &Value, k: &str) -> String {
+    r[k].as_str().unwrap_or("").to_string()
+}
+
+fn up(lab: &Lab, nodes: &str, router: &str, ipv6: bool, rr: bool) {
+    let mut args = vec![
+        "lab",
+        "up",
+        "--nodes",
+        nodes,
+        "--routing",
+        "bgp",
+        "--router",
+        router,
+    ];
+    if ipv6 {
+        args.push("--ipv6");
+    }
+    if rr {
+        args.push("--route-reflector");
+    }
+    lab.run(&args);
+}
+
+fn conformance(router: &str, ipv6: bool, rr: bool) {
+    let lab = Lab::new(
+        &common::malla_bin(),
+        &format!(
+            "b{}{}{}",
+            &router[..1],
+            if ipv6 { "6" } else { "4" },
+            if rr { "r" } else { "m" }
+        ),
+    );
+    up(&lab, "3", router, ipv6, rr);
+    lab.apply(&two_pods_per_node(3));
+    let state = lab.state();
+    assert_eq!(state["router"]["kind"], router, "{}", state["router"]);
+    // Two segments: node-2 is alone on the second.
+    let seg = |n: usize| {
+        state["nodes"][n]["underlay_ipv4"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(seg(0).starts_with("198.19.0.") && seg(2).starts_with("198.19.0."));
+    assert!(seg(1).starts_with("198.19.2."), "{}", seg(1));
+    let pod_node: BTreeMap<String, String> = state["pods"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, p)| (k.clone(), p["node"].as_str().unwrap().to_string()))
+        .collect();
+    let node_ips: BTreeMap<String, Vec<IpAddr>> = state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let mut ips = vec![n["underlay_ipv4"].as_str().unwrap().parse().unwrap()];
+            if let Some(v6) = n["underlay_ipv6"].as_str() {
+                ips.push(v6.parse().unwrap());
+            }
+            (n["name"].as_str().unwrap().to_string(), ips)
+        })
+        .collect();
+
+    // Routes to other nodes' pods are BIRD's, never the agent's (protocol 77).
+    for n in ["node-1", "node-2", "node-3"] {
+        for fam in ["-4", "-6"] {
+            let agent = common::ip(&[fam, "-n", &lab.netns(n), "route", "show", "proto", "77"]);
+            for line in agent.lines() {
+                assert!(
+                    line.contains(" dev mla"),
+                    "{n}: the agent routed to another node: {line}"
+                );
+            }
+        }
+        let bird = common::ip(&["-n", &lab.netns(n), "route", "show", "proto", "bird"]);
+        assert_eq!(
+            bird.lines().filter(|l| l.contains(" via ")).count(),
+            2,
+            "{n}: a route to each other node's block from BGP:\n{bird}"
+        );
+        assert!(
+            bird.contains("blackhole"),
+            "{n}: own block blackholed:\n{bird}"
+        );
+    }
+
+    let results = lab.probe(&[]);
+    let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} probes failed: {failures:#?}",
+        failures.len(),
+        results.len()
+    );
+    let families = if ipv6 { 2 } else { 1 };
+    let pod_pairs: Vec<&Value> = results
+        .iter()
+        .filter(|r| !field(r, "from").starts_with("node/") && field(r, "to") != "external")
+        .collect();
+    assert_eq!(pod_pairs.len(), 30 * 2 * families);
+    for r in &pod_pairs {
+        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT between pods: {r}");
+        assert_eq!(
+            field(r, "answeredBy"),
+            field(r, "to"),
+            "wrong responder: {r}"
+        );
+    }
+    let across = pod_pairs
+        .iter()
+        .filter(|r| {
+            (pod_node[&field(r, "from")] == "node-2") != (pod_node[&field(r, "to")] == "node-2")
+        })
+        .count();
+    assert_eq!(across, 16 * 2 * families, "pairs across the two segments");
+    let node_probes = results
+        .iter()
+        .filter(|r| field(r, "from").starts_with("node/"))
+        .count();
+    assert_eq!(
+        node_probes,
+        6 * 2 * families,
+        "every node probes its own pods"
+    );
+    let external: Vec<&Value> = results
+        .iter()
+        .filter(|r| field(r, "to") == "external")
+        .collect();
+    assert_eq!(external.len(), 6 * 2 * families);
+    for r in &external {
+        let seen: IpAddr = field(r, "seenSourceIp").parse().unwrap();
+        assert!(
+            node_ips[&pod_node[&field(r, "from")]].contains(&seen),
+            "masqueraded to the node: {r}"
+        );
+    }
+
+    // The outside reaches every pod on every node through the router, without NAT.
+    let ext_ips: Vec<String> = [&state["external"]["ipv4"], &state["external"]["ipv6"]]
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
+    let inbound = lab.probe(&["--from", "external"]);
+    assert_eq!(inbound.len(), 6 * 2 * families, "{inbound:#?}");
+    for r in &inbound {
+        assert_eq!(r["connected"], true, "external → pod: {r}");
+        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT on the way in: {r}");
+        assert!(
+            ext_ips.contains(&field(r, "seenSourceIp")),
+            "the pod saw external: {r}"
+        );
+    }
+    let on_nodes: std::collections::BTreeSet<&String> =
+        inbound.iter().map(|r| &pod_node[&field(r, "to")]).collect();
+    assert_eq!(on_nodes.len(), 3);
+
+    // Every session is up; the router received each node's block.
+    let out = lab.run(&["lab", "bgp", "-o", "json"]);
+    let sessions: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let router: Vec<&Value> = sessions
+        .iter()
+        .filter(|s| s["speaker"] == "router")
+        .collect();
+    assert_eq!(router.len(), 3 * families, "{out}");
+    for s in &sessions {
+        assert_eq!(s["established"], true, "{s}");
+    }
+    for s in &router {
+        assert!(
+            s["received"].as_u64().unwrap() >= 1,
+            "the router learned the node's block: {s}"
+        );
+    }
+    let mesh = sessions
+        .iter()
+        .filter(|s| field(s, "description").starts_with("node "))
+        .filter(|s| s["speaker"] != "router")
+        .count();
+    assert_eq!(
+        mesh,
+        if rr { 0 } else { 6 * families },
+        "node-to-node sessions"
+    );
+}
+
+#[test]
+fn bgp_ipv4_with_frr() {
+    conformance("frr", false, false);
+}
+
+#[test]
+fn bgp_ipv4_with_bird() {
+    conformance("bird", false, false);
+}
+
+#[test]
+fn bgp_dual_stack_frr_route_reflector() {
+    conformance("frr", true, true);
+}
+
+#[test]
+fn bgp_dual_stack_bird_route_reflector() {
+    conformance("bird", true, true);
+}
+
+/// SIGKILL for node-2's agent, then for its BIRD, under a long TCP stream from node-1 across
+/// the segments: every byte arrives, the agent starts BIRD again (graceful restart: the router
+/// keeps the node's block while it comes back), and the router never deletes the route.
+fn kill_keeps_stream(router: &str) {
+    const PORT: u16 = 9101;
+    let lab = Lab::new(&common::malla_bin(), &format!("bk{}", &router[..1]));
+    up(&lab, "2", router, false, false);
+    lab.apply(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: sender}\nspec: {nodeName: node-1, containers: [{name: c}]}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: sink}\nspec: {nodeName: node-2, containers: [{name: c}]}\n",
+    );
+    let state = lab.state();
+    let sink_ip: IpAddr = state["pods"]["default/sink"]["ips"][0]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let agent = state["nodes"][1]["agent_pid"].as_u64().unwrap();
+    let stream = common::PacedStream::start(
+        &lab.netns("pod-default-sender"),
+        &lab.netns("pod-default-sink"),
+        sink_ip,
+        PORT,
+        (16384, Duration::from_millis(5), Duration::from_secs(12)),
+    );
+    std::thread::sleep(Duration::from_millis(800));
+    let monitor = Command::new("ip")
+        .args(["-n", &lab.netns("fabric"), "monitor", "route"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ip monitor");
+    std::thread::sleep(Duration::from_millis(200));
+    let kill = |pid: u64| {
+        assert!(Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill(agent);
+    std::thread::sleep(Duration::from_millis(700));
+    lab.run(&[
+        "lab",
+        "up",
+        "--nodes",
+        "2",
+        "--routing",
+        "bgp",
+        "--router",
+        router,
+    ]);
+    assert_ne!(
+        lab.state()["nodes"][1]["agent_pid"].as_u64().unwrap(),
+        agent,
+        "restarted"
+    );
+
+    let pidfile = lab.dir().join("nodes/node-2/bird/bird.pid");
+    let bird: u64 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(bird);
+    // The agent notices within seconds and starts BIRD again; the session comes back.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let again: u64 = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(bird);
+        let out = lab.try_run(&["lab", "bgp", "-o", "json"]);
+        if again != bird && out.status.success() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "BIRD not back: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (sent, received) = stream.finish();
+    let mut monitor = monitor;
+    let _ = monitor.kill();
+    let mut changes = String::new();
+    monitor
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut changes)
+        .unwrap();
+    let _ = monitor.wait();
+    assert_eq!(sent, received, "every byte arrived");
+    assert!(sent > 1_000_000, "the stream ran: {sent} bytes");
+    let withdrawn: Vec<&str> = changes
+        .lines()
+        .filter(|l| l.starts_with("Deleted") && l.contains("198.18."))
+        .collect();
+    assert!(
+        withdrawn.is_empty(),
+        "the router withdrew pod routes:\n{}",
+        withdrawn.join("\n")
+    );
+}
+
+#[test]
+fn sigkill_of_agent_and_bird_keeps_stream_frr() {
+    kill_keeps_stream("frr");
+}
+
+#[test]
+fn sigkill_of_agent_and_bird_keeps_stream_bird() {
+    kill_keeps_stream("bird");
+}
