@@ -480,3 +480,28 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
     }
     Ok(out)
 }
+
+/// Waits until every session of every node and of the router is established.
+pub fn wait_sessions(paths: &LabPaths, state: &LabState, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let down: Vec<String> = match sessions(paths, state) {
+            Ok(s) => s
+                .into_iter()
+                .filter(|s| !s.established)
+                .map(|s| format!("{} {} ({})", s.speaker, s.name, s.state))
+                .collect(),
+            Err(e) => vec![format!("{e:#}")],
+        };
+        if down.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "BGP sessions not established after {timeout:?}: {}",
+                down.join(", ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

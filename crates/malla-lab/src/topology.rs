@@ -343,6 +343,9 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
     }
     state.save(paths)?;
     wait_converged(paths, &state, Duration::from_secs(30))?;
+    if bgp {
+        crate::bgp::wait_sessions(paths, &state, Duration::from_secs(30))?;
+    }
     Ok(state)
 }
 
