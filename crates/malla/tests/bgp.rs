@@ -340,3 +340,69 @@ fn sigkill_of_agent_and_bird_keeps_stream_frr() {
 fn sigkill_of_agent_and_bird_keeps_stream_bird() {
     kill_keeps_stream("bird");
 }
+
+/// A node removed from the cluster (its agent and BIRD gone with SIGKILL, its link cut, its
+/// Node record deleted as a node controller does): every other node stops routing to its
+/// block within the hold time (9 s), because their agents drop it from the mesh; the stale
+/// routes graceful restart would keep do not linger.
+#[test]
+fn removed_node_is_withdrawn_from_every_peer_within_the_hold_time() {
+    let lab = Lab::new(&common::malla_bin(), "brm");
+    up(&lab, "3", "bird", false, false);
+    lab.apply(&two_pods_per_node(3));
+    let state = lab.state();
+    let block = |ip: &str| -> String {
+        let o: std::net::Ipv4Addr = ip.parse().unwrap();
+        let o = o.octets();
+        format!("{}.{}.{}.{}/26", o[0], o[1], o[2], o[3] & 0xc0)
+    };
+    let gone = block(state["pods"]["default/pod-3a"]["ips"][0].as_str().unwrap());
+    let routed = |node: &str| {
+        common::ip(&["-n", &lab.netns(node), "route", "show", "proto", "bird"])
+            .lines()
+            .any(|l| l.starts_with(&format!("{gone} ")))
+    };
+    assert!(routed("node-1") && routed("node-2"), "{gone} routed before");
+
+    let kill = |pid: u64| {
+        assert!(Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+    };
+    kill(state["nodes"][2]["agent_pid"].as_u64().unwrap());
+    let bird: u64 = std::fs::read_to_string(lab.dir().join("nodes/node-3/bird/bird.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    kill(bird);
+    common::ip(&["-n", &lab.netns("fabric"), "link", "set", "n3", "down"]);
+    let paths = malla_lab::LabPaths::new(&lab.name, Some(lab.state_root.path())).unwrap();
+    let lab_state = malla_lab::LabState::require(&paths).unwrap();
+    let store = malla_lab::store::open(&paths, &lab_state).unwrap();
+    let started = std::time::Instant::now();
+    store
+        .delete(&malla_api::keys::node("node-3"), None)
+        .unwrap()
+        .expect("node-3 was registered");
+    while routed("node-1") || routed("node-2") {
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{gone} still routed after the hold time"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("{gone} withdrawn everywhere after {:?}", started.elapsed());
+    // The other nodes still reach each other across the segments.
+    let r = lab.probe(&[
+        "--from",
+        "default/pod-1a",
+        "--to",
+        "default/pod-2a",
+        "--protocol",
+        "tcp",
+    ]);
+    assert!(r.iter().all(|x| x["connected"] == true), "{r:#?}");
+}
