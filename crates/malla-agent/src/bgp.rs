@@ -69,6 +69,10 @@ impl BgpNode {
                 return;
             }
         };
+        speaker.services = malla_bgp::services::advertised(
+            &view.config.bgp.clone().unwrap_or_default(),
+            &service_addresses(view, node),
+        );
         speaker.log = Some(self.bird.log_path());
         match self.bird.apply(&speaker.render()) {
             Ok(Applied::Unchanged) => {}
@@ -82,4 +86,43 @@ impl BgpNode {
         }
         self.dirty = false;
     }
+}
+
+/// The Services' addresses as the speaker reads them: kind, `externalTrafficPolicy: Local`,
+/// and whether this node holds a ready endpoint.
+fn service_addresses(
+    view: &malla_calc::ClusterView,
+    node: &str,
+) -> Vec<malla_bgp::services::ServiceAddresses> {
+    use malla_bgp::services::{AddressKind, ServiceAddresses};
+    use malla_calc::services::FrontendKind;
+    let ready_here: std::collections::BTreeSet<&str> = view
+        .endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.conditions.ready && e.node.is_some_and(|n| n.as_str() == node))
+        })
+        .map(|s| &*s.service)
+        .collect();
+    view.services
+        .iter()
+        .map(|s| ServiceAddresses {
+            addresses: s
+                .frontends
+                .iter()
+                .map(|(ip, k)| {
+                    let kind = match k {
+                        FrontendKind::ClusterIp => AddressKind::ClusterIp,
+                        FrontendKind::ExternalIp => AddressKind::ExternalIp,
+                        FrontendKind::LoadBalancer => AddressKind::LoadBalancer,
+                    };
+                    (*ip, kind)
+                })
+                .collect(),
+            local: s.external_traffic_policy == malla_api::service::TrafficPolicy::Local,
+            ready_here: ready_here.contains(&*s.key),
+        })
+        .collect()
 }

@@ -583,7 +583,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     pending_pools |= changed.pools;
                     pending_own_node |= changed.own_node;
                     cache_dirty |= changed.node_cache;
-                    if changed.links || changed.other || changed.own_node {
+                    if changed.links || changed.other || changed.own_node || !changed.services.is_empty() {
                         bgp.mark();
                     }
                     pending_links |= changed.links;

@@ -98,6 +98,30 @@ pub struct BgpConfig {
     /// Keepalive interval in seconds (hold time is three times it).
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u16,
+    /// Service cluster IP ranges every node announces (Calico's `serviceClusterIPs`); a
+    /// Service with `externalTrafficPolicy: Local` has its /32 or /128 announced only by the
+    /// nodes with a ready endpoint.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceClusterIPs"
+    )]
+    pub service_cluster_ips: Vec<IpNet>,
+    /// External IP ranges (`serviceExternalIPs`), announced the same way.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceExternalIPs"
+    )]
+    pub service_external_ips: Vec<IpNet>,
+    /// LoadBalancer IP ranges (`serviceLoadBalancerIPs`), announced the same way; also the
+    /// pools `type: LoadBalancer` Services get their address from.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceLoadBalancerIPs"
+    )]
+    pub service_load_balancer_ips: Vec<IpNet>,
 }
 
 /// The default AS number of a cluster's nodes (Calico's).
@@ -117,6 +141,9 @@ impl Default for BgpConfig {
             node_to_node_mesh: true,
             peers: Vec::new(),
             keepalive_secs: default_keepalive(),
+            service_cluster_ips: Vec::new(),
+            service_external_ips: Vec::new(),
+            service_load_balancer_ips: Vec::new(),
         }
     }
 }

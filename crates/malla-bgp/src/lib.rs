@@ -16,6 +16,7 @@
 
 pub mod render;
 pub mod router;
+pub mod services;
 pub mod speaker;
 pub mod status;
 

@@ -58,6 +58,9 @@ pub struct NodeSpeaker {
     pub blocks: Vec<IpNet>,
     /// Addresses its pods use from blocks it does not own: announced as /32 or /128.
     pub borrowed: Vec<IpNet>,
+    /// Service addresses it announces ([`crate::services::advertised`]); never in its own
+    /// kernel (the node's service rules answer them).
+    pub services: Vec<IpNet>,
     pub peers: Vec<Peer>,
     /// BIRD's log file; None: syslog.
     pub log: Option<PathBuf>,
@@ -162,6 +165,7 @@ impl NodeSpeaker {
             keepalive_secs: bgp.keepalive_secs.max(1),
             blocks,
             borrowed,
+            services: Vec::new(),
             peers,
             log: None,
         })
@@ -187,13 +191,14 @@ impl NodeSpeaker {
             None => s.push_str("log syslog { warning, error, fatal, bug };\n"),
         }
         s.push_str("timeformat protocol iso long;\n\n");
+        s.push_str("# Marks the service addresses this node announces.\ndefine MALLA_SERVICE = (64512, 100);\n\n");
         s.push_str(
-            "# Only what this node owns leaves it: its blocks and borrowed addresses.\n\
-             filter malla_to_peers {\n  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" || proto = \"malla_borrowed4\" || proto = \"malla_borrowed6\" then accept;\n  reject;\n}\n\n\
+            "# Only what this node owns leaves it: its blocks, borrowed addresses and service addresses.\n\
+             filter malla_to_peers {\n  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" || proto = \"malla_borrowed4\" || proto = \"malla_borrowed6\" then accept;\n  if proto = \"malla_services4\" || proto = \"malla_services6\" then {\n    bgp_community.add(MALLA_SERVICE);\n    accept;\n  }\n  reject;\n}\n\n\
              # Into the kernel: what BGP learned, and a blackhole for the unused addresses of own blocks\n\
              # (the pods' own /32 and /128 routes are more specific). Borrowed addresses are routed to\n\
              # their pods by the agent.\n\
-             filter malla_to_kernel {\n  if source = RTS_BGP then accept;\n  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" then accept;\n  reject;\n}\n\n",
+             filter malla_to_kernel {\n  if source = RTS_BGP then {\n    # Service addresses are answered by every node's service rules, not routed between nodes.\n    if MALLA_SERVICE ~ bgp_community then reject;\n    accept;\n  }\n  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" then accept;\n  reject;\n}\n\n",
         );
         s.push_str("protocol device {\n  scan time 10;\n}\n\n");
         s.push_str("# Connected subnets: next hops of peers on this node's segment resolve through them.\n");
@@ -209,6 +214,8 @@ impl NodeSpeaker {
             ("malla_blocks6", true, &self.blocks),
             ("malla_borrowed4", false, &self.borrowed),
             ("malla_borrowed6", true, &self.borrowed),
+            ("malla_services4", false, &self.services),
+            ("malla_services6", true, &self.services),
         ] {
             let _ = writeln!(
                 s,
@@ -332,6 +339,10 @@ mod tests {
         )
         .unwrap();
         sp.log = Some("/run/malla-lab/x/nodes/node-1/bird/bird.log".into());
+        sp.services = vec![
+            "198.19.64.0/18".parse().unwrap(),
+            "198.19.200.1/32".parse().unwrap(),
+        ];
         let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
             names,
@@ -357,6 +368,7 @@ mod tests {
                     as_number: 65001,
                     node: None,
                 }],
+                ..BgpConfig::default()
             }),
             ..ClusterConfig::default()
         };

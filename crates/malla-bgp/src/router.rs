@@ -118,6 +118,8 @@ impl RouterSpec {
                     let _ = writeln!(s, "  neighbor {} route-reflector-client", n.address);
                 }
             }
+            // Service ranges come from every node: spread over all of them.
+            s.push_str("  maximum-paths ibgp 16\n");
             s.push_str(" exit-address-family\n");
         }
         s.push_str("!\n");

@@ -99,11 +99,61 @@ pub fn cluster_bgp(nodes: usize, route_reflector: bool, ipv6: bool) -> malla_api
             });
         }
     }
-    malla_api::BgpConfig {
+    let mut cfg = malla_api::BgpConfig {
         node_to_node_mesh: !route_reflector,
         peers,
+        service_cluster_ips: vec![SERVICE_RANGE_V4.parse().expect("constant")],
+        service_external_ips: vec![EXTERNAL_IP_RANGE_V4.parse().expect("constant")],
+        service_load_balancer_ips: vec![LB_POOL_V4.parse().expect("constant")],
         ..malla_api::BgpConfig::default()
+    };
+    if ipv6 {
+        cfg.service_cluster_ips
+            .push(SERVICE_RANGE_V6.parse().expect("constant"));
+        cfg.service_load_balancer_ips
+            .push(LB_POOL_V6.parse().expect("constant"));
     }
+    cfg
+}
+
+/// The lab's service ranges ([`crate::addresses`]) as the nodes announce them.
+pub const SERVICE_RANGE_V4: &str = "198.19.64.0/18";
+pub const SERVICE_RANGE_V6: &str = "fd00:198:19:ff::/112";
+/// The LoadBalancer address pools of a BGP lab.
+pub const LB_POOL_V4: &str = "198.19.200.0/24";
+pub const LB_POOL_V6: &str = "fd00:198:19:c8::/112";
+/// The external IP range a BGP lab announces (Services' `externalIPs` in it are routed to the
+/// nodes).
+pub const EXTERNAL_IP_RANGE_V4: &str = "198.19.201.0/24";
+
+/// Gives a `type: LoadBalancer` Service without an address one per family of its cluster IPs
+/// from the lab's pools, as a LoadBalancer controller writes `status.loadBalancer`.
+pub fn allocate_load_balancer(
+    svc: &mut malla_api::service::Service,
+    taken: &mut std::collections::BTreeSet<IpAddr>,
+) -> anyhow::Result<()> {
+    if svc.kind != malla_api::service::ServiceType::LoadBalancer
+        || !svc.load_balancer_ips.is_empty()
+    {
+        taken.extend(svc.load_balancer_ips.iter().copied());
+        return Ok(());
+    }
+    let pools: Vec<ipnet::IpNet> = [LB_POOL_V4, LB_POOL_V6]
+        .iter()
+        .map(|p| p.parse().expect("constant"))
+        .collect();
+    for v6 in svc
+        .cluster_ips
+        .iter()
+        .map(IpAddr::is_ipv6)
+        .collect::<Vec<_>>()
+    {
+        let ip = malla_bgp::services::allocate_lb(&pools, taken, v6)
+            .context("the LoadBalancer pool is exhausted")?;
+        taken.insert(ip);
+        svc.load_balancer_ips.push(ip);
+    }
+    Ok(())
 }
 
 /// Where the router keeps its files.

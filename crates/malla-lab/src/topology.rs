@@ -212,6 +212,14 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         // router, as a data centre's network does.
         ip(&ext_ns, "route replace 198.19.2.0/24 via 198.19.1.1")?;
         ip(&ext_ns, "route replace 198.18.0.0/16 via 198.19.1.1")?;
+        // Service, LoadBalancer and external IP ranges the nodes announce.
+        for r in [
+            crate::bgp::SERVICE_RANGE_V4,
+            crate::bgp::LB_POOL_V4,
+            crate::bgp::EXTERNAL_IP_RANGE_V4,
+        ] {
+            ip(&ext_ns, &format!("route replace {r} via 198.19.1.1"))?;
+        }
         if opts.ipv6 {
             ip(
                 &ext_ns,
@@ -221,6 +229,9 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
                 &ext_ns,
                 "route replace fd00:198:18::/64 via fd00:198:19:1::1",
             )?;
+            for r in [crate::bgp::SERVICE_RANGE_V6, crate::bgp::LB_POOL_V6] {
+                ip(&ext_ns, &format!("route replace {r} via fd00:198:19:1::1"))?;
+            }
         }
     }
 

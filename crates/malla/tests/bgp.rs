@@ -406,3 +406,124 @@ fn removed_node_is_withdrawn_from_every_peer_within_the_hold_time() {
     ]);
     assert!(r.iter().all(|x| x["connected"] == true), "{r:#?}");
 }
+
+/// Service addresses in BGP: `type: LoadBalancer` Services get an address from the lab's pool
+/// (198.19.200.0/24), every node announces the ranges (the router spreads them over all
+/// nodes), and with `externalTrafficPolicy: Local` the Service's /32 is announced only by the
+/// nodes with a ready endpoint: the router's route follows the endpoint as it moves and goes
+/// with the last one. From outside, both answer; the Local one sees the client's address.
+fn load_balancers(router: &str) {
+    let lab = Lab::new(&common::malla_bin(), &format!("blb{}", &router[..1]));
+    up(&lab, "3", router, false, false);
+    let services = "apiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  selector: {app: test}\n  ports:\n  - {name: web, port: 80, targetPort: 8080}\n---\n\
+        apiVersion: v1\nkind: Service\nmetadata: {name: lblocal}\nspec:\n  type: LoadBalancer\n  externalTrafficPolicy: Local\n  selector: {app: local}\n  ports:\n  - {name: web, port: 80, targetPort: 8080}\n";
+    let local_pod = |name: &str, node: &str| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: local}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    ports:\n    - containerPort: 8080\n")
+    };
+    lab.apply(&format!(
+        "{}---\n{services}---\n{}",
+        two_pods_per_node(3),
+        local_pod("loc2", "node-2")
+    ));
+    let state = lab.state();
+    let lb_ip = |svc: &str| -> String {
+        let s = &state["services"][format!("default/{svc}")];
+        let ips = s["loadBalancerIps"]
+            .as_array()
+            .or(s["load_balancer_ips"].as_array());
+        ips.unwrap_or_else(|| panic!("no LoadBalancer address: {s}"))[0]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (lb, local) = (lb_ip("lb"), lb_ip("lblocal"));
+    assert!(
+        lb.starts_with("198.19.200.") && local.starts_with("198.19.200."),
+        "{lb} {local}"
+    );
+    assert_ne!(lb, local);
+
+    let fabric = lab.netns("fabric");
+    // The router's next hops for `ip`'s most specific route (None: only the range's).
+    let via = |ip: &str| -> Option<Vec<String>> {
+        let out = common::ip(&["-n", &fabric, "route", "show", "exact", &format!("{ip}/32")]);
+        if out.trim().is_empty() {
+            return None;
+        }
+        let mut hops: Vec<String> = out
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .map(|w| w[1].to_string())
+            .collect();
+        hops.sort();
+        Some(hops)
+    };
+    let wait_via = |ip: &str, want: Option<Vec<String>>| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while via(ip) != want {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "router's route for {ip}: {:?}, want {want:?}",
+                via(ip)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let node_ip = |n: usize| {
+        state["nodes"][n]["underlay_ipv4"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    wait_via(&local, Some(vec![node_ip(1)]));
+    // The Cluster-policy Service has no /32 of its own: the range, over every node.
+    assert_eq!(via(&lb), None);
+    let range = common::ip(&["-n", &fabric, "route", "show", "exact", "198.19.200.0/24"]);
+    for n in 0..3 {
+        assert!(
+            range.contains(&node_ip(n)),
+            "the range via every node: {range}"
+        );
+    }
+
+    let answers = |want_local: &str| {
+        let r = lab.probe(&["--from", "external"]);
+        let to_svc: Vec<&Value> = r
+            .iter()
+            .filter(|x| field(x, "to").starts_with("svc/"))
+            .collect();
+        assert_eq!(to_svc.len(), 2, "{r:#?}");
+        for x in &to_svc {
+            assert_eq!(x["connected"], true, "{x}");
+            if field(x, "to") == "svc/default/lblocal" {
+                assert_eq!(field(x, "answeredBy"), want_local, "{x}");
+                assert_eq!(
+                    x["clientIp"], x["seenSourceIp"],
+                    "Local keeps the client's address: {x}"
+                );
+            }
+        }
+    };
+    answers("default/loc2");
+
+    // The endpoint moves to node-3: so does the route.
+    lab.apply_delete(&local_pod("loc2", "node-2"));
+    lab.apply(&local_pod("loc3", "node-3"));
+    wait_via(&local, Some(vec![node_ip(2)]));
+    answers("default/loc3");
+    // No endpoint left: no /32.
+    lab.apply_delete(&local_pod("loc3", "node-3"));
+    wait_via(&local, None);
+}
+
+#[test]
+fn load_balancer_services_with_frr() {
+    load_balancers("frr");
+}
+
+#[test]
+fn load_balancer_services_with_bird() {
+    load_balancers("bird");
+}
