@@ -21,3 +21,22 @@ pub mod speaker;
 pub mod status;
 
 pub use render::{NodeSpeaker, Peer, PeerKind};
+
+/// Compares `text` with `tests/golden/NAME` (`MALLA_BLESS=1` rewrites it).
+#[cfg(test)]
+pub(crate) fn golden(name: &str, text: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("MALLA_BLESS").is_some() {
+        std::fs::write(&path, text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("{} missing (MALLA_BLESS=1 writes it)", path.display()));
+    assert_eq!(
+        text,
+        want,
+        "{} differs (MALLA_BLESS=1 rewrites it)",
+        path.display()
+    );
+}

@@ -67,7 +67,7 @@ pub struct NodeSpeaker {
 }
 
 /// A BIRD protocol name from a node name or address: lower-case letters, digits and `_`.
-fn ident(s: &str) -> String {
+pub(crate) fn ident(s: &str) -> String {
     s.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -271,6 +271,7 @@ pub(crate) fn quote(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::golden;
 
     pub(crate) fn node(name: &str, v4: &str, v6: Option<&str>) -> Node {
         Node {
@@ -280,23 +281,6 @@ mod tests {
             underlay_mtu: 1500,
             vtep_mac: String::new(),
         }
-    }
-
-    fn golden(name: &str, text: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(name);
-        if std::env::var_os("MALLA_BLESS").is_some() {
-            std::fs::write(&path, text).unwrap();
-        }
-        let want = std::fs::read_to_string(&path)
-            .unwrap_or_else(|_| panic!("{} missing (MALLA_BLESS=1 writes it)", path.display()));
-        assert_eq!(
-            text,
-            want,
-            "{} differs (MALLA_BLESS=1 rewrites it)",
-            path.display()
-        );
     }
 
     fn cluster() -> Vec<Node> {

@@ -11,7 +11,7 @@ use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
-use crate::render::quote;
+use crate::render::{ident, quote};
 
 /// One node the router peers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,18 +29,6 @@ pub struct RouterSpec {
     pub route_reflector: bool,
     pub neighbors: Vec<RouterNeighbor>,
     pub log: Option<PathBuf>,
-}
-
-fn ident(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
 }
 
 impl RouterSpec {
@@ -130,6 +118,7 @@ impl RouterSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::golden;
 
     fn spec(rr: bool) -> RouterSpec {
         RouterSpec {
@@ -153,22 +142,6 @@ mod tests {
             ],
             log: Some("/run/malla-lab/x/router/bird.log".into()),
         }
-    }
-
-    fn golden(name: &str, text: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/golden")
-            .join(name);
-        if std::env::var_os("MALLA_BLESS").is_some() {
-            std::fs::write(&path, text).unwrap();
-        }
-        let want = std::fs::read_to_string(&path).unwrap_or_default();
-        assert_eq!(
-            text,
-            want,
-            "{} differs (MALLA_BLESS=1 rewrites it)",
-            path.display()
-        );
     }
 
     #[test]

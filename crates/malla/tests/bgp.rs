@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
@@ -17,8 +16,23 @@ use std::time::Duration;
 use common::{two_pods_per_node, Lab};
 use serde_json::Value;
 
-fn field(r: &Value, k: &str) -> String {
-    r[k].as_str().unwrap_or("").to_string()
+use common::field;
+
+fn kill9(pid: u64) {
+    assert!(Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The pid of `node`'s BIRD (its pid file).
+fn bird_pid(lab: &Lab, node: &str) -> Option<u64> {
+    std::fs::read_to_string(lab.dir().join(format!("nodes/{node}/bird/bird.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn up(lab: &Lab, nodes: &str, router: &str, ipv6: bool, rr: bool) {
@@ -64,24 +78,8 @@ fn conformance(router: &str, ipv6: bool, rr: bool) {
     };
     assert!(seg(0).starts_with("198.19.0.") && seg(2).starts_with("198.19.0."));
     assert!(seg(1).starts_with("198.19.2."), "{}", seg(1));
-    let pod_node: BTreeMap<String, String> = state["pods"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, p)| (k.clone(), p["node"].as_str().unwrap().to_string()))
-        .collect();
-    let node_ips: BTreeMap<String, Vec<IpAddr>> = state["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            let mut ips = vec![n["underlay_ipv4"].as_str().unwrap().parse().unwrap()];
-            if let Some(v6) = n["underlay_ipv6"].as_str() {
-                ips.push(v6.parse().unwrap());
-            }
-            (n["name"].as_str().unwrap().to_string(), ips)
-        })
-        .collect();
+    let pod_node = common::pod_nodes(&state);
+    let node_ips = common::node_ips(&state);
 
     // Routes to other nodes' pods are BIRD's, never the agent's (protocol 77).
     for n in ["node-1", "node-2", "node-3"] {
@@ -107,27 +105,8 @@ fn conformance(router: &str, ipv6: bool, rr: bool) {
     }
 
     let results = lab.probe(&[]);
-    let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} probes failed: {failures:#?}",
-        failures.len(),
-        results.len()
-    );
     let families = if ipv6 { 2 } else { 1 };
-    let pod_pairs: Vec<&Value> = results
-        .iter()
-        .filter(|r| !field(r, "from").starts_with("node/") && field(r, "to") != "external")
-        .collect();
-    assert_eq!(pod_pairs.len(), 30 * 2 * families);
-    for r in &pod_pairs {
-        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT between pods: {r}");
-        assert_eq!(
-            field(r, "answeredBy"),
-            field(r, "to"),
-            "wrong responder: {r}"
-        );
-    }
+    let pod_pairs = common::pod_pairs_without_nat(&results, families);
     let across = pod_pairs
         .iter()
         .filter(|r| {
@@ -257,14 +236,7 @@ fn kill_keeps_stream(router: &str) {
         .spawn()
         .expect("ip monitor");
     std::thread::sleep(Duration::from_millis(200));
-    let kill = |pid: u64| {
-        assert!(Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    };
-    kill(agent);
+    kill9(agent);
     std::thread::sleep(Duration::from_millis(700));
     lab.run(&[
         "lab",
@@ -282,20 +254,12 @@ fn kill_keeps_stream(router: &str) {
         "restarted"
     );
 
-    let pidfile = lab.dir().join("nodes/node-2/bird/bird.pid");
-    let bird: u64 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    kill(bird);
+    let bird = bird_pid(&lab, "node-2").expect("node-2's BIRD");
+    kill9(bird);
     // The agent notices within seconds and starts BIRD again; the session comes back.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let again: u64 = std::fs::read_to_string(&pidfile)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(bird);
+        let again = bird_pid(&lab, "node-2").unwrap_or(bird);
         let out = lab.try_run(&["lab", "bgp", "-o", "json"]);
         if again != bird && out.status.success() {
             break;
@@ -364,20 +328,8 @@ fn removed_node_is_withdrawn_from_every_peer_within_the_hold_time() {
     };
     assert!(routed("node-1") && routed("node-2"), "{gone} routed before");
 
-    let kill = |pid: u64| {
-        assert!(Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-    };
-    kill(state["nodes"][2]["agent_pid"].as_u64().unwrap());
-    let bird: u64 = std::fs::read_to_string(lab.dir().join("nodes/node-3/bird/bird.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    kill(bird);
+    kill9(state["nodes"][2]["agent_pid"].as_u64().unwrap());
+    kill9(bird_pid(&lab, "node-3").expect("node-3's BIRD"));
     common::ip(&["-n", &lab.netns("fabric"), "link", "set", "n3", "down"]);
     let paths = malla_lab::LabPaths::new(&lab.name, Some(lab.state_root.path())).unwrap();
     let lab_state = malla_lab::LabState::require(&paths).unwrap();

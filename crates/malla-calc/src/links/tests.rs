@@ -330,30 +330,16 @@ fn a_pod_on_another_node_touches_only_that_nodes_routes() {
 
 #[test]
 fn bgp_mode_makes_no_routes_and_announces_blocks_and_borrowed_addresses() {
-    let node = |name: &str, last: u8| Node {
-        name: name.into(),
-        underlay_ipv4: Some(std::net::Ipv4Addr::new(198, 19, 0, last)),
-        underlay_ipv6: None,
-        underlay_mtu: 1500,
-        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(name)),
-    };
-    let ep = |node: &str, ip: &str| WorkloadEndpoint {
-        namespace: "default".into(),
-        pod: format!("p-{ip}"),
-        node: node.into(),
-        container_id: ip.into(),
-        ifname: "eth0".into(),
-        host_ifname: format!("mla{ip}"),
-        ips: vec![IpNet::from(ip.parse::<std::net::IpAddr>().unwrap())],
-        mac: "02:00:00:00:00:01".into(),
-        ipam_handle: ip.into(),
-    };
+    use crate::testutil::{ep, node};
     let view = ClusterView {
         config: ClusterConfig {
             routing: RoutingMode::Bgp,
             ..ClusterConfig::default()
         },
-        nodes: vec![node("a", 11), node("b", 12)],
+        nodes: vec![
+            node("a", "198.19.0.11", None),
+            node("b", "198.19.0.12", None),
+        ],
         blocks: vec![
             ("198.18.0.0/26".parse().unwrap(), Some("a".into())),
             ("198.18.0.64/26".parse().unwrap(), Some("b".into())),
