@@ -162,18 +162,21 @@ pub fn apply(
                     }
                 }
             }
-            if let Some(old) = state.services.get(&key) {
-                if spec.service.load_balancer_ips.is_empty() {
+            let bgp = state.routing == malla_api::RoutingMode::Bgp;
+            if let Some(old) = state.services.get(&key).filter(|_| bgp) {
+                // A BGP lab gave it its LoadBalancer address: kept while it stays one.
+                for ip in &old.load_balancer_ips {
+                    taken_lb.remove(ip);
+                }
+                if spec.service.kind == malla_api::service::ServiceType::LoadBalancer
+                    && spec.service.load_balancer_ips.is_empty()
+                {
                     spec.service.load_balancer_ips = old.load_balancer_ips.clone();
-                } else {
-                    for ip in &old.load_balancer_ips {
-                        taken_lb.remove(ip);
-                    }
                 }
             }
             let mut svc = services::allocate(&spec, state.ipv6, &taken_ips, &taken_ports)
                 .with_context(|| format!("service {key}"))?;
-            if state.routing == malla_api::RoutingMode::Bgp {
+            if bgp {
                 crate::bgp::allocate_load_balancer(&mut svc, &mut taken_lb)
                     .with_context(|| format!("service {key}"))?;
             }

@@ -459,6 +459,17 @@ fn load_balancers(router: &str) {
         }
     };
     answers("default/loc2");
+    // Applied again, the Services keep their addresses.
+    lab.apply(services);
+    let again = lab.state();
+    for (svc, ip) in [("lb", &lb), ("lblocal", &local)] {
+        let s = &again["services"][format!("default/{svc}")];
+        let ips = s["loadBalancerIps"]
+            .as_array()
+            .or(s["load_balancer_ips"].as_array())
+            .unwrap();
+        assert_eq!(ips[0].as_str(), Some(ip.as_str()), "{svc}: {s}");
+    }
 
     // The endpoint moves to node-3: so does the route.
     lab.apply_delete(&local_pod("loc2", "node-2"));
