@@ -451,7 +451,8 @@ pub struct Session {
 }
 
 impl Session {
-    fn from_bird(speaker: &str, p: &malla_bgp::status::Protocol) -> Self {
+    /// A session as BIRD reports it, on `speaker`.
+    pub fn from_bird(speaker: &str, p: &malla_bgp::status::Protocol) -> Self {
         Self {
             speaker: speaker.to_string(),
             name: p.name.clone(),

@@ -833,36 +833,5 @@ fn bgp_status(g: &Globals, paths: &LabPaths, output: Output) -> anyhow::Result<(
         state.name,
         state.routing
     );
-    let sessions = malla_lab::bgp::sessions(paths, &state)?;
-    if !output.document(&sessions)? {
-        let wide = output == Output::Wide;
-        let mut head = vec!["SPEAKER", "PEER", "NEIGHBOR", "STATE", "RECEIVED", "SENT"];
-        if wide {
-            head.extend(["AS", "SINCE", "SESSION"]);
-        }
-        let mut t = Table::new(&head).right(4).right(5);
-        for s in &sessions {
-            let mut row = vec![
-                s.speaker.clone(),
-                s.description.clone().unwrap_or_else(|| s.name.clone()),
-                s.neighbor.clone().unwrap_or_default(),
-                s.state.clone(),
-                s.received.to_string(),
-                s.sent.to_string(),
-            ];
-            if wide {
-                row.extend([
-                    s.neighbor_as.map(|a| a.to_string()).unwrap_or_default(),
-                    s.since.clone(),
-                    s.name.clone(),
-                ]);
-            }
-            t.row(row);
-        }
-        t.print();
-    }
-    if sessions.iter().any(|s| !s.established) {
-        return Err(ExitWith(exit::FOUND_PROBLEM).into());
-    }
-    Ok(())
+    crate::bgp_cmd::print_sessions(&malla_lab::bgp::sessions(paths, &state)?, output)
 }

@@ -172,6 +172,23 @@ fn conformance(router: &str, ipv6: bool, rr: bool) {
             "the router learned the node's block: {s}"
         );
     }
+    // A node's own view (`malla bgp status`, as on a real node).
+    let sock = lab.dir().join("nodes/node-1/bird/bird.ctl");
+    let out = lab.run(&[
+        "bgp",
+        "status",
+        "--socket",
+        sock.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    let own: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        own.len(),
+        sessions.iter().filter(|s| s["speaker"] == "node-1").count(),
+        "{out}"
+    );
+    assert!(own.iter().all(|s| s["established"] == true), "{out}");
     let mesh = sessions
         .iter()
         .filter(|s| field(s, "description").starts_with("node "))
