@@ -1,7 +1,10 @@
-//! `guard-bench`: what anti-spoofing costs (issue 14: "nothing measurable", ratio ≥ 0.98) —
+//! `guard-bench`: what issue 14's protections cost ("nothing measurable", ratio ≥ 0.98) —
 //! pod↔pod TCP throughput (iperf3) and connection setup latency (TCP connect, SYN to SYN-ACK)
-//! with the cluster config's `antiSpoofing` on and off, in the same 2-node lab, alternating
-//! on/off for `--rounds` rounds so drift on a busy machine falls on both alike.
+//! with them on and off, in the same 2-node lab, alternating on/off for `--rounds` rounds so
+//! drift on a busy machine falls on both alike. `--protections anti-spoofing` toggles the
+//! cluster config's `antiSpoofing` alone; `all` (the default) toggles, together, anti-spoofing,
+//! the endpoint-to-host action `Drop`, and host endpoints on every node (`*`) under a deny-all
+//! global policy plus a pre-DNAT NodePort guard (so every host endpoint chain is in place).
 //!
 //! Pods `a` and `b` on node-1, `c` on node-2 (`--routing direct`). Throughput: the median of the
 //! iperf3 runs of a mode (a→b same node, a→c across nodes). Latency: p50 and p99 over every
@@ -36,10 +39,42 @@ struct Args {
     connections: usize,
     #[command(flatten)]
     bins: BinArgs,
+    /// What is switched on and off: `anti-spoofing`, or `all` of issue 14's protections.
+    #[arg(long, default_value = "all", value_parser = ["anti-spoofing", "all"])]
+    protections: String,
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
 }
+
+/// Host endpoints on both nodes, a deny-all host policy and a pre-DNAT NodePort guard.
+const HOST_ENDPOINTS: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: node-1-all, labels: {role: node}}
+spec: {node: node-1, interfaceName: "*"}
+---
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: node-2-all, labels: {role: node}}
+spec: {node: node-2, interfaceName: "*"}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-all-hosts}
+spec: {selector: "role == 'node'", types: [Ingress, Egress]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: nodeport-guard}
+spec:
+  selector: has(role)
+  preDNAT: true
+  applyOnForward: true
+  ingress:
+  - {action: Allow, protocol: TCP, source: {nets: [198.19.1.2/32]}, destination: {ports: ["30000:32767"]}}
+  - {action: Deny, protocol: TCP, destination: {ports: ["30000:32767"]}}
+"#;
 
 /// The port the connect-latency listener uses in the server pods.
 const CONNECT_PORT: u16 = 9300;
@@ -50,6 +85,9 @@ struct Mode {
     cross_bps: Vec<f64>,
     same_connect: Vec<Duration>,
     cross_connect: Vec<Duration>,
+    /// Each round's p50 connect time (same node, cross node).
+    same_p50: Vec<Duration>,
+    cross_p50: Vec<Duration>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,12 +125,30 @@ fn main() -> anyhow::Result<()> {
         for guard in order {
             check(deadline)?;
             eprintln!(
-                "round {}: anti-spoofing {}",
+                "round {}: {} {}",
                 round + 1,
+                args.protections,
                 if guard { "on" } else { "off" }
             );
+            let all = args.protections == "all";
+            if all {
+                let objects = malla_lab::manifest::parse(HOST_ENDPOINTS)
+                    .map_err(|e| anyhow::anyhow!("host endpoints: {e}"))?;
+                if guard {
+                    malla_lab::runtime::apply(&lab.paths, &bins.malla, &objects)?;
+                } else {
+                    malla_lab::runtime::delete(&lab.paths, &objects)?;
+                }
+            }
             malla_lab::topology::update_cluster_config(&lab.paths, &lab.state, |cfg| {
-                cfg.anti_spoofing = guard
+                cfg.anti_spoofing = guard;
+                if all {
+                    cfg.default_endpoint_to_host_action = if guard {
+                        malla_api::EndpointToHostAction::Drop
+                    } else {
+                        malla_api::EndpointToHostAction::Accept
+                    };
+                }
             })?;
             let m = if guard { &mut on } else { &mut off };
             for (server, ip, out) in [
@@ -113,10 +169,12 @@ fn main() -> anyhow::Result<()> {
                 out.push(bps);
             }
             let target = |ip| SocketAddr::new(ip, CONNECT_PORT);
-            m.same_connect
-                .extend(connects(&a.netns, target(b_ip), args.connections)?);
-            m.cross_connect
-                .extend(connects(&a.netns, target(c_ip), args.connections)?);
+            let same = connects(&a.netns, target(b_ip), args.connections)?;
+            let cross = connects(&a.netns, target(c_ip), args.connections)?;
+            m.same_p50.push(percentile(&same, 50.0));
+            m.cross_p50.push(percentile(&cross, 50.0));
+            m.same_connect.extend(same);
+            m.cross_connect.extend(cross);
         }
     }
 
@@ -127,23 +185,34 @@ fn main() -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "anti-spoofing on vs off, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
-        args.rounds, args.seconds, args.connections
+        "{} on vs off, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
+        if args.protections == "all" {
+            "anti-spoofing + endpoint-to-host Drop + host endpoints (deny-all, pre-DNAT)"
+        } else {
+            "anti-spoofing"
+        },
+        args.rounds,
+        args.seconds,
+        args.connections
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>8} {:>4}",
-        "case", "on", "off", "ratio", ">=0.98"
+        "{:<34} {:>10} {:>10} {:>8} {:>8} {:>4}",
+        "case", "on", "off", "ratio", "paired", ">=0.98"
     );
-    let row = |name: &str, on_v: String, off_v: String, r: f64| {
+    // `paired`: the median of the rounds' own on/off ratios (each round measured both settings
+    // back to back, so its ratio is free of slow drift); the verdict column reads it.
+    let row = |name: &str, on_v: String, off_v: String, r: f64, paired: f64| {
         println!(
-            "{:<34} {:>10} {:>10} {:>8.3} {:>4}",
+            "{:<34} {:>10} {:>10} {:>8.3} {:>8.3} {:>4}",
             name,
             on_v,
             off_v,
             r,
-            yes(r >= 0.98)
+            paired,
+            yes(paired >= 0.98)
         );
     };
+    let paired_median = |pairs: Vec<f64>| median(&pairs);
     for (name, o, f) in [
         ("throughput same node (Gbit/s)", &on.same_bps, &off.same_bps),
         (
@@ -153,31 +222,50 @@ fn main() -> anyhow::Result<()> {
         ),
     ] {
         // Each round measured both settings back to back: its own ratio is free of slow drift.
-        let paired: Vec<String> = o
-            .iter()
-            .zip(f.iter())
-            .map(|(a, b)| format!("{:.3}", ratio(*a, *b)))
-            .collect();
-        eprintln!("{name}: on/off per round {}", paired.join(" "));
-        let (o, f) = (median(o), median(f));
+        let pairs: Vec<f64> = o.iter().zip(f.iter()).map(|(a, b)| ratio(*a, *b)).collect();
+        let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
+        eprintln!("{name}: on/off per round {}", shown.join(" "));
+        let (om, fm) = (median(o), median(f));
         row(
             name,
-            format!("{:.2}", o / 1e9),
-            format!("{:.2}", f / 1e9),
-            ratio(o, f),
+            format!("{:.2}", om / 1e9),
+            format!("{:.2}", fm / 1e9),
+            ratio(om, fm),
+            paired_median(pairs),
         );
     }
-    for (name, o, f) in [
-        ("connect same node", &on.same_connect, &off.same_connect),
-        ("connect cross node", &on.cross_connect, &off.cross_connect),
+    for (name, o, f, o50, f50) in [
+        (
+            "connect same node",
+            &on.same_connect,
+            &off.same_connect,
+            &on.same_p50,
+            &off.same_p50,
+        ),
+        (
+            "connect cross node",
+            &on.cross_connect,
+            &off.cross_connect,
+            &on.cross_p50,
+            &off.cross_p50,
+        ),
     ] {
+        let pairs: Vec<f64> = o50
+            .iter()
+            .zip(f50.iter())
+            .map(|(a, b)| ratio(b.as_secs_f64(), a.as_secs_f64()))
+            .collect();
+        let paired = paired_median(pairs);
         for p in [50.0, 99.0] {
             let (po, pf) = (percentile(o, p), percentile(f, p));
+            let r = ratio(pf.as_secs_f64(), po.as_secs_f64());
+            // p99 has no per-round pairing worth the name: its own ratio is shown twice.
             row(
                 &format!("{name} p{p:.0} (µs)"),
                 us(po),
                 us(pf),
-                ratio(pf.as_secs_f64(), po.as_secs_f64()),
+                r,
+                if p == 50.0 { paired } else { r },
             );
         }
     }

@@ -446,6 +446,7 @@ fn synthetic(args: &Args) -> anyhow::Result<Synthetic> {
             pods,
             namespaces,
             policies,
+            calico: Default::default(),
         },
         remote_blocks,
         local: args.local_pods,

@@ -290,6 +290,17 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             // Changes take their paths even when a resync is due (a busy cluster would
             // otherwise compute the whole node every period); the check against the kernel
             // follows once nothing is pending.
+            {
+                // Host endpoint policy is rendered with the whole node: pods' addresses feed
+                // its selector sets, other nodes' addresses its VXLAN exemption.
+                let view = mirror.view();
+                let hosts = !view.calico.host_endpoints.is_empty() || view.config.auto_host_endpoints;
+                if (!pending_policy.is_empty() && view.calico.reads_endpoints())
+                    || (pending_links && hosts && view.config.routing == malla_api::RoutingMode::Vxlan)
+                {
+                    other_dirty = true;
+                }
+            }
             let resync_due = last_full.elapsed() >= cfg.resync;
             if !pending_services.is_empty() && !other_dirty && applied {
                 // Only Services or slices changed: the service path, which touches those

@@ -203,6 +203,10 @@ pub struct Mirror {
     pods: Keys,
     namespaces: Keys,
     policies: Keys,
+    tiers: Keys,
+    global_policies: Keys,
+    host_endpoints: Keys,
+    network_sets: Keys,
 }
 
 impl Mirror {
@@ -223,6 +227,10 @@ impl Mirror {
             pods: Keys::new(keys::PODS),
             namespaces: Keys::new(keys::NAMESPACES),
             policies: Keys::new(keys::NETWORK_POLICIES),
+            tiers: Keys::new(keys::TIERS),
+            global_policies: Keys::new(keys::GLOBAL_NETWORK_POLICIES),
+            host_endpoints: Keys::new(keys::HOST_ENDPOINTS),
+            network_sets: Keys::new(keys::GLOBAL_NETWORK_SETS),
         }
     }
 
@@ -449,6 +457,20 @@ impl Mirror {
                 .extend(self.policies.get(&v.policies, key).map(id));
             policy.policies.extend(np.as_ref().map(id));
             self.policies.upsert(&mut v.policies, key, np)
+        } else if key.starts_with(keys::TIERS) {
+            // Calico's objects: the host endpoint policy is rendered with the whole node.
+            let t = take!(key, value, Tier);
+            self.tiers.upsert(&mut v.calico.tiers, key, t)
+        } else if key.starts_with(keys::GLOBAL_NETWORK_POLICIES) {
+            let p = take!(key, value, GlobalNetworkPolicy);
+            self.global_policies.upsert(&mut v.calico.policies, key, p)
+        } else if key.starts_with(keys::HOST_ENDPOINTS) {
+            let h = take!(key, value, HostEndpoint);
+            self.host_endpoints
+                .upsert(&mut v.calico.host_endpoints, key, h)
+        } else if key.starts_with(keys::GLOBAL_NETWORK_SETS) {
+            let n = take!(key, value, GlobalNetworkSet);
+            self.network_sets.upsert(&mut v.calico.network_sets, key, n)
         } else {
             false
         };

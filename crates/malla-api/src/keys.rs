@@ -13,11 +13,32 @@ pub const NAMESPACES: &str = "/malla/namespaces/";
 pub const NETWORK_POLICIES: &str = "/malla/networkpolicies/";
 pub const SERVICES: &str = "/malla/services/";
 pub const ENDPOINT_SLICES: &str = "/malla/endpointslices/";
+/// Calico's `projectcalico.org/v3` objects (`malla_api::calico`).
+pub const TIERS: &str = "/malla/tiers/";
+pub const GLOBAL_NETWORK_POLICIES: &str = "/malla/globalnetworkpolicies/";
+pub const HOST_ENDPOINTS: &str = "/malla/hostendpoints/";
+pub const GLOBAL_NETWORK_SETS: &str = "/malla/globalnetworksets/";
 /// The convergence barrier: a counter that a waiter bumps and every agent reports once it has
 /// applied everything its feed delivered before it (`malla_store::barrier`). Under
 /// `/malla/config/`, so the Kubernetes backend keeps it as a `ClusterNetwork` named
 /// `sync-barrier` (no definition of its own).
 pub const SYNC_BARRIER: &str = "/malla/config/sync-barrier";
+
+pub fn tier(name: &str) -> String {
+    format!("{TIERS}{name}")
+}
+
+pub fn global_network_policy(name: &str) -> String {
+    format!("{GLOBAL_NETWORK_POLICIES}{name}")
+}
+
+pub fn host_endpoint(name: &str) -> String {
+    format!("{HOST_ENDPOINTS}{name}")
+}
+
+pub fn global_network_set(name: &str) -> String {
+    format!("{GLOBAL_NETWORK_SETS}{name}")
+}
 
 pub fn pool(name: &str) -> String {
     format!("{POOLS}{name}")

@@ -13,6 +13,7 @@
 
 use serde_json::Value;
 
+use crate::calico::{GlobalNetworkPolicy, GlobalNetworkSet, HostEndpoint, Tier};
 use crate::keys;
 use crate::policy::NetworkPolicy;
 use crate::service::{EndpointSlice, Service};
@@ -156,6 +157,10 @@ kinds! {
     Pod(Pod) Keyed::Under(keys::PODS), synced;
     Namespace(Namespace) Keyed::Under(keys::NAMESPACES), synced;
     NetworkPolicy(NetworkPolicy) Keyed::Under(keys::NETWORK_POLICIES), synced;
+    Tier(Tier) Keyed::Under(keys::TIERS), synced;
+    GlobalNetworkPolicy(GlobalNetworkPolicy) Keyed::Under(keys::GLOBAL_NETWORK_POLICIES), synced;
+    HostEndpoint(HostEndpoint) Keyed::Under(keys::HOST_ENDPOINTS), synced;
+    GlobalNetworkSet(GlobalNetworkSet) Keyed::Under(keys::GLOBAL_NETWORK_SETS), synced;
     /// An IPAM handle (malla-ipam's type, as a JSON tree): the CNI plugin's, not the feed's.
     Handle(JsonObject) Keyed::Under(keys::HANDLES), stored;
 }
@@ -280,6 +285,46 @@ pub const STORAGE: &[Storage] = &[
             kind: "NetworkPolicy",
             plural: "networkpolicies",
             namespaced: true,
+        },
+    },
+    // Calico's objects: custom resources of Malla's group (the record's JSON as `spec`).
+    Storage {
+        prefix: keys::TIERS,
+        kubernetes: Kubernetes::Custom {
+            kind: "Tier",
+            plural: "tiers",
+            columns: &[("Order", "number", ".spec.order", 0)],
+        },
+    },
+    Storage {
+        prefix: keys::GLOBAL_NETWORK_POLICIES,
+        kubernetes: Kubernetes::Custom {
+            kind: "GlobalNetworkPolicy",
+            plural: "globalnetworkpolicies",
+            columns: &[
+                ("Tier", "string", ".spec.spec.tier", 0),
+                ("Order", "number", ".spec.spec.order", 0),
+                ("Selector", "string", ".spec.spec.selector", 0),
+            ],
+        },
+    },
+    Storage {
+        prefix: keys::HOST_ENDPOINTS,
+        kubernetes: Kubernetes::Custom {
+            kind: "HostEndpoint",
+            plural: "hostendpoints",
+            columns: &[
+                ("Node", "string", ".spec.spec.node", 0),
+                ("Interface", "string", ".spec.spec.interfaceName", 0),
+            ],
+        },
+    },
+    Storage {
+        prefix: keys::GLOBAL_NETWORK_SETS,
+        kubernetes: Kubernetes::Custom {
+            kind: "GlobalNetworkSet",
+            plural: "globalnetworksets",
+            columns: &[],
         },
     },
 ];

@@ -4,6 +4,7 @@
 //! (where each object lives in a key-value store) is in [`keys`]; the conversion of native
 //! Kubernetes objects to and from these types is in `k8s` (feature `k8s`).
 
+pub mod calico;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod keys;
@@ -75,10 +76,39 @@ pub struct ClusterConfig {
     /// it (Felix's `DefaultEndpointToHostAction`).
     #[serde(default, skip_serializing_if = "EndpointToHostAction::is_accept")]
     pub default_endpoint_to_host_action: EndpointToHostAction,
+    /// Traffic to these protocols and ports is never blocked by host endpoint policy (absent:
+    /// [`calico::default_failsafe_inbound`]; empty: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_inbound_host_ports: Option<Vec<calico::ProtoPort>>,
+    /// Traffic from a node to these protocols and ports is never blocked by host endpoint
+    /// policy (absent: [`calico::default_failsafe_outbound`]; empty: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failsafe_outbound_host_ports: Option<Vec<calico::ProtoPort>>,
+    /// Every node gets an all-interfaces host endpoint (`<node>-auto`, labels
+    /// `malla.dev/host-endpoint: auto` and `kubernetes.io/hostname: <node>`, profile
+    /// `projectcalico-default-allow`), as Calico's `autoCreate`. Off unless set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_host_endpoints: bool,
     /// BGP settings for `routing: bgp` (Calico's `BGPConfiguration` and `BGPPeer`s in one);
     /// absent: the defaults ([`BgpConfig::default`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp: Option<BgpConfig>,
+}
+
+impl ClusterConfig {
+    /// The inbound failsafe ports in force.
+    pub fn failsafe_inbound(&self) -> Vec<calico::ProtoPort> {
+        self.failsafe_inbound_host_ports
+            .clone()
+            .unwrap_or_else(calico::default_failsafe_inbound)
+    }
+
+    /// The outbound failsafe ports in force.
+    pub fn failsafe_outbound(&self) -> Vec<calico::ProtoPort> {
+        self.failsafe_outbound_host_ports
+            .clone()
+            .unwrap_or_else(calico::default_failsafe_outbound)
+    }
 }
 
 /// The cluster's BGP settings (Calico's `BGPConfiguration` with its `BGPPeer`s).
@@ -201,6 +231,9 @@ impl Default for ClusterConfig {
             vxlan_port: default_vxlan_port(),
             anti_spoofing: true,
             default_endpoint_to_host_action: EndpointToHostAction::Accept,
+            failsafe_inbound_host_ports: None,
+            failsafe_outbound_host_ports: None,
+            auto_host_endpoints: false,
             bgp: None,
         }
     }

@@ -5,6 +5,7 @@
 //! result against the kernel.
 
 pub mod guard;
+pub mod host;
 pub mod links;
 pub mod masquerade;
 pub mod nft;

@@ -24,6 +24,8 @@ pub struct ClusterView {
     pub pods: Vec<malla_api::Pod>,
     pub namespaces: Vec<malla_api::Namespace>,
     pub policies: Vec<malla_api::policy::NetworkPolicy>,
+    /// Calico's objects (tiers, global policies, host endpoints, network sets).
+    pub calico: crate::host::CalicoView,
 }
 
 /// A route to pods on another node.
@@ -129,6 +131,31 @@ pub fn node_ips(view: &ClusterView, me: &str) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// This node's host endpoint policy ([`crate::host`]) into its table.
+pub fn render_host(view: &ClusterView, me: &str, table: &mut crate::nft::Table) {
+    let heps = crate::host::local_host_endpoints(&view.calico, me, view.config.auto_host_endpoints);
+    if heps.is_empty() {
+        return;
+    }
+    let inputs = crate::host::render::HostInputs {
+        heps,
+        ents: crate::host::labelled(view),
+        nodes: view
+            .nodes
+            .iter()
+            .filter(|n| n.name != me)
+            .flat_map(|n| {
+                n.underlay_ipv4
+                    .map(IpAddr::V4)
+                    .into_iter()
+                    .chain(n.underlay_ipv6.map(IpAddr::V6))
+            })
+            .collect(),
+        config: Some(&view.config),
+    };
+    crate::host::render_host_endpoints(&view.calico, &inputs, table);
+}
+
 /// Computes `me`'s desired state from the whole cluster view.
 pub fn compute(view: &ClusterView, me: &str) -> NodeDataplane {
     let program = crate::policy::compile(&view.policies, &view.namespaces, &policy_pods(view), me);
@@ -169,6 +196,7 @@ pub fn compute_with_links(
         &mut nft_table,
     );
     crate::guard::render(&links.guard, view.config.anti_spoofing, &mut nft_table);
+    render_host(view, me, &mut nft_table);
 
     NodeDataplane {
         mode: view.config.routing,

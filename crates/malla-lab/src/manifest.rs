@@ -1,6 +1,7 @@
 //! Kubernetes manifests the lab understands: `v1/Namespace`, `v1/Pod` (labels, `spec.nodeName`,
 //! `containers[].ports`, `spec.hostNetwork`, the `malla.dev/allowed-source-prefixes` annotation), `v1/Service`, `discovery.k8s.io` EndpointSlice and
-//! `networking.k8s.io/v1` NetworkPolicy, several documents per file. Decoding is
+//! `networking.k8s.io/v1` NetworkPolicy and Calico's `projectcalico.org/v3` Tier, GlobalNetworkPolicy,
+//! HostEndpoint and GlobalNetworkSet, several documents per file. Decoding is
 //! `malla_api::k8s::manifest` (strict, as `kubectl apply --validate=strict`: a misspelt field is
 //! an error); this adds what the lab itself cannot run. Everything is parsed and checked before
 //! anything is applied; errors name the document and the field.
@@ -23,6 +24,8 @@ pub enum Object {
     Service(crate::services::ServiceSpec),
     EndpointSlice(malla_api::service::EndpointSlice),
     NetworkPolicy(malla_api::policy::NetworkPolicy),
+    /// A `projectcalico.org/v3` object (tiers, global policies, host endpoints, network sets).
+    Calico(malla_api::calico::CalicoObject),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +79,7 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ManifestError> {
                 k8s_manifest::Object::Service(s) => Object::Service(s),
                 k8s_manifest::Object::EndpointSlice(s) => Object::EndpointSlice(s),
                 k8s_manifest::Object::NetworkPolicy(p) => Object::NetworkPolicy(p),
+                k8s_manifest::Object::Calico(c) => Object::Calico(c),
             })
         })
         .collect()

@@ -289,6 +289,19 @@ pub fn apply(
         state.policies.insert(key, p.clone());
         outcomes.push(outcome);
     }
+    for o in objects {
+        let Object::Calico(c) = o else {
+            continue;
+        };
+        let (key, json) = (c.key(), c.to_json());
+        let outcome = match state.calico.get(&key) {
+            None => Outcome::Created(c.id()),
+            Some(old) if *old == json => Outcome::Unchanged(c.id()),
+            Some(_) => Outcome::Configured(c.id()),
+        };
+        state.calico.insert(key, json);
+        outcomes.push(outcome);
+    }
     sync_objects(paths, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
@@ -341,6 +354,9 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             serde_json::to_string(p)?,
         );
     }
+    for (key, json) in &state.calico {
+        want.insert(key.clone(), json.clone());
+    }
     for slice in state.manual_slices.values() {
         want.insert(
             keys::endpoint_slice(&slice.namespace, &slice.name),
@@ -353,6 +369,10 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
         keys::SERVICES,
         keys::ENDPOINT_SLICES,
         keys::NETWORK_POLICIES,
+        keys::TIERS,
+        keys::GLOBAL_NETWORK_POLICIES,
+        keys::HOST_ENDPOINTS,
+        keys::GLOBAL_NETWORK_SETS,
     ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {
@@ -608,7 +628,10 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
     for o in objects {
         match o {
             Object::Pod(p) => doomed.push(p.key()),
-            Object::Service(_) | Object::EndpointSlice(_) | Object::NetworkPolicy(_) => {}
+            Object::Service(_)
+            | Object::EndpointSlice(_)
+            | Object::NetworkPolicy(_)
+            | Object::Calico(_) => {}
             Object::Namespace { name, .. } => {
                 doomed.extend(
                     state
@@ -641,6 +664,12 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
                 outcomes.push(match state.policies.remove(&key) {
                     Some(_) => Outcome::Deleted(format!("networkpolicy/{key}")),
                     None => Outcome::NotFound(format!("networkpolicy/{key}")),
+                });
+            }
+            Object::Calico(c) => {
+                outcomes.push(match state.calico.remove(&c.key()) {
+                    Some(_) => Outcome::Deleted(c.id()),
+                    None => Outcome::NotFound(c.id()),
                 });
             }
             Object::Namespace { name, .. } => {

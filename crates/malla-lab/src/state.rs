@@ -205,6 +205,9 @@ pub struct LabState {
     /// EndpointSlices given in manifests (not derived from a selector), by `namespace/name`.
     #[serde(default)]
     pub manual_slices: BTreeMap<String, malla_api::service::EndpointSlice>,
+    /// Calico's `projectcalico.org/v3` objects, by datastore key: their stored JSON.
+    #[serde(default)]
+    pub calico: BTreeMap<String, String>,
 }
 
 impl Default for ExternalState {

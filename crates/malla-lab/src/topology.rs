@@ -302,6 +302,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         pods: Default::default(),
         services: Default::default(),
         manual_slices: Default::default(),
+        calico: Default::default(),
         policies: Default::default(),
     };
     if let Some(prev) = previous {

@@ -1,7 +1,10 @@
 //! `malla policy trace`: why a connection is allowed or denied — for each direction, which
 //! NetworkPolicies select the endpoint and which rule allowed the traffic, or that none did. A
 //! pod's traffic to its own node (`node/NAME`, or one of its addresses) also takes the
-//! cluster's endpoint-to-host action after its egress policy, as the dataplane does.
+//! cluster's endpoint-to-host action after its egress policy, as the dataplane does. Traffic
+//! from or to a node's address also meets the nodes' host endpoint policy (Calico's
+//! `HostEndpoint` and `GlobalNetworkPolicy`: failsafe ports, pre-DNAT, input, output), read
+//! with `malla_calc::host::reference`.
 
 use std::net::IpAddr;
 
@@ -93,6 +96,110 @@ fn to_host(
         .then_some(view.config.default_endpoint_to_host_action)
 }
 
+/// Host endpoint policy on the way: one stage on one node.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HostTrace {
+    node: String,
+    stage: &'static str,
+    /// The host endpoint whose policy applied (none: exempt or no endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_endpoint: Option<String>,
+    passes: bool,
+    decided_by: malla_calc::host::reference::DecidedBy,
+}
+
+/// The interface a node's host endpoint policy is evaluated on for traffic to or from its
+/// underlay address `addr`: a named host endpoint expecting that address, else the
+/// all-interfaces one (`*`).
+fn node_interface(heps: &[malla_api::calico::HostEndpoint], addr: IpAddr) -> String {
+    heps.iter()
+        .find(|h| !h.all_interfaces() && h.spec.expected_ips.contains(&addr))
+        .and_then(|h| h.spec.interface_name.clone())
+        .unwrap_or_else(|| "*".into())
+}
+
+/// Host endpoint policy between `s` and `d`: the source node's output stage when `s` is a
+/// node's address, the destination node's pre-DNAT and input stages when `d` is one (a pod
+/// reaching its own node is the endpoint-to-host action's, not host endpoint policy's).
+fn host_trace(
+    view: &malla_calc::ClusterView,
+    pods: &[PolicyPod],
+    s: IpAddr,
+    d: IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> Vec<HostTrace> {
+    use malla_calc::host::{self, reference, Stage};
+    let node_of = |a: IpAddr| {
+        view.nodes
+            .iter()
+            .find(|n| malla_calc::routes::node_ips(view, &n.name).contains(&a))
+            .map(|n| n.name.clone())
+    };
+    let p = reference::HostPacket {
+        src: s,
+        dst: d,
+        proto: match proto {
+            Protocol::Tcp => malla_api::calico::Proto::TCP,
+            Protocol::Udp => malla_api::calico::Proto::UDP,
+            Protocol::Sctp => malla_api::calico::Proto::SCTP,
+        },
+        sport: 40000,
+        dport: port,
+        icmp: None,
+    };
+    let ents = host::labelled(view);
+    let mut out = Vec::new();
+    let mut stage = |node: &str, stage: Stage, name: &'static str, addr: IpAddr| {
+        let heps = host::local_host_endpoints(&view.calico, node, view.config.auto_host_endpoints);
+        let others: Vec<IpAddr> = view
+            .nodes
+            .iter()
+            .filter(|n| n.name != node)
+            .flat_map(|n| malla_calc::routes::node_ips(view, &n.name))
+            .collect();
+        let iface = node_interface(&heps, addr);
+        let (decision, hep, by) = reference::verdict_explained(
+            &view.calico,
+            &view.config,
+            &heps,
+            &others,
+            stage,
+            &iface,
+            &p,
+            &ents,
+        );
+        out.push(HostTrace {
+            node: node.to_string(),
+            stage: name,
+            host_endpoint: hep,
+            passes: decision.passes(),
+            decided_by: by,
+        });
+    };
+    if let Some(n) = node_of(s) {
+        stage(&n, Stage::Output, "output", s);
+    }
+    if let Some(n) = node_of(d) {
+        let own_pod = pods.iter().any(|x| x.ips.contains(&s) && x.node == n);
+        // A node port is DNATed after pre-DNAT: the connection is forwarded to a pod, not
+        // delivered to the node's processes.
+        let node_port = view.services.iter().any(|svc| {
+            svc.ports
+                .iter()
+                .any(|sp| sp.node_port == Some(port) && sp.protocol == proto)
+        });
+        if !own_pod {
+            stage(&n, Stage::PreDnat, "preDNAT", d);
+            if !node_port {
+                stage(&n, Stage::Input, "input", d);
+            }
+        }
+    }
+    out
+}
+
 /// One verdict of `policy trace -o json|yaml`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -107,6 +214,9 @@ struct TraceView<'a> {
     /// A pod's traffic to its own node: the endpoint-to-host action after its egress policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     to_host: Option<EndpointToHostAction>,
+    /// Host endpoint policy on the source node's way out and the destination node's way in.
+    #[serde(skip_serializing_if = "<[HostTrace]>::is_empty")]
+    host_endpoints: &'a [HostTrace],
 }
 
 pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
@@ -115,6 +225,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     let view = malla_agent::read_view(&*store)?;
     let pods = malla_calc::routes::policy_pods(&view);
     let mut out = Vec::new();
+    let mut hosts: Vec<Vec<HostTrace>> = Vec::new();
     if a.all {
         for src in &pods {
             for dst in pods
@@ -176,22 +287,28 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             explain(&view.policies, &view.namespaces, &c),
             to_host(&view, &pods, s, d),
         ));
+        hosts.push(host_trace(&view, &pods, s, d, port, proto));
     }
-    // Dropped by the endpoint-to-host action even when the egress policy allows it.
-    let allowed = |e: &malla_calc::policy::Explanation, h: &Option<EndpointToHostAction>| {
-        e.allowed && *h != Some(EndpointToHostAction::Drop)
+    hosts.resize_with(out.len(), Vec::new);
+    // Dropped by the endpoint-to-host action even when the egress policy allows it, or by
+    // host endpoint policy.
+    let allowed = |i: usize| {
+        let (_, _, _, _, e, h) = &out[i];
+        e.allowed && *h != Some(EndpointToHostAction::Drop) && hosts[i].iter().all(|t| t.passes)
     };
     let views: Vec<TraceView> = out
         .iter()
-        .map(|(f, t, p, pr, e, h)| TraceView {
+        .enumerate()
+        .map(|(i, (f, t, p, pr, e, h))| TraceView {
             from: f,
             to: t,
             port: *p,
             protocol: pr.nft(),
-            allowed: allowed(e, h),
+            allowed: allowed(i),
             egress: &e.egress,
             ingress: &e.ingress,
             to_host: *h,
+            host_endpoints: &hosts[i],
         })
         .collect();
     if a.output.document(&views)? {
@@ -199,12 +316,12 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     }
     if a.output == Output::Wide {
         let mut t = Table::new(&["FROM", "TO", "PORT", "VERDICT", "EGRESS", "INGRESS"]);
-        for (f, tt, p, pr, e, h) in &out {
+        for (i, (f, tt, p, pr, e, _)) in out.iter().enumerate() {
             t.row(vec![
                 f.clone(),
                 tt.clone(),
                 format!("{}/{p}", pr.nft()),
-                if allowed(e, h) { "ALLOWED" } else { "DENIED" }.into(),
+                if allowed(i) { "ALLOWED" } else { "DENIED" }.into(),
                 e.egress.selected_by.join(","),
                 e.ingress.selected_by.join(","),
             ]);
@@ -212,17 +329,39 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         t.print();
         return Ok(());
     }
-    for (f, t, p, pr, e, h) in &out {
+    for (i, (f, t, p, pr, e, h)) in out.iter().enumerate() {
         println!(
             "{f} -> {t} {}/{p}: {}",
             pr.nft(),
-            if allowed(e, h) { "ALLOWED" } else { "DENIED" }
+            if allowed(i) { "ALLOWED" } else { "DENIED" }
         );
         for line in e.to_string().lines() {
             println!("  {line}");
         }
         if let Some(h) = h {
             println!("  to its own node: the cluster's endpoint-to-host action is {h:?}");
+        }
+        for ht in &hosts[i] {
+            use malla_calc::host::reference::DecidedBy;
+            let by = match &ht.decided_by {
+                DecidedBy::Rule {
+                    tier,
+                    policy,
+                    index,
+                } => {
+                    format!("rule {index} of {tier}/{policy}")
+                }
+                DecidedBy::EndOfTier { tier } => format!("the end of tier {tier}"),
+                DecidedBy::Default => "the default after every tier".into(),
+                DecidedBy::Exempt { why } => format!("exempt: {why}"),
+            };
+            println!(
+                "  host endpoint {} on {} ({}): {} by {by}",
+                ht.host_endpoint.as_deref().unwrap_or("-"),
+                ht.node,
+                ht.stage,
+                if ht.passes { "passes" } else { "DENIED" },
+            );
         }
     }
     Ok(())

@@ -18,6 +18,8 @@ pub enum Object {
     Service(ServiceSpec),
     EndpointSlice(EndpointSlice),
     NetworkPolicy(NetworkPolicy),
+    /// A `projectcalico.org/v3` object.
+    Calico(crate::calico::CalicoObject),
 }
 
 /// One decoded document.
@@ -70,7 +72,7 @@ impl ManifestError {
 }
 
 /// The kinds, their API versions and how each is decoded.
-const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy";
+const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, HostEndpoint, GlobalNetworkSet";
 
 fn describe(v: &Value) -> &'static str {
     match v {
@@ -136,6 +138,7 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
         let apis: &[&str] = match kind.as_str() {
             "EndpointSlice" => &["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"],
             "NetworkPolicy" => &["networking.k8s.io/v1"],
+            k if crate::calico::CalicoObject::KINDS.contains(&k) => &["projectcalico.org/v3"],
             _ => &["v1"],
         };
         if !apis.contains(&api.as_str()) {
@@ -157,6 +160,10 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
             "NetworkPolicy" => {
                 Object::NetworkPolicy(read::network_policy(value, s).map_err(field)?)
             }
+            k if crate::calico::CalicoObject::KINDS.contains(&k) => Object::Calico(
+                crate::calico::CalicoObject::from_manifest(k, &value)
+                    .map_err(|e| err(Some(what.clone()), Some(&e.field), e.reason))?,
+            ),
             "EndpointSlice" => {
                 let version = if api.ends_with("v1beta1") {
                     SliceVersion::V1beta1
