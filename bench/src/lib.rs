@@ -289,6 +289,8 @@ impl Bins {
             datastore: Default::default(),
             kubelet: false,
             images: Vec::new(),
+            router: Default::default(),
+            route_reflector: false,
         }
     }
 

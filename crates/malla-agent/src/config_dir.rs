@@ -136,7 +136,7 @@ mod tests {
         .unwrap();
         let e = format!("{:#}", read(dir.path()).unwrap_err());
         assert!(e.contains("blockSiz"), "{e}");
-        std::fs::write(dir.path().join("routing"), "bgp").unwrap();
+        std::fs::write(dir.path().join("routing"), "ospf").unwrap();
         assert!(format!("{:#}", read(dir.path()).unwrap_err()).contains("routing"));
     }
 }

@@ -7,6 +7,7 @@
 //! protocol, the VXLAN device's neighbours and FDB, and only adds what is missing and removes
 //! what is stale. Nothing is torn down at start or exit, so established traffic never notices.
 
+pub mod bgp;
 pub mod cni_housekeeping;
 pub mod config_dir;
 pub mod health;
@@ -213,6 +214,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // datastore was lost since the agent last heard from it.
         let mut pending_since: Option<Instant> = None;
         let mut lost = false;
+        // `routing: bgp`: the node's BIRD, configured from the mirror.
+        let mut bgp = bgp::BgpNode::new(cfg.ready_file.as_deref());
         loop {
             beat();
             metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
@@ -555,6 +558,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     }
                 }
             }
+            if applied {
+                bgp.sync(mirror, &cfg.node);
+            }
             if let (Some(f), true) = (&cfg.ready_file, applied) {
                 // Everything the feed delivered is acknowledged by the driver: the newest
                 // barrier it carried is applied through.
@@ -589,6 +595,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     pending_pools |= changed.pools;
                     pending_own_node |= changed.own_node;
                     cache_dirty |= changed.node_cache;
+                    if changed.links || changed.other || changed.own_node || !changed.services.is_empty() {
+                        bgp.mark();
+                    }
                     pending_links |= changed.links;
                     other_dirty |= changed.other;
                     pending_services.extend(changed.services);

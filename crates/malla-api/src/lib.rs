@@ -28,6 +28,10 @@ pub enum RoutingMode {
     Direct,
     /// A VXLAN device per node with static FDB and neighbour entries for each remote node.
     Vxlan,
+    /// No routes to other nodes from the agent: each node runs a BGP speaker (BIRD) that
+    /// announces its blocks and installs what it learns ([`BgpConfig`]). Nodes may sit on
+    /// different L2 segments behind routers that peer with them.
+    Bgp,
 }
 
 impl std::str::FromStr for RoutingMode {
@@ -36,8 +40,9 @@ impl std::str::FromStr for RoutingMode {
         match s {
             "direct" => Ok(Self::Direct),
             "vxlan" => Ok(Self::Vxlan),
+            "bgp" => Ok(Self::Bgp),
             other => Err(format!(
-                "unknown routing mode {other:?} (expected direct or vxlan)"
+                "unknown routing mode {other:?} (expected direct, vxlan or bgp)"
             )),
         }
     }
@@ -48,6 +53,7 @@ impl std::fmt::Display for RoutingMode {
         f.write_str(match self {
             Self::Direct => "direct",
             Self::Vxlan => "vxlan",
+            Self::Bgp => "bgp",
         })
     }
 }
@@ -84,6 +90,10 @@ pub struct ClusterConfig {
     /// `projectcalico-default-allow`), as Calico's `autoCreate`. Off unless set.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auto_host_endpoints: bool,
+    /// BGP settings for `routing: bgp` (Calico's `BGPConfiguration` and `BGPPeer`s in one);
+    /// absent: the defaults ([`BgpConfig::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpConfig>,
 }
 
 impl ClusterConfig {
@@ -100,6 +110,87 @@ impl ClusterConfig {
             .clone()
             .unwrap_or_else(calico::default_failsafe_outbound)
     }
+}
+
+/// The cluster's BGP settings (Calico's `BGPConfiguration` with its `BGPPeer`s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpConfig {
+    /// The nodes' AS number (every node speaks iBGP with the others in it).
+    #[serde(default = "default_as_number")]
+    pub as_number: u32,
+    /// Whether every node peers with every other node (a full iBGP mesh). Off when route
+    /// reflectors (e.g. the top-of-rack router, as a [`BgpPeer`]) carry the routes instead.
+    #[serde(default = "default_true")]
+    pub node_to_node_mesh: bool,
+    /// Routers outside the cluster the nodes peer with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<BgpPeer>,
+    /// Keepalive interval in seconds (hold time is three times it).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u16,
+    /// Service cluster IP ranges every node announces (Calico's `serviceClusterIPs`); a
+    /// Service with `externalTrafficPolicy: Local` has its /32 or /128 announced only by the
+    /// nodes with a ready endpoint.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceClusterIPs"
+    )]
+    pub service_cluster_ips: Vec<IpNet>,
+    /// External IP ranges (`serviceExternalIPs`), announced the same way.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceExternalIPs"
+    )]
+    pub service_external_ips: Vec<IpNet>,
+    /// LoadBalancer IP ranges (`serviceLoadBalancerIPs`), announced the same way; also the
+    /// pools `type: LoadBalancer` Services get their address from.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        rename = "serviceLoadBalancerIPs"
+    )]
+    pub service_load_balancer_ips: Vec<IpNet>,
+}
+
+/// The default AS number of a cluster's nodes (Calico's).
+pub const DEFAULT_AS_NUMBER: u32 = 64512;
+
+fn default_as_number() -> u32 {
+    DEFAULT_AS_NUMBER
+}
+fn default_keepalive() -> u16 {
+    3
+}
+
+impl Default for BgpConfig {
+    fn default() -> Self {
+        Self {
+            as_number: DEFAULT_AS_NUMBER,
+            node_to_node_mesh: true,
+            peers: Vec::new(),
+            keepalive_secs: default_keepalive(),
+            service_cluster_ips: Vec::new(),
+            service_external_ips: Vec::new(),
+            service_load_balancer_ips: Vec::new(),
+        }
+    }
+}
+
+/// A BGP peer outside the cluster (Calico's `BGPPeer`): every node peers with it, or only
+/// `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BgpPeer {
+    /// The peer's address.
+    pub peer_ip: IpAddr,
+    /// Its AS number (the nodes' own: iBGP; another: eBGP).
+    pub as_number: u32,
+    /// Only this node peers with it (a top-of-rack router of its rack); absent: every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// What a node does with traffic from its pods to itself, after their egress policy.
@@ -144,6 +235,7 @@ impl Default for ClusterConfig {
             failsafe_inbound_host_ports: None,
             failsafe_outbound_host_ports: None,
             auto_host_endpoints: false,
+            bgp: None,
         }
     }
 }

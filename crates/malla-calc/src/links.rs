@@ -154,6 +154,8 @@ struct NodeRoutes {
 pub struct LinksNode {
     me: String,
     vxlan: bool,
+    /// BGP mode: the node's speaker routes to other nodes, this node makes no routes.
+    bgp: bool,
     nodes: HashMap<String, Node>,
     /// Every affine block, and the node it is affine to.
     blocks: HashMap<IpNet, String>,
@@ -179,6 +181,7 @@ impl LinksNode {
         Self {
             me: me.to_string(),
             vxlan: mode == RoutingMode::Vxlan,
+            bgp: mode == RoutingMode::Bgp,
             nodes: HashMap::new(),
             blocks: HashMap::new(),
             affine: HashMap::new(),
@@ -215,7 +218,7 @@ impl LinksNode {
 
     /// Whether this node follows `mode` (else build it again).
     pub fn follows(&self, mode: RoutingMode) -> bool {
-        self.vxlan == (mode == RoutingMode::Vxlan)
+        self.vxlan == (mode == RoutingMode::Vxlan) && self.bgp == (mode == RoutingMode::Bgp)
     }
 
     /// A node record changed from `before` to `after` (either None: created, deleted).
@@ -378,6 +381,9 @@ impl LinksNode {
     /// The routes to `owner` as the indexes say now.
     fn routes_to(&self, owner: &str) -> NodeRoutes {
         let mut out = NodeRoutes::default();
+        if self.bgp {
+            return out;
+        }
         let own_blocks = self.affine.get(owner);
         let borrowed = self
             .addrs
@@ -421,6 +427,27 @@ impl LinksNode {
             }
         }
         out
+    }
+
+    /// What node `owner` announces in BGP mode: its affine blocks, and the addresses its pods
+    /// use from blocks it does not own (as /32 or /128).
+    pub fn announced(&self, owner: &str) -> (Vec<IpNet>, Vec<IpNet>) {
+        let own: Vec<IpNet> = self
+            .affine
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let borrowed = self
+            .addrs
+            .get(owner)
+            .into_iter()
+            .flatten()
+            .filter(|(ip, _)| !own.iter().any(|c| c.contains(*ip)))
+            .map(|(ip, _)| IpNet::from(*ip))
+            .collect();
+        (own, borrowed)
     }
 
     /// Computes the routes of every node a change touched again, and hands over what changed

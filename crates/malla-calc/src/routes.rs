@@ -237,29 +237,7 @@ pub fn compute_with_links(
 mod tests {
     use super::*;
 
-    fn node(name: &str, v4: &str, v6: Option<&str>) -> Node {
-        Node {
-            name: name.into(),
-            underlay_ipv4: Some(v4.parse().unwrap()),
-            underlay_ipv6: v6.map(|s| s.parse().unwrap()),
-            underlay_mtu: 1500,
-            vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(name)),
-        }
-    }
-
-    fn ep(node: &str, ip: &str) -> WorkloadEndpoint {
-        WorkloadEndpoint {
-            namespace: "default".into(),
-            pod: format!("p-{ip}"),
-            node: node.into(),
-            container_id: ip.into(),
-            ifname: "eth0".into(),
-            host_ifname: format!("mla{ip}"),
-            ips: vec![IpNet::from(ip.parse::<IpAddr>().unwrap())],
-            mac: "02:00:00:00:00:01".into(),
-            ipam_handle: ip.into(),
-        }
-    }
+    use crate::testutil::{ep, node};
 
     fn view() -> ClusterView {
         ClusterView {

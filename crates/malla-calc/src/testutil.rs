@@ -93,3 +93,29 @@ pub fn nft_apply_in_private_netns(rulesets: &[String]) -> Option<Result<(), Stri
         Err(err)
     })
 }
+
+/// A node with its underlay addresses (and its VTEP MAC derived from its name).
+pub fn node(name: &str, v4: &str, v6: Option<&str>) -> malla_api::Node {
+    malla_api::Node {
+        name: name.into(),
+        underlay_ipv4: Some(v4.parse().unwrap()),
+        underlay_ipv6: v6.map(|s| s.parse().unwrap()),
+        underlay_mtu: 1500,
+        vtep_mac: malla_api::format_mac(&malla_api::mac_from_name(name)),
+    }
+}
+
+/// A pod on `node` with the one address `ip`.
+pub fn ep(node: &str, ip: &str) -> malla_api::WorkloadEndpoint {
+    malla_api::WorkloadEndpoint {
+        namespace: "default".into(),
+        pod: format!("p-{ip}"),
+        node: node.into(),
+        container_id: ip.into(),
+        ifname: "eth0".into(),
+        host_ifname: format!("mla{ip}"),
+        ips: vec![ipnet::IpNet::from(ip.parse::<std::net::IpAddr>().unwrap())],
+        mac: "02:00:00:00:00:01".into(),
+        ipam_handle: ip.into(),
+    }
+}

@@ -33,7 +33,7 @@ pub fn pod_mtu(node: &Node, cluster: &ClusterConfig) -> u32 {
         node.underlay_mtu
     };
     match cluster.routing {
-        RoutingMode::Direct => base,
+        RoutingMode::Direct | RoutingMode::Bgp => base,
         RoutingMode::Vxlan => base - VXLAN_OVERHEAD,
     }
 }

@@ -7,6 +7,7 @@
 //! `malla-<lab>-`, and teardown deletes by exact name.
 
 pub mod addresses;
+pub mod bgp;
 pub mod cni_exec;
 pub mod control_plane;
 pub mod kubelet;

@@ -401,6 +401,44 @@ pub fn plan(state: &LabState, filter: &Filter) -> anyhow::Result<Vec<Probe>> {
             }
         }
     }
+    // In a BGP lab the outside routes to pods (the router learned their blocks): external→pod,
+    // asked for with `--from external`, with no NAT on the way in.
+    if state.routing == malla_api::RoutingMode::Bgp && filter.from.as_deref() == Some("external") {
+        for dst in &pods {
+            for ip in families(&ext_ips, &dst.ips) {
+                for port in &dst.ports {
+                    out.push(Probe {
+                        from: "external".into(),
+                        from_netns: ext.netns.clone(),
+                        to: dst.key(),
+                        ip,
+                        port: port.port,
+                        protocol: port.protocol.clone(),
+                    });
+                }
+            }
+        }
+    }
+    // ... and to every Service's LoadBalancer and external IPs (announced by the nodes).
+    if state.routing == malla_api::RoutingMode::Bgp && filter.from.as_deref() == Some("external") {
+        for svc in state.services.values() {
+            for sp in svc.ports.iter().filter(|p| p.protocol.nft() != "sctp") {
+                for ip in svc.load_balancer_ips.iter().chain(&svc.external_ips) {
+                    if !ext_ips.iter().any(|e| e.is_ipv4() == ip.is_ipv4()) {
+                        continue;
+                    }
+                    out.push(Probe {
+                        from: "external".into(),
+                        from_netns: ext.netns.clone(),
+                        to: format!("svc/{}/{}", svc.namespace, svc.name),
+                        ip: *ip,
+                        port: sp.port,
+                        protocol: sp.protocol.nft().into(),
+                    });
+                }
+            }
+        }
+    }
     // A node's own ports, asked for by name (`--to node/NAME`: `--port`, else the ports its
     // host-network pods declare), from every pod, every other node and `external`.
     let external = || {

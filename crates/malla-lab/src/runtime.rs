@@ -129,6 +129,12 @@ pub fn apply(
             .values()
             .flat_map(|s| s.ports.iter().filter_map(|p| p.node_port))
             .collect();
+        // LoadBalancer addresses given out (a BGP lab allocates them: crate::bgp).
+        let mut taken_lb: BTreeSet<std::net::IpAddr> = state
+            .services
+            .values()
+            .flat_map(|s| s.load_balancer_ips.iter().copied())
+            .collect();
         for o in objects {
             let Object::Service(spec) = o else { continue };
             let key = spec.key();
@@ -156,8 +162,24 @@ pub fn apply(
                     }
                 }
             }
-            let svc = services::allocate(&spec, state.ipv6, &taken_ips, &taken_ports)
+            let bgp = state.routing == malla_api::RoutingMode::Bgp;
+            if let Some(old) = state.services.get(&key).filter(|_| bgp) {
+                // A BGP lab gave it its LoadBalancer address: kept while it stays one.
+                for ip in &old.load_balancer_ips {
+                    taken_lb.remove(ip);
+                }
+                if spec.service.kind == malla_api::service::ServiceType::LoadBalancer
+                    && spec.service.load_balancer_ips.is_empty()
+                {
+                    spec.service.load_balancer_ips = old.load_balancer_ips.clone();
+                }
+            }
+            let mut svc = services::allocate(&spec, state.ipv6, &taken_ips, &taken_ports)
                 .with_context(|| format!("service {key}"))?;
+            if bgp {
+                crate::bgp::allocate_load_balancer(&mut svc, &mut taken_lb)
+                    .with_context(|| format!("service {key}"))?;
+            }
             for ip in &svc.cluster_ips {
                 anyhow::ensure!(
                     taken_ips.insert(*ip),

@@ -191,6 +191,9 @@ pub struct LabState {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub kubelet: bool,
     pub fabric_netns: String,
+    /// `--routing bgp`: the router running in the fabric namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<crate::bgp::RouterState>,
     pub nodes: Vec<NodeState>,
     pub external: ExternalState,
     pub namespaces: Vec<String>,

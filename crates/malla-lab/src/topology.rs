@@ -36,18 +36,23 @@ pub struct UpOptions {
     pub kubelet: bool,
     /// OCI archives imported into every node's containerd (with `kubelet`).
     pub images: Vec<std::path::PathBuf>,
+    /// `--routing bgp`: the router in the fabric, and whether it reflects routes (the node
+    /// mesh off) ([`crate::bgp`]).
+    pub router: crate::bgp::RouterKind,
+    pub route_reflector: bool,
 }
 
 pub fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
 
-fn node_ipv4(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 19, 0, 10 + i as u8)
+/// Node `i`'s underlay address on segment `seg` (0 unless BGP: [`crate::bgp::segment`]).
+fn node_ipv4(i: usize, seg: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, seg, 10 + i as u8)
 }
 
-fn node_ipv6(i: usize) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x198, 0x19, 0, 0, 0, 0, 0x10 + i as u16)
+fn node_ipv6(i: usize, seg: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x198, 0x19, seg as u16, 0, 0, 0, 0x10 + i as u16)
 }
 
 fn ip(ns: &str, args: &str) -> anyhow::Result<()> {
@@ -109,6 +114,10 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             || existing.ipv6 != opts.ipv6
             || existing.datastore != opts.datastore
             || existing.kubelet != opts.kubelet
+            || existing
+                .router
+                .as_ref()
+                .is_some_and(|r| r.kind != opts.router || r.route_reflector != opts.route_reflector)
         {
             bail!(
                 "lab {:?} is already up with {} nodes, routing {}, ipv6 {}, datastore {:?}; run `malla lab down --lab {}` first to change its shape",
@@ -146,6 +155,28 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         ip(&fabric, "addr replace fd00:198:19::1/64 dev br0 nodad")?;
     }
     ip(&fabric, "link set br0 up")?;
+    let bgp = opts.routing == RoutingMode::Bgp;
+    if bgp {
+        // The second segment: joined to the first only by this namespace's routing.
+        let seg = crate::bgp::SEGMENT_B;
+        if !link_exists(&fabric, "br1") {
+            ip(&fabric, "link add br1 type bridge")?;
+        }
+        ip(
+            &fabric,
+            &format!("addr replace {}/24 dev br1", crate::bgp::gateway_v4(seg)),
+        )?;
+        if opts.ipv6 {
+            ip(
+                &fabric,
+                &format!(
+                    "addr replace {}/64 dev br1 nodad",
+                    crate::bgp::gateway_v6(seg)
+                ),
+            )?;
+        }
+        ip(&fabric, "link set br1 up")?;
+    }
     let previous = LabState::load(paths)?;
     let etcd_pid = match opts.datastore {
         crate::store::Backend::Etcd => Some(crate::store::start_etcd(
@@ -189,6 +220,33 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
             "route replace fd00:198:19::/64 via fd00:198:19:1::1",
         )?;
     }
+    if bgp {
+        // With BGP the outside routes to the second segment and to the pods through the
+        // router, as a data centre's network does.
+        ip(&ext_ns, "route replace 198.19.2.0/24 via 198.19.1.1")?;
+        ip(&ext_ns, "route replace 198.18.0.0/16 via 198.19.1.1")?;
+        // Service, LoadBalancer and external IP ranges the nodes announce.
+        for r in [
+            crate::bgp::SERVICE_RANGE_V4,
+            crate::bgp::LB_POOL_V4,
+            crate::bgp::EXTERNAL_IP_RANGE_V4,
+        ] {
+            ip(&ext_ns, &format!("route replace {r} via 198.19.1.1"))?;
+        }
+        if opts.ipv6 {
+            ip(
+                &ext_ns,
+                "route replace fd00:198:19:2::/64 via fd00:198:19:1::1",
+            )?;
+            ip(
+                &ext_ns,
+                "route replace fd00:198:18::/64 via fd00:198:19:1::1",
+            )?;
+            for r in [crate::bgp::SERVICE_RANGE_V6, crate::bgp::LB_POOL_V6] {
+                ip(&ext_ns, &format!("route replace {r} via fd00:198:19:1::1"))?;
+            }
+        }
+    }
 
     let mut nodes = Vec::new();
     for i in 1..=opts.nodes {
@@ -198,16 +256,30 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         sysctl_in(&ns, &NO_DAD)?;
         let fabric_end = format!("n{i}");
         attach_to_fabric(&fabric, &ns, &fabric_end)?;
-        ip(&fabric, &format!("link set {fabric_end} master br0 up"))?;
-        ip(&ns, &format!("addr replace {}/24 dev ul0", node_ipv4(i)))?;
+        let seg = crate::bgp::segment(i, bgp);
+        let bridge = if seg == 0 { "br0" } else { "br1" };
+        ip(
+            &fabric,
+            &format!("link set {fabric_end} master {bridge} up"),
+        )?;
+        ip(
+            &ns,
+            &format!("addr replace {}/24 dev ul0", node_ipv4(i, seg)),
+        )?;
         ip(&ns, "link set ul0 up")?;
-        ip(&ns, "route replace default via 198.19.0.1")?;
+        ip(
+            &ns,
+            &format!("route replace default via {}", crate::bgp::gateway_v4(seg)),
+        )?;
         if opts.ipv6 {
             ip(
                 &ns,
-                &format!("addr replace {}/64 dev ul0 nodad", node_ipv6(i)),
+                &format!("addr replace {}/64 dev ul0 nodad", node_ipv6(i, seg)),
             )?;
-            ip(&ns, "route replace default via fd00:198:19::1")?;
+            ip(
+                &ns,
+                &format!("route replace default via {}", crate::bgp::gateway_v6(seg)),
+            )?;
         }
         if !opts.kubelet {
             install_cni(paths, &opts.cni_bin, &name, opts.datastore)?;
@@ -215,8 +287,8 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         nodes.push(NodeState {
             name,
             netns: ns,
-            underlay_ipv4: node_ipv4(i),
-            underlay_ipv6: opts.ipv6.then(|| node_ipv6(i)),
+            underlay_ipv4: node_ipv4(i, seg),
+            underlay_ipv6: opts.ipv6.then(|| node_ipv6(i, seg)),
             agent_pid: None,
             runtime_pid: None,
         });
@@ -230,7 +302,8 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         etcd_pid,
         control_plane,
         kubelet: opts.kubelet,
-        fabric_netns: fabric,
+        fabric_netns: fabric.clone(),
+        router: None,
         nodes,
         external: ExternalState {
             netns: ext_ns.clone(),
@@ -257,6 +330,7 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         state.manual_slices = prev.manual_slices;
         state.policies = prev.policies;
         state.external.probe_pid = prev.external.probe_pid;
+        state.router = prev.router;
         for (n, p) in state.nodes.iter_mut().zip(prev.nodes) {
             n.agent_pid = p.agent_pid;
             n.runtime_pid = p.runtime_pid;
@@ -278,6 +352,17 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
         );
         state.save(paths)?;
         result?;
+    }
+    if bgp {
+        state.router = Some(crate::bgp::start_router(
+            paths,
+            &fabric,
+            opts.router,
+            opts.route_reflector,
+            &state.nodes,
+            state.router.as_ref(),
+        )?);
+        state.save(paths)?;
     }
     for node in state.nodes.iter_mut().filter(|_| !opts.kubelet) {
         if node.agent_pid.is_some_and(process::is_ours) {
@@ -305,6 +390,9 @@ pub fn up(paths: &LabPaths, opts: &UpOptions) -> anyhow::Result<LabState> {
     state.save(paths)?;
     if !opts.kubelet {
         wait_converged(paths, &state, Duration::from_secs(30))?;
+    }
+    if bgp {
+        crate::bgp::wait_sessions(paths, &state, Duration::from_secs(30))?;
     }
     Ok(state)
 }
@@ -358,6 +446,11 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
             .map(|n| n.name.as_str())
             .collect();
         if behind.is_empty() {
+            if state.routing == RoutingMode::Bgp {
+                // Applied means the speakers are configured; the routes travel from there.
+                let left = deadline.saturating_duration_since(Instant::now());
+                return crate::bgp::wait_routes(paths, state, left.max(Duration::from_secs(10)));
+            }
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -414,6 +507,8 @@ fn init_datastore(paths: &LabPaths, opts: &UpOptions, fabric: &str) -> anyhow::R
     let store: &dyn malla_store::Store = &*store;
     let config = ClusterConfig {
         routing: opts.routing,
+        bgp: (opts.routing == RoutingMode::Bgp)
+            .then(|| crate::bgp::cluster_bgp(opts.nodes, opts.route_reflector, opts.ipv6)),
         ..ClusterConfig::default()
     };
     let current = malla_store::get_json::<ClusterConfig>(store, keys::CLUSTER_CONFIG)?;
@@ -470,6 +565,7 @@ pub fn down(paths: &LabPaths) -> anyhow::Result<Vec<String>> {
                 process::stop(pid);
             }
         }
+        crate::bgp::stop_all(paths, s);
     }
     // Every node runtime and pod of a `--kubelet` lab (also after a crash: by cgroup).
     if !crate::kubelet::stop_all(paths) {

@@ -35,6 +35,7 @@ enum LabCommand {
     /// Example: malla lab up --lab demo --nodes 3 --routing vxlan --ipv6
     /// Example: malla lab up --lab k8s --kubelet --image malla-image.tar   (then:
     /// malla lab kubectl --lab k8s apply -f deploy/)
+    /// Example: malla lab up --lab demo --routing bgp --router frr
     Up(UpArgs),
     /// Run kubectl against the lab's API server (`--datastore kubernetes` or `--kubelet`
     /// labs), from the lab's fabric namespace, with the lab's admin kubeconfig. Exits with
@@ -88,6 +89,14 @@ enum LabCommand {
         #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-")]
         files: Vec<String>,
     },
+    /// BGP sessions of a `--routing bgp` lab: every node's speaker and the router, with each
+    /// session's state and the routes received and sent.
+    ///
+    /// Exit status: 0 when every session is established, 3 when some are not, 1 when a
+    /// speaker could not be asked.
+    ///
+    /// Example: malla lab bgp --lab demo -o json
+    Bgp(GetArgs),
     /// (internal) The probe server a lab pod runs.
     #[command(hide = true)]
     ProbeServer {
@@ -118,7 +127,7 @@ struct UpArgs {
     /// How many nodes (node-1 … node-N).
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// direct or vxlan.
+    /// direct, vxlan or bgp (nodes on two segments joined by a BGP router: `--router`).
     #[arg(long, default_value = "direct")]
     routing: RoutingMode,
     /// Dual-stack: an IPv6 pool and underlay too.
@@ -133,6 +142,12 @@ struct UpArgs {
     /// node's containerd. Repeatable.
     #[arg(long = "image", value_name = "FILE", requires = "kubelet")]
     images: Vec<PathBuf>,
+    /// With `--routing bgp`: the top-of-rack router in the fabric, bird or frr.
+    #[arg(long, default_value = "bird")]
+    router: malla_lab::bgp::RouterKind,
+    /// With `--routing bgp`: the router is the nodes' route reflector (no node mesh).
+    #[arg(long)]
+    route_reflector: bool,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -224,6 +239,8 @@ fn up_options(g: &Globals, a: &UpArgs) -> anyhow::Result<UpOptions> {
         },
         kubelet: a.kubelet,
         images: a.images.clone(),
+        router: a.router,
+        route_reflector: a.route_reflector,
     })
 }
 
@@ -320,6 +337,7 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
                 return Err(ExitWith(exit::FOUND_PROBLEM).into());
             }
         }
+        LabCommand::Bgp(a) => bgp_status(g, &paths, a.output)?,
         LabCommand::Demo { up, files } => demo(g, &paths, &up, &files)?,
         LabCommand::ProbeServer {
             name,
@@ -867,4 +885,16 @@ fn demo(g: &Globals, paths: &LabPaths, up: &UpArgs, files: &[String]) -> anyhow:
         return Err(ExitWith(exit::FOUND_PROBLEM).into());
     }
     Ok(())
+}
+
+/// `malla lab bgp`: every speaker's sessions.
+fn bgp_status(g: &Globals, paths: &LabPaths, output: Output) -> anyhow::Result<()> {
+    let state = g.lab_state()?;
+    anyhow::ensure!(
+        state.routing == RoutingMode::Bgp,
+        "lab {:?} routes with {}, not bgp (malla lab up --routing bgp)",
+        state.name,
+        state.routing
+    );
+    crate::bgp_cmd::print_sessions(&malla_lab::bgp::sessions(paths, &state)?, output)
 }

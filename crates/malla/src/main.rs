@@ -4,6 +4,7 @@
 //! habits: `-o table|wide|json|yaml`, global flags before or after the subcommand.
 
 mod audit;
+mod bgp_cmd;
 mod diags;
 mod globals;
 mod ipam_cmd;
@@ -104,6 +105,11 @@ enum Command {
     },
     /// Build and exercise a lab cluster made of network namespaces.
     Lab(lab_cmd::LabArgs),
+    /// BGP (`routing: bgp`): this node's sessions.
+    Bgp {
+        #[command(subcommand)]
+        command: bgp_cmd::BgpCommand,
+    },
     /// Explain NetworkPolicy verdicts.
     Policy {
         #[command(subcommand)]
@@ -250,6 +256,7 @@ fn main() {
         }),
         Command::Ipam { command } => ipam_cmd::run(&g, command),
         Command::Lab(args) => lab_cmd::run(&g, args),
+        Command::Bgp { command } => bgp_cmd::run(&g, command),
         Command::Services(args) => services_cmd::run(&g, args),
         Command::Policy { command } => policy_cmd::run(&g, command),
         Command::Status(args) => status_cmd::run(&g, args),

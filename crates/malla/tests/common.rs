@@ -144,3 +144,67 @@ impl PacedStream {
         (sent, received)
     }
 }
+
+/// Each node's underlay addresses, by node name, from `lab.state()`.
+pub fn node_ips(
+    state: &serde_json::Value,
+) -> std::collections::BTreeMap<String, Vec<std::net::IpAddr>> {
+    state["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let mut ips = vec![n["underlay_ipv4"].as_str().unwrap().parse().unwrap()];
+            if let Some(v6) = n["underlay_ipv6"].as_str() {
+                ips.push(v6.parse().unwrap());
+            }
+            (n["name"].as_str().unwrap().to_string(), ips)
+        })
+        .collect()
+}
+
+/// Each pod's node, by `namespace/name`, from `lab.state()`.
+pub fn pod_nodes(state: &serde_json::Value) -> std::collections::BTreeMap<String, String> {
+    state["pods"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, p)| (k.clone(), p["node"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+/// A probe result's text field.
+pub fn field(r: &serde_json::Value, k: &str) -> String {
+    r[k].as_str().unwrap_or("").to_string()
+}
+
+/// The network model's pod↔pod part of a full `lab probe` over [`two_pods_per_node`] on 3
+/// nodes: every probe connected; 30 ordered pod pairs × (tcp + udp) × `families`, each without
+/// NAT and answered by its target. Returns those pairs.
+pub fn pod_pairs_without_nat(
+    results: &[serde_json::Value],
+    families: usize,
+) -> Vec<&serde_json::Value> {
+    let failures: Vec<&serde_json::Value> =
+        results.iter().filter(|r| r["connected"] != true).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} probes failed: {failures:#?}",
+        failures.len(),
+        results.len()
+    );
+    let pod_pairs: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|r| !field(r, "from").starts_with("node/") && field(r, "to") != "external")
+        .collect();
+    assert_eq!(pod_pairs.len(), 30 * 2 * families);
+    for r in &pod_pairs {
+        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT between pods: {r}");
+        assert_eq!(
+            field(r, "answeredBy"),
+            field(r, "to"),
+            "wrong responder: {r}"
+        );
+    }
+    pod_pairs
+}

@@ -40,24 +40,8 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
     lab.run(&up);
     lab.apply(&two_pods_per_node(3));
     let state = lab.state();
-    let node_ips: BTreeMap<String, Vec<IpAddr>> = state["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| {
-            let mut ips = vec![n["underlay_ipv4"].as_str().unwrap().parse().unwrap()];
-            if let Some(v6) = n["underlay_ipv6"].as_str() {
-                ips.push(v6.parse().unwrap());
-            }
-            (n["name"].as_str().unwrap().to_string(), ips)
-        })
-        .collect();
-    let pod_node: BTreeMap<String, String> = state["pods"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, p)| (k.clone(), p["node"].as_str().unwrap().to_string()))
-        .collect();
+    let node_ips = common::node_ips(&state);
+    let pod_node = common::pod_nodes(&state);
     for p in state["pods"].as_object().unwrap().values() {
         let ips = p["ips"].as_array().unwrap();
         assert_eq!(ips.len(), if ipv6 { 2 } else { 1 }, "pod addresses: {p}");
@@ -82,29 +66,12 @@ fn conformance_on(routing: &str, ipv6: bool, datastore: &str) {
     }
 
     let results = lab.probe(&[]);
-    let field = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
-    let failures: Vec<&Value> = results.iter().filter(|r| r["connected"] != true).collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} probes failed: {failures:#?}",
-        failures.len(),
-        results.len()
-    );
+    let field = common::field;
 
     // 6 pods: 30 ordered pairs × (tcp + udp) × families; nodes → own pods; pods → external.
     let families = if ipv6 { 2 } else { 1 };
-    let pod_pairs: Vec<&Value> = results
-        .iter()
-        .filter(|r| !field(r, "from").starts_with("node/") && field(r, "to") != "external")
-        .collect();
-    assert_eq!(pod_pairs.len(), 30 * 2 * families);
+    let pod_pairs = common::pod_pairs_without_nat(&results, families);
     for r in &pod_pairs {
-        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT between pods: {r}");
-        assert_eq!(
-            field(r, "answeredBy"),
-            field(r, "to"),
-            "wrong responder: {r}"
-        );
         let ip: IpAddr = field(r, "clientIp").parse().unwrap();
         let pod_ips: Vec<IpAddr> = state["pods"][field(r, "from")]["ips"]
             .as_array()

@@ -327,3 +327,42 @@ fn a_pod_on_another_node_touches_only_that_nodes_routes() {
     links.endpoint(Some(&other), None);
     assert!(links.take_delta().is_empty());
 }
+
+#[test]
+fn bgp_mode_makes_no_routes_and_announces_blocks_and_borrowed_addresses() {
+    use crate::testutil::{ep, node};
+    let view = ClusterView {
+        config: ClusterConfig {
+            routing: RoutingMode::Bgp,
+            ..ClusterConfig::default()
+        },
+        nodes: vec![
+            node("a", "198.19.0.11", None),
+            node("b", "198.19.0.12", None),
+        ],
+        blocks: vec![
+            ("198.18.0.0/26".parse().unwrap(), Some("a".into())),
+            ("198.18.0.64/26".parse().unwrap(), Some("b".into())),
+        ],
+        endpoints: vec![
+            ep("a", "198.18.0.1"),
+            ep("b", "198.18.0.65"),
+            ep("b", "198.18.0.2"),
+        ],
+        ..ClusterView::default()
+    };
+    let mut n = LinksNode::from_view(&view, "a");
+    assert!(
+        n.links().remote_routes.is_empty(),
+        "BIRD routes in bgp mode"
+    );
+    assert_eq!(n.links().local_endpoints.len(), 1);
+    assert!(n.follows(RoutingMode::Bgp) && !n.follows(RoutingMode::Direct));
+    let (blocks, borrowed) = n.announced("b");
+    assert_eq!(blocks, vec!["198.18.0.64/26".parse::<IpNet>().unwrap()]);
+    assert_eq!(borrowed, vec!["198.18.0.2/32".parse::<IpNet>().unwrap()]);
+    // The borrowed address goes away with its pod.
+    n.endpoint(Some(&ep("b", "198.18.0.2")), None);
+    assert!(n.take_delta().routes_added.is_empty());
+    assert!(n.announced("b").1.is_empty());
+}

@@ -40,7 +40,7 @@ impl VxlanManager {
                 self.sync_peers(nl, &dev, want, stats).await?;
                 Ok(Some(dev))
             }
-            RoutingMode::Direct => {
+            RoutingMode::Direct | RoutingMode::Bgp => {
                 if let Some(dev) = nl.link_by_name(VXLAN_DEVICE).await? {
                     nl.delete_link(dev.index).await?;
                 }
