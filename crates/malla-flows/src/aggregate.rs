@@ -83,6 +83,18 @@ struct Live {
     key: FlowKey,
     endpoint: Option<String>,
     since: u64,
+    /// The counters already added to the history.
+    out: Counters,
+    back: Counters,
+    /// Its end is already counted.
+    done: bool,
+}
+
+fn minus(now: Counters, before: Counters) -> Counters {
+    Counters {
+        packets: now.packets.saturating_sub(before.packets),
+        bytes: now.bytes.saturating_sub(before.bytes),
+    }
 }
 
 /// The aggregator of one node.
@@ -336,11 +348,11 @@ impl Aggregator {
                 };
                 Some(self.observation(now, key, endpoint, acc))
             }
-            KernelEvent::Conn(c) => Some(self.conn(c, now)),
+            KernelEvent::Conn(c) => self.conn(c, now),
         }
     }
 
-    fn conn(&mut self, c: ConnEvent, now: u64) -> Flow {
+    fn conn(&mut self, c: ConnEvent, now: u64) -> Option<Flow> {
         match c.phase {
             Phase::New => {
                 let policies = self.take_pending(&c.orig);
@@ -359,6 +371,9 @@ impl Aggregator {
                             key: key.clone(),
                             endpoint: endpoint.clone(),
                             since: now,
+                            out: Counters::default(),
+                            back: Counters::default(),
+                            done: false,
                         },
                     );
                 } else {
@@ -368,32 +383,55 @@ impl Aggregator {
                     started: 1,
                     ..Acc::default()
                 };
-                self.observation(now, key, endpoint, acc)
+                Some(self.observation(now, key, endpoint, acc))
             }
-            Phase::Destroy => {
-                let (key, endpoint) = match self.live.remove(&c.orig) {
-                    Some(l) => (l.key, l.endpoint),
+            Phase::Update | Phase::Destroy => {
+                let destroy = c.phase == Phase::Destroy;
+                let out_now = c.orig_counters.unwrap_or_default();
+                let back_now = c.reply_counters.unwrap_or_default();
+                let (key, endpoint, out, back, ends) = match self.live.get_mut(&c.orig) {
+                    Some(l) => {
+                        let out = minus(out_now, l.out);
+                        let back = minus(back_now, l.back);
+                        l.out = out_now;
+                        l.back = back_now;
+                        l.since = now;
+                        let ends = (destroy || c.closed) && !l.done;
+                        l.done |= ends;
+                        let r = (l.key.clone(), l.endpoint.clone(), out, back, ends);
+                        if destroy {
+                            self.live.remove(&c.orig);
+                        }
+                        r
+                    }
+                    // Not seen starting (before the agent, or lost): only its end counts.
+                    None if !destroy => return None,
                     None => {
                         let policies = self.take_pending(&c.orig);
-                        self.conn_key(&c.orig, Some(&c.reply), Verdict::Allowed, policies)
+                        let (k, e) =
+                            self.conn_key(&c.orig, Some(&c.reply), Verdict::Allowed, policies);
+                        (k, e, out_now, back_now, true)
                     }
                 };
                 let acc = Acc {
                     endpoint: None,
                     started: 0,
-                    completed: 1,
-                    out: c.orig_counters.unwrap_or_default(),
-                    back: c.reply_counters.unwrap_or_default(),
+                    completed: u64::from(ends),
+                    out,
+                    back,
                 };
+                if acc.completed == 0 && out == Counters::default() && back == Counters::default() {
+                    return None;
+                }
                 let add = acc.clone();
                 self.record(now, &key, &endpoint, |a| {
-                    a.completed += 1;
+                    a.completed += add.completed;
                     a.out.packets += add.out.packets;
                     a.out.bytes += add.out.bytes;
                     a.back.packets += add.back.packets;
                     a.back.bytes += add.back.bytes;
                 });
-                self.observation(now, key, endpoint, acc)
+                ends.then(|| self.observation(now, key, endpoint, acc))
             }
         }
     }

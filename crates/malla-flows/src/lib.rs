@@ -52,6 +52,10 @@ pub enum Phase {
     New,
     /// The connection ended (closed, timed out or flushed), with its counters.
     Destroy,
+    /// A periodic reading of a live connection's counters (from a conntrack dump): a TCP
+    /// connection lingers in `TIME_WAIT` for minutes before its DESTROY, so its bytes are
+    /// counted as they grow and its end when it closes.
+    Update,
 }
 
 /// One conntrack event.
@@ -66,6 +70,8 @@ pub struct ConnEvent {
     pub orig_counters: Option<Counters>,
     /// Server → client.
     pub reply_counters: Option<Counters>,
+    /// The connection is over though still tracked (TCP `TIME_WAIT` or `CLOSE`).
+    pub closed: bool,
 }
 
 /// One NFLOG sample: the verdict point that logged it and the connection it belongs to.

@@ -40,6 +40,7 @@ fn new(orig: Tuple, reply: Tuple) -> KernelEvent {
         reply,
         orig_counters: None,
         reply_counters: None,
+        closed: false,
     })
 }
 
@@ -56,6 +57,7 @@ fn destroy(orig: Tuple, reply: Tuple, out: (u64, u64), back: (u64, u64)) -> Kern
             packets: back.0,
             bytes: back.1,
         }),
+        closed: false,
     })
 }
 
@@ -245,4 +247,39 @@ fn old_windows_expire_and_their_entries_are_freed() {
         .collect();
     assert_eq!(starts, vec![30, 45]);
     assert_eq!(a.entries(), 2);
+}
+
+#[test]
+fn periodic_readings_count_bytes_as_they_grow_and_the_end_once() {
+    let mut a = agg();
+    let o = t("198.18.0.2", 40000, "198.18.0.4", 80);
+    a.ingest(new(o, reverse(o)), 0);
+    let reading = |out: u64, closed: bool| {
+        KernelEvent::Conn(ConnEvent {
+            phase: Phase::Update,
+            orig: o,
+            reply: reverse(o),
+            orig_counters: Some(Counters {
+                packets: 1,
+                bytes: out,
+            }),
+            reply_counters: Some(Counters {
+                packets: 1,
+                bytes: 10,
+            }),
+            closed,
+        })
+    };
+    assert_eq!(a.ingest(reading(100, false), 5), None);
+    let end = a
+        .ingest(reading(250, true), 20)
+        .expect("the end is observed");
+    assert_eq!((end.completed, end.bytes_out), (1, 150));
+    // The DESTROY minutes later adds nothing more.
+    a.ingest(destroy(o, reverse(o), (1, 250), (1, 10)), 200);
+    let flows = a.query(&Filter::default());
+    let total_out: u64 = flows.iter().map(|f| f.bytes_out).sum();
+    let total_in: u64 = flows.iter().map(|f| f.bytes_in).sum();
+    let completed: u64 = flows.iter().map(|f| f.completed).sum();
+    assert_eq!((total_out, total_in, completed), (250, 10, 1), "{flows:?}");
 }
