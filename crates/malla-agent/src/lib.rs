@@ -9,6 +9,7 @@
 
 pub mod cni_housekeeping;
 pub mod config_dir;
+pub mod flows;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -48,6 +49,9 @@ pub struct AgentConfig {
     /// The host's CNI configuration directory, whose plugin kubeconfig the agent keeps current
     /// with its rotating service-account token ([`cni_housekeeping`]); None: not refreshed.
     pub cni_conf_dir: Option<PathBuf>,
+    /// Collect flow logs ([`flows`]): conntrack accounting on in the node's namespace, the
+    /// NFLOG group of the ruleset's log statements read, `/flows` served.
+    pub flow_logs: bool,
 }
 
 /// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
@@ -139,9 +143,22 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cni_housekeeping::start_token_refresh(&cfg);
     let health = health::Health::default();
     let metrics = Arc::new(metrics::Metrics::new());
+    let flow_service = if cfg.flow_logs {
+        match flows::FlowService::start(&cfg.node, metrics.flows.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "flow logs are off");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(addr) = cfg.http_listen {
-        http::spawn(addr, health.clone(), metrics.clone())?;
+        http::spawn_with(addr, health.clone(), metrics.clone(), flow_service.clone())?;
     }
+    // The revision the flow directory was built at, and when (rebuilt at most once a second).
+    let mut flow_view: (Option<String>, Instant) = (None, Instant::now());
     let beat = || health.heartbeat.beat();
     let store = loop {
         beat();
@@ -216,6 +233,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         loop {
             beat();
             metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
+            if let (Some(fs), Some((mirror, _)), true) = (&flow_service, synced.as_ref(), in_sync) {
+                let rev = format!("{:?}", received.revision);
+                if flow_view.0.as_ref() != Some(&rev) && flow_view.1.elapsed() >= Duration::from_secs(1) {
+                    fs.set_view(mirror.view());
+                    flow_view = (Some(rev), Instant::now());
+                }
+            }
             if let Some(cache) = &node_cache {
                 // What pods got while the datastore was away goes in before anything else.
                 if cache.has_pending().unwrap_or(false) {
