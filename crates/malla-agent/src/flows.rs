@@ -205,6 +205,12 @@ impl FlowService {
                 rules.extend((0..n).map(|i| (p.key(), d, i)));
             }
         }
+        tracing::debug!(
+            pods = view.endpoints.len(),
+            services = view.services.len(),
+            policies = view.policies.len(),
+            "flow directory rebuilt"
+        );
         if let Ok(mut agg) = self.agg.lock() {
             agg.set_directory(dir, rules);
         }

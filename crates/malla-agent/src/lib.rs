@@ -157,8 +157,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(addr) = cfg.http_listen {
         http::spawn_with(addr, health.clone(), metrics.clone(), flow_service.clone())?;
     }
-    // The revision the flow directory was built at, and when (rebuilt at most once a second).
-    let mut flow_view: (Option<String>, Instant) = (None, Instant::now());
+    // The feed's revision the flow directory was built at: rebuilt at the top of the turn after
+    // a change arrived, so before the apply (and the ready file) that reports it.
+    let mut flow_view: Option<String> = None;
     let beat = || health.heartbeat.beat();
     let store = loop {
         beat();
@@ -235,9 +236,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
             if let (Some(fs), Some((mirror, _)), true) = (&flow_service, synced.as_ref(), in_sync) {
                 let rev = format!("{:?}", received.revision);
-                if flow_view.0.as_ref() != Some(&rev) && flow_view.1.elapsed() >= Duration::from_secs(1) {
+                if flow_view.as_ref() != Some(&rev) {
                     fs.set_view(mirror.view());
-                    flow_view = (Some(rev), Instant::now());
+                    flow_view = Some(rev);
                 }
             }
             if let Some(cache) = &node_cache {

@@ -113,6 +113,22 @@ pub struct Aggregator {
     stats: Stats,
 }
 
+/// The tuple a packet of the connection has on the forward hook, where the policy chains log it:
+/// after DNAT (the reply's source is the endpoint), before SNAT (the client's own source). An
+/// allow sample without the conntrack entry carries just that, so samples wait under it.
+fn forward_tuple(orig: &Tuple, reply: Option<&Tuple>) -> Tuple {
+    match reply {
+        Some(r) => Tuple {
+            proto: orig.proto,
+            src: orig.src,
+            sport: orig.sport,
+            dst: r.src,
+            dport: r.sport,
+        },
+        None => *orig,
+    }
+}
+
 /// `namespace/name ingress[i]`.
 fn rule_text(policy: &str, dir: Dir, rule: usize) -> String {
     format!("{policy} {}[{rule}]", dir.policy_word())
@@ -317,7 +333,7 @@ impl Aggregator {
                                 l.key.policies.push(text);
                             }
                         } else {
-                            self.hold_pending(s.orig, text);
+                            self.hold_pending(forward_tuple(&s.orig, s.reply.as_ref()), text);
                         }
                         return None;
                     }
@@ -355,7 +371,7 @@ impl Aggregator {
     fn conn(&mut self, c: ConnEvent, now: u64) -> Option<Flow> {
         match c.phase {
             Phase::New => {
-                let policies = self.take_pending(&c.orig);
+                let policies = self.take_pending(&forward_tuple(&c.orig, Some(&c.reply)));
                 let (key, endpoint) =
                     self.conn_key(&c.orig, Some(&c.reply), Verdict::Allowed, policies);
                 self.record(now, &key, &endpoint, |a| a.started += 1);
@@ -407,7 +423,7 @@ impl Aggregator {
                     // Not seen starting (before the agent, or lost): only its end counts.
                     None if !destroy => return None,
                     None => {
-                        let policies = self.take_pending(&c.orig);
+                        let policies = self.take_pending(&forward_tuple(&c.orig, Some(&c.reply)));
                         let (k, e) =
                             self.conn_key(&c.orig, Some(&c.reply), Verdict::Allowed, policies);
                         (k, e, out_now, back_now, true)
@@ -443,11 +459,18 @@ impl Aggregator {
             let mut here: BTreeMap<&FlowKey, &Acc> = BTreeMap::new();
             here.extend(w.flows.iter());
             for (k, a) in here {
+                // An end seen before the directory knew it (a pod just created) is named now.
+                let mut key = k.clone();
+                for p in [&mut key.src, &mut key.dst] {
+                    if p.kind == "world" {
+                        *p = self.dir.peer(p.ip);
+                    }
+                }
                 let f = Flow {
                     start: w.start,
                     end: w.start + WINDOW_SECS,
                     node: self.node.clone(),
-                    key: k.clone(),
+                    key,
                     endpoint: a.endpoint.clone(),
                     started: a.started,
                     completed: a.completed,

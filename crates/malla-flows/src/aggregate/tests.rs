@@ -283,3 +283,37 @@ fn periodic_readings_count_bytes_as_they_grow_and_the_end_once() {
     let completed: u64 = flows.iter().map(|f| f.completed).sum();
     assert_eq!((total_out, total_in, completed), (250, 10, 1), "{flows:?}");
 }
+
+#[test]
+fn an_end_seen_before_the_directory_knew_it_is_named_when_queried() {
+    let mut a = Aggregator::new("n", Limits::default());
+    let o = t("198.18.0.2", 1, "198.18.0.4", 80);
+    a.ingest(new(o, reverse(o)), 0);
+    assert_eq!(a.query(&Filter::default())[0].key.src.kind, "world");
+    a.set_directory(agg().dir.clone(), []);
+    let f = &a.query(&Filter::default())[0];
+    assert_eq!(
+        (f.key.src.label(), f.key.dst.label()),
+        ("shop/client".into(), "shop/web".into())
+    );
+}
+
+#[test]
+fn an_allow_sample_of_a_translated_connection_without_its_entry_still_names_the_rule() {
+    let mut a = agg();
+    // A node port: the client sent to the node; the sample shows the packet after DNAT.
+    let orig = t("198.19.1.2", 5000, "198.19.0.12", 30090);
+    let reply = t("198.18.0.4", 8080, "198.19.0.12", 61000);
+    let packet = t("198.19.1.2", 5000, "198.18.0.4", 8080);
+    a.ingest(
+        KernelEvent::Log(LogSample {
+            point: LogPoint::allow(Dir::In, "shop/web-policy", 1),
+            orig: packet,
+            reply: None,
+        }),
+        0,
+    );
+    let seen = a.ingest(new(orig, reply), 0).unwrap();
+    assert_eq!(seen.key.policies, vec!["shop/web-policy ingress[1]"]);
+    assert_eq!(seen.endpoint.as_deref(), Some("198.18.0.4:8080"));
+}
