@@ -110,25 +110,30 @@ fn json_line(v: &impl serde::Serialize) -> String {
     s
 }
 
-async fn flows_query(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+/// The flow service and the request's filter, or the answer saying why not (503, 400).
+fn flows_and_filter(
+    s: &Shared,
+    q: Option<String>,
+) -> Result<(Arc<FlowService>, Filter), (StatusCode, String)> {
     let Some(fs) = &s.flows else {
-        return (StatusCode::SERVICE_UNAVAILABLE, FLOWS_OFF).into_response();
+        return Err((StatusCode::SERVICE_UNAVAILABLE, FLOWS_OFF.to_string()));
     };
-    let f = match filter_of(q) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
+    Ok((fs.clone(), filter_of(q)?))
+}
+
+async fn flows_query(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let (fs, f) = match flows_and_filter(&s, q) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
     };
     let body: String = fs.query(&f).iter().map(json_line).collect();
     ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
 }
 
 async fn flows_follow(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
-    let Some(fs) = &s.flows else {
-        return (StatusCode::SERVICE_UNAVAILABLE, FLOWS_OFF).into_response();
-    };
-    let f = match filter_of(q) {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
+    let (fs, f) = match flows_and_filter(&s, q) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
     };
     let rx = fs.subscribe();
     let stream = futures::stream::unfold((rx, f), |(mut rx, f)| async move {

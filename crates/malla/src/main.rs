@@ -125,10 +125,11 @@ enum Command {
     ///
     /// Example: malla status --lab demo
     Status(status_cmd::StatusArgs),
-    /// Flows every node's agent saw, like `hubble observe`: who talked to whom (pods, nodes,
-    /// Services and the endpoint chosen), allowed or denied and by which policy rule, with
-    /// connections and bytes per 15 s window. A denied flow names the `malla policy trace`
-    /// command explaining it.
+    /// Flows every node's agent saw, like `hubble observe`.
+    ///
+    /// Who talked to whom (pods, nodes, Services and the endpoint chosen), allowed or denied
+    /// and by which policy rule, with connections and bytes per 15 s window. A denied flow
+    /// names the `malla policy trace` command explaining it.
     ///
     /// Example: malla flows --lab demo --verdict denied --namespace shop --since 5m
     ///
