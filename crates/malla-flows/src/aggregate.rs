@@ -28,9 +28,10 @@ use crate::{
 pub struct Limits {
     /// Windows of history (240 × 15 s = one hour).
     pub windows: usize,
-    /// Flow entries over all windows (each ~0.5 KB: 50 000 are ~25 MB).
+    /// Flow entries over all windows (with the live table full too, ~76 MB resident at the
+    /// defaults: `full_history_memory` in the tests measures it).
     pub flows: usize,
-    /// Live connections tracked for their allowing rules.
+    /// Live connections tracked for their allowing rules (each holds its flow key: ~0.6 KB).
     pub live: usize,
     /// Allow samples waiting for their conntrack NEW.
     pub pending: usize,
@@ -41,7 +42,7 @@ impl Default for Limits {
         Limits {
             windows: 240,
             flows: 50_000,
-            live: 100_000,
+            live: 50_000,
             pending: 16_384,
         }
     }

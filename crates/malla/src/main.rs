@@ -99,7 +99,7 @@ enum Command {
         cni_conf_dir: Option<PathBuf>,
         /// Do not collect flow logs (conntrack events and the ruleset's NFLOG samples behind
         /// `/flows` and `malla flows`).
-        #[arg(long)]
+        #[arg(long, env = "MALLA_NO_FLOW_LOGS")]
         no_flow_logs: bool,
     },
     /// Inspect IP address management.

@@ -317,3 +317,78 @@ fn an_allow_sample_of_a_translated_connection_without_its_entry_still_names_the_
     assert_eq!(seen.key.policies, vec!["shop/web-policy ingress[1]"]);
     assert_eq!(seen.endpoint.as_deref(), Some("198.18.0.4:8080"));
 }
+
+/// Resident memory of a full history: `cargo test -p malla-flows --release -- --ignored
+/// --nocapture full_history_memory` (a figure, not a check: the allocator's and the test
+/// harness's own use move it).
+#[test]
+#[ignore]
+fn full_history_memory() {
+    fn rss_kb() -> u64 {
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 4
+    }
+    let limits = Limits::default();
+    let mut pods = Vec::new();
+    for i in 0..250u32 {
+        pods.push((
+            IpAddr::from([198, 18, (i / 250) as u8, (i % 250) as u8]),
+            format!("pod-{i}"),
+        ));
+    }
+    let names: Vec<crate::directory::TestPod<'_>> = pods
+        .iter()
+        .map(|(ip, n)| {
+            (
+                *ip,
+                "a-namespace",
+                n.as_str(),
+                &["a-namespace/a-policy"][..],
+                &[][..],
+            )
+        })
+        .collect();
+    let before = rss_kb();
+    let mut a = Aggregator::new("node-1", limits);
+    a.set_directory(Directory::of(&names, &[]), []);
+    let mut n = 0u32;
+    // Distinct keys (source × destination × port) until the history is full, every one a live
+    // connection until the live table is full too.
+    'fill: for port in 1..u16::MAX {
+        for s in 0..250u32 {
+            let o = Tuple {
+                proto: 6,
+                src: pods[s as usize].0,
+                dst: pods[((s + 1) % 250) as usize].0,
+                sport: 1000 + (n % 60000) as u16,
+                dport: port,
+            };
+            a.ingest(
+                KernelEvent::Log(LogSample {
+                    point: LogPoint::allow(Dir::In, "a-namespace/a-policy", 0),
+                    orig: o,
+                    reply: None,
+                }),
+                0,
+            );
+            a.ingest(new(o, reverse(o)), 0);
+            n += 1;
+            if a.live() >= limits.live && a.entries() >= limits.flows {
+                break 'fill;
+            }
+        }
+    }
+    let after = rss_kb();
+    eprintln!(
+        "{} flow entries, {} live connections, {} overflow: {} MB resident over {} MB before",
+        a.entries(),
+        a.live(),
+        a.stats().overflow,
+        (after - before) / 1024,
+        before / 1024
+    );
+    assert_eq!(a.entries(), limits.flows);
+}
