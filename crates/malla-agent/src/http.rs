@@ -9,6 +9,12 @@
 //!   ([`crate::health::Readiness`]).
 //! - `GET /metrics`: Prometheus metrics ([`crate::metrics`]): OpenMetrics text when the
 //!   request's `Accept` names it (as Prometheus' scrapes do), the classic text format otherwise.
+//! - `GET /flows?from=&to=&namespace=&verdict=&policy=&port=&since=`: the flow history
+//!   ([`crate::flows`]) as JSON lines, one [`malla_flows::Flow`] per line, oldest window first;
+//!   `GET /flows/follow?…`: flows as they are observed, one line each, until the client goes
+//!   (a line `{"lagged":N}` says N were skipped for a slow reader). JSON lines rather than
+//!   gRPC: `curl` reads it, a query and a stream have one format, and nothing needs a protobuf
+//!   toolchain. 503 when flow logs are off, 400 naming the parameter for a bad filter.
 //!
 //! A new endpoint is one more route in [`router`].
 
@@ -16,12 +22,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::State;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+use malla_flows::Filter;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::flows::FlowService;
 use crate::health::Health;
 use crate::metrics::Metrics;
 
@@ -30,15 +41,124 @@ use crate::metrics::Metrics;
 struct Shared {
     health: Health,
     metrics: Arc<Metrics>,
+    flows: Option<Arc<FlowService>>,
 }
 
 /// The agent's routes.
-fn router(health: Health, metrics: Arc<Metrics>) -> Router {
+fn router(health: Health, metrics: Arc<Metrics>, flows: Option<Arc<FlowService>>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(Shared { health, metrics })
+        .route("/flows", get(flows_query))
+        .route("/flows/follow", get(flows_follow))
+        .with_state(Shared {
+            health,
+            metrics,
+            flows,
+        })
+}
+
+/// Decodes `%XX` and `+` in a query component.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The filter of a request's query, or the 400 naming what is wrong.
+fn filter_of(query: Option<String>) -> Result<Filter, (StatusCode, String)> {
+    let pairs: Vec<(String, String)> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(n), decode(v))
+        })
+        .collect();
+    Filter::from_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))
+}
+
+const FLOWS_OFF: &str = "flow logs are off on this agent (malla agent --no-flow-logs, or the collector could not start: see its log)\n";
+const JSON_LINES: &str = "application/x-ndjson";
+
+fn json_line(v: &impl serde::Serialize) -> String {
+    let mut s = serde_json::to_string(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// The flow service and the request's filter, or the answer saying why not (503, 400).
+fn flows_and_filter(
+    s: &Shared,
+    q: Option<String>,
+) -> Result<(Arc<FlowService>, Filter), (StatusCode, String)> {
+    let Some(fs) = &s.flows else {
+        return Err((StatusCode::SERVICE_UNAVAILABLE, FLOWS_OFF.to_string()));
+    };
+    Ok((fs.clone(), filter_of(q)?))
+}
+
+async fn flows_query(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let (fs, f) = match flows_and_filter(&s, q) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let body: String = fs.query(&f).iter().map(json_line).collect();
+    ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
+}
+
+async fn flows_follow(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let (fs, f) = match flows_and_filter(&s, q) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let rx = fs.subscribe();
+    let stream = futures::stream::unfold((rx, f), |(mut rx, f)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(flow) if f.matches(&flow) => {
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(json_line(&*flow)),
+                        (rx, f),
+                    ))
+                }
+                Ok(_) => continue,
+                Err(RecvError::Lagged(n)) => {
+                    let line = json_line(&serde_json::json!({ "lagged": n }));
+                    return Some((Ok(line), (rx, f)));
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, JSON_LINES)],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
@@ -96,6 +216,16 @@ pub fn spawn(
     health: Health,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<SocketAddr> {
+    spawn_with(addr, health, metrics, None)
+}
+
+/// [`spawn`], serving `/flows` from `flows` (None: 503, flow logs are off).
+pub fn spawn_with(
+    addr: SocketAddr,
+    health: Health,
+    metrics: Arc<Metrics>,
+    flows: Option<Arc<FlowService>>,
+) -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the agent's HTTP address {addr}"))?;
     listener
@@ -113,7 +243,7 @@ pub fn spawn(
         .spawn(move || {
             rt.block_on(async move {
                 let served = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => axum::serve(l, router(health, metrics)).await,
+                    Ok(l) => axum::serve(l, router(health, metrics, flows)).await,
                     Err(e) => Err(e),
                 };
                 if let Err(e) = served {
@@ -122,7 +252,7 @@ pub fn spawn(
             })
         })
         .context("starting the HTTP server's thread")?;
-    tracing::info!(%bound, "serving /healthz, /readyz and /metrics");
+    tracing::info!(%bound, "serving /healthz, /readyz, /metrics and /flows");
     Ok(bound)
 }
 
@@ -186,6 +316,72 @@ mod tests {
         assert!(body.contains("# TYPE malla_apply_errors counter"), "{body}");
         assert!(body.ends_with("# EOF\n"), "{body}");
         assert_eq!(get(addr, "/nothing").0, 404);
+    }
+
+    #[test]
+    fn flows_are_queried_and_followed_as_json_lines() {
+        use malla_calc::policy::flowlog::{Dir, LogPoint};
+        use malla_flows::{KernelEvent, LogSample, Tuple};
+        let metrics = Arc::new(Metrics::new());
+        let fs = FlowService::detached("n1", metrics.flows.clone());
+        let addr = spawn_with(
+            "127.0.0.1:0".parse().unwrap(),
+            Health::default(),
+            metrics.clone(),
+            Some(fs.clone()),
+        )
+        .expect("spawn");
+        let deny = |sport| {
+            KernelEvent::Log(LogSample {
+                point: LogPoint::Deny { dir: Dir::In },
+                orig: Tuple {
+                    proto: 6,
+                    src: "198.18.0.2".parse().unwrap(),
+                    dst: "198.18.0.3".parse().unwrap(),
+                    sport,
+                    dport: 5432,
+                },
+                reply: None,
+            })
+        };
+        fs.ingest(vec![deny(1), KernelEvent::Lost(3)]);
+        let (code, body) = get(addr, "/flows?verdict=denied&port=5432");
+        assert_eq!(code, 200, "{body}");
+        let flows: Vec<malla_flows::Flow> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).expect(l))
+            .collect();
+        assert_eq!(flows.len(), 1, "{body}");
+        assert_eq!(flows[0].key.verdict, malla_flows::Verdict::Denied);
+        assert_eq!(get(addr, "/flows?verdict=allowed").1, "");
+        let (code, body) = get(addr, "/flows?port=http");
+        assert_eq!(code, 400);
+        assert!(body.contains("port"), "{body}");
+        let (_, m) = get(addr, "/metrics");
+        assert!(m.contains("malla_flow_samples_lost_total 3"), "{m}");
+        assert!(
+            m.contains("malla_flow_drops_total{reason=\"policy\"} 1"),
+            "{m}"
+        );
+
+        // Following: a flow observed after the request is streamed.
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /flows/follow?to=198.18.0.3 HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        .unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        fs.ingest(vec![deny(2)]);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\"verdict\":\"denied\"") {
+            let n = s.read(&mut buf).expect("a followed flow within 5 s");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
     }
 
     #[test]

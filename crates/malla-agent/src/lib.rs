@@ -10,6 +10,7 @@
 pub mod bgp;
 pub mod cni_housekeeping;
 pub mod config_dir;
+pub mod flows;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -49,6 +50,9 @@ pub struct AgentConfig {
     /// The host's CNI configuration directory, whose plugin kubeconfig the agent keeps current
     /// with its rotating service-account token ([`cni_housekeeping`]); None: not refreshed.
     pub cni_conf_dir: Option<PathBuf>,
+    /// Collect flow logs ([`flows`]): conntrack accounting on in the node's namespace, the
+    /// NFLOG group of the ruleset's log statements read, `/flows` served.
+    pub flow_logs: bool,
 }
 
 /// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
@@ -140,9 +144,23 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     cni_housekeeping::start_token_refresh(&cfg);
     let health = health::Health::default();
     let metrics = Arc::new(metrics::Metrics::new());
+    let flow_service = if cfg.flow_logs {
+        match flows::FlowService::start(&cfg.node, metrics.flows.clone()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "flow logs are off");
+                None
+            }
+        }
+    } else {
+        None
+    };
     if let Some(addr) = cfg.http_listen {
-        http::spawn(addr, health.clone(), metrics.clone())?;
+        http::spawn_with(addr, health.clone(), metrics.clone(), flow_service.clone())?;
     }
+    // The feed's revision the flow directory was built at: rebuilt at the top of the turn after
+    // a change arrived, so before the apply (and the ready file) that reports it.
+    let mut flow_view: Option<String> = None;
     let beat = || health.heartbeat.beat();
     let store = loop {
         beat();
@@ -219,6 +237,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         loop {
             beat();
             metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
+            if let (Some(fs), Some((mirror, _)), true) = (&flow_service, synced.as_ref(), in_sync) {
+                let rev = format!("{:?}", received.revision);
+                if flow_view.as_ref() != Some(&rev) {
+                    fs.set_view(mirror.view());
+                    flow_view = Some(rev);
+                }
+            }
             if let Some(cache) = &node_cache {
                 // What pods got while the datastore was away goes in before anything else.
                 if cache.has_pending().unwrap_or(false) {

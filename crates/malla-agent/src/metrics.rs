@@ -10,6 +10,7 @@
 //! | `malla_programmed_objects{kind}` | gauge | what the kernel holds as last applied, by kind (see [`Programmed`]); the first three follow every links delta, the others every full apply and every service or policy path apply |
 //! | `malla_apply_errors_total` | counter | failed applies (any path) |
 //! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
+//! | `malla_flow*` | | flow logs: see [`crate::flows`] |
 //! | `malla_sync_pending_seconds` | gauge | how long the oldest datastore change the agent has received (or the listing under way) has been waiting for the driver to acknowledge its apply; 0 when the kernel reflects everything received. The same on every backend: no revision arithmetic. It grows while a listing cannot finish (datastore away at start) or applies keep failing |
 //!
 //! Recording is a handful of atomic operations per apply; nothing is allocated per element.
@@ -116,6 +117,8 @@ pub struct Metrics {
     apply_errors: Counter,
     reconnects: Counter,
     pending: Gauge<f64, AtomicU64>,
+    /// The flow series ([`crate::flows`]).
+    pub flows: crate::flows::FlowMetrics,
 }
 
 impl Default for Metrics {
@@ -170,8 +173,11 @@ impl Metrics {
             Unit::Seconds,
             pending.clone(),
         );
+        let flows = crate::flows::FlowMetrics::default();
+        flows.register(&mut registry);
         Self {
             registry,
+            flows,
             sync,
             apply,
             programmed,

@@ -25,6 +25,7 @@ use malla_api::{Pod, WorkloadEndpoint};
 
 use crate::nft::element::IfName;
 use crate::nft::{self, BaseChain, Chain, Key, Part, Set};
+use crate::policy::flowlog::LogPoint;
 
 /// The anti-spoofing chain of Malla's table.
 pub const CHAIN: &str = "guard";
@@ -269,10 +270,12 @@ pub fn render(entries: &BTreeSet<GuardEntry>, on: bool, t: &mut nft::Table) {
                 format!("iifname != {workloads} accept"),
                 format!("iifname . ip saddr @{SET_V4} accept"),
                 format!("iifname . ip saddr @{ALLOW_V4} accept"),
+                format!("meta nfproto ipv4 {}", LogPoint::Spoofed.deny_rule()),
                 format!("meta nfproto ipv4 counter drop comment \"{DROPPED_V4}\""),
                 "ip6 saddr { ::, fe80::/10 } accept".into(),
                 format!("iifname . ip6 saddr @{SET_V6} accept"),
                 format!("iifname . ip6 saddr @{ALLOW_V6} accept"),
+                format!("meta nfproto ipv6 {}", LogPoint::Spoofed.deny_rule()),
                 format!("meta nfproto ipv6 counter drop comment \"{DROPPED_V6}\""),
             ],
         },

@@ -594,6 +594,7 @@ fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
         REJECT_CHAIN,
         None,
         vec![
+            crate::policy::flowlog::LogPoint::NoEndpoint.deny_rule(),
             "meta l4proto tcp reject with tcp reset".into(),
             "reject".into(),
         ],

@@ -6,6 +6,7 @@
 
 pub mod conntrack;
 pub mod driver;
+pub mod flows;
 pub mod linux;
 pub mod netlink;
 pub mod netns;

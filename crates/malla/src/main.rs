@@ -6,6 +6,7 @@
 mod audit;
 mod bgp_cmd;
 mod diags;
+mod flows_cmd;
 mod globals;
 mod ipam_cmd;
 mod lab_cmd;
@@ -97,6 +98,10 @@ enum Command {
         /// service-account token. Unset: nothing is refreshed.
         #[arg(long)]
         cni_conf_dir: Option<PathBuf>,
+        /// Do not collect flow logs (conntrack events and the ruleset's NFLOG samples behind
+        /// `/flows` and `malla flows`).
+        #[arg(long, env = "MALLA_NO_FLOW_LOGS")]
+        no_flow_logs: bool,
     },
     /// Inspect IP address management.
     Ipam {
@@ -126,6 +131,16 @@ enum Command {
     ///
     /// Example: malla status --lab demo
     Status(status_cmd::StatusArgs),
+    /// Flows every node's agent saw, like `hubble observe`.
+    ///
+    /// Who talked to whom (pods, nodes, Services and the endpoint chosen), allowed or denied
+    /// and by which policy rule, with connections and bytes per 15 s window. A denied flow
+    /// names the `malla policy trace` command explaining it.
+    ///
+    /// Example: malla flows --lab demo --verdict denied --namespace shop --since 5m
+    ///
+    /// Example: malla flows --lab demo --to shop/db --follow
+    Flows(flows_cmd::FlowsArgs),
     /// Everything a bug report needs, in one archive: versions, config, agent logs, each node's
     /// nft ruleset, routes and links, the agents' endpoints, status and a datastore summary.
     ///
@@ -242,6 +257,7 @@ fn main() {
             config_dir,
             http_listen,
             cni_conf_dir,
+            no_flow_logs,
         } => g.init_logging().and_then(|()| {
             malla_agent::run(malla_agent::AgentConfig {
                 node,
@@ -252,6 +268,7 @@ fn main() {
                 config_dir,
                 http_listen: http_listen.0,
                 cni_conf_dir,
+                flow_logs: !no_flow_logs,
             })
         }),
         Command::Ipam { command } => ipam_cmd::run(&g, command),
@@ -260,6 +277,7 @@ fn main() {
         Command::Services(args) => services_cmd::run(&g, args),
         Command::Policy { command } => policy_cmd::run(&g, command),
         Command::Status(args) => status_cmd::run(&g, args),
+        Command::Flows(args) => flows_cmd::run(&g, args),
         Command::Diags(args) => diags::run(&g, args),
         Command::Audit(args) => audit::run(&g, args),
         Command::InstallCni {

@@ -21,6 +21,7 @@
 pub mod addrs;
 pub mod compile;
 pub mod explain;
+pub mod flowlog;
 pub mod incremental;
 pub mod members;
 pub mod reference;

@@ -204,6 +204,23 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     action: Action::PortVmap(map.to_string()),
                 });
             }
+            // Flow-log statements (policy::flowlog): no effect on the verdict. The limit in
+            // front of a deny's log only decides whether the log is written.
+            "limit" if w.get(i + 1) == Some(&"rate") => {
+                i += 3;
+                if w.get(i) == Some(&"burst") {
+                    i += 3;
+                }
+            }
+            "log" => {
+                i += 1;
+                while let Some(&opt) = w.get(i) {
+                    match opt {
+                        "group" | "prefix" => i += 2,
+                        _ => break,
+                    }
+                }
+            }
             "meta" if w.get(i + 1) == Some(&"l4proto") => {
                 let neg = w.get(i + 2) == Some(&"!=");
                 let at = if neg { i + 3 } else { i + 2 };

@@ -53,6 +53,7 @@ use crate::nft::{self, BaseChain, Chain, Key, Map, Part, Set, Value};
 
 use super::addrs::{hosts, nft_element, normalize};
 use super::compile::{set_name, CompiledRule, EndpointProgram, PeerSet, PolicyProgram, PortMatch};
+use super::flowlog::{self, LogPoint};
 use super::fnv;
 
 /// The policy base chain.
@@ -220,6 +221,16 @@ struct Dir {
     verdict: &'static str,
     /// `verdict` as a port map's value.
     map_verdict: nft::Verdict,
+    /// The direction in flow logs.
+    log: flowlog::Dir,
+}
+
+/// The allow log statement of the first of the rules `which` (flow logs).
+fn allow_log(rules: &[CompiledRule], which: &BTreeSet<usize>, d: &Dir) -> String {
+    match which.first().and_then(|&i| rules.get(i)) {
+        Some(r) => LogPoint::allow(d.log, &r.policy, r.rule).statement(),
+        None => String::new(),
+    }
 }
 
 const INGRESS: Dir = Dir {
@@ -227,12 +238,14 @@ const INGRESS: Dir = Dir {
     addr: "saddr",
     verdict: "accept",
     map_verdict: nft::Verdict::Accept,
+    log: flowlog::Dir::In,
 };
 const EGRESS: Dir = Dir {
     name: "egress",
     addr: "daddr",
     verdict: "return",
     map_verdict: nft::Verdict::Return,
+    log: flowlog::Dir::Out,
 };
 
 /// The name of a shared peers chain: a hash of its rules.
@@ -367,7 +380,12 @@ impl<'p> Render<'p> {
         let mut sets: Vec<(&'p str, &'p PeerSet, &BTreeSet<usize>)> = Vec::new();
         for (peer, which) in peers {
             match peer {
-                None => out.push(format!("{} {}", d.verdict, comment(rules, which, d.name))),
+                None => out.push(format!(
+                    "{} {} {}",
+                    allow_log(rules, which, d),
+                    d.verdict,
+                    comment(rules, which, d.name)
+                )),
                 Some(name) => {
                     if let Some((name, set)) = prog.sets.get_key_value(*name) {
                         sets.push((name.as_str(), set, which));
@@ -398,8 +416,12 @@ impl<'p> Render<'p> {
         }
         for (name, fams, which) in groups {
             let c = comment(rules, &which, d.name);
+            let log = allow_log(rules, &which, d);
             for (kw, fam) in fams {
-                out.push(format!("{kw} {} @{name}-{fam} {} {c}", d.addr, d.verdict));
+                out.push(format!(
+                    "{kw} {} @{name}-{fam} {log} {} {c}",
+                    d.addr, d.verdict
+                ));
             }
         }
         out
@@ -438,6 +460,7 @@ impl<'p> Render<'p> {
                 Value::Verdict(d.map_verdict.clone())
             } else {
                 let mut body = self.peer_rules(rules, peers, d);
+                body.push(LogPoint::Deny { dir: d.log }.deny_rule());
                 body.push("drop".into());
                 let mut salt = 0;
                 let name = loop {
@@ -474,6 +497,7 @@ impl<'p> Render<'p> {
             ));
             table.maps.insert(name, map);
         }
+        out.push(LogPoint::Deny { dir: d.log }.deny_rule());
         out.push("drop".into());
         table.chains.insert(
             chain.to_string(),

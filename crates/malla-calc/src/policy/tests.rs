@@ -450,8 +450,9 @@ fn policy_many_peers_on_one_port_are_one_lookup() {
     };
     let chain: &str = chain;
     let rules = &t.chains[chain].rules;
-    // Pod addresses (v4, v6) through one union, the ipBlock on its own, then drop.
-    assert_eq!(rules.len(), 4, "{}", nft::render_full(&t));
+    // Pod addresses (v4, v6) through one union, the ipBlock on its own, then the deny's flow
+    // log and drop.
+    assert_eq!(rules.len(), 5, "{}", nft::render_full(&t));
     let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
     for (src, want) in [
         ("198.18.1.5", true),
