@@ -50,8 +50,8 @@ pub const FORWARD_OUT: &str = "hep-fwd-out";
 /// The other nodes' underlay addresses (VXLAN's exemption).
 pub const NODES_V4: &str = "hep-nodes-v4";
 pub const NODES_V6: &str = "hep-nodes-v6";
-/// The prefix of Log rules' messages (Calico's).
-pub const LOG_PREFIX: &str = "calico-packet: ";
+/// The prefix of Log rules' messages (Calico's, without its trailing space).
+pub const LOG_PREFIX: &str = "calico-packet:";
 
 /// The interface-name map of a stage.
 pub fn ifaces_map(stage: Stage) -> String {

@@ -240,13 +240,6 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 conds.push(Cond::Nfproto { v6 });
                 i += 3;
             }
-            "log" => {
-                // `log prefix "…"`: no verdict; the packet goes on.
-                return Ok(Rule {
-                    conds,
-                    action: Action::None,
-                });
-            }
             "th" if matches!(w.get(i + 1), Some(&"dport") | Some(&"sport")) => {
                 let sport = w[i + 1] == "sport";
                 let neg = w.get(i + 2) == Some(&"!=");
