@@ -59,45 +59,9 @@ fn router(health: Health, metrics: Arc<Metrics>, flows: Option<Arc<FlowService>>
         })
 }
 
-/// Decodes `%XX` and `+` in a query component.
-fn decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match std::str::from_utf8(&b[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The filter of a request's query, or the 400 naming what is wrong.
 fn filter_of(query: Option<String>) -> Result<Filter, (StatusCode, String)> {
-    let pairs: Vec<(String, String)> = query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (n, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(n), decode(v))
-        })
-        .collect();
-    Filter::from_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+    Filter::from_query(query.as_deref().unwrap_or_default())
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e}\n")))
 }
 

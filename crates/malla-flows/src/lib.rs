@@ -303,6 +303,35 @@ impl Filter {
         Ok(f)
     }
 
+    /// Reads a filter from a URL's raw query (`from=shop%2Fweb&port=80`), decoding `%XX` and
+    /// `+`: what `/flows` and `malla ui`'s `/api/flows` take.
+    pub fn from_query(query: &str) -> Result<Self, FilterError> {
+        let pairs: Vec<(String, String)> = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (n, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(n), percent_decode(v))
+            })
+            .collect();
+        Self::from_pairs(pairs.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+    }
+
+    /// The filter as a URL query, `?name=value&…` (empty when it matches everything):
+    /// [`Filter::from_query`] reads it back.
+    pub fn to_query(&self) -> String {
+        let pairs: Vec<String> = self
+            .to_pairs()
+            .iter()
+            .map(|(n, v)| format!("{n}={}", percent_encode(v)))
+            .collect();
+        if pairs.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", pairs.join("&"))
+        }
+    }
+
     /// The filter as `name=value` pairs ([`Filter::from_pairs`] reads them back).
     pub fn to_pairs(&self) -> Vec<(&'static str, String)> {
         let mut v = Vec::new();
@@ -320,6 +349,46 @@ impl Filter {
         push("since", self.since.map(|p| p.to_string()));
         v
     }
+}
+
+/// Decodes `%XX` and `+` in a query component (a bad escape is kept as it is).
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Encodes a query component: everything but letters, digits and `-_.~/:` as `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~/:".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -343,5 +412,28 @@ mod tests {
         let e = Filter::from_pairs([("verdict", "maybe")]).unwrap_err();
         assert!(e.to_string().contains("verdict"), "{e}");
         assert!(Filter::from_pairs([("colour", "red")]).is_err());
+        let f = Filter {
+            from: Some("shop/a b".into()),
+            policy: Some("shop/p ingress".into()),
+            port: Some(80),
+            ..Filter::default()
+        };
+        assert_eq!(
+            f.to_query(),
+            "?from=shop/a%20b&policy=shop/p%20ingress&port=80"
+        );
+        assert_eq!(Filter::from_query(&f.to_query()[1..]).unwrap(), f);
+        assert_eq!(
+            Filter::from_query("to=a%2Fb+c&x=%zz")
+                .unwrap_err()
+                .to_string(),
+            "query parameter x: unknown parameter"
+        );
+        assert_eq!(
+            Filter::from_query("to=a%2Fb+c").unwrap().to,
+            Some("a/b c".into())
+        );
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(Filter::default().to_query(), "");
     }
 }

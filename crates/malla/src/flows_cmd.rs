@@ -63,22 +63,46 @@ pub struct Shown {
     pub trace: Option<String>,
 }
 
-fn trace_command(f: &Flow) -> Option<String> {
-    if f.key.verdict != Verdict::Denied {
+/// How `malla policy trace` names a flow's end: `namespace/name` for a pod, `node/NAME` for a
+/// node, else the address.
+fn trace_name(p: &malla_flows::Peer) -> String {
+    match (p.kind.as_str(), &p.name) {
+        ("node", Some(n)) => format!("node/{n}"),
+        _ => p.label(),
+    }
+}
+
+/// The arguments of the `malla policy trace` that explains `f` (None for a protocol the trace
+/// does not know: ICMP).
+pub fn trace_args(f: &Flow) -> Option<Vec<String>> {
+    let proto = f.key.proto.to_ascii_uppercase();
+    if !["TCP", "UDP", "SCTP"].contains(&proto.as_str()) {
         return None;
     }
-    let proto = f.key.proto.to_ascii_uppercase();
     // The port the destination pod sees (a Service's target port when one was addressed).
     let port = f
         .endpoint
         .as_deref()
         .and_then(|e| e.parse::<SocketAddr>().ok())
         .map_or(f.key.port, |e| e.port());
-    Some(format!(
-        "malla policy trace {} {} --port {port} --protocol {proto}",
-        f.key.src.label(),
-        f.key.dst.label()
-    ))
+    Some(vec![
+        "policy".into(),
+        "trace".into(),
+        trace_name(&f.key.src),
+        trace_name(&f.key.dst),
+        "--port".into(),
+        port.to_string(),
+        "--protocol".into(),
+        proto,
+    ])
+}
+
+/// A denied flow's explaining command line.
+fn trace_command(f: &Flow) -> Option<String> {
+    if f.key.verdict != Verdict::Denied {
+        return None;
+    }
+    trace_args(f).map(|a| format!("malla {}", a.join(" ")))
 }
 
 /// `30s`, `5m`, `2h`, `1d` or plain seconds.
@@ -122,33 +146,8 @@ fn filter(a: &FlowsArgs) -> anyhow::Result<Filter> {
     })
 }
 
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~/:".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
-fn query_string(f: &Filter) -> String {
-    let pairs: Vec<String> = f
-        .to_pairs()
-        .iter()
-        .map(|(n, v)| format!("{n}={}", encode(v)))
-        .collect();
-    if pairs.is_empty() {
-        String::new()
-    } else {
-        format!("?{}", pairs.join("&"))
-    }
-}
-
 /// The agents to ask: (node, its namespace in a lab).
-fn agents(g: &Globals) -> anyhow::Result<Vec<(String, Option<String>)>> {
+pub fn agents(g: &Globals) -> anyhow::Result<Vec<(String, Option<String>)>> {
     if g.spec()?.is_some() {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -222,22 +221,9 @@ pub fn run(g: &Globals, a: FlowsArgs) -> anyhow::Result<()> {
     if a.follow {
         return follow(&nodes, &a, &f);
     }
-    let path = format!("/flows{}", query_string(&f));
-    let mut flows: Vec<Flow> = Vec::new();
-    for (node, netns) in &nodes {
-        let ans = http_get(netns.as_deref(), a.agent_address, &path);
-        match ans.status {
-            Some(200) => {
-                for line in ans.body.lines().filter(|l| !l.trim().is_empty()) {
-                    let flow: Flow = serde_json::from_str(line).with_context(|| {
-                        format!("node {node}: a /flows line is not a flow: {line}")
-                    })?;
-                    flows.push(flow);
-                }
-            }
-            Some(code) => eprintln!("node {node}: /flows answered {code}: {}", ans.body.trim()),
-            None => eprintln!("node {node}: agent unreachable: {}", ans.body.trim()),
-        }
+    let (mut flows, errors) = collect(&nodes, a.agent_address, &f);
+    for e in errors {
+        eprintln!("{e}");
     }
     flows.sort_by(|x, y| (x.start, &x.node).cmp(&(y.start, &y.node)));
     let shown: Vec<Shown> = flows
@@ -259,9 +245,44 @@ pub fn run(g: &Globals, a: FlowsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every node's flows that pass `f` (`/flows`), and what went wrong asking, one line per node.
+pub fn collect(
+    nodes: &[(String, Option<String>)],
+    agent_address: SocketAddr,
+    f: &Filter,
+) -> (Vec<Flow>, Vec<String>) {
+    let path = format!("/flows{}", f.to_query());
+    let mut flows: Vec<Flow> = Vec::new();
+    let mut errors = Vec::new();
+    for (node, netns) in nodes {
+        let ans = http_get(netns.as_deref(), agent_address, &path);
+        match ans.status {
+            Some(200) => {
+                for line in ans.body.lines().filter(|l| !l.trim().is_empty()) {
+                    match serde_json::from_str::<Flow>(line) {
+                        Ok(flow) => flows.push(flow),
+                        Err(e) => errors.push(format!(
+                            "node {node}: a /flows line is not a flow ({e}): {line}"
+                        )),
+                    }
+                }
+            }
+            Some(code) => errors.push(format!(
+                "node {node}: /flows answered {code}: {}",
+                ans.body.trim()
+            )),
+            None => errors.push(format!(
+                "node {node}: agent unreachable: {}",
+                ans.body.trim()
+            )),
+        }
+    }
+    (flows, errors)
+}
+
 /// Streams `/flows/follow` from every node, printing each flow as it comes.
 fn follow(nodes: &[(String, Option<String>)], a: &FlowsArgs, f: &Filter) -> anyhow::Result<()> {
-    let path = format!("/flows/follow{}", query_string(f));
+    let path = format!("/flows/follow{}", f.to_query());
     let (tx, rx) = mpsc::channel::<(String, String)>();
     for (node, netns) in nodes {
         let addr = a.agent_address;
@@ -349,7 +370,7 @@ mod tests {
             port: Some(80),
             ..Filter::default()
         };
-        assert_eq!(query_string(&f), "?from=shop/a%20b&port=80");
-        assert_eq!(query_string(&Filter::default()), "");
+        assert_eq!(f.to_query(), "?from=shop/a%20b&port=80");
+        assert_eq!(Filter::default().to_query(), "");
     }
 }

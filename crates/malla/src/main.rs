@@ -15,6 +15,7 @@ mod policy_cmd;
 mod reference;
 mod services_cmd;
 mod status_cmd;
+mod ui_cmd;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -141,6 +142,16 @@ enum Command {
     ///
     /// Example: malla flows --lab demo --to shop/db --follow
     Flows(flows_cmd::FlowsArgs),
+    /// A web page of the flows: a live graph of namespaces, workloads and Services with
+    /// allowed and denied edges, a flow table with `malla flows`' filters, and a flow's
+    /// `malla policy trace` on click.
+    ///
+    /// Serves on this host (default 127.0.0.1:9098) and asks every node's agent (`/flows`; in a
+    /// lab, inside each node's namespace). Everything is in the binary: it works offline. No
+    /// authentication: keep it on a loopback address.
+    ///
+    /// Example: malla ui --lab demo --listen 127.0.0.1:9098
+    Ui(ui_cmd::UiArgs),
     /// Everything a bug report needs, in one archive: versions, config, agent logs, each node's
     /// nft ruleset, routes and links, the agents' endpoints, status and a datastore summary.
     ///
@@ -229,7 +240,8 @@ fn main() {
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
     // Not the agent: a daemon with sockets must see EPIPE as an error, not die of the signal
     // when a datastore server it writes to goes away (killed silently, mid-outage).
-    if !matches!(cli.command, Command::Agent { .. }) {
+    // Nor the page's server (`malla ui`): a browser may close a connection mid-answer.
+    if !matches!(cli.command, Command::Agent { .. } | Command::Ui(_)) {
         // SAFETY: restoring the default disposition of a signal before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -278,6 +290,7 @@ fn main() {
         Command::Policy { command } => policy_cmd::run(&g, command),
         Command::Status(args) => status_cmd::run(&g, args),
         Command::Flows(args) => flows_cmd::run(&g, args),
+        Command::Ui(args) => ui_cmd::run(&g, args),
         Command::Diags(args) => diags::run(&g, args),
         Command::Audit(args) => audit::run(&g, args),
         Command::InstallCni {

@@ -66,6 +66,13 @@ pub fn two_pods_per_node(nodes: usize) -> String {
     y
 }
 
+/// A pod `name` labelled `app: name` on `node`, declaring TCP port 8080 named `http`.
+pub fn http_pod(name: &str, node: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    ports:\n    - {{containerPort: 8080, name: http}}\n"
+    )
+}
+
 /// Accepts one connection on `l` and counts the bytes it carries until EOF.
 pub fn count_until_eof(l: &std::net::TcpListener) -> std::io::Result<u64> {
     use std::io::Read;

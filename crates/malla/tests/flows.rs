@@ -22,11 +22,7 @@ const ANSWERED: usize = 5_000;
 /// web takes 8080 and 9000 from client (rule 0) and 8080 from anywhere (rule 1: the NodePort's
 /// clients, masqueraded or not); db takes nothing.
 fn manifests() -> String {
-    let pod = |name: &str, node: &str| {
-        format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    ports:\n    - {{containerPort: 8080, name: http}}\n"
-        )
-    };
+    let pod = common::http_pod;
     let mut y = pod("client", "node-1") + &pod("web", "node-2") + &pod("db", "node-2");
     y.push_str(
         "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-allow}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress:\n  - from: [{podSelector: {matchLabels: {app: client}}}]\n    ports: [{port: 8080}, {port: 9000}]\n  - from: [{ipBlock: {cidr: 0.0.0.0/0}}]\n    ports: [{port: 8080}]\n\

@@ -1,0 +1,337 @@
+//! Issue 16's flood, 1-node lab, real kernel: one pod sends new UDP "connections" (each
+//! datagram to the next destination port: a new 5-tuple) as fast as it can for 10 s, at least
+//! 100k a second, all denied by its egress policy, while two other pods of the node talk.
+//! The node's other traffic keeps flowing (a TCP connect every 50 ms between the two pods, all
+//! succeed), the agent's RSS stays bounded (`/proc/PID/status`), the flood shows as a denied
+//! flow, and what the flow pipeline could not record should be reported as samples lost
+//! (`malla_flow_samples_lost_total`), not silently: that last check is its own test, ignored
+//! until the deny log's rate limit counts what it discards (see it below).
+//!
+//! Safety on a shared machine: the flood never leaves the node's namespace and is dropped
+//! there before conntrack confirms it, so the kernel's connection table does not grow (checked:
+//! the node's `conntrack -C` is watched and the flood stops early past 20,000 entries); the
+//! sender is bounded in count and time and stops by itself.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Lab;
+use malla_dataplane::netns::NetNs;
+
+const FLOOD_SECS: u64 = 10;
+/// The sender's pace: above the issue's 100k a second, below what one core does unpaced here
+/// (~350k), so that a shared machine keeps some room.
+const RATE: f64 = 150_000.0;
+/// The most the sender sends, whatever its speed (bounds the run).
+const MAX_DATAGRAMS: u64 = 4_000_000;
+/// Past this many entries in the node's conntrack table the flood stops (it should stay small).
+const CONNTRACK_GUARD: u64 = 20_000;
+
+fn manifests() -> String {
+    let mut y = common::http_pod("flooder", "node-1")
+        + &common::http_pod("a", "node-1")
+        + &common::http_pod("b", "node-1");
+    y.push_str(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: flooder-deny}\nspec:\n  podSelector: {matchLabels: {app: flooder}}\n  policyTypes: [Egress]\n",
+    );
+    y
+}
+
+/// Sends UDP datagrams from the current namespace to `dst`, cycling the destination port,
+/// with `sendmmsg` in batches, until `stop`, `secs` or `max`: (sent, elapsed).
+fn flood(
+    dst: Ipv4Addr,
+    secs: u64,
+    max: u64,
+    stop: &AtomicBool,
+) -> std::io::Result<(u64, Duration)> {
+    const BATCH: usize = 512;
+    // SAFETY: plain socket(2); the descriptor is closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let payload = [0u8; 16];
+    let mut addrs: Vec<libc::sockaddr_in> = (0..BATCH)
+        .map(|_| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
+            sin_zero: [0; 8],
+        })
+        .collect();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: payload.len(),
+    };
+    let mut port: u16 = 1;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut result = Ok(());
+    while sent < max && !stop.load(Ordering::Relaxed) && start.elapsed().as_secs() < secs {
+        for a in addrs.iter_mut() {
+            port = if port == u16::MAX { 1 } else { port + 1 };
+            a.sin_port = port.to_be();
+        }
+        let mut msgs: Vec<libc::mmsghdr> = addrs
+            .iter_mut()
+            .map(|a| libc::mmsghdr {
+                msg_hdr: libc::msghdr {
+                    msg_name: a as *mut libc::sockaddr_in as *mut libc::c_void,
+                    msg_namelen: std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                    msg_iov: &mut iov,
+                    msg_iovlen: 1,
+                    msg_control: std::ptr::null_mut(),
+                    msg_controllen: 0,
+                    msg_flags: 0,
+                },
+                msg_len: 0,
+            })
+            .collect();
+        // SAFETY: msgs points at BATCH valid headers whose names and iovec outlive the call.
+        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as libc::c_uint, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            // A full queue or an ICMP error reported back: try again.
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::ENOBUFS | libc::EAGAIN | libc::ECONNREFUSED | libc::EPERM)
+            ) {
+                result = Err(e);
+                break;
+            }
+            continue;
+        }
+        sent += n as u64;
+        let due = Duration::from_secs_f64(sent as f64 / RATE);
+        if let Some(ahead) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(ahead);
+        }
+    }
+    let took = start.elapsed();
+    // SAFETY: fd is ours and not used after.
+    unsafe { libc::close(fd) };
+    result.map(|()| (sent, took))
+}
+
+fn rss_kb(pid: u64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn in_netns(netns: &str, cmd: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", netns])
+        .args(cmd)
+        .output()
+        .expect("ip netns exec");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A series' value in the agent's Prometheus text (0 when absent).
+fn series(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// The process's user + system CPU time in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the `)`.
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+}
+
+/// What a flood run measured.
+struct Outcome {
+    sent: u64,
+    /// Policy drops the agent recorded during the flood, and samples it counted lost.
+    recorded: f64,
+    lost: f64,
+}
+
+/// Brings a lab up, floods, and checks everything but the loss accounting.
+fn flood_lab() -> Outcome {
+    let lab = Lab::new(&common::malla_bin(), "ff");
+    lab.run(&["lab", "up", "--nodes", "1"]);
+    lab.apply(&manifests());
+    let state = lab.state();
+    let ip = |p: &str| -> Ipv4Addr {
+        state["pods"][p]["ips"][0]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{p} has no IPv4 address"))
+    };
+    let (a, b) = (ip("default/a"), ip("default/b"));
+    let agent = state["nodes"][0]["agent_pid"].as_u64().expect("agent pid");
+    let cpu_before = cpu_ticks(agent);
+    let node_ns = lab.netns("node-1");
+    let metrics = || in_netns(&node_ns, &["curl", "-s", "http://127.0.0.1:9099/metrics"]);
+    // The flooder is isolated: b listens on 8080, yet the flooder cannot reach it.
+    let denied = lab.probe(&[
+        "--from",
+        "default/flooder",
+        "--to",
+        "default/b",
+        "--port",
+        "8080",
+        "--protocol",
+        "tcp",
+    ]);
+    assert!(denied.iter().all(|r| r["connected"] != true), "{denied:?}");
+    let before = metrics();
+    let rss_before = rss_kb(agent);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // The other traffic: a TCP connect a → b:8080 every 50 ms while the flood lasts.
+    let probe = {
+        let stop = stop.clone();
+        let ns = NetNs::open_named(&lab.netns("pod-default-a")).expect("a's netns");
+        std::thread::spawn(move || {
+            ns.run(move || {
+                let to = SocketAddr::V4(SocketAddrV4::new(b, 8080));
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match TcpStream::connect_timeout(&to, Duration::from_secs(1)) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(format!("{e} after {:?}", t.elapsed())),
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (ok, failed)
+            })
+            .expect("a's netns")
+        })
+    };
+    // The agent's RSS and the node's conntrack table, every 250 ms.
+    let watch = {
+        let stop = stop.clone();
+        let node_ns = node_ns.clone();
+        std::thread::spawn(move || {
+            let (mut peak, mut ct_peak) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(rss_kb(agent));
+                let ct: u64 = in_netns(&node_ns, &["conntrack", "-C"])
+                    .trim()
+                    .parse()
+                    .unwrap_or(0);
+                ct_peak = ct_peak.max(ct);
+                if ct > CONNTRACK_GUARD {
+                    eprintln!("conntrack table at {ct}: stopping the flood");
+                    stop.store(true, Ordering::Relaxed);
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            (peak, ct_peak)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let flooder = NetNs::open_named(&lab.netns("pod-default-flooder")).expect("flooder's netns");
+    let flood_stop = stop.clone();
+    let flooded = flooder
+        .run(move || flood(a, FLOOD_SECS, MAX_DATAGRAMS, &flood_stop))
+        .expect("flooder's netns");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = probe.join().expect("probe thread");
+    let (rss_peak, ct_peak) = watch.join().expect("watch thread");
+    let (sent, took) = flooded.expect("the flood");
+    let rate = sent as f64 / took.as_secs_f64();
+    eprintln!(
+        "flood: {sent} datagrams in {took:?} ({rate:.0}/s); probes a → b: {ok} ok, {} failed; \
+         agent RSS {rss_before} kB before, {rss_peak} kB peak; node conntrack peak {ct_peak}",
+        failed.len()
+    );
+    assert!(
+        ct_peak <= CONNTRACK_GUARD,
+        "the flood filled conntrack: {ct_peak}"
+    );
+    assert!(took >= Duration::from_secs(FLOOD_SECS) || sent >= MAX_DATAGRAMS);
+    assert!(rate >= 100_000.0, "only {rate:.0} new connections a second");
+    // 1. The node's other traffic kept flowing.
+    assert!(ok >= 100, "only {ok} probes in the flood's time");
+    assert!(
+        failed.is_empty(),
+        "a → b failed during the flood: {failed:?}"
+    );
+    // 2. The agent's memory stayed bounded (its full flow history is ~76 MB by design).
+    assert!(rss_peak < 200 * 1024, "agent RSS peaked at {rss_peak} kB");
+    // 3. The flood shows as the flooder's denied flow, naming its policy.
+    let out = lab.run(&[
+        "flows",
+        "-o",
+        "json",
+        "--from",
+        "default/flooder",
+        "--verdict",
+        "denied",
+    ]);
+    let flows: Vec<serde_json::Value> = serde_json::from_str(&out).expect("json");
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["policies"][0] == "default/flooder-deny egress"),
+        "{flows:#?}"
+    );
+    let after = metrics();
+    let drops = |m: &str| series(m, "malla_flow_drops_total{reason=\"policy\"}");
+    let lost = |m: &str| series(m, "malla_flow_samples_lost_total");
+    assert!(
+        after.contains("malla_flow_samples_lost_total"),
+        "no samples-lost series: {after}"
+    );
+    let (recorded, lost) = (drops(&after) - drops(&before), lost(&after) - lost(&before));
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    eprintln!(
+        "policy drops recorded {recorded}, samples lost {lost} (of {sent} sent); agent CPU {:.2} s during the flood",
+        (cpu_ticks(agent) - cpu_before) as f64 / hz
+    );
+    assert!(recorded > 0.0, "no policy drop recorded");
+    Outcome {
+        sent,
+        recorded,
+        lost,
+    }
+}
+
+#[test]
+fn a_flood_of_denied_connections_leaves_the_node_working_and_the_agent_bounded() {
+    flood_lab();
+}
+
+/// The loss must be reported: what the agent recorded and what it counted lost account for
+/// the flood. Today the deny log's rate limit (`DENY_LOG_LIMIT`, 1000/s, in
+/// malla-calc's flowlog) discards the samples beyond it without counting them, so this fails
+/// (10,200 recorded, 0 lost, of 1.5 M): it needs a counter beside the limit that the agent
+/// reads into `malla_flow_samples_lost_total`.
+#[test]
+#[ignore = "issue 16: the deny log's rate limit discards samples uncounted (see the doc comment)"]
+fn a_flood_of_denied_connections_is_accounted_for_as_samples_lost() {
+    let o = flood_lab();
+    assert!(
+        o.recorded + o.lost >= 0.9 * o.sent as f64,
+        "{} denied, {} recorded and {} counted lost: the rest vanished silently",
+        o.sent,
+        o.recorded,
+        o.lost
+    );
+}
