@@ -434,19 +434,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             }
         }
         for ht in &hosts[i] {
-            use malla_calc::host::reference::DecidedBy;
-            let by = match &ht.decided_by {
-                DecidedBy::Rule {
-                    tier,
-                    policy,
-                    index,
-                } => {
-                    format!("rule {index} of {tier}/{policy}")
-                }
-                DecidedBy::EndOfTier { tier } => format!("the end of tier {tier}"),
-                DecidedBy::Default => "the default after every tier".into(),
-                DecidedBy::Exempt { why } => format!("exempt: {why}"),
-            };
+            let by = describe(&ht.decided_by);
             println!(
                 "  host endpoint {} on {} ({}): {} by {by}",
                 ht.host_endpoint.as_deref().unwrap_or("-"),

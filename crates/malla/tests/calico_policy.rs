@@ -109,17 +109,6 @@ fn cell(m: &BTreeMap<(String, String), bool>, from: &str, to: &str) -> bool {
         .unwrap_or_else(|| panic!("no probe {from} -> {to}: {m:#?}"))
 }
 
-fn trace(lab: &Lab, from: &str, to: &str) -> (bool, String) {
-    let out = lab.try_run(&["policy", "trace", from, to, "--port", "8080", "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    (v[0]["allowed"].as_bool().unwrap(), v[0].to_string())
-}
-
 #[test]
 fn calico_tiers_global_deny_with_pass_network_sets_and_namespaced_policy() {
     if !common::require_root() {
@@ -173,15 +162,15 @@ fn calico_tiers_global_deny_with_pass_network_sets_and_namespaced_policy() {
                 "{from} -> {to}: {m:#?}"
             );
             if to != "external" {
-                let (allowed, why) = trace(&lab, from, to);
+                let (allowed, why) = common::trace_allowed(&lab, from, to, 8080);
                 assert_eq!(allowed, expected(from, to), "trace {from} -> {to}: {why}");
             }
         }
     }
     // From outside the cluster the security tier passes; the default tier's NetworkPolicy
     // keeps the backend closed.
-    assert!(trace(&lab, "198.19.1.2", "default/frontend").0);
-    assert!(!trace(&lab, "198.19.1.2", "default/backend").0);
+    assert!(common::trace_allowed(&lab, "198.19.1.2", "default/frontend", 8080).0);
+    assert!(!common::trace_allowed(&lab, "198.19.1.2", "default/backend", 8080).0);
 
     // Everything deleted: open again.
     lab.apply_delete(POLICIES);

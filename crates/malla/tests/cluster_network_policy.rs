@@ -43,11 +43,26 @@ spec: {nodeName: node-2, containers: [{name: c, ports: [{containerPort: 8080, na
 
 const PODS: [&str; 4] = ["prod/web", "prod/db", "dev/client", "default/admin"];
 
+/// A hostNetwork pod on node-2 (its node's address): what `nodes` peers reach.
+const HOST_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: host}
+spec: {nodeName: node-2, hostNetwork: true, containers: [{name: c, ports: [{containerPort: 8080, name: http}, {containerPort: 9090, name: metrics}]}]}
+"#;
+
+fn cnp(name: &str, body: &str) -> String {
+    format!("apiVersion: policy.networking.k8s.io/v1alpha2\nkind: ClusterNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n{body}")
+}
+
 fn ns(p: &str) -> &str {
     p.split('/').next().unwrap()
 }
 
 type Matrix = BTreeMap<(String, String, u16), bool>;
+
+/// What a case expects of a cell (from, to, port).
+type Expect = Box<dyn Fn(&str, &str, u16) -> bool>;
 
 /// Every probe from a pod, by (from, to, port); a cell is true when every probe connected.
 fn matrix(lab: &Lab) -> Matrix {
@@ -68,18 +83,6 @@ fn matrix(lab: &Lab) -> Matrix {
     out
 }
 
-fn trace(lab: &Lab, from: &str, to: &str, port: u16) -> (bool, String) {
-    let port = port.to_string();
-    let out = lab.try_run(&["policy", "trace", from, to, "--port", &port, "-o", "json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    (v[0]["allowed"].as_bool().unwrap(), v[0].to_string())
-}
-
 /// Applies `yaml`, checks every cell against `expect` (and the trace on pod-to-pod cells),
 /// then deletes it when `delete`.
 fn case(lab: &Lab, name: &str, yaml: &str, expect: &dyn Fn(&str, &str, u16) -> bool, delete: bool) {
@@ -93,7 +96,13 @@ fn case(lab: &Lab, name: &str, yaml: &str, expect: &dyn Fn(&str, &str, u16) -> b
             "{name}: {from} -> {to}:{port}\n{m:#?}"
         );
         if to != "external" {
-            let (allowed, why) = trace(lab, from, to, *port);
+            // A hostNetwork pod is its node's address.
+            let target = if to == "default/host" {
+                "node/node-2"
+            } else {
+                to.as_str()
+            };
+            let (allowed, why) = common::trace_allowed(lab, from, target, *port);
             assert_eq!(allowed, *ok, "{name}: trace {from} -> {to}:{port}: {why}");
         }
     }
@@ -351,4 +360,114 @@ spec:
     assert!(err.contains("spec.priority"), "{err}");
     let after = matrix(&lab);
     assert!(after.values().all(|ok| *ok), "{after:#?}");
+}
+
+#[test]
+fn cluster_network_policy_more_cases_with_nodes() {
+    if !common::require_root() {
+        return;
+    }
+    let lab = Lab::new(&common::malla_bin(), "cnp2");
+    lab.run(&["lab", "up", "--nodes", "2"]);
+    lab.apply(WORLD);
+    lab.apply(HOST_POD);
+    let open = matrix(&lab);
+    assert!(open.values().all(|ok| *ok), "{open:#?}");
+    let pod_target = |to: &str| to != "external";
+    let cases: Vec<(&str, String, Expect)> = vec![
+        (
+            "10 admin deny egress to every namespace",
+            cnp("dev-out", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: dev}}}\n  egress:\n  - {action: Deny, to: [{namespaces: {}}]}\n"),
+            Box::new(move |from, to, _| !(ns(from) == "dev" && pod_target(to) && to != "default/host")),
+        ),
+        (
+            "11 admin pass egress, baseline deny",
+            cnp("prod-pass", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Pass, to: [{namespaces: {}}]}\n")
+                + "---\n"
+                + &cnp("prod-base", "  tier: Baseline\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Deny, to: [{namespaces: {}}]}\n"),
+            Box::new(|from, to, _| !(ns(from) == "prod" && to != "external" && to != "default/host")),
+        ),
+        (
+            "12 admin accept egress over a networkpolicy's egress isolation",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-out, namespace: prod}\nspec: {podSelector: {matchLabels: {app: web}}, policyTypes: [Egress]}\n---\n".to_string()
+                + &cnp("web-to-db", "  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}}\n  egress:\n  - {action: Accept, to: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}]}\n"),
+            Box::new(|from, to, _| from != "prod/web" || to == "prod/db"),
+        ),
+        (
+            "13 baseline accept before baseline deny",
+            cnp("b-accept", "  tier: Baseline\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - {action: Accept, from: [{pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: admin}}}}]}\n")
+                + "---\n"
+                + &cnp("b-deny", "  tier: Baseline\n  priority: 2\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n"),
+            Box::new(|from, to, _| ns(to) != "prod" || from == "default/admin"),
+        ),
+        (
+            "14 subject by pod selector",
+            cnp("db-closed", "  tier: Admin\n  priority: 1\n  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: db}}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n"),
+            Box::new(|_, to, _| to != "prod/db"),
+        ),
+        (
+            "15 a UDP rule leaves TCP alone",
+            cnp("udp-only", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {}}]\n    protocols: [{udp: {}}]\n"),
+            Box::new(|_, _, _| true),
+        ),
+        (
+            "16 a port range covering 8080",
+            cnp("range", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {}}]\n    protocols: [{tcp: {destinationPort: {range: {start: 8000, end: 8100}}}}]\n"),
+            Box::new(|_, to, port| !(ns(to) == "prod" && port == 8080)),
+        ),
+        (
+            "17 an ingress named port",
+            cnp("http-closed", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - action: Deny\n    from: [{namespaces: {}}]\n    protocols: [{destinationNamedPort: http}]\n"),
+            Box::new(|_, to, port| !(ns(to) == "prod" && port == 8080)),
+        ),
+        (
+            "18 networks 0.0.0.0/0 covers pods too",
+            cnp("dev-nowhere", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: dev}}}\n  egress:\n  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}\n"),
+            Box::new(|from, _, _| ns(from) != "dev"),
+        ),
+        (
+            "19 pass the pod network, deny the rest",
+            cnp("dev-pass-pods", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: dev}}}\n  egress:\n  - {action: Pass, to: [{networks: [198.18.0.0/16]}]}\n")
+                + "---\n"
+                + &cnp("dev-deny-all", "  tier: Admin\n  priority: 2\n  subject: {namespaces: {matchLabels: {env: dev}}}\n  egress:\n  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}\n"),
+            Box::new(|from, to, _| ns(from) != "dev" || (to != "external" && to != "default/host")),
+        ),
+        (
+            "20 nodes peer: every node",
+            cnp("prod-no-nodes", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Deny, to: [{nodes: {}}]}\n"),
+            Box::new(|from, to, _| !(ns(from) == "prod" && to == "default/host")),
+        ),
+        (
+            "21 nodes peer: another node only",
+            cnp("prod-not-node1", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Deny, to: [{nodes: {matchLabels: {kubernetes.io/hostname: node-1}}}]}\n"),
+            Box::new(|_, _, _| true),
+        ),
+        (
+            "22 namespace selector with expressions",
+            cnp("from-default", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchExpressions: [{key: env, operator: In, values: [prod, dev]}]}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {matchLabels: {kubernetes.io/metadata.name: default}}}]}\n"),
+            Box::new(|from, to, _| !(ns(from) == "default" && (ns(to) == "prod" || ns(to) == "dev"))),
+        ),
+        (
+            "23 baseline pass, then baseline deny",
+            cnp("bp-pass", "  tier: Baseline\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - {action: Pass, from: [{namespaces: {matchLabels: {env: dev}}}]}\n")
+                + "---\n"
+                + &cnp("bp-deny", "  tier: Baseline\n  priority: 2\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - {action: Deny, from: [{namespaces: {}}]}\n"),
+            Box::new(|from, to, _| ns(to) != "prod" || ns(from) == "dev"),
+        ),
+        (
+            "24 admin accept outside over a baseline deny of everything",
+            cnp("out-ok", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Accept, to: [{networks: [198.19.1.0/24]}]}\n")
+                + "---\n"
+                + &cnp("nothing", "  tier: Baseline\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  egress:\n  - {action: Deny, to: [{networks: [0.0.0.0/0]}]}\n"),
+            Box::new(|from, to, _| ns(from) != "prod" || to == "external"),
+        ),
+        (
+            "25 several peers in one rule",
+            cnp("two-peers", "  tier: Admin\n  priority: 1\n  subject: {namespaces: {matchLabels: {env: prod}}}\n  ingress:\n  - action: Deny\n    from:\n    - {namespaces: {matchLabels: {env: dev}}}\n    - {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: admin}}}}\n"),
+            Box::new(|from, to, _| !(ns(to) == "prod" && (ns(from) == "dev" || from == "default/admin"))),
+        ),
+    ];
+    for (name, yaml, expect) in &cases {
+        case(&lab, name, yaml, expect.as_ref(), true);
+    }
 }

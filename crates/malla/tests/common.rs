@@ -215,3 +215,17 @@ pub fn pod_pairs_without_nat(
     }
     pod_pairs
 }
+
+/// `malla policy trace FROM TO --port PORT -o json`: whether it says allowed, and the JSON (for
+/// messages).
+pub fn trace_allowed(lab: &Lab, from: &str, to: &str, port: u16) -> (bool, String) {
+    let port = port.to_string();
+    let out = lab.try_run(&["policy", "trace", from, to, "--port", &port, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    (v[0]["allowed"].as_bool().unwrap(), v[0].to_string())
+}
