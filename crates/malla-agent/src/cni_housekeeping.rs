@@ -54,6 +54,10 @@ pub fn start_token_refresh(cfg: &AgentConfig) {
     let spawned = std::thread::Builder::new()
         .name("cni-token".into())
         .spawn(move || loop {
+            if crate::uninstall::stop_requested() {
+                // Stopping (maybe to uninstall): the kubeconfig is not written back.
+                return;
+            }
             let sa = Path::new(malla_cni::install::SERVICE_ACCOUNT_DIR);
             let env = |k: &str| std::env::var(k).ok();
             match malla_cni::install::refresh_in_cluster_kubeconfig(&dir, sa, &env) {

@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod registration;
+pub mod uninstall;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,12 @@ pub struct AgentConfig {
     /// Collect flow logs ([`flows`]): conntrack accounting on in the node's namespace, the
     /// NFLOG group of the ruleset's log statements read, `/flows` served.
     pub flow_logs: bool,
+    /// The host's CNI plugin directory (as mounted in the agent's pod): the plugin an uninstall
+    /// removes ([`uninstall`]); None: left alone.
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The DaemonSet running this agent: on SIGTERM, when it is gone, the agent cleans the node
+    /// ([`uninstall`]); None: SIGTERM ends the agent and the node keeps its dataplane.
+    pub uninstall_with: Option<uninstall::Owner>,
 }
 
 /// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
@@ -139,6 +146,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         Some(ready) => Some(hold_agent_lock(ready)?),
         None => None,
     };
+    uninstall::watch_sigterm(&cfg)?;
     // Serving before anything waits on the datastore: probes and metrics answer while it is away.
     cni_housekeeping::write_node_name_file(&cfg);
     cni_housekeeping::start_token_refresh(&cfg);
@@ -235,6 +243,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         // `routing: bgp`: the node's BIRD, configured from the mirror.
         let mut bgp = bgp::BgpNode::new(cfg.ready_file.as_deref());
         loop {
+            if uninstall::stop_requested() {
+                uninstall::park().await;
+            }
             beat();
             metrics.pending(pending_since.map(|t| t.elapsed()).unwrap_or_default());
             if let (Some(fs), Some((mirror, _)), true) = (&flow_service, synced.as_ref(), in_sync) {

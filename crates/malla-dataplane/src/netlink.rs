@@ -329,6 +329,14 @@ impl Netlink {
 
     /// Every route of the main table stamped with `protocol`, both families.
     pub async fn routes_with_protocol(&self, protocol: u8) -> Result<Vec<Route>, NetlinkError> {
+        let msgs = self.main_table_messages(protocol).await?;
+        let mut out: Vec<Route> = msgs.iter().filter_map(route_from_message).collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// The kernel's messages for every route of the main table stamped with `protocol`.
+    async fn main_table_messages(&self, protocol: u8) -> Result<Vec<RouteMessage>, NetlinkError> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut msg = RouteMessage::default();
@@ -341,17 +349,35 @@ impl Netlink {
                 .try_collect()
                 .await
                 .map_err(req("list routes"))?;
-            for m in msgs {
-                if u8::from(m.header.protocol) != protocol || m.header.table != 254 {
-                    continue;
-                }
-                if let Some(r) = route_from_message(&m) {
-                    out.push(r);
-                }
+            out.extend(
+                msgs.into_iter()
+                    .filter(|m| u8::from(m.header.protocol) == protocol && m.header.table == 254),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Deletes every route of the main table stamped with `protocol` (both families, any type:
+    /// blackholes too), as the kernel lists them. Returns how many it deleted. For an
+    /// uninstall: [`MALLA_ROUTE_PROTOCOL`], or BIRD's when the node ran it.
+    pub async fn delete_routes_with_protocol(&self, protocol: u8) -> Result<usize, NetlinkError> {
+        let mut deleted = 0;
+        for m in self.main_table_messages(protocol).await? {
+            let done = self
+                .handle
+                .route()
+                .del(m)
+                .execute()
+                .await
+                .map_err(req(format!("delete a route of protocol {protocol}")));
+            match done {
+                Ok(()) => deleted += 1,
+                // Gone meanwhile (its link deleted first): nothing to do.
+                Err(e) if matches!(e.errno(), Some(libc::ESRCH) | Some(libc::ENOENT)) => {}
+                Err(e) => return Err(e),
             }
         }
-        out.sort();
-        Ok(out)
+        Ok(deleted)
     }
 
     /// Adds or replaces a permanent neighbour entry.

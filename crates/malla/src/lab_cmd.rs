@@ -572,6 +572,23 @@ pub fn pid_alive(pid: Option<u32>) -> bool {
     pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists())
 }
 
+/// In a `--kubelet` lab the agent is the DaemonSet's pod, started by the node's kubelet: the
+/// process running `malla agent` in the node's network namespace `netns`, if any.
+fn daemonset_agent_pid(netns: &str) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let want = std::fs::metadata(format!("/run/netns/{netns}")).ok()?;
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let mut args = cmdline.split(|b| *b == 0);
+        if !args.next()?.ends_with(b"malla") || args.next()? != b"agent" {
+            return None;
+        }
+        let ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+        (ns.dev() == want.dev() && ns.ino() == want.ino()).then_some(pid)
+    })
+}
+
 fn get(g: &Globals, what: &GetWhat) -> anyhow::Result<()> {
     let state = g.lab_state()?;
     match what {
@@ -579,15 +596,22 @@ fn get(g: &Globals, what: &GetWhat) -> anyhow::Result<()> {
             let nodes: Vec<NodeView> = state
                 .nodes
                 .iter()
-                .map(|n| NodeView {
-                    name: n.name.clone(),
-                    netns: n.netns.clone(),
-                    addresses: std::iter::once(IpAddr::V4(n.underlay_ipv4))
-                        .chain(n.underlay_ipv6.map(IpAddr::V6))
-                        .collect(),
-                    agent_pid: n.agent_pid,
-                    agent_running: pid_alive(n.agent_pid),
-                    pods: state.pods.values().filter(|p| p.node == n.name).count(),
+                .map(|n| {
+                    let agent_pid = if state.kubelet {
+                        daemonset_agent_pid(&n.netns)
+                    } else {
+                        n.agent_pid
+                    };
+                    NodeView {
+                        name: n.name.clone(),
+                        netns: n.netns.clone(),
+                        addresses: std::iter::once(IpAddr::V4(n.underlay_ipv4))
+                            .chain(n.underlay_ipv6.map(IpAddr::V6))
+                            .collect(),
+                        agent_pid,
+                        agent_running: pid_alive(agent_pid),
+                        pods: state.pods.values().filter(|p| p.node == n.name).count(),
+                    }
                 })
                 .collect();
             if a.output.document(&nodes)? {

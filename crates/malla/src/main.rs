@@ -103,6 +103,32 @@ enum Command {
         /// `/flows` and `malla flows`).
         #[arg(long, env = "MALLA_NO_FLOW_LOGS")]
         no_flow_logs: bool,
+        /// The host's CNI plugin directory (as mounted in the agent's pod), whose `malla`
+        /// plugin an uninstall removes (--uninstall-with).
+        #[arg(long)]
+        cni_bin_dir: Option<PathBuf>,
+        /// The DaemonSet running this agent, as NAMESPACE/NAME (Kubernetes datastore). On
+        /// SIGTERM the agent asks whether it still exists: yes (an update, a restart) and the
+        /// node keeps its dataplane; gone (`kubectl delete -f deploy/`) and the agent removes
+        /// everything Malla put on the node, as `malla cleanup` does.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        uninstall_with: Option<malla_agent::uninstall::Owner>,
+    },
+    /// Remove everything Malla put on this node: its nftables table, routes, VXLAN device and
+    /// pod veths (pods on the node lose their network), the CNI conflist, plugin and kubeconfig,
+    /// the agent's state files. Run with the agent stopped, to uninstall by hand.
+    ///
+    /// Example: malla cleanup --cni-conf-dir /etc/cni/net.d --cni-bin-dir /opt/cni/bin --ready-file /var/run/malla/agent.ready
+    Cleanup {
+        /// The CNI configuration directory (conflist, plugin kubeconfig and CA).
+        #[arg(long)]
+        cni_conf_dir: Option<PathBuf>,
+        /// The CNI plugin directory.
+        #[arg(long)]
+        cni_bin_dir: Option<PathBuf>,
+        /// The agent's ready file (its state files beside it).
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
     },
     /// Inspect IP address management.
     Ipam {
@@ -270,6 +296,8 @@ fn main() {
             http_listen,
             cni_conf_dir,
             no_flow_logs,
+            cni_bin_dir,
+            uninstall_with,
         } => g.init_logging().and_then(|()| {
             malla_agent::run(malla_agent::AgentConfig {
                 node,
@@ -281,7 +309,18 @@ fn main() {
                 http_listen: http_listen.0,
                 cni_conf_dir,
                 flow_logs: !no_flow_logs,
+                cni_bin_dir,
+                uninstall_with,
             })
+        }),
+        Command::Cleanup {
+            cni_conf_dir,
+            cni_bin_dir,
+            ready_file,
+        } => cleanup(malla_agent::uninstall::Leftovers {
+            cni_conf_dir,
+            cni_bin_dir,
+            ready_file,
         }),
         Command::Ipam { command } => ipam_cmd::run(&g, command),
         Command::Lab(args) => lab_cmd::run(&g, args),
@@ -368,6 +407,20 @@ fn in_cluster_datastore(
         },
         None => datastore,
     })
+}
+
+/// `malla cleanup`: the node cleaned, what was removed printed, an error if anything failed.
+fn cleanup(leftovers: malla_agent::uninstall::Leftovers) -> anyhow::Result<()> {
+    let done = malla_agent::uninstall::cleanup_blocking(&leftovers)?;
+    for r in &done.removed {
+        println!("removed {r}");
+    }
+    anyhow::ensure!(
+        done.errors.is_empty(),
+        "cleanup: {}",
+        done.errors.join("; ")
+    );
+    Ok(())
 }
 
 fn install_cni(

@@ -1,7 +1,8 @@
 //! Malla's OCI image (issue 17), built here without a registry by `scripts/build-image`: two
 //! builds of one commit give the same image; the CNI plugin and the agent are static (no ELF
 //! interpreter, so they run on any host's libc); the image loads into a real containerd, where
-//! `malla --version`, the plugin's `VERSION` and the bundled `nft` and `conntrack` run.
+//! `malla --version`, the plugin's `VERSION` and the bundled `nft`, `conntrack`, `bird` and
+//! `birdc` run.
 //! Its size is printed for the notes. Needs root, buildah and musl-gcc (`scripts/deps`).
 
 use std::path::{Path, PathBuf};
@@ -136,6 +137,28 @@ fn the_image_is_reproducible_static_and_runs_in_containerd() {
             let out = run(id, &[], &[tool, "--version"]);
             assert!(out.ok, "{tool} in the image: {}", out.text());
         }
+        // BIRD (`routing: bgp`): its version, and `birdc` runs (its libraries load) and reports
+        // that nothing listens on a socket that does not exist.
+        let bird = run("bird-version", &[], &["/usr/sbin/bird", "--version"]);
+        assert!(bird.text().contains("BIRD version 2"), "{}", bird.text());
+        let birdc = run(
+            "birdc",
+            &[],
+            &[
+                "/usr/sbin/birdc",
+                "-s",
+                "/run/malla/bird/none.ctl",
+                "show",
+                "status",
+            ],
+        );
+        assert!(
+            birdc
+                .text()
+                .contains("Unable to connect to server control socket"),
+            "birdc in the image: {}",
+            birdc.text()
+        );
     });
     malla_dataplane::netns::delete(&ns).unwrap();
     if let Err(e) = result {

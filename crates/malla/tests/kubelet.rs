@@ -7,8 +7,9 @@
 //! them and they reach the outside as their node; a Deployment of 3 answers behind a Service
 //! through kube-controller-manager's EndpointSlices; a pod reaches the API server through the
 //! `default/kubernetes` Service with its service-account token; a rolling update of the
-//! DaemonSet keeps a pod-to-pod and a Service stream whole; a NetworkPolicy denies; and the
-//! machine-wide sysctls the kubelet would set are the machine's own while the lab is up and
+//! DaemonSet keeps a pod-to-pod and a Service stream whole; a NetworkPolicy denies;
+//! `kubectl delete -f deploy/` leaves every node clean (no Malla table, routes, links or
+//! files); and the machine-wide sysctls the kubelet would set are the machine's own while the lab is up and
 //! after it is down, as are the lab's cgroups gone.
 //!
 //! Needs root, the Kubernetes binaries (`scripts/k8s-control-plane`), containerd, runc,
@@ -262,6 +263,59 @@ fn containerd_sock(lab: &Lab, node: &str) -> PathBuf {
         .join("k8s/containerd.sock")
 }
 
+/// What Malla put on lab node `node` and is still there: its nftables table, routes stamped
+/// with its protocol, its VXLAN device and pod veths, the CNI files install-cni wrote and the
+/// agent's ready file.
+fn malla_leftovers(lab: &Lab, node: &str) -> Vec<String> {
+    let ns = format!("malla-{}-{node}", lab.name);
+    let run = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(out.status.success(), "{args:?} in {ns}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut left = Vec::new();
+    if run(&["nft", "list", "tables"])
+        .lines()
+        .any(|l| l.trim() == "table inet malla")
+    {
+        left.push("table inet malla".to_string());
+    }
+    for family in ["-4", "-6"] {
+        for r in run(&["ip", family, "route", "show", "proto", "77"]).lines() {
+            left.push(format!("route {r}"));
+        }
+    }
+    for l in run(&["ip", "-o", "link", "show"]).lines() {
+        let name = l.split(':').nth(1).unwrap_or("").trim();
+        let name = name.split('@').next().unwrap_or("");
+        if name == "malla.vxlan" || name.starts_with("mla") {
+            left.push(format!("link {name}"));
+        }
+    }
+    let dir = lab
+        .state_root
+        .path()
+        .join(&lab.name)
+        .join("nodes")
+        .join(node);
+    for f in [
+        "net.d/10-malla.conflist",
+        "net.d/malla-kubeconfig",
+        "net.d/malla-ca.crt",
+        "opt/cni/bin/malla",
+        "run-malla/agent.ready",
+    ] {
+        if dir.join(f).exists() {
+            left.push(f.to_string());
+        }
+    }
+    left
+}
+
 #[test]
 fn malla_from_deploy_runs_pods_the_kubelet_starts() {
     common::require_root();
@@ -315,6 +369,12 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         "kubectl apply -f deploy/ to every node Ready: {:?}",
         t.elapsed()
     );
+    // `lab get nodes` sees the DaemonSet's agents.
+    let got: Value =
+        serde_json::from_str(&lab.run(&["lab", "get", "nodes", "-o", "json"])).unwrap();
+    for n in got.as_array().expect("a list of nodes") {
+        assert_eq!(n["agentRunning"], true, "lab get nodes: {n}");
+    }
 
     // Pods the kubelet starts, one per node.
     let names = ["probe-1", "probe-2", "probe-3"];
@@ -606,6 +666,63 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         allowed,
         format!("probe-2 {}", ip_of("probe-3")),
         "probe-3 -> probe-2 allowed"
+    );
+
+    // Day 2, last: `kubectl delete -f deploy/` leaves every node clean. Each agent, on SIGTERM,
+    // finds its DaemonSet gone and removes what Malla put on the node (pods still running there
+    // lose their veths: their network went with Malla).
+    let nodes = ["node-1", "node-2", "node-3"];
+    for n in nodes {
+        let have = malla_leftovers(&lab, n);
+        for want in [
+            "table inet malla",
+            "net.d/10-malla.conflist",
+            "opt/cni/bin/malla",
+        ] {
+            assert!(
+                have.iter().any(|h| h == want),
+                "{n} has {want} while installed: {have:?}"
+            );
+        }
+        assert!(
+            have.iter().any(|h| h.starts_with("route ")),
+            "{n} has Malla's routes: {have:?}"
+        );
+    }
+    let t = Instant::now();
+    kubectl(&lab, &["delete", "-f", deploy.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let left = loop {
+        let agents = kubectl(
+            &lab,
+            &[
+                "-n",
+                "kube-system",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=malla",
+                "-o",
+                "name",
+            ],
+        );
+        let left: Vec<(&str, Vec<String>)> = nodes
+            .iter()
+            .map(|n| (*n, malla_leftovers(&lab, n)))
+            .filter(|(_, l)| !l.is_empty())
+            .collect();
+        if (agents.trim().is_empty() && left.is_empty()) || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        left.is_empty(),
+        "after kubectl delete -f deploy/, left on the nodes: {left:?}"
+    );
+    eprintln!(
+        "kubectl delete -f deploy/ to every node clean: {:?}",
+        t.elapsed()
     );
 
     let cgroup = format!("/sys/fs/cgroup/memory/malla-lab-{}", lab.name);
