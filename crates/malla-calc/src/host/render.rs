@@ -3,11 +3,12 @@
 //!
 //! Base chains, each only when the node has a host endpoint (pre-DNAT and forward only when a
 //! policy of theirs applies):
-//! - [`PREDNAT`] (prerouting, priority -110: before the services' DNAT at -100),
+//! - [`PREDNAT`] (a nat chain at prerouting, priority -110: before the services' DNAT at -100;
+//!   nat chains see only a connection's first packet, so established traffic costs nothing),
 //!   [`INPUT`] (input, priority 5) and [`OUTPUT`] (output, priority 5), [`FORWARD`] (forward,
 //!   priority 5) then its egress half [`FORWARD_OUT`]:
-//!   1. the exemptions: loopback, pods' interfaces (`mla*`), established and related
-//!      connections, the failsafe ports (`meta l4proto P th dport { … } accept`, an entry with a
+//!   1. the exemptions: established and related connections (first: nearly every packet),
+//!      loopback, pods' interfaces (`mla*`), the failsafe ports (`meta l4proto P th dport { … } accept`, an entry with a
 //!      network as its own rule), VXLAN between nodes (`@hep-nodes-v4/v6`);
 //!   2. `iifname vmap @hep-<stage>-ifaces` (`oifname` for egress stages): each named host
 //!      endpoint's interface → `goto` its first tier chain, or the verdict when no policy
@@ -481,10 +482,12 @@ pub fn render_host_endpoints(view: &CalicoView, inputs: &HostInputs, table: &mut
                 if !needed {
                     continue;
                 }
+                // Established traffic first: it is nearly every packet (pods' cross-node
+                // traffic passes pre-DNAT), and one conntrack-state test ends it.
                 let mut head = vec![
+                    "ct state established,related accept".to_string(),
                     format!("{ifkw} \"lo\" accept"),
                     format!("{ifkw} {workloads} accept"),
-                    "ct state established,related accept".to_string(),
                 ];
                 if egress {
                     head.extend(failsafe_rules(&config.failsafe_outbound(), "daddr"));
@@ -507,10 +510,18 @@ pub fn render_host_endpoints(view: &CalicoView, inputs: &HostInputs, table: &mut
                     Stage::Input => (INPUT, "input", "5"),
                     _ => (OUTPUT, "output", "5"),
                 };
+                // Pre-DNAT is a nat chain: the kernel consults nat chains for a connection's
+                // first packet only, so established traffic (a pod's cross-node stream) never
+                // runs it, and a drop there still drops the connection's first packet.
+                let kind = if stage == Stage::PreDnat {
+                    "nat"
+                } else {
+                    "filter"
+                };
                 table.chains.insert(
                     name.into(),
                     Chain {
-                        base: Some(BaseChain::new("filter", hook, prio)),
+                        base: Some(BaseChain::new(kind, hook, prio)),
                         rules: head,
                     },
                 );
