@@ -140,14 +140,19 @@ pub fn node_addresses(view: &ClusterView) -> Vec<(String, Vec<IpAddr>)> {
 }
 
 /// This node's host endpoint policy ([`crate::host`]) into its table.
-pub fn render_host(view: &ClusterView, me: &str, table: &mut crate::nft::Table) {
+pub fn render_host(
+    view: &ClusterView,
+    me: &str,
+    ents: Vec<crate::host::Labelled>,
+    table: &mut crate::nft::Table,
+) {
     let heps = crate::host::local_host_endpoints(&view.calico, me, view.config.auto_host_endpoints);
     if heps.is_empty() {
         return;
     }
     let inputs = crate::host::render::HostInputs {
         heps,
-        ents: crate::host::labelled(view),
+        ents,
         nodes: view
             .nodes
             .iter()
@@ -199,9 +204,17 @@ pub fn compute_with_links(
     );
     let mut nft_table = crate::masquerade::node_table(&view.pools, &service_map);
     crate::policy::render_policy(program, &mut nft_table);
+    // What Calico rule selectors pick, once for the pods' tiers and the host endpoints.
+    let ents = if view.calico.applies_to_workloads()
+        || !view.calico.host_endpoints.is_empty()
+        || view.config.auto_host_endpoints
+    {
+        crate::host::labelled(view)
+    } else {
+        Vec::new()
+    };
     if view.calico.applies_to_workloads() {
         let pods = policy_pods(view);
-        let ents = crate::host::labelled(view);
         let nodes = node_addresses(view);
         let inputs = crate::policy::tiers::TierInputs {
             calico: &view.calico,
@@ -218,7 +231,7 @@ pub fn compute_with_links(
         &mut nft_table,
     );
     crate::guard::render(&links.guard, view.config.anti_spoofing, &mut nft_table);
-    render_host(view, me, &mut nft_table);
+    render_host(view, me, ents, &mut nft_table);
 
     NodeDataplane {
         mode: view.config.routing,

@@ -324,17 +324,6 @@ fn end_verdict(stage: Stage, hep: &HostEndpoint) -> Value {
     }
 }
 
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::Verdict(nft::Verdict::Accept) => "accept".into(),
-        Value::Verdict(nft::Verdict::Drop) => "drop".into(),
-        Value::Verdict(nft::Verdict::Return) => "return".into(),
-        Value::Verdict(nft::Verdict::Goto(c)) => format!("goto {c}"),
-        Value::Verdict(nft::Verdict::Jump(c)) => format!("jump {c}"),
-        Value::Data(_) => unreachable!("host endpoint maps hold verdicts"),
-    }
-}
-
 /// Renders the tier chains of `hep` at `stage` into `table`; returns where the stage sends
 /// the endpoint's packets (its first tier chain, or the end verdict when no policy applies).
 fn render_endpoint(
@@ -355,7 +344,7 @@ fn render_endpoint(
         if k + 1 < n {
             format!("goto {}", tier_chain(stage, &hep.name, k + 1))
         } else {
-            value_text(&end)
+            end.to_string()
         }
     };
     for (k, group) in tiers.iter().enumerate() {
@@ -474,7 +463,7 @@ pub fn render_host_endpoints(view: &CalicoView, inputs: &HostInputs, table: &mut
                 } else {
                     String::new()
                 };
-                rules.push(format!("{guard}{}", value_text(s)));
+                rules.push(format!("{guard}{s}"));
             }
         }
         match stage {

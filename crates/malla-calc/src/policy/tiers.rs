@@ -741,13 +741,9 @@ pub fn render_tiers(inp: &TierInputs, prog: &PolicyProgram, me: &str, table: &mu
                 Direction::Ingress => INGRESS_DISPATCH,
                 Direction::Egress => EGRESS_DISPATCH,
             };
+            // A Calico policy applies, so there is a first tier.
             if let Some(m) = table.maps.get_mut(map) {
-                let first = if n == 0 {
-                    // Unreachable: a Calico policy applies, so there is a tier.
-                    continue;
-                } else {
-                    Value::jump(tier_chain(dir, &pod.host_ifname, 0))
-                };
+                let first = Value::jump(tier_chain(dir, &pod.host_ifname, 0));
                 m.elements.insert(Key::one(Part::Iface(ifname)), first);
             }
         }
