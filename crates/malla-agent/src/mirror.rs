@@ -209,6 +209,7 @@ pub struct Mirror {
     network_sets: Keys,
     calico_policies: Keys,
     cluster_policies: Keys,
+    staged: Keys,
 }
 
 impl Mirror {
@@ -235,6 +236,7 @@ impl Mirror {
             network_sets: Keys::new(keys::GLOBAL_NETWORK_SETS),
             calico_policies: Keys::new(keys::CALICO_NETWORK_POLICIES),
             cluster_policies: Keys::new(keys::CLUSTER_NETWORK_POLICIES),
+            staged: Keys::new(keys::STAGED_POLICIES),
         }
     }
 
@@ -483,6 +485,9 @@ impl Mirror {
             let p = take!(key, value, ClusterNetworkPolicy);
             self.cluster_policies
                 .upsert(&mut v.calico.cluster_policies, key, p)
+        } else if key.starts_with(keys::STAGED_POLICIES) {
+            let p = take!(key, value, StagedPolicy);
+            self.staged.upsert(&mut v.calico.staged, key, p)
         } else {
             false
         };

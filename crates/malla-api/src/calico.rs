@@ -724,6 +724,8 @@ pub enum CalicoObject {
     ClusterNetworkPolicy(crate::cnp::ClusterNetworkPolicy),
     HostEndpoint(HostEndpoint),
     GlobalNetworkSet(GlobalNetworkSet),
+    /// A staged policy of any kind (`crate::staged`).
+    Staged(crate::staged::StagedPolicy),
 }
 
 impl CalicoObject {
@@ -747,6 +749,7 @@ impl CalicoObject {
             CalicoObject::ClusterNetworkPolicy(p) => ("clusternetworkpolicy", &p.name),
             CalicoObject::HostEndpoint(h) => ("hostendpoint", &h.name),
             CalicoObject::GlobalNetworkSet(s) => ("globalnetworkset", &s.name),
+            CalicoObject::Staged(p) => return p.id(),
         };
         format!("{k}/{n}")
     }
@@ -762,6 +765,7 @@ impl CalicoObject {
             CalicoObject::ClusterNetworkPolicy(p) => crate::keys::cluster_network_policy(&p.name),
             CalicoObject::HostEndpoint(h) => crate::keys::host_endpoint(&h.name),
             CalicoObject::GlobalNetworkSet(s) => crate::keys::global_network_set(&s.name),
+            CalicoObject::Staged(p) => p.key(),
         }
     }
 
@@ -774,6 +778,7 @@ impl CalicoObject {
             CalicoObject::ClusterNetworkPolicy(x) => serde_json::to_string(x),
             CalicoObject::HostEndpoint(x) => serde_json::to_string(x),
             CalicoObject::GlobalNetworkSet(x) => serde_json::to_string(x),
+            CalicoObject::Staged(x) => serde_json::to_string(x),
         }
         .expect("Calico records serialise")
     }
@@ -794,6 +799,7 @@ impl CalicoObject {
                 .map_err(|(field, reason)| FieldError { field, reason }),
             CalicoObject::HostEndpoint(h) => h.validate(),
             CalicoObject::GlobalNetworkSet(s) => check_name(&s.name),
+            CalicoObject::Staged(p) => p.validate(),
         }
     }
 

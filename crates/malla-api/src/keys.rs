@@ -21,6 +21,8 @@ pub const GLOBAL_NETWORK_SETS: &str = "/malla/globalnetworksets/";
 pub const CALICO_NETWORK_POLICIES: &str = "/malla/calico/networkpolicies/";
 /// `policy.networking.k8s.io/v1alpha2` ClusterNetworkPolicies.
 pub const CLUSTER_NETWORK_POLICIES: &str = "/malla/clusternetworkpolicies/";
+/// Staged policies of every kind (`malla_api::staged`).
+pub const STAGED_POLICIES: &str = "/malla/stagedpolicies/";
 /// The convergence barrier: a counter that a waiter bumps and every agent reports once it has
 /// applied everything its feed delivered before it (`malla_store::barrier`). Under
 /// `/malla/config/`, so the Kubernetes backend keeps it as a `ClusterNetwork` named

@@ -166,6 +166,8 @@ kinds! {
     /// Calico's namespaced NetworkPolicy (`projectcalico.org/v3`).
     CalicoNetworkPolicy(CalicoNetworkPolicy) Keyed::Under(keys::CALICO_NETWORK_POLICIES), synced;
     ClusterNetworkPolicy(crate::cnp::ClusterNetworkPolicy) Keyed::Under(keys::CLUSTER_NETWORK_POLICIES), synced;
+    /// A staged policy of any kind (`crate::staged`).
+    StagedPolicy(crate::staged::StagedPolicy) Keyed::Under(keys::STAGED_POLICIES), synced;
     /// An IPAM handle (malla-ipam's type, as a JSON tree): the CNI plugin's, not the feed's.
     Handle(JsonObject) Keyed::Under(keys::HANDLES), stored;
 }
@@ -345,6 +347,14 @@ pub const STORAGE: &[Storage] = &[
                 ("Tier", "string", ".spec.spec.tier", 0),
                 ("Priority", "integer", ".spec.spec.priority", 0),
             ],
+        },
+    },
+    Storage {
+        prefix: keys::STAGED_POLICIES,
+        kubernetes: Kubernetes::Custom {
+            kind: "MallaStagedPolicy",
+            plural: "mallastagedpolicies",
+            columns: &[("Action", "string", ".spec.stagedAction", 0)],
         },
     },
     Storage {

@@ -13,6 +13,7 @@ pub mod kinds;
 pub mod policy;
 pub mod selector;
 pub mod service;
+pub mod staged;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

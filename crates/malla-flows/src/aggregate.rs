@@ -193,6 +193,9 @@ impl Aggregator {
         verdict: Verdict,
         policies: Vec<String>,
     ) -> (FlowKey, Option<String>) {
+        // Held staged verdicts travel with the allow texts; they have a field of their own.
+        let (staged, policies): (Vec<String>, Vec<String>) =
+            policies.into_iter().partition(|t| is_staged_text(t));
         let service = self
             .dir
             .service(orig.proto, orig.dst, orig.dport)
@@ -214,6 +217,7 @@ impl Aggregator {
                 proto: proto_name(orig.proto),
                 verdict,
                 policies,
+                staged,
             },
             endpoint,
         )
@@ -338,6 +342,25 @@ impl Aggregator {
                         }
                         return None;
                     }
+                    LogPoint::Pending(p) => {
+                        let text = format!(
+                            "{}{}",
+                            if p.allowed {
+                                crate::STAGED_WOULD_ALLOW
+                            } else {
+                                crate::STAGED_WOULD_DENY
+                            },
+                            p.rule_text()
+                        );
+                        if let Some(l) = self.live.get_mut(&s.orig) {
+                            if !l.key.staged.contains(&text) {
+                                l.key.staged.push(text);
+                            }
+                        } else {
+                            self.hold_pending(forward_tuple(&s.orig, s.reply.as_ref()), text);
+                        }
+                        return None;
+                    }
                     LogPoint::Deny { dir } => {
                         let (pod, word) = match dir {
                             Dir::In => (s.reply.map_or(s.orig.dst, |r| r.src), "ingress"),
@@ -347,11 +370,15 @@ impl Aggregator {
                             Dir::In => p.ingress_by.clone(),
                             Dir::Out => p.egress_by.clone(),
                         });
-                        let policies = by
+                        let mut policies: Vec<String> = by
                             .unwrap_or_default()
                             .into_iter()
                             .map(|p| format!("{p} {word}"))
                             .collect();
+                        // The staged verdicts logged before the drop (allow texts held for a
+                        // connection that never started go with them).
+                        let held = self.take_pending(&forward_tuple(&s.orig, s.reply.as_ref()));
+                        policies.extend(held.into_iter().filter(|t| is_staged_text(t)));
                         (Verdict::Denied, policies)
                     }
                     LogPoint::Spoofed => (Verdict::Spoofed, Vec::new()),
@@ -491,3 +518,8 @@ impl Aggregator {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether a held text is a staged verdict ([`crate::FlowKey::staged`]).
+fn is_staged_text(t: &str) -> bool {
+    t.starts_with(crate::STAGED_WOULD_ALLOW) || t.starts_with(crate::STAGED_WOULD_DENY)
+}

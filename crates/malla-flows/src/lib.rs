@@ -172,7 +172,16 @@ pub struct FlowKey {
     /// The deciding rules: `namespace/name ingress[i]` for an allow, `namespace/name ingress`
     /// for each isolating policy of a deny.
     pub policies: Vec<String>,
+    /// What staged policies would have decided, per direction they change:
+    /// `would-deny staged:deny-all ingress[end of tier]`, `would-allow … egress[0]`
+    /// ([`STAGED_WOULD_ALLOW`], [`STAGED_WOULD_DENY`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<String>,
 }
+
+/// The start of a staged verdict's text in [`FlowKey::staged`].
+pub const STAGED_WOULD_ALLOW: &str = "would-allow ";
+pub const STAGED_WOULD_DENY: &str = "would-deny ";
 
 /// A flow: a key and what was seen of it in one window (or, following, one event).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

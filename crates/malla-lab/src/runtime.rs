@@ -375,6 +375,7 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
         keys::GLOBAL_NETWORK_SETS,
         keys::CALICO_NETWORK_POLICIES,
         keys::CLUSTER_NETWORK_POLICIES,
+        keys::STAGED_POLICIES,
     ] {
         let (have, _) = store.list(prefix)?;
         for kv in have {

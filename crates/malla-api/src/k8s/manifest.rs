@@ -72,7 +72,52 @@ impl ManifestError {
 }
 
 /// The kinds, their API versions and how each is decoded.
-const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, and policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy";
+/// The API version of a staged kind.
+fn staged_api(kind: &str) -> Option<&'static &'static str> {
+    crate::staged::KINDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, api)| api)
+}
+
+/// Decodes a staged policy: its spec without `stagedAction` is the enforced kind's, read the
+/// enforced kind's way (same strictness, same field names in errors).
+fn staged(kind: &str, v: &Value) -> Result<crate::staged::StagedPolicy, crate::calico::FieldError> {
+    use crate::calico::CalicoObject;
+    use crate::staged::{unstage, Staged, StagedPolicy};
+    let (enforced_kind, api) = match kind {
+        "StagedKubernetesNetworkPolicy" => ("NetworkPolicy", "networking.k8s.io/v1"),
+        "StagedClusterNetworkPolicy" => {
+            ("ClusterNetworkPolicy", "policy.networking.k8s.io/v1alpha2")
+        }
+        "StagedNetworkPolicy" => ("NetworkPolicy", "projectcalico.org/v3"),
+        _ => ("GlobalNetworkPolicy", "projectcalico.org/v3"),
+    };
+    let (plain, staged_action) = unstage(v, enforced_kind, api)?;
+    let policy = if kind == "StagedKubernetesNetworkPolicy" {
+        Staged::KubernetesNetworkPolicy(read::network_policy(plain, Strictness::Strict).map_err(
+            |e| crate::calico::FieldError {
+                field: e.path,
+                reason: e.reason,
+            },
+        )?)
+    } else {
+        match CalicoObject::from_manifest(enforced_kind, &plain)? {
+            CalicoObject::GlobalNetworkPolicy(p) => Staged::GlobalNetworkPolicy(p),
+            CalicoObject::NetworkPolicy(p) => Staged::NetworkPolicy(p),
+            CalicoObject::ClusterNetworkPolicy(p) => Staged::ClusterNetworkPolicy(p),
+            _ => unreachable!("an enforced policy kind decodes to itself"),
+        }
+    };
+    let p = StagedPolicy {
+        staged_action,
+        policy,
+    };
+    p.validate()?;
+    Ok(p)
+}
+
+const KINDS: &str = "Namespace, Pod, Service, EndpointSlice, NetworkPolicy, and projectcalico.org/v3 Tier, GlobalNetworkPolicy, NetworkPolicy, HostEndpoint, GlobalNetworkSet, policy.networking.k8s.io/v1alpha2 ClusterNetworkPolicy, and the staged kinds: projectcalico.org/v3 StagedGlobalNetworkPolicy, StagedNetworkPolicy, StagedKubernetesNetworkPolicy and malla.dev/v1alpha1 StagedClusterNetworkPolicy";
 
 fn describe(v: &Value) -> &'static str {
     match v {
@@ -139,6 +184,7 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
             "EndpointSlice" => &["discovery.k8s.io/v1", "discovery.k8s.io/v1beta1"],
             "NetworkPolicy" => &["networking.k8s.io/v1", "projectcalico.org/v3"],
             "ClusterNetworkPolicy" => &["policy.networking.k8s.io/v1alpha2"],
+            k if staged_api(k).is_some() => staged_api(k).map(std::slice::from_ref).unwrap_or(&[]),
             k if crate::calico::CalicoObject::KINDS.contains(&k) => &["projectcalico.org/v3"],
             _ => &["v1"],
         };
@@ -170,6 +216,9 @@ pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
                         .map_err(|e| err(Some(what.clone()), Some(&e.field), e.reason))?,
                 )
             }
+            k if staged_api(k).is_some() => Object::Calico(crate::calico::CalicoObject::Staged(
+                staged(k, &value).map_err(|e| err(Some(what.clone()), Some(&e.field), e.reason))?,
+            )),
             "EndpointSlice" => {
                 let version = if api.ends_with("v1beta1") {
                     SliceVersion::V1beta1

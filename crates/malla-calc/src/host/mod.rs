@@ -52,6 +52,8 @@ pub struct CalicoView {
     pub network_policies: Vec<malla_api::calico::CalicoNetworkPolicy>,
     /// Upstream ClusterNetworkPolicies (Admin and Baseline tiers).
     pub cluster_policies: Vec<malla_api::cnp::ClusterNetworkPolicy>,
+    /// Staged policies of every kind: evaluated beside the enforced ones, never enforced.
+    pub staged: Vec<malla_api::staged::StagedPolicy>,
 }
 
 impl CalicoView {
@@ -72,6 +74,7 @@ impl CalicoView {
     pub fn applies_to_workloads(&self) -> bool {
         !self.network_policies.is_empty()
             || !self.cluster_policies.is_empty()
+            || self.staged.iter().any(|p| p.evaluated())
             || self.policies.iter().any(|p| !p.spec.pre_dnat)
     }
 }

@@ -513,6 +513,7 @@ proptest! {
             network_sets: Vec::new(),
             network_policies: Vec::new(),
             cluster_policies: Vec::new(),
+            staged: Vec::new(),
         };
         let config = malla_api::ClusterConfig {
             routing: if vxlan { malla_api::RoutingMode::Vxlan } else { malla_api::RoutingMode::Direct },

@@ -78,6 +78,9 @@ pub enum LogPoint {
     Spoofed,
     /// A connection to a Service frontend without endpoints, rejected.
     NoEndpoint,
+    /// What the pending view of staged policies would decide ([`super::staged`]); the
+    /// enforced verdict is logged on its own.
+    Pending(super::staged::PendingPoint),
 }
 
 /// The hash naming a rule whose name is too long for a prefix.
@@ -115,6 +118,7 @@ impl LogPoint {
             LogPoint::Deny { dir } => format!("malla:D:{}", dir.word()),
             LogPoint::Spoofed => "malla:S".into(),
             LogPoint::NoEndpoint => "malla:N".into(),
+            LogPoint::Pending(p) => p.prefix(),
         }
     }
 
@@ -131,6 +135,9 @@ impl LogPoint {
     /// Reads a prefix back; None for one that is not Malla's.
     pub fn parse(prefix: &str) -> Option<Self> {
         let rest = prefix.trim_end_matches('\0').strip_prefix("malla:")?;
+        if let Some(p) = rest.strip_prefix("P:") {
+            return super::staged::PendingPoint::parse(p).map(LogPoint::Pending);
+        }
         let mut parts = rest.splitn(3, ':');
         let kind = parts.next()?;
         let dir = |w: Option<&str>| match w {

@@ -12,6 +12,8 @@
 //! - [`render`]: the program as sets, verdict maps and chains of the `inet malla` table.
 //! - [`tiers`]: Calico's policies in their tiers, with NetworkPolicy in the `default` tier, for
 //!   pods some Calico policy applies to (its own reference evaluator and rendering).
+//! - [`staged`]: staged policies' pending view, evaluated beside the enforced one and logged,
+//!   never enforced.
 //! - [`members`]: the agent's policy node ([`PolicyNode`]) and the member path: a change that
 //!   only moves set members planned as element changes of the applied table.
 //!
@@ -26,6 +28,7 @@ pub mod incremental;
 pub mod members;
 pub mod reference;
 pub mod render;
+pub mod staged;
 pub mod tiers;
 
 #[cfg(test)]

@@ -88,6 +88,8 @@ enum Action {
 struct Rule {
     conds: Vec<Cond>,
     action: Action,
+    /// A Malla log statement's prefix (`malla:…`), read back by [`Eval::run`].
+    log: Option<String>,
 }
 
 struct Chain {
@@ -137,6 +139,7 @@ fn strip_comment(rule: &str) -> &str {
 fn parse_rule(text: &str) -> Result<Rule, String> {
     let w: Vec<&str> = strip_comment(text).split_whitespace().collect();
     let mut conds = Vec::new();
+    let mut log: Option<String> = None;
     let mut i = 0;
     let bad = |i: usize| format!("cannot read {:?} at word {i} of {text:?}", w.get(i));
     while i < w.len() {
@@ -202,6 +205,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 return Ok(Rule {
                     conds,
                     action: Action::PortVmap(map.to_string()),
+                    log,
                 });
             }
             // Flow-log statements (policy::flowlog): no effect on the verdict. The limit in
@@ -216,7 +220,14 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 i += 1;
                 while let Some(&opt) = w.get(i) {
                     match opt {
-                        "group" | "prefix" => i += 2,
+                        "group" => i += 2,
+                        "prefix" => {
+                            let p = w.get(i + 1).ok_or_else(|| bad(i + 1))?.trim_matches('"');
+                            if p.starts_with("malla:") {
+                                log = Some(p.to_string());
+                            }
+                            i += 2;
+                        }
                         _ => break,
                     }
                 }
@@ -284,6 +295,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 }
                 return Ok(Rule {
                     conds,
+                    log,
                     action: Action::IfVmap {
                         out: w[i] == "oifname",
                         map: map.to_string(),
@@ -295,6 +307,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 return Ok(Rule {
                     conds,
                     action: Action::Verdict(v),
+                    log,
                 });
             }
         }
@@ -302,6 +315,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
     Ok(Rule {
         conds,
         action: Action::None,
+        log,
     })
 }
 
@@ -395,7 +409,12 @@ impl Eval {
             // rule of theirs the interpreter cannot read only matters if it is reached.
             let rules = match rules {
                 Ok(r) => r,
-                Err(e) if name.starts_with("pol") || name.starts_with("tpol") || name == base => {
+                Err(e)
+                    if name.starts_with("pol")
+                        || name.starts_with("tpol")
+                        || name.starts_with("spol")
+                        || name == base =>
+                {
                     return Err(e)
                 }
                 Err(_) => continue,
@@ -460,6 +479,18 @@ impl Eval {
 
     /// Whether the base chain accepts the packet.
     pub fn accepts(&self, p: &Packet) -> Result<bool, String> {
+        Ok(self.run(p)?.0)
+    }
+
+    /// Whether the base chain accepts the packet, and the Malla log prefixes written on the
+    /// way (rate limits assumed not reached).
+    pub fn run(&self, p: &Packet) -> Result<(bool, Vec<String>), String> {
+        let mut logs = Vec::new();
+        let verdict = self.walk(p, &mut logs)?;
+        Ok((verdict, logs))
+    }
+
+    fn walk(&self, p: &Packet, logs: &mut Vec<String>) -> Result<bool, String> {
         let mut stack: Vec<(String, usize)> = Vec::new();
         let mut chain = self.base.clone();
         let mut at = 0usize;
@@ -487,6 +518,9 @@ impl Eval {
             }
             if !ok {
                 continue;
+            }
+            if let Some(l) = &rule.log {
+                logs.push(l.clone());
             }
             let verdict = match &rule.action {
                 Action::None => continue,

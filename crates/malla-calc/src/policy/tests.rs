@@ -241,13 +241,34 @@ fn rendered_allows(
     port: u16,
     proto: Protocol,
 ) -> Result<bool, String> {
+    Ok(rendered_run(w, evals, src, dst, port, proto)?.0)
+}
+
+/// [`rendered_allows`], with the Malla log prefixes the nodes' chains wrote on the way.
+fn rendered_run(
+    w: &World,
+    evals: &[(&str, nfteval::Eval)],
+    src: IpAddr,
+    dst: IpAddr,
+    port: u16,
+    proto: Protocol,
+) -> Result<(bool, Vec<String>), String> {
+    let mut logs = Vec::new();
     let ifname = |node: &str, ip: IpAddr| {
         w.pods
             .iter()
             .find(|p| p.node == node && p.ips.contains(&ip))
             .map_or("ul0", |p| &*p.host_ifname)
     };
-    for (node, e) in evals {
+    // The source's node first, as the packet travels.
+    let src_node = w
+        .pods
+        .iter()
+        .find(|p| p.ips.contains(&src))
+        .map(|p| &*p.node);
+    let mut order: Vec<&(&str, nfteval::Eval)> = evals.iter().collect();
+    order.sort_by_key(|(n, _)| Some(*n) != src_node);
+    for (node, e) in order {
         let packet = nfteval::Packet {
             iifname: ifname(node, src),
             oifname: ifname(node, dst),
@@ -257,11 +278,13 @@ fn rendered_allows(
             dport: port,
             sport: super::tiers::SOURCE_PORT,
         };
-        if !e.accepts(&packet)? {
-            return Ok(false);
+        let (ok, mut l) = e.run(&packet)?;
+        logs.append(&mut l);
+        if !ok {
+            return Ok((false, logs));
         }
     }
-    Ok(true)
+    Ok((true, logs))
 }
 
 fn conn<'a>(w: &'a World, src: &str, dst: &str, port: u16, proto: Protocol) -> Connection<'a> {
@@ -1245,6 +1268,7 @@ proptest! {
 mod tiered {
     use super::*;
     use crate::host::{CalicoView, Labelled};
+    use crate::policy::staged;
     use malla_api::calico::{
         Action, CalicoNetworkPolicy, EntityRule, GlobalNetworkPolicy, GlobalNetworkPolicySpec,
         Order, Port, Proto, Rule, Tier,
@@ -1539,6 +1563,7 @@ mod tiered {
             .prop_map(
                 |(globals, namespaced, tier_order, tier_pass, cnps)| CalicoView {
                     cluster_policies: cnps,
+                    staged: Vec::new(),
                     tiers: vec![Tier {
                         name: "security".into(),
                         order: tier_order.map(|o| Order(f64::from(o) * 800.0)),
@@ -1564,6 +1589,61 @@ mod tiered {
                     ..CalicoView::default()
                 },
             )
+    }
+
+    /// Staged policies over the names `arb_calico` and `arb_world` use: replacing (`g0`, `c0`,
+    /// `p0`, `cnp…`), new (`g7`, `sknp`) and deleting ones, of every kind.
+    fn arb_staged(n_ns: usize) -> impl Strategy<Value = Vec<malla_api::staged::StagedPolicy>> {
+        use malla_api::policy::{NetworkPolicySpec, PolicyType};
+        use malla_api::staged::{Staged, StagedAction, StagedPolicy};
+        let one = (
+            0..5u8,
+            any::<bool>(),
+            any::<bool>(),
+            0..n_ns,
+            arb_spec(true),
+            arb_spec(false),
+            arb_cnp(),
+            any::<bool>(),
+        )
+            .prop_map(
+                move |(kind, delete, replace, ns, gspec, nspec, cnp, ingress)| {
+                    let policy = match kind {
+                        0 => Staged::GlobalNetworkPolicy(GlobalNetworkPolicy {
+                            name: if replace { "g0" } else { "g7" }.into(),
+                            spec: gspec,
+                        }),
+                        1 => Staged::NetworkPolicy(CalicoNetworkPolicy {
+                            namespace: format!("ns{ns}"),
+                            name: if replace { "c0" } else { "c7" }.into(),
+                            spec: nspec,
+                        }),
+                        2 | 3 => Staged::KubernetesNetworkPolicy(NetworkPolicy {
+                            namespace: format!("ns{ns}"),
+                            name: if replace { "p0" } else { "sknp" }.into(),
+                            // A deny-all of one direction.
+                            spec: NetworkPolicySpec {
+                                policy_types: Some(vec![if ingress {
+                                    PolicyType::Ingress
+                                } else {
+                                    PolicyType::Egress
+                                }]),
+                                ..NetworkPolicySpec::default()
+                            },
+                        }),
+                        _ => Staged::ClusterNetworkPolicy(cnp),
+                    };
+                    StagedPolicy {
+                        staged_action: if delete {
+                            StagedAction::Delete
+                        } else {
+                            StagedAction::Set
+                        },
+                        policy,
+                    }
+                },
+            );
+        prop::collection::vec(one, 1..3)
     }
 
     fn ents(w: &World) -> Vec<Labelled> {
@@ -1637,6 +1717,78 @@ mod tiered {
                             let want = tiers::allowed(&inp, &c);
                             let got = rendered_allows(&w, &evals, src, dst, port, proto);
                             prop_assert_eq!(got, Ok(want), "{} -> {} {:?}/{}\n{:?}\n{:#?}", src, dst, proto, port, w, calico);
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Staged policies never change what is enforced, and the pending points the rendered
+        /// chains log are the pending reference's: the egress one, and the ingress one when the
+        /// enforced egress let the packet on to the destination's dispatch.
+        #[test]
+        fn staged_policy_logs_the_pending_reference(
+            w in arb_world(),
+            calico in arb_calico(3),
+            staged in arb_staged(3),
+        ) {
+            let ents = ents(&w);
+            let nodes = vec![
+                ("n1".to_string(), vec!["192.168.3.4".parse().unwrap()]),
+                ("n2".to_string(), vec!["10.0.1.9".parse().unwrap(), "2001:db8::1".parse().unwrap()]),
+            ];
+            let mut with_staged = calico.clone();
+            with_staged.staged = staged;
+            let inp = tiers::TierInputs {
+                calico: &with_staged,
+                policies: &w.policies,
+                namespaces: &w.namespaces,
+                pods: &w.pods,
+                ents: &ents,
+                nodes: &nodes,
+            };
+            let evals: Vec<(&str, nfteval::Eval)> = ["n1", "n2"]
+                .iter()
+                .map(|n| {
+                    let mut t = nft::Table::new("inet", "malla");
+                    let prog = compile(&w.policies, &w.namespaces, &w.pods, n);
+                    render_policy(&prog, &mut t);
+                    tiers::render_tiers(&inp, &prog, n, &mut t);
+                    let e = nfteval::Eval::new(&t, render::POLICY_FORWARD)
+                        .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
+                    (*n, e)
+                })
+                .collect();
+            let addrs = addresses(&w);
+            for &src in &addrs {
+                for &dst in &addrs {
+                    if src.is_ipv4() != dst.is_ipv4() {
+                        continue;
+                    }
+                    for port in [53u16, 80, 8080] {
+                        for proto in [Protocol::Tcp, Protocol::Udp] {
+                            let c = Connection {
+                                src: Endpoint::resolve(&w.pods, src),
+                                dst: Endpoint::resolve(&w.pods, dst),
+                                port,
+                                proto,
+                            };
+                            let want = tiers::allowed(&inp, &c);
+                            let (got, logs) = rendered_run(&w, &evals, src, dst, port, proto)
+                                .map_err(TestCaseError::fail)?;
+                            let pending: Vec<String> =
+                                logs.into_iter().filter(|l| l.starts_with("malla:P:")).collect();
+                            let mut expect = Vec::new();
+                            if let Some(v) = staged::explain_pending(&inp, Direction::Egress, &c) {
+                                expect.push(v.point.prefix());
+                            }
+                            if tiers::direction_allowed(&inp, Direction::Egress, &c) {
+                                if let Some(v) = staged::explain_pending(&inp, Direction::Ingress, &c) {
+                                    expect.push(v.point.prefix());
+                                }
+                            }
+                            prop_assert_eq!(got, want, "enforced {} -> {} {:?}/{}", src, dst, proto, port);
+                            prop_assert_eq!(&pending, &expect, "{} -> {} {:?}/{}\n{:?}\n{:#?}", src, dst, proto, port, w, with_staged);
                         }
                     }
                 }

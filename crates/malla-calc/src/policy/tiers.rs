@@ -129,7 +129,10 @@ pub fn applying<'a>(
     // (tier, order, sort name, item)
     let mut placed: Vec<(&'a str, Option<Order>, String, Item<'a>)> = Vec::new();
     for p in &inp.calico.policies {
-        if p.spec.pre_dnat || p.validate().is_err() || !takes(p.effective_types(), dir) {
+        if p.spec.pre_dnat
+            || !valid(&p.name, || p.validate().is_ok())
+            || !takes(p.effective_types(), dir)
+        {
             continue;
         }
         let Ok(sel) = p.selector() else { continue };
@@ -156,7 +159,7 @@ pub fn applying<'a>(
     for p in &inp.calico.network_policies {
         let p: &'a CalicoNetworkPolicy = p;
         if p.namespace != pod.namespace
-            || p.validate().is_err()
+            || !valid(&p.name, || p.validate().is_ok())
             || !takes(p.as_global().effective_types(), dir)
         {
             continue;
@@ -184,7 +187,10 @@ pub fn applying<'a>(
             Direction::Egress => &p.spec.egress,
         };
         // A policy without rules of a direction does not affect it.
-        if rules.is_empty() || p.validate().is_err() || !cnp_subject(p, pod, ns_labels) {
+        if rules.is_empty()
+            || !valid(&p.name, || p.validate().is_ok())
+            || !cnp_subject(p, pod, ns_labels)
+        {
             continue;
         }
         let tier = match p.spec.tier {
@@ -230,6 +236,12 @@ pub fn applying<'a>(
         .collect();
     groups.sort_by_key(|g| order_key(table[g.tier.as_str()].0, &g.tier));
     (calico, groups)
+}
+
+/// Whether a policy named `name` counts: staged ones of the pending view were checked when it
+/// was built ([`super::staged::pending_view`]; their names would fail), others are checked now.
+fn valid(name: &str, check: impl FnOnce() -> bool) -> bool {
+    super::staged::is_staged_name(name) || check()
 }
 
 /// Whether a ClusterNetworkPolicy's subject selects `pod`.
@@ -328,6 +340,16 @@ pub fn explain_direction(
     if !calico {
         return None;
     }
+    Some(explain_groups(inp, &groups, dir, c))
+}
+
+/// The verdict of `groups` (a subject's tiers in `dir`) for `c`, and what decided.
+pub(crate) fn explain_groups(
+    inp: &TierInputs,
+    groups: &[Group],
+    dir: Direction,
+    c: &Connection,
+) -> (bool, DecidedBy) {
     let p = HostPacket {
         src: c.src.ip,
         dst: c.dst.ip,
@@ -351,8 +373,8 @@ pub fn explain_direction(
                             index,
                         };
                         match r.action {
-                            Action::Allow => return Some((true, by())),
-                            Action::Deny => return Some((false, by())),
+                            Action::Allow => return (true, by()),
+                            Action::Deny => return (false, by()),
                             Action::Pass => {
                                 passed = true;
                                 break 'items;
@@ -375,8 +397,8 @@ pub fn explain_direction(
                             index,
                         };
                         match r.action {
-                            CnpAction::Accept => return Some((true, by)),
-                            CnpAction::Deny => return Some((false, by)),
+                            CnpAction::Accept => return (true, by),
+                            CnpAction::Deny => return (false, by),
                             CnpAction::Pass => {
                                 passed = true;
                                 break 'items;
@@ -387,24 +409,29 @@ pub fn explain_direction(
                 Item::Kubernetes(np) => {
                     for (index, r) in reference::rules(np, dir).into_iter().enumerate() {
                         if reference::rule_allows(&np.namespace, r, inp.namespaces, dir, c) {
-                            return Some((
+                            return (
                                 true,
                                 DecidedBy::Rule {
                                     tier: g.tier.clone(),
                                     policy: item.name(),
                                     index,
                                 },
-                            ));
+                            );
                         }
                     }
                 }
             }
         }
         if !passed && !g.pass_by_default {
-            return Some((false, DecidedBy::EndOfTier { tier: g.tier }));
+            return (
+                false,
+                DecidedBy::EndOfTier {
+                    tier: g.tier.clone(),
+                },
+            );
         }
     }
-    Some((true, DecidedBy::Default))
+    (true, DecidedBy::Default)
 }
 
 /// The reference verdict of one direction.
@@ -615,8 +642,10 @@ fn cnp_rule_texts(
                                 if nets.is_empty() {
                                     continue;
                                 }
-                                let s = sets
-                                    .fixed(&format!("{set} port {} {n} {fam}", proto.nft()), nets);
+                                let s = sets.fixed(
+                                    &format!("{set} port {port_name} {} {n} {fam}", proto.nft()),
+                                    nets,
+                                );
                                 out.push(format!(
                                     "meta l4proto {} th dport {n} {kw} {addr} @{s}-{fam} ",
                                     proto.nft()
@@ -631,120 +660,175 @@ fn cnp_rule_texts(
     out
 }
 
+/// How a tier chain's verdicts are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Enforced: Allow accepts (ingress) or returns (egress), Deny drops.
+    Enforce,
+    /// The pending view of staged policies ([`super::staged`]): every verdict only logs what
+    /// it would be and returns, so the enforced chains decide.
+    Pending,
+}
+
+/// The tier chains of one local pod in `dir` for `groups` into `table`; returns the first
+/// chain's name. `compiled` holds the pod's compiled NetworkPolicy rules of `dir` (from
+/// `prog`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn render_groups(
+    inp: &TierInputs,
+    prog: &PolicyProgram,
+    pod: &PolicyPod,
+    dir: Direction,
+    groups: &[Group],
+    mode: Mode,
+    sets: &mut SelectorSets,
+    table: &mut nft::Table,
+) -> String {
+    let ep = prog
+        .endpoints
+        .iter()
+        .find(|e| e.namespace == pod.namespace && e.name == pod.name);
+    let compiled: &[CompiledRule] = ep
+        .and_then(|e| match dir {
+            Direction::Ingress => e.ingress.as_deref(),
+            Direction::Egress => e.egress.as_deref(),
+        })
+        .unwrap_or_default();
+    let chain = |k: usize| match mode {
+        Mode::Enforce => tier_chain(dir, &pod.host_ifname, k),
+        Mode::Pending => super::staged::pending_chain(dir, &pod.host_ifname, k),
+    };
+    let enforce_allow = match dir {
+        Direction::Ingress => "accept",
+        Direction::Egress => "return",
+    };
+    // The statement and verdict of a decision (allowed or not) by `policy`'s rule `rule`.
+    let decide = |allowed: bool, policy: &str, rule: super::staged::PendingRule| match mode {
+        Mode::Enforce if allowed => enforce_allow.to_string(),
+        Mode::Enforce => "drop".to_string(),
+        Mode::Pending => format!(
+            "{} return",
+            super::staged::PendingPoint::new(dir, allowed, policy, rule).statement()
+        ),
+    };
+    let n = groups.len();
+    let end = decide(true, "-", super::staged::PendingRule::Default);
+    let next = |k: usize| {
+        if k + 1 < n {
+            format!("goto {}", chain(k + 1))
+        } else {
+            end.clone()
+        }
+    };
+    if groups.is_empty() {
+        table.chains.insert(
+            chain(0),
+            Chain {
+                base: None,
+                rules: vec![end.clone()],
+            },
+        );
+    }
+    use super::staged::PendingRule::{EndOfTier, Index};
+    for (k, g) in groups.iter().enumerate() {
+        let mut rules = Vec::new();
+        for item in &g.items {
+            let policy = item.name();
+            let comment =
+                |i: usize| format!("comment \"{}/{policy} {}[{i}]\"", g.tier, dir.as_str());
+            match item {
+                Item::Calico {
+                    rules: list, scope, ..
+                } => {
+                    for (i, r) in list.iter().enumerate() {
+                        let verdict = match (r.action, mode) {
+                            (Action::Allow, _) => decide(true, &policy, Index(i)),
+                            (Action::Deny, _) => decide(false, &policy, Index(i)),
+                            (Action::Pass, _) => next(k),
+                            (Action::Log, Mode::Enforce) => {
+                                format!("log prefix \"{}\"", crate::host::render::LOG_PREFIX)
+                            }
+                            // A staged Log rule logs nothing: it is not enforced.
+                            (Action::Log, Mode::Pending) => continue,
+                        };
+                        for m in rule_matches(r, inp.ents, sets, *scope) {
+                            rules.push(format!("{m} {verdict} {}", comment(i)));
+                        }
+                    }
+                }
+                Item::Cluster { rules: list, .. } => {
+                    for (i, r) in list.iter().enumerate() {
+                        let verdict = match r.action {
+                            CnpAction::Accept => decide(true, &policy, Index(i)),
+                            CnpAction::Deny => decide(false, &policy, Index(i)),
+                            CnpAction::Pass => next(k),
+                        };
+                        for m in cnp_rule_texts(inp, pod, r, dir, sets) {
+                            rules.push(format!("{m}{verdict} {}", comment(i)));
+                        }
+                    }
+                }
+                Item::Kubernetes(np) => {
+                    let key = format!("{}/{}", np.namespace, np.name);
+                    for cr in compiled.iter().filter(|r| r.policy == key) {
+                        let verdict = decide(true, &policy, Index(cr.rule));
+                        for m in np_rule_texts(cr, prog, dir, table) {
+                            rules.push(format!("{m}{verdict} {}", comment(cr.rule)));
+                        }
+                    }
+                }
+            }
+        }
+        rules.push(if g.pass_by_default {
+            next(k)
+        } else {
+            // The tier's end, put down to its last policy (as Calico's flow logs do).
+            let last = g.items.last().map(Item::name).unwrap_or_default();
+            match mode {
+                Mode::Enforce => format!("drop comment \"{}: end of tier\"", g.tier),
+                Mode::Pending => decide(false, &last, EndOfTier),
+            }
+        });
+        table.chains.insert(chain(k), Chain { base: None, rules });
+    }
+    chain(0)
+}
+
 /// Adds the tier chains of this node's pods to `table` (after [`super::render_policy`], whose
-/// dispatch maps and sets it extends).
+/// dispatch maps and sets it extends), and the pending chains of staged policies
+/// ([`super::staged`]).
 pub fn render_tiers(inp: &TierInputs, prog: &PolicyProgram, me: &str, table: &mut nft::Table) {
     let mut sets = SelectorSets::default();
+    let pending = super::staged::Pending::of(inp, prog, me);
     for pod in inp.pods.iter().filter(|p| p.node == me) {
         let Some(ifname) = IfName::new(&pod.host_ifname) else {
             continue;
         };
-        let ep = prog
-            .endpoints
-            .iter()
-            .find(|e| e.namespace == pod.namespace && e.name == pod.name);
         for dir in [Direction::Ingress, Direction::Egress] {
-            let (calico, groups) = applying(inp, pod, dir);
-            if !calico {
-                continue;
-            }
-            let compiled: &[CompiledRule] = ep
-                .and_then(|e| match dir {
-                    Direction::Ingress => e.ingress.as_deref(),
-                    Direction::Egress => e.egress.as_deref(),
-                })
-                .unwrap_or_default();
-            let allow = match dir {
-                Direction::Ingress => "accept",
-                Direction::Egress => "return",
-            };
-            let n = groups.len();
-            let next = |k: usize| {
-                if k + 1 < n {
-                    format!("goto {}", tier_chain(dir, &pod.host_ifname, k + 1))
-                } else {
-                    allow.to_string()
-                }
-            };
-            for (k, g) in groups.iter().enumerate() {
-                let mut rules = Vec::new();
-                for item in &g.items {
-                    let policy = item.name();
-                    match item {
-                        Item::Calico {
-                            rules: list, scope, ..
-                        } => {
-                            for (i, r) in list.iter().enumerate() {
-                                let verdict = match r.action {
-                                    Action::Allow => allow.to_string(),
-                                    Action::Deny => "drop".into(),
-                                    Action::Pass => next(k),
-                                    Action::Log => format!(
-                                        "log prefix \"{}\"",
-                                        crate::host::render::LOG_PREFIX
-                                    ),
-                                };
-                                let comment = format!(
-                                    "comment \"{}/{policy} {}[{i}]\"",
-                                    g.tier,
-                                    dir.as_str()
-                                );
-                                for m in rule_matches(r, inp.ents, &mut sets, *scope) {
-                                    rules.push(format!("{m} {verdict} {comment}"));
-                                }
-                            }
-                        }
-                        Item::Cluster { rules: list, .. } => {
-                            for (i, r) in list.iter().enumerate() {
-                                let verdict = match r.action {
-                                    CnpAction::Accept => allow.to_string(),
-                                    CnpAction::Deny => "drop".into(),
-                                    CnpAction::Pass => next(k),
-                                };
-                                let comment = format!(
-                                    "comment \"{}/{policy} {}[{i}]\"",
-                                    g.tier,
-                                    dir.as_str()
-                                );
-                                for m in cnp_rule_texts(inp, pod, r, dir, &mut sets) {
-                                    rules.push(format!("{m}{verdict} {comment}"));
-                                }
-                            }
-                        }
-                        Item::Kubernetes(np) => {
-                            let key = format!("{}/{}", np.namespace, np.name);
-                            for cr in compiled.iter().filter(|r| r.policy == key) {
-                                let comment = format!(
-                                    "comment \"{}/{policy} {}[{}]\"",
-                                    g.tier,
-                                    dir.as_str(),
-                                    cr.rule
-                                );
-                                for m in np_rule_texts(cr, prog, dir, table) {
-                                    rules.push(format!("{m}{allow} {comment}"));
-                                }
-                            }
-                        }
-                    }
-                }
-                rules.push(if g.pass_by_default {
-                    next(k)
-                } else {
-                    format!("drop comment \"{}: end of tier\"", g.tier)
-                });
-                table.chains.insert(
-                    tier_chain(dir, &pod.host_ifname, k),
-                    Chain { base: None, rules },
-                );
-            }
             let map = match dir {
                 Direction::Ingress => INGRESS_DISPATCH,
                 Direction::Egress => EGRESS_DISPATCH,
             };
-            // A Calico policy applies, so there is a first tier.
-            if let Some(m) = table.maps.get_mut(map) {
-                let first = Value::jump(tier_chain(dir, &pod.host_ifname, 0));
-                m.elements.insert(Key::one(Part::Iface(ifname)), first);
+            let (calico, groups) = applying(inp, pod, dir);
+            if calico {
+                let first = render_groups(
+                    inp,
+                    prog,
+                    pod,
+                    dir,
+                    &groups,
+                    Mode::Enforce,
+                    &mut sets,
+                    table,
+                );
+                // A Calico policy applies, so there is a first tier.
+                if let Some(m) = table.maps.get_mut(map) {
+                    m.elements
+                        .insert(Key::one(Part::Iface(ifname)), Value::jump(first));
+                }
+            }
+            if let Some(p) = &pending {
+                p.render(inp, prog, pod, dir, &groups, ifname, map, &mut sets, table);
             }
         }
     }

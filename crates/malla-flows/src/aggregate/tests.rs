@@ -392,3 +392,62 @@ fn full_history_memory() {
     );
     assert_eq!(a.entries(), limits.flows);
 }
+
+#[test]
+fn staged_verdicts_travel_with_the_flow_allowed_or_denied() {
+    use malla_calc::policy::staged::{PendingPoint, PendingRule};
+    use malla_calc::policy::Direction;
+    let mut a = agg();
+    // Allowed by what is enforced; a staged deny-all would deny it.
+    let orig = t("198.18.0.2", 40002, "198.18.0.4", 8080);
+    let reply = reverse(orig);
+    let pending = |allowed, rule| {
+        KernelEvent::Log(LogSample {
+            point: LogPoint::Pending(PendingPoint::new(
+                Direction::Ingress,
+                allowed,
+                "shop/staged:deny-all",
+                rule,
+            )),
+            orig,
+            reply: None,
+        })
+    };
+    assert_eq!(a.ingest(pending(false, PendingRule::EndOfTier), 300), None);
+    let seen = a.ingest(new(orig, reply), 300).unwrap();
+    assert_eq!(seen.key.verdict, Verdict::Allowed);
+    assert!(seen.key.policies.is_empty(), "{:?}", seen.key.policies);
+    assert_eq!(
+        seen.key.staged,
+        vec!["would-deny shop/staged:deny-all ingress[end of tier]"]
+    );
+    // Denied by what is enforced; the staged policy would allow it.
+    let orig = t("198.18.0.2", 40003, "198.18.0.3", 5432);
+    let held = KernelEvent::Log(LogSample {
+        point: LogPoint::Pending(PendingPoint::new(
+            Direction::Ingress,
+            true,
+            "shop/staged:open-db",
+            PendingRule::Index(0),
+        )),
+        orig,
+        reply: None,
+    });
+    assert_eq!(a.ingest(held, 301), None);
+    let seen = a
+        .ingest(
+            KernelEvent::Log(LogSample {
+                point: LogPoint::Deny { dir: Dir::In },
+                orig,
+                reply: None,
+            }),
+            301,
+        )
+        .unwrap();
+    assert_eq!(seen.key.verdict, Verdict::Denied);
+    assert_eq!(seen.key.policies, vec!["shop/db-policy ingress"]);
+    assert_eq!(
+        seen.key.staged,
+        vec!["would-allow shop/staged:open-db ingress[0]"]
+    );
+}
