@@ -87,15 +87,17 @@ pub fn cluster_bgp(nodes: usize, route_reflector: bool, ipv6: bool) -> malla_api
         let seg = segment(i, true);
         let node = Some(crate::topology::node_name(i));
         peers.push(malla_api::BgpPeer {
-            peer_ip: IpAddr::V4(gateway_v4(seg)),
-            as_number: malla_api::DEFAULT_AS_NUMBER,
+            peer_ip: Some(IpAddr::V4(gateway_v4(seg))),
+            as_number: Some(malla_api::DEFAULT_AS_NUMBER),
             node: node.clone(),
+            ..Default::default()
         });
         if ipv6 {
             peers.push(malla_api::BgpPeer {
-                peer_ip: IpAddr::V6(gateway_v6(seg)),
-                as_number: malla_api::DEFAULT_AS_NUMBER,
+                peer_ip: Some(IpAddr::V6(gateway_v6(seg))),
+                as_number: Some(malla_api::DEFAULT_AS_NUMBER),
                 node,
+                ..Default::default()
             });
         }
     }
@@ -173,11 +175,15 @@ pub fn router_spec(nodes: &[NodeState], route_reflector: bool, log: Option<PathB
         neighbors.push(RouterNeighbor {
             node: n.name.clone(),
             address: IpAddr::V4(n.underlay_ipv4),
+            password: None,
+            timers: None,
         });
         if let Some(v6) = n.underlay_ipv6 {
             neighbors.push(RouterNeighbor {
                 node: n.name.clone(),
                 address: IpAddr::V6(v6),
+                password: None,
+                timers: None,
             });
         }
     }
@@ -189,6 +195,40 @@ pub fn router_spec(nodes: &[NodeState], route_reflector: bool, log: Option<PathB
         neighbors,
         log,
     }
+}
+
+/// Reconfigures the lab's running BIRD router with its configuration for the lab's nodes as
+/// `edit` changes it (passwords, timers, fewer neighbours: what a data centre's router is
+/// told), with `birdc configure`. Only a BIRD router, only a running one (it is never started
+/// here: that would be outside the fabric's namespace).
+pub fn reconfigure_router(
+    paths: &LabPaths,
+    state: &LabState,
+    edit: impl FnOnce(&mut RouterSpec),
+) -> anyhow::Result<()> {
+    let Some(router) = &state.router else {
+        bail!("the lab has no router");
+    };
+    if router.kind != RouterKind::Bird {
+        bail!(
+            "only a BIRD router can be reconfigured (this lab's is {})",
+            router.kind
+        );
+    }
+    let dir = router_dir(paths);
+    let mut bird = malla_bgp::speaker::Bird::new(&dir);
+    if !bird.running() {
+        bail!("the router's BIRD is not running (see {})", dir.display());
+    }
+    let mut spec = router_spec(
+        &state.nodes,
+        router.route_reflector,
+        Some(dir.join("bird.log")),
+    );
+    edit(&mut spec);
+    bird.apply(&spec.render_bird())
+        .context("reconfiguring the router's BIRD")?;
+    Ok(())
 }
 
 /// Starts the router in the fabric namespace (or keeps the one running); its pids.
@@ -445,6 +485,12 @@ pub struct Session {
     pub state: String,
     pub established: bool,
     pub since: String,
+    /// The negotiated hold time and keepalive interval in seconds (BIRD's sessions, while
+    /// established).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_time: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<u32>,
     /// Routes received (accepted) and sent.
     pub received: u64,
     pub sent: u64,
@@ -466,6 +512,8 @@ impl Session {
             },
             established: p.established(),
             since: p.since.clone(),
+            hold_time: p.hold_time,
+            keepalive_time: p.keepalive_time,
             received: p.received(),
             sent: p.sent(),
         }
@@ -524,6 +572,8 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
                 established: state == "Established",
                 state,
                 since: p["peerUptime"].as_str().unwrap_or("").to_string(),
+                hold_time: None,
+                keepalive_time: None,
                 received: p["pfxRcd"].as_u64().unwrap_or(0),
                 sent: p["pfxSnt"].as_u64().unwrap_or(0),
             });
