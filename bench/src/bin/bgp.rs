@@ -20,7 +20,7 @@
 //! (withdrawals counted while the agent starts it again) until its sessions are back.
 //!
 //! `--memory`: one node speaker (BIRD with Malla's rendered configuration) with 100 established
-//! eBGP peers, all in one peer BIRD in a second namespace (100 addresses on one veth), which
+//! eBGP peers (a BIRD per peer address, 100 addresses on one veth in a second namespace), which
 //! announce 10 000 routes in all; its RSS and `birdc show memory`.
 
 use std::collections::BTreeMap;
@@ -497,25 +497,28 @@ fn memory(deadline: Instant) -> anyhow::Result<()> {
     ip_in(&peers_ns, "link set v1 up")?;
     ip_in(&peers_ns, "link set lo up")?;
     let dir = malla_bench::temp_dir("bgpmem")?;
-    // The peers: one BIRD, 100 eBGP sessions (AS 65001) from 100 addresses, each announcing
-    // 100 of the 10 000 /29s of 198.18.0.0/15.
-    let mut peers = String::from("router id 198.19.250.10;\nprotocol device {}\n");
+    // The peers: 100 BIRDs (BIRD 2.0 keeps one listening socket and one session per
+    // neighbour address in a process, so one process per peer address, bound to it), each an
+    // eBGP peer in AS 65001 announcing 100 of the 10 000 /29s of 198.18.0.0/15.
     let per = MEM_ROUTES / MEM_PEERS;
+    let mut peer_configs = Vec::new();
     for i in 0..MEM_PEERS {
-        peers.push_str(&format!("protocol static s{i} {{\n  ipv4;\n"));
+        let a = 10 + i;
+        let mut c = format!(
+            "router id 198.19.250.{a};\nprotocol device {{}}\nprotocol static announced {{\n  ipv4;\n"
+        );
         for j in 0..per {
             let n = (i * per + j) as u32;
             let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0)) + n * 8;
-            peers.push_str(&format!(
+            c.push_str(&format!(
                 "  route {}/29 blackhole;\n",
                 std::net::Ipv4Addr::from(base)
             ));
         }
-        peers.push_str("}\n");
-        peers.push_str(&format!(
-            "protocol bgp p{i} {{\n  local 198.19.250.{} as 65001;\n  neighbor 198.19.250.1 as 64512;\n  ipv4 {{ import none; export where proto = \"s{i}\"; next hop self; }};\n}}\n",
-            10 + i
+        c.push_str(&format!(
+            "}}\nprotocol bgp to_node {{\n  local 198.19.250.{a} as 65001;\n  strict bind on;\n  neighbor 198.19.250.1 as 64512;\n  ipv4 {{ import none; export where proto = \"announced\"; next hop self; }};\n}}\n"
         ));
+        peer_configs.push(c);
     }
     // The node: Malla's rendered speaker configuration with those 100 peers.
     let bgp = malla_api::BgpConfig {
@@ -554,7 +557,11 @@ fn memory(deadline: Instant) -> anyhow::Result<()> {
         &[],
     )?;
     let _node_bird = start_bird(&node_ns, dir.path(), "node", &speaker.render())?;
-    let _peers_bird = start_bird(&peers_ns, dir.path(), "peers", &peers)?;
+    let _peer_birds = peer_configs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| start_bird(&peers_ns, dir.path(), &format!("peer{i}"), c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let birdc = std::path::Path::new("/usr/sbin/birdc");
     let sock = dir.path().join("node.ctl");
     let t0 = Instant::now();

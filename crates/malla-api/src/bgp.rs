@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::calico::FieldError;
+use crate::calico::{bad, FieldError};
 use crate::selector::Selector;
 
 /// The cluster's BGP settings (Calico's `BGPConfiguration` with its `BGPPeer`s).
@@ -196,13 +196,6 @@ pub struct Timers {
     pub keepalive_secs: u16,
     pub hold_secs: u16,
     pub max_restart_secs: u16,
-}
-
-fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-    FieldError {
-        field: field.into(),
-        reason: reason.into(),
-    }
 }
 
 /// The longest TCP MD5 key Linux takes (`TCP_MD5SIG_MAXKEYLEN`).

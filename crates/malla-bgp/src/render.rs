@@ -404,6 +404,10 @@ mod tests {
         }
     }
 
+    fn peer_names(sp: &NodeSpeaker) -> Vec<&str> {
+        sp.peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
     fn cluster() -> Vec<Node> {
         vec![
             node("node-1", "198.19.0.11", Some("fd00:198:19::11")),
@@ -450,9 +454,8 @@ mod tests {
             "198.19.64.0/18".parse().unwrap(),
             "198.19.200.1/32".parse().unwrap(),
         ];
-        let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
-            names,
+            peer_names(&sp),
             [
                 "mesh4_node_2",
                 "mesh6_node_2",
@@ -504,10 +507,9 @@ mod tests {
             ..ClusterConfig::default()
         };
         let sp = NodeSpeaker::new("node-1", &config, &cluster(), &[], &[]).unwrap();
-        let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
         // node-1 is in rack a: the rack-b router is not its peer.
         assert_eq!(
-            names,
+            peer_names(&sp),
             [
                 "mesh4_node_2",
                 "mesh6_node_2",
@@ -598,8 +600,7 @@ mod tests {
             node("b_1", "198.19.0.13", None),
         ];
         let sp = NodeSpeaker::new("a", &ClusterConfig::default(), &nodes, &[], &[]).unwrap();
-        let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["mesh4_b_1", "mesh4_b_1_2"]);
+        assert_eq!(peer_names(&sp), ["mesh4_b_1", "mesh4_b_1_2"]);
         assert_eq!(
             NodeSpeaker::new("z", &ClusterConfig::default(), &nodes, &[], &[]),
             Err(RenderError::UnknownNode("z".into()))
