@@ -197,10 +197,11 @@ pub fn router_spec(nodes: &[NodeState], route_reflector: bool, log: Option<PathB
     }
 }
 
-/// Reconfigures the lab's running BIRD router with its configuration for the lab's nodes as
+/// Reconfigures the lab's running router with its configuration for the lab's nodes as
 /// `edit` changes it (passwords, timers, fewer neighbours: what a data centre's router is
-/// told), with `birdc configure`. Only a BIRD router, only a running one (it is never started
-/// here: that would be outside the fabric's namespace).
+/// told): BIRD with `birdc configure`, FRR through `vtysh` (each neighbour's password and
+/// timers set or cleared, neighbours left out removed). Only a running router (it is never
+/// started here: that would be outside the fabric's namespace).
 pub fn reconfigure_router(
     paths: &LabPaths,
     state: &LabState,
@@ -209,25 +210,54 @@ pub fn reconfigure_router(
     let Some(router) = &state.router else {
         bail!("the lab has no router");
     };
-    if router.kind != RouterKind::Bird {
-        bail!(
-            "only a BIRD router can be reconfigured (this lab's is {})",
-            router.kind
-        );
-    }
     let dir = router_dir(paths);
-    let mut bird = malla_bgp::speaker::Bird::new(&dir);
-    if !bird.running() {
-        bail!("the router's BIRD is not running (see {})", dir.display());
-    }
-    let mut spec = router_spec(
-        &state.nodes,
-        router.route_reflector,
-        Some(dir.join("bird.log")),
-    );
+    let log = (router.kind == RouterKind::Bird).then(|| dir.join("bird.log"));
+    let all = router_spec(&state.nodes, router.route_reflector, log);
+    let mut spec = all.clone();
     edit(&mut spec);
-    bird.apply(&spec.render_bird())
-        .context("reconfiguring the router's BIRD")?;
+    match router.kind {
+        RouterKind::Bird => {
+            let mut bird = malla_bgp::speaker::Bird::new(&dir);
+            if !bird.running() {
+                bail!("the router's BIRD is not running (see {})", dir.display());
+            }
+            bird.apply(&spec.render_bird())
+                .context("reconfiguring the router's BIRD")?;
+        }
+        RouterKind::Frr => {
+            let mut cmds = vec![
+                "configure terminal".to_string(),
+                format!("router bgp {}", spec.as_number),
+            ];
+            for n in &all.neighbors {
+                let a = n.address;
+                match spec.neighbors.iter().find(|m| m.address == a) {
+                    None => cmds.push(format!("no neighbor {a}")),
+                    Some(m) => {
+                        cmds.push(match &m.password {
+                            Some(pw) => format!("neighbor {a} password {pw}"),
+                            None => format!("no neighbor {a} password"),
+                        });
+                        cmds.push(match m.timers {
+                            Some((k, h)) => format!("neighbor {a} timers {k} {h}"),
+                            None => format!("no neighbor {a} timers"),
+                        });
+                    }
+                }
+            }
+            let mut cmd = Command::new("vtysh");
+            cmd.arg("--vty_socket").arg(&dir);
+            for c in &cmds {
+                cmd.args(["-c", c]);
+            }
+            let o = cmd.output().context("running vtysh")?;
+            let err = String::from_utf8_lossy(&o.stderr);
+            let out = String::from_utf8_lossy(&o.stdout);
+            if !o.status.success() || out.contains("% ") {
+                bail!("vtysh {cmds:?}: {} {}", out.trim(), err.trim());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -556,6 +586,23 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
     }
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).context("parsing vtysh's show bgp summary json")?;
+    // The negotiated timers of established sessions.
+    let n = Command::new("vtysh")
+        .arg("--vty_socket")
+        .arg(router_dir(paths))
+        .args(["-c", "show bgp neighbors json"])
+        .output()
+        .context("running vtysh")?;
+    let neighbors: serde_json::Value = serde_json::from_slice(&n.stdout).unwrap_or_default();
+    let secs = |addr: &str, key: &str| -> Option<u32> {
+        let nb = &neighbors[addr];
+        if nb["bgpState"] != "Established" {
+            return None;
+        }
+        nb[key]
+            .as_u64()
+            .and_then(|ms| u32::try_from(ms / 1000).ok())
+    };
     let mut out = Vec::new();
     for af in ["ipv4Unicast", "ipv6Unicast"] {
         let Some(peers) = v[af]["peers"].as_object() else {
@@ -572,8 +619,8 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
                 established: state == "Established",
                 state,
                 since: p["peerUptime"].as_str().unwrap_or("").to_string(),
-                hold_time: None,
-                keepalive_time: None,
+                hold_time: secs(addr, "bgpTimerHoldTimeMsecs"),
+                keepalive_time: secs(addr, "bgpTimerKeepAliveIntervalMsecs"),
                 received: p["pfxRcd"].as_u64().unwrap_or(0),
                 sent: p["pfxSnt"].as_u64().unwrap_or(0),
             });

@@ -540,17 +540,17 @@ fn router_session<'a>(sessions: &'a [Value], node: &str) -> (&'a Value, &'a Valu
     (mine, theirs)
 }
 
-/// Per-peer passwords (TCP MD5) and hold time against a real BIRD router: the router is told
-/// the right password for node-1 and node-2 and a wrong one for node-3, the nodes get the right
+/// Per-peer passwords (TCP MD5) and hold time against a real router: the router is told the
+/// right password for node-1 and node-2 and a wrong one for node-3, the nodes get the right
 /// one in their `BGPPeer`s (node-1's with hold time 6 and keepalive 2; the router's own are 9
 /// and 3). node-1 and node-2 establish, node-1's session negotiated to 6 s on both sides (BIRD's
-/// `show protocols all`), node-2's at 9; node-3's never establishes and `malla bgp status` on
-/// node-3 says so (exit status 3); once the router has the right password it establishes.
-#[test]
-fn peer_passwords_and_hold_time_with_a_bird_router() {
+/// `show protocols all`; FRR's `show bgp neighbors`), node-2's at 9; node-3's never
+/// establishes and `malla bgp status` on node-3 says so (exit status 3); once the router has
+/// the right password it establishes.
+fn passwords_and_hold_time(router: &str) {
     const PW: &str = "malla-s3cret";
-    let lab = Lab::new(&common::malla_bin(), "bpw");
-    up(&lab, "3", "bird", false, false);
+    let lab = Lab::new(&common::malla_bin(), &format!("bpw{}", &router[..1]));
+    up(&lab, "3", router, false, false);
     let (paths, state) = handles(&lab);
     malla_lab::bgp::reconfigure_router(&paths, &state, |spec| {
         for n in &mut spec.neighbors {
@@ -615,11 +615,13 @@ fn peer_passwords_and_hold_time_with_a_bird_router() {
         node_view.contains("Hold timer:") && node_view.contains("/6\n"),
         "{node_view}"
     );
-    let router_view = birdc(lab.dir().join("router/bird.ctl"), &field(r1, "name"));
-    assert!(
-        router_view.contains("Hold timer:") && router_view.contains("/6\n"),
-        "{router_view}"
-    );
+    if router == "bird" {
+        let router_view = birdc(lab.dir().join("router/bird.ctl"), &field(r1, "name"));
+        assert!(
+            router_view.contains("Hold timer:") && router_view.contains("/6\n"),
+            "{router_view}"
+        );
+    }
 
     // The mismatched password: never established, for several connect retries.
     for _ in 0..10 {
@@ -667,6 +669,16 @@ fn peer_passwords_and_hold_time_with_a_bird_router() {
     .expect("router reconfigured");
     malla_lab::bgp::wait_sessions(&paths, &state, Duration::from_secs(40))
         .expect("every session up once the passwords match");
+}
+
+#[test]
+fn peer_passwords_and_hold_time_with_a_bird_router() {
+    passwords_and_hold_time("bird");
+}
+
+#[test]
+fn peer_passwords_and_hold_time_with_an_frr_router() {
+    passwords_and_hold_time("frr");
 }
 
 /// Nodes as route reflectors, Calico's way: the node mesh off, node-1 a reflector
