@@ -684,12 +684,16 @@ fn peer_passwords_and_hold_time_with_an_frr_router() {
 /// Nodes as route reflectors, Calico's way: the node mesh off, node-1 a reflector
 /// (`routeReflectorClusterID`, label `route-reflector`), one `BGPPeer` with
 /// `peerSelector: has(route-reflector)` for every node; the router peers with the reflector
-/// only. Each other node has one session, to node-1; the reflected routes carry every pod
-/// across the segments (node-2 alone on the second) and from outside; conformance holds.
-#[test]
-fn nodes_as_route_reflectors_without_the_mesh() {
-    let lab = Lab::new(&common::malla_bin(), "brn");
-    up(&lab, "3", "bird", false, false);
+/// only. Each other node has one session (per family), to node-1; the reflected routes carry
+/// every pod across the segments (node-2 alone on the second) and from outside; conformance
+/// holds.
+fn node_reflectors(router: &str, ipv6: bool) {
+    let families = if ipv6 { 2 } else { 1 };
+    let lab = Lab::new(
+        &common::malla_bin(),
+        &format!("brn{}{}", &router[..1], families),
+    );
+    up(&lab, "3", router, ipv6, false);
     lab.apply(&two_pods_per_node(3));
     let (paths, state) = handles(&lab);
     malla_lab::bgp::reconfigure_router(&paths, &state, |spec| {
@@ -723,37 +727,59 @@ fn nodes_as_route_reflectors_without_the_mesh() {
     };
     for n in ["node-2", "node-3"] {
         let mine = of(n);
-        assert_eq!(mine.len(), 1, "{n}: one session: {mine:#?}");
-        assert_eq!(field(mine[0], "description"), "node node-1", "{mine:#?}");
-        assert_eq!(mine[0]["established"], true);
-        // Both other nodes' blocks arrive over it (reflected), and its own block leaves.
-        assert!(mine[0]["received"].as_u64().unwrap() >= 2, "{mine:#?}");
+        assert_eq!(
+            mine.len(),
+            families,
+            "{n}: one session per family: {mine:#?}"
+        );
+        for s in &mine {
+            assert_eq!(field(s, "description"), "node node-1", "{mine:#?}");
+            assert_eq!(s["established"], true);
+            // Both other nodes' blocks arrive over it (reflected).
+            assert!(s["received"].as_u64().unwrap() >= 2, "{mine:#?}");
+        }
     }
     let rr = of("node-1");
-    assert_eq!(rr.len(), 3, "two clients and the router: {rr:#?}");
-    assert_eq!(of("router").len(), 1);
+    assert_eq!(
+        rr.len(),
+        3 * families,
+        "two clients and the router: {rr:#?}"
+    );
+    assert_eq!(of("router").len(), families);
     for n in ["node-1", "node-2", "node-3"] {
-        let bird = common::ip(&["-n", &lab.netns(n), "route", "show", "proto", "bird"]);
-        assert_eq!(
-            bird.lines().filter(|l| l.contains(" via ")).count(),
-            2,
-            "{n}: a route to each other node's block, reflected:\n{bird}"
-        );
+        for fam in ["-4", "-6"].iter().take(families) {
+            let bird = common::ip(&[fam, "-n", &lab.netns(n), "route", "show", "proto", "bird"]);
+            assert_eq!(
+                bird.lines().filter(|l| l.contains(" via ")).count(),
+                2,
+                "{n} {fam}: a route to each other node's block, reflected:\n{bird}"
+            );
+        }
     }
     let results = lab.probe(&[]);
     let pod_node = common::pod_nodes(&lab.state());
-    let pairs = common::pod_pairs_without_nat(&results, 1);
+    let pairs = common::pod_pairs_without_nat(&results, families);
     let across = pairs
         .iter()
         .filter(|r| {
             (pod_node[&field(r, "from")] == "node-2") != (pod_node[&field(r, "to")] == "node-2")
         })
         .count();
-    assert_eq!(across, 16 * 2, "pairs across the two segments");
+    assert_eq!(across, 16 * 2 * families, "pairs across the two segments");
     let inbound = lab.probe(&["--from", "external"]);
-    assert_eq!(inbound.len(), 6 * 2, "{inbound:#?}");
+    assert_eq!(inbound.len(), 6 * 2 * families, "{inbound:#?}");
     for r in &inbound {
         assert_eq!(r["connected"], true, "external → pod: {r}");
         assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT on the way in: {r}");
     }
+}
+
+#[test]
+fn nodes_as_route_reflectors_without_the_mesh() {
+    node_reflectors("bird", false);
+}
+
+#[test]
+fn nodes_as_route_reflectors_dual_stack_with_frr() {
+    node_reflectors("frr", true);
 }
