@@ -783,3 +783,61 @@ fn nodes_as_route_reflectors_without_the_mesh() {
 fn nodes_as_route_reflectors_dual_stack_with_frr() {
     node_reflectors("frr", true);
 }
+
+/// A malformed `bgp` setting (a hold time under BGP's 3 s) written to the datastore: every
+/// agent refuses it naming the field, keeps its speaker's configuration as it was (nothing
+/// half-applied), and every session and route stays.
+#[test]
+fn malformed_bgp_settings_are_refused_naming_the_field() {
+    let lab = Lab::new(&common::malla_bin(), "bbad");
+    up(&lab, "2", "bird", false, false);
+    let (paths, state) = handles(&lab);
+    let confs = || -> Vec<String> {
+        ["node-1", "node-2"]
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(lab.dir().join(format!("nodes/{n}/bird/bird.conf")))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = confs();
+    // Through the lab's own path: the barrier is applied, the routes are all there.
+    malla_lab::topology::update_cluster_config(&paths, &state, |c| {
+        if let Some(b) = c.bgp.as_mut() {
+            b.hold_time_secs = Some(2);
+            b.peers[0].password = Some("fine".into());
+        }
+    })
+    .expect("agents applied the barrier; routes intact");
+    for n in ["node-1", "node-2"] {
+        let log = paths.log(&format!("agent-{n}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("bgp.holdTimeSecs: 2 is less than 3 seconds") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n}'s agent did not name the field: {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(
+        confs(),
+        before,
+        "a speaker was reconfigured from a refused config"
+    );
+    for s in lab_sessions(&lab) {
+        assert_eq!(s["established"], true, "{s}");
+    }
+    assert!(
+        malla_lab::bgp::missing_routes(&paths, &state)
+            .unwrap()
+            .is_empty(),
+        "routes lost"
+    );
+}
