@@ -32,7 +32,7 @@ pub struct FieldError {
     pub reason: String,
 }
 
-fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+pub(crate) fn bad(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
     FieldError {
         field: field.into(),
         reason: reason.into(),

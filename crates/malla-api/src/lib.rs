@@ -4,6 +4,7 @@
 //! (where each object lives in a key-value store) is in [`keys`]; the conversion of native
 //! Kubernetes objects to and from these types is in `k8s` (feature `k8s`).
 
+pub mod bgp;
 pub mod calico;
 pub mod cnp;
 #[cfg(feature = "k8s")]
@@ -19,6 +20,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+
+pub use bgp::{BgpConfig, BgpNodeSpec, BgpPeer, NextHopMode, DEFAULT_AS_NUMBER};
 
 /// How packets between pods on different nodes cross the underlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -111,87 +114,6 @@ impl ClusterConfig {
             .clone()
             .unwrap_or_else(calico::default_failsafe_outbound)
     }
-}
-
-/// The cluster's BGP settings (Calico's `BGPConfiguration` with its `BGPPeer`s).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BgpConfig {
-    /// The nodes' AS number (every node speaks iBGP with the others in it).
-    #[serde(default = "default_as_number")]
-    pub as_number: u32,
-    /// Whether every node peers with every other node (a full iBGP mesh). Off when route
-    /// reflectors (e.g. the top-of-rack router, as a [`BgpPeer`]) carry the routes instead.
-    #[serde(default = "default_true")]
-    pub node_to_node_mesh: bool,
-    /// Routers outside the cluster the nodes peer with.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub peers: Vec<BgpPeer>,
-    /// Keepalive interval in seconds (hold time is three times it).
-    #[serde(default = "default_keepalive")]
-    pub keepalive_secs: u16,
-    /// Service cluster IP ranges every node announces (Calico's `serviceClusterIPs`); a
-    /// Service with `externalTrafficPolicy: Local` has its /32 or /128 announced only by the
-    /// nodes with a ready endpoint.
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        rename = "serviceClusterIPs"
-    )]
-    pub service_cluster_ips: Vec<IpNet>,
-    /// External IP ranges (`serviceExternalIPs`), announced the same way.
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        rename = "serviceExternalIPs"
-    )]
-    pub service_external_ips: Vec<IpNet>,
-    /// LoadBalancer IP ranges (`serviceLoadBalancerIPs`), announced the same way; also the
-    /// pools `type: LoadBalancer` Services get their address from.
-    #[serde(
-        default,
-        skip_serializing_if = "Vec::is_empty",
-        rename = "serviceLoadBalancerIPs"
-    )]
-    pub service_load_balancer_ips: Vec<IpNet>,
-}
-
-/// The default AS number of a cluster's nodes (Calico's).
-pub const DEFAULT_AS_NUMBER: u32 = 64512;
-
-fn default_as_number() -> u32 {
-    DEFAULT_AS_NUMBER
-}
-fn default_keepalive() -> u16 {
-    3
-}
-
-impl Default for BgpConfig {
-    fn default() -> Self {
-        Self {
-            as_number: DEFAULT_AS_NUMBER,
-            node_to_node_mesh: true,
-            peers: Vec::new(),
-            keepalive_secs: default_keepalive(),
-            service_cluster_ips: Vec::new(),
-            service_external_ips: Vec::new(),
-            service_load_balancer_ips: Vec::new(),
-        }
-    }
-}
-
-/// A BGP peer outside the cluster (Calico's `BGPPeer`): every node peers with it, or only
-/// `node`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct BgpPeer {
-    /// The peer's address.
-    pub peer_ip: IpAddr,
-    /// Its AS number (the nodes' own: iBGP; another: eBGP).
-    pub as_number: u32,
-    /// Only this node peers with it (a top-of-rack router of its rack); absent: every node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
 }
 
 /// What a node does with traffic from its pods to itself, after their egress policy.

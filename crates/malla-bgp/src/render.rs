@@ -15,7 +15,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
-use malla_api::{BgpConfig, ClusterConfig, Node};
+use malla_api::bgp::Timers;
+use malla_api::selector::Selector;
+use malla_api::{BgpConfig, ClusterConfig, NextHopMode, Node};
 
 /// Why a node cannot speak BGP.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -24,19 +26,22 @@ pub enum RenderError {
     NoRouterId(String),
     #[error("node {0} is not registered")]
     UnknownNode(String),
+    /// The cluster's BGP settings are malformed (nothing is applied).
+    #[error("cluster config: {0}")]
+    Invalid(#[from] malla_api::calico::FieldError),
 }
 
 /// Who a session is with.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PeerKind {
-    /// Another node of the cluster (full mesh).
+    /// Another node of the cluster (full mesh, or chosen by a peer's `peerSelector`).
     Node(String),
-    /// A router outside the cluster ([`malla_api::BgpPeer`]).
+    /// A router outside the cluster ([`malla_api::BgpPeer`] with `peerIP`).
     External,
 }
 
 /// One BGP session.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     /// The BIRD protocol's name (unique, `[a-z0-9_]`).
     pub name: String,
@@ -45,6 +50,13 @@ pub struct Peer {
     pub as_number: u32,
     /// This node's address of the same family (the session's source).
     pub source: IpAddr,
+    /// TCP MD5 password.
+    pub password: Option<String>,
+    pub timers: Timers,
+    pub next_hop: NextHopMode,
+    /// This node reflects routes to the peer (it is a route reflector, the peer a node that
+    /// is not).
+    pub rr_client: bool,
 }
 
 /// Everything one node's speaker needs.
@@ -53,7 +65,10 @@ pub struct NodeSpeaker {
     pub node: String,
     pub router_id: Ipv4Addr,
     pub as_number: u32,
-    pub keepalive_secs: u16,
+    /// The cluster's timers (every session's unless its peer sets its own).
+    pub timers: Timers,
+    /// This node is a route reflector with this cluster ID.
+    pub rr_cluster_id: Option<Ipv4Addr>,
     /// The node's own blocks: announced, and blackholed in its kernel.
     pub blocks: Vec<IpNet>,
     /// Addresses its pods use from blocks it does not own: announced as /32 or /128.
@@ -90,6 +105,7 @@ impl NodeSpeaker {
         borrowed: &[IpNet],
     ) -> Result<Self, RenderError> {
         let bgp = config.bgp.clone().unwrap_or_default();
+        bgp.validate()?;
         let this = nodes
             .iter()
             .find(|n| n.name == me)
@@ -97,6 +113,8 @@ impl NodeSpeaker {
         let router_id = this
             .underlay_ipv4
             .ok_or_else(|| RenderError::NoRouterId(me.to_string()))?;
+        let mesh_timers = bgp.timers(None);
+        let rr_cluster_id = bgp.node(me).and_then(|n| n.route_reflector_cluster_id);
         let mut peers = Vec::new();
         let mut used = std::collections::BTreeSet::new();
         let mut unique = |base: String| {
@@ -108,48 +126,69 @@ impl NodeSpeaker {
             }
             name
         };
+        let mut others: Vec<&Node> = nodes.iter().filter(|n| n.name != me).collect();
+        others.sort_by(|a, b| a.name.cmp(&b.name));
+        // Node-to-node sessions: the mesh, then those peer selectors call for (each node once).
+        let mut node_peers: Vec<(&Node, Option<&malla_api::BgpPeer>)> = Vec::new();
         if bgp.node_to_node_mesh {
-            let mut others: Vec<&Node> = nodes.iter().filter(|n| n.name != me).collect();
-            others.sort_by(|a, b| a.name.cmp(&b.name));
-            for n in others {
-                let pairs = [
-                    (
-                        "4",
-                        this.underlay_ipv4.map(IpAddr::V4),
-                        n.underlay_ipv4.map(IpAddr::V4),
-                    ),
-                    (
-                        "6",
-                        this.underlay_ipv6.map(IpAddr::V6),
-                        n.underlay_ipv6.map(IpAddr::V6),
-                    ),
-                ];
-                for (fam, src, dst) in pairs {
-                    if let (Some(source), Some(address)) = (src, dst) {
-                        peers.push(Peer {
-                            name: unique(format!("mesh{fam}_{}", ident(&n.name))),
-                            kind: PeerKind::Node(n.name.clone()),
-                            address,
-                            as_number: bgp.as_number,
-                            source,
-                        });
-                    }
+            node_peers.extend(others.iter().map(|n| (*n, None)));
+        }
+        for p in &bgp.peers {
+            for n in selected_nodes(&bgp, p, me, &others) {
+                if !node_peers.iter().any(|(m, _)| m.name == n.name) {
+                    node_peers.push((n, Some(p)));
+                }
+            }
+        }
+        for (n, via) in node_peers {
+            let their_rr = bgp.node(&n.name).and_then(|s| s.route_reflector_cluster_id);
+            let pairs = [
+                (
+                    "4",
+                    this.underlay_ipv4.map(IpAddr::V4),
+                    n.underlay_ipv4.map(IpAddr::V4),
+                ),
+                (
+                    "6",
+                    this.underlay_ipv6.map(IpAddr::V6),
+                    n.underlay_ipv6.map(IpAddr::V6),
+                ),
+            ];
+            for (fam, src, dst) in pairs {
+                if let (Some(source), Some(address)) = (src, dst) {
+                    let prefix = if via.is_some() { "node" } else { "mesh" };
+                    peers.push(Peer {
+                        name: unique(format!("{prefix}{fam}_{}", ident(&n.name))),
+                        kind: PeerKind::Node(n.name.clone()),
+                        address,
+                        as_number: bgp.as_number,
+                        source,
+                        password: via.and_then(|p| p.password.clone()),
+                        timers: bgp.timers(via),
+                        next_hop: via.map(|p| p.next_hop_mode).unwrap_or_default(),
+                        rr_client: rr_cluster_id.is_some() && their_rr.is_none(),
+                    });
                 }
             }
         }
         for p in external_peers(&bgp, me) {
-            let source = match p.peer_ip {
+            let Some(peer_ip) = p.peer_ip else { continue };
+            let source = match peer_ip {
                 IpAddr::V4(_) => this.underlay_ipv4.map(IpAddr::V4),
                 IpAddr::V6(_) => this.underlay_ipv6.map(IpAddr::V6),
             };
             let Some(source) = source else { continue };
-            let fam = if p.peer_ip.is_ipv4() { "4" } else { "6" };
+            let fam = if peer_ip.is_ipv4() { "4" } else { "6" };
             peers.push(Peer {
-                name: unique(format!("peer{fam}_{}", ident(&p.peer_ip.to_string()))),
+                name: unique(format!("peer{fam}_{}", ident(&peer_ip.to_string()))),
                 kind: PeerKind::External,
-                address: p.peer_ip,
-                as_number: p.as_number,
+                address: peer_ip,
+                as_number: p.as_number.unwrap_or(bgp.as_number),
                 source,
+                password: p.password.clone(),
+                timers: bgp.timers(Some(p)),
+                next_hop: p.next_hop_mode,
+                rr_client: false,
             });
         }
         let mut blocks = blocks.to_vec();
@@ -162,7 +201,8 @@ impl NodeSpeaker {
             node: me.to_string(),
             router_id,
             as_number: bgp.as_number,
-            keepalive_secs: bgp.keepalive_secs.max(1),
+            timers: mesh_timers,
+            rr_cluster_id,
             blocks,
             borrowed,
             services: Vec::new(),
@@ -192,9 +232,20 @@ impl NodeSpeaker {
         }
         s.push_str("timeformat protocol iso long;\n\n");
         s.push_str("# Marks the service addresses this node announces.\ndefine MALLA_SERVICE = (64512, 100);\n\n");
+        if self.rr_cluster_id.is_some() {
+            s.push_str(
+                "# A route reflector: what it learned over BGP leaves it too (BIRD reflects it to its\n\
+                 # clients, keeping its next hop), besides what it owns.\n\
+                 filter malla_to_peers {\n  if source = RTS_BGP then accept;\n",
+            );
+        } else {
+            s.push_str(
+                "# Only what this node owns leaves it: its blocks, borrowed addresses and service addresses.\n\
+                 filter malla_to_peers {\n",
+            );
+        }
         s.push_str(
-            "# Only what this node owns leaves it: its blocks, borrowed addresses and service addresses.\n\
-             filter malla_to_peers {\n  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" || proto = \"malla_borrowed4\" || proto = \"malla_borrowed6\" then accept;\n  if proto = \"malla_services4\" || proto = \"malla_services6\" then {\n    bgp_community.add(MALLA_SERVICE);\n    accept;\n  }\n  reject;\n}\n\n\
+            "  if proto = \"malla_blocks4\" || proto = \"malla_blocks6\" || proto = \"malla_borrowed4\" || proto = \"malla_borrowed6\" then accept;\n  if proto = \"malla_services4\" || proto = \"malla_services6\" then {\n    bgp_community.add(MALLA_SERVICE);\n    accept;\n  }\n  reject;\n}\n\n\
              # Into the kernel: what BGP learned, and a blackhole for the unused addresses of own blocks\n\
              # (the pods' own /32 and /128 routes are more specific). Borrowed addresses are routed to\n\
              # their pods by the agent.\n\
@@ -227,11 +278,11 @@ impl NodeSpeaker {
             }
             s.push_str("}\n\n");
         }
-        let hold = u32::from(self.keepalive_secs) * 3;
+        let t = self.timers;
         let _ = write!(
             s,
-            "template bgp malla_peer {{\n  local as {};\n  hold time {hold};\n  keepalive time {};\n  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart on;\n  graceful restart time 120;\n}}\n",
-            self.as_number, self.keepalive_secs
+            "template bgp malla_peer {{\n  local as {};\n  hold time {};\n  keepalive time {};\n  connect delay time 1;\n  connect retry time 2;\n  error wait time 1, 10;\n  graceful restart on;\n  graceful restart time {};\n}}\n",
+            self.as_number, t.hold_secs, t.keepalive_secs, t.max_restart_secs
         );
         for p in &self.peers {
             let fam = if p.address.is_ipv4() { 4 } else { 6 };
@@ -241,26 +292,96 @@ impl NodeSpeaker {
             };
             let _ = write!(
                 s,
-                "\nprotocol bgp {} from malla_peer {{\n  description \"{}\";\n  neighbor {} as {};\n  source address {};\n  ipv{fam} {{\n    import all;\n    export filter malla_to_peers;\n    next hop self;\n  }};\n}}\n",
+                "\nprotocol bgp {} from malla_peer {{\n  description \"{}\";\n  neighbor {} as {};\n  source address {};\n",
                 p.name,
                 quote(&desc),
                 p.address,
                 p.as_number,
                 p.source
             );
+            if let Some(pw) = &p.password {
+                // Validated: no double quote or backslash, nothing to escape.
+                let _ = writeln!(s, "  password \"{pw}\";");
+            }
+            if p.timers.hold_secs != t.hold_secs {
+                let _ = writeln!(s, "  hold time {};", p.timers.hold_secs);
+            }
+            if p.timers.keepalive_secs != t.keepalive_secs {
+                let _ = writeln!(s, "  keepalive time {};", p.timers.keepalive_secs);
+            }
+            if p.timers.max_restart_secs != t.max_restart_secs {
+                let _ = writeln!(s, "  graceful restart time {};", p.timers.max_restart_secs);
+            }
+            if p.rr_client {
+                if let Some(id) = self.rr_cluster_id {
+                    let _ = writeln!(s, "  rr client;\n  rr cluster id {id};");
+                }
+            }
+            // Auto: the node's own address on its own routes; a reflector keeps the
+            // originator's next hop on what it reflects (BIRD's iBGP default).
+            let next_hop = match p.next_hop {
+                NextHopMode::SelfAddress => "    next hop self;\n",
+                NextHopMode::Keep => "    next hop keep;\n",
+                NextHopMode::Auto if self.rr_cluster_id.is_some() => "",
+                NextHopMode::Auto => "    next hop self;\n",
+            };
+            let _ = write!(
+                s,
+                "  ipv{fam} {{\n    import all;\n    export filter malla_to_peers;\n{next_hop}  }};\n}}\n"
+            );
         }
         s
     }
 }
 
-/// The external peers `me` has: the global ones and its own.
+/// Whether node `name` has peer `p` (its `node`, its `nodeSelector`, or every node).
+fn has_peer(bgp: &BgpConfig, p: &malla_api::BgpPeer, name: &str) -> bool {
+    if let Some(n) = &p.node {
+        return n == name;
+    }
+    match &p.node_selector {
+        Some(sel) => matches(sel, &bgp.node_labels(name)),
+        None => true,
+    }
+}
+
+/// Whether `sel` (validated before) matches `labels`.
+fn matches(sel: &str, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    Selector::parse(sel).is_ok_and(|s| s.matches(labels, false))
+}
+
+/// The routers `me` peers with (peers with `peerIP` that `me` has).
 fn external_peers<'a>(
     bgp: &'a BgpConfig,
     me: &'a str,
 ) -> impl Iterator<Item = &'a malla_api::BgpPeer> {
     bgp.peers
         .iter()
-        .filter(move |p| p.node.as_deref().is_none_or(|n| n == me))
+        .filter(move |p| p.peer_ip.is_some() && has_peer(bgp, p, me))
+}
+
+/// The nodes among `others` that peer `p` (one with `peerSelector`) gives `me` a session
+/// with: those it selects when `me` has the peer, and (as Calico's, sessions go both ways)
+/// those that have the peer when it selects `me`.
+fn selected_nodes<'a>(
+    bgp: &BgpConfig,
+    p: &malla_api::BgpPeer,
+    me: &str,
+    others: &[&'a Node],
+) -> Vec<&'a Node> {
+    let Some(sel) = &p.peer_selector else {
+        return Vec::new();
+    };
+    let me_has = has_peer(bgp, p, me);
+    let me_selected = matches(sel, &bgp.node_labels(me));
+    others
+        .iter()
+        .filter(|n| {
+            (me_has && matches(sel, &bgp.node_labels(&n.name)))
+                || (me_selected && has_peer(bgp, p, &n.name))
+        })
+        .copied()
+        .collect()
 }
 
 /// A string for inside BIRD's double quotes.
@@ -283,6 +404,10 @@ mod tests {
         }
     }
 
+    fn peer_names(sp: &NodeSpeaker) -> Vec<&str> {
+        sp.peers.iter().map(|p| p.name.as_str()).collect()
+    }
+
     fn cluster() -> Vec<Node> {
         vec![
             node("node-1", "198.19.0.11", Some("fd00:198:19::11")),
@@ -297,14 +422,16 @@ mod tests {
             bgp: Some(BgpConfig {
                 peers: vec![
                     malla_api::BgpPeer {
-                        peer_ip: "198.19.0.1".parse().unwrap(),
-                        as_number: 64512,
+                        peer_ip: Some("198.19.0.1".parse().unwrap()),
+                        as_number: Some(64512),
                         node: Some("node-1".into()),
+                        ..Default::default()
                     },
                     malla_api::BgpPeer {
-                        peer_ip: "198.19.2.1".parse().unwrap(),
-                        as_number: 64512,
+                        peer_ip: Some("198.19.2.1".parse().unwrap()),
+                        as_number: Some(64512),
                         node: Some("node-2".into()),
+                        ..Default::default()
                     },
                 ],
                 ..BgpConfig::default()
@@ -327,9 +454,8 @@ mod tests {
             "198.19.64.0/18".parse().unwrap(),
             "198.19.200.1/32".parse().unwrap(),
         ];
-        let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(
-            names,
+            peer_names(&sp),
             [
                 "mesh4_node_2",
                 "mesh6_node_2",
@@ -348,9 +474,10 @@ mod tests {
                 as_number: 65001,
                 keepalive_secs: 10,
                 peers: vec![malla_api::BgpPeer {
-                    peer_ip: "198.19.0.1".parse().unwrap(),
-                    as_number: 65001,
+                    peer_ip: Some("198.19.0.1".parse().unwrap()),
+                    as_number: Some(65001),
                     node: None,
+                    ..Default::default()
                 }],
                 ..BgpConfig::default()
             }),
@@ -362,6 +489,110 @@ mod tests {
     }
 
     #[test]
+    fn password_timers_and_next_hop_per_peer() {
+        let cfg: malla_api::BgpConfig = serde_json::from_str(
+            r#"{"keepaliveSecs": 2, "holdTimeSecs": 9, "maxRestartTimeSecs": 300,
+                "peers": [{"peerIP": "198.19.0.1", "asNumber": 64512, "node": "node-1",
+                           "password": "s3cr'et!", "keepaliveSecs": 1, "holdTimeSecs": 3,
+                           "maxRestartTimeSecs": 30, "nextHopMode": "Keep"},
+                          {"peerIP": "198.19.0.2", "asNumber": 65010,
+                           "nodeSelector": "rack == 'a'", "nextHopMode": "Self"},
+                          {"peerIP": "198.19.0.3", "asNumber": 65011,
+                           "nodeSelector": "rack == 'b'"}],
+                "nodes": [{"name": "node-1", "labels": {"rack": "a"}}]}"#,
+        )
+        .unwrap();
+        let config = ClusterConfig {
+            bgp: Some(cfg),
+            ..ClusterConfig::default()
+        };
+        let sp = NodeSpeaker::new("node-1", &config, &cluster(), &[], &[]).unwrap();
+        // node-1 is in rack a: the rack-b router is not its peer.
+        assert_eq!(
+            peer_names(&sp),
+            [
+                "mesh4_node_2",
+                "mesh6_node_2",
+                "mesh4_node_3",
+                "peer4_198_19_0_1",
+                "peer4_198_19_0_2"
+            ]
+        );
+        golden("node-1-peer-options.conf", &sp.render());
+    }
+
+    /// Calico's route reflector set-up: mesh off, node-3 a reflector, every node peers with
+    /// the reflectors (and they, symmetrically, with every node).
+    fn reflector_config() -> ClusterConfig {
+        let cfg: malla_api::BgpConfig = serde_json::from_str(
+            r#"{"nodeToNodeMesh": false,
+                "nodes": [{"name": "node-3", "labels": {"route-reflector": "true"},
+                           "routeReflectorClusterID": "244.0.0.1"}],
+                "peers": [{"nodeSelector": "all()", "peerSelector": "has(route-reflector)"}]}"#,
+        )
+        .unwrap();
+        ClusterConfig {
+            bgp: Some(cfg),
+            ..ClusterConfig::default()
+        }
+    }
+
+    #[test]
+    fn nodes_as_route_reflectors() {
+        let mut nodes = cluster();
+        nodes.push(node("node-4", "198.19.2.14", None));
+        let config = reflector_config();
+        let names = |me: &str| -> Vec<String> {
+            NodeSpeaker::new(me, &config, &nodes, &[], &[])
+                .unwrap()
+                .peers
+                .iter()
+                .map(|p| format!("{}{}", p.name, if p.rr_client { "(client)" } else { "" }))
+                .collect()
+        };
+        // A client: one session, to the reflector.
+        assert_eq!(names("node-1"), ["node4_node_3"]);
+        assert_eq!(names("node-4"), ["node4_node_3"]);
+        // The reflector: every node, each a client.
+        assert_eq!(
+            names("node-3"),
+            [
+                "node4_node_1(client)",
+                "node4_node_2(client)",
+                "node4_node_4(client)"
+            ]
+        );
+        let rr = NodeSpeaker::new("node-3", &config, &nodes, &[], &[]).unwrap();
+        assert_eq!(rr.rr_cluster_id, Some("244.0.0.1".parse().unwrap()));
+        golden("node-3-reflector.conf", &rr.render());
+        let client = NodeSpeaker::new("node-1", &config, &nodes, &[], &[]).unwrap();
+        golden("node-1-reflector-client.conf", &client.render());
+    }
+
+    #[test]
+    fn malformed_settings_are_refused_naming_the_field() {
+        let mut config = reflector_config();
+        if let Some(b) = config.bgp.as_mut() {
+            b.peers[0].peer_selector = Some("has(route-reflector".into());
+        }
+        let err = NodeSpeaker::new("node-1", &config, &cluster(), &[], &[]).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cluster config: bgp.peers[0].peerSelector: selector"),
+            "{err}"
+        );
+        if let Some(b) = config.bgp.as_mut() {
+            b.peers[0].peer_selector = Some("has(route-reflector)".into());
+            b.hold_time_secs = Some(2);
+        }
+        let err = NodeSpeaker::new("node-1", &config, &cluster(), &[], &[]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "cluster config: bgp.holdTimeSecs: 2 is less than 3 seconds (BGP's minimum)"
+        );
+    }
+
+    #[test]
     fn colliding_names_stay_unique_and_errors_name_the_node() {
         let nodes = vec![
             node("a", "198.19.0.11", None),
@@ -369,8 +600,7 @@ mod tests {
             node("b_1", "198.19.0.13", None),
         ];
         let sp = NodeSpeaker::new("a", &ClusterConfig::default(), &nodes, &[], &[]).unwrap();
-        let names: Vec<&str> = sp.peers.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["mesh4_b_1", "mesh4_b_1_2"]);
+        assert_eq!(peer_names(&sp), ["mesh4_b_1", "mesh4_b_1_2"]);
         assert_eq!(
             NodeSpeaker::new("z", &ClusterConfig::default(), &nodes, &[], &[]),
             Err(RenderError::UnknownNode("z".into()))

@@ -18,6 +18,10 @@ use crate::render::{ident, quote};
 pub struct RouterNeighbor {
     pub node: String,
     pub address: IpAddr,
+    /// TCP MD5 password of the session (validated as [`malla_api::BgpPeer`]'s).
+    pub password: Option<String>,
+    /// Keepalive and hold time of this session, if not the router's.
+    pub timers: Option<(u16, u16)>,
 }
 
 /// The router's settings.
@@ -67,11 +71,21 @@ impl RouterSpec {
             let fam = if n.address.is_ipv4() { 4 } else { 6 };
             let _ = write!(
                 s,
-                "\nprotocol bgp node{fam}_{} from malla_node {{\n  description \"node {}\";\n  neighbor {} as {};\n  ipv{fam} {{\n    import all;\n    export {export};\n  }};\n}}\n",
+                "\nprotocol bgp node{fam}_{} from malla_node {{\n  description \"node {}\";\n  neighbor {} as {};\n",
                 ident(&n.node),
                 quote(&n.node),
                 n.address,
                 self.as_number
+            );
+            if let Some(pw) = &n.password {
+                let _ = writeln!(s, "  password \"{pw}\";");
+            }
+            if let Some((keepalive, hold)) = n.timers {
+                let _ = writeln!(s, "  hold time {hold};\n  keepalive time {keepalive};");
+            }
+            let _ = write!(
+                s,
+                "  ipv{fam} {{\n    import all;\n    export {export};\n  }};\n}}\n"
             );
         }
         s
@@ -97,6 +111,12 @@ impl RouterSpec {
             let _ = writeln!(s, " neighbor {} remote-as {}", n.address, self.as_number);
             let _ = writeln!(s, " neighbor {} description node {}", n.address, n.node);
             let _ = writeln!(s, " neighbor {} timers connect 2", n.address);
+            if let Some(pw) = &n.password {
+                let _ = writeln!(s, " neighbor {} password {pw}", n.address);
+            }
+            if let Some((keepalive, hold)) = n.timers {
+                let _ = writeln!(s, " neighbor {} timers {keepalive} {hold}", n.address);
+            }
         }
         for (af, v6) in [("ipv4", false), ("ipv6", true)] {
             let _ = writeln!(s, " address-family {af} unicast");
@@ -130,14 +150,20 @@ mod tests {
                 RouterNeighbor {
                     node: "node-1".into(),
                     address: "198.19.0.11".parse().unwrap(),
+                    password: None,
+                    timers: None,
                 },
                 RouterNeighbor {
                     node: "node-2".into(),
                     address: "198.19.2.12".parse().unwrap(),
+                    password: None,
+                    timers: None,
                 },
                 RouterNeighbor {
                     node: "node-2".into(),
                     address: "fd00:198:19:2::12".parse().unwrap(),
+                    password: Some("s3cret".into()),
+                    timers: Some((2, 6)),
                 },
             ],
             log: Some("/run/malla-lab/x/router/bird.log".into()),

@@ -17,6 +17,12 @@ pub struct Protocol {
     pub description: Option<String>,
     pub neighbor_address: Option<String>,
     pub neighbor_as: Option<u32>,
+    /// The session's negotiated hold time and keepalive interval in seconds (BIRD's `Hold
+    /// timer: left/hold`), while established.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_time: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<u32>,
     /// Per channel (`ipv4`, `ipv6`): routes imported (received and accepted) and exported
     /// (sent).
     pub channels: Vec<Channel>,
@@ -96,6 +102,8 @@ pub fn parse_protocols(text: &str) -> Vec<Protocol> {
             "Description" => p.description = Some(value.to_string()),
             "Neighbor address" => p.neighbor_address = Some(value.to_string()),
             "Neighbor AS" => p.neighbor_as = value.parse().ok(),
+            "Hold timer" => p.hold_time = timer_total(value),
+            "Keepalive timer" => p.keepalive_time = timer_total(value),
             _ if t.starts_with("Channel ") => {
                 if let Some(c) = channel.take() {
                     p.channels.push(c);
@@ -134,6 +142,11 @@ pub fn parse_protocols(text: &str) -> Vec<Protocol> {
     out
 }
 
+/// The total of a BIRD timer shown as `left/total` (`5.071/9`).
+fn timer_total(value: &str) -> Option<u32> {
+    value.rsplit_once('/')?.1.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +162,7 @@ mod tests {
         assert_eq!(up.neighbor_as, Some(64512));
         assert_eq!(up.received(), 1);
         assert_eq!(up.sent(), 1);
+        assert_eq!((up.hold_time, up.keepalive_time), (Some(9), Some(3)));
     }
 
     #[test]

@@ -87,15 +87,17 @@ pub fn cluster_bgp(nodes: usize, route_reflector: bool, ipv6: bool) -> malla_api
         let seg = segment(i, true);
         let node = Some(crate::topology::node_name(i));
         peers.push(malla_api::BgpPeer {
-            peer_ip: IpAddr::V4(gateway_v4(seg)),
-            as_number: malla_api::DEFAULT_AS_NUMBER,
+            peer_ip: Some(IpAddr::V4(gateway_v4(seg))),
+            as_number: Some(malla_api::DEFAULT_AS_NUMBER),
             node: node.clone(),
+            ..Default::default()
         });
         if ipv6 {
             peers.push(malla_api::BgpPeer {
-                peer_ip: IpAddr::V6(gateway_v6(seg)),
-                as_number: malla_api::DEFAULT_AS_NUMBER,
+                peer_ip: Some(IpAddr::V6(gateway_v6(seg))),
+                as_number: Some(malla_api::DEFAULT_AS_NUMBER),
                 node,
+                ..Default::default()
             });
         }
     }
@@ -173,11 +175,15 @@ pub fn router_spec(nodes: &[NodeState], route_reflector: bool, log: Option<PathB
         neighbors.push(RouterNeighbor {
             node: n.name.clone(),
             address: IpAddr::V4(n.underlay_ipv4),
+            password: None,
+            timers: None,
         });
         if let Some(v6) = n.underlay_ipv6 {
             neighbors.push(RouterNeighbor {
                 node: n.name.clone(),
                 address: IpAddr::V6(v6),
+                password: None,
+                timers: None,
             });
         }
     }
@@ -189,6 +195,70 @@ pub fn router_spec(nodes: &[NodeState], route_reflector: bool, log: Option<PathB
         neighbors,
         log,
     }
+}
+
+/// Reconfigures the lab's running router with its configuration for the lab's nodes as
+/// `edit` changes it (passwords, timers, fewer neighbours: what a data centre's router is
+/// told): BIRD with `birdc configure`, FRR through `vtysh` (each neighbour's password and
+/// timers set or cleared, neighbours left out removed). Only a running router (it is never
+/// started here: that would be outside the fabric's namespace).
+pub fn reconfigure_router(
+    paths: &LabPaths,
+    state: &LabState,
+    edit: impl FnOnce(&mut RouterSpec),
+) -> anyhow::Result<()> {
+    let Some(router) = &state.router else {
+        bail!("the lab has no router");
+    };
+    let dir = router_dir(paths);
+    let log = (router.kind == RouterKind::Bird).then(|| dir.join("bird.log"));
+    let all = router_spec(&state.nodes, router.route_reflector, log);
+    let mut spec = all.clone();
+    edit(&mut spec);
+    match router.kind {
+        RouterKind::Bird => {
+            let mut bird = malla_bgp::speaker::Bird::new(&dir);
+            if !bird.running() {
+                bail!("the router's BIRD is not running (see {})", dir.display());
+            }
+            bird.apply(&spec.render_bird())
+                .context("reconfiguring the router's BIRD")?;
+        }
+        RouterKind::Frr => {
+            let mut cmds = vec![
+                "configure terminal".to_string(),
+                format!("router bgp {}", spec.as_number),
+            ];
+            for n in &all.neighbors {
+                let a = n.address;
+                match spec.neighbors.iter().find(|m| m.address == a) {
+                    None => cmds.push(format!("no neighbor {a}")),
+                    Some(m) => {
+                        cmds.push(match &m.password {
+                            Some(pw) => format!("neighbor {a} password {pw}"),
+                            None => format!("no neighbor {a} password"),
+                        });
+                        cmds.push(match m.timers {
+                            Some((k, h)) => format!("neighbor {a} timers {k} {h}"),
+                            None => format!("no neighbor {a} timers"),
+                        });
+                    }
+                }
+            }
+            let mut cmd = Command::new("vtysh");
+            cmd.arg("--vty_socket").arg(&dir);
+            for c in &cmds {
+                cmd.args(["-c", c]);
+            }
+            let o = cmd.output().context("running vtysh")?;
+            let err = String::from_utf8_lossy(&o.stderr);
+            let out = String::from_utf8_lossy(&o.stdout);
+            if !o.status.success() || out.contains("% ") {
+                bail!("vtysh {cmds:?}: {} {}", out.trim(), err.trim());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Starts the router in the fabric namespace (or keeps the one running); its pids.
@@ -445,6 +515,12 @@ pub struct Session {
     pub state: String,
     pub established: bool,
     pub since: String,
+    /// The negotiated hold time and keepalive interval in seconds (BIRD's sessions, while
+    /// established).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hold_time: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive_time: Option<u32>,
     /// Routes received (accepted) and sent.
     pub received: u64,
     pub sent: u64,
@@ -466,6 +542,8 @@ impl Session {
             },
             established: p.established(),
             since: p.since.clone(),
+            hold_time: p.hold_time,
+            keepalive_time: p.keepalive_time,
             received: p.received(),
             sent: p.sent(),
         }
@@ -508,6 +586,23 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
     }
     let v: serde_json::Value =
         serde_json::from_slice(&o.stdout).context("parsing vtysh's show bgp summary json")?;
+    // The negotiated timers of established sessions.
+    let n = Command::new("vtysh")
+        .arg("--vty_socket")
+        .arg(router_dir(paths))
+        .args(["-c", "show bgp neighbors json"])
+        .output()
+        .context("running vtysh")?;
+    let neighbors: serde_json::Value = serde_json::from_slice(&n.stdout).unwrap_or_default();
+    let secs = |addr: &str, key: &str| -> Option<u32> {
+        let nb = &neighbors[addr];
+        if nb["bgpState"] != "Established" {
+            return None;
+        }
+        nb[key]
+            .as_u64()
+            .and_then(|ms| u32::try_from(ms / 1000).ok())
+    };
     let mut out = Vec::new();
     for af in ["ipv4Unicast", "ipv6Unicast"] {
         let Some(peers) = v[af]["peers"].as_object() else {
@@ -524,6 +619,8 @@ fn frr_sessions(paths: &LabPaths) -> anyhow::Result<Vec<Session>> {
                 established: state == "Established",
                 state,
                 since: p["peerUptime"].as_str().unwrap_or("").to_string(),
+                hold_time: secs(addr, "bgpTimerHoldTimeMsecs"),
+                keepalive_time: secs(addr, "bgpTimerKeepAliveIntervalMsecs"),
                 received: p["pfxRcd"].as_u64().unwrap_or(0),
                 sent: p["pfxSnt"].as_u64().unwrap_or(0),
             });

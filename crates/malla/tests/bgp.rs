@@ -507,3 +507,337 @@ fn load_balancer_services_with_frr() {
 fn load_balancer_services_with_bird() {
     load_balancers("bird");
 }
+
+/// The lab's paths and state, for calling `malla_lab` directly.
+fn handles(lab: &Lab) -> (malla_lab::state::LabPaths, malla_lab::state::LabState) {
+    let paths =
+        malla_lab::state::LabPaths::new(&lab.name, Some(lab.state_root.path())).expect("paths");
+    let state = malla_lab::state::LabState::require(&paths).expect("state");
+    (paths, state)
+}
+
+/// `malla lab bgp -o json` (it exits 3 while a session is down: that is not an error here).
+fn lab_sessions(lab: &Lab) -> Vec<Value> {
+    let out = lab.try_run(&["lab", "bgp", "-o", "json"]);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "lab bgp: {e}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })
+}
+
+/// Node `node`'s session with the router, seen from the node and from the router.
+fn router_session<'a>(sessions: &'a [Value], node: &str) -> (&'a Value, &'a Value) {
+    let mine = sessions
+        .iter()
+        .find(|s| s["speaker"] == node && field(s, "description").starts_with("peer "))
+        .unwrap_or_else(|| panic!("{node} has no router session: {sessions:#?}"));
+    let theirs = sessions
+        .iter()
+        .find(|s| s["speaker"] == "router" && field(s, "description") == format!("node {node}"))
+        .unwrap_or_else(|| panic!("the router has no session with {node}: {sessions:#?}"));
+    (mine, theirs)
+}
+
+/// Per-peer passwords (TCP MD5) and hold time against a real router: the router is told the
+/// right password for node-1 and node-2 and a wrong one for node-3, the nodes get the right
+/// one in their `BGPPeer`s (node-1's with hold time 6 and keepalive 2; the router's own are 9
+/// and 3). node-1 and node-2 establish, node-1's session negotiated to 6 s on both sides (BIRD's
+/// `show protocols all`; FRR's `show bgp neighbors`), node-2's at 9; node-3's never
+/// establishes and `malla bgp status` on node-3 says so (exit status 3); once the router has
+/// the right password it establishes.
+fn passwords_and_hold_time(router: &str) {
+    const PW: &str = "malla-s3cret";
+    let lab = Lab::new(&common::malla_bin(), &format!("bpw{}", &router[..1]));
+    up(&lab, "3", router, false, false);
+    let (paths, state) = handles(&lab);
+    malla_lab::bgp::reconfigure_router(&paths, &state, |spec| {
+        for n in &mut spec.neighbors {
+            n.password = Some(if n.node == "node-3" { "not-it" } else { PW }.into());
+        }
+    })
+    .expect("router reconfigured");
+    // The nodes' side, written straight to the datastore (waiting for every route, as
+    // update_cluster_config does, cannot succeed while node-3's session is down).
+    let store = malla_lab::store::open(&paths, &state).expect("store");
+    let (mut config, _) =
+        malla_store::get_json::<malla_api::ClusterConfig>(&*store, malla_api::keys::CLUSTER_CONFIG)
+            .unwrap()
+            .expect("cluster config");
+    let bgp = config.bgp.as_mut().expect("bgp settings");
+    for p in &mut bgp.peers {
+        p.password = Some(PW.into());
+        if p.node.as_deref() == Some("node-1") {
+            p.keepalive_secs = Some(2);
+            p.hold_time_secs = Some(6);
+        }
+    }
+    malla_store::put_json(&*store, malla_api::keys::CLUSTER_CONFIG, &config).unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let sessions = loop {
+        let s = lab_sessions(&lab);
+        let up = |n: &str| {
+            let (a, b) = router_session(&s, n);
+            a["established"] == true && b["established"] == true
+        };
+        if up("node-1") && up("node-2") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-1 and node-2 did not establish with the password: {s:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let (n1, r1) = router_session(&sessions, "node-1");
+    assert_eq!(n1["holdTime"], 6, "node-1's side: {n1}");
+    assert_eq!(r1["holdTime"], 6, "the router's side: {r1}");
+    assert_eq!(n1["keepaliveTime"], 2, "{n1}");
+    let (n2, r2) = router_session(&sessions, "node-2");
+    assert_eq!((&n2["holdTime"], &r2["holdTime"]), (&9.into(), &9.into()));
+    // BIRD's own words on both sides.
+    let birdc = |sock: std::path::PathBuf, proto: &str| {
+        let o = Command::new("/usr/sbin/birdc")
+            .arg("-s")
+            .arg(sock)
+            .args(["show", "protocols", "all", proto])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let node_view = birdc(
+        lab.dir().join("nodes/node-1/bird/bird.ctl"),
+        &field(n1, "name"),
+    );
+    assert!(
+        node_view.contains("Hold timer:") && node_view.contains("/6\n"),
+        "{node_view}"
+    );
+    if router == "bird" {
+        let router_view = birdc(lab.dir().join("router/bird.ctl"), &field(r1, "name"));
+        assert!(
+            router_view.contains("Hold timer:") && router_view.contains("/6\n"),
+            "{router_view}"
+        );
+    }
+
+    // The mismatched password: never established, for several connect retries.
+    for _ in 0..10 {
+        let s = lab_sessions(&lab);
+        let (n3, r3) = router_session(&s, "node-3");
+        assert_eq!(
+            n3["established"], false,
+            "a wrong password established: {n3}"
+        );
+        assert_eq!(r3["established"], false, "{r3}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sock = lab.dir().join("nodes/node-3/bird/bird.ctl");
+    let out = lab.try_run(&[
+        "bgp",
+        "status",
+        "--node",
+        "node-3",
+        "--socket",
+        sock.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "a session is down: exit 3");
+    let own: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let peer = own
+        .iter()
+        .find(|s| field(s, "description").starts_with("peer "))
+        .expect("node-3's router session");
+    assert_eq!(peer["established"], false, "{peer}");
+    // The mesh does not use the password: node-3's node sessions stay up.
+    assert!(
+        own.iter()
+            .filter(|s| field(s, "description").starts_with("node "))
+            .all(|s| s["established"] == true),
+        "{own:#?}"
+    );
+
+    // The router learns the right password: node-3 establishes.
+    malla_lab::bgp::reconfigure_router(&paths, &state, |spec| {
+        for n in &mut spec.neighbors {
+            n.password = Some(PW.into());
+        }
+    })
+    .expect("router reconfigured");
+    malla_lab::bgp::wait_sessions(&paths, &state, Duration::from_secs(40))
+        .expect("every session up once the passwords match");
+}
+
+#[test]
+fn peer_passwords_and_hold_time_with_a_bird_router() {
+    passwords_and_hold_time("bird");
+}
+
+#[test]
+fn peer_passwords_and_hold_time_with_an_frr_router() {
+    passwords_and_hold_time("frr");
+}
+
+/// Nodes as route reflectors, Calico's way: the node mesh off, node-1 a reflector
+/// (`routeReflectorClusterID`, label `route-reflector`), one `BGPPeer` with
+/// `peerSelector: has(route-reflector)` for every node; the router peers with the reflector
+/// only. Each other node has one session (per family), to node-1; the reflected routes carry
+/// every pod across the segments (node-2 alone on the second) and from outside; conformance
+/// holds.
+fn node_reflectors(router: &str, ipv6: bool) {
+    let families = if ipv6 { 2 } else { 1 };
+    let lab = Lab::new(
+        &common::malla_bin(),
+        &format!("brn{}{}", &router[..1], families),
+    );
+    up(&lab, "3", router, ipv6, false);
+    lab.apply(&two_pods_per_node(3));
+    let (paths, state) = handles(&lab);
+    malla_lab::bgp::reconfigure_router(&paths, &state, |spec| {
+        spec.neighbors.retain(|n| n.node == "node-1")
+    })
+    .expect("router reconfigured");
+    malla_lab::topology::update_cluster_config(&paths, &state, |c| {
+        let b = c.bgp.as_mut().expect("bgp settings");
+        b.node_to_node_mesh = false;
+        b.nodes = vec![malla_api::BgpNodeSpec {
+            name: "node-1".into(),
+            labels: [("route-reflector".to_string(), "true".to_string())].into(),
+            route_reflector_cluster_id: Some("244.0.0.1".parse().unwrap()),
+        }];
+        b.peers.retain(|p| p.node.as_deref() == Some("node-1"));
+        b.peers.push(malla_api::BgpPeer {
+            node_selector: Some("all()".into()),
+            peer_selector: Some("has(route-reflector)".into()),
+            ..Default::default()
+        });
+    })
+    .expect("every node's pods routed on every node and the router");
+    malla_lab::bgp::wait_sessions(&paths, &state, Duration::from_secs(40)).expect("sessions up");
+
+    let sessions = lab_sessions(&lab);
+    let of = |speaker: &str| -> Vec<&Value> {
+        sessions
+            .iter()
+            .filter(|s| s["speaker"] == speaker)
+            .collect()
+    };
+    for n in ["node-2", "node-3"] {
+        let mine = of(n);
+        assert_eq!(
+            mine.len(),
+            families,
+            "{n}: one session per family: {mine:#?}"
+        );
+        for s in &mine {
+            assert_eq!(field(s, "description"), "node node-1", "{mine:#?}");
+            assert_eq!(s["established"], true);
+            // Both other nodes' blocks arrive over it (reflected).
+            assert!(s["received"].as_u64().unwrap() >= 2, "{mine:#?}");
+        }
+    }
+    let rr = of("node-1");
+    assert_eq!(
+        rr.len(),
+        3 * families,
+        "two clients and the router: {rr:#?}"
+    );
+    assert_eq!(of("router").len(), families);
+    for n in ["node-1", "node-2", "node-3"] {
+        for fam in ["-4", "-6"].iter().take(families) {
+            let bird = common::ip(&[fam, "-n", &lab.netns(n), "route", "show", "proto", "bird"]);
+            assert_eq!(
+                bird.lines().filter(|l| l.contains(" via ")).count(),
+                2,
+                "{n} {fam}: a route to each other node's block, reflected:\n{bird}"
+            );
+        }
+    }
+    let results = lab.probe(&[]);
+    let pod_node = common::pod_nodes(&lab.state());
+    let pairs = common::pod_pairs_without_nat(&results, families);
+    let across = pairs
+        .iter()
+        .filter(|r| {
+            (pod_node[&field(r, "from")] == "node-2") != (pod_node[&field(r, "to")] == "node-2")
+        })
+        .count();
+    assert_eq!(across, 16 * 2 * families, "pairs across the two segments");
+    let inbound = lab.probe(&["--from", "external"]);
+    assert_eq!(inbound.len(), 6 * 2 * families, "{inbound:#?}");
+    for r in &inbound {
+        assert_eq!(r["connected"], true, "external → pod: {r}");
+        assert_eq!(r["clientIp"], r["seenSourceIp"], "NAT on the way in: {r}");
+    }
+}
+
+#[test]
+fn nodes_as_route_reflectors_without_the_mesh() {
+    node_reflectors("bird", false);
+}
+
+#[test]
+fn nodes_as_route_reflectors_dual_stack_with_frr() {
+    node_reflectors("frr", true);
+}
+
+/// A malformed `bgp` setting (a hold time under BGP's 3 s) written to the datastore: every
+/// agent refuses it naming the field, keeps its speaker's configuration as it was (nothing
+/// half-applied), and every session and route stays.
+#[test]
+fn malformed_bgp_settings_are_refused_naming_the_field() {
+    let lab = Lab::new(&common::malla_bin(), "bbad");
+    up(&lab, "2", "bird", false, false);
+    let (paths, state) = handles(&lab);
+    let confs = || -> Vec<String> {
+        ["node-1", "node-2"]
+            .iter()
+            .map(|n| {
+                std::fs::read_to_string(lab.dir().join(format!("nodes/{n}/bird/bird.conf")))
+                    .unwrap()
+            })
+            .collect()
+    };
+    let before = confs();
+    // Through the lab's own path: the barrier is applied, the routes are all there.
+    malla_lab::topology::update_cluster_config(&paths, &state, |c| {
+        if let Some(b) = c.bgp.as_mut() {
+            b.hold_time_secs = Some(2);
+            b.peers[0].password = Some("fine".into());
+        }
+    })
+    .expect("agents applied the barrier; routes intact");
+    for n in ["node-1", "node-2"] {
+        let log = paths.log(&format!("agent-{n}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("bgp.holdTimeSecs: 2 is less than 3 seconds") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n}'s agent did not name the field: {}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(
+        confs(),
+        before,
+        "a speaker was reconfigured from a refused config"
+    );
+    for s in lab_sessions(&lab) {
+        assert_eq!(s["established"], true, "{s}");
+    }
+    assert!(
+        malla_lab::bgp::missing_routes(&paths, &state)
+            .unwrap()
+            .is_empty(),
+        "routes lost"
+    );
+}
