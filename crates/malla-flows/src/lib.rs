@@ -271,10 +271,14 @@ impl Filter {
                 k.src.namespace.as_deref() == Some(ns) || k.dst.namespace.as_deref() == Some(ns)
             })
             && self.verdict.is_none_or(|v| v == k.verdict)
-            && self
-                .policy
-                .as_deref()
-                .is_none_or(|p| k.policies.iter().any(|r| r.starts_with(p)))
+            && self.policy.as_deref().is_none_or(|p| {
+                k.policies.iter().any(|r| r.starts_with(p))
+                    || k.staged.iter().any(|r| {
+                        r.strip_prefix(STAGED_WOULD_ALLOW)
+                            .or_else(|| r.strip_prefix(STAGED_WOULD_DENY))
+                            .is_some_and(|r| r.starts_with(p))
+                    })
+            })
             && self.port.is_none_or(|p| p == k.port)
             && self.since.is_none_or(|s| f.end > s)
     }

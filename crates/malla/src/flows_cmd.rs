@@ -121,6 +121,12 @@ fn parse_duration(s: &str) -> anyhow::Result<u64> {
     Ok(n * mult)
 }
 
+/// The unix second `--since DURATION` names.
+pub fn since(s: &str) -> anyhow::Result<u64> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    Ok(now.saturating_sub(parse_duration(s)?))
+}
+
 fn filter(a: &FlowsArgs) -> anyhow::Result<Filter> {
     let verdict = match &a.verdict {
         None => None,
@@ -130,10 +136,7 @@ fn filter(a: &FlowsArgs) -> anyhow::Result<Filter> {
     };
     let since = match &a.since {
         None => None,
-        Some(s) => {
-            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            Some(now.saturating_sub(parse_duration(s)?))
-        }
+        Some(s) => Some(since(s)?),
     };
     Ok(Filter {
         from: a.from.clone(),

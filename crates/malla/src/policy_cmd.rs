@@ -24,6 +24,153 @@ pub enum PolicyCommand {
     ///
     /// Example: malla policy trace x/b x/a --port 80 --protocol TCP
     Trace(TraceArgs),
+    /// What staged policies would do: per staged policy and rule, the connections the agents
+    /// saw that it would have denied and allowed (from their flow records), while the enforced
+    /// policies decided.
+    ///
+    /// Example: malla policy staged -o json
+    Staged(StagedArgs),
+}
+
+#[derive(Args)]
+pub struct StagedArgs {
+    /// Only connections of the last DURATION (e.g. 30s, 5m, 1h).
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
+    /// Output format: table, wide, json or yaml.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Output,
+    /// The agent's HTTP address (its --http-listen), in each node's namespace in a lab.
+    #[arg(long, value_name = "ADDR", default_value = malla_agent::DEFAULT_HTTP_LISTEN)]
+    agent_address: std::net::SocketAddr,
+}
+
+/// One staged rule's effect.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StagedEffect {
+    /// `staged:deny-all`, `shop/staged:web`, `knp.default.shop/staged:db`…
+    policy: String,
+    /// `ingress[0]`, `egress[end of tier]`…
+    rule: String,
+    would_deny: u64,
+    would_allow: u64,
+    connections: Vec<StagedConnection>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "camelCase")]
+struct StagedConnection {
+    from: String,
+    to: String,
+    port: u16,
+    protocol: String,
+    /// What the enforced policies did: allowed, denied…
+    enforced: String,
+    /// would-deny or would-allow.
+    staged: String,
+    count: u64,
+}
+
+fn staged(g: &crate::Globals, a: StagedArgs) -> anyhow::Result<()> {
+    let nodes = crate::flows_cmd::agents(g)?;
+    let f = malla_flows::Filter {
+        since: match &a.since {
+            Some(s) => Some(crate::flows_cmd::since(s)?),
+            None => None,
+        },
+        ..malla_flows::Filter::default()
+    };
+    let (flows, errors) = crate::flows_cmd::collect(&nodes, a.agent_address, &f);
+    for e in errors {
+        eprintln!("{e}");
+    }
+    let mut by_rule: std::collections::BTreeMap<(String, String), StagedEffect> =
+        Default::default();
+    for flow in &flows {
+        let k = &flow.key;
+        for text in &k.staged {
+            let (deny, rest) = match text.strip_prefix(malla_flows::STAGED_WOULD_DENY) {
+                Some(r) => (true, r),
+                None => match text.strip_prefix(malla_flows::STAGED_WOULD_ALLOW) {
+                    Some(r) => (false, r),
+                    None => continue,
+                },
+            };
+            let (policy, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+            let e = by_rule
+                .entry((policy.to_string(), rule.to_string()))
+                .or_insert_with(|| StagedEffect {
+                    policy: policy.to_string(),
+                    rule: rule.to_string(),
+                    would_deny: 0,
+                    would_allow: 0,
+                    connections: Vec::new(),
+                });
+            if deny {
+                e.would_deny += flow.started;
+            } else {
+                e.would_allow += flow.started;
+            }
+            let c = StagedConnection {
+                from: k.src.label(),
+                to: k.service.clone().unwrap_or_else(|| k.dst.label()),
+                port: k.port,
+                protocol: k.proto.clone(),
+                enforced: k.verdict.word().to_string(),
+                staged: if deny { "would-deny" } else { "would-allow" }.to_string(),
+                count: flow.started,
+            };
+            match e.connections.iter_mut().find(|x| {
+                (&x.from, &x.to, x.port, &x.protocol, &x.enforced, &x.staged)
+                    == (&c.from, &c.to, c.port, &c.protocol, &c.enforced, &c.staged)
+            }) {
+                Some(x) => x.count += c.count,
+                None => e.connections.push(c),
+            }
+        }
+    }
+    let mut effects: Vec<StagedEffect> = by_rule.into_values().collect();
+    for e in &mut effects {
+        e.connections.sort();
+    }
+    if a.output.document(&effects)? {
+        return Ok(());
+    }
+    let wide = a.output == Output::Wide;
+    if wide {
+        let mut t = Table::new(&[
+            "POLICY", "RULE", "FROM", "TO", "PORT", "ENFORCED", "STAGED", "COUNT",
+        ]);
+        for e in &effects {
+            for c in &e.connections {
+                t.row(vec![
+                    e.policy.clone(),
+                    e.rule.clone(),
+                    c.from.clone(),
+                    c.to.clone(),
+                    format!("{}/{}", c.port, c.protocol),
+                    c.enforced.clone(),
+                    c.staged.clone(),
+                    c.count.to_string(),
+                ]);
+            }
+        }
+        t.print();
+    } else {
+        let mut t = Table::new(&["POLICY", "RULE", "WOULD-DENY", "WOULD-ALLOW", "CONNECTIONS"]);
+        for e in &effects {
+            t.row(vec![
+                e.policy.clone(),
+                e.rule.clone(),
+                e.would_deny.to_string(),
+                e.would_allow.to_string(),
+                e.connections.len().to_string(),
+            ]);
+        }
+        t.print();
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -271,7 +418,10 @@ fn tier_trace(
 }
 
 pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
-    let PolicyCommand::Trace(a) = cmd;
+    let a = match cmd {
+        PolicyCommand::Trace(a) => a,
+        PolicyCommand::Staged(a) => return staged(g, a),
+    };
     let store = g.open_store()?;
     let view = malla_agent::read_view(&*store)?;
     let pods = malla_calc::routes::policy_pods(&view);
