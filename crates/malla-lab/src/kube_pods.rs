@@ -358,16 +358,21 @@ pub fn refresh(paths: &LabPaths, state: &mut LabState) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn pod_manifest_runs_the_probe_server_on_the_declared_ports() {
-        let objs = crate::manifest::parse(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: shop\n  labels: {app: a}\n  annotations: {malla.dev/allowed-source-prefixes: 198.18.9.0/24}\nspec:\n  nodeName: node-2\n  containers:\n  - name: c\n    image: busybox\n    ports:\n    - {containerPort: 80, name: http}\n    - {containerPort: 53, protocol: UDP}\n",
-        )
-        .unwrap();
+    /// The pod manifest of the one pod in `yaml`.
+    fn manifest_of(yaml: &str, image: &str) -> Value {
+        let objs = crate::manifest::parse(yaml).expect("a valid manifest");
         let crate::manifest::Object::Pod(spec) = &objs[0] else {
             panic!("a pod")
         };
-        let m = pod_manifest(spec, "ghcr.io/malla-net/malla:0.1.0");
+        pod_manifest(spec, image)
+    }
+
+    #[test]
+    fn pod_manifest_runs_the_probe_server_on_the_declared_ports() {
+        let m = manifest_of(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: a\n  namespace: shop\n  labels: {app: a}\n  annotations: {malla.dev/allowed-source-prefixes: 198.18.9.0/24}\nspec:\n  nodeName: node-2\n  containers:\n  - name: c\n    image: busybox\n    ports:\n    - {containerPort: 80, name: http}\n    - {containerPort: 53, protocol: UDP}\n",
+            "ghcr.io/malla-net/malla:0.1.0",
+        );
         assert_eq!(m["metadata"]["namespace"], "shop");
         assert_eq!(m["metadata"]["labels"]["app"], "a");
         assert_eq!(
@@ -399,14 +404,10 @@ mod tests {
                 {"containerPort": 53, "protocol": "UDP"}
             ])
         );
-        let objs = crate::manifest::parse(
+        let m = manifest_of(
             "apiVersion: v1\nkind: Pod\nmetadata: {name: h}\nspec: {hostNetwork: true, containers: [{name: c}]}\n",
-        )
-        .unwrap();
-        let crate::manifest::Object::Pod(spec) = &objs[0] else {
-            panic!("a pod")
-        };
-        let m = pod_manifest(spec, "i");
+            "i",
+        );
         assert_eq!(m["spec"]["hostNetwork"], true);
         assert_eq!(m["spec"].get("nodeName"), None, "the scheduler places it");
         assert_eq!(m["spec"]["containers"][0]["command"][6], "");
