@@ -474,8 +474,8 @@ state = \"/run/containerd\"
     Ok(script)
 }
 
-/// `ctr -a SOCK -n k8s.io ARGS`.
-fn ctr(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
+/// `ctr -a SOCK -n k8s.io ARGS`: its stdout.
+pub fn ctr(sock: &Path, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new("ctr")
         .arg("-a")
         .arg(sock)

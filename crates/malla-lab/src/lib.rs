@@ -3,13 +3,15 @@
 //! A fabric namespace holds the underlay bridge (and routes to the `external` namespace that
 //! stands for the world outside the cluster); each node is a namespace with its own agent
 //! process; the lab itself plays the container runtime, creating a namespace per pod and calling
-//! the installed CNI plugin exactly as containerd or CRI-O would. Every name starts with
+//! the installed CNI plugin exactly as containerd or CRI-O would (on a `lab up --kubelet` lab, real
+//! kubelets and containerd run the pods: [`kube_pods`]). Every name starts with
 //! `malla-<lab>-`, and teardown deletes by exact name.
 
 pub mod addresses;
 pub mod bgp;
 pub mod cni_exec;
 pub mod control_plane;
+pub mod kube_pods;
 pub mod kubelet;
 pub mod manifest;
 pub mod oci;

@@ -71,6 +71,12 @@ pub fn serve(name: &str, listen: &[PortSpec], ready_file: Option<&Path>) -> anyh
     if let Some(f) = ready_file {
         std::fs::write(f, "ready\n")?;
     }
+    if handles.is_empty() {
+        // No ports (a kubelet pod's container): stay, as a pod's process does.
+        loop {
+            std::thread::park();
+        }
+    }
     for h in handles {
         let _ = h.join();
     }

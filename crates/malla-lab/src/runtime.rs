@@ -1,5 +1,7 @@
 //! The lab as container runtime: `apply` creates each pod's namespace, calls the node's CNI
-//! conflist, and starts the pod's probe server; `delete` reverses it through CNI DEL.
+//! conflist, and starts the pod's probe server; `delete` reverses it through CNI DEL. On a
+//! `lab up --kubelet` lab the kubelets are the runtime: pods go through the API server
+//! ([`crate::kube_pods`]), and the lab touches only the API objects it applied itself.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -72,6 +74,10 @@ pub fn apply(
 ) -> anyhow::Result<Vec<Outcome>> {
     let _lock = LabLock::acquire(paths)?;
     let mut state = LabState::require(paths)?;
+    if state.kubelet {
+        crate::kube_pods::refresh(paths, &mut state)?;
+    }
+    let before = state.clone();
     let mut namespaces: BTreeSet<String> = state.namespaces.iter().cloned().collect();
     for o in objects {
         if let Object::Namespace { name, .. } = o {
@@ -222,8 +228,12 @@ pub fn apply(
             });
         }
     }
+    let kubelet = state.kubelet;
+    if kubelet {
+        apply_kubelet_pods(paths, &before, &mut state, objects, &mut outcomes)?;
+    }
     let mut created: Vec<String> = Vec::new();
-    for o in objects {
+    for o in objects.iter().filter(|_| !kubelet) {
         let Object::Pod(spec) = o else { continue };
         if let Some(existing) = state.pods.get_mut(&spec.key()) {
             if existing.labels == spec.labels {
@@ -302,20 +312,146 @@ pub fn apply(
         state.calico.insert(key, json);
         outcomes.push(outcome);
     }
-    sync_objects(paths, &state)?;
+    sync_objects(paths, &before, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     Ok(outcomes)
 }
 
+/// The pods of `objects` on a `--kubelet` lab: the new ones and those whose labels changed go
+/// to the API server (after the namespaces they live in), the kubelets start them; the
+/// outcomes in the manifest's order. On failure the namespaces this apply created go again.
+fn apply_kubelet_pods(
+    paths: &LabPaths,
+    before: &LabState,
+    state: &mut LabState,
+    objects: &[Object],
+    outcomes: &mut Vec<Outcome>,
+) -> anyhow::Result<()> {
+    let specs: Vec<&PodSpec> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Pod(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let changed: Vec<&PodSpec> = specs
+        .iter()
+        .copied()
+        .filter(|p| {
+            state
+                .pods
+                .get(&p.key())
+                .is_none_or(|e| e.labels != p.labels)
+        })
+        .collect();
+    let mut applied = Vec::new();
+    if !changed.is_empty() {
+        sync_objects(paths, before, state)?;
+        match crate::kube_pods::apply(paths, state, &changed) {
+            Ok(pods) => applied = pods,
+            Err(e) => {
+                let _ = sync_objects(paths, state, before);
+                return Err(e.context("(nothing from this apply was kept)"));
+            }
+        }
+    }
+    for spec in specs {
+        let key = spec.key();
+        let outcome = match applied.iter().position(|p| p.key() == key) {
+            None => Outcome::Unchanged(format!("pod/{key}")),
+            Some(i) => {
+                let pod = applied.swap_remove(i);
+                let known = state.pods.contains_key(&key);
+                state.pods.insert(key.clone(), pod);
+                match known {
+                    true => Outcome::Configured(format!("pod/{key}")),
+                    false => Outcome::Created(format!("pod/{key}")),
+                }
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(())
+}
+
 /// Writes the API objects — namespaces, pods, services and EndpointSlices (given, or derived
 /// from selectors over the current pods) — to the datastore, and removes those that no longer
 /// exist: the lab's API server and endpoint-slice controller in one. On a Kubernetes datastore
-/// the real endpoint-slice controller derives the slices; this waits until it has.
-pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
+/// the real endpoint-slice controller derives the slices; this waits until it has. On a
+/// `--kubelet` lab, where users also create objects with kubectl, only what the lab had in
+/// `before` and no longer has is removed, and pods are [`crate::kube_pods`]' own.
+pub fn sync_objects(paths: &LabPaths, before: &LabState, state: &LabState) -> anyhow::Result<()> {
     use malla_api::keys;
     let kubernetes = state.datastore == crate::store::Backend::Kubernetes;
     let store = crate::store::open(paths, state)?;
+    let pods: Vec<&PodState> = state.pods.values().collect();
+    let mut want = wanted(state)?;
+    let removed: BTreeSet<String> = match state.kubelet {
+        true => {
+            let now: BTreeSet<&String> = want.keys().collect();
+            wanted(before)?
+                .into_keys()
+                .filter(|k| !now.contains(k))
+                .collect()
+        }
+        false => BTreeSet::new(),
+    };
+    for prefix in [
+        keys::NAMESPACES,
+        keys::PODS,
+        keys::SERVICES,
+        keys::ENDPOINT_SLICES,
+        keys::NETWORK_POLICIES,
+        keys::TIERS,
+        keys::GLOBAL_NETWORK_POLICIES,
+        keys::HOST_ENDPOINTS,
+        keys::GLOBAL_NETWORK_SETS,
+        keys::CALICO_NETWORK_POLICIES,
+        keys::CLUSTER_NETWORK_POLICIES,
+        keys::STAGED_POLICIES,
+    ] {
+        if state.kubelet && prefix == keys::PODS {
+            continue;
+        }
+        let (have, _) = store.list(prefix)?;
+        for kv in have {
+            if kubernetes
+                && (system_object(prefix, &kv.key)
+                    || prefix == keys::ENDPOINT_SLICES && controller_made(state, &kv.value))
+            {
+                continue;
+            }
+            match want.get(&kv.key) {
+                Some(v) if *v == kv.value => {
+                    want.remove(&kv.key);
+                }
+                Some(_) => {}
+                None if state.kubelet && !removed.contains(&kv.key) => {}
+                None => {
+                    store.delete(&kv.key, Some(kv.mod_revision))?;
+                }
+            }
+        }
+    }
+    // Namespaces before what lives in them.
+    let (first, rest): (Vec<_>, Vec<_>) = want
+        .into_iter()
+        .partition(|(k, _)| k.starts_with(keys::NAMESPACES));
+    for (k, v) in first.into_iter().chain(rest) {
+        store.put(&k, &v)?;
+    }
+    if kubernetes {
+        wait_for_controller_slices(&*store, state, &pods)?;
+    }
+    Ok(())
+}
+
+/// The datastore's objects as the lab's state has them, by key (a `--kubelet` lab's pods are
+/// the kubelets', not among them).
+fn wanted(state: &LabState) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    use malla_api::keys;
+    let kubernetes = state.datastore == crate::store::Backend::Kubernetes;
     let pods: Vec<&PodState> = state.pods.values().collect();
     let mut want: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
     for ns in &state.namespaces {
@@ -327,7 +463,7 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
         };
         want.insert(keys::namespace(ns), serde_json::to_string(&obj)?);
     }
-    for pod in state.pods.values() {
+    for pod in state.pods.values().filter(|_| !state.kubelet) {
         want.insert(
             keys::pod(&pod.namespace, &pod.name),
             serde_json::to_string(&pod.api_object())?,
@@ -363,50 +499,7 @@ pub fn sync_objects(paths: &LabPaths, state: &LabState) -> anyhow::Result<()> {
             serde_json::to_string(slice)?,
         );
     }
-    for prefix in [
-        keys::NAMESPACES,
-        keys::PODS,
-        keys::SERVICES,
-        keys::ENDPOINT_SLICES,
-        keys::NETWORK_POLICIES,
-        keys::TIERS,
-        keys::GLOBAL_NETWORK_POLICIES,
-        keys::HOST_ENDPOINTS,
-        keys::GLOBAL_NETWORK_SETS,
-        keys::CALICO_NETWORK_POLICIES,
-        keys::CLUSTER_NETWORK_POLICIES,
-        keys::STAGED_POLICIES,
-    ] {
-        let (have, _) = store.list(prefix)?;
-        for kv in have {
-            if kubernetes
-                && (system_object(prefix, &kv.key)
-                    || prefix == keys::ENDPOINT_SLICES && controller_made(state, &kv.value))
-            {
-                continue;
-            }
-            match want.get(&kv.key) {
-                Some(v) if *v == kv.value => {
-                    want.remove(&kv.key);
-                }
-                Some(_) => {}
-                None => {
-                    store.delete(&kv.key, Some(kv.mod_revision))?;
-                }
-            }
-        }
-    }
-    // Namespaces before what lives in them.
-    let (first, rest): (Vec<_>, Vec<_>) = want
-        .into_iter()
-        .partition(|(k, _)| k.starts_with(keys::NAMESPACES));
-    for (k, v) in first.into_iter().chain(rest) {
-        store.put(&k, &v)?;
-    }
-    if kubernetes {
-        wait_for_controller_slices(&*store, state, &pods)?;
-    }
-    Ok(())
+    Ok(want)
 }
 
 /// Whether a key names what a Kubernetes API server keeps for itself (its namespaces, what
@@ -469,6 +562,15 @@ fn wait_for_controller_slices(
         let mut have = addresses(&mut have.into_iter().map(|(_, s, _)| s));
         // Only Services with a selector are the controller's (expected holds no other).
         have.retain(|k, _| state.services.get(k).is_some_and(|s| s.selector.is_some()));
+        if state.kubelet {
+            // Pods made with kubectl may match too: only the lab's own are compared.
+            let ours: BTreeSet<std::net::IpAddr> =
+                pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+            for set in have.values_mut() {
+                set.retain(|ip| ours.contains(ip));
+            }
+            have.retain(|_, v| !v.is_empty());
+        }
         if have == expected {
             return Ok(());
         }
@@ -626,6 +728,10 @@ fn remove_pod(paths: &LabPaths, state: &LabState, pod: &PodState) -> anyhow::Res
 pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcome>> {
     let _lock = LabLock::acquire(paths)?;
     let mut state = LabState::require(paths)?;
+    if state.kubelet {
+        crate::kube_pods::refresh(paths, &mut state)?;
+    }
+    let before = state.clone();
     let mut outcomes = Vec::new();
     let mut doomed: Vec<String> = Vec::new();
     for o in objects {
@@ -675,19 +781,38 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
                     None => Outcome::NotFound(c.id()),
                 });
             }
-            Object::Namespace { name, .. } => {
-                state.policies.retain(|_, p| &p.namespace != name);
-                state.services.retain(|_, s| &s.namespace != name);
-                state.manual_slices.retain(|_, s| &s.namespace != name);
-            }
-            Object::Pod(_) => {}
+            Object::Namespace { .. } | Object::Pod(_) => {}
         }
     }
+    // What else lives in a deleted namespace goes with it (after the objects named above, so
+    // that those read `deleted`).
+    for o in objects {
+        if let Object::Namespace { name, .. } = o {
+            state.policies.retain(|_, p| &p.namespace != name);
+            state.services.retain(|_, s| &s.namespace != name);
+            state.manual_slices.retain(|_, s| &s.namespace != name);
+        }
+    }
+    // A pod named and in a namespace named is deleted once.
+    let mut once = BTreeSet::new();
+    doomed.retain(|k| once.insert(k.clone()));
     let mut errors = Vec::new();
+    if state.kubelet {
+        let known: Vec<String> = doomed
+            .iter()
+            .filter(|k| state.pods.contains_key(*k))
+            .cloned()
+            .collect();
+        if let Err(e) = crate::kube_pods::delete(paths, &state, &known) {
+            errors.push(format!("{e:#}"));
+        }
+    }
     for key in doomed {
         match state.pods.get(&key).cloned() {
             Some(pod) => {
-                if let Err(e) = remove_pod(paths, &state, &pod) {
+                if state.kubelet {
+                    // Deleted through the API server above.
+                } else if let Err(e) = remove_pod(paths, &state, &pod) {
                     errors.push(format!("pod {key}: {e:#}"));
                 }
                 state.pods.remove(&key);
@@ -705,7 +830,7 @@ pub fn delete(paths: &LabPaths, objects: &[Object]) -> anyhow::Result<Vec<Outcom
             }
         }
     }
-    sync_objects(paths, &state)?;
+    sync_objects(paths, &before, &state)?;
     state.save(paths)?;
     crate::topology::wait_converged(paths, &state, Duration::from_secs(30))?;
     if !errors.is_empty() {

@@ -442,7 +442,19 @@ pub fn wait_converged(paths: &LabPaths, state: &LabState, timeout: Duration) -> 
         let behind: Vec<&str> = state
             .nodes
             .iter()
-            .filter(|n| applied(paths, &n.name).is_none_or(|r| r.barrier < target))
+            .filter(|n| {
+                // A `--kubelet` lab's agents are the DaemonSet's: their ready file is in the
+                // node's /run/malla.
+                let read = match state.kubelet {
+                    true => malla_store::barrier::ReadyFile::read(
+                        &crate::kubelet::NodeFiles::new(paths, &n.name)
+                            .run_malla()
+                            .join("agent.ready"),
+                    ),
+                    false => applied(paths, &n.name),
+                };
+                read.is_none_or(|r| r.barrier < target)
+            })
             .map(|n| n.name.as_str())
             .collect();
         if behind.is_empty() {

@@ -55,9 +55,18 @@ enum LabCommand {
     /// manifests (the lab acts as the runtime). Every file is parsed and checked before
     /// anything is applied.
     ///
+    /// On a `lab up --kubelet` lab everything goes through the API server and the kubelets run
+    /// the pods (through containerd and the installed CNI plugin: install Malla first). What
+    /// differs: a pod without `spec.nodeName` goes where kube-scheduler puts it; its container
+    /// is the lab's probe server (`malla lab probe-server` serving the declared ports) from the
+    /// Malla image `lab up --image` imported, whatever `image` and `command` the manifest
+    /// names; apply waits until the pods are Ready; objects made with `lab kubectl` are left
+    /// alone (neither probed nor removed).
+    ///
     /// Example: malla lab apply --lab demo -f examples/shop.yaml -f examples/policies/
     Apply(FileArgs),
-    /// Delete the objects of manifests (Pods through CNI DEL).
+    /// Delete the objects of manifests (Pods through CNI DEL; on a `--kubelet` lab through the
+    /// API server, the kubelet stopping them).
     ///
     /// Example: malla lab delete --lab demo -f examples/policies/
     Delete(FileArgs),
@@ -317,7 +326,11 @@ pub fn run(g: &Globals, args: LabArgs) -> anyhow::Result<()> {
             }
         }
         LabCommand::Probe(a) => {
-            let state = g.lab_state()?;
+            let mut state = g.lab_state()?;
+            if state.kubelet {
+                // The pods' current containers (a restarted one is another process).
+                malla_lab::kube_pods::refresh(&paths, &mut state)?;
+            }
             let filter = Filter {
                 from: a.from,
                 to: a.to,
@@ -643,7 +656,13 @@ fn get(g: &Globals, what: &GetWhat) -> anyhow::Result<()> {
             }
             t.print();
         }
-        GetWhat::Pods(a) => print_pods(&state, a.output)?,
+        GetWhat::Pods(a) => {
+            let mut state = state;
+            if state.kubelet {
+                malla_lab::kube_pods::refresh(&g.lab_paths()?, &mut state)?;
+            }
+            print_pods(&state, a.output)?
+        }
         GetWhat::Services(a) => {
             let svcs: Vec<&malla_api::service::Service> = state.services.values().collect();
             if a.output.document(&svcs)? {

@@ -7,7 +7,8 @@
 //! them and they reach the outside as their node; a Deployment of 3 answers behind a Service
 //! through kube-controller-manager's EndpointSlices; a pod reaches the API server through the
 //! `default/kubernetes` Service with its service-account token; a rolling update of the
-//! DaemonSet keeps a pod-to-pod and a Service stream whole; a NetworkPolicy denies;
+//! DaemonSet keeps a pod-to-pod and a Service stream whole; a NetworkPolicy denies; the lab's
+//! own `lab apply`, `get pods`, `probe` and `delete` work on pods the kubelets run;
 //! `kubectl delete -f deploy/` leaves every node clean (no Malla table, routes, links or
 //! files); and the machine-wide sysctls the kubelet would set are the machine's own while the lab is up and
 //! after it is down, as are the lab's cgroups gone.
@@ -107,6 +108,277 @@ spec:
   - port: 8080
     targetPort: 8080
 ";
+
+/// What `malla lab apply` runs on the cluster: a namespace, pods `a` (node-1), `b` (node-2)
+/// and `c` (where the scheduler puts it), a Service in front of `b`, a NodePort Service in
+/// front of `a`, and a NetworkPolicy letting only `a` reach `b`. The pods name no image nor
+/// command: the lab runs its probe server from the image it imported.
+const LAB_APP: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: lab}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: lab, labels: {app: a}}
+spec:
+  nodeName: node-1
+  containers:
+  - name: probe
+    ports:
+    - containerPort: 8080
+    - {containerPort: 8080, protocol: UDP}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: lab, labels: {app: b}}
+spec:
+  nodeName: node-2
+  containers:
+  - name: probe
+    ports:
+    - containerPort: 8080
+    - {containerPort: 8080, protocol: UDP}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: lab, labels: {app: c}}
+spec:
+  containers:
+  - name: probe
+    ports:
+    - containerPort: 8080
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: lab}
+spec:
+  selector: {app: b}
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: lab}
+spec:
+  type: NodePort
+  selector: {app: a}
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: b-from-a, namespace: lab}
+spec:
+  podSelector:
+    matchLabels: {app: b}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels: {app: a}
+";
+
+/// `malla lab apply` / `get pods` / `probe` / `delete` on pods the kubelets run ([`LAB_APP`]),
+/// beside objects made with kubectl, which the lab leaves alone.
+fn lab_tools_on_kubelet_pods(lab: &Lab, dir: &Path) {
+    let app = dir.join("lab-app.yaml");
+    std::fs::write(&app, LAB_APP).unwrap();
+    let app = app.to_str().unwrap();
+    let namespace_lab = || {
+        kubectl(
+            lab,
+            &[
+                "get",
+                "namespace",
+                "lab",
+                "--ignore-not-found",
+                "-o",
+                "name",
+            ],
+        )
+    };
+    // Malformed: refused with the document and field named, nothing applied.
+    let bad = dir.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("{LAB_APP}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: d, namespace: lab}}\nspec:\n  containers:\n  - name: c\n    ports:\n    - containerPort: 70000\n"),
+    )
+    .unwrap();
+    let out = lab.try_run(&["lab", "apply", "-f", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("document 8")
+            && err.contains("spec.containers[0].ports[0].containerPort"),
+        "a bad containerPort is refused with the document and field: {err}"
+    );
+    std::fs::write(
+        &bad,
+        LAB_APP.replace("nodeName: node-2", "nodeName: node-9"),
+    )
+    .unwrap();
+    let out = lab.try_run(&["lab", "apply", "-f", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("spec.nodeName: no node \"node-9\""),
+        "an unknown node is refused: {err}"
+    );
+    assert_eq!(
+        namespace_lab().trim(),
+        "",
+        "nothing of a refused apply is kept"
+    );
+
+    let t = Instant::now();
+    let applied = lab.run(&["lab", "apply", "-f", app]);
+    eprintln!(
+        "lab apply (3 pods, 2 Services, a NetworkPolicy) on kubelets: {:?}",
+        t.elapsed()
+    );
+    for want in [
+        "namespace/lab created",
+        "pod/lab/a created",
+        "pod/lab/b created",
+        "pod/lab/c created",
+        "service/lab/b created",
+        "networkpolicy/lab/b-from-a created",
+    ] {
+        assert!(applied.contains(want), "lab apply says {want}: {applied}");
+    }
+    assert!(
+        lab.run(&["lab", "apply", "-f", app])
+            .contains("pod/lab/a unchanged"),
+        "a second apply changes nothing"
+    );
+
+    // The API server has them, the kubelets run them, `lab get pods` shows them.
+    let api: Value =
+        serde_json::from_str(&kubectl(lab, &["get", "pods", "-n", "lab", "-o", "json"])).unwrap();
+    let api_pods = api["items"].as_array().unwrap();
+    assert_eq!(api_pods.len(), 3, "3 pods in the API server: {api}");
+    let got: Value = serde_json::from_str(&lab.run(&["lab", "get", "pods", "-o", "json"])).unwrap();
+    let got = got.as_array().expect("a list of pods");
+    assert_eq!(got.len(), 3, "lab get pods: {got:?}");
+    for p in api_pods {
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let mine = got
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap_or_else(|| panic!("lab get pods shows {name}: {got:?}"));
+        assert_eq!(mine["namespace"], "lab");
+        assert_eq!(mine["node"], p["spec"]["nodeName"], "{name}'s node");
+        assert_eq!(mine["ips"][0], p["status"]["podIP"], "{name}'s address");
+        assert!(
+            mine["ips"][0].as_str().unwrap().starts_with("198.18."),
+            "{name} has a pool address: {mine}"
+        );
+        let c = &p["spec"]["containers"][0];
+        assert_eq!(
+            c["command"][2], "probe-server",
+            "{name} runs the probe server: {c}"
+        );
+        assert_eq!(
+            p["status"]["containerStatuses"][0]["ready"], true,
+            "{name} is Ready"
+        );
+    }
+    assert_eq!(
+        got.iter().find(|g| g["name"] == "a").unwrap()["node"],
+        "node-1"
+    );
+    assert_eq!(
+        got.iter().find(|g| g["name"] == "b").unwrap()["node"],
+        "node-2"
+    );
+
+    // From a: every pod, the Service and the outside; pods and Service without NAT.
+    let from_a = lab.probe(&["--from", "lab/a"]);
+    let targets: std::collections::BTreeSet<&str> =
+        from_a.iter().map(|r| r["to"].as_str().unwrap()).collect();
+    for want in ["lab/b", "lab/c", "svc/lab/b", "svc/lab/a", "external"] {
+        assert!(targets.contains(want), "lab/a probes {want}: {targets:?}");
+    }
+    for r in &from_a {
+        assert_eq!(r["connected"], true, "from lab/a: {r}");
+        let nat = r["clientIp"] != r["seenSourceIp"];
+        // (a through its own Service may come back hairpinned: either is right.)
+        if r["to"] != "svc/lab/a" {
+            assert_eq!(nat, r["to"] == "external", "NAT only to the outside: {r}");
+        }
+    }
+    // c -> b: the policy denies it, on the pod and through the Service; `lab probe` says so.
+    for to in ["lab/b", "svc/lab/b"] {
+        let out = lab.try_run(&[
+            "lab",
+            "probe",
+            "--from",
+            "lab/c",
+            "--to",
+            to,
+            "--timeout-ms",
+            "700",
+        ]);
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "lab/c -> {to} does not connect: {table}"
+        );
+        assert!(
+            table.contains("denied") && !table.contains("FAIL") && !table.contains(" ok"),
+            "lab/c -> {to} reads denied: {table}"
+        );
+    }
+    let b_to_c = lab.probe(&["--from", "lab/b", "--to", "lab/c"]);
+    assert!(
+        !b_to_c.is_empty() && b_to_c.iter().all(|r| r["connected"] == true),
+        "lab/b -> lab/c: {b_to_c:?}"
+    );
+    // Nodes reach their own pods; the outside reaches a through its node port on every node.
+    let from_node = lab.probe(&["--from", "node/node-1", "--to", "lab/a"]);
+    assert!(
+        from_node.len() == 2 && from_node.iter().all(|r| r["connected"] == true),
+        "node-1 -> lab/a: {from_node:?}"
+    );
+    let from_outside = lab.probe(&["--from", "external"]);
+    assert_eq!(
+        from_outside.len(),
+        3,
+        "a node port on each node: {from_outside:?}"
+    );
+    for r in &from_outside {
+        assert_eq!(r["connected"], true, "external -> {}: {r}", r["to"]);
+        assert_eq!(r["answeredBy"], "lab/a", "{r}");
+    }
+
+    // Deleted through the API server; what kubectl made stays.
+    let deleted = lab.run(&["lab", "delete", "-f", app]);
+    for want in [
+        "pod/lab/a deleted",
+        "service/lab/b deleted",
+        "networkpolicy/lab/b-from-a deleted",
+        "namespace/lab deleted",
+    ] {
+        assert!(deleted.contains(want), "lab delete says {want}: {deleted}");
+    }
+    let left = kubectl(lab, &["get", "pods", "-n", "lab", "-o", "name"]);
+    assert_eq!(left.trim(), "", "the kubelets stopped the lab's pods");
+    let got: Value = serde_json::from_str(&lab.run(&["lab", "get", "pods", "-o", "json"])).unwrap();
+    assert_eq!(got.as_array().map(Vec::len), Some(0), "lab get pods: {got}");
+    let kept = kubectl(
+        lab,
+        &[
+            "get",
+            "service/web",
+            "service/sink",
+            "networkpolicy/only-probe-3",
+            "pod/probe-1",
+            "-o",
+            "name",
+        ],
+    );
+    assert_eq!(kept.lines().count(), 4, "kubectl's objects stay: {kept}");
+}
 
 /// Waits until the DaemonSet is rolled out on every node.
 fn rollout_status(lab: &Lab) {
@@ -667,6 +939,8 @@ fn malla_from_deploy_runs_pods_the_kubelet_starts() {
         format!("probe-2 {}", ip_of("probe-3")),
         "probe-3 -> probe-2 allowed"
     );
+
+    lab_tools_on_kubelet_pods(&lab, dir.path());
 
     // Day 2, last: `kubectl delete -f deploy/` leaves every node clean. Each agent, on SIGTERM,
     // finds its DaemonSet gone and removes what Malla put on the node (pods still running there
