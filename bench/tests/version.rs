@@ -11,6 +11,7 @@ fn every_benchmark_prints_its_version() {
         ("services-bench", env!("CARGO_BIN_EXE_services-bench")),
         ("policy-bench", env!("CARGO_BIN_EXE_policy-bench")),
         ("datastore-scale", env!("CARGO_BIN_EXE_datastore-scale")),
+        ("kube-proxy-bench", env!("CARGO_BIN_EXE_kube-proxy-bench")),
     ] {
         let out = Command::new(exe).arg("--version").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// The DaemonSet running this agent: on SIGTERM, when it is gone, the agent cleans the node
     /// ([`uninstall`]); None: SIGTERM ends the agent and the node keeps its dataplane.
     pub uninstall_with: Option<uninstall::Owner>,
+    /// Serve Services (ClusterIPs, NodePorts, external and LoadBalancer addresses); false: the
+    /// agent ignores Services and EndpointSlices and another proxy (kube-proxy) serves them.
+    pub services: bool,
 }
 
 /// The agent's default HTTP address (the node's loopback: a hostNetwork pod's probes reach it).
@@ -297,7 +300,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 match syncer.next(FEED_WAIT) {
                     Ok(events) => {
                         received.note(&events);
-                        let (_, done) = mirror.apply_sync(events);
+                        let (_, done) = mirror.apply_sync(served(cfg.services, events));
                         if done {
                             in_sync = true;
                             tracing::info!(node = %cfg.node, "listed the cluster");
@@ -621,7 +624,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         metrics.reconnected();
                     }
                     received.note(&events);
-                    let (changed, _) = mirror.apply_sync(events);
+                    let (changed, _) = mirror.apply_sync(served(cfg.services, events));
                     if changed.other || !changed.services.is_empty() || !changed.policy.is_empty() {
                         pending_since.get_or_insert_with(Instant::now);
                     }
@@ -647,6 +650,19 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// A batch without its Services and EndpointSlices when another proxy serves them
+/// ([`AgentConfig::services`] off): the service map stays empty.
+fn served(services: bool, mut events: Vec<malla_store::SyncEvent>) -> Vec<malla_store::SyncEvent> {
+    if !services {
+        events.retain(|e| {
+            !matches!(e, malla_store::SyncEvent::Update(u)
+                if u.key.starts_with(malla_api::keys::SERVICES)
+                    || u.key.starts_with(malla_api::keys::ENDPOINT_SLICES))
+        });
+    }
+    events
 }
 
 /// Applies a plan made against the driver's model (an `Update::Endpoints`), recording its
@@ -749,6 +765,33 @@ mod tests {
                 barrier: 8,
                 revision: Some("rv:x9".into())
             }
+        );
+    }
+
+    #[test]
+    fn without_services_the_batch_loses_services_and_slices_only() {
+        let batch = vec![
+            update(
+                &malla_api::keys::service("default", "web"),
+                None,
+                Version::Revision(1),
+            ),
+            update(
+                &malla_api::keys::endpoint_slice("default", "web-abc"),
+                None,
+                Version::Revision(2),
+            ),
+            update(
+                &malla_api::keys::pod("default", "a"),
+                None,
+                Version::Revision(3),
+            ),
+            SyncEvent::InSync,
+        ];
+        assert_eq!(served(true, batch.clone()), batch);
+        assert_eq!(
+            served(false, batch.clone()),
+            vec![batch[2].clone(), SyncEvent::InSync]
         );
     }
 }

@@ -37,7 +37,8 @@
 //! `system:node:NODE` in group `system:nodes` (the Node authorizer and NodeRestriction apply),
 //! a serving certificate for the node's address; the kubelet accepts no anonymous requests
 //! and asks the API server about every other one (webhook authentication and authorization).
-//! No kube-proxy: Malla's agent serves Services.
+//! No kube-proxy: Malla's agent serves Services. ([`KubeProxy`] runs a real kube-proxy v1.20 in
+//! a plain lab node's namespace instead, for `kube-proxy-bench`'s comparison.)
 //!
 //! Images come from no registry: the pause image is built here (a static `pause`, see
 //! `pause.c`) and imported, with the archives given to `lab up --image`, into every node's
@@ -664,4 +665,217 @@ pub fn deploy_for_lab(src: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     }
     write(&cm, &edited)?;
     Ok(out.to_path_buf())
+}
+
+/// What a real kube-proxy v1.20 (iptables mode, `scripts/k8s-control-plane`'s build) needs to
+/// serve a lab node's Services instead of Malla's agent (started with `--no-services`): the
+/// comparison of `kube-proxy-bench`.
+#[derive(Debug, Clone)]
+pub struct KubeProxy {
+    /// The binary (default: `$MALLA_K8S_DIR/bin/kube-proxy`, [`KubeProxy::binary`]).
+    pub binary: PathBuf,
+    /// A kubeconfig for the lab's API server.
+    pub kubeconfig: PathBuf,
+    /// The node's name (`--hostname-override`) and address (`--bind-address`).
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    /// `--cluster-cidr`: traffic from outside it to a Service is masqueraded.
+    pub cluster_cidr: String,
+    /// Run `iptables-legacy` rather than the machine's `iptables` (Debian's: nft): a directory
+    /// of links put first on kube-proxy's PATH ([`KubeProxy::legacy_links`]).
+    pub legacy_links: Option<PathBuf>,
+}
+
+/// The programs kube-proxy runs by name, each a link to `xtables-legacy-multi` in
+/// [`KubeProxy::legacy_links`].
+const IPTABLES_PROGRAMS: [&str; 6] = [
+    "iptables",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables",
+    "ip6tables-save",
+    "ip6tables-restore",
+];
+
+/// Directories kube-proxy sees read-only: machine-wide settings (`kernel.*`, `vm.*`, the
+/// conntrack table's size) that must never change. `--conntrack-max-per-core=0` and the
+/// timeouts at 0 already tell it to leave them alone; this makes sure.
+pub const KUBE_PROXY_READ_ONLY: [&str; 4] = [
+    "/proc/sys/kernel",
+    "/proc/sys/vm",
+    "/proc/sys/net/netfilter",
+    "/sys/module/nf_conntrack/parameters",
+];
+
+impl KubeProxy {
+    /// `$MALLA_K8S_DIR/bin/kube-proxy`; an error naming the build script when it is missing.
+    pub fn binary() -> anyhow::Result<PathBuf> {
+        let p = Binaries::cache_dir().join("bin").join("kube-proxy");
+        if !p.is_file() {
+            bail!(
+                "{} is missing: run scripts/k8s-control-plane (as root; it builds kube-proxy v1.20 once)",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+
+    /// Makes `dir` hold the iptables programs as links to `xtables-legacy-multi` (which
+    /// dispatches on its name); returns it, for [`KubeProxy::legacy_links`].
+    pub fn legacy_links(dir: &Path) -> anyhow::Result<PathBuf> {
+        let multi = Path::new("/usr/sbin/xtables-legacy-multi");
+        if !multi.is_file() {
+            bail!("{} is missing (Debian package iptables)", multi.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for name in IPTABLES_PROGRAMS {
+            let link = dir.join(name);
+            if !link.exists() {
+                std::os::unix::fs::symlink(multi, &link)
+                    .with_context(|| format!("linking {}", link.display()))?;
+            }
+        }
+        Ok(dir.to_path_buf())
+    }
+
+    /// PATH for kube-proxy and the cleanup's programs: the legacy links first, if any.
+    fn path(&self) -> Option<String> {
+        let dir = self.legacy_links.as_ref()?;
+        let rest = std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+        Some(format!("{}:{rest}", dir.display()))
+    }
+
+    /// The command line: iptables mode, its ports on the node namespace's loopback, and
+    /// nothing machine-wide (conntrack size and timeouts left as they are, no OOM score).
+    fn args(&self, cleanup: bool) -> Vec<String> {
+        let mut a = vec![
+            format!("--kubeconfig={}", self.kubeconfig.display()),
+            "--proxy-mode=iptables".into(),
+        ];
+        if cleanup {
+            a.push("--cleanup".into());
+            return a;
+        }
+        a.extend([
+            format!("--hostname-override={}", self.node),
+            format!("--bind-address={}", self.node_ip),
+            format!("--cluster-cidr={}", self.cluster_cidr),
+            "--healthz-bind-address=127.0.0.1:10256".into(),
+            "--metrics-bind-address=127.0.0.1:10249".into(),
+            "--conntrack-max-per-core=0".into(),
+            "--conntrack-min=0".into(),
+            "--conntrack-tcp-timeout-established=0".into(),
+            "--conntrack-tcp-timeout-close-wait=0".into(),
+            "--oom-score-adj=0".into(),
+        ]);
+        a
+    }
+
+    /// `unshare --mount` of a script making [`KUBE_PROXY_READ_ONLY`] read-only, then `exec`ing
+    /// kube-proxy: the pid is kube-proxy's own.
+    fn command(&self, cleanup: bool) -> Command {
+        let mut script = String::from("set -e\n");
+        for d in KUBE_PROXY_READ_ONLY {
+            script.push_str(&format!(
+                "if [ -e {d} ]; then mount --bind {d} {d}; mount -o remount,bind,ro {d}; fi\n"
+            ));
+        }
+        script.push_str("exec \"$0\" \"$@\"\n");
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(script)
+            .arg(&self.binary)
+            .args(self.args(cleanup));
+        if let Some(path) = self.path() {
+            cmd.env("PATH", path);
+        }
+        cmd
+    }
+
+    /// Starts kube-proxy in `netns` (a lab node's), output to `log`; returns its pid (stop it
+    /// with [`KubeProxy::stop`]).
+    pub fn start(&self, netns: &str, log: &Path) -> anyhow::Result<u32> {
+        crate::process::spawn_detached(self.command(false), netns, log)
+    }
+
+    /// Kills kube-proxy `pid` (started by [`KubeProxy::start`]) and its process group: the
+    /// `iptables-restore` it may be running would outlive it and hold the xtables lock.
+    pub fn stop(pid: u32) {
+        if crate::process::is_ours(pid) {
+            // Its own session and group (spawn_detached), which only its children share.
+            let group = nix::unistd::Pid::from_raw(-(pid as i32));
+            let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// `kube-proxy --cleanup` in `netns` (with it stopped), then the empty `KUBE-` chains it
+    /// leaves (`KUBE-PROXY-CANARY`, `KUBE-MARK-DROP`, which v1.20 counts as the kubelet's)
+    /// deleted, and a check that no `KUBE-` chain is left in `iptables-save` or
+    /// `ip6tables-save` there. Its exit status is not the verdict: v1.20 also tears down IPVS
+    /// sets and fails where `ipset` is not installed.
+    pub fn cleanup(&self, netns: &str) -> anyhow::Result<()> {
+        let ns = malla_dataplane::netns::NetNs::open_named(netns)?;
+        let run = |program: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
+            let mut cmd = Command::new(program);
+            cmd.args(args).stdin(Stdio::null());
+            if let Some(path) = self.path() {
+                cmd.env("PATH", path);
+            }
+            ns.enter_on_exec(&mut cmd, false)?;
+            cmd.output()
+                .with_context(|| format!("running {program} {args:?} in {netns}"))
+        };
+        let mut cmd = self.command(true);
+        cmd.stdin(Stdio::null());
+        ns.enter_on_exec(&mut cmd, false)?;
+        let out = cmd
+            .output()
+            .with_context(|| format!("running kube-proxy --cleanup in {netns}"))?;
+        for (save, tool) in [
+            ("iptables-save", "iptables"),
+            ("ip6tables-save", "ip6tables"),
+        ] {
+            let chains = |text: &str| -> Vec<(String, String)> {
+                let mut table = String::new();
+                let mut found = Vec::new();
+                for line in text.lines() {
+                    if let Some(t) = line.strip_prefix('*') {
+                        table = t.to_string();
+                    } else if let Some(c) = line.strip_prefix(":KUBE-") {
+                        let name = c.split_whitespace().next().unwrap_or_default();
+                        found.push((table.clone(), format!("KUBE-{name}")));
+                    }
+                }
+                found
+            };
+            let text = String::from_utf8_lossy(&run(save, &[])?.stdout).into_owned();
+            let left = chains(&text);
+            for op in ["-F", "-X"] {
+                for (table, chain) in &left {
+                    let _ = run(tool, &["-w", "-t", table, op, chain])?;
+                }
+            }
+            let rules = run(save, &[])?;
+            let text = String::from_utf8_lossy(&rules.stdout);
+            if !rules.status.success() || text.contains("KUBE-") {
+                bail!(
+                    "kube-proxy --cleanup left chains in {netns} ({save}: {}); its output: {}",
+                    text.lines()
+                        .filter(|l| l.contains("KUBE-"))
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" | "),
+                    log_text(&out.stderr)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The last lines of a process's output.
+fn log_text(bytes: &[u8]) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
 }

@@ -404,6 +404,17 @@ pub fn start_agent(
     node: &NodeState,
     datastore: crate::store::Backend,
 ) -> anyhow::Result<u32> {
+    start_agent_with(paths, malla_bin, node, datastore, &[])
+}
+
+/// [`start_agent`] with more arguments for `malla agent` (e.g. `--no-services`).
+pub fn start_agent_with(
+    paths: &LabPaths,
+    malla_bin: &Path,
+    node: &NodeState,
+    datastore: crate::store::Backend,
+    extra: &[&str],
+) -> anyhow::Result<u32> {
     let _ = std::fs::remove_file(paths.ready_file(&node.name));
     let mut cmd = Command::new(malla_bin);
     cmd.args([
@@ -416,7 +427,8 @@ pub fn start_agent(
     ])
     .arg(crate::store::spec(paths, datastore).to_string())
     .arg("--ready-file")
-    .arg(paths.ready_file(&node.name));
+    .arg(paths.ready_file(&node.name))
+    .args(extra);
     process::spawn_detached(
         cmd,
         &node.netns,

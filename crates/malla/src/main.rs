@@ -113,6 +113,10 @@ enum Command {
         /// everything Malla put on the node, as `malla cleanup` does.
         #[arg(long, value_name = "NAMESPACE/NAME")]
         uninstall_with: Option<malla_agent::uninstall::Owner>,
+        /// Do not serve Services: another proxy (kube-proxy) does. Malla still networks pods
+        /// and enforces policy; Services and EndpointSlices are ignored.
+        #[arg(long, env = "MALLA_NO_SERVICES")]
+        no_services: bool,
     },
     /// Remove everything Malla put on this node: its nftables table, routes, VXLAN device and
     /// pod veths (pods on the node lose their network), the CNI conflist, plugin and kubeconfig,
@@ -298,6 +302,7 @@ fn main() {
             no_flow_logs,
             cni_bin_dir,
             uninstall_with,
+            no_services,
         } => g.init_logging().and_then(|()| {
             malla_agent::run(malla_agent::AgentConfig {
                 node,
@@ -311,6 +316,7 @@ fn main() {
                 flow_logs: !no_flow_logs,
                 cni_bin_dir,
                 uninstall_with,
+                services: !no_services,
             })
         }),
         Command::Cleanup {
