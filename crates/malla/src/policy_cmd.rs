@@ -9,6 +9,8 @@
 use std::net::IpAddr;
 
 use anyhow::{bail, Context};
+use std::collections::BTreeMap;
+
 use clap::{Args, Subcommand};
 use malla_api::service::Protocol;
 use malla_api::EndpointToHostAction;
@@ -369,6 +371,10 @@ struct TraceView<'a> {
     /// `default` tier as `knp.default.NAMESPACE/NAME`).
     #[serde(skip_serializing_if = "Option::is_none")]
     tiers: Option<&'a TierTrace>,
+    /// What staged policies would decide, per direction they change (beside the enforced
+    /// verdict above, which they never change).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    staged: &'a BTreeMap<&'static str, malla_calc::policy::staged::PendingVerdict>,
 }
 
 /// Tiered policy of a connection, per direction (None: no Calico policy applies there).
@@ -386,6 +392,29 @@ struct TierTrace {
 struct TierVerdict {
     allowed: bool,
     decided_by: malla_calc::host::reference::DecidedBy,
+}
+
+/// The staged verdicts of a connection (`malla_calc::policy::staged`).
+fn staged_trace(
+    view: &malla_calc::ClusterView,
+    pods: &[PolicyPod],
+    c: &Connection,
+) -> BTreeMap<&'static str, malla_calc::policy::staged::PendingVerdict> {
+    use malla_calc::policy::{staged, tiers};
+    if view.calico.staged.is_empty() {
+        return BTreeMap::new();
+    }
+    let ents = malla_calc::host::labelled(view);
+    let nodes = malla_calc::routes::node_addresses(view);
+    let inp = tiers::TierInputs {
+        calico: &view.calico,
+        policies: &view.policies,
+        namespaces: &view.namespaces,
+        pods,
+        ents: &ents,
+        nodes: &nodes,
+    };
+    staged::pending_points(&inp, c)
 }
 
 fn tier_trace(
@@ -428,6 +457,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     let mut out = Vec::new();
     let mut hosts: Vec<Vec<HostTrace>> = Vec::new();
     let mut tiered: Vec<Option<TierTrace>> = Vec::new();
+    let mut staged = Vec::new();
     if a.all {
         for src in &pods {
             for dst in pods
@@ -449,6 +479,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                     };
                     let e = explain(&view.policies, &view.namespaces, &c);
                     tiered.push(tier_trace(&view, &pods, &c));
+                    staged.push(staged_trace(&view, &pods, &c));
                     out.push((
                         format!("{}/{}", src.namespace, src.name),
                         format!("{}/{}", dst.namespace, dst.name),
@@ -492,6 +523,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         ));
         hosts.push(host_trace(&view, &pods, s, d, port, proto));
         tiered.push(tier_trace(&view, &pods, &c));
+        staged.push(staged_trace(&view, &pods, &c));
     }
     hosts.resize_with(out.len(), Vec::new);
     // Dropped by the endpoint-to-host action even when the egress policy allows it, or by
@@ -525,6 +557,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             to_host: *h,
             host_endpoints: &hosts[i],
             tiers: tiered[i].as_ref(),
+            staged: &staged[i],
         })
         .collect();
     if a.output.document(&views)? {
@@ -582,6 +615,17 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        for (dir, v) in &staged[i] {
+            println!(
+                "  staged, {dir}: would {} by {}{} (enforced: unchanged)",
+                if v.allowed { "allow" } else { "DENY" },
+                v.point.rule_text(),
+                v.tier
+                    .as_deref()
+                    .map(|t| format!(" in tier {t}"))
+                    .unwrap_or_default()
+            );
         }
         for ht in &hosts[i] {
             let by = describe(&ht.decided_by);

@@ -164,6 +164,31 @@ fn staged_policies_show_what_they_would_do_and_enforce_nothing() {
         "{delete}"
     );
 
+    // The trace shows the staged verdict beside the enforced one, for each probed pair.
+    for (from, to, enforced, would) in [
+        ("default/client", "default/web", true, false),
+        ("default/client", "default/db", false, true),
+    ] {
+        let out = lab.run(&["policy", "trace", from, to, "--port", "8080", "-o", "json"]);
+        let t: Value = serde_json::from_str(&out).expect("json");
+        let t = &t[0];
+        assert_eq!(t["allowed"], enforced, "{t}");
+        assert_eq!(t["staged"]["ingress"]["allowed"], would, "{t}");
+        assert!(t["staged"].get("egress").is_none(), "{t}");
+    }
+    let text = lab.run(&[
+        "policy",
+        "trace",
+        "default/client",
+        "default/web",
+        "--port",
+        "8080",
+    ]);
+    assert!(
+        text.contains("staged, ingress: would DENY by staged:web-deny-all ingress[end of tier]"),
+        "{text}"
+    );
+
     // The same verdict in `malla flows`, filtered by the staged policy.
     let out = lab.run(&["flows", "-o", "json", "--policy", "staged:web-deny-all"]);
     let flows: Value = serde_json::from_str(&out).expect("json");
