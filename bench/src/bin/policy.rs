@@ -55,6 +55,12 @@ use malla_store::Store;
     about = "NetworkPolicy: programming time, one label change, connection setup with 1 vs N policies, agent RSS"
 )]
 struct Args {
+    /// Part 5 only: the synthetic cluster with two thirds of its policies turned into
+    /// Calico's (global ones in tier `security`, namespaced ones in tier `platform`, the rest
+    /// Kubernetes NetworkPolicies in `default`): programming from cold and one label change
+    /// through the whole-node path the agent takes when Calico policies exist.
+    #[arg(long)]
+    tiers: bool,
     /// Synthetic pods (parts 1, 2 and 4).
     #[arg(long, default_value_t = 10000)]
     pods: usize,
@@ -481,6 +487,9 @@ fn main() -> anyhow::Result<()> {
         bail!("--connections in 10..=20000 (at least 10 per round)");
     }
     let deadline = begin(args.max_seconds)?;
+    if args.tiers {
+        return tiers_part(&args, deadline);
+    }
     let bins = args.bins.resolve();
     if !(args.skip_latency && args.skip_rss) {
         bins.require()?;
@@ -550,6 +559,124 @@ struct Programming {
 }
 
 /// `policy_pods` + `compile`.
+/// Part 5: tiers. Every third policy stays a NetworkPolicy (tier `default`); the others become
+/// a GlobalNetworkPolicy in `security` (order 100, defaultAction Pass: an allow from the web
+/// tier on 8080, a deny of `env == 'dev'` namespaces, then Pass) or a Calico NetworkPolicy in
+/// `platform` (order 200: allow from the team's namespaces, Log, deny the rest).
+fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
+    use malla_api::calico::{CalicoNetworkPolicy, GlobalNetworkPolicy, Tier};
+    let mut nss = Namespaces::default();
+    let floor = nft_floor(&mut nss, "pol-tier-floor")?;
+    let mut syn = synthetic(args)?;
+    let knps = std::mem::take(&mut syn.view.policies);
+    let (mut globals, mut namespaced, mut kept) = (0, 0, Vec::new());
+    for (p, np) in knps.into_iter().enumerate() {
+        let a = app(p % APPS);
+        match p % 3 {
+            0 => kept.push(np),
+            1 => {
+                globals += 1;
+                let spec = serde_json::json!({
+                    "tier": "security", "order": p,
+                    "selector": format!("app == '{a}' && projectcalico.org/namespace == '{}'", np.namespace),
+                    "types": ["Ingress"],
+                    "ingress": [
+                        {"action": "Allow", "protocol": "TCP", "source": {"selector": "tier == 'web'"}, "destination": {"ports": [8080]}},
+                        {"action": "Deny", "source": {"namespaceSelector": "env == 'dev'"}},
+                        {"action": "Pass"}
+                    ]
+                });
+                syn.view.calico.policies.push(GlobalNetworkPolicy {
+                    name: format!("gnp-{p:04}"),
+                    spec: serde_json::from_value(spec)?,
+                });
+            }
+            _ => {
+                namespaced += 1;
+                let spec = serde_json::json!({
+                    "tier": "platform", "order": p,
+                    "selector": format!("app == '{a}'"),
+                    "types": ["Ingress"],
+                    "ingress": [
+                        {"action": "Allow", "source": {"namespaceSelector": format!("team == 'team-{}'", p % 10)}},
+                        {"action": "Log"},
+                        {"action": "Deny"}
+                    ]
+                });
+                syn.view.calico.network_policies.push(CalicoNetworkPolicy {
+                    namespace: np.namespace.clone(),
+                    name: format!("cnp-{p:04}"),
+                    spec: serde_json::from_value(spec)?,
+                });
+            }
+        }
+    }
+    syn.view.policies = kept;
+    for (name, order) in [("security", 100.0), ("platform", 200.0)] {
+        syn.view.calico.tiers.push(Tier {
+            name: name.into(),
+            order: Some(malla_api::calico::Order(order)),
+            default_action: Some(malla_api::calico::Action::Pass),
+        });
+    }
+    eprintln!(
+        "tiers: {} pods ({} on {NODE}), {} NetworkPolicies, {globals} global and {namespaced} namespaced Calico policies over 3 tiers",
+        args.pods,
+        args.local_pods,
+        syn.view.policies.len()
+    );
+    check(deadline)?;
+    let t = Instant::now();
+    let prog = calc(&syn.view);
+    let mut current = table(&syn.view, &prog);
+    let text = model::render_full(&current);
+    let calc_t = t.elapsed();
+    let tier_chains = current
+        .chains
+        .keys()
+        .filter(|c| c.starts_with("tpol-"))
+        .count();
+    let ns = nss.create("pol-tiers")?;
+    let h = NetNs::open_named(&ns)?;
+    let t = Instant::now();
+    nft::apply(Some(&h), &text).context("applying the tiered table")?;
+    let apply_t = t.elapsed();
+    println!(
+        "tiers, from cold: calc+render {} ms, apply {} ms (nft floor {} ms), total {} ms; {} tier chains, {} rules, {:.1} MB",
+        ms(calc_t),
+        ms(apply_t),
+        ms(floor),
+        ms(calc_t + apply_t),
+        tier_chains,
+        current.chains.values().map(|c| c.rules.len()).sum::<usize>(),
+        text.len() as f64 / 1e6
+    );
+    // Label changes: a remote pod's `tier` label flips to `web` (it enters the security
+    // tier's source selector); the agent recomputes the node and applies the difference.
+    let mut times = Vec::new();
+    for k in 0..args.changes {
+        check(deadline)?;
+        let i = args.local_pods + 7 + k * 13;
+        syn.view.pods[i].labels.insert("tier".into(), "web".into());
+        let t = Instant::now();
+        let prog = calc(&syn.view);
+        let next = table(&syn.view, &prog);
+        if let Some(diff) = model::render_diff(&current, &next) {
+            nft::apply(Some(&h), &diff).context("applying a label change")?;
+        }
+        times.push(t.elapsed());
+        current = next;
+    }
+    times.sort();
+    println!(
+        "tiers, one label change (whole-node path, {} changes): p50 {} ms, max {} ms",
+        times.len(),
+        ms(percentile(&times, 50.0)),
+        ms(*times.last().unwrap_or(&Duration::ZERO))
+    );
+    Ok(())
+}
+
 fn calc(view: &ClusterView) -> PolicyProgram {
     let pods = malla_calc::routes::policy_pods(view);
     compile(&view.policies, &view.namespaces, &pods, NODE)
