@@ -6,6 +6,7 @@
 
 pub mod calico;
 pub mod cnp;
+pub mod domain;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod keys;

@@ -223,6 +223,7 @@ pub fn compute_with_links(
             pods: &pods,
             ents: &ents,
             nodes: &nodes,
+            dns: crate::policy::dns::DnsView::EMPTY,
         };
         crate::policy::tiers::render_tiers(&inputs, program, me, &mut nft_table);
     }

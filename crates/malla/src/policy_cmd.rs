@@ -256,6 +256,7 @@ fn tier_trace(
         pods,
         ents: &ents,
         nodes: &nodes,
+        dns: malla_calc::policy::dns::DnsView::EMPTY,
     };
     let one = |dir| {
         tiers::explain_direction(&inp, dir, c).map(|(allowed, decided_by)| TierVerdict {
