@@ -82,6 +82,8 @@ pub struct DnsSet {
     /// Base name; the sets are `{set}-v4` and `{set}-v6`.
     pub set: String,
     pub pod: String,
+    /// The pod's host-side interface (its queries are redirected to the proxy).
+    pub ifname: String,
     pub pod_ips: Vec<IpAddr>,
     pub patterns: Vec<String>,
 }
@@ -272,6 +274,7 @@ pub fn dns_sets(inp: &TierInputs, me: &str) -> Vec<DnsSet> {
             out.entry(set.clone()).or_insert_with(|| DnsSet {
                 set,
                 pod: key.clone(),
+                ifname: pod.host_ifname.to_string(),
                 pod_ips: pod.ips.clone(),
                 patterns: pats.to_vec(),
             });
@@ -328,4 +331,101 @@ pub fn fill(table: &mut nft::Table, sets: &[DnsSet], view: &DnsView) {
             }
         }
     }
+}
+
+/// The set of interfaces whose pods' DNS queries go through the proxy.
+pub const PROXIED_PODS: &str = "dns-proxied-pods";
+/// The chain checking a proxied query against the pod's egress policy (original destination).
+pub const CHECK_CHAIN: &str = "dns-check";
+/// The chain redirecting proxied queries to the proxy.
+pub const REDIRECT_CHAIN: &str = "dns-redirect";
+
+/// The proxy's part of the node's table, when some local pod has a DNS set and the node has an
+/// IPv4 address: UDP port 53 from those pods' interfaces is first put through the pod's egress
+/// policy with its original destination (a filter chain before NAT, jumping into the egress
+/// dispatch: a denied query is dropped there), then DNATed to the node's address on
+/// [`PROXY_PORT`], and the policy input chain accepts it there (it was checked already).
+pub fn render_proxy(sets: &[DnsSet], node_ip: Option<std::net::Ipv4Addr>, table: &mut nft::Table) {
+    use crate::nft::element::IfName;
+    let Some(ip) = node_ip else { return };
+    let ifaces: BTreeSet<Key> = sets
+        .iter()
+        .filter_map(|s| IfName::new(&s.ifname))
+        .map(|i| Key::one(Part::Iface(i)))
+        .collect();
+    if ifaces.is_empty() {
+        return;
+    }
+    table.sets.insert(
+        PROXIED_PODS.into(),
+        Set {
+            type_: "ifname".into(),
+            flags: Vec::new(),
+            timeout: None,
+            elements: ifaces,
+        },
+    );
+    let query = format!("iifname @{PROXIED_PODS} meta l4proto udp udp dport 53");
+    table.chains.insert(
+        CHECK_CHAIN.into(),
+        nft::Chain {
+            base: Some(nft::BaseChain::new("filter", "prerouting", "-110")),
+            rules: vec![format!(
+                "{query} iifname vmap @{}",
+                super::render::EGRESS_DISPATCH
+            )],
+        },
+    );
+    table.chains.insert(
+        REDIRECT_CHAIN.into(),
+        nft::Chain {
+            base: Some(nft::BaseChain::new("nat", "prerouting", "-105")),
+            rules: vec![format!("{query} dnat ip to {ip}:{PROXY_PORT}")],
+        },
+    );
+    // The policy input chain (and an endpoint-to-host Drop after it) accept the redirected
+    // query: its policy was decided before NAT.
+    for chain in [
+        super::render::POLICY_INPUT,
+        super::render::HOST_FROM_WORKLOADS,
+    ] {
+        if let Some(c) = table.chains.get_mut(chain) {
+            let at = c.rules.len().min(1);
+            c.rules.insert(
+                at,
+                format!(
+                    "meta l4proto udp udp dport {PROXY_PORT} ct status dnat ct original proto-dst 53 accept comment \"DNS proxy: checked before NAT\""
+                ),
+            );
+        }
+    }
+}
+
+/// The DNS sets of node `me` and its IPv4 address, from the whole cluster (what the agent's
+/// proxy serves after each full apply; the same sets [`crate::routes`] renders).
+pub fn node_dns_sets(
+    view: &crate::routes::ClusterView,
+    me: &str,
+) -> (Vec<DnsSet>, Option<std::net::Ipv4Addr>) {
+    let ip = view
+        .nodes
+        .iter()
+        .find(|n| n.name == me)
+        .and_then(|n| n.underlay_ipv4);
+    if !view.calico.applies_to_workloads() {
+        return (Vec::new(), ip);
+    }
+    let pods = crate::routes::policy_pods(view);
+    let nodes = crate::routes::node_addresses(view);
+    let ents = crate::host::labelled(view);
+    let inputs = TierInputs {
+        calico: &view.calico,
+        policies: &view.policies,
+        namespaces: &view.namespaces,
+        pods: &pods,
+        ents: &ents,
+        nodes: &nodes,
+        dns: DnsView::EMPTY,
+    };
+    (dns_sets(&inputs, me), ip)
 }

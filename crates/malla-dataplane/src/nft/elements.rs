@@ -171,6 +171,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -306,6 +307,7 @@ impl Batch {
         layout: &Layout,
         add: bool,
         elements: impl Iterator<Item = E>,
+        timeout_ms: Option<u64>,
     ) -> Result<(), String> {
         let (kind, flags) = if add {
             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
@@ -335,6 +337,9 @@ impl Batch {
                 m.begin(NFTA_SET_ELEM_KEY);
                 m.attr(NFTA_DATA_VALUE, &key);
                 m.end();
+                if let (true, Some(t)) = (add, timeout_ms) {
+                    m.attr(NFTA_SET_ELEM_TIMEOUT, &t.to_be_bytes());
+                }
                 if add {
                     match (&layout.value, &e.value) {
                         (Value::None, _) => {}
@@ -397,11 +402,19 @@ fn encode(
 ) -> Result<Encoded, String> {
     let mut b = Batch::new();
     for c in changes {
-        b.push(family, table, &c.set, &c.layout, false, c.delete.iter())?;
-        b.push(family, table, &c.set, &c.layout, true, c.add.iter())?;
+        b.push(
+            family,
+            table,
+            &c.set,
+            &c.layout,
+            false,
+            c.delete.iter(),
+            None,
+        )?;
+        b.push(family, table, &c.set, &c.layout, true, c.add.iter(), None)?;
     }
     for l in lazy {
-        b.push(family, table, &l.set, &l.layout, true, l.elements)?;
+        b.push(family, table, &l.set, &l.layout, true, l.elements, None)?;
     }
     Ok(b.finish())
 }
@@ -472,6 +485,32 @@ impl ElementSocket {
     pub fn apply(&self, family: u8, table: &str, changes: &[SetChange]) -> Result<(), NftError> {
         let batch = encode(family, table, changes, Vec::new()).map_err(NftError::Rejected)?;
         self.send(table, batch)
+    }
+
+    /// Adds `elements` to set `set` (of a `flags timeout` set) as one transaction, each group
+    /// with its own timeout in milliseconds; an element already there takes the new timeout
+    /// (the kernel updates it). DNS-learned addresses go this way.
+    pub fn add_with_timeouts(
+        &self,
+        family: u8,
+        table: &str,
+        layout: &Layout,
+        groups: &[(&str, u64, Vec<Element>)],
+    ) -> Result<(), NftError> {
+        let mut b = Batch::new();
+        for (set, timeout_ms, elements) in groups {
+            b.push(
+                family,
+                table,
+                set,
+                layout,
+                true,
+                elements.iter(),
+                Some(*timeout_ms),
+            )
+            .map_err(NftError::Rejected)?;
+        }
+        self.send(table, b.finish())
     }
 
     /// Sends an encoded batch and waits for every acknowledgement.
