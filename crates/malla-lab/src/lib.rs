@@ -10,6 +10,7 @@ pub mod addresses;
 pub mod bgp;
 pub mod cni_exec;
 pub mod control_plane;
+pub mod dns;
 pub mod kubelet;
 pub mod manifest;
 pub mod oci;
