@@ -75,10 +75,13 @@ struct Index {
     node_ip: Option<Ipv4Addr>,
 }
 
+/// A pod's sets: base name and patterns.
+type SetList = Vec<(String, Vec<String>)>;
+
 #[derive(Debug)]
 struct PodSets {
     pod: String,
-    sets: Vec<(String, Vec<String>)>,
+    sets: SetList,
 }
 
 struct Pending {
@@ -139,7 +142,7 @@ impl DnsProxy {
 
     /// Replaces the pods and sets served (after each full apply of the node).
     pub fn update(&self, sets: &[DnsSet], node_ip: Option<Ipv4Addr>) {
-        let mut by_pod: HashMap<&str, (Vec<IpAddr>, Vec<(String, Vec<String>)>)> = HashMap::new();
+        let mut by_pod: HashMap<&str, (Vec<IpAddr>, SetList)> = HashMap::new();
         for s in sets {
             let e = by_pod
                 .entry(&s.pod)

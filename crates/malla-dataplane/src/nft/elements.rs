@@ -271,6 +271,8 @@ struct Batch {
     out: Vec<u8>,
     seq: u32,
     elements: usize,
+    /// The timeout (ms) given to elements added next (sets with `flags timeout`).
+    timeout_ms: Option<u64>,
 }
 
 /// An encoded batch, ready to send.
@@ -294,6 +296,7 @@ impl Batch {
             .finish(),
             seq: 1,
             elements: 0,
+            timeout_ms: None,
         }
     }
 
@@ -307,8 +310,8 @@ impl Batch {
         layout: &Layout,
         add: bool,
         elements: impl Iterator<Item = E>,
-        timeout_ms: Option<u64>,
     ) -> Result<(), String> {
+        let timeout_ms = self.timeout_ms;
         let (kind, flags) = if add {
             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
         } else {
@@ -402,19 +405,11 @@ fn encode(
 ) -> Result<Encoded, String> {
     let mut b = Batch::new();
     for c in changes {
-        b.push(
-            family,
-            table,
-            &c.set,
-            &c.layout,
-            false,
-            c.delete.iter(),
-            None,
-        )?;
-        b.push(family, table, &c.set, &c.layout, true, c.add.iter(), None)?;
+        b.push(family, table, &c.set, &c.layout, false, c.delete.iter())?;
+        b.push(family, table, &c.set, &c.layout, true, c.add.iter())?;
     }
     for l in lazy {
-        b.push(family, table, &l.set, &l.layout, true, l.elements, None)?;
+        b.push(family, table, &l.set, &l.layout, true, l.elements)?;
     }
     Ok(b.finish())
 }
@@ -499,16 +494,9 @@ impl ElementSocket {
     ) -> Result<(), NftError> {
         let mut b = Batch::new();
         for (set, timeout_ms, elements) in groups {
-            b.push(
-                family,
-                table,
-                set,
-                layout,
-                true,
-                elements.iter(),
-                Some(*timeout_ms),
-            )
-            .map_err(NftError::Rejected)?;
+            b.timeout_ms = Some(*timeout_ms);
+            b.push(family, table, set, layout, true, elements.iter())
+                .map_err(NftError::Rejected)?;
         }
         self.send(table, b.finish())
     }
