@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use hickory_proto::op::{Message, MessageType, Query};
-use hickory_proto::rr::{rdata, Name, RData, Record, RecordType};
+use hickory_proto::op::{Message, MessageType};
+use hickory_proto::rr::{rdata, RData, Record};
 use malla_bench::{begin, percentile, BinArgs};
 use malla_dataplane::netns::NetNs;
 
@@ -129,32 +129,11 @@ fn respond(sock: UdpSocket, sent: Stamps) {
 }
 
 fn query(id: u16, name: &str) -> anyhow::Result<Vec<u8>> {
-    let mut q = Message::new();
-    q.set_id(id);
-    q.set_recursion_desired(true);
-    q.add_query(Query::query(
-        Name::from_ascii(format!("{name}."))?,
-        RecordType::A,
-    ));
-    Ok(q.to_vec()?)
+    malla_lab::dns::a_query(id, name)
 }
 
 fn resolve(name: &str) -> anyhow::Result<Ipv4Addr> {
-    let s = UdpSocket::bind("0.0.0.0:0")?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.send_to(&query(7, name)?, SocketAddrV4::new(DNS, 53))?;
-    let mut buf = [0u8; 2048];
-    let (n, _) = s
-        .recv_from(&mut buf)
-        .with_context(|| format!("answer for {name}"))?;
-    let m = Message::from_vec(&buf[..n])?;
-    m.answers()
-        .iter()
-        .find_map(|r| match r.data() {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .with_context(|| format!("no A for {name}"))
+    malla_lab::dns::resolve_a(SocketAddrV4::new(DNS, 53), name)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -4,12 +4,14 @@
 //! upstream, no hosts file). DNS-name policy tests resolve through it from pods.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use hickory_proto::op::{Message, MessageType, Query};
+use hickory_proto::rr::{Name, RData, RecordType};
 
 /// A running dnsmasq, stopped (by its own pid) when dropped.
 pub struct DnsServer {
@@ -82,4 +84,42 @@ impl Drop for DnsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A query for the A records of `name` (recursion desired), as bytes.
+pub fn a_query(id: u16, name: &str) -> anyhow::Result<Vec<u8>> {
+    let mut q = Message::new();
+    q.set_id(id);
+    q.set_recursion_desired(true);
+    q.add_query(Query::query(
+        Name::from_ascii(format!("{name}."))?,
+        RecordType::A,
+    ));
+    Ok(q.to_vec()?)
+}
+
+/// The first A record of `name` from `server`, asked from the calling thread's namespace
+/// (2 s for the answer, which must come from `server` with the query's ID).
+pub fn resolve_a(server: SocketAddrV4, name: &str) -> anyhow::Result<Ipv4Addr> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+    sock.send_to(&a_query(0x4d41, name)?, server)?;
+    let mut buf = [0u8; 4096];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .with_context(|| format!("the answer for {name}"))?;
+    if from != SocketAddr::V4(server) {
+        bail!("{name}: answer from {from}");
+    }
+    let m = Message::from_vec(&buf[..n])?;
+    if m.id() != 0x4d41 || m.message_type() != MessageType::Response {
+        bail!("{name}: not the answer to our query");
+    }
+    m.answers()
+        .iter()
+        .find_map(|r| match r.data() {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+        .with_context(|| format!("{name}: no A record"))
 }

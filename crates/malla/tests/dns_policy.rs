@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::Lab;
-use hickory_proto::op::{Message, MessageType, Query};
-use hickory_proto::rr::{Name, RData, RecordType};
 use malla_dataplane::netns::NetNs;
 
 const TTL: u32 = 2;
@@ -50,39 +48,8 @@ spec:
     destination: {domains: ["*.allowed.test"]}
 "#;
 
-/// The first A record of `name` from the DNS server, asked from the calling thread's namespace.
 fn resolve(name: &str) -> Result<Ipv4Addr, String> {
-    let sock = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    sock.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    let mut q = Message::new();
-    q.set_id(0x4d41);
-    q.set_recursion_desired(true);
-    q.add_query(Query::query(
-        Name::from_ascii(format!("{name}.")).map_err(|e| e.to_string())?,
-        RecordType::A,
-    ));
-    let bytes = q.to_vec().map_err(|e| e.to_string())?;
-    sock.send_to(&bytes, SocketAddrV4::new(DNS, 53))
-        .map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 4096];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .map_err(|e| format!("{name}: {e}"))?;
-    if from != SocketAddr::V4(SocketAddrV4::new(DNS, 53)) {
-        return Err(format!("{name}: answer from {from}"));
-    }
-    let m = Message::from_vec(&buf[..n]).map_err(|e| e.to_string())?;
-    if m.id() != 0x4d41 || m.message_type() != MessageType::Response {
-        return Err(format!("{name}: not our answer"));
-    }
-    m.answers()
-        .iter()
-        .find_map(|r| match r.data() {
-            RData::A(a) => Some(a.0),
-            _ => None,
-        })
-        .ok_or_else(|| format!("{name}: no A record"))
+    malla_lab::dns::resolve_a(SocketAddrV4::new(DNS, 53), name).map_err(|e| format!("{e:#}"))
 }
 
 fn connects(ip: Ipv4Addr) -> Result<Duration, String> {

@@ -591,7 +591,9 @@ impl ElementSocket {
     }
 }
 
-fn socket() -> std::io::Result<OwnedFd> {
+/// A netfilter netlink socket (nf_tables, ctnetlink) in the caller's namespace, answers waited
+/// for at most 5 s.
+pub fn socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) returns a new descriptor we take ownership of, or -1.
     let fd = unsafe {
         libc::socket(
