@@ -653,6 +653,79 @@ mod tests {
         assert_eq!(question_of(&m), Some(("a.allowed.test".into(), 1)));
     }
 
+    /// Only the answer from the server asked, to a pending ID, with the same question, reaches
+    /// the pod (with its own ID back); the others are counted as unasked (loopback sockets; the
+    /// pending query's pod has no sets, so nothing is written to any nft table).
+    #[test]
+    fn unasked_answers_are_dropped() {
+        let lo = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let listen = UdpSocket::bind(lo(0)).unwrap();
+        let upstream = UdpSocket::bind(lo(0)).unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let pod = UdpSocket::bind(lo(0)).unwrap();
+        pod.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let server = UdpSocket::bind(lo(0)).unwrap();
+        let other = UdpSocket::bind(lo(0)).unwrap();
+        let pending: Arc<Mutex<HashMap<u16, Pending>>> = Arc::default();
+        pending.lock().unwrap().insert(
+            0x1234,
+            Pending {
+                pod: pod.local_addr().unwrap(),
+                id: 0x0042,
+                upstream: server.local_addr().unwrap(),
+                question: ("a.allowed.test".into(), 1),
+                sets: Arc::new(PodSets {
+                    pod: "default/p".into(),
+                    sets: Vec::new(),
+                }),
+                since: Instant::now(),
+            },
+        );
+        let proxy = DnsProxy {
+            index: Arc::default(),
+            stats: Arc::default(),
+        };
+        let stats = proxy.stats.clone();
+        let up = upstream.local_addr().unwrap();
+        let l2 = listen.try_clone().unwrap();
+        std::thread::spawn(move || proxy.serve_answers(l2, upstream, pending));
+        let msg = |id: u16, q: &str| {
+            let mut m = answer(q, Vec::new());
+            m.set_id(id);
+            m.to_vec().unwrap()
+        };
+        let mut buf = [0u8; 512];
+        // From another socket than the server asked; an ID nobody asked; another question;
+        // a query, not an answer; garbage.
+        other.send_to(&msg(0x1234, "a.allowed.test."), up).unwrap();
+        server.send_to(&msg(0x9999, "a.allowed.test."), up).unwrap();
+        server.send_to(&msg(0x1234, "b.allowed.test."), up).unwrap();
+        let mut q = Message::new();
+        q.set_id(0x1234);
+        q.add_query(Query::query(
+            Name::from_ascii("a.allowed.test.").unwrap(),
+            RecordType::A,
+        ));
+        server.send_to(&q.to_vec().unwrap(), up).unwrap();
+        server.send_to(&[0xff; 40], up).unwrap();
+        assert!(
+            pod.recv_from(&mut buf).is_err(),
+            "an unasked answer reached the pod"
+        );
+        assert_eq!(stats.unasked.load(Ordering::Relaxed), 5);
+        // The real answer: forwarded once, with the pod's ID.
+        server.send_to(&msg(0x1234, "a.allowed.test."), up).unwrap();
+        let (n, from) = pod.recv_from(&mut buf).unwrap();
+        assert_eq!(from, listen.local_addr().unwrap());
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().id(), 0x0042);
+        server.send_to(&msg(0x1234, "a.allowed.test."), up).unwrap();
+        assert!(pod.recv_from(&mut buf).is_err(), "answered twice");
+        assert_eq!(stats.answers.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn huge_answers_are_bounded_and_garbage_is_refused() {
         let name = Name::from_ascii("x.allowed.test.").unwrap();
