@@ -10,6 +10,7 @@
 pub mod bgp;
 pub mod cni_housekeeping;
 pub mod config_dir;
+pub mod dns;
 pub mod flows;
 pub mod health;
 pub mod http;
@@ -193,6 +194,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .context("tokio runtime")?;
     rt.block_on(async {
         let mut plane = LinuxDriver::connect(&cfg.node, &cfg.underlay_interface)?;
+        // DNS-name policy rules learn addresses from the pods' answers ([`dns`]).
+        let dns_proxy = dns::DnsProxy::start()
+            .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "DNS proxy is off"))
+            .ok();
         plane.start().await?;
         if let Some(dir) = &cfg.config_dir {
             while let Err(e) = config_dir::apply(store, dir) {
@@ -558,6 +563,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 pending_links = false;
                 let view = mirror.view();
                 let desired = malla_calc::routes::compute_with_links(view, &cfg.node, &program, links);
+                if let Some(p) = &dns_proxy {
+                    let (sets, ip) = malla_calc::policy::dns::node_dns_sets(view, &cfg.node);
+                    p.update(&sets, ip);
+                }
                 for p in &desired.problems {
                     tracing::warn!(node = %cfg.node, problem = %p, "cannot route");
                 }

@@ -306,6 +306,10 @@ pub struct EntityRule {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<Port>,
+    /// DNS names and wildcards (a destination's, in egress Allow rules only): the addresses
+    /// the pod's own DNS answers gave for them ([`crate::domain`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }
 
 impl EntityRule {
@@ -497,6 +501,12 @@ impl GlobalNetworkPolicy {
             for (i, r) in rules.iter().enumerate() {
                 validate_rule(r)
                     .map_err(|e| bad(format!("spec.{dir}[{i}].{}", e.field), e.reason))?;
+                if dir == "ingress" && !r.destination.domains.is_empty() {
+                    return Err(bad(
+                        format!("spec.ingress[{i}].destination.domains"),
+                        "domains are allowed in egress rules only",
+                    ));
+                }
             }
         }
         Ok(())
@@ -619,6 +629,26 @@ fn validate_rule(r: &Rule) -> Result<(), FieldError> {
             }
         }
     }
+    if !r.source.domains.is_empty() {
+        return Err(bad("source.domains", "only a destination may name domains"));
+    }
+    let d = &r.destination;
+    if !d.domains.is_empty() {
+        if r.action != Action::Allow {
+            return Err(bad(
+                "destination.domains",
+                "domains are allowed in Allow rules only",
+            ));
+        }
+        if !d.nets.is_empty() || !d.not_nets.is_empty() || d.selects_endpoints() {
+            return Err(bad(
+                "destination.domains",
+                "cannot be combined with destination nets, notNets or selectors",
+            ));
+        }
+        crate::domain::check_list("destination.domains", &d.domains, 1000)
+            .map_err(|(f, e)| bad(f, e))?;
+    }
     validate_entity(&r.source, r.protocol)
         .map_err(|e| bad(format!("source.{}", e.field), e.reason))?;
     validate_entity(&r.destination, r.protocol)
@@ -711,6 +741,25 @@ pub struct GlobalNetworkSet {
 pub struct GlobalNetworkSetSpec {
     #[serde(default)]
     pub nets: Vec<IpNet>,
+    /// DNS names and wildcards that belong to the set, honoured in egress Allow rules whose
+    /// destination selector picks the set ([`crate::domain`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_egress_domains: Vec<String>,
+}
+
+impl GlobalNetworkSet {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        check_name(&self.name)?;
+        if !self.spec.allowed_egress_domains.is_empty() {
+            crate::domain::check_list(
+                "spec.allowedEgressDomains",
+                &self.spec.allowed_egress_domains,
+                1000,
+            )
+            .map_err(|(f, e)| bad(f, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Any of the Calico objects, as a manifest holds them.
@@ -798,7 +847,7 @@ impl CalicoObject {
                 .validate()
                 .map_err(|(field, reason)| FieldError { field, reason }),
             CalicoObject::HostEndpoint(h) => h.validate(),
-            CalicoObject::GlobalNetworkSet(s) => check_name(&s.name),
+            CalicoObject::GlobalNetworkSet(s) => s.validate(),
             CalicoObject::Staged(p) => p.validate(),
         }
     }
@@ -1061,6 +1110,61 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "metadata.name");
+    }
+
+    #[test]
+    fn domains_decode_and_errors_name_the_field() {
+        let v = json!({"metadata": {"name": "p"}, "spec": {"egress": [
+            {"action": "Allow", "destination": {"domains": ["api.example.com", "*.allowed.test"]}}]}});
+        let CalicoObject::GlobalNetworkPolicy(p) =
+            CalicoObject::from_manifest("GlobalNetworkPolicy", &v).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(p.spec.egress[0].destination.domains.len(), 2);
+        let cases = [
+            (
+                json!({"egress": [{"action": "Deny", "destination": {"domains": ["a.test"]}}]}),
+                "spec.egress[0].destination.domains",
+            ),
+            (
+                json!({"egress": [{"action": "Allow", "destination": {"domains": ["a.*.test"]}}]}),
+                "spec.egress[0].destination.domains[0]",
+            ),
+            (
+                json!({"egress": [{"action": "Allow", "destination": {"domains": ["a.test", "b.test."]}}]}),
+                "spec.egress[0].destination.domains[1]",
+            ),
+            (
+                json!({"egress": [{"action": "Allow", "destination": {"domains": ["a.test"], "nets": ["198.18.0.0/24"]}}]}),
+                "spec.egress[0].destination.domains",
+            ),
+            (
+                json!({"egress": [{"action": "Allow", "source": {"domains": ["a.test"]}}]}),
+                "spec.egress[0].source.domains",
+            ),
+            (
+                json!({"ingress": [{"action": "Allow", "destination": {"domains": ["a.test"]}}]}),
+                "spec.ingress[0].destination.domains",
+            ),
+        ];
+        for (spec, field) in cases {
+            let v = json!({"metadata": {"name": "p"}, "spec": spec});
+            let e = CalicoObject::from_manifest("GlobalNetworkPolicy", &v).unwrap_err();
+            assert_eq!(e.field, field, "{spec}: {e}");
+        }
+        let set = |d: serde_json::Value| {
+            CalicoObject::from_manifest(
+                "GlobalNetworkSet",
+                &json!({"metadata": {"name": "s", "labels": {"a": "b"}},
+                        "spec": {"nets": ["198.18.0.0/24"], "allowedEgressDomains": d}}),
+            )
+        };
+        assert!(set(json!(["*.allowed.test"])).is_ok());
+        assert_eq!(
+            set(json!(["ok.test", "*bad.test"])).unwrap_err().field,
+            "spec.allowedEgressDomains[1]"
+        );
     }
 
     #[test]

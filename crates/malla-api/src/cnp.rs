@@ -4,8 +4,9 @@
 //!
 //! Semantics live in `malla-calc::policy::tiers`: an `Admin` policy is evaluated before
 //! everything else in Calico's `kube-admin` tier, a `Baseline` one after NetworkPolicy in
-//! `kube-baseline`, both tiers passing what they do not decide. Refused rather than
-//! half-applied: `domainNames` peers (DNS-name rules are a later step).
+//! `kube-baseline`, both tiers passing what they do not decide. `domainNames` egress peers
+//! ([`crate::domain`]: a name or a leading `*.` wildcard) match the addresses the subject
+//! pod's own DNS answers gave for them, in Accept rules only.
 
 use std::net::IpAddr;
 
@@ -227,11 +228,15 @@ impl ClusterNetworkPolicy {
                             ("domainNames", p.domain_names.is_some()),
                         ],
                     )?;
-                    if p.domain_names.is_some() {
-                        return bad(
-                            format!("{pat}.domainNames"),
-                            "not supported by Malla yet (the policy is refused rather than applied without it)",
-                        );
+                    if let Some(names) = &p.domain_names {
+                        crate::domain::check_list(&format!("{pat}.domainNames"), names, 25)?;
+                        if r.action != CnpAction::Accept {
+                            return bad(
+                                format!("{pat}.domainNames"),
+                                "domainNames peers are allowed in Accept rules only",
+                            );
+                        }
+                        wide = true;
                     }
                     if let Some(n) = &p.networks {
                         if n.is_empty() || n.len() > 25 {
@@ -275,7 +280,7 @@ impl ClusterNetworkPolicy {
                     if pr.destination_named_port.is_some() && wide {
                         return bad(
                             format!("{pat}.destinationNamedPort"),
-                            "networks/nodes peer cannot be set with namedPorts since there are no namedPorts for networks/nodes",
+                            "networks/nodes/domainNames peer cannot be set with namedPorts since there are no namedPorts for networks/nodes/domainNames",
                         );
                     }
                     for (name, ports) in [("tcp", &pr.tcp), ("udp", &pr.udp), ("sctp", &pr.sctp)] {
@@ -315,4 +320,56 @@ impl ClusterNetworkPolicy {
 /// Whether `ip` is in a rule's `networks`.
 pub fn in_networks(nets: &[IpNet], ip: &IpAddr) -> bool {
     nets.iter().any(|n| n.contains(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn policy(egress: serde_json::Value) -> ClusterNetworkPolicy {
+        serde_json::from_value(json!({"name": "p", "spec": {
+            "tier": "Admin", "priority": 1,
+            "subject": {"namespaces": {}},
+            "egress": egress}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn domain_names_are_checked_with_the_field_named() {
+        let ok = policy(
+            json!([{"action": "Accept", "to": [{"domainNames": ["*.allowed.test", "api.example.com"]}]}]),
+        );
+        assert_eq!(ok.validate(), Ok(()));
+        for (egress, field) in [
+            (
+                json!([{"action": "Accept", "to": [{"domainNames": ["a.*.test"]}]}]),
+                "spec.egress[0].to[0].domainNames[0]",
+            ),
+            (
+                json!([{"action": "Accept", "to": [{"domainNames": ["ok.test", "b.test."]}]}]),
+                "spec.egress[0].to[0].domainNames[1]",
+            ),
+            (
+                json!([{"action": "Accept", "to": [{"domainNames": []}]}]),
+                "spec.egress[0].to[0].domainNames",
+            ),
+            (
+                json!([{"action": "Deny", "to": [{"domainNames": ["a.test"]}]}]),
+                "spec.egress[0].to[0].domainNames",
+            ),
+            (
+                json!([{"action": "Accept", "to": [{"domainNames": ["a.test"]}],
+                     "protocols": [{"destinationNamedPort": "http"}]}]),
+                "spec.egress[0].protocols[0].destinationNamedPort",
+            ),
+            (
+                json!([{"action": "Accept", "to": [{"domainNames": ["a.test"], "networks": ["198.18.0.0/24"]}]}]),
+                "spec.egress[0].to[0]",
+            ),
+        ] {
+            let e = policy(egress.clone()).validate().unwrap_err();
+            assert_eq!(e.0, field, "{egress}: {e:?}");
+        }
+    }
 }

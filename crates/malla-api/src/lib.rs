@@ -7,6 +7,7 @@
 pub mod bgp;
 pub mod calico;
 pub mod cnp;
+pub mod domain;
 #[cfg(feature = "k8s")]
 pub mod k8s;
 pub mod keys;

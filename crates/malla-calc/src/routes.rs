@@ -223,8 +223,16 @@ pub fn compute_with_links(
             pods: &pods,
             ents: &ents,
             nodes: &nodes,
+            dns: crate::policy::dns::DnsView::EMPTY,
         };
         crate::policy::tiers::render_tiers(&inputs, program, me, &mut nft_table);
+        let dns_sets = crate::policy::dns::dns_sets(&inputs, me);
+        let my_ip = view
+            .nodes
+            .iter()
+            .find(|n| n.name == me)
+            .and_then(|n| n.underlay_ipv4);
+        crate::policy::dns::render_proxy(&dns_sets, my_ip, &mut nft_table);
     }
     crate::policy::render_endpoint_to_host(
         view.config.default_endpoint_to_host_action,

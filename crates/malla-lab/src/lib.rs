@@ -11,6 +11,7 @@ pub mod addresses;
 pub mod bgp;
 pub mod cni_exec;
 pub mod control_plane;
+pub mod dns;
 pub mod kube_pods;
 pub mod kubelet;
 pub mod manifest;

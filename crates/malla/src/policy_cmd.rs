@@ -413,6 +413,7 @@ fn staged_trace(
         pods,
         ents: &ents,
         nodes: &nodes,
+        dns: malla_calc::policy::dns::DnsView::EMPTY,
     };
     staged::pending_points(&inp, c)
 }
@@ -432,6 +433,7 @@ fn tier_trace(
         pods,
         ents: &ents,
         nodes: &nodes,
+        dns: malla_calc::policy::dns::DnsView::EMPTY,
     };
     let one = |dir| {
         tiers::explain_direction(&inp, dir, c).map(|(allowed, decided_by)| TierVerdict {

@@ -108,6 +108,10 @@ pub fn rule_matches_in(
     ents: &[Labelled],
     scope: Option<&str>,
 ) -> bool {
+    // DNS-name rules are pods' ([`crate::policy::dns`]): as written, they match nothing here.
+    if !rule.destination.domains.is_empty() {
+        return false;
+    }
     let v4 = p.src.is_ipv4();
     if let Some(v) = rule.ip_version {
         if (v == 4) != v4 {

@@ -261,6 +261,10 @@ pub(crate) fn rule_matches(
     scope: Option<&str>,
 ) -> Vec<String> {
     let mut out = Vec::new();
+    // DNS-name rules are pods' ([`crate::policy::dns`]): as written, they match nothing here.
+    if !rule.destination.domains.is_empty() {
+        return out;
+    }
     for f in [Family { v6: false }, Family { v6: true }] {
         if rule.ip_version.is_some_and(|v| (v == 6) != f.v6) {
             continue;

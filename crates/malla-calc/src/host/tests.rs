@@ -344,6 +344,7 @@ fn arb_side() -> impl Strategy<Value = EntityRule> {
                 namespace_selector: None,
                 ports: ports.into_iter().map(port).collect(),
                 not_ports: not_ports.into_iter().map(port).collect(),
+                domains: Vec::new(),
             }
         })
 }

@@ -22,6 +22,7 @@
 
 pub mod addrs;
 pub mod compile;
+pub mod dns;
 pub mod explain;
 pub mod flowlog;
 pub mod incremental;

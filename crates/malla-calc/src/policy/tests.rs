@@ -1283,6 +1283,21 @@ mod tiered {
         "!has(a)",
         "b == 'y' && has(c)",
     ];
+    /// Patterns DNS-name rules name, and names pods learn.
+    const DNS_PATTERNS: [&str; 4] = [
+        "*.allowed.test",
+        "api.example.com",
+        "*.example.com",
+        "x.other.test",
+    ];
+    const DNS_NAMES: [&str; 6] = [
+        "a.allowed.test",
+        "b.c.allowed.test",
+        "allowed.test",
+        "api.example.com",
+        "x.other.test",
+        "API.Example.com.",
+    ];
     const NETS: [&str; 5] = [
         "10.0.0.0/24",
         "10.0.0.1/32",
@@ -1313,6 +1328,7 @@ mod tiered {
                     namespace_selector: ns.map(str::to_string),
                     ports: ports.iter().map(|(a, b)| Port::Range(*a, *b)).collect(),
                     not_ports: not_port.iter().map(|(a, b)| Port::Range(*a, *b)).collect(),
+                    domains: Vec::new(),
                 },
             )
     }
@@ -1330,9 +1346,27 @@ mod tiered {
             prop::option::weighted(0.1, prop_oneof![Just(Proto::TCP), Just(Proto::UDP)]),
             arb_side(),
             arb_side(),
+            prop::option::weighted(0.3, prop::sample::subsequence(&DNS_PATTERNS[..], 1..3)),
         )
             .prop_map(
-                |(action, protocol, ip_version, not_protocol, mut source, mut destination)| {
+                |(
+                    action,
+                    protocol,
+                    ip_version,
+                    not_protocol,
+                    mut source,
+                    mut destination,
+                    domains,
+                )| {
+                    // A DNS-name rule: an Allow rule whose destination is its domains.
+                    if let (Some(d), Action::Allow) = (domains, action) {
+                        destination = EntityRule {
+                            ports: destination.ports,
+                            not_ports: destination.not_ports,
+                            domains: d.iter().map(|x| x.to_string()).collect(),
+                            ..EntityRule::default()
+                        };
+                    }
                     if protocol.is_none() {
                         for s in [&mut source, &mut destination] {
                             s.ports.clear();
@@ -1400,12 +1434,17 @@ mod tiered {
     fn arb_cnp_peer(egress: bool) -> impl Strategy<Value = malla_api::cnp::Peer> {
         use malla_api::cnp::{NamespacedPod, Peer};
         (
-            0..if egress { 4u8 } else { 2 },
+            0..if egress { 5u8 } else { 2 },
             arb_selector(),
             arb_selector(),
             prop::sample::subsequence(&NETS[..], 1..3),
+            prop::sample::subsequence(&DNS_PATTERNS[..], 1..3),
         )
-            .prop_map(|(kind, a, b, nets)| match kind {
+            .prop_map(|(kind, a, b, nets, names)| match kind {
+                4 => Peer {
+                    domain_names: Some(names.iter().map(|x| x.to_string()).collect()),
+                    ..Peer::default()
+                },
                 0 => Peer {
                     namespaces: Some(a),
                     ..Peer::default()
@@ -1458,7 +1497,13 @@ mod tiered {
             .prop_map(|(action, peers, protos)| {
                 let wide = peers
                     .iter()
-                    .any(|p| p.networks.is_some() || p.nodes.is_some());
+                    .any(|p| p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some());
+                // Domain names go in Accept rules only.
+                let action = if peers.iter().any(|p| p.domain_names.is_some()) {
+                    CnpAction::Accept
+                } else {
+                    action
+                };
                 let protocols = protos
                     .into_iter()
                     .map(|(kind, port, name)| {
@@ -1559,11 +1604,24 @@ mod tiered {
             prop::option::of(0..3u16),
             any::<bool>(),
             prop::collection::vec(arb_cnp(), 0..3),
+            prop::option::weighted(0.5, prop::sample::subsequence(&DNS_PATTERNS[..], 1..3)),
         )
             .prop_map(
-                |(globals, namespaced, tier_order, tier_pass, cnps)| CalicoView {
+                |(globals, namespaced, tier_order, tier_pass, cnps, set_domains)| CalicoView {
                     cluster_policies: cnps,
                     staged: Vec::new(),
+                    // A network set selectors pick, with names besides its network.
+                    network_sets: set_domains
+                        .map(|d| malla_api::calico::GlobalNetworkSet {
+                            name: "dns-set".into(),
+                            labels: [("a".to_string(), "x".to_string())].into(),
+                            spec: malla_api::calico::GlobalNetworkSetSpec {
+                                nets: vec!["192.168.0.0/16".parse().unwrap()],
+                                allowed_egress_domains: d.iter().map(|x| x.to_string()).collect(),
+                            },
+                        })
+                        .into_iter()
+                        .collect(),
                     tiers: vec![Tier {
                         name: "security".into(),
                         order: tier_order.map(|o| Order(f64::from(o) * 800.0)),
@@ -1674,8 +1732,24 @@ mod tiered {
         fn tiered_policy_rendered_matches_reference(
             w in arb_world(),
             calico in arb_calico(3),
+            learned in prop::collection::vec((0..8usize, 0..DNS_NAMES.len(), 0..32usize), 0..40),
         ) {
-            let ents = ents(&w);
+            let mut ents = ents(&w);
+            ents.extend(calico.network_sets.iter().map(|s| Labelled {
+                labels: s.labels.clone(),
+                namespace: None,
+                ns_name: None,
+                nets: s.spec.nets.clone(),
+            }));
+            // What pods learned from DNS: names with addresses of the world.
+            let mut view = super::dns::DnsView::default();
+            let all = addresses(&w);
+            if !w.pods.is_empty() {
+                for (pod, name, addr) in learned {
+                    let pod = &w.pods[pod % w.pods.len()];
+                    view.learn(&pod.key(), DNS_NAMES[name], [all[addr % all.len()]]);
+                }
+            }
             let nodes = vec![
                 ("n1".to_string(), vec!["192.168.3.4".parse().unwrap()]),
                 ("n2".to_string(), vec!["10.0.1.9".parse().unwrap(), "2001:db8::1".parse().unwrap()]),
@@ -1687,6 +1761,7 @@ mod tiered {
                 pods: &w.pods,
                 ents: &ents,
                 nodes: &nodes,
+                dns: &view,
             };
             let evals: Vec<(&str, nfteval::Eval)> = ["n1", "n2"]
                 .iter()
@@ -1695,6 +1770,8 @@ mod tiered {
                     let prog = compile(&w.policies, &w.namespaces, &w.pods, n);
                     render_policy(&prog, &mut t);
                     tiers::render_tiers(&inp, &prog, n, &mut t);
+                    let ds = super::dns::dns_sets(&inp, n);
+                    super::dns::fill(&mut t, &ds, &view);
                     let e = nfteval::Eval::new(&t, render::POLICY_FORWARD)
                         .unwrap_or_else(|e| panic!("{e}\n{}", nft::render_full(&t)));
                     (*n, e)
@@ -1716,7 +1793,7 @@ mod tiered {
                             };
                             let want = tiers::allowed(&inp, &c);
                             let got = rendered_allows(&w, &evals, src, dst, port, proto);
-                            prop_assert_eq!(got, Ok(want), "{} -> {} {:?}/{}\n{:?}\n{:#?}", src, dst, proto, port, w, calico);
+                            prop_assert_eq!(got, Ok(want), "{} -> {} {:?}/{}\n{:?}\n{:#?}\n{:?}", src, dst, proto, port, w, calico, view);
                         }
                     }
                 }
@@ -1746,6 +1823,7 @@ mod tiered {
                 pods: &w.pods,
                 ents: &ents,
                 nodes: &nodes,
+                dns: super::dns::DnsView::EMPTY,
             };
             let evals: Vec<(&str, nfteval::Eval)> = ["n1", "n2"]
                 .iter()

@@ -31,8 +31,8 @@ use malla_api::Namespace;
 use super::compile::{CompiledRule, PolicyProgram, PortMatch};
 use super::render::{egress_chain, ingress_chain, EGRESS_DISPATCH, INGRESS_DISPATCH};
 use super::{namespace_labels, reference, Connection, Direction, PolicyPod};
-use crate::host::reference::{rule_matches_in, DecidedBy, HostPacket};
-use crate::host::render::{rule_matches, SelectorSets};
+use crate::host::reference::{DecidedBy, HostPacket};
+use crate::host::render::SelectorSets;
 use crate::host::{tier_table, CalicoView, Labelled};
 use crate::nft::element::{IfName, Part};
 use crate::nft::{self, Chain, Key, Set, Value};
@@ -50,6 +50,9 @@ pub struct TierInputs<'a> {
     /// The nodes' names and addresses (ClusterNetworkPolicy's `nodes` peers; a node's labels
     /// are `kubernetes.io/hostname: NAME`).
     pub nodes: &'a [(String, Vec<std::net::IpAddr>)],
+    /// What pods learned from their DNS answers (DNS-name rules: [`super::dns`]); the
+    /// rendered table leaves the addresses to the agent's DNS proxy.
+    pub dns: &'a super::dns::DnsView,
 }
 
 /// A policy as a tier holds it.
@@ -350,6 +353,9 @@ pub(crate) fn explain_groups(
     dir: Direction,
     c: &Connection,
 ) -> (bool, DecidedBy) {
+    let Some(pod) = c.subject_and_peer(dir).0.pod else {
+        return (true, DecidedBy::Default);
+    };
     let p = HostPacket {
         src: c.src.ip,
         dst: c.dst.ip,
@@ -364,7 +370,7 @@ pub(crate) fn explain_groups(
             match item {
                 Item::Calico { rules, scope, .. } => {
                     for (index, r) in rules.iter().enumerate() {
-                        if !rule_matches_in(r, &p, inp.ents, *scope) {
+                        if !super::dns::calico_rule_matches(inp, pod, dir, r, &p, *scope) {
                             continue;
                         }
                         let by = || DecidedBy::Rule {
@@ -386,8 +392,10 @@ pub(crate) fn explain_groups(
                 Item::Cluster { rules, .. } => {
                     let (_, other) = c.subject_and_peer(dir);
                     for (index, r) in rules.iter().enumerate() {
-                        if !(r.peers.iter().any(|p| cnp_peer_matches(inp, p, other))
-                            && cnp_protocols_match(r, c))
+                        if !(r.peers.iter().any(|p| {
+                            cnp_peer_matches(inp, p, other)
+                                || super::dns::cnp_peer_matches(inp, pod, p, other.ip)
+                        }) && cnp_protocols_match(r, c))
                         {
                             continue;
                         }
@@ -751,7 +759,9 @@ pub(crate) fn render_groups(
                             // A staged Log rule logs nothing: it is not enforced.
                             (Action::Log, Mode::Pending) => continue,
                         };
-                        for m in rule_matches(r, inp.ents, sets, *scope) {
+                        for m in
+                            super::dns::calico_rule_texts(inp, pod, dir, r, sets, *scope, table)
+                        {
                             rules.push(format!("{m} {verdict} {}", comment(i)));
                         }
                     }
@@ -763,7 +773,9 @@ pub(crate) fn render_groups(
                             CnpAction::Deny => decide(false, &policy, Index(i)),
                             CnpAction::Pass => next(k),
                         };
-                        for m in cnp_rule_texts(inp, pod, r, dir, sets) {
+                        let mut texts = cnp_rule_texts(inp, pod, r, dir, sets);
+                        texts.extend(super::dns::cnp_rule_texts(pod, r, table));
+                        for m in texts {
                             rules.push(format!("{m}{verdict} {}", comment(i)));
                         }
                     }

@@ -171,6 +171,7 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -270,6 +271,8 @@ struct Batch {
     out: Vec<u8>,
     seq: u32,
     elements: usize,
+    /// The timeout (ms) given to elements added next (sets with `flags timeout`).
+    timeout_ms: Option<u64>,
 }
 
 /// An encoded batch, ready to send.
@@ -293,6 +296,7 @@ impl Batch {
             .finish(),
             seq: 1,
             elements: 0,
+            timeout_ms: None,
         }
     }
 
@@ -307,6 +311,7 @@ impl Batch {
         add: bool,
         elements: impl Iterator<Item = E>,
     ) -> Result<(), String> {
+        let timeout_ms = self.timeout_ms;
         let (kind, flags) = if add {
             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
         } else {
@@ -335,6 +340,9 @@ impl Batch {
                 m.begin(NFTA_SET_ELEM_KEY);
                 m.attr(NFTA_DATA_VALUE, &key);
                 m.end();
+                if let (true, Some(t)) = (add, timeout_ms) {
+                    m.attr(NFTA_SET_ELEM_TIMEOUT, &t.to_be_bytes());
+                }
                 if add {
                     match (&layout.value, &e.value) {
                         (Value::None, _) => {}
@@ -474,6 +482,25 @@ impl ElementSocket {
         self.send(table, batch)
     }
 
+    /// Adds `elements` to set `set` (of a `flags timeout` set) as one transaction, each group
+    /// with its own timeout in milliseconds; an element already there takes the new timeout
+    /// (the kernel updates it). DNS-learned addresses go this way.
+    pub fn add_with_timeouts(
+        &self,
+        family: u8,
+        table: &str,
+        layout: &Layout,
+        groups: &[(&str, u64, Vec<Element>)],
+    ) -> Result<(), NftError> {
+        let mut b = Batch::new();
+        for (set, timeout_ms, elements) in groups {
+            b.timeout_ms = Some(*timeout_ms);
+            b.push(family, table, set, layout, true, elements.iter())
+                .map_err(NftError::Rejected)?;
+        }
+        self.send(table, b.finish())
+    }
+
     /// Sends an encoded batch and waits for every acknowledgement.
     fn send(&self, table: &str, batch: Encoded) -> Result<(), NftError> {
         let Encoded {
@@ -564,7 +591,9 @@ impl ElementSocket {
     }
 }
 
-fn socket() -> std::io::Result<OwnedFd> {
+/// A netfilter netlink socket (nf_tables, ctnetlink) in the caller's namespace, answers waited
+/// for at most 5 s.
+pub fn socket() -> std::io::Result<OwnedFd> {
     // SAFETY: socket(2) returns a new descriptor we take ownership of, or -1.
     let fd = unsafe {
         libc::socket(
