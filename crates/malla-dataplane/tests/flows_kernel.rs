@@ -15,6 +15,28 @@ use malla_flows::{KernelEvent, Phase};
 
 mod common;
 
+/// Opens a collector in the calling thread's namespace and runs it on a thread of its own:
+/// its events, the flag that stops it, the thread.
+fn start_collector() -> (
+    mpsc::Receiver<KernelEvent>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let collector = Collector::open(NFLOG_GROUP).expect("collector");
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let reader = std::thread::spawn(move || {
+        collector.run(|batch| {
+            for ev in batch {
+                let _ = tx.send(ev);
+            }
+            !stop2.load(Ordering::Relaxed)
+        })
+    });
+    (rx, stop, reader)
+}
+
 /// Loads table `inet malla` (the table the collector reads the lost chains of) with an output
 /// chain: `rules`, then `deny`'s log rules and a drop for packets matching `what`.
 fn load(rules: &mut Vec<String>, deny: &LogPoint, what: &str) {
@@ -61,18 +83,7 @@ fn allowed_and_denied_connections_reach_the_collector() {
         ];
         load(&mut rules, &deny, "tcp dport 7778");
 
-        let collector = Collector::open(NFLOG_GROUP).expect("collector");
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let reader = std::thread::spawn(move || {
-            collector.run(|batch| {
-                for ev in batch {
-                    let _ = tx.send(ev);
-                }
-                !stop2.load(Ordering::Relaxed)
-            })
-        });
+        let (rx, stop, reader) = start_collector();
 
         let server = TcpListener::bind("198.19.0.11:7777").unwrap();
         let serve = std::thread::spawn(move || {
@@ -146,18 +157,7 @@ fn denied_datagrams_beyond_the_log_limit_are_counted_lost() {
     common::in_namespace(&name, false, || async {
         let deny = LogPoint::Deny { dir: Dir::Out };
         load(&mut Vec::new(), &deny, "udp dport 20000-29999");
-        let collector = Collector::open(NFLOG_GROUP).expect("collector");
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let reader = std::thread::spawn(move || {
-            collector.run(|batch| {
-                for ev in batch {
-                    let _ = tx.send(ev);
-                }
-                !stop2.load(Ordering::Relaxed)
-            })
-        });
+        let (rx, stop, reader) = start_collector();
         // The collector's first reading of the counters is its base: let it happen first.
         std::thread::sleep(Duration::from_millis(300));
         const SENT: u64 = 5000;
