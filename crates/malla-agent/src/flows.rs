@@ -8,17 +8,18 @@
 //! | `malla_flows_total{verdict}` | counter | connections (allowed) and attempts (denied, spoofed, no-endpoint) seen starting |
 //! | `malla_flow_drops_total{reason}` | counter | drops by reason: `policy`, `spoofed`, `no-endpoint` (samples: at most 1000/s per rule are logged) |
 //! | `malla_flow_rule_hits_total{policy,rule}` | counter | connections allowed by each policy rule, and denies by each isolating policy (`rule="default"`) |
-//! | `malla_flow_samples_lost_total` | counter | kernel samples lost (NFLOG sequence gaps, socket overruns) |
+//! | `malla_flow_samples_lost_total{reason}` | counter | samples lost, by reason: `rate-limit` (beyond a deny log's limit, counted by the kernel), `overrun` (NFLOG sequence gaps, socket overruns), `history-full`, `live-full`, `pending-evicted` (the agent's bounds, [`malla_flows::LostReason`]) |
 //! | `malla_flow_records_dropped_total` | counter | flows not kept because the history was full, plus connections not tracked because the live table was |
 //! | `malla_flow_backlog` | gauge | events in the last batch read from the kernel (how far behind the reader is) |
 //! | `malla_flow_history_entries` | gauge | flow entries held (bounded by [`malla_flows::Limits`]) |
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use malla_calc::policy::flowlog::{Dir, NFLOG_GROUP};
 use malla_calc::ClusterView;
-use malla_flows::{Aggregator, Directory, Filter, Flow, Limits, Verdict};
+use malla_flows::{Aggregator, Directory, Filter, Flow, Limits, Lost, LostReason, Verdict};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -31,7 +32,7 @@ pub struct FlowMetrics {
     by_verdict: Family<[(&'static str, &'static str); 1], Counter>,
     drops: Family<[(&'static str, &'static str); 1], Counter>,
     rule_hits: Family<[(&'static str, String); 2], Counter>,
-    lost: Counter,
+    lost: Family<[(&'static str, &'static str); 1], Counter>,
     dropped: Counter,
     backlog: Gauge,
     entries: Gauge,
@@ -45,6 +46,9 @@ impl FlowMetrics {
         }
         for v in ["policy", "spoofed", "no-endpoint"] {
             let _ = self.drops.get_or_create(&[("reason", v)]);
+        }
+        for why in LostReason::ALL {
+            let _ = self.lost.get_or_create(&[("reason", why.word())]);
         }
         r.register(
             "flows",
@@ -63,7 +67,7 @@ impl FlowMetrics {
         );
         r.register(
             "flow_samples_lost",
-            "Flow samples the kernel could not deliver (NFLOG sequence gaps, socket overruns)",
+            "Flow samples lost, by reason: rate-limit (beyond a deny log's limit), overrun (NFLOG gaps, socket overruns), history-full, live-full, pending-evicted",
             self.lost.clone(),
         );
         r.register(
@@ -117,6 +121,7 @@ impl FlowMetrics {
 
 /// What the HTTP handlers and the main loop share.
 pub struct FlowService {
+    node: String,
     agg: Mutex<Aggregator>,
     follow: broadcast::Sender<Arc<Flow>>,
     metrics: FlowMetrics,
@@ -144,6 +149,7 @@ impl FlowService {
             .context("opening the flow collector")?;
         let (follow, _) = broadcast::channel(FOLLOW_BUFFER);
         let svc = Arc::new(FlowService {
+            node: node.to_string(),
             agg: Mutex::new(Aggregator::new(node, Limits::default())),
             follow,
             metrics,
@@ -166,6 +172,7 @@ impl FlowService {
     pub fn detached(node: &str, metrics: FlowMetrics) -> Arc<Self> {
         let (follow, _) = broadcast::channel(FOLLOW_BUFFER);
         Arc::new(FlowService {
+            node: node.to_string(),
             agg: Mutex::new(Aggregator::new(node, Limits::default())),
             follow,
             metrics,
@@ -186,7 +193,15 @@ impl FlowService {
             }
         }
         let after = agg.stats();
-        self.metrics.lost.inc_by(after.lost - before.lost);
+        for (why, n) in &after.lost_by {
+            let was = before.lost_by.get(why).copied().unwrap_or(0);
+            if *n > was {
+                self.metrics
+                    .lost
+                    .get_or_create(&[("reason", why.word())])
+                    .inc_by(n - was);
+            }
+        }
         self.metrics.dropped.inc_by(
             (after.overflow - before.overflow) + (after.live_overflow - before.live_overflow),
         );
@@ -219,6 +234,44 @@ impl FlowService {
     /// The history's flows that `f` passes.
     pub fn query(&self, f: &Filter) -> Vec<Flow> {
         self.agg.lock().map(|a| a.query(f)).unwrap_or_default()
+    }
+
+    /// What was lost in each window ending after `since`.
+    pub fn lost(&self, since: Option<u64>) -> Vec<Lost> {
+        self.agg.lock().map(|a| a.lost(since)).unwrap_or_default()
+    }
+
+    /// Samples lost since the agent started, by reason.
+    pub fn lost_so_far(&self) -> BTreeMap<LostReason, u64> {
+        self.agg
+            .lock()
+            .map(|a| a.stats().lost_by.clone())
+            .unwrap_or_default()
+    }
+
+    /// What was lost since `seen` (a [`FlowService::lost_so_far`], brought up to date), as a
+    /// record for followers (`start` = `end` = now); None when nothing was.
+    pub fn lost_news(&self, seen: &mut BTreeMap<LostReason, u64>) -> Option<Lost> {
+        let now_by = self.lost_so_far();
+        let reasons: BTreeMap<LostReason, u64> = now_by
+            .iter()
+            .filter_map(|(why, n)| {
+                let d = n.saturating_sub(seen.get(why).copied().unwrap_or(0));
+                (d > 0).then_some((*why, d))
+            })
+            .collect();
+        *seen = now_by;
+        if reasons.is_empty() {
+            return None;
+        }
+        let t = now();
+        Some(Lost {
+            start: t,
+            end: t,
+            node: self.node.clone(),
+            samples: reasons.values().sum(),
+            reasons,
+        })
     }
 
     /// Flows as they are observed.

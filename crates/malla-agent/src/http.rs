@@ -12,7 +12,9 @@
 //! - `GET /flows?from=&to=&namespace=&verdict=&policy=&port=&since=`: the flow history
 //!   ([`crate::flows`]) as JSON lines, one [`malla_flows::Flow`] per line, oldest window first;
 //!   `GET /flows/follow?…`: flows as they are observed, one line each, until the client goes
-//!   (a line `{"lagged":N}` says N were skipped for a slow reader). JSON lines rather than
+//!   (a line `{"lagged":N}` says N were skipped for a slow reader; a [`malla_flows::Lost`]
+//!   line, each second something was, how many samples were lost and why);
+//!   `GET /flows/lost?since=`: samples lost in each window, by reason. JSON lines rather than
 //!   gRPC: `curl` reads it, a query and a stream have one format, and nothing needs a protobuf
 //!   toolchain. 503 when flow logs are off, 400 naming the parameter for a bad filter.
 //!
@@ -52,6 +54,7 @@ fn router(health: Health, metrics: Arc<Metrics>, flows: Option<Arc<FlowService>>
         .route("/metrics", get(metrics_text))
         .route("/flows", get(flows_query))
         .route("/flows/follow", get(flows_follow))
+        .route("/flows/lost", get(flows_lost))
         .with_state(Shared {
             health,
             metrics,
@@ -94,25 +97,46 @@ async fn flows_query(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response
     ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
 }
 
+/// `GET /flows/lost?since=`: what was lost in each window (JSON lines of
+/// `malla_flows::Lost`); a lost sample has no connection, so only `since` applies.
+async fn flows_lost(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
+    let (fs, f) = match flows_and_filter(&s, q) {
+        Ok(x) => x,
+        Err(r) => return r.into_response(),
+    };
+    let body: String = fs.lost(f.since).iter().map(json_line).collect();
+    ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
+}
+
 async fn flows_follow(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response {
     let (fs, f) = match flows_and_filter(&s, q) {
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
     let rx = fs.subscribe();
-    let stream = futures::stream::unfold((rx, f), |(mut rx, f)| async move {
+    // Every second, what was lost since (samples the filter cannot be applied to): a
+    // `malla_flows::Lost` line.
+    let seen = fs.lost_so_far();
+    let tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let state = (rx, f, fs, seen, tick);
+    let stream = futures::stream::unfold(state, |mut st| async move {
+        let (rx, f, fs, seen, tick) = &mut st;
         loop {
-            match rx.recv().await {
+            let got = tokio::select! {
+                r = rx.recv() => r,
+                _ = tick.tick() => match fs.lost_news(seen) {
+                    Some(l) => return Some((Ok(json_line(&l)), st)),
+                    None => continue,
+                },
+            };
+            match got {
                 Ok(flow) if f.matches(&flow) => {
-                    return Some((
-                        Ok::<_, std::convert::Infallible>(json_line(&*flow)),
-                        (rx, f),
-                    ))
+                    return Some((Ok::<_, std::convert::Infallible>(json_line(&*flow)), st))
                 }
                 Ok(_) => continue,
                 Err(RecvError::Lagged(n)) => {
                     let line = json_line(&serde_json::json!({ "lagged": n }));
-                    return Some((Ok(line), (rx, f)));
+                    return Some((Ok(line), st));
                 }
                 Err(RecvError::Closed) => return None,
             }
@@ -308,7 +332,10 @@ mod tests {
                 reply: None,
             })
         };
-        fs.ingest(vec![deny(1), KernelEvent::Lost(3)]);
+        fs.ingest(vec![
+            deny(1),
+            KernelEvent::Lost(malla_flows::LostReason::RateLimit, 3),
+        ]);
         let (code, body) = get(addr, "/flows?verdict=denied&port=5432");
         assert_eq!(code, 200, "{body}");
         let flows: Vec<malla_flows::Flow> = body
@@ -322,7 +349,14 @@ mod tests {
         assert_eq!(code, 400);
         assert!(body.contains("port"), "{body}");
         let (_, m) = get(addr, "/metrics");
-        assert!(m.contains("malla_flow_samples_lost_total 3"), "{m}");
+        assert!(
+            m.contains("malla_flow_samples_lost_total{reason=\"rate-limit\"} 3"),
+            "{m}"
+        );
+        let (code, body) = get(addr, "/flows/lost");
+        assert_eq!(code, 200, "{body}");
+        let lost: malla_flows::Lost = serde_json::from_str(body.trim()).expect(&body);
+        assert_eq!((lost.samples, lost.node.as_str()), (3, "n1"));
         assert!(
             m.contains("malla_flow_drops_total{reason=\"policy\"} 1"),
             "{m}"

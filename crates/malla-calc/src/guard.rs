@@ -8,7 +8,7 @@
 //! addresses ([`SET_V4`], [`SET_V6`]: exact, hashed) or in the set of allowed prefixes
 //! ([`ALLOW_V4`], [`ALLOW_V6`]: interval); IPv6 link-local sources and `::` (duplicate address
 //! detection) always pass, so neighbour discovery works. Everything else is dropped, counted by
-//! the drop rule's counter (comments `spoofed-v4`, `spoofed-v6`). An interface the node has no
+//! a counter rule just before the drop (comments `spoofed-v4`, `spoofed-v6`). An interface the node has no
 //! endpoint for yet passes nothing, as Calico's `cali+` interfaces.
 //!
 //! What the sets hold is a function of the local endpoints and the pods' annotations,
@@ -262,22 +262,34 @@ pub fn render(entries: &BTreeSet<GuardEntry>, on: bool, t: &mut nft::Table) {
         }
     }
     let workloads = format!("\"{}*\"", malla_api::HOST_IFNAME_PREFIX);
+    // Each family's drops: counted (every one, logged or not), then logged within the deny
+    // log's limit (beyond it counted lost and dropped in the lost chain), then dropped.
+    let [over, log] = LogPoint::Spoofed.deny_rules(t);
+    let mut rules = vec![
+        format!("iifname != {workloads} accept"),
+        format!("iifname . ip saddr @{SET_V4} accept"),
+        format!("iifname . ip saddr @{ALLOW_V4} accept"),
+    ];
+    for (fam, counter) in [("ipv4", DROPPED_V4), ("ipv6", DROPPED_V6)] {
+        if fam == "ipv6" {
+            rules.extend([
+                "ip6 saddr { ::, fe80::/10 } accept".to_string(),
+                format!("iifname . ip6 saddr @{SET_V6} accept"),
+                format!("iifname . ip6 saddr @{ALLOW_V6} accept"),
+            ]);
+        }
+        rules.extend([
+            format!("meta nfproto {fam} counter comment \"{counter}\""),
+            format!("meta nfproto {fam} {over}"),
+            format!("meta nfproto {fam} {log}"),
+            format!("meta nfproto {fam} drop"),
+        ]);
+    }
     t.chains.insert(
         CHAIN.into(),
         Chain {
             base: Some(BaseChain::new("filter", "prerouting", "raw")),
-            rules: vec![
-                format!("iifname != {workloads} accept"),
-                format!("iifname . ip saddr @{SET_V4} accept"),
-                format!("iifname . ip saddr @{ALLOW_V4} accept"),
-                format!("meta nfproto ipv4 {}", LogPoint::Spoofed.deny_rule()),
-                format!("meta nfproto ipv4 counter drop comment \"{DROPPED_V4}\""),
-                "ip6 saddr { ::, fe80::/10 } accept".into(),
-                format!("iifname . ip6 saddr @{SET_V6} accept"),
-                format!("iifname . ip6 saddr @{ALLOW_V6} accept"),
-                format!("meta nfproto ipv6 {}", LogPoint::Spoofed.deny_rule()),
-                format!("meta nfproto ipv6 counter drop comment \"{DROPPED_V6}\""),
-            ],
+            rules,
         },
     );
 }

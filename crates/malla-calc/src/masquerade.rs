@@ -71,6 +71,7 @@ pub fn node_table(pools: &[IpPool], services: &ServiceMap) -> nft::Table {
         },
     );
     services::render_services(services, &mut t);
+    crate::policy::flowlog::add_lost_chains(&mut t);
     t
 }
 

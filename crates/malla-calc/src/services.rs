@@ -589,16 +589,12 @@ fn skeleton(map: &ServiceMap, table: &mut nft::Table) {
     }
     chain(table, "services", None, services);
     chain(table, "endpoints-check", None, check);
-    chain(
-        table,
-        REJECT_CHAIN,
-        None,
-        vec![
-            crate::policy::flowlog::LogPoint::NoEndpoint.deny_rule(),
-            "meta l4proto tcp reject with tcp reset".into(),
-            "reject".into(),
-        ],
-    );
+    let mut reject = crate::policy::flowlog::LogPoint::NoEndpoint
+        .deny_rules(table)
+        .to_vec();
+    reject.push("meta l4proto tcp reject with tcp reset".into());
+    reject.push("reject".into());
+    chain(table, REJECT_CHAIN, None, reject);
 }
 
 /// Indices of the endpoint maps: each map-dispatched chain owns runs of [`SLOT_SIZE`]

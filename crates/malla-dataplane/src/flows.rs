@@ -9,16 +9,20 @@
 //! batch of conntrack events, then drains the NFLOG socket, then delivers the samples before
 //! the events, so a NEW never overtakes its samples.
 //!
-//! Loss: NFLOG numbers its samples (`NFULA_SEQ`): a gap is that many samples lost. A conntrack
-//! socket overrun (`ENOBUFS`) loses an unknown number of events: it counts as one. Both are
-//! delivered as [`KernelEvent::Lost`].
+//! Loss, delivered as [`KernelEvent::Lost`] with its reason:
+//! - `overrun`: NFLOG numbers its samples (`NFULA_SEQ`): a gap is that many samples lost. A
+//!   conntrack socket overrun (`ENOBUFS`) loses an unknown number of events: it counts as one.
+//! - `rate-limit`: what the deny log points did not log because of their limit goes through the
+//!   ruleset's lost chains ([`malla_calc::policy::flowlog::LOST_CHAINS`]), each with a
+//!   `counter`; the collector reads those counters every second (an nftables rule dump of the
+//!   two chains, [`LOST_EVERY`]) and delivers what they grew by.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use malla_calc::policy::flowlog::LogPoint;
-use malla_flows::{ConnEvent, Counters, KernelEvent, LogSample, Phase, Tuple};
+use malla_flows::{ConnEvent, Counters, KernelEvent, LogSample, LostReason, Phase, Tuple};
 
 const NETLINK_NETFILTER: libc::c_int = 12;
 const SOL_NETLINK: libc::c_int = 270;
@@ -27,6 +31,10 @@ const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
 const SUBSYS_CTNETLINK: u16 = 1;
 const SUBSYS_ULOG: u16 = 4;
+const SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFPROTO_INET: u8 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -336,6 +344,95 @@ fn dump(fd: &OwnedFd, seq: u32, buf: &mut [u8], out: &mut Vec<KernelEvent>) -> i
     Ok(())
 }
 
+/// How often the collector reads the lost chains' counters.
+pub const LOST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A request for the rules of chain `chain` of table `inet table`.
+fn rules_request(seq: u32, table: &str, chain: &str) -> Vec<u8> {
+    let mut m = vec![0u8; 16];
+    m.extend_from_slice(&[NFPROTO_INET, 0, 0, 0]);
+    for (ty, name) in [(1u16, table), (2, chain)] {
+        let mut z = name.as_bytes().to_vec();
+        z.push(0);
+        put_attr(&mut m, ty, &z);
+    }
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m[4..6].copy_from_slice(&((SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE).to_ne_bytes());
+    m[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    m
+}
+
+/// The packets of the `counter` expressions of a rule message (after the netlink header):
+/// `NFTA_RULE_EXPRESSIONS` / `NFTA_LIST_ELEM` / `NFTA_EXPR_NAME` "counter", `NFTA_EXPR_DATA` /
+/// `NFTA_COUNTER_PACKETS`.
+pub fn rule_counter_packets(body: &[u8]) -> u64 {
+    let Some(a) = body.get(4..).map(attrs) else {
+        return 0;
+    };
+    let Some(exprs) = attr(&a, 4) else {
+        return 0;
+    };
+    attrs(exprs)
+        .into_iter()
+        .filter(|(t, _)| *t == 1)
+        .map(|(_, e)| attrs(e))
+        .filter(|e| attr(e, 1).is_some_and(|n| n.strip_suffix(b"\0").unwrap_or(n) == b"counter"))
+        .filter_map(|e| attr(&e, 2).and_then(|d| attr(&attrs(d), 2)).and_then(be64))
+        .sum()
+}
+
+/// The packets the counters of chain `chain` of `inet table` counted: None when the chain or
+/// table is not there (or the kernel did not answer in time).
+fn chain_packets(
+    fd: &OwnedFd,
+    seq: u32,
+    table: &str,
+    chain: &str,
+    buf: &mut [u8],
+) -> io::Result<Option<u64>> {
+    let msg = rules_request(seq, table, chain);
+    // SAFETY: send(2) of a buffer we own.
+    if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut total = 0u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+    while std::time::Instant::now() < deadline {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor.
+        if unsafe { libc::poll(&mut p, 1, 100) } <= 0 {
+            continue;
+        }
+        let n = match recv(fd, buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        // A datagram answers one request: one with another sequence number answered an
+        // earlier request that timed out.
+        if n < 12 || u32::from_ne_bytes([buf[8], buf[9], buf[10], buf[11]]) != seq {
+            continue;
+        }
+        for (ty, _, body) in messages(&buf[..n]) {
+            match ty {
+                NLMSG_DONE => return Ok(Some(total)),
+                NLMSG_ERROR => return Ok(None),
+                t if t == (SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE => {
+                    total += rule_counter_packets(body);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// The addresses and ports of an IP packet (from its network header).
 fn packet_tuple(p: &[u8]) -> Option<Tuple> {
     let (proto, src, dst, l4) = match p.first()? >> 4 {
@@ -389,12 +486,16 @@ pub fn parse_nflog(ty: u16, body: &[u8]) -> Option<(LogSample, Option<u32>)> {
     Some((LogSample { point, orig, reply }, seq))
 }
 
-/// The two sockets, open in one namespace.
+/// The sockets, open in one namespace.
 pub struct Collector {
     ct: OwnedFd,
     log: OwnedFd,
     dump: OwnedFd,
+    /// nftables requests: the lost chains' counters.
+    nft: OwnedFd,
     last_seq: Option<u32>,
+    /// The lost chains' counters at the last reading (None before the first).
+    lost_seen: Option<u64>,
 }
 
 fn loopback(t: &Tuple) -> bool {
@@ -445,12 +546,41 @@ impl Collector {
             }
         }
         let dump = netlink_socket().map_err(io_err("opening the conntrack dump socket"))?;
-        Ok(Collector {
+        let nft = netlink_socket().map_err(io_err("opening the nftables socket"))?;
+        let mut c = Collector {
             ct,
             log,
             dump,
+            nft,
             last_seq: None,
-        })
+            lost_seen: None,
+        };
+        // The base reading: from now on, what the lost chains count is delivered.
+        c.read_lost(0, &mut vec![0u8; 1 << 16], &mut Vec::new());
+        Ok(c)
+    }
+
+    /// Reads the lost chains' counters and delivers what they grew by since the last reading
+    /// (the first reading is the base: what was lost before the agent started is not its). A
+    /// chain missing counts 0; counters that went down (the table was replaced) grew from 0.
+    fn read_lost(&mut self, seq: u32, buf: &mut [u8], out: &mut Vec<KernelEvent>) {
+        let mut now = 0u64;
+        for chain in malla_calc::policy::flowlog::LOST_CHAINS {
+            match chain_packets(&self.nft, seq, malla_calc::masquerade::TABLE, chain, buf) {
+                Ok(n) => now += n.unwrap_or(0),
+                Err(e) => {
+                    tracing::warn!(error = %e, chain, "reading a flow-log lost chain");
+                    return;
+                }
+            }
+        }
+        if let Some(before) = self.lost_seen {
+            let grew = if now >= before { now - before } else { now };
+            if grew > 0 {
+                out.push(KernelEvent::Lost(LostReason::RateLimit, grew));
+            }
+        }
+        self.lost_seen = Some(now);
     }
 
     /// Reads what is queued on the NFLOG socket into `out`.
@@ -465,7 +595,7 @@ impl Collector {
                         if let (Some(last), Some(seq)) = (self.last_seq, seq) {
                             let gap = seq.wrapping_sub(last).wrapping_sub(1);
                             if gap > 0 && gap < u32::MAX / 2 {
-                                out.push(KernelEvent::Lost(u64::from(gap)));
+                                out.push(KernelEvent::Lost(LostReason::Overrun, u64::from(gap)));
                             }
                         }
                         if seq.is_some() {
@@ -489,6 +619,8 @@ impl Collector {
         let mut buf = vec![0u8; 1 << 16];
         let mut last_dump = std::time::Instant::now();
         let mut dumps = 0u32;
+        let mut last_lost = std::time::Instant::now();
+        let mut lost_reads = 0u32;
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -531,7 +663,12 @@ impl Collector {
             let mut batch = Vec::new();
             self.drain_log(&mut buf, &mut batch);
             if lost > 0 {
-                batch.push(KernelEvent::Lost(lost));
+                batch.push(KernelEvent::Lost(LostReason::Overrun, lost));
+            }
+            if last_lost.elapsed() >= LOST_EVERY {
+                last_lost = std::time::Instant::now();
+                lost_reads = lost_reads.wrapping_add(1);
+                self.read_lost(lost_reads, &mut buf, &mut batch);
             }
             batch.extend(conns);
             if last_dump.elapsed() >= DUMP_EVERY {
@@ -598,6 +735,34 @@ mod tests {
             let _ = parse_ct_event((1 << 8) | 2, &body[..n]);
         }
         assert_eq!(parse_ct_event(5, &body), None);
+    }
+
+    #[test]
+    fn a_rule_message_reads_its_counters_packets() {
+        let mut counter = Vec::new();
+        put_attr(&mut counter, 1, &900u64.to_be_bytes());
+        put_attr(&mut counter, 2, &42u64.to_be_bytes());
+        let mut elem = Vec::new();
+        put_attr(&mut elem, 1, b"counter\0");
+        elem.extend(nest(2, &counter));
+        let mut other = Vec::new();
+        put_attr(&mut other, 1, b"immediate\0");
+        let mut list = nest(1, &other);
+        list.extend(nest(1, &elem));
+        let mut body = vec![1, 0, 0, 0];
+        put_attr(&mut body, 1, b"malla\0");
+        body.extend(nest(4, &list));
+        assert_eq!(rule_counter_packets(&body), 42);
+        // Truncated input reads as less, never a panic.
+        for n in 0..body.len() {
+            assert!(rule_counter_packets(&body[..n]) <= 42);
+        }
+        let req = rules_request(9, "malla", "flowlog-lost-drop");
+        assert_eq!(req.len() % 4, 0);
+        assert_eq!(
+            u32::from_ne_bytes(req[0..4].try_into().unwrap()) as usize,
+            req.len()
+        );
     }
 
     #[test]

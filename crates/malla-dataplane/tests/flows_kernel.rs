@@ -15,6 +15,57 @@ use malla_flows::{KernelEvent, Phase};
 
 mod common;
 
+/// Opens a collector in the calling thread's namespace and runs it on a thread of its own:
+/// its events, the flag that stops it, the thread.
+fn start_collector() -> (
+    mpsc::Receiver<KernelEvent>,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
+    let collector = Collector::open(NFLOG_GROUP).expect("collector");
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let reader = std::thread::spawn(move || {
+        collector.run(|batch| {
+            for ev in batch {
+                let _ = tx.send(ev);
+            }
+            !stop2.load(Ordering::Relaxed)
+        })
+    });
+    (rx, stop, reader)
+}
+
+/// Loads table `inet malla` (the table the collector reads the lost chains of) with an output
+/// chain: `rules`, then `deny`'s log rules and a drop for packets matching `what`.
+fn load(rules: &mut Vec<String>, deny: &LogPoint, what: &str) {
+    let mut t = malla_calc::nft::Table::new("inet", malla_calc::masquerade::TABLE);
+    for r in deny.deny_rules(&mut t) {
+        rules.push(format!("{what} {r}"));
+    }
+    rules.push(format!("{what} drop"));
+    t.chains.insert(
+        "out".into(),
+        malla_calc::nft::Chain {
+            base: Some(malla_calc::nft::BaseChain::new("filter", "output", "0")),
+            rules: rules.clone(),
+        },
+    );
+    let ruleset = malla_calc::nft::render_full(&t);
+    let mut nft = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(ruleset.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft -f failed:\n{ruleset}");
+}
+
 #[test]
 fn allowed_and_denied_connections_reach_the_collector() {
     if !common::is_root() {
@@ -26,38 +77,13 @@ fn allowed_and_denied_connections_reach_the_collector() {
         enable_accounting().unwrap();
         let allow = LogPoint::allow(Dir::Out, "t/p", 0);
         let deny = LogPoint::Deny { dir: Dir::Out };
-        let ruleset = format!(
-            "table inet flowtest {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
-             ct state established,related accept\n \
-             tcp dport 7777 {} accept\n \
-             tcp dport 7778 {}\n tcp dport 7778 drop\n }}\n}}\n",
-            allow.statement(),
-            deny.deny_rule()
-        );
-        let mut nft = std::process::Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        nft.stdin
-            .take()
-            .unwrap()
-            .write_all(ruleset.as_bytes())
-            .unwrap();
-        assert!(nft.wait().unwrap().success(), "nft -f failed:\n{ruleset}");
+        let mut rules = vec![
+            "ct state established,related accept".to_string(),
+            format!("tcp dport 7777 {} accept", allow.statement()),
+        ];
+        load(&mut rules, &deny, "tcp dport 7778");
 
-        let collector = Collector::open(NFLOG_GROUP).expect("collector");
-        let (tx, rx) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let reader = std::thread::spawn(move || {
-            collector.run(|batch| {
-                for ev in batch {
-                    let _ = tx.send(ev);
-                }
-                !stop2.load(Ordering::Relaxed)
-            })
-        });
+        let (rx, stop, reader) = start_collector();
 
         let server = TcpListener::bind("198.19.0.11:7777").unwrap();
         let serve = std::thread::spawn(move || {
@@ -114,6 +140,55 @@ fn allowed_and_denied_connections_reach_the_collector() {
         let b = bytes_out.expect("counters on DESTROY");
         // 10 000 bytes of payload plus the headers of a handful of segments.
         assert!((10_000..12_000).contains(&b), "{b} bytes");
+        reader.join().unwrap();
+    });
+}
+
+/// A burst of denied datagrams far beyond the deny log's limit (1000/s, burst 200): every one
+/// is either logged (a sample) or counted in the lost chain (delivered as lost, `rate-limit`),
+/// none vanishes.
+#[test]
+fn denied_datagrams_beyond_the_log_limit_are_counted_lost() {
+    if !common::is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let name = format!("malla-flowl-{}", std::process::id());
+    common::in_namespace(&name, false, || async {
+        let deny = LogPoint::Deny { dir: Dir::Out };
+        load(&mut Vec::new(), &deny, "udp dport 20000-29999");
+        let (rx, stop, reader) = start_collector();
+        // The collector's first reading of the counters is its base: let it happen first.
+        std::thread::sleep(Duration::from_millis(300));
+        const SENT: u64 = 5000;
+        let sock = std::net::UdpSocket::bind("198.19.0.11:0").unwrap();
+        let mut refused = 0;
+        for i in 0..SENT {
+            let port = 20000 + (i % 10_000) as u16;
+            if sock.send_to(&[1u8; 8], ("198.19.0.11", port)).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, SENT, "the drop answers EPERM to each datagram");
+        let (mut logged, mut lost_rate, mut lost_other) = (0u64, 0u64, 0u64);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && logged + lost_rate + lost_other < SENT {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(KernelEvent::Log(s)) if s.point == deny => logged += 1,
+                Ok(KernelEvent::Lost(malla_flows::LostReason::RateLimit, n)) => lost_rate += n,
+                Ok(KernelEvent::Lost(_, n)) => lost_other += n,
+                _ => {}
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        eprintln!(
+            "{SENT} denied: {logged} logged, {lost_rate} over the limit, {lost_other} overrun"
+        );
+        assert_eq!(logged + lost_rate + lost_other, SENT);
+        assert!(
+            lost_rate > 0 && logged >= 200,
+            "{logged} logged, {lost_rate} lost"
+        );
         reader.join().unwrap();
     });
 }

@@ -12,15 +12,17 @@
 //!   confirmed for a dropped first packet).
 //!
 //! Bounds ([`Limits`]): the windows kept, the flow entries over all windows, live connections
-//! and pending samples. What does not fit is counted in [`Stats`], never silently dropped.
+//! and pending samples. What does not fit is counted in [`Stats`], never silently dropped, and
+//! so is what the kernel reports lost ([`KernelEvent::Lost`]): by reason, overall and in the
+//! window it happened in ([`Aggregator::lost`]).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use malla_calc::policy::flowlog::{Dir, LogPoint, RuleRef};
 
 use crate::{
-    proto_name, ConnEvent, Counters, Directory, Filter, Flow, FlowKey, KernelEvent, Phase, Tuple,
-    Verdict, WINDOW_SECS,
+    proto_name, ConnEvent, Counters, Directory, Filter, Flow, FlowKey, KernelEvent, Lost,
+    LostReason, Phase, Tuple, Verdict, WINDOW_SECS,
 };
 
 /// How much the aggregator keeps.
@@ -53,8 +55,11 @@ impl Default for Limits {
 pub struct Stats {
     /// Kernel events ingested.
     pub events: u64,
-    /// Samples the kernel reported lost (socket overruns, sequence gaps).
+    /// Samples lost, whatever the reason: the sum over `lost_by`.
     pub lost: u64,
+    /// Samples lost by reason: what the kernel reported ([`KernelEvent::Lost`]) and what did
+    /// not fit here (the three counts below, each a sample or connection event lost).
+    pub lost_by: BTreeMap<LostReason, u64>,
     /// Flows not kept because the history was full.
     pub overflow: u64,
     /// Connections not tracked because the live table was full (their allowing rule is not
@@ -77,6 +82,7 @@ struct Acc {
 struct Window {
     start: u64,
     flows: HashMap<FlowKey, Acc>,
+    lost: BTreeMap<LostReason, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -223,19 +229,14 @@ impl Aggregator {
         )
     }
 
-    /// Adds to the window of `now`; false when the history is full.
-    fn record(
-        &mut self,
-        now: u64,
-        key: &FlowKey,
-        endpoint: &Option<String>,
-        f: impl FnOnce(&mut Acc),
-    ) -> bool {
+    /// The window of `now` (a late event, the clock gone back, counts in the newest one).
+    fn window(&mut self, now: u64) -> Option<&mut Window> {
         let start = now - now % WINDOW_SECS;
         if self.windows.back().is_none_or(|w| w.start < start) {
             self.windows.push_back(Window {
                 start,
                 flows: HashMap::new(),
+                lost: BTreeMap::new(),
             });
             while self.windows.len() > self.limits.windows.max(1) {
                 if let Some(w) = self.windows.pop_front() {
@@ -243,8 +244,32 @@ impl Aggregator {
                 }
             }
         }
-        // A late event (the clock went back) counts in the newest window.
-        let Some(w) = self.windows.back_mut() else {
+        self.windows.back_mut()
+    }
+
+    /// Counts `n` samples lost for `why` at `now`.
+    fn lose(&mut self, now: u64, why: LostReason, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.stats.lost += n;
+        *self.stats.lost_by.entry(why).or_default() += n;
+        if let Some(w) = self.window(now) {
+            *w.lost.entry(why).or_default() += n;
+        }
+    }
+
+    /// Adds to the window of `now`; false when the history is full (counted lost).
+    fn record(
+        &mut self,
+        now: u64,
+        key: &FlowKey,
+        endpoint: &Option<String>,
+        f: impl FnOnce(&mut Acc),
+    ) -> bool {
+        let entries = self.entries;
+        let full = entries >= self.limits.flows;
+        let Some(w) = self.window(now) else {
             return false;
         };
         if let Some(acc) = w.flows.get_mut(key) {
@@ -254,8 +279,9 @@ impl Aggregator {
             }
             return true;
         }
-        if self.entries >= self.limits.flows {
+        if full {
             self.stats.overflow += 1;
+            self.lose(now, LostReason::HistoryFull, 1);
             return false;
         }
         let mut acc = Acc {
@@ -284,7 +310,7 @@ impl Aggregator {
         }
     }
 
-    fn hold_pending(&mut self, orig: Tuple, rule: String) {
+    fn hold_pending(&mut self, now: u64, orig: Tuple, rule: String) {
         let v = self.pending.entry(orig).or_default();
         if v.is_empty() {
             self.pending_order.push_back(orig);
@@ -297,6 +323,7 @@ impl Aggregator {
                 Some(t) => {
                     if self.pending.remove(&t).is_some() {
                         self.stats.pending_evicted += 1;
+                        self.lose(now, LostReason::PendingEvicted, 1);
                     }
                 }
                 None => break,
@@ -318,8 +345,8 @@ impl Aggregator {
     pub fn ingest(&mut self, ev: KernelEvent, now: u64) -> Option<Flow> {
         self.stats.events += 1;
         match ev {
-            KernelEvent::Lost(n) => {
-                self.stats.lost += n;
+            KernelEvent::Lost(why, n) => {
+                self.lose(now, why, n);
                 None
             }
             KernelEvent::Log(s) => {
@@ -338,7 +365,7 @@ impl Aggregator {
                                 l.key.policies.push(text);
                             }
                         } else {
-                            self.hold_pending(forward_tuple(&s.orig, s.reply.as_ref()), text);
+                            self.hold_pending(now, forward_tuple(&s.orig, s.reply.as_ref()), text);
                         }
                         return None;
                     }
@@ -422,6 +449,7 @@ impl Aggregator {
                     );
                 } else {
                     self.stats.live_overflow += 1;
+                    self.lose(now, LostReason::LiveFull, 1);
                 }
                 let acc = Acc {
                     started: 1,
@@ -478,6 +506,22 @@ impl Aggregator {
                 ends.then(|| self.observation(now, key, endpoint, acc))
             }
         }
+    }
+
+    /// What was lost in each window ending after `since` (all when None), oldest first; windows
+    /// that lost nothing are left out.
+    pub fn lost(&self, since: Option<u64>) -> Vec<Lost> {
+        self.windows
+            .iter()
+            .filter(|w| !w.lost.is_empty() && since.is_none_or(|s| w.start + WINDOW_SECS > s))
+            .map(|w| Lost {
+                start: w.start,
+                end: w.start + WINDOW_SECS,
+                node: self.node.clone(),
+                samples: w.lost.values().sum(),
+                reasons: w.lost.clone(),
+            })
+            .collect()
     }
 
     /// The flows of the history that `filter` passes, oldest window first.

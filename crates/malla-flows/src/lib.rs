@@ -22,6 +22,7 @@ use malla_calc::policy::flowlog::LogPoint;
 use serde::{Deserialize, Serialize};
 
 pub use aggregate::{Aggregator, Limits, Stats};
+
 pub use directory::Directory;
 
 /// The length of an aggregation window.
@@ -90,8 +91,63 @@ pub struct LogSample {
 pub enum KernelEvent {
     Conn(ConnEvent),
     Log(LogSample),
-    /// Samples the kernel could not deliver (socket overrun, NFLOG sequence gaps).
-    Lost(u64),
+    /// Samples the kernel did not deliver: how many and why.
+    Lost(LostReason, u64),
+}
+
+/// Why samples (or the flows they would have made) were lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LostReason {
+    /// Beyond the deny log's rate limit ([`malla_calc::policy::flowlog::DENY_LOG_LIMIT`]): the
+    /// kernel counts these in the ruleset's lost chains and does not log them.
+    RateLimit,
+    /// The kernel could not queue them on the agent's sockets (NFLOG sequence gaps, socket
+    /// overruns: `ENOBUFS`).
+    Overrun,
+    /// The flow history was full ([`Limits::flows`]).
+    HistoryFull,
+    /// The live connection table was full ([`Limits::live`]): the connection's allowing rule
+    /// and end are not known.
+    LiveFull,
+    /// Allow samples evicted before their connection's NEW came ([`Limits::pending`]).
+    PendingEvicted,
+}
+
+impl LostReason {
+    /// Every reason, in order.
+    pub const ALL: [LostReason; 5] = [
+        LostReason::RateLimit,
+        LostReason::Overrun,
+        LostReason::HistoryFull,
+        LostReason::LiveFull,
+        LostReason::PendingEvicted,
+    ];
+
+    pub fn word(self) -> &'static str {
+        match self {
+            LostReason::RateLimit => "rate-limit",
+            LostReason::Overrun => "overrun",
+            LostReason::HistoryFull => "history-full",
+            LostReason::LiveFull => "live-full",
+            LostReason::PendingEvicted => "pending-evicted",
+        }
+    }
+}
+
+/// What one node lost in one window (`/flows/lost`): samples by reason. A lost sample is not
+/// known by its connection, so only the window (`since`) filters these.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lost {
+    /// The window: unix seconds, `[start, end)`.
+    pub start: u64,
+    pub end: u64,
+    #[serde(default)]
+    pub node: String,
+    /// The sum over `reasons`.
+    pub samples: u64,
+    pub reasons: std::collections::BTreeMap<LostReason, u64>,
 }
 
 /// A flow's verdict.

@@ -3,6 +3,11 @@
 //! as a table or JSON; `--follow` streams new flows as the agents observe them. A denied
 //! flow's row names the `malla policy trace` command that explains it. In a lab it asks every
 //! node's agent inside the node's namespace; with `--datastore` (on a real node) this host's.
+//!
+//! What the agents lost in the windows shown (samples beyond a deny log's rate limit, socket
+//! overruns, full tables: `/flows/lost`) is said under the table (`samples lost: N (reason: n,
+//! …)`; on stderr with `-o json|yaml`, so that stdout stays the document); following, each
+//! second something is lost there is a line (a `malla_flows::Lost` record with `-o json`).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -12,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::Args;
 use malla_dataplane::netns::NetNs;
-use malla_flows::{Filter, Flow, Verdict};
+use malla_flows::{Filter, Flow, Lost, LostReason, Verdict};
 use serde::Serialize;
 
 use crate::output::{Output, Table};
@@ -228,6 +233,11 @@ pub fn run(g: &Globals, a: FlowsArgs) -> anyhow::Result<()> {
     for e in errors {
         eprintln!("{e}");
     }
+    let (lost, errors) = collect_lost(&nodes, a.agent_address, f.since);
+    for e in errors {
+        eprintln!("{e}");
+    }
+    let lost_line = lost_text(&lost);
     flows.sort_by(|x, y| (x.start, &x.node).cmp(&(y.start, &y.node)));
     let shown: Vec<Shown> = flows
         .into_iter()
@@ -237,6 +247,7 @@ pub fn run(g: &Globals, a: FlowsArgs) -> anyhow::Result<()> {
         })
         .collect();
     if a.output.document(&shown)? {
+        eprintln!("{lost_line}");
         return Ok(());
     }
     let wide = a.output == Output::Wide;
@@ -245,7 +256,59 @@ pub fn run(g: &Globals, a: FlowsArgs) -> anyhow::Result<()> {
         t.row(row(s, wide));
     }
     t.print();
+    println!("{lost_line}");
     Ok(())
+}
+
+/// `samples lost: N (rate-limit: n, …)` over `lost` (several windows and nodes).
+pub fn lost_text(lost: &[Lost]) -> String {
+    let mut by: std::collections::BTreeMap<LostReason, u64> = Default::default();
+    for l in lost {
+        for (why, n) in &l.reasons {
+            *by.entry(*why).or_default() += n;
+        }
+    }
+    let total: u64 = by.values().sum();
+    if total == 0 {
+        return "samples lost: 0".into();
+    }
+    let parts: Vec<String> = by
+        .iter()
+        .map(|(why, n)| format!("{}: {n}", why.word()))
+        .collect();
+    format!("samples lost: {total} ({})", parts.join(", "))
+}
+
+/// Every node's losses in the windows ending after `since` (`/flows/lost`), and what went
+/// wrong asking.
+pub fn collect_lost(
+    nodes: &[(String, Option<String>)],
+    agent_address: SocketAddr,
+    since: Option<u64>,
+) -> (Vec<Lost>, Vec<String>) {
+    let f = Filter {
+        since,
+        ..Filter::default()
+    };
+    let path = format!("/flows/lost{}", f.to_query());
+    let mut lost = Vec::new();
+    let mut errors = Vec::new();
+    for (node, netns) in nodes {
+        let ans = http_get(netns.as_deref(), agent_address, &path);
+        // When the agent did not answer, the flows' query already said why.
+        if ans.status != Some(200) {
+            continue;
+        }
+        for line in ans.body.lines().filter(|l| !l.trim().is_empty()) {
+            match serde_json::from_str::<Lost>(line) {
+                Ok(l) => lost.push(l),
+                Err(e) => errors.push(format!(
+                    "node {node}: a /flows/lost line is not a loss record ({e}): {line}"
+                )),
+            }
+        }
+    }
+    (lost, errors)
 }
 
 /// Every node's flows that pass `f` (`/flows`), and what went wrong asking, one line per node.
@@ -341,6 +404,24 @@ fn follow(nodes: &[(String, Option<String>)], a: &FlowsArgs, f: &Filter) -> anyh
             continue;
         }
         let Ok(flow) = serde_json::from_str::<Flow>(line) else {
+            if let Ok(l) = serde_json::from_str::<Lost>(line) {
+                let mut o = out.lock();
+                if a.output.is_document() {
+                    writeln!(o, "{line}")?;
+                } else {
+                    let s = l.start % 86400;
+                    writeln!(
+                        o,
+                        "{:02}:{:02}:{:02}\t{node}\t{}",
+                        s / 3600,
+                        s / 60 % 60,
+                        s % 60,
+                        lost_text(std::slice::from_ref(&l))
+                    )?;
+                }
+                o.flush()?;
+                continue;
+            }
             eprintln!("node {node}: {line}");
             continue;
         };
@@ -375,5 +456,23 @@ mod tests {
         };
         assert_eq!(f.to_query(), "?from=shop/a%20b&port=80");
         assert_eq!(Filter::default().to_query(), "");
+    }
+
+    #[test]
+    fn losses_add_up_over_windows_and_nodes() {
+        assert_eq!(lost_text(&[]), "samples lost: 0");
+        let l = |why, n| Lost {
+            samples: n,
+            reasons: [(why, n)].into_iter().collect(),
+            ..Lost::default()
+        };
+        assert_eq!(
+            lost_text(&[
+                l(LostReason::RateLimit, 5),
+                l(LostReason::Overrun, 1),
+                l(LostReason::RateLimit, 2)
+            ]),
+            "samples lost: 8 (rate-limit: 7, overrun: 1)"
+        );
     }
 }

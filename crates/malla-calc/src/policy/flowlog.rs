@@ -9,9 +9,13 @@
 //!   (the base chain accepts `established,related` first), so this is one NFLOG message per new
 //!   connection, never per packet;
 //! - a default deny (the `drop` ending an endpoint or peers chain), the anti-spoofing drop and
-//!   the no-endpoint reject: a rule of its own before the verdict, [`LogPoint::deny_rule`],
-//!   rate-limited ([`DENY_LOG_LIMIT`]) so that a flood costs at most that many messages a
-//!   second per rule.
+//!   the no-endpoint reject: two rules of their own before the verdict,
+//!   [`LogPoint::deny_rules`], rate-limited ([`DENY_LOG_LIMIT`]) so that a flood costs at most
+//!   that many messages a second per rule. The first, `limit rate over … goto flowlog-lost-…`,
+//!   sends what is beyond the limit to a chain that counts it and gives the same verdict
+//!   ([`LOST_DROP_CHAIN`], [`LOST_REJECT_CHAIN`]); the second logs what is left. One token
+//!   bucket decides both, so every dropped packet is either logged or counted: the agent
+//!   reads those chains' counters and reports them as samples lost (reason `rate-limit`).
 //!
 //! The prefix (at most 127 bytes in the kernel) is `malla:<kind>[:<dir>[:<rule>]]`: `A` (allowed
 //! by a rule), `D` (denied: no rule allowed it), `S` (spoofed source), `N` (no endpoint);
@@ -20,12 +24,22 @@
 
 use serde::Serialize;
 
+use crate::nft::{Chain, Table};
+
 /// The NFLOG group Malla's log statements send to.
 pub const NFLOG_GROUP: u16 = 30;
 
-/// The rate limit in front of a deny's log statement: beyond it, a flood's drops are not
-/// logged (the drop itself is unchanged).
-pub const DENY_LOG_LIMIT: &str = "limit rate 1000/second burst 200 packets";
+/// The rate of a deny's log statement: beyond it, a flood's drops are counted in a lost chain
+/// instead of logged (the drop itself is unchanged).
+pub const DENY_LOG_LIMIT: &str = "1000/second burst 200 packets";
+
+/// The chain counting (one `counter`) and dropping what a deny or anti-spoofing log point did
+/// not log because of its rate limit.
+pub const LOST_DROP_CHAIN: &str = "flowlog-lost-drop";
+/// The same for the no-endpoint reject: counted, then rejected as the logged ones are.
+pub const LOST_REJECT_CHAIN: &str = "flowlog-lost-reject";
+/// Both lost chains, whose counters the agent adds up.
+pub const LOST_CHAINS: [&str; 2] = [LOST_DROP_CHAIN, LOST_REJECT_CHAIN];
 
 /// The longest rule name written literally into a prefix; longer ones are hashed.
 const LITERAL_MAX: usize = 100;
@@ -88,6 +102,34 @@ pub fn rule_id(policy: &str, dir: Dir, rule: usize) -> u64 {
     super::fnv(&format!("{policy} {}[{rule}]", dir.policy_word()))
 }
 
+/// Adds lost chain `chain` ([`LOST_CHAINS`]) to `table` unless it is there.
+fn add_lost_chain(table: &mut Table, chain: &str) {
+    let rules: &[&str] = if chain == LOST_REJECT_CHAIN {
+        &[
+            "counter",
+            "meta l4proto tcp reject with tcp reset",
+            "reject",
+        ]
+    } else {
+        &["counter drop"]
+    };
+    table
+        .chains
+        .entry(chain.to_string())
+        .or_insert_with(|| Chain {
+            base: None,
+            rules: rules.iter().map(|r| r.to_string()).collect(),
+        });
+}
+
+/// Adds both lost chains to `table`: a node's table always has them (a policy patch adds and
+/// removes only policy objects, so the chains deny rules go to are never its to remove).
+pub fn add_lost_chains(table: &mut Table) {
+    for c in LOST_CHAINS {
+        add_lost_chain(table, c);
+    }
+}
+
 impl LogPoint {
     /// The allow of rule `rule` of `policy` (`namespace/name`) in `dir`.
     pub fn allow(dir: Dir, policy: &str, rule: usize) -> Self {
@@ -127,9 +169,20 @@ impl LogPoint {
         format!("log group {NFLOG_GROUP} prefix \"{}\"", self.prefix())
     }
 
-    /// A rule of its own logging this point at most [`DENY_LOG_LIMIT`].
-    pub fn deny_rule(&self) -> String {
-        format!("{DENY_LOG_LIMIT} {}", self.statement())
+    /// The two rules logging this point at most [`DENY_LOG_LIMIT`], to put just before its
+    /// verdict: beyond the limit to the lost chain (added to `table` if missing) that counts
+    /// and gives this point's verdict (reject for [`LogPoint::NoEndpoint`], else drop), then
+    /// the log statement.
+    pub fn deny_rules(&self, table: &mut Table) -> [String; 2] {
+        let chain = match self {
+            LogPoint::NoEndpoint => LOST_REJECT_CHAIN,
+            _ => LOST_DROP_CHAIN,
+        };
+        add_lost_chain(table, chain);
+        [
+            format!("limit rate over {DENY_LOG_LIMIT} goto {chain}"),
+            self.statement(),
+        ]
     }
 
     /// Reads a prefix back; None for one that is not Malla's.
@@ -195,6 +248,19 @@ mod tests {
             LogPoint::allow(Dir::In, "ns/p", 1).statement(),
             "log group 30 prefix \"malla:A:in:ns/p:1\""
         );
+        let mut t = Table::new("inet", "malla");
+        assert_eq!(
+            LogPoint::Deny { dir: Dir::In }.deny_rules(&mut t),
+            [
+                "limit rate over 1000/second burst 200 packets goto flowlog-lost-drop".to_string(),
+                "log group 30 prefix \"malla:D:in\"".to_string()
+            ]
+        );
+        assert_eq!(t.chains[LOST_DROP_CHAIN].rules, ["counter drop"]);
+        assert!(!t.chains.contains_key(LOST_REJECT_CHAIN));
+        let [over, _] = LogPoint::NoEndpoint.deny_rules(&mut t);
+        assert!(over.ends_with("goto flowlog-lost-reject"), "{over}");
+        assert_eq!(t.chains[LOST_REJECT_CHAIN].rules[0], "counter");
         assert_eq!(LogPoint::parse("other:A"), None);
         assert_eq!(LogPoint::parse("malla:A:in:ns/p"), None);
         assert_eq!(LogPoint::parse("malla:X"), None);

@@ -208,8 +208,15 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                     log,
                 });
             }
-            // Flow-log statements (policy::flowlog): no effect on the verdict. The limit in
-            // front of a deny's log only decides whether the log is written.
+            // Flow-log statements (policy::flowlog): no effect on the verdict. A deny log's
+            // `limit rate over … goto flowlog-lost-…` (the lost chain gives the same verdict
+            // as the rules after it) is never over its limit for the one connection run here.
+            "limit" if w.get(i + 1) == Some(&"rate") && w.get(i + 2) == Some(&"over") => {
+                return Ok(Rule {
+                    conds: vec![Cond::Icmpv6Type],
+                    action: Action::None,
+                });
+            }
             "limit" if w.get(i + 1) == Some(&"rate") => {
                 i += 3;
                 if w.get(i) == Some(&"burst") {

@@ -460,7 +460,7 @@ impl<'p> Render<'p> {
                 Value::Verdict(d.map_verdict.clone())
             } else {
                 let mut body = self.peer_rules(rules, peers, d);
-                body.push(LogPoint::Deny { dir: d.log }.deny_rule());
+                body.extend(LogPoint::Deny { dir: d.log }.deny_rules(table));
                 body.push("drop".into());
                 let mut salt = 0;
                 let name = loop {
@@ -497,7 +497,7 @@ impl<'p> Render<'p> {
             ));
             table.maps.insert(name, map);
         }
-        out.push(LogPoint::Deny { dir: d.log }.deny_rule());
+        out.extend(LogPoint::Deny { dir: d.log }.deny_rules(table));
         out.push("drop".into());
         table.chains.insert(
             chain.to_string(),

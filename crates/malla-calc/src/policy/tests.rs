@@ -474,8 +474,8 @@ fn policy_many_peers_on_one_port_are_one_lookup() {
     let chain: &str = chain;
     let rules = &t.chains[chain].rules;
     // Pod addresses (v4, v6) through one union, the ipBlock on its own, then the deny's flow
-    // log and drop.
-    assert_eq!(rules.len(), 5, "{}", nft::render_full(&t));
+    // log (beyond its limit to the lost chain, then the log) and drop.
+    assert_eq!(rules.len(), 6, "{}", nft::render_full(&t));
     let evals = node_evals(&w, &["n1", "n2"], render::UNION_ABOVE);
     for (src, want) in [
         ("198.18.1.5", true),
@@ -1204,6 +1204,8 @@ proptest! {
             let mut t = nft::Table::new("inet", "malla");
             t.chains.insert("services".into(), nft::Chain { base: None, rules: vec!["drop".into()] });
             t.sets.insert("pools-v4".into(), nft::Set { type_: "ipv4_addr".into(), ..nft::Set::default() });
+            // As every node's table (masquerade::node_table).
+            super::flowlog::add_lost_chains(&mut t);
             render_policy(&compile(&w.policies, &w.namespaces, &w.pods, "n1"), &mut t);
             t
         };

@@ -155,8 +155,39 @@ fn a_late_allow_sample_still_names_the_rule_and_hashed_rules_resolve() {
 #[test]
 fn lost_samples_are_counted() {
     let mut a = agg();
-    a.ingest(KernelEvent::Lost(7), 0);
+    a.ingest(KernelEvent::Lost(LostReason::RateLimit, 7), 0);
     assert_eq!(a.stats().lost, 7);
+    assert_eq!(a.stats().lost_by.get(&LostReason::RateLimit), Some(&7));
+    a.ingest(KernelEvent::Lost(LostReason::Overrun, 2), 20);
+    let w = a.lost(None);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((w[0].start, w[0].samples), (0, 7));
+    assert_eq!((w[1].start, w[1].end, w[1].samples), (15, 30, 2));
+    assert_eq!(w[1].reasons.get(&LostReason::Overrun), Some(&2));
+    assert_eq!(a.lost(Some(15)).len(), 1);
+    // A full history counts what it could not keep as lost too.
+    let mut small = Aggregator::new(
+        "n",
+        Limits {
+            flows: 1,
+            ..Limits::default()
+        },
+    );
+    for port in [1, 2, 3] {
+        small.ingest(
+            KernelEvent::Log(LogSample {
+                point: LogPoint::Deny { dir: Dir::Out },
+                orig: t("198.18.0.2", 40000, "198.18.0.3", port),
+                reply: None,
+            }),
+            5,
+        );
+    }
+    assert_eq!(
+        small.stats().lost_by.get(&LostReason::HistoryFull),
+        Some(&2)
+    );
+    assert_eq!(small.lost(None)[0].samples, 2);
 }
 
 fn arb_event() -> impl Strategy<Value = KernelEvent> {
@@ -182,7 +213,7 @@ fn arb_event() -> impl Strategy<Value = KernelEvent> {
             orig: o,
             reply: None
         })),
-        (0u64..3).prop_map(KernelEvent::Lost),
+        (0u64..3).prop_map(|n| KernelEvent::Lost(LostReason::Overrun, n)),
     ]
 }
 
@@ -208,6 +239,12 @@ proptest! {
         }
         let kept: u64 = a.query(&Filter::default()).iter().map(|f| f.started).sum();
         prop_assert!(kept <= started);
+        // Every start not kept was counted lost as history-full, and the windows' losses add
+        // up to the total.
+        prop_assert!(kept + a.stats().overflow >= started);
+        let by_window: u64 = a.lost(None).iter().map(|l| l.samples).sum();
+        prop_assert!(by_window <= a.stats().lost);
+        prop_assert_eq!(a.stats().lost, a.stats().lost_by.values().sum::<u64>());
         if a.stats().overflow == 0 {
             prop_assert_eq!(kept, started);
         }
