@@ -384,7 +384,7 @@ impl Aggregator {
                                 l.key.staged.push(text);
                             }
                         } else {
-                            self.hold_pending(forward_tuple(&s.orig, s.reply.as_ref()), text);
+                            self.hold_pending(now, forward_tuple(&s.orig, s.reply.as_ref()), text);
                         }
                         return None;
                     }

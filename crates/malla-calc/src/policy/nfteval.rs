@@ -215,6 +215,7 @@ fn parse_rule(text: &str) -> Result<Rule, String> {
                 return Ok(Rule {
                     conds: vec![Cond::Icmpv6Type],
                     action: Action::None,
+                    log: None,
                 });
             }
             "limit" if w.get(i + 1) == Some(&"rate") => {
