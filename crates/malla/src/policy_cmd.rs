@@ -396,47 +396,19 @@ struct TierVerdict {
 
 /// The staged verdicts of a connection (`malla_calc::policy::staged`).
 fn staged_trace(
-    view: &malla_calc::ClusterView,
-    pods: &[PolicyPod],
+    inp: &malla_calc::policy::tiers::TierInputs,
     c: &Connection,
 ) -> BTreeMap<&'static str, malla_calc::policy::staged::PendingVerdict> {
-    use malla_calc::policy::{staged, tiers};
-    if view.calico.staged.is_empty() {
+    if inp.calico.staged.is_empty() {
         return BTreeMap::new();
     }
-    let ents = malla_calc::host::labelled(view);
-    let nodes = malla_calc::routes::node_addresses(view);
-    let inp = tiers::TierInputs {
-        calico: &view.calico,
-        policies: &view.policies,
-        namespaces: &view.namespaces,
-        pods,
-        ents: &ents,
-        nodes: &nodes,
-        dns: malla_calc::policy::dns::DnsView::EMPTY,
-    };
-    staged::pending_points(&inp, c)
+    malla_calc::policy::staged::pending_points(inp, c)
 }
 
-fn tier_trace(
-    view: &malla_calc::ClusterView,
-    pods: &[PolicyPod],
-    c: &Connection,
-) -> Option<TierTrace> {
+fn tier_trace(inp: &malla_calc::policy::tiers::TierInputs, c: &Connection) -> Option<TierTrace> {
     use malla_calc::policy::{tiers, Direction};
-    let ents = malla_calc::host::labelled(view);
-    let nodes = malla_calc::routes::node_addresses(view);
-    let inp = tiers::TierInputs {
-        calico: &view.calico,
-        policies: &view.policies,
-        namespaces: &view.namespaces,
-        pods,
-        ents: &ents,
-        nodes: &nodes,
-        dns: malla_calc::policy::dns::DnsView::EMPTY,
-    };
     let one = |dir| {
-        tiers::explain_direction(&inp, dir, c).map(|(allowed, decided_by)| TierVerdict {
+        tiers::explain_direction(inp, dir, c).map(|(allowed, decided_by)| TierVerdict {
             allowed,
             decided_by,
         })
@@ -460,6 +432,18 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     let mut hosts: Vec<Vec<HostTrace>> = Vec::new();
     let mut tiered: Vec<Option<TierTrace>> = Vec::new();
     let mut staged = Vec::new();
+    // What tiers read, once for every connection traced.
+    let ents = malla_calc::host::labelled(&view);
+    let nodes = malla_calc::routes::node_addresses(&view);
+    let inp = malla_calc::policy::tiers::TierInputs {
+        calico: &view.calico,
+        policies: &view.policies,
+        namespaces: &view.namespaces,
+        pods: &pods,
+        ents: &ents,
+        nodes: &nodes,
+        dns: malla_calc::policy::dns::DnsView::EMPTY,
+    };
     if a.all {
         for src in &pods {
             for dst in pods
@@ -480,8 +464,8 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                         proto: port.protocol,
                     };
                     let e = explain(&view.policies, &view.namespaces, &c);
-                    tiered.push(tier_trace(&view, &pods, &c));
-                    staged.push(staged_trace(&view, &pods, &c));
+                    tiered.push(tier_trace(&inp, &c));
+                    staged.push(staged_trace(&inp, &c));
                     out.push((
                         format!("{}/{}", src.namespace, src.name),
                         format!("{}/{}", dst.namespace, dst.name),
@@ -524,8 +508,8 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             to_host(&view, &pods, s, d),
         ));
         hosts.push(host_trace(&view, &pods, s, d, port, proto));
-        tiered.push(tier_trace(&view, &pods, &c));
-        staged.push(staged_trace(&view, &pods, &c));
+        tiered.push(tier_trace(&inp, &c));
+        staged.push(staged_trace(&inp, &c));
     }
     hosts.resize_with(out.len(), Vec::new);
     // Dropped by the endpoint-to-host action even when the egress policy allows it, or by
