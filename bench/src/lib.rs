@@ -10,7 +10,7 @@
 pub mod etcd;
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -635,6 +635,57 @@ pub fn measure_connections(
     worker
         .join()
         .map_err(|_| anyhow!("measuring thread panicked"))?
+}
+
+/// Microseconds with one decimal.
+pub fn us(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e6)
+}
+
+/// A listener on `addr` inside `netns` that accepts and closes connections until the process
+/// ends (its thread is detached).
+pub fn listen(netns: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    let ns = NetNs::open_named(netns)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let bound = ns
+            .enter_this_thread()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| TcpListener::bind(addr).map_err(anyhow::Error::from));
+        match bound {
+            Ok(l) => {
+                let _ = tx.send(Ok(()));
+                for s in l.incoming() {
+                    drop(s);
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("the listener thread did not start")?
+        .with_context(|| format!("listening on {addr} in {netns}"))
+}
+
+/// `n` TCP connects from inside `netns` to `to`, each timed from `connect` to established.
+pub fn connects(netns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let ns = NetNs::open_named(netns)?;
+    std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
+        ns.enter_this_thread()?;
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                .with_context(|| format!("connecting to {to}"))?;
+            out.push(t.elapsed());
+            drop(s);
+        }
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the connect thread panicked"))?
 }
 
 /// CPU time (user + system) process `pid` has used; zero when unreadable.

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use malla_calc::policy::flowlog::{Dir, NFLOG_GROUP};
 use malla_calc::ClusterView;
+use malla_dataplane::flows::{Refresh, GET_AT_MOST};
 use malla_flows::{Aggregator, Directory, Filter, Flow, Limits, Lost, LostReason, Verdict};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -158,11 +159,15 @@ impl FlowService {
         std::thread::Builder::new()
             .name("malla-flows".into())
             .spawn(move || {
-                collector.run(|batch| {
-                    me.metrics.backlog.set(batch.len() as i64);
-                    me.ingest(batch);
-                    true
-                })
+                let counted = me.clone();
+                collector.run_refreshing(
+                    |batch| {
+                        me.metrics.backlog.set(batch.len() as i64);
+                        me.ingest(batch);
+                        true
+                    },
+                    move || counted.refresh(),
+                )
             })
             .context("starting the flow reader's thread")?;
         Ok(svc)
@@ -177,6 +182,18 @@ impl FlowService {
             follow,
             metrics,
         })
+    }
+
+    /// Whose conntrack counters the collector reads next: the connections still open.
+    fn refresh(&self) -> Refresh {
+        let Ok(agg) = self.agg.lock() else {
+            return Refresh::Nothing;
+        };
+        match agg.open_connections(GET_AT_MOST) {
+            Some(t) if t.is_empty() => Refresh::Nothing,
+            Some(t) => Refresh::Tuples(t),
+            None => Refresh::All,
+        }
     }
 
     /// Takes a batch of kernel events (the reader thread's sink).

@@ -4,6 +4,12 @@
 //! ([`malla_calc::policy::flowlog`]), read from two raw nfnetlink sockets and delivered as
 //! [`malla_flows::KernelEvent`]s.
 //!
+//! Pace: the reader wakes at most every [`READ_PACE`] and then reads everything queued, so a
+//! busy node's agent is woken a few hundred times a second, not once per connection. Every
+//! [`DUMP_EVERY`] it reads the counters of the connections still open ([`Refresh`]: none, a
+//! GET for each of a few, or a dump of the table), which spreads a long connection's bytes
+//! over the windows it lasts.
+//!
 //! Order: the kernel queues an allow sample (forward hook) before the conntrack NEW of the
 //! same connection (confirmation, later on the packet's path); [`Collector::run`] reads a
 //! batch of conntrack events, then drains the NFLOG socket, then delivers the samples before
@@ -486,6 +492,122 @@ pub fn parse_nflog(ty: u16, body: &[u8]) -> Option<(LogSample, Option<u32>)> {
     Some((LogSample { point, orig, reply }, seq))
 }
 
+/// Whose counters the collector reads every [`DUMP_EVERY`] ([`Collector::run_refreshing`]):
+/// the aggregator knows which connections are still open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refresh {
+    /// No connection open: nothing is read.
+    Nothing,
+    /// These connections' entries, one GET each: cheaper than a dump when few are open, since
+    /// the table also holds every closed connection (TIME_WAIT lasts two minutes).
+    Tuples(Vec<Tuple>),
+    /// Every entry (a dump).
+    All,
+}
+
+/// The most connections [`Refresh::Tuples`] asks for one by one; more take a dump.
+pub const GET_AT_MOST: usize = 128;
+
+/// A conntrack GET of the entry whose original tuple is `t` (TCP, UDP and SCTP: ports name
+/// it); None for other protocols.
+fn get_request(seq: u32, t: &Tuple) -> Option<Vec<u8>> {
+    if !matches!(t.proto, 6 | 17 | 132) {
+        return None;
+    }
+    const NESTED: u16 = 0x8000;
+    let mut ip = Vec::new();
+    let family = match (t.src, t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            put_attr(&mut ip, 1, &s.octets());
+            put_attr(&mut ip, 2, &d.octets());
+            libc::AF_INET
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            put_attr(&mut ip, 3, &s.octets());
+            put_attr(&mut ip, 4, &d.octets());
+            libc::AF_INET6
+        }
+        _ => return None,
+    };
+    let mut proto = Vec::new();
+    put_attr(&mut proto, 1, &[t.proto]);
+    put_attr(&mut proto, 2, &t.sport.to_be_bytes());
+    put_attr(&mut proto, 3, &t.dport.to_be_bytes());
+    let mut tuple = Vec::new();
+    put_attr(&mut tuple, 1 | NESTED, &ip);
+    put_attr(&mut tuple, 2 | NESTED, &proto);
+    let mut m = vec![0u8; 16];
+    m.extend_from_slice(&[family as u8, 0, 0, 0]);
+    put_attr(&mut m, 1 | NESTED, &tuple);
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m[4..6].copy_from_slice(&((SUBSYS_CTNETLINK << 8) | 1).to_ne_bytes());
+    m[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    Some(m)
+}
+
+/// Reads the entries of `tuples` as [`Phase::Update`] events (a connection already gone
+/// answers ENOENT and yields nothing).
+fn get_each(
+    fd: &OwnedFd,
+    seq: u32,
+    tuples: &[Tuple],
+    buf: &mut [u8],
+    out: &mut Vec<KernelEvent>,
+) -> io::Result<()> {
+    let mut asked = 0usize;
+    for t in tuples {
+        let Some(msg) = get_request(seq, t) else {
+            continue;
+        };
+        // SAFETY: send(2) of a buffer we own.
+        if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        asked += 1;
+    }
+    let mut answered = 0usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while answered < asked && std::time::Instant::now() < deadline {
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one descriptor.
+        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+            continue;
+        }
+        let n = match recv(fd, buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        for (ty, _, body) in messages(&buf[..n]) {
+            match ty {
+                NLMSG_ERROR => answered += 1,
+                t if t == SUBSYS_CTNETLINK << 8 => {
+                    answered += 1;
+                    if let Some(ev) = ct_entry(Phase::Update, body) {
+                        out.push(KernelEvent::Conn(ev));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reader wakes at most once per this long: between wake-ups the kernel queues events
+/// (the sockets' 8 MiB buffers hold ~8000 connections' worth at the most), so a busy node's
+/// agent is not woken once per new connection.
+pub const READ_PACE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The most conntrack messages read per wake-up (before the NFLOG socket is drained).
+const CT_READS_PER_WAKE: usize = 8192;
+
 /// The sockets, open in one namespace.
 pub struct Collector {
     ct: OwnedFd,
@@ -615,13 +737,27 @@ impl Collector {
     /// Reads events until `sink` returns false, delivering them in batches (an empty one at
     /// least every second). Blocks the
     /// calling thread: run it on a thread of its own (in the namespace the sockets belong to).
-    pub fn run(mut self, mut sink: impl FnMut(Vec<KernelEvent>) -> bool) {
+    pub fn run(self, sink: impl FnMut(Vec<KernelEvent>) -> bool) {
+        self.run_refreshing(sink, || Refresh::All)
+    }
+
+    /// [`Collector::run`], reading every [`DUMP_EVERY`] the counters `refresh` names.
+    pub fn run_refreshing(
+        mut self,
+        mut sink: impl FnMut(Vec<KernelEvent>) -> bool,
+        mut refresh: impl FnMut() -> Refresh,
+    ) {
         let mut buf = vec![0u8; 1 << 16];
         let mut last_dump = std::time::Instant::now();
         let mut dumps = 0u32;
         let mut last_lost = std::time::Instant::now();
         let mut lost_reads = 0u32;
+        let mut woke = std::time::Instant::now();
         loop {
+            // Paced: what arrives meanwhile waits in the sockets.
+            if let Some(rest) = READ_PACE.checked_sub(woke.elapsed()) {
+                std::thread::sleep(rest);
+            }
             let mut fds = [
                 libc::pollfd {
                     fd: self.ct.as_raw_fd(),
@@ -640,9 +776,10 @@ impl Collector {
                 tracing::error!(error = %io::Error::last_os_error(), "flow collection stopped");
                 return;
             }
+            woke = std::time::Instant::now();
             let mut conns = Vec::new();
             let mut lost = 0u64;
-            for _ in 0..64 {
+            for _ in 0..CT_READS_PER_WAKE {
                 match recv(&self.ct, &mut buf) {
                     Ok(n) => {
                         for (ty, _, body) in messages(&buf[..n]) {
@@ -674,7 +811,12 @@ impl Collector {
             if last_dump.elapsed() >= DUMP_EVERY {
                 last_dump = std::time::Instant::now();
                 dumps = dumps.wrapping_add(1);
-                if let Err(e) = dump(&self.dump, dumps, &mut buf, &mut batch) {
+                let read = match refresh() {
+                    Refresh::Nothing => Ok(()),
+                    Refresh::Tuples(t) => get_each(&self.dump, dumps, &t, &mut buf, &mut batch),
+                    Refresh::All => dump(&self.dump, dumps, &mut buf, &mut batch),
+                };
+                if let Err(e) = read {
                     tracing::warn!(error = %e, "reading conntrack counters");
                 }
             }

@@ -10,8 +10,8 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use malla_calc::policy::flowlog::{Dir, LogPoint, NFLOG_GROUP};
-use malla_dataplane::flows::{enable_accounting, Collector};
-use malla_flows::{KernelEvent, Phase};
+use malla_dataplane::flows::{enable_accounting, Collector, Refresh};
+use malla_flows::{KernelEvent, Phase, Tuple};
 
 mod common;
 
@@ -140,6 +140,74 @@ fn allowed_and_denied_connections_reach_the_collector() {
         let b = bytes_out.expect("counters on DESTROY");
         // 10 000 bytes of payload plus the headers of a handful of segments.
         assert!((10_000..12_000).contains(&b), "{b} bytes");
+        reader.join().unwrap();
+    });
+}
+
+/// The periodic counter reading asks for the open connections alone ([`Refresh::Tuples`]):
+/// an open connection's entry comes back with the bytes sent so far; a tuple the table does not
+/// hold yields nothing (and no error).
+#[test]
+fn open_connections_are_read_one_by_one() {
+    if !common::is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let name = format!("malla-flowg-{}", std::process::id());
+    common::in_namespace(&name, false, || async {
+        enable_accounting().unwrap();
+        // A ruleset using conntrack, so that the namespace tracks connections.
+        let mut rules = vec!["ct state established,related accept".to_string()];
+        load(
+            &mut rules,
+            &LogPoint::Deny { dir: Dir::Out },
+            "tcp dport 7778",
+        );
+        let server = TcpListener::bind("198.19.0.11:7779").unwrap();
+        let mut c = TcpStream::connect("198.19.0.11:7779").unwrap();
+        let (mut s, _) = server.accept().unwrap();
+        c.write_all(&[1u8; 5000]).unwrap();
+        let mut got = vec![0u8; 5000];
+        s.read_exact(&mut got).unwrap();
+        let open = Tuple {
+            proto: 6,
+            src: c.local_addr().unwrap().ip(),
+            dst: "198.19.0.11".parse().unwrap(),
+            sport: c.local_addr().unwrap().port(),
+            dport: 7779,
+        };
+        let gone = Tuple { sport: 1, ..open };
+        let collector = Collector::open(NFLOG_GROUP).expect("collector");
+        let (tx, rx) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let reader = std::thread::spawn(move || {
+            collector.run_refreshing(
+                |batch| {
+                    for ev in batch {
+                        let _ = tx.send(ev);
+                    }
+                    !stop2.load(Ordering::Relaxed)
+                },
+                || Refresh::Tuples(vec![gone, open]),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut read = None;
+        while Instant::now() < deadline && read.is_none() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(KernelEvent::Conn(e)) if e.phase == Phase::Update => {
+                    assert_eq!(e.orig, open, "only the open connection is read");
+                    read = e.orig_counters;
+                }
+                _ => {}
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let read = read.expect("the open connection's counters");
+        assert!((5000..6000).contains(&read.bytes), "{read:?}");
+        assert!(!c.peer_addr().unwrap().ip().is_unspecified());
+        drop((c, s));
         reader.join().unwrap();
     });
 }

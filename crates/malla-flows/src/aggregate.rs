@@ -340,6 +340,21 @@ impl Aggregator {
         v
     }
 
+    /// The original tuples of the connections still open (started, their end not yet seen),
+    /// or None when there are more than `at_most`: whose counters are worth reading.
+    pub fn open_connections(&self, at_most: usize) -> Option<Vec<Tuple>> {
+        let mut out = Vec::new();
+        for (t, l) in &self.live {
+            if !l.done {
+                if out.len() == at_most {
+                    return None;
+                }
+                out.push(*t);
+            }
+        }
+        Some(out)
+    }
+
     /// Takes one kernel event at `now` (unix seconds). Returns what it observed, one flow per
     /// connection event or sample (`start` = `end` = `now`), for followers.
     pub fn ingest(&mut self, ev: KernelEvent, now: u64) -> Option<Flow> {
@@ -470,6 +485,16 @@ impl Aggregator {
                         l.since = now;
                         let ends = (destroy || c.closed) && !l.done;
                         l.done |= ends;
+                        let quiet =
+                            !ends && out == Counters::default() && back == Counters::default();
+                        if quiet {
+                            // Nothing to add (a counter reading of an idle or closed
+                            // connection): no key is copied.
+                            if destroy {
+                                self.live.remove(&c.orig);
+                            }
+                            return None;
+                        }
                         let r = (l.key.clone(), l.endpoint.clone(), out, back, ends);
                         if destroy {
                             self.live.remove(&c.orig);

@@ -308,10 +308,15 @@ fn periodic_readings_count_bytes_as_they_grow_and_the_end_once() {
         })
     };
     assert_eq!(a.ingest(reading(100, false), 5), None);
+    // Open: its counters are worth reading.
+    assert_eq!(a.open_connections(8), Some(vec![o]));
     let end = a
         .ingest(reading(250, true), 20)
         .expect("the end is observed");
     assert_eq!((end.completed, end.bytes_out), (1, 150));
+    // Ended: nothing left to read; a reading of the closed entry adds nothing.
+    assert_eq!(a.open_connections(8), Some(vec![]));
+    assert_eq!(a.ingest(reading(250, true), 30), None);
     // The DESTROY minutes later adds nothing more.
     a.ingest(destroy(o, reverse(o), (1, 250), (1, 10)), 200);
     let flows = a.query(&Filter::default());
@@ -319,6 +324,17 @@ fn periodic_readings_count_bytes_as_they_grow_and_the_end_once() {
     let total_in: u64 = flows.iter().map(|f| f.bytes_in).sum();
     let completed: u64 = flows.iter().map(|f| f.completed).sum();
     assert_eq!((total_out, total_in, completed), (250, 10, 1), "{flows:?}");
+}
+
+#[test]
+fn open_connections_beyond_the_limit_ask_for_a_dump() {
+    let mut a = agg();
+    for p in 0..3 {
+        let o = t("198.18.0.2", 40000 + p, "198.18.0.4", 80);
+        a.ingest(new(o, reverse(o)), 0);
+    }
+    assert_eq!(a.open_connections(3).map(|v| v.len()), Some(3));
+    assert_eq!(a.open_connections(2), None);
 }
 
 #[test]
