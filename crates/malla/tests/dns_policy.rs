@@ -41,6 +41,11 @@ apiVersion: v1
 kind: Pod
 metadata: {name: guarded, labels: {app: guarded}}
 spec: {nodeName: node-1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: admin-guarded, labels: {app: admin-guarded}}
+spec: {nodeName: node-1, containers: [{name: c}]}
 "#;
 
 const POLICY: &str = r#"
@@ -74,6 +79,16 @@ spec:
   - action: Allow
     protocol: TCP
     destination: {nets: [198.19.1.0/24]}
+---
+apiVersion: policy.networking.k8s.io/v1alpha2
+kind: ClusterNetworkPolicy
+metadata: {name: deny-denied-names}
+spec:
+  tier: Admin
+  priority: 5
+  subject: {pods: {namespaceSelector: {}, podSelector: {matchLabels: {app: admin-guarded}}}}
+  egress:
+  - {action: Deny, to: [{domainNames: ["*.denied.test"]}]}
 "#;
 
 /// `malla policy trace FROM IP --port PORT -o json` (and `extra` flags): the one verdict.
@@ -315,6 +330,32 @@ fn pods_reach_allowed_names_on_the_first_try_and_nothing_else() {
         text.contains(&format!(
             "dns: {DENIED} in domains *.denied.test (rule 1 of default/guarded-denied-names, Deny): learned from bad.denied.test A {DENIED}"
         )),
+        "{text}"
+    );
+
+    // The same by a ClusterNetworkPolicy's Deny rule (the Admin tier; nothing else applies).
+    let admin = NetNs::open_named(&lab.netns("pod-default-admin-guarded")).expect("netns");
+    let open = admin.run(move || connects(DENIED)).expect("netns");
+    assert!(
+        open.is_ok(),
+        "{DENIED} before its denied name was resolved: {open:?}"
+    );
+    let bad = admin
+        .run(|| resolve("bad.denied.test"))
+        .expect("netns")
+        .expect("bad.denied.test");
+    assert_eq!(bad, DENIED);
+    let closed = admin.run(move || connects(DENIED)).expect("netns");
+    let text = trace_text(&lab, "default/admin-guarded", DENIED, &[]);
+    assert!(
+        closed.is_err(),
+        "reached {DENIED} learned for bad.denied.test"
+    );
+    assert!(
+        text.contains(": DENIED")
+            && text.contains(&format!(
+                "dns: {DENIED} in domains *.denied.test (rule 0 of kube-admin/cnp.deny-denied-names, Deny): learned from bad.denied.test A {DENIED}"
+            )),
         "{text}"
     );
 
