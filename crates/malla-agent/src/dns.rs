@@ -23,6 +23,11 @@
 //!    the fastest path it has; an address there already takes the new timeout), and only then
 //!    sends the answer to the pod (its own ID back).
 //!
+//! What it learned is kept beside the sets ([`Learned`]: per pod, set and address, the latest
+//! answer, which is the set element's timeout) and served as the agent's `GET /dns`
+//! ([`malla_calc::policy::dns::LearnedRecord`] lines; at most [`MAX_LEARNED`] records, expired
+//! ones kept [`EXPIRED_KEPT_SECS`] so a trace can say so), which `malla policy trace` reads.
+//!
 //! Malformed or oversized packets are counted and dropped; nothing here panics on input.
 //! TCP queries are not proxied (they reach the server as the pod's policy allows, and their
 //! answers teach nothing): a pod whose answer came truncated over UDP retries over TCP and
@@ -39,7 +44,7 @@ use anyhow::Context;
 use hickory_proto::op::{Message, MessageType, OpCode};
 use hickory_proto::rr::RData;
 use malla_calc::nft::element::{Key, Kind, Part};
-use malla_calc::policy::dns::{DnsSet, PROXY_PORT};
+use malla_calc::policy::dns::{DnsSet, LearnedRecord, EXPIRED_KEPT_SECS, PROXY_PORT};
 use malla_dataplane::nft::elements::{Element, ElementSocket, Layout, Value, NFPROTO_INET};
 
 /// Addresses learned from one answer at most.
@@ -54,6 +59,112 @@ const RATE: f64 = 2000.0;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest timeout an address gets (a TTL above it is cut).
 const MAX_TTL: u32 = 86_400;
+
+/// Records [`Learned`] keeps at most (a full table drops the expired, then the soonest to
+/// expire).
+pub const MAX_LEARNED: usize = 16_384;
+
+/// One learned address of one set, as the latest answer put it there.
+#[derive(Debug, Clone)]
+struct Entry {
+    patterns: Arc<Vec<String>>,
+    name: String,
+    record: String,
+    ttl: u32,
+    expires: Instant,
+}
+
+/// What the proxy learned: (pod, set, address) → the latest answer (bounded: [`MAX_LEARNED`]).
+#[derive(Debug, Default)]
+pub struct Learned {
+    entries: Mutex<std::collections::BTreeMap<(String, String, IpAddr), Entry>>,
+}
+
+impl Learned {
+    fn record(
+        &self,
+        pod: &str,
+        set: &str,
+        patterns: &Arc<Vec<String>>,
+        name: &str,
+        got: &[(IpAddr, String, u32)],
+        now: Instant,
+    ) {
+        let Ok(mut e) = self.entries.lock() else {
+            return;
+        };
+        for (ip, record, ttl) in got {
+            e.insert(
+                (pod.to_string(), set.to_string(), *ip),
+                Entry {
+                    patterns: patterns.clone(),
+                    name: name.to_string(),
+                    record: record.clone(),
+                    ttl: *ttl,
+                    expires: now + Duration::from_secs(u64::from(*ttl)),
+                },
+            );
+        }
+        if e.len() > MAX_LEARNED {
+            // Over the bound: the expired go, then the soonest to expire, down to 7/8 of it
+            // (one sort per MAX_LEARNED / 8 new records, not one per record).
+            e.retain(|_, v| now < v.expires);
+            if e.len() > MAX_LEARNED {
+                let mut by_expiry: Vec<(Instant, (String, String, IpAddr))> =
+                    e.iter().map(|(k, v)| (v.expires, k.clone())).collect();
+                by_expiry.sort_unstable_by_key(|(t, _)| *t);
+                let excess = e.len() - MAX_LEARNED / 8 * 7;
+                for (_, k) in by_expiry.into_iter().take(excess) {
+                    e.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Forgets the sets no longer served (`keep`: pod and set names).
+    fn retain_sets(&self, keep: &std::collections::HashSet<(String, String)>) {
+        if let Ok(mut e) = self.entries.lock() {
+            e.retain(|(pod, set, _), _| keep.contains(&(pod.clone(), set.clone())));
+        }
+    }
+
+    /// The records, of `pod` only if given, as of `now` (expired ones kept a while, marked so).
+    pub fn records(&self, pod: Option<&str>, now: Instant) -> Vec<LearnedRecord> {
+        let Ok(e) = self.entries.lock() else {
+            return Vec::new();
+        };
+        let kept = Duration::from_secs(EXPIRED_KEPT_SECS);
+        e.iter()
+            .filter(|((p, _, _), v)| pod.is_none_or(|want| want == p) && now < v.expires + kept)
+            .map(|((p, set, ip), v)| {
+                let left = if v.expires >= now {
+                    v.expires.duration_since(now).as_millis() as i64
+                } else {
+                    -(now.duration_since(v.expires).as_millis() as i64)
+                };
+                LearnedRecord {
+                    pod: p.clone(),
+                    set: set.clone(),
+                    patterns: v.patterns.to_vec(),
+                    name: v.name.clone(),
+                    record: v.record.clone(),
+                    rtype: if ip.is_ipv6() { "AAAA" } else { "A" }.into(),
+                    address: *ip,
+                    ttl: v.ttl,
+                    ttl_left_ms: left,
+                }
+            })
+            .collect()
+    }
+}
+
+/// The running proxy's table (the agent's HTTP server serves it: `GET /dns`); None until the
+/// proxy started.
+pub fn learned() -> Option<Arc<Learned>> {
+    LEARNED.get().cloned()
+}
+
+static LEARNED: std::sync::OnceLock<Arc<Learned>> = std::sync::OnceLock::new();
 
 /// What the proxy counts (served in the agent's log; see [`DnsProxy::stats`]).
 #[derive(Debug, Default)]
@@ -76,7 +187,7 @@ struct Index {
 }
 
 /// A pod's sets: base name and patterns.
-type SetList = Vec<(String, Vec<String>)>;
+type SetList = Vec<(String, Arc<Vec<String>>)>;
 
 #[derive(Debug)]
 struct PodSets {
@@ -104,6 +215,7 @@ struct Bucket {
 pub struct DnsProxy {
     index: Arc<RwLock<Index>>,
     pub stats: Arc<Stats>,
+    pub learned: Arc<Learned>,
 }
 
 impl DnsProxy {
@@ -117,6 +229,7 @@ impl DnsProxy {
         let proxy = DnsProxy {
             index: Arc::default(),
             stats: Arc::default(),
+            learned: LEARNED.get_or_init(Arc::default).clone(),
         };
         let pending: Arc<Mutex<HashMap<u16, Pending>>> = Arc::default();
         let ct = Conntrack::open().context("conntrack netlink socket")?;
@@ -147,8 +260,14 @@ impl DnsProxy {
             let e = by_pod
                 .entry(&s.pod)
                 .or_insert_with(|| (s.pod_ips.clone(), Vec::new()));
-            e.1.push((s.set.clone(), s.patterns.clone()));
+            e.1.push((s.set.clone(), Arc::new(s.patterns.clone())));
         }
+        self.learned.retain_sets(
+            &sets
+                .iter()
+                .map(|s| (s.pod.clone(), s.set.clone()))
+                .collect(),
+        );
         let mut by_ip = HashMap::new();
         for (pod, (ips, sets)) in by_pod {
             let entry = Arc::new(PodSets {
@@ -336,6 +455,11 @@ impl DnsProxy {
             // (set with family, ttl in ms) → addresses
             let mut groups: std::collections::BTreeMap<(String, bool, u64), Vec<Element>> =
                 Default::default();
+            let got: Vec<(IpAddr, String, u32)> = addrs
+                .iter()
+                .map(|(ip, record, ttl)| (*ip, record.clone(), (*ttl).clamp(1, MAX_TTL)))
+                .collect();
+            let mut matched = Vec::new();
             for (set, patterns) in &p.sets.sets {
                 if !patterns
                     .iter()
@@ -343,10 +467,11 @@ impl DnsProxy {
                 {
                     continue;
                 }
-                for (ip, ttl) in &addrs {
+                matched.push((set, patterns));
+                for (ip, _, ttl) in &got {
                     let v6 = ip.is_ipv6();
                     let name = format!("{set}-{}", if v6 { "v6" } else { "v4" });
-                    let ms = u64::from((*ttl).clamp(1, MAX_TTL)) * 1000;
+                    let ms = u64::from(*ttl) * 1000;
                     groups
                         .entry((name, v6, ms))
                         .or_default()
@@ -379,6 +504,11 @@ impl DnsProxy {
                     }
                 }
                 if ok {
+                    let now = Instant::now();
+                    for (set, patterns) in matched {
+                        self.learned
+                            .record(&p.sets.pod, set, patterns, &p.question.0, &got, now);
+                    }
                     self.stats
                         .learned
                         .fetch_add(count as u64, Ordering::Relaxed);
@@ -415,8 +545,8 @@ fn question_of(msg: &Message) -> Option<(String, u16)> {
 }
 
 /// The A and AAAA records of `qname` and of the names its CNAME chain leads to, with their
-/// TTLs (at most [`MAX_ADDRESSES`]).
-fn answer_addresses(msg: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
+/// owners and TTLs (at most [`MAX_ADDRESSES`]).
+fn answer_addresses(msg: &Message, qname: &str) -> Vec<(IpAddr, String, u32)> {
     let mut names = vec![qname.to_string()];
     // The chain, in at most as many steps as there are records.
     for _ in 0..msg.answers().len().min(16) {
@@ -442,8 +572,9 @@ fn answer_addresses(msg: &Message, qname: &str) -> Vec<(IpAddr, u32)> {
             RData::AAAA(a) => IpAddr::V6(a.0),
             _ => continue,
         };
-        if names.contains(&malla_api::domain::normalize(&r.name().to_ascii())) {
-            out.push((ip, r.ttl()));
+        let owner = malla_api::domain::normalize(&r.name().to_ascii());
+        if names.contains(&owner) {
+            out.push((ip, owner, r.ttl()));
             if out.len() >= MAX_ADDRESSES {
                 break;
             }
@@ -649,7 +780,14 @@ mod tests {
             ],
         );
         let got = answer_addresses(&m, "a.allowed.test");
-        assert_eq!(got, vec![(IpAddr::V4(Ipv4Addr::new(198, 18, 9, 1)), 7)]);
+        assert_eq!(
+            got,
+            vec![(
+                IpAddr::V4(Ipv4Addr::new(198, 18, 9, 1)),
+                "b.cdn.test".into(),
+                7
+            )]
+        );
         assert_eq!(question_of(&m), Some(("a.allowed.test".into(), 1)));
     }
 
@@ -687,6 +825,7 @@ mod tests {
         let proxy = DnsProxy {
             index: Arc::default(),
             stats: Arc::default(),
+            learned: Arc::default(),
         };
         let stats = proxy.stats.clone();
         let up = upstream.local_addr().unwrap();
@@ -724,6 +863,81 @@ mod tests {
         server.send_to(&msg(0x1234, "a.allowed.test."), up).unwrap();
         assert!(pod.recv_from(&mut buf).is_err(), "answered twice");
         assert_eq!(stats.answers.load(Ordering::Relaxed), 1);
+    }
+
+    /// The table keeps the latest answer per pod, set and address, says how long is left (or
+    /// how long ago it expired), forgets sets no longer served, and never holds more than
+    /// MAX_LEARNED records however many answers come.
+    #[test]
+    fn learned_records_are_latest_and_bounded() {
+        let l = Learned::default();
+        let pats = Arc::new(vec!["*.allowed.test".to_string()]);
+        let t0 = Instant::now();
+        let ip = IpAddr::V4(Ipv4Addr::new(198, 19, 1, 7));
+        l.record(
+            "d/p",
+            "dns-1",
+            &pats,
+            "a.allowed.test",
+            &[(ip, "a.allowed.test".into(), 30)],
+            t0,
+        );
+        l.record(
+            "d/p",
+            "dns-1",
+            &pats,
+            "b.allowed.test",
+            &[(ip, "cdn.test".into(), 5)],
+            t0,
+        );
+        let r = l.records(Some("d/p"), t0 + Duration::from_secs(2));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(
+            (r[0].name.as_str(), r[0].record.as_str(), r[0].ttl),
+            ("b.allowed.test", "cdn.test", 5)
+        );
+        assert_eq!(r[0].ttl_left_ms, 3000);
+        assert!(
+            r[0].describe()
+                .contains("b.allowed.test via CNAME cdn.test A 198.19.1.7 (ttl 5 s, 3 s left)"),
+            "{}",
+            r[0].describe()
+        );
+        let r = l.records(None, t0 + Duration::from_secs(9));
+        assert!(
+            !r[0].live() && r[0].describe().contains("expired 4 s ago"),
+            "{}",
+            r[0].describe()
+        );
+        assert!(l.records(Some("d/other"), t0).is_empty());
+        assert!(l
+            .records(None, t0 + Duration::from_secs(EXPIRED_KEPT_SECS + 10))
+            .is_empty());
+        l.retain_sets(&Default::default());
+        assert!(l.records(None, t0).is_empty());
+        // A flood of answers, each with many addresses: the table stays bounded, the newest kept.
+        for i in 0..(MAX_LEARNED as u32 / 32 + 50) {
+            let got: Vec<(IpAddr, String, u32)> = (0..64u32)
+                .map(|j| {
+                    (
+                        IpAddr::V4(Ipv4Addr::from(0xc612_0000 + i * 64 + j)),
+                        "x.allowed.test".into(),
+                        60 + i,
+                    )
+                })
+                .collect();
+            l.record("d/p", "dns-1", &pats, "x.allowed.test", &got, t0);
+        }
+        let all = l.records(None, t0);
+        assert!(
+            all.len() <= MAX_LEARNED && all.len() > MAX_LEARNED / 2,
+            "{}",
+            all.len()
+        );
+        assert!(
+            all.iter().all(|r| r.ttl >= 60 + 50),
+            "the soonest to expire go first"
+        );
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   gRPC: `curl` reads it, a query and a stream have one format, and nothing needs a protobuf
 //!   toolchain. 503 when flow logs are off, 400 naming the parameter for a bad filter.
 //!
+//! - `GET /dns?pod=NAMESPACE/NAME`: what the DNS proxy learned ([`crate::dns::Learned`]), one
+//!   [`malla_calc::policy::dns::LearnedRecord`] a line (bounded: [`crate::dns::MAX_LEARNED`]);
+//!   503 while the proxy is off, 400 naming a bad parameter.
+//!
 //! A new endpoint is one more route in [`router`].
 
 use std::net::SocketAddr;
@@ -55,6 +59,7 @@ fn router(health: Health, metrics: Arc<Metrics>, flows: Option<Arc<FlowService>>
         .route("/flows", get(flows_query))
         .route("/flows/follow", get(flows_follow))
         .route("/flows/lost", get(flows_lost))
+        .route("/dns", get(dns_learned))
         .with_state(Shared {
             health,
             metrics,
@@ -94,6 +99,46 @@ async fn flows_query(State(s): State<Shared>, RawQuery(q): RawQuery) -> Response
         Err(r) => return r.into_response(),
     };
     let body: String = fs.query(&f).iter().map(json_line).collect();
+    ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
+}
+
+/// `GET /dns?pod=`: the DNS proxy's learned records as JSON lines.
+async fn dns_learned(RawQuery(q): RawQuery) -> Response {
+    let Some(learned) = crate::dns::learned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the DNS proxy is off on this agent (see its log)\n",
+        )
+            .into_response();
+    };
+    let mut pod = None;
+    for part in q
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match part.split_once('=') {
+            Some(("pod", v))
+                if v.len() <= 320 && v.split_once("%2F").or(v.split_once('/')).is_some() =>
+            {
+                pod = Some(v.replace("%2F", "/").replace("%2f", "/"))
+            }
+            _ => {
+                let shown: String = part.chars().take(80).collect();
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("query parameter {shown:?}: expected pod=NAMESPACE/NAME\n"),
+                )
+                    .into_response();
+            }
+        }
+    }
+    let body: String = learned
+        .records(pod.as_deref(), std::time::Instant::now())
+        .iter()
+        .map(json_line)
+        .collect();
     ([(header::CONTENT_TYPE, JSON_LINES)], body).into_response()
 }
 

@@ -306,8 +306,9 @@ pub struct EntityRule {
     pub ports: Vec<Port>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_ports: Vec<Port>,
-    /// DNS names and wildcards (a destination's, in egress Allow rules only): the addresses
-    /// the pod's own DNS answers gave for them ([`crate::domain`]).
+    /// DNS names and wildcards (a destination's, in egress rules only): the addresses the
+    /// pod's own DNS answers gave for them ([`crate::domain`]). Calico Enterprise takes them in
+    /// Allow rules only; here a Deny (or Pass, Log) rule takes them too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub domains: Vec<String>,
 }
@@ -634,12 +635,6 @@ fn validate_rule(r: &Rule) -> Result<(), FieldError> {
     }
     let d = &r.destination;
     if !d.domains.is_empty() {
-        if r.action != Action::Allow {
-            return Err(bad(
-                "destination.domains",
-                "domains are allowed in Allow rules only",
-            ));
-        }
         if !d.nets.is_empty() || !d.not_nets.is_empty() || d.selects_endpoints() {
             return Err(bad(
                 "destination.domains",
@@ -1122,11 +1117,16 @@ mod tests {
             panic!()
         };
         assert_eq!(p.spec.egress[0].destination.domains.len(), 2);
+        // Any action takes domains: Deny drops what the pod learned for a denied name.
+        for action in ["Deny", "Pass", "Log"] {
+            let v = json!({"metadata": {"name": "p"}, "spec": {"egress": [
+                {"action": action, "destination": {"domains": ["*.denied.test"]}}]}});
+            assert!(
+                CalicoObject::from_manifest("GlobalNetworkPolicy", &v).is_ok(),
+                "{action}"
+            );
+        }
         let cases = [
-            (
-                json!({"egress": [{"action": "Deny", "destination": {"domains": ["a.test"]}}]}),
-                "spec.egress[0].destination.domains",
-            ),
             (
                 json!({"egress": [{"action": "Allow", "destination": {"domains": ["a.*.test"]}}]}),
                 "spec.egress[0].destination.domains[0]",

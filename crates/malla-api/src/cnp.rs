@@ -6,7 +6,10 @@
 //! everything else in Calico's `kube-admin` tier, a `Baseline` one after NetworkPolicy in
 //! `kube-baseline`, both tiers passing what they do not decide. `domainNames` egress peers
 //! ([`crate::domain`]: a name or a leading `*.` wildcard) match the addresses the subject
-//! pod's own DNS answers gave for them, in Accept rules only.
+//! pod's own DNS answers gave for them. Unlike the upstream CRD (whose rules take them in
+//! Accept rules only), Deny and Pass rules take them too: the issue asks to deny names, and a
+//! Deny by name drops what the pod learned for it (addresses it never resolved through the
+//! node's DNS proxy are not covered: an allow-list is the safe form).
 
 use std::net::IpAddr;
 
@@ -230,12 +233,6 @@ impl ClusterNetworkPolicy {
                     )?;
                     if let Some(names) = &p.domain_names {
                         crate::domain::check_list(&format!("{pat}.domainNames"), names, 25)?;
-                        if r.action != CnpAction::Accept {
-                            return bad(
-                                format!("{pat}.domainNames"),
-                                "domainNames peers are allowed in Accept rules only",
-                            );
-                        }
                         wide = true;
                     }
                     if let Some(n) = &p.networks {
@@ -341,6 +338,10 @@ mod tests {
             json!([{"action": "Accept", "to": [{"domainNames": ["*.allowed.test", "api.example.com"]}]}]),
         );
         assert_eq!(ok.validate(), Ok(()));
+        for action in ["Deny", "Pass"] {
+            let p = policy(json!([{"action": action, "to": [{"domainNames": ["*.denied.test"]}]}]));
+            assert_eq!(p.validate(), Ok(()), "{action}");
+        }
         for (egress, field) in [
             (
                 json!([{"action": "Accept", "to": [{"domainNames": ["a.*.test"]}]}]),
@@ -352,10 +353,6 @@ mod tests {
             ),
             (
                 json!([{"action": "Accept", "to": [{"domainNames": []}]}]),
-                "spec.egress[0].to[0].domainNames",
-            ),
-            (
-                json!([{"action": "Deny", "to": [{"domainNames": ["a.test"]}]}]),
                 "spec.egress[0].to[0].domainNames",
             ),
             (

@@ -4,7 +4,9 @@
 //! cluster's endpoint-to-host action after its egress policy, as the dataplane does. Traffic
 //! from or to a node's address also meets the nodes' host endpoint policy (Calico's
 //! `HostEndpoint` and `GlobalNetworkPolicy`: failsafe ports, pre-DNAT, input, output), read
-//! with `malla_calc::host::reference`.
+//! with `malla_calc::host::reference`. A pod's DNS-name rules are read with what its node's
+//! agent learned from the pod's DNS answers ([`dns`]): which name and answer put the
+//! destination in a rule's set, or that it expired.
 
 use std::net::IpAddr;
 
@@ -18,6 +20,8 @@ use malla_calc::policy::{explain, Connection, Endpoint, PolicyPod};
 use serde::Serialize;
 
 use crate::output::{Output, Table};
+
+mod dns;
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
@@ -193,6 +197,10 @@ pub struct TraceArgs {
     /// Output format: table, wide, json or yaml.
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     output: Output,
+    /// The agent's HTTP address (its --http-listen), in each node's namespace in a lab: asked
+    /// what pods with DNS-name rules learned (`/dns`).
+    #[arg(long, value_name = "ADDR", default_value = malla_agent::DEFAULT_HTTP_LISTEN)]
+    agent_address: std::net::SocketAddr,
 }
 
 fn protocol(s: &str) -> anyhow::Result<Protocol> {
@@ -357,7 +365,9 @@ struct TraceView<'a> {
     to: &'a str,
     port: u16,
     protocol: &'static str,
-    allowed: bool,
+    /// null when it cannot be known (a pod's DNS-name rules, and its agent could not say what
+    /// the pod learned: `dns.error`).
+    allowed: Option<bool>,
     egress: &'a malla_calc::policy::DirectionTrace,
     ingress: &'a malla_calc::policy::DirectionTrace,
     /// A pod's traffic to its own node: the endpoint-to-host action after its egress policy.
@@ -375,6 +385,10 @@ struct TraceView<'a> {
     /// verdict above, which they never change).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     staged: &'a BTreeMap<&'static str, malla_calc::policy::staged::PendingVerdict>,
+    /// The source pod's DNS-name rules: whether the destination is in each rule's set, and
+    /// which name and answer put it there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<&'a dns::DnsTrace>,
 }
 
 /// Tiered policy of a connection, per direction (None: no Calico policy applies there).
@@ -435,7 +449,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     // What tiers read, once for every connection traced.
     let ents = malla_calc::host::labelled(&view);
     let nodes = malla_calc::routes::node_addresses(&view);
-    let inp = malla_calc::policy::tiers::TierInputs {
+    let mut inp = malla_calc::policy::tiers::TierInputs {
         calico: &view.calico,
         policies: &view.policies,
         namespaces: &view.namespaces,
@@ -444,6 +458,21 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         nodes: &nodes,
         dns: malla_calc::policy::dns::DnsView::EMPTY,
     };
+    // What the traced pods learned from DNS, from their nodes' agents.
+    let sources: Vec<&PolicyPod> = match (a.all, a.from.as_deref()) {
+        (true, _) => pods.iter().collect(),
+        (false, Some(from)) => {
+            let ips = addresses(&view, &pods, from)?;
+            pods.iter()
+                .filter(|p| p.ips.iter().any(|i| ips.contains(i)))
+                .collect()
+        }
+        (false, None) => Vec::new(),
+    };
+    let learned = dns::Learned::fetch(g, &inp, &sources, a.agent_address)?;
+    let dns_view = learned.view();
+    inp.dns = &dns_view;
+    let mut dns_traces: Vec<Option<dns::DnsTrace>> = Vec::new();
     if a.all {
         for src in &pods {
             for dst in pods
@@ -466,6 +495,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                     let e = explain(&view.policies, &view.namespaces, &c);
                     tiered.push(tier_trace(&inp, &c));
                     staged.push(staged_trace(&inp, &c));
+                    dns_traces.push(learned.explain(&inp, &c));
                     out.push((
                         format!("{}/{}", src.namespace, src.name),
                         format!("{}/{}", dst.namespace, dst.name),
@@ -510,6 +540,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         hosts.push(host_trace(&view, &pods, s, d, port, proto));
         tiered.push(tier_trace(&inp, &c));
         staged.push(staged_trace(&inp, &c));
+        dns_traces.push(learned.explain(&inp, &c));
     }
     hosts.resize_with(out.len(), Vec::new);
     // Dropped by the endpoint-to-host action even when the egress policy allows it, or by
@@ -524,10 +555,18 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         let ingress = t
             .and_then(|t| t.ingress.as_ref())
             .map_or(e.ingress.allowed(), |v| v.allowed);
-        egress
-            && ingress
-            && *h != Some(EndpointToHostAction::Drop)
-            && hosts[i].iter().all(|t| t.passes)
+        let rest =
+            ingress && *h != Some(EndpointToHostAction::Drop) && hosts[i].iter().all(|t| t.passes);
+        // Egress by DNS-name rules the agent could not inform: unknown, unless the rest denies.
+        match dns_traces[i].as_ref().is_some_and(|d| d.unknown()) {
+            true if rest => None,
+            _ => Some(egress && rest),
+        }
+    };
+    let word = |v: Option<bool>| match v {
+        Some(true) => "ALLOWED",
+        Some(false) => "DENIED",
+        None => "UNKNOWN",
     };
     let views: Vec<TraceView> = out
         .iter()
@@ -544,6 +583,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
             host_endpoints: &hosts[i],
             tiers: tiered[i].as_ref(),
             staged: &staged[i],
+            dns: dns_traces[i].as_ref(),
         })
         .collect();
     if a.output.document(&views)? {
@@ -556,7 +596,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                 f.clone(),
                 tt.clone(),
                 format!("{}/{p}", pr.nft()),
-                if allowed(i) { "ALLOWED" } else { "DENIED" }.into(),
+                word(allowed(i)).into(),
                 e.egress.selected_by.join(","),
                 e.ingress.selected_by.join(","),
             ]);
@@ -565,11 +605,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
         return Ok(());
     }
     for (i, (f, t, p, pr, e, h)) in out.iter().enumerate() {
-        println!(
-            "{f} -> {t} {}/{p}: {}",
-            pr.nft(),
-            if allowed(i) { "ALLOWED" } else { "DENIED" }
-        );
+        println!("{f} -> {t} {}/{p}: {}", pr.nft(), word(allowed(i)));
         for line in e.to_string().lines() {
             println!("  {line}");
         }
@@ -601,6 +637,9 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
                     );
                 }
             }
+        }
+        for line in dns_traces[i].iter().flat_map(|d| d.lines()) {
+            println!("  {line}");
         }
         for (dir, v) in &staged[i] {
             println!(

@@ -12,10 +12,15 @@
 //!
 //! [`DnsView`] is what pods learned, as the reference reads it (`name → addresses` per pod);
 //! [`dns_sets`] lists a node's sets with the pods and patterns behind them, which the proxy
-//! fills and [`fill`] fills from a view (the property test's way of learning). Rules with
-//! domains are Allow/Accept rules only (both APIs' validation), and host endpoints never
-//! match them (a host's own DNS is not proxied): a domain rule that matches nothing only
-//! allows less.
+//! fills and [`fill`] fills from a view (the property test's way of learning). A rule's own
+//! domains take any action (Allow, Deny, Pass, Log; Accept, Deny, Pass): a Deny rule drops what
+//! the pod learned for a denied name before any later rule sees it, as tier order says. Network
+//! sets' `allowedEgressDomains` count in egress Allow rules only (Calico's documented meaning).
+//! Host endpoints never match domain rules (a host's own DNS is not proxied).
+//!
+//! What the agent learned is served as [`LearnedRecord`]s (its `GET /dns`), which `malla policy
+//! trace` turns back into a view ([`DnsView::from_records`]) and explains with
+//! [`domain_rules`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -34,6 +39,60 @@ use crate::nft::{self, Key, Part, Set};
 /// Where the agent's DNS proxy listens in the node's namespace (UDP and TCP): pods' queries to
 /// port 53 are redirected there.
 pub const PROXY_PORT: u16 = 15053;
+
+/// How long the agent keeps a record after its TTL ran out (so a trace can say it expired).
+pub const EXPIRED_KEPT_SECS: u64 = 600;
+
+/// One address in one of a pod's DNS sets, as the agent's proxy put it there (its `GET /dns`,
+/// one JSON line each): the latest answer for it, whose TTL is the set element's timeout.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LearnedRecord {
+    /// The querying pod, `namespace/name`.
+    pub pod: String,
+    /// The set's base name ([`set_name`]).
+    pub set: String,
+    /// The set's patterns (the rule's domains).
+    pub patterns: Vec<String>,
+    /// The name the pod asked (normalized).
+    pub name: String,
+    /// The owner of the address record: the name asked or the end of its CNAME chain.
+    pub record: String,
+    /// `A` or `AAAA`.
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub address: IpAddr,
+    /// The answer's TTL in seconds (as the set element's timeout: at least 1, at most a day).
+    pub ttl: u32,
+    /// Milliseconds until the element times out; zero or less: it has, the address is no
+    /// longer a member.
+    pub ttl_left_ms: i64,
+}
+
+impl LearnedRecord {
+    /// Whether the address is still in the set.
+    pub fn live(&self) -> bool {
+        self.ttl_left_ms > 0
+    }
+
+    /// `lat7.allowed.test A 198.19.1.7 (ttl 30 s, 12 s left)`, or `… expired 3 s ago`.
+    pub fn describe(&self) -> String {
+        let via = if self.record == self.name {
+            String::new()
+        } else {
+            format!(" via CNAME {}", self.record)
+        };
+        let left = if self.live() {
+            format!("{} s left", (self.ttl_left_ms + 999) / 1000)
+        } else {
+            format!("expired {} s ago", -self.ttl_left_ms / 1000)
+        };
+        format!(
+            "{}{via} {} {} (ttl {} s, {left})",
+            self.name, self.rtype, self.address, self.ttl
+        )
+    }
+}
 
 /// What pods learned from their DNS answers: pod key (`namespace/name`) → name (normalized)
 /// → addresses.
@@ -56,6 +115,15 @@ impl DnsView {
             .entry(malla_api::domain::normalize(name))
             .or_default()
             .extend(addrs);
+    }
+
+    /// The view of the records still in their sets.
+    pub fn from_records<'a>(records: impl IntoIterator<Item = &'a LearnedRecord>) -> DnsView {
+        let mut v = DnsView::default();
+        for r in records.into_iter().filter(|r| r.live()) {
+            v.learn(&r.pod, &r.name, [r.address]);
+        }
+        v
     }
 
     /// The first name matching one of `patterns` that gave `ip` to `pod`, if any.
@@ -125,13 +193,16 @@ fn calico_domain_rule(
     dir: Direction,
     scope: Option<&str>,
 ) -> Option<(Rule, Vec<String>, bool)> {
-    if dir != Direction::Egress || r.action != Action::Allow {
+    if dir != Direction::Egress {
         return None;
     }
     if !r.destination.domains.is_empty() {
         let mut c = r.clone();
         let pats = std::mem::take(&mut c.destination.domains);
         return Some((c, pats, true));
+    }
+    if r.action != Action::Allow {
+        return None;
     }
     let pats = picked_domains(inp, r, scope);
     if pats.is_empty() {
@@ -306,6 +377,62 @@ pub fn dns_sets(inp: &TierInputs, me: &str) -> Vec<DnsSet> {
         }
     }
     out.into_values().collect()
+}
+
+/// A rule of a pod's egress tiers that names domains: where it is, what it does, and the
+/// patterns whose answers make an address a member.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DomainRule {
+    pub tier: String,
+    pub policy: String,
+    /// The rule's index in the policy's egress rules.
+    pub index: usize,
+    /// `Allow`, `Deny`, `Pass`, `Log` (Calico) or `Accept`, `Deny`, `Pass` (cluster).
+    pub action: String,
+    pub patterns: Vec<String>,
+}
+
+/// The domain rules of `pod`'s egress, in tier order (none when no Calico policy applies).
+pub fn domain_rules(inp: &TierInputs, pod: &PolicyPod) -> Vec<DomainRule> {
+    let (calico, groups) = applying(inp, pod, Direction::Egress);
+    let mut out = Vec::new();
+    if !calico {
+        return out;
+    }
+    for g in &groups {
+        for item in &g.items {
+            let mut push = |index: usize, action: String, patterns: Vec<String>| {
+                out.push(DomainRule {
+                    tier: g.tier.clone(),
+                    policy: item.name(),
+                    index,
+                    action,
+                    patterns,
+                })
+            };
+            match item {
+                Item::Calico { rules, scope, .. } => {
+                    for (i, r) in rules.iter().enumerate() {
+                        if let Some((_, pats, _)) =
+                            calico_domain_rule(inp, r, Direction::Egress, *scope)
+                        {
+                            push(i, format!("{:?}", r.action), pats);
+                        }
+                    }
+                }
+                Item::Cluster { rules, .. } => {
+                    for (i, r) in rules.iter().enumerate() {
+                        for names in r.peers.iter().filter_map(|p| p.domain_names.as_ref()) {
+                            push(i, format!("{:?}", r.action), names.clone());
+                        }
+                    }
+                }
+                Item::Kubernetes(_) => {}
+            }
+        }
+    }
+    out
 }
 
 /// Adds to `table`'s DNS sets what `view` says their pods learned (the proxy's work, done from

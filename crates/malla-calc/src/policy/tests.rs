@@ -1360,8 +1360,8 @@ mod tiered {
                     mut destination,
                     domains,
                 )| {
-                    // A DNS-name rule: an Allow rule whose destination is its domains.
-                    if let (Some(d), Action::Allow) = (domains, action) {
+                    // A DNS-name rule: an Allow or Deny rule whose destination is its domains.
+                    if let (Some(d), Action::Allow | Action::Deny) = (domains, action) {
                         destination = EntityRule {
                             ports: destination.ports,
                             not_ports: destination.not_ports,
@@ -1500,12 +1500,6 @@ mod tiered {
                 let wide = peers
                     .iter()
                     .any(|p| p.networks.is_some() || p.nodes.is_some() || p.domain_names.is_some());
-                // Domain names go in Accept rules only.
-                let action = if peers.iter().any(|p| p.domain_names.is_some()) {
-                    CnpAction::Accept
-                } else {
-                    action
-                };
                 let protocols = protos
                     .into_iter()
                     .map(|(kind, port, name)| {
