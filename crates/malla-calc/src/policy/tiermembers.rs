@@ -214,22 +214,21 @@ pub(crate) fn plan_sets(
         .collect();
     let mut holders: BTreeMap<IpNet, Vec<(PolicyPod, Labelled)>> = BTreeMap::new();
     if !old_addrs.is_empty() {
+        let eps: Vec<&malla_api::WorkloadEndpoint> = view
+            .endpoints
+            .iter()
+            .filter(|e| e.addrs().any(|a| old_addrs.contains(&IpNet::from(a))))
+            .collect();
         let objects: BTreeMap<(&str, &str), &malla_api::Pod> = view
             .pods
             .iter()
             .filter(|p| {
-                view.endpoints.iter().any(|e| {
-                    e.namespace == p.namespace
-                        && e.pod == p.name
-                        && e.addrs().any(|a| old_addrs.contains(&IpNet::from(a)))
-                })
+                eps.iter()
+                    .any(|e| e.namespace == p.namespace && e.pod == p.name)
             })
             .map(|p| ((p.namespace.as_str(), p.name.as_str()), p))
             .collect();
-        for ep in &view.endpoints {
-            if !ep.addrs().any(|a| old_addrs.contains(&IpNet::from(a))) {
-                continue;
-            }
+        for ep in eps {
             let pod =
                 crate::routes::policy_pod(ep, objects.get(&(&*ep.namespace, &*ep.pod)).copied());
             let e = pod_labelled(&pod, &view.namespaces);
