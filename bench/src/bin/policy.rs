@@ -652,12 +652,42 @@ fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
         text.len() as f64 / 1e6
     );
     // Label changes: a remote pod's `tier` label flips to `web` (it enters the security
-    // tier's source selector); the agent recomputes the node and applies the difference.
-    let mut times = Vec::new();
+    // tier's source selector). The agent's path first: its policy node (built as at its first
+    // full apply) follows the pod and plans the set elements against the applied table, sent
+    // as the driver sends them (nfnetlink, or one `nft` transaction for interval sets); then
+    // the whole-node path it falls back to (recompute, diff, apply), whose table the member
+    // path's must equal.
+    let member_ns = nss.create("pol-tier-member")?;
+    let member_h = NetNs::open_named(&member_ns)?;
+    nft::apply(Some(&member_h), &text).context("applying the tiered table (member path)")?;
+    let sock = ElementSocket::open(Some(&member_h)).context("a netlink socket")?;
+    let mut node = PolicyNode::new(&syn.view, NODE);
+    let mut member_table = current.clone();
+    let (mut times, mut member_times, mut declined) = (Vec::new(), Vec::new(), 0);
     for k in 0..args.changes {
         check(deadline)?;
         let i = args.local_pods + 7 + k * 13;
         syn.view.pods[i].labels.insert("tier".into(), "web".into());
+        let inputs = PolicyInputs {
+            pods: [(
+                syn.view.pods[i].namespace.clone(),
+                syn.view.pods[i].name.clone(),
+            )]
+            .into(),
+            ..PolicyInputs::default()
+        };
+        let t = Instant::now();
+        let member = match node.plan_tiered(&syn.view, &inputs, &mut member_table) {
+            Some(plan) => Some(malla_bench::send_plan(
+                &plan,
+                &member_table,
+                &sock,
+                &member_h,
+                t,
+            )?),
+            None => None,
+        };
+        let member_t = t.elapsed();
         let t = Instant::now();
         let prog = calc(&syn.view);
         let next = table(&syn.view, &prog);
@@ -665,15 +695,51 @@ fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
             nft::apply(Some(&h), &diff).context("applying a label change")?;
         }
         times.push(t.elapsed());
+        match member {
+            Some((plan, apply, size)) => {
+                if member_table != next {
+                    bail!("pod {i}: the tier member path's table differs from a rebuild's");
+                }
+                eprintln!(
+                    "  tier member path: plan {:.3} ms, apply {:.3} ms, {size} elements or lines",
+                    plan.as_secs_f64() * 1e3,
+                    apply.as_secs_f64() * 1e3
+                );
+                member_times.push(member_t);
+            }
+            None => {
+                // The agent would compute the whole node: what the rebuild just did.
+                declined += 1;
+                eprintln!("  tier member path declined");
+                if let Some(d) = model::render_diff(&member_table, &next) {
+                    nft::apply(Some(&member_h), &d).context("applying the diff (member path)")?;
+                }
+                member_table = next.clone();
+                node = PolicyNode::new(&syn.view, NODE);
+            }
+        }
         current = next;
     }
     times.sort();
+    member_times.sort();
     println!(
         "tiers, one label change (whole-node path, {} changes): p50 {} ms, max {} ms",
         times.len(),
         ms(percentile(&times, 50.0)),
         ms(*times.last().unwrap_or(&Duration::ZERO))
     );
+    println!(
+        "tiers, one label change (the agent's tier member path, {} changes, {declined} declined): p50 {:.2} ms, max {:.2} ms (target < 25 ms: {})",
+        member_times.len(),
+        percentile(&member_times, 50.0).as_secs_f64() * 1e3,
+        member_times.last().unwrap_or(&Duration::ZERO).as_secs_f64() * 1e3,
+        yes(!member_times.is_empty()
+            && declined == 0
+            && *member_times.last().unwrap_or(&Duration::ZERO) < Duration::from_millis(25))
+    );
+    drop(sock);
+    drop(member_h);
+    nss.delete(&member_ns)?;
     Ok(())
 }
 

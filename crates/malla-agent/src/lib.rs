@@ -339,8 +339,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // its selector sets, other nodes' addresses its VXLAN exemption.
                 let view = mirror.view();
                 let hosts = !view.calico.host_endpoints.is_empty() || view.config.auto_host_endpoints;
+                // With tiered policy, pods alone changed: the tier member path may follow them
+                // (it declines, and the whole node is computed, when it cannot).
+                let tier_members = policy_node.is_some()
+                    && malla_calc::policy::tiermembers::followable(view, &pending_policy);
                 if (!pending_policy.is_empty()
-                    && (view.calico.reads_endpoints() || view.calico.applies_to_workloads()))
+                    && (view.calico.reads_endpoints() || view.calico.applies_to_workloads())
+                    && !tier_members)
                     || (pending_links && hosts && view.config.routing == malla_api::RoutingMode::Vxlan)
                 {
                     other_dirty = true;
@@ -448,6 +453,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             if !pending_policy.is_empty()
                 && pending_policy.policies.is_empty()
                 && mirror.view().policies.is_empty()
+                && !mirror.view().calico.applies_to_workloads()
             {
                 // No NetworkPolicy exists: pods' and namespaces' labels program nothing (the
                 // routes and local pods read endpoint records, which count as `other_dirty`).
@@ -466,7 +472,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let started = Instant::now();
                 // No node yet (no NetworkPolicy before this batch): built now, one compile, and
                 // the policy part of the table rendered from it.
-                let built = policy_node.is_none() && !view.policies.is_empty();
+                let tiered = view.calico.applies_to_workloads();
+                let built = policy_node.is_none() && !view.policies.is_empty() && !tiered;
                 if built {
                     policy_node = Some(malla_calc::policy::PolicyNode::new(view, &cfg.node));
                 }
@@ -474,6 +481,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     let (table, _) = plane.service_model()?;
                     if built {
                         return Some(node.plan_render(table));
+                    }
+                    if tiered {
+                        // The tier chains' selector sets too, or the whole node.
+                        return node.plan_tiered(view, &pending_policy, table);
                     }
                     let delta = node.follow(view, &pending_policy)?;
                     node.plan(table, &delta)
@@ -486,7 +497,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     Some(plan) => apply_plan(&mut plane, &metrics, plan, started, &cfg.node, "policy").await,
                     None => false,
                 };
-                if view.policies.is_empty() {
+                if view.policies.is_empty() && !tiered {
                     // The last NetworkPolicy went: the node would keep a copy of every pod for
                     // nothing (the next one builds it again).
                     policy_node = None;
@@ -543,11 +554,15 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 // Without any NetworkPolicy there is no node: it would hold a copy of every pod
                 // (~2 KiB each) for nothing.
                 let view = mirror.view();
-                let node = (!view.policies.is_empty()).then(|| {
-                    policy_node
+                // With tiered policy the node is kept too: its tier member path follows pods.
+                let node = (!view.policies.is_empty() || view.calico.applies_to_workloads()).then(|| {
+                    let mut n = policy_node
                         .take()
                         .and_then(|mut n| n.follow(view, &pending_policy).map(|_| n))
-                        .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node))
+                        .unwrap_or_else(|| malla_calc::policy::PolicyNode::new(view, &cfg.node));
+                    // Calico's objects may have changed: their selector sets are read again.
+                    n.calico_changed();
+                    n
                 });
                 let program = match &node {
                     Some(node) => node.program(),

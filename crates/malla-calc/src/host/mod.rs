@@ -277,19 +277,35 @@ pub struct Labelled {
 pub fn labelled(view: &crate::routes::ClusterView) -> Vec<Labelled> {
     let mut out = Vec::new();
     for pod in crate::routes::policy_pods(view) {
-        let ns = crate::policy::namespace_labels(&view.namespaces, &pod.namespace).clone();
-        let mut labels = pod.labels.into_owned();
-        labels.insert(
-            "projectcalico.org/namespace".into(),
-            pod.namespace.to_string(),
-        );
-        out.push(Labelled {
-            labels,
-            namespace: Some(ns),
-            ns_name: Some(pod.namespace.to_string()),
-            nets: pod.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
-        });
+        out.push(pod_labelled(&pod, &view.namespaces));
     }
+    out.extend(labelled_others(view));
+    out
+}
+
+/// A pod as rule selectors see it (see [`labelled`]).
+pub(crate) fn pod_labelled(
+    pod: &crate::policy::PolicyPod,
+    namespaces: &[malla_api::Namespace],
+) -> Labelled {
+    let ns = crate::policy::namespace_labels(namespaces, &pod.namespace).clone();
+    let mut labels = pod.labels.clone().into_owned();
+    labels.insert(
+        "projectcalico.org/namespace".into(),
+        pod.namespace.to_string(),
+    );
+    Labelled {
+        labels,
+        namespace: Some(ns),
+        ns_name: Some(pod.namespace.to_string()),
+        nets: pod.ips.iter().map(|ip| IpNet::from(*ip)).collect(),
+    }
+}
+
+/// What rule selectors can match besides pods: host endpoints and network sets (see
+/// [`labelled`]).
+pub(crate) fn labelled_others(view: &crate::routes::ClusterView) -> Vec<Labelled> {
+    let mut out = Vec::new();
     let mut heps: Vec<HostEndpoint> = view.calico.host_endpoints.clone();
     if view.config.auto_host_endpoints {
         for n in &view.nodes {

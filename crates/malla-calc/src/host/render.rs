@@ -132,6 +132,27 @@ impl Family {
     }
 }
 
+/// The name (without family) of the set of addresses [`SelectorSets::fixed`] makes for `key`.
+pub(crate) fn fixed_name(key: &str) -> String {
+    format!("hep-sel-{:016x}", fnv(key))
+}
+
+/// The name (without family) of the set of what `sel` with `ns` picks in `scope` (see
+/// [`super::picks`]): the tier member path ([`crate::policy::tiermembers`]) finds a set's
+/// selectors by it.
+pub(crate) fn picked_name(
+    sel: Option<&Selector>,
+    ns: Option<&Selector>,
+    scope: Option<&str>,
+) -> String {
+    fixed_name(&format!(
+        "{} | {} | {}",
+        sel.map(|s| s.to_string()).unwrap_or_default(),
+        ns.map(|s| s.to_string()).unwrap_or_default(),
+        scope.unwrap_or_default()
+    ))
+}
+
 /// Selector sets made while rendering: name (without family) → addresses.
 #[derive(Default)]
 pub(crate) struct SelectorSets {
@@ -141,7 +162,7 @@ pub(crate) struct SelectorSets {
 impl SelectorSets {
     /// A set of the given addresses, named by `key` (what it stands for).
     pub(crate) fn fixed(&mut self, key: &str, nets: impl IntoIterator<Item = IpNet>) -> String {
-        let name = format!("hep-sel-{:016x}", fnv(key));
+        let name = fixed_name(key);
         self.sets
             .entry(name.clone())
             .or_insert_with(|| normalize(nets, []));
@@ -179,13 +200,7 @@ impl SelectorSets {
         ents: &[Labelled],
         scope: Option<&str>,
     ) -> (String, Vec<IpNet>) {
-        let key = format!(
-            "{} | {} | {}",
-            sel.map(|s| s.to_string()).unwrap_or_default(),
-            ns.map(|s| s.to_string()).unwrap_or_default(),
-            scope.unwrap_or_default()
-        );
-        let name = format!("hep-sel-{:016x}", fnv(&key));
+        let name = picked_name(sel, ns, scope);
         let nets = self
             .sets
             .entry(name.clone())

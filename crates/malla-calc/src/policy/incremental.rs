@@ -328,6 +328,18 @@ impl PolicyIndex {
         }
     }
 
+    /// Pod `namespace/name` as the index holds it (its state before the change being followed).
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<PolicyPod<'_>> {
+        self.pods
+            .get(&format!("{namespace}/{name}"))
+            .map(StoredPod::view)
+    }
+
+    /// The node whose program this is.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// One set of the program.
     pub fn set(&self, name: &str) -> Option<&PeerSet> {
         self.sets.sets.get(name)

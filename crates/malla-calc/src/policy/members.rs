@@ -21,6 +21,7 @@ use malla_api::WorkloadEndpoint;
 
 use super::addrs::nft_element;
 use super::render::{rendered_sets, RenderedSets};
+use super::tiermembers::{self, PodChange, TierDefs};
 use super::{PolicyDelta, PolicyIndex, PolicyProgram};
 use crate::nft::patch::Patch;
 use crate::nft::Table;
@@ -68,6 +69,9 @@ pub struct PolicyNode {
     /// False when the view had two endpoint records for one pod (one moving between nodes):
     /// the index, keyed by pod, cannot follow that; only full computes can.
     followable: bool,
+    /// The tier selector sets' definitions (read from the Calico objects when first needed;
+    /// [`PolicyNode::calico_changed`] drops them).
+    tier_defs: Option<TierDefs>,
 }
 
 impl PolicyNode {
@@ -80,6 +84,7 @@ impl PolicyNode {
             index: PolicyIndex::new(node, &view.policies, &view.namespaces, &pods),
             rendered: None,
             followable,
+            tier_defs: None,
         }
     }
 
@@ -111,35 +116,7 @@ impl PolicyNode {
                 None => index.remove_policy(ns, name),
             });
         }
-        let walk = changed.pods.len() <= WALK_UP_TO;
-        let mut records: HashMap<(&str, &str), Vec<&WorkloadEndpoint>> = HashMap::new();
-        let mut objects: HashMap<(&str, &str), &malla_api::Pod> = HashMap::new();
-        if !walk {
-            for ep in &view.endpoints {
-                records
-                    .entry((&ep.namespace, &ep.pod))
-                    .or_default()
-                    .push(ep);
-            }
-            objects.extend(view.pods.iter().map(|p| ((&*p.namespace, &*p.name), p)));
-        }
-        for (ns, name) in &changed.pods {
-            let (eps, pod) = if walk {
-                let eps: Vec<&WorkloadEndpoint> = view
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.namespace == *ns && e.pod == *name)
-                    .collect();
-                let pod = view
-                    .pods
-                    .iter()
-                    .find(|p| p.namespace == *ns && p.name == *name);
-                (eps, pod)
-            } else {
-                let key = (ns.as_str(), name.as_str());
-                let eps = records.get(&key).cloned().unwrap_or_default();
-                (eps, objects.get(&key).copied())
-            };
+        for ((ns, name), eps, pod) in pod_records(view, changed) {
             delta.merge(match eps.as_slice() {
                 [] => index.remove_pod(ns, name),
                 [ep] => index.upsert_pod(&crate::routes::policy_pod(ep, pod)),
@@ -154,6 +131,57 @@ impl PolicyNode {
             self.rendered = None;
         }
         Some(delta)
+    }
+
+    /// The Calico objects (or anything the tier chains read besides pods) may have changed:
+    /// the tier member path reads their selector sets again when next needed. The agent calls
+    /// it whenever it computes the whole node.
+    pub fn calico_changed(&mut self) {
+        self.tier_defs = None;
+    }
+
+    /// The member path with tiered policy ([`super::tiermembers`]): follows `changed` (pods
+    /// alone) and plans, against `table` (the node's table as last applied, a whole-node
+    /// render with tier chains), the element changes of the NetworkPolicy sets and of the tier
+    /// chains' selector sets, making them to the table. None, with `table` as it was, when the
+    /// change needs the whole node computed (the index may then have followed it: following
+    /// the same inputs again changes nothing).
+    pub fn plan_tiered(
+        &mut self,
+        view: &ClusterView,
+        changed: &PolicyInputs,
+        table: &mut Table,
+    ) -> Option<EndpointPlan> {
+        if !self.followable || !tiermembers::followable(view, changed) {
+            return None;
+        }
+        let defs = self
+            .tier_defs
+            .get_or_insert_with(|| TierDefs::of(&view.calico));
+        let mut changes = Vec::with_capacity(changed.pods.len());
+        for ((ns, name), eps, pod) in pod_records(view, changed) {
+            let new = match eps.as_slice() {
+                [] => None,
+                [ep] => Some(crate::routes::policy_pod(ep, pod)),
+                _ => return None,
+            };
+            changes.push(PodChange {
+                old: self.index.pod(ns, name),
+                new,
+            });
+        }
+        let sets = tiermembers::plan_sets(defs, view, self.index.node(), &changes, table)?;
+        drop(changes);
+        let delta = self.follow(view, changed)?;
+        if !delta.members_only() {
+            return None;
+        }
+        let mut plan = self.plan(table, &delta)?;
+        if !(sets.before.sets.is_empty() && sets.after.sets.is_empty()) {
+            sets.apply_to(table);
+            plan.changes.extend(EndpointPlan::patch(sets).changes);
+        }
+        Some(plan)
     }
 
     /// Plans the policy part of `table` (the node's table as last applied, rendered from
@@ -181,6 +209,52 @@ impl PolicyNode {
             .get_or_insert_with(|| rendered_sets(index.endpoints(), index.sets()));
         plan_member_changes(table, index, rendered, delta)
     }
+}
+
+/// The endpoint records and pod object of each changed pod in `view`.
+#[allow(clippy::type_complexity)]
+fn pod_records<'c, 'v>(
+    view: &'v ClusterView,
+    changed: &'c PolicyInputs,
+) -> Vec<(
+    (&'c str, &'c str),
+    Vec<&'v WorkloadEndpoint>,
+    Option<&'v malla_api::Pod>,
+)> {
+    let walk = changed.pods.len() <= WALK_UP_TO;
+    let mut records: HashMap<(&str, &str), Vec<&WorkloadEndpoint>> = HashMap::new();
+    let mut objects: HashMap<(&str, &str), &malla_api::Pod> = HashMap::new();
+    if !walk {
+        for ep in &view.endpoints {
+            records
+                .entry((&ep.namespace, &ep.pod))
+                .or_default()
+                .push(ep);
+        }
+        objects.extend(view.pods.iter().map(|p| ((&*p.namespace, &*p.name), p)));
+    }
+    changed
+        .pods
+        .iter()
+        .map(|(ns, name)| {
+            let key = (ns.as_str(), name.as_str());
+            if walk {
+                let eps: Vec<&WorkloadEndpoint> = view
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.namespace == *ns && e.pod == *name)
+                    .collect();
+                let pod = view
+                    .pods
+                    .iter()
+                    .find(|p| p.namespace == *ns && p.name == *name);
+                (key, eps, pod)
+            } else {
+                let eps = records.get(&key).cloned().unwrap_or_default();
+                (key, eps, objects.get(&key).copied())
+            }
+        })
+        .collect()
 }
 
 /// Whether an object of the node's table is the policy render's (see [`super::render`]).
@@ -272,11 +346,13 @@ pub fn plan_member_changes(
     };
     let mut out = EndpointDelta::default();
     for (set, addrs) in &touched {
-        if !rendered.used.contains(*set) {
-            continue;
-        }
+        // A set the NetworkPolicy render does not match may still be in the table: the tier
+        // chains match a Kubernetes policy's sets one by one ([`super::tiers`]).
+        let used = rendered.used.contains(*set);
         for a in addrs {
-            element(table, set, a, holds(set, a), &mut out)?;
+            if used || table.sets.contains_key(&family_set(set, a)) {
+                element(table, set, a, holds(set, a), &mut out)?;
+            }
         }
     }
     for (union, members) in &rendered.unions {
@@ -294,10 +370,15 @@ pub fn plan_member_changes(
     Some(EndpointPlan::elements(out, undo))
 }
 
+/// The table set of `set` for `a`'s family.
+fn family_set(set: &str, a: &IpNet) -> String {
+    format!("{set}-{}", if a.addr().is_ipv4() { "v4" } else { "v6" })
+}
+
 /// Adds to `out` what makes host address `a` a member of `set`'s table set of its family
 /// (`want`) or not, against `table`; None when the table has no such hash set.
 fn element(table: &Table, set: &str, a: &IpNet, want: bool, out: &mut EndpointDelta) -> Option<()> {
-    let name = format!("{set}-{}", if a.addr().is_ipv4() { "v4" } else { "v6" });
+    let name = family_set(set, a);
     let s = table.sets.get(&name)?;
     if s.flags.iter().any(|f| f == "interval") || a.prefix_len() != a.max_prefix_len() {
         return None;
@@ -546,5 +627,76 @@ mod tests {
         let pods = crate::routes::policy_pods(&v);
         let program = crate::policy::compile(&v.policies, &v.namespaces, &pods, ME);
         assert_eq!(node.program(), program);
+    }
+
+    /// With a Calico policy on the web pod (Allow from `role == 'client'` pods, in a tier), a
+    /// remote pod's label change takes the tier member path: the tier chain's selector set
+    /// changes by elements, the table equals the whole node's; a local pod's change declines.
+    #[test]
+    fn tiered_policy_label_changes_are_set_elements() {
+        let mut v = view();
+        v.calico.tiers.push(malla_api::calico::Tier {
+            name: "security".into(),
+            order: Some(malla_api::calico::Order(100.0)),
+            default_action: Some(malla_api::calico::Action::Pass),
+        });
+        v.calico.policies.push(malla_api::calico::GlobalNetworkPolicy {
+            name: "clients".into(),
+            spec: serde_json::from_value(serde_json::json!({
+                "tier": "security", "order": 1,
+                "selector": "app == 'web'",
+                "types": ["Ingress"],
+                "ingress": [
+                    {"action": "Allow", "source": {"selector": "role == 'client'"}},
+                    {"action": "Deny", "source": {"namespaceSelector": "team == 'a'", "notSelector": "has(app)"}}
+                ]
+            }))
+            .unwrap(),
+        });
+        let mut table = crate::compute(&v, ME).nft_table;
+        assert!(table.chains.keys().any(|c| c.starts_with("tpol-")));
+        let mut node = PolicyNode::new(&v, ME);
+        // c1 is dual-stack: its IPv6 address would make the set's IPv6 half non-empty, a
+        // new rule in the chain.
+        pod_mut(&mut v, "c1").labels = labels(&[("role", "client")]);
+        assert!(node
+            .plan_tiered(&v, &changed_pods(&["c1"]), &mut table)
+            .is_none());
+        pod_mut(&mut v, "c1").labels = labels(&[("role", "none")]);
+        node.follow(&v, &changed_pods(&["c1"])).unwrap();
+        pod_mut(&mut v, "a1").labels = labels(&[("role", "client"), ("app", "a1")]);
+        let before = table.clone();
+        let plan = node
+            .plan_tiered(&v, &changed_pods(&["a1"]), &mut table)
+            .expect("a member plan");
+        assert!(plan.elements_only());
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
+        let sets: Vec<&String> = plan
+            .changes
+            .iter()
+            .filter_map(|c| c.patch.as_ref())
+            .flat_map(|p| p.after.sets.keys())
+            .collect();
+        assert!(sets.iter().any(|s| s.starts_with("hep-sel-")), "{sets:?}");
+        plan.undo(&mut table, &mut Default::default());
+        assert_eq!(table, before);
+        let mut table = crate::compute(&v, ME).nft_table;
+        // A pod leaving a set whose other members stay (c0 and a1 both clients; c0 goes).
+        v.pods.retain(|p| p.name != "c0");
+        v.endpoints.retain(|e| e.pod != "c0");
+        node.plan_tiered(&v, &changed_pods(&["c0"]), &mut table)
+            .expect("a member plan");
+        assert_eq!(table, crate::compute(&v, ME).nft_table);
+        // The last client goes: the Allow rule's set empties, its rule is no longer written.
+        pod_mut(&mut v, "a1").labels = labels(&[]);
+        assert!(node
+            .plan_tiered(&v, &changed_pods(&["a1"]), &mut table)
+            .is_none());
+        let mut table = crate::compute(&v, ME).nft_table;
+        node.calico_changed();
+        pod_mut(&mut v, "web").labels = labels(&[("app", "web"), ("x", "y")]);
+        assert!(node
+            .plan_tiered(&v, &changed_pods(&["web"]), &mut table)
+            .is_none());
     }
 }

@@ -14,6 +14,7 @@
 //!   pods some Calico policy applies to (its own reference evaluator and rendering).
 //! - [`staged`]: staged policies' pending view, evaluated beside the enforced one and logged,
 //!   never enforced.
+//! - [`tiermembers`]: the same for the tier chains' selector sets, when tiered policy exists.
 //! - [`members`]: the agent's policy node ([`PolicyNode`]) and the member path: a change that
 //!   only moves set members planned as element changes of the applied table.
 //!
@@ -30,6 +31,7 @@ pub mod members;
 pub mod reference;
 pub mod render;
 pub mod staged;
+pub mod tiermembers;
 pub mod tiers;
 
 #[cfg(test)]

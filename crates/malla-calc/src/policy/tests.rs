@@ -1868,5 +1868,98 @@ mod tiered {
                 }
             }
         }
+
+        /// The tier member path: random changes of pods (labels, deletion, a new address) on
+        /// a node with tiered policy, each planned by the policy node against the table as last
+        /// applied; when it plans, the table is what the whole-node computation gives (and the
+        /// undo puts it back); when it declines, the whole node is computed, as the agent does.
+        #[test]
+        fn tier_member_path_equals_the_whole_node(
+            w in arb_world(),
+            calico in arb_calico(3),
+            changes in prop::collection::vec((0..6usize, 0..4u8, arb_labels()), 1..6),
+        ) {
+            let mut v = cluster_view(&w, &calico);
+            let mut table = crate::compute(&v, "n1").nft_table;
+            let mut node = crate::policy::PolicyNode::new(&v, "n1");
+            for (i, kind, labels) in changes {
+                let i = i % v.endpoints.len().max(1);
+                let Some(ep) = v.endpoints.get(i).cloned() else { break };
+                match kind {
+                    0 | 1 => {
+                        if let Some(p) = v.pods.iter_mut().find(|p| p.name == ep.pod) {
+                            p.labels = labels;
+                        }
+                    }
+                    2 => {
+                        v.endpoints.remove(i);
+                        v.pods.retain(|p| p.name != ep.pod);
+                    }
+                    _ => {
+                        // A new address (the pod deleted and created again elsewhere in its block).
+                        let e = &mut v.endpoints[i];
+                        e.ips = vec![format!("10.0.0.{}/32", 100 + i).parse().unwrap()];
+                    }
+                }
+                let inputs = crate::policy::PolicyInputs {
+                    pods: [(ep.namespace.clone(), ep.pod.clone())].into(),
+                    ..Default::default()
+                };
+                let want = crate::compute(&v, "n1").nft_table;
+                let before = table.clone();
+                match node.plan_tiered(&v, &inputs, &mut table) {
+                    Some(plan) => {
+                        prop_assert!(plan.elements_only());
+                        prop_assert_eq!(&table, &want, "{:?}\n{:#?}", w, calico);
+                        plan.undo(&mut table, &mut Default::default());
+                        prop_assert_eq!(&table, &before);
+                        table = want;
+                    }
+                    None => {
+                        table = want;
+                        if node.follow(&v, &inputs).is_none() {
+                            node = crate::policy::PolicyNode::new(&v, "n1");
+                        }
+                        node.calico_changed();
+                    }
+                }
+            }
+            let pods = crate::routes::policy_pods(&v);
+            prop_assert_eq!(node.program(), compile(&v.policies, &v.namespaces, &pods, "n1"));
+        }
+    }
+
+    /// World `w` with Calico's objects `calico` as a cluster view (pods on nodes `n1`, `n2`).
+    fn cluster_view(w: &World, calico: &CalicoView) -> crate::ClusterView {
+        let mut v = crate::ClusterView {
+            namespaces: w.namespaces.clone(),
+            policies: w.policies.clone(),
+            calico: calico.clone(),
+            ..Default::default()
+        };
+        for p in &w.pods {
+            v.pods.push(malla_api::Pod {
+                namespace: p.namespace.to_string(),
+                name: p.name.to_string(),
+                labels: p.labels.clone().into_owned(),
+                node: p.node.to_string(),
+                ports: p.ports.to_vec(),
+                ips: Vec::new(),
+                allowed_source_prefixes: Vec::new(),
+                host_network: false,
+            });
+            v.endpoints.push(malla_api::WorkloadEndpoint {
+                namespace: p.namespace.to_string(),
+                pod: p.name.to_string(),
+                node: p.node.to_string(),
+                container_id: format!("c-{}", p.name),
+                ifname: "eth0".into(),
+                host_ifname: p.host_ifname.to_string(),
+                ips: p.ips.iter().map(|ip| ipnet::IpNet::from(*ip)).collect(),
+                mac: String::new(),
+                ipam_handle: String::new(),
+            });
+        }
+        v
     }
 }

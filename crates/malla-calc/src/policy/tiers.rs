@@ -537,6 +537,16 @@ fn np_rule_texts(
     out
 }
 
+/// What a ClusterNetworkPolicy's `namespaces` peer's set stands for (hashed into its name).
+pub(crate) fn namespaces_peer_key(n: &malla_api::policy::LabelSelector) -> String {
+    format!("cnp namespaces {n:?}")
+}
+
+/// What a ClusterNetworkPolicy's `pods` peer's set stands for (hashed into its name).
+pub(crate) fn pods_peer_key(np: &malla_api::cnp::NamespacedPod) -> String {
+    format!("cnp pods {np:?}")
+}
+
 /// The texts matching a ClusterNetworkPolicy rule for `pod` (the subject) in `dir`: one per
 /// peer, family and protocol that can match. Peers' addresses go in named sets.
 fn cnp_rule_texts(
@@ -571,14 +581,14 @@ fn cnp_rule_texts(
                     .iter()
                     .flat_map(|x| x.ips.iter().map(|ip| IpNet::from(*ip)))
                     .collect();
-                (format!("cnp namespaces {n:?}"), nets, pods)
+                (namespaces_peer_key(n), nets, pods)
             } else if let Some(np) = &p.pods {
                 let pods = pods_of(&np.namespace_selector, Some(&np.pod_selector));
                 let nets = pods
                     .iter()
                     .flat_map(|x| x.ips.iter().map(|ip| IpNet::from(*ip)))
                     .collect();
-                (format!("cnp pods {np:?}"), nets, pods)
+                (pods_peer_key(np), nets, pods)
             } else if let Some(sel) = &p.nodes {
                 let nets = inp
                     .nodes
