@@ -2,8 +2,9 @@
 //! all that changed (an endpoint moving, a pod joining an address set): the nft manager then
 //! sends them over nfnetlink ([`crate::nft::elements`]) instead of running `nft`, which would
 //! first read the whole table back from the kernel. Anything else (a chain, a rule, a set's
-//! definition, an interval set, a type it cannot encode) yields None, and the caller uses the
-//! text diff. Also the encoding of the calculation's endpoint plans ([`plan_changes`]): the
+//! definition, an interval set other than an address set, a type it cannot encode) yields None,
+//! and the caller uses the text diff. An address set's prefixes travel as their intervals' two
+//! elements ([`Element::interval`]). Also the encoding of the calculation's endpoint plans ([`plan_changes`]): the
 //! deltas come as data, nothing here computes them.
 
 use std::collections::BTreeMap;
@@ -54,18 +55,39 @@ pub fn element_changes(old: &Table, new: &Table) -> Option<Vec<SetChange>> {
         if n.kernel_managed() || o.elements == n.elements {
             continue;
         }
-        if n.flags.iter().any(|f| f == "interval") {
-            return None;
-        }
-        let element = |k: &Key| Element::key(k.clone());
+        let key = Kind::of_key(&n.type_)?;
+        let (delete, add) = if n.flags.iter().any(|f| f == "interval") {
+            // An address set's prefixes, each as its interval's two elements (no other
+            // interval set is encoded here).
+            if !matches!(key.as_slice(), [Kind::Ipv4] | [Kind::Ipv6]) {
+                return None;
+            }
+            let bounds = |keys: Vec<&Key>| -> Option<Vec<Element>> {
+                let mut out = Vec::with_capacity(2 * keys.len());
+                for k in keys {
+                    out.extend(Element::interval(k)?);
+                }
+                Some(out)
+            };
+            (
+                bounds(o.elements.difference(&n.elements).collect())?,
+                bounds(n.elements.difference(&o.elements).collect())?,
+            )
+        } else {
+            let element = |k: &Key| Element::key(k.clone());
+            (
+                o.elements.difference(&n.elements).map(element).collect(),
+                n.elements.difference(&o.elements).map(element).collect(),
+            )
+        };
         out.push(SetChange {
             set: name.clone(),
             layout: Layout {
-                key: Kind::of_key(&n.type_)?,
+                key,
                 value: Value::None,
             },
-            delete: o.elements.difference(&n.elements).map(element).collect(),
-            add: n.elements.difference(&o.elements).map(element).collect(),
+            delete,
+            add,
         });
     }
     for (name, n) in &new.maps {

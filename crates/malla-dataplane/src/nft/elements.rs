@@ -105,12 +105,44 @@ fn encode_parts(kinds: &[Kind], key: &Key) -> Result<Vec<u8>, String> {
 pub struct Element {
     pub key: Key,
     pub value: Option<element::Value>,
+    /// The end of an interval (an interval set's prefix is two elements: its first address,
+    /// and the address after its last with this flag, as nft sends them).
+    pub interval_end: bool,
 }
 
 impl Element {
     /// A set's element, or a map's key to delete.
     pub fn key(key: Key) -> Element {
-        Element { key, value: None }
+        Element {
+            key,
+            value: None,
+            interval_end: false,
+        }
+    }
+
+    /// The two elements of an interval set's address or prefix `key` (one part): its first
+    /// address, and the end (the address after its last). None for other keys, and for a
+    /// prefix reaching the top of its address space (its end cannot be written; the caller
+    /// falls back to text).
+    pub fn interval(key: &Key) -> Option<[Element; 2]> {
+        let mut parts = key.parts();
+        let net = match (parts.next()?, parts.next()) {
+            (element::Part::Addr(a), None) => ipnet::IpNet::from(a),
+            (element::Part::Net(n), None) => n,
+            _ => return None,
+        };
+        let end = match net.broadcast() {
+            IpAddr::V4(b) => IpAddr::V4(u32::from(b).checked_add(1)?.into()),
+            IpAddr::V6(b) => IpAddr::V6(u128::from(b).checked_add(1)?.into()),
+        };
+        Some([
+            Element::key(Key::one(element::Part::addr(net.network()))),
+            Element {
+                key: Key::one(element::Part::addr(end)),
+                value: None,
+                interval_end: true,
+            },
+        ])
     }
 
     /// A map's element.
@@ -118,6 +150,7 @@ impl Element {
         Element {
             key,
             value: Some(value),
+            interval_end: false,
         }
     }
 }
@@ -172,6 +205,9 @@ const NFTA_LIST_ELEM: u16 = 1;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_DATA: u16 = 2;
 const NFTA_SET_ELEM_TIMEOUT: u16 = 4;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
+/// `NFT_SET_ELEM_INTERVAL_END`: the element ends an interval.
+const NFT_SET_ELEM_INTERVAL_END: u32 = 1;
 const NFTA_DATA_VALUE: u16 = 1;
 const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
@@ -337,6 +373,12 @@ impl Batch {
                 let key =
                     encode_parts(&layout.key, &e.key).map_err(|err| format!("{set} key: {err}"))?;
                 m.begin(NFTA_LIST_ELEM);
+                if e.interval_end {
+                    m.attr(
+                        NFTA_SET_ELEM_FLAGS,
+                        &NFT_SET_ELEM_INTERVAL_END.to_be_bytes(),
+                    );
+                }
                 m.begin(NFTA_SET_ELEM_KEY);
                 m.attr(NFTA_DATA_VALUE, &key);
                 m.end();

@@ -74,6 +74,7 @@ fn numgen_map(name: &str, key_text_value: Vec<(&str, &str)>, six: bool) -> SetCh
             .map(|(k, v)| Element {
                 key: key(k),
                 value: Some(val(v)),
+                interval_end: false,
             })
             .collect(),
     }
@@ -119,10 +120,12 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
                 Element {
                     key: key("198.19.64.2 . tcp . 80"),
                     value: Some(val("goto svc-a")),
+                    interval_end: false,
                 },
                 Element {
                     key: key("198.19.64.3 . udp . 53"),
                     value: Some(val("drop")),
+                    interval_end: false,
                 },
             ],
         },
@@ -136,6 +139,7 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
             add: vec![Element {
                 key: key("198.18.0.5 . 198.18.0.5"),
                 value: None,
+                interval_end: false,
             }],
         },
         port_added("30080"),
@@ -158,6 +162,7 @@ fn elements_of_every_layout_read_back_as_nft_wrote_them() {
     moved.delete = vec![Element {
         key: key("0"),
         value: None,
+        interval_end: false,
     }];
     apply(Some(&ns), NFPROTO_INET, "t", &[moved]).unwrap();
     let text = listed(&ns);
@@ -178,6 +183,7 @@ fn a_failing_change_applies_nothing_and_says_why() {
     bad.delete = vec![Element {
         key: key("99"),
         value: None,
+        interval_end: false,
     }];
     let err = apply(Some(&ns), NFPROTO_INET, "t", &[bad]).unwrap_err();
     assert!(err.to_string().contains("No such file"), "{err}");
@@ -239,6 +245,7 @@ fn a_kept_socket_sends_batch_after_batch() {
     bad.delete = vec![Element {
         key: key("99"),
         value: None,
+        interval_end: false,
     }];
     assert!(sock.apply(NFPROTO_INET, "t", &[bad]).is_err());
     for round in 1..=3u8 {
@@ -246,6 +253,7 @@ fn a_kept_socket_sends_batch_after_batch() {
         replace.delete = vec![Element {
             key: key("0"),
             value: None,
+            interval_end: false,
         }];
         sock.apply(NFPROTO_INET, "t", &[replace]).unwrap();
         let text = listed(&ns);
@@ -264,6 +272,7 @@ fn lazy_additions_encode_as_eager_ones_and_land() {
     let element = |i: u32| Element {
         key: key(&i.to_string()),
         value: Some(val(&many(i))),
+        interval_end: false,
     };
     let layout = numgen_map("ep4", vec![], false).layout;
     let eager = SetChange {
@@ -302,4 +311,90 @@ fn interface_names_are_padded_to_ifnamsiz() {
     want.extend([198, 18, 0, 5]);
     assert_eq!(bytes, want);
     assert!(encode_parts(&[Kind::Ifname], &key("80")).is_err());
+}
+
+/// Interval address sets (the tier chains' selector sets): each address or prefix goes in and
+/// out as its interval's two elements, adjacent intervals stay apart, and `nft` lists them as
+/// it wrote them.
+#[test]
+fn interval_address_sets_take_prefixes_as_two_elements() {
+    let Some(s) = Scratch::new("interval") else {
+        return;
+    };
+    let ns = s.ns();
+    crate::nft::apply(
+        Some(&ns),
+        "table inet t {
+  set sel4 { type ipv4_addr; flags interval; elements = { 198.18.0.1, 198.18.1.0/24 } }
+  set sel6 { type ipv6_addr; flags interval; elements = { fd00::1 } }
+}
+",
+    )
+    .unwrap();
+    let change = |set: &str, v6: bool, delete: &[&str], add: &[&str]| {
+        let bounds = |keys: &[&str]| -> Vec<Element> {
+            keys.iter()
+                .flat_map(|k| Element::interval(&key(k)).expect("encodable"))
+                .collect()
+        };
+        SetChange {
+            set: set.into(),
+            layout: Layout {
+                key: vec![if v6 { Kind::Ipv6 } else { Kind::Ipv4 }],
+                value: Value::None,
+            },
+            delete: bounds(delete),
+            add: bounds(add),
+        }
+    };
+    apply(
+        Some(&ns),
+        NFPROTO_INET,
+        "t",
+        &[
+            change("sel4", false, &[], &["198.18.0.2", "198.18.2.0/23"]),
+            change("sel6", true, &[], &["fd00::2"]),
+        ],
+    )
+    .unwrap();
+    // nft wraps long element lists: compare with the whitespace collapsed.
+    let flat = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = flat(&listed(&ns));
+    for want in [
+        "198.18.0.1, 198.18.0.2, 198.18.1.0/24, 198.18.2.0/23",
+        "fd00::1, fd00::2",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+    apply(
+        Some(&ns),
+        NFPROTO_INET,
+        "t",
+        &[change("sel4", false, &["198.18.0.1", "198.18.1.0/24"], &[])],
+    )
+    .unwrap();
+    let text = flat(&listed(&ns));
+    assert!(
+        text.contains("elements = { 198.18.0.2, 198.18.2.0/23 }"),
+        "after the deletes:\n{text}"
+    );
+    // Deleting what is not there is refused, and changes nothing.
+    assert!(apply(
+        Some(&ns),
+        NFPROTO_INET,
+        "t",
+        &[change("sel4", false, &["198.18.0.1"], &[])],
+    )
+    .is_err());
+    assert_eq!(flat(&listed(&ns)), text);
+}
+
+#[test]
+fn an_interval_reaching_the_top_of_the_address_space_is_not_encoded() {
+    assert!(Element::interval(&key("255.255.255.255")).is_none());
+    assert!(Element::interval(&key("0.0.0.0/0")).is_none());
+    assert!(Element::interval(&key("198.18.0.0 . 80")).is_none());
+    let [start, end] = Element::interval(&key("198.18.4.0/22")).unwrap();
+    assert_eq!((start.key, start.interval_end), (key("198.18.4.0"), false));
+    assert_eq!((end.key, end.interval_end), (key("198.18.8.0"), true));
 }
