@@ -57,8 +57,9 @@ use malla_store::Store;
 struct Args {
     /// Part 5 only: the synthetic cluster with two thirds of its policies turned into
     /// Calico's (global ones in tier `security`, namespaced ones in tier `platform`, the rest
-    /// Kubernetes NetworkPolicies in `default`): programming from cold and one label change
-    /// through the whole-node path the agent takes when Calico policies exist.
+    /// Kubernetes NetworkPolicies in `default`): programming from cold, a label change
+    /// through the agent's tier member path and through the whole-node path, and (unless
+    /// `--skip-rss`) the agent's RSS holding it all.
     #[arg(long)]
     tiers: bool,
     /// Synthetic pods (parts 1, 2 and 4).
@@ -487,10 +488,10 @@ fn main() -> anyhow::Result<()> {
         bail!("--connections in 10..=20000 (at least 10 per round)");
     }
     let deadline = begin(args.max_seconds)?;
-    if args.tiers {
-        return tiers_part(&args, deadline);
-    }
     let bins = args.bins.resolve();
+    if args.tiers {
+        return tiers_part(&args, &bins, deadline);
+    }
     if !(args.skip_latency && args.skip_rss) {
         bins.require()?;
     }
@@ -563,10 +564,9 @@ struct Programming {
 /// a GlobalNetworkPolicy in `security` (order 100, defaultAction Pass: an allow from the web
 /// tier on 8080, a deny of `env == 'dev'` namespaces, then Pass) or a Calico NetworkPolicy in
 /// `platform` (order 200: allow from the team's namespaces, Log, deny the rest).
-fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
+/// The synthetic cluster with two thirds of its policies turned into Calico's (see `--tiers`).
+fn tiered(args: &Args) -> anyhow::Result<Synthetic> {
     use malla_api::calico::{CalicoNetworkPolicy, GlobalNetworkPolicy, Tier};
-    let mut nss = Namespaces::default();
-    let floor = nft_floor(&mut nss, "pol-tier-floor")?;
     let mut syn = synthetic(args)?;
     let knps = std::mem::take(&mut syn.view.policies);
     let (mut globals, mut namespaced, mut kept) = (0, 0, Vec::new());
@@ -625,6 +625,13 @@ fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
         args.local_pods,
         syn.view.policies.len()
     );
+    Ok(syn)
+}
+
+fn tiers_part(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<()> {
+    let mut nss = Namespaces::default();
+    let floor = nft_floor(&mut nss, "pol-tier-floor")?;
+    let mut syn = tiered(args)?;
     check(deadline)?;
     let t = Instant::now();
     let prog = calc(&syn.view);
@@ -740,6 +747,79 @@ fn tiers_part(args: &Args, deadline: Instant) -> anyhow::Result<()> {
     drop(sock);
     drop(member_h);
     nss.delete(&member_ns)?;
+    if !args.skip_rss {
+        tiers_rss(args, bins, deadline)?;
+    }
+    Ok(())
+}
+
+/// The agent's VmRSS holding the tiered cluster (target < 64 MiB): the synthetic cluster and
+/// its Calico tiers and policies written to a 1-node lab's datastore, the agent converged, its
+/// tier chains counted against the calculation's.
+fn tiers_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<()> {
+    bins.require()?;
+    let syn = tiered(args)?;
+    let expected = table(&syn.view, &calc(&syn.view))
+        .chains
+        .keys()
+        .filter(|c| c.starts_with("tpol-"))
+        .count();
+    let lab = bins.one_node_lab("tiers, agent RSS", "poltrss")?;
+    let node = &lab.state.nodes[0];
+    let pid = node.agent_pid.context("the lab's agent has no pid")?;
+    require_agent(pid)?;
+    let base_rss_kib = status_kib(pid, "VmRSS")?;
+    let t = Instant::now();
+    write_view(&lab, &syn, deadline)?;
+    let store = lab_store::open(&lab.paths, &lab.state)?;
+    let store: &dyn Store = &*store;
+    let c = &syn.view.calico;
+    for tier in &c.tiers {
+        malla_store::put_json(store, &keys::tier(&tier.name), tier)?;
+    }
+    for p in &c.policies {
+        malla_store::put_json(store, &keys::global_network_policy(&p.name), p)?;
+    }
+    for p in &c.network_policies {
+        malla_store::put_json(
+            store,
+            &keys::calico_network_policy(&p.namespace, &p.name),
+            p,
+        )?;
+    }
+    let write = t.elapsed();
+    let t = Instant::now();
+    topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(600))
+        .context("waiting for the agent")?;
+    let converge = t.elapsed();
+    let rss_kib = status_kib(pid, "VmRSS")?;
+    let hwm_kib = status_kib(pid, "VmHWM")?;
+    let node_ns = NetNs::open_named(&node.netns)?;
+    let listed = nft::list_table(Some(&node_ns), masquerade::FAMILY, masquerade::TABLE)
+        .context("listing the node's table")?;
+    let have = listed
+        .lines()
+        .filter(|l| l.trim_start().starts_with("chain tpol-"))
+        .count();
+    drop(node_ns);
+    eprintln!(
+        "  written in {:.1} s, converged {:.1} s later; bare agent {} KiB",
+        write.as_secs_f64(),
+        converge.as_secs_f64(),
+        base_rss_kib
+    );
+    if have != expected {
+        bail!("the agent programmed {have} tier chains, the calculation has {expected}");
+    }
+    println!(
+        "tiers, agent with {} pods and {} policies over 3 tiers: VmRSS {:.1} MiB, VmHWM {:.1} MiB, {have}/{expected} tier chains (target < 64 MiB: {})",
+        syn.view.pods.len(),
+        syn.view.policies.len() + c.policies.len() + c.network_policies.len(),
+        mib(rss_kib),
+        mib(hwm_kib),
+        yes(mib(rss_kib) < 64.0)
+    );
+    drop(lab);
     Ok(())
 }
 
@@ -1490,28 +1570,12 @@ fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
         .with_context(|| format!("{field} missing from /proc/{pid}/status"))
 }
 
-fn agent_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Rss> {
-    let syn = synthetic(args)?;
-    let expected = {
-        let prog = calc(&syn.view);
-        prog.endpoints
-            .iter()
-            .map(|e| usize::from(e.ingress.is_some()) + usize::from(e.egress.is_some()))
-            .sum()
-    };
-    let lab = bins.one_node_lab("agent RSS", "polrss")?;
-    let node = &lab.state.nodes[0];
-    let pid = node.agent_pid.context("the lab's agent has no pid")?;
-    require_agent(pid)?;
-    let base_rss_kib = status_kib(pid, "VmRSS")?;
-    eprintln!(
-        "  bare agent {base_rss_kib} KiB; writing {} pods, {} policies",
-        args.pods, args.policies
-    );
+/// Writes the synthetic cluster (namespaces, remote nodes and blocks, pods, endpoints,
+/// NetworkPolicies) to the lab's datastore.
+fn write_view(lab: &malla_bench::Lab, syn: &Synthetic, deadline: Instant) -> anyhow::Result<()> {
     let store = lab_store::open(&lab.paths, &lab.state)?;
     let store: &dyn Store = &*store;
     let v = &syn.view;
-    let t = Instant::now();
     for n in &v.namespaces {
         malla_store::put_json(store, &keys::namespace(&n.name), n)?;
     }
@@ -1537,6 +1601,29 @@ fn agent_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Rss>
     for p in &v.policies {
         malla_store::put_json(store, &keys::network_policy(&p.namespace, &p.name), p)?;
     }
+    Ok(())
+}
+
+fn agent_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<Rss> {
+    let syn = synthetic(args)?;
+    let expected = {
+        let prog = calc(&syn.view);
+        prog.endpoints
+            .iter()
+            .map(|e| usize::from(e.ingress.is_some()) + usize::from(e.egress.is_some()))
+            .sum()
+    };
+    let lab = bins.one_node_lab("agent RSS", "polrss")?;
+    let node = &lab.state.nodes[0];
+    let pid = node.agent_pid.context("the lab's agent has no pid")?;
+    require_agent(pid)?;
+    let base_rss_kib = status_kib(pid, "VmRSS")?;
+    eprintln!(
+        "  bare agent {base_rss_kib} KiB; writing {} pods, {} policies",
+        args.pods, args.policies
+    );
+    let t = Instant::now();
+    write_view(&lab, &syn, deadline)?;
     let write = t.elapsed();
     let t = Instant::now();
     topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(600))
