@@ -12,14 +12,16 @@
 //! and off/on for latency: **1.0 means anti-spoofing costs nothing**, below 0.98 misses the
 //! target.
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
-use malla_bench::{begin, check, first_ipv4, percentile, ratio, yes, BinArgs, Iperf, Lab};
-use malla_dataplane::netns::NetNs;
+use malla_bench::{
+    begin, check, connect_times as connects, first_ipv4, listen, percentile, ratio, us, yes,
+    BinArgs, Iperf, Lab,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -270,55 +272,4 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Microseconds with one decimal.
-fn us(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e6)
-}
-
-/// A listener on `addr` inside `netns` that accepts and closes connections until the process
-/// ends (its thread is detached).
-fn listen(netns: &str, addr: SocketAddr) -> anyhow::Result<()> {
-    let ns = NetNs::open_named(netns)?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let bound = ns
-            .enter_this_thread()
-            .map_err(anyhow::Error::from)
-            .and_then(|()| TcpListener::bind(addr).map_err(anyhow::Error::from));
-        match bound {
-            Ok(l) => {
-                let _ = tx.send(Ok(()));
-                for s in l.incoming() {
-                    drop(s);
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(10))
-        .context("the listener thread did not start")?
-        .with_context(|| format!("listening on {addr} in {netns}"))
-}
-
-/// `n` TCP connects from inside `netns` to `to`, each timed from `connect` to established.
-fn connects(netns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Vec<Duration>> {
-    let ns = NetNs::open_named(netns)?;
-    std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
-        ns.enter_this_thread()?;
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            let t = Instant::now();
-            let s = TcpStream::connect_timeout(&to, Duration::from_secs(2))
-                .with_context(|| format!("connecting to {to}"))?;
-            out.push(t.elapsed());
-            drop(s);
-        }
-        Ok(out)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the connect thread panicked"))?
 }
