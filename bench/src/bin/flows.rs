@@ -22,8 +22,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
-    begin, check, connects, cpu_time, first_ipv4, listen, mib, percentile, ratio, status_kib, us,
-    BinArgs, Iperf, Lab,
+    begin, check, connect_times as connects, cpu_time, first_ipv4, listen, mib, percentile, ratio,
+    status_kib, us, BinArgs, Iperf, Lab,
 };
 use malla_dataplane::netns::NetNs;
 

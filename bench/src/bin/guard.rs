@@ -19,7 +19,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
-    begin, check, connects, first_ipv4, listen, percentile, ratio, us, yes, BinArgs, Iperf, Lab,
+    begin, check, connect_times as connects, first_ipv4, listen, percentile, ratio, us, yes,
+    BinArgs, Iperf, Lab,
 };
 
 #[derive(Parser, Debug)]
