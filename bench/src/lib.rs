@@ -717,6 +717,19 @@ fn reset_on_close(s: &TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// Kills process `pid` (one of ours: a lab agent) and waits until it is gone.
+pub fn stop_and_wait(pid: u32) -> anyhow::Result<()> {
+    malla_lab::process::stop(pid);
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("pid {pid} still there 10 s after SIGKILL");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// CPU time (user + system) process `pid` has used; zero when unreadable.
 pub fn cpu_time(pid: u32) -> Duration {
     // Fields 14 and 15 (utime, stime) in clock ticks, after the parenthesised command.

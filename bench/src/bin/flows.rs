@@ -1,18 +1,19 @@
 //! `flows-bench`: what flow logging costs (issue 16: pod↔pod throughput on/off ≥ 0.97,
 //! connection setup p50 on/off ≤ 1.05, agent CPU per 1000 new connections a second, agent RSS).
 //!
-//! Two 2-node labs side by side (`--routing direct`), identical but for flow collection: the
-//! first's agents collect flows, the second's run with `MALLA_NO_FLOW_LOGS=true` (no NFLOG
-//! listener, no conntrack events or accounting; the ruleset is the same). In each, pods `a` and
-//! `b` on node-1 and `c` on node-2, and a NetworkPolicy selecting `b` and `c` that allows `a`, so
-//! every connection takes an allowing rule's log statement and a conntrack NEW and DESTROY.
-//! `--rounds` rounds alternate the labs' order; in each, per lab: one iperf3 run a→b and a→c,
-//! then `--connections` sequential TCP connects a→b and a→c (each timed from `connect` to
-//! established), with the agents' CPU time taken over the connects (after a pause that lets
-//! them read the round's events). Ratios: on/off for throughput, off/on for connection setup
+//! One 2-node lab (`--routing direct`): pods `a` and `b` on node-1, `c` on node-2, and a
+//! NetworkPolicy selecting `b` and `c` that allows `a`, so every connection takes an allowing
+//! rule's log statement and a conntrack NEW and DESTROY. Flow logging is switched by restarting
+//! both agents (a restart adopts the kernel's state: the ruleset, routes and pods stay the
+//! same) with or without `--no-flow-logs`, and conntrack accounting off in the nodes for "off"
+//! (the agent turns it on when it collects). The same pods, veths and chains are measured in
+//! both settings, so only flow logging differs. `--rounds` rounds alternate the order; in each,
+//! per setting: one iperf3 run a→b and a→c, then `--connections` sequential TCP connects a→b
+//! and a→c (each timed from `connect` to established), with the agents' CPU time taken over
+//! the connects (after a pause that lets them read the round's events). Ratios: on/off
 //! (**1.0 means flow logging costs nothing**); `paired` is the median of the rounds' own ratios.
-//! Before its figures the bench checks that the "on" lab recorded the connections (the node's
-//! `malla_flows_total{verdict="allowed"}`) and the "off" lab recorded none.
+//! Each "on" setting must have recorded the connections (node-1's
+//! `malla_flows_total{verdict="allowed"}`) and each "off" one none.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -23,7 +24,7 @@ use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
     begin, check, connect_times as connects, cpu_time, first_ipv4, listen, mib, percentile, ratio,
-    status_kib, us, BinArgs, Iperf, Lab,
+    status_kib, stop_and_wait, us, BinArgs, Bins, Iperf, Lab,
 };
 use malla_dataplane::netns::NetNs;
 
@@ -34,19 +35,15 @@ use malla_dataplane::netns::NetNs;
     about = "pod-to-pod throughput, connection setup and agent CPU with flow logging on and off"
 )]
 struct Args {
-    /// Rounds (each lab once per round, order alternating).
-    #[arg(long, default_value_t = 6)]
+    /// Rounds (each setting once per round, order alternating).
+    #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Seconds per iperf3 run (0: no throughput runs).
     #[arg(long, default_value_t = 3)]
     seconds: u64,
-    /// TCP connects per round, lab and path.
-    #[arg(long, default_value_t = 2000)]
+    /// TCP connects per round, setting and path.
+    #[arg(long, default_value_t = 3000)]
     connections: usize,
-    /// Turn conntrack accounting on in the "off" lab's nodes too (it is what gives flows
-    /// their byte counts): the comparison then isolates the rest of flow logging's cost.
-    #[arg(long)]
-    off_lab_accounting: bool,
     #[command(flatten)]
     bins: BinArgs,
     /// Give up (and clean up) after this many seconds.
@@ -68,7 +65,7 @@ spec:
 /// The connect listener's port in `b` and `c`.
 const CONNECT_PORT: u16 = 9300;
 
-/// One lab's figures over the rounds.
+/// One setting's figures over the rounds.
 #[derive(Default)]
 struct Side {
     same_bps: Vec<f64>,
@@ -80,34 +77,24 @@ struct Side {
     /// Agents' CPU time over the connects (node-1 + node-2).
     cpu: Duration,
     conns: usize,
+    /// The agents' VmRSS (KiB) at the end of the last round.
+    rss_kib: Vec<u64>,
 }
 
-/// A lab of the comparison, ready to measure.
+/// The lab, ready to measure.
 struct Setup {
-    /// Torn down when the setup is dropped.
-    _lab: Lab,
+    lab: Lab,
     a_ns: String,
     b_ns: String,
     c_ns: String,
     b: IpAddr,
     c: IpAddr,
-    agents: Vec<u32>,
-    node1_ns: String,
 }
 
-fn setup(what: &str, flows: bool, bins: &malla_bench::Bins) -> anyhow::Result<Setup> {
+fn setup(bins: &Bins) -> anyhow::Result<Setup> {
     let opts = bins.up_options(2, RoutingMode::Direct);
-    // The agents are children of this process: they read the switch from the environment
-    // (`malla agent --no-flow-logs`). Set only while this lab comes up, before any thread.
-    if flows {
-        std::env::remove_var("MALLA_NO_FLOW_LOGS");
-    } else {
-        std::env::set_var("MALLA_NO_FLOW_LOGS", "true");
-    }
-    eprintln!("{what}: bringing up a 2-node lab");
-    let lab = Lab::up(what, &opts);
-    std::env::remove_var("MALLA_NO_FLOW_LOGS");
-    let mut lab = lab?;
+    eprintln!("flows: bringing up a 2-node lab");
+    let mut lab = Lab::up("flows", &opts)?;
     let mut text = String::new();
     for (pod, node) in [("a", "node-1"), ("b", "node-1"), ("c", "node-2")] {
         text.push_str(&format!(
@@ -124,29 +111,56 @@ fn setup(what: &str, flows: bool, bins: &malla_bench::Bins) -> anyhow::Result<Se
             .with_context(|| format!("pod {name} has no IPv4 address"))
     };
     let (b, c) = (ip("b")?, ip("c")?);
-    let agents: Vec<u32> = lab.state.nodes.iter().filter_map(|n| n.agent_pid).collect();
-    if agents.len() != 2 {
-        bail!("{what}: expected two agents, the lab state names {agents:?}");
-    }
     let s = Setup {
         a_ns: lab.pod("a")?.netns.clone(),
         b_ns: lab.pod("b")?.netns.clone(),
         c_ns: lab.pod("c")?.netns.clone(),
-        node1_ns: lab.state.nodes[0].netns.clone(),
         b,
         c,
-        agents,
-        _lab: lab,
+        lab,
     };
     for (ns, ip) in [(&s.b_ns, b), (&s.c_ns, c)] {
         listen(ns, SocketAddr::new(ip, CONNECT_PORT))?;
     }
-    // Until the policy is in place (its rules are what logs), a reaches both.
-    for to in [b, c] {
-        connects(&s.a_ns, SocketAddr::new(to, CONNECT_PORT), 10)
-            .with_context(|| format!("{what}: a never reached {to}"))?;
-    }
     Ok(s)
+}
+
+/// Restarts both agents with flow logging `on` or off (conntrack accounting follows), waits
+/// until they have applied their first sync, and until `a` reaches `b` and `c` again.
+fn switch(s: &mut Setup, bins: &Bins, on: bool) -> anyhow::Result<()> {
+    for i in 0..s.lab.state.nodes.len() {
+        let node = s.lab.state.nodes[i].clone();
+        if let Some(pid) = node.agent_pid {
+            stop_and_wait(pid)?;
+        }
+        if !on {
+            let ok = std::process::Command::new("ip")
+                .args(["netns", "exec", &node.netns, "sysctl", "-qw"])
+                .arg("net.netfilter.nf_conntrack_acct=0")
+                .status()?
+                .success();
+            if !ok {
+                bail!("turning conntrack accounting off in {}", node.netns);
+            }
+        }
+        let extra: &[&str] = if on { &[] } else { &["--no-flow-logs"] };
+        let pid = malla_lab::topology::start_agent_with(
+            &s.lab.paths,
+            &bins.malla,
+            &node,
+            s.lab.state.datastore,
+            extra,
+        )?;
+        s.lab.state.nodes[i].agent_pid = Some(pid);
+        s.lab.state.save(&s.lab.paths)?;
+    }
+    malla_lab::topology::wait_converged(&s.lab.paths, &s.lab.state, Duration::from_secs(60))
+        .context("waiting for the restarted agents")?;
+    for to in [s.b, s.c] {
+        connects(&s.a_ns, SocketAddr::new(to, CONNECT_PORT), 20)
+            .with_context(|| format!("a does not reach {to} after the restart"))?;
+    }
+    Ok(())
 }
 
 /// `GET path` from the agent's HTTP server in `netns` (127.0.0.1:9099).
@@ -191,22 +205,19 @@ fn main() -> anyhow::Result<()> {
     }
     let deadline = begin(args.max_seconds)?;
     let bins = args.bins.required()?;
-    let labs = [
-        setup("flows-on", true, &bins)?,
-        setup("flows-off", false, &bins)?,
-    ];
-    let before = [
-        allowed_flows(&labs[0].node1_ns)?,
-        allowed_flows(&labs[1].node1_ns)?,
-    ];
+    let mut s = setup(&bins)?;
+    let node1_ns = s.lab.state.nodes[0].netns.clone();
     let mut sides = [Side::default(), Side::default()];
+    let mut recorded = Vec::new();
     for round in 0..args.rounds {
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             check(deadline)?;
-            let s = &labs[i];
-            let side = &mut sides[i];
+            let on = i == 0;
             eprintln!("round {}: flow logging {}", round + 1, ["on", "off"][i]);
+            switch(&mut s, &bins, on)?;
+            let before = allowed_flows(&node1_ns)?;
+            let side = &mut sides[i];
             if args.seconds > 0 {
                 for (server, ip, out) in [
                     (&s.b_ns, s.b, &mut side.same_bps),
@@ -226,7 +237,14 @@ fn main() -> anyhow::Result<()> {
                     out.push(bps);
                 }
             }
-            let cpu0: Duration = s.agents.iter().map(|p| cpu_time(*p)).sum();
+            let agents: Vec<u32> = s
+                .lab
+                .state
+                .nodes
+                .iter()
+                .filter_map(|n| n.agent_pid)
+                .collect();
+            let cpu0: Duration = agents.iter().map(|p| cpu_time(*p)).sum();
             let same = connects(
                 &s.a_ns,
                 SocketAddr::new(s.b, CONNECT_PORT),
@@ -237,11 +255,27 @@ fn main() -> anyhow::Result<()> {
                 SocketAddr::new(s.c, CONNECT_PORT),
                 args.connections,
             )?;
-            // The round's DESTROY events come as the sockets close: let the agents read them.
+            // The round's events (DESTROY as the sockets close): let the agents read them.
             std::thread::sleep(Duration::from_millis(1500));
-            let cpu1: Duration = s.agents.iter().map(|p| cpu_time(*p)).sum();
+            let cpu1: Duration = agents.iter().map(|p| cpu_time(*p)).sum();
             side.cpu += cpu1.saturating_sub(cpu0);
             side.conns += 2 * args.connections;
+            side.rss_kib = agents
+                .iter()
+                .map(|p| status_kib(*p, "VmRSS").ok().flatten().unwrap_or(0))
+                .collect();
+            // Node-1 sees both paths start (a is its pod).
+            let seen = allowed_flows(&node1_ns)? - before;
+            let want = (2 * args.connections) as f64;
+            if (on && seen < 0.9 * want) || (!on && seen != 0.0) {
+                bail!(
+                    "flow logging {}: node-1 counted {seen} allowed connections of {want}",
+                    ["on", "off"][i]
+                );
+            }
+            if on {
+                recorded.push(seen);
+            }
             side.same_p50.push(percentile(&same, 50.0));
             side.cross_p50.push(percentile(&cross, 50.0));
             eprintln!(
@@ -253,32 +287,27 @@ fn main() -> anyhow::Result<()> {
             side.cross_connect.extend(cross);
         }
     }
-    // The comparison is only one if the "on" lab saw the connections and the "off" lab none.
-    let seen = [
-        allowed_flows(&labs[0].node1_ns)? - before[0],
-        allowed_flows(&labs[1].node1_ns)? - before[1],
-    ];
-    let same_conns = (args.rounds * args.connections) as f64;
-    if seen[0] < 0.9 * same_conns || seen[1] != 0.0 {
-        bail!(
-            "flow logging did not see what it should: node-1 counted {} allowed flows with \
-             logging on (of {same_conns} same-node connections) and {} with it off",
-            seen[0],
-            seen[1]
-        );
-    }
+    report(&args, &sides, &recorded);
+    drop(s);
+    Ok(())
+}
 
+fn report(args: &Args, sides: &[Side; 2], recorded: &[f64]) {
     let median = |v: &[f64]| {
         let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let [on, off] = &sides;
+    let [on, off] = sides;
     println!();
     println!(
-        "flow logging on vs off, {} round(s); iperf3 {} s x 1 stream, {} connects per round \
-         and path; node-1 of the 'on' lab recorded {} allowed connections",
-        args.rounds, args.seconds, args.connections, seen[0]
+        "flow logging on vs off (the same lab, agents restarted), {} round(s); iperf3 {} s x 1 \
+         stream, {} connects per round and path; node-1 recorded {:.0} allowed connections per \
+         'on' round (median)",
+        args.rounds,
+        args.seconds,
+        args.connections,
+        median(recorded)
     );
     println!(
         "{:<34} {:>10} {:>10} {:>8} {:>8} {:>7}",
@@ -350,27 +379,21 @@ fn main() -> anyhow::Result<()> {
     let per_1000 = |s: &Side| s.cpu.as_secs_f64() * 1000.0 / s.conns.max(1) as f64;
     println!(
         "agents' CPU per 1000 connections (both nodes): on {:.4} CPU s, off {:.4} CPU s \
-         (so 1000 new connections a second cost {:.1}% of a core with flow logging, {:.1}% without)",
+         (1000 new connections a second cost {:.1}% of a core with flow logging, {:.1}% without)",
         per_1000(on),
         per_1000(off),
         per_1000(on) * 100.0,
         per_1000(off) * 100.0
     );
-    for (i, s) in labs.iter().enumerate() {
-        let rss: Vec<String> = s
-            .agents
+    for (name, side) in [("on", on), ("off", off)] {
+        let rss: Vec<String> = side
+            .rss_kib
             .iter()
-            .map(|p| {
-                let kib = status_kib(*p, "VmRSS").ok().flatten().unwrap_or(0);
-                format!("{:.1} MiB", mib(kib))
-            })
+            .map(|k| format!("{:.1} MiB", mib(*k)))
             .collect();
         println!(
-            "agent VmRSS, flow logging {}: {} (node-1, node-2)",
-            ["on", "off"][i],
+            "agent VmRSS after a round, flow logging {name}: {} (node-1, node-2)",
             rss.join(", ")
         );
     }
-    drop(labs);
-    Ok(())
 }

@@ -45,7 +45,8 @@ use malla_api::service::{
 };
 use malla_api::RoutingMode;
 use malla_bench::{
-    begin, check, default_pool, mib, ms, percentile, ratio, ratio_d, status_kib, BinArgs, Bins, Lab,
+    begin, check, default_pool, mib, ms, percentile, ratio, ratio_d, status_kib, stop_and_wait,
+    BinArgs, Bins, Lab,
 };
 use malla_dataplane::netns::NetNs;
 use malla_lab::kubelet::KubeProxy;
@@ -671,18 +672,6 @@ impl Bench<'_> {
 
 /// Stops a process of ours and waits (up to 10 s) until it is gone from `/proc` (reaped: every
 /// thread has exited and its files, such as the agent's ready-file lock, are closed).
-fn stop_and_wait(pid: u32) -> anyhow::Result<()> {
-    malla_lab::process::stop(pid);
-    let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        if t.elapsed() > Duration::from_secs(10) {
-            bail!("pid {pid} still there 10 s after SIGKILL");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 fn report(args: &Args, rows: &[Row]) {
     println!(
         "Services: Malla's proxy vs kube-proxy v1.20 (iptables mode, iptables-{}), one node, {} endpoints per dummy Service, {} creations, {} connections per case",

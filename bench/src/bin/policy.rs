@@ -792,6 +792,8 @@ fn tiers_rss(args: &Args, bins: &Bins, deadline: Instant) -> anyhow::Result<()> 
     topology::wait_converged(&lab.paths, &lab.state, Duration::from_secs(600))
         .context("waiting for the agent")?;
     let converge = t.elapsed();
+    // Settled: the agent hands the heap of its last computations back once its feed is quiet.
+    std::thread::sleep(Duration::from_secs(2));
     let rss_kib = status_kib(pid, "VmRSS")?;
     let hwm_kib = status_kib(pid, "VmHWM")?;
     let node_ns = NetNs::open_named(&node.netns)?;

@@ -243,6 +243,9 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let mut cache_dirty = true;
         // After a full list: the listing's buffers are garbage once the first apply is done.
         let mut trim_due = false;
+        // A full apply ran since the heap was last trimmed: it is trimmed once the feed goes
+        // quiet (a burst of changes computes the node many times; its peak is not kept).
+        let mut trim_when_quiet = false;
         let mut last_full = Instant::now();
         // Since when changes wait to be applied (the sync latency's start); whether the
         // datastore was lost since the agent last heard from it.
@@ -600,6 +603,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                         }
                         if std::mem::take(&mut trim_due) {
                             trim_heap();
+                        } else {
+                            trim_when_quiet = true;
                         }
                         applied = true;
                         other_dirty = false;
@@ -641,7 +646,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             }
             // Blocking here is fine: netlink replies are only awaited inside `apply`.
             match syncer.next(FEED_WAIT) {
-                Ok(events) if events.is_empty() => {}
+                Ok(events) if events.is_empty() => {
+                    let settled = !other_dirty && pending_policy.is_empty() && pending_services.is_empty();
+                    if settled && std::mem::take(&mut trim_when_quiet) {
+                        trim_heap();
+                    }
+                }
                 Ok(events) => {
                     // The datastore answers again: its feed delivered.
                     if std::mem::take(&mut lost) {
