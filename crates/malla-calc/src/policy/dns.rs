@@ -315,16 +315,7 @@ pub(crate) fn cnp_rule_texts(pod: &PolicyPod, r: &CnpRule, table: &mut nft::Tabl
                 continue;
             }
             for p in &r.protocols {
-                for (pp, proto) in [(&p.tcp, "tcp"), (&p.udp, "udp"), (&p.sctp, "sctp")] {
-                    let Some(pp) = pp else { continue };
-                    out.push(match pp.destination_port.and_then(|d| d.range()) {
-                        None => format!("meta l4proto {proto} {peer}"),
-                        Some((a, b)) if a == b => {
-                            format!("meta l4proto {proto} th dport {a} {peer}")
-                        }
-                        Some((a, b)) => format!("meta l4proto {proto} th dport {a}-{b} {peer}"),
-                    });
-                }
+                super::tiers::cnp_numbered_port_texts(p, &peer, &mut out);
             }
         }
     }

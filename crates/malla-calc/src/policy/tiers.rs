@@ -549,6 +549,23 @@ pub(crate) fn pods_peer_key(np: &malla_api::cnp::NamespacedPod) -> String {
 
 /// The texts matching a ClusterNetworkPolicy rule for `pod` (the subject) in `dir`: one per
 /// peer, family and protocol that can match. Peers' addresses go in named sets.
+/// The match texts of one ClusterNetworkPolicy protocol entry's protocols and numbered ports
+/// (`meta l4proto tcp th dport 80-90 ` before `peer`); its named port is the caller's.
+pub(crate) fn cnp_numbered_port_texts(
+    p: &malla_api::cnp::Protocol,
+    peer: &str,
+    out: &mut Vec<String>,
+) {
+    for (pp, proto) in [(&p.tcp, "tcp"), (&p.udp, "udp"), (&p.sctp, "sctp")] {
+        let Some(pp) = pp else { continue };
+        out.push(match pp.destination_port.and_then(|d| d.range()) {
+            None => format!("meta l4proto {proto} {peer}"),
+            Some((a, b)) if a == b => format!("meta l4proto {proto} th dport {a} {peer}"),
+            Some((a, b)) => format!("meta l4proto {proto} th dport {a}-{b} {peer}"),
+        });
+    }
+}
+
 fn cnp_rule_texts(
     inp: &TierInputs,
     pod: &PolicyPod,
@@ -617,18 +634,7 @@ fn cnp_rule_texts(
                 continue;
             }
             for p in &r.protocols {
-                for (pp, proto) in [(&p.tcp, "tcp"), (&p.udp, "udp"), (&p.sctp, "sctp")] {
-                    let Some(pp) = pp else { continue };
-                    match pp.destination_port.and_then(|d| d.range()) {
-                        None => out.push(format!("meta l4proto {proto} {peer}")),
-                        Some((a, b)) if a == b => {
-                            out.push(format!("meta l4proto {proto} th dport {a} {peer}"))
-                        }
-                        Some((a, b)) => {
-                            out.push(format!("meta l4proto {proto} th dport {a}-{b} {peer}"))
-                        }
-                    }
-                }
+                cnp_numbered_port_texts(p, &peer, &mut out);
                 let Some(port_name) = &p.destination_named_port else {
                     continue;
                 };
