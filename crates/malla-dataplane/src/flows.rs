@@ -317,7 +317,32 @@ fn dump(fd: &OwnedFd, seq: u32, buf: &mut [u8], out: &mut Vec<KernelEvent>) -> i
     if unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut done = false;
+    read_answers(fd, std::time::Duration::from_secs(2), buf, |ty, body| {
+        match ty {
+            NLMSG_DONE | NLMSG_ERROR => done = true,
+            t if t == SUBSYS_CTNETLINK << 8 => {
+                if let Some(ev) = ct_entry(Phase::Update, body) {
+                    if !loopback(&ev.orig) {
+                        out.push(KernelEvent::Conn(ev));
+                    }
+                }
+            }
+            _ => {}
+        }
+        done
+    })
+}
+
+/// Reads the answers to requests sent on `fd` for at most `within`, handing each message
+/// (type, body) to `take` until it says they are all in.
+fn read_answers(
+    fd: &OwnedFd,
+    within: std::time::Duration,
+    buf: &mut [u8],
+    mut take: impl FnMut(u16, &[u8]) -> bool,
+) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + within;
     while std::time::Instant::now() < deadline {
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -325,7 +350,7 @@ fn dump(fd: &OwnedFd, seq: u32, buf: &mut [u8], out: &mut Vec<KernelEvent>) -> i
             revents: 0,
         };
         // SAFETY: poll(2) on one descriptor.
-        if unsafe { libc::poll(&mut p, 1, 500) } <= 0 {
+        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
             continue;
         }
         let n = match recv(fd, buf) {
@@ -334,16 +359,8 @@ fn dump(fd: &OwnedFd, seq: u32, buf: &mut [u8], out: &mut Vec<KernelEvent>) -> i
             Err(e) => return Err(e),
         };
         for (ty, _, body) in messages(&buf[..n]) {
-            match ty {
-                NLMSG_DONE | NLMSG_ERROR => return Ok(()),
-                t if t == SUBSYS_CTNETLINK << 8 => {
-                    if let Some(ev) = ct_entry(Phase::Update, body) {
-                        if !loopback(&ev.orig) {
-                            out.push(KernelEvent::Conn(ev));
-                        }
-                    }
-                }
-                _ => {}
+            if take(ty, body) {
+                return Ok(());
             }
         }
     }
@@ -568,36 +585,22 @@ fn get_each(
         asked += 1;
     }
     let mut answered = 0usize;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while answered < asked && std::time::Instant::now() < deadline {
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) on one descriptor.
-        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
-            continue;
-        }
-        let n = match recv(fd, buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        for (ty, _, body) in messages(&buf[..n]) {
-            match ty {
-                NLMSG_ERROR => answered += 1,
-                t if t == SUBSYS_CTNETLINK << 8 => {
-                    answered += 1;
-                    if let Some(ev) = ct_entry(Phase::Update, body) {
-                        out.push(KernelEvent::Conn(ev));
-                    }
-                }
-                _ => {}
-            }
-        }
+    if asked == 0 {
+        return Ok(());
     }
-    Ok(())
+    read_answers(fd, std::time::Duration::from_secs(1), buf, |ty, body| {
+        match ty {
+            NLMSG_ERROR => answered += 1,
+            t if t == SUBSYS_CTNETLINK << 8 => {
+                answered += 1;
+                if let Some(ev) = ct_entry(Phase::Update, body) {
+                    out.push(KernelEvent::Conn(ev));
+                }
+            }
+            _ => {}
+        }
+        answered >= asked
+    })
 }
 
 /// The reader wakes at most once per this long: between wake-ups the kernel queues events
