@@ -216,15 +216,7 @@ pub fn compute_with_links(
     if view.calico.applies_to_workloads() {
         let pods = policy_pods(view);
         let nodes = node_addresses(view);
-        let inputs = crate::policy::tiers::TierInputs {
-            calico: &view.calico,
-            policies: &view.policies,
-            namespaces: &view.namespaces,
-            pods: &pods,
-            ents: &ents,
-            nodes: &nodes,
-            dns: crate::policy::dns::DnsView::EMPTY,
-        };
+        let inputs = crate::policy::tiers::TierInputs::of(view, &pods, &ents, &nodes);
         crate::policy::tiers::render_tiers(&inputs, program, me, &mut nft_table);
         let dns_sets = crate::policy::dns::dns_sets(&inputs, me);
         let my_ip = view

@@ -449,15 +449,7 @@ pub fn run(g: &crate::Globals, cmd: PolicyCommand) -> anyhow::Result<()> {
     // What tiers read, once for every connection traced.
     let ents = malla_calc::host::labelled(&view);
     let nodes = malla_calc::routes::node_addresses(&view);
-    let mut inp = malla_calc::policy::tiers::TierInputs {
-        calico: &view.calico,
-        policies: &view.policies,
-        namespaces: &view.namespaces,
-        pods: &pods,
-        ents: &ents,
-        nodes: &nodes,
-        dns: malla_calc::policy::dns::DnsView::EMPTY,
-    };
+    let mut inp = malla_calc::policy::tiers::TierInputs::of(&view, &pods, &ents, &nodes);
     // What the traced pods learned from DNS, from their nodes' agents.
     let sources: Vec<&PolicyPod> = match (a.all, a.from.as_deref()) {
         (true, _) => pods.iter().collect(),

@@ -536,14 +536,6 @@ pub fn node_dns_sets(
     let pods = crate::routes::policy_pods(view);
     let nodes = crate::routes::node_addresses(view);
     let ents = crate::host::labelled(view);
-    let inputs = TierInputs {
-        calico: &view.calico,
-        policies: &view.policies,
-        namespaces: &view.namespaces,
-        pods: &pods,
-        ents: &ents,
-        nodes: &nodes,
-        dns: DnsView::EMPTY,
-    };
+    let inputs = TierInputs::of(view, &pods, &ents, &nodes);
     (dns_sets(&inputs, me), ip)
 }

@@ -55,6 +55,27 @@ pub struct TierInputs<'a> {
     pub dns: &'a super::dns::DnsView,
 }
 
+impl<'a> TierInputs<'a> {
+    /// The inputs of `view`'s policies with what is derived from it once (its policy pods,
+    /// [`crate::host::labelled`] entities, [`crate::routes::node_addresses`]), no DNS answers.
+    pub fn of(
+        view: &'a crate::ClusterView,
+        pods: &'a [PolicyPod<'a>],
+        ents: &'a [Labelled],
+        nodes: &'a [(String, Vec<std::net::IpAddr>)],
+    ) -> Self {
+        TierInputs {
+            calico: &view.calico,
+            policies: &view.policies,
+            namespaces: &view.namespaces,
+            pods,
+            ents,
+            nodes,
+            dns: super::dns::DnsView::EMPTY,
+        }
+    }
+}
+
 /// A policy as a tier holds it.
 #[derive(Debug, Clone, Copy)]
 pub enum Item<'a> {
