@@ -651,6 +651,7 @@ pub fn listen(netns: &str, addr: SocketAddr) -> anyhow::Result<()> {
         let bound = ns
             .enter_this_thread()
             .map_err(anyhow::Error::from)
+            .and_then(|()| pin_to_timing_cpu().context("pinning the listener"))
             .and_then(|()| std::net::TcpListener::bind(addr).map_err(anyhow::Error::from));
         match bound {
             Ok(l) => {
@@ -678,6 +679,7 @@ pub fn connect_times(netns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Ve
     let ns = NetNs::open_named(netns)?;
     std::thread::spawn(move || -> anyhow::Result<Vec<Duration>> {
         ns.enter_this_thread()?;
+        pin_to_timing_cpu().context("pinning the connect thread")?;
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
@@ -691,6 +693,32 @@ pub fn connect_times(netns: &str, to: SocketAddr, n: usize) -> anyhow::Result<Ve
     })
     .join()
     .map_err(|_| anyhow!("the connect thread panicked"))?
+}
+
+/// Pins the calling thread to the last CPU the process may use. [`listen`] and
+/// [`connect_times`] both run there: with the listener and the client on one CPU a connect
+/// took 16.4 µs ± 0.1 on the 2-CPU VM, on two CPUs 22 µs ± 0.7, and left to the scheduler a
+/// round's median fell anywhere in 11–28 µs, which buried a 1 µs difference between settings.
+pub fn pin_to_timing_cpu() -> std::io::Result<()> {
+    // SAFETY: `set` is a plain bit set the calls below only read and write in place.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let Some(cpu) = (0..libc::CPU_SETSIZE as usize)
+            .rev()
+            .find(|c| libc::CPU_ISSET(*c, &set))
+        else {
+            return Ok(());
+        };
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Makes closing `s` send a reset instead of a FIN (no TIME_WAIT left behind).
