@@ -199,6 +199,12 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "DNS proxy is off"))
             .ok();
         plane.start().await?;
+        // IPv4 anti-spoofing is the kernel's reverse-path filter unless this node's
+        // `conf.all.rp_filter` makes it loose (then the nft chain checks IPv4 too).
+        let kernel_reverse_path = malla_dataplane::linux::guard::kernel_reverse_path_usable();
+        if !kernel_reverse_path {
+            tracing::info!(node = %cfg.node, "net.ipv4.conf.all.rp_filter is 2 (loose): anti-spoofing checks IPv4 in nft");
+        }
         if let Some(dir) = &cfg.config_dir {
             while let Err(e) = config_dir::apply(store, dir) {
                 beat();
@@ -401,6 +407,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                             metrics.programmed_links(mirror.links_mut());
                             tracing::info!(node = %cfg.node, ?stats, "links updated in place");
                         }
+                        Err(e @ malla_dataplane::driver::DriverError::Recompute(_)) => {
+                            tracing::info!(node = %cfg.node, reason = %e, "links update left to a full computation");
+                            other_dirty = true;
+                        }
                         Err(e) => {
                             metrics.apply_failed();
                             tracing::warn!(node = %cfg.node, error = %format!("{e:#}"), "links update failed; computing everything");
@@ -576,7 +586,10 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                 let links = {
                     let links = mirror.links_mut();
                     links.take_delta();
-                    links.links()
+                    malla_calc::links::Links {
+                        kernel_reverse_path,
+                        ..links.links()
+                    }
                 };
                 pending_links = false;
                 let view = mirror.view();

@@ -37,6 +37,10 @@ pub struct Links {
     pub problems: Vec<String>,
     /// The sources this node's pods may send from (anti-spoofing, [`crate::guard`]).
     pub guard: BTreeSet<GuardEntry>,
+    /// The node's kernel checks IPv4 sources on its veths
+    /// ([`crate::guard::GuardConfig::kernel_reverse_path`]): a fact of the node, which the agent
+    /// sets before computing; false from [`LinksNode::links`].
+    pub kernel_reverse_path: bool,
 }
 
 /// What changed in a node's [`Links`] since the last [`LinksNode::take_delta`]: what to add and
@@ -496,6 +500,7 @@ impl LinksNode {
             local_endpoints: self.local.clone(),
             problems: self.problems(),
             guard: self.guard.entries(),
+            kernel_reverse_path: false,
         }
     }
 

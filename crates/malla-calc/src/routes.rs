@@ -230,7 +230,12 @@ pub fn compute_with_links(
         view.config.default_endpoint_to_host_action,
         &mut nft_table,
     );
-    crate::guard::render(&links.guard, view.config.anti_spoofing, &mut nft_table);
+    let guard = crate::guard::GuardConfig {
+        on: view.config.anti_spoofing,
+        kernel_reverse_path: links.kernel_reverse_path,
+        ipv6: view.pools.iter().any(|p| p.cidr.addr().is_ipv6()),
+    };
+    crate::guard::render(&links.guard, guard, &mut nft_table);
     render_host(view, me, ents, &mut nft_table);
 
     NodeDataplane {

@@ -180,8 +180,13 @@ pub fn wire(req: &WireRequest) -> Result<Wired, WireFailure> {
         malla_dataplane::workload::program_host_side(&host, veth.index, &req.addrs, pod_mac)
             .await
             .map_err(nl_err)?;
-        // Best effort: without the agent's table there is nothing to let through yet.
-        let _ = malla_dataplane::workload::allow_own_sources(&req.host_ifname, &req.addrs);
+        // Best effort: without the agent's table there is nothing to let through yet. With it
+        // (anti-spoofing is on) the kernel checks the veth's IPv4 sources before the pod runs;
+        // the agent loosens that for a pod with allowed prefixes once its chain holds them.
+        if malla_dataplane::workload::allow_own_sources(&req.host_ifname, &req.addrs).is_ok() {
+            let _ =
+                malla_dataplane::sysctl::set_interface("ipv4", &req.host_ifname, "rp_filter", "1");
+        }
         Ok(Wired {
             pod_mac,
             host_mac: HOST_VETH_MAC,

@@ -73,6 +73,9 @@ pub enum DriverError {
     Vanished(String),
     #[error("an endpoint update needs a full apply first")]
     NoBase,
+    /// Not a fault: the update is left to a full computation.
+    #[error("a full computation is needed: {0}")]
+    Recompute(&'static str),
     #[error("routes: {}", .0.join("; "))]
     Routes(Vec<String>),
 }

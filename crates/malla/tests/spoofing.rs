@@ -7,6 +7,11 @@
 //! With `antiSpoofing: false` in the cluster config the forged packets arrive (what the test
 //! would see without the guard), and they stop again when it is switched back on.
 //!
+//! In an IPv4-only lab (`ipv4_sources_are_checked_by_the_kernel`) the node has no guard chain:
+//! each workload veth's strict `rp_filter` drops the same forged kinds (counted in the node's
+//! `IPReversePathFilter`); a pod with an allowed prefix brings the chain and loosens its own veth,
+//! and when it goes the chain goes too.
+//!
 //! The packets are sent by `spoof/udp.py` from a transparent UDP socket (`IP_TRANSPARENT`,
 //! `IPV6_TRANSPARENT`): the kernel sends from any bound address, as a raw socket would.
 
@@ -312,4 +317,204 @@ fn forged_sources_never_leave_a_pod() {
     phase_off();
     anti_spoofing(&lab, true);
     phase();
+}
+
+/// The node's `IPReversePathFilter` count (`/proc/net/netstat`, `TcpExt`).
+fn reverse_path_drops(lab: &Lab, node: &str) -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.netns(node),
+            "cat",
+            "/proc/net/netstat",
+        ])
+        .output()
+        .expect("netstat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "IPReversePathFilter")
+        .expect("IPReversePathFilter in TcpExt");
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+/// `rp_filter` of every workload interface of `node`.
+fn reverse_path_filters(lab: &Lab, node: &str) -> BTreeMap<String, String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &lab.netns(node), "sh", "-c"])
+        .arg("for f in /proc/sys/net/ipv4/conf/mla*/rp_filter; do echo \"$f $(cat $f)\"; done")
+        .output()
+        .expect("sh");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (path, v) = l.split_once(' ')?;
+            Some((path.split('/').nth(6)?.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+fn has_guard_chain(lab: &Lab, node: &str) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", &lab.netns(node)])
+        .args(["nft", "list", "chain", "inet", "malla", "guard"])
+        .output()
+        .expect("nft")
+        .status
+        .success()
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ipv4_sources_are_checked_by_the_kernel() {
+    let lab = Lab::new(&common::malla_bin(), "spoof4");
+    lab.run(&["lab", "up", "--nodes", "2"]);
+    // The pods of the dual-stack test but the annotated one (it comes later).
+    let plain = PODS.split("---").take(4).collect::<Vec<_>>().join("---");
+    lab.apply(&plain);
+    let script = lab.dir().join("udp.py");
+    std::fs::write(&script, UDP_PY).unwrap();
+    let state = lab.state();
+    let v4 = |v: &Value| -> IpAddr {
+        v.as_array()
+            .expect("ips")
+            .iter()
+            .map(|i| i.as_str().unwrap().parse::<IpAddr>().unwrap())
+            .find(IpAddr::is_ipv4)
+            .expect("an IPv4 address")
+    };
+    let pod = |name: &str| v4(&state["pods"][format!("default/{name}")]["ips"]);
+    let node = |i: usize| -> IpAddr {
+        state["nodes"][i]["underlay_ipv4"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let pod_ns = |name: &str| lab.netns(&format!("pod-default-{name}"));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let forged: Vec<(&str, IpAddr)> = vec![
+        ("pod-same-node", pod("other")),
+        ("pod-other-node", pod("v2")),
+        ("unused-pool", ip("198.18.200.77")),
+        ("outside", ip("198.19.1.77")),
+        ("other-node", node(1)),
+        ("own-node", node(0)),
+    ];
+    let targets: Vec<(&str, String, IpAddr)> = vec![
+        ("same-node", pod_ns("v1"), pod("v1")),
+        ("other-node", pod_ns("v2"), pod("v2")),
+        ("external", lab.netns("external"), ip("198.19.1.2")),
+    ];
+
+    // No chain on the packet path: the kernel holds every veth.
+    assert!(
+        !has_guard_chain(&lab, "node-1"),
+        "a guard chain without need"
+    );
+    let filters = reverse_path_filters(&lab, "node-1");
+    assert_eq!(filters.len(), 3, "{filters:?}");
+    assert!(filters.values().all(|v| v == "1"), "{filters:?}");
+
+    // Sends forged and real packets from `from` (and from the annotated pod when given) to every
+    // target; returns what arrived per target.
+    let round = |from_allowed: Option<IpAddr>| -> BTreeMap<String, BTreeMap<String, usize>> {
+        let receivers: Vec<Receiver> = targets
+            .iter()
+            .map(|(name, ns, _)| Receiver::start(&script, ns, name, &lab.dir()))
+            .collect();
+        let mut from_att = Vec::new();
+        let mut from_allowed_pod = Vec::new();
+        for (dst, _, to) in &targets {
+            for (kind, src) in &forged {
+                from_att.push((*src, *to, format!("spoof:{kind}:{dst}")));
+            }
+            from_att.push((pod("att"), *to, format!("real:{dst}")));
+            if let Some(allowed) = from_allowed {
+                from_allowed_pod.push((allowed, *to, format!("allowed:{dst}")));
+                from_allowed_pod.push((ip("198.19.6.9"), *to, format!("spoof:beyond:{dst}")));
+                from_allowed_pod.push((pod("other"), *to, format!("spoof:annotated:{dst}")));
+            }
+        }
+        send(&script, &pod_ns("att"), &from_att, 3);
+        if !from_allowed_pod.is_empty() {
+            send(&script, &pod_ns("allowed"), &from_allowed_pod, 3);
+        }
+        receivers
+            .into_iter()
+            .map(|r| (r.name.clone(), r.finish()))
+            .collect()
+    };
+    let check = |got: &BTreeMap<String, BTreeMap<String, usize>>, allowed: bool| {
+        for (dst, _, _) in &targets {
+            let mut tags = vec![format!("real:{dst}")];
+            if allowed {
+                tags.push(format!("allowed:{dst}"));
+            }
+            for tag in tags {
+                assert!(
+                    got[*dst].get(&tag).copied().unwrap_or(0) > 0,
+                    "{tag} did not arrive at {dst}: {got:#?}"
+                );
+            }
+        }
+        let spoofed: Vec<_> = got
+            .iter()
+            .flat_map(|(r, m)| m.keys().map(move |t| (r, t)))
+            .filter(|(_, t)| t.starts_with("spoof:"))
+            .collect();
+        assert!(spoofed.is_empty(), "forged packets arrived: {spoofed:#?}");
+    };
+
+    let before = reverse_path_drops(&lab, "node-1");
+    check(&round(None), false);
+    let after = reverse_path_drops(&lab, "node-1");
+    // 3 targets, 3 packets each, of 5 kinds: a source that is the node's own address is refused
+    // as a martian (the route back is local), which `IPReversePathFilter` does not count.
+    assert!(
+        after >= before + 5 * 3 * 3,
+        "IPReversePathFilter {before} -> {after}"
+    );
+
+    // A pod with an allowed prefix: the chain comes (and holds it), its veth is loosened.
+    lab.apply(PODS.split("---").nth(4).unwrap());
+    wait_for("the guard chain", || has_guard_chain(&lab, "node-1"));
+    wait_for("the annotated pod's veth loosened", || {
+        reverse_path_filters(&lab, "node-1")
+            .values()
+            .filter(|v| *v == "0")
+            .count()
+            == 1
+    });
+    let (chain_before, _) = dropped(&lab, "node-1");
+    check(&round(Some(ip("198.19.5.9"))), true);
+    let (chain_after, _) = dropped(&lab, "node-1");
+    assert!(chain_after > chain_before, "the chain dropped nothing");
+
+    // It goes: so does the chain, and every veth left is strict again.
+    lab.apply_delete(PODS.split("---").nth(4).unwrap());
+    wait_for("the guard chain to go", || !has_guard_chain(&lab, "node-1"));
+    let filters = reverse_path_filters(&lab, "node-1");
+    assert!(filters.values().all(|v| v == "1"), "{filters:?}");
+    check(&round(None), false);
+
+    // Off: the kernel lets forged sources through again (what the test sees without the guard).
+    anti_spoofing(&lab, false);
+    let filters = reverse_path_filters(&lab, "node-1");
+    assert!(filters.values().all(|v| v == "0"), "{filters:?}");
+    let got = round(None);
+    assert!(
+        got["same-node"].contains_key("spoof:pod-same-node:same-node"),
+        "forged packets did not arrive with anti-spoofing off: {got:#?}"
+    );
 }

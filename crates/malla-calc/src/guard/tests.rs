@@ -108,11 +108,11 @@ fn a_pods_annotation_follows_it_and_only_local_pods_count() {
 #[test]
 fn render_off_is_nothing_and_on_checks_with_nft() {
     let mut t = nft::Table::new("inet", "malla");
-    render(&BTreeSet::new(), false, &mut t);
+    render(&BTreeSet::new(), GuardConfig::default(), &mut t);
     assert_eq!(t, nft::Table::new("inet", "malla"));
-    assert_eq!(apply_delta(&mut t, &GuardDelta::default()), None);
+    assert_eq!(apply_delta(&mut t, &GuardDelta::default()), Ok(None));
     let entries = sample("mla0123456789a", "198.18.9.0/24");
-    render(&entries, true, &mut t);
+    render(&entries, ON, &mut t);
     let text = nft::render_full(&t);
     assert!(
         text.contains("type filter hook prerouting priority raw;"),
@@ -125,6 +125,69 @@ fn render_off_is_nothing_and_on_checks_with_nft() {
     if let Some(r) = crate::testutil::nft_check(&text) {
         r.unwrap();
     }
+}
+
+/// Anti-spoofing on, checked by the chain alone (the pure computation's default).
+const ON: GuardConfig = GuardConfig {
+    on: true,
+    kernel_reverse_path: false,
+    ipv6: false,
+};
+
+/// With the kernel checking IPv4, an IPv4-only node with no allowed prefix has the sets but no
+/// chain, and every interface is strict; an allowed IPv4 prefix brings the chain and makes its
+/// interface loose; an IPv6 address or pool brings the chain too.
+#[test]
+fn the_kernel_checks_ipv4_and_the_chain_the_rest() {
+    let kernel = GuardConfig {
+        on: true,
+        kernel_reverse_path: true,
+        ipv6: false,
+    };
+    let v4_only: BTreeSet<GuardEntry> = [
+        entry("mla0", "198.18.0.5/32", false),
+        entry("mla1", "198.18.0.6/32", false),
+    ]
+    .into();
+    let mut t = nft::Table::new("inet", "malla");
+    render(&v4_only, kernel, &mut t);
+    assert!(!t.chains.contains_key(CHAIN));
+    assert_eq!(t.sets.len(), 4);
+    assert_eq!(
+        strict_interfaces(&t),
+        ["mla0".to_string(), "mla1".to_string()].into()
+    );
+
+    let mut with_v6_pool = nft::Table::new("inet", "malla");
+    render(
+        &v4_only,
+        GuardConfig {
+            ipv6: true,
+            ..kernel
+        },
+        &mut with_v6_pool,
+    );
+    assert!(with_v6_pool.chains.contains_key(CHAIN));
+
+    // An allowed prefix arriving by delta needs the chain: a full computation, table untouched.
+    let before = t.clone();
+    let delta = GuardDelta {
+        removed: vec![],
+        added: vec![entry("mla1", "198.19.5.0/24", true)],
+    };
+    assert_eq!(apply_delta(&mut t, &delta), Err(Recompute));
+    assert_eq!(t, before);
+    let mut both = v4_only.clone();
+    both.extend(delta.added.iter().cloned());
+    let mut full = nft::Table::new("inet", "malla");
+    render(&both, kernel, &mut full);
+    assert!(full.chains.contains_key(CHAIN));
+    assert_eq!(strict_interfaces(&full), ["mla0".to_string()].into());
+
+    // Off: no sets, nothing strict.
+    let mut off = nft::Table::new("inet", "malla");
+    render(&both, GuardConfig::default(), &mut off);
+    assert!(strict_interfaces(&off).is_empty());
 }
 
 /// A change to the guard's inputs.
@@ -161,18 +224,26 @@ proptest! {
     /// After every batch of changes: the node's entries are those computed from scratch, and
     /// the deltas applied to the first render give the table a full render gives.
     #[test]
-    fn incremental_equals_from_scratch(batches in proptest::collection::vec(proptest::collection::vec(change(), 1..6), 1..8)) {
+    fn incremental_equals_from_scratch(
+        batches in proptest::collection::vec(proptest::collection::vec(change(), 1..6), 1..8),
+        kernel_reverse_path in any::<bool>(),
+        ipv6 in any::<bool>(),
+    ) {
+        let cfg = GuardConfig { on: true, kernel_reverse_path, ipv6 };
         let mut g = GuardNode::new();
         let mut eps: BTreeMap<u8, WorkloadEndpoint> = BTreeMap::new();
         let mut pods: BTreeMap<u8, Pod> = BTreeMap::new();
         let mut table = nft::Table::new("inet", "malla");
-        render(&BTreeSet::new(), true, &mut table);
+        render(&BTreeSet::new(), cfg, &mut table);
         for batch in batches {
             for c in batch {
                 match c {
                     Change::Endpoint { pod: p, addr, on } => {
                         let name = format!("p{p}");
-                        let new = on.then(|| ep(&name, &format!("mla{p}"), &[&format!("198.18.0.{}", addr + 1), &format!("fd00::{}", addr + 1)]));
+                        // Odd pods are IPv4-only: the chain comes and goes with the others.
+                        let (v4, v6) = (format!("198.18.0.{}", addr + 1), format!("fd00::{}", addr + 1));
+                        let ips: Vec<&str> = if p % 2 == 1 { vec![&v4] } else { vec![&v4, &v6] };
+                        let new = on.then(|| ep(&name, &format!("mla{p}"), &ips));
                         let old = eps.remove(&p);
                         g.endpoint(old.as_ref(), new.as_ref());
                         if let Some(n) = new { eps.insert(p, n); }
@@ -186,7 +257,8 @@ proptest! {
                 }
             }
             let delta = g.take_delta();
-            prop_assert!(apply_delta(&mut table, &delta).is_some());
+            let before = table.clone();
+            let applied = apply_delta(&mut table, &delta);
             let mut want = BTreeSet::new();
             for (p, e) in &eps {
                 let prefixes = pods.get(p).map(|x| x.allowed_source_prefixes.clone()).unwrap_or_default();
@@ -194,8 +266,19 @@ proptest! {
             }
             prop_assert_eq!(&g.entries(), &want);
             let mut full = nft::Table::new("inet", "malla");
-            render(&want, true, &mut full);
-            prop_assert_eq!(&table, &full);
+            render(&want, cfg, &mut full);
+            match applied {
+                Ok(edits) => {
+                    prop_assert!(edits.is_some());
+                    prop_assert_eq!(&table, &full);
+                }
+                Err(Recompute) => {
+                    // Only when the chain comes or goes, and the model is left as it was.
+                    prop_assert_eq!(&table, &before);
+                    prop_assert!(kernel_reverse_path || before.chains.contains_key(CHAIN));
+                    table = full;
+                }
+            }
         }
     }
 }
@@ -234,7 +317,7 @@ fn links_deltas_and_full_render_give_the_same_sets() {
     view.endpoints = vec![b];
     view.pods = vec![pb];
     let delta = links.take_delta();
-    let edits = apply_delta(&mut table, &delta.guard).unwrap();
+    let edits = apply_delta(&mut table, &delta.guard).unwrap().unwrap();
     assert!(
         edits
             .iter()

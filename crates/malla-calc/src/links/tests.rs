@@ -92,6 +92,7 @@ fn reference(view: &ClusterView, me: &str) -> Links {
         local_endpoints,
         problems: problems.into_iter().collect(),
         guard,
+        kernel_reverse_path: false,
     }
 }
 

@@ -1,12 +1,17 @@
-//! The anti-spoofing manager: the links path's share of the node's table. A local pod that
-//! comes or goes arrives in the links node's delta ([`malla_calc::links::LinkDelta::guard`]),
-//! not as a full computation, so its entries in the anti-spoofing sets
-//! ([`malla_calc::guard`]) are changed here: in the nft manager's model of the table (the base
-//! of its next diff, which stays what a full render gives) and in the kernel — own addresses
-//! over the kept nfnetlink socket, allowed prefixes (interval sets, rare) as a small `nft`
-//! transaction. A full apply carries the same entries in its table.
+//! The anti-spoofing manager: the links path's share of the node's table, and the kernel's
+//! IPv4 reverse-path filter on the workload interfaces. A local pod that comes or goes arrives
+//! in the links node's delta ([`malla_calc::links::LinkDelta::guard`]), not as a full
+//! computation, so its entries in the anti-spoofing sets ([`malla_calc::guard`]) are changed
+//! here: in the nft manager's model of the table (the base of its next diff, which stays what a
+//! full render gives) and in the kernel — own addresses over the kept nfnetlink socket, allowed
+//! prefixes (interval sets, rare) as a small `nft` transaction. A full apply carries the same
+//! entries in its table. After either, each workload interface's `rp_filter` is made what
+//! [`malla_calc::guard::strict_interfaces`] says (1 strict, else 0), after the table: an
+//! interface loosened for an allowed prefix is already held by the chain.
 
-use malla_calc::guard::{self, GuardDelta, SetEdit};
+use std::collections::BTreeSet;
+
+use malla_calc::guard::{self, GuardDelta, Recompute, SetEdit};
 use malla_calc::nft::Table;
 
 use crate::driver::{ApplyStats, DriverError};
@@ -27,15 +32,28 @@ fn failed(source: NftError) -> DriverError {
     }
 }
 
-/// Puts `edits` back out of `table`'s model (the kernel refused them).
-fn undo(table: &mut Table, edits: &[SetEdit]) {
-    for e in edits {
-        if let Some(set) = table.sets.get_mut(e.set) {
-            for k in &e.add {
-                set.elements.remove(k);
-            }
-            set.elements.extend(e.delete.iter().cloned());
-        }
+use guard::undo;
+
+/// The node's kernel checks IPv4 sources strictly on a veth whose `rp_filter` is 1: its
+/// `net.ipv4.conf.all.rp_filter` (of the calling thread's namespace) is 0 or 1. With 2 (loose,
+/// as some distributions set it) the kernel takes the larger value, so the chain must check.
+pub fn kernel_reverse_path_usable() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter")
+        .is_ok_and(|v| matches!(v.trim(), "0" | "1"))
+}
+
+/// Writes `rp_filter` of workload interface `ifname`; an interface that is gone is no error.
+fn set_reverse_path(ifname: &str, strict: bool) -> Result<(), DriverError> {
+    let value = if strict { "1" } else { "0" };
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/rp_filter");
+    match std::fs::read_to_string(&path) {
+        Ok(v) if v.trim() == value => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        _ => {}
+    }
+    match crate::sysctl::set_interface("ipv4", ifname, "rp_filter", value) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        done => done.map_err(DriverError::Sysctl),
     }
 }
 
@@ -55,8 +73,14 @@ impl GuardManager {
         let Some((table, _)) = nft.model_mut() else {
             return Err(DriverError::NoBase);
         };
-        let Some(edits) = guard::apply_delta(table, delta) else {
-            return Ok(());
+        let edits = match guard::apply_delta(table, delta) {
+            Ok(Some(edits)) => edits,
+            Ok(None) => return Ok(()),
+            Err(Recompute) => {
+                return Err(DriverError::Recompute(
+                    "the anti-spoofing chain comes or goes with this change",
+                ))
+            }
         };
         if edits.is_empty() {
             return Ok(());
@@ -73,6 +97,29 @@ impl GuardManager {
             return Err(failed(e));
         }
         stats.nft_applied = true;
+        Ok(())
+    }
+
+    /// Makes the IPv4 reverse-path filter of workload interfaces what `table` says
+    /// ([`guard::strict_interfaces`]): of the interfaces in `only` (a delta's), or of every
+    /// workload interface in the namespace (a full apply, a resync).
+    pub fn reverse_path(
+        &self,
+        table: &Table,
+        only: Option<&BTreeSet<String>>,
+    ) -> Result<(), DriverError> {
+        let strict = guard::strict_interfaces(table);
+        let names: BTreeSet<String> = match only {
+            Some(names) => names.clone(),
+            None => std::fs::read_dir("/proc/sys/net/ipv4/conf")
+                .map_err(DriverError::Sysctl)?
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(malla_api::HOST_IFNAME_PREFIX))
+                .collect(),
+        };
+        for name in &names {
+            set_reverse_path(name, strict.contains(name))?;
+        }
         Ok(())
     }
 

@@ -122,6 +122,7 @@ impl LinuxDriver {
             problems: Vec::new(),
             // Anti-spoofing entries live in the nft table (see below).
             guard: Default::default(),
+            kernel_reverse_path: false,
         };
         delta.apply_to(&mut links);
         last.remote_routes = links.remote_routes;
@@ -148,6 +149,13 @@ impl LinuxDriver {
             .repair(&self.nl, &delta.local_added, stats)
             .await?;
         self.guard.apply(&mut self.nft, &delta.guard, stats)?;
+        let touched: std::collections::BTreeSet<String> = (delta.guard.removed.iter())
+            .chain(&delta.guard.added)
+            .map(|e| e.ifname.clone())
+            .collect();
+        if let (false, Some((table, _))) = (touched.is_empty(), self.nft.model_mut()) {
+            self.guard.reverse_path(table, Some(&touched))?;
+        }
         Ok(())
     }
 }
@@ -180,6 +188,9 @@ impl Driver for LinuxDriver {
         let services = std::mem::take(&mut want.service_map);
         self.nft.apply(table, services, &mut stats)?;
         self.last_applied = Some(want);
+        if let Some((table, _)) = self.nft.model_mut() {
+            self.guard.reverse_path(table, None)?;
+        }
         Ok(stats)
     }
 
@@ -195,6 +206,9 @@ impl Driver for LinuxDriver {
         self.last_applied = Some(want);
         synced?;
         self.nft.resync(&mut stats)?;
+        if let Some((table, _)) = self.nft.model_mut() {
+            self.guard.reverse_path(table, None)?;
+        }
         Ok(stats)
     }
 
