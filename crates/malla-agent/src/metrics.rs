@@ -10,12 +10,13 @@
 //! | `malla_programmed_objects{kind}` | gauge | what the kernel holds as last applied, by kind (see [`Programmed`]); the first three follow every links delta, the others every full apply and every service or policy path apply |
 //! | `malla_apply_errors_total` | counter | failed applies (any path) |
 //! | `malla_datastore_reconnects_total` | counter | times the datastore answered again after it was away (a failed watch or list), or the agent listed again because the history it needed was compacted |
+//! | `malla_reverse_path_drops_total` | counter | packets the kernel's strict reverse-path filter dropped in the node's namespace (read at scrape: its `IPReversePathFilter`): IPv4 anti-spoofing where no nft chain checks it ([`malla_calc::guard`]); per-packet records and the `spoofed` flow verdict come only from the chain. On a host whose other interfaces use `rp_filter` too, their drops count here as well |
 //! | `malla_flow*` | | flow logs: see [`crate::flows`] |
 //! | `malla_sync_pending_seconds` | gauge | how long the oldest datastore change the agent has received (or the listing under way) has been waiting for the driver to acknowledge its apply; 0 when the kernel reflects everything received. The same on every backend: no revision arithmetic. It grows while a listing cannot finish (datastore away at start) or applies keep failing |
 //!
 //! Recording is a handful of atomic operations per apply; nothing is allocated per element.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::text::encode;
@@ -117,6 +118,9 @@ pub struct Metrics {
     apply_errors: Counter,
     reconnects: Counter,
     pending: Gauge<f64, AtomicU64>,
+    reverse_path_drops: Counter,
+    /// The kernel's count when last read (the counter follows its increase).
+    reverse_path_seen: AtomicU64,
     /// The flow series ([`crate::flows`]).
     pub flows: crate::flows::FlowMetrics,
 }
@@ -173,9 +177,17 @@ impl Metrics {
             Unit::Seconds,
             pending.clone(),
         );
+        let reverse_path_drops = Counter::default();
+        registry.register(
+            "reverse_path_drops",
+            "Packets the kernel's strict reverse-path filter dropped (IPv4 anti-spoofing where no nft chain checks it)",
+            reverse_path_drops.clone(),
+        );
         let flows = crate::flows::FlowMetrics::default();
         flows.register(&mut registry);
         Self {
+            reverse_path_drops,
+            reverse_path_seen: AtomicU64::new(reverse_path_filter_count().unwrap_or(0)),
             registry,
             flows,
             sync,
@@ -256,6 +268,10 @@ impl Metrics {
 
     /// The registry as OpenMetrics text (see [`OPENMETRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
+        if let Some(now) = reverse_path_filter_count() {
+            let before = self.reverse_path_seen.swap(now, Ordering::Relaxed);
+            self.reverse_path_drops.inc_by(now.saturating_sub(before));
+        }
         let mut out = String::with_capacity(8192);
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -266,6 +282,18 @@ impl Metrics {
     pub fn encode_prometheus(&self) -> String {
         openmetrics_to_prometheus(&self.encode())
     }
+}
+
+/// The namespace's `IPReversePathFilter` (`/proc/net/netstat`, the `TcpExt` lines: names, then
+/// values); None when it cannot be read.
+fn reverse_path_filter_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    let mut ext = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (ext.next()?, ext.next()?);
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "IPReversePathFilter")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }
 
 /// Rewrites OpenMetrics text as the classic Prometheus text format, for what this registry

@@ -20,7 +20,7 @@ use common::Lab;
 const ADDR: &str = "127.0.0.1:9099";
 
 /// Every series `/metrics` must hold (names as the classic text format spells them).
-const SERIES: [&str; 12] = [
+const SERIES: [&str; 13] = [
     "malla_sync_duration_seconds_bucket",
     "malla_sync_duration_seconds_count",
     "malla_apply_duration_seconds_bucket{le=\"+Inf\",path=\"full\"}",
@@ -33,6 +33,7 @@ const SERIES: [&str; 12] = [
     "malla_apply_errors_total",
     "malla_datastore_reconnects_total",
     "malla_sync_pending_seconds",
+    "malla_reverse_path_drops_total",
 ];
 
 /// promtool, where scripts/deps puts it (or the Debian package's, if installed).

@@ -485,6 +485,22 @@ fn ipv4_sources_are_checked_by_the_kernel() {
         after >= before + 5 * 3 * 3,
         "IPReversePathFilter {before} -> {after}"
     );
+    // The agent shows them (it started counting at 0 before any of these).
+    let metrics = Command::new("ip")
+        .args(["netns", "exec", &lab.netns("node-1")])
+        .args(["curl", "-s", "-m", "5", "http://127.0.0.1:9099/metrics"])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    let shown: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("malla_reverse_path_drops_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no malla_reverse_path_drops_total in:\n{text}"));
+    assert!(
+        shown >= after - before,
+        "metric {shown}, kernel {before} -> {after}"
+    );
 
     // A pod with an allowed prefix: the chain comes (and holds it), its veth is loosened.
     lab.apply(PODS.split("---").nth(4).unwrap());

@@ -490,13 +490,23 @@ pub fn render_host_endpoints(view: &CalicoView, inputs: &HostInputs, table: &mut
                 if !needed {
                     continue;
                 }
-                // Established traffic first: it is nearly every packet (pods' cross-node
-                // traffic passes pre-DNAT), and one conntrack-state test ends it.
-                let mut head = vec![
-                    "ct state established,related accept".to_string(),
+                // Input and output: established traffic first, it is nearly every packet and
+                // one conntrack-state test ends it. Pre-DNAT is a nat chain, which sees only a
+                // connection's first packet (below): there a pod's own connections (every
+                // pod-to-pod SYN on the node) end at the interface test, one rule in.
+                let established = "ct state established,related accept".to_string();
+                let ifaces = [
                     format!("{ifkw} \"lo\" accept"),
                     format!("{ifkw} {workloads} accept"),
                 ];
+                let mut head = match stage {
+                    Stage::PreDnat => {
+                        let mut h: Vec<String> = ifaces.into_iter().rev().collect();
+                        h.push(established);
+                        h
+                    }
+                    _ => std::iter::once(established).chain(ifaces).collect(),
+                };
                 if egress {
                     head.extend(failsafe_rules(&config.failsafe_outbound(), "daddr"));
                 } else {
