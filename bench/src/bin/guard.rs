@@ -94,11 +94,11 @@ struct Mode {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if !(1..=10).contains(&args.rounds)
+    if !(1..=30).contains(&args.rounds)
         || !(1..=60).contains(&args.seconds)
         || !(10..=100_000).contains(&args.connections)
     {
-        bail!("--rounds must be in 1..=10, --seconds in 1..=60, --connections in 10..=100000");
+        bail!("--rounds must be in 1..=30, --seconds in 1..=60, --connections in 10..=100000");
     }
     let deadline = begin(args.max_seconds)?;
     let bins = args.bins.required()?;
