@@ -6,6 +6,10 @@
 //! the endpoint-to-host action `Drop`, and host endpoints on every node (`*`) under a deny-all
 //! global policy plus a pre-DNAT NodePort guard (so every host endpoint chain is in place).
 //!
+//! `--ipv6` measures over IPv6 in a dual-stack lab: there the nft guard chain checks every packet
+//! (no kernel reverse-path filter for IPv6), where an IPv4-only lab's veths are checked by the
+//! kernel's strict `rp_filter` ([`malla_calc::guard`]).
+//!
 //! Pods `a` and `b` on node-1, `c` on node-2 (`--routing direct`). Throughput: the median of the
 //! iperf3 runs of a mode (a→b same node, a→c across nodes). Latency: p50 and p99 over every
 //! connect of a mode (`--connections` per round and path). Ratios are on/off for throughput
@@ -44,6 +48,9 @@ struct Args {
     /// What is switched on and off: `anti-spoofing`, or `all` of issue 14's protections.
     #[arg(long, default_value = "all", value_parser = ["anti-spoofing", "all"])]
     protections: String,
+    /// A dual-stack lab, measured over the pods' IPv6 addresses.
+    #[arg(long)]
+    ipv6: bool,
     /// Give up (and clean up) after this many seconds.
     #[arg(long, default_value_t = 900)]
     max_seconds: u64,
@@ -102,13 +109,16 @@ fn main() -> anyhow::Result<()> {
     }
     let deadline = begin(args.max_seconds)?;
     let bins = args.bins.required()?;
-    let opts = bins.up_options(2, RoutingMode::Direct);
+    let mut opts = bins.up_options(2, RoutingMode::Direct);
+    opts.ipv6 = args.ipv6;
     let lab = Lab::abc("guard", &opts)?;
     let addr = |name: &str| -> anyhow::Result<IpAddr> {
         let p = lab.pod(name)?;
-        first_ipv4(&p.ips)
-            .map(IpAddr::V4)
-            .with_context(|| format!("pod {name} has no IPv4 address"))
+        let found = match args.ipv6 {
+            true => p.ips.iter().copied().find(IpAddr::is_ipv6),
+            false => first_ipv4(&p.ips).map(IpAddr::V4),
+        };
+        found.with_context(|| format!("pod {name} has no address of the family measured"))
     };
     let (a, b, c) = (lab.pod("a")?, lab.pod("b")?, lab.pod("c")?);
     let (b_ip, c_ip) = (addr("b")?, addr("c")?);
@@ -187,11 +197,16 @@ fn main() -> anyhow::Result<()> {
     };
     println!();
     println!(
-        "{} on vs off, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
+        "{} on vs off, {}, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
         if args.protections == "all" {
             "anti-spoofing + endpoint-to-host Drop + host endpoints (deny-all, pre-DNAT)"
         } else {
             "anti-spoofing"
+        },
+        if args.ipv6 {
+            "IPv6 (dual-stack lab)"
+        } else {
+            "IPv4"
         },
         args.rounds,
         args.seconds,
