@@ -720,7 +720,17 @@ impl Sets {
             *n = n.saturating_add_signed(by);
             if *n == 0 {
                 self.group_refs.remove(g);
-                self.groups.remove(g);
+                // A number's set that appeared after the last reader built its rules (a pod
+                // declaring the port joined in the same change) is named by no rule: it goes
+                // with the group.
+                if let Some(group) = self.groups.remove(g) {
+                    for (_, set) in group.numbers {
+                        if !self.refs.contains_key(&set) && self.sets.remove(&set).is_some() {
+                            self.defs.remove(&set);
+                            dropped.push(set);
+                        }
+                    }
+                }
             }
         }
         dropped
