@@ -351,19 +351,17 @@ pub fn render(entries: &BTreeSet<GuardEntry>, cfg: GuardConfig, t: &mut nft::Tab
     // Each family's drops: counted (every one, logged or not), then logged within the deny
     // log's limit (beyond it counted lost and dropped in the lost chain), then dropped.
     let [over, log] = LogPoint::Spoofed.deny_rules(t);
+    // A pod's own packet of either family passes at the second or third rule; the rarer
+    // passes (link-local, allowed prefixes) follow, then each family's drop.
     let mut rules = vec![
         format!("iifname != {workloads} accept"),
         format!("iifname . ip saddr @{SET_V4} accept"),
+        format!("iifname . ip6 saddr @{SET_V6} accept"),
+        "ip6 saddr { ::, fe80::/10 } accept".to_string(),
         format!("iifname . ip saddr @{ALLOW_V4} accept"),
+        format!("iifname . ip6 saddr @{ALLOW_V6} accept"),
     ];
     for (fam, counter) in [("ipv4", DROPPED_V4), ("ipv6", DROPPED_V6)] {
-        if fam == "ipv6" {
-            rules.extend([
-                "ip6 saddr { ::, fe80::/10 } accept".to_string(),
-                format!("iifname . ip6 saddr @{SET_V6} accept"),
-                format!("iifname . ip6 saddr @{ALLOW_V6} accept"),
-            ]);
-        }
         rules.extend([
             format!("meta nfproto {fam} counter comment \"{counter}\""),
             format!("meta nfproto {fam} {over}"),
