@@ -637,6 +637,28 @@ pub fn measure_connections(
         .map_err(|_| anyhow!("measuring thread panicked"))?
 }
 
+/// The median of `v` (the upper one of an even count); NaN when empty.
+pub fn median_f64(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Each round's own ratio `top/bottom` of two settings measured back to back (free of slow
+/// drift), printed to stderr as `{name}: {what} per round r1 r2 …`; their median is the
+/// `paired` column of the A/B benches.
+pub fn per_round_ratios(name: &str, what: &str, top: &[f64], bottom: &[f64]) -> Vec<f64> {
+    let pairs: Vec<f64> = top.iter().zip(bottom).map(|(t, b)| ratio(*t, *b)).collect();
+    let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
+    eprintln!("{name}: {what} per round {}", shown.join(" "));
+    pairs
+}
+
+/// Seconds of each duration, for [`per_round_ratios`].
+pub fn secs(v: &[Duration]) -> Vec<f64> {
+    v.iter().map(Duration::as_secs_f64).collect()
+}
+
 /// Microseconds with one decimal.
 pub fn us(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1e6)

@@ -23,8 +23,9 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
-    begin, check, connect_times as connects, cpu_time, first_ipv4, listen, mib, percentile, ratio,
-    status_kib, stop_and_wait, us, BinArgs, Bins, Iperf, Lab,
+    begin, check, connect_times as connects, cpu_time, first_ipv4, listen, median_f64, mib,
+    per_round_ratios, percentile, ratio, secs, status_kib, stop_and_wait, us, BinArgs, Bins, Iperf,
+    Lab,
 };
 use malla_dataplane::netns::NetNs;
 
@@ -293,11 +294,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn report(args: &Args, sides: &[Side; 2], recorded: &[f64]) {
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
+    let median = median_f64;
     let [on, off] = sides;
     println!();
     println!(
@@ -325,9 +322,7 @@ fn report(args: &Args, sides: &[Side; 2], recorded: &[f64]) {
                 &off.cross_bps,
             ),
         ] {
-            let pairs: Vec<f64> = o.iter().zip(f).map(|(a, b)| ratio(*a, *b)).collect();
-            let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
-            eprintln!("{name}: on/off per round {}", shown.join(" "));
+            let pairs = per_round_ratios(name, "on/off", o, f);
             let (om, fm) = (median(o), median(f));
             row(
                 name,
@@ -356,13 +351,7 @@ fn report(args: &Args, sides: &[Side; 2], recorded: &[f64]) {
         ),
     ] {
         // on/off, as the issue states it (≤ 1.05).
-        let pairs: Vec<f64> = o50
-            .iter()
-            .zip(f50)
-            .map(|(a, b)| ratio(a.as_secs_f64(), b.as_secs_f64()))
-            .collect();
-        let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
-        eprintln!("{name} p50: on/off per round {}", shown.join(" "));
+        let pairs = per_round_ratios(&format!("{name} p50"), "on/off", &secs(o50), &secs(f50));
         for p in [50.0, 99.0] {
             let (po, pf) = (percentile(o, p), percentile(f, p));
             let r = ratio(po.as_secs_f64(), pf.as_secs_f64());

@@ -23,8 +23,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::RoutingMode;
 use malla_bench::{
-    begin, check, connect_times as connects, first_ipv4, listen, percentile, ratio, us, yes,
-    BinArgs, Iperf, Lab,
+    begin, check, connect_times as connects, first_ipv4, listen, median_f64, per_round_ratios,
+    percentile, ratio, secs, us, yes, BinArgs, Iperf, Lab,
 };
 
 #[derive(Parser, Debug)]
@@ -190,11 +190,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
+    let median = median_f64;
     println!();
     println!(
         "{} on vs off, {}, {} round(s); iperf3 {} s x 1 stream (median), {} connects per round and path",
@@ -229,7 +225,6 @@ fn main() -> anyhow::Result<()> {
             yes(paired >= 0.98)
         );
     };
-    let paired_median = |pairs: Vec<f64>| median(&pairs);
     for (name, o, f) in [
         ("throughput same node (Gbit/s)", &on.same_bps, &off.same_bps),
         (
@@ -238,17 +233,14 @@ fn main() -> anyhow::Result<()> {
             &off.cross_bps,
         ),
     ] {
-        // Each round measured both settings back to back: its own ratio is free of slow drift.
-        let pairs: Vec<f64> = o.iter().zip(f.iter()).map(|(a, b)| ratio(*a, *b)).collect();
-        let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
-        eprintln!("{name}: on/off per round {}", shown.join(" "));
+        let pairs = per_round_ratios(name, "on/off", o, f);
         let (om, fm) = (median(o), median(f));
         row(
             name,
             format!("{:.2}", om / 1e9),
             format!("{:.2}", fm / 1e9),
             ratio(om, fm),
-            paired_median(pairs),
+            median(&pairs),
         );
     }
     for (name, o, f, o50, f50) in [
@@ -267,12 +259,12 @@ fn main() -> anyhow::Result<()> {
             &off.cross_p50,
         ),
     ] {
-        let pairs: Vec<f64> = o50
-            .iter()
-            .zip(f50.iter())
-            .map(|(a, b)| ratio(b.as_secs_f64(), a.as_secs_f64()))
-            .collect();
-        let paired = paired_median(pairs);
+        let paired = median(&per_round_ratios(
+            &format!("{name} p50"),
+            "off/on",
+            &secs(f50),
+            &secs(o50),
+        ));
         for p in [50.0, 99.0] {
             let (po, pf) = (percentile(o, p), percentile(f, p));
             let r = ratio(pf.as_secs_f64(), po.as_secs_f64());

@@ -36,7 +36,8 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use malla_api::{keys, RoutingMode, WorkloadEndpoint};
 use malla_bench::{
-    begin, check, connect_times, first_ipv4, listen, percentile, ratio, us, yes, BinArgs, Lab,
+    begin, check, connect_times, first_ipv4, listen, median_f64, per_round_ratios, percentile,
+    ratio, secs, us, yes, BinArgs, Lab,
 };
 use malla_calc::masquerade;
 use malla_calc::policy::render::{EGRESS_DISPATCH, INGRESS_DISPATCH};
@@ -492,10 +493,6 @@ fn report(args: &Args, census: &Census, one: &Samples, thousand: &Samples) {
         "{:<28} {:>10} {:>10} {:>8} {:>8} {:>6}",
         "case", "1", "1000", "ratio", "paired", "<=1.05"
     );
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     for (name, o, t, o50, t50) in [
         (
             "connect same node",
@@ -514,14 +511,12 @@ fn report(args: &Args, census: &Census, one: &Samples, thousand: &Samples) {
     ] {
         // `paired`: the median of the rounds' own 1000/1 ratios (both settings measured back
         // to back, so free of slow drift); the verdict reads it.
-        let pairs: Vec<f64> = t50
-            .iter()
-            .zip(o50.iter())
-            .map(|(t, o)| ratio(t.as_secs_f64(), o.as_secs_f64()))
-            .collect();
-        let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.3}")).collect();
-        eprintln!("{name}: 1000/1 p50 per round {}", shown.join(" "));
-        let paired = median(pairs);
+        let paired = median_f64(&per_round_ratios(
+            name,
+            "1000/1 p50",
+            &secs(t50),
+            &secs(o50),
+        ));
         for p in [50.0, 99.0] {
             let (po, pt) = (percentile(o, p), percentile(t, p));
             let r = ratio(pt.as_secs_f64(), po.as_secs_f64());
